@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Runs tallyd's test binaries and ends with one summary line:
+#   "N passed, N failed"
+# Usage: run-tests.sh            release unit tests + the concurrent tests under TSan
+#        run-tests.sh BUILD_DIR  every unit test of that build (asan/tsan variants)
+# Each binary is a cmocka suite; its "[  PASSED  ] N" / "[  FAILED  ] N" lines
+# are summed. A binary that crashes or exits non-zero without a FAILED line
+# counts as one failure, so nothing fails silently.
+set -u
+cd "$(dirname "$0")/.."
+
+passed=0
+failed=0
+failures=()
+
+run_one() { # label, binary, [env...]
+  local label=$1 bin=$2
+  shift 2
+  local log
+  log=$(mktemp)
+  echo "--- $label"
+  env "$@" "$bin" >"$log" 2>&1
+  local rc=$?
+  local p f
+  p=$(sed -n 's/^\[  PASSED  \] \([0-9]*\) test.*/\1/p' "$log" | tail -1)
+  f=$(sed -n 's/^\[  FAILED  \] \([0-9]*\) test.*/\1/p' "$log" | tail -1)
+  p=${p:-0}
+  f=${f:-0}
+  if [ "$rc" -ne 0 ] && [ "$f" -eq 0 ]; then
+    f=1
+  fi
+  if [ "$f" -ne 0 ] || [ "$rc" -ne 0 ]; then
+    cat "$log"
+    failures+=("$label")
+  else
+    grep -E '^\[ *(OK|PASSED) *\]|^# ' "$log" | grep -v '^\[       OK \]' || true
+  fi
+  passed=$((passed + p))
+  failed=$((failed + f))
+  rm -f "$log"
+}
+
+if [ $# -ge 1 ]; then
+  dir=$1
+  for t in "$dir"/tests/test_*; do
+    [ -x "$t" ] || continue
+    run_one "$(basename "$dir")/$(basename "$t")" "$t" TLY_TEST_SCALE=small \
+      TSAN_OPTIONS="halt_on_error=1 exitcode=66 suppressions=$PWD/tests/tsan.supp"
+  done
+else
+  for t in build/tests/test_*; do
+    [ -x "$t" ] || continue
+    run_one "$(basename "$t")" "$t"
+  done
+  # The concurrent tests again under ThreadSanitizer, at a documented
+  # smaller scale (TLY_TEST_SCALE=small: see tests/unit/test_model.c).
+  for name in test_store test_model; do
+    t=build/tsan/tests/$name
+    [ -x "$t" ] || continue
+    run_one "tsan/$name" "$t" TLY_TEST_SCALE=small \
+      TSAN_OPTIONS="halt_on_error=1 exitcode=66 suppressions=$PWD/tests/tsan.supp"
+  done
+fi
+
+echo
+if [ ${#failures[@]} -gt 0 ]; then
+  echo "failing suites: ${failures[*]}"
+fi
+echo "$passed passed, $failed failed"
+[ "$failed" -eq 0 ]
