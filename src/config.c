@@ -1,0 +1,1501 @@
+/*
+ * config.c — YAML file → validated, immutable tly_config_t.
+ *
+ * One table, key_table[], describes every key tallyd accepts: its dotted path
+ * ("server.listen", "features[].windows"), type, default, range, doc, and
+ * where its value lives in tly_config_t or tly_feature_cfg_t. The same table
+ * drives parsing, validation, defaults, freeing and `--help-config`, so a key
+ * added to the table is parsed, documented and freed with no other change.
+ *
+ * Parsing walks libyaml's document tree (yaml_parser_load), so every node
+ * carries its line: every error is "FILE:LINE: key.path: sentence". A YAML
+ * null (`key:` with nothing after it, `~`) means "not given": the key keeps
+ * its default, and a required key is still missing. A list key also accepts
+ * a single value (`key: user_id` is `key: [user_id]`).
+ *
+ * Invariants: unknown keys, duplicate keys in one mapping and nodes of the
+ * wrong kind are errors; *out is written only on success, and a failed load
+ * frees everything it built. Feature-level checks that need the whole
+ * feature set (key fields shared per entity, limits of feature.h) are left to
+ * tly_featset_compile().
+ *
+ * Pure: no threads, no clocks. Any thread may load; a loaded config is
+ * immutable.
+ */
+#include "tallyd/config.h"
+
+#include <ctype.h>
+#include <errno.h>
+#include <inttypes.h>
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <yaml.h>
+
+#include "tallyd/window.h"
+
+#define CONFIG_MAX_BYTES (4u << 20) /* a config file larger than this is refused */
+#define PATH_CAP         256        /* longest key path in messages */
+#define TEXT_CAP         160        /* choice lists, ranges, key name lists */
+
+typedef enum {
+    K_STRING,    /* char * */
+    K_INT,       /* int64_t, or uint32_t when the field is 4 bytes */
+    K_DURATION,  /* int64_t milliseconds */
+    K_BOOL,      /* bool */
+    K_ENUM,      /* an int-sized C enum, from `choices` */
+    K_AGG,       /* tly_agg_kind_t, via tly_agg_parse() */
+    K_STRINGS,   /* size_t count + char ** */
+    K_DURATIONS, /* size_t count + int64_t * */
+    K_MAP,       /* size_t count + tly_kv_t * (name → scalar text) */
+    K_WHERE,     /* size_t count + tly_where_cfg_t * */
+    K_FEATURES   /* the `features:` list */
+} key_type_t;
+
+enum {
+    F_REQUIRED = 1u << 0,   /* must appear whenever its parent mapping does */
+    F_NONEMPTY = 1u << 1,   /* string: not ""; list: at least one item */
+    F_IDENT = 1u << 2,      /* [A-Za-z0-9_]+ */
+    F_ADDR = 1u << 3,       /* host:port ("" passes unless F_NONEMPTY) */
+    F_SECONDS = 1u << 4,    /* duration: whole seconds */
+    F_INCREASING = 1u << 5, /* duration list: strictly increasing */
+};
+
+typedef struct {
+    const char *name;
+    int value;
+} choice_t;
+
+typedef struct {
+    const char *key; /* dotted path; "features[]." prefixes feature keys */
+    key_type_t type;
+    const char *def;  /* default as YAML text; NULL: none */
+    int64_t min, max; /* int/duration range, checked when min < max */
+    const char *doc;
+    unsigned flags;
+    const choice_t *choices; /* K_ENUM, and K_STRING restricted to a set */
+    bool feature;            /* off/count_off are in tly_feature_cfg_t */
+    size_t off, size;        /* the value (array pointer for lists) */
+    size_t count_off;        /* list types: the size_t item count */
+} key_def_t;
+
+/* The enum fields are stored through an int (memcpy), so they must be one. */
+_Static_assert(sizeof(tly_kafka_mode_t) == sizeof(int), "enum size");
+_Static_assert(sizeof(tly_kafka_start_t) == sizeof(int), "enum size");
+_Static_assert(sizeof(tly_time_unit_t) == sizeof(int), "enum size");
+_Static_assert(sizeof(tly_agg_kind_t) == sizeof(int), "enum size");
+
+static const choice_t mode_choices[] = {
+    {"shard", TLY_MODE_SHARD}, {"replica", TLY_MODE_REPLICA}, {NULL, 0}};
+static const choice_t start_choices[] = {{"window", TLY_START_WINDOW},
+                                         {"earliest", TLY_START_EARLIEST},
+                                         {"latest", TLY_START_LATEST},
+                                         {NULL, 0}};
+static const choice_t unit_choices[] = {
+    {"ms", TLY_TIME_MS}, {"s", TLY_TIME_S}, {"iso8601", TLY_TIME_ISO8601}, {NULL, 0}};
+static const choice_t format_choices[] = {{"json", 0}, {NULL, 0}};
+
+#define FIELD_(T, m)   .off = offsetof(T, m), .size = sizeof(((T *)0)->m)
+#define CFG(m)         FIELD_(tly_config_t, m)
+#define CFGLIST(n, m)  .count_off = offsetof(tly_config_t, n), CFG(m)
+#define FEAT(m)        .feature = true, FIELD_(tly_feature_cfg_t, m)
+#define FEATLIST(n, m) .count_off = offsetof(tly_feature_cfg_t, n), FEAT(m)
+#define SEC(n)         ((n)*TLY_MS_SECOND)
+#define HOUR(n)        ((n)*TLY_MS_HOUR)
+#define DAY(n)         ((n)*TLY_MS_DAY)
+
+/* One row: path, type, default, min, max, flags, choices, storage, doc. */
+#define KEY(path, ty, dflt, lo, hi, fl, ch, storage, text)                                         \
+    {                                                                                              \
+        .key = path, .type = ty, .def = dflt, .min = lo, .max = hi, .flags = fl, .choices = ch,    \
+        storage, .doc = text                                                                       \
+    }
+
+/* Every key. Order is the order of `--help-config`; a section's keys stay
+ * together (the unknown-key hint lists them). */
+static const key_def_t key_table[] = {
+    KEY("server.listen", K_STRING, "127.0.0.1:7379", 0, 0, F_ADDR | F_NONEMPTY, NULL,
+        CFG(server.listen),
+        "Address of the RESP (Redis protocol) server, host:port. A non-loopback address needs "
+        "server.requirepass."),
+    KEY("server.admin", K_STRING, "127.0.0.1:9779", 0, 0, F_ADDR, NULL, CFG(server.admin),
+        "Address of the HTTP admin server (/metrics, /healthz, /readyz), host:port; \"\" "
+        "disables it."),
+    KEY("server.requirepass", K_STRING, "", 0, 0, 0, NULL, CFG(server.requirepass),
+        "Password clients send with AUTH; \"\" means no authentication (allowed only on a "
+        "loopback listen address)."),
+    KEY("server.max_clients", K_INT, "10000", 1, 1000000, 0, NULL, CFG(server.max_clients),
+        "Most client connections open at once; further connections are refused."),
+    KEY("server.threads", K_INT, "1", 1, 64, 0, NULL, CFG(server.threads),
+        "Query threads, each with its own event loop."),
+
+    KEY("kafka.brokers", K_STRING, "localhost:9092", 0, 0, F_NONEMPTY, NULL, CFG(kafka.brokers),
+        "Kafka bootstrap servers, host:port[,host:port...]; \"embedded\" starts librdkafka's "
+        "in-process mock cluster (the demo)."),
+    KEY("kafka.group", K_STRING, "tallyd", 0, 0, F_NONEMPTY, NULL, CFG(kafka.group),
+        "Consumer group id."),
+    KEY("kafka.topics", K_STRINGS, "engagements", 0, 0, F_NONEMPTY, NULL,
+        CFGLIST(kafka.ntopics, kafka.topics), "Topics the events are read from."),
+    KEY("kafka.mode", K_ENUM, "shard", 0, 0, 0, mode_choices, CFG(kafka.mode),
+        "shard: the consumer group spreads partitions over instances; replica: every instance "
+        "consumes every partition."),
+    KEY("kafka.start", K_ENUM, "window", 0, 0, 0, start_choices, CFG(kafka.start),
+        "Where consumption starts without a snapshot: window = now minus the longest window; "
+        "earliest; latest."),
+    KEY("kafka.properties", K_MAP, NULL, 0, 0, 0, NULL,
+        CFGLIST(kafka.nproperties, kafka.properties),
+        "librdkafka properties passed through verbatim (security.protocol, sasl.*, ssl.* ...), "
+        "name: value."),
+
+    KEY("events.format", K_STRING, "json", 0, 0, 0, format_choices, CFG(events.format),
+        "Payload format."),
+    KEY("events.time.field", K_STRING, NULL, 0, 0, F_REQUIRED | F_NONEMPTY, NULL,
+        CFG(events.time_field),
+        "Event field holding the event time; required when events.time is given. Without "
+        "events.time, the Kafka message timestamp is the event time."),
+    KEY("events.time.unit", K_ENUM, "ms", 0, 0, 0, unit_choices, CFG(events.time_unit),
+        "How events.time.field is read: epoch milliseconds, epoch seconds, or an ISO 8601 "
+        "string."),
+    KEY("events.max_future_skew", K_DURATION, "1m", 1, DAY(1), 0, NULL,
+        CFG(events.max_future_skew_ms),
+        "Events further than this ahead of the wall clock are dropped and counted."),
+    KEY("events.max_bytes", K_INT, "65536", 64, 16777216, 0, NULL, CFG(events.max_bytes),
+        "Largest event payload accepted, in bytes; larger ones are dropped and counted."),
+    KEY("events.max_string", K_INT, "256", 1, 65536, 0, NULL, CFG(events.max_string),
+        "Longest string value (bytes) last and last_k keep; longer ones are dropped and "
+        "counted."),
+
+    KEY("store.idle_ttl", K_DURATION, "7d", SEC(1), DAY(365), 0, NULL, CFG(store.idle_ttl_ms),
+        "How long an entity whose features are all last/last_k is kept after its newest "
+        "event."),
+    KEY("store.sweep_every", K_DURATION, "10s", SEC(1), HOUR(1), 0, NULL, CFG(store.sweep_every_ms),
+        "Period of the sweeper that expires idle entities."),
+
+    KEY("snapshot.dir", K_STRING, "/var/lib/tallyd", 0, 0, F_NONEMPTY, NULL, CFG(snapshot.dir),
+        "Directory holding state snapshots."),
+    KEY("snapshot.every", K_DURATION, "30s", SEC(1), DAY(1), 0, NULL, CFG(snapshot.every_ms),
+        "Period between snapshots."),
+    KEY("snapshot.keep", K_INT, "3", 1, 100, 0, NULL, CFG(snapshot.keep),
+        "Snapshots kept on disk; older ones are deleted."),
+
+    KEY("demo.events_per_sec", K_INT, "20000", 1, 10000000, 0, NULL, CFG(demo.events_per_sec),
+        "Events per second the demo generator produces (kafka.brokers: embedded)."),
+    KEY("demo.users", K_INT, "100000", 1, 1000000000, 0, NULL, CFG(demo.users),
+        "Distinct users in the demo stream."),
+    KEY("demo.pins", K_INT, "1000000", 1, 1000000000, 0, NULL, CFG(demo.pins),
+        "Distinct pins in the demo stream."),
+    KEY("demo.seed", K_INT, "42", 0, 0, 0, NULL, CFG(demo.seed),
+        "Random seed of the demo stream: the same seed gives the same stream."),
+
+    KEY("features", K_FEATURES, NULL, 0, 0, F_REQUIRED, NULL, CFGLIST(nfeatures, features),
+        "The features to compute: a list of at least one mapping with the features[].* keys "
+        "below."),
+    KEY("features[].name", K_STRING, NULL, 0, 0, F_REQUIRED | F_IDENT, NULL, FEAT(name),
+        "Feature name, unique within its entity; queries ask for name or name:window."),
+    KEY("features[].entity", K_STRING, NULL, 0, 0, F_REQUIRED | F_IDENT, NULL, FEAT(entity),
+        "Entity type the feature is kept for (user, pin ...); queries name it."),
+    KEY("features[].key", K_STRINGS, NULL, 0, 0, F_REQUIRED | F_NONEMPTY, NULL,
+        FEATLIST(nkeys, keys),
+        "Event field(s) identifying the entity; a list makes a composite key (id parts joined "
+        "with |). Every feature of one entity uses the same key."),
+    KEY("features[].where", K_WHERE, NULL, 0, 0, 0, NULL, FEATLIST(nwhere, where),
+        "Conditions that must all hold: field: value, or field: [v1, v2] for any of the "
+        "values. A missing field fails its condition."),
+    KEY("features[].agg", K_AGG, NULL, 0, 0, F_REQUIRED, NULL, FEAT(agg), "Aggregation."),
+    KEY("features[].value", K_STRINGS, NULL, 0, 0, 0, NULL, FEATLIST(nvalues, values),
+        "Event field(s) aggregated: exactly one numeric field for sum/min/max/avg, one or more "
+        "for last/last_k, none for count."),
+    KEY("features[].windows", K_DURATIONS, NULL, SEC(1), DAY(365), F_SECONDS | F_INCREASING, NULL,
+        FEATLIST(nwindows, windows_ms),
+        "Trailing windows in increasing order, whole seconds; required for "
+        "count/sum/min/max/avg, not allowed for last/last_k."),
+    KEY("features[].hop", K_DURATION, NULL, SEC(1), DAY(365), F_SECONDS, NULL, FEAT(hop_ms),
+        "Bucket width, whole seconds, dividing every window. Default per window: the largest "
+        "of 1s, 10s, 1m, 5m, 1h, 1d giving at least 30 buckets."),
+    KEY("features[].k", K_INT, NULL, 1, 10000, 0, NULL, FEAT(k),
+        "Items last_k keeps, newest first (required for last_k; last keeps 1)."),
+};
+
+#define NKEYS (sizeof key_table / sizeof key_table[0])
+
+/* librdkafka properties that tallyd sets from its own keys. */
+static const struct {
+    const char *property, *use;
+} reserved_properties[] = {
+    {"bootstrap.servers", "kafka.brokers"},
+    {"metadata.broker.list", "kafka.brokers"},
+    {"group.id", "kafka.group"},
+};
+
+/* State of one load. seen[i] is the value node of key_table[i] in the
+ * mapping being parsed (feature keys are reset per feature); NULL: absent. */
+typedef struct {
+    const char *name; /* file name for messages */
+    yaml_document_t *doc;
+    tly_config_t *cfg;
+    char *errbuf;
+    size_t errlen;
+    yaml_node_t *seen[NKEYS];
+} parse_t;
+
+/* ---------------------------------------------------------------------------
+ * Durations, integers, names
+ */
+
+static const struct {
+    const char *suffix;
+    int64_t ms;
+} duration_units[] = {
+    {"d", TLY_MS_DAY}, {"h", TLY_MS_HOUR}, {"m", TLY_MS_MINUTE}, {"s", TLY_MS_SECOND}, {"ms", 1},
+};
+
+#define NUNITS (sizeof duration_units / sizeof duration_units[0])
+
+tly_err_t tly_duration_parse(const char *text, int64_t *ms)
+{
+    if (text == NULL || !isdigit((unsigned char)text[0]))
+        return TLY_E_INVAL;
+    const char *s = text;
+    int64_t n = 0;
+    bool overflow = false;
+    for (; isdigit((unsigned char)*s); s++) {
+        int digit = *s - '0';
+        if (n > (INT64_MAX - digit) / 10)
+            overflow = true;
+        else
+            n = n * 10 + digit;
+    }
+    for (size_t i = 0; i < NUNITS; i++) {
+        if (strcmp(s, duration_units[i].suffix) != 0)
+            continue;
+        if (n == 0 && !overflow)
+            return TLY_E_INVAL; /* durations are positive */
+        if (overflow || n > INT64_MAX / duration_units[i].ms)
+            return TLY_E_RANGE;
+        *ms = n * duration_units[i].ms;
+        return TLY_OK;
+    }
+    return TLY_E_INVAL;
+}
+
+char *tly_duration_format(int64_t ms, char *buf, size_t cap)
+{
+    if (ms == 0) {
+        snprintf(buf, cap, "0s");
+        return buf;
+    }
+    for (size_t i = 0; i < NUNITS; i++) {
+        if (ms % duration_units[i].ms == 0) {
+            snprintf(buf, cap, "%" PRId64 "%s", ms / duration_units[i].ms,
+                     duration_units[i].suffix);
+            break;
+        }
+    }
+    return buf;
+}
+
+/* Parses a decimal int64 ("-12", "300"; no '+', spaces or other bases).
+ * Returns TLY_OK, TLY_E_INVAL or TLY_E_RANGE; *v written only on success. */
+static tly_err_t parse_int(const char *text, int64_t *v)
+{
+    const char *digits = text[0] == '-' ? text + 1 : text;
+    if (!isdigit((unsigned char)digits[0]))
+        return TLY_E_INVAL;
+    char *end;
+    errno = 0;
+    long long x = strtoll(text, &end, 10);
+    if (*end != '\0')
+        return TLY_E_INVAL;
+    if (errno == ERANGE)
+        return TLY_E_RANGE;
+    *v = x;
+    return TLY_OK;
+}
+
+static bool is_ident(const char *s)
+{
+    if (*s == '\0')
+        return false;
+    for (; *s; s++) {
+        if (!isalnum((unsigned char)*s) && *s != '_')
+            return false;
+    }
+    return true;
+}
+
+/* Splits "host:port" / "[v6]:port"; true when well formed. */
+static bool addr_split(const char *s, const char **port, size_t *hostlen)
+{
+    const char *colon = strrchr(s, ':');
+    if (colon == NULL || colon == s)
+        return false;
+    size_t hlen = (size_t)(colon - s);
+    if (s[0] == '[') {
+        if (hlen < 3 || s[hlen - 1] != ']')
+            return false;
+    } else if (memchr(s, ':', hlen) != NULL) {
+        return false; /* a bare IPv6 address: ambiguous, needs [brackets] */
+    }
+    const char *p = colon + 1;
+    size_t plen = strlen(p);
+    if (plen == 0 || plen > 5 || strspn(p, "0123456789") != plen)
+        return false;
+    long n = strtol(p, NULL, 10);
+    if (n < 1 || n > 65535)
+        return false;
+    *port = p;
+    *hostlen = hlen;
+    return true;
+}
+
+static bool addr_is_loopback(const char *s)
+{
+    const char *port;
+    size_t hlen;
+    if (!addr_split(s, &port, &hlen))
+        return false;
+    return (hlen == 9 && strncmp(s, "localhost", 9) == 0) ||
+           (hlen == 5 && strncmp(s, "[::1]", 5) == 0) || strncmp(s, "127.", 4) == 0;
+}
+
+/* ---------------------------------------------------------------------------
+ * Key table look-ups and text for messages and help
+ */
+
+static int find_key(const char *key)
+{
+    for (size_t i = 0; i < NKEYS; i++) {
+        if (strcmp(key_table[i].key, key) == 0)
+            return (int)i;
+    }
+    return -1;
+}
+
+/* True when some key lies below `key` ("events.time" for events.time.*). */
+static bool is_section(const char *key)
+{
+    size_t n = strlen(key);
+    for (size_t i = 0; i < NKEYS; i++) {
+        if (strncmp(key_table[i].key, key, n) == 0 && key_table[i].key[n] == '.')
+            return true;
+    }
+    return false;
+}
+
+/* True when `parent` is key's path minus its last component. */
+static bool parent_is(const char *key, const char *parent)
+{
+    const char *dot = strrchr(key, '.');
+    size_t n = dot ? (size_t)(dot - key) : 0;
+    return strlen(parent) == n && strncmp(key, parent, n) == 0;
+}
+
+/* The last component of a key path. */
+static const char *leaf(const char *key)
+{
+    const char *dot = strrchr(key, '.');
+    return dot ? dot + 1 : key;
+}
+
+/* Appends to buf (cap bytes, NUL-terminated) as much of the text as fits. */
+static void append(char *buf, size_t cap, const char *text)
+{
+    size_t used = strlen(buf);
+    if (used + 1 < cap)
+        snprintf(buf + used, cap - used, "%s", text);
+}
+
+/* Writes the names one level below tkey ("listen, admin, ...") into buf. */
+static void child_names(const char *tkey, char *buf, size_t cap)
+{
+    size_t plen = strlen(tkey), prevlen = 0;
+    const char *prev = NULL;
+    buf[0] = '\0';
+    for (size_t i = 0; i < NKEYS; i++) {
+        const char *k = key_table[i].key;
+        if (plen > 0) {
+            if (strncmp(k, tkey, plen) != 0 || k[plen] != '.')
+                continue;
+            k += plen + 1;
+        }
+        size_t n = strcspn(k, ".");
+        if (memchr(k, '[', n) != NULL || (prev && n == prevlen && strncmp(k, prev, n) == 0))
+            continue;
+        char name[64];
+        snprintf(name, sizeof name, "%s%.*s", buf[0] ? ", " : "", (int)n, k);
+        append(buf, cap, name);
+        prev = k;
+        prevlen = n;
+    }
+}
+
+/* Writes the accepted values of an enum-like key ("shard|replica"). */
+static void choices_text(const key_def_t *def, char *buf, size_t cap)
+{
+    buf[0] = '\0';
+    if (def->type == K_AGG) {
+        for (int i = 0; i < TLY_AGG__COUNT; i++) {
+            if (i > 0)
+                append(buf, cap, "|");
+            append(buf, cap, tly_agg_name((tly_agg_kind_t)i));
+        }
+        return;
+    }
+    for (const choice_t *c = def->choices; c && c->name; c++) {
+        if (c != def->choices)
+            append(buf, cap, "|");
+        append(buf, cap, c->name);
+    }
+}
+
+/* Writes "1..64" or "1s..1d" for a key with a range, else "". */
+static void range_text(const key_def_t *def, char *buf, size_t cap)
+{
+    char lo[32], hi[32];
+    buf[0] = '\0';
+    if (def->min >= def->max)
+        return;
+    if (def->type == K_DURATION || def->type == K_DURATIONS)
+        snprintf(buf, cap, "%s..%s", tly_duration_format(def->min, lo, sizeof lo),
+                 tly_duration_format(def->max, hi, sizeof hi));
+    else
+        snprintf(buf, cap, "%" PRId64 "..%" PRId64, def->min, def->max);
+}
+
+/* ---------------------------------------------------------------------------
+ * Errors and YAML nodes
+ */
+
+static tly_err_t fail(parse_t *p, const yaml_node_t *at, const char *path, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+
+static int line_of(const yaml_node_t *node)
+{
+    return node ? (int)node->start_mark.line + 1 : 1;
+}
+
+/* Writes "FILE:LINE: path: <fmt>" into the caller's errbuf. */
+static tly_err_t fail(parse_t *p, const yaml_node_t *at, const char *path, const char *fmt, ...)
+{
+    if (p->errlen == 0)
+        return TLY_E_CONFIG;
+    int n = snprintf(p->errbuf, p->errlen, "%s:%d: %s: ", p->name, line_of(at),
+                     path[0] ? path : "(top level)");
+    if (n >= 0 && (size_t)n < p->errlen) {
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(p->errbuf + n, p->errlen - (size_t)n, fmt, ap);
+        va_end(ap);
+    }
+    return TLY_E_CONFIG;
+}
+
+static tly_err_t nomem(parse_t *p)
+{
+    if (p->errlen > 0)
+        snprintf(p->errbuf, p->errlen, "%s: out of memory", p->name);
+    return TLY_E_NOMEM;
+}
+
+static yaml_node_t *node_at(parse_t *p, int index)
+{
+    return yaml_document_get_node(p->doc, index);
+}
+
+static const char *kind_name(const yaml_node_t *node)
+{
+    switch (node->type) {
+    case YAML_SEQUENCE_NODE:
+        return "a list";
+    case YAML_MAPPING_NODE:
+        return "a mapping";
+    default:
+        return "a single value";
+    }
+}
+
+/* True for a plain empty, ~ or null scalar: "not given". */
+static bool is_null(const yaml_node_t *node)
+{
+    if (node == NULL)
+        return true;
+    if (node->type != YAML_SCALAR_NODE || node->data.scalar.style != YAML_PLAIN_SCALAR_STYLE)
+        return false;
+    const char *s = (const char *)node->data.scalar.value;
+    return s[0] == '\0' || strcmp(s, "~") == 0 || strcmp(s, "null") == 0 ||
+           strcmp(s, "Null") == 0 || strcmp(s, "NULL") == 0;
+}
+
+/* Returns the text of a scalar node, or fails for any other kind. */
+static tly_err_t get_scalar(parse_t *p, const yaml_node_t *node, const char *path,
+                            const char **text)
+{
+    if (node->type != YAML_SCALAR_NODE)
+        return fail(p, node, path, "expected a single value, found %s", kind_name(node));
+    const char *s = (const char *)node->data.scalar.value;
+    if (strlen(s) != node->data.scalar.length)
+        return fail(p, node, path, "contains a NUL character");
+    *text = s;
+    return TLY_OK;
+}
+
+static void set_path(char *buf, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+/* Writes a key path into buf (PATH_CAP bytes). A path from a pathological
+ * file may be cut short; messages stay readable. */
+static void set_path(char *buf, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(buf, PATH_CAP, fmt, ap);
+    va_end(ap);
+}
+
+static void join_key(char *buf, const char *path, const char *key)
+{
+    set_path(buf, "%s%s%s", path, path[0] ? "." : "", key);
+}
+
+static void join_index(char *buf, const char *path, size_t i)
+{
+    set_path(buf, "%s[%zu]", path, i);
+}
+
+/* A list key accepts a single scalar as a one-item list. */
+static size_t list_len(const yaml_node_t *node)
+{
+    if (node->type != YAML_SEQUENCE_NODE)
+        return 1;
+    return (size_t)(node->data.sequence.items.top - node->data.sequence.items.start);
+}
+
+/* The i-th item of a list (or the scalar itself) and its key path. */
+static yaml_node_t *list_item(parse_t *p, yaml_node_t *node, size_t i, const char *path,
+                              char *ipath)
+{
+    if (node->type != YAML_SEQUENCE_NODE) {
+        set_path(ipath, "%s", path);
+        return node;
+    }
+    join_index(ipath, path, i);
+    return node_at(p, node->data.sequence.items.start[i]);
+}
+
+/* Fails unless node is a mapping whose keys are distinct scalars. */
+static tly_err_t check_mapping(parse_t *p, const yaml_node_t *node, const char *path,
+                               const char *what)
+{
+    if (node->type != YAML_MAPPING_NODE)
+        return fail(p, node, path, "expected %s, found %s", what, kind_name(node));
+    const yaml_node_pair_t *start = node->data.mapping.pairs.start;
+    for (const yaml_node_pair_t *a = start; a < node->data.mapping.pairs.top; a++) {
+        const yaml_node_t *ka = node_at(p, a->key);
+        if (ka->type != YAML_SCALAR_NODE)
+            return fail(p, ka, path, "a key must be a plain name, not %s", kind_name(ka));
+        for (const yaml_node_pair_t *b = start; b < a; b++) {
+            const yaml_node_t *kb = node_at(p, b->key);
+            if (strcmp((const char *)ka->data.scalar.value, (const char *)kb->data.scalar.value) ==
+                0) {
+                char sub[PATH_CAP];
+                join_key(sub, path, (const char *)ka->data.scalar.value);
+                return fail(p, ka, sub, "duplicate key (first given at line %d)", line_of(kb));
+            }
+        }
+    }
+    return TLY_OK;
+}
+
+/* ---------------------------------------------------------------------------
+ * Values: check text against a key and store it
+ */
+
+static bool is_list(key_type_t type)
+{
+    return type == K_STRINGS || type == K_DURATIONS || type == K_MAP || type == K_WHERE;
+}
+
+static void *field_of(void *base, const key_def_t *def)
+{
+    return (char *)base + def->off;
+}
+
+static size_t *count_of(void *base, const key_def_t *def)
+{
+    return (size_t *)(void *)((char *)base + def->count_off);
+}
+
+static tly_err_t dup_into(parse_t *p, char **slot, const char *text)
+{
+    char *s = strdup(text);
+    if (s == NULL)
+        return nomem(p);
+    free(*slot);
+    *slot = s;
+    return TLY_OK;
+}
+
+/* Checks a string (or string-list item) against def's flags and choices. */
+static tly_err_t check_string(parse_t *p, const key_def_t *def, const char *text,
+                              const yaml_node_t *node, const char *path)
+{
+    char choices[TEXT_CAP];
+    if (text[0] == '\0' && (def->flags & F_NONEMPTY || def->type == K_STRINGS))
+        return fail(p, node, path, "must not be empty");
+    if (def->flags & F_IDENT && !is_ident(text))
+        return fail(p, node, path, "\"%s\" may use only letters, digits and _", text);
+    if (def->flags & F_ADDR && text[0] != '\0') {
+        const char *port;
+        size_t hostlen;
+        if (!addr_split(text, &port, &hostlen))
+            return fail(p, node, path, "\"%s\" is not host:port (e.g. 127.0.0.1:7379)", text);
+    }
+    if (def->choices != NULL) {
+        for (const choice_t *c = def->choices; c->name; c++) {
+            if (strcmp(c->name, text) == 0)
+                return TLY_OK;
+        }
+        choices_text(def, choices, sizeof choices);
+        return fail(p, node, path, "\"%s\" is not one of %s", text, choices);
+    }
+    return TLY_OK;
+}
+
+/* Parses a duration for def (single or list item) with its checks. */
+static tly_err_t check_duration(parse_t *p, const key_def_t *def, const char *text,
+                                const yaml_node_t *node, const char *path, int64_t *ms)
+{
+    char range[TEXT_CAP];
+    int64_t v = 0;
+    tly_err_t rc = tly_duration_parse(text, &v);
+    range_text(def, range, sizeof range);
+    if (rc == TLY_E_INVAL)
+        return fail(p, node, path, "\"%s\" is not a duration (use <n>ms|s|m|h|d)", text);
+    if (def->flags & F_SECONDS && rc == TLY_OK && v % TLY_MS_SECOND != 0)
+        return fail(p, node, path,
+                    "\"%s\" is not a whole number of seconds (windows and hops are whole "
+                    "seconds, at least 1s)",
+                    text);
+    if (rc == TLY_E_RANGE && range[0] == '\0')
+        return fail(p, node, path, "%s does not fit in 64 bits of milliseconds", text);
+    if (rc == TLY_E_RANGE || (range[0] && (v < def->min || v > def->max)))
+        return fail(p, node, path, "%s is out of range (%s)", text, range);
+    *ms = v;
+    return TLY_OK;
+}
+
+/* Converts the scalar text of a single-valued key and stores it in base.
+ * node (may be NULL for defaults) gives the line of errors. */
+static tly_err_t set_scalar(parse_t *p, const key_def_t *def, const char *text,
+                            const yaml_node_t *node, const char *path, void *base)
+{
+    char range[TEXT_CAP];
+    void *field = field_of(base, def);
+    int64_t v = 0;
+    tly_err_t rc;
+
+    switch (def->type) {
+    case K_STRING:
+        rc = check_string(p, def, text, node, path);
+        return rc ? rc : dup_into(p, field, text);
+    case K_INT:
+        rc = parse_int(text, &v);
+        range_text(def, range, sizeof range);
+        if (rc == TLY_E_INVAL)
+            return fail(p, node, path, "\"%s\" is not an integer", text);
+        if (rc == TLY_E_RANGE && range[0] == '\0')
+            return fail(p, node, path, "%s does not fit in a 64-bit integer", text);
+        if (rc == TLY_E_RANGE || (range[0] && (v < def->min || v > def->max)))
+            return fail(p, node, path, "%s is out of range (%s)", text, range);
+        if (def->size == sizeof(uint32_t)) {
+            uint32_t u = (uint32_t)v; /* the range keeps it within 32 bits */
+            memcpy(field, &u, sizeof u);
+        } else {
+            memcpy(field, &v, sizeof v);
+        }
+        return TLY_OK;
+    case K_DURATION:
+        rc = check_duration(p, def, text, node, path, &v);
+        if (rc == TLY_OK)
+            memcpy(field, &v, sizeof v);
+        return rc;
+    case K_BOOL: {
+        bool b = strcmp(text, "true") == 0;
+        if (!b && strcmp(text, "false") != 0)
+            return fail(p, node, path, "\"%s\" is not true or false", text);
+        memcpy(field, &b, sizeof b);
+        return TLY_OK;
+    }
+    case K_ENUM:
+        rc = check_string(p, def, text, node, path);
+        for (const choice_t *c = def->choices; rc == TLY_OK && c->name; c++) {
+            if (strcmp(c->name, text) == 0) {
+                memcpy(field, &c->value, sizeof c->value);
+                break;
+            }
+        }
+        return rc;
+    case K_AGG: {
+        tly_agg_kind_t kind;
+        if (tly_agg_parse(text, &kind) != TLY_OK) {
+            choices_text(def, range, sizeof range);
+            return fail(p, node, path, "\"%s\" is not an aggregation (use %s)", text, range);
+        }
+        memcpy(field, &kind, sizeof kind);
+        return TLY_OK;
+    }
+    default:
+        return fail(p, node, path, "internal error: key type %d is not a scalar", def->type);
+    }
+}
+
+static tly_err_t parse_strings(parse_t *p, const key_def_t *def, yaml_node_t *node,
+                               const char *path, void *base)
+{
+    char ipath[PATH_CAP];
+    const char *text;
+    if (node->type == YAML_MAPPING_NODE)
+        return fail(p, node, path, "expected a list, found a mapping");
+    size_t n = list_len(node);
+    if (n == 0 && def->flags & F_NONEMPTY)
+        return fail(p, node, path, "needs at least one item");
+    char **items = calloc(n ? n : 1, sizeof *items);
+    if (items == NULL)
+        return nomem(p);
+    *count_of(base, def) = n; /* owned by the config from here on */
+    *(char ***)field_of(base, def) = items;
+    for (size_t i = 0; i < n; i++) {
+        yaml_node_t *item = list_item(p, node, i, path, ipath);
+        tly_err_t rc = get_scalar(p, item, ipath, &text);
+        if (rc == TLY_OK)
+            rc = check_string(p, def, text, item, ipath);
+        if (rc == TLY_OK)
+            rc = dup_into(p, &items[i], text);
+        if (rc != TLY_OK)
+            return rc;
+    }
+    return TLY_OK;
+}
+
+static tly_err_t parse_durations(parse_t *p, const key_def_t *def, yaml_node_t *node,
+                                 const char *path, void *base)
+{
+    char ipath[PATH_CAP], prev[32];
+    const char *text;
+    if (node->type == YAML_MAPPING_NODE)
+        return fail(p, node, path, "expected a list, found a mapping");
+    size_t n = list_len(node);
+    int64_t *items = calloc(n ? n : 1, sizeof *items);
+    if (items == NULL)
+        return nomem(p);
+    *count_of(base, def) = n;
+    *(int64_t **)field_of(base, def) = items;
+    for (size_t i = 0; i < n; i++) {
+        yaml_node_t *item = list_item(p, node, i, path, ipath);
+        tly_err_t rc = get_scalar(p, item, ipath, &text);
+        if (rc == TLY_OK)
+            rc = check_duration(p, def, text, item, ipath, &items[i]);
+        if (rc != TLY_OK)
+            return rc;
+        if (def->flags & F_INCREASING && i > 0 && items[i] <= items[i - 1])
+            return fail(p, item, ipath,
+                        "%s is not longer than the window before it (%s); list windows in "
+                        "increasing order",
+                        text, tly_duration_format(items[i - 1], prev, sizeof prev));
+    }
+    return TLY_OK;
+}
+
+static tly_err_t parse_map(parse_t *p, const key_def_t *def, yaml_node_t *node, const char *path,
+                           void *base)
+{
+    char sub[PATH_CAP];
+    const char *name, *text;
+    tly_err_t rc = check_mapping(p, node, path, "a mapping of name: value");
+    if (rc != TLY_OK)
+        return rc;
+    size_t n = (size_t)(node->data.mapping.pairs.top - node->data.mapping.pairs.start);
+    tly_kv_t *kvs = calloc(n ? n : 1, sizeof *kvs);
+    if (kvs == NULL)
+        return nomem(p);
+    *count_of(base, def) = n;
+    *(tly_kv_t **)field_of(base, def) = kvs;
+    for (size_t i = 0; i < n; i++) {
+        const yaml_node_pair_t *pair = &node->data.mapping.pairs.start[i];
+        yaml_node_t *key = node_at(p, pair->key), *val = node_at(p, pair->value);
+        name = (const char *)key->data.scalar.value;
+        join_key(sub, path, name);
+        if (name[0] == '\0')
+            return fail(p, key, path, "a name must not be empty");
+        for (size_t r = 0; r < sizeof reserved_properties / sizeof reserved_properties[0]; r++) {
+            if (strcmp(name, reserved_properties[r].property) == 0)
+                return fail(p, key, sub, "set by tallyd; use %s instead",
+                            reserved_properties[r].use);
+        }
+        if (is_null(val))
+            return fail(p, val, sub, "needs a value");
+        if ((rc = get_scalar(p, val, sub, &text)) != TLY_OK)
+            return rc;
+        if ((rc = dup_into(p, &kvs[i].key, name)) != TLY_OK ||
+            (rc = dup_into(p, &kvs[i].value, text)) != TLY_OK)
+            return rc;
+    }
+    return TLY_OK;
+}
+
+static tly_err_t parse_where(parse_t *p, const key_def_t *def, yaml_node_t *node, const char *path,
+                             void *base)
+{
+    char sub[PATH_CAP], ipath[PATH_CAP];
+    const char *text;
+    tly_err_t rc = check_mapping(p, node, path, "a mapping of field: value");
+    if (rc != TLY_OK)
+        return rc;
+    size_t n = (size_t)(node->data.mapping.pairs.top - node->data.mapping.pairs.start);
+    tly_where_cfg_t *where = calloc(n ? n : 1, sizeof *where);
+    if (where == NULL)
+        return nomem(p);
+    *count_of(base, def) = n;
+    *(tly_where_cfg_t **)field_of(base, def) = where;
+    for (size_t i = 0; i < n; i++) {
+        const yaml_node_pair_t *pair = &node->data.mapping.pairs.start[i];
+        yaml_node_t *key = node_at(p, pair->key), *val = node_at(p, pair->value);
+        const char *field = (const char *)key->data.scalar.value;
+        join_key(sub, path, field);
+        where[i].line = line_of(key);
+        if (field[0] == '\0')
+            return fail(p, key, path, "a field name must not be empty");
+        if ((rc = dup_into(p, &where[i].field, field)) != TLY_OK)
+            return rc;
+        if (is_null(val))
+            return fail(p, val, sub, "needs a value or a list of values");
+        if (val->type == YAML_MAPPING_NODE)
+            return fail(p, val, sub, "expected a value or a list of values, found a mapping");
+        size_t nv = list_len(val);
+        if (nv == 0)
+            return fail(p, val, sub, "needs at least one value");
+        if ((where[i].values = calloc(nv, sizeof *where[i].values)) == NULL)
+            return nomem(p);
+        where[i].nvalues = nv;
+        for (size_t j = 0; j < nv; j++) {
+            yaml_node_t *item = list_item(p, val, j, sub, ipath);
+            if ((rc = get_scalar(p, item, ipath, &text)) != TLY_OK ||
+                (rc = dup_into(p, &where[i].values[j], text)) != TLY_OK)
+                return rc;
+        }
+    }
+    return TLY_OK;
+}
+
+/* ---------------------------------------------------------------------------
+ * Mappings, features, the document
+ */
+
+static tly_err_t parse_features(parse_t *p, yaml_node_t *node, const char *path);
+
+static tly_err_t parse_value(parse_t *p, const key_def_t *def, yaml_node_t *node, const char *path,
+                             void *base)
+{
+    const char *text;
+    tly_err_t rc;
+    switch (def->type) {
+    case K_STRINGS:
+        return parse_strings(p, def, node, path, base);
+    case K_DURATIONS:
+        return parse_durations(p, def, node, path, base);
+    case K_MAP:
+        return parse_map(p, def, node, path, base);
+    case K_WHERE:
+        return parse_where(p, def, node, path, base);
+    case K_FEATURES:
+        return parse_features(p, node, path);
+    default:
+        rc = get_scalar(p, node, path, &text);
+        return rc ? rc : set_scalar(p, def, text, node, path, base);
+    }
+}
+
+/*
+ * Parses mapping `map` whose keys live under table prefix tkey ("server",
+ * "features[]", "" for the top level); path is the same place as messages
+ * name it ("features[2]"). base is the struct the keys store into. map may be
+ * NULL or null (an empty mapping).
+ */
+static tly_err_t parse_mapping(parse_t *p, yaml_node_t *map, const char *tkey, const char *path,
+                               void *base)
+{
+    char tsub[PATH_CAP], sub[PATH_CAP], names[TEXT_CAP * 2];
+    tly_err_t rc;
+
+    if (!is_null(map)) {
+        if ((rc = check_mapping(p, map, path, "a mapping (key: value)")) != TLY_OK)
+            return rc;
+        for (yaml_node_pair_t *pair = map->data.mapping.pairs.start;
+             pair < map->data.mapping.pairs.top; pair++) {
+            yaml_node_t *key = node_at(p, pair->key), *val = node_at(p, pair->value);
+            const char *name = (const char *)key->data.scalar.value;
+            join_key(tsub, tkey, name);
+            join_key(sub, path, name);
+            /* A dotted name would reach a table path from the wrong place
+             * ("features[].k" at the top level): only plain names match. */
+            int idx = strpbrk(name, ".[") ? -1 : find_key(tsub);
+            rc = TLY_OK;
+            if (idx >= 0 && !is_null(val)) {
+                p->seen[idx] = val;
+                rc = parse_value(p, &key_table[idx], val, sub, base);
+            } else if (idx < 0 && !strpbrk(name, ".[") && is_section(tsub)) {
+                if (!is_null(val)) /* a null section is an absent one */
+                    rc = parse_mapping(p, val, tsub, sub, base);
+            } else if (idx < 0) {
+                child_names(tkey, names, sizeof names);
+                rc = fail(p, key, sub, "unknown key (%sknown here: %s)",
+                          strchr(name, '.') ? "write nested mappings, not dotted names; " : "",
+                          names);
+            }
+            if (rc != TLY_OK)
+                return rc;
+        }
+    }
+    for (size_t i = 0; i < NKEYS; i++) {
+        if (key_table[i].flags & F_REQUIRED && p->seen[i] == NULL &&
+            parent_is(key_table[i].key, tkey)) {
+            join_key(sub, path, leaf(key_table[i].key));
+            return fail(p, map, sub, "required key is missing");
+        }
+    }
+    return TLY_OK;
+}
+
+static yaml_node_t *seen_node(parse_t *p, const char *key)
+{
+    int idx = find_key(key);
+    return idx >= 0 ? p->seen[idx] : NULL;
+}
+
+/* The checks of one feature that involve several of its keys. */
+static tly_err_t check_feature(parse_t *p, size_t i, yaml_node_t *map, const char *path)
+{
+    tly_feature_cfg_t *feat = &p->cfg->features[i];
+    yaml_node_t *value = seen_node(p, "features[].value");
+    yaml_node_t *windows = seen_node(p, "features[].windows");
+    yaml_node_t *hop = seen_node(p, "features[].hop"), *k = seen_node(p, "features[].k");
+    const char *agg = tly_agg_name(feat->agg);
+    char sub[PATH_CAP], hoptext[32], wtext[32];
+
+    for (size_t j = 0; j < i; j++) {
+        const tly_feature_cfg_t *other = &p->cfg->features[j];
+        if (strcmp(other->entity, feat->entity) == 0 && strcmp(other->name, feat->name) == 0) {
+            join_key(sub, path, "name");
+            return fail(p, seen_node(p, "features[].name"), sub,
+                        "\"%s\" is already a feature of entity \"%s\" (features[%zu], line %d)",
+                        feat->name, feat->entity, j, other->line);
+        }
+    }
+
+    join_key(sub, path, "value");
+    if (feat->agg == TLY_AGG_COUNT) {
+        if (value)
+            return fail(p, value, sub, "count counts events and takes no value; remove value");
+    } else if (tly_agg_numeric(feat->agg)) {
+        if (value == NULL)
+            return fail(p, map, sub, "%s needs the numeric event field to aggregate", agg);
+        if (feat->nvalues != 1)
+            return fail(p, value, sub, "%s takes exactly one value field, not %zu", agg,
+                        feat->nvalues);
+    } else if (value == NULL || feat->nvalues == 0) {
+        return fail(p, value ? value : map, sub, "%s needs the event field(s) to keep", agg);
+    }
+
+    join_key(sub, path, "windows");
+    if (tly_agg_windowed(feat->agg)) {
+        if (windows == NULL || feat->nwindows == 0)
+            return fail(p, windows ? windows : map, sub, "%s needs windows, e.g. [1h, 1d]", agg);
+        for (size_t w = 0; hop && w < feat->nwindows; w++) {
+            if (feat->windows_ms[w] % feat->hop_ms != 0) {
+                join_key(sub, path, "hop");
+                return fail(p, hop, sub, "%s does not divide window %s",
+                            tly_duration_format(feat->hop_ms, hoptext, sizeof hoptext),
+                            tly_duration_format(feat->windows_ms[w], wtext, sizeof wtext));
+            }
+        }
+    } else {
+        if (windows)
+            return fail(p, windows, sub,
+                        "%s keeps the newest items and takes no windows; "
+                        "remove windows",
+                        agg);
+        join_key(sub, path, "hop");
+        if (hop)
+            return fail(p, hop, sub, "%s has no windows and takes no hop; remove hop", agg);
+    }
+
+    join_key(sub, path, "k");
+    if (feat->agg == TLY_AGG_LAST_K) {
+        if (k == NULL)
+            return fail(p, map, sub, "last_k needs k, the number of items to keep (1..10000)");
+    } else if (k) {
+        return fail(p, k, sub, "k is only for last_k%s",
+                    feat->agg == TLY_AGG_LAST ? " (last keeps one item)" : "");
+    } else if (feat->agg == TLY_AGG_LAST) {
+        feat->k = 1;
+    }
+    return TLY_OK;
+}
+
+static tly_err_t parse_features(parse_t *p, yaml_node_t *node, const char *path)
+{
+    char sub[PATH_CAP];
+    tly_config_t *cfg = p->cfg;
+    if (node->type != YAML_SEQUENCE_NODE)
+        return fail(p, node, path, "expected a list of features, found %s", kind_name(node));
+    size_t n = list_len(node);
+    if (n == 0)
+        return fail(p, node, path, "needs at least one feature");
+    if ((cfg->features = calloc(n, sizeof *cfg->features)) == NULL)
+        return nomem(p);
+    cfg->nfeatures = n;
+    for (size_t i = 0; i < n; i++) {
+        yaml_node_t *item = list_item(p, node, i, path, sub);
+        if (item->type != YAML_MAPPING_NODE)
+            return fail(p, item, sub,
+                        "expected a feature mapping ({name: ..., agg: ...}), "
+                        "found %s",
+                        kind_name(item));
+        cfg->features[i].line = line_of(item);
+        for (size_t k = 0; k < NKEYS; k++) {
+            if (key_table[k].feature)
+                p->seen[k] = NULL;
+        }
+        tly_err_t rc = parse_mapping(p, item, "features[]", sub, &cfg->features[i]);
+        if (rc == TLY_OK)
+            rc = check_feature(p, i, item, sub);
+        if (rc != TLY_OK)
+            return rc;
+    }
+    return TLY_OK;
+}
+
+/* Fills every section key the file did not set with its default. */
+static tly_err_t apply_defaults(parse_t *p)
+{
+    tly_config_t *cfg = p->cfg;
+    for (size_t i = 0; i < NKEYS; i++) {
+        const key_def_t *def = &key_table[i];
+        if (def->feature || def->def == NULL || p->seen[i] != NULL)
+            continue;
+        tly_err_t rc;
+        if (def->type == K_STRINGS) {
+            char **items = calloc(1, sizeof *items);
+            if (items == NULL)
+                return nomem(p);
+            *count_of(cfg, def) = 1;
+            *(char ***)field_of(cfg, def) = items;
+            rc = dup_into(p, &items[0], def->def);
+        } else {
+            rc = set_scalar(p, def, def->def, NULL, def->key, cfg);
+        }
+        if (rc != TLY_OK)
+            return rc;
+    }
+    /* events.time.unit has a default for when events.time is given; without
+     * it the Kafka timestamp is the event time. */
+    if (cfg->events.time_field == NULL)
+        cfg->events.time_unit = TLY_TIME_KAFKA;
+    return TLY_OK;
+}
+
+/* Checks that involve keys of several sections. */
+static tly_err_t check_config(parse_t *p)
+{
+    const tly_config_t *cfg = p->cfg;
+    if (!addr_is_loopback(cfg->server.listen) && cfg->server.requirepass[0] == '\0')
+        return fail(p, seen_node(p, "server.listen"), "server.listen",
+                    "%s accepts clients from other hosts; set server.requirepass, or listen "
+                    "on 127.0.0.1",
+                    cfg->server.listen);
+    return TLY_OK;
+}
+
+/* Writes libyaml's complaint as "FILE:LINE: YAML syntax error: ...". */
+static tly_err_t syntax_error(parse_t *p, const yaml_parser_t *parser, const char *yaml, size_t len)
+{
+    if (parser->error == YAML_MEMORY_ERROR)
+        return nomem(p);
+    size_t line = parser->problem_mark.line + 1;
+    if (parser->error == YAML_READER_ERROR) { /* reader errors carry a byte offset */
+        line = 1;
+        for (size_t i = 0; i < parser->problem_offset && i < len; i++)
+            line += yaml[i] == '\n';
+    }
+    if (p->errlen == 0)
+        return TLY_E_CONFIG;
+    int n = snprintf(p->errbuf, p->errlen, "%s:%zu: YAML syntax error: %s", p->name, line,
+                     parser->problem ? parser->problem : "unknown problem");
+    if (parser->context && n >= 0 && (size_t)n < p->errlen)
+        snprintf(p->errbuf + n, p->errlen - (size_t)n, " (%s at line %zu)", parser->context,
+                 parser->context_mark.line + 1);
+    return TLY_E_CONFIG;
+}
+
+/* Loads yaml[0..len) (name for messages). The one place a config is built. */
+static tly_err_t load_buffer(const char *yaml, size_t len, const char *name, tly_config_t **out,
+                             char *errbuf, size_t errlen)
+{
+    yaml_parser_t parser;
+    yaml_document_t doc, extra;
+    bool have_parser = false, have_doc = false;
+    parse_t p = {.name = name, .doc = &doc, .errbuf = errbuf, .errlen = errlen};
+    tly_err_t rc;
+
+    if (errlen > 0)
+        errbuf[0] = '\0';
+    if ((p.cfg = calloc(1, sizeof *p.cfg)) == NULL || (p.cfg->path = strdup(name)) == NULL ||
+        !yaml_parser_initialize(&parser)) {
+        rc = nomem(&p);
+        goto out;
+    }
+    have_parser = true;
+    yaml_parser_set_input_string(&parser, (const unsigned char *)yaml, len);
+    if (!yaml_parser_load(&parser, &doc)) {
+        rc = syntax_error(&p, &parser, yaml, len);
+        goto out;
+    }
+    have_doc = true;
+    /* A second document would be silently ignored: refuse it. */
+    if (!yaml_parser_load(&parser, &extra)) {
+        rc = syntax_error(&p, &parser, yaml, len);
+        goto out;
+    }
+    yaml_node_t *second = yaml_document_get_root_node(&extra);
+    int second_line = second ? (int)second->start_mark.line + 1 : 0;
+    yaml_document_delete(&extra);
+    if (second_line > 0) {
+        snprintf(errbuf, errlen,
+                 "%s:%d: a config file holds one YAML document; remove the "
+                 "second one",
+                 name, second_line);
+        rc = TLY_E_CONFIG;
+        goto out;
+    }
+
+    if ((rc = parse_mapping(&p, yaml_document_get_root_node(&doc), "", "", p.cfg)) != TLY_OK ||
+        (rc = apply_defaults(&p)) != TLY_OK || (rc = check_config(&p)) != TLY_OK)
+        goto out;
+    *out = p.cfg;
+    p.cfg = NULL;
+out:
+    tly_config_free(p.cfg);
+    if (have_doc)
+        yaml_document_delete(&doc);
+    if (have_parser)
+        yaml_parser_delete(&parser);
+    return rc;
+}
+
+tly_err_t tly_config_load_string(const char *yaml, const char *name, tly_config_t **out,
+                                 char *errbuf, size_t errlen)
+{
+    return load_buffer(yaml, strlen(yaml), name, out, errbuf, errlen);
+}
+
+tly_err_t tly_config_load(const char *path, tly_config_t **out, char *errbuf, size_t errlen)
+{
+    char *buf = NULL;
+    FILE *f = fopen(path, "rb");
+    tly_err_t rc;
+
+    if (f == NULL) {
+        snprintf(errbuf, errlen, "%s: cannot open: %s", path, strerror(errno));
+        return TLY_E_IO;
+    }
+    if ((buf = malloc(CONFIG_MAX_BYTES + 1)) == NULL) {
+        snprintf(errbuf, errlen, "%s: out of memory", path);
+        rc = TLY_E_NOMEM;
+        goto out;
+    }
+    size_t len = fread(buf, 1, CONFIG_MAX_BYTES + 1, f);
+    if (ferror(f)) {
+        snprintf(errbuf, errlen, "%s: cannot read: %s", path, strerror(errno));
+        rc = TLY_E_IO;
+        goto out;
+    }
+    if (len > CONFIG_MAX_BYTES) {
+        snprintf(errbuf, errlen, "%s: larger than %u MiB; is this a config file?", path,
+                 CONFIG_MAX_BYTES >> 20);
+        rc = TLY_E_CONFIG;
+        goto out;
+    }
+    rc = load_buffer(buf, len, path, out, errbuf, errlen);
+out:
+    free(buf);
+    fclose(f);
+    return rc;
+}
+
+/* Frees what key_table says base owns (a tly_config_t or one feature). */
+static void free_fields(void *base, bool feature)
+{
+    for (size_t i = 0; i < NKEYS; i++) {
+        const key_def_t *def = &key_table[i];
+        if (def->feature != feature)
+            continue;
+        void *field = field_of(base, def);
+        size_t n = is_list(def->type) ? *count_of(base, def) : 0;
+        switch (def->type) {
+        case K_STRING:
+            free(*(char **)field);
+            break;
+        case K_STRINGS:
+            for (size_t j = 0; j < n && *(char ***)field; j++)
+                free((*(char ***)field)[j]);
+            free(*(char ***)field);
+            break;
+        case K_DURATIONS:
+            free(*(int64_t **)field);
+            break;
+        case K_MAP:
+            for (size_t j = 0; j < n && *(tly_kv_t **)field; j++) {
+                free((*(tly_kv_t **)field)[j].key);
+                free((*(tly_kv_t **)field)[j].value);
+            }
+            free(*(tly_kv_t **)field);
+            break;
+        case K_WHERE:
+            for (size_t j = 0; j < n && *(tly_where_cfg_t **)field; j++) {
+                tly_where_cfg_t *w = &(*(tly_where_cfg_t **)field)[j];
+                for (size_t v = 0; v < w->nvalues; v++)
+                    free(w->values[v]);
+                free(w->values);
+                free(w->field);
+            }
+            free(*(tly_where_cfg_t **)field);
+            break;
+        default:
+            break;
+        }
+    }
+}
+
+void tly_config_free(tly_config_t *cfg)
+{
+    if (cfg == NULL)
+        return;
+    for (size_t i = 0; i < cfg->nfeatures; i++)
+        free_fields(&cfg->features[i], true);
+    free(cfg->features);
+    free_fields(cfg, false);
+    free(cfg->path);
+    free(cfg);
+}
+
+/* ---------------------------------------------------------------------------
+ * --help-config and --check-config output
+ */
+
+static const char *type_name(key_type_t type)
+{
+    static const char *const names[] = {
+        [K_STRING] = "string",
+        [K_INT] = "int",
+        [K_DURATION] = "duration",
+        [K_BOOL] = "bool",
+        [K_ENUM] = "enum",
+        [K_AGG] = "enum",
+        [K_STRINGS] = "string list",
+        [K_DURATIONS] = "duration list",
+        [K_MAP] = "map",
+        [K_WHERE] = "map",
+        [K_FEATURES] = "list of features",
+    };
+    return names[type];
+}
+
+/* Writes the default of def as shown in the reference. */
+static void default_text(const key_def_t *def, char *buf, size_t cap)
+{
+    if (def->flags & F_REQUIRED)
+        snprintf(buf, cap, "required");
+    else if (def->type == K_STRINGS && def->def)
+        snprintf(buf, cap, "[%s]", def->def);
+    else if (def->type == K_MAP)
+        snprintf(buf, cap, "{}");
+    else if (def->type == K_STRING && def->def)
+        snprintf(buf, cap, "\"%s\"", def->def);
+    else if (def->def)
+        snprintf(buf, cap, "%s", def->def);
+    else if (strcmp(def->key, "features[].hop") == 0)
+        snprintf(buf, cap, "per window");
+    else
+        snprintf(buf, cap, "none");
+}
+
+/* Writes the accepted values of def: range, choices or form. */
+static void accepts_text(const key_def_t *def, char *buf, size_t cap)
+{
+    if (def->type == K_ENUM || def->type == K_AGG || def->choices)
+        choices_text(def, buf, cap);
+    else if (def->flags & F_IDENT)
+        snprintf(buf, cap, "[A-Za-z0-9_]+");
+    else if (def->flags & F_ADDR)
+        snprintf(buf, cap, "host:port");
+    else
+        range_text(def, buf, cap);
+}
+
+/* Prints text with Markdown table cell metacharacters escaped. */
+static void md_cell(FILE *out, const char *text)
+{
+    fputs("| ", out);
+    for (; *text; text++) {
+        if (*text == '|')
+            fputc('\\', out);
+        fputc(*text, out);
+    }
+    fputc(' ', out);
+}
+
+/* Prints text word-wrapped at width columns, each line indented. */
+static void print_wrapped(FILE *out, const char *text, int indent, int width)
+{
+    int col = 0;
+    while (*text) {
+        int n = (int)strcspn(text, " ");
+        if (col > 0 && col + 1 + n > width) {
+            fputc('\n', out);
+            col = 0;
+        }
+        if (col == 0)
+            col = fprintf(out, "%*s%.*s", indent, "", n, text);
+        else
+            col += fprintf(out, " %.*s", n, text);
+        text += n;
+        text += strspn(text, " ");
+    }
+    fputc('\n', out);
+}
+
+void tly_config_help(FILE *out, int markdown)
+{
+    char dflt[TEXT_CAP], accepts[TEXT_CAP];
+    if (markdown) {
+        fputs("| key | type | default | accepts | description |\n"
+              "| --- | --- | --- | --- | --- |\n",
+              out);
+    } else {
+        fputs("tallyd configuration keys (YAML). Sections and keys are optional unless\n"
+              "marked required; unknown keys are errors. Durations are <n>ms|s|m|h|d.\n"
+              "A list key also accepts a single value; `key:` with no value keeps the\n"
+              "default. Omit events.time to use the Kafka message timestamp.\n",
+              out);
+    }
+    for (size_t i = 0; i < NKEYS; i++) {
+        const key_def_t *def = &key_table[i];
+        default_text(def, dflt, sizeof dflt);
+        accepts_text(def, accepts, sizeof accepts);
+        if (markdown) {
+            char key[PATH_CAP];
+            snprintf(key, sizeof key, "`%s`", def->key);
+            md_cell(out, key);
+            md_cell(out, type_name(def->type));
+            md_cell(out, dflt);
+            md_cell(out, accepts);
+            md_cell(out, def->doc);
+            fputs("|\n", out);
+        } else {
+            fprintf(out, "\n%s (%s%s%s; %s%s)\n", def->key, type_name(def->type),
+                    accepts[0] ? ": " : "", accepts, def->flags & F_REQUIRED ? "" : "default ",
+                    dflt);
+            print_wrapped(out, def->doc, 4, 78);
+        }
+    }
+}
+
+/* Prints items joined with sep. */
+static void print_list(FILE *out, char *const *items, size_t n, const char *sep)
+{
+    for (size_t i = 0; i < n; i++)
+        fprintf(out, "%s%s", i ? sep : "", items[i]);
+}
+
+static const char *choice_name(const choice_t *choices, int value)
+{
+    for (const choice_t *c = choices; c->name; c++) {
+        if (c->value == value)
+            return c->name;
+    }
+    return "?";
+}
+
+static void summary_feature(const tly_feature_cfg_t *feat, FILE *out)
+{
+    char len[32], hop[32];
+    fprintf(out, "  %-16s %-6s", feat->name, tly_agg_name(feat->agg));
+    for (size_t w = 0; w < feat->nwhere; w++) {
+        const tly_where_cfg_t *where = &feat->where[w];
+        fprintf(out, "%s%s %s ", w ? " and " : "  where ", where->field,
+                where->nvalues > 1 ? "in" : "=");
+        print_list(out, where->values, where->nvalues, "|");
+    }
+    if (feat->nvalues > 0) {
+        fprintf(out, "  value%s ", feat->nvalues > 1 ? "s" : "");
+        print_list(out, feat->values, feat->nvalues, ", ");
+    }
+    if (feat->agg == TLY_AGG_LAST_K)
+        fprintf(out, "  k %" PRIu32, feat->k);
+    fputc('\n', out);
+    for (size_t w = 0; w < feat->nwindows; w++) {
+        int64_t h = feat->hop_ms ? feat->hop_ms : tly_window_default_hop(feat->windows_ms[w]);
+        fprintf(out, "%s%s (hop %s, %" PRId64 " buckets)", w ? ", " : "    windows ",
+                tly_duration_format(feat->windows_ms[w], len, sizeof len),
+                tly_duration_format(h, hop, sizeof hop),
+                tly_window_nbuckets(feat->windows_ms[w], h));
+    }
+    if (feat->nwindows > 0)
+        fputc('\n', out);
+}
+
+void tly_config_summary(const tly_config_t *cfg, FILE *out)
+{
+    char skew[32];
+    size_t nentities = 0;
+    for (size_t i = 0; i < cfg->nfeatures; i++) {
+        size_t j = 0;
+        while (j < i && strcmp(cfg->features[j].entity, cfg->features[i].entity) != 0)
+            j++;
+        nentities += j == i;
+    }
+    fprintf(out, "%s: ok, %zu feature%s over %zu entit%s\n", cfg->path, cfg->nfeatures,
+            cfg->nfeatures == 1 ? "" : "s", nentities, nentities == 1 ? "y" : "ies");
+    fprintf(out, "source  kafka %s, topics ", cfg->kafka.brokers);
+    print_list(out, cfg->kafka.topics, cfg->kafka.ntopics, ", ");
+    fprintf(out, ", mode %s, start %s\n", choice_name(mode_choices, (int)cfg->kafka.mode),
+            choice_name(start_choices, (int)cfg->kafka.start));
+    if (cfg->events.time_field)
+        fprintf(out, "time    event field %s (%s)", cfg->events.time_field,
+                choice_name(unit_choices, (int)cfg->events.time_unit));
+    else
+        fputs("time    Kafka message timestamp", out);
+    fprintf(out, ", max future skew %s\n",
+            tly_duration_format(cfg->events.max_future_skew_ms, skew, sizeof skew));
+    fprintf(out, "serve   RESP %s%s, admin %s\n", cfg->server.listen,
+            cfg->server.requirepass[0] ? " (AUTH required)" : "",
+            cfg->server.admin[0] ? cfg->server.admin : "off");
+
+    /* Entities in order of first appearance, each with its features. */
+    for (size_t i = 0; i < cfg->nfeatures; i++) {
+        const tly_feature_cfg_t *first = &cfg->features[i];
+        size_t j = 0;
+        while (j < i && strcmp(cfg->features[j].entity, first->entity) != 0)
+            j++;
+        if (j < i)
+            continue;
+        fprintf(out, "\nentity %s, key ", first->entity);
+        print_list(out, first->keys, first->nkeys, ", ");
+        fputc('\n', out);
+        for (j = i; j < cfg->nfeatures; j++) {
+            if (strcmp(cfg->features[j].entity, first->entity) == 0)
+                summary_feature(&cfg->features[j], out);
+        }
+    }
+}
