@@ -1,0 +1,59 @@
+/*
+ * decode.h — event payload → tly_event_t.
+ *
+ * JSON objects are tokenised with jsmn (Debian libjsmn-dev); only top-level
+ * keys that some feature references are extracted (nested objects and arrays
+ * are skipped whole). Integers become TLY_V_INT (int64; an integer that does
+ * not fit is a double), numbers with a fraction or exponent TLY_V_DOUBLE,
+ * strings TLY_V_STR (escapes decoded into the decoder's scratch), true/false
+ * TLY_V_BOOL, null TLY_V_NIL. When a key repeats, the last one wins.
+ *
+ * Event time comes from the configured field (ms, s or ISO 8601) or, with no
+ * time field, from the Kafka message timestamp passed in.
+ *
+ * A rejected payload leaves nothing behind: the caller applies only events
+ * for which decode returned TLY_OK.
+ *
+ * A decoder is used by one thread at a time (it owns token and scratch
+ * buffers); make one per source thread.
+ */
+#ifndef TALLYD_DECODE_H
+#define TALLYD_DECODE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "tallyd/error.h"
+#include "tallyd/feature.h"
+
+typedef struct tly_decoder tly_decoder_t;
+
+/* Most JSON tokens one payload may hold (each object, array, key and value is
+ * one token); a payload with more is rejected with EV_TOO_COMPLEX. */
+#define TLY_DECODE_MAX_TOKENS 256
+
+/* Returns a new decoder for fs (borrowed; must outlive it). Aborts on OOM. */
+tly_decoder_t *tly_decoder_new(const tly_featset_t *fs);
+
+/* Frees dec. NULL is allowed. */
+void tly_decoder_free(tly_decoder_t *dec);
+
+/*
+ * Decodes payload[0..len) into *ev. kafka_ts_ms is used as the event time
+ * when the featset has no time field (pass -1 if unknown: then such a config
+ * rejects with EV_MISSING_TIME). Returns TLY_OK, or one of the TLY_E_EV_*
+ * reasons (EV_TOO_LARGE, EV_BAD_JSON, EV_NOT_OBJECT, EV_TOO_COMPLEX,
+ * EV_WRONG_TYPE, EV_VALUE_TOO_LONG, EV_MISSING_TIME, EV_BAD_TIME).
+ * String values in *ev stay valid until the next call on dec or until payload
+ * is freed, whichever comes first. On any error *ev may be partly written and
+ * must not be used.
+ */
+tly_err_t tly_decode_json(tly_decoder_t *dec, const char *payload, size_t len,
+                          int64_t kafka_ts_ms, tly_event_t *ev);
+
+/* Parses an ISO 8601 UTC time ("2026-11-22T04:16:21Z", optional .fff and
+ * ±hh:mm) into epoch ms. Returns TLY_OK or TLY_E_EV_BAD_TIME. Event times, in
+ * every unit, must lie in [1970-01-01T00:00:00Z, 2101-01-01T00:00:00Z). */
+tly_err_t tly_decode_iso8601(const char *s, size_t len, int64_t *ms);
+
+#endif

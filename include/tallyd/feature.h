@@ -1,0 +1,150 @@
+/*
+ * feature.h — feature specs compiled from the config.
+ *
+ * Compilation turns the config's features into a tly_featset_t:
+ *  - the event fields any feature references (keys, where, values) get dense
+ *    ids, so decode extracts only those into tly_event_t.vals[id];
+ *  - features are grouped by entity type; all features of one entity type
+ *    share the same key fields (a config error otherwise), so one event
+ *    yields at most one entity id per entity type;
+ *  - `where` values are pre-parsed for each event type they may meet;
+ *  - windows get their hops (default rule of window.h) and bucket counts.
+ *
+ * Matching rules (documented in the README): a `where` condition holds when
+ * the event field exists and equals one of the listed values — a string field
+ * compares as text, an integer field with a value that parses as the same
+ * int64, a float field with the same double, a bool with true/false. A
+ * missing field fails the condition (the event is not counted; it is not an
+ * error). All conditions must hold.
+ *
+ * Entity ids: a key field that is a string is used as is; an integer is
+ * rendered in decimal; a composite key joins its parts with '|'. Floats,
+ * bools, null and missing keys are rejected (EV_WRONG_TYPE / EV_MISSING_KEY).
+ *
+ * Pure; a compiled featset is immutable and read from any thread.
+ */
+#ifndef TALLYD_FEATURE_H
+#define TALLYD_FEATURE_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "tallyd/agg.h"
+#include "tallyd/config.h"
+#include "tallyd/error.h"
+#include "tallyd/value.h"
+
+#define TLY_MAX_FIELDS 64       /* distinct event fields referenced */
+#define TLY_MAX_FEATURES 1024   /* features in one config */
+#define TLY_MAX_WINDOWS 16      /* windows of one feature */
+#define TLY_MAX_ID 512          /* bytes of an entity id (composite included) */
+#define TLY_MAX_ENTITIES 64     /* entity types in one config */
+
+/* One event as the features see it: the referenced fields by field id, and
+ * the event time. Strings borrow from the payload or the decoder's scratch. */
+typedef struct {
+    int64_t time_ms;
+    uint32_t nfields;
+    tly_value_t vals[TLY_MAX_FIELDS]; /* TLY_V_NIL when absent */
+} tly_event_t;
+
+typedef struct {
+    int64_t len_ms;
+    int64_t hop_ms;
+    uint32_t nbuckets; /* len/hop + 1 */
+    char label[24];    /* "5m", as written in queries (name:label) */
+} tly_window_t;
+
+/* One accepted `where` value, pre-parsed. */
+typedef struct {
+    const char *text; /* the YAML scalar (borrowed from the config) */
+    size_t len;
+    bool has_int, has_double, has_bool;
+    int64_t i;
+    double d;
+    bool b;
+} tly_match_value_t;
+
+typedef struct {
+    uint32_t field;
+    size_t nvalues;
+    tly_match_value_t *values;
+} tly_where_t;
+
+typedef struct {
+    uint32_t id;          /* index in featset.feats */
+    const char *name;     /* borrowed from the config */
+    uint32_t entity;      /* index in featset.entities */
+    uint32_t slot;        /* index among its entity's features */
+    size_t nwhere;
+    tly_where_t *where;
+    tly_agg_kind_t agg;
+    size_t nvalues;       /* value fields (field ids) */
+    uint32_t *values;
+    size_t nwindows;
+    tly_window_t *windows;
+    uint32_t k;           /* last_k capacity (1 for last) */
+    int64_t horizon_ms;   /* longest window; store.idle_ttl for last/last_k */
+} tly_feat_t;
+
+typedef struct {
+    const char *name;     /* entity type ("user") */
+    size_t nkeys;
+    uint32_t *keys;       /* key field ids */
+    size_t nfeats;
+    uint32_t *feats;      /* feature ids, in config order */
+    int64_t horizon_ms;   /* max horizon of its features */
+} tly_entity_t;
+
+typedef struct {
+    size_t nfields;
+    char **fields;        /* field names by id (owned) */
+    int time_field;       /* field id of the event time, -1: Kafka timestamp */
+    tly_time_unit_t time_unit;
+    int64_t max_future_skew_ms;
+    int64_t max_string;
+    int64_t max_bytes;
+    size_t nentities;
+    tly_entity_t *entities;
+    size_t nfeats;
+    tly_feat_t *feats;
+} tly_featset_t;
+
+/*
+ * Compiles cfg's features. cfg must outlive the featset (names are
+ * borrowed). Returns TLY_OK and *out (caller frees with tly_featset_free), or
+ * TLY_E_CONFIG with "FILE:LINE: features[i].key: sentence" in errbuf.
+ */
+tly_err_t tly_featset_compile(const tly_config_t *cfg, tly_featset_t **out, char *errbuf,
+                              size_t errlen);
+
+/* Frees fs. NULL is allowed. */
+void tly_featset_free(tly_featset_t *fs);
+
+/* Returns the entity index named name[0..len), or -1. */
+int tly_featset_entity(const tly_featset_t *fs, const char *name, size_t len);
+
+/* Returns the field id named name[0..len), or -1. */
+int tly_featset_field(const tly_featset_t *fs, const char *name, size_t len);
+
+/*
+ * Resolves "name" or "name:window" among entity's features. Returns TLY_OK
+ * with *feat (feature id) and *window (window index, or -1 when no window was
+ * named), or TLY_E_NOTFOUND (no such feature, or no such window of it).
+ */
+tly_err_t tly_featset_resolve(const tly_featset_t *fs, uint32_t entity, const char *spec,
+                              size_t len, uint32_t *feat, int *window);
+
+/* True when every `where` condition of feat holds for ev. */
+bool tly_feat_match(const tly_feat_t *feat, const tly_event_t *ev);
+
+/*
+ * Renders the id of entity type `entity` from ev into buf (cap bytes, not
+ * NUL-terminated). Returns TLY_OK and *len, or EV_MISSING_KEY,
+ * EV_WRONG_TYPE, or EV_VALUE_TOO_LONG (id longer than cap).
+ */
+tly_err_t tly_entity_id(const tly_featset_t *fs, uint32_t entity, const tly_event_t *ev,
+                        char *buf, size_t cap, size_t *len);
+
+#endif

@@ -1,0 +1,672 @@
+/*
+ * feature.c — compiles the config's features into a tly_featset_t, and the
+ * per-event feature logic: `where` matching and entity ids.
+ *
+ * Compilation runs once, on the thread that loads the config. The compiled
+ * featset is immutable; tly_feat_match() and tly_entity_id() run on every
+ * source thread at once, only read it, never allocate and never measure a
+ * config string (lengths are precomputed). Lookups by name (entity, field,
+ * resolve) serve the query path and compare without strlen() either.
+ *
+ * Invariants of a compiled featset:
+ *  - field ids are dense, assigned in config order (for each feature: keys,
+ *    where fields, value fields), the time field last unless already taken;
+ *    every id stored anywhere is < nfields ≤ TLY_MAX_FIELDS;
+ *  - entities are numbered in order of first appearance; all features of an
+ *    entity have the same key field ids (same fields, same order) and
+ *    distinct names;
+ *  - every window has len > 0 and hop > 0 in whole seconds, hop divides len,
+ *    nbuckets = len/hop + 1, and windows are strictly increasing;
+ *  - horizon_ms > 0 for every feature: its longest window, or for last and
+ *    last_k store.idle_ttl; when idle_ttl is 0 ("longest window"), the
+ *    longest window among its entity's features, else in the whole config.
+ *
+ * `where` values are pre-parsed once: has_int when the whole text is a base-10
+ * int64 (strtoll), has_double when it is a finite decimal number (strtod;
+ * hex, inf and nan are not numbers here), has_bool for the YAML 1.2 core
+ * spellings true/True/TRUE and false/False/FALSE.
+ */
+#include "tallyd/feature.h"
+
+#include <errno.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "tallyd/window.h"
+
+static void *xcalloc(size_t n, size_t size)
+{
+    void *p = calloc(n ? n : 1, size ? size : 1);
+    if (p == NULL) {
+        fprintf(stderr, "tallyd: out of memory compiling the features\n");
+        abort();
+    }
+    return p;
+}
+
+static char *xstrdup(const char *s)
+{
+    size_t n = strlen(s) + 1;
+    char *p = xcalloc(n, 1);
+    memcpy(p, s, n);
+    return p;
+}
+
+/* True when the NUL-terminated z equals s[0..n) (s need not be terminated
+ * and may hold NULs; never reads z past its terminator). */
+static bool name_eq(const char *z, const char *s, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        if (z[i] == '\0' || z[i] != s[i])
+            return false;
+    return z[n] == '\0';
+}
+
+static tly_err_t config_error(const tly_config_t *cfg, int line, char *errbuf, size_t errlen,
+                              const char *fmt, ...) __attribute__((format(printf, 5, 6)));
+
+/* Writes "FILE:LINE: message" (or "FILE: message" without a line) to errbuf
+ * and returns TLY_E_CONFIG. */
+static tly_err_t config_error(const tly_config_t *cfg, int line, char *errbuf, size_t errlen,
+                              const char *fmt, ...)
+{
+    if (errbuf == NULL || errlen == 0)
+        return TLY_E_CONFIG;
+    const char *path = cfg->path != NULL ? cfg->path : "<config>";
+    int n = line > 0 ? snprintf(errbuf, errlen, "%s:%d: ", path, line)
+                     : snprintf(errbuf, errlen, "%s: ", path);
+    if (n >= 0 && (size_t)n < errlen) {
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(errbuf + n, errlen - (size_t)n, fmt, ap);
+        va_end(ap);
+    }
+    return TLY_E_CONFIG;
+}
+
+/* Returns the id of field name, adding it if new; -1 when all TLY_MAX_FIELDS
+ * ids are taken. */
+static int intern_field(tly_featset_t *fs, const char *name)
+{
+    for (size_t i = 0; i < fs->nfields; i++)
+        if (strcmp(fs->fields[i], name) == 0)
+            return (int)i;
+    if (fs->nfields >= TLY_MAX_FIELDS)
+        return -1;
+    fs->fields[fs->nfields] = xstrdup(name);
+    return (int)fs->nfields++;
+}
+
+/* True when text could be a decimal number: only digits, signs, '.', 'e'. */
+static bool decimal_chars(const char *text)
+{
+    if (*text == '\0')
+        return false;
+    for (const char *p = text; *p != '\0'; p++)
+        if (strchr("0123456789+-.eE", *p) == NULL)
+            return false;
+    return true;
+}
+
+static void parse_match_value(tly_match_value_t *mv, const char *text)
+{
+    memset(mv, 0, sizeof *mv);
+    mv->text = text;
+    mv->len = strlen(text);
+    if (decimal_chars(text)) {
+        char *end;
+        errno = 0;
+        long long ll = strtoll(text, &end, 10);
+        if (errno == 0 && end != text && *end == '\0') {
+            mv->has_int = true;
+            mv->i = (int64_t)ll;
+        }
+        errno = 0;
+        double d = strtod(text, &end);
+        if (errno == 0 && end != text && *end == '\0' && isfinite(d)) {
+            mv->has_double = true;
+            mv->d = d;
+        }
+    }
+    if (strcmp(text, "true") == 0 || strcmp(text, "True") == 0 || strcmp(text, "TRUE") == 0) {
+        mv->has_bool = true;
+        mv->b = true;
+    } else if (strcmp(text, "false") == 0 || strcmp(text, "False") == 0 ||
+               strcmp(text, "FALSE") == 0) {
+        mv->has_bool = true;
+        mv->b = false;
+    }
+}
+
+/* Renders a key list as "user_id, category" into buf. */
+static void format_keys(char *buf, size_t cap, char *const *keys, size_t nkeys)
+{
+    size_t n = 0;
+    buf[0] = '\0';
+    for (size_t k = 0; k < nkeys && n < cap; k++) {
+        int w = snprintf(buf + n, cap - n, "%s%s", k > 0 ? ", " : "", keys[k]);
+        if (w < 0)
+            break;
+        n += (size_t)w;
+    }
+}
+
+/* Compile state shared by the per-feature steps. */
+typedef struct {
+    const tly_config_t *cfg;
+    tly_featset_t *fs;
+    uint32_t *entity_of; /* entity index of each feature */
+    size_t *first_feat;  /* the feature that introduced each entity */
+    char *errbuf;
+    size_t errlen;
+} compile_t;
+
+static tly_err_t compile_entity(compile_t *c, size_t i)
+{
+    const tly_feature_cfg_t *fc = &c->cfg->features[i];
+    tly_featset_t *fs = c->fs;
+    size_t e;
+
+    if (fc->nkeys == 0 || fc->keys == NULL)
+        return config_error(c->cfg, fc->line, c->errbuf, c->errlen,
+                            "features[%zu].key: feature \"%s\" needs a key field", i, fc->name);
+    for (e = 0; e < fs->nentities; e++)
+        if (strcmp(fs->entities[e].name, fc->entity) == 0)
+            break;
+
+    if (e == fs->nentities) {
+        tly_entity_t *ent = &fs->entities[fs->nentities++];
+        ent->name = fc->entity;
+        ent->keys = xcalloc(fc->nkeys, sizeof *ent->keys);
+        for (size_t k = 0; k < fc->nkeys; k++) {
+            int id = intern_field(fs, fc->keys[k]);
+            if (id < 0)
+                return config_error(c->cfg, fc->line, c->errbuf, c->errlen,
+                                    "features[%zu].key: more than %d distinct event fields are "
+                                    "referenced; tallyd extracts at most %d",
+                                    i, TLY_MAX_FIELDS, TLY_MAX_FIELDS);
+            ent->keys[k] = (uint32_t)id;
+            ent->nkeys++;
+        }
+        c->first_feat[e] = i;
+    } else {
+        const tly_feature_cfg_t *first = &c->cfg->features[c->first_feat[e]];
+        bool same = first->nkeys == fc->nkeys;
+        for (size_t k = 0; same && k < fc->nkeys; k++)
+            same = strcmp(first->keys[k], fc->keys[k]) == 0;
+        if (!same) {
+            char keys[256];
+            format_keys(keys, sizeof keys, first->keys, first->nkeys);
+            return config_error(c->cfg, fc->line, c->errbuf, c->errlen,
+                                "features[%zu].key: entity \"%s\" is keyed by [%s] in "
+                                "features[%zu]; every feature of an entity must use the same key",
+                                i, fc->entity, keys, c->first_feat[e]);
+        }
+        for (size_t j = 0; j < i; j++)
+            if (c->entity_of[j] == e && strcmp(c->cfg->features[j].name, fc->name) == 0)
+                return config_error(c->cfg, fc->line, c->errbuf, c->errlen,
+                                    "features[%zu].name: entity \"%s\" already has a feature "
+                                    "named \"%s\" (features[%zu]); names must be unique per entity",
+                                    i, fc->entity, fc->name, j);
+    }
+    c->entity_of[i] = (uint32_t)e;
+    fs->feats[i].entity = (uint32_t)e;
+    fs->entities[e].nfeats++;
+    return TLY_OK;
+}
+
+static tly_err_t compile_where(compile_t *c, size_t i)
+{
+    const tly_feature_cfg_t *fc = &c->cfg->features[i];
+    tly_feat_t *feat = &c->fs->feats[i];
+
+    if (fc->nwhere == 0)
+        return TLY_OK;
+    feat->where = xcalloc(fc->nwhere, sizeof *feat->where);
+    for (size_t w = 0; w < fc->nwhere; w++) {
+        const tly_where_cfg_t *wc = &fc->where[w];
+        tly_where_t *wh = &feat->where[w];
+        int line = wc->line > 0 ? wc->line : fc->line;
+        if (wc->field == NULL || wc->nvalues == 0 || wc->values == NULL)
+            return config_error(c->cfg, line, c->errbuf, c->errlen,
+                                "features[%zu].where.%s: needs a value or a non-empty list of "
+                                "values",
+                                i, wc->field != NULL ? wc->field : "?");
+        int id = intern_field(c->fs, wc->field);
+        if (id < 0)
+            return config_error(c->cfg, line, c->errbuf, c->errlen,
+                                "features[%zu].where.%s: more than %d distinct event fields are "
+                                "referenced; tallyd extracts at most %d",
+                                i, wc->field, TLY_MAX_FIELDS, TLY_MAX_FIELDS);
+        wh->field = (uint32_t)id;
+        wh->values = xcalloc(wc->nvalues, sizeof *wh->values);
+        for (size_t v = 0; v < wc->nvalues; v++)
+            parse_match_value(&wh->values[v], wc->values[v]);
+        wh->nvalues = wc->nvalues;
+        feat->nwhere++;
+    }
+    return TLY_OK;
+}
+
+static tly_err_t compile_values(compile_t *c, size_t i)
+{
+    const tly_feature_cfg_t *fc = &c->cfg->features[i];
+    tly_feat_t *feat = &c->fs->feats[i];
+    const char *agg = tly_agg_name(fc->agg);
+    bool ok;
+
+    if (fc->agg == TLY_AGG_COUNT)
+        ok = fc->nvalues == 0;
+    else if (tly_agg_numeric(fc->agg))
+        ok = fc->nvalues == 1;
+    else
+        ok = fc->nvalues >= 1;
+    if (!ok)
+        return config_error(c->cfg, fc->line, c->errbuf, c->errlen,
+                            "features[%zu].value: %s takes %s, not %zu value fields", i, agg,
+                            fc->agg == TLY_AGG_COUNT   ? "no value field"
+                            : tly_agg_numeric(fc->agg) ? "exactly one value field"
+                                                       : "one or more value fields",
+                            fc->nvalues);
+    if (fc->nvalues == 0)
+        return TLY_OK;
+    feat->values = xcalloc(fc->nvalues, sizeof *feat->values);
+    for (size_t v = 0; v < fc->nvalues; v++) {
+        int id = intern_field(c->fs, fc->values[v]);
+        if (id < 0)
+            return config_error(c->cfg, fc->line, c->errbuf, c->errlen,
+                                "features[%zu].value: more than %d distinct event fields are "
+                                "referenced; tallyd extracts at most %d",
+                                i, TLY_MAX_FIELDS, TLY_MAX_FIELDS);
+        feat->values[v] = (uint32_t)id;
+        feat->nvalues++;
+    }
+    return TLY_OK;
+}
+
+static tly_err_t compile_windows(compile_t *c, size_t i)
+{
+    const tly_feature_cfg_t *fc = &c->cfg->features[i];
+    tly_feat_t *feat = &c->fs->feats[i];
+    const char *agg = tly_agg_name(fc->agg);
+
+    if (!tly_agg_windowed(fc->agg)) {
+        if (fc->nwindows != 0)
+            return config_error(c->cfg, fc->line, c->errbuf, c->errlen,
+                                "features[%zu].windows: %s keeps items, not windows; remove "
+                                "`windows`",
+                                i, agg);
+        return TLY_OK;
+    }
+    if (fc->nwindows == 0 || fc->windows_ms == NULL)
+        return config_error(c->cfg, fc->line, c->errbuf, c->errlen,
+                            "features[%zu].windows: %s needs at least one window", i, agg);
+    if (fc->nwindows > TLY_MAX_WINDOWS)
+        return config_error(c->cfg, fc->line, c->errbuf, c->errlen,
+                            "features[%zu].windows: %zu windows; a feature may have at most %d", i,
+                            fc->nwindows, TLY_MAX_WINDOWS);
+    if (fc->hop_ms < 0 || fc->hop_ms % TLY_MS_SECOND != 0)
+        return config_error(c->cfg, fc->line, c->errbuf, c->errlen,
+                            "features[%zu].hop: a hop must be a positive whole number of seconds",
+                            i);
+
+    feat->windows = xcalloc(fc->nwindows, sizeof *feat->windows);
+    for (size_t w = 0; w < fc->nwindows; w++) {
+        tly_window_t *win = &feat->windows[w];
+        int64_t len = fc->windows_ms[w];
+        if (len <= 0 || len % TLY_MS_SECOND != 0)
+            return config_error(c->cfg, fc->line, c->errbuf, c->errlen,
+                                "features[%zu].windows[%zu]: a window must be a positive whole "
+                                "number of seconds",
+                                i, w);
+        if (w > 0 && len <= fc->windows_ms[w - 1])
+            return config_error(c->cfg, fc->line, c->errbuf, c->errlen,
+                                "features[%zu].windows[%zu]: windows must be listed shortest "
+                                "first, each once",
+                                i, w);
+        int64_t hop = fc->hop_ms > 0 ? fc->hop_ms : tly_window_default_hop(len);
+        tly_duration_format(len, win->label, sizeof win->label);
+        if (hop <= 0 || len % hop != 0)
+            return config_error(c->cfg, fc->line, c->errbuf, c->errlen,
+                                "features[%zu].windows[%zu]: window %s is not a multiple of the "
+                                "hop",
+                                i, w, win->label);
+        if (len / hop + 1 > UINT32_MAX)
+            return config_error(c->cfg, fc->line, c->errbuf, c->errlen,
+                                "features[%zu].windows[%zu]: window %s has too many buckets; use "
+                                "a longer hop",
+                                i, w, win->label);
+        win->len_ms = len;
+        win->hop_ms = hop;
+        win->nbuckets = (uint32_t)tly_window_nbuckets(len, hop);
+        feat->nwindows++;
+        if (len > feat->horizon_ms)
+            feat->horizon_ms = len;
+    }
+    return TLY_OK;
+}
+
+static tly_err_t compile_feature(compile_t *c, size_t i)
+{
+    const tly_feature_cfg_t *fc = &c->cfg->features[i];
+    tly_feat_t *feat = &c->fs->feats[i];
+    tly_err_t err;
+
+    if (fc->name == NULL || fc->entity == NULL)
+        return config_error(c->cfg, fc->line, c->errbuf, c->errlen,
+                            "features[%zu]: a feature needs a name and an entity", i);
+    if ((unsigned)fc->agg >= TLY_AGG__COUNT)
+        return config_error(c->cfg, fc->line, c->errbuf, c->errlen,
+                            "features[%zu].agg: unknown aggregation", i);
+    feat->id = (uint32_t)i;
+    feat->name = fc->name;
+    feat->agg = fc->agg;
+    if ((err = compile_entity(c, i)) != TLY_OK || (err = compile_where(c, i)) != TLY_OK ||
+        (err = compile_values(c, i)) != TLY_OK || (err = compile_windows(c, i)) != TLY_OK)
+        return err;
+    if (fc->agg == TLY_AGG_LAST) {
+        feat->k = 1;
+    } else if (fc->agg == TLY_AGG_LAST_K) {
+        if (fc->k == 0)
+            return config_error(c->cfg, fc->line, c->errbuf, c->errlen,
+                                "features[%zu].k: last_k needs k >= 1", i);
+        feat->k = fc->k;
+    }
+    return TLY_OK;
+}
+
+/* Fills entity feature lists, slots and the horizons of last/last_k. */
+static tly_err_t finish_entities(compile_t *c)
+{
+    tly_featset_t *fs = c->fs;
+    int64_t longest = 0;
+
+    for (size_t e = 0; e < fs->nentities; e++) {
+        fs->entities[e].feats = xcalloc(fs->entities[e].nfeats, sizeof(uint32_t));
+        fs->entities[e].nfeats = 0;
+    }
+    for (size_t i = 0; i < fs->nfeats; i++) {
+        tly_feat_t *feat = &fs->feats[i];
+        tly_entity_t *ent = &fs->entities[feat->entity];
+        feat->slot = (uint32_t)ent->nfeats;
+        ent->feats[ent->nfeats++] = (uint32_t)i;
+        if (feat->horizon_ms > ent->horizon_ms)
+            ent->horizon_ms = feat->horizon_ms;
+        if (feat->horizon_ms > longest)
+            longest = feat->horizon_ms;
+    }
+    /* Only windowed features have a horizon so far. */
+    for (size_t i = 0; i < fs->nfeats; i++) {
+        tly_feat_t *feat = &fs->feats[i];
+        tly_entity_t *ent = &fs->entities[feat->entity];
+        if (tly_agg_windowed(feat->agg))
+            continue;
+        if (c->cfg->store.idle_ttl_ms > 0)
+            feat->horizon_ms = c->cfg->store.idle_ttl_ms;
+        else
+            feat->horizon_ms = ent->horizon_ms > 0 ? ent->horizon_ms : longest;
+        if (feat->horizon_ms <= 0)
+            return config_error(c->cfg, c->cfg->features[i].line, c->errbuf, c->errlen,
+                                "features[%zu]: %s feature \"%s\" needs store.idle_ttl when no "
+                                "feature has windows",
+                                i, tly_agg_name(feat->agg), feat->name);
+    }
+    for (size_t i = 0; i < fs->nfeats; i++) {
+        tly_entity_t *ent = &fs->entities[fs->feats[i].entity];
+        if (fs->feats[i].horizon_ms > ent->horizon_ms)
+            ent->horizon_ms = fs->feats[i].horizon_ms;
+    }
+    return TLY_OK;
+}
+
+tly_err_t tly_featset_compile(const tly_config_t *cfg, tly_featset_t **out, char *errbuf,
+                              size_t errlen)
+{
+    tly_err_t err = TLY_OK;
+    tly_featset_t *fs = NULL;
+    compile_t c = {.cfg = cfg, .errbuf = errbuf, .errlen = errlen};
+
+    if (errbuf != NULL && errlen > 0)
+        errbuf[0] = '\0';
+    if (cfg == NULL || out == NULL || (cfg->nfeatures > 0 && cfg->features == NULL))
+        return TLY_E_INVAL;
+    if (cfg->nfeatures > TLY_MAX_FEATURES)
+        return config_error(cfg, cfg->features[TLY_MAX_FEATURES].line, errbuf, errlen,
+                            "features[%d]: %zu features; tallyd supports at most %d",
+                            TLY_MAX_FEATURES, cfg->nfeatures, TLY_MAX_FEATURES);
+
+    fs = xcalloc(1, sizeof *fs);
+    fs->fields = xcalloc(TLY_MAX_FIELDS, sizeof *fs->fields);
+    fs->time_field = -1;
+    fs->time_unit = cfg->events.time_unit;
+    fs->max_future_skew_ms = cfg->events.max_future_skew_ms;
+    fs->max_string = cfg->events.max_string;
+    fs->max_bytes = cfg->events.max_bytes;
+    fs->nfeats = cfg->nfeatures;
+    fs->feats = xcalloc(cfg->nfeatures, sizeof *fs->feats);
+    fs->entities = xcalloc(cfg->nfeatures, sizeof *fs->entities);
+    c.fs = fs;
+    c.entity_of = xcalloc(cfg->nfeatures, sizeof *c.entity_of);
+    c.first_feat = xcalloc(cfg->nfeatures, sizeof *c.first_feat);
+
+    for (size_t i = 0; i < cfg->nfeatures; i++)
+        if ((err = compile_feature(&c, i)) != TLY_OK)
+            goto out;
+
+    if (cfg->events.time_unit != TLY_TIME_KAFKA) {
+        const char *tf = cfg->events.time_field;
+        if (tf == NULL || *tf == '\0') {
+            err = config_error(cfg, 0, errbuf, errlen,
+                               "events.time.field: a time unit is set but no time field");
+            goto out;
+        }
+        int id = intern_field(fs, tf);
+        if (id < 0) {
+            err = config_error(cfg, 0, errbuf, errlen,
+                               "events.time.field: more than %d distinct event fields are "
+                               "referenced; tallyd extracts at most %d",
+                               TLY_MAX_FIELDS, TLY_MAX_FIELDS);
+            goto out;
+        }
+        fs->time_field = id;
+    }
+    if ((err = finish_entities(&c)) != TLY_OK)
+        goto out;
+
+    *out = fs;
+    fs = NULL;
+out:
+    free(c.entity_of);
+    free(c.first_feat);
+    tly_featset_free(fs);
+    return err;
+}
+
+void tly_featset_free(tly_featset_t *fs)
+{
+    if (fs == NULL)
+        return;
+    for (size_t i = 0; i < TLY_MAX_FIELDS && fs->fields != NULL; i++)
+        free(fs->fields[i]);
+    free(fs->fields);
+    if (fs->feats != NULL) {
+        for (size_t i = 0; i < fs->nfeats; i++) {
+            tly_feat_t *feat = &fs->feats[i];
+            if (feat->where != NULL)
+                for (size_t w = 0; w < feat->nwhere; w++)
+                    free(feat->where[w].values);
+            free(feat->where);
+            free(feat->values);
+            free(feat->windows);
+        }
+    }
+    free(fs->feats);
+    if (fs->entities != NULL) {
+        for (size_t e = 0; e < fs->nentities; e++) {
+            free(fs->entities[e].keys);
+            free(fs->entities[e].feats);
+        }
+    }
+    free(fs->entities);
+    free(fs);
+}
+
+int tly_featset_entity(const tly_featset_t *fs, const char *name, size_t len)
+{
+    for (size_t e = 0; e < fs->nentities; e++)
+        if (name_eq(fs->entities[e].name, name, len))
+            return (int)e;
+    return -1;
+}
+
+int tly_featset_field(const tly_featset_t *fs, const char *name, size_t len)
+{
+    for (size_t i = 0; i < fs->nfields; i++)
+        if (name_eq(fs->fields[i], name, len))
+            return (int)i;
+    return -1;
+}
+
+/* Returns the index of feat's window spelled s[0..n) — its label or any
+ * equal duration ("60m" for "1h") — or -1. */
+static int find_window(const tly_feat_t *feat, const char *s, size_t n)
+{
+    for (size_t w = 0; w < feat->nwindows; w++)
+        if (name_eq(feat->windows[w].label, s, n))
+            return (int)w;
+    char buf[32];
+    int64_t ms;
+    if (n == 0 || n >= sizeof buf || memchr(s, '\0', n) != NULL)
+        return -1;
+    memcpy(buf, s, n);
+    buf[n] = '\0';
+    if (tly_duration_parse(buf, &ms) != TLY_OK)
+        return -1;
+    for (size_t w = 0; w < feat->nwindows; w++)
+        if (feat->windows[w].len_ms == ms)
+            return (int)w;
+    return -1;
+}
+
+tly_err_t tly_featset_resolve(const tly_featset_t *fs, uint32_t entity, const char *spec,
+                              size_t len, uint32_t *feat, int *window)
+{
+    if (fs == NULL || entity >= fs->nentities || (spec == NULL && len > 0))
+        return TLY_E_NOTFOUND;
+    const char *colon = len > 0 ? memchr(spec, ':', len) : NULL;
+    size_t nlen = colon != NULL ? (size_t)(colon - spec) : len;
+    const tly_entity_t *ent = &fs->entities[entity];
+
+    for (size_t k = 0; k < ent->nfeats; k++) {
+        const tly_feat_t *f = &fs->feats[ent->feats[k]];
+        if (!name_eq(f->name, spec, nlen))
+            continue;
+        int w = -1;
+        if (colon != NULL && (w = find_window(f, colon + 1, len - nlen - 1)) < 0)
+            return TLY_E_NOTFOUND;
+        *feat = f->id;
+        *window = w;
+        return TLY_OK;
+    }
+    return TLY_E_NOTFOUND;
+}
+
+static bool value_matches(const tly_where_t *wh, const tly_value_t *v)
+{
+    const tly_match_value_t *mv = wh->values;
+    size_t n = wh->nvalues;
+
+    switch (v->type) {
+    case TLY_V_STR:
+        for (size_t i = 0; i < n; i++)
+            if (mv[i].len == v->len && memcmp(mv[i].text, v->u.s, v->len) == 0)
+                return true;
+        return false;
+    case TLY_V_INT:
+        for (size_t i = 0; i < n; i++)
+            if (mv[i].has_int && mv[i].i == v->u.i)
+                return true;
+        return false;
+    case TLY_V_DOUBLE:
+        for (size_t i = 0; i < n; i++)
+            if (mv[i].has_double && mv[i].d == v->u.d)
+                return true;
+        return false;
+    case TLY_V_BOOL:
+        for (size_t i = 0; i < n; i++)
+            if (mv[i].has_bool && mv[i].b == (v->u.i != 0))
+                return true;
+        return false;
+    default: /* missing or null: the condition fails */
+        return false;
+    }
+}
+
+bool tly_feat_match(const tly_feat_t *feat, const tly_event_t *ev)
+{
+    for (size_t w = 0; w < feat->nwhere; w++) {
+        const tly_where_t *wh = &feat->where[w];
+        if (wh->field >= ev->nfields || !value_matches(wh, &ev->vals[wh->field]))
+            return false;
+    }
+    return true;
+}
+
+/* Writes v in decimal to the end of buf[0..20); returns the start. */
+static char *render_int(int64_t v, char *end)
+{
+    /* Work in unsigned so that INT64_MIN negates without overflow. */
+    uint64_t u = v < 0 ? (uint64_t)0 - (uint64_t)v : (uint64_t)v;
+    char *p = end;
+    do {
+        *--p = (char)('0' + u % 10);
+        u /= 10;
+    } while (u != 0);
+    if (v < 0)
+        *--p = '-';
+    return p;
+}
+
+tly_err_t tly_entity_id(const tly_featset_t *fs, uint32_t entity, const tly_event_t *ev, char *buf,
+                        size_t cap, size_t *len)
+{
+    const tly_entity_t *ent = &fs->entities[entity];
+
+    /* Type errors first, so that a too-long id never hides a missing key. */
+    for (size_t k = 0; k < ent->nkeys; k++) {
+        uint32_t f = ent->keys[k];
+        if (f >= ev->nfields || ev->vals[f].type == TLY_V_NIL)
+            return TLY_E_EV_MISSING_KEY;
+        if (ev->vals[f].type != TLY_V_STR && ev->vals[f].type != TLY_V_INT)
+            return TLY_E_EV_WRONG_TYPE;
+    }
+
+    size_t n = 0;
+    for (size_t k = 0; k < ent->nkeys; k++) {
+        const tly_value_t *v = &ev->vals[ent->keys[k]];
+        const char *p;
+        size_t plen;
+        char tmp[24];
+        if (v->type == TLY_V_STR) {
+            p = v->u.s;
+            plen = v->len;
+        } else {
+            p = render_int(v->u.i, tmp + sizeof tmp);
+            plen = (size_t)(tmp + sizeof tmp - p);
+        }
+        if (k > 0) {
+            if (n >= cap)
+                return TLY_E_EV_VALUE_TOO_LONG;
+            buf[n++] = '|';
+        }
+        if (plen > cap - n)
+            return TLY_E_EV_VALUE_TOO_LONG;
+        memcpy(buf + n, p, plen);
+        n += plen;
+    }
+    *len = n;
+    return TLY_OK;
+}

@@ -1,0 +1,803 @@
+/*
+ * test_decode.c — JSON event decoding (decode.c): every rejection reason,
+ * escapes and UTF-8, number typing, duplicate and nested keys, the three time
+ * units and the Kafka timestamp fallback, and a replay of the fuzz corpus
+ * (tests/fuzz/corpus/decode/, read relative to the repository root, where
+ * `make test` runs).
+ *
+ * Expected epoch times are worked out by hand: days since 1970-01-01 count
+ * 365 per year plus one per leap year passed, e.g. 2026-01-01 is
+ * 56 × 365 + 14 = 20454 days, and 2026-11-22 is 304 + 21 days later.
+ */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cmocka.h>
+#include <dirent.h>
+#include <sys/stat.h>
+
+#include "tallyd/config.h"
+#include "tallyd/decode.h"
+#include "tallyd/feature.h"
+
+#define CORPUS_DIR "tests/fuzz/corpus/decode"
+
+/* 2026-11-22T04:16:21Z: (20454 + 325) days × 86400 s + 4 h 16 min 21 s. */
+#define T_2026_11_22_041621 INT64_C(1795320981000)
+/* 2101-01-01T00:00:00Z: 131 × 365 + 32 days; the first time rejected. */
+#define T_2101 INT64_C(4133980800000)
+
+static const char *const ms_time = "  time: { field: ts, unit: ms }\n";
+static const char *const s_time = "  time: { field: ts, unit: s }\n";
+static const char *const iso_time = "  time: { field: ts, unit: iso8601 }\n";
+static const char *const kafka_time = "";
+
+typedef struct {
+    tly_config_t *cfg;
+    tly_featset_t *fs;
+    tly_decoder_t *dec;
+    tly_event_t ev;
+} fixture_t;
+
+static fixture_t *fixture_new(const char *time_yaml)
+{
+    char yaml[1024], err[512] = "";
+    snprintf(yaml, sizeof yaml,
+             "events:\n"
+             "%s"
+             "  max_bytes: 4096\n"
+             "  max_string: 32\n"
+             "features:\n"
+             "  - { name: clicks, entity: user, key: user_id, where: { action: click }, "
+             "agg: count, windows: [1h] }\n"
+             "  - { name: recent, entity: user, key: user_id, agg: last_k, k: 10, "
+             "value: [pin_id, action, dwell, score, flag, ctx] }\n",
+             time_yaml);
+    fixture_t *f = calloc(1, sizeof *f);
+    assert_non_null(f);
+    if (tly_config_load_string(yaml, "test.yaml", &f->cfg, err, sizeof err) != TLY_OK)
+        fail_msg("config: %s", err);
+    if (tly_featset_compile(f->cfg, &f->fs, err, sizeof err) != TLY_OK)
+        fail_msg("featset: %s", err);
+    f->dec = tly_decoder_new(f->fs);
+    return f;
+}
+
+static void fixture_free(fixture_t *f)
+{
+    tly_decoder_free(f->dec);
+    tly_featset_free(f->fs);
+    tly_config_free(f->cfg);
+    free(f);
+}
+
+static int setup_ms(void **state)
+{
+    *state = fixture_new(ms_time);
+    return 0;
+}
+
+static int setup_s(void **state)
+{
+    *state = fixture_new(s_time);
+    return 0;
+}
+
+static int setup_iso(void **state)
+{
+    *state = fixture_new(iso_time);
+    return 0;
+}
+
+static int setup_kafka(void **state)
+{
+    *state = fixture_new(kafka_time);
+    return 0;
+}
+
+static int teardown(void **state)
+{
+    fixture_free(*state);
+    return 0;
+}
+
+static tly_err_t decode_n(fixture_t *f, const char *payload, size_t len)
+{
+    return tly_decode_json(f->dec, payload, len, -1, &f->ev);
+}
+
+static tly_err_t decode(fixture_t *f, const char *payload)
+{
+    return decode_n(f, payload, strlen(payload));
+}
+
+static const tly_value_t *val(fixture_t *f, const char *name)
+{
+    int id = tly_featset_field(f->fs, name, strlen(name));
+    assert_true(id >= 0);
+    return &f->ev.vals[id];
+}
+
+static void assert_str_n(const tly_value_t *v, const char *want, size_t len)
+{
+    assert_int_equal(v->type, TLY_V_STR);
+    assert_int_equal(v->len, len);
+    assert_memory_equal(v->u.s, want, len);
+}
+
+static void assert_str(const tly_value_t *v, const char *want)
+{
+    assert_str_n(v, want, strlen(want));
+}
+
+static void assert_int_value(const tly_value_t *v, int64_t want)
+{
+    assert_int_equal(v->type, TLY_V_INT);
+    assert_int_equal(v->u.i, want);
+}
+
+static void assert_double_value(const tly_value_t *v, double want)
+{
+    assert_int_equal(v->type, TLY_V_DOUBLE);
+    assert_true(v->u.d == want);
+}
+
+/* --- extraction ---------------------------------------------------------- */
+
+static void decode_extracts_referenced_fields_and_time(void **state)
+{
+    fixture_t *f = *state;
+    assert_int_equal(decode(f, "{\"ts\":1700000000123,\"user_id\":\"u1\",\"action\":\"click\","
+                               "\"pin_id\":987654321,\"dwell\":1500,\"score\":0.25,"
+                               "\"flag\":true,\"ctx\":null,\"other\":\"ignored\"}"),
+                     TLY_OK);
+    assert_int_equal(f->ev.nfields, 8);
+    assert_int_equal(f->ev.time_ms, INT64_C(1700000000123));
+    assert_str(val(f, "user_id"), "u1");
+    assert_str(val(f, "action"), "click");
+    assert_int_value(val(f, "pin_id"), 987654321);
+    assert_int_value(val(f, "dwell"), 1500);
+    assert_double_value(val(f, "score"), 0.25);
+    assert_int_equal(val(f, "flag")->type, TLY_V_BOOL);
+    assert_int_equal(val(f, "flag")->u.i, 1);
+    assert_int_equal(val(f, "ctx")->type, TLY_V_NIL);
+    assert_int_value(val(f, "ts"), INT64_C(1700000000123));
+}
+
+static void decode_leaves_absent_fields_nil_across_calls(void **state)
+{
+    fixture_t *f = *state;
+    assert_int_equal(decode(f, "{\"ts\":5,\"user_id\":\"u1\",\"flag\":false}"), TLY_OK);
+    assert_int_equal(val(f, "flag")->u.i, 0);
+    assert_int_equal(decode(f, "{\"ts\":7}"), TLY_OK);
+    assert_int_equal(f->ev.time_ms, 7);
+    for (uint32_t i = 0; i < f->ev.nfields; i++)
+        if ((int)i != f->fs->time_field)
+            assert_int_equal(f->ev.vals[i].type, TLY_V_NIL);
+}
+
+static void decode_borrows_unescaped_strings_from_the_payload(void **state)
+{
+    fixture_t *f = *state;
+    const char *p = "{\"ts\":1,\"action\":\"click\"}";
+    assert_int_equal(decode(f, p), TLY_OK);
+    assert_ptr_equal(val(f, "action")->u.s, p + 18);
+}
+
+static void decode_accepts_whitespace_between_tokens(void **state)
+{
+    fixture_t *f = *state;
+    assert_int_equal(decode(f, " \t\n{ \"ts\" :\r\n 1 , \"action\" :\"click\" ,\"m\": [ 1 , { } ,"
+                               "[ ] ] } \n"),
+                     TLY_OK);
+    assert_str(val(f, "action"), "click");
+    assert_int_equal(decode(f, "{}"), TLY_E_EV_MISSING_TIME); /* valid, but no time */
+}
+
+static void decode_last_duplicate_key_wins(void **state)
+{
+    fixture_t *f = *state;
+    assert_int_equal(decode(f, "{\"ts\":5,\"action\":\"view\",\"dwell\":1,\"action\":\"click\","
+                               "\"dwell\":\"x\",\"ts\":7}"),
+                     TLY_OK);
+    assert_str(val(f, "action"), "click");
+    assert_str(val(f, "dwell"), "x");
+    assert_int_equal(f->ev.time_ms, 7);
+    assert_int_equal(decode(f, "{\"ts\":5,\"action\":\"view\",\"action\":null}"), TLY_OK);
+    assert_int_equal(val(f, "action")->type, TLY_V_NIL);
+}
+
+static void decode_skips_nested_values_under_unreferenced_keys(void **state)
+{
+    fixture_t *f = *state;
+    assert_int_equal(decode(f, "{\"meta\":{\"user_id\":\"x\",\"ts\":\"bad\",\"deep\":[{\"action\":"
+                               "[1,{\"a\":null}]},\"\\u00e9\"]},\"user_id\":\"u\",\"list\":[[],"
+                               "{}],\"ts\":1}"),
+                     TLY_OK);
+    assert_str(val(f, "user_id"), "u");
+    assert_int_equal(val(f, "action")->type, TLY_V_NIL);
+    assert_int_equal(f->ev.time_ms, 1);
+}
+
+/* --- numbers --------------------------------------------------------------- */
+
+static void decode_types_integers_and_doubles(void **state)
+{
+    fixture_t *f = *state;
+    static const struct {
+        const char *text;
+        bool is_int;
+        int64_t i;
+        double d;
+    } cases[] = {
+        {"42", true, 42, 0},
+        {"0", true, 0, 0},
+        {"-0", true, 0, 0},
+        {"-17", true, -17, 0},
+        {"9223372036854775807", true, INT64_MAX, 0},
+        {"-9223372036854775808", true, INT64_MIN, 0},
+        /* integers beyond int64 become doubles: 2^63 and -2^63 - 1 → -2^63 */
+        {"9223372036854775808", false, 0, 9223372036854775808.0},
+        {"-9223372036854775809", false, 0, -9223372036854775808.0},
+        {"100000000000000000000000", false, 0, 1e23},
+        {"1.5", false, 0, 1.5},
+        {"0.1", false, 0, 0.1},
+        {"1e3", false, 0, 1000.0},
+        {"1E+3", false, 0, 1000.0},
+        {"-2.5e-3", false, 0, -0.0025},
+        {"1.0", false, 0, 1.0},
+        {"1e-999", false, 0, 0.0}, /* underflows to zero: finite */
+    };
+    for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
+        char p[128];
+        snprintf(p, sizeof p, "{\"ts\":1,\"dwell\":%s}", cases[c].text);
+        assert_int_equal(decode(f, p), TLY_OK);
+        if (cases[c].is_int)
+            assert_int_value(val(f, "dwell"), cases[c].i);
+        else
+            assert_double_value(val(f, "dwell"), cases[c].d);
+    }
+    assert_int_equal(decode(f, "{\"ts\":1,\"flag\":false,\"ctx\":true}"), TLY_OK);
+    assert_int_equal(val(f, "flag")->type, TLY_V_BOOL);
+    assert_int_equal(val(f, "flag")->u.i, 0);
+    assert_int_equal(val(f, "ctx")->u.i, 1);
+}
+
+static void decode_rejects_number_beyond_double_range_as_wrong_type(void **state)
+{
+    fixture_t *f = *state;
+    assert_int_equal(decode(f, "{\"ts\":1,\"score\":1e999}"), TLY_E_EV_WRONG_TYPE);
+    assert_int_equal(decode(f, "{\"ts\":1,\"score\":-1e309}"), TLY_E_EV_WRONG_TYPE);
+    assert_int_equal(decode(f, "{\"ts\":1,\"unused\":1e999}"), TLY_OK); /* not extracted */
+}
+
+/* --- strings ---------------------------------------------------------------- */
+
+static void decode_decodes_simple_escapes(void **state)
+{
+    fixture_t *f = *state;
+    assert_int_equal(decode(f, "{\"ts\":1,\"action\":\"a\\\"b\\\\c\\/d\\be\\ff\\ng\\rh\\ti\"}"),
+                     TLY_OK);
+    assert_str(val(f, "action"), "a\"b\\c/d\be\ff\ng\rh\ti");
+}
+
+static void decode_decodes_unicode_escapes_to_utf8(void **state)
+{
+    fixture_t *f = *state;
+    /* é U+00E9, € U+20AC, 😀 U+1F600 as the pair D83D DE00 */
+    assert_int_equal(decode(f, "{\"ts\":1,\"action\":\"\\u00e9\\u20AC\\uD83D\\ude00\"}"), TLY_OK);
+    assert_str(val(f, "action"), "\xc3\xa9\xe2\x82\xac\xf0\x9f\x98\x80");
+    assert_int_equal(decode(f, "{\"ts\":1,\"action\":\"a\\u0000b\\u007f\\u0080\\uffff\"}"), TLY_OK);
+    assert_str_n(val(f, "action"), "a\0b\x7f\xc2\x80\xef\xbf\xbf", 9);
+}
+
+static void decode_passes_raw_utf8_through(void **state)
+{
+    fixture_t *f = *state;
+    assert_int_equal(decode(f, "{\"ts\":1,\"action\":\"\xc3\xa9\xe2\x82\xac\xf0\x9f\x98\x80"
+                               "\xef\xbf\xbf\xf4\x8f\xbf\xbf\x7f\"}"),
+                     TLY_OK);
+    assert_str(val(f, "action"), "\xc3\xa9\xe2\x82\xac\xf0\x9f\x98\x80\xef\xbf\xbf"
+                                 "\xf4\x8f\xbf\xbf\x7f");
+}
+
+static void decode_matches_keys_written_with_escapes(void **state)
+{
+    fixture_t *f = *state;
+    assert_int_equal(decode(f, "{\"\\u0074s\":1,\"us\\u0065r_id\":\"u1\",\"user\\u005fid2\":2}"),
+                     TLY_OK);
+    assert_int_equal(f->ev.time_ms, 1);
+    assert_str(val(f, "user_id"), "u1");
+}
+
+static void decode_keeps_escaped_values_valid_until_the_next_call(void **state)
+{
+    fixture_t *f = *state;
+    assert_int_equal(decode(f, "{\"ts\":1,\"action\":\"\\u00e9a\",\"user_id\":\"x\\ty\","
+                               "\"\\u0070in_id\":\"\\\"q\\\"\"}"),
+                     TLY_OK);
+    assert_str(val(f, "action"), "\xc3\xa9"
+                                 "a");
+    assert_str(val(f, "user_id"), "x\ty");
+    assert_str(val(f, "pin_id"), "\"q\"");
+}
+
+/* --- rejections ---------------------------------------------------------- */
+
+static void decode_rejects_payload_over_max_bytes(void **state)
+{
+    fixture_t *f = *state;
+    char *p = malloc(4098);
+    assert_non_null(p);
+    /* {"ts":1,"pad":"…"} is 17 bytes around the padding. */
+    memcpy(p, "{\"ts\":1,\"pad\":\"", 15);
+    memset(p + 15, 'x', 4079);
+    memcpy(p + 15 + 4079, "\"}", 2);
+    assert_int_equal(decode_n(f, p, 4096), TLY_OK);
+    memcpy(p + 15 + 4080, "\"}", 2);
+    assert_int_equal(decode_n(f, p, 4097), TLY_E_EV_TOO_LARGE);
+    free(p);
+}
+
+static void decode_rejects_invalid_json(void **state)
+{
+    fixture_t *f = *state;
+    static const struct {
+        const char *p;
+        size_t len; /* 0: strlen */
+    } cases[] = {
+        {"", 0},
+        {"   ", 0},
+        {"{", 0},
+        {"{\"ts\":1", 0},
+        {"{\"ts\":1}x", 0},
+        {"{\"ts\":1}{}", 0},
+        {"{\"ts\":1} 2", 0},
+        {"{\"ts\":1}}", 0},
+        {"{\"ts\":1]", 0},
+        {"{\"ts\" 1}", 0},
+        {"{\"ts\":1 \"a\":2}", 0},
+        {"{\"ts\"::1}", 0},
+        {"{\"ts\":1,}", 0},
+        {"{,\"ts\":1}", 0},
+        {"{\"ts\":1,,\"a\":2}", 0},
+        {"{\"ts\"}", 0},
+        {"{\"ts\":}", 0},
+        {"{:1}", 0},
+        {"{ts:1}", 0},
+        {"{1:1}", 0},
+        {"{{}:1}", 0},
+        {"{\"ts\":1:2}", 0},
+        {"{\"a\":[1,,2],\"ts\":1}", 0},
+        {"{\"a\":[1,],\"ts\":1}", 0},
+        {"{\"a\":[,1],\"ts\":1}", 0},
+        {"{\"a\":[1 2],\"ts\":1}", 0},
+        {"{\"a\":[\"k\":1],\"ts\":1}", 0},
+        {"{\"a\":[}", 0},
+        {"{\"a\":\"x}", 0},
+        {"{\"a\":'x',\"ts\":1}", 0},
+        {"{\"a\":tru,\"ts\":1}", 0},
+        {"{\"a\":nul,\"ts\":1}", 0},
+        {"{\"a\":TRUE,\"ts\":1}", 0},
+        {"{\"a\":truex,\"ts\":1}", 0},
+        {"{\"a\":01,\"ts\":1}", 0},
+        {"{\"a\":1.,\"ts\":1}", 0},
+        {"{\"a\":.5,\"ts\":1}", 0},
+        {"{\"a\":+1,\"ts\":1}", 0},
+        {"{\"a\":-,\"ts\":1}", 0},
+        {"{\"a\":1e,\"ts\":1}", 0},
+        {"{\"a\":1e+,\"ts\":1}", 0},
+        {"{\"a\":0x10,\"ts\":1}", 0},
+        {"{\"a\":NaN,\"ts\":1}", 0},
+        {"{\"a\":Infinity,\"ts\":1}", 0},
+        {"{\"a\":--1,\"ts\":1}", 0},
+        {"{\"ts\":1}\0", 9},               /* NUL after the object */
+        {"{\"a\":\"x\0y\",\"ts\":1}", 18}, /* NUL inside a string */
+        {"{\"a\":\"x\ty\",\"ts\":1}", 0},  /* raw control character */
+        {"{\"a\":\"x\x01y\",\"ts\":1}", 0},
+        {"{\"a\":\"\\x\",\"ts\":1}", 0},   /* unknown escape */
+        {"{\"a\":\"\\u12\",\"ts\":1}", 0}, /* short \u */
+        {"{\"a\":\"\\u12g4\",\"ts\":1}", 0},
+        {"{\"a\":\"\\ud800\",\"ts\":1}", 0}, /* lone high surrogate */
+        {"{\"a\":\"\\udc00\",\"ts\":1}", 0}, /* lone low surrogate */
+        {"{\"a\":\"\\ud800\\u0041\",\"ts\":1}", 0},
+        {"{\"a\":\"\\ud800\\ud800\",\"ts\":1}", 0},
+        {"{\"a\":\"\\ud800x\",\"ts\":1}", 0},
+        {"{\"a\":\"\xc3\x28\",\"ts\":1}", 0},         /* bad continuation */
+        {"{\"a\":\"\xc0\xaf\",\"ts\":1}", 0},         /* overlong '/' */
+        {"{\"a\":\"\xe0\x80\xaf\",\"ts\":1}", 0},     /* overlong, 3 bytes */
+        {"{\"a\":\"\xed\xa0\x80\",\"ts\":1}", 0},     /* UTF-8 surrogate */
+        {"{\"a\":\"\xf4\x90\x80\x80\",\"ts\":1}", 0}, /* beyond U+10FFFF */
+        {"{\"a\":\"\xf5\x80\x80\x80\",\"ts\":1}", 0},
+        {"{\"a\":\"\x80\",\"ts\":1}", 0},              /* stray continuation */
+        {"{\"a\":\"\xe2\x82\",\"ts\":1}", 0},          /* truncated */
+        {"{\"\xff\":1,\"ts\":1}", 0},                  /* bad UTF-8 in a key */
+        {"{\"m\":{\"x\":[\"\\ud800\"]},\"ts\":1}", 0}, /* deep inside a skipped value */
+    };
+    for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
+        size_t len = cases[c].len ? cases[c].len : strlen(cases[c].p);
+        tly_err_t rc = decode_n(f, cases[c].p, len);
+        if (rc != TLY_E_EV_BAD_JSON)
+            fail_msg("case %zu (%s): got %s, want EV_BAD_JSON", c, cases[c].p, tly_err_name(rc));
+    }
+    assert_int_equal(tly_decode_json(f->dec, NULL, 0, 1, &f->ev), TLY_E_EV_BAD_JSON);
+}
+
+static void decode_rejects_top_level_non_objects(void **state)
+{
+    fixture_t *f = *state;
+    static const char *const cases[] = {"[1,2]", "[]",  " [ {\"ts\":1} ] ", "\"str\"", "42", "-1.5",
+                                        "null",  "true"};
+    for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++)
+        assert_int_equal(decode(f, cases[c]), TLY_E_EV_NOT_OBJECT);
+    assert_int_equal(decode(f, "[1,2"), TLY_E_EV_BAD_JSON); /* invalid before non-object */
+}
+
+/* {"ts":1,"m":[0,…,0]} with n zeros: 5 + n tokens. */
+static char *tokens_payload(int n)
+{
+    char *p = malloc(32 + 2 * (size_t)n);
+    assert_non_null(p);
+    size_t len = (size_t)sprintf(p, "{\"ts\":1,\"m\":[");
+    for (int i = 0; i < n; i++)
+        len += (size_t)sprintf(p + len, i ? ",0" : "0");
+    sprintf(p + len, "]}");
+    return p;
+}
+
+static void decode_rejects_more_tokens_than_the_cap(void **state)
+{
+    fixture_t *f = *state;
+    char *p = tokens_payload(TLY_DECODE_MAX_TOKENS - 5);
+    assert_int_equal(decode(f, p), TLY_OK);
+    free(p);
+    p = tokens_payload(TLY_DECODE_MAX_TOKENS - 4);
+    assert_int_equal(decode(f, p), TLY_E_EV_TOO_COMPLEX);
+    free(p);
+}
+
+static void decode_rejects_object_or_array_under_a_referenced_key(void **state)
+{
+    fixture_t *f = *state;
+    assert_int_equal(decode(f, "{\"ts\":1,\"pin_id\":{\"a\":1}}"), TLY_E_EV_WRONG_TYPE);
+    assert_int_equal(decode(f, "{\"ts\":1,\"pin_id\":[1]}"), TLY_E_EV_WRONG_TYPE);
+    assert_int_equal(decode(f, "{\"ts\":1,\"user_id\":[],\"user_id\":\"u\"}"), TLY_E_EV_WRONG_TYPE);
+    /* validity is checked first: a later syntax error wins */
+    assert_int_equal(decode(f, "{\"ts\":1,\"pin_id\":[1],\"x\":tru}"), TLY_E_EV_BAD_JSON);
+}
+
+static void decode_rejects_strings_longer_than_max_string(void **state)
+{
+    fixture_t *f = *state;
+    assert_int_equal(decode(f, "{\"ts\":1,\"action\":\"0123456789abcdef0123456789abcdef\"}"),
+                     TLY_OK);
+    assert_int_equal(decode(f, "{\"ts\":1,\"action\":\"0123456789abcdef0123456789abcdefX\"}"),
+                     TLY_E_EV_VALUE_TOO_LONG);
+    /* max_string counts decoded bytes: 16 × é is 32 bytes, 17 × é is 34 */
+    char p[256] = "{\"ts\":1,\"action\":\"";
+    for (int i = 0; i < 16; i++)
+        strcat(p, "\\u00e9");
+    strcat(p, "\"}");
+    assert_int_equal(decode(f, p), TLY_OK);
+    assert_int_equal(val(f, "action")->len, 32);
+    strcpy(p + strlen(p) - 2, "\\u00e9\"}");
+    assert_int_equal(decode(f, p), TLY_E_EV_VALUE_TOO_LONG);
+    /* unreferenced strings may be longer */
+    assert_int_equal(decode(f, "{\"ts\":1,\"x\":\"0123456789abcdef0123456789abcdefX\"}"), TLY_OK);
+}
+
+/* --- time ----------------------------------------------------------------- */
+
+static void decode_time_ms_accepts_integral_numbers_only(void **state)
+{
+    fixture_t *f = *state;
+    static const struct {
+        const char *ts;
+        tly_err_t rc;
+        int64_t ms;
+    } cases[] = {
+        {"1700000000123", TLY_OK, INT64_C(1700000000123)},
+        {"1700000000123.0", TLY_OK, INT64_C(1700000000123)},
+        {"1.700000000123e12", TLY_OK, INT64_C(1700000000123)},
+        {"17000000001230e-1", TLY_OK, INT64_C(1700000000123)},
+        {"0", TLY_OK, 0},
+        {"-0", TLY_OK, 0},
+        {"4133980799999", TLY_OK, T_2101 - 1},
+        {"4133980800000", TLY_E_EV_BAD_TIME, 0},
+        {"1700000000123.5", TLY_E_EV_BAD_TIME, 0},
+        {"1.5", TLY_E_EV_BAD_TIME, 0},
+        {"-1", TLY_E_EV_BAD_TIME, 0},
+        {"1e999", TLY_E_EV_BAD_TIME, 0},
+        {"99999999999999999999999", TLY_E_EV_BAD_TIME, 0},
+        {"\"1700000000123\"", TLY_E_EV_BAD_TIME, 0},
+        {"true", TLY_E_EV_BAD_TIME, 0},
+        {"{}", TLY_E_EV_BAD_TIME, 0},
+        {"[1]", TLY_E_EV_BAD_TIME, 0},
+    };
+    for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
+        char p[128];
+        snprintf(p, sizeof p, "{\"user_id\":\"u\",\"ts\":%s}", cases[c].ts);
+        tly_err_t rc = decode(f, p);
+        if (rc != cases[c].rc)
+            fail_msg("ts %s: got %s, want %s", cases[c].ts, tly_err_name(rc),
+                     tly_err_name(cases[c].rc));
+        if (rc == TLY_OK)
+            assert_int_equal(f->ev.time_ms, cases[c].ms);
+    }
+}
+
+static void decode_time_missing_or_null_is_missing_time(void **state)
+{
+    fixture_t *f = *state;
+    assert_int_equal(decode(f, "{\"user_id\":\"u\"}"), TLY_E_EV_MISSING_TIME);
+    assert_int_equal(decode(f, "{\"user_id\":\"u\",\"ts\":null}"), TLY_E_EV_MISSING_TIME);
+    assert_int_equal(decode(f, "{\"meta\":{\"ts\":1}}"), TLY_E_EV_MISSING_TIME);
+    /* the Kafka timestamp is not a fallback when a time field is configured */
+    assert_int_equal(tly_decode_json(f->dec, "{}", 2, 1700000000000, &f->ev),
+                     TLY_E_EV_MISSING_TIME);
+}
+
+static void decode_time_seconds_convert_exactly_rounding_down(void **state)
+{
+    fixture_t *f = *state;
+    static const struct {
+        const char *ts;
+        tly_err_t rc;
+        int64_t ms;
+    } cases[] = {
+        {"1700000000", TLY_OK, INT64_C(1700000000000)},
+        {"1700000000.123", TLY_OK, INT64_C(1700000000123)},
+        {"1700000000.1239", TLY_OK, INT64_C(1700000000123)},
+        {"1700000000.9999", TLY_OK, INT64_C(1700000000999)},
+        {"1700000000.1", TLY_OK, INT64_C(1700000000100)},
+        {"1.7e9", TLY_OK, INT64_C(1700000000000)},
+        {"17E8", TLY_OK, INT64_C(1700000000000)},
+        {"1700000000123e-3", TLY_OK, INT64_C(1700000000123)},
+        {"0.0015", TLY_OK, 1},
+        {"-0", TLY_OK, 0},
+        {"4133980799.999", TLY_OK, T_2101 - 1},
+        {"4133980800", TLY_E_EV_BAD_TIME, 0},
+        {"-1", TLY_E_EV_BAD_TIME, 0},
+        {"-0.0001", TLY_E_EV_BAD_TIME, 0},
+        {"1e999", TLY_E_EV_BAD_TIME, 0},
+        {"\"1700000000\"", TLY_E_EV_BAD_TIME, 0},
+    };
+    for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
+        char p[128];
+        snprintf(p, sizeof p, "{\"ts\":%s}", cases[c].ts);
+        tly_err_t rc = decode(f, p);
+        if (rc != cases[c].rc)
+            fail_msg("ts %s: got %s, want %s", cases[c].ts, tly_err_name(rc),
+                     tly_err_name(cases[c].rc));
+        if (rc == TLY_OK)
+            assert_int_equal(f->ev.time_ms, cases[c].ms);
+    }
+}
+
+static void decode_time_iso8601_field_reads_strings(void **state)
+{
+    fixture_t *f = *state;
+    assert_int_equal(decode(f, "{\"ts\":\"2026-11-22T04:16:21.123Z\",\"user_id\":\"u\"}"), TLY_OK);
+    assert_int_equal(f->ev.time_ms, T_2026_11_22_041621 + 123);
+    assert_str(val(f, "ts"), "2026-11-22T04:16:21.123Z");
+    assert_int_equal(decode(f, "{\"ts\":\"2026-11-22T04:16:21\\u002b00:00\"}"), TLY_OK);
+    assert_int_equal(f->ev.time_ms, T_2026_11_22_041621);
+    assert_int_equal(decode(f, "{\"ts\":1795320981000}"), TLY_E_EV_BAD_TIME);
+    assert_int_equal(decode(f, "{\"ts\":\"2026-02-30T00:00:00Z\"}"), TLY_E_EV_BAD_TIME);
+    assert_int_equal(decode(f, "{\"ts\":\"\"}"), TLY_E_EV_BAD_TIME);
+    assert_int_equal(decode(f, "{\"ts\":\"2026-11-22T04:16:21.1234567890123456789012345Z\"}"),
+                     TLY_E_EV_BAD_TIME); /* over max_string: still a time error */
+    assert_int_equal(decode(f, "{\"ts\":null}"), TLY_E_EV_MISSING_TIME);
+}
+
+static void assert_iso(const char *s, tly_err_t want_rc, int64_t want_ms)
+{
+    int64_t ms = -12345;
+    tly_err_t rc = tly_decode_iso8601(s, strlen(s), &ms);
+    if (rc != want_rc)
+        fail_msg("%s: got %s, want %s", s, tly_err_name(rc), tly_err_name(want_rc));
+    assert_int_equal(ms, rc == TLY_OK ? want_ms : -12345);
+}
+
+static void iso8601_parses_zulu_offsets_and_fractions(void **state)
+{
+    (void)state;
+    const int64_t t = T_2026_11_22_041621;
+    assert_iso("2026-11-22T04:16:21Z", TLY_OK, t);
+    assert_iso("2026-11-22t04:16:21z", TLY_OK, t);
+    assert_iso("2026-11-22T04:16:21.123Z", TLY_OK, t + 123);
+    assert_iso("2026-11-22T04:16:21.1Z", TLY_OK, t + 100);
+    assert_iso("2026-11-22T04:16:21.05Z", TLY_OK, t + 50);
+    assert_iso("2026-11-22T04:16:21.123456789Z", TLY_OK, t + 123); /* rounds down */
+    assert_iso("2026-11-22T04:16:21.9999Z", TLY_OK, t + 999);
+    assert_iso("2026-11-22T06:16:21+02:00", TLY_OK, t);
+    assert_iso("2026-11-21T22:46:21-05:30", TLY_OK, t);
+    assert_iso("2026-11-22T04:16:21+00:00", TLY_OK, t);
+    assert_iso("2026-11-22T04:16:21-00:00", TLY_OK, t);
+    assert_iso("2026-11-23T04:15:21+23:59", TLY_OK, t);
+    assert_iso("2026-11-22T06:16:21.5+02:00", TLY_OK, t + 500);
+}
+
+static void iso8601_validates_calendar_dates_and_leap_years(void **state)
+{
+    (void)state;
+    /* 2024-02-29: 54 × 365 + 13 leap days to 2024-01-01, + 31 + 28 = day 19782. */
+    assert_iso("2024-02-29T00:00:00Z", TLY_OK, INT64_C(19782) * 86400000);
+    /* 2000 is a leap year (divisible by 400): day 30 × 365 + 7 + 59 = 11016. */
+    assert_iso("2000-02-29T00:00:00Z", TLY_OK, INT64_C(11016) * 86400000);
+    assert_iso("2023-02-29T00:00:00Z", TLY_E_EV_BAD_TIME, 0);
+    assert_iso("2100-02-29T00:00:00Z", TLY_E_EV_BAD_TIME, 0); /* not leap: divisible by 100 */
+    assert_iso("2026-02-30T00:00:00Z", TLY_E_EV_BAD_TIME, 0);
+    assert_iso("2026-04-31T00:00:00Z", TLY_E_EV_BAD_TIME, 0);
+    assert_iso("2026-12-31T23:59:59Z", TLY_OK, INT64_C(1798761599000));
+    assert_iso("2026-13-01T00:00:00Z", TLY_E_EV_BAD_TIME, 0);
+    assert_iso("2026-00-10T00:00:00Z", TLY_E_EV_BAD_TIME, 0);
+    assert_iso("2026-01-00T00:00:00Z", TLY_E_EV_BAD_TIME, 0);
+    assert_iso("2026-01-32T00:00:00Z", TLY_E_EV_BAD_TIME, 0);
+    assert_iso("2026-01-01T24:00:00Z", TLY_E_EV_BAD_TIME, 0);
+    assert_iso("2026-01-01T23:60:00Z", TLY_E_EV_BAD_TIME, 0);
+    assert_iso("2026-01-01T23:59:60Z", TLY_E_EV_BAD_TIME, 0);
+}
+
+static void iso8601_rejects_malformed_text(void **state)
+{
+    (void)state;
+    static const char *const cases[] = {
+        "",
+        "2026-11-22",
+        "2026-11-22T04:16:21",
+        "2026-11-22 04:16:21Z",
+        "2026-11-22T04:16Z",
+        "2026/11/22T04:16:21Z",
+        "26-11-22T04:16:21Z",
+        "2026-1-22T04:16:21Z",
+        "2026-11-22T04:16:21.Z",
+        "2026-11-22T04:16:21,5Z",
+        "2026-11-22T04:16:21+0200",
+        "2026-11-22T04:16:21+02",
+        "2026-11-22T04:16:21+02:0",
+        "2026-11-22T04:16:21+24:00",
+        "2026-11-22T04:16:21+02:60",
+        "2026-11-22T04:16:21Zjunk",
+        "2026-11-22T04:16:21Z ",
+        " 2026-11-22T04:16:21Z",
+        "+2026-11-22T04:16:21Z",
+        "2026-11-22T04:16:2aZ",
+    };
+    for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++)
+        assert_iso(cases[c], TLY_E_EV_BAD_TIME, 0);
+    int64_t ms = -1;
+    /* only len bytes are read */
+    assert_int_equal(tly_decode_iso8601("2026-11-22T04:16:21Zjunk", 20, &ms), TLY_OK);
+    assert_int_equal(ms, T_2026_11_22_041621);
+    assert_int_equal(tly_decode_iso8601("2026-11-22T04:16:21Z", 19, &ms), TLY_E_EV_BAD_TIME);
+}
+
+static void iso8601_rejects_times_outside_1970_to_2100(void **state)
+{
+    (void)state;
+    assert_iso("1970-01-01T00:00:00Z", TLY_OK, 0);
+    assert_iso("1970-01-01T01:00:00+01:00", TLY_OK, 0);
+    assert_iso("1969-12-31T23:59:59.999Z", TLY_E_EV_BAD_TIME, 0);
+    assert_iso("1970-01-01T00:30:00+01:00", TLY_E_EV_BAD_TIME, 0);
+    assert_iso("0000-01-01T00:00:00Z", TLY_E_EV_BAD_TIME, 0);
+    assert_iso("2100-12-31T23:59:59.999Z", TLY_OK, T_2101 - 1);
+    assert_iso("2101-01-01T00:00:00Z", TLY_E_EV_BAD_TIME, 0);
+    assert_iso("2100-12-31T23:00:00-01:00", TLY_E_EV_BAD_TIME, 0);
+    assert_iso("9999-12-31T23:59:59Z", TLY_E_EV_BAD_TIME, 0);
+}
+
+static void decode_uses_kafka_timestamp_without_time_field(void **state)
+{
+    fixture_t *f = *state;
+    const char *p = "{\"user_id\":\"u\",\"ts\":5}";
+    assert_int_equal(f->fs->time_field, -1);
+    assert_int_equal(f->ev.nfields, 0);
+    assert_int_equal(tly_decode_json(f->dec, p, strlen(p), INT64_C(1700000000123), &f->ev), TLY_OK);
+    assert_int_equal(f->ev.time_ms, INT64_C(1700000000123));
+    assert_int_equal(f->ev.nfields, 7); /* no ts field */
+    assert_int_equal(tly_featset_field(f->fs, "ts", 2), -1);
+    assert_int_equal(tly_decode_json(f->dec, p, strlen(p), 0, &f->ev), TLY_OK);
+    assert_int_equal(f->ev.time_ms, 0);
+    assert_int_equal(tly_decode_json(f->dec, p, strlen(p), -1, &f->ev), TLY_E_EV_MISSING_TIME);
+}
+
+/* --- fuzz corpus ------------------------------------------------------------ */
+
+static bool is_decode_result(tly_err_t rc)
+{
+    switch (rc) {
+    case TLY_OK:
+    case TLY_E_EV_TOO_LARGE:
+    case TLY_E_EV_BAD_JSON:
+    case TLY_E_EV_NOT_OBJECT:
+    case TLY_E_EV_TOO_COMPLEX:
+    case TLY_E_EV_WRONG_TYPE:
+    case TLY_E_EV_VALUE_TOO_LONG:
+    case TLY_E_EV_MISSING_TIME:
+    case TLY_E_EV_BAD_TIME:
+        return true;
+    default:
+        return false;
+    }
+}
+
+static void decode_replays_fuzz_corpus_without_crashing(void **state)
+{
+    (void)state;
+    fixture_t *fx[4] = {fixture_new(ms_time), fixture_new(s_time), fixture_new(iso_time),
+                        fixture_new(kafka_time)};
+    DIR *dir = opendir(CORPUS_DIR);
+    if (dir == NULL)
+        fail_msg("cannot open %s (run from the repository root)", CORPUS_DIR);
+    int files = 0;
+    struct dirent *de;
+    while ((de = readdir(dir)) != NULL) {
+        char path[512];
+        struct stat st;
+        snprintf(path, sizeof path, "%s/%s", CORPUS_DIR, de->d_name);
+        if (stat(path, &st) != 0 || !S_ISREG(st.st_mode))
+            continue;
+        FILE *fp = fopen(path, "rb");
+        assert_non_null(fp);
+        size_t cap = (size_t)st.st_size + 1;
+        char *buf = malloc(cap);
+        assert_non_null(buf);
+        size_t len = fread(buf, 1, cap, fp);
+        fclose(fp);
+        for (int k = 0; k < 4; k++) {
+            tly_err_t rc = tly_decode_json(fx[k]->dec, buf, len, 1700000000000, &fx[k]->ev);
+            if (!is_decode_result(rc))
+                fail_msg("%s: unexpected result %d", path, (int)rc);
+        }
+        free(buf);
+        files++;
+    }
+    closedir(dir);
+    assert_true(files >= 10);
+    for (int k = 0; k < 4; k++)
+        fixture_free(fx[k]);
+}
+
+#define FIXTURE_TEST(fn, setup) cmocka_unit_test_setup_teardown(fn, setup, teardown)
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        FIXTURE_TEST(decode_extracts_referenced_fields_and_time, setup_ms),
+        FIXTURE_TEST(decode_leaves_absent_fields_nil_across_calls, setup_ms),
+        FIXTURE_TEST(decode_borrows_unescaped_strings_from_the_payload, setup_ms),
+        FIXTURE_TEST(decode_accepts_whitespace_between_tokens, setup_ms),
+        FIXTURE_TEST(decode_last_duplicate_key_wins, setup_ms),
+        FIXTURE_TEST(decode_skips_nested_values_under_unreferenced_keys, setup_ms),
+        FIXTURE_TEST(decode_types_integers_and_doubles, setup_ms),
+        FIXTURE_TEST(decode_rejects_number_beyond_double_range_as_wrong_type, setup_ms),
+        FIXTURE_TEST(decode_decodes_simple_escapes, setup_ms),
+        FIXTURE_TEST(decode_decodes_unicode_escapes_to_utf8, setup_ms),
+        FIXTURE_TEST(decode_passes_raw_utf8_through, setup_ms),
+        FIXTURE_TEST(decode_matches_keys_written_with_escapes, setup_ms),
+        FIXTURE_TEST(decode_keeps_escaped_values_valid_until_the_next_call, setup_ms),
+        FIXTURE_TEST(decode_rejects_payload_over_max_bytes, setup_ms),
+        FIXTURE_TEST(decode_rejects_invalid_json, setup_ms),
+        FIXTURE_TEST(decode_rejects_top_level_non_objects, setup_ms),
+        FIXTURE_TEST(decode_rejects_more_tokens_than_the_cap, setup_ms),
+        FIXTURE_TEST(decode_rejects_object_or_array_under_a_referenced_key, setup_ms),
+        FIXTURE_TEST(decode_rejects_strings_longer_than_max_string, setup_ms),
+        FIXTURE_TEST(decode_time_ms_accepts_integral_numbers_only, setup_ms),
+        FIXTURE_TEST(decode_time_missing_or_null_is_missing_time, setup_ms),
+        FIXTURE_TEST(decode_time_seconds_convert_exactly_rounding_down, setup_s),
+        FIXTURE_TEST(decode_time_iso8601_field_reads_strings, setup_iso),
+        cmocka_unit_test(iso8601_parses_zulu_offsets_and_fractions),
+        cmocka_unit_test(iso8601_validates_calendar_dates_and_leap_years),
+        cmocka_unit_test(iso8601_rejects_malformed_text),
+        cmocka_unit_test(iso8601_rejects_times_outside_1970_to_2100),
+        FIXTURE_TEST(decode_uses_kafka_timestamp_without_time_field, setup_kafka),
+        cmocka_unit_test(decode_replays_fuzz_corpus_without_crashing),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
