@@ -1,0 +1,126 @@
+/*
+ * store.h — the concurrent entity table and per-feature aggregate state.
+ *
+ * Entities (one record per entity type × id) live in a liburcu lock-free
+ * resizable hash table. Each record holds the state of every feature of its
+ * entity type in one compact, growable block of words: bucket storage grows
+ * with the buckets actually used, so a user with three events pays for three
+ * buckets, not for every bucket of every window.
+ *
+ * Threads: tly_store_apply() may run on many writer threads at once;
+ * tly_store_read(), tly_store_recent() and tly_store_entity() on many reader
+ * threads at once. Every such thread must be registered with RCU (rcu.h).
+ * Writers of one entity serialise on that entity's sequence lock; readers
+ * never take a lock: they retry if a writer changed the entity while they
+ * read it, so a reply for one entity reflects a prefix of its events. The
+ * sweeper (tly_store_sweep) may run on any registered thread.
+ *
+ * Retention: bucket state older than a window's range at the writer's `now`
+ * is dropped on write, so reads are exact for any `now` at or after the
+ * latest `now` passed to apply (reads at an earlier ASOF may miss expired
+ * buckets).
+ */
+#ifndef TALLYD_STORE_H
+#define TALLYD_STORE_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "tallyd/error.h"
+#include "tallyd/feature.h"
+#include "tallyd/value.h"
+
+#define TLY_MAX_ITEM_VALUES 8 /* value fields of one last/last_k feature */
+
+typedef struct tly_store tly_store_t;
+
+/* One value request: a feature and one of its windows (ignored for
+ * last/last_k, which read the newest item). */
+typedef struct {
+    uint32_t feat;
+    uint32_t window;
+} tly_featwin_t;
+
+/* One last/last_k item. Strings point into the caller's string buffer. */
+typedef struct {
+    int64_t time_ms;
+    uint32_t nvals;
+    tly_value_t vals[TLY_MAX_ITEM_VALUES];
+} tly_item_t;
+
+typedef struct {
+    uint64_t entities;          /* live records, all types */
+    uint64_t bytes;             /* heap bytes held by records and interned
+                                   strings (malloc_usable_size), the hash
+                                   table's bucket index excluded */
+    uint64_t interned;          /* short strings in the intern table */
+    uint64_t interned_bytes;    /* their bytes (part of `bytes`; kept until
+                                   the store is freed) */
+    uint64_t events_applied;    /* events that updated at least one feature */
+    uint64_t updates;           /* feature updates */
+    uint64_t expired;           /* records removed by the sweeper */
+    uint64_t dropped[TLY_E__COUNT]; /* feature updates dropped, by reason */
+} tly_store_stats_t;
+
+/* Returns a new, empty store for fs (borrowed; must outlive the store).
+ * Aborts with a message on allocation failure. Any thread. */
+tly_store_t *tly_store_new(const tly_featset_t *fs);
+
+/* Frees the store and every record. No other thread may use it any more;
+ * the caller must be an RCU-registered thread. NULL is allowed. */
+void tly_store_free(tly_store_t *store);
+
+/*
+ * Applies one decoded event at wall time now_ms: every feature whose filter
+ * matches gets the event in its entity's state. Per feature, an event older
+ * than the feature's horizon (EV_LATE) or later than now + max_future_skew
+ * (EV_FUTURE) is dropped and counted; a missing or malformed key is counted
+ * per entity type. Returns TLY_OK when the event updated at least one
+ * feature or matched none; otherwise the first reason it was dropped.
+ * `partition` and `offset` record provenance (partition < 0: unknown).
+ * Writer threads; RCU-registered.
+ */
+tly_err_t tly_store_apply(tly_store_t *store, const tly_event_t *ev, int32_t partition,
+                          int64_t offset, int64_t now_ms);
+
+/*
+ * Reads n windowed values of one entity at now_ms into out[0..n). Windowed
+ * features give their aggregation result; last gives the newest item's first
+ * value (nil when none) and last_k its item count (items within the
+ * feature's horizon at now_ms, as tly_store_recent). An unknown id gives
+ * the empty answers (0 / nil). *last_ms (may be NULL) receives the entity's
+ * latest event time, or -1 when the id is unknown. Strings returned by
+ * `last` are copied into strbuf (strcap bytes); TLY_E_FULL if it is too
+ * small. Reader threads; RCU-registered; never blocks on writers.
+ */
+tly_err_t tly_store_read(tly_store_t *store, uint32_t entity, const char *id, size_t idlen,
+                         const tly_featwin_t *req, size_t n, int64_t now_ms, tly_value_t *out,
+                         int64_t *last_ms, char *strbuf, size_t strcap);
+
+/*
+ * Reads the newest items (newest first) of last/last_k feature `feat` for
+ * one entity: at most cap (and at most k) items with since_ms <= time <=
+ * asof_ms. Items older than the feature's horizon (store.idle_ttl) at
+ * asof_ms are not returned: the sweeper may have expired them. Strings
+ * are copied into strbuf (strcap bytes). Writes *n. Returns TLY_OK,
+ * TLY_E_INVAL (feat is not last/last_k of that entity) or TLY_E_FULL (strbuf
+ * too small). Reader threads; RCU-registered.
+ */
+tly_err_t tly_store_recent(tly_store_t *store, uint32_t entity, const char *id, size_t idlen,
+                           uint32_t feat, int64_t since_ms, int64_t asof_ms, tly_item_t *items,
+                           size_t cap, size_t *n, char *strbuf, size_t strcap);
+
+/*
+ * Expires records whose newest event is older than their entity's horizon at
+ * now_ms (the longest window, or store.idle_ttl when it keeps last/last_k),
+ * visiting at most max_visit records from the table's start (0 = all).
+ * Returns the number removed; their memory is freed after an RCU grace
+ * period. Any registered thread; one sweeper at a time.
+ */
+size_t tly_store_sweep(tly_store_t *store, int64_t now_ms, size_t max_visit);
+
+/* Fills *st with the current counters. Any thread. */
+void tly_store_stats(const tly_store_t *store, tly_store_stats_t *st);
+
+#endif

@@ -1,0 +1,488 @@
+/*
+ * test_store.c — the entity store on small, hand-computed cases: window
+ * edges at aligned and unaligned `now`, out-of-order and late and future
+ * events, unknown ids, last/last_k ordering and limits, all-or-nothing
+ * rejection, expiry and memory accounting, and a short concurrent run (the
+ * part ThreadSanitizer checks in `make test`).
+ */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include <cmocka.h>
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "tallyd/config.h"
+#include "tallyd/feature.h"
+#include "tallyd/rcu.h"
+#include "tallyd/store.h"
+
+#define SEC INT64_C(1000)
+#define MIN (60 * SEC)
+#define HOUR (60 * MIN)
+#define DAY (24 * HOUR)
+/* A time aligned to every default hop (a whole day in epoch ms). */
+#define T (INT64_C(19675) * DAY)
+
+static const char *yaml =
+    "events:\n"
+    "  time: { field: ts, unit: ms }\n"
+    "  max_future_skew: 1m\n"
+    "  max_string: 16\n"
+    "store:\n"
+    "  idle_ttl: 1d\n"
+    "features:\n"
+    "  - { name: clicks, entity: user, key: user_id, where: { action: click }, agg: count,"
+    " windows: [5m, 1h] }\n"
+    "  - { name: dwell, entity: user, key: user_id, agg: sum, value: dwell_ms, windows: [1h] }\n"
+    "  - { name: dmin, entity: user, key: user_id, agg: min, value: dwell_ms, windows: [1h] }\n"
+    "  - { name: dmax, entity: user, key: user_id, agg: max, value: dwell_ms, windows: [1h] }\n"
+    "  - { name: davg, entity: user, key: user_id, agg: avg, value: dwell_ms, windows: [1h] }\n"
+    "  - { name: recent, entity: user, key: user_id, agg: last_k, k: 3, value: [pin_id, action] }\n"
+    "  - { name: last_action, entity: user, key: user_id, agg: last, value: action }\n"
+    "  - { name: impressions, entity: pin, key: pin_id, where: { action: impression },"
+    " agg: count, windows: [1h] }\n";
+
+typedef struct {
+    tly_config_t *cfg;
+    tly_featset_t *fs;
+    tly_store_t *store;
+    int f_user, f_pin, f_action, f_dwell, f_ts;
+    uint32_t user, pin;
+} fx_t;
+
+static int setup(void **state)
+{
+    fx_t *fx = calloc(1, sizeof *fx);
+    char err[256];
+    if (tly_config_load_string(yaml, "store.yaml", &fx->cfg, err, sizeof err) != TLY_OK ||
+        tly_featset_compile(fx->cfg, &fx->fs, err, sizeof err) != TLY_OK) {
+        fprintf(stderr, "%s\n", err);
+        return -1;
+    }
+    fx->f_user = tly_featset_field(fx->fs, "user_id", 7);
+    fx->f_pin = tly_featset_field(fx->fs, "pin_id", 6);
+    fx->f_action = tly_featset_field(fx->fs, "action", 6);
+    fx->f_dwell = tly_featset_field(fx->fs, "dwell_ms", 8);
+    fx->f_ts = tly_featset_field(fx->fs, "ts", 2);
+    fx->user = (uint32_t)tly_featset_entity(fx->fs, "user", 4);
+    fx->pin = (uint32_t)tly_featset_entity(fx->fs, "pin", 3);
+    fx->store = tly_store_new(fx->fs);
+    *state = fx;
+    return 0;
+}
+
+static int teardown(void **state)
+{
+    fx_t *fx = *state;
+    tly_store_free(fx->store);
+    tly_featset_free(fx->fs);
+    tly_config_free(fx->cfg);
+    free(fx);
+    return 0;
+}
+
+/* An event: user (int), pin (string or NULL), action, dwell (< 0: absent). */
+static tly_event_t ev(const fx_t *fx, int64_t t, int64_t user, const char *pin,
+                      const char *action, int64_t dwell)
+{
+    tly_event_t e;
+    memset(&e, 0, sizeof e);
+    e.nfields = (uint32_t)fx->fs->nfields;
+    e.time_ms = t;
+    e.vals[fx->f_ts] = (tly_value_t){.type = TLY_V_INT, .u.i = t};
+    if (user >= 0)
+        e.vals[fx->f_user] = (tly_value_t){.type = TLY_V_INT, .u.i = user};
+    if (pin)
+        e.vals[fx->f_pin] = (tly_value_t){.type = TLY_V_STR, .len = (uint32_t)strlen(pin), .u.s = pin};
+    if (action)
+        e.vals[fx->f_action] =
+            (tly_value_t){.type = TLY_V_STR, .len = (uint32_t)strlen(action), .u.s = action};
+    if (dwell >= 0)
+        e.vals[fx->f_dwell] = (tly_value_t){.type = TLY_V_INT, .u.i = dwell};
+    return e;
+}
+
+static tly_err_t put(fx_t *fx, int64_t now, int64_t t, int64_t user, const char *pin,
+                     const char *action, int64_t dwell)
+{
+    tly_event_t e = ev(fx, t, user, pin, action, dwell);
+    return tly_store_apply(fx->store, &e, 0, 0, now);
+}
+
+/* Reads feature `name`, window w, of user/pin id at now. */
+static tly_value_t get(fx_t *fx, uint32_t entity, const char *id, const char *name, uint32_t w,
+                       int64_t now)
+{
+    uint32_t feat;
+    int win;
+    assert_int_equal(tly_featset_resolve(fx->fs, entity, name, strlen(name), &feat, &win),
+                     TLY_OK);
+    tly_featwin_t req = {feat, w};
+    tly_value_t out;
+    static char sbuf[256];
+    assert_int_equal(tly_store_read(fx->store, entity, id, strlen(id), &req, 1, now, &out, NULL,
+                                    sbuf, sizeof sbuf),
+                     TLY_OK);
+    return out;
+}
+
+static int64_t count(fx_t *fx, const char *id, const char *name, uint32_t w, int64_t now)
+{
+    tly_value_t v = get(fx, fx->user, id, name, w, now);
+    assert_int_equal(v.type, TLY_V_INT);
+    return v.u.i;
+}
+
+static void test_window_edges_at_aligned_now(void **state)
+{
+    fx_t *fx = *state;
+    /* clicks:5m at T holds [T-5m, T+10s): its first and last instants count */
+    assert_int_equal(put(fx, T, T - 5 * MIN, 1, NULL, "click", -1), TLY_OK);
+    assert_int_equal(put(fx, T, T + 10 * SEC - 1, 1, NULL, "click", -1), TLY_OK);
+    /* one ms before the first bucket: outside 5m, inside 1h */
+    assert_int_equal(put(fx, T, T - 5 * MIN - 1, 1, NULL, "click", -1), TLY_OK);
+    /* a bucket past the last one (future but within the 1m skew) */
+    assert_int_equal(put(fx, T, T + 10 * SEC, 1, NULL, "click", -1), TLY_OK);
+    assert_int_equal(count(fx, "1", "clicks", 0, T), 2);
+    assert_int_equal(count(fx, "1", "clicks", 1, T), 4); /* 1h holds [T-1h, T+1m): all four */
+    /* ten seconds later the window has moved one bucket */
+    assert_int_equal(count(fx, "1", "clicks", 0, T + 10 * SEC), 2);
+    assert_int_equal(count(fx, "1", "clicks", 0, T + 10 * SEC - 1), 2);
+}
+
+static void test_window_edges_at_unaligned_now(void **state)
+{
+    fx_t *fx = *state;
+    int64_t now = T + 7 * SEC + 250; /* bucket of T; window [T-5m, T+10s) */
+    assert_int_equal(put(fx, now, T - 5 * MIN, 2, NULL, "click", -1), TLY_OK);
+    assert_int_equal(put(fx, now, T - 5 * MIN - 1, 2, NULL, "click", -1), TLY_OK);
+    assert_int_equal(put(fx, now, T + 9 * SEC, 2, NULL, "click", -1), TLY_OK);
+    assert_int_equal(count(fx, "2", "clicks", 0, now), 2);
+    /* the whole earlier minute is in 1h: [T-1h, T+1m) */
+    assert_int_equal(count(fx, "2", "clicks", 1, now), 3);
+}
+
+static void test_out_of_order_events_land_in_their_buckets(void **state)
+{
+    fx_t *fx = *state;
+    int64_t times[] = {T - 2 * MIN, T - 50 * MIN, T - 10 * SEC, T - 30 * MIN, T - 4 * MIN};
+    int64_t dwell[] = {10, 20, 30, 40, 50};
+    for (int i = 0; i < 5; i++)
+        assert_int_equal(put(fx, T, times[i], 3, NULL, "view", dwell[i]), TLY_OK);
+    /* dwell's 1h window holds all five */
+    assert_int_equal(count(fx, "3", "dwell", 0, T), 150);
+    tly_value_t v = get(fx, fx->user, "3", "dmin", 0, T);
+    assert_int_equal(v.type, TLY_V_INT);
+    assert_int_equal(v.u.i, 10);
+    v = get(fx, fx->user, "3", "dmax", 0, T);
+    assert_int_equal(v.u.i, 50);
+    v = get(fx, fx->user, "3", "davg", 0, T);
+    assert_int_equal(v.type, TLY_V_DOUBLE);
+    assert_true(v.u.d == 30.0);
+    /* 1h at T+31m holds [T-29m, T+32m): T-30m and T-50m are out */
+    assert_int_equal(count(fx, "3", "dwell", 0, T + 31 * MIN), 10 + 30 + 50);
+}
+
+static void test_late_and_future_events_are_dropped_and_counted(void **state)
+{
+    fx_t *fx = *state;
+    tly_store_stats_t st;
+    /* 1h is the longest window of clicks; recent/last keep 1d (idle_ttl):
+     * an event 2h old still reaches recent and last_action, 2d old nothing */
+    assert_int_equal(put(fx, T, T - 2 * DAY, 4, NULL, "click", -1), TLY_E_EV_LATE);
+    assert_int_equal(put(fx, T, T + MIN + 1, 4, NULL, "click", -1), TLY_E_EV_FUTURE);
+    assert_int_equal(put(fx, T, T + MIN, 4, NULL, "click", -1), TLY_OK); /* at the skew */
+    tly_store_stats(fx->store, &st);
+    assert_int_equal(st.dropped[TLY_E_EV_FUTURE], 1);
+    /* clicks, dwell-less sum/min/max/avg skip, recent, last_action: 3 late */
+    assert_int_equal(st.dropped[TLY_E_EV_LATE], 3);
+    assert_int_equal(st.entities, 1);
+    assert_int_equal(count(fx, "4", "clicks", 1, T + MIN), 1);
+}
+
+static void test_unknown_id_reads_empty_answers(void **state)
+{
+    fx_t *fx = *state;
+    assert_int_equal(count(fx, "nobody", "clicks", 0, T), 0);
+    assert_int_equal(count(fx, "nobody", "dwell", 0, T), 0);
+    assert_int_equal(get(fx, fx->user, "nobody", "dmin", 0, T).type, TLY_V_NIL);
+    assert_int_equal(get(fx, fx->user, "nobody", "davg", 0, T).type, TLY_V_NIL);
+    assert_int_equal(get(fx, fx->user, "nobody", "last_action", 0, T).type, TLY_V_NIL);
+    assert_int_equal(count(fx, "nobody", "recent", 0, T), 0);
+    int64_t last = 0;
+    tly_featwin_t req = {0, 0};
+    tly_value_t out;
+    char sbuf[16];
+    tly_store_read(fx->store, fx->user, "nobody", 6, &req, 1, T, &out, &last, sbuf, sizeof sbuf);
+    assert_int_equal(last, -1);
+}
+
+static void test_last_k_orders_by_time_keeps_k_and_ties_keep_arrival(void **state)
+{
+    fx_t *fx = *state;
+    uint32_t feat;
+    int win;
+    assert_int_equal(tly_featset_resolve(fx->fs, fx->user, "recent", 6, &feat, &win), TLY_OK);
+    assert_int_equal(put(fx, T, T - 5 * SEC, 5, "p1", "click", -1), TLY_OK);
+    assert_int_equal(put(fx, T, T - 9 * SEC, 5, "p2", "save", -1), TLY_OK); /* out of order */
+    assert_int_equal(put(fx, T, T - 5 * SEC, 5, "p3", "hide", -1), TLY_OK); /* tie with p1 */
+    tly_item_t it[8];
+    char sbuf[512];
+    size_t n = 0;
+    assert_int_equal(tly_store_recent(fx->store, fx->user, "5", 1, feat, INT64_MIN, T, it, 8, &n,
+                                      sbuf, sizeof sbuf),
+                     TLY_OK);
+    assert_int_equal(n, 3);
+    const char *want_pin[] = {"p3", "p1", "p2"};
+    int64_t want_t[] = {T - 5 * SEC, T - 5 * SEC, T - 9 * SEC};
+    for (int i = 0; i < 3; i++) {
+        assert_int_equal(it[i].time_ms, want_t[i]);
+        assert_int_equal(it[i].nvals, 2);
+        assert_int_equal(it[i].vals[0].type, TLY_V_STR);
+        assert_memory_equal(it[i].vals[0].u.s, want_pin[i], 2);
+    }
+    /* last_action is the newest: hide (arrived after click at the same time) */
+    tly_value_t v = get(fx, fx->user, "5", "last_action", 0, T);
+    assert_int_equal(v.type, TLY_V_STR);
+    assert_int_equal(v.len, 4);
+    assert_memory_equal(v.u.s, "hide", 4);
+    /* more than k: only the 3 newest remain, whatever the arrival order */
+    for (int i = 0; i < 20; i++)
+        assert_int_equal(put(fx, T, T - 60 * SEC + (i * 7 % 20) * SEC, 5, "px", "view", -1),
+                         TLY_OK);
+    assert_int_equal(tly_store_recent(fx->store, fx->user, "5", 1, feat, INT64_MIN, T, it, 8, &n,
+                                      sbuf, sizeof sbuf),
+                     TLY_OK);
+    assert_int_equal(n, 3);
+    assert_int_equal(it[0].time_ms, T - 5 * SEC);
+    assert_int_equal(it[1].time_ms, T - 5 * SEC);
+    assert_int_equal(it[2].time_ms, T - 9 * SEC);
+    /* SINCE and ASOF bound the items returned */
+    assert_int_equal(tly_store_recent(fx->store, fx->user, "5", 1, feat, T - 6 * SEC, T, it, 8,
+                                      &n, sbuf, sizeof sbuf),
+                     TLY_OK);
+    assert_int_equal(n, 2);
+    assert_int_equal(tly_store_recent(fx->store, fx->user, "5", 1, feat, INT64_MIN, T - 6 * SEC,
+                                      it, 8, &n, sbuf, sizeof sbuf),
+                     TLY_OK);
+    assert_int_equal(n, 1);
+    assert_int_equal(it[0].time_ms, T - 9 * SEC);
+    /* a string buffer too small is reported, not overrun */
+    assert_int_equal(tly_store_recent(fx->store, fx->user, "5", 1, feat, INT64_MIN, T, it, 8, &n,
+                                      sbuf, 3),
+                     TLY_E_FULL);
+}
+
+static void test_rejected_event_changes_nothing(void **state)
+{
+    fx_t *fx = *state;
+    /* a click with a string dwell: clicks would match, dwell cannot */
+    tly_event_t e = ev(fx, T, 6, "p1", "click", -1);
+    e.vals[fx->f_dwell] = (tly_value_t){.type = TLY_V_STR, .len = 3, .u.s = "abc"};
+    assert_int_equal(tly_store_apply(fx->store, &e, 0, 0, T), TLY_E_EV_WRONG_TYPE);
+    /* an impression without pin_id: the pin's key is missing */
+    e = ev(fx, T, 6, NULL, "impression", 5);
+    assert_int_equal(tly_store_apply(fx->store, &e, 0, 0, T), TLY_E_EV_MISSING_KEY);
+    /* a last_k string longer than events.max_string (16) */
+    e = ev(fx, T, 6, "p123456789012345678", "click", -1);
+    assert_int_equal(tly_store_apply(fx->store, &e, 0, 0, T), TLY_E_EV_VALUE_TOO_LONG);
+    tly_store_stats_t st;
+    tly_store_stats(fx->store, &st);
+    assert_int_equal(st.entities, 0);
+    assert_int_equal(st.events_applied, 0);
+    assert_int_equal(st.dropped[TLY_E_EV_WRONG_TYPE], 1);
+    assert_int_equal(st.dropped[TLY_E_EV_MISSING_KEY], 1);
+    assert_int_equal(st.dropped[TLY_E_EV_VALUE_TOO_LONG], 1);
+    assert_int_equal(count(fx, "6", "clicks", 0, T), 0);
+}
+
+static void test_two_entity_types_from_one_event(void **state)
+{
+    fx_t *fx = *state;
+    assert_int_equal(put(fx, T, T - SEC, 7, "p9", "impression", 100), TLY_OK);
+    assert_int_equal(put(fx, T, T - SEC, 8, "p9", "impression", 300), TLY_OK);
+    assert_int_equal(get(fx, fx->pin, "p9", "impressions", 0, T).u.i, 2);
+    assert_int_equal(count(fx, "7", "dwell", 0, T), 100);
+    assert_int_equal(count(fx, "8", "dwell", 0, T), 300);
+    /* a user id is the decimal rendering of the integer */
+    assert_int_equal(count(fx, "07", "dwell", 0, T), 0);
+}
+
+static void test_idle_entities_expire_and_memory_returns(void **state)
+{
+    fx_t *fx = *state;
+    for (int u = 0; u < 1000; u++)
+        assert_int_equal(put(fx, T, T - (u % 50) * MIN, 100 + u, NULL, "click", u), TLY_OK);
+    tly_store_stats_t st;
+    tly_store_stats(fx->store, &st);
+    assert_int_equal(st.entities, 1000);
+    assert_true(st.bytes > 0);
+    /* at T + 30m nothing expires: recent/last keep a user for 1d */
+    assert_int_equal(tly_store_sweep(fx->store, T + 30 * MIN, 0), 0);
+    /* at T + 1d - 20m a user can still matter if its newest event is at or
+     * after T - 20m (recent/last keep 1d; the 1h windows reach less far):
+     * users with events at T - m for m in 21..49 go, 29 of every 50 */
+    size_t gone = tly_store_sweep(fx->store, T + DAY - 20 * MIN, 0);
+    assert_int_equal(gone, 580);
+    tly_store_stats(fx->store, &st);
+    assert_int_equal(st.entities, 420);
+    assert_int_equal(st.expired, 580);
+    assert_int_equal(tly_store_sweep(fx->store, T + 3 * DAY, 0), 420);
+    tly_store_stats(fx->store, &st);
+    assert_int_equal(st.entities, 0);
+    assert_int_equal(st.bytes, st.interned_bytes); /* only the intern table is left */
+    /* a swept user starts afresh */
+    assert_int_equal(put(fx, T + 3 * DAY, T + 3 * DAY, 100, NULL, "click", -1), TLY_OK);
+    assert_int_equal(count(fx, "100", "clicks", 1, T + 3 * DAY), 1);
+}
+
+static void test_buckets_outside_every_window_are_pruned(void **state)
+{
+    fx_t *fx = *state;
+    /* one user clicking every 10 s for 2 days: state stays bounded */
+    tly_store_stats_t st;
+    uint64_t peak = 0;
+    for (int64_t t = T; t < T + 2 * DAY; t += 10 * SEC) {
+        assert_int_equal(put(fx, t, t, 9, NULL, "click", 1), TLY_OK);
+        if ((t - T) % HOUR == 0 && t > T + 2 * HOUR) {
+            tly_store_stats(fx->store, &st);
+            peak = st.bytes > peak ? st.bytes : peak;
+        }
+    }
+    int64_t now = T + 2 * DAY;
+    assert_int_equal(count(fx, "9", "clicks", 0, now), 30); /* [now-5m, now) + empty last */
+    assert_int_equal(count(fx, "9", "clicks", 1, now), 360);
+    assert_int_equal(count(fx, "9", "dwell", 0, now), 360);
+    tly_store_stats(fx->store, &st);
+    /* live state: 31 + 61 one-word count buckets, 4 x 61 two-word buckets,
+     * a few items: about 5 KiB, plus block growth slack; it must not grow
+     * with the 17,280 events */
+    printf("# one busy user holds %llu bytes (peak %llu)\n", (unsigned long long)st.bytes,
+           (unsigned long long)peak);
+    assert_true(peak < 16384);
+}
+
+/* ---- a short concurrent run: writers on shared entities, readers, sweeper */
+
+typedef struct {
+    fx_t *fx;
+    int id;
+    atomic_int *done;
+} carg_t;
+
+#define CONC_EVENTS 40000
+
+static void *conc_writer(void *arg)
+{
+    carg_t *a = arg;
+    tly_rcu_thread_online();
+    char pin[16];
+    for (int i = 0; i < CONC_EVENTS; i++) {
+        snprintf(pin, sizeof pin, "p%d", i % 37);
+        tly_event_t e = ev(a->fx, T + i, i % 101, pin, i % 3 ? "impression" : "click", i % 1000);
+        tly_store_apply(a->fx->store, &e, a->id, i, T + i);
+    }
+    atomic_fetch_add(a->done, 1);
+    tly_rcu_thread_offline();
+    return NULL;
+}
+
+static void *conc_reader(void *arg)
+{
+    carg_t *a = arg;
+    tly_rcu_thread_online();
+    uint32_t feat;
+    int win;
+    tly_featset_resolve(a->fx->fs, a->fx->user, "recent", 6, &feat, &win);
+    tly_item_t it[4];
+    char sbuf[256], id[16];
+    long bad = 0;
+    tly_featwin_t req[2] = {{0, 0}, {0, 1}};
+    tly_value_t out[2];
+    for (int i = 0; atomic_load(a->done) < 2; i++) {
+        int n = snprintf(id, sizeof id, "%d", i % 101);
+        tly_store_read(a->fx->store, a->fx->user, id, (size_t)n, req, 2, T + CONC_EVENTS, out,
+                       NULL, sbuf, sizeof sbuf);
+        if (out[0].u.i > out[1].u.i)
+            bad++;
+        size_t got;
+        tly_store_recent(a->fx->store, a->fx->user, id, (size_t)n, feat, INT64_MIN,
+                         T + CONC_EVENTS, it, 4, &got, sbuf, sizeof sbuf);
+        if (got > 3)
+            bad++;
+        if (a->id == 0 && i % 1000 == 0)
+            tly_store_sweep(a->fx->store, T, 0);
+    }
+    tly_rcu_thread_offline();
+    return (void *)(intptr_t)bad;
+}
+
+static void test_concurrent_writers_on_shared_entities_lose_nothing(void **state)
+{
+    fx_t *fx = *state;
+    atomic_int done = 0;
+    carg_t w[2] = {{fx, 0, &done}, {fx, 1, &done}}, r[2] = {{fx, 0, &done}, {fx, 1, &done}};
+    pthread_t tw[2], tr[2];
+    for (int i = 0; i < 2; i++) {
+        pthread_create(&tr[i], NULL, conc_reader, &r[i]);
+        pthread_create(&tw[i], NULL, conc_writer, &w[i]);
+    }
+    long bad = 0;
+    for (int i = 0; i < 2; i++) {
+        void *rv;
+        pthread_join(tw[i], NULL);
+        pthread_join(tr[i], &rv);
+        bad += (long)(intptr_t)rv;
+    }
+    assert_int_equal(bad, 0);
+    /* both writers wrote the same 40000 events: every count doubles */
+    int64_t now = T + CONC_EVENTS;
+    int64_t clicks = 0, impressions = 0;
+    for (int u = 0; u < 101; u++) {
+        char id[16];
+        snprintf(id, sizeof id, "%d", u);
+        clicks += count(fx, id, "clicks", 1, now);
+    }
+    for (int p = 0; p < 37; p++) {
+        char id[16];
+        snprintf(id, sizeof id, "p%d", p);
+        impressions += get(fx, fx->pin, id, "impressions", 0, now).u.i;
+    }
+    /* i % 3 == 0 → click: 13334 of 40000 */
+    assert_int_equal(clicks, 2 * 13334);
+    assert_int_equal(impressions, 2 * (CONC_EVENTS - 13334));
+}
+
+int main(void)
+{
+    tly_rcu_thread_online();
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test_setup_teardown(test_window_edges_at_aligned_now, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_window_edges_at_unaligned_now, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_out_of_order_events_land_in_their_buckets, setup,
+                                        teardown),
+        cmocka_unit_test_setup_teardown(test_late_and_future_events_are_dropped_and_counted,
+                                        setup, teardown),
+        cmocka_unit_test_setup_teardown(test_unknown_id_reads_empty_answers, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_last_k_orders_by_time_keeps_k_and_ties_keep_arrival,
+                                        setup, teardown),
+        cmocka_unit_test_setup_teardown(test_rejected_event_changes_nothing, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_two_entity_types_from_one_event, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_idle_entities_expire_and_memory_returns, setup,
+                                        teardown),
+        cmocka_unit_test_setup_teardown(test_buckets_outside_every_window_are_pruned, setup,
+                                        teardown),
+        cmocka_unit_test_setup_teardown(test_concurrent_writers_on_shared_entities_lose_nothing,
+                                        setup, teardown),
+    };
+    int rc = cmocka_run_group_tests(tests, NULL, NULL);
+    tly_rcu_thread_offline();
+    return rc;
+}
