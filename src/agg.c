@@ -10,8 +10,8 @@
 #include <string.h>
 
 static const char *const agg_names[TLY_AGG__COUNT] = {
-    [TLY_AGG_COUNT] = "count", [TLY_AGG_SUM] = "sum",   [TLY_AGG_MIN] = "min",
-    [TLY_AGG_MAX] = "max",     [TLY_AGG_AVG] = "avg",   [TLY_AGG_LAST] = "last",
+    [TLY_AGG_COUNT] = "count",   [TLY_AGG_SUM] = "sum", [TLY_AGG_MIN] = "min",
+    [TLY_AGG_MAX] = "max",       [TLY_AGG_AVG] = "avg", [TLY_AGG_LAST] = "last",
     [TLY_AGG_LAST_K] = "last_k",
 };
 
@@ -141,8 +141,7 @@ void tly_agg_cell_merge(tly_agg_kind_t kind, tly_cell_t *acc, const tly_cell_t *
         return;
     }
     bool is_float = (b->flags & TLY_CELL_FLOAT) != 0;
-    fold(kind, acc, is_float, is_float ? 0 : b->bits, is_float ? bits_to_double(b->bits) : 0,
-         b->n);
+    fold(kind, acc, is_float, is_float ? 0 : b->bits, is_float ? bits_to_double(b->bits) : 0, b->n);
 }
 
 tly_value_t tly_agg_result(tly_agg_kind_t kind, const tly_cell_t *acc)

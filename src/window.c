@@ -31,8 +31,7 @@ int64_t tly_window_nbuckets(int64_t window_ms, int64_t hop_ms)
     return window_ms / hop_ms + 1;
 }
 
-void tly_window_range(int64_t now_ms, int64_t window_ms, int64_t hop_ms, int64_t *lo,
-                      int64_t *hi)
+void tly_window_range(int64_t now_ms, int64_t window_ms, int64_t hop_ms, int64_t *lo, int64_t *hi)
 {
     int64_t b = tly_window_bucket(now_ms, hop_ms);
     *hi = b;

@@ -43,20 +43,20 @@ typedef struct {
 } tly_where_cfg_t;
 
 typedef struct {
-    char *name;       /* unique within its entity; [A-Za-z0-9_]+ */
-    char *entity;     /* entity type, e.g. "user"; [A-Za-z0-9_]+ */
-    size_t nkeys;     /* >= 1: `key: user_id` or `key: [user_id, category]` */
+    char *name;   /* unique within its entity; [A-Za-z0-9_]+ */
+    char *entity; /* entity type, e.g. "user"; [A-Za-z0-9_]+ */
+    size_t nkeys; /* >= 1: `key: user_id` or `key: [user_id, category]` */
     char **keys;
-    size_t nwhere;    /* all conditions must hold (AND); a list is OR */
+    size_t nwhere; /* all conditions must hold (AND); a list is OR */
     tly_where_cfg_t *where;
     tly_agg_kind_t agg;
-    size_t nvalues;   /* count: 0; sum/min/max/avg: 1; last/last_k: >= 1 */
+    size_t nvalues; /* count: 0; sum/min/max/avg: 1; last/last_k: >= 1 */
     char **values;
-    size_t nwindows;  /* count/sum/min/max/avg: >= 1; last/last_k: 0 */
+    size_t nwindows;     /* count/sum/min/max/avg: >= 1; last/last_k: 0 */
     int64_t *windows_ms; /* strictly increasing */
-    int64_t hop_ms;   /* 0: default per window (DESIGN §3); else divides all */
-    uint32_t k;       /* last_k: 1..10000; last: 1; others 0 */
-    int line;         /* line of the feature's mapping in the file */
+    int64_t hop_ms;      /* 0: default per window (DESIGN §3); else divides all */
+    uint32_t k;          /* last_k: 1..10000; last: 1; others 0 */
+    int line;            /* line of the feature's mapping in the file */
 } tly_feature_cfg_t;
 
 typedef struct {
@@ -76,7 +76,7 @@ typedef struct {
     } server;
 
     struct {
-        char *brokers;      /* "embedded" = in-process mock cluster */
+        char *brokers; /* "embedded" = in-process mock cluster */
         char *group;
         size_t ntopics;
         char **topics;
@@ -87,12 +87,12 @@ typedef struct {
     } kafka;
 
     struct {
-        char *format;           /* "json" */
-        char *time_field;       /* NULL when unit == TLY_TIME_KAFKA */
+        char *format;     /* "json" */
+        char *time_field; /* NULL when unit == TLY_TIME_KAFKA */
         tly_time_unit_t time_unit;
         int64_t max_future_skew_ms;
-        int64_t max_bytes;      /* largest accepted payload */
-        int64_t max_string;     /* longest string value kept by last/last_k */
+        int64_t max_bytes;  /* largest accepted payload */
+        int64_t max_string; /* longest string value kept by last/last_k */
     } events;
 
     struct {

@@ -48,8 +48,8 @@ void tly_decoder_free(tly_decoder_t *dec);
  * is freed, whichever comes first. On any error *ev may be partly written and
  * must not be used.
  */
-tly_err_t tly_decode_json(tly_decoder_t *dec, const char *payload, size_t len,
-                          int64_t kafka_ts_ms, tly_event_t *ev);
+tly_err_t tly_decode_json(tly_decoder_t *dec, const char *payload, size_t len, int64_t kafka_ts_ms,
+                          tly_event_t *ev);
 
 /* Parses an ISO 8601 UTC time ("2026-11-22T04:16:21Z", optional .fff and
  * ±hh:mm) into epoch ms. Returns TLY_OK or TLY_E_EV_BAD_TIME. Event times, in

@@ -12,26 +12,26 @@
 #define TALLYD_ERROR_H
 
 /* X(NAME, "sentence") — NAME becomes TLY_E_NAME (TLY_OK for OK). */
-#define TLY_ERRORS(X)                                                          \
-    X(OK, "success")                                                           \
-    X(NOMEM, "out of memory")                                                  \
-    X(INVAL, "invalid argument")                                               \
-    X(CONFIG, "invalid configuration")                                         \
-    X(IO, "input/output error")                                                \
-    X(NOTFOUND, "not found")                                                   \
-    X(RANGE, "value out of range")                                             \
-    X(FULL, "limit reached")                                                   \
-    /* event rejection reasons (counted per reason) */                         \
-    X(EV_TOO_LARGE, "event payload exceeds events.max_bytes")                  \
-    X(EV_BAD_JSON, "event payload is not valid JSON")                          \
-    X(EV_NOT_OBJECT, "event payload is not a JSON object")                     \
-    X(EV_TOO_COMPLEX, "event has more JSON tokens than events.max_tokens")     \
-    X(EV_MISSING_KEY, "event lacks a key field a feature needs")               \
-    X(EV_WRONG_TYPE, "event field has the wrong type")                         \
-    X(EV_VALUE_TOO_LONG, "event string value exceeds events.max_string")       \
-    X(EV_MISSING_TIME, "event lacks the configured time field")                \
-    X(EV_BAD_TIME, "event time is not in the configured unit or format")       \
-    X(EV_LATE, "event is older than the longest window")                       \
+#define TLY_ERRORS(X)                                                                              \
+    X(OK, "success")                                                                               \
+    X(NOMEM, "out of memory")                                                                      \
+    X(INVAL, "invalid argument")                                                                   \
+    X(CONFIG, "invalid configuration")                                                             \
+    X(IO, "input/output error")                                                                    \
+    X(NOTFOUND, "not found")                                                                       \
+    X(RANGE, "value out of range")                                                                 \
+    X(FULL, "limit reached")                                                                       \
+    /* event rejection reasons (counted per reason) */                                             \
+    X(EV_TOO_LARGE, "event payload exceeds events.max_bytes")                                      \
+    X(EV_BAD_JSON, "event payload is not valid JSON")                                              \
+    X(EV_NOT_OBJECT, "event payload is not a JSON object")                                         \
+    X(EV_TOO_COMPLEX, "event has more JSON tokens than events.max_tokens")                         \
+    X(EV_MISSING_KEY, "event lacks a key field a feature needs")                                   \
+    X(EV_WRONG_TYPE, "event field has the wrong type")                                             \
+    X(EV_VALUE_TOO_LONG, "event string value exceeds events.max_string")                           \
+    X(EV_MISSING_TIME, "event lacks the configured time field")                                    \
+    X(EV_BAD_TIME, "event time is not in the configured unit or format")                           \
+    X(EV_LATE, "event is older than the longest window")                                           \
     X(EV_FUTURE, "event is further in the future than max_future_skew")
 
 typedef enum {

@@ -35,11 +35,11 @@
 #include "tallyd/error.h"
 #include "tallyd/value.h"
 
-#define TLY_MAX_FIELDS 64       /* distinct event fields referenced */
-#define TLY_MAX_FEATURES 1024   /* features in one config */
-#define TLY_MAX_WINDOWS 16      /* windows of one feature */
-#define TLY_MAX_ID 512          /* bytes of an entity id (composite included) */
-#define TLY_MAX_ENTITIES 64     /* entity types in one config */
+#define TLY_MAX_FIELDS   64   /* distinct event fields referenced */
+#define TLY_MAX_FEATURES 1024 /* features in one config */
+#define TLY_MAX_WINDOWS  16   /* windows of one feature */
+#define TLY_MAX_ID       512  /* bytes of an entity id (composite included) */
+#define TLY_MAX_ENTITIES 64   /* entity types in one config */
 
 /* One event as the features see it: the referenced fields by field id, and
  * the event time. Strings borrow from the payload or the decoder's scratch. */
@@ -73,34 +73,34 @@ typedef struct {
 } tly_where_t;
 
 typedef struct {
-    uint32_t id;          /* index in featset.feats */
-    const char *name;     /* borrowed from the config */
-    uint32_t entity;      /* index in featset.entities */
-    uint32_t slot;        /* index among its entity's features */
+    uint32_t id;      /* index in featset.feats */
+    const char *name; /* borrowed from the config */
+    uint32_t entity;  /* index in featset.entities */
+    uint32_t slot;    /* index among its entity's features */
     size_t nwhere;
     tly_where_t *where;
     tly_agg_kind_t agg;
-    size_t nvalues;       /* value fields (field ids) */
+    size_t nvalues; /* value fields (field ids) */
     uint32_t *values;
     size_t nwindows;
     tly_window_t *windows;
-    uint32_t k;           /* last_k capacity (1 for last) */
-    int64_t horizon_ms;   /* longest window; store.idle_ttl for last/last_k */
+    uint32_t k;         /* last_k capacity (1 for last) */
+    int64_t horizon_ms; /* longest window; store.idle_ttl for last/last_k */
 } tly_feat_t;
 
 typedef struct {
-    const char *name;     /* entity type ("user") */
+    const char *name; /* entity type ("user") */
     size_t nkeys;
-    uint32_t *keys;       /* key field ids */
+    uint32_t *keys; /* key field ids */
     size_t nfeats;
-    uint32_t *feats;      /* feature ids, in config order */
-    int64_t horizon_ms;   /* max horizon of its features */
+    uint32_t *feats;    /* feature ids, in config order */
+    int64_t horizon_ms; /* max horizon of its features */
 } tly_entity_t;
 
 typedef struct {
     size_t nfields;
-    char **fields;        /* field names by id (owned) */
-    int time_field;       /* field id of the event time, -1: Kafka timestamp */
+    char **fields;  /* field names by id (owned) */
+    int time_field; /* field id of the event time, -1: Kafka timestamp */
     tly_time_unit_t time_unit;
     int64_t max_future_skew_ms;
     int64_t max_string;
@@ -144,7 +144,7 @@ bool tly_feat_match(const tly_feat_t *feat, const tly_event_t *ev);
  * NUL-terminated). Returns TLY_OK and *len, or EV_MISSING_KEY,
  * EV_WRONG_TYPE, or EV_VALUE_TOO_LONG (id longer than cap).
  */
-tly_err_t tly_entity_id(const tly_featset_t *fs, uint32_t entity, const tly_event_t *ev,
-                        char *buf, size_t cap, size_t *len);
+tly_err_t tly_entity_id(const tly_featset_t *fs, uint32_t entity, const tly_event_t *ev, char *buf,
+                        size_t cap, size_t *len);
 
 #endif

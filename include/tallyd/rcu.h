@@ -41,12 +41,12 @@ extern char tly_lfht_tsan_sync;
 #define tly_rcu_tsan_acquire() __tsan_acquire(&tly_rcu_tsan_sync)
 /* Likewise for nodes published in a cds_lfht: publish before linking a
  * node, subscribe after finding one. */
-#define tly_lfht_tsan_publish() __tsan_release(&tly_lfht_tsan_sync)
+#define tly_lfht_tsan_publish()   __tsan_release(&tly_lfht_tsan_sync)
 #define tly_lfht_tsan_subscribe() __tsan_acquire(&tly_lfht_tsan_sync)
 #else
-#define tly_rcu_tsan_release() ((void)0)
-#define tly_rcu_tsan_acquire() ((void)0)
-#define tly_lfht_tsan_publish() ((void)0)
+#define tly_rcu_tsan_release()    ((void)0)
+#define tly_rcu_tsan_acquire()    ((void)0)
+#define tly_lfht_tsan_publish()   ((void)0)
 #define tly_lfht_tsan_subscribe() ((void)0)
 #endif
 
@@ -63,8 +63,8 @@ extern char tly_lfht_tsan_sync;
         tly_rcu_tsan_release();                                                                    \
         urcu_memb_call_rcu((head), (fn));                                                          \
     } while (0)
-#define tly_rcu_barrier() urcu_memb_barrier()
+#define tly_rcu_barrier()     urcu_memb_barrier()
 #define tly_synchronize_rcu() urcu_memb_synchronize_rcu()
-#define tly_rcu_flavor (&urcu_memb_flavor)
+#define tly_rcu_flavor        (&urcu_memb_flavor)
 
 #endif

@@ -50,16 +50,16 @@ typedef struct {
 } tly_item_t;
 
 typedef struct {
-    uint64_t entities;          /* live records, all types */
-    uint64_t bytes;             /* heap bytes held by records and interned
-                                   strings (malloc_usable_size), the hash
-                                   table's bucket index excluded */
-    uint64_t interned;          /* short strings in the intern table */
-    uint64_t interned_bytes;    /* their bytes (part of `bytes`; kept until
-                                   the store is freed) */
-    uint64_t events_applied;    /* events that updated at least one feature */
-    uint64_t updates;           /* feature updates */
-    uint64_t expired;           /* records removed by the sweeper */
+    uint64_t entities;              /* live records, all types */
+    uint64_t bytes;                 /* heap bytes held by records and interned
+                                       strings (malloc_usable_size), the hash
+                                       table's bucket index excluded */
+    uint64_t interned;              /* short strings in the intern table */
+    uint64_t interned_bytes;        /* their bytes (part of `bytes`; kept until
+                                       the store is freed) */
+    uint64_t events_applied;        /* events that updated at least one feature */
+    uint64_t updates;               /* feature updates */
+    uint64_t expired;               /* records removed by the sweeper */
     uint64_t dropped[TLY_E__COUNT]; /* feature updates dropped, by reason */
 } tly_store_stats_t;
 

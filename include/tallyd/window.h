@@ -21,8 +21,8 @@
 
 #define TLY_MS_SECOND INT64_C(1000)
 #define TLY_MS_MINUTE (60 * TLY_MS_SECOND)
-#define TLY_MS_HOUR (60 * TLY_MS_MINUTE)
-#define TLY_MS_DAY (24 * TLY_MS_HOUR)
+#define TLY_MS_HOUR   (60 * TLY_MS_MINUTE)
+#define TLY_MS_DAY    (24 * TLY_MS_HOUR)
 
 /* Returns the default hop for a window of window_ms (> 0, whole seconds). */
 int64_t tly_window_default_hop(int64_t window_ms);
@@ -34,8 +34,7 @@ int64_t tly_window_bucket(int64_t t_ms, int64_t hop_ms);
 int64_t tly_window_nbuckets(int64_t window_ms, int64_t hop_ms);
 
 /* Writes the inclusive bucket range [*lo, *hi] of the window at now. */
-void tly_window_range(int64_t now_ms, int64_t window_ms, int64_t hop_ms, int64_t *lo,
-                      int64_t *hi);
+void tly_window_range(int64_t now_ms, int64_t window_ms, int64_t hop_ms, int64_t *lo, int64_t *hi);
 
 /* True when an event at t_ms is inside the window evaluated at now_ms. */
 bool tly_window_contains(int64_t now_ms, int64_t window_ms, int64_t hop_ms, int64_t t_ms);

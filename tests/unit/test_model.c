@@ -36,11 +36,11 @@
 #include "tallyd/rcu.h"
 #include "tallyd/store.h"
 
-#define SEC INT64_C(1000)
-#define MIN (60 * SEC)
-#define HOUR (60 * MIN)
-#define DAY (24 * HOUR)
-#define SKEW MIN
+#define SEC      INT64_C(1000)
+#define MIN      (60 * SEC)
+#define HOUR     (60 * MIN)
+#define DAY      (24 * HOUR)
+#define SKEW     MIN
 #define IDLE_TTL (2 * DAY)
 #define RECENT_K 20
 
@@ -55,12 +55,17 @@ static const char *model_yaml =
     " windows: [5m, 1h, 1d, 7d] }\n"
     "  - { name: engaged, entity: user, key: user_id, where: { action: [click, save] },"
     " agg: count, windows: [1h] }\n"
-    "  - { name: dwell, entity: user, key: user_id, agg: sum, value: dwell_ms, windows: [1h, 1d] }\n"
+    "  - { name: dwell, entity: user, key: user_id, agg: sum, value: dwell_ms, windows: [1h, 1d] "
+    "}\n"
     "  - { name: score, entity: user, key: user_id, agg: sum, value: score, windows: [1h] }\n"
-    "  - { name: dwell_min, entity: user, key: user_id, agg: min, value: dwell_ms, windows: [1d] }\n"
-    "  - { name: dwell_max, entity: user, key: user_id, agg: max, value: dwell_ms, windows: [1d] }\n"
-    "  - { name: dwell_avg, entity: user, key: user_id, agg: avg, value: dwell_ms, windows: [1h] }\n"
-    "  - { name: recent, entity: user, key: user_id, agg: last_k, k: 20, value: [pin_id, action] }\n"
+    "  - { name: dwell_min, entity: user, key: user_id, agg: min, value: dwell_ms, windows: [1d] "
+    "}\n"
+    "  - { name: dwell_max, entity: user, key: user_id, agg: max, value: dwell_ms, windows: [1d] "
+    "}\n"
+    "  - { name: dwell_avg, entity: user, key: user_id, agg: avg, value: dwell_ms, windows: [1h] "
+    "}\n"
+    "  - { name: recent, entity: user, key: user_id, agg: last_k, k: 20, value: [pin_id, action] "
+    "}\n"
     "  - { name: last_action, entity: user, key: user_id, agg: last, value: action }\n"
     "  - { name: impressions, entity: pin, key: pin_id, where: { action: impression },"
     " agg: count, windows: [1h, 1d] }\n"
@@ -87,8 +92,14 @@ typedef struct {
 } mfeat_t;
 
 static const mfeat_t mfeats[] = {
-    {"clicks", 0, 1u << A_CLICK, F_COUNT, V_NONE, 4,
-     {5 * MIN, HOUR, DAY, 7 * DAY}, {10 * SEC, MIN, 5 * MIN, HOUR}},
+    {"clicks",
+     0,
+     1u << A_CLICK,
+     F_COUNT,
+     V_NONE,
+     4,
+     {5 * MIN, HOUR, DAY, 7 * DAY},
+     {10 * SEC, MIN, 5 * MIN, HOUR}},
     {"engaged", 0, 1u << A_CLICK | 1u << A_SAVE, F_COUNT, V_NONE, 1, {HOUR}, {MIN}},
     {"dwell", 0, 0, F_SUM, V_DWELL, 2, {HOUR, DAY}, {MIN, 5 * MIN}},
     {"score", 0, 0, F_SUM, V_SCORE, 1, {HOUR}, {MIN}},
@@ -160,8 +171,11 @@ static void make_stream(stream_t *S, uint64_t seed)
         u = rng_unit(&r);
         e->pin = 1 + (uint32_t)(u * u * (double)S->npins);
         int a = (int)(rng_next(&r) % 100);
-        e->action = a < 60 ? A_IMPRESSION : a < 75 ? A_CLOSEUP : a < 90 ? A_CLICK : a < 97 ? A_SAVE
-                                                                                     : A_HIDE;
+        e->action = a < 60   ? A_IMPRESSION
+                    : a < 75 ? A_CLOSEUP
+                    : a < 90 ? A_CLICK
+                    : a < 97 ? A_SAVE
+                             : A_HIDE;
         e->dwell = rng_next(&r) % 10 < 7 ? (int32_t)(rng_next(&r) % 60001) : -1;
         e->score_q = rng_next(&r) % 2 ? (int32_t)(rng_next(&r) % 401) : -1;
         int kind = (int)(rng_next(&r) % 1000);
@@ -469,8 +483,8 @@ static bool same_value(const tly_value_t *a, const tly_value_t *b)
 }
 
 /* Compares every value of every entity at now; returns mismatches. */
-static long check_all(ctx_t *c, int64_t now, size_t *ust, uint32_t *uix, size_t *pst,
-                      uint32_t *pix, long *compared)
+static long check_all(ctx_t *c, int64_t now, size_t *ust, uint32_t *uix, size_t *pst, uint32_t *pix,
+                      long *compared)
 {
     const stream_t *S = c->S;
     long mismatches = 0;
@@ -499,8 +513,8 @@ static long check_all(ctx_t *c, int64_t now, size_t *ust, uint32_t *uix, size_t 
             int n = snprintf(id, sizeof id, pin ? "p%zu" : "%zu", e);
             const uint32_t *evs = ix + st[e];
             size_t nev = st[e + 1] - st[e];
-            assert_int_equal(tly_store_read(c->store, (uint32_t)ent, id, (size_t)n, req, nreq,
-                                            now, out, NULL, sbuf, sizeof sbuf),
+            assert_int_equal(tly_store_read(c->store, (uint32_t)ent, id, (size_t)n, req, nreq, now,
+                                            out, NULL, sbuf, sizeof sbuf),
                              TLY_OK);
             for (size_t q = 0; q < nreq; q++) {
                 const mfeat_t *f = &mfeats[reqf[q]];
@@ -522,8 +536,8 @@ static long check_all(ctx_t *c, int64_t now, size_t *ust, uint32_t *uix, size_t 
                         fprintf(stderr,
                                 "mismatch: %s %s %s window %u at %lld: want type %d %lld/%g, "
                                 "got type %d %lld/%g\n",
-                                pin ? "pin" : "user", id, f->name, req[q].window,
-                                (long long)now, exp.type, (long long)exp.u.i,
+                                pin ? "pin" : "user", id, f->name, req[q].window, (long long)now,
+                                exp.type, (long long)exp.u.i,
                                 exp.type == TLY_V_DOUBLE ? exp.u.d : 0, out[q].type,
                                 (long long)out[q].u.i,
                                 out[q].type == TLY_V_DOUBLE ? out[q].u.d : 0);
@@ -549,8 +563,7 @@ static long check_all(ctx_t *c, int64_t now, size_t *ust, uint32_t *uix, size_t 
                 ok = items[q].time_ms == ge->t && items[q].nvals == 2 &&
                      items[q].vals[0].type == TLY_V_STR && items[q].vals[0].len == (uint32_t)pl &&
                      memcmp(items[q].vals[0].u.s, pb, (size_t)pl) == 0 &&
-                     items[q].vals[1].type == TLY_V_STR &&
-                     items[q].vals[1].len == strlen(an) &&
+                     items[q].vals[1].type == TLY_V_STR && items[q].vals[1].len == strlen(an) &&
                      memcmp(items[q].vals[1].u.s, an, strlen(an)) == 0;
             }
             if (!ok) {

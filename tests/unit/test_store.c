@@ -23,10 +23,10 @@
 #include "tallyd/rcu.h"
 #include "tallyd/store.h"
 
-#define SEC INT64_C(1000)
-#define MIN (60 * SEC)
+#define SEC  INT64_C(1000)
+#define MIN  (60 * SEC)
 #define HOUR (60 * MIN)
-#define DAY (24 * HOUR)
+#define DAY  (24 * HOUR)
 /* A time aligned to every default hop (a whole day in epoch ms). */
 #define T (INT64_C(19675) * DAY)
 
@@ -89,8 +89,8 @@ static int teardown(void **state)
 }
 
 /* An event: user (int), pin (string or NULL), action, dwell (< 0: absent). */
-static tly_event_t ev(const fx_t *fx, int64_t t, int64_t user, const char *pin,
-                      const char *action, int64_t dwell)
+static tly_event_t ev(const fx_t *fx, int64_t t, int64_t user, const char *pin, const char *action,
+                      int64_t dwell)
 {
     tly_event_t e;
     memset(&e, 0, sizeof e);
@@ -100,7 +100,8 @@ static tly_event_t ev(const fx_t *fx, int64_t t, int64_t user, const char *pin,
     if (user >= 0)
         e.vals[fx->f_user] = (tly_value_t){.type = TLY_V_INT, .u.i = user};
     if (pin)
-        e.vals[fx->f_pin] = (tly_value_t){.type = TLY_V_STR, .len = (uint32_t)strlen(pin), .u.s = pin};
+        e.vals[fx->f_pin] =
+            (tly_value_t){.type = TLY_V_STR, .len = (uint32_t)strlen(pin), .u.s = pin};
     if (action)
         e.vals[fx->f_action] =
             (tly_value_t){.type = TLY_V_STR, .len = (uint32_t)strlen(action), .u.s = action};
@@ -122,8 +123,7 @@ static tly_value_t get(fx_t *fx, uint32_t entity, const char *id, const char *na
 {
     uint32_t feat;
     int win;
-    assert_int_equal(tly_featset_resolve(fx->fs, entity, name, strlen(name), &feat, &win),
-                     TLY_OK);
+    assert_int_equal(tly_featset_resolve(fx->fs, entity, name, strlen(name), &feat, &win), TLY_OK);
     tly_featwin_t req = {feat, w};
     tly_value_t out;
     static char sbuf[256];
@@ -265,19 +265,19 @@ static void test_last_k_orders_by_time_keeps_k_and_ties_keep_arrival(void **stat
     assert_int_equal(it[1].time_ms, T - 5 * SEC);
     assert_int_equal(it[2].time_ms, T - 9 * SEC);
     /* SINCE and ASOF bound the items returned */
-    assert_int_equal(tly_store_recent(fx->store, fx->user, "5", 1, feat, T - 6 * SEC, T, it, 8,
-                                      &n, sbuf, sizeof sbuf),
+    assert_int_equal(tly_store_recent(fx->store, fx->user, "5", 1, feat, T - 6 * SEC, T, it, 8, &n,
+                                      sbuf, sizeof sbuf),
                      TLY_OK);
     assert_int_equal(n, 2);
-    assert_int_equal(tly_store_recent(fx->store, fx->user, "5", 1, feat, INT64_MIN, T - 6 * SEC,
-                                      it, 8, &n, sbuf, sizeof sbuf),
+    assert_int_equal(tly_store_recent(fx->store, fx->user, "5", 1, feat, INT64_MIN, T - 6 * SEC, it,
+                                      8, &n, sbuf, sizeof sbuf),
                      TLY_OK);
     assert_int_equal(n, 1);
     assert_int_equal(it[0].time_ms, T - 9 * SEC);
     /* a string buffer too small is reported, not overrun */
-    assert_int_equal(tly_store_recent(fx->store, fx->user, "5", 1, feat, INT64_MIN, T, it, 8, &n,
-                                      sbuf, 3),
-                     TLY_E_FULL);
+    assert_int_equal(
+        tly_store_recent(fx->store, fx->user, "5", 1, feat, INT64_MIN, T, it, 8, &n, sbuf, 3),
+        TLY_E_FULL);
 }
 
 static void test_rejected_event_changes_nothing(void **state)
@@ -408,13 +408,13 @@ static void *conc_reader(void *arg)
     tly_value_t out[2];
     for (int i = 0; atomic_load(a->done) < 2; i++) {
         int n = snprintf(id, sizeof id, "%d", i % 101);
-        tly_store_read(a->fx->store, a->fx->user, id, (size_t)n, req, 2, T + CONC_EVENTS, out,
-                       NULL, sbuf, sizeof sbuf);
+        tly_store_read(a->fx->store, a->fx->user, id, (size_t)n, req, 2, T + CONC_EVENTS, out, NULL,
+                       sbuf, sizeof sbuf);
         if (out[0].u.i > out[1].u.i)
             bad++;
         size_t got;
-        tly_store_recent(a->fx->store, a->fx->user, id, (size_t)n, feat, INT64_MIN,
-                         T + CONC_EVENTS, it, 4, &got, sbuf, sizeof sbuf);
+        tly_store_recent(a->fx->store, a->fx->user, id, (size_t)n, feat, INT64_MIN, T + CONC_EVENTS,
+                         it, 4, &got, sbuf, sizeof sbuf);
         if (got > 3)
             bad++;
         if (a->id == 0 && i % 1000 == 0)
@@ -468,8 +468,8 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_window_edges_at_unaligned_now, setup, teardown),
         cmocka_unit_test_setup_teardown(test_out_of_order_events_land_in_their_buckets, setup,
                                         teardown),
-        cmocka_unit_test_setup_teardown(test_late_and_future_events_are_dropped_and_counted,
-                                        setup, teardown),
+        cmocka_unit_test_setup_teardown(test_late_and_future_events_are_dropped_and_counted, setup,
+                                        teardown),
         cmocka_unit_test_setup_teardown(test_unknown_id_reads_empty_answers, setup, teardown),
         cmocka_unit_test_setup_teardown(test_last_k_orders_by_time_keeps_k_and_ties_keep_arrival,
                                         setup, teardown),

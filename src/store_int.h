@@ -1,0 +1,205 @@
+/*
+ * store_int.h — what the three files of the store part share: the record
+ * layout, the store struct, word access helpers and the functions each file
+ * offers the others. Private to src/store*.c (and nothing else includes it).
+ *
+ *   store.c        the table, records, locking, apply/read/sweep, counters
+ *   store_words.c  the word encoding of large records (buckets, items)
+ *   store_log.c    the compact encoding of small records (event logs) and
+ *                  the intern table
+ *
+ * See store.c for the encodings and the concurrency protocol.
+ */
+#ifndef TALLYD_STORE_INT_H
+#define TALLYD_STORE_INT_H
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "tallyd/rcu.h"
+#include "tallyd/store.h"
+
+#if defined(__SANITIZE_THREAD__)
+/* TSan does not model fences (gcc refuses them under -fsanitize=thread).
+ * Every access to shared state here is atomic, so without the fences TSan
+ * still checks what it can: that nothing shared is read or written plainly. */
+#define fence(order) ((void)0)
+#else
+#define fence(order) atomic_thread_fence(order)
+#endif
+
+#define F_DEAD  0x1u /* replaced or expired: go back to the table */
+#define F_WORDS 0x2u /* word encoding (else compact) */
+
+#define COMPACT_MAX_BYTES  192 /* a larger log is replayed into words */
+#define COMPACT_MAX_EVENTS 16
+#define COMPACT_MAX_SLOTS  63    /* feature slots a mask can name */
+#define INTERN_SLOTS       65536 /* power of two; ids fit 16 bits */
+#define INTERN_MAX         (INTERN_SLOTS / 2)
+#define INTERN_MAXLEN      32
+
+typedef struct ent {
+    struct cds_lfht_node node; /* table linkage (liburcu) */
+    /* Sequence lock: odd while a writer is inside. Writers CAS even → odd;
+     * readers load it with acquire before and relaxed after reading. Its
+     * first release store also publishes the immutable fields. */
+    _Atomic uint32_t seq;
+    uint16_t type;         /* entity type; immutable */
+    uint8_t idlen;         /* immutable */
+    _Atomic uint8_t flags; /* F_DEAD (under the lock), F_WORDS (immutable) */
+    uint32_t cap;          /* state capacity in words; immutable */
+    _Atomic uint32_t used; /* words (F_WORDS) or log bytes; writer under lock */
+    /* followed by the id (padded to 8 bytes), then `cap` state words that
+     * the writer stores and readers load with __atomic builtins */
+} ent_t;
+
+typedef struct tstats {
+    struct tstats *next; /* list of the store's per-thread counters */
+    /* Written by the owning thread with relaxed stores; summed by any. */
+    _Atomic int64_t entities, bytes, applied, updates, expired, interned_bytes;
+    _Atomic uint64_t dropped[TLY_E__COUNT];
+} tstats_t;
+
+typedef struct {
+    uint32_t len;
+    char s[];
+} istr_t;
+
+/* Per entity type: the value fields its features read, in one order. */
+typedef struct {
+    uint32_t nvf;
+    uint32_t vf[TLY_MAX_ITEM_VALUES]; /* field ids */
+    bool compact;                     /* may use the compact encoding */
+} etype_t;
+
+struct tly_store {
+    const tly_featset_t *fs;
+    struct cds_lfht *ht;
+    uint64_t gen;                         /* unique per store, keys the thread cache */
+    pthread_mutex_t mu;                   /* guards `stats` list insertion */
+    tstats_t *_Atomic stats;              /* per-thread counters (push-only list) */
+    etype_t *etypes;                      /* by entity index; immutable */
+    uint8_t (*vidx)[TLY_MAX_ITEM_VALUES]; /* by feature: value → vf index */
+    /* Intern table for short strings of compact logs: slots are written
+     * once (CAS from NULL) and never freed before the store. */
+    istr_t *_Atomic intern[INTERN_SLOTS];
+    _Atomic uint32_t ninterned;
+};
+
+static inline size_t id_words(size_t idlen)
+{
+    return (idlen + 7) / 8;
+}
+
+static inline const char *ent_id(const ent_t *e)
+{
+    return (const char *)(e + 1);
+}
+
+static inline uint64_t *ent_words(const ent_t *e)
+{
+    return (uint64_t *)((char *)(uintptr_t)(e + 1) + 8 * id_words(e->idlen));
+}
+
+static inline uint64_t ld(const ent_t *e, uint32_t i)
+{
+    return __atomic_load_n(&ent_words(e)[i], __ATOMIC_RELAXED);
+}
+
+static inline void st(ent_t *e, uint32_t i, uint64_t v)
+{
+    __atomic_store_n(&ent_words(e)[i], v, __ATOMIC_RELAXED);
+}
+
+static inline uint32_t used_of(const ent_t *e)
+{
+    uint32_t u = atomic_load_explicit(&e->used, memory_order_relaxed);
+    uint32_t lim =
+        (atomic_load_explicit(&e->flags, memory_order_relaxed) & F_WORDS) ? e->cap : e->cap * 8;
+    return u > lim ? lim : u;
+}
+
+static inline bool is_words(const ent_t *e)
+{
+    return (atomic_load_explicit(&e->flags, memory_order_relaxed) & F_WORDS) != 0;
+}
+
+static inline void stat_add(_Atomic int64_t *c, int64_t d)
+{
+    atomic_store_explicit(c, atomic_load_explicit(c, memory_order_relaxed) + d,
+                          memory_order_relaxed);
+}
+
+static inline uint64_t mix64(uint64_t x)
+{
+    x ^= x >> 33;
+    x *= UINT64_C(0xff51afd7ed558ccd);
+    x ^= x >> 33;
+    x *= UINT64_C(0xc4ceb9fe1a85ec53);
+    x ^= x >> 33;
+    return x;
+}
+
+static inline uint64_t hash_bytes(uint64_t seed, const char *s, size_t n)
+{
+    uint64_t h = seed ^ n;
+    while (n >= 8) {
+        uint64_t k;
+        memcpy(&k, s, 8);
+        h = (h ^ mix64(k)) * UINT64_C(0x9e3779b97f4a7c15);
+        s += 8;
+        n -= 8;
+    }
+    uint64_t k = 0;
+    memcpy(&k, s, n);
+    return mix64(h ^ k);
+}
+
+/* Up to COMPACT_MAX_EVENTS records decoded from a log. */
+typedef struct {
+    int64_t t;
+    uint64_t mask;
+    uint32_t pos; /* arrival order */
+    tly_value_t vals[TLY_MAX_ITEM_VALUES];
+} rec_t;
+
+typedef struct {
+    uint8_t bytes[COMPACT_MAX_BYTES + 8];
+    size_t nbytes;
+    rec_t recs[COMPACT_MAX_EVENTS];
+    size_t nrecs;
+} log_t;
+
+/* store.c */
+void *store_xmalloc(size_t n);
+tstats_t *store_thread_stats(tly_store_t *store);
+void store_regrow(tly_store_t *store, ent_t **entp, uint8_t flags, uint32_t words, uint32_t copy);
+
+/* store_words.c */
+uint32_t store_seg_find(const ent_t *e, uint32_t used, uint32_t sid, bool *found);
+void store_words_apply(tly_store_t *store, ent_t **entp, const tly_entity_t *etype, uint64_t mask,
+                       const uint32_t *feats, uint32_t nfeats, const tly_event_t *ev,
+                       int64_t now_ms);
+size_t store_words_recent(const ent_t *e, uint32_t off, uint32_t used, uint32_t k, int64_t since_ms,
+                          int64_t asof_ms, tly_item_t *items, size_t cap, char *strbuf,
+                          size_t strcap, size_t *sused, bool *bad, bool *full);
+tly_value_t store_words_value(const ent_t *e, uint32_t used, const tly_feat_t *feat,
+                              uint32_t window, int64_t now_ms, bool *bad);
+
+/* store_log.c */
+void store_log_copy(const ent_t *e, log_t *lg);
+bool store_log_decode(const tly_store_t *store, const etype_t *et, log_t *lg);
+void store_compact_apply(tly_store_t *store, ent_t **entp, const tly_entity_t *etype, uint64_t mask,
+                         const uint32_t *feats, uint32_t nfeats, const tly_event_t *ev,
+                         int64_t now_ms);
+size_t store_log_recent(const log_t *lg, uint32_t slot, uint32_t k, int64_t since_ms,
+                        int64_t asof_ms, size_t cap, uint32_t *idx);
+bool store_item_from_rec(const tly_store_t *store, const tly_feat_t *feat, const rec_t *r,
+                         tly_item_t *it, char *strbuf, size_t strcap, size_t *sused);
+tly_value_t store_log_value(const tly_store_t *store, const log_t *lg, const tly_feat_t *feat,
+                            uint32_t window, int64_t now_ms);
+
+#endif

@@ -1,0 +1,401 @@
+/*
+ * store_log.c — the compact encoding of small records: each record's state
+ * is the byte-packed log of its events (layout in store.c's opening
+ * comment), answered by folding the log at read time, and replayed into the
+ * word encoding once it outgrows COMPACT_MAX_BYTES or COMPACT_MAX_EVENTS.
+ * Also the intern table that turns short repeated strings (actions,
+ * categories) into two-byte ids inside logs.
+ *
+ * Writers call in holding the record's lock; readers decode a private copy
+ * of the log taken under the seqlock and get false from store_log_decode()
+ * when the copy is torn.
+ */
+#include <malloc.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+#include "store_int.h"
+#include "tallyd/window.h"
+
+enum { TAG_NIL = 0, TAG_INT = 1, TAG_DBL = 2, TAG_STR = 3 };
+
+static size_t put_varint(uint8_t *p, uint64_t v)
+{
+    size_t n = 0;
+    while (v >= 0x80) {
+        p[n++] = (uint8_t)(v | 0x80);
+        v >>= 7;
+    }
+    p[n++] = (uint8_t)v;
+    return n;
+}
+
+static bool get_varint(const uint8_t *p, size_t end, size_t *at, uint64_t *v)
+{
+    uint64_t r = 0;
+    for (unsigned shift = 0; shift < 64 && *at < end; shift += 7) {
+        uint8_t b = p[(*at)++];
+        r |= (uint64_t)(b & 0x7f) << shift;
+        if (!(b & 0x80)) {
+            *v = r;
+            return true;
+        }
+    }
+    return false;
+}
+
+static uint64_t zigzag(int64_t v)
+{
+    return ((uint64_t)v << 1) ^ (uint64_t)(v >> 63);
+}
+
+static int64_t unzigzag(uint64_t v)
+{
+    return (int64_t)(v >> 1) ^ -(int64_t)(v & 1);
+}
+
+/* Returns the intern id of s[0..len), inserting it if there is room, or -1. */
+static int intern_get(tly_store_t *store, const char *s, uint32_t len)
+{
+    if (len > INTERN_MAXLEN)
+        return -1;
+    uint32_t h = (uint32_t)hash_bytes(0x51ed27, s, len) & (INTERN_SLOTS - 1);
+    istr_t *mine = NULL;
+    for (uint32_t probe = 0; probe < INTERN_SLOTS; probe++, h = (h + 1) & (INTERN_SLOTS - 1)) {
+        istr_t *cur = atomic_load_explicit(&store->intern[h], memory_order_acquire);
+        if (!cur) {
+            if (atomic_load_explicit(&store->ninterned, memory_order_relaxed) >= INTERN_MAX)
+                break;
+            if (!mine) {
+                mine = store_xmalloc(sizeof *mine + len);
+                mine->len = len;
+                memcpy(mine->s, s, len);
+            }
+            if (atomic_compare_exchange_strong_explicit(
+                    &store->intern[h], &cur, mine, memory_order_release, memory_order_acquire)) {
+                atomic_fetch_add_explicit(&store->ninterned, 1, memory_order_relaxed);
+                stat_add(&store_thread_stats(store)->bytes, (int64_t)malloc_usable_size(mine));
+                stat_add(&store_thread_stats(store)->interned_bytes,
+                         (int64_t)malloc_usable_size(mine));
+                return (int)h;
+            }
+        }
+        if (cur->len == len && memcmp(cur->s, s, len) == 0) {
+            free(mine);
+            return (int)h;
+        }
+    }
+    free(mine);
+    return -1;
+}
+
+/* Copies the log of a compact record into lg->bytes (reader or writer). */
+void store_log_copy(const ent_t *e, log_t *lg)
+{
+    uint32_t n = used_of(e);
+    if (n > COMPACT_MAX_BYTES)
+        n = COMPACT_MAX_BYTES;
+    for (uint32_t w = 0; w * 8 < n; w++) {
+        uint64_t v = ld(e, w);
+        for (int b = 0; b < 8; b++)
+            lg->bytes[w * 8 + (uint32_t)b] = (uint8_t)(v >> (8 * b));
+    }
+    lg->nbytes = n;
+}
+
+/* Decodes lg->bytes into records; strings point into the log or the intern
+ * table. Returns false on a malformed (torn) log. */
+bool store_log_decode(const tly_store_t *store, const etype_t *et, log_t *lg)
+{
+    size_t at = 0;
+    int64_t t = 0;
+    lg->nrecs = 0;
+    while (at < lg->nbytes) {
+        if (lg->nrecs == COMPACT_MAX_EVENTS)
+            return false;
+        rec_t *r = &lg->recs[lg->nrecs];
+        uint64_t v;
+        if (!get_varint(lg->bytes, lg->nbytes, &at, &v))
+            return false;
+        t += unzigzag(v);
+        r->t = t;
+        r->pos = (uint32_t)lg->nrecs;
+        if (!get_varint(lg->bytes, lg->nbytes, &at, &r->mask))
+            return false;
+        size_t tagbytes = (et->nvf + 3) / 4;
+        if (at + tagbytes > lg->nbytes)
+            return false;
+        const uint8_t *tags = lg->bytes + at;
+        at += tagbytes;
+        for (uint32_t j = 0; j < et->nvf; j++) {
+            tly_value_t *val = &r->vals[j];
+            switch ((tags[j / 4] >> (2 * (j % 4))) & 3) {
+            case TAG_NIL:
+                val->type = TLY_V_NIL;
+                break;
+            case TAG_INT:
+                if (!get_varint(lg->bytes, lg->nbytes, &at, &v))
+                    return false;
+                val->type = TLY_V_INT;
+                val->u.i = unzigzag(v);
+                break;
+            case TAG_DBL:
+                if (at + 8 > lg->nbytes)
+                    return false;
+                val->type = TLY_V_DOUBLE;
+                memcpy(&val->u.d, lg->bytes + at, 8);
+                at += 8;
+                break;
+            default:
+                if (!get_varint(lg->bytes, lg->nbytes, &at, &v))
+                    return false;
+                val->type = TLY_V_STR;
+                if (v & 1) {
+                    if ((v >> 1) >= INTERN_SLOTS)
+                        return false;
+                    istr_t *is = atomic_load_explicit(
+                        &((tly_store_t *)(uintptr_t)store)->intern[v >> 1], memory_order_acquire);
+                    if (!is)
+                        return false;
+                    val->len = is->len;
+                    val->u.s = is->s;
+                } else {
+                    if ((v >> 1) > lg->nbytes - at)
+                        return false;
+                    val->len = (uint32_t)(v >> 1);
+                    val->u.s = (const char *)lg->bytes + at;
+                    at += v >> 1;
+                }
+                break;
+            }
+        }
+        lg->nrecs++;
+    }
+    return true;
+}
+
+/* Encodes one event for entity type et with feature mask into out (at most
+ * cap bytes). Returns the length, or 0 when it does not fit. */
+static size_t rec_encode(tly_store_t *store, const etype_t *et, const tly_event_t *ev,
+                         int64_t prev_t, uint64_t mask, uint8_t *out, size_t cap)
+{
+    uint8_t buf[COMPACT_MAX_BYTES + 32];
+    size_t n = 0;
+    n += put_varint(buf + n, zigzag(ev->time_ms - prev_t));
+    n += put_varint(buf + n, mask);
+    size_t tagat = n, tagbytes = (et->nvf + 3) / 4;
+    memset(buf + n, 0, tagbytes);
+    n += tagbytes;
+    for (uint32_t j = 0; j < et->nvf; j++) {
+        const tly_value_t *v = &ev->vals[et->vf[j]];
+        unsigned tag = TAG_NIL;
+        if (n + 16 > sizeof buf)
+            return 0;
+        switch (v->type) {
+        case TLY_V_INT:
+        case TLY_V_BOOL:
+            tag = TAG_INT;
+            n += put_varint(buf + n, zigzag(v->u.i));
+            break;
+        case TLY_V_DOUBLE:
+            tag = TAG_DBL;
+            memcpy(buf + n, &v->u.d, 8);
+            n += 8;
+            break;
+        case TLY_V_STR: {
+            tag = TAG_STR;
+            int id = intern_get(store, v->u.s, v->len);
+            if (id >= 0) {
+                n += put_varint(buf + n, (uint64_t)id << 1 | 1);
+            } else {
+                if (n + 10 + v->len > sizeof buf)
+                    return 0;
+                n += put_varint(buf + n, (uint64_t)v->len << 1);
+                memcpy(buf + n, v->u.s, v->len);
+                n += v->len;
+            }
+            break;
+        }
+        default:
+            break;
+        }
+        buf[tagat + j / 4] |= (uint8_t)(tag << (2 * (j % 4)));
+    }
+    if (n > cap)
+        return 0;
+    memcpy(out, buf, n);
+    return n;
+}
+
+/* Writes bytes[from, to) of lg into the record's words. */
+static void log_store(ent_t *e, const log_t *lg, size_t from, size_t to)
+{
+    for (size_t w = from / 8; w * 8 < to; w++) {
+        uint64_t v = 0;
+        for (int b = 0; b < 8; b++) {
+            size_t i = w * 8 + (size_t)b;
+            if (i < to)
+                v |= (uint64_t)lg->bytes[i] << (8 * b);
+        }
+        st(e, (uint32_t)w, v);
+    }
+    atomic_store_explicit(&e->used, (uint32_t)to, memory_order_relaxed);
+}
+
+static void ev_from_rec(const tly_featset_t *fs, const etype_t *et, const rec_t *r, tly_event_t *ev)
+{
+    memset(ev->vals, 0, sizeof ev->vals[0] * fs->nfields);
+    ev->nfields = (uint32_t)fs->nfields;
+    ev->time_ms = r->t;
+    for (uint32_t j = 0; j < et->nvf; j++)
+        ev->vals[et->vf[j]] = r->vals[j];
+}
+
+/* Replays a compact record's log into the word encoding. */
+static void compact_to_words(tly_store_t *store, ent_t **entp, int64_t now_ms)
+{
+    const tly_featset_t *fs = store->fs;
+    ent_t *old = *entp;
+    const etype_t *et = &store->etypes[old->type];
+    const tly_entity_t *etype = &fs->entities[old->type];
+    static _Thread_local log_t lg;
+    store_log_copy(old, &lg);
+    if (!store_log_decode(store, et, &lg)) {
+        fprintf(stderr, "tallyd: corrupt compact entity state\n");
+        abort();
+    }
+    /* Strings may point into lg.bytes: keep lg intact while replaying. */
+    store_regrow(store, entp, F_WORDS, 16, 0);
+    ent_t *e = *entp;
+    st(e, 0, (uint64_t)INT64_MIN);
+    atomic_store_explicit(&e->used, 1, memory_order_relaxed);
+    tly_event_t ev;
+    for (size_t i = 0; i < lg.nrecs; i++) {
+        ev_from_rec(fs, et, &lg.recs[i], &ev);
+        store_words_apply(store, entp, etype, lg.recs[i].mask, NULL, (uint32_t)etype->nfeats, &ev,
+                          now_ms);
+    }
+}
+
+/* Appends the event to a compact record (converting it when full). */
+void store_compact_apply(tly_store_t *store, ent_t **entp, const tly_entity_t *etype, uint64_t mask,
+                         const uint32_t *feats, uint32_t nfeats, const tly_event_t *ev,
+                         int64_t now_ms)
+{
+    ent_t *e = *entp;
+    const etype_t *et = &store->etypes[e->type];
+    static _Thread_local log_t lg;
+    store_log_copy(e, &lg);
+    /* the previous record's time: decode (cheap: a few records) */
+    int64_t prev = 0;
+    size_t nrecs = 0;
+    if (lg.nbytes) {
+        if (!store_log_decode(store, et, &lg)) {
+            fprintf(stderr, "tallyd: corrupt compact entity state\n");
+            abort();
+        }
+        prev = lg.recs[lg.nrecs - 1].t;
+        nrecs = lg.nrecs;
+    }
+    size_t n = nrecs < COMPACT_MAX_EVENTS
+                   ? rec_encode(store, et, ev, prev, mask, lg.bytes + lg.nbytes,
+                                COMPACT_MAX_BYTES - lg.nbytes)
+                   : 0;
+    if (n == 0) {
+        compact_to_words(store, entp, now_ms);
+        store_words_apply(store, entp, etype, mask, feats, nfeats, ev, now_ms);
+        return;
+    }
+    size_t need = lg.nbytes + n;
+    if ((need + 7) / 8 > e->cap) {
+        store_regrow(store, entp, 0, (uint32_t)((need + 7) / 8), 0);
+        e = *entp;
+        log_store(e, &lg, 0, need);
+        return;
+    }
+    log_store(e, &lg, lg.nbytes, need);
+}
+
+/* Copies s[0..len) into strbuf; false when it does not fit. */
+static bool keep_str(const char *s, uint32_t len, char *strbuf, size_t strcap, size_t *sused,
+                     const char **out)
+{
+    if (*sused + len > strcap)
+        return false;
+    memcpy(strbuf + *sused, s, len);
+    *out = strbuf + *sused;
+    *sused += len;
+    return true;
+}
+
+/* The k newest records of lg that slot takes, newest first (time, then
+ * arrival), filtered to [since_ms, asof_ms]. Returns how many, in idx. */
+size_t store_log_recent(const log_t *lg, uint32_t slot, uint32_t k, int64_t since_ms,
+                        int64_t asof_ms, size_t cap, uint32_t *idx)
+{
+    uint32_t top[COMPACT_MAX_EVENTS];
+    size_t ntop = 0;
+    for (size_t i = 0; i < lg->nrecs; i++) {
+        const rec_t *r = &lg->recs[i];
+        if (slot >= 64 || !(r->mask & (UINT64_C(1) << slot)))
+            continue;
+        size_t pos = ntop;
+        while (pos > 0 && lg->recs[top[pos - 1]].t <= r->t)
+            pos--;
+        for (size_t q = ntop; q > pos; q--)
+            top[q] = top[q - 1];
+        top[pos] = (uint32_t)i;
+        ntop++;
+    }
+    if (ntop > k)
+        ntop = k;
+    size_t n = 0;
+    for (size_t q = 0; q < ntop && n < cap; q++) {
+        int64_t t = lg->recs[top[q]].t;
+        if (t > asof_ms)
+            continue;
+        if (t < since_ms)
+            break;
+        idx[n++] = top[q];
+    }
+    return n;
+}
+
+/* Fills an item from record r for feature feat. */
+bool store_item_from_rec(const tly_store_t *store, const tly_feat_t *feat, const rec_t *r,
+                         tly_item_t *it, char *strbuf, size_t strcap, size_t *sused)
+{
+    it->time_ms = r->t;
+    it->nvals = (uint32_t)feat->nvalues;
+    for (size_t v = 0; v < feat->nvalues; v++) {
+        const tly_value_t *src = &r->vals[store->vidx[feat->id][v]];
+        it->vals[v] = *src;
+        if (src->type == TLY_V_STR &&
+            !keep_str(src->u.s, src->len, strbuf, strcap, sused, &it->vals[v].u.s))
+            return false;
+    }
+    return true;
+}
+
+/* One windowed value from a compact log. */
+tly_value_t store_log_value(const tly_store_t *store, const log_t *lg, const tly_feat_t *feat,
+                            uint32_t window, int64_t now_ms)
+{
+    const tly_window_t *win = &feat->windows[window];
+    int64_t lo, hi;
+    tly_window_range(now_ms, win->len_ms, win->hop_ms, &lo, &hi);
+    tly_cell_t acc = TLY_CELL_INIT;
+    uint32_t vi = feat->nvalues ? store->vidx[feat->id][0] : 0;
+    for (size_t i = 0; i < lg->nrecs; i++) {
+        const rec_t *r = &lg->recs[i];
+        if (feat->slot >= 64 || !(r->mask & (UINT64_C(1) << feat->slot)))
+            continue;
+        int64_t b = tly_window_bucket(r->t, win->hop_ms);
+        if (b < lo || b > hi)
+            continue;
+        tly_cell_t c = TLY_CELL_INIT;
+        tly_agg_cell_add(feat->agg, &c, feat->nvalues ? &r->vals[vi] : NULL);
+        tly_agg_cell_merge(feat->agg, &acc, &c);
+    }
+    return tly_agg_result(feat->agg, &acc);
+}

@@ -1,0 +1,441 @@
+/*
+ * store_words.c — the word encoding of large records: per-window bucket
+ * segments and last/last_k item lists (layout in store.c's opening comment).
+ *
+ * Writers call in holding the record's lock and may replace the record when
+ * it must grow (store_regrow): every function that can grow takes ent_t **.
+ * Readers call in under rcu_read_lock inside a seqlock read; they bound every
+ * offset by `used`, set *bad on data that cannot be consistent, and never
+ * write.
+ */
+#include <stdio.h>
+
+#include "store_int.h"
+#include "tallyd/window.h"
+
+#define SEG_ID(h)        ((uint32_t)((h)&0xffffu))
+#define SEG_LEN(h)       ((uint32_t)(((h) >> 16) & 0xffffffffu))
+#define SEG_HDR(id, len) ((uint64_t)(id) | ((uint64_t)(len) << 16))
+#define N_MASK           0x7fffffffu
+#define FLOAT_BIT        0x80000000u
+#define TAG(type, len)   ((uint64_t)(type) | ((uint64_t)(len) << 8))
+#define TAG_TYPE(w)      ((tly_vtype_t)((w)&0xff))
+#define TAG_LEN(w)       ((uint32_t)((w) >> 8))
+
+/* Makes room for `extra` more words (may replace *entp). */
+static void words_reserve(tly_store_t *store, ent_t **entp, uint32_t extra)
+{
+    ent_t *e = *entp;
+    uint32_t used = atomic_load_explicit(&e->used, memory_order_relaxed);
+    if (used + extra <= e->cap)
+        return;
+    uint32_t cap = e->cap < 4 ? 4 : e->cap;
+    while (cap < used + extra)
+        cap = cap < 64 ? cap * 2 : cap + cap / 2;
+    store_regrow(store, entp, F_WORDS, cap, used);
+}
+
+/* Shrinks a mostly empty record. */
+static void words_maybe_shrink(tly_store_t *store, ent_t **entp)
+{
+    ent_t *e = *entp;
+    uint32_t used = atomic_load_explicit(&e->used, memory_order_relaxed);
+    if (e->cap <= 32 || used * 4 > e->cap)
+        return;
+    store_regrow(store, entp, F_WORDS, used + used / 2 + 2, used);
+}
+
+/* Inserts n zero words at pos (room must exist). */
+static void words_open(ent_t *e, uint32_t pos, uint32_t n)
+{
+    uint32_t used = atomic_load_explicit(&e->used, memory_order_relaxed);
+    for (uint32_t i = used; i > pos; i--)
+        st(e, i - 1 + n, ld(e, i - 1));
+    for (uint32_t i = 0; i < n; i++)
+        st(e, pos + i, 0);
+    atomic_store_explicit(&e->used, used + n, memory_order_relaxed);
+}
+
+/* Removes n words at pos. */
+static void words_close(ent_t *e, uint32_t pos, uint32_t n)
+{
+    uint32_t used = atomic_load_explicit(&e->used, memory_order_relaxed);
+    for (uint32_t i = pos + n; i < used; i++)
+        st(e, i - n, ld(e, i));
+    atomic_store_explicit(&e->used, used - n, memory_order_relaxed);
+}
+
+/* Finds segment sid among the words [1, used): its header offset and
+ * *found, or where it would be inserted. */
+uint32_t store_seg_find(const ent_t *e, uint32_t used, uint32_t sid, bool *found)
+{
+    uint64_t off = 1; /* 64-bit: a torn length must not wrap it */
+    *found = false;
+    while (off < used) {
+        uint64_t h = ld(e, (uint32_t)off);
+        uint32_t id = SEG_ID(h);
+        if (id == sid) {
+            *found = true;
+            return (uint32_t)off;
+        }
+        if (id > sid)
+            return (uint32_t)off;
+        off += 1 + (uint64_t)SEG_LEN(h);
+    }
+    return (uint32_t)(off > used ? used : off);
+}
+
+/* Header offset of segment sid, created with init_len zero words if absent. */
+static uint32_t seg_get(tly_store_t *store, ent_t **entp, uint32_t sid, uint32_t init_len)
+{
+    ent_t *e = *entp;
+    bool found;
+    uint32_t off =
+        store_seg_find(e, atomic_load_explicit(&e->used, memory_order_relaxed), sid, &found);
+    if (!found) {
+        words_reserve(store, entp, 1 + init_len); /* offsets survive a regrow */
+        words_open(*entp, off, 1 + init_len);
+        st(*entp, off, SEG_HDR(sid, init_len));
+    }
+    return off;
+}
+
+static void seg_set_len(ent_t *e, uint32_t off, uint32_t len)
+{
+    st(e, off, SEG_HDR(SEG_ID(ld(e, off)), len));
+}
+
+static uint32_t stride_of(tly_agg_kind_t kind)
+{
+    return kind == TLY_AGG_COUNT ? 1 : 2;
+}
+
+static void cell_load(const ent_t *e, uint32_t at, tly_agg_kind_t kind, tly_cell_t *c)
+{
+    uint64_t w0 = ld(e, at);
+    if (kind == TLY_AGG_COUNT) {
+        c->n = (uint32_t)w0;
+        c->flags = 0;
+        c->bits = 0;
+        return;
+    }
+    c->n = (uint32_t)w0 & N_MASK;
+    c->flags = ((uint32_t)w0 & FLOAT_BIT) ? TLY_CELL_FLOAT : 0;
+    c->bits = (int64_t)ld(e, at + 1);
+}
+
+static void cell_store(ent_t *e, uint32_t at, uint32_t bucket, tly_agg_kind_t kind,
+                       const tly_cell_t *c)
+{
+    if (kind == TLY_AGG_COUNT) {
+        st(e, at, (uint64_t)bucket << 32 | c->n);
+        return;
+    }
+    uint32_t n = c->n > N_MASK ? N_MASK : c->n;
+    uint32_t fl = (c->flags & TLY_CELL_FLOAT) ? FLOAT_BIT : 0;
+    st(e, at, (uint64_t)bucket << 32 | fl | n);
+    st(e, at + 1, (uint64_t)c->bits);
+}
+
+/* Adds v at `bucket` to segment sid, pruning buckets below keep_lo. */
+static void win_update(tly_store_t *store, ent_t **entp, uint32_t sid, tly_agg_kind_t kind,
+                       uint32_t bucket, uint32_t keep_lo, const tly_value_t *v)
+{
+    uint32_t sw = stride_of(kind);
+    uint32_t off = seg_get(store, entp, sid, 0);
+    ent_t *e = *entp;
+    uint32_t len = SEG_LEN(ld(e, off));
+    uint32_t p = off + 1;
+
+    uint32_t drop = 0;
+    while (drop < len && (uint32_t)(ld(e, p + drop) >> 32) < keep_lo)
+        drop += sw;
+    if (drop) {
+        words_close(e, p, drop);
+        len -= drop;
+        seg_set_len(e, off, len);
+    }
+
+    uint32_t i = len;
+    while (i >= sw) {
+        uint32_t eb = (uint32_t)(ld(e, p + i - sw) >> 32);
+        if (eb == bucket) {
+            tly_cell_t c;
+            cell_load(e, p + i - sw, kind, &c);
+            tly_agg_cell_add(kind, &c, v);
+            cell_store(e, p + i - sw, bucket, kind, &c);
+            if (drop)
+                words_maybe_shrink(store, entp);
+            return;
+        }
+        if (eb < bucket)
+            break;
+        i -= sw;
+    }
+    words_reserve(store, entp, sw);
+    e = *entp;
+    words_open(e, p + i, sw);
+    tly_cell_t c = TLY_CELL_INIT;
+    tly_agg_cell_add(kind, &c, v);
+    cell_store(e, p + i, bucket, kind, &c);
+    seg_set_len(e, off, len + sw);
+}
+
+static uint32_t value_words(const tly_value_t *v)
+{
+    switch (v->type) {
+    case TLY_V_INT:
+    case TLY_V_DOUBLE:
+    case TLY_V_BOOL:
+        return 2;
+    case TLY_V_STR:
+        return 1 + (v->len + 7) / 8;
+    default:
+        return 1;
+    }
+}
+
+static void item_write(ent_t *e, uint32_t at, const tly_feat_t *feat, const tly_event_t *ev,
+                       uint32_t words)
+{
+    st(e, at, words | (uint64_t)feat->nvalues << 32);
+    st(e, at + 1, (uint64_t)ev->time_ms);
+    uint32_t q = at + 2;
+    for (size_t i = 0; i < feat->nvalues; i++) {
+        const tly_value_t *v = &ev->vals[feat->values[i]];
+        switch (v->type) {
+        case TLY_V_INT:
+        case TLY_V_BOOL:
+            st(e, q++, TAG(v->type, 0));
+            st(e, q++, (uint64_t)v->u.i);
+            break;
+        case TLY_V_DOUBLE: {
+            uint64_t bits;
+            memcpy(&bits, &v->u.d, 8);
+            st(e, q++, TAG(v->type, 0));
+            st(e, q++, bits);
+            break;
+        }
+        case TLY_V_STR:
+            st(e, q++, TAG(v->type, v->len));
+            for (uint32_t o = 0; o < v->len; o += 8) {
+                uint64_t w = 0;
+                memcpy(&w, v->u.s + o, v->len - o < 8 ? v->len - o : 8);
+                st(e, q++, w);
+            }
+            break;
+        default:
+            st(e, q++, TAG(TLY_V_NIL, 0));
+            break;
+        }
+    }
+    st(e, q, words);
+}
+
+/* Inserts the event as an item of last/last_k feature feat, ordered by time
+ * (equal times keep arrival order), keeping at most k (+ slack) items. */
+static void lastk_update(tly_store_t *store, ent_t **entp, uint32_t sid, const tly_feat_t *feat,
+                         const tly_event_t *ev)
+{
+    uint32_t off = seg_get(store, entp, sid, 1);
+    ent_t *e = *entp;
+    uint32_t len = SEG_LEN(ld(e, off));
+    uint32_t p = off + 1;
+    uint64_t count = ld(e, p);
+
+    uint32_t at = p + len;
+    while (at > p + 1) {
+        uint32_t iw = (uint32_t)ld(e, at - 1);
+        if (iw < 3 || iw > at - (p + 1))
+            break;
+        if ((int64_t)ld(e, at - iw + 1) <= ev->time_ms)
+            break;
+        at -= iw;
+    }
+    if (count >= feat->k && at == p + 1)
+        return; /* older than all k kept items: it would be trimmed at once */
+
+    uint32_t words = 3;
+    for (size_t i = 0; i < feat->nvalues; i++)
+        words += value_words(&ev->vals[feat->values[i]]);
+    words_reserve(store, entp, words); /* offsets survive a regrow */
+    e = *entp;
+    words_open(e, at, words);
+    item_write(e, at, feat, ev, words);
+    len += words;
+    count++;
+
+    uint32_t slack = feat->k / 8 + 1;
+    if (count >= (uint64_t)feat->k + slack) {
+        uint64_t trim = count - feat->k;
+        uint32_t q = p + 1, tw = 0;
+        for (uint64_t t = 0; t < trim; t++) {
+            uint32_t iw = (uint32_t)ld(e, q);
+            q += iw;
+            tw += iw;
+        }
+        words_close(e, p + 1, tw);
+        len -= tw;
+        count -= trim;
+        st(e, p, count);
+        seg_set_len(e, off, len);
+        words_maybe_shrink(store, entp);
+        return;
+    }
+    st(e, p, count);
+    seg_set_len(e, off, len);
+}
+
+/* Applies one accepted event to a word-encoded record. */
+void store_words_apply(tly_store_t *store, ent_t **entp, const tly_entity_t *etype, uint64_t mask,
+                       const uint32_t *feats, uint32_t nfeats, const tly_event_t *ev,
+                       int64_t now_ms)
+{
+    const tly_featset_t *fs = store->fs;
+    for (uint32_t fi = 0; fi < nfeats; fi++) {
+        const tly_feat_t *feat = feats ? &fs->feats[feats[fi]] : &fs->feats[etype->feats[fi]];
+        if (!feats && !(mask & (UINT64_C(1) << feat->slot)))
+            continue;
+        uint32_t sid = feat->slot * TLY_MAX_WINDOWS;
+        if (!tly_agg_windowed(feat->agg)) {
+            lastk_update(store, entp, sid, feat, ev);
+            continue;
+        }
+        const tly_value_t *v = feat->nvalues ? &ev->vals[feat->values[0]] : NULL;
+        for (size_t w = 0; w < feat->nwindows; w++) {
+            const tly_window_t *win = &feat->windows[w];
+            int64_t lo, hi;
+            tly_window_range(now_ms, win->len_ms, win->hop_ms, &lo, &hi);
+            int64_t bk = tly_window_bucket(ev->time_ms, win->hop_ms);
+            if (bk < lo || bk < 0 || bk > UINT32_MAX)
+                continue; /* outside this window; longer ones take it */
+            win_update(store, entp, sid + (uint32_t)w, feat->agg, (uint32_t)bk,
+                       lo < 0 ? 0 : (uint32_t)lo, v);
+        }
+    }
+    ent_t *e = *entp;
+    if (ev->time_ms > (int64_t)ld(e, 0))
+        st(e, 0, (uint64_t)ev->time_ms);
+}
+
+/* Decodes the word-encoded item whose header is at q (bounded by end). */
+static bool item_read(const ent_t *e, uint32_t q, uint32_t end, tly_item_t *it, char *strbuf,
+                      size_t strcap, size_t *sused, bool *full)
+{
+    uint64_t h = ld(e, q);
+    uint32_t words = (uint32_t)h, nv = (uint32_t)(h >> 32);
+    if (words < 3 || words > end - q || nv > TLY_MAX_ITEM_VALUES)
+        return false;
+    it->time_ms = (int64_t)ld(e, q + 1);
+    it->nvals = nv;
+    uint32_t r = q + 2, stop = q + words - 1;
+    for (uint32_t i = 0; i < nv; i++) {
+        if (r >= stop)
+            return false;
+        uint64_t tag = ld(e, r++);
+        tly_value_t *v = &it->vals[i];
+        v->type = TAG_TYPE(tag);
+        switch (v->type) {
+        case TLY_V_INT:
+        case TLY_V_BOOL:
+        case TLY_V_DOUBLE: {
+            if (r >= stop)
+                return false;
+            uint64_t w = ld(e, r++);
+            if (v->type == TLY_V_DOUBLE)
+                memcpy(&v->u.d, &w, 8);
+            else
+                v->u.i = (int64_t)w;
+            break;
+        }
+        case TLY_V_STR: {
+            uint32_t len = TAG_LEN(tag);
+            if ((uint64_t)r + (len + 7) / 8 > stop)
+                return false;
+            if (*sused + len > strcap) {
+                *full = true;
+                return false;
+            }
+            char *dst = strbuf + *sused;
+            for (uint32_t o = 0; o < len; o += 8) {
+                uint64_t w = ld(e, r + o / 8);
+                memcpy(dst + o, &w, len - o < 8 ? len - o : 8);
+            }
+            v->len = len;
+            v->u.s = dst;
+            *sused += len;
+            r += (len + 7) / 8;
+            break;
+        }
+        default:
+            v->type = TLY_V_NIL;
+            break;
+        }
+    }
+    return true;
+}
+
+/* Reads up to cap of the k newest items of the last/last_k segment at off,
+ * newest first, keeping those in [since_ms, asof_ms]; items == NULL only
+ * counts. Sets *bad on torn data, *full when strbuf overflowed. */
+size_t store_words_recent(const ent_t *e, uint32_t off, uint32_t used, uint32_t k, int64_t since_ms,
+                          int64_t asof_ms, tly_item_t *items, size_t cap, char *strbuf,
+                          size_t strcap, size_t *sused, bool *bad, bool *full)
+{
+    uint32_t len = SEG_LEN(ld(e, off));
+    uint32_t p = off + 1;
+    if (len < 1 || (uint64_t)p + len > used) {
+        *bad = true;
+        return 0;
+    }
+    uint32_t at = p + len;
+    size_t n = 0, seen = 0;
+    while (at > p + 1 && n < cap && seen < k) {
+        uint32_t iw = (uint32_t)ld(e, at - 1);
+        if (iw < 3 || iw > at - (p + 1)) {
+            *bad = true;
+            return n;
+        }
+        at -= iw;
+        seen++;
+        int64_t t = (int64_t)ld(e, at + 1);
+        if (t > asof_ms)
+            continue;
+        if (t < since_ms)
+            break;
+        if (items && !item_read(e, at, at + iw, &items[n], strbuf, strcap, sused, full)) {
+            *bad = !*full;
+            return n;
+        }
+        n++;
+    }
+    return n;
+}
+
+/* One windowed value from a word-encoded record. */
+tly_value_t store_words_value(const ent_t *e, uint32_t used, const tly_feat_t *feat,
+                              uint32_t window, int64_t now_ms, bool *bad)
+{
+    const tly_window_t *win = &feat->windows[window];
+    int64_t lo, hi;
+    tly_window_range(now_ms, win->len_ms, win->hop_ms, &lo, &hi);
+    tly_cell_t acc = TLY_CELL_INIT;
+    bool found;
+    uint32_t off = store_seg_find(e, used, feat->slot * TLY_MAX_WINDOWS + window, &found);
+    if (found) {
+        uint32_t len = SEG_LEN(ld(e, off)), sw = stride_of(feat->agg);
+        if ((uint64_t)off + 1 + len > used) {
+            *bad = true;
+            return acc.n ? tly_agg_result(feat->agg, &acc) : (tly_value_t){.type = TLY_V_NIL};
+        }
+        for (uint32_t i = 0; i + sw <= len; i += sw) {
+            int64_t bk = (int64_t)(ld(e, off + 1 + i) >> 32);
+            if (bk < lo || bk > hi)
+                continue;
+            tly_cell_t c;
+            cell_load(e, off + 1 + i, feat->agg, &c);
+            tly_agg_cell_merge(feat->agg, &acc, &c);
+        }
+    }
+    return tly_agg_result(feat->agg, &acc);
+}
