@@ -164,12 +164,13 @@ static const key_def_t key_table[] = {
     KEY("events.max_bytes", K_INT, "65536", 64, 16777216, 0, NULL, CFG(events.max_bytes),
         "Largest event payload accepted, in bytes; larger ones are dropped and counted."),
     KEY("events.max_string", K_INT, "256", 1, 65536, 0, NULL, CFG(events.max_string),
-        "Longest string value (bytes) last and last_k keep; longer ones are dropped and "
-        "counted."),
+        "Longest string (bytes, after unescaping) an event may carry in a field a feature "
+        "reads; an event with a longer one is dropped and counted."),
 
     KEY("store.idle_ttl", K_DURATION, "7d", SEC(1), DAY(365), 0, NULL, CFG(store.idle_ttl_ms),
-        "How long an entity whose features are all last/last_k is kept after its newest "
-        "event."),
+        "Horizon of last and last_k: older items are not returned and older events are "
+        "dropped as late; an entity expires once its newest event is older than this and "
+        "than all its windows."),
     KEY("store.sweep_every", K_DURATION, "10s", SEC(1), HOUR(1), 0, NULL, CFG(store.sweep_every_ms),
         "Period of the sweeper that expires idle entities."),
 

@@ -92,11 +92,11 @@ typedef struct {
         tly_time_unit_t time_unit;
         int64_t max_future_skew_ms;
         int64_t max_bytes;  /* largest accepted payload */
-        int64_t max_string; /* longest string value kept by last/last_k */
+        int64_t max_string;     /* longest string in a field a feature reads */
     } events;
 
     struct {
-        int64_t idle_ttl_ms;    /* keep last/last_k-only entities this long; 0 = longest window */
+        int64_t idle_ttl_ms;    /* horizon of last/last_k items (> 0) */
         int64_t sweep_every_ms; /* expiry sweeper period */
     } store;
 

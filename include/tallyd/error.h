@@ -25,7 +25,7 @@
     X(EV_TOO_LARGE, "event payload exceeds events.max_bytes")                                      \
     X(EV_BAD_JSON, "event payload is not valid JSON")                                              \
     X(EV_NOT_OBJECT, "event payload is not a JSON object")                                         \
-    X(EV_TOO_COMPLEX, "event has more JSON tokens than events.max_tokens")                         \
+    X(EV_TOO_COMPLEX, "event has more JSON tokens than the decoder allows (256)")                  \
     X(EV_MISSING_KEY, "event lacks a key field a feature needs")                                   \
     X(EV_WRONG_TYPE, "event field has the wrong type")                                             \
     X(EV_VALUE_TOO_LONG, "event string value exceeds events.max_string")                           \
