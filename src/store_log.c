@@ -46,7 +46,7 @@ static bool get_varint(const uint8_t *p, size_t end, size_t *at, uint64_t *v)
 
 static uint64_t zigzag(int64_t v)
 {
-    return ((uint64_t)v << 1) ^ (uint64_t)(v >> 63);
+    return ((uint64_t)v << 1) ^ (v < 0 ? UINT64_MAX : 0);
 }
 
 static int64_t unzigzag(uint64_t v)
@@ -333,7 +333,7 @@ static bool keep_str(const char *s, uint32_t len, char *strbuf, size_t strcap, s
 size_t store_log_recent(const log_t *lg, uint32_t slot, uint32_t k, int64_t since_ms,
                         int64_t asof_ms, size_t cap, uint32_t *idx)
 {
-    uint32_t top[COMPACT_MAX_EVENTS];
+    uint32_t top[COMPACT_MAX_EVENTS] = {0};
     size_t ntop = 0;
     for (size_t i = 0; i < lg->nrecs; i++) {
         const rec_t *r = &lg->recs[i];
