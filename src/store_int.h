@@ -13,6 +13,7 @@
 #ifndef TALLYD_STORE_INT_H
 #define TALLYD_STORE_INT_H
 
+#include <ck_hs.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdbool.h>
@@ -31,33 +32,38 @@
 #define fence(order) atomic_thread_fence(order)
 #endif
 
-#define F_DEAD  0x1u /* replaced or expired: go back to the table */
-#define F_WORDS 0x2u /* word encoding (else compact) */
+#define F_WORDS  0x2u        /* ent_t.mode: word encoding (else compact) */
+#define SEQ_DEAD 0x80000000u /* in ent_t.seq: replaced or expired */
 
-#define COMPACT_MAX_BYTES  192 /* a larger log is replayed into words */
-#define COMPACT_MAX_EVENTS 16
-#define COMPACT_MAX_SLOTS  63    /* feature slots a mask can name */
-#define INTERN_SLOTS       65536 /* power of two; ids fit 16 bits */
-#define INTERN_MAX         (INTERN_SLOTS / 2)
-#define INTERN_MAXLEN      32
+#define COMPACT_MAX_BYTES   192                     /* a larger log is replayed into words */
+#define COMPACT_MAX_EVENTS  (COMPACT_MAX_BYTES / 2) /* records are >= 2 bytes */
+#define COMPACT_SLACK_WORDS 1     /* spare state words when a compact record grows */
+#define COMPACT_MAX_SLOTS   63    /* feature slots a mask can name */
+#define INTERN_SLOTS        65536 /* power of two; ids fit 16 bits */
+#define INTERN_MAX          (INTERN_SLOTS / 2)
+#define INTERN_MAXLEN       32
 
 typedef struct ent {
-    struct cds_lfht_node node; /* table linkage (liburcu) */
-    /* Sequence lock: odd while a writer is inside. Writers CAS even → odd;
-     * readers load it with acquire before and relaxed after reading. Its
-     * first release store also publishes the immutable fields. */
+    /* Sequence lock: odd while a writer is inside (bits 0..30 count writes);
+     * bit 31 (SEQ_DEAD) is set under the lock when the record is replaced
+     * or expired, and sends readers and writers back to the table. Writers
+     * CAS even → odd; readers load it with acquire before and relaxed after
+     * reading. Its first release store publishes the immutable fields. */
     _Atomic uint32_t seq;
     uint16_t type;         /* entity type; immutable */
     uint8_t idlen;         /* immutable */
-    _Atomic uint8_t flags; /* F_DEAD (under the lock), F_WORDS (immutable) */
+    uint8_t mode;          /* F_WORDS or 0; immutable */
     uint32_t cap;          /* state capacity in words; immutable */
     _Atomic uint32_t used; /* words (F_WORDS) or log bytes; writer under lock */
     /* followed by the id (padded to 8 bytes), then `cap` state words that
      * the writer stores and readers load with __atomic builtins */
 } ent_t;
 
+#define RETIRE_BATCH 64
+
 typedef struct tstats {
-    struct tstats *next; /* list of the store's per-thread counters */
+    struct tstats *next;     /* list of the store's per-thread counters */
+    struct retired *retired; /* owner thread only (and tly_store_free) */
     /* Written by the owning thread with relaxed stores; summed by any. */
     _Atomic int64_t entities, bytes, applied, updates, expired, interned_bytes;
     _Atomic uint64_t dropped[TLY_E__COUNT];
@@ -75,9 +81,21 @@ typedef struct {
     bool compact;                     /* may use the compact encoding */
 } etype_t;
 
+#define TLY_STORE_SHARDS 64 /* power of two; picked by the hash's top bits */
+
+/* One shard of the entity table: an open-addressed Concurrency Kit hash set
+ * in single-writer/many-reader mode. Readers probe it without locks (under
+ * rcu_read_lock: replaced slot arrays and records are freed after a grace
+ * period); writers that add, replace or remove a record take `mu`, always
+ * after the record's own lock, never before. */
+typedef struct {
+    _Alignas(64) ck_hs_t hs;
+    pthread_mutex_t mu;
+} shard_t;
+
 struct tly_store {
     const tly_featset_t *fs;
-    struct cds_lfht *ht;
+    shard_t *shards;                      /* TLY_STORE_SHARDS, immutable pointer */
     uint64_t gen;                         /* unique per store, keys the thread cache */
     pthread_mutex_t mu;                   /* guards `stats` list insertion */
     tstats_t *_Atomic stats;              /* per-thread counters (push-only list) */
@@ -117,14 +135,13 @@ static inline void st(ent_t *e, uint32_t i, uint64_t v)
 static inline uint32_t used_of(const ent_t *e)
 {
     uint32_t u = atomic_load_explicit(&e->used, memory_order_relaxed);
-    uint32_t lim =
-        (atomic_load_explicit(&e->flags, memory_order_relaxed) & F_WORDS) ? e->cap : e->cap * 8;
+    uint32_t lim = (e->mode & F_WORDS) ? e->cap : e->cap * 8;
     return u > lim ? lim : u;
 }
 
 static inline bool is_words(const ent_t *e)
 {
-    return (atomic_load_explicit(&e->flags, memory_order_relaxed) & F_WORDS) != 0;
+    return (e->mode & F_WORDS) != 0;
 }
 
 static inline void stat_add(_Atomic int64_t *c, int64_t d)
@@ -176,7 +193,7 @@ typedef struct {
 /* store.c */
 void *store_xmalloc(size_t n);
 tstats_t *store_thread_stats(tly_store_t *store);
-void store_regrow(tly_store_t *store, ent_t **entp, uint8_t flags, uint32_t words, uint32_t copy);
+void store_regrow(tly_store_t *store, ent_t **entp, uint8_t mode, uint32_t words, uint32_t copy);
 
 /* store_words.c */
 uint32_t store_seg_find(const ent_t *e, uint32_t used, uint32_t sid, bool *found);

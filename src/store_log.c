@@ -2,7 +2,7 @@
  * store_log.c — the compact encoding of small records: each record's state
  * is the byte-packed log of its events (layout in store.c's opening
  * comment), answered by folding the log at read time, and replayed into the
- * word encoding once it outgrows COMPACT_MAX_BYTES or COMPACT_MAX_EVENTS.
+ * word encoding once it would outgrow COMPACT_MAX_BYTES.
  * Also the intern table that turns short repeated strings (actions,
  * categories) into two-byte ids inside logs.
  *
@@ -117,8 +117,10 @@ bool store_log_decode(const tly_store_t *store, const etype_t *et, log_t *lg)
         uint64_t v;
         if (!get_varint(lg->bytes, lg->nbytes, &at, &v))
             return false;
-        t += unzigzag(v);
-        r->t = t;
+        /* the first record's time is absolute, the others relative to it */
+        r->t = lg->nrecs == 0 ? unzigzag(v) : t + unzigzag(v);
+        if (lg->nrecs == 0)
+            t = r->t;
         r->pos = (uint32_t)lg->nrecs;
         if (!get_varint(lg->bytes, lg->nbytes, &at, &r->mask))
             return false;
@@ -177,11 +179,11 @@ bool store_log_decode(const tly_store_t *store, const etype_t *et, log_t *lg)
 /* Encodes one event for entity type et with feature mask into out (at most
  * cap bytes). Returns the length, or 0 when it does not fit. */
 static size_t rec_encode(tly_store_t *store, const etype_t *et, const tly_event_t *ev,
-                         int64_t prev_t, uint64_t mask, uint8_t *out, size_t cap)
+                         int64_t base_t, uint64_t mask, uint8_t *out, size_t cap)
 {
     uint8_t buf[COMPACT_MAX_BYTES + 32];
     size_t n = 0;
-    n += put_varint(buf + n, zigzag(ev->time_ms - prev_t));
+    n += put_varint(buf + n, zigzag(ev->time_ms - base_t));
     n += put_varint(buf + n, mask);
     size_t tagat = n, tagbytes = (et->nvf + 3) / 4;
     memset(buf + n, 0, tagbytes);
@@ -227,21 +229,6 @@ static size_t rec_encode(tly_store_t *store, const etype_t *et, const tly_event_
     return n;
 }
 
-/* Writes bytes[from, to) of lg into the record's words. */
-static void log_store(ent_t *e, const log_t *lg, size_t from, size_t to)
-{
-    for (size_t w = from / 8; w * 8 < to; w++) {
-        uint64_t v = 0;
-        for (int b = 0; b < 8; b++) {
-            size_t i = w * 8 + (size_t)b;
-            if (i < to)
-                v |= (uint64_t)lg->bytes[i] << (8 * b);
-        }
-        st(e, (uint32_t)w, v);
-    }
-    atomic_store_explicit(&e->used, (uint32_t)to, memory_order_relaxed);
-}
-
 static void ev_from_rec(const tly_featset_t *fs, const etype_t *et, const rec_t *r, tly_event_t *ev)
 {
     memset(ev->vals, 0, sizeof ev->vals[0] * fs->nfields);
@@ -277,43 +264,61 @@ static void compact_to_words(tly_store_t *store, ent_t **entp, int64_t now_ms)
     }
 }
 
-/* Appends the event to a compact record (converting it when full). */
+/* Appends bytes[0..n) at byte offset `at` of the record's log: whole words
+ * stored atomically, the partly filled last word merged with its bytes. */
+static void log_append(ent_t *e, uint32_t at, const uint8_t *bytes, size_t n)
+{
+    uint32_t w = at / 8;
+    uint64_t v = at % 8 ? ld(e, w) : 0;
+    for (size_t i = 0; i < n; i++) {
+        uint32_t pos = at + (uint32_t)i;
+        v |= (uint64_t)bytes[i] << (8 * (pos % 8));
+        if (pos % 8 == 7 || i + 1 == n) {
+            st(e, pos / 8, v);
+            v = 0;
+        }
+    }
+    atomic_store_explicit(&e->used, at + (uint32_t)n, memory_order_relaxed);
+}
+
+/* Appends the event to a compact record; replays the log into words when
+ * it would pass COMPACT_MAX_BYTES. Only the first record's time is read:
+ * appending never decodes the log. */
 void store_compact_apply(tly_store_t *store, ent_t **entp, const tly_entity_t *etype, uint64_t mask,
                          const uint32_t *feats, uint32_t nfeats, const tly_event_t *ev,
                          int64_t now_ms)
 {
     ent_t *e = *entp;
     const etype_t *et = &store->etypes[e->type];
-    static _Thread_local log_t lg;
-    store_log_copy(e, &lg);
-    /* the previous record's time: decode (cheap: a few records) */
-    int64_t prev = 0;
-    size_t nrecs = 0;
-    if (lg.nbytes) {
-        if (!store_log_decode(store, et, &lg)) {
+    uint32_t used = atomic_load_explicit(&e->used, memory_order_relaxed);
+    int64_t base = 0;
+    if (used) {
+        uint8_t head[16];
+        size_t at = 0;
+        uint64_t v = 0;
+        for (uint32_t i = 0; i < 16; i++)
+            head[i] = i < used ? (uint8_t)(ld(e, i / 8) >> (8 * (i % 8))) : 0;
+        if (!get_varint(head, used < 16 ? used : 16, &at, &v)) {
             fprintf(stderr, "tallyd: corrupt compact entity state\n");
             abort();
         }
-        prev = lg.recs[lg.nrecs - 1].t;
-        nrecs = lg.nrecs;
+        base = unzigzag(v);
     }
-    size_t n = nrecs < COMPACT_MAX_EVENTS
-                   ? rec_encode(store, et, ev, prev, mask, lg.bytes + lg.nbytes,
-                                COMPACT_MAX_BYTES - lg.nbytes)
-                   : 0;
+    uint8_t rec[COMPACT_MAX_BYTES];
+    size_t n = rec_encode(store, et, ev, base, mask, rec, COMPACT_MAX_BYTES - used);
     if (n == 0) {
         compact_to_words(store, entp, now_ms);
         store_words_apply(store, entp, etype, mask, feats, nfeats, ev, now_ms);
         return;
     }
-    size_t need = lg.nbytes + n;
+    size_t need = used + n;
     if ((need + 7) / 8 > e->cap) {
-        store_regrow(store, entp, 0, (uint32_t)((need + 7) / 8), 0);
+        /* one spare word: most small records then grow every other event */
+        store_regrow(store, entp, 0, (uint32_t)((need + 7) / 8) + COMPACT_SLACK_WORDS,
+                     (used + 7) / 8);
         e = *entp;
-        log_store(e, &lg, 0, need);
-        return;
     }
-    log_store(e, &lg, lg.nbytes, need);
+    log_append(e, used, rec, n);
 }
 
 /* Copies s[0..len) into strbuf; false when it does not fit. */

@@ -11,7 +11,6 @@
 #define TALLYD_RCU_H
 
 #include <urcu/urcu-memb.h>
-#include <urcu/rculfhash.h>
 
 /* Registers the calling thread with RCU. */
 static inline void tly_rcu_thread_online(void)
@@ -36,18 +35,18 @@ static inline void tly_rcu_thread_offline(void)
 void __tsan_acquire(void *addr);
 void __tsan_release(void *addr);
 extern char tly_rcu_tsan_sync;
-extern char tly_lfht_tsan_sync;
+extern char tly_table_tsan_sync;
 #define tly_rcu_tsan_release() __tsan_release(&tly_rcu_tsan_sync)
 #define tly_rcu_tsan_acquire() __tsan_acquire(&tly_rcu_tsan_sync)
-/* Likewise for nodes published in a cds_lfht: publish before linking a
- * node, subscribe after finding one. */
-#define tly_lfht_tsan_publish()   __tsan_release(&tly_lfht_tsan_sync)
-#define tly_lfht_tsan_subscribe() __tsan_acquire(&tly_lfht_tsan_sync)
+/* Likewise for records published in the (uninstrumented) entity table:
+ * publish before linking a record, subscribe after finding one. */
+#define tly_tsan_publish()   __tsan_release(&tly_table_tsan_sync)
+#define tly_tsan_subscribe() __tsan_acquire(&tly_table_tsan_sync)
 #else
-#define tly_rcu_tsan_release()    ((void)0)
-#define tly_rcu_tsan_acquire()    ((void)0)
-#define tly_lfht_tsan_publish()   ((void)0)
-#define tly_lfht_tsan_subscribe() ((void)0)
+#define tly_rcu_tsan_release() ((void)0)
+#define tly_rcu_tsan_acquire() ((void)0)
+#define tly_tsan_publish()     ((void)0)
+#define tly_tsan_subscribe()   ((void)0)
 #endif
 
 #define tly_rcu_read_lock() urcu_memb_read_lock()
@@ -65,6 +64,5 @@ extern char tly_lfht_tsan_sync;
     } while (0)
 #define tly_rcu_barrier()     urcu_memb_barrier()
 #define tly_synchronize_rcu() urcu_memb_synchronize_rcu()
-#define tly_rcu_flavor        (&urcu_memb_flavor)
 
 #endif
