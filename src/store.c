@@ -29,7 +29,7 @@
  *    replays it into the word encoding.
  *
  *  words — word 0 is the newest event time; then segments sorted by id
- *    (feature slot × TLY_MAX_WINDOWS + window):
+ *    (SID_WINDOW(feature slot, window), then SID_ITEMS(slot) last):
  *      header  = seg id (bits 0..15) | payload words (bits 16..47)
  *      count   one word per bucket: bucket << 32 | n
  *      sum/min/max/avg: bucket << 32 | float << 31 | n, then the value bits
@@ -668,7 +668,7 @@ tly_err_t tly_store_read(tly_store_t *store, uint32_t entity, const char *id, si
                     full = true;
             } else if (ent) {
                 bool found;
-                uint32_t off = store_seg_find(ent, used, feat->slot * TLY_MAX_WINDOWS, &found);
+                uint32_t off = store_seg_find(ent, used, SID_ITEMS(feat->slot), &found);
                 if (found)
                     got = store_words_recent(ent, off, used, k, since, now_ms,
                                              feat->agg == TLY_AGG_LAST ? &it : NULL, k, strbuf,
@@ -739,7 +739,7 @@ tly_err_t tly_store_recent(tly_store_t *store, uint32_t entity, const char *id, 
             }
         } else {
             bool found;
-            uint32_t off = store_seg_find(ent, used, feat->slot * TLY_MAX_WINDOWS, &found);
+            uint32_t off = store_seg_find(ent, used, SID_ITEMS(feat->slot), &found);
             if (found)
                 got = store_words_recent(ent, off, used, feat->k, since_ms, asof_ms, items, cap,
                                          strbuf, strcap, &sused, &bad, &full);

@@ -190,6 +190,12 @@ typedef struct {
     size_t nrecs;
 } log_t;
 
+/* Segment ids: windowed features' segments first (slot × TLY_MAX_WINDOWS +
+ * window), last/last_k item lists after all of them, so that appending an
+ * item — every event — shifts no other segment. */
+#define SID_WINDOW(slot, w) ((uint32_t)(slot)*TLY_MAX_WINDOWS + (uint32_t)(w))
+#define SID_ITEMS(slot) (0x8000u + (uint32_t)(slot))
+
 /* store.c */
 void *store_xmalloc(size_t n);
 tstats_t *store_thread_stats(tly_store_t *store);

@@ -313,9 +313,10 @@ void store_compact_apply(tly_store_t *store, ent_t **entp, const tly_entity_t *e
     }
     size_t need = used + n;
     if ((need + 7) / 8 > e->cap) {
-        /* one spare word: most small records then grow every other event */
-        store_regrow(store, entp, 0, (uint32_t)((need + 7) / 8) + COMPACT_SLACK_WORDS,
-                     (used + 7) / 8);
+        /* one spare word, a quarter more for longer logs: a user with a few
+         * events stays tight, a busy one regrows every few events */
+        uint32_t words = (uint32_t)((need + 7) / 8);
+        store_regrow(store, entp, 0, words + COMPACT_SLACK_WORDS + words / 4, (used + 7) / 8);
         e = *entp;
     }
     log_append(e, used, rec, n);

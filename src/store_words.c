@@ -296,9 +296,8 @@ void store_words_apply(tly_store_t *store, ent_t **entp, const tly_entity_t *ety
         const tly_feat_t *feat = feats ? &fs->feats[feats[fi]] : &fs->feats[etype->feats[fi]];
         if (!feats && !(mask & (UINT64_C(1) << feat->slot)))
             continue;
-        uint32_t sid = feat->slot * TLY_MAX_WINDOWS;
         if (!tly_agg_windowed(feat->agg)) {
-            lastk_update(store, entp, sid, feat, ev);
+            lastk_update(store, entp, SID_ITEMS(feat->slot), feat, ev);
             continue;
         }
         const tly_value_t *v = feat->nvalues ? &ev->vals[feat->values[0]] : NULL;
@@ -309,7 +308,7 @@ void store_words_apply(tly_store_t *store, ent_t **entp, const tly_entity_t *ety
             int64_t bk = tly_window_bucket(ev->time_ms, win->hop_ms);
             if (bk < lo || bk < 0 || bk > UINT32_MAX)
                 continue; /* outside this window; longer ones take it */
-            win_update(store, entp, sid + (uint32_t)w, feat->agg, (uint32_t)bk,
+            win_update(store, entp, SID_WINDOW(feat->slot, w), feat->agg, (uint32_t)bk,
                        lo < 0 ? 0 : (uint32_t)lo, v);
         }
     }
@@ -421,7 +420,7 @@ tly_value_t store_words_value(const ent_t *e, uint32_t used, const tly_feat_t *f
     tly_window_range(now_ms, win->len_ms, win->hop_ms, &lo, &hi);
     tly_cell_t acc = TLY_CELL_INIT;
     bool found;
-    uint32_t off = store_seg_find(e, used, feat->slot * TLY_MAX_WINDOWS + window, &found);
+    uint32_t off = store_seg_find(e, used, SID_WINDOW(feat->slot, window), &found);
     if (found) {
         uint32_t len = SEG_LEN(ld(e, off)), sw = stride_of(feat->agg);
         if ((uint64_t)off + 1 + len > used) {
