@@ -1,19 +1,20 @@
 /*
  * store.h — the concurrent entity table and per-feature aggregate state.
  *
- * Entities (one record per entity type × id) live in a liburcu lock-free
- * resizable hash table. Each record holds the state of every feature of its
- * entity type in one compact, growable block of words: bucket storage grows
- * with the buckets actually used, so a user with three events pays for three
- * buckets, not for every bucket of every window.
+ * Entities (one record per entity type × id) live in a sharded hash table
+ * that readers probe without locks (Concurrency Kit's ck_hs, memory freed
+ * through RCU). Each record holds the state of every feature of its entity
+ * type in one allocation: a small entity keeps the byte-packed log of its
+ * events (about 100 bytes for a user with a few events); a larger one keeps
+ * per-window buckets that grow with the buckets actually used.
  *
  * Threads: tly_store_apply() may run on many writer threads at once;
- * tly_store_read(), tly_store_recent() and tly_store_entity() on many reader
- * threads at once. Every such thread must be registered with RCU (rcu.h).
- * Writers of one entity serialise on that entity's sequence lock; readers
- * never take a lock: they retry if a writer changed the entity while they
- * read it, so a reply for one entity reflects a prefix of its events. The
- * sweeper (tly_store_sweep) may run on any registered thread.
+ * tly_store_read() and tly_store_recent() on many reader threads at once.
+ * Every such thread must be registered with RCU (rcu.h). Writers of one
+ * entity serialise on that entity's sequence lock; readers never take a
+ * lock: they retry if a writer changed the entity while they read it, so a
+ * reply for one entity reflects a prefix of its events. The sweeper
+ * (tly_store_sweep) may run on any registered thread.
  *
  * Retention: bucket state older than a window's range at the writer's `now`
  * is dropped on write, so reads are exact for any `now` at or after the

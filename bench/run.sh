@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# bench/run.sh — runs tallyd's benchmarks and prints their tables.
+#
+# `make bench` builds every bench/*.c into $BUILD/bench/ and then runs this
+# script from anywhere; it works from the repository root. The benchmarks are
+# a sequence of steps: each step is a function `step_<name>` that runs one
+# benchmark and prints its table, self-contained (its own flags, its own
+# environment knobs). Add a benchmark by writing its step function and adding
+# its name to STEPS; a failing step is reported and does not stop the others.
+#
+# Usage: bench/run.sh [STEP...]        (default: every step in STEPS)
+# Environment:
+#   BUILD        build directory holding bench/ (default: build)
+#   INGEST_ARGS  extra flags for build/bench/ingest, e.g. "--quick" or
+#                "--events 500000" (see `build/bench/ingest --help`)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+BUILD=${BUILD:-build}
+STEPS=(ingest memory)
+
+# Ingest throughput: jsmn, decode, decode+apply with 1 and 2 writers, a bare
+# librdkafka consumer on the in-process mock cluster, and the cost split of
+# one writer (bench/README.md, "Ingest").
+step_ingest() {
+  local bin="$BUILD/bench/ingest"
+  if [ ! -x "$bin" ]; then
+    echo "ingest: $bin is missing; build it with 'make $bin'" >&2
+    return 1
+  fi
+  # shellcheck disable=SC2086 # INGEST_ARGS is a flag list, split on purpose
+  "$bin" ${INGEST_ARGS:-}
+}
+
+# Memory per entity: the store next to a local redis-server holding the same
+# aggregates (bench/README.md, "Memory"). Starts its own redis-server on a
+# free loopback port, with no persistence, and stops it afterwards.
+#   MEMORY_ARGS  extra flags for build/bench/memory, e.g. "--sparse 200000"
+step_memory() {
+  local bin="$BUILD/bench/memory"
+  if [ ! -x "$bin" ]; then
+    echo "memory: $bin is missing; build it with 'make $bin'" >&2
+    return 1
+  fi
+  if ! command -v redis-server >/dev/null 2>&1; then
+    echo "memory: redis-server is not installed (make deps installs it)" >&2
+    return 1
+  fi
+  local port dir rc
+  port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  dir=$(mktemp -d)
+  redis-server --port "$port" --bind 127.0.0.1 --save "" --appendonly no \
+    --dir "$dir" --daemonize yes --pidfile "$dir/redis.pid" --logfile "$dir/redis.log"
+  for _ in $(seq 50); do
+    redis-cli -p "$port" ping >/dev/null 2>&1 && break
+    sleep 0.1
+  done
+  # shellcheck disable=SC2086 # MEMORY_ARGS is a flag list, split on purpose
+  "$bin" --port "$port" ${MEMORY_ARGS:-}
+  rc=$?
+  redis-cli -p "$port" shutdown nosave >/dev/null 2>&1
+  rm -rf "$dir"
+  return $rc
+}
+
+if [ $# -gt 0 ]; then
+  STEPS=("$@")
+fi
+
+failed=()
+for step in "${STEPS[@]}"; do
+  if ! declare -F "step_$step" >/dev/null; then
+    echo "bench: no step named '$step' (known: $(declare -F | sed -n 's/^declare -f step_//p' | tr '\n' ' '))" >&2
+    failed+=("$step")
+    continue
+  fi
+  echo "=== bench: $step"
+  if ! "step_$step"; then
+    failed+=("$step")
+  fi
+  echo
+done
+
+if [ ${#failed[@]} -gt 0 ]; then
+  echo "bench: failed: ${failed[*]}"
+  exit 1
+fi
+echo "bench: ${#STEPS[@]} step(s) done"
