@@ -629,7 +629,7 @@ tly_err_t tly_store_read(tly_store_t *store, uint32_t entity, const char *id, si
         size_t sused = 0;
         int64_t last = -1;
         err = TLY_OK;
-        if (ent && !words) {
+        if (ent && !words && (n > 0 || last_ms)) { /* decode only when asked */
             store_log_copy(ent, &lg);
             bad = !store_log_decode(store, &store->etypes[entity], &lg);
             for (size_t i = 0; i < lg.nrecs; i++)
