@@ -34,8 +34,9 @@
  *      count   one word per bucket: bucket << 32 | n
  *      sum/min/max/avg: bucket << 32 | float << 31 | n, then the value bits
  *      last/last_k: item count, then items oldest → newest, each
- *        [words | nvals << 32] [time] [values…] [words]; a value is a tag
- *        word (type | len << 8) and its payload words.
+ *        [words | nvals << 32] [values…] [time] [words]; a value is a tag
+ *        word (type | len << 8) and its payload words. Time and length end
+ *        the item, so a backward walk loads both without waiting on one.
  *    Buckets older than the window's range at the writer's `now` are pruned
  *    when the segment is written.
  *

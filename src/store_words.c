@@ -199,8 +199,7 @@ static void item_write(ent_t *e, uint32_t at, const tly_feat_t *feat, const tly_
                        uint32_t words)
 {
     st(e, at, words | (uint64_t)feat->nvalues << 32);
-    st(e, at + 1, (uint64_t)ev->time_ms);
-    uint32_t q = at + 2;
+    uint32_t q = at + 1;
     for (size_t i = 0; i < feat->nvalues; i++) {
         const tly_value_t *v = &ev->vals[feat->values[i]];
         switch (v->type) {
@@ -229,7 +228,8 @@ static void item_write(ent_t *e, uint32_t at, const tly_feat_t *feat, const tly_
             break;
         }
     }
-    st(e, q, words);
+    st(e, q, (uint64_t)ev->time_ms);
+    st(e, q + 1, words);
 }
 
 /* Inserts the event as an item of last/last_k feature feat, ordered by time
@@ -248,7 +248,7 @@ static void lastk_update(tly_store_t *store, ent_t **entp, uint32_t sid, const t
         uint32_t iw = (uint32_t)ld(e, at - 1);
         if (iw < 3 || iw > at - (p + 1))
             break;
-        if ((int64_t)ld(e, at - iw + 1) <= ev->time_ms)
+        if ((int64_t)ld(e, at - 2) <= ev->time_ms) /* independent of iw's load */
             break;
         at -= iw;
     }
@@ -325,9 +325,9 @@ static bool item_read(const ent_t *e, uint32_t q, uint32_t end, tly_item_t *it, 
     uint32_t words = (uint32_t)h, nv = (uint32_t)(h >> 32);
     if (words < 3 || words > end - q || nv > TLY_MAX_ITEM_VALUES)
         return false;
-    it->time_ms = (int64_t)ld(e, q + 1);
+    it->time_ms = (int64_t)ld(e, q + words - 2);
     it->nvals = nv;
-    uint32_t r = q + 2, stop = q + words - 1;
+    uint32_t r = q + 1, stop = q + words - 2;
     for (uint32_t i = 0; i < nv; i++) {
         if (r >= stop)
             return false;
@@ -395,9 +395,9 @@ size_t store_words_recent(const ent_t *e, uint32_t off, uint32_t used, uint32_t 
             *bad = true;
             return n;
         }
+        int64_t t = (int64_t)ld(e, at - 2);
         at -= iw;
         seen++;
-        int64_t t = (int64_t)ld(e, at + 1);
         if (t > asof_ms)
             continue;
         if (t < since_ms)
