@@ -67,9 +67,12 @@ static void words_close(ent_t *e, uint32_t pos, uint32_t n)
 
 /* Finds segment sid among the words [1, used): its header offset and
  * *found, or where it would be inserted. */
-uint32_t store_seg_find(const ent_t *e, uint32_t used, uint32_t sid, bool *found)
+/* store_seg_find from a segment header at `start` known to hold an id <= sid
+ * (or 1). */
+static uint32_t seg_find_from(const ent_t *e, uint32_t used, uint32_t sid, uint32_t start,
+                              bool *found)
 {
-    uint64_t off = 1; /* 64-bit: a torn length must not wrap it */
+    uint64_t off = start; /* 64-bit: a torn length must not wrap it */
     *found = false;
     while (off < used) {
         uint64_t h = ld(e, (uint32_t)off);
@@ -86,12 +89,24 @@ uint32_t store_seg_find(const ent_t *e, uint32_t used, uint32_t sid, bool *found
 }
 
 /* Header offset of segment sid, created with init_len zero words if absent. */
-static uint32_t seg_get(tly_store_t *store, ent_t **entp, uint32_t sid, uint32_t init_len)
+uint32_t store_seg_find(const ent_t *e, uint32_t used, uint32_t sid, bool *found)
+{
+    return seg_find_from(e, used, sid, 1, found);
+}
+
+/* Header offset of segment sid, created with init_len zero words if absent.
+ * *hint is where the caller's previous segment of this event starts (or 1):
+ * one event's features are applied in increasing segment order, so the
+ * search resumes there instead of at the first segment. */
+static uint32_t seg_get(tly_store_t *store, ent_t **entp, uint32_t sid, uint32_t init_len,
+                        uint32_t *hint)
 {
     ent_t *e = *entp;
     bool found;
-    uint32_t off =
-        store_seg_find(e, atomic_load_explicit(&e->used, memory_order_relaxed), sid, &found);
+    uint32_t used = atomic_load_explicit(&e->used, memory_order_relaxed);
+    uint32_t start = *hint < used && SEG_ID(ld(e, *hint)) <= sid ? *hint : 1;
+    uint32_t off = seg_find_from(e, used, sid, start, &found);
+    *hint = off;
     if (!found) {
         words_reserve(store, entp, 1 + init_len); /* offsets survive a regrow */
         words_open(*entp, off, 1 + init_len);
@@ -139,10 +154,10 @@ static void cell_store(ent_t *e, uint32_t at, uint32_t bucket, tly_agg_kind_t ki
 
 /* Adds v at `bucket` to segment sid, pruning buckets below keep_lo. */
 static void win_update(tly_store_t *store, ent_t **entp, uint32_t sid, tly_agg_kind_t kind,
-                       uint32_t bucket, uint32_t keep_lo, const tly_value_t *v)
+                       uint32_t bucket, uint32_t keep_lo, const tly_value_t *v, uint32_t *hint)
 {
     uint32_t sw = stride_of(kind);
-    uint32_t off = seg_get(store, entp, sid, 0);
+    uint32_t off = seg_get(store, entp, sid, 0, hint);
     ent_t *e = *entp;
     uint32_t len = SEG_LEN(ld(e, off));
     uint32_t p = off + 1;
@@ -235,9 +250,9 @@ static void item_write(ent_t *e, uint32_t at, const tly_feat_t *feat, const tly_
 /* Inserts the event as an item of last/last_k feature feat, ordered by time
  * (equal times keep arrival order), keeping at most k (+ slack) items. */
 static void lastk_update(tly_store_t *store, ent_t **entp, uint32_t sid, const tly_feat_t *feat,
-                         const tly_event_t *ev)
+                         const tly_event_t *ev, uint32_t *hint)
 {
-    uint32_t off = seg_get(store, entp, sid, 1);
+    uint32_t off = seg_get(store, entp, sid, 1, hint);
     ent_t *e = *entp;
     uint32_t len = SEG_LEN(ld(e, off));
     uint32_t p = off + 1;
@@ -292,12 +307,13 @@ void store_words_apply(tly_store_t *store, ent_t **entp, const tly_entity_t *ety
                        int64_t now_ms)
 {
     const tly_featset_t *fs = store->fs;
+    uint32_t hint = 1;
     for (uint32_t fi = 0; fi < nfeats; fi++) {
         const tly_feat_t *feat = feats ? &fs->feats[feats[fi]] : &fs->feats[etype->feats[fi]];
         if (!feats && !(mask & (UINT64_C(1) << feat->slot)))
             continue;
         if (!tly_agg_windowed(feat->agg)) {
-            lastk_update(store, entp, SID_ITEMS(feat->slot), feat, ev);
+            lastk_update(store, entp, SID_ITEMS(feat->slot), feat, ev, &hint);
             continue;
         }
         const tly_value_t *v = feat->nvalues ? &ev->vals[feat->values[0]] : NULL;
@@ -309,7 +325,7 @@ void store_words_apply(tly_store_t *store, ent_t **entp, const tly_entity_t *ety
             if (bk < lo || bk < 0 || bk > UINT32_MAX)
                 continue; /* outside this window; longer ones take it */
             win_update(store, entp, SID_WINDOW(feat->slot, w), feat->agg, (uint32_t)bk,
-                       lo < 0 ? 0 : (uint32_t)lo, v);
+                       lo < 0 ? 0 : (uint32_t)lo, v, &hint);
         }
     }
     ent_t *e = *entp;
