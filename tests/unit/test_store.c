@@ -343,6 +343,80 @@ static void test_idle_entities_expire_and_memory_returns(void **state)
     assert_int_equal(count(fx, "100", "clicks", 1, T + 3 * DAY), 1);
 }
 
+/* Item lists come first in this config's slot order: a busy user (word
+ * encoding) must still answer every feature exactly. Expected values are
+ * counted by hand from the loop below. */
+static void test_item_feature_before_windowed_ones_in_word_encoding(void **state)
+{
+    (void)state;
+    static const char *cfg_yaml =
+        "events:\n"
+        "  time: { field: ts, unit: ms }\n"
+        "features:\n"
+        "  - { name: recent, entity: user, key: user_id, agg: last_k, k: 4, value: [action] }\n"
+        "  - { name: clicks, entity: user, key: user_id, where: { action: click }, agg: count,"
+        " windows: [5m, 1h] }\n"
+        "  - { name: last_action, entity: user, key: user_id, agg: last, value: action }\n"
+        "  - { name: dwell, entity: user, key: user_id, agg: sum, value: dwell_ms, windows: [1h] "
+        "}\n";
+    char err[256];
+    tly_config_t *cfg = NULL;
+    tly_featset_t *fs = NULL;
+    assert_int_equal(tly_config_load_string(cfg_yaml, "order.yaml", &cfg, err, sizeof err), TLY_OK);
+    assert_int_equal(tly_featset_compile(cfg, &fs, err, sizeof err), TLY_OK);
+    tly_store_t *store = tly_store_new(fs);
+    int f_user = tly_featset_field(fs, "user_id", 7), f_action = tly_featset_field(fs, "action", 6);
+    int f_dwell = tly_featset_field(fs, "dwell_ms", 8), f_ts = tly_featset_field(fs, "ts", 2);
+    uint32_t user = (uint32_t)tly_featset_entity(fs, "user", 4);
+    /* 60 events, one every 30 s ending at T - 30 s; every third is a click;
+     * dwell = i */
+    for (int i = 0; i < 60; i++) {
+        int64_t t = T - (60 - i) * 30 * SEC;
+        const char *a = i % 3 == 0 ? "click" : "view";
+        tly_event_t e;
+        memset(&e, 0, sizeof e);
+        e.nfields = (uint32_t)fs->nfields;
+        e.time_ms = t;
+        e.vals[f_ts] = (tly_value_t){.type = TLY_V_INT, .u.i = t};
+        e.vals[f_user] = (tly_value_t){.type = TLY_V_INT, .u.i = 1};
+        e.vals[f_action] = (tly_value_t){.type = TLY_V_STR, .len = (uint32_t)strlen(a), .u.s = a};
+        e.vals[f_dwell] = (tly_value_t){.type = TLY_V_INT, .u.i = i};
+        assert_int_equal(tly_store_apply(store, &e, 0, i, T), TLY_OK);
+    }
+    uint32_t fr, fc, fl, fd;
+    int w;
+    assert_int_equal(tly_featset_resolve(fs, user, "recent", 6, &fr, &w), TLY_OK);
+    assert_int_equal(tly_featset_resolve(fs, user, "clicks", 6, &fc, &w), TLY_OK);
+    assert_int_equal(tly_featset_resolve(fs, user, "last_action", 11, &fl, &w), TLY_OK);
+    assert_int_equal(tly_featset_resolve(fs, user, "dwell", 5, &fd, &w), TLY_OK);
+    tly_featwin_t req[] = {{fc, 0}, {fc, 1}, {fl, 0}, {fd, 0}, {fr, 0}};
+    tly_value_t out[5];
+    char sbuf[256];
+    assert_int_equal(tly_store_read(store, user, "1", 1, req, 5, T, out, NULL, sbuf, sizeof sbuf),
+                     TLY_OK);
+    /* 5m at T holds [T-5m, T+10s): events i = 50..59, clicks i = 51, 54, 57 */
+    assert_int_equal(out[0].u.i, 3);
+    /* 1h holds all 60 (the first at T - 30m): clicks i = 0, 3, ..., 57 */
+    assert_int_equal(out[1].u.i, 20);
+    assert_int_equal(out[2].type, TLY_V_STR); /* newest: i = 59, view */
+    assert_memory_equal(out[2].u.s, "view", 4);
+    assert_int_equal(out[3].u.i, 59 * 60 / 2); /* sum of 0..59 */
+    assert_int_equal(out[4].u.i, 4);           /* recent holds k = 4 items */
+    tly_item_t it[4];
+    size_t n = 0;
+    assert_int_equal(
+        tly_store_recent(store, user, "1", 1, fr, INT64_MIN, T, it, 4, &n, sbuf, sizeof sbuf),
+        TLY_OK);
+    assert_int_equal(n, 4);
+    assert_int_equal(it[0].time_ms, T - 30 * SEC);
+    assert_int_equal(it[3].time_ms, T - 4 * 30 * SEC);
+    assert_memory_equal(it[1].vals[0].u.s, "view", 4);  /* i = 58 */
+    assert_memory_equal(it[2].vals[0].u.s, "click", 5); /* i = 57 */
+    tly_store_free(store);
+    tly_featset_free(fs);
+    tly_config_free(cfg);
+}
+
 static void test_buckets_outside_every_window_are_pruned(void **state)
 {
     fx_t *fx = *state;
@@ -477,6 +551,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_two_entity_types_from_one_event, setup, teardown),
         cmocka_unit_test_setup_teardown(test_idle_entities_expire_and_memory_returns, setup,
                                         teardown),
+        cmocka_unit_test(test_item_feature_before_windowed_ones_in_word_encoding),
         cmocka_unit_test_setup_teardown(test_buckets_outside_every_window_are_pruned, setup,
                                         teardown),
         cmocka_unit_test_setup_teardown(test_concurrent_writers_on_shared_entities_lose_nothing,
