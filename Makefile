@@ -64,11 +64,12 @@ $(BUILD)/bench/%: bench/%.c $(BUILD)/libtallyd.a $(HEADERS)
 
 unit-bins: $(BUILD)/tallyd $(UNIT_BINS)
 
-# The whole suite: unit tests (release, -Werror), the concurrent tests again
-# under TSan (shorter model run), then a summary line.
+# The whole suite: build (release and TSan, -Werror), cppcheck, unit tests,
+# the concurrent tests again under TSan (shorter model run), a summary line.
 test: deps
 	@$(MAKE) --no-print-directory WERROR=1 unit-bins
 	@$(MAKE) --no-print-directory WERROR=1 BUILD=build/tsan SAN=-fsanitize=thread OPT=-O1 unit-bins
+	@$(MAKE) --no-print-directory lint
 	@bash scripts/run-tests.sh
 
 asan: deps

@@ -780,7 +780,7 @@ size_t tly_store_sweep(tly_store_t *store, int64_t now_ms, size_t max_visit)
 
     /* A record whose newest event is before every feature's earliest
      * relevant time can no longer change any answer at now or later. */
-    int64_t earliest[TLY_MAX_ENTITIES];
+    int64_t earliest[TLY_MAX_ENTITIES] = {0};
     for (size_t e = 0; e < fs->nentities; e++) {
         earliest[e] = INT64_MAX;
         for (size_t i = 0; i < fs->entities[e].nfeats; i++) {
