@@ -671,7 +671,7 @@ tly_err_t tly_store_read(tly_store_t *store, uint32_t entity, const char *id, si
                 bool found;
                 uint32_t off = store_seg_find(ent, used, SID_ITEMS(feat->slot), &found);
                 if (found)
-                    got = store_words_recent(ent, off, used, k, since, now_ms,
+                    got = store_words_recent(store, ent, off, used, k, since, now_ms,
                                              feat->agg == TLY_AGG_LAST ? &it : NULL, k, strbuf,
                                              strcap, &sused, &bad, &full);
             }
@@ -742,8 +742,8 @@ tly_err_t tly_store_recent(tly_store_t *store, uint32_t entity, const char *id, 
             bool found;
             uint32_t off = store_seg_find(ent, used, SID_ITEMS(feat->slot), &found);
             if (found)
-                got = store_words_recent(ent, off, used, feat->k, since_ms, asof_ms, items, cap,
-                                         strbuf, strcap, &sused, &bad, &full);
+                got = store_words_recent(store, ent, off, used, feat->k, since_ms, asof_ms, items,
+                                         cap, strbuf, strcap, &sused, &bad, &full);
         }
         if (read_valid(ent, s0) && !bad) {
             if (full)

@@ -194,7 +194,7 @@ typedef struct {
  * window), last/last_k item lists after all of them, so that appending an
  * item — every event — shifts no other segment. */
 #define SID_WINDOW(slot, w) ((uint32_t)(slot)*TLY_MAX_WINDOWS + (uint32_t)(w))
-#define SID_ITEMS(slot) (0x8000u + (uint32_t)(slot))
+#define SID_ITEMS(slot)     (0x8000u + (uint32_t)(slot))
 
 /* store.c */
 void *store_xmalloc(size_t n);
@@ -206,13 +206,20 @@ uint32_t store_seg_find(const ent_t *e, uint32_t used, uint32_t sid, bool *found
 void store_words_apply(tly_store_t *store, ent_t **entp, const tly_entity_t *etype, uint64_t mask,
                        const uint32_t *feats, uint32_t nfeats, const tly_event_t *ev,
                        int64_t now_ms);
-size_t store_words_recent(const ent_t *e, uint32_t off, uint32_t used, uint32_t k, int64_t since_ms,
-                          int64_t asof_ms, tly_item_t *items, size_t cap, char *strbuf,
-                          size_t strcap, size_t *sused, bool *bad, bool *full);
+size_t store_words_recent(const tly_store_t *store, const ent_t *e, uint32_t off, uint32_t used,
+                          uint32_t k, int64_t since_ms, int64_t asof_ms, tly_item_t *items,
+                          size_t cap, char *strbuf, size_t strcap, size_t *sused, bool *bad,
+                          bool *full);
 tly_value_t store_words_value(const ent_t *e, uint32_t used, const tly_feat_t *feat,
                               uint32_t window, int64_t now_ms, bool *bad);
 
 /* store_log.c */
+/* Returns the intern id of s[0..len), inserting it if there is room, or -1
+ * (too long, or the table is full). Writers. */
+int store_intern_get(tly_store_t *store, const char *s, uint32_t len);
+/* Returns interned string `id`, or NULL for an id never handed out. Any
+ * thread; the string lives as long as the store. */
+const istr_t *store_intern_str(const tly_store_t *store, uint64_t id);
 void store_log_copy(const ent_t *e, log_t *lg);
 bool store_log_decode(const tly_store_t *store, const etype_t *et, log_t *lg);
 void store_compact_apply(tly_store_t *store, ent_t **entp, const tly_entity_t *etype, uint64_t mask,

@@ -55,7 +55,7 @@ static int64_t unzigzag(uint64_t v)
 }
 
 /* Returns the intern id of s[0..len), inserting it if there is room, or -1. */
-static int intern_get(tly_store_t *store, const char *s, uint32_t len)
+int store_intern_get(tly_store_t *store, const char *s, uint32_t len)
 {
     if (len > INTERN_MAXLEN)
         return -1;
@@ -206,7 +206,7 @@ static size_t rec_encode(tly_store_t *store, const etype_t *et, const tly_event_
             break;
         case TLY_V_STR: {
             tag = TAG_STR;
-            int id = intern_get(store, v->u.s, v->len);
+            int id = store_intern_get(store, v->u.s, v->len);
             if (id >= 0) {
                 n += put_varint(buf + n, (uint64_t)id << 1 | 1);
             } else {
@@ -404,4 +404,12 @@ tly_value_t store_log_value(const tly_store_t *store, const log_t *lg, const tly
         tly_agg_cell_merge(feat->agg, &acc, &c);
     }
     return tly_agg_result(feat->agg, &acc);
+}
+
+const istr_t *store_intern_str(const tly_store_t *store, uint64_t id)
+{
+    if (id >= INTERN_SLOTS)
+        return NULL;
+    return atomic_load_explicit(&((tly_store_t *)(uintptr_t)store)->intern[id],
+                                memory_order_acquire);
 }

@@ -21,6 +21,8 @@
 #define TAG(type, len)   ((uint64_t)(type) | ((uint64_t)(len) << 8))
 #define TAG_TYPE(w)      ((tly_vtype_t)((w)&0xff))
 #define TAG_LEN(w)       ((uint32_t)((w) >> 8))
+#define TAG_ISTR         0x83    /* an interned string: the payload word is its id */
+#define UW_MIXED         0xffffu /* item list whose items differ in width */
 
 /* Makes room for `extra` more words (may replace *entp). */
 static void words_reserve(tly_store_t *store, ent_t **entp, uint32_t extra)
@@ -196,7 +198,9 @@ static void win_update(tly_store_t *store, ent_t **entp, uint32_t sid, tly_agg_k
     seg_set_len(e, off, len + sw);
 }
 
-static uint32_t value_words(const tly_value_t *v)
+/* Words value v takes in an item: an interned string (id >= 0) is a tag
+ * and its id, like a number. */
+static uint32_t value_words(const tly_value_t *v, int id)
 {
     switch (v->type) {
     case TLY_V_INT:
@@ -204,14 +208,14 @@ static uint32_t value_words(const tly_value_t *v)
     case TLY_V_BOOL:
         return 2;
     case TLY_V_STR:
-        return 1 + (v->len + 7) / 8;
+        return id >= 0 ? 2 : 1 + (v->len + 7) / 8;
     default:
         return 1;
     }
 }
 
 static void item_write(ent_t *e, uint32_t at, const tly_feat_t *feat, const tly_event_t *ev,
-                       uint32_t words)
+                       const int *ids, uint32_t words)
 {
     st(e, at, words | (uint64_t)feat->nvalues << 32);
     uint32_t q = at + 1;
@@ -231,6 +235,11 @@ static void item_write(ent_t *e, uint32_t at, const tly_feat_t *feat, const tly_
             break;
         }
         case TLY_V_STR:
+            if (ids[i] >= 0) {
+                st(e, q++, TAG(TAG_ISTR, 0));
+                st(e, q++, (uint64_t)ids[i]);
+                break;
+            }
             st(e, q++, TAG(v->type, v->len));
             for (uint32_t o = 0; o < v->len; o += 8) {
                 uint64_t w = 0;
@@ -256,27 +265,50 @@ static void lastk_update(tly_store_t *store, ent_t **entp, uint32_t sid, const t
     ent_t *e = *entp;
     uint32_t len = SEG_LEN(ld(e, off));
     uint32_t p = off + 1;
-    uint64_t count = ld(e, p);
+    uint64_t cw = ld(e, p);
+    uint64_t count = cw & 0xffffffffu;
+    uint32_t uw = (uint32_t)(cw >> 32) & 0xffffu; /* uniform item width, or UW_MIXED */
 
+    int ids[TLY_MAX_ITEM_VALUES];
+    uint32_t words = 3;
+    for (size_t i = 0; i < feat->nvalues; i++) {
+        const tly_value_t *v = &ev->vals[feat->values[i]];
+        ids[i] = v->type == TLY_V_STR ? store_intern_get(store, v->u.s, v->len) : -1;
+        words += value_words(v, ids[i]);
+    }
+
+    /* Insertion point: after every item with time <= ev time. With items of
+     * one width (the usual case: numbers and interned strings), a binary
+     * search; otherwise a walk back from the newest. */
     uint32_t at = p + len;
-    while (at > p + 1) {
-        uint32_t iw = (uint32_t)ld(e, at - 1);
-        if (iw < 3 || iw > at - (p + 1))
-            break;
-        if ((int64_t)ld(e, at - 2) <= ev->time_ms) /* independent of iw's load */
-            break;
-        at -= iw;
+    if (count && uw == words && (uint64_t)count * uw == len - 1) {
+        uint64_t lo = 0, hi = count;
+        while (lo < hi) {
+            uint64_t mid = lo + (hi - lo) / 2;
+            if ((int64_t)ld(e, p + 1 + (uint32_t)(mid * uw) + uw - 2) <= ev->time_ms)
+                lo = mid + 1;
+            else
+                hi = mid;
+        }
+        at = p + 1 + (uint32_t)(lo * uw);
+    } else {
+        while (at > p + 1) {
+            uint32_t iw = (uint32_t)ld(e, at - 1);
+            if (iw < 3 || iw > at - (p + 1))
+                break;
+            if ((int64_t)ld(e, at - 2) <= ev->time_ms) /* independent of iw's load */
+                break;
+            at -= iw;
+        }
     }
     if (count >= feat->k && at == p + 1)
         return; /* older than all k kept items: it would be trimmed at once */
+    uw = count == 0 ? words : uw == words ? uw : UW_MIXED;
 
-    uint32_t words = 3;
-    for (size_t i = 0; i < feat->nvalues; i++)
-        words += value_words(&ev->vals[feat->values[i]]);
     words_reserve(store, entp, words); /* offsets survive a regrow */
     e = *entp;
     words_open(e, at, words);
-    item_write(e, at, feat, ev, words);
+    item_write(e, at, feat, ev, ids, words);
     len += words;
     count++;
 
@@ -292,12 +324,12 @@ static void lastk_update(tly_store_t *store, ent_t **entp, uint32_t sid, const t
         words_close(e, p + 1, tw);
         len -= tw;
         count -= trim;
-        st(e, p, count);
+        st(e, p, count | (uint64_t)uw << 32);
         seg_set_len(e, off, len);
         words_maybe_shrink(store, entp);
         return;
     }
-    st(e, p, count);
+    st(e, p, count | (uint64_t)uw << 32);
     seg_set_len(e, off, len);
 }
 
@@ -334,8 +366,8 @@ void store_words_apply(tly_store_t *store, ent_t **entp, const tly_entity_t *ety
 }
 
 /* Decodes the word-encoded item whose header is at q (bounded by end). */
-static bool item_read(const ent_t *e, uint32_t q, uint32_t end, tly_item_t *it, char *strbuf,
-                      size_t strcap, size_t *sused, bool *full)
+static bool item_read(const tly_store_t *store, const ent_t *e, uint32_t q, uint32_t end,
+                      tly_item_t *it, char *strbuf, size_t strcap, size_t *sused, bool *full)
 {
     uint64_t h = ld(e, q);
     uint32_t words = (uint32_t)h, nv = (uint32_t)(h >> 32);
@@ -349,8 +381,9 @@ static bool item_read(const ent_t *e, uint32_t q, uint32_t end, tly_item_t *it, 
             return false;
         uint64_t tag = ld(e, r++);
         tly_value_t *v = &it->vals[i];
-        v->type = TAG_TYPE(tag);
-        switch (v->type) {
+        unsigned tt = (unsigned)(tag & 0xff);
+        v->type = (tly_vtype_t)tt;
+        switch (tt) {
         case TLY_V_INT:
         case TLY_V_BOOL:
         case TLY_V_DOUBLE: {
@@ -361,6 +394,23 @@ static bool item_read(const ent_t *e, uint32_t q, uint32_t end, tly_item_t *it, 
                 memcpy(&v->u.d, &w, 8);
             else
                 v->u.i = (int64_t)w;
+            break;
+        }
+        case TAG_ISTR: {
+            if (r >= stop)
+                return false;
+            const istr_t *is = store_intern_str(store, ld(e, r++));
+            if (!is)
+                return false;
+            if (*sused + is->len > strcap) {
+                *full = true;
+                return false;
+            }
+            memcpy(strbuf + *sused, is->s, is->len);
+            v->type = TLY_V_STR;
+            v->len = is->len;
+            v->u.s = strbuf + *sused;
+            *sused += is->len;
             break;
         }
         case TLY_V_STR: {
@@ -393,9 +443,10 @@ static bool item_read(const ent_t *e, uint32_t q, uint32_t end, tly_item_t *it, 
 /* Reads up to cap of the k newest items of the last/last_k segment at off,
  * newest first, keeping those in [since_ms, asof_ms]; items == NULL only
  * counts. Sets *bad on torn data, *full when strbuf overflowed. */
-size_t store_words_recent(const ent_t *e, uint32_t off, uint32_t used, uint32_t k, int64_t since_ms,
-                          int64_t asof_ms, tly_item_t *items, size_t cap, char *strbuf,
-                          size_t strcap, size_t *sused, bool *bad, bool *full)
+size_t store_words_recent(const tly_store_t *store, const ent_t *e, uint32_t off, uint32_t used,
+                          uint32_t k, int64_t since_ms, int64_t asof_ms, tly_item_t *items,
+                          size_t cap, char *strbuf, size_t strcap, size_t *sused, bool *bad,
+                          bool *full)
 {
     uint32_t len = SEG_LEN(ld(e, off));
     uint32_t p = off + 1;
@@ -418,7 +469,7 @@ size_t store_words_recent(const ent_t *e, uint32_t off, uint32_t used, uint32_t 
             continue;
         if (t < since_ms)
             break;
-        if (items && !item_read(e, at, at + iw, &items[n], strbuf, strcap, sused, full)) {
+        if (items && !item_read(store, e, at, at + iw, &items[n], strbuf, strcap, sused, full)) {
             *bad = !*full;
             return n;
         }

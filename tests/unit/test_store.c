@@ -412,6 +412,33 @@ static void test_item_feature_before_windowed_ones_in_word_encoding(void **state
     assert_int_equal(it[3].time_ms, T - 4 * 30 * SEC);
     assert_memory_equal(it[1].vals[0].u.s, "view", 4);  /* i = 58 */
     assert_memory_equal(it[2].vals[0].u.s, "click", 5); /* i = 57 */
+    /* ties keep arrival order (newest first means the later arrival first),
+     * both while all items have one width and after a long (not interned)
+     * string makes widths differ */
+    const char *longa = "a-string-longer-than-the-intern-limit-0123456789";
+    const char *acts[] = {"save", "hide", longa, "like", "pin"};
+    int64_t times[] = {T - 15 * SEC, T - 15 * SEC, T - 10 * SEC, T - 10 * SEC, T - 45 * SEC};
+    for (int i = 0; i < 5; i++) {
+        tly_event_t e;
+        memset(&e, 0, sizeof e);
+        e.nfields = (uint32_t)fs->nfields;
+        e.time_ms = times[i];
+        e.vals[f_ts] = (tly_value_t){.type = TLY_V_INT, .u.i = times[i]};
+        e.vals[f_user] = (tly_value_t){.type = TLY_V_INT, .u.i = 1};
+        e.vals[f_action] =
+            (tly_value_t){.type = TLY_V_STR, .len = (uint32_t)strlen(acts[i]), .u.s = acts[i]};
+        assert_int_equal(tly_store_apply(store, &e, 0, 100 + i, T), TLY_OK);
+    }
+    assert_int_equal(
+        tly_store_recent(store, user, "1", 1, fr, INT64_MIN, T, it, 4, &n, sbuf, sizeof sbuf),
+        TLY_OK);
+    /* newest first: like (T-10s, after the long one), long, hide, save (T-15s) */
+    const char *want[] = {"like", longa, "hide", "save"};
+    assert_int_equal(n, 4);
+    for (int i = 0; i < 4; i++) {
+        assert_int_equal(it[i].vals[0].len, strlen(want[i]));
+        assert_memory_equal(it[i].vals[0].u.s, want[i], strlen(want[i]));
+    }
     tly_store_free(store);
     tly_featset_free(fs);
     tly_config_free(cfg);
