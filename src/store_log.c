@@ -296,8 +296,11 @@ void store_compact_apply(tly_store_t *store, ent_t **entp, const tly_entity_t *e
         uint8_t head[16];
         size_t at = 0;
         uint64_t v = 0;
-        for (uint32_t i = 0; i < 16; i++)
-            head[i] = i < used ? (uint8_t)(ld(e, i / 8) >> (8 * (i % 8))) : 0;
+        for (uint32_t w = 0; w < 2 && w * 8 < used; w++) { /* a word load, not one per byte */
+            uint64_t word = ld(e, w);
+            for (uint32_t b = 0; b < 8; b++)
+                head[w * 8 + b] = (uint8_t)(word >> (8 * b));
+        }
         if (!get_varint(head, used < 16 ? used : 16, &at, &v)) {
             fprintf(stderr, "tallyd: corrupt compact entity state\n");
             abort();

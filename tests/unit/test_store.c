@@ -343,6 +343,24 @@ static void test_idle_entities_expire_and_memory_returns(void **state)
     assert_int_equal(count(fx, "100", "clicks", 1, T + 3 * DAY), 1);
 }
 
+/* An event for the ordering test's featset: user 1, action a, dwell (< 0:
+ * absent). */
+static tly_event_t order_event(const tly_featset_t *fs, int64_t t, const char *a, int64_t dwell)
+{
+    tly_event_t e;
+    memset(&e, 0, sizeof e);
+    e.nfields = (uint32_t)fs->nfields;
+    e.time_ms = t;
+    e.vals[tly_featset_field(fs, "ts", 2)] = (tly_value_t){.type = TLY_V_INT, .u.i = t};
+    e.vals[tly_featset_field(fs, "user_id", 7)] = (tly_value_t){.type = TLY_V_INT, .u.i = 1};
+    e.vals[tly_featset_field(fs, "action", 6)] =
+        (tly_value_t){.type = TLY_V_STR, .len = (uint32_t)strlen(a), .u.s = a};
+    if (dwell >= 0)
+        e.vals[tly_featset_field(fs, "dwell_ms", 8)] =
+            (tly_value_t){.type = TLY_V_INT, .u.i = dwell};
+    return e;
+}
+
 /* Item lists come first in this config's slot order: a busy user (word
  * encoding) must still answer every feature exactly. Expected values are
  * counted by hand from the loop below. */
@@ -365,22 +383,13 @@ static void test_item_feature_before_windowed_ones_in_word_encoding(void **state
     assert_int_equal(tly_config_load_string(cfg_yaml, "order.yaml", &cfg, err, sizeof err), TLY_OK);
     assert_int_equal(tly_featset_compile(cfg, &fs, err, sizeof err), TLY_OK);
     tly_store_t *store = tly_store_new(fs);
-    int f_user = tly_featset_field(fs, "user_id", 7), f_action = tly_featset_field(fs, "action", 6);
-    int f_dwell = tly_featset_field(fs, "dwell_ms", 8), f_ts = tly_featset_field(fs, "ts", 2);
     uint32_t user = (uint32_t)tly_featset_entity(fs, "user", 4);
     /* 60 events, one every 30 s ending at T - 30 s; every third is a click;
      * dwell = i */
     for (int i = 0; i < 60; i++) {
         int64_t t = T - (60 - i) * 30 * SEC;
         const char *a = i % 3 == 0 ? "click" : "view";
-        tly_event_t e;
-        memset(&e, 0, sizeof e);
-        e.nfields = (uint32_t)fs->nfields;
-        e.time_ms = t;
-        e.vals[f_ts] = (tly_value_t){.type = TLY_V_INT, .u.i = t};
-        e.vals[f_user] = (tly_value_t){.type = TLY_V_INT, .u.i = 1};
-        e.vals[f_action] = (tly_value_t){.type = TLY_V_STR, .len = (uint32_t)strlen(a), .u.s = a};
-        e.vals[f_dwell] = (tly_value_t){.type = TLY_V_INT, .u.i = i};
+        tly_event_t e = order_event(fs, t, a, i);
         assert_int_equal(tly_store_apply(store, &e, 0, i, T), TLY_OK);
     }
     uint32_t fr, fc, fl, fd;
@@ -419,14 +428,7 @@ static void test_item_feature_before_windowed_ones_in_word_encoding(void **state
     const char *acts[] = {"save", "hide", longa, "like", "pin"};
     int64_t times[] = {T - 15 * SEC, T - 15 * SEC, T - 10 * SEC, T - 10 * SEC, T - 45 * SEC};
     for (int i = 0; i < 5; i++) {
-        tly_event_t e;
-        memset(&e, 0, sizeof e);
-        e.nfields = (uint32_t)fs->nfields;
-        e.time_ms = times[i];
-        e.vals[f_ts] = (tly_value_t){.type = TLY_V_INT, .u.i = times[i]};
-        e.vals[f_user] = (tly_value_t){.type = TLY_V_INT, .u.i = 1};
-        e.vals[f_action] =
-            (tly_value_t){.type = TLY_V_STR, .len = (uint32_t)strlen(acts[i]), .u.s = acts[i]};
+        tly_event_t e = order_event(fs, times[i], acts[i], -1);
         assert_int_equal(tly_store_apply(store, &e, 0, 100 + i, T), TLY_OK);
     }
     assert_int_equal(
