@@ -130,6 +130,29 @@ static const key_def_t key_table[] = {
         "Most client connections open at once; further connections are refused."),
     KEY("server.threads", K_INT, "1", 1, 64, 0, NULL, CFG(server.threads),
         "Query threads, each with its own event loop."),
+    KEY("server.unix", K_STRING, "", 0, 0, 0, NULL, CFG(server.unix_path),
+        "Path of an additional unix-domain socket for RESP clients; \"\" disables it."),
+    KEY("server.max_args", K_INT, "65536", 8, 1048576, 0, NULL, CFG(server.max_args),
+        "Most arguments in one request (MFEATURES ids and names included)."),
+    KEY("server.max_bulk", K_INT, "65536", 1024, 536870912, 0, NULL, CFG(server.max_bulk),
+        "Longest single argument of a request, in bytes."),
+    KEY("server.max_query_buffer", K_INT, "16777216", 65536, 1073741824, 0, NULL,
+        CFG(server.max_query_buffer),
+        "Most bytes of one client's request that may be pending before it is complete; a "
+        "larger request is a protocol error."),
+    KEY("server.max_output_buffer", K_INT, "67108864", 65536, 4294967296, 0, NULL,
+        CFG(server.max_output_buffer),
+        "Most reply bytes queued for one client; a client that stops reading is "
+        "disconnected when its replies reach this."),
+    KEY("server.output_soft_limit", K_INT, "1048576", 4096, 4294967296, 0, NULL,
+        CFG(server.output_soft_limit),
+        "While a client has more reply bytes queued than this, its requests are not read."),
+    KEY("server.idle_timeout", K_DURATION, "1h", SEC(1), DAY(365), 0, NULL,
+        CFG(server.idle_timeout_ms), "A client that sends nothing for this long is disconnected."),
+    KEY("server.request_timeout", K_DURATION, "10s", 100, HOUR(1), 0, NULL,
+        CFG(server.request_timeout_ms),
+        "A request whose first byte arrived this long ago and is still incomplete closes the "
+        "connection (a client sending byte by byte)."),
 
     KEY("kafka.brokers", K_STRING, "localhost:9092", 0, 0, F_NONEMPTY, NULL, CFG(kafka.brokers),
         "Kafka bootstrap servers, host:port[,host:port...]; \"embedded\" starts librdkafka's "
@@ -1115,6 +1138,15 @@ static tly_err_t check_config(parse_t *p)
                     "%s accepts clients from other hosts; set server.requirepass, or listen "
                     "on 127.0.0.1",
                     cfg->server.listen);
+    if (cfg->server.max_bulk > cfg->server.max_query_buffer)
+        return fail(p, seen_node(p, "server.max_bulk"), "server.max_bulk",
+                    "%" PRId64 " is larger than server.max_query_buffer (%" PRId64
+                    "); a request holding it could never be read",
+                    cfg->server.max_bulk, cfg->server.max_query_buffer);
+    if (cfg->server.output_soft_limit > cfg->server.max_output_buffer)
+        return fail(p, seen_node(p, "server.output_soft_limit"), "server.output_soft_limit",
+                    "%" PRId64 " is larger than server.max_output_buffer (%" PRId64 ")",
+                    cfg->server.output_soft_limit, cfg->server.max_output_buffer);
     return TLY_OK;
 }
 

@@ -73,6 +73,14 @@ typedef struct {
         char *requirepass; /* "" = no auth */
         int64_t max_clients;
         int64_t threads;
+        char *unix_path;            /* unix socket path, "" = none */
+        int64_t max_args;           /* arguments per request */
+        int64_t max_bulk;           /* bytes per argument */
+        int64_t max_query_buffer;   /* bytes of one pending request */
+        int64_t max_output_buffer;  /* queued reply bytes: disconnect */
+        int64_t output_soft_limit;  /* queued reply bytes: stop reading */
+        int64_t idle_timeout_ms;    /* no bytes from the client: disconnect */
+        int64_t request_timeout_ms; /* incomplete request this old: disconnect */
     } server;
 
     struct {

@@ -10,12 +10,7 @@
  *    events.max_string and readable, doubles are finite, the event time lies
  *    in [1970, 2101); entity ids and where-matching run on the event.
  *
- * Build and run (not wired into the Makefile):
- *   clang -std=c11 -g -O1 -D_GNU_SOURCE -Iinclude -Isrc \
- *     -fsanitize=fuzzer,address,undefined tests/fuzz/fuzz_decode.c \
- *     src/decode.c src/feature.c src/config.c src/agg.c src/window.c src/error.c \
- *     -lyaml -lm -o build/fuzz_decode
- *   build/fuzz_decode -max_len=4096 tests/fuzz/corpus/decode
+ * `make fuzz` builds it (build/fuzz/fuzz_decode) and runs it on its corpus.
  * The corpus also replays in test_decode (make test).
  */
 #include <math.h>

@@ -1,0 +1,67 @@
+/*
+ * commands.h — the command table and its handlers.
+ *
+ * One table of {name, arity, flags, handler, help} (see commands.c) drives
+ * dispatch, the arity and authentication checks (made in one place, before
+ * any handler runs), COMMAND COUNT/INFO/DOCS and the help text. Handlers
+ * read the store under RCU, so they never wait for ingest.
+ *
+ * A session is one client connection's protocol state. The server owns it
+ * and fills the fields marked (server); commands change the rest.
+ *
+ * Threads: tly_command_exec runs on the server's loop threads, each of
+ * which is registered with RCU; one session is used by one thread.
+ */
+#ifndef TALLYD_COMMANDS_H
+#define TALLYD_COMMANDS_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "tallyd/daemon.h"
+#include "tallyd/resp.h"
+
+#define TLY_CLIENT_NAME_MAX 128
+
+typedef struct {
+    uint64_t id;           /* (server) CLIENT ID */
+    int fd;                /* (server) socket, -1 unknown */
+    char addr[64];         /* (server) peer "ip:port" or "/path:0" */
+    char laddr[64];        /* (server) local address */
+    int64_t created_ms;    /* (server) connect time */
+    int64_t last_ms;       /* (server) last request time */
+    size_t qbuf, obuf;     /* (server) bytes pending in / out, for CLIENT INFO */
+    int proto;             /* 2 or 3 (HELLO) */
+    bool authed;           /* true when no password is set, or after AUTH */
+    bool close_after;      /* QUIT: close once the reply is written */
+    char name[TLY_CLIENT_NAME_MAX + 1]; /* CLIENT SETNAME, "" = none */
+    char last_cmd[32];     /* lower-case name of the last command */
+} tly_session_t;
+
+/* Per-thread scratch for handlers (value arrays, string buffers), reused
+ * between commands to keep the hot path free of malloc. */
+typedef struct tly_cmd_scratch tly_cmd_scratch_t;
+tly_cmd_scratch_t *tly_cmd_scratch_new(void);
+void tly_cmd_scratch_free(tly_cmd_scratch_t *scratch);
+
+/* Initialises a session for daemon d: RESP2, authenticated unless
+ * server.requirepass is set. The server sets the (server) fields. */
+void tly_session_init(tly_session_t *s, const tly_daemon_t *d);
+
+/*
+ * Executes argv[0..argc) (argc >= 1) for session s, appending exactly one
+ * reply to out. now_ms is the wall clock (queries without ASOF evaluate
+ * windows at it). Unknown commands, wrong arity and missing AUTH give the
+ * Redis errors ("-ERR unknown command ...", "-ERR wrong number of
+ * arguments for '...' command", "-NOAUTH Authentication required.").
+ * Loop threads (RCU-registered).
+ */
+void tly_command_exec(tly_daemon_t *d, tly_session_t *s, tly_cmd_scratch_t *scratch,
+                      const tly_arg_t *argv, size_t argc, tly_buf_t *out, int64_t now_ms);
+
+/* True when the command named argv0 may run before AUTH (AUTH, HELLO, PING,
+ * QUIT): the server applies the tight unauthenticated limits otherwise. */
+bool tly_command_allowed_unauth(const char *name, size_t len);
+
+#endif

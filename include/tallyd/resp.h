@@ -1,0 +1,137 @@
+/*
+ * resp.h — the Redis protocol (RESP2 and RESP3): request parser and reply
+ * writer.
+ *
+ * The parser reads requests from a client's input buffer: multibulk
+ * ("*2\r\n$4\r\nPING\r\n$2\r\nhi\r\n") and inline ("PING hi\r\n", split on
+ * spaces and tabs, with "..." and '...' quoting as redis-cli sends it). It is
+ * incremental: the caller passes the unconsumed input again with more bytes
+ * appended, and the parser resumes where it stopped, so a request arriving
+ * byte by byte costs O(n), not O(n²). Arguments are returned as offsets into
+ * the input so the caller may move its buffer between calls.
+ *
+ * Every size that comes from the input is checked against the limits before
+ * anything is allocated or waited for: a "*" count above max_args, a "$"
+ * length above max_bulk or negative, an inline request longer than
+ * max_inline, a malformed number or a missing CRLF is a protocol error with
+ * a message for "-ERR Protocol error: <message>".
+ *
+ * The writer appends replies to a growable tly_buf_t. Functions that differ
+ * between protocol versions take `proto` (2 or 3): maps are flat arrays in
+ * RESP2, doubles and verbatim strings are bulk strings, nulls are "$-1",
+ * booleans are integers 1/0.
+ *
+ * Pure: no I/O, no clocks, no threads. A parser or buffer is used by one
+ * thread at a time. Allocation failure aborts (the daemon's policy).
+ */
+#ifndef TALLYD_RESP_H
+#define TALLYD_RESP_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "tallyd/value.h"
+
+/* A growable byte buffer (replies, and the server's input buffers). */
+typedef struct {
+    char *data;
+    size_t len; /* bytes in use */
+    size_t cap; /* bytes allocated */
+} tly_buf_t;
+
+/* Empties and frees b's memory; b may be reused afterwards. */
+void tly_buf_fini(tly_buf_t *b);
+/* Ensures room for `more` bytes after len; returns data + len. */
+char *tly_buf_reserve(tly_buf_t *b, size_t more);
+/* Appends p[0..n). */
+void tly_buf_append(tly_buf_t *b, const void *p, size_t n);
+/* Drops the first n bytes (n <= len), moving the rest to the front. */
+void tly_buf_consume(tly_buf_t *b, size_t n);
+
+/* One argument of a parsed request, as an offset into the input. */
+typedef struct {
+    size_t off;
+    size_t len;
+} tly_resp_span_t;
+
+/* One argument as a pointer (what command handlers see). */
+typedef struct {
+    const char *ptr;
+    size_t len;
+} tly_arg_t;
+
+typedef struct {
+    size_t max_args;   /* "*" count limit (>= 1) */
+    size_t max_bulk;   /* "$" length limit */
+    size_t max_inline; /* longest inline request line, CRLF excluded */
+} tly_resp_limits_t;
+
+typedef enum {
+    TLY_RESP_NEED = 0, /* incomplete: call again with more input */
+    TLY_RESP_REQUEST,  /* a complete request: *consumed bytes, p->argc args */
+    TLY_RESP_EMPTY,    /* an empty inline line or "*0"/"*-1": *consumed bytes, skip */
+    TLY_RESP_ERROR     /* protocol error: p->err says why; close the connection */
+} tly_resp_status_t;
+
+/* Parser state; fields are private to resp.c except argc, args and err. */
+typedef struct {
+    tly_resp_limits_t lim;
+    /* results of the last TLY_RESP_REQUEST */
+    size_t argc;
+    tly_resp_span_t *args; /* argc spans, offsets from the request's start */
+    char err[128];         /* message of the last TLY_RESP_ERROR */
+    /* resume state */
+    size_t pos;      /* bytes of the current request already parsed */
+    int64_t nargs;   /* multibulk count of the current request, -1 = not read */
+    int64_t bulklen; /* length of the pending bulk, -1 = header not read */
+    size_t cap;      /* spans allocated in args */
+    bool inline_req; /* current request is inline */
+} tly_resp_parser_t;
+
+/* Initialises p with limits lim (copied). */
+void tly_resp_parser_init(tly_resp_parser_t *p, const tly_resp_limits_t *lim);
+/* Frees p's memory. */
+void tly_resp_parser_fini(tly_resp_parser_t *p);
+/*
+ * Parses the request at the start of in[0..len): the client's unconsumed
+ * input, which on a TLY_RESP_NEED return must be passed again (possibly
+ * moved) with more bytes appended. On TLY_RESP_REQUEST, p->argc and
+ * p->args describe the request (offsets into in) and *consumed is its size;
+ * the caller uses the arguments, then drops *consumed bytes and calls again
+ * for the next pipelined request. After TLY_RESP_ERROR the parser must be
+ * reset with tly_resp_parser_reset before any further use.
+ */
+tly_resp_status_t tly_resp_parse(tly_resp_parser_t *p, const char *in, size_t len,
+                                 size_t *consumed);
+/* Forgets any partly parsed request. */
+void tly_resp_parser_reset(tly_resp_parser_t *p);
+/* True when some bytes of a request have been parsed but it is not complete
+ * (the server's request deadline runs while this holds). */
+bool tly_resp_parser_pending(const tly_resp_parser_t *p);
+
+/* --- reply writer --- */
+void tly_resp_simple(tly_buf_t *b, const char *text); /* +text; CR/LF replaced by spaces */
+/* -text; the text's first word is the error code ("ERR", "NOFEATURE" ...).
+ * CR/LF in the text are replaced by spaces. */
+void tly_resp_error(tly_buf_t *b, const char *text);
+void tly_resp_errorf(tly_buf_t *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+void tly_resp_int(tly_buf_t *b, int64_t v);
+void tly_resp_bulk(tly_buf_t *b, const char *s, size_t len);
+void tly_resp_bulkstr(tly_buf_t *b, const char *s); /* NUL-terminated */
+void tly_resp_null(tly_buf_t *b, int proto);         /* $-1 | _ */
+void tly_resp_array(tly_buf_t *b, size_t n);         /* *n */
+void tly_resp_map(tly_buf_t *b, int proto, size_t npairs); /* *2n | %n */
+void tly_resp_set(tly_buf_t *b, int proto, size_t n);      /* *n | ~n */
+/* A double: RESP3 ",<v>", RESP2 a bulk string. Printed with the fewest
+ * digits that read back as the same double ("%.17g" trimmed); inf as
+ * "inf"/"-inf". */
+void tly_resp_double(tly_buf_t *b, int proto, double v);
+void tly_resp_bool(tly_buf_t *b, int proto, bool v); /* :1/:0 | #t/#f */
+/* Text such as INFO's: RESP3 verbatim "=<n>\r\ntxt:...", RESP2 bulk. */
+void tly_resp_verbatim(tly_buf_t *b, int proto, const char *s, size_t len);
+/* A tly_value_t: nil → null, int → integer, double → double, string → bulk,
+ * bool → bool. */
+void tly_resp_value(tly_buf_t *b, int proto, const tly_value_t *v);
+
+#endif

@@ -1,0 +1,84 @@
+/*
+ * source.h — the Kafka consumer that feeds the store.
+ *
+ * A source owns one librdkafka consumer and the thread that polls it:
+ * poll → decode → tly_store_apply → store the message's offset (offsets are
+ * stored only after the event is applied; librdkafka commits stored offsets
+ * in the background). Decode rejections are counted per reason and the
+ * offset is still stored: a malformed event is never retried.
+ *
+ * kafka.brokers "embedded" starts librdkafka's mock cluster in this process
+ * (a real Kafka-protocol server on loopback, 3 brokers) with the configured
+ * topics created (TLY_SOURCE_EMBEDDED_PARTITIONS partitions each), and the
+ * consumer connects to it like to any cluster; tly_source_bootstrap() tells
+ * a producer (the demo generator) where it is.
+ *
+ * Threads: tly_source_new/start/stop/free on the main thread; the poll thread
+ * is private; tly_source_stats on any thread (counters are atomics, the
+ * partition table is copied under a mutex the poll thread takes once per
+ * stats refresh, never per message).
+ */
+#ifndef TALLYD_SOURCE_H
+#define TALLYD_SOURCE_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "tallyd/config.h"
+#include "tallyd/error.h"
+#include "tallyd/feature.h"
+#include "tallyd/store.h"
+
+#define TLY_SOURCE_EMBEDDED_PARTITIONS 8
+
+typedef struct tly_source tly_source_t;
+
+/* One assigned partition as the source last saw it. */
+typedef struct {
+    char topic[128];
+    int32_t partition;
+    int64_t position;      /* offset of the next message to apply, -1 unknown */
+    int64_t high;          /* high watermark (end offset), -1 unknown */
+    int64_t lag;           /* high - position when both known, else -1 */
+    int64_t last_event_ms; /* event time of the newest message applied, -1 none */
+} tly_partition_stat_t;
+
+typedef struct {
+    uint64_t messages;                /* messages consumed */
+    uint64_t applied;                 /* decoded and passed to the store */
+    uint64_t rejected;                /* decode rejections, all reasons */
+    uint64_t rejected_by[TLY_E__COUNT]; /* decode rejections by reason */
+    uint64_t errors;                  /* consumer errors reported by librdkafka */
+    uint64_t rebalances;              /* assignment changes */
+    int64_t watermark_ms;             /* newest event time applied, -1 none */
+    int64_t lag;                      /* sum of known partition lags, -1 unknown */
+    size_t npartitions;               /* partitions assigned */
+    bool running;                     /* poll thread alive */
+} tly_source_stats_t;
+
+/*
+ * Creates a source for cfg's kafka section feeding store (all borrowed; they
+ * must outlive the source). With brokers "embedded" this starts the mock
+ * cluster. Returns NULL with a sentence in errbuf on failure (bad
+ * kafka.properties, mock cluster failure). Main thread.
+ */
+tly_source_t *tly_source_new(const tly_config_t *cfg, const tly_featset_t *fs, tly_store_t *store,
+                             char *errbuf, size_t errlen);
+/* Starts the poll thread (subscribe and consume). Returns TLY_OK or
+ * TLY_E_IO with errbuf filled. Main thread. */
+tly_err_t tly_source_start(tly_source_t *src, char *errbuf, size_t errlen);
+/* Stops the poll thread, commits stored offsets and closes the consumer.
+ * Idempotent. Main thread. */
+void tly_source_stop(tly_source_t *src);
+/* Stops if needed and frees everything (and the mock cluster). NULL ok. */
+void tly_source_free(tly_source_t *src);
+/* Bootstrap servers of the cluster ("127.0.0.1:port,..." for embedded; the
+ * configured brokers otherwise). Borrowed; valid until tly_source_free. */
+const char *tly_source_bootstrap(const tly_source_t *src);
+/* Copies counters into *st and up to cap partitions into parts (may be NULL
+ * when cap is 0); st->npartitions says how many are assigned. Any thread. */
+void tly_source_stats(tly_source_t *src, tly_source_stats_t *st, tly_partition_stat_t *parts,
+                      size_t cap);
+
+#endif
