@@ -258,7 +258,8 @@ static const bad_file_t bad_files[] = {
      "(use <n>ms|s|m|h|d)"},
     {"test_unknown_key_is_error_with_file_line", "config/bad/unknown_key.yaml",
      "config/bad/unknown_key.yaml:4: server.max_client: unknown key (known here: listen, admin, "
-     "requirepass, max_clients, threads)"},
+     "requirepass, max_clients, threads, unix, max_args, max_bulk, max_query_buffer, "
+     "max_output_buffer, output_soft_limit, idle_timeout, request_timeout)"},
     {"test_list_where_a_value_is_expected_is_error", "config/bad/wrong_type.yaml",
      "config/bad/wrong_type.yaml:3: server.max_clients: expected a single value, found a list"},
     {"test_missing_required_feature_key_names_the_feature", "config/bad/missing_key.yaml",
@@ -842,7 +843,10 @@ static void test_duration_format_truncates_to_cap(void **state)
 
 static const char *const all_keys[] = {
     "server.listen",      "server.admin",        "server.requirepass",
-    "server.max_clients", "server.threads",      "kafka.brokers",
+    "server.max_clients", "server.threads",      "server.unix",
+    "server.max_args",    "server.max_bulk",     "server.max_query_buffer",
+    "server.max_output_buffer", "server.output_soft_limit", "server.idle_timeout",
+    "server.request_timeout", "kafka.brokers",
     "kafka.group",        "kafka.topics",        "kafka.mode",
     "kafka.start",        "kafka.properties",    "events.format",
     "events.time.field",  "events.time.unit",    "events.max_future_skew",
@@ -872,6 +876,24 @@ static void test_help_mentions_every_key_with_type_and_default(void **state)
     assert_non_null(strstr(text, "\nfeatures[].agg (enum: count|sum|min|max|avg|last|last_k; "
                                  "required)\n"));
     free(text);
+}
+
+/* Limits that could never be satisfied together are refused. */
+static void test_bulk_larger_than_query_buffer_is_error(void **state)
+{
+    (void)state;
+    char err[ERR_CAP] = "";
+    tly_config_t *cfg = NULL;
+    assert_int_equal(tly_config_load_string("server:\n  max_bulk: 2000000\n"
+                                            "  max_query_buffer: 1000000\n"
+                                            "features:\n  - { name: c, entity: u, key: u, "
+                                            "agg: count, windows: [1m] }\n",
+                                            "limits.yaml", &cfg, err, sizeof err),
+                     TLY_E_CONFIG);
+    assert_string_equal(err, "limits.yaml:2: server.max_bulk: 2000000 is larger than "
+                             "server.max_query_buffer (1000000); a request holding it could "
+                             "never be read");
+    assert_null(cfg);
 }
 
 static void test_help_markdown_is_one_table_row_per_key(void **state)
@@ -983,6 +1005,7 @@ int main(void)
         cmocka_unit_test(test_duration_format_truncates_to_cap),
         cmocka_unit_test(test_help_mentions_every_key_with_type_and_default),
         cmocka_unit_test(test_help_markdown_is_one_table_row_per_key),
+        cmocka_unit_test(test_bulk_larger_than_query_buffer_is_error),
         cmocka_unit_test(test_summary_lists_source_time_and_features_with_hops),
         cmocka_unit_test(test_summary_shows_explicit_hop_and_kafka_time),
         cmocka_unit_test(test_free_accepts_null),
