@@ -1,0 +1,31 @@
+/*
+ * log.h — tallyd's log lines.
+ *
+ * One line per message on stderr (or the file given to tly_log_open):
+ *   2026-11-22T06:30:00.123Z tallyd[4242] INFO source: assigned 8 partitions
+ * A line is written with one write(2), so lines of different threads never
+ * interleave. tly_log_reopen (SIGHUP) reopens the file for log rotation.
+ *
+ * Any thread. The log target is the only process-wide state outside the
+ * daemon context: a process has one stderr.
+ */
+#ifndef TALLYD_LOG_H
+#define TALLYD_LOG_H
+
+typedef enum { TLY_LOG_DEBUG = 0, TLY_LOG_INFO, TLY_LOG_WARN, TLY_LOG_ERROR } tly_log_level_t;
+
+/* Sets the lowest level written (default INFO). */
+void tly_log_set_level(tly_log_level_t level);
+/* Sends lines to path (appending) instead of stderr; NULL: stderr. Returns 0
+ * or -1 with errno set. Main thread. */
+int tly_log_open(const char *path);
+/* Reopens the file given to tly_log_open (after rotation). Any thread. */
+void tly_log_reopen(void);
+void tly_log(tly_log_level_t level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+#define tly_debug(...) tly_log(TLY_LOG_DEBUG, __VA_ARGS__)
+#define tly_info(...)  tly_log(TLY_LOG_INFO, __VA_ARGS__)
+#define tly_warn(...)  tly_log(TLY_LOG_WARN, __VA_ARGS__)
+#define tly_error(...) tly_log(TLY_LOG_ERROR, __VA_ARGS__)
+
+#endif
