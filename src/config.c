@@ -1,7 +1,7 @@
 /*
  * config.c — YAML file → validated, immutable tly_config_t.
  *
- * One table, key_table[], describes every key tallyd accepts: its dotted path
+ * One table, tly_config_keys[], describes every key tallyd accepts: its dotted path
  * ("server.listen", "features[].windows"), type, default, range, doc, and
  * where its value lives in tly_config_t or tly_feature_cfg_t. The same table
  * drives parsing, validation, defaults, freeing and `--help-config`, so a key
@@ -35,51 +35,10 @@
 #include <yaml.h>
 
 #include "tallyd/window.h"
+#include "config_int.h"
 
 #define CONFIG_MAX_BYTES (4u << 20) /* a config file larger than this is refused */
-#define PATH_CAP         256        /* longest key path in messages */
-#define TEXT_CAP         160        /* choice lists, ranges, key name lists */
 
-typedef enum {
-    K_STRING,    /* char * */
-    K_INT,       /* int64_t, or uint32_t when the field is 4 bytes */
-    K_DURATION,  /* int64_t milliseconds */
-    K_BOOL,      /* bool */
-    K_ENUM,      /* an int-sized C enum, from `choices` */
-    K_AGG,       /* tly_agg_kind_t, via tly_agg_parse() */
-    K_STRINGS,   /* size_t count + char ** */
-    K_DURATIONS, /* size_t count + int64_t * */
-    K_MAP,       /* size_t count + tly_kv_t * (name → scalar text) */
-    K_WHERE,     /* size_t count + tly_where_cfg_t * */
-    K_FEATURES   /* the `features:` list */
-} key_type_t;
-
-enum {
-    F_REQUIRED = 1u << 0,   /* must appear whenever its parent mapping does */
-    F_NONEMPTY = 1u << 1,   /* string: not ""; list: at least one item */
-    F_IDENT = 1u << 2,      /* [A-Za-z0-9_]+ */
-    F_ADDR = 1u << 3,       /* host:port ("" passes unless F_NONEMPTY) */
-    F_SECONDS = 1u << 4,    /* duration: whole seconds */
-    F_INCREASING = 1u << 5, /* duration list: strictly increasing */
-};
-
-typedef struct {
-    const char *name;
-    int value;
-} choice_t;
-
-typedef struct {
-    const char *key; /* dotted path; "features[]." prefixes feature keys */
-    key_type_t type;
-    const char *def;  /* default as YAML text; NULL: none */
-    int64_t min, max; /* int/duration range, checked when min < max */
-    const char *doc;
-    unsigned flags;
-    const choice_t *choices; /* K_ENUM, and K_STRING restricted to a set */
-    bool feature;            /* off/count_off are in tly_feature_cfg_t */
-    size_t off, size;        /* the value (array pointer for lists) */
-    size_t count_off;        /* list types: the size_t item count */
-} key_def_t;
 
 /* The enum fields are stored through an int (memcpy), so they must be one. */
 _Static_assert(sizeof(tly_kafka_mode_t) == sizeof(int), "enum size");
@@ -87,15 +46,15 @@ _Static_assert(sizeof(tly_kafka_start_t) == sizeof(int), "enum size");
 _Static_assert(sizeof(tly_time_unit_t) == sizeof(int), "enum size");
 _Static_assert(sizeof(tly_agg_kind_t) == sizeof(int), "enum size");
 
-static const choice_t mode_choices[] = {
+const choice_t tly_config_mode_choices[] = {
     {"shard", TLY_MODE_SHARD}, {"replica", TLY_MODE_REPLICA}, {NULL, 0}};
-static const choice_t start_choices[] = {{"window", TLY_START_WINDOW},
+const choice_t tly_config_start_choices[] = {{"window", TLY_START_WINDOW},
                                          {"earliest", TLY_START_EARLIEST},
                                          {"latest", TLY_START_LATEST},
                                          {NULL, 0}};
-static const choice_t unit_choices[] = {
+const choice_t tly_config_unit_choices[] = {
     {"ms", TLY_TIME_MS}, {"s", TLY_TIME_S}, {"iso8601", TLY_TIME_ISO8601}, {NULL, 0}};
-static const choice_t format_choices[] = {{"json", 0}, {NULL, 0}};
+const choice_t tly_config_format_choices[] = {{"json", 0}, {NULL, 0}};
 
 #define FIELD_(T, m)   .off = offsetof(T, m), .size = sizeof(((T *)0)->m)
 #define CFG(m)         FIELD_(tly_config_t, m)
@@ -115,7 +74,7 @@ static const choice_t format_choices[] = {{"json", 0}, {NULL, 0}};
 
 /* Every key. Order is the order of `--help-config`; a section's keys stay
  * together (the unknown-key hint lists them). */
-static const key_def_t key_table[] = {
+const key_def_t tly_config_keys[] = {
     KEY("server.listen", K_STRING, "127.0.0.1:7379", 0, 0, F_ADDR | F_NONEMPTY, NULL,
         CFG(server.listen),
         "Address of the RESP (Redis protocol) server, host:port. A non-loopback address needs "
@@ -161,10 +120,10 @@ static const key_def_t key_table[] = {
         "Consumer group id."),
     KEY("kafka.topics", K_STRINGS, "engagements", 0, 0, F_NONEMPTY, NULL,
         CFGLIST(kafka.ntopics, kafka.topics), "Topics the events are read from."),
-    KEY("kafka.mode", K_ENUM, "shard", 0, 0, 0, mode_choices, CFG(kafka.mode),
+    KEY("kafka.mode", K_ENUM, "shard", 0, 0, 0, tly_config_mode_choices, CFG(kafka.mode),
         "shard: the consumer group spreads partitions over instances; replica: every instance "
         "consumes every partition."),
-    KEY("kafka.start", K_ENUM, "window", 0, 0, 0, start_choices, CFG(kafka.start),
+    KEY("kafka.start", K_ENUM, "window", 0, 0, 0, tly_config_start_choices, CFG(kafka.start),
         "Where consumption starts without a snapshot: window = now minus the longest window; "
         "earliest; latest."),
     KEY("kafka.properties", K_MAP, NULL, 0, 0, 0, NULL,
@@ -172,13 +131,13 @@ static const key_def_t key_table[] = {
         "librdkafka properties passed through verbatim (security.protocol, sasl.*, ssl.* ...), "
         "name: value."),
 
-    KEY("events.format", K_STRING, "json", 0, 0, 0, format_choices, CFG(events.format),
+    KEY("events.format", K_STRING, "json", 0, 0, 0, tly_config_format_choices, CFG(events.format),
         "Payload format."),
     KEY("events.time.field", K_STRING, NULL, 0, 0, F_REQUIRED | F_NONEMPTY, NULL,
         CFG(events.time_field),
         "Event field holding the event time; required when events.time is given. Without "
         "events.time, the Kafka message timestamp is the event time."),
-    KEY("events.time.unit", K_ENUM, "ms", 0, 0, 0, unit_choices, CFG(events.time_unit),
+    KEY("events.time.unit", K_ENUM, "ms", 0, 0, 0, tly_config_unit_choices, CFG(events.time_unit),
         "How events.time.field is read: epoch milliseconds, epoch seconds, or an ISO 8601 "
         "string."),
     KEY("events.max_future_skew", K_DURATION, "1m", 1, DAY(1), 0, NULL,
@@ -242,7 +201,8 @@ static const key_def_t key_table[] = {
         "Items last_k keeps, newest first (required for last_k; last keeps 1)."),
 };
 
-#define NKEYS (sizeof key_table / sizeof key_table[0])
+#define NKEYS (sizeof tly_config_keys / sizeof tly_config_keys[0])
+const size_t tly_config_nkeys = NKEYS;
 
 /* librdkafka properties that tallyd sets from its own keys. */
 static const struct {
@@ -253,7 +213,7 @@ static const struct {
     {"group.id", "kafka.group"},
 };
 
-/* State of one load. seen[i] is the value node of key_table[i] in the
+/* State of one load. seen[i] is the value node of tly_config_keys[i] in the
  * mapping being parsed (feature keys are reset per feature); NULL: absent. */
 typedef struct {
     const char *name; /* file name for messages */
@@ -391,7 +351,7 @@ static bool addr_is_loopback(const char *s)
 static int find_key(const char *key)
 {
     for (size_t i = 0; i < NKEYS; i++) {
-        if (strcmp(key_table[i].key, key) == 0)
+        if (strcmp(tly_config_keys[i].key, key) == 0)
             return (int)i;
     }
     return -1;
@@ -402,7 +362,7 @@ static bool is_section(const char *key)
 {
     size_t n = strlen(key);
     for (size_t i = 0; i < NKEYS; i++) {
-        if (strncmp(key_table[i].key, key, n) == 0 && key_table[i].key[n] == '.')
+        if (strncmp(tly_config_keys[i].key, key, n) == 0 && tly_config_keys[i].key[n] == '.')
             return true;
     }
     return false;
@@ -424,7 +384,7 @@ static const char *leaf(const char *key)
 }
 
 /* Appends to buf (cap bytes, NUL-terminated) as much of the text as fits. */
-static void append(char *buf, size_t cap, const char *text)
+void tly_config_append(char *buf, size_t cap, const char *text)
 {
     size_t used = strlen(buf);
     if (used + 1 < cap)
@@ -438,7 +398,7 @@ static void child_names(const char *tkey, char *buf, size_t cap)
     const char *prev = NULL;
     buf[0] = '\0';
     for (size_t i = 0; i < NKEYS; i++) {
-        const char *k = key_table[i].key;
+        const char *k = tly_config_keys[i].key;
         if (plen > 0) {
             if (strncmp(k, tkey, plen) != 0 || k[plen] != '.')
                 continue;
@@ -449,33 +409,33 @@ static void child_names(const char *tkey, char *buf, size_t cap)
             continue;
         char name[64];
         snprintf(name, sizeof name, "%s%.*s", buf[0] ? ", " : "", (int)n, k);
-        append(buf, cap, name);
+        tly_config_append(buf, cap, name);
         prev = k;
         prevlen = n;
     }
 }
 
 /* Writes the accepted values of an enum-like key ("shard|replica"). */
-static void choices_text(const key_def_t *def, char *buf, size_t cap)
+void tly_config_choices_text(const key_def_t *def, char *buf, size_t cap)
 {
     buf[0] = '\0';
     if (def->type == K_AGG) {
         for (int i = 0; i < TLY_AGG__COUNT; i++) {
             if (i > 0)
-                append(buf, cap, "|");
-            append(buf, cap, tly_agg_name((tly_agg_kind_t)i));
+                tly_config_append(buf, cap, "|");
+            tly_config_append(buf, cap, tly_agg_name((tly_agg_kind_t)i));
         }
         return;
     }
     for (const choice_t *c = def->choices; c && c->name; c++) {
         if (c != def->choices)
-            append(buf, cap, "|");
-        append(buf, cap, c->name);
+            tly_config_append(buf, cap, "|");
+        tly_config_append(buf, cap, c->name);
     }
 }
 
 /* Writes "1..64" or "1s..1d" for a key with a range, else "". */
-static void range_text(const key_def_t *def, char *buf, size_t cap)
+void tly_config_range_text(const key_def_t *def, char *buf, size_t cap)
 {
     char lo[32], hi[32];
     buf[0] = '\0';
@@ -680,7 +640,7 @@ static tly_err_t check_string(parse_t *p, const key_def_t *def, const char *text
             if (strcmp(c->name, text) == 0)
                 return TLY_OK;
         }
-        choices_text(def, choices, sizeof choices);
+        tly_config_choices_text(def, choices, sizeof choices);
         return fail(p, node, path, "\"%s\" is not one of %s", text, choices);
     }
     return TLY_OK;
@@ -693,7 +653,7 @@ static tly_err_t check_duration(parse_t *p, const key_def_t *def, const char *te
     char range[TEXT_CAP];
     int64_t v = 0;
     tly_err_t rc = tly_duration_parse(text, &v);
-    range_text(def, range, sizeof range);
+    tly_config_range_text(def, range, sizeof range);
     if (rc == TLY_E_INVAL)
         return fail(p, node, path, "\"%s\" is not a duration (use <n>ms|s|m|h|d)", text);
     if (def->flags & F_SECONDS && rc == TLY_OK && v % TLY_MS_SECOND != 0)
@@ -725,7 +685,7 @@ static tly_err_t set_scalar(parse_t *p, const key_def_t *def, const char *text,
         return rc ? rc : dup_into(p, field, text);
     case K_INT:
         rc = parse_int(text, &v);
-        range_text(def, range, sizeof range);
+        tly_config_range_text(def, range, sizeof range);
         if (rc == TLY_E_INVAL)
             return fail(p, node, path, "\"%s\" is not an integer", text);
         if (rc == TLY_E_RANGE && range[0] == '\0')
@@ -763,7 +723,7 @@ static tly_err_t set_scalar(parse_t *p, const key_def_t *def, const char *text,
     case K_AGG: {
         tly_agg_kind_t kind;
         if (tly_agg_parse(text, &kind) != TLY_OK) {
-            choices_text(def, range, sizeof range);
+            tly_config_choices_text(def, range, sizeof range);
             return fail(p, node, path, "\"%s\" is not an aggregation (use %s)", text, range);
         }
         memcpy(field, &kind, sizeof kind);
@@ -967,7 +927,7 @@ static tly_err_t parse_mapping(parse_t *p, yaml_node_t *map, const char *tkey, c
             rc = TLY_OK;
             if (idx >= 0 && !is_null(val)) {
                 p->seen[idx] = val;
-                rc = parse_value(p, &key_table[idx], val, sub, base);
+                rc = parse_value(p, &tly_config_keys[idx], val, sub, base);
             } else if (idx < 0 && !strpbrk(name, ".[") && is_section(tsub)) {
                 if (!is_null(val)) /* a null section is an absent one */
                     rc = parse_mapping(p, val, tsub, sub, base);
@@ -982,9 +942,9 @@ static tly_err_t parse_mapping(parse_t *p, yaml_node_t *map, const char *tkey, c
         }
     }
     for (size_t i = 0; i < NKEYS; i++) {
-        if (key_table[i].flags & F_REQUIRED && p->seen[i] == NULL &&
-            parent_is(key_table[i].key, tkey)) {
-            join_key(sub, path, leaf(key_table[i].key));
+        if (tly_config_keys[i].flags & F_REQUIRED && p->seen[i] == NULL &&
+            parent_is(tly_config_keys[i].key, tkey)) {
+            join_key(sub, path, leaf(tly_config_keys[i].key));
             return fail(p, map, sub, "required key is missing");
         }
     }
@@ -1088,7 +1048,7 @@ static tly_err_t parse_features(parse_t *p, yaml_node_t *node, const char *path)
                         kind_name(item));
         cfg->features[i].line = line_of(item);
         for (size_t k = 0; k < NKEYS; k++) {
-            if (key_table[k].feature)
+            if (tly_config_keys[k].feature)
                 p->seen[k] = NULL;
         }
         tly_err_t rc = parse_mapping(p, item, "features[]", sub, &cfg->features[i]);
@@ -1105,7 +1065,7 @@ static tly_err_t apply_defaults(parse_t *p)
 {
     tly_config_t *cfg = p->cfg;
     for (size_t i = 0; i < NKEYS; i++) {
-        const key_def_t *def = &key_table[i];
+        const key_def_t *def = &tly_config_keys[i];
         if (def->feature || def->def == NULL || p->seen[i] != NULL)
             continue;
         tly_err_t rc;
@@ -1266,11 +1226,11 @@ out:
     return rc;
 }
 
-/* Frees what key_table says base owns (a tly_config_t or one feature). */
+/* Frees what tly_config_keys says base owns (a tly_config_t or one feature). */
 static void free_fields(void *base, bool feature)
 {
     for (size_t i = 0; i < NKEYS; i++) {
-        const key_def_t *def = &key_table[i];
+        const key_def_t *def = &tly_config_keys[i];
         if (def->feature != feature)
             continue;
         void *field = field_of(base, def);
@@ -1325,210 +1285,3 @@ void tly_config_free(tly_config_t *cfg)
 /* ---------------------------------------------------------------------------
  * --help-config and --check-config output
  */
-
-static const char *type_name(key_type_t type)
-{
-    static const char *const names[] = {
-        [K_STRING] = "string",
-        [K_INT] = "int",
-        [K_DURATION] = "duration",
-        [K_BOOL] = "bool",
-        [K_ENUM] = "enum",
-        [K_AGG] = "enum",
-        [K_STRINGS] = "string list",
-        [K_DURATIONS] = "duration list",
-        [K_MAP] = "map",
-        [K_WHERE] = "map",
-        [K_FEATURES] = "list of features",
-    };
-    return names[type];
-}
-
-/* Writes the default of def as shown in the reference. */
-static void default_text(const key_def_t *def, char *buf, size_t cap)
-{
-    if (def->flags & F_REQUIRED)
-        snprintf(buf, cap, "required");
-    else if (def->type == K_STRINGS && def->def)
-        snprintf(buf, cap, "[%s]", def->def);
-    else if (def->type == K_MAP)
-        snprintf(buf, cap, "{}");
-    else if (def->type == K_STRING && def->def)
-        snprintf(buf, cap, "\"%s\"", def->def);
-    else if (def->def)
-        snprintf(buf, cap, "%s", def->def);
-    else if (strcmp(def->key, "features[].hop") == 0)
-        snprintf(buf, cap, "per window");
-    else
-        snprintf(buf, cap, "none");
-}
-
-/* Writes the accepted values of def: range, choices or form. */
-static void accepts_text(const key_def_t *def, char *buf, size_t cap)
-{
-    if (def->type == K_ENUM || def->type == K_AGG || def->choices)
-        choices_text(def, buf, cap);
-    else if (def->flags & F_IDENT)
-        snprintf(buf, cap, "[A-Za-z0-9_]+");
-    else if (def->flags & F_ADDR)
-        snprintf(buf, cap, "host:port");
-    else
-        range_text(def, buf, cap);
-}
-
-/* Prints text with Markdown table cell metacharacters escaped. */
-static void md_cell(FILE *out, const char *text)
-{
-    fputs("| ", out);
-    for (; *text; text++) {
-        if (*text == '|')
-            fputc('\\', out);
-        fputc(*text, out);
-    }
-    fputc(' ', out);
-}
-
-/* Prints text word-wrapped at width columns, each line indented. */
-static void print_wrapped(FILE *out, const char *text, int indent, int width)
-{
-    int col = 0;
-    while (*text) {
-        int n = (int)strcspn(text, " ");
-        if (col > 0 && col + 1 + n > width) {
-            fputc('\n', out);
-            col = 0;
-        }
-        if (col == 0)
-            col = fprintf(out, "%*s%.*s", indent, "", n, text);
-        else
-            col += fprintf(out, " %.*s", n, text);
-        text += n;
-        text += strspn(text, " ");
-    }
-    fputc('\n', out);
-}
-
-void tly_config_help(FILE *out, int markdown)
-{
-    char dflt[TEXT_CAP], accepts[TEXT_CAP];
-    if (markdown) {
-        fputs("| key | type | default | accepts | description |\n"
-              "| --- | --- | --- | --- | --- |\n",
-              out);
-    } else {
-        fputs("tallyd configuration keys (YAML). Sections and keys are optional unless\n"
-              "marked required; unknown keys are errors. Durations are <n>ms|s|m|h|d.\n"
-              "A list key also accepts a single value; `key:` with no value keeps the\n"
-              "default. Omit events.time to use the Kafka message timestamp.\n",
-              out);
-    }
-    for (size_t i = 0; i < NKEYS; i++) {
-        const key_def_t *def = &key_table[i];
-        default_text(def, dflt, sizeof dflt);
-        accepts_text(def, accepts, sizeof accepts);
-        if (markdown) {
-            char key[PATH_CAP];
-            snprintf(key, sizeof key, "`%s`", def->key);
-            md_cell(out, key);
-            md_cell(out, type_name(def->type));
-            md_cell(out, dflt);
-            md_cell(out, accepts);
-            md_cell(out, def->doc);
-            fputs("|\n", out);
-        } else {
-            fprintf(out, "\n%s (%s%s%s; %s%s)\n", def->key, type_name(def->type),
-                    accepts[0] ? ": " : "", accepts, def->flags & F_REQUIRED ? "" : "default ",
-                    dflt);
-            print_wrapped(out, def->doc, 4, 78);
-        }
-    }
-}
-
-/* Prints items joined with sep. */
-static void print_list(FILE *out, char *const *items, size_t n, const char *sep)
-{
-    for (size_t i = 0; i < n; i++)
-        fprintf(out, "%s%s", i ? sep : "", items[i]);
-}
-
-static const char *choice_name(const choice_t *choices, int value)
-{
-    for (const choice_t *c = choices; c->name; c++) {
-        if (c->value == value)
-            return c->name;
-    }
-    return "?";
-}
-
-static void summary_feature(const tly_feature_cfg_t *feat, FILE *out)
-{
-    char len[32], hop[32];
-    fprintf(out, "  %-16s %-6s", feat->name, tly_agg_name(feat->agg));
-    for (size_t w = 0; w < feat->nwhere; w++) {
-        const tly_where_cfg_t *where = &feat->where[w];
-        fprintf(out, "%s%s %s ", w ? " and " : "  where ", where->field,
-                where->nvalues > 1 ? "in" : "=");
-        print_list(out, where->values, where->nvalues, "|");
-    }
-    if (feat->nvalues > 0) {
-        fprintf(out, "  value%s ", feat->nvalues > 1 ? "s" : "");
-        print_list(out, feat->values, feat->nvalues, ", ");
-    }
-    if (feat->agg == TLY_AGG_LAST_K)
-        fprintf(out, "  k %" PRIu32, feat->k);
-    fputc('\n', out);
-    for (size_t w = 0; w < feat->nwindows; w++) {
-        int64_t h = feat->hop_ms ? feat->hop_ms : tly_window_default_hop(feat->windows_ms[w]);
-        fprintf(out, "%s%s (hop %s, %" PRId64 " buckets)", w ? ", " : "    windows ",
-                tly_duration_format(feat->windows_ms[w], len, sizeof len),
-                tly_duration_format(h, hop, sizeof hop),
-                tly_window_nbuckets(feat->windows_ms[w], h));
-    }
-    if (feat->nwindows > 0)
-        fputc('\n', out);
-}
-
-void tly_config_summary(const tly_config_t *cfg, FILE *out)
-{
-    char skew[32];
-    size_t nentities = 0;
-    for (size_t i = 0; i < cfg->nfeatures; i++) {
-        size_t j = 0;
-        while (j < i && strcmp(cfg->features[j].entity, cfg->features[i].entity) != 0)
-            j++;
-        nentities += j == i;
-    }
-    fprintf(out, "%s: ok, %zu feature%s over %zu entit%s\n", cfg->path, cfg->nfeatures,
-            cfg->nfeatures == 1 ? "" : "s", nentities, nentities == 1 ? "y" : "ies");
-    fprintf(out, "source  kafka %s, topics ", cfg->kafka.brokers);
-    print_list(out, cfg->kafka.topics, cfg->kafka.ntopics, ", ");
-    fprintf(out, ", mode %s, start %s\n", choice_name(mode_choices, (int)cfg->kafka.mode),
-            choice_name(start_choices, (int)cfg->kafka.start));
-    if (cfg->events.time_field)
-        fprintf(out, "time    event field %s (%s)", cfg->events.time_field,
-                choice_name(unit_choices, (int)cfg->events.time_unit));
-    else
-        fputs("time    Kafka message timestamp", out);
-    fprintf(out, ", max future skew %s\n",
-            tly_duration_format(cfg->events.max_future_skew_ms, skew, sizeof skew));
-    fprintf(out, "serve   RESP %s%s, admin %s\n", cfg->server.listen,
-            cfg->server.requirepass[0] ? " (AUTH required)" : "",
-            cfg->server.admin[0] ? cfg->server.admin : "off");
-
-    /* Entities in order of first appearance, each with its features. */
-    for (size_t i = 0; i < cfg->nfeatures; i++) {
-        const tly_feature_cfg_t *first = &cfg->features[i];
-        size_t j = 0;
-        while (j < i && strcmp(cfg->features[j].entity, first->entity) != 0)
-            j++;
-        if (j < i)
-            continue;
-        fprintf(out, "\nentity %s, key ", first->entity);
-        print_list(out, first->keys, first->nkeys, ", ");
-        fputc('\n', out);
-        for (j = i; j < cfg->nfeatures; j++) {
-            if (strcmp(cfg->features[j].entity, first->entity) == 0)
-                summary_feature(&cfg->features[j], out);
-        }
-    }
-}
