@@ -31,6 +31,8 @@ FUZZ_SECONDS ?= 60
 BENCH_SRCS = $(wildcard bench/*.c)
 BENCH_BINS = $(patsubst bench/%.c,$(BUILD)/bench/%,$(BENCH_SRCS))
 HEADERS   = $(wildcard include/tallyd/*.h src/*.h tests/unit/*.h)
+# test_resp and test_decode include their fuzz targets' checks.
+FUZZ_INCL = $(wildcard tests/fuzz/*.c)
 
 .PHONY: all deps test unit tsan-test asan tsan bench demo fuzz format lint clean help
 
@@ -59,7 +61,7 @@ $(BUILD)/libtallyd.a: $(LIB_OBJS)
 $(BUILD)/tallyd: $(BUILD)/obj/main.o $(BUILD)/libtallyd.a
 	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS)
 
-$(BUILD)/tests/%: tests/unit/%.c $(BUILD)/libtallyd.a $(HEADERS)
+$(BUILD)/tests/%: tests/unit/%.c $(BUILD)/libtallyd.a $(HEADERS) $(FUZZ_INCL)
 	@mkdir -p $(dir $@)
 	$(CC) $(CPPFLAGS) $(CFLAGS) -o $@ $< $(BUILD)/libtallyd.a $(LDFLAGS) $(LDLIBS) -lcmocka
 
@@ -101,9 +103,7 @@ bench: deps
 	@bash bench/run.sh
 
 demo: deps all
-	@echo "tallyd: the serving layer (RESP server, embedded Kafka demo) is not built yet;"
-	@echo "        for now: '$(BUILD)/tallyd --check-config config/demo.yaml' shows the demo's features."
-	@$(BUILD)/tallyd --check-config config/demo.yaml
+	@$(BUILD)/tallyd --config config/demo.yaml
 
 # Runs every fuzz target for FUZZ_SECONDS on a copy of its corpus (the corpus
 # in the repo is replayed by the unit tests; new finds land in build/fuzz/).
