@@ -1,0 +1,387 @@
+/*
+ * test_commands.c — the command table and handlers, without sockets: a
+ * store filled with hand-made events, commands executed through
+ * tly_command_exec, replies compared byte for byte with RESP written out by
+ * hand (values computed from the events and the window rule of DESIGN §3,
+ * not by the code under test).
+ */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include <cmocka.h>
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "tallyd/commands.h"
+#include "tallyd/decode.h"
+#include "tallyd/rcu.h"
+
+#define SEC  INT64_C(1000)
+#define MIN  (60 * SEC)
+#define HOUR (60 * MIN)
+/* A time aligned to every hop used below (a whole day in epoch ms). */
+#define T INT64_C(1699920000000)
+
+static const char *yaml =
+    "events:\n"
+    "  time: { field: ts, unit: ms }\n"
+    "features:\n"
+    "  - { name: clicks, entity: user, key: user_id, where: { action: click }, agg: count,"
+    " windows: [1m, 1h] }\n"
+    "  - { name: dwell, entity: user, key: user_id, agg: sum, value: dwell_ms, windows: [1h] }\n"
+    "  - { name: avg_dwell, entity: user, key: user_id, agg: avg, value: dwell_ms,"
+    " windows: [1h] }\n"
+    "  - { name: recent, entity: user, key: user_id, agg: last_k, k: 3, value: [pin_id, action] }\n"
+    "  - { name: last_action, entity: user, key: user_id, agg: last, value: action }\n"
+    "  - { name: impressions, entity: pin, key: pin_id, where: { action: impression },"
+    " agg: count, windows: [1h] }\n";
+
+typedef struct {
+    tly_config_t *cfg;
+    tly_featset_t *fs;
+    tly_daemon_t d;
+    tly_session_t s;
+    tly_cmd_scratch_t *scratch;
+    tly_buf_t out;
+} fx_t;
+
+/* user 7's events (pin, action, dwell, age): e1 click 30 s ago, e2 impression
+ * 2 min ago, e3 click 10 min ago, e4 save 2 h ago (outside every 1h window;
+ * pushed out of last_k by the three newer ones). */
+static const char *events[] = {
+    "{\"user_id\":7,\"pin_id\":103,\"action\":\"save\",\"dwell_ms\":500,\"ts\":1699912800000}",
+    "{\"user_id\":7,\"pin_id\":102,\"action\":\"click\",\"dwell_ms\":3000,\"ts\":1699919400000}",
+    "{\"user_id\":7,\"pin_id\":101,\"action\":\"impression\",\"dwell_ms\":200,"
+    "\"ts\":1699919880000}",
+    "{\"user_id\":7,\"pin_id\":100,\"action\":\"click\",\"dwell_ms\":1000,\"ts\":1699919970000}",
+};
+
+static int setup_with(void **state, const char *extra)
+{
+    fx_t *fx = calloc(1, sizeof *fx);
+    char err[256], text[4096];
+    snprintf(text, sizeof text, "%s%s", extra, yaml);
+    if (tly_config_load_string(text, "commands.yaml", &fx->cfg, err, sizeof err) != TLY_OK ||
+        tly_featset_compile(fx->cfg, &fx->fs, err, sizeof err) != TLY_OK) {
+        fprintf(stderr, "%s\n", err);
+        return -1;
+    }
+    tly_rcu_thread_online();
+    fx->d.cfg = fx->cfg;
+    fx->d.fs = fx->fs;
+    fx->d.store = tly_store_new(fx->fs);
+    fx->d.started_ms = T;
+    atomic_init(&fx->d.server.next_client_id, 1);
+    tly_decoder_t *dec = tly_decoder_new(fx->fs);
+    for (size_t i = 0; i < sizeof events / sizeof events[0]; i++) {
+        tly_event_t ev;
+        if (tly_decode_json(dec, events[i], strlen(events[i]), -1, &ev) != TLY_OK)
+            return -1;
+        tly_store_apply(fx->d.store, &ev, 0, (int64_t)i, T);
+    }
+    tly_decoder_free(dec);
+    tly_session_init(&fx->s, &fx->d);
+    fx->s.id = 42;
+    fx->scratch = tly_cmd_scratch_new();
+    *state = fx;
+    return 0;
+}
+
+static int setup(void **state)
+{
+    return setup_with(state, "");
+}
+
+static int setup_auth(void **state)
+{
+    return setup_with(state, "server:\n  requirepass: s3cret\n");
+}
+
+static int teardown(void **state)
+{
+    fx_t *fx = *state;
+    tly_cmd_scratch_free(fx->scratch);
+    tly_buf_fini(&fx->out);
+    tly_store_free(fx->d.store);
+    tly_featset_free(fx->fs);
+    tly_config_free(fx->cfg);
+    tly_rcu_thread_offline();
+    free(fx);
+    return 0;
+}
+
+/* Runs a command given as space-separated words at time now; returns the
+ * reply (valid until the next call). */
+static const char *run_at(fx_t *fx, int64_t now, const char *line)
+{
+    char copy[4096];
+    snprintf(copy, sizeof copy, "%s", line);
+    tly_arg_t argv[600];
+    size_t argc = 0;
+    for (char *save = NULL, *w = strtok_r(copy, " ", &save); w != NULL;
+         w = strtok_r(NULL, " ", &save))
+        argv[argc++] = (tly_arg_t){w, strlen(w)};
+    fx->out.len = 0;
+    tly_command_exec(&fx->d, &fx->s, fx->scratch, argv, argc, &fx->out, now);
+    tly_buf_append(&fx->out, "", 1);
+    fx->out.len--;
+    return fx->out.data;
+}
+
+static const char *run(fx_t *fx, const char *line)
+{
+    return run_at(fx, T, line);
+}
+
+static void test_ping_echo_and_unknown_command(void **state)
+{
+    fx_t *fx = *state;
+    assert_string_equal(run(fx, "PING"), "+PONG\r\n");
+    assert_string_equal(run(fx, "ping hello"), "$5\r\nhello\r\n");
+    assert_string_equal(run(fx, "ECHO abc"), "$3\r\nabc\r\n");
+    assert_string_equal(run(fx, "ECHO"), "-ERR wrong number of arguments for 'echo' command\r\n");
+    assert_string_equal(run(fx, "SET a b"),
+                        "-ERR unknown command 'SET', with args beginning with: 'a' 'b' \r\n");
+    assert_string_equal(run(fx, "SELECT 0"), "+OK\r\n");
+    assert_string_equal(run(fx, "SELECT 1"), "-ERR DB index is out of range\r\n");
+}
+
+static void test_features_all_resp2_flat_pairs(void **state)
+{
+    fx_t *fx = *state;
+    /* clicks:1m = e1; clicks:1h = e1, e3; dwell:1h = 1000+200+3000; avg = 4200/3;
+     * recent holds e1..e3 (k = 3); last_action = e1's action. */
+    assert_string_equal(run(fx, "FEATURES user 7"),
+                        "*12\r\n"
+                        "$9\r\nclicks:1m\r\n:1\r\n"
+                        "$9\r\nclicks:1h\r\n:2\r\n"
+                        "$8\r\ndwell:1h\r\n:4200\r\n"
+                        "$12\r\navg_dwell:1h\r\n$4\r\n1400\r\n"
+                        "$6\r\nrecent\r\n:3\r\n"
+                        "$11\r\nlast_action\r\n$5\r\nclick\r\n");
+}
+
+static void test_features_resp3_is_a_map_with_doubles(void **state)
+{
+    fx_t *fx = *state;
+    assert_memory_equal(run(fx, "HELLO 3"), "%7\r\n$6\r\nserver\r\n$6\r\ntallyd\r\n", 27);
+    assert_string_equal(run(fx, "FEATURES user 7 avg_dwell clicks:1h last_action"),
+                        "%3\r\n"
+                        "$12\r\navg_dwell:1h\r\n,1400\r\n"
+                        "$9\r\nclicks:1h\r\n:2\r\n"
+                        "$11\r\nlast_action\r\n$5\r\nclick\r\n");
+    /* an unknown id: zeros and nulls, not an error */
+    assert_string_equal(run(fx, "FEATURES user 999 clicks avg_dwell last_action"),
+                        "%4\r\n$9\r\nclicks:1m\r\n:0\r\n$9\r\nclicks:1h\r\n:0\r\n"
+                        "$12\r\navg_dwell:1h\r\n_\r\n$11\r\nlast_action\r\n_\r\n");
+}
+
+static void test_features_asof_moves_the_windows(void **state)
+{
+    fx_t *fx = *state;
+    /* 40 s later e1 (30 s old at T) is 70 s old: outside [now-60s, now+1s). */
+    assert_string_equal(run_at(fx, T + 40 * SEC, "FEATURES user 7 clicks:1m"),
+                        "*2\r\n$9\r\nclicks:1m\r\n:0\r\n");
+    /* ASOF T (given explicitly) brings it back. */
+    assert_string_equal(run_at(fx, T + 40 * SEC, "FEATURES user 7 clicks:1m ASOF 1699920000000"),
+                        "*2\r\n$9\r\nclicks:1m\r\n:1\r\n");
+    assert_string_equal(run(fx, "FEATURES user 7 clicks:1m ASOF x"),
+                        "-ERR syntax error: ASOF needs epoch milliseconds, got 'x'\r\n");
+    assert_string_equal(run(fx, "FEATURES user 7 ASOF 1 clicks"),
+                        "-ERR syntax error: feature names come before ASOF and META, got "
+                        "'clicks'\r\n");
+}
+
+static void test_features_meta_without_source(void **state)
+{
+    fx_t *fx = *state;
+    assert_string_equal(run(fx, "FEATURES user 7 clicks:1h META"),
+                        "*8\r\n$9\r\nclicks:1h\r\n:2\r\n"
+                        "$18\r\nmeta:last_event_ms\r\n:1699919970000\r\n"
+                        "$17\r\nmeta:watermark_ms\r\n:-1\r\n"
+                        "$8\r\nmeta:lag\r\n:-1\r\n");
+    assert_string_equal(run(fx, "FEATURES user 8 clicks:1h meta"),
+                        "*8\r\n$9\r\nclicks:1h\r\n:0\r\n"
+                        "$18\r\nmeta:last_event_ms\r\n:-1\r\n"
+                        "$17\r\nmeta:watermark_ms\r\n:-1\r\n"
+                        "$8\r\nmeta:lag\r\n:-1\r\n");
+}
+
+static void test_features_errors_name_entity_and_feature(void **state)
+{
+    fx_t *fx = *state;
+    assert_string_equal(run(fx, "FEATURES board 1"),
+                        "-NOENTITY unknown entity type 'board' (known: user, pin)\r\n");
+    assert_string_equal(run(fx, "FEATURES user 7 clicks:2h"),
+                        "-NOFEATURE user has no feature 'clicks:2h' (CATALOG lists them)\r\n");
+    assert_string_equal(run(fx, "FEATURES pin 7 clicks"),
+                        "-NOFEATURE pin has no feature 'clicks' (CATALOG lists them)\r\n");
+    assert_string_equal(run(fx, "FEATURES user"),
+                        "-ERR wrong number of arguments for 'features' command\r\n");
+    assert_string_equal(run(fx, "FEATURES pin 101"), "*2\r\n$14\r\nimpressions:1h\r\n:1\r\n");
+}
+
+static void test_mfeatures_aligns_ids_and_names(void **state)
+{
+    fx_t *fx = *state;
+    assert_string_equal(run(fx, "MFEATURES user 2 7 999 clicks:1h last_action"),
+                        "*2\r\n*2\r\n:2\r\n$5\r\nclick\r\n*2\r\n:0\r\n$-1\r\n");
+    assert_string_equal(run(fx, "MFEATURES pin 3 100 101 102"),
+                        "*3\r\n*1\r\n:0\r\n*1\r\n:1\r\n*1\r\n:0\r\n");
+    assert_string_equal(run(fx, "MFEATURES pin 3 100 101"),
+                        "-ERR syntax error: fewer ids than numids\r\n");
+    assert_string_equal(run(fx, "MFEATURES pin 0 100"),
+                        "-ERR syntax error: numids must be a positive integer, got '0'\r\n");
+    /* 500 ids, as a ranker asks for its candidates */
+    char line[4096];
+    size_t used = (size_t)snprintf(line, sizeof line, "MFEATURES pin 500");
+    for (int i = 0; i < 500; i++)
+        used += (size_t)snprintf(line + used, sizeof line - used, " %d", i < 250 ? 101 : 5);
+    snprintf(line + used, sizeof line - used, " impressions:1h");
+    const char *r = run(fx, line);
+    char want[8192];
+    used = (size_t)snprintf(want, sizeof want, "*500\r\n");
+    for (int i = 0; i < 500; i++)
+        used += (size_t)snprintf(want + used, sizeof want - used, "*1\r\n:%d\r\n", i < 250);
+    assert_string_equal(r, want);
+}
+
+static void test_recent_items_newest_first_with_options(void **state)
+{
+    fx_t *fx = *state;
+    const char *e1 = "*3\r\n:1699919970000\r\n:100\r\n$5\r\nclick\r\n";
+    const char *e2 = "*3\r\n:1699919880000\r\n:101\r\n$10\r\nimpression\r\n";
+    const char *e3 = "*3\r\n:1699919400000\r\n:102\r\n$5\r\nclick\r\n";
+    char want[512];
+    snprintf(want, sizeof want, "*3\r\n%s%s%s", e1, e2, e3);
+    assert_string_equal(run(fx, "RECENT user 7 recent"), want);
+    snprintf(want, sizeof want, "*2\r\n%s%s", e1, e2);
+    assert_string_equal(run(fx, "RECENT user 7 recent COUNT 2"), want);
+    snprintf(want, sizeof want, "*2\r\n%s%s", e1, e3);
+    assert_string_equal(run(fx, "RECENT user 7 recent WHERE click"), want);
+    snprintf(want, sizeof want, "*1\r\n%s", e2);
+    assert_string_equal(run(fx, "RECENT user 7 recent where 101"), want);
+    snprintf(want, sizeof want, "*2\r\n%s%s", e1, e2);
+    assert_string_equal(run(fx, "RECENT user 7 recent SINCE 1699919880000"), want);
+    snprintf(want, sizeof want, "*2\r\n%s%s", e2, e3);
+    assert_string_equal(run(fx, "RECENT user 7 recent ASOF 1699919900000"), want);
+    assert_string_equal(run(fx, "RECENT user 7 last_action"),
+                        "*1\r\n*2\r\n:1699919970000\r\n$5\r\nclick\r\n");
+    assert_string_equal(run(fx, "RECENT user 999 recent"), "*0\r\n");
+    assert_string_equal(run(fx, "RECENT user 7 clicks"),
+                        "-NOFEATURE user has no last or last_k feature 'clicks'\r\n");
+    assert_string_equal(run(fx, "RECENT user 7 recent COUNT 1 COUNT 2"),
+                        "-ERR syntax error: count given twice\r\n");
+    assert_string_equal(run(fx, "RECENT user 7 recent LIMIT 2"),
+                        "-ERR syntax error: RECENT takes COUNT, SINCE, ASOF or WHERE, got "
+                        "'LIMIT'\r\n");
+}
+
+static void test_catalog_lists_entities_and_features(void **state)
+{
+    fx_t *fx = *state;
+    const char *r = run(fx, "CATALOG");
+    const char *want_start = "*2\r\n*6\r\n$6\r\nentity\r\n$4\r\nuser\r\n$3\r\nkey\r\n*1\r\n$7\r\n"
+                             "user_id\r\n$8\r\nfeatures\r\n*5\r\n*12\r\n$4\r\nname\r\n$6\r\n"
+                             "clicks\r\n$3\r\nagg\r\n$5\r\ncount\r\n$5\r\nvalue\r\n*0\r\n$7\r\n"
+                             "windows\r\n*2\r\n$2\r\n1m\r\n$2\r\n1h\r\n$4\r\nhops\r\n*2\r\n$2\r\n"
+                             "1s\r\n$2\r\n1m\r\n$1\r\nk\r\n:0\r\n";
+    assert_memory_equal(r, want_start, strlen(want_start));
+    assert_non_null(strstr(r, "$4\r\nname\r\n$6\r\nrecent\r\n$3\r\nagg\r\n$6\r\nlast_k\r\n"
+                              "$5\r\nvalue\r\n*2\r\n$6\r\npin_id\r\n$6\r\naction\r\n$7\r\n"
+                              "windows\r\n*0\r\n$4\r\nhops\r\n*0\r\n$1\r\nk\r\n:3\r\n"));
+}
+
+static void test_client_and_hello_commands(void **state)
+{
+    fx_t *fx = *state;
+    assert_string_equal(run(fx, "CLIENT ID"), ":42\r\n");
+    assert_string_equal(run(fx, "CLIENT GETNAME"), "$-1\r\n");
+    assert_string_equal(run(fx, "CLIENT SETNAME ranker-1"), "+OK\r\n");
+    assert_string_equal(run(fx, "CLIENT GETNAME"), "$8\r\nranker-1\r\n");
+    assert_string_equal(run(fx, "CLIENT SETINFO LIB-NAME redis-py"), "+OK\r\n");
+    assert_non_null(strstr(run(fx, "CLIENT INFO"), "id=42 addr="));
+    assert_non_null(strstr(run(fx, "CLIENT INFO"), " name=ranker-1 "));
+    assert_string_equal(run(fx, "HELLO 4"), "-NOPROTO unsupported protocol version\r\n");
+    assert_string_equal(run(fx, "HELLO 2 SETNAME x"),
+                        "*14\r\n$6\r\nserver\r\n$6\r\ntallyd\r\n$7\r\nversion\r\n$5\r\n0.1.0\r\n"
+                        "$5\r\nproto\r\n:2\r\n$2\r\nid\r\n:42\r\n$4\r\nmode\r\n$10\r\n"
+                        "standalone\r\n$4\r\nrole\r\n$6\r\nmaster\r\n$7\r\nmodules\r\n*0\r\n");
+    assert_string_equal(run(fx, "CLIENT GETNAME"), "$1\r\nx\r\n");
+    assert_string_equal(run(fx, "AUTH pw"),
+                        "-ERR AUTH <password> called without any password configured for the "
+                        "default user. Are you sure your configuration is correct?\r\n");
+    assert_string_equal(run(fx, "COMMAND COUNT"), ":14\r\n");
+    assert_string_equal(run(fx, "QUIT"), "+OK\r\n");
+    assert_true(fx->s.close_after);
+}
+
+static void test_noauth_until_auth(void **state)
+{
+    fx_t *fx = *state;
+    assert_false(fx->s.authed);
+    assert_string_equal(run(fx, "FEATURES user 7"), "-NOAUTH Authentication required.\r\n");
+    assert_string_equal(run(fx, "GET x"), "-NOAUTH Authentication required.\r\n");
+    assert_string_equal(run(fx, "PING"), "+PONG\r\n");
+    assert_string_equal(run(fx, "HELLO 3"),
+                        "-NOAUTH HELLO must be called with the client already authenticated, "
+                        "otherwise the HELLO <proto> AUTH <user> <pass> option can be used to "
+                        "authenticate the client and select the RESP protocol version at the "
+                        "same time\r\n");
+    assert_string_equal(run(fx, "AUTH wrong"),
+                        "-WRONGPASS invalid username-password pair or user is disabled.\r\n");
+    assert_string_equal(run(fx, "AUTH s3cret!"),
+                        "-WRONGPASS invalid username-password pair or user is disabled.\r\n");
+    assert_string_equal(run(fx, "AUTH other s3cret"),
+                        "-WRONGPASS invalid username-password pair or user is disabled.\r\n");
+    assert_false(fx->s.authed);
+    assert_memory_equal(run(fx, "HELLO 3 AUTH default s3cret"), "%7\r\n", 4);
+    assert_true(fx->s.authed);
+    assert_string_equal(run(fx, "FEATURES user 7 clicks:1h"), "%1\r\n$9\r\nclicks:1h\r\n:2\r\n");
+}
+
+static void test_info_has_every_section(void **state)
+{
+    fx_t *fx = *state;
+    const char *r = run(fx, "INFO");
+    assert_int_equal(r[0], '$');
+    static const char *const want[] = {
+        "# Server\r\ntallyd_version:0.1.0\r\n", "# Clients\r\nconnected_clients:0\r\n",
+        "# Stats\r\n", "# Memory\r\nused_memory:", "\r\nentities:2\r\n",
+        "# Source\r\nbrokers:localhost:9092\r\ntopics:engagements\r\nrunning:0\r\n",
+        "# Features\r\n", "\r\ndropped_ev_late:2\r\n", "\r\nentity_pin:features=1\r\n"};
+    for (size_t i = 0; i < sizeof want / sizeof want[0]; i++)
+        if (strstr(r, want[i]) == NULL)
+            fail_msg("INFO lacks \"%s\":\n%s", want[i], r);
+    r = run(fx, "INFO clients");
+    assert_non_null(strstr(r, "# Clients\r\n"));
+    assert_null(strstr(r, "# Server"));
+    assert_string_equal(run(fx, "INFO nosuchsection"), "$0\r\n\r\n");
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test_setup_teardown(test_ping_echo_and_unknown_command, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_features_all_resp2_flat_pairs, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_features_resp3_is_a_map_with_doubles, setup,
+                                        teardown),
+        cmocka_unit_test_setup_teardown(test_features_asof_moves_the_windows, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_features_meta_without_source, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_features_errors_name_entity_and_feature, setup,
+                                        teardown),
+        cmocka_unit_test_setup_teardown(test_mfeatures_aligns_ids_and_names, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_recent_items_newest_first_with_options, setup,
+                                        teardown),
+        cmocka_unit_test_setup_teardown(test_catalog_lists_entities_and_features, setup,
+                                        teardown),
+        cmocka_unit_test_setup_teardown(test_client_and_hello_commands, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_noauth_until_auth, setup_auth, teardown),
+        cmocka_unit_test_setup_teardown(test_info_has_every_section, setup, teardown),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
