@@ -13,6 +13,28 @@
  * consumer connects to it like to any cluster; tly_source_bootstrap() tells
  * a producer (the demo generator) where it is.
  *
+ * Where a partition starts. Committed offsets serve lag monitoring only: the
+ * store is in-process state, so what a previous process committed describes
+ * state this process does not hold. A partition this process has not
+ * consumed before starts at the position given by tly_source_resume_at (a
+ * snapshot's), else where kafka.start says: window = the first offset whose
+ * timestamp is at or after now − the longest feature horizon
+ * (offsets-for-times; none: the end; lookup failed: the beginning — older
+ * events are dropped as late anyway); earliest = the beginning; latest =
+ * the end. A partition revoked by a rebalance and assigned again resumes
+ * where this process left it, so no event is applied twice. With brokers
+ * "embedded", window behaves like earliest (the mock holds only this run's
+ * events and its offsets-for-times answers "end").
+ *
+ * The embedded cluster's group coordinator waits 3 s before the first
+ * assignment of a group (as a broker's group.initial.rebalance.delay.ms
+ * does); replica mode assigns at once.
+ *
+ * Modes: shard subscribes with the consumer group (eager range,roundrobin
+ * assignment); replica assigns every partition of every topic from the
+ * metadata (partitions added later need a restart); both commit offsets
+ * under kafka.group.
+ *
  * Threads: tly_source_new/start/stop/free on the main thread; the poll thread
  * is private; tly_source_stats on any thread (counters are atomics, the
  * partition table is copied under a mutex the poll thread takes once per
@@ -45,16 +67,16 @@ typedef struct {
 } tly_partition_stat_t;
 
 typedef struct {
-    uint64_t messages;                /* messages consumed */
-    uint64_t applied;                 /* decoded and passed to the store */
-    uint64_t rejected;                /* decode rejections, all reasons */
+    uint64_t messages;                  /* messages consumed */
+    uint64_t applied;                   /* decoded and passed to the store */
+    uint64_t rejected;                  /* decode rejections, all reasons */
     uint64_t rejected_by[TLY_E__COUNT]; /* decode rejections by reason */
-    uint64_t errors;                  /* consumer errors reported by librdkafka */
-    uint64_t rebalances;              /* assignment changes */
-    int64_t watermark_ms;             /* newest event time applied, -1 none */
-    int64_t lag;                      /* sum of known partition lags, -1 unknown */
-    size_t npartitions;               /* partitions assigned */
-    bool running;                     /* poll thread alive */
+    uint64_t errors;                    /* consumer errors reported by librdkafka */
+    uint64_t rebalances;                /* assignment changes */
+    int64_t watermark_ms;               /* newest event time applied, -1 none */
+    int64_t lag;                        /* sum of known partition lags, -1 unknown */
+    size_t npartitions;                 /* partitions assigned */
+    bool running;                       /* poll thread alive */
 } tly_source_stats_t;
 
 /*
@@ -65,17 +87,29 @@ typedef struct {
  */
 tly_source_t *tly_source_new(const tly_config_t *cfg, const tly_featset_t *fs, tly_store_t *store,
                              char *errbuf, size_t errlen);
-/* Starts the poll thread (subscribe and consume). Returns TLY_OK or
- * TLY_E_IO with errbuf filled. Main thread. */
+/* Starts the poll thread (subscribe and consume). Returns TLY_OK, TLY_E_IO
+ * with errbuf filled, or TLY_E_INVAL when called a second time (a source
+ * runs once). Main thread. */
 tly_err_t tly_source_start(tly_source_t *src, char *errbuf, size_t errlen);
+/* Before start: makes topic/partition, when assigned, start at offset (the
+ * next offset to apply, e.g. from a snapshot) instead of kafka.start's.
+ * Returns TLY_OK, or TLY_E_INVAL (bad arguments, or already started).
+ * Main thread. */
+tly_err_t tly_source_resume_at(tly_source_t *src, const char *topic, int32_t partition,
+                               int64_t offset);
 /* Stops the poll thread, commits stored offsets and closes the consumer.
  * Idempotent. Main thread. */
 void tly_source_stop(tly_source_t *src);
-/* Stops if needed and frees everything (and the mock cluster). NULL ok. */
+/* Stops if needed and frees everything (and the mock cluster: librdkafka
+ * 2.0.2 takes about a second to stop its thread). NULL ok. Main thread. */
 void tly_source_free(tly_source_t *src);
 /* Bootstrap servers of the cluster ("127.0.0.1:port,..." for embedded; the
  * configured brokers otherwise). Borrowed; valid until tly_source_free. */
 const char *tly_source_bootstrap(const tly_source_t *src);
+/* NULL while the source is healthy; after librdkafka raised a fatal error
+ * (the poll thread then stops by itself), a sentence describing it, valid
+ * until tly_source_free. The daemon should exit non-zero. Any thread. */
+const char *tly_source_fatal(tly_source_t *src);
 /* Copies counters into *st and up to cap partitions into parts (may be NULL
  * when cap is 0); st->npartitions says how many are assigned. Any thread. */
 void tly_source_stats(tly_source_t *src, tly_source_stats_t *st, tly_partition_stat_t *parts,

@@ -1,0 +1,859 @@
+/*
+ * source.c — the Kafka consumer that feeds the store (source.h).
+ *
+ * One librdkafka high-level consumer per source and one poll thread:
+ * rd_kafka_consumer_poll (100 ms at most, so a stop is prompt) → decode →
+ * tly_store_apply → rd_kafka_offset_store. Offsets are stored only once
+ * their event was applied or rejected (enable.auto.offset.store=false) and
+ * librdkafka commits the stored offsets in the background
+ * (enable.auto.commit=true), on revocation and in tly_source_stop.
+ *
+ * Where a partition starts. The store is in-process state: a fresh process
+ * holds nothing, so the offsets a previous process committed describe state
+ * that no longer exists. Committed offsets therefore serve lag monitoring
+ * only; a partition this process has not consumed before starts where
+ * kafka.start says — window: the first offset whose timestamp is at or after
+ * now − the featset's longest horizon (rd_kafka_offsets_for_times; no such
+ * offset: the end; the broker cannot answer: the beginning, since events
+ * older than a horizon are dropped as late anyway); earliest: the beginning;
+ * latest: the end — unless tly_source_resume_at() gave a position (a
+ * snapshot's). A partition consumed before (revoked by a rebalance and
+ * assigned again) resumes at the position this process reached, so nothing
+ * is applied twice. With brokers "embedded", `window` starts at the
+ * beginning: the mock cluster holds only this run's events and its
+ * offsets-for-times answers "end" (librdkafka 2.0.2).
+ *
+ * Threads: new/start/stop/free/resume_at on the main thread. The poll thread
+ * runs consumer_poll and with it the rebalance, error and offset callbacks;
+ * rd_kafka_consumer_close in stop runs the final revocation on the main
+ * thread after the poll thread was joined. The log callback runs on
+ * librdkafka's own threads and only calls tly_log. tly_source_stats and
+ * tly_source_fatal on any thread.
+ *
+ * Invariants: the working partition table (src->parts) belongs to whoever
+ * serves the consumer queue (the poll thread, then the main thread after the
+ * join); readers see the published copy (src->pub) taken under src->mu at
+ * most about once a second under load, on every assignment change and when
+ * the consumer goes idle. Counters are relaxed atomics written by the poll
+ * thread only.
+ */
+#include "tallyd/source.h"
+
+#include <inttypes.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include <librdkafka/rdkafka.h>
+#include <librdkafka/rdkafka_mock.h>
+
+#include "tallyd/decode.h"
+#include "tallyd/log.h"
+#include "tallyd/rcu.h"
+
+#define POLL_TIMEOUT_MS     100
+#define PUBLISH_EVERY_MS    1000
+#define BROKER_TIMEOUT_MS   10000 /* longest wait for offsets-for-times */
+#define REJECT_LOG_EVERY_MS 1000
+#define ERROR_LOG_EVERY_MS  1000
+#define MOCK_BROKERS        3
+#define ASSIGN_LOG_CAP      1024
+
+/* One partition this process has been assigned (or was told to resume). */
+typedef struct {
+    char *topic; /* owned */
+    int32_t partition;
+    bool assigned;
+    int64_t position;      /* next offset to apply, -1 unknown */
+    int64_t high;          /* cached high watermark, -1 unknown */
+    int64_t last_event_ms; /* newest event time applied, -1 none */
+} part_t;
+
+/* At most one log line per period; the rest are counted and reported in
+ * the next line. */
+typedef struct {
+    int64_t last_ms;
+    uint64_t suppressed;
+} ratelimit_t;
+
+struct tly_source {
+    const tly_config_t *cfg;
+    const tly_featset_t *fs;
+    tly_store_t *store;
+    tly_decoder_t *dec; /* poll thread */
+    bool embedded;
+    rd_kafka_t *mock_host; /* embedded: the handle the mock cluster lives in */
+    rd_kafka_mock_cluster_t *mock;
+    char *bootstrap;    /* owned */
+    rd_kafka_t *rk;     /* the consumer; NULL once closed */
+    int64_t horizon_ms; /* longest horizon of the featset (start: window) */
+
+    /* main thread only */
+    pthread_t thread;
+    bool started, stopped;
+
+    /* written by stop (main) or the fatal error callback; read by the poll
+     * thread each iteration */
+    atomic_bool stop;
+    atomic_bool running; /* written by the poll thread at start and exit */
+    /* fatal_msg is written once, before fatal_set is released */
+    atomic_bool fatal_set;
+    char fatal_msg[512];
+
+    /* counters: written by the poll thread, read relaxed by stats */
+    atomic_uint_fast64_t messages, applied, rejected, errors, rebalances;
+    atomic_uint_fast64_t rejected_by[TLY_E__COUNT];
+    atomic_int_fast64_t watermark_ms;
+
+    /* working table: consumer-queue thread only (see the file comment) */
+    part_t *parts;
+    size_t nparts, partcap;
+    size_t hint; /* index of the last partition a message came from */
+    bool dirty;  /* applied something since the last publish */
+    int64_t last_publish_ms;
+    ratelimit_t reject_rl, error_rl, consumer_rl;
+
+    /* published table: written by the consumer-queue thread under mu */
+    pthread_mutex_t mu;
+    tly_partition_stat_t *pub;
+    size_t npub, pubcap;
+};
+
+static int64_t wall_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static void *xrealloc(void *p, size_t n)
+{
+    void *q = realloc(p, n);
+    if (q == NULL) {
+        tly_error("source: out of memory (%zu bytes)", n);
+        abort();
+    }
+    return q;
+}
+
+static char *xstrdup(const char *s)
+{
+    size_t n = strlen(s) + 1;
+    return memcpy(xrealloc(NULL, n), s, n);
+}
+
+/* True when a line may be written now; *suppressed gets the lines held
+ * back since the last one. */
+static bool ratelimit_allow(ratelimit_t *rl, int64_t now_ms, int64_t every_ms, uint64_t *suppressed)
+{
+    if (rl->last_ms != 0 && now_ms - rl->last_ms < every_ms) {
+        rl->suppressed++;
+        return false;
+    }
+    *suppressed = rl->suppressed;
+    rl->suppressed = 0;
+    rl->last_ms = now_ms;
+    return true;
+}
+
+/* " (N similar lines held back)" for a rate-limited line, or "". Returns a
+ * thread-local buffer: one use per log call. */
+static const char *held_note(uint64_t held)
+{
+    static _Thread_local char note[64];
+    if (held == 0)
+        return "";
+    snprintf(note, sizeof note, " (%" PRIu64 " similar lines held back)", held);
+    return note;
+}
+
+static void fmt_err(char *errbuf, size_t errlen, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+static void fmt_err(char *errbuf, size_t errlen, const char *fmt, ...)
+{
+    if (errbuf == NULL || errlen == 0)
+        return;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(errbuf, errlen, fmt, ap);
+    va_end(ap);
+}
+
+/* ---- librdkafka callbacks ---------------------------------------------------- */
+
+/* librdkafka's own threads: tly_log only. Levels are syslog's. */
+static void log_cb(const rd_kafka_t *rk, int level, const char *fac, const char *buf)
+{
+    tly_log_level_t lvl = level <= 3   ? TLY_LOG_ERROR
+                          : level == 4 ? TLY_LOG_WARN
+                          : level <= 6 ? TLY_LOG_INFO
+                                       : TLY_LOG_DEBUG;
+    tly_log(lvl, "kafka: %s: %s: %s", rd_kafka_name(rk), fac, buf);
+}
+
+static void error_cb(rd_kafka_t *rk, int err, const char *reason, void *opaque)
+{
+    tly_source_t *src = opaque;
+    if (err == RD_KAFKA_RESP_ERR__FATAL) {
+        char why[400];
+        rd_kafka_resp_err_t orig = rd_kafka_fatal_error(rk, why, sizeof why);
+        if (!atomic_load_explicit(&src->fatal_set, memory_order_acquire)) {
+            snprintf(src->fatal_msg, sizeof src->fatal_msg, "kafka fatal error %s: %s",
+                     rd_kafka_err2name(orig), why);
+            atomic_store_explicit(&src->fatal_set, true, memory_order_release);
+        }
+        tly_error("source: %s; the source stops", src->fatal_msg);
+        atomic_store(&src->stop, true);
+        return;
+    }
+    atomic_fetch_add_explicit(&src->errors, 1, memory_order_relaxed);
+    uint64_t held;
+    if (ratelimit_allow(&src->error_rl, wall_ms(), ERROR_LOG_EVERY_MS, &held))
+        tly_warn("source: kafka error %s: %s%s", rd_kafka_err2name((rd_kafka_resp_err_t)err),
+                 reason, held_note(held));
+}
+
+/* ---- partition table --------------------------------------------------------- */
+
+static part_t *part_find(tly_source_t *src, const char *topic, int32_t partition)
+{
+    if (src->hint < src->nparts) {
+        part_t *p = &src->parts[src->hint];
+        if (p->partition == partition && strcmp(p->topic, topic) == 0)
+            return p;
+    }
+    for (size_t i = 0; i < src->nparts; i++) {
+        part_t *p = &src->parts[i];
+        if (p->partition == partition && strcmp(p->topic, topic) == 0) {
+            src->hint = i;
+            return p;
+        }
+    }
+    return NULL;
+}
+
+static part_t *part_get(tly_source_t *src, const char *topic, int32_t partition)
+{
+    part_t *p = part_find(src, topic, partition);
+    if (p != NULL)
+        return p;
+    if (src->nparts == src->partcap) {
+        src->partcap = src->partcap ? 2 * src->partcap : 16;
+        src->parts = xrealloc(src->parts, src->partcap * sizeof *src->parts);
+    }
+    p = &src->parts[src->nparts++];
+    *p = (part_t){.topic = xstrdup(topic),
+                  .partition = partition,
+                  .position = -1,
+                  .high = -1,
+                  .last_event_ms = -1};
+    return p;
+}
+
+/* Copies the assigned partitions into the published table, refreshing each
+ * high watermark from librdkafka's cache (no network). */
+static void publish(tly_source_t *src, int64_t now_ms)
+{
+    size_t n = 0;
+    for (size_t i = 0; i < src->nparts; i++) {
+        part_t *p = &src->parts[i];
+        if (!p->assigned)
+            continue;
+        int64_t lo = -1, hi = -1;
+        if (src->rk != NULL &&
+            rd_kafka_get_watermark_offsets(src->rk, p->topic, p->partition, &lo, &hi) ==
+                RD_KAFKA_RESP_ERR_NO_ERROR &&
+            hi >= 0)
+            p->high = hi;
+        /* A partition that never held a message has nothing to apply. */
+        if (p->position < 0 && p->high == 0)
+            p->position = 0;
+        n++;
+    }
+    pthread_mutex_lock(&src->mu);
+    if (n > src->pubcap) {
+        src->pubcap = n;
+        src->pub = xrealloc(src->pub, n * sizeof *src->pub);
+    }
+    size_t j = 0;
+    for (size_t i = 0; i < src->nparts; i++) {
+        const part_t *p = &src->parts[i];
+        if (!p->assigned)
+            continue;
+        tly_partition_stat_t *ps = &src->pub[j++];
+        snprintf(ps->topic, sizeof ps->topic, "%s", p->topic);
+        ps->partition = p->partition;
+        ps->position = p->position;
+        ps->high = p->high;
+        ps->lag = p->position >= 0 && p->high >= 0
+                      ? (p->high > p->position ? p->high - p->position : 0)
+                      : -1;
+        ps->last_event_ms = p->last_event_ms;
+    }
+    src->npub = n;
+    pthread_mutex_unlock(&src->mu);
+    src->dirty = false;
+    src->last_publish_ms = now_ms;
+}
+
+/* Writes the start offset of every partition in parts: the position this
+ * process reached (or was told to resume at), else kafka.start's. */
+static void choose_offsets(tly_source_t *src, rd_kafka_topic_partition_list_t *parts)
+{
+    tly_kafka_start_t start = src->cfg->kafka.start;
+    if (start == TLY_START_WINDOW && src->embedded)
+        start = TLY_START_EARLIEST;
+    rd_kafka_topic_partition_list_t *times = rd_kafka_topic_partition_list_new(parts->cnt);
+    int64_t since = wall_ms() - src->horizon_ms;
+
+    for (int i = 0; i < parts->cnt; i++) {
+        rd_kafka_topic_partition_t *tp = &parts->elems[i];
+        const part_t *p = part_find(src, tp->topic, tp->partition);
+        if (p != NULL && p->position >= 0)
+            tp->offset = p->position;
+        else if (start == TLY_START_LATEST)
+            tp->offset = RD_KAFKA_OFFSET_END;
+        else if (start == TLY_START_EARLIEST)
+            tp->offset = RD_KAFKA_OFFSET_BEGINNING;
+        else
+            rd_kafka_topic_partition_list_add(times, tp->topic, tp->partition)->offset = since;
+    }
+    if (times->cnt > 0) {
+        rd_kafka_resp_err_t err = rd_kafka_offsets_for_times(src->rk, times, BROKER_TIMEOUT_MS);
+        if (err != RD_KAFKA_RESP_ERR_NO_ERROR)
+            tly_warn("source: looking up offsets at now - %" PRId64
+                     " ms failed (%s); those partitions start at the beginning",
+                     src->horizon_ms, rd_kafka_err2str(err));
+        for (int i = 0; i < times->cnt; i++) {
+            const rd_kafka_topic_partition_t *t = &times->elems[i];
+            int64_t off = RD_KAFKA_OFFSET_BEGINNING;
+            if (err == RD_KAFKA_RESP_ERR_NO_ERROR && t->err == RD_KAFKA_RESP_ERR_NO_ERROR)
+                off = t->offset >= 0 ? t->offset : RD_KAFKA_OFFSET_END;
+            else if (err == RD_KAFKA_RESP_ERR_NO_ERROR)
+                tly_warn("source: %s[%" PRId32 "]: offset lookup by time failed (%s); "
+                         "starting at the beginning",
+                         t->topic, t->partition, rd_kafka_err2str(t->err));
+            rd_kafka_topic_partition_t *tp =
+                rd_kafka_topic_partition_list_find(parts, t->topic, t->partition);
+            if (tp != NULL)
+                tp->offset = off;
+        }
+    }
+    rd_kafka_topic_partition_list_destroy(times);
+}
+
+static void describe_offset(int64_t off, char *buf, size_t cap)
+{
+    if (off == RD_KAFKA_OFFSET_BEGINNING)
+        snprintf(buf, cap, "beginning");
+    else if (off == RD_KAFKA_OFFSET_END)
+        snprintf(buf, cap, "end");
+    else
+        snprintf(buf, cap, "%" PRId64, off);
+}
+
+/* Assigns parts (offsets chosen here) and records them in the table. */
+static void assign(tly_source_t *src, rd_kafka_topic_partition_list_t *parts)
+{
+    choose_offsets(src, parts);
+    char line[ASSIGN_LOG_CAP];
+    size_t used = 0;
+    line[0] = '\0';
+    for (int i = 0; i < parts->cnt && used < sizeof line; i++) {
+        const rd_kafka_topic_partition_t *tp = &parts->elems[i];
+        char off[32];
+        describe_offset(tp->offset, off, sizeof off);
+        int w = snprintf(line + used, sizeof line - used, "%s%s[%" PRId32 "]@%s", i ? " " : "",
+                         tp->topic, tp->partition, off);
+        if (w < 0)
+            break;
+        used += (size_t)w;
+    }
+    rd_kafka_resp_err_t err = rd_kafka_assign(src->rk, parts);
+    if (err != RD_KAFKA_RESP_ERR_NO_ERROR) {
+        atomic_fetch_add_explicit(&src->errors, 1, memory_order_relaxed);
+        tly_error("source: assigning %d partitions failed: %s", parts->cnt, rd_kafka_err2str(err));
+        return;
+    }
+    tly_info("source: assigned %d partitions: %s%s", parts->cnt, line,
+             used >= sizeof line ? "..." : "");
+    for (size_t i = 0; i < src->nparts; i++)
+        src->parts[i].assigned = false;
+    for (int i = 0; i < parts->cnt; i++) {
+        const rd_kafka_topic_partition_t *tp = &parts->elems[i];
+        part_t *p = part_get(src, tp->topic, tp->partition);
+        p->assigned = true;
+        if (tp->offset >= 0)
+            p->position = tp->offset;
+    }
+}
+
+static void unassign(tly_source_t *src, int count)
+{
+    rd_kafka_resp_err_t err = rd_kafka_assign(src->rk, NULL);
+    if (err != RD_KAFKA_RESP_ERR_NO_ERROR)
+        tly_warn("source: unassigning failed: %s", rd_kafka_err2str(err));
+    tly_info("source: %d partitions revoked", count);
+    for (size_t i = 0; i < src->nparts; i++)
+        src->parts[i].assigned = false;
+}
+
+/* Eager protocol only (partition.assignment.strategy range,roundrobin):
+ * every rebalance revokes the whole assignment, then assigns anew. */
+static void rebalance_cb(rd_kafka_t *rk, rd_kafka_resp_err_t err,
+                         rd_kafka_topic_partition_list_t *parts, void *opaque)
+{
+    tly_source_t *src = opaque;
+    (void)rk;
+    atomic_fetch_add_explicit(&src->rebalances, 1, memory_order_relaxed);
+    if (err == RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS) {
+        assign(src, parts);
+    } else {
+        if (err != RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS)
+            tly_warn("source: rebalance error: %s", rd_kafka_err2str(err));
+        unassign(src, parts->cnt);
+    }
+    publish(src, wall_ms());
+}
+
+/* ---- poll thread ------------------------------------------------------------- */
+
+static void on_message(tly_source_t *src, rd_kafka_message_t *m, int64_t now_ms)
+{
+    uint64_t held;
+    if (m->err) {
+        if (m->err == RD_KAFKA_RESP_ERR__PARTITION_EOF)
+            return;
+        atomic_fetch_add_explicit(&src->errors, 1, memory_order_relaxed);
+        if (ratelimit_allow(&src->consumer_rl, now_ms, ERROR_LOG_EVERY_MS, &held))
+            tly_warn("source: consumer error on %s[%" PRId32 "]: %s%s",
+                     m->rkt ? rd_kafka_topic_name(m->rkt) : "-", m->partition,
+                     rd_kafka_message_errstr(m), held_note(held));
+        return;
+    }
+    const char *topic = rd_kafka_topic_name(m->rkt);
+    atomic_fetch_add_explicit(&src->messages, 1, memory_order_relaxed);
+    part_t *p = part_get(src, topic, m->partition);
+
+    tly_event_t ev;
+    int64_t kafka_ts = rd_kafka_message_timestamp(m, NULL);
+    tly_err_t err = tly_decode_json(src->dec, m->payload, m->payload ? m->len : 0, kafka_ts, &ev);
+    if (err == TLY_OK) {
+        tly_store_apply(src->store, &ev, m->partition, m->offset, now_ms);
+        atomic_fetch_add_explicit(&src->applied, 1, memory_order_relaxed);
+        if (ev.time_ms > atomic_load_explicit(&src->watermark_ms, memory_order_relaxed))
+            atomic_store_explicit(&src->watermark_ms, ev.time_ms, memory_order_relaxed);
+        if (ev.time_ms > p->last_event_ms)
+            p->last_event_ms = ev.time_ms;
+    } else {
+        atomic_fetch_add_explicit(&src->rejected, 1, memory_order_relaxed);
+        if ((unsigned)err < TLY_E__COUNT)
+            atomic_fetch_add_explicit(&src->rejected_by[err], 1, memory_order_relaxed);
+        if (ratelimit_allow(&src->reject_rl, now_ms, REJECT_LOG_EVERY_MS, &held))
+            tly_warn("source: rejected %s[%" PRId32 "]@%" PRId64 ": %s: %s%s", topic, m->partition,
+                     m->offset, tly_err_name(err), tly_strerror(err), held_note(held));
+    }
+    p->position = m->offset + 1;
+    src->dirty = true;
+    /* Stores offset + 1. Fails with __STATE only for a partition revoked
+     * meanwhile, whose new owner starts from the last commit. */
+    (void)rd_kafka_offset_store(m->rkt, m->partition, m->offset);
+}
+
+/* Replica mode: every partition of every topic, no group membership.
+ * Retries the metadata until it arrives or the source stops; false when
+ * stopped first. Partitions added to a topic later are not picked up until
+ * a restart. */
+static bool assign_all(tly_source_t *src)
+{
+    const tly_config_t *cfg = src->cfg;
+    unsigned attempt = 0;
+    while (!atomic_load(&src->stop)) {
+        rd_kafka_topic_partition_list_t *parts = rd_kafka_topic_partition_list_new(16);
+        bool ok = true;
+        for (size_t t = 0; t < cfg->kafka.ntopics && ok; t++) {
+            const struct rd_kafka_metadata *md = NULL;
+            rd_kafka_topic_t *rkt = rd_kafka_topic_new(src->rk, cfg->kafka.topics[t], NULL);
+            rd_kafka_resp_err_t err =
+                rkt ? rd_kafka_metadata(src->rk, 0, rkt, &md, 1000) : rd_kafka_last_error();
+            if (err == RD_KAFKA_RESP_ERR_NO_ERROR && md->topic_cnt == 1 && md->topics[0].err)
+                err = md->topics[0].err;
+            if (err == RD_KAFKA_RESP_ERR_NO_ERROR && md->topic_cnt == 1 &&
+                md->topics[0].partition_cnt > 0) {
+                for (int i = 0; i < md->topics[0].partition_cnt; i++)
+                    rd_kafka_topic_partition_list_add(parts, cfg->kafka.topics[t],
+                                                      md->topics[0].partitions[i].id);
+            } else {
+                ok = false;
+                if (attempt % 10 == 0)
+                    tly_warn("source: no metadata for topic %s yet (%s); retrying",
+                             cfg->kafka.topics[t], err ? rd_kafka_err2str(err) : "no partitions");
+            }
+            if (md != NULL)
+                rd_kafka_metadata_destroy(md);
+            if (rkt != NULL)
+                rd_kafka_topic_destroy(rkt);
+        }
+        if (ok) {
+            atomic_fetch_add_explicit(&src->rebalances, 1, memory_order_relaxed);
+            assign(src, parts);
+            rd_kafka_topic_partition_list_destroy(parts);
+            publish(src, wall_ms());
+            return true;
+        }
+        rd_kafka_topic_partition_list_destroy(parts);
+        attempt++;
+        /* rd_kafka_metadata waited up to a second already; serve callbacks */
+        rd_kafka_message_t *m = rd_kafka_consumer_poll(src->rk, POLL_TIMEOUT_MS);
+        if (m != NULL) {
+            on_message(src, m, wall_ms());
+            rd_kafka_message_destroy(m);
+        }
+    }
+    return false;
+}
+
+static void *poll_main(void *arg)
+{
+    tly_source_t *src = arg;
+    tly_rcu_thread_online();
+    if (src->cfg->kafka.mode == TLY_MODE_REPLICA && !assign_all(src))
+        goto out;
+    while (!atomic_load_explicit(&src->stop, memory_order_relaxed)) {
+        rd_kafka_message_t *m = rd_kafka_consumer_poll(src->rk, POLL_TIMEOUT_MS);
+        int64_t now = wall_ms();
+        if (m == NULL) {
+            if (src->dirty || now - src->last_publish_ms >= PUBLISH_EVERY_MS)
+                publish(src, now);
+            continue;
+        }
+        on_message(src, m, now);
+        rd_kafka_message_destroy(m);
+        if (now - src->last_publish_ms >= PUBLISH_EVERY_MS)
+            publish(src, now);
+    }
+    publish(src, wall_ms());
+out:
+    tly_rcu_thread_offline();
+    atomic_store(&src->running, false);
+    return NULL;
+}
+
+/* ---- life cycle -------------------------------------------------------------- */
+
+static bool conf_set(rd_kafka_conf_t *conf, const char *name, const char *value, bool user,
+                     char *errbuf, size_t errlen)
+{
+    char why[256];
+    if (rd_kafka_conf_set(conf, name, value, why, sizeof why) == RD_KAFKA_CONF_OK)
+        return true;
+    if (user)
+        fmt_err(errbuf, errlen, "kafka.properties.%s: %s", name, why);
+    else
+        fmt_err(errbuf, errlen, "librdkafka rejected %s=%s: %s", name, value, why);
+    return false;
+}
+
+/* Properties tallyd must own for its offset and rebalance semantics. */
+static bool property_allowed(const char *name, const char *value, char *errbuf, size_t errlen)
+{
+    if (strcmp(name, "enable.auto.offset.store") == 0) {
+        fmt_err(errbuf, errlen,
+                "kafka.properties.%s: tallyd stores each offset itself once its event is "
+                "applied; remove this property",
+                name);
+        return false;
+    }
+    if (strcmp(name, "partition.assignment.strategy") == 0 && strstr(value, "cooperative")) {
+        fmt_err(errbuf, errlen,
+                "kafka.properties.%s: tallyd handles eager rebalances only; use range "
+                "and/or roundrobin",
+                name);
+        return false;
+    }
+    return true;
+}
+
+static bool start_mock(tly_source_t *src, char *errbuf, size_t errlen)
+{
+    char why[256];
+    rd_kafka_conf_t *conf = rd_kafka_conf_new();
+    rd_kafka_conf_set_log_cb(conf, log_cb);
+    /* The host handle has no brokers of its own; keep it quiet about that. */
+    if (!conf_set(conf, "log_level", "3", false, errbuf, errlen) ||
+        !conf_set(conf, "client.id", "tallyd-embedded", false, errbuf, errlen)) {
+        rd_kafka_conf_destroy(conf);
+        return false;
+    }
+    src->mock_host = rd_kafka_new(RD_KAFKA_PRODUCER, conf, why, sizeof why);
+    if (src->mock_host == NULL) {
+        rd_kafka_conf_destroy(conf);
+        fmt_err(errbuf, errlen, "embedded cluster: cannot create its host handle: %s", why);
+        return false;
+    }
+    src->mock = rd_kafka_mock_cluster_new(src->mock_host, MOCK_BROKERS);
+    if (src->mock == NULL) {
+        fmt_err(errbuf, errlen, "embedded cluster: librdkafka's mock cluster did not start");
+        return false;
+    }
+    for (size_t t = 0; t < src->cfg->kafka.ntopics; t++) {
+        rd_kafka_resp_err_t err = rd_kafka_mock_topic_create(src->mock, src->cfg->kafka.topics[t],
+                                                             TLY_SOURCE_EMBEDDED_PARTITIONS, 1);
+        if (err != RD_KAFKA_RESP_ERR_NO_ERROR) {
+            fmt_err(errbuf, errlen, "embedded cluster: cannot create topic %s: %s",
+                    src->cfg->kafka.topics[t], rd_kafka_err2str(err));
+            return false;
+        }
+    }
+    src->bootstrap = xstrdup(rd_kafka_mock_cluster_bootstraps(src->mock));
+    tly_info("source: embedded Kafka cluster (%d brokers) at %s, %zu topics of %d partitions",
+             MOCK_BROKERS, src->bootstrap, src->cfg->kafka.ntopics, TLY_SOURCE_EMBEDDED_PARTITIONS);
+    return true;
+}
+
+static void stop_mock(tly_source_t *src)
+{
+    if (src->mock != NULL)
+        rd_kafka_mock_cluster_destroy(src->mock);
+    src->mock = NULL;
+    if (src->mock_host != NULL)
+        rd_kafka_destroy(src->mock_host);
+    src->mock_host = NULL;
+}
+
+/* Builds the consumer's configuration, kafka.properties included, so a
+ * bad property fails before anything is started. Returns NULL with errbuf
+ * filled on failure. bootstrap.servers is set later (the embedded
+ * cluster's address is known only once it runs). */
+static rd_kafka_conf_t *consumer_conf(tly_source_t *src, char *errbuf, size_t errlen)
+{
+    const tly_config_t *cfg = src->cfg;
+    const char *reset = cfg->kafka.start == TLY_START_LATEST ? "latest" : "earliest";
+    rd_kafka_conf_t *conf = rd_kafka_conf_new();
+    rd_kafka_conf_set_opaque(conf, src);
+    rd_kafka_conf_set_log_cb(conf, log_cb);
+    rd_kafka_conf_set_error_cb(conf, error_cb);
+    if (cfg->kafka.mode == TLY_MODE_SHARD)
+        rd_kafka_conf_set_rebalance_cb(conf, rebalance_cb);
+    /* auto.offset.reset matters only when a chosen offset is out of range
+     * (retention deleted it): `window` and `earliest` then take what is
+     * left. */
+    if (!conf_set(conf, "group.id", cfg->kafka.group, false, errbuf, errlen) ||
+        !conf_set(conf, "client.id", "tallyd", false, errbuf, errlen) ||
+        !conf_set(conf, "enable.auto.offset.store", "false", false, errbuf, errlen) ||
+        !conf_set(conf, "enable.auto.commit", "true", false, errbuf, errlen) ||
+        !conf_set(conf, "partition.assignment.strategy", "range,roundrobin", false, errbuf,
+                  errlen) ||
+        !conf_set(conf, "auto.offset.reset", reset, false, errbuf, errlen))
+        goto fail;
+    /* The mock cluster holds an empty fetch for the whole fetch.wait.max.ms
+     * (500 ms by default) even when messages arrive meanwhile, where a real
+     * broker answers at once; in-process, short polls cost nothing. */
+    if (src->embedded && !conf_set(conf, "fetch.wait.max.ms", "5", false, errbuf, errlen))
+        goto fail;
+    for (size_t i = 0; i < cfg->kafka.nproperties; i++) {
+        const tly_kv_t *kv = &cfg->kafka.properties[i];
+        if (!property_allowed(kv->key, kv->value, errbuf, errlen) ||
+            !conf_set(conf, kv->key, kv->value, true, errbuf, errlen))
+            goto fail;
+    }
+    return conf;
+fail:
+    rd_kafka_conf_destroy(conf);
+    return NULL;
+}
+
+/* Creates the consumer from conf (taken, also on failure). */
+static bool make_consumer(tly_source_t *src, rd_kafka_conf_t *conf, char *errbuf, size_t errlen)
+{
+    char why[512];
+    if (!conf_set(conf, "bootstrap.servers", src->bootstrap, false, errbuf, errlen)) {
+        rd_kafka_conf_destroy(conf);
+        return false;
+    }
+    src->rk = rd_kafka_new(RD_KAFKA_CONSUMER, conf, why, sizeof why);
+    if (src->rk == NULL) {
+        rd_kafka_conf_destroy(conf);
+        fmt_err(errbuf, errlen, "cannot create the Kafka consumer: %s", why);
+        return false;
+    }
+    /* rd_kafka_new owns conf now. Callbacks (rebalance, error) are served
+     * by consumer_poll. */
+    rd_kafka_poll_set_consumer(src->rk);
+    return true;
+}
+
+tly_source_t *tly_source_new(const tly_config_t *cfg, const tly_featset_t *fs, tly_store_t *store,
+                             char *errbuf, size_t errlen)
+{
+    tly_source_t *src = xrealloc(NULL, sizeof *src);
+    memset(src, 0, sizeof *src);
+    src->cfg = cfg;
+    src->fs = fs;
+    src->store = store;
+    atomic_init(&src->stop, false);
+    atomic_init(&src->running, false);
+    atomic_init(&src->fatal_set, false);
+    atomic_init(&src->watermark_ms, -1);
+    pthread_mutex_init(&src->mu, NULL);
+    for (size_t i = 0; i < fs->nentities; i++)
+        if (fs->entities[i].horizon_ms > src->horizon_ms)
+            src->horizon_ms = fs->entities[i].horizon_ms;
+    src->embedded = strcmp(cfg->kafka.brokers, "embedded") == 0;
+    rd_kafka_conf_t *conf = consumer_conf(src, errbuf, errlen);
+    if (conf == NULL)
+        goto fail;
+    if (src->embedded) {
+        if (!start_mock(src, errbuf, errlen)) {
+            rd_kafka_conf_destroy(conf);
+            goto fail;
+        }
+        if (cfg->kafka.start == TLY_START_WINDOW)
+            tly_info("source: kafka.start window with the embedded cluster starts at the "
+                     "earliest offset (it holds only this run's events)");
+    } else {
+        src->bootstrap = xstrdup(cfg->kafka.brokers);
+    }
+    if (!make_consumer(src, conf, errbuf, errlen))
+        goto fail;
+    src->dec = tly_decoder_new(fs);
+    return src;
+fail:
+    stop_mock(src);
+    free(src->bootstrap);
+    pthread_mutex_destroy(&src->mu);
+    free(src);
+    return NULL;
+}
+
+tly_err_t tly_source_resume_at(tly_source_t *src, const char *topic, int32_t partition,
+                               int64_t offset)
+{
+    if (src == NULL || topic == NULL || partition < 0 || offset < 0 || src->started)
+        return TLY_E_INVAL;
+    part_get(src, topic, partition)->position = offset;
+    return TLY_OK;
+}
+
+tly_err_t tly_source_start(tly_source_t *src, char *errbuf, size_t errlen)
+{
+    if (src->started || src->stopped) {
+        fmt_err(errbuf, errlen, "the Kafka source was started before; make a new one");
+        return TLY_E_INVAL;
+    }
+    const tly_config_t *cfg = src->cfg;
+    if (cfg->kafka.mode == TLY_MODE_SHARD) {
+        rd_kafka_topic_partition_list_t *topics =
+            rd_kafka_topic_partition_list_new((int)cfg->kafka.ntopics);
+        for (size_t t = 0; t < cfg->kafka.ntopics; t++)
+            rd_kafka_topic_partition_list_add(topics, cfg->kafka.topics[t], RD_KAFKA_PARTITION_UA);
+        rd_kafka_resp_err_t err = rd_kafka_subscribe(src->rk, topics);
+        rd_kafka_topic_partition_list_destroy(topics);
+        if (err != RD_KAFKA_RESP_ERR_NO_ERROR) {
+            fmt_err(errbuf, errlen, "cannot subscribe to the Kafka topics: %s",
+                    rd_kafka_err2str(err));
+            return TLY_E_IO;
+        }
+    }
+    atomic_store(&src->running, true);
+    int rc = pthread_create(&src->thread, NULL, poll_main, src);
+    if (rc != 0) {
+        atomic_store(&src->running, false);
+        fmt_err(errbuf, errlen, "cannot start the Kafka poll thread: %s", strerror(rc));
+        return TLY_E_IO;
+    }
+    src->started = true;
+    tly_info("source: consuming %zu topics from %s as group %s (%s mode)", cfg->kafka.ntopics,
+             src->bootstrap, cfg->kafka.group,
+             cfg->kafka.mode == TLY_MODE_SHARD ? "shard" : "replica");
+    return TLY_OK;
+}
+
+void tly_source_stop(tly_source_t *src)
+{
+    if (src == NULL || src->stopped)
+        return;
+    src->stopped = true;
+    if (src->started) {
+        atomic_store(&src->stop, true);
+        pthread_join(src->thread, NULL);
+    }
+    /* From here the main thread serves the consumer queue (close runs the
+     * final revocation). */
+    if (src->started) {
+        rd_kafka_resp_err_t err = rd_kafka_commit(src->rk, NULL, 0);
+        if (err != RD_KAFKA_RESP_ERR_NO_ERROR && err != RD_KAFKA_RESP_ERR__NO_OFFSET)
+            tly_warn("source: committing offsets on stop failed: %s", rd_kafka_err2str(err));
+    }
+    rd_kafka_resp_err_t err = rd_kafka_consumer_close(src->rk);
+    if (err != RD_KAFKA_RESP_ERR_NO_ERROR)
+        tly_warn("source: closing the consumer: %s", rd_kafka_err2str(err));
+    rd_kafka_destroy(src->rk);
+    src->rk = NULL;
+    for (size_t i = 0; i < src->nparts; i++)
+        src->parts[i].assigned = false;
+    publish(src, wall_ms());
+    tly_info("source: stopped after %" PRIu64 " messages (%" PRIu64 " applied, %" PRIu64
+             " rejected)",
+             (uint64_t)atomic_load(&src->messages), (uint64_t)atomic_load(&src->applied),
+             (uint64_t)atomic_load(&src->rejected));
+}
+
+void tly_source_free(tly_source_t *src)
+{
+    if (src == NULL)
+        return;
+    tly_source_stop(src);
+    stop_mock(src);
+    tly_decoder_free(src->dec);
+    for (size_t i = 0; i < src->nparts; i++)
+        free(src->parts[i].topic);
+    free(src->parts);
+    free(src->pub);
+    free(src->bootstrap);
+    pthread_mutex_destroy(&src->mu);
+    free(src);
+}
+
+const char *tly_source_bootstrap(const tly_source_t *src)
+{
+    return src->bootstrap;
+}
+
+const char *tly_source_fatal(tly_source_t *src)
+{
+    if (src == NULL || !atomic_load_explicit(&src->fatal_set, memory_order_acquire))
+        return NULL;
+    return src->fatal_msg;
+}
+
+void tly_source_stats(tly_source_t *src, tly_source_stats_t *st, tly_partition_stat_t *parts,
+                      size_t cap)
+{
+    memset(st, 0, sizeof *st);
+    st->messages = atomic_load_explicit(&src->messages, memory_order_relaxed);
+    st->applied = atomic_load_explicit(&src->applied, memory_order_relaxed);
+    st->rejected = atomic_load_explicit(&src->rejected, memory_order_relaxed);
+    for (size_t i = 0; i < TLY_E__COUNT; i++)
+        st->rejected_by[i] = atomic_load_explicit(&src->rejected_by[i], memory_order_relaxed);
+    st->errors = atomic_load_explicit(&src->errors, memory_order_relaxed);
+    st->rebalances = atomic_load_explicit(&src->rebalances, memory_order_relaxed);
+    st->watermark_ms = atomic_load_explicit(&src->watermark_ms, memory_order_relaxed);
+    st->running = atomic_load(&src->running);
+    st->lag = -1;
+    pthread_mutex_lock(&src->mu);
+    st->npartitions = src->npub;
+    for (size_t i = 0; i < src->npub; i++) {
+        const tly_partition_stat_t *ps = &src->pub[i];
+        if (ps->lag >= 0)
+            st->lag = (st->lag < 0 ? 0 : st->lag) + ps->lag;
+        if (parts != NULL && i < cap)
+            parts[i] = *ps;
+    }
+    pthread_mutex_unlock(&src->mu);
+}

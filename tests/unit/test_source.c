@@ -1,0 +1,639 @@
+/*
+ * test_source.c — the Kafka source (source.c) against its embedded cluster
+ * (librdkafka's in-process mock): every produced event is applied or
+ * rejected exactly once, the store holds exactly what a model computed here
+ * says, rejections are counted by reason, positions and lag match the
+ * partitions' end offsets, offsets are committed on stop; replica mode
+ * assigns every partition and honours resume positions; a bad
+ * kafka.properties entry is named in the error; the demo producer's stream
+ * arrives whole.
+ *
+ * Waits poll tly_source_stats with a deadline (TLY_TEST_TIMEOUT_MULT
+ * stretches it under sanitizers); the only sleep is the 10 ms between polls.
+ */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cmocka.h>
+#include <inttypes.h>
+#include <time.h>
+
+#include <librdkafka/rdkafka.h>
+
+#include "tallyd/config.h"
+#include "tallyd/demo.h"
+#include "tallyd/feature.h"
+#include "tallyd/rcu.h"
+#include "tallyd/source.h"
+#include "tallyd/store.h"
+
+#define NPARTS     TLY_SOURCE_EMBEDDED_PARTITIONS
+#define TOPIC      "events"
+#define N_EVENTS   20000
+#define N_USERS    200
+#define N_PINS     50
+#define DEADLINE_S 10
+
+static const char *const actions[] = {"impression", "closeup", "click", "save", "hide"};
+
+static int64_t wall_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static int64_t mono_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static int64_t deadline_after(int64_t seconds)
+{
+    const char *m = getenv("TLY_TEST_TIMEOUT_MULT");
+    int64_t mult = m != NULL && atoi(m) > 0 ? atoi(m) : 1;
+    return mono_ms() + seconds * 1000 * mult;
+}
+
+static void pause_10ms(void)
+{
+    struct timespec ts = {0, 10000000};
+    nanosleep(&ts, NULL);
+}
+
+/* librdkafka starts its threads with C11 thrd_create, which glibc routes
+ * around the pthread_create ThreadSanitizer intercepts; TSan then crashes
+ * inside those threads (in its allocator). Under TSan the tests that run
+ * librdkafka are skipped; the source's own synchronisation is plain
+ * atomics and one mutex. */
+#if defined(__SANITIZE_THREAD__)
+#define SKIP_UNDER_TSAN() skip()
+#else
+#define SKIP_UNDER_TSAN() ((void)0)
+#endif
+
+/* ---- fixture: config, featset, store, source ----------------------------------- */
+
+typedef struct {
+    tly_config_t *cfg;
+    tly_featset_t *fs;
+    tly_store_t *store;
+    tly_source_t *src;
+} fixture_t;
+
+static const char *const base_yaml = "kafka:\n"
+                                     "  brokers: embedded\n"
+                                     "  group: %s\n"
+                                     "  topics: [" TOPIC "]\n"
+                                     "  mode: %s\n"
+                                     "  start: %s\n"
+                                     "%s" /* more kafka keys */
+                                     "events:\n"
+                                     "  time: { field: ts, unit: ms }\n"
+                                     "  max_bytes: 4096\n"
+                                     "features:\n"
+                                     "  - { name: clicks, entity: user, key: user_id, "
+                                     "where: { action: click }, agg: count, windows: [1h] }\n"
+                                     "  - { name: events, entity: user, key: user_id, "
+                                     "agg: count, windows: [1h] }\n"
+                                     "  - { name: dwell, entity: user, key: user_id, agg: sum, "
+                                     "value: dwell_ms, windows: [1h] }\n"
+                                     "  - { name: last_action, entity: user, key: user_id, "
+                                     "agg: last, value: action }\n"
+                                     "  - { name: impressions, entity: pin, key: pin_id, "
+                                     "where: { action: impression }, agg: count, windows: [1h] }\n"
+                                     "%s"; /* more sections */
+
+static void fixture_init(fixture_t *fx, const char *group, const char *mode, const char *start,
+                         const char *extra)
+{
+    char yaml[4096], err[512] = "";
+    snprintf(yaml, sizeof yaml, base_yaml, group, mode, start, "", extra);
+    memset(fx, 0, sizeof *fx);
+    if (tly_config_load_string(yaml, "test.yaml", &fx->cfg, err, sizeof err) != TLY_OK)
+        fail_msg("config: %s", err);
+    if (tly_featset_compile(fx->cfg, &fx->fs, err, sizeof err) != TLY_OK)
+        fail_msg("featset: %s", err);
+    fx->store = tly_store_new(fx->fs);
+    fx->src = tly_source_new(fx->cfg, fx->fs, fx->store, err, sizeof err);
+    if (fx->src == NULL)
+        fail_msg("source: %s", err);
+}
+
+static void fixture_fini(fixture_t *fx)
+{
+    tly_source_free(fx->src);
+    tly_store_free(fx->store);
+    tly_featset_free(fx->fs);
+    tly_config_free(fx->cfg);
+}
+
+static void start_source(fixture_t *fx)
+{
+    char err[512] = "";
+    if (tly_source_start(fx->src, err, sizeof err) != TLY_OK)
+        fail_msg("start: %s", err);
+}
+
+/* ---- a plain librdkafka producer and offset queries --------------------------- */
+
+static void conf_set(rd_kafka_conf_t *conf, const char *k, const char *v)
+{
+    char err[256];
+    if (rd_kafka_conf_set(conf, k, v, err, sizeof err) != RD_KAFKA_CONF_OK)
+        fail_msg("%s=%s: %s", k, v, err);
+}
+
+static rd_kafka_t *producer_new(const char *bootstrap)
+{
+    char err[256];
+    rd_kafka_conf_t *conf = rd_kafka_conf_new();
+    conf_set(conf, "bootstrap.servers", bootstrap);
+    conf_set(conf, "linger.ms", "5");
+    conf_set(conf, "partitioner", "murmur2_random");
+    rd_kafka_t *rk = rd_kafka_new(RD_KAFKA_PRODUCER, conf, err, sizeof err);
+    if (rk == NULL)
+        fail_msg("producer: %s", err);
+    return rk;
+}
+
+/* Produces payload (NULL allowed: a tombstone) keyed by user. */
+static void produce(rd_kafka_t *rk, uint64_t user, const char *payload, size_t len)
+{
+    char key[24];
+    int klen = snprintf(key, sizeof key, "%" PRIu64, user);
+    for (;;) {
+        rd_kafka_resp_err_t e =
+            rd_kafka_producev(rk, RD_KAFKA_V_TOPIC(TOPIC), RD_KAFKA_V_KEY(key, (size_t)klen),
+                              RD_KAFKA_V_VALUE((void *)payload, len),
+                              RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY), RD_KAFKA_V_END);
+        if (e == RD_KAFKA_RESP_ERR_NO_ERROR)
+            return;
+        if (e != RD_KAFKA_RESP_ERR__QUEUE_FULL)
+            fail_msg("produce: %s", rd_kafka_err2str(e));
+        rd_kafka_poll(rk, 10);
+    }
+}
+
+static void flush_producer(rd_kafka_t *rk)
+{
+    if (rd_kafka_flush(rk, 10000) != RD_KAFKA_RESP_ERR_NO_ERROR)
+        fail_msg("flush: %d messages undelivered", rd_kafka_outq_len(rk));
+}
+
+/* End offsets of the topic's partitions, asked of the brokers. */
+static int64_t end_offsets(rd_kafka_t *rk, int64_t hi[NPARTS])
+{
+    int64_t total = 0;
+    for (int p = 0; p < NPARTS; p++) {
+        int64_t lo;
+        rd_kafka_resp_err_t e = rd_kafka_query_watermark_offsets(rk, TOPIC, p, &lo, &hi[p], 10000);
+        if (e != RD_KAFKA_RESP_ERR_NO_ERROR)
+            fail_msg("watermarks of %d: %s", p, rd_kafka_err2str(e));
+        assert_int_equal(lo, 0);
+        total += hi[p];
+    }
+    return total;
+}
+
+/* Waits until applied + rejected reaches n and every partition is assigned
+ * at its end offset with lag 0; fills *st and parts. */
+static void await_caught_up(fixture_t *fx, uint64_t n, const int64_t hi[NPARTS],
+                            tly_source_stats_t *st, tly_partition_stat_t parts[NPARTS])
+{
+    int64_t deadline = deadline_after(DEADLINE_S);
+    for (;;) {
+        tly_source_stats(fx->src, st, parts, NPARTS);
+        bool done = st->applied + st->rejected >= n && st->npartitions == NPARTS;
+        for (size_t i = 0; done && i < NPARTS; i++)
+            done = parts[i].position == hi[parts[i].partition] && parts[i].lag == 0;
+        if (done)
+            return;
+        if (mono_ms() > deadline)
+            fail_msg("not caught up: applied %" PRIu64 " + rejected %" PRIu64 " of %" PRIu64
+                     ", %zu partitions, lag %" PRId64,
+                     st->applied, st->rejected, n, st->npartitions, st->lag);
+        pause_10ms();
+    }
+}
+
+/* ---- the model ---------------------------------------------------------------- */
+
+typedef struct {
+    int64_t clicks, events, dwell, last_ts;
+    int last_action;
+} user_model_t;
+
+typedef struct {
+    uint64_t user, pin;
+    int action;
+    int64_t dwell, ts;
+} event_t;
+
+/* Event i of the test stream: users, pins and actions from a fixed LCG;
+ * times unique, spread over the 17 minutes before t0 and out of order
+ * (7919 is prime to N_EVENTS, so i → 7919 i mod N is a permutation). */
+static event_t event_at(uint64_t *lcg, int i, int64_t t0)
+{
+    event_t e;
+    *lcg = *lcg * UINT64_C(6364136223846793005) + UINT64_C(1442695040888963407);
+    uint64_t r = *lcg >> 33;
+    e.user = 1 + r % N_USERS;
+    e.pin = 1 + (r / N_USERS) % N_PINS;
+    e.action = (int)((r / (N_USERS * N_PINS)) % 5);
+    e.dwell = (int64_t)((r >> 3) % 10000);
+    e.ts = t0 - 20 * 60 * 1000 + (int64_t)(((uint64_t)i * 7919) % N_EVENTS) * 50;
+    return e;
+}
+
+static int64_t read_int(fixture_t *fx, const char *entity, uint64_t id, const char *spec)
+{
+    char idbuf[24], sbuf[64];
+    int len = snprintf(idbuf, sizeof idbuf, "%" PRIu64, id);
+    int ent = tly_featset_entity(fx->fs, entity, strlen(entity));
+    uint32_t feat;
+    int win;
+    assert_true(ent >= 0);
+    assert_int_equal(tly_featset_resolve(fx->fs, (uint32_t)ent, spec, strlen(spec), &feat, &win),
+                     TLY_OK);
+    tly_featwin_t req = {feat, win < 0 ? 0 : (uint32_t)win};
+    tly_value_t out;
+    assert_int_equal(tly_store_read(fx->store, (uint32_t)ent, idbuf, (size_t)len, &req, 1,
+                                    wall_ms(), &out, NULL, sbuf, sizeof sbuf),
+                     TLY_OK);
+    assert_int_equal(out.type, TLY_V_INT);
+    return out.u.i;
+}
+
+static void assert_last_action(fixture_t *fx, uint64_t id, const user_model_t *m)
+{
+    char idbuf[24], sbuf[64];
+    int len = snprintf(idbuf, sizeof idbuf, "%" PRIu64, id);
+    int ent = tly_featset_entity(fx->fs, "user", 4);
+    uint32_t feat;
+    int win;
+    assert_int_equal(tly_featset_resolve(fx->fs, (uint32_t)ent, "last_action", 11, &feat, &win),
+                     TLY_OK);
+    tly_featwin_t req = {feat, 0};
+    tly_value_t out;
+    int64_t last_ms;
+    assert_int_equal(tly_store_read(fx->store, (uint32_t)ent, idbuf, (size_t)len, &req, 1,
+                                    wall_ms(), &out, &last_ms, sbuf, sizeof sbuf),
+                     TLY_OK);
+    assert_int_equal(last_ms, m->last_ts);
+    assert_int_equal(out.type, TLY_V_STR);
+    assert_int_equal(out.len, strlen(actions[m->last_action]));
+    assert_memory_equal(out.u.s, actions[m->last_action], out.len);
+}
+
+/* ---- tests -------------------------------------------------------------------- */
+
+static void test_every_event_applied_once_and_offsets_committed(void **state)
+{
+    (void)state;
+    SKIP_UNDER_TSAN();
+    fixture_t fx;
+    fixture_init(&fx, "test-shard", "shard", "earliest", "");
+    tly_rcu_thread_online();
+    start_source(&fx);
+
+    static user_model_t users[N_USERS + 1];
+    static int64_t impressions[N_PINS + 1];
+    memset(users, 0, sizeof users);
+    memset(impressions, 0, sizeof impressions);
+    int64_t t0 = wall_ms(), max_ts = -1;
+    uint64_t lcg = 12345;
+    rd_kafka_t *prod = producer_new(tly_source_bootstrap(fx.src));
+    for (int i = 0; i < N_EVENTS; i++) {
+        event_t e = event_at(&lcg, i, t0);
+        char json[160];
+        int len = snprintf(json, sizeof json,
+                           "{\"user_id\": %" PRIu64 ", \"pin_id\": %" PRIu64
+                           ", \"action\": \"%s\", \"dwell_ms\": %" PRId64 ", \"ts\": %" PRId64 "}",
+                           e.user, e.pin, actions[e.action], e.dwell, e.ts);
+        produce(prod, e.user, json, (size_t)len);
+        user_model_t *m = &users[e.user];
+        m->events++;
+        m->clicks += e.action == 2;
+        m->dwell += e.dwell;
+        if (e.ts > m->last_ts) {
+            m->last_ts = e.ts;
+            m->last_action = e.action;
+        }
+        impressions[e.pin] += e.action == 0;
+        if (e.ts > max_ts)
+            max_ts = e.ts;
+    }
+    /* Malformed payloads: two not JSON (one a tombstone), one not an object,
+     * one without its time, one over events.max_bytes. */
+    static char big[5000];
+    memset(big, ' ', sizeof big);
+    big[0] = '{';
+    big[sizeof big - 1] = '}';
+    produce(prod, 1, "not json", 8);
+    produce(prod, 2, NULL, 0);
+    produce(prod, 3, "[1, 2, 3]", 9);
+    produce(prod, 4, "{\"user_id\": 4, \"action\": \"click\"}", 33);
+    produce(prod, 5, big, sizeof big);
+    const uint64_t n_bad = 5;
+    flush_producer(prod);
+    int64_t hi[NPARTS];
+    assert_int_equal(end_offsets(prod, hi), N_EVENTS + n_bad);
+
+    tly_source_stats_t st;
+    tly_partition_stat_t parts[NPARTS];
+    await_caught_up(&fx, N_EVENTS + n_bad, hi, &st, parts);
+    assert_int_equal(st.messages, N_EVENTS + n_bad);
+    assert_int_equal(st.applied, N_EVENTS);
+    assert_int_equal(st.rejected, n_bad);
+    assert_int_equal(st.rejected_by[TLY_E_EV_BAD_JSON], 2);
+    assert_int_equal(st.rejected_by[TLY_E_EV_NOT_OBJECT], 1);
+    assert_int_equal(st.rejected_by[TLY_E_EV_MISSING_TIME], 1);
+    assert_int_equal(st.rejected_by[TLY_E_EV_TOO_LARGE], 1);
+    assert_int_equal(st.watermark_ms, max_ts);
+    assert_int_equal(st.lag, 0);
+    assert_true(st.running);
+    assert_true(st.rebalances >= 1);
+    assert_null(tly_source_fatal(fx.src));
+    for (size_t i = 0; i < NPARTS; i++) {
+        assert_string_equal(parts[i].topic, TOPIC);
+        assert_int_equal(parts[i].high, hi[parts[i].partition]);
+    }
+
+    for (uint64_t u = 1; u <= N_USERS; u++) {
+        assert_int_equal(read_int(&fx, "user", u, "events:1h"), users[u].events);
+        assert_int_equal(read_int(&fx, "user", u, "clicks:1h"), users[u].clicks);
+        assert_int_equal(read_int(&fx, "user", u, "dwell:1h"), users[u].dwell);
+        if (users[u].events > 0)
+            assert_last_action(&fx, u, &users[u]);
+    }
+    for (uint64_t p = 1; p <= N_PINS; p++)
+        assert_int_equal(read_int(&fx, "pin", p, "impressions:1h"), impressions[p]);
+
+    tly_source_stop(fx.src);
+    tly_source_stop(fx.src); /* idempotent */
+    tly_source_stats(fx.src, &st, NULL, 0);
+    assert_false(st.running);
+    assert_int_equal(st.applied, N_EVENTS);
+
+    /* A fresh member of the same group sees the end offsets committed. */
+    char err[256];
+    rd_kafka_conf_t *conf = rd_kafka_conf_new();
+    conf_set(conf, "bootstrap.servers", tly_source_bootstrap(fx.src));
+    conf_set(conf, "group.id", "test-shard");
+    rd_kafka_t *cons = rd_kafka_new(RD_KAFKA_CONSUMER, conf, err, sizeof err);
+    if (cons == NULL)
+        fail_msg("consumer: %s", err);
+    rd_kafka_topic_partition_list_t *list = rd_kafka_topic_partition_list_new(NPARTS);
+    for (int p = 0; p < NPARTS; p++)
+        rd_kafka_topic_partition_list_add(list, TOPIC, p);
+    assert_int_equal(rd_kafka_committed(cons, list, 10000), RD_KAFKA_RESP_ERR_NO_ERROR);
+    for (int i = 0; i < list->cnt; i++) {
+        assert_int_equal(list->elems[i].err, RD_KAFKA_RESP_ERR_NO_ERROR);
+        assert_int_equal(list->elems[i].offset, hi[list->elems[i].partition]);
+    }
+    rd_kafka_topic_partition_list_destroy(list);
+    rd_kafka_destroy(cons);
+    rd_kafka_destroy(prod);
+    fixture_fini(&fx);
+    tly_rcu_thread_offline();
+}
+
+static void test_replica_mode_assigns_all_partitions_and_resumes_at_given_offsets(void **state)
+{
+    (void)state;
+    SKIP_UNDER_TSAN();
+    enum { N = 2000 };
+    fixture_t fx;
+    fixture_init(&fx, "test-replica", "replica", "window", "");
+    tly_rcu_thread_online();
+
+    /* Produced before start; half of each partition is declared applied
+     * already (as a snapshot would), so only the other half is consumed. */
+    int64_t t0 = wall_ms();
+    uint64_t lcg = 777;
+    rd_kafka_t *prod = producer_new(tly_source_bootstrap(fx.src));
+    for (int i = 0; i < N; i++) {
+        event_t e = event_at(&lcg, i, t0);
+        char json[160];
+        int len = snprintf(json, sizeof json,
+                           "{\"user_id\": %" PRIu64 ", \"action\": \"%s\", \"ts\": %" PRId64 "}",
+                           e.user, actions[e.action], e.ts);
+        produce(prod, e.user, json, (size_t)len);
+    }
+    flush_producer(prod);
+    int64_t hi[NPARTS];
+    assert_int_equal(end_offsets(prod, hi), N);
+    uint64_t expect = 0;
+    for (int p = 0; p < NPARTS; p++) {
+        assert_int_equal(tly_source_resume_at(fx.src, TOPIC, p, hi[p] / 2), TLY_OK);
+        expect += (uint64_t)(hi[p] - hi[p] / 2);
+    }
+    start_source(&fx);
+    assert_int_equal(tly_source_resume_at(fx.src, TOPIC, 0, 0), TLY_E_INVAL);
+
+    tly_source_stats_t st;
+    tly_partition_stat_t parts[NPARTS];
+    await_caught_up(&fx, expect, hi, &st, parts);
+    assert_int_equal(st.applied, expect);
+    assert_int_equal(st.rejected, 0);
+    assert_int_equal(st.rebalances, 1);
+    bool seen[NPARTS] = {false};
+    for (size_t i = 0; i < NPARTS; i++)
+        seen[parts[i].partition] = true;
+    for (int p = 0; p < NPARTS; p++)
+        assert_true(seen[p]);
+
+    rd_kafka_destroy(prod);
+    fixture_fini(&fx);
+    tly_rcu_thread_offline();
+}
+
+/* A source pointed at a cluster by address (not "embedded") with start
+ * window asks the brokers for the offsets at now - horizon. The mock
+ * cluster has no offsets by time and answers "none", which means "no
+ * message that recent": the source starts at the end, skipping the history
+ * it cannot date, and applies only what arrives after its assignment. */
+static void test_window_start_without_an_offset_for_the_time_begins_at_the_end(void **state)
+{
+    (void)state;
+    SKIP_UNDER_TSAN();
+    enum { OLD = 500, NEW = 40 };
+    fixture_t host;
+    fixture_init(&host, "test-host", "replica", "earliest", "");
+    tly_rcu_thread_online();
+    const char *bootstrap = tly_source_bootstrap(host.src);
+    int64_t t0 = wall_ms();
+    uint64_t lcg = 99;
+    rd_kafka_t *prod = producer_new(bootstrap);
+    char json[160];
+    for (int i = 0; i < OLD; i++) {
+        event_t e = event_at(&lcg, i, t0);
+        int len = snprintf(json, sizeof json, "{\"user_id\": %" PRIu64 ", \"ts\": %" PRId64 "}",
+                           e.user, e.ts);
+        produce(prod, e.user, json, (size_t)len);
+    }
+    flush_producer(prod);
+    int64_t old_hi[NPARTS];
+    assert_int_equal(end_offsets(prod, old_hi), OLD);
+
+    char yaml[4096], err[512] = "", brokers[512];
+    snprintf(brokers, sizeof brokers, "  brokers: \"%s\"\n", bootstrap);
+    snprintf(yaml, sizeof yaml, base_yaml, "test-window", "replica", "window", "", "");
+    /* the second brokers key replaces "embedded": rebuild the kafka section */
+    char *embedded = strstr(yaml, "  brokers: embedded\n");
+    assert_non_null(embedded);
+    char rest[4096];
+    snprintf(rest, sizeof rest, "%s", embedded + strlen("  brokers: embedded\n"));
+    snprintf(embedded, sizeof yaml - (size_t)(embedded - yaml), "%s%s", brokers, rest);
+    fixture_t fx;
+    memset(&fx, 0, sizeof fx);
+    if (tly_config_load_string(yaml, "test.yaml", &fx.cfg, err, sizeof err) != TLY_OK)
+        fail_msg("config: %s", err);
+    if (tly_featset_compile(fx.cfg, &fx.fs, err, sizeof err) != TLY_OK)
+        fail_msg("featset: %s", err);
+    fx.store = tly_store_new(fx.fs);
+    fx.src = tly_source_new(fx.cfg, fx.fs, fx.store, err, sizeof err);
+    if (fx.src == NULL)
+        fail_msg("source: %s", err);
+    assert_string_equal(tly_source_bootstrap(fx.src), bootstrap);
+    start_source(&fx);
+
+    tly_source_stats_t st;
+    tly_partition_stat_t parts[NPARTS];
+    int64_t deadline = deadline_after(DEADLINE_S);
+    do {
+        if (mono_ms() > deadline)
+            fail_msg("no assignment");
+        pause_10ms();
+        tly_source_stats(fx.src, &st, parts, NPARTS);
+    } while (st.npartitions < NPARTS);
+
+    for (int i = 0; i < NEW; i++) {
+        event_t e = event_at(&lcg, OLD + i, t0);
+        int len = snprintf(json, sizeof json, "{\"user_id\": %" PRIu64 ", \"ts\": %" PRId64 "}",
+                           e.user, e.ts);
+        produce(prod, e.user, json, (size_t)len);
+    }
+    flush_producer(prod);
+    int64_t hi[NPARTS];
+    assert_int_equal(end_offsets(prod, hi), OLD + NEW);
+    /* Wait until every partition that got new events was consumed to its
+     * end; had the source started at the beginning, those partitions alone
+     * would have brought old events too. */
+    deadline = deadline_after(DEADLINE_S);
+    for (;;) {
+        tly_source_stats(fx.src, &st, parts, NPARTS);
+        bool done = st.npartitions == NPARTS;
+        for (size_t i = 0; done && i < NPARTS; i++) {
+            int32_t p = parts[i].partition;
+            if (hi[p] > old_hi[p])
+                done = parts[i].position == hi[p];
+        }
+        if (done)
+            break;
+        if (mono_ms() > deadline)
+            fail_msg("new events not consumed: applied %" PRIu64, st.applied);
+        pause_10ms();
+    }
+    assert_int_equal(st.applied, NEW);
+    assert_int_equal(st.rejected, 0);
+
+    rd_kafka_destroy(prod);
+    fixture_fini(&fx);
+    fixture_fini(&host);
+    tly_rcu_thread_offline();
+}
+
+static void expect_property_error(const char *props, const char *needle)
+{
+    char yaml[4096], err[512] = "";
+    tly_config_t *cfg = NULL;
+    tly_featset_t *fs = NULL;
+    snprintf(yaml, sizeof yaml, base_yaml, "g", "shard", "earliest", props, "");
+    if (tly_config_load_string(yaml, "test.yaml", &cfg, err, sizeof err) != TLY_OK)
+        fail_msg("config: %s", err);
+    if (tly_featset_compile(cfg, &fs, err, sizeof err) != TLY_OK)
+        fail_msg("featset: %s", err);
+    tly_store_t *store = tly_store_new(fs);
+    tly_source_t *src = tly_source_new(cfg, fs, store, err, sizeof err);
+    assert_null(src);
+    if (strstr(err, needle) == NULL)
+        fail_msg("error \"%s\" does not contain \"%s\"", err, needle);
+    tly_store_free(store);
+    tly_featset_free(fs);
+    tly_config_free(cfg);
+}
+
+static void test_bad_kafka_property_fails_naming_it(void **state)
+{
+    (void)state;
+    tly_rcu_thread_online();
+    expect_property_error("  properties: { fetch.wait.max.ms: banana }\n",
+                          "kafka.properties.fetch.wait.max.ms: ");
+    expect_property_error("  properties: { no.such.property: 1 }\n",
+                          "kafka.properties.no.such.property: ");
+    expect_property_error("  properties: { partition.assignment.strategy: cooperative-sticky }\n",
+                          "kafka.properties.partition.assignment.strategy: ");
+    expect_property_error("  properties: { enable.auto.offset.store: \"true\" }\n",
+                          "kafka.properties.enable.auto.offset.store: ");
+    tly_rcu_thread_offline();
+}
+
+static void test_demo_stream_arrives_whole(void **state)
+{
+    (void)state;
+    SKIP_UNDER_TSAN();
+    fixture_t fx;
+    fixture_init(&fx, "test-demo", "replica", "window",
+                 "demo: { events_per_sec: 5000, users: 1000, pins: 10000, seed: 7 }\n");
+    tly_rcu_thread_online();
+    start_source(&fx);
+    char err[512] = "";
+    tly_demo_t *demo = tly_demo_start(fx.cfg, tly_source_bootstrap(fx.src), err, sizeof err);
+    if (demo == NULL)
+        fail_msg("demo: %s", err);
+    int64_t deadline = deadline_after(DEADLINE_S);
+    while (tly_demo_produced(demo) < 5000) {
+        if (mono_ms() > deadline)
+            fail_msg("demo delivered only %" PRIu64 " events", tly_demo_produced(demo));
+        pause_10ms();
+    }
+    tly_demo_stop(demo);
+
+    rd_kafka_t *rk = producer_new(tly_source_bootstrap(fx.src));
+    int64_t hi[NPARTS];
+    int64_t produced = end_offsets(rk, hi);
+    assert_true(produced >= 5000);
+    tly_source_stats_t st;
+    tly_partition_stat_t parts[NPARTS];
+    await_caught_up(&fx, (uint64_t)produced, hi, &st, parts);
+    assert_int_equal(st.applied, produced);
+    assert_int_equal(st.rejected, 0);
+    tly_store_stats_t ss;
+    tly_store_stats(fx.store, &ss);
+    assert_int_equal(ss.events_applied, produced);
+
+    rd_kafka_destroy(rk);
+    fixture_fini(&fx);
+    tly_rcu_thread_offline();
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_every_event_applied_once_and_offsets_committed),
+        cmocka_unit_test(test_replica_mode_assigns_all_partitions_and_resumes_at_given_offsets),
+        cmocka_unit_test(test_window_start_without_an_offset_for_the_time_begins_at_the_end),
+        cmocka_unit_test(test_bad_kafka_property_fails_naming_it),
+        cmocka_unit_test(test_demo_stream_arrives_whole),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
