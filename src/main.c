@@ -6,21 +6,47 @@
  *   tallyd --help-config [--markdown]   reference of every config key
  *   tallyd --help | --version
  *
- * Exit status: 0 success; 1 the config is invalid (its error on stderr,
- * "FILE:LINE: key.path: sentence"); 2 wrong usage, or `--config` while the
- * serving layer is not built yet. A config is valid when tly_config_load()
- * accepts it and tly_featset_compile() compiles its features, so
- * --check-config catches every error that --config would.
+ * Exit status: 0 success (and after SIGTERM/SIGINT); 1 the config is invalid
+ * (its error on stderr, "FILE:LINE: key.path: sentence") or start-up failed
+ * (address in use, bad kafka.properties ...) or the Kafka consumer hit a fatal
+ * error; 2 wrong usage. A config is valid when tly_config_load() accepts it
+ * and tly_featset_compile() compiles its features, so --check-config catches
+ * every config error that --config would.
  *
- * Runs on the main thread only; owns no global state.
+ * Start-up order: config → store → server (binds, so a busy port fails
+ * before anything runs) → source (and, for kafka.brokers: embedded, the
+ * in-process mock cluster and the demo generator) → loops. Shut-down is the
+ * reverse: stop accepting and close clients, stop the generator, stop the
+ * consumer (committing stored offsets), free the store.
+ *
+ * Signals: SIGINT, SIGTERM, SIGHUP are blocked in every thread and taken by
+ * the main thread with sigtimedwait, between which it runs the expiry
+ * sweeper and prints progress lines; SIGHUP reopens the log; SIGPIPE is
+ * ignored (a client that goes away is seen as a write error).
+ *
+ * Runs on the main thread; the daemon context lives on its stack.
  */
 #include "tallyd/config.h"
 
+#include <errno.h>
 #include <getopt.h>
+#include <inttypes.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
+#include <time.h>
 
+#include "tallyd/daemon.h"
+#include "tallyd/demo.h"
 #include "tallyd/feature.h"
+#include "tallyd/log.h"
+#include "tallyd/rcu.h"
+#include "tallyd/server.h"
+#include "tallyd/source.h"
+#include "tallyd/store.h"
 #include "tallyd/version.h"
 
 #define ERR_CAP 1024
@@ -56,6 +82,155 @@ static tly_err_t load(const char *path, tly_config_t **cfg, tly_featset_t **fs)
     *cfg = loaded;
     *fs = compiled;
     return TLY_OK;
+}
+
+static int64_t wall_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static bool is_embedded(const tly_config_t *cfg)
+{
+    return strcmp(cfg->kafka.brokers, "embedded") == 0;
+}
+
+/* The demo's welcome: queries that work when pasted (the generator's ids
+ * are Zipf ranks, so user 1 and pins 1..50 are the busiest). */
+static void print_demo_banner(const tly_daemon_t *d)
+{
+    int port = d->tcp_port;
+    printf("\n"
+           "tallyd %s is serving the embedded demo on 127.0.0.1:%d\n"
+           "  an in-process Kafka cluster (librdkafka's mock) gets about %" PRId64
+           " engagement events/s\n"
+           "  from a seeded generator; tallyd consumes them like any Kafka topic.\n"
+           "\n"
+           "Paste these into another terminal:\n"
+           "  redis-cli -p %d FEATURES user 1\n"
+           "  redis-cli -p %d MFEATURES pin 50",
+           TALLYD_VERSION, port, d->cfg->demo.events_per_sec, port, port);
+    for (int i = 1; i <= 50; i++)
+        printf(" %d", i);
+    printf(" impressions:1h clicks:1h\n"
+           "  redis-cli -p %d RECENT user 1 recent COUNT 10\n"
+           "  redis-cli -p %d CATALOG\n"
+           "  redis-cli -p %d INFO source\n"
+           "\n"
+           "Progress every 5 s below; Ctrl-C stops.\n\n",
+           port, port, port);
+    fflush(stdout);
+}
+
+static void progress(tly_daemon_t *d, uint64_t *last_applied, int64_t *last_ms, int64_t now)
+{
+    tly_source_stats_t src;
+    tly_source_stats(d->source, &src, NULL, 0);
+    tly_store_stats_t st;
+    tly_store_stats(d->store, &st);
+    double secs = (double)(now - *last_ms) / 1000.0;
+    double rate = secs > 0 ? (double)(src.applied - *last_applied) / secs : 0;
+    tly_info("consumed %" PRIu64 " events (%.0f/s), %" PRIu64 " rejected, %" PRIu64
+             " entities, %.1f MB, lag %" PRId64 ", %zu partitions",
+             src.applied, rate, src.rejected, st.entities, (double)st.bytes / 1e6, src.lag,
+             src.npartitions);
+    *last_applied = src.applied;
+    *last_ms = now;
+}
+
+/* Runs the daemon until SIGINT/SIGTERM or a fatal consumer error. */
+static int run(const tly_config_t *cfg, const tly_featset_t *fs)
+{
+    char err[ERR_CAP] = "";
+    int status = EXIT_INVALID;
+    tly_server_t *server = NULL;
+    tly_source_t *source = NULL;
+    tly_demo_t *demo = NULL;
+    bool embedded = is_embedded(cfg);
+
+    sigset_t sigs;
+    sigemptyset(&sigs);
+    sigaddset(&sigs, SIGINT);
+    sigaddset(&sigs, SIGTERM);
+    sigaddset(&sigs, SIGHUP);
+    pthread_sigmask(SIG_BLOCK, &sigs, NULL); /* inherited by every thread */
+    signal(SIGPIPE, SIG_IGN);
+
+    tly_rcu_thread_online(); /* the sweeper runs here */
+    tly_daemon_t d = {.cfg = cfg, .fs = fs, .started_ms = wall_ms()};
+    atomic_init(&d.server.next_client_id, 1);
+    d.store = tly_store_new(fs);
+    tly_info("tallyd %s starting with %s: %zu features over %zu entity types", TALLYD_VERSION,
+             cfg->path, fs->nfeats, fs->nentities);
+
+    server = tly_server_new(&d, err, sizeof err);
+    if (server == NULL)
+        goto fail;
+    source = tly_source_new(cfg, fs, d.store, err, sizeof err);
+    if (source == NULL)
+        goto fail;
+    d.source = source;
+    if (embedded) {
+        demo = tly_demo_start(cfg, tly_source_bootstrap(source), err, sizeof err);
+        if (demo == NULL)
+            goto fail;
+    }
+    if (tly_source_start(source, err, sizeof err) != TLY_OK)
+        goto fail;
+    if (tly_server_start(server, err, sizeof err) != TLY_OK)
+        goto fail;
+    if (embedded)
+        print_demo_banner(&d);
+
+    status = EXIT_SUCCESS;
+    int64_t every = embedded ? 5000 : 60000;
+    int64_t now = wall_ms(), next_progress = now + every, next_sweep = now + cfg->store.sweep_every_ms;
+    int64_t last_ms = now;
+    uint64_t last_applied = 0;
+    for (;;) {
+        struct timespec tick = {.tv_sec = 0, .tv_nsec = 250 * 1000000L};
+        int sig = sigtimedwait(&sigs, NULL, &tick);
+        if (sig == SIGINT || sig == SIGTERM) {
+            tly_info("%s: shutting down", sig == SIGINT ? "SIGINT" : "SIGTERM");
+            break;
+        }
+        if (sig == SIGHUP)
+            tly_log_reopen();
+        const char *fatal = tly_source_fatal(source);
+        if (fatal != NULL) {
+            tly_error("stopping: the Kafka consumer failed: %s", fatal);
+            status = EXIT_INVALID;
+            break;
+        }
+        now = wall_ms();
+        if (now >= next_sweep) {
+            size_t gone = tly_store_sweep(d.store, now, 0);
+            if (gone > 0)
+                tly_debug("sweeper expired %zu entities", gone);
+            next_sweep = now + cfg->store.sweep_every_ms;
+        }
+        if (now >= next_progress) {
+            progress(&d, &last_applied, &last_ms, now);
+            next_progress = now + every;
+        }
+    }
+    goto out;
+
+fail:
+    tly_error("%s", err);
+out:
+    if (server != NULL)
+        tly_server_stop_async(server);
+    tly_server_free(server);
+    tly_demo_stop(demo);
+    tly_source_free(source);
+    d.source = NULL;
+    tly_store_free(d.store);
+    tly_rcu_thread_offline();
+    if (status == EXIT_SUCCESS)
+        tly_info("stopped");
+    return status;
 }
 
 int main(int argc, char **argv)
@@ -122,8 +297,7 @@ int main(int argc, char **argv)
     if (mode == OPT_CHECK_CONFIG) {
         tly_config_summary(cfg, stdout);
     } else {
-        fputs("tallyd: serving is not implemented yet\n", stderr);
-        status = EXIT_USAGE;
+        status = run(cfg, fs);
     }
     tly_featset_free(fs);
     tly_config_free(cfg);
