@@ -1,0 +1,1026 @@
+/*
+ * server.c — the RESP server: libuv loops, listeners, client connections,
+ * backpressure and limits.
+ *
+ * Threads. tly_server_new runs on the main thread: it binds and listens on
+ * server.threads TCP sockets, all on server.listen with SO_REUSEPORT (the
+ * kernel spreads connections over them), and on the optional unix socket,
+ * and initialises one uv_loop_t per thread with its stop handle (uv_async).
+ * tly_server_start, still on the main thread and before any loop runs, opens
+ * each loop's listening handle and timer, then starts one thread per loop;
+ * the thread registers with RCU, owns a command scratch and runs its loop
+ * until stopped. Loop 0 also serves the unix socket. A client lives its
+ * whole life on the loop that accepted it: its handle, buffers, parser and
+ * session are touched by that thread only. Other threads reach a loop only
+ * through uv_async_send (tly_server_stop_async), so source threads never
+ * touch a libuv handle. Counters in d->server are relaxed atomics: loops
+ * write them, INFO reads them.
+ *
+ * A client's buffers (all owned by the client, freed in its close callback):
+ *   in    bytes read and not yet executed; libuv reads straight into it.
+ *   out   replies of executed commands not yet handed to the kernel.
+ *   wbuf  replies handed to uv_write and not yet written. At most one write
+ *         is in flight; replies made meanwhile go to out, so replies leave in
+ *         request order.
+ * The queued output is out plus the unwritten part of wbuf. A write first
+ * tries uv_try_write and queues only what the kernel did not take.
+ *
+ * Backpressure. Before each request is executed the queued output is
+ * compared with server.output_soft_limit: above it, execution stops and the
+ * client's reads are stopped, so the kernel's buffers push back on the
+ * client. When a write completes and the queue is at or below the soft limit,
+ * execution resumes with the input already buffered, then reading resumes.
+ * A reply that takes the queue above server.max_output_buffer closes the
+ * client at once (one WARN line), as Redis's client-output-buffer-limit does.
+ *
+ * Limits. The parser enforces server.max_args, server.max_bulk and an inline
+ * line of at most min(64 KiB, server.max_query_buffer); a request whose
+ * bytes exceed server.max_query_buffer while still incomplete is a protocol
+ * error ("request too large"). Until a client has authenticated (only when
+ * server.requirepass is set) the limits are tight — 16 arguments, 1024-byte
+ * arguments, 4096-byte requests — so an anonymous peer cannot make the
+ * server buffer much; after a command that authenticates, the configured
+ * limits apply. A protocol error replies "-ERR Protocol error: <why>" and
+ * the client is closed once that is written; other clients are unaffected.
+ * Beyond server.max_clients (counted over all loops) a connection gets
+ * "-ERR max number of clients reached" and is closed. A timer per loop
+ * closes clients that neither sent nor received a byte for
+ * server.idle_timeout, and clients whose current request began arriving
+ * more than server.request_timeout ago (a client sending byte by byte).
+ *
+ * Closing politely. After QUIT or a protocol error the client is draining:
+ * nothing more is executed, bytes still arriving are read and dropped (a
+ * socket closed with unread input sends a reset, which can destroy the reply
+ * in flight at the peer), the replies are written, the write side is shut
+ * down, and the connection closes at the peer's EOF, or DRAIN_MS after the
+ * shutdown, or when it has sent DRAIN_BYTES more. A peer's EOF closes the
+ * client once its queued replies are written.
+ */
+#include "tallyd/server.h"
+
+#include <arpa/inet.h>
+#include <assert.h>
+#include <errno.h>
+#include <inttypes.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <uv.h>
+
+#include "tallyd/commands.h"
+#include "tallyd/log.h"
+#include "tallyd/rcu.h"
+#include "tallyd/resp.h"
+
+#define LISTEN_BACKLOG 511
+#define READ_CHUNK     (16u << 10) /* bytes offered to each read */
+#define KEEP_BUF       (64u << 10) /* an empty buffer larger than this is freed */
+#define INLINE_MAX     (64u << 10) /* longest inline request line */
+#define KEEPALIVE_S    300
+/* Limits before AUTH when server.requirepass is set. */
+#define UNAUTH_MAX_ARGS  16
+#define UNAUTH_MAX_BULK  1024
+#define UNAUTH_MAX_QUERY 4096
+/* A draining client is closed this long after its write side was shut
+ * down, or once it has sent this many more bytes. */
+#define DRAIN_MS         1000
+#define DRAIN_BYTES      (1u << 20)
+#define MAXCLIENTS_REPLY "-ERR max number of clients reached\r\n"
+
+typedef struct server_loop server_loop_t;
+typedef struct client client_t;
+
+typedef enum {
+    CLIENT_OPEN = 0, /* executing requests */
+    CLIENT_DRAINING, /* QUIT, protocol error or peer EOF: writing what is left */
+    CLIENT_CLOSING   /* uv_close called; freed in client_close_cb */
+} client_state_t;
+
+/* One connection. Loop thread only. */
+struct client {
+    union {
+        uv_handle_t handle;
+        uv_stream_t stream;
+        uv_tcp_t tcp;
+        uv_pipe_t pipe;
+    } h;
+    server_loop_t *lp;
+    client_t *prev, *next; /* lp->clients, while not closing */
+    client_state_t state;
+    bool reading;       /* uv_read_start in effect */
+    bool paused;        /* execution stopped by server.output_soft_limit */
+    bool writing;       /* a uv_write of wbuf is in flight */
+    bool shut;          /* uv_shutdown issued */
+    bool peer_eof;      /* the peer closed its side: close once written */
+    bool counted;       /* counted in d->server.connected */
+    bool parser_ready;  /* parser initialised */
+    bool limits_authed; /* parser has the configured (not the tight) limits */
+    bool req_started;   /* in holds the first bytes of a request since req_start */
+    tly_session_t session;
+    tly_resp_parser_t parser;
+    size_t max_query; /* current bound of one pending request */
+    tly_buf_t in, out, wbuf;
+    size_t woff;          /* bytes of wbuf written before uv_write took it */
+    uint64_t last_io;     /* uv_now of the last byte read or written */
+    uint64_t req_start;   /* uv_now when the pending request's first byte came */
+    uint64_t drain_since; /* uv_now of the shutdown of a draining client */
+    size_t drained;       /* bytes dropped while draining */
+    uv_write_t wreq;
+    uv_shutdown_t sreq;
+};
+
+/* One event loop and its thread. Fields are written by the main thread
+ * before the loop's thread starts (or after it is joined) and by that thread
+ * while it runs; `stop` is immutable after tly_server_new and is the only
+ * field another thread touches (uv_async_send). */
+struct server_loop {
+    tly_server_t *srv;
+    size_t index;
+    uv_loop_t loop;
+    bool loop_ready;     /* uv_loop_init done: uv_loop_close owed */
+    bool thread_started; /* uv_thread_join owed */
+    uv_thread_t thread;
+    int tcp_fd;  /* listening socket until a handle owns it; -1 after */
+    int unix_fd; /* loop 0's unix socket until a handle owns it; -1 after */
+    uv_async_t *stop;
+    uv_tcp_t *listener;
+    uv_pipe_t *unix_listener;
+    uv_timer_t *timer;
+    client_t *clients;
+    tly_cmd_scratch_t *scratch;
+    bool stopping;
+    char discard[READ_CHUNK]; /* bytes of draining clients land here */
+};
+
+struct tly_server {
+    tly_daemon_t *d;
+    size_t nloops;
+    server_loop_t *loops;
+    char *unix_path;                   /* owned; NULL when no unix socket is bound */
+    char where[INET6_ADDRSTRLEN + 16]; /* bound "host:port", for logs */
+    atomic_bool stop_sent;             /* tly_server_stop_async ran */
+    bool started;
+};
+
+/* ---- helpers ------------------------------------------------------------ */
+
+static void *xcalloc(size_t n, size_t size)
+{
+    void *p = calloc(n, size);
+    if (p == NULL) {
+        fprintf(stderr, "tallyd: out of memory allocating %zu bytes\n", n * size);
+        abort();
+    }
+    return p;
+}
+
+static int64_t wall_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static void stat_add(atomic_uint_fast64_t *v, uint64_t n)
+{
+    atomic_fetch_add_explicit(v, n, memory_order_relaxed);
+}
+
+static void free_handle_cb(uv_handle_t *h)
+{
+    free(h);
+}
+
+static size_t min_size(size_t a, size_t b)
+{
+    return a < b ? a : b;
+}
+
+/* Formats an inet address as "ip:port", IPv6 as "[ip]:port" (Redis's
+ * convention in CLIENT LIST). */
+static void format_addr(const struct sockaddr *sa, char *out, size_t cap)
+{
+    char ip[INET6_ADDRSTRLEN] = "?";
+    if (sa->sa_family == AF_INET) {
+        const struct sockaddr_in *in = (const struct sockaddr_in *)sa;
+        inet_ntop(AF_INET, &in->sin_addr, ip, sizeof ip);
+        snprintf(out, cap, "%s:%u", ip, (unsigned)ntohs(in->sin_port));
+    } else if (sa->sa_family == AF_INET6) {
+        const struct sockaddr_in6 *in6 = (const struct sockaddr_in6 *)sa;
+        inet_ntop(AF_INET6, &in6->sin6_addr, ip, sizeof ip);
+        snprintf(out, cap, "[%s]:%u", ip, (unsigned)ntohs(in6->sin6_port));
+    } else {
+        snprintf(out, cap, "?:0");
+    }
+}
+
+/* ---- binding (main thread) ---------------------------------------------- */
+
+/* Splits "host:port", "[v6]:port" or ":port" into host (may be "") and
+ * port. Returns false when malformed. */
+static bool split_listen(const char *listen, char *host, size_t hostcap, char *port, size_t portcap)
+{
+    const char *colon = strrchr(listen, ':');
+    if (colon == NULL)
+        return false;
+    const char *h = listen;
+    size_t hlen = (size_t)(colon - listen);
+    if (hlen > 0 && h[0] == '[') {
+        if (hlen < 2 || h[hlen - 1] != ']')
+            return false;
+        h++;
+        hlen -= 2;
+    }
+    const char *p = colon + 1;
+    size_t plen = strlen(p);
+    if (hlen >= hostcap || plen == 0 || plen >= portcap || plen > 5)
+        return false;
+    for (size_t i = 0; i < plen; i++)
+        if (p[i] < '0' || p[i] > '9')
+            return false;
+    if (atoi(p) > 65535)
+        return false;
+    memcpy(host, h, hlen);
+    host[hlen] = '\0';
+    memcpy(port, p, plen + 1);
+    return true;
+}
+
+static void close_fd(int *fd)
+{
+    if (*fd >= 0)
+        close(*fd);
+    *fd = -1;
+}
+
+static int new_socket(int family, bool reuseport)
+{
+    int fd = socket(family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        return -1;
+    int one = 1;
+    if (setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) != 0 ||
+        (reuseport && setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof one) != 0)) {
+        int e = errno;
+        close(fd);
+        errno = e;
+        return -1;
+    }
+    return fd;
+}
+
+/*
+ * Binds and listens on every loop's socket at addr. Returns 0, or an errno.
+ * The sockets share the port through SO_REUSEPORT, which would also let a
+ * second tallyd of the same user bind it and silently take half the
+ * connections; a probe socket without SO_REUSEPORT goes first, so a port
+ * already listened on fails with EADDRINUSE as without SO_REUSEPORT. A port
+ * of 0 is resolved by the probe and then used by every socket.
+ */
+static int bind_all(tly_server_t *srv, const struct sockaddr *sa, socklen_t salen)
+{
+    struct sockaddr_storage addr;
+    socklen_t len = salen;
+    int err = 0, probe = -1;
+    memcpy(&addr, sa, salen);
+
+    probe = new_socket(sa->sa_family, false);
+    if (probe < 0 || bind(probe, (struct sockaddr *)&addr, len) != 0 ||
+        getsockname(probe, (struct sockaddr *)&addr, &len) != 0) {
+        err = errno;
+        goto out;
+    }
+    close_fd(&probe);
+    for (size_t i = 0; i < srv->nloops; i++) {
+        int fd = new_socket(sa->sa_family, true);
+        if (fd < 0 || bind(fd, (struct sockaddr *)&addr, len) != 0 ||
+            listen(fd, LISTEN_BACKLOG) != 0) {
+            err = errno;
+            if (fd >= 0)
+                close(fd);
+            goto out;
+        }
+        srv->loops[i].tcp_fd = fd;
+    }
+    format_addr((struct sockaddr *)&addr, srv->where, sizeof srv->where);
+    srv->d->tcp_port = addr.ss_family == AF_INET6 ? ntohs(((struct sockaddr_in6 *)&addr)->sin6_port)
+                                                  : ntohs(((struct sockaddr_in *)&addr)->sin_port);
+out:
+    close_fd(&probe);
+    if (err != 0)
+        for (size_t i = 0; i < srv->nloops; i++)
+            close_fd(&srv->loops[i].tcp_fd);
+    return err;
+}
+
+/* Resolves server.listen and binds the first address that works. */
+static bool bind_tcp(tly_server_t *srv, char *errbuf, size_t errlen)
+{
+    const char *listen = srv->d->cfg->server.listen;
+    char host[256], port[8];
+    if (!split_listen(listen, host, sizeof host, port, sizeof port)) {
+        snprintf(errbuf, errlen, "server.listen %s: not host:port (IPv6 as [addr]:port)", listen);
+        return false;
+    }
+    struct addrinfo hints = {.ai_family = AF_UNSPEC,
+                             .ai_socktype = SOCK_STREAM,
+                             .ai_flags = AI_NUMERICSERV | (host[0] ? 0 : AI_PASSIVE)};
+    struct addrinfo *res = NULL;
+    int rc = getaddrinfo(host[0] ? host : NULL, port, &hints, &res);
+    if (rc != 0) {
+        snprintf(errbuf, errlen, "server.listen %s: %s", listen,
+                 rc == EAI_SYSTEM ? strerror(errno) : gai_strerror(rc));
+        return false;
+    }
+    int err = EADDRNOTAVAIL;
+    for (const struct addrinfo *ai = res; ai != NULL; ai = ai->ai_next) {
+        if (ai->ai_family != AF_INET && ai->ai_family != AF_INET6)
+            continue;
+        err = bind_all(srv, ai->ai_addr, ai->ai_addrlen);
+        if (err == 0)
+            break;
+    }
+    freeaddrinfo(res);
+    if (err != 0) {
+        snprintf(errbuf, errlen, "server.listen %s: %s", listen, strerror(err));
+        return false;
+    }
+    return true;
+}
+
+/* Binds and listens on the unix socket at path, removing a stale socket
+ * file first (one nobody accepts on). */
+static bool bind_unix(tly_server_t *srv, const char *path, char *errbuf, size_t errlen)
+{
+    struct sockaddr_un sun = {.sun_family = AF_UNIX};
+    if (strlen(path) >= sizeof sun.sun_path) {
+        snprintf(errbuf, errlen, "server.unix %s: longer than %zu bytes", path,
+                 sizeof sun.sun_path - 1);
+        return false;
+    }
+    memcpy(sun.sun_path, path, strlen(path) + 1);
+    struct stat st;
+    if (lstat(path, &st) == 0) {
+        if (!S_ISSOCK(st.st_mode)) {
+            snprintf(errbuf, errlen, "server.unix %s: exists and is not a socket", path);
+            return false;
+        }
+        int probe = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        bool live = probe >= 0 && connect(probe, (struct sockaddr *)&sun, sizeof sun) == 0;
+        if (probe >= 0)
+            close(probe);
+        if (live) {
+            snprintf(errbuf, errlen, "server.unix %s: %s", path, strerror(EADDRINUSE));
+            return false;
+        }
+        unlink(path);
+    }
+    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0 || bind(fd, (struct sockaddr *)&sun, sizeof sun) != 0) {
+        snprintf(errbuf, errlen, "server.unix %s: %s", path, strerror(errno));
+        if (fd >= 0)
+            close(fd);
+        return false;
+    }
+    srv->loops[0].unix_fd = fd;
+    srv->unix_path = strdup(path); /* from now on tly_server_free removes the file */
+    if (srv->unix_path == NULL) {
+        fprintf(stderr, "tallyd: out of memory\n");
+        abort();
+    }
+    if (listen(fd, LISTEN_BACKLOG) != 0) {
+        snprintf(errbuf, errlen, "server.unix %s: %s", path, strerror(errno));
+        return false;
+    }
+    return true;
+}
+
+/* ---- clients (loop thread) ---------------------------------------------- */
+
+static void client_flush(client_t *c);
+static void client_process(client_t *c);
+static void client_pump(client_t *c, bool run);
+
+static size_t client_queued(const client_t *c)
+{
+    return c->out.len + (c->writing ? c->wbuf.len - c->woff : 0);
+}
+
+static void shrink(tly_buf_t *b)
+{
+    if (b->len == 0 && b->cap > KEEP_BUF)
+        tly_buf_fini(b);
+}
+
+static void client_close_cb(uv_handle_t *h)
+{
+    client_t *c = h->data;
+    tly_buf_fini(&c->in);
+    tly_buf_fini(&c->out);
+    tly_buf_fini(&c->wbuf);
+    if (c->parser_ready)
+        tly_resp_parser_fini(&c->parser);
+    free(c);
+}
+
+/* Closes c now; pending writes are cancelled. Idempotent. */
+static void client_close(client_t *c)
+{
+    if (c->state == CLIENT_CLOSING)
+        return;
+    c->state = CLIENT_CLOSING;
+    if (c->prev != NULL)
+        c->prev->next = c->next;
+    else if (c->lp->clients == c)
+        c->lp->clients = c->next;
+    if (c->next != NULL)
+        c->next->prev = c->prev;
+    c->prev = c->next = NULL;
+    if (c->counted)
+        atomic_fetch_sub_explicit(&c->lp->srv->d->server.connected, 1, memory_order_relaxed);
+    uv_close(&c->h.handle, client_close_cb);
+}
+
+/* Gives the parser the limits for an authenticated session or the tight
+ * ones. Only between requests: the parser is re-initialised. */
+static void client_set_limits(client_t *c, bool authed)
+{
+    const tly_config_t *cfg = c->lp->srv->d->cfg;
+    tly_resp_limits_t lim = {.max_args = (size_t)cfg->server.max_args,
+                             .max_bulk = (size_t)cfg->server.max_bulk};
+    c->max_query = (size_t)cfg->server.max_query_buffer;
+    if (!authed) {
+        lim.max_args = min_size(lim.max_args, UNAUTH_MAX_ARGS);
+        lim.max_bulk = min_size(lim.max_bulk, UNAUTH_MAX_BULK);
+        c->max_query = min_size(c->max_query, UNAUTH_MAX_QUERY);
+    }
+    lim.max_inline = min_size(INLINE_MAX, c->max_query);
+    if (c->parser_ready)
+        tly_resp_parser_fini(&c->parser);
+    tly_resp_parser_init(&c->parser, &lim);
+    c->parser_ready = true;
+    c->limits_authed = authed;
+}
+
+static void alloc_cb(uv_handle_t *h, size_t suggested, uv_buf_t *buf)
+{
+    (void)suggested;
+    client_t *c = h->data;
+    if (c->state != CLIENT_OPEN) {
+        buf->base = c->lp->discard;
+        buf->len = sizeof c->lp->discard;
+        return;
+    }
+    buf->base = tly_buf_reserve(&c->in, READ_CHUNK);
+    buf->len = READ_CHUNK;
+}
+
+static void read_cb(uv_stream_t *stream, ssize_t nread, const uv_buf_t *buf);
+
+static void start_reading(client_t *c)
+{
+    if (c->reading || c->state == CLIENT_CLOSING)
+        return;
+    if (uv_read_start(&c->h.stream, alloc_cb, read_cb) != 0) {
+        client_close(c);
+        return;
+    }
+    c->reading = true;
+}
+
+static void stop_reading(client_t *c)
+{
+    if (!c->reading)
+        return;
+    uv_read_stop(&c->h.stream);
+    c->reading = false;
+}
+
+/* Stops executing; what is queued is still written (client_flush), then the
+ * connection is shut down. Input still arriving is dropped. */
+static void client_drain(client_t *c)
+{
+    c->state = CLIENT_DRAINING;
+    c->paused = false;
+    c->in.len = 0;
+    shrink(&c->in);
+    if (!c->peer_eof)
+        start_reading(c);
+}
+
+static void client_protocol_error(client_t *c, const char *why)
+{
+    stat_add(&c->lp->srv->d->server.protocol_errors, 1);
+    tly_debug("client %" PRIu64 " (%s): protocol error: %s", c->session.id, c->session.addr, why);
+    tly_resp_errorf(&c->out, "ERR Protocol error: %s", why);
+    client_drain(c);
+}
+
+static void client_overflow(client_t *c)
+{
+    stat_add(&c->lp->srv->d->server.output_overflows, 1);
+    tly_warn("client %" PRIu64 " (%s) closed: %zu reply bytes queued, over "
+             "server.max_output_buffer (%" PRId64 "); it does not read its replies",
+             c->session.id, c->session.addr, client_queued(c),
+             c->lp->srv->d->cfg->server.max_output_buffer);
+    client_close(c);
+}
+
+static void shutdown_cb(uv_shutdown_t *req, int status)
+{
+    client_t *c = req->data;
+    if (status < 0 && status != UV_ECANCELED)
+        client_close(c);
+}
+
+static void write_cb(uv_write_t *req, int status)
+{
+    client_t *c = req->data;
+    c->writing = false;
+    if (c->state == CLIENT_CLOSING)
+        return; /* cancelled by uv_close */
+    if (status < 0) {
+        client_close(c);
+        return;
+    }
+    stat_add(&c->lp->srv->d->server.bytes_out, c->wbuf.len - c->woff);
+    c->last_io = uv_now(&c->lp->loop);
+    c->wbuf.len = 0;
+    c->woff = 0;
+    shrink(&c->wbuf);
+    client_pump(c, false);
+}
+
+/* Hands c->out to the kernel: uv_try_write, then uv_write for the rest
+ * unless a write is already in flight (write_cb calls again). A draining
+ * client whose output is all written is shut down, or closed after EOF. */
+static void client_flush(client_t *c)
+{
+    if (c->state == CLIENT_CLOSING || c->writing)
+        return;
+    if (c->out.len > 0) {
+        uv_buf_t b = uv_buf_init(c->out.data, 0);
+        b.len = c->out.len;
+        int n = uv_try_write(&c->h.stream, &b, 1);
+        if (n < 0 && n != UV_EAGAIN) {
+            client_close(c);
+            return;
+        }
+        size_t done = n > 0 ? (size_t)n : 0;
+        if (done > 0) {
+            stat_add(&c->lp->srv->d->server.bytes_out, done);
+            c->last_io = uv_now(&c->lp->loop);
+        }
+        if (done == c->out.len) {
+            c->out.len = 0;
+            shrink(&c->out);
+        } else {
+            tly_buf_t empty = c->wbuf; /* len 0: no write in flight */
+            c->wbuf = c->out;
+            c->out = empty;
+            c->woff = done;
+            uv_buf_t rest = uv_buf_init(c->wbuf.data + done, 0);
+            rest.len = c->wbuf.len - done;
+            c->wreq.data = c;
+            if (uv_write(&c->wreq, &c->h.stream, &rest, 1, write_cb) != 0) {
+                client_close(c);
+                return;
+            }
+            c->writing = true;
+            return;
+        }
+    }
+    if (c->state != CLIENT_DRAINING)
+        return;
+    if (c->peer_eof) {
+        client_close(c);
+    } else if (!c->shut) {
+        c->shut = true;
+        c->drain_since = uv_now(&c->lp->loop);
+        c->sreq.data = c;
+        if (uv_shutdown(&c->sreq, &c->h.stream, shutdown_cb) != 0)
+            client_close(c);
+    }
+}
+
+/* Executes the complete requests in c->in, in order, until the input is used
+ * up, the output passes the soft limit (c->paused), or the client stops
+ * executing (QUIT, protocol error, output overflow). */
+static void client_process(client_t *c)
+{
+    server_loop_t *lp = c->lp;
+    tly_daemon_t *d = lp->srv->d;
+    size_t soft = (size_t)d->cfg->server.output_soft_limit;
+    size_t hard = (size_t)d->cfg->server.max_output_buffer;
+    int64_t now_ms = wall_ms();
+    size_t off = 0;
+
+    while (c->state == CLIENT_OPEN && off < c->in.len) {
+        if (client_queued(c) > soft) {
+            c->paused = true;
+            break;
+        }
+        const char *req = c->in.data + off;
+        size_t used = 0;
+        tly_resp_status_t st = tly_resp_parse(&c->parser, req, c->in.len - off, &used);
+        if (st == TLY_RESP_NEED)
+            break;
+        if (st == TLY_RESP_ERROR) {
+            client_protocol_error(c, c->parser.err);
+            return;
+        }
+        if (st == TLY_RESP_REQUEST) {
+            const tly_arg_t *argv = tly_resp_argv(&c->parser, req);
+            c->session.last_ms = now_ms;
+            c->session.qbuf = c->in.len - off;
+            c->session.obuf = client_queued(c);
+            tly_command_exec(d, &c->session, lp->scratch, argv, c->parser.argc, &c->out, now_ms);
+        }
+        off += used;
+        if (client_queued(c) > hard) {
+            client_overflow(c);
+            return;
+        }
+        if (c->session.close_after) {
+            client_drain(c);
+            return;
+        }
+        if (c->session.authed != c->limits_authed)
+            client_set_limits(c, c->session.authed);
+    }
+    if (c->state != CLIENT_OPEN)
+        return;
+    tly_buf_consume(&c->in, off);
+    c->session.qbuf = c->in.len;
+    if (c->paused)
+        return; /* what is left may be complete requests: no deadline runs */
+    if (c->in.len > c->max_query) {
+        client_protocol_error(c, "request too large");
+        return;
+    }
+    if (c->in.len == 0) {
+        c->req_started = false;
+        shrink(&c->in);
+    } else if (off > 0 || !c->req_started) {
+        c->req_started = true;
+        c->req_start = uv_now(&lp->loop);
+    }
+}
+
+/*
+ * Executes (when `run`) and writes, and again while the kernel takes every
+ * reply at once after the soft limit paused execution (no write completion
+ * would come to resume it). Then reads while executing, and not while paused.
+ */
+static void client_pump(client_t *c, bool run)
+{
+    size_t soft = (size_t)c->lp->srv->d->cfg->server.output_soft_limit;
+    for (;;) {
+        if (run && c->state == CLIENT_OPEN)
+            client_process(c);
+        if (c->state == CLIENT_CLOSING)
+            return;
+        client_flush(c);
+        if (c->state != CLIENT_OPEN || !c->paused || client_queued(c) > soft)
+            break;
+        c->paused = false;
+        run = true;
+    }
+    if (c->state != CLIENT_OPEN)
+        return;
+    if (c->paused)
+        stop_reading(c);
+    else
+        start_reading(c);
+}
+
+static void read_cb(uv_stream_t *stream, ssize_t nread, const uv_buf_t *buf)
+{
+    (void)buf; /* the bytes are in c->in (or the discard buffer) */
+    client_t *c = stream->data;
+    if (nread == 0 || c->state == CLIENT_CLOSING)
+        return;
+    if (nread < 0) {
+        /* EOF: the replies already made are still written; an error closes */
+        if (nread != UV_EOF || client_queued(c) == 0) {
+            client_close(c);
+            return;
+        }
+        stop_reading(c);
+        c->peer_eof = true;
+        if (c->state == CLIENT_OPEN)
+            client_drain(c);
+        client_flush(c);
+        return;
+    }
+    stat_add(&c->lp->srv->d->server.bytes_in, (uint64_t)nread);
+    c->last_io = uv_now(&c->lp->loop);
+    if (c->state == CLIENT_DRAINING) {
+        c->drained += (size_t)nread;
+        if (c->drained > DRAIN_BYTES)
+            client_close(c);
+        return;
+    }
+    c->in.len += (size_t)nread;
+    client_pump(c, true);
+}
+
+static void client_start(client_t *c, bool is_unix)
+{
+    server_loop_t *lp = c->lp;
+    tly_daemon_t *d = lp->srv->d;
+    tly_session_t *s = &c->session;
+    tly_session_init(s, d);
+    s->id = atomic_fetch_add_explicit(&d->server.next_client_id, 1, memory_order_relaxed);
+    uv_os_fd_t fd;
+    s->fd = uv_fileno(&c->h.handle, &fd) == 0 ? fd : -1;
+    s->created_ms = s->last_ms = wall_ms();
+    if (is_unix) {
+        snprintf(s->addr, sizeof s->addr, "%s:0", lp->srv->unix_path);
+        snprintf(s->laddr, sizeof s->laddr, "%s:0", lp->srv->unix_path);
+    } else {
+        struct sockaddr_storage ss;
+        int len = sizeof ss;
+        if (uv_tcp_getpeername(&c->h.tcp, (struct sockaddr *)&ss, &len) == 0)
+            format_addr((struct sockaddr *)&ss, s->addr, sizeof s->addr);
+        len = sizeof ss;
+        if (uv_tcp_getsockname(&c->h.tcp, (struct sockaddr *)&ss, &len) == 0)
+            format_addr((struct sockaddr *)&ss, s->laddr, sizeof s->laddr);
+        uv_tcp_nodelay(&c->h.tcp, 1);
+        uv_tcp_keepalive(&c->h.tcp, 1, KEEPALIVE_S);
+    }
+    client_set_limits(c, s->authed);
+    c->last_io = uv_now(&lp->loop);
+    c->next = lp->clients;
+    if (lp->clients != NULL)
+        lp->clients->prev = c;
+    lp->clients = c;
+    start_reading(c);
+}
+
+static void accept_cb(uv_stream_t *listener, int status)
+{
+    server_loop_t *lp = listener->data;
+    tly_daemon_t *d = lp->srv->d;
+    if (status < 0) {
+        tly_warn("accept: %s", uv_strerror(status));
+        return;
+    }
+    bool is_unix = listener->type == UV_NAMED_PIPE;
+    client_t *c = xcalloc(1, sizeof *c);
+    c->lp = lp;
+    if (is_unix)
+        uv_pipe_init(&lp->loop, &c->h.pipe, 0);
+    else
+        uv_tcp_init(&lp->loop, &c->h.tcp);
+    c->h.handle.data = c;
+    c->state = CLIENT_CLOSING; /* not in lp->clients until client_start */
+    int rc = uv_accept(listener, &c->h.stream);
+    if (rc != 0) {
+        tly_warn("accept: %s", uv_strerror(rc));
+        uv_close(&c->h.handle, client_close_cb);
+        return;
+    }
+    uint64_t n = atomic_fetch_add_explicit(&d->server.connected, 1, memory_order_relaxed) + 1;
+    if (n > (uint64_t)d->cfg->server.max_clients) {
+        atomic_fetch_sub_explicit(&d->server.connected, 1, memory_order_relaxed);
+        stat_add(&d->server.rejected_maxclients, 1);
+        /* a fresh socket's send buffer takes this whole; if not, the peer
+         * sees the close alone */
+        uv_buf_t b = uv_buf_init((char *)MAXCLIENTS_REPLY, sizeof MAXCLIENTS_REPLY - 1);
+        int n_out = uv_try_write(&c->h.stream, &b, 1);
+        if (n_out > 0)
+            stat_add(&d->server.bytes_out, (uint64_t)n_out);
+        uv_close(&c->h.handle, client_close_cb);
+        return;
+    }
+    stat_add(&d->server.connections_total, 1);
+    c->counted = true;
+    c->state = CLIENT_OPEN;
+    client_start(c, is_unix);
+}
+
+/* ---- loops -------------------------------------------------------------- */
+
+/* Closes idle clients, requests past their deadline, and draining clients
+ * that outstayed DRAIN_MS. */
+static void timer_cb(uv_timer_t *t)
+{
+    server_loop_t *lp = t->data;
+    const tly_config_t *cfg = lp->srv->d->cfg;
+    uint64_t now = uv_now(&lp->loop);
+    uint64_t idle = (uint64_t)cfg->server.idle_timeout_ms;
+    uint64_t deadline = (uint64_t)cfg->server.request_timeout_ms;
+    client_t *next;
+    for (client_t *c = lp->clients; c != NULL; c = next) {
+        next = c->next;
+        if (c->state == CLIENT_DRAINING && c->shut && now - c->drain_since >= DRAIN_MS) {
+            client_close(c);
+        } else if (now - c->last_io >= idle) {
+            stat_add(&lp->srv->d->server.timeouts, 1);
+            tly_debug("client %" PRIu64 " (%s): idle timeout", c->session.id, c->session.addr);
+            client_close(c);
+        } else if (c->state == CLIENT_OPEN && !c->paused && c->req_started &&
+                   now - c->req_start >= deadline) {
+            stat_add(&lp->srv->d->server.timeouts, 1);
+            tly_debug("client %" PRIu64 " (%s): request timeout (%zu bytes pending)", c->session.id,
+                      c->session.addr, c->in.len);
+            client_close(c);
+        }
+    }
+}
+
+/* Stops the loop: closes listeners, clients, the timer and this handle, after
+ * which uv_run returns. Runs on the loop's thread (or, for a loop that never
+ * started, on the main thread inside tly_server_free). */
+static void stop_cb(uv_async_t *a)
+{
+    server_loop_t *lp = a->data;
+    lp->stopping = true;
+    if (lp->listener != NULL)
+        uv_close((uv_handle_t *)lp->listener, free_handle_cb);
+    if (lp->unix_listener != NULL)
+        uv_close((uv_handle_t *)lp->unix_listener, free_handle_cb);
+    if (lp->timer != NULL)
+        uv_close((uv_handle_t *)lp->timer, free_handle_cb);
+    lp->listener = NULL;
+    lp->unix_listener = NULL;
+    lp->timer = NULL;
+    while (lp->clients != NULL)
+        client_close(lp->clients);
+    uv_close((uv_handle_t *)a, free_handle_cb);
+}
+
+static void loop_thread(void *arg)
+{
+    server_loop_t *lp = arg;
+    tly_rcu_thread_online();
+    lp->scratch = tly_cmd_scratch_new();
+    uv_run(&lp->loop, UV_RUN_DEFAULT);
+    tly_cmd_scratch_free(lp->scratch);
+    lp->scratch = NULL;
+    tly_rcu_thread_offline();
+}
+
+/* Opens lp's listening handles and timer. Main thread, loop not running. */
+static bool loop_open(server_loop_t *lp, char *errbuf, size_t errlen)
+{
+    const tly_config_t *cfg = lp->srv->d->cfg;
+    int rc;
+    lp->listener = xcalloc(1, sizeof *lp->listener);
+    uv_tcp_init(&lp->loop, lp->listener);
+    lp->listener->data = lp;
+    rc = uv_tcp_open(lp->listener, lp->tcp_fd);
+    if (rc == 0) {
+        lp->tcp_fd = -1; /* the handle owns it now */
+        rc = uv_listen((uv_stream_t *)lp->listener, LISTEN_BACKLOG, accept_cb);
+    }
+    if (rc != 0) {
+        snprintf(errbuf, errlen, "server.listen %s: %s", cfg->server.listen, uv_strerror(rc));
+        return false;
+    }
+    if (lp->unix_fd >= 0) {
+        lp->unix_listener = xcalloc(1, sizeof *lp->unix_listener);
+        uv_pipe_init(&lp->loop, lp->unix_listener, 0);
+        lp->unix_listener->data = lp;
+        rc = uv_pipe_open(lp->unix_listener, lp->unix_fd);
+        if (rc == 0) {
+            lp->unix_fd = -1;
+            rc = uv_listen((uv_stream_t *)lp->unix_listener, LISTEN_BACKLOG, accept_cb);
+        }
+        if (rc != 0) {
+            snprintf(errbuf, errlen, "server.unix %s: %s", cfg->server.unix_path, uv_strerror(rc));
+            return false;
+        }
+    }
+    /* often enough that a deadline is overshot by at most a quarter */
+    uint64_t period = 1000;
+    if ((uint64_t)cfg->server.request_timeout_ms / 4 < period)
+        period = (uint64_t)cfg->server.request_timeout_ms / 4;
+    if ((uint64_t)cfg->server.idle_timeout_ms / 4 < period)
+        period = (uint64_t)cfg->server.idle_timeout_ms / 4;
+    if (period < 10)
+        period = 10;
+    lp->timer = xcalloc(1, sizeof *lp->timer);
+    uv_timer_init(&lp->loop, lp->timer);
+    lp->timer->data = lp;
+    uv_timer_start(lp->timer, timer_cb, period, period);
+    return true;
+}
+
+/* ---- public ------------------------------------------------------------- */
+
+tly_server_t *tly_server_new(tly_daemon_t *d, char *errbuf, size_t errlen)
+{
+    const tly_config_t *cfg = d->cfg;
+    tly_server_t *srv = xcalloc(1, sizeof *srv);
+    srv->d = d;
+    srv->nloops = cfg->server.threads > 0 ? (size_t)cfg->server.threads : 1;
+    srv->loops = xcalloc(srv->nloops, sizeof *srv->loops);
+    atomic_init(&srv->stop_sent, false);
+    for (size_t i = 0; i < srv->nloops; i++) {
+        server_loop_t *lp = &srv->loops[i];
+        lp->srv = srv;
+        lp->index = i;
+        lp->tcp_fd = -1;
+        lp->unix_fd = -1;
+    }
+    for (size_t i = 0; i < srv->nloops; i++) {
+        server_loop_t *lp = &srv->loops[i];
+        int rc = uv_loop_init(&lp->loop);
+        if (rc != 0) {
+            snprintf(errbuf, errlen, "server: cannot create an event loop: %s", uv_strerror(rc));
+            goto fail;
+        }
+        lp->loop_ready = true;
+        uv_async_t *stop = xcalloc(1, sizeof *stop);
+        if ((rc = uv_async_init(&lp->loop, stop, stop_cb)) != 0) {
+            free(stop);
+            snprintf(errbuf, errlen, "server: cannot create an event loop: %s", uv_strerror(rc));
+            goto fail;
+        }
+        stop->data = lp;
+        lp->stop = stop;
+    }
+    if (!bind_tcp(srv, errbuf, errlen))
+        goto fail;
+    if (cfg->server.unix_path != NULL && cfg->server.unix_path[0] != '\0' &&
+        !bind_unix(srv, cfg->server.unix_path, errbuf, errlen))
+        goto fail;
+    tly_info("listening on %s (%zu thread%s)%s%s", srv->where, srv->nloops,
+             srv->nloops == 1 ? "" : "s", srv->unix_path ? " and on " : "",
+             srv->unix_path ? srv->unix_path : "");
+    return srv;
+fail:
+    tly_server_free(srv);
+    return NULL;
+}
+
+tly_err_t tly_server_start(tly_server_t *srv, char *errbuf, size_t errlen)
+{
+    if (srv->started) {
+        snprintf(errbuf, errlen, "server: already started");
+        return TLY_E_INVAL;
+    }
+    srv->started = true;
+    for (size_t i = 0; i < srv->nloops; i++)
+        if (!loop_open(&srv->loops[i], errbuf, errlen))
+            return TLY_E_IO;
+    for (size_t i = 0; i < srv->nloops; i++) {
+        server_loop_t *lp = &srv->loops[i];
+        int rc = uv_thread_create(&lp->thread, loop_thread, lp);
+        if (rc != 0) {
+            snprintf(errbuf, errlen, "server: cannot start a thread: %s", uv_strerror(rc));
+            return TLY_E_IO;
+        }
+        lp->thread_started = true;
+    }
+    return TLY_OK;
+}
+
+void tly_server_stop_async(tly_server_t *srv)
+{
+    if (srv == NULL || atomic_exchange(&srv->stop_sent, true))
+        return;
+    for (size_t i = 0; i < srv->nloops; i++)
+        if (srv->loops[i].stop != NULL)
+            uv_async_send(srv->loops[i].stop);
+}
+
+void tly_server_free(tly_server_t *srv)
+{
+    if (srv == NULL)
+        return;
+    tly_server_stop_async(srv);
+    for (size_t i = 0; i < srv->nloops; i++) {
+        server_loop_t *lp = &srv->loops[i];
+        if (lp->thread_started)
+            uv_thread_join(&lp->thread);
+        else if (lp->loop_ready)
+            uv_run(&lp->loop, UV_RUN_DEFAULT); /* runs stop_cb, closes handles */
+        if (lp->loop_ready) {
+            int rc = uv_loop_close(&lp->loop);
+            assert(rc == 0 && "a libuv handle outlived its loop");
+            (void)rc;
+        }
+        close_fd(&lp->tcp_fd);
+        close_fd(&lp->unix_fd);
+    }
+    if (srv->unix_path != NULL) {
+        unlink(srv->unix_path);
+        free(srv->unix_path);
+    }
+    free(srv->loops);
+    free(srv);
+}

@@ -1,0 +1,812 @@
+/*
+ * test_server.c — the RESP server over real sockets: a daemon context built
+ * by hand (a one-feature config, an empty store, no source), the server on
+ * 127.0.0.1 port 0 (and a unix socket), and raw blocking or nonblocking
+ * client sockets that write requests and compare replies byte for byte with
+ * RESP written out here. Waits poll with deadlines (stretched by
+ * TLY_TEST_TIMEOUT_MULT); nothing sleeps to synchronise.
+ */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include <cmocka.h>
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "tallyd/commands.h"
+#include "tallyd/log.h"
+#include "tallyd/rcu.h"
+#include "tallyd/server.h"
+
+#define WAIT_MS 5000 /* default deadline of one wait, before the multiplier */
+
+static const char *features_yaml =
+    "features:\n"
+    "  - { name: clicks, entity: user, key: user_id, agg: count, windows: [1m] }\n";
+
+typedef struct {
+    tly_config_t *cfg;
+    tly_featset_t *fs;
+    tly_daemon_t d;
+    tly_server_t *srv;
+    char dir[64]; /* temporary directory of the unix socket, "" = none */
+    char unix_path[128];
+} fx_t;
+
+/* ---- time and deadlines ------------------------------------------------- */
+
+static int64_t mono_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static int64_t deadline_in(int64_t ms)
+{
+    const char *m = getenv("TLY_TEST_TIMEOUT_MULT");
+    double mult = m != NULL ? atof(m) : 1.0;
+    if (mult < 1.0)
+        mult = 1.0;
+    return mono_ms() + (int64_t)((double)ms * mult);
+}
+
+static int remaining(int64_t deadline)
+{
+    int64_t left = deadline - mono_ms();
+    return left > 0 ? (int)left : 0;
+}
+
+/* ---- fixture ------------------------------------------------------------ */
+
+/* The config accepts only ports 1..65535; the tests want a free port
+ * chosen by the kernel, so the loaded listen address gets port 0. */
+static void set_port_zero(tly_config_t *cfg)
+{
+    char *colon = strrchr(cfg->server.listen, ':');
+    assert_non_null(colon);
+    colon[1] = '0';
+    colon[2] = '\0';
+}
+
+/* Loads "server:" with listen 127.0.0.1 (or `listen`; the port becomes 0), the keys in
+ * server_keys (lines indented by two spaces) and, when with_unix, a unix
+ * socket in a fresh directory; starts the server. */
+static fx_t *fx_start_at(const char *listen, const char *server_keys, bool with_unix)
+{
+    fx_t *fx = calloc(1, sizeof *fx);
+    assert_non_null(fx);
+    char err[512], yaml[2048], unix_line[256] = "";
+    if (with_unix) {
+        snprintf(fx->dir, sizeof fx->dir, "/tmp/tallyd-test-XXXXXX");
+        assert_non_null(mkdtemp(fx->dir));
+        snprintf(fx->unix_path, sizeof fx->unix_path, "%s/tallyd.sock", fx->dir);
+        snprintf(unix_line, sizeof unix_line, "  unix: %s\n", fx->unix_path);
+    }
+    snprintf(yaml, sizeof yaml, "server:\n  listen: \"%s\"\n%s%s%s", listen, server_keys, unix_line,
+             features_yaml);
+    if (tly_config_load_string(yaml, "server.yaml", &fx->cfg, err, sizeof err) != TLY_OK ||
+        tly_featset_compile(fx->cfg, &fx->fs, err, sizeof err) != TLY_OK)
+        fail_msg("%s", err);
+    set_port_zero(fx->cfg);
+    fx->d.cfg = fx->cfg;
+    fx->d.fs = fx->fs;
+    fx->d.store = tly_store_new(fx->fs);
+    fx->d.started_ms = 1700000000000;
+    atomic_init(&fx->d.server.next_client_id, 1);
+    fx->srv = tly_server_new(&fx->d, err, sizeof err);
+    if (fx->srv == NULL)
+        fail_msg("%s", err);
+    assert_true(fx->d.tcp_port > 0);
+    if (tly_server_start(fx->srv, err, sizeof err) != TLY_OK)
+        fail_msg("%s", err);
+    return fx;
+}
+
+static fx_t *fx_start(const char *server_keys)
+{
+    return fx_start_at("127.0.0.1:1", server_keys, false);
+}
+
+/* Stops and frees the server (tly_server_free asserts uv_loop_close() == 0
+ * for every loop) and everything else. */
+static void fx_stop(fx_t *fx)
+{
+    tly_server_stop_async(fx->srv);
+    tly_server_free(fx->srv);
+    if (fx->dir[0] != '\0') {
+        struct stat st;
+        assert_int_equal(lstat(fx->unix_path, &st), -1); /* the server removed it */
+        rmdir(fx->dir);
+    }
+    tly_store_free(fx->d.store);
+    tly_featset_free(fx->fs);
+    tly_config_free(fx->cfg);
+    free(fx);
+}
+
+static uint64_t stat_of(atomic_uint_fast64_t *v)
+{
+    return atomic_load_explicit(v, memory_order_relaxed);
+}
+
+/* Waits until *v == want; false at the deadline. */
+static bool wait_stat(atomic_uint_fast64_t *v, uint64_t want)
+{
+    int64_t deadline = deadline_in(WAIT_MS);
+    while (stat_of(v) != want) {
+        if (mono_ms() > deadline)
+            return false;
+        poll(NULL, 0, 1); /* a counter has no file descriptor to wait on */
+    }
+    return true;
+}
+
+/* ---- client sockets ----------------------------------------------------- */
+
+static int connect_tcp(int port)
+{
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    assert_true(fd >= 0);
+    struct sockaddr_in sin = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
+    sin.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    assert_int_equal(connect(fd, (struct sockaddr *)&sin, sizeof sin), 0);
+    return fd;
+}
+
+static int connect_unix(const char *path)
+{
+    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    assert_true(fd >= 0);
+    struct sockaddr_un sun = {.sun_family = AF_UNIX};
+    snprintf(sun.sun_path, sizeof sun.sun_path, "%s", path);
+    assert_int_equal(connect(fd, (struct sockaddr *)&sun, sizeof sun), 0);
+    return fd;
+}
+
+static void set_nonblocking(int fd)
+{
+    assert_int_equal(fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK), 0);
+}
+
+/* Writes all of p[0..n); false if the peer went away. */
+static bool send_all(int fd, const void *p, size_t n)
+{
+    const char *s = p;
+    int64_t deadline = deadline_in(WAIT_MS);
+    while (n > 0) {
+        ssize_t w = send(fd, s, n, MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (w > 0) {
+            s += w;
+            n -= (size_t)w;
+            continue;
+        }
+        if (w < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)
+            return false;
+        struct pollfd pfd = {.fd = fd, .events = POLLOUT};
+        assert_true(poll(&pfd, 1, remaining(deadline)) > 0);
+    }
+    return true;
+}
+
+static void send_str(int fd, const char *s)
+{
+    assert_true(send_all(fd, s, strlen(s)));
+}
+
+/* Reads until n bytes have come, EOF or the deadline; returns the count. */
+static size_t recv_n(int fd, char *buf, size_t n, int64_t deadline)
+{
+    size_t got = 0;
+    while (got < n) {
+        struct pollfd pfd = {.fd = fd, .events = POLLIN};
+        if (poll(&pfd, 1, remaining(deadline)) <= 0)
+            break;
+        ssize_t r = recv(fd, buf + got, n - got, MSG_DONTWAIT);
+        if (r == 0 || (r < 0 && errno != EAGAIN && errno != EINTR))
+            break;
+        if (r > 0)
+            got += (size_t)r;
+    }
+    return got;
+}
+
+/* Reads everything until EOF (true) or the deadline (false); keeps the first
+ * cap - 1 bytes in buf, NUL-terminated, and their count in *len. A reset
+ * counts as EOF. */
+static bool recv_to_eof(int fd, char *buf, size_t cap, size_t *len)
+{
+    int64_t deadline = deadline_in(WAIT_MS);
+    size_t got = 0;
+    char tmp[4096];
+    for (;;) {
+        struct pollfd pfd = {.fd = fd, .events = POLLIN};
+        if (poll(&pfd, 1, remaining(deadline)) <= 0)
+            return false;
+        ssize_t r = recv(fd, tmp, sizeof tmp, MSG_DONTWAIT);
+        if (r == 0 || (r < 0 && errno == ECONNRESET))
+            break;
+        if (r < 0)
+            continue;
+        size_t keep = (size_t)r < cap - 1 - got ? (size_t)r : cap - 1 - got;
+        memcpy(buf + got, tmp, keep);
+        got += keep;
+    }
+    buf[got] = '\0';
+    *len = got;
+    return true;
+}
+
+/* Reads strlen(want) bytes and compares them with want. */
+static void expect(int fd, const char *want)
+{
+    size_t n = strlen(want);
+    char *got = malloc(n + 1);
+    assert_non_null(got);
+    size_t have = recv_n(fd, got, n, deadline_in(WAIT_MS));
+    got[have] = '\0';
+    assert_int_equal(have, n);
+    assert_memory_equal(got, want, n);
+    free(got);
+}
+
+/* Sends INFO stats on fd and returns the value of `field`. */
+static uint64_t info_stat(int fd, const char *field)
+{
+    send_str(fd, "INFO stats\r\n");
+    char head[32];
+    size_t n = 0;
+    int64_t deadline = deadline_in(WAIT_MS);
+    while (n < sizeof head - 1 && (n < 2 || head[n - 1] != '\n'))
+        assert_int_equal(recv_n(fd, head + n++, 1, deadline), 1);
+    head[n] = '\0';
+    assert_int_equal(head[0], '$');
+    size_t len = (size_t)atol(head + 1);
+    char *text = malloc(len + 3);
+    assert_non_null(text);
+    assert_int_equal(recv_n(fd, text, len + 2, deadline), len + 2);
+    text[len] = '\0';
+    char key[64];
+    snprintf(key, sizeof key, "\n%s:", field);
+    const char *at = strstr(text, key);
+    assert_non_null(at);
+    uint64_t v = strtoull(at + strlen(key), NULL, 10);
+    free(text);
+    return v;
+}
+
+/* A multibulk request of the given arguments (NUL-terminated strings). */
+static size_t build_request(char *out, size_t cap, size_t argc, const char *const *argv)
+{
+    size_t n = (size_t)snprintf(out, cap, "*%zu\r\n", argc);
+    for (size_t i = 0; i < argc; i++)
+        n += (size_t)snprintf(out + n, cap - n, "$%zu\r\n%s\r\n", strlen(argv[i]), argv[i]);
+    assert_true(n < cap);
+    return n;
+}
+
+/* ---- tests -------------------------------------------------------------- */
+
+static void test_ping_over_raw_socket_returns_pong(void **state)
+{
+    (void)state;
+    fx_t *fx = fx_start("");
+    int fd = connect_tcp(fx->d.tcp_port);
+    send_str(fd, "PING\r\n*1\r\n$4\r\nPING\r\n");
+    expect(fd, "+PONG\r\n+PONG\r\n");
+    assert_true(wait_stat(&fx->d.server.connected, 1));
+    assert_int_equal(stat_of(&fx->d.server.connections_total), 1);
+    close(fd);
+    assert_true(wait_stat(&fx->d.server.connected, 0));
+    fx_stop(fx);
+}
+
+static void test_pipelined_requests_in_one_write_come_back_in_order(void **state)
+{
+    (void)state;
+    fx_t *fx = fx_start("  threads: 2\n");
+    enum { N = 1000 };
+    size_t cap = N * 64;
+    char *req = malloc(cap), *want = malloc(cap), *got = malloc(cap);
+    assert_non_null(req);
+    assert_non_null(want);
+    assert_non_null(got);
+    size_t rlen = 0, wlen = 0;
+    for (int i = 0; i < N; i++) {
+        char arg[16];
+        snprintf(arg, sizeof arg, "m%d", i);
+        if (i % 2 == 0) {
+            const char *argv[] = {"PING"};
+            rlen += build_request(req + rlen, cap - rlen, 1, argv);
+            wlen += (size_t)snprintf(want + wlen, cap - wlen, "+PONG\r\n");
+        } else {
+            const char *argv[] = {"ECHO", arg};
+            rlen += build_request(req + rlen, cap - rlen, 2, argv);
+            wlen += (size_t)snprintf(want + wlen, cap - wlen, "$%zu\r\n%s\r\n", strlen(arg), arg);
+        }
+    }
+    int fd = connect_tcp(fx->d.tcp_port);
+    assert_true(send_all(fd, req, rlen));
+    assert_int_equal(recv_n(fd, got, wlen, deadline_in(WAIT_MS)), wlen);
+    assert_memory_equal(got, want, wlen);
+    assert_int_equal(stat_of(&fx->d.server.commands), N);
+    assert_int_equal(stat_of(&fx->d.server.bytes_in), rlen);
+    close(fd);
+    free(req);
+    free(want);
+    free(got);
+    fx_stop(fx);
+}
+
+static void test_unix_socket_serves_requests_and_is_removed(void **state)
+{
+    (void)state;
+    fx_t *fx = fx_start_at("127.0.0.1:1", "", true);
+    int fd = connect_unix(fx->unix_path);
+    send_str(fd, "ECHO hello\r\nCLIENT ID\r\n");
+    expect(fd, "$5\r\nhello\r\n:1\r\n");
+    close(fd);
+    fx_stop(fx); /* asserts the socket file is gone */
+}
+
+static void test_protocol_error_closes_only_that_client(void **state)
+{
+    (void)state;
+    fx_t *fx = fx_start("  threads: 2\n");
+    int bad = connect_tcp(fx->d.tcp_port), good = connect_tcp(fx->d.tcp_port);
+    send_str(good, "PING\r\n");
+    expect(good, "+PONG\r\n");
+    /* a valid request first: its reply comes before the error */
+    send_str(bad, "PING\r\n*abc\r\nPING\r\n");
+    char buf[256];
+    size_t len;
+    assert_true(recv_to_eof(bad, buf, sizeof buf, &len));
+    assert_string_equal(buf, "+PONG\r\n-ERR Protocol error: invalid multibulk length\r\n");
+    assert_int_equal(stat_of(&fx->d.server.protocol_errors), 1);
+    send_str(good, "ECHO still-here\r\n");
+    expect(good, "$10\r\nstill-here\r\n");
+    close(bad);
+    close(good);
+    fx_stop(fx);
+}
+
+static void test_max_clients_refuses_the_third_connection(void **state)
+{
+    (void)state;
+    fx_t *fx = fx_start("  threads: 2\n  max_clients: 2\n");
+    int a = connect_tcp(fx->d.tcp_port), b = connect_tcp(fx->d.tcp_port);
+    send_str(a, "PING\r\n");
+    expect(a, "+PONG\r\n");
+    send_str(b, "PING\r\n");
+    expect(b, "+PONG\r\n");
+    int c = connect_tcp(fx->d.tcp_port);
+    char buf[256];
+    size_t len;
+    assert_true(recv_to_eof(c, buf, sizeof buf, &len));
+    assert_string_equal(buf, "-ERR max number of clients reached\r\n");
+    assert_int_equal(stat_of(&fx->d.server.rejected_maxclients), 1);
+    assert_int_equal(stat_of(&fx->d.server.connected), 2);
+    close(c);
+    /* a slot freed is a slot usable */
+    close(a);
+    assert_true(wait_stat(&fx->d.server.connected, 1));
+    int d = connect_tcp(fx->d.tcp_port);
+    send_str(d, "PING\r\n");
+    expect(d, "+PONG\r\n");
+    close(b);
+    close(d);
+    fx_stop(fx);
+}
+
+static void test_request_over_max_query_buffer_is_a_protocol_error(void **state)
+{
+    (void)state;
+    fx_t *fx = fx_start("  max_query_buffer: 65536\n  max_bulk: 65536\n");
+    int fd = connect_tcp(fx->d.tcp_port);
+    enum { BIG = 60000 };
+    char *arg = malloc(BIG + 1);
+    assert_non_null(arg);
+    memset(arg, 'q', BIG);
+    arg[BIG] = '\0';
+    /* one bulk below the limit is fine */
+    char head[64];
+    snprintf(head, sizeof head, "*2\r\n$4\r\nECHO\r\n$%d\r\n", BIG);
+    send_str(fd, head);
+    assert_true(send_all(fd, arg, BIG));
+    send_str(fd, "\r\n");
+    snprintf(head, sizeof head, "$%d\r\n", BIG);
+    expect(fd, head);
+    char *got = malloc(BIG + 2);
+    assert_non_null(got);
+    assert_int_equal(recv_n(fd, got, BIG + 2, deadline_in(WAIT_MS)), BIG + 2);
+    assert_memory_equal(got, arg, BIG);
+    /* two of them in one pending request are over 64 KiB */
+    snprintf(head, sizeof head, "*3\r\n$4\r\nECHO\r\n$%d\r\n", BIG);
+    send_str(fd, head);
+    assert_true(send_all(fd, arg, BIG));
+    snprintf(head, sizeof head, "\r\n$%d\r\n", BIG);
+    send_str(fd, head);
+    send_all(fd, arg, 10000); /* the server may be gone before the end */
+    char buf[256];
+    size_t len;
+    assert_true(recv_to_eof(fd, buf, sizeof buf, &len));
+    assert_string_equal(buf, "-ERR Protocol error: request too large\r\n");
+    assert_int_equal(stat_of(&fx->d.server.protocol_errors), 1);
+    close(fd);
+    free(arg);
+    free(got);
+    fx_stop(fx);
+}
+
+/* Byte i of the stream of replies to ECHO <ARG x's>. */
+#define ARG 4000
+static char echo_reply_byte(size_t i)
+{
+    static const char head[] = "$4000\r\n";
+    size_t k = i % (sizeof head - 1 + ARG + 2);
+    if (k < sizeof head - 1)
+        return head[k];
+    k -= sizeof head - 1;
+    return k < ARG ? 'x' : (k == ARG ? '\r' : '\n');
+}
+
+static void test_client_that_never_reads_is_paused_and_bounded(void **state)
+{
+    (void)state;
+    fx_t *fx = fx_start("  threads: 2\n  output_soft_limit: 4096\n  max_output_buffer: 65536\n");
+    const size_t reply_len = 7 + ARG + 2;
+    char *req = malloc(ARG + 64);
+    assert_non_null(req);
+    size_t req_len = (size_t)snprintf(req, 64, "*2\r\n$4\r\nECHO\r\n$%d\r\n", ARG);
+    memset(req + req_len, 'x', ARG);
+    req_len += ARG;
+    memcpy(req + req_len, "\r\n", 2);
+    req_len += 2;
+
+    int slow = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    assert_true(slow >= 0);
+    int small = 16384, sndbuf = 65536; /* keep the kernel's share of the test small */
+    setsockopt(slow, SOL_SOCKET, SO_RCVBUF, &small, sizeof small);
+    setsockopt(slow, SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof sndbuf);
+    struct sockaddr_in sin = {.sin_family = AF_INET, .sin_port = htons((uint16_t)fx->d.tcp_port)};
+    sin.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    assert_int_equal(connect(slow, (struct sockaddr *)&sin, sizeof sin), 0);
+    set_nonblocking(slow);
+
+    /* Send until the socket stays full: the server stopped reading. */
+    size_t started = 0, pos = 0; /* requests begun; bytes of the current one sent */
+    int64_t deadline = deadline_in(4 * WAIT_MS);
+    for (;;) {
+        ssize_t n = send(slow, req + pos, req_len - pos, MSG_NOSIGNAL);
+        if (n > 0) {
+            if (pos == 0)
+                started++;
+            pos = (pos + (size_t)n) % req_len;
+            continue;
+        }
+        assert_true(n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK));
+        struct pollfd pfd = {.fd = slow, .events = POLLOUT};
+        if (poll(&pfd, 1, 300) == 0)
+            break;
+        assert_true(mono_ms() < deadline);
+    }
+    /* replies far beyond max_output_buffer were asked for, and the client is
+     * still connected: the server held its output at the soft limit */
+    assert_true(started * reply_len > 2 * 65536);
+    int other = connect_tcp(fx->d.tcp_port);
+    send_str(other, "PING\r\n");
+    expect(other, "+PONG\r\n");
+    assert_int_equal(info_stat(other, "output_buffer_disconnects"), 0);
+    assert_int_equal(stat_of(&fx->d.server.output_overflows), 0);
+
+    /* Now read: every reply arrives, in order, and the rest of the request
+     * that was cut short gets through. */
+    size_t total = started * reply_len, got = 0;
+    char buf[16384];
+    deadline = deadline_in(4 * WAIT_MS);
+    while (got < total) {
+        struct pollfd pfd = {.fd = slow, .events = (short)(POLLIN | (pos ? POLLOUT : 0))};
+        assert_true(poll(&pfd, 1, remaining(deadline)) > 0);
+        if (pos != 0 && (pfd.revents & POLLOUT)) {
+            ssize_t n = send(slow, req + pos, req_len - pos, MSG_NOSIGNAL);
+            if (n > 0)
+                pos = (pos + (size_t)n) % req_len;
+        }
+        ssize_t r = recv(slow, buf, sizeof buf, 0);
+        if (r < 0 && errno == EAGAIN)
+            continue;
+        assert_true(r > 0);
+        for (ssize_t i = 0; i < r; i++)
+            if (buf[i] != echo_reply_byte(got + (size_t)i))
+                fail_msg("reply byte %zu is wrong", got + (size_t)i);
+        got += (size_t)r;
+        assert_true(got <= total);
+    }
+    assert_int_equal(pos, 0);
+    assert_true(send_all(slow, "PING\r\n", 6));
+    expect(slow, "+PONG\r\n");
+    assert_int_equal(stat_of(&fx->d.server.output_overflows), 0);
+    close(slow);
+    close(other);
+    free(req);
+    fx_stop(fx);
+}
+
+static void test_output_over_max_output_buffer_closes_the_client(void **state)
+{
+    (void)state;
+    fx_t *fx = fx_start("  output_soft_limit: 65536\n  max_output_buffer: 65536\n"
+                        "  max_bulk: 65536\n");
+    /* The client never reads and the soft limit never pauses it (it equals
+     * the hard one): once the kernel's buffers are full, the queue passes
+     * 64 KiB and the server hangs up. */
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    assert_true(fd >= 0);
+    int small = 4096;
+    setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &small, sizeof small);
+    struct sockaddr_in sin = {.sin_family = AF_INET, .sin_port = htons((uint16_t)fx->d.tcp_port)};
+    sin.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    assert_int_equal(connect(fd, (struct sockaddr *)&sin, sizeof sin), 0);
+    enum { BIG = 40000, MAX_REQUESTS = 2000 };
+    char *arg = malloc(BIG);
+    assert_non_null(arg);
+    memset(arg, 'o', BIG);
+    char head[64];
+    snprintf(head, sizeof head, "*2\r\n$4\r\nECHO\r\n$%d\r\n", BIG);
+    int sent = 0;
+    while (sent < MAX_REQUESTS && stat_of(&fx->d.server.output_overflows) == 0) {
+        if (!send_all(fd, head, strlen(head)) || !send_all(fd, arg, BIG) ||
+            !send_all(fd, "\r\n", 2))
+            break;
+        sent++;
+    }
+    assert_true(wait_stat(&fx->d.server.output_overflows, 1));
+    assert_true(sent < MAX_REQUESTS);
+    char *sink = malloc(1 << 16);
+    assert_non_null(sink);
+    size_t len;
+    assert_true(recv_to_eof(fd, sink, 1 << 16, &len));
+    assert_true(wait_stat(&fx->d.server.connected, 0));
+    close(fd);
+    free(sink);
+    free(arg);
+    fx_stop(fx);
+}
+
+static void test_slow_request_beyond_request_timeout_is_closed(void **state)
+{
+    (void)state;
+    fx_t *fx = fx_start("  request_timeout: 200ms\n  idle_timeout: 30s\n");
+    int fd = connect_tcp(fx->d.tcp_port);
+    int64_t start = mono_ms();
+    send_str(fd, "*2\r\n$4\r\nECHO\r\n$100\r\n");
+    /* one byte every 20 ms: never idle, never complete */
+    int64_t deadline = deadline_in(WAIT_MS);
+    size_t sent = 0;
+    bool closed = false;
+    while (!closed && mono_ms() < deadline) {
+        struct pollfd pfd = {.fd = fd, .events = POLLIN};
+        if (poll(&pfd, 1, 20) > 0) {
+            char c;
+            ssize_t r = recv(fd, &c, 1, 0);
+            assert_true(r <= 0); /* no reply, just the close */
+            closed = true;
+        } else if (send(fd, "y", 1, MSG_NOSIGNAL) == 1) {
+            sent++;
+        } else {
+            closed = true;
+        }
+    }
+    assert_true(closed);
+    assert_true(mono_ms() - start >= 200);
+    assert_true(sent < 100); /* the request never completed */
+    assert_true(wait_stat(&fx->d.server.timeouts, 1));
+    close(fd);
+    fx_stop(fx);
+}
+
+static void test_idle_client_is_closed_after_idle_timeout(void **state)
+{
+    (void)state;
+    fx_t *fx = fx_start("  idle_timeout: 1s\n");
+    int fd = connect_tcp(fx->d.tcp_port);
+    send_str(fd, "PING\r\n");
+    expect(fd, "+PONG\r\n");
+    int64_t start = mono_ms();
+    char buf[64];
+    size_t len;
+    assert_true(recv_to_eof(fd, buf, sizeof buf, &len));
+    assert_int_equal(len, 0);
+    assert_true(mono_ms() - start >= 900); /* the server's clock ticks in whole ms */
+    assert_true(wait_stat(&fx->d.server.timeouts, 1));
+    close(fd);
+    fx_stop(fx);
+}
+
+static void test_unauthenticated_big_argument_is_a_protocol_error(void **state)
+{
+    (void)state;
+    fx_t *fx = fx_start("  requirepass: secret\n");
+    enum { BIG = 10240 };
+    char *arg = malloc(BIG + 1);
+    assert_non_null(arg);
+    memset(arg, 'a', BIG);
+    arg[BIG] = '\0';
+    char head[64];
+
+    int anon = connect_tcp(fx->d.tcp_port);
+    send_str(anon, "PING\r\nECHO hi\r\n");
+    expect(anon, "+PONG\r\n-NOAUTH Authentication required.\r\n");
+    snprintf(head, sizeof head, "*2\r\n$4\r\nAUTH\r\n$%d\r\n", BIG);
+    send_str(anon, head);
+    send_all(anon, arg, BIG); /* the server may be gone before the end */
+    char buf[256];
+    size_t len;
+    assert_true(recv_to_eof(anon, buf, sizeof buf, &len));
+    assert_string_equal(buf, "-ERR Protocol error: invalid bulk length\r\n");
+    assert_int_equal(stat_of(&fx->d.server.protocol_errors), 1);
+
+    /* after AUTH the configured limits apply */
+    int user = connect_tcp(fx->d.tcp_port);
+    send_str(user, "AUTH secret\r\n");
+    expect(user, "+OK\r\n");
+    snprintf(head, sizeof head, "*2\r\n$4\r\nECHO\r\n$%d\r\n", BIG);
+    send_str(user, head);
+    assert_true(send_all(user, arg, BIG));
+    send_str(user, "\r\n");
+    snprintf(head, sizeof head, "$%d\r\n", BIG);
+    expect(user, head);
+    char *got = malloc(BIG + 3);
+    assert_non_null(got);
+    assert_int_equal(recv_n(user, got, BIG + 2, deadline_in(WAIT_MS)), BIG + 2);
+    assert_memory_equal(got, arg, BIG);
+    close(anon);
+    close(user);
+    free(got);
+    free(arg);
+    fx_stop(fx);
+}
+
+static void test_quit_replies_then_closes_without_running_the_rest(void **state)
+{
+    (void)state;
+    fx_t *fx = fx_start("");
+    int fd = connect_tcp(fx->d.tcp_port);
+    send_str(fd, "PING\r\nQUIT\r\nPING\r\n");
+    char buf[64];
+    size_t len;
+    assert_true(recv_to_eof(fd, buf, sizeof buf, &len));
+    assert_string_equal(buf, "+PONG\r\n+OK\r\n");
+    assert_int_equal(stat_of(&fx->d.server.commands), 2);
+    close(fd);
+    fx_stop(fx);
+}
+
+static void test_bind_failure_names_the_address(void **state)
+{
+    (void)state;
+    fx_t *fx = fx_start("  threads: 2\n");
+    char yaml[512], err[256], want[256];
+    snprintf(yaml, sizeof yaml, "server:\n  listen: 127.0.0.1:%d\n%s", fx->d.tcp_port,
+             features_yaml);
+    tly_config_t *cfg = NULL;
+    assert_int_equal(tly_config_load_string(yaml, "busy.yaml", &cfg, err, sizeof err), TLY_OK);
+    tly_daemon_t d = {.cfg = cfg};
+    atomic_init(&d.server.next_client_id, 1);
+    err[0] = '\0';
+    assert_null(tly_server_new(&d, err, sizeof err));
+    snprintf(want, sizeof want, "server.listen 127.0.0.1:%d: Address already in use",
+             fx->d.tcp_port);
+    assert_string_equal(err, want);
+    assert_int_equal(d.tcp_port, 0);
+    tly_config_free(cfg);
+    fx_stop(fx);
+}
+
+static void test_ipv6_and_hostname_addresses(void **state)
+{
+    (void)state;
+    int probe = socket(AF_INET6, SOCK_STREAM, 0);
+    struct sockaddr_in6 sin6 = {.sin6_family = AF_INET6, .sin6_addr = IN6ADDR_LOOPBACK_INIT};
+    bool v6 = probe >= 0 && bind(probe, (struct sockaddr *)&sin6, sizeof sin6) == 0;
+    if (probe >= 0)
+        close(probe);
+    if (v6) {
+        fx_t *fx = fx_start_at("[::1]:1", "", false);
+        int fd = socket(AF_INET6, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        sin6.sin6_port = htons((uint16_t)fx->d.tcp_port);
+        assert_int_equal(connect(fd, (struct sockaddr *)&sin6, sizeof sin6), 0);
+        send_str(fd, "PING\r\n");
+        expect(fd, "+PONG\r\n");
+        close(fd);
+        fx_stop(fx);
+    }
+    /* "localhost" goes through the resolver; it names 127.0.0.1 or ::1 */
+    fx_t *fx = fx_start_at("localhost:1", "", false);
+    assert_true(fx->d.tcp_port > 0);
+    fx_stop(fx);
+}
+
+static void test_free_with_clients_connected_returns_cleanly(void **state)
+{
+    (void)state;
+    fx_t *fx = fx_start_at("127.0.0.1:1", "  threads: 2\n", true);
+    int fds[4];
+    fds[0] = connect_tcp(fx->d.tcp_port);
+    fds[1] = connect_tcp(fx->d.tcp_port);
+    fds[2] = connect_unix(fx->unix_path);
+    fds[3] = connect_tcp(fx->d.tcp_port);
+    for (int i = 0; i < 3; i++) {
+        send_str(fds[i], "PING\r\n");
+        expect(fds[i], "+PONG\r\n");
+    }
+    send_str(fds[3], "*2\r\n$4\r\nECHO\r\n$10\r\nhal"); /* a request half sent */
+    assert_true(wait_stat(&fx->d.server.connected, 4));
+    fx_stop(fx); /* uv_loop_close() == 0 is asserted inside */
+    for (int i = 0; i < 4; i++) {
+        char buf[64];
+        size_t len;
+        assert_true(recv_to_eof(fds[i], buf, sizeof buf, &len));
+        close(fds[i]);
+    }
+}
+
+static void test_stop_before_start_frees_cleanly(void **state)
+{
+    (void)state;
+    char yaml[512], err[256];
+    snprintf(yaml, sizeof yaml, "server:\n  listen: 127.0.0.1:1\n  threads: 3\n%s", features_yaml);
+    tly_config_t *cfg = NULL;
+    assert_int_equal(tly_config_load_string(yaml, "idle.yaml", &cfg, err, sizeof err), TLY_OK);
+    set_port_zero(cfg);
+    tly_daemon_t d = {.cfg = cfg};
+    atomic_init(&d.server.next_client_id, 1);
+    tly_server_t *srv = tly_server_new(&d, err, sizeof err);
+    assert_non_null(srv);
+    tly_server_stop_async(srv);
+    tly_server_free(srv);
+    tly_config_free(cfg);
+}
+
+int main(void)
+{
+    signal(SIGPIPE, SIG_IGN);
+    tly_log_set_level(TLY_LOG_ERROR);
+    tly_rcu_thread_online();
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_ping_over_raw_socket_returns_pong),
+        cmocka_unit_test(test_pipelined_requests_in_one_write_come_back_in_order),
+        cmocka_unit_test(test_unix_socket_serves_requests_and_is_removed),
+        cmocka_unit_test(test_protocol_error_closes_only_that_client),
+        cmocka_unit_test(test_max_clients_refuses_the_third_connection),
+        cmocka_unit_test(test_request_over_max_query_buffer_is_a_protocol_error),
+        cmocka_unit_test(test_client_that_never_reads_is_paused_and_bounded),
+        cmocka_unit_test(test_output_over_max_output_buffer_closes_the_client),
+        cmocka_unit_test(test_slow_request_beyond_request_timeout_is_closed),
+        cmocka_unit_test(test_idle_client_is_closed_after_idle_timeout),
+        cmocka_unit_test(test_unauthenticated_big_argument_is_a_protocol_error),
+        cmocka_unit_test(test_quit_replies_then_closes_without_running_the_rest),
+        cmocka_unit_test(test_bind_failure_names_the_address),
+        cmocka_unit_test(test_ipv6_and_hostname_addresses),
+        cmocka_unit_test(test_free_with_clients_connected_returns_cleanly),
+        cmocka_unit_test(test_stop_before_start_frees_cleanly),
+    };
+    int rc = cmocka_run_group_tests(tests, NULL, NULL);
+    tly_rcu_thread_offline();
+    return rc;
+}
