@@ -446,11 +446,15 @@ static void cmd_recent(cmd_ctx_t *c)
     uint32_t feat;
     int window;
     const tly_arg_t *name = &c->argv[3];
+    char tmp[ERRARG_MAX + 1];
     if (tly_featset_resolve(fs, (uint32_t)entity, name->ptr, name->len, &feat, &window) !=
-            TLY_OK ||
-        fs->feats[feat].nwindows != 0) {
-        char tmp[ERRARG_MAX + 1];
-        tly_resp_errorf(c->out, "NOFEATURE %s has no last or last_k feature '%s'",
+        TLY_OK) {
+        tly_resp_errorf(c->out, "NOFEATURE %s has no feature '%s' (CATALOG lists them)",
+                        fs->entities[entity].name, err_arg(name, tmp, sizeof tmp));
+        return;
+    }
+    if (fs->feats[feat].nwindows != 0) {
+        tly_resp_errorf(c->out, "NOFEATURE %s feature '%s' is not a last or last_k feature",
                         fs->entities[entity].name, err_arg(name, tmp, sizeof tmp));
         return;
     }

@@ -77,7 +77,8 @@ const choice_t tly_config_format_choices[] = {{"json", 0}, {NULL, 0}};
 const key_def_t tly_config_keys[] = {
     KEY("server.listen", K_STRING, "127.0.0.1:7379", 0, 0, F_ADDR | F_NONEMPTY, NULL,
         CFG(server.listen),
-        "Address of the RESP (Redis protocol) server, host:port. A non-loopback address needs "
+        "Address of the RESP (Redis protocol) server, host:port (port 0: any free port, logged "
+        "and shown by INFO). A non-loopback address needs "
         "server.requirepass."),
     KEY("server.admin", K_STRING, "127.0.0.1:9779", 0, 0, F_ADDR, NULL, CFG(server.admin),
         "Address of the HTTP admin server (/metrics, /healthz, /readyz), host:port; \"\" "
@@ -327,7 +328,7 @@ static bool addr_split(const char *s, const char **port, size_t *hostlen)
     if (plen == 0 || plen > 5 || strspn(p, "0123456789") != plen)
         return false;
     long n = strtol(p, NULL, 10);
-    if (n < 1 || n > 65535)
+    if (n < 0 || n > 65535) /* 0: any free port (INFO tcp_port tells which) */
         return false;
     *port = p;
     *hostlen = hlen;

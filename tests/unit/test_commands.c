@@ -273,7 +273,9 @@ static void test_recent_items_newest_first_with_options(void **state)
                         "*1\r\n*2\r\n:1699919970000\r\n$5\r\nclick\r\n");
     assert_string_equal(run(fx, "RECENT user 999 recent"), "*0\r\n");
     assert_string_equal(run(fx, "RECENT user 7 clicks"),
-                        "-NOFEATURE user has no last or last_k feature 'clicks'\r\n");
+                        "-NOFEATURE user feature 'clicks' is not a last or last_k feature\r\n");
+    assert_string_equal(run(fx, "RECENT user 7 nosuch"),
+                        "-NOFEATURE user has no feature 'nosuch' (CATALOG lists them)\r\n");
     assert_string_equal(run(fx, "RECENT user 7 recent COUNT 1 COUNT 2"),
                         "-ERR syntax error: count given twice\r\n");
     assert_string_equal(run(fx, "RECENT user 7 recent LIMIT 2"),
