@@ -2,10 +2,13 @@
 # Runs tallyd's test binaries and ends with one summary line:
 #   "N passed, N failed"
 # Usage: run-tests.sh            release unit tests + the concurrent tests under TSan
+#                                + the integration tests (real tallyd, Kafka
+#                                  mock cluster, Redis clients; tests/integration)
 #        run-tests.sh BUILD_DIR  every unit test of that build (asan/tsan variants)
 # Each binary is a cmocka suite; its "[  PASSED  ] N" / "[  FAILED  ] N" lines
-# are summed. A binary that crashes or exits non-zero without a FAILED line
-# counts as one failure, so nothing fails silently.
+# are summed, and so are the integration scripts' lines of the same form. A
+# suite that crashes or exits non-zero without a FAILED line counts as one
+# failure, so nothing fails silently.
 set -u
 cd "$(dirname "$0")/.."
 
@@ -16,10 +19,16 @@ failures=()
 run_one() { # label, binary, [env...]
   local label=$1 bin=$2
   shift 2
+  run_cmd "$label" env "$@" "$bin"
+}
+
+run_cmd() { # label, command...
+  local label=$1
+  shift
   local log
   log=$(mktemp)
   echo "--- $label"
-  env "$@" "$bin" >"$log" 2>&1
+  "$@" >"$log" 2>&1
   local rc=$?
   local p f
   p=$(sed -n 's/^\[  PASSED  \] \([0-9]*\) test.*/\1/p' "$log" | tail -1)
@@ -54,11 +63,19 @@ else
   done
   # The concurrent tests again under ThreadSanitizer, at a documented
   # smaller scale (TLY_TEST_SCALE=small: see tests/unit/test_model.c).
-  for name in test_store test_model; do
+  for name in test_store test_model test_server test_commands; do
     t=build/tsan/tests/$name
     [ -x "$t" ] || continue
     run_one "tsan/$name" "$t" TLY_TEST_SCALE=small \
       TSAN_OPTIONS="halt_on_error=1 exitcode=66 suppressions=$PWD/tests/tsan.supp"
+  done
+  # Integration: a real tallyd fed through a Kafka mock cluster, queried with
+  # redis-cli, hiredis and redis-py. The Python environment (redis-py 5 for
+  # RESP3) comes from scripts/pydeps.sh. Each script stays far below its
+  # time limit; the limit only stops a hang (the scripts clean up on SIGTERM).
+  py=$(bash scripts/pydeps.sh | tail -1)
+  for name in e2e badinput; do
+    run_cmd "integration/$name" timeout 240 "$py" "tests/integration/$name.py"
   done
 fi
 
