@@ -74,17 +74,7 @@ static int remaining(int64_t deadline)
 
 /* ---- fixture ------------------------------------------------------------ */
 
-/* The config accepts only ports 1..65535; the tests want a free port
- * chosen by the kernel, so the loaded listen address gets port 0. */
-static void set_port_zero(tly_config_t *cfg)
-{
-    char *colon = strrchr(cfg->server.listen, ':');
-    assert_non_null(colon);
-    colon[1] = '0';
-    colon[2] = '\0';
-}
-
-/* Loads "server:" with listen 127.0.0.1 (or `listen`; the port becomes 0), the keys in
+/* Loads "server:" with `listen` (port 0: any free port), the keys in
  * server_keys (lines indented by two spaces) and, when with_unix, a unix
  * socket in a fresh directory; starts the server. */
 static fx_t *fx_start_at(const char *listen, const char *server_keys, bool with_unix)
@@ -103,7 +93,6 @@ static fx_t *fx_start_at(const char *listen, const char *server_keys, bool with_
     if (tly_config_load_string(yaml, "server.yaml", &fx->cfg, err, sizeof err) != TLY_OK ||
         tly_featset_compile(fx->cfg, &fx->fs, err, sizeof err) != TLY_OK)
         fail_msg("%s", err);
-    set_port_zero(fx->cfg);
     fx->d.cfg = fx->cfg;
     fx->d.fs = fx->fs;
     fx->d.store = tly_store_new(fx->fs);
@@ -120,7 +109,7 @@ static fx_t *fx_start_at(const char *listen, const char *server_keys, bool with_
 
 static fx_t *fx_start(const char *server_keys)
 {
-    return fx_start_at("127.0.0.1:1", server_keys, false);
+    return fx_start_at("127.0.0.1:0", server_keys, false);
 }
 
 /* Stops and frees the server (tly_server_free asserts uv_loop_close() == 0
@@ -356,7 +345,7 @@ static void test_pipelined_requests_in_one_write_come_back_in_order(void **state
 static void test_unix_socket_serves_requests_and_is_removed(void **state)
 {
     (void)state;
-    fx_t *fx = fx_start_at("127.0.0.1:1", "", true);
+    fx_t *fx = fx_start_at("127.0.0.1:0", "", true);
     int fd = connect_unix(fx->unix_path);
     send_str(fd, "ECHO hello\r\nCLIENT ID\r\n");
     expect(fd, "$5\r\nhello\r\n:1\r\n");
@@ -727,7 +716,7 @@ static void test_ipv6_and_hostname_addresses(void **state)
     if (probe >= 0)
         close(probe);
     if (v6) {
-        fx_t *fx = fx_start_at("[::1]:1", "", false);
+        fx_t *fx = fx_start_at("[::1]:0", "", false);
         int fd = socket(AF_INET6, SOCK_STREAM | SOCK_CLOEXEC, 0);
         sin6.sin6_port = htons((uint16_t)fx->d.tcp_port);
         assert_int_equal(connect(fd, (struct sockaddr *)&sin6, sizeof sin6), 0);
@@ -737,7 +726,7 @@ static void test_ipv6_and_hostname_addresses(void **state)
         fx_stop(fx);
     }
     /* "localhost" goes through the resolver; it names 127.0.0.1 or ::1 */
-    fx_t *fx = fx_start_at("localhost:1", "", false);
+    fx_t *fx = fx_start_at("localhost:0", "", false);
     assert_true(fx->d.tcp_port > 0);
     fx_stop(fx);
 }
@@ -745,7 +734,7 @@ static void test_ipv6_and_hostname_addresses(void **state)
 static void test_free_with_clients_connected_returns_cleanly(void **state)
 {
     (void)state;
-    fx_t *fx = fx_start_at("127.0.0.1:1", "  threads: 2\n", true);
+    fx_t *fx = fx_start_at("127.0.0.1:0", "  threads: 2\n", true);
     int fds[4];
     fds[0] = connect_tcp(fx->d.tcp_port);
     fds[1] = connect_tcp(fx->d.tcp_port);
@@ -770,10 +759,9 @@ static void test_stop_before_start_frees_cleanly(void **state)
 {
     (void)state;
     char yaml[512], err[256];
-    snprintf(yaml, sizeof yaml, "server:\n  listen: 127.0.0.1:1\n  threads: 3\n%s", features_yaml);
+    snprintf(yaml, sizeof yaml, "server:\n  listen: 127.0.0.1:0\n  threads: 3\n%s", features_yaml);
     tly_config_t *cfg = NULL;
     assert_int_equal(tly_config_load_string(yaml, "idle.yaml", &cfg, err, sizeof err), TLY_OK);
-    set_port_zero(cfg);
     tly_daemon_t d = {.cfg = cfg};
     atomic_init(&d.server.next_client_id, 1);
     tly_server_t *srv = tly_server_new(&d, err, sizeof err);
