@@ -13,11 +13,13 @@
 #   BUILD        build directory holding bench/ (default: build)
 #   INGEST_ARGS  extra flags for build/bench/ingest, e.g. "--quick" or
 #                "--events 500000" (see `build/bench/ingest --help`)
+#   QUERY_ARGS   extra flags for build/bench/query, e.g. "--quick" (see
+#                `build/bench/query --help`)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
 BUILD=${BUILD:-build}
-STEPS=(ingest memory)
+STEPS=(ingest memory query)
 
 # Ingest throughput: jsmn, decode, decode+apply with 1 and 2 writers, a bare
 # librdkafka consumer on the in-process mock cluster, and the cost split of
@@ -61,6 +63,31 @@ step_memory() {
   redis-cli -p "$port" shutdown nosave >/dev/null 2>&1
   rm -rf "$dir"
   return $rc
+}
+
+# Query throughput and latency: tallyd next to redis-server serving the same
+# aggregates, one load client for both (bench/README.md, "Queries"). The
+# benchmark starts everything it measures itself: the Kafka mock cluster (in
+# its own process), tallyd and redis-server on free loopback ports. It stops
+# them on exit and on SIGINT/SIGTERM, and they get SIGKILL from the kernel if
+# the benchmark dies (PR_SET_PDEATHSIG), so no trap is needed here.
+#   QUERY_ARGS   extra flags for build/bench/query, e.g. "--quick"
+step_query() {
+  local bin="$BUILD/bench/query"
+  if [ ! -x "$bin" ]; then
+    echo "query: $bin is missing; build it with 'make $bin'" >&2
+    return 1
+  fi
+  if [ ! -x "$BUILD/tallyd" ]; then
+    echo "query: $BUILD/tallyd is missing; build it with 'make $BUILD/tallyd'" >&2
+    return 1
+  fi
+  if ! command -v redis-server >/dev/null 2>&1; then
+    echo "query: redis-server is not installed (make deps installs it)" >&2
+    return 1
+  fi
+  # shellcheck disable=SC2086 # QUERY_ARGS is a flag list, split on purpose
+  "$bin" --tallyd "$BUILD/tallyd" ${QUERY_ARGS:-}
 }
 
 if [ $# -gt 0 ]; then
