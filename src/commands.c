@@ -272,9 +272,18 @@ static void put_name(cmd_ctx_t *c, const tly_featwin_t *r)
         tly_resp_bulkstr(c->out, f->name);
         return;
     }
+    /* memcpy, not snprintf: this runs for every value of every reply */
     char buf[256];
-    int n = snprintf(buf, sizeof buf, "%s:%s", f->name, f->windows[r->window].label);
-    tly_resp_bulk(c->out, buf, n > 0 && (size_t)n < sizeof buf ? (size_t)n : 0);
+    const char *label = f->windows[r->window].label;
+    size_t nlen = strlen(f->name), llen = strlen(label);
+    if (nlen + 1 + llen > sizeof buf) { /* names are short idents; never here */
+        tly_resp_bulkstr(c->out, f->name);
+        return;
+    }
+    memcpy(buf, f->name, nlen);
+    buf[nlen] = ':';
+    memcpy(buf + nlen + 1, label, llen);
+    tly_resp_bulk(c->out, buf, nlen + 1 + llen);
 }
 
 /* Parses the trailing options of FEATURES/MFEATURES from argv[i..): names
