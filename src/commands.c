@@ -67,7 +67,7 @@ enum {
     CMD_NOAUTH = 1u << 0,   /* may run before AUTH */
     CMD_READONLY = 1u << 1, /* reads data */
     CMD_FAST = 1u << 2,     /* O(1)-ish */
-    CMD_STALE = 1u << 3,    /* connection/admin command */
+    CMD_STALE = 1u << 3,    /* runs while the source is loading (others get -LOADING) */
 };
 
 typedef struct {
@@ -357,6 +357,21 @@ static void source_meta(cmd_ctx_t *c, int64_t *watermark, int64_t *lag)
 
 /* --- tallyd verbs --- */
 
+/* A reply's size is ids × names × windows, which a request of a few KB can
+ * make gigabytes: refuse before reading anything (the output-buffer limit
+ * is checked only after a command has run). */
+static bool reply_fits(cmd_ctx_t *c, const char *verb, uint64_t values)
+{
+    int64_t cap = c->d->cfg->server.max_reply_values;
+    if (values <= (uint64_t)cap)
+        return true;
+    tly_resp_errorf(c->out,
+                    "ERR %s asks for %" PRIu64 " values; at most %" PRId64
+                    " (server.max_reply_values)",
+                    verb, values, cap);
+    return false;
+}
+
 static void cmd_features(cmd_ctx_t *c)
 {
     int entity = resolve_entity(c, 1);
@@ -366,6 +381,8 @@ static void cmd_features(cmd_ctx_t *c)
     bool meta;
     size_t n;
     if (!parse_names(c, (uint32_t)entity, 3, true, &asof, &meta, &n))
+        return;
+    if (!reply_fits(c, "FEATURES", n))
         return;
     int64_t last_ms = -1;
     read_values(c, (uint32_t)entity, &c->argv[2], n, asof, &last_ms);
@@ -405,6 +422,8 @@ static void cmd_mfeatures(cmd_ctx_t *c)
     size_t n;
     if (!parse_names(c, (uint32_t)entity, 3 + (size_t)numids, false, &asof, &meta, &n))
         return;
+    if (!reply_fits(c, "MFEATURES", (uint64_t)numids * n))
+        return;
     tly_resp_array(c->out, (size_t)numids);
     for (size_t k = 0; k < (size_t)numids; k++) {
         read_values(c, (uint32_t)entity, &c->argv[3 + k], n, asof, NULL);
@@ -434,9 +453,18 @@ static bool item_matches(const tly_item_t *it, const tly_arg_t *where)
         case TLY_V_BOOL:
             len = (size_t)snprintf(buf, sizeof buf, "%s", val->u.i ? "true" : "false");
             break;
-        case TLY_V_DOUBLE:
-            len = (size_t)snprintf(buf, sizeof buf, "%.17g", val->u.d);
-            break;
+        case TLY_V_DOUBLE: {
+            /* compared as numbers: the reply prints the shortest form */
+            char tmp[64], *end;
+            if (where->len == 0 || where->len >= sizeof tmp)
+                continue;
+            memcpy(tmp, where->ptr, where->len);
+            tmp[where->len] = '\0';
+            double w = strtod(tmp, &end);
+            if (*end == '\0' && w == val->u.d)
+                return true;
+            continue;
+        }
         case TLY_V_NIL:
             continue;
         }
@@ -773,6 +801,10 @@ static void cmd_client(cmd_ctx_t *c)
         t->len = 0;
         client_info_line(c, t);
         tly_resp_verbatim(c->out, c->s->proto, t->data, t->len);
+    } else if (arg_is(sub, "stale") && c->argc == 3 &&
+               (arg_is(&c->argv[2], "on") || arg_is(&c->argv[2], "off"))) {
+        c->s->stale_ok = arg_is(&c->argv[2], "on");
+        tly_resp_simple(c->out, "OK");
     } else if (arg_is(sub, "setinfo") && c->argc == 4) {
         /* lib-name / lib-ver, sent by recent clients; accepted, not kept */
         tly_resp_simple(c->out, "OK");
@@ -783,6 +815,8 @@ static void cmd_client(cmd_ctx_t *c)
             "ID", "    Return the ID of the current connection.",
             "INFO", "    Return information about the current client connection.",
             "SETNAME <name>", "    Assign the name <name> to the current connection.",
+            "STALE ON|OFF", "    ON: answer FEATURES, MFEATURES and RECENT while tallyd is",
+            "    still catching up with Kafka (default OFF: they reply -LOADING).",
             "SETINFO <lib-name|lib-ver> <value>", "    Accepted for client libraries; ignored.",
             "HELP", "    Print this help."};
         size_t n = sizeof lines / sizeof lines[0];
@@ -927,6 +961,7 @@ static void info_source(cmd_ctx_t *c, tly_buf_t *t)
     textf(t, "\r\n");
     if (c->d->source == NULL) {
         textf(t, "running:0\r\n");
+        textf(t, "loading:0\r\n");
         return;
     }
     tly_source_stats_t st;
@@ -937,6 +972,7 @@ static void info_source(cmd_ctx_t *c, tly_buf_t *t)
     }
     tly_source_stats(c->d->source, &st, parts, INFO_PARTITIONS);
     textf(t, "running:%d\r\n", st.running ? 1 : 0);
+    textf(t, "loading:%d\r\n", st.ready ? 0 : 1);
     textf(t, "partitions:%zu\r\n", st.npartitions);
     textf(t, "messages_consumed:%" PRIu64 "\r\n", st.messages);
     textf(t, "events_applied:%" PRIu64 "\r\n", st.applied);
@@ -950,6 +986,8 @@ static void info_source(cmd_ctx_t *c, tly_buf_t *t)
     }
     textf(t, "consumer_errors:%" PRIu64 "\r\n", st.errors);
     textf(t, "rebalances:%" PRIu64 "\r\n", st.rebalances);
+    textf(t, "offset_resets:%" PRIu64 "\r\n", st.gaps);
+    textf(t, "offset_reset_skipped_messages:%" PRIu64 "\r\n", st.gap_messages);
     textf(t, "watermark_ms:%" PRId64 "\r\n", st.watermark_ms);
     textf(t, "lag:%" PRId64 "\r\n", st.lag);
     size_t np = st.npartitions < INFO_PARTITIONS ? st.npartitions : INFO_PARTITIONS;
@@ -1209,6 +1247,22 @@ void tly_command_exec(tly_daemon_t *d, tly_session_t *s, tly_cmd_scratch_t *scra
     if ((cmd->arity > 0 && argc != (size_t)cmd->arity) ||
         (cmd->arity < 0 && argc < (size_t)-cmd->arity)) {
         tly_resp_errorf(out, "ERR wrong number of arguments for '%s' command", cmd->name);
+        return;
+    }
+    /* Data commands wait for the source to catch up (as Redis answers
+     * -LOADING while it loads), unless the client opted into stale reads. */
+    if (!(cmd->flags & CMD_STALE) && !s->stale_ok && !tly_source_ready(d->source)) {
+        tly_source_stats_t st;
+        tly_source_stats(d->source, &st, NULL, 0);
+        if (st.lag >= 0)
+            tly_resp_errorf(out,
+                            "LOADING tallyd is catching up with Kafka (lag %" PRId64
+                            " messages); retry, or CLIENT STALE ON to read anyway",
+                            st.lag);
+        else
+            tly_resp_error(out, "LOADING tallyd is catching up with Kafka (lag not known yet: "
+                                "no partitions assigned); retry, or CLIENT STALE ON to read "
+                                "anyway");
         return;
     }
     cmd_ctx_t c = {d, s, scratch, argv, argc, out, now_ms};

@@ -39,7 +39,6 @@
 
 #define CONFIG_MAX_BYTES (4u << 20) /* a config file larger than this is refused */
 
-
 /* The enum fields are stored through an int (memcpy), so they must be one. */
 _Static_assert(sizeof(tly_kafka_mode_t) == sizeof(int), "enum size");
 _Static_assert(sizeof(tly_kafka_start_t) == sizeof(int), "enum size");
@@ -49,9 +48,9 @@ _Static_assert(sizeof(tly_agg_kind_t) == sizeof(int), "enum size");
 const choice_t tly_config_mode_choices[] = {
     {"shard", TLY_MODE_SHARD}, {"replica", TLY_MODE_REPLICA}, {NULL, 0}};
 const choice_t tly_config_start_choices[] = {{"window", TLY_START_WINDOW},
-                                         {"earliest", TLY_START_EARLIEST},
-                                         {"latest", TLY_START_LATEST},
-                                         {NULL, 0}};
+                                             {"earliest", TLY_START_EARLIEST},
+                                             {"latest", TLY_START_LATEST},
+                                             {NULL, 0}};
 const choice_t tly_config_unit_choices[] = {
     {"ms", TLY_TIME_MS}, {"s", TLY_TIME_S}, {"iso8601", TLY_TIME_ISO8601}, {NULL, 0}};
 const choice_t tly_config_format_choices[] = {{"json", 0}, {NULL, 0}};
@@ -59,7 +58,8 @@ const choice_t tly_config_format_choices[] = {{"json", 0}, {NULL, 0}};
 #define FIELD_(T, m)   .off = offsetof(T, m), .size = sizeof(((T *)0)->m)
 #define CFG(m)         FIELD_(tly_config_t, m)
 #define CFGLIST(n, m)  .count_off = offsetof(tly_config_t, n), CFG(m)
-#define FEAT(m)        .feature = true, FIELD_(tly_feature_cfg_t, m)
+#define FEAT(m)        .scope = S_FEATURE, FIELD_(tly_feature_cfg_t, m)
+#define TOPIC(m)       .scope = S_TOPIC, FIELD_(tly_topic_cfg_t, m)
 #define FEATLIST(n, m) .count_off = offsetof(tly_feature_cfg_t, n), FEAT(m)
 #define SEC(n)         ((n)*TLY_MS_SECOND)
 #define HOUR(n)        ((n)*TLY_MS_HOUR)
@@ -113,14 +113,36 @@ const key_def_t tly_config_keys[] = {
         CFG(server.request_timeout_ms),
         "A request whose first byte arrived this long ago and is still incomplete closes the "
         "connection (a client sending byte by byte)."),
+    KEY("server.max_reply_values", K_INT, "1000000", 1000, 1000000000, 0, NULL,
+        CFG(server.max_reply_values),
+        "Most values one FEATURES or MFEATURES reply may hold (ids × names × windows); a "
+        "larger request is refused before any work is done."),
 
     KEY("kafka.brokers", K_STRING, "localhost:9092", 0, 0, F_NONEMPTY, NULL, CFG(kafka.brokers),
         "Kafka bootstrap servers, host:port[,host:port...]; \"embedded\" starts librdkafka's "
         "in-process mock cluster (the demo)."),
     KEY("kafka.group", K_STRING, "tallyd", 0, 0, F_NONEMPTY, NULL, CFG(kafka.group),
         "Consumer group id."),
-    KEY("kafka.topics", K_STRINGS, "engagements", 0, 0, F_NONEMPTY, NULL,
-        CFGLIST(kafka.ntopics, kafka.topics), "Topics the events are read from."),
+    KEY("kafka.topics", K_TOPICS, "engagements", 0, 0, F_NONEMPTY, NULL,
+        CFGLIST(kafka.ntopics, kafka.topic_cfgs),
+        "Topics the events are read from: each a name, or a mapping with the "
+        "kafka.topics[].* keys below, whose events settings apply to that topic only."),
+    KEY("kafka.topics[].name", K_STRING, NULL, 0, 0, F_REQUIRED | F_NONEMPTY, NULL, TOPIC(name),
+        "Topic name."),
+    KEY("kafka.topics[].events.time.field", K_STRING, NULL, 0, 0, F_REQUIRED | F_NONEMPTY, NULL,
+        TOPIC(time_field),
+        "Event field holding the event time of this topic's events; required when "
+        "events.time is given. Default: events.time."),
+    KEY("kafka.topics[].events.time.unit", K_ENUM, "ms", 0, 0, 0, tly_config_unit_choices,
+        TOPIC(time_unit), "How the topic's events.time.field is read (see events.time.unit)."),
+    KEY("kafka.topics[].events.max_future_skew", K_DURATION, NULL, 1, DAY(1), 0, NULL,
+        TOPIC(max_future_skew_ms),
+        "Events of this topic further than this ahead of the wall clock are dropped and "
+        "counted."),
+    KEY("kafka.topics[].events.max_bytes", K_INT, NULL, 64, 16777216, 0, NULL, TOPIC(max_bytes),
+        "Largest event payload accepted from this topic, in bytes."),
+    KEY("kafka.topics[].events.max_string", K_INT, NULL, 1, 65536, 0, NULL, TOPIC(max_string),
+        "Longest string an event of this topic may carry in a field a feature reads."),
     KEY("kafka.mode", K_ENUM, "shard", 0, 0, 0, tly_config_mode_choices, CFG(kafka.mode),
         "shard: the consumer group spreads partitions over instances; replica: every instance "
         "consumes every partition."),
@@ -131,6 +153,10 @@ const key_def_t tly_config_keys[] = {
         CFGLIST(kafka.nproperties, kafka.properties),
         "librdkafka properties passed through verbatim (security.protocol, sasl.*, ssl.* ...), "
         "name: value."),
+    KEY("kafka.ready_lag", K_INT, "1000", 0, 1000000000, 0, NULL, CFG(kafka.ready_lag),
+        "After an assignment, queries get -LOADING until every assigned partition is at most "
+        "this many messages behind its end (clients may opt into stale reads with CLIENT "
+        "STALE ON)."),
 
     KEY("events.format", K_STRING, "json", 0, 0, 0, tly_config_format_choices, CFG(events.format),
         "Payload format."),
@@ -598,7 +624,8 @@ static tly_err_t check_mapping(parse_t *p, const yaml_node_t *node, const char *
 
 static bool is_list(key_type_t type)
 {
-    return type == K_STRINGS || type == K_DURATIONS || type == K_MAP || type == K_WHERE;
+    return type == K_STRINGS || type == K_DURATIONS || type == K_MAP || type == K_WHERE ||
+           type == K_TOPICS;
 }
 
 static void *field_of(void *base, const key_def_t *def)
@@ -878,6 +905,8 @@ static tly_err_t parse_where(parse_t *p, const key_def_t *def, yaml_node_t *node
  */
 
 static tly_err_t parse_features(parse_t *p, yaml_node_t *node, const char *path);
+static tly_err_t parse_topics(parse_t *p, const key_def_t *def, yaml_node_t *node,
+                              const char *path);
 
 static tly_err_t parse_value(parse_t *p, const key_def_t *def, yaml_node_t *node, const char *path,
                              void *base)
@@ -895,6 +924,8 @@ static tly_err_t parse_value(parse_t *p, const key_def_t *def, yaml_node_t *node
         return parse_where(p, def, node, path, base);
     case K_FEATURES:
         return parse_features(p, node, path);
+    case K_TOPICS:
+        return parse_topics(p, def, node, path);
     default:
         rc = get_scalar(p, node, path, &text);
         return rc ? rc : set_scalar(p, def, text, node, path, base);
@@ -1049,7 +1080,7 @@ static tly_err_t parse_features(parse_t *p, yaml_node_t *node, const char *path)
                         kind_name(item));
         cfg->features[i].line = line_of(item);
         for (size_t k = 0; k < NKEYS; k++) {
-            if (tly_config_keys[k].feature)
+            if (tly_config_keys[k].scope == S_FEATURE)
                 p->seen[k] = NULL;
         }
         tly_err_t rc = parse_mapping(p, item, "features[]", sub, &cfg->features[i]);
@@ -1061,16 +1092,114 @@ static tly_err_t parse_features(parse_t *p, yaml_node_t *node, const char *path)
     return TLY_OK;
 }
 
+/*
+ * kafka.topics: a list whose items are topic names or mappings of the
+ * kafka.topics[].* keys (a single name or mapping is a one-item list).
+ * Fills cfg->kafka.topic_cfgs and the aligned array of names; the events
+ * settings an entry leaves out are filled in by resolve_topics().
+ */
+static tly_err_t parse_topics(parse_t *p, const key_def_t *def, yaml_node_t *node, const char *path)
+{
+    char ipath[PATH_CAP];
+    const char *text;
+    tly_config_t *cfg = p->cfg;
+    size_t n = list_len(node);
+    if (n == 0)
+        return fail(p, node, path, "needs at least one item");
+    tly_topic_cfg_t *topics = calloc(n, sizeof *topics);
+    char **names = calloc(n, sizeof *names);
+    if (topics == NULL || names == NULL) {
+        free(topics);
+        free(names);
+        return nomem(p);
+    }
+    *count_of(cfg, def) = n; /* owned by the config from here on */
+    *(tly_topic_cfg_t **)field_of(cfg, def) = topics;
+    cfg->kafka.topics = names;
+    for (size_t i = 0; i < n; i++) {
+        yaml_node_t *item = list_item(p, node, i, path, ipath);
+        tly_err_t rc = TLY_OK;
+        topics[i].line = line_of(item);
+        if (item->type == YAML_MAPPING_NODE) {
+            for (size_t k = 0; k < NKEYS; k++) {
+                if (tly_config_keys[k].scope == S_TOPIC)
+                    p->seen[k] = NULL;
+            }
+            rc = parse_mapping(p, item, "kafka.topics[]", ipath, &topics[i]);
+            topics[i].own_events = true;
+        } else if (item->type == YAML_SCALAR_NODE) {
+            if ((rc = get_scalar(p, item, ipath, &text)) == TLY_OK &&
+                (rc = check_string(p, def, text, item, ipath)) == TLY_OK)
+                rc = dup_into(p, &topics[i].name, text);
+        } else {
+            rc = fail(p, item, ipath,
+                      "expected a topic name or a mapping {name: ..., events: {...}}, found %s",
+                      kind_name(item));
+        }
+        if (rc != TLY_OK)
+            return rc;
+        names[i] = topics[i].name;
+        for (size_t j = 0; j < i; j++) {
+            if (strcmp(names[j], names[i]) == 0)
+                return fail(p, item, ipath, "topic \"%s\" is listed twice (first at line %d)",
+                            names[i], topics[j].line);
+        }
+    }
+    return TLY_OK;
+}
+
+/* Gives every topic the top-level events settings it does not override.
+ * Runs after the top-level defaults are in place. */
+static tly_err_t resolve_topics(parse_t *p)
+{
+    tly_config_t *cfg = p->cfg;
+    for (size_t i = 0; i < cfg->kafka.ntopics; i++) {
+        tly_topic_cfg_t *t = &cfg->kafka.topic_cfgs[i];
+        bool own = t->time_field != NULL || t->max_future_skew_ms || t->max_bytes || t->max_string;
+        t->own_events = t->own_events && own;
+        if (t->time_field == NULL) {
+            t->time_unit = cfg->events.time_unit;
+            if (cfg->events.time_field != NULL) {
+                tly_err_t rc = dup_into(p, &t->time_field, cfg->events.time_field);
+                if (rc != TLY_OK)
+                    return rc;
+            }
+        } else if (t->time_unit == TLY_TIME_KAFKA) {
+            t->time_unit = TLY_TIME_MS; /* the unit's default when a time is given */
+        }
+        if (t->max_future_skew_ms == 0)
+            t->max_future_skew_ms = cfg->events.max_future_skew_ms;
+        if (t->max_bytes == 0)
+            t->max_bytes = cfg->events.max_bytes;
+        if (t->max_string == 0)
+            t->max_string = cfg->events.max_string;
+    }
+    return TLY_OK;
+}
+
 /* Fills every section key the file did not set with its default. */
 static tly_err_t apply_defaults(parse_t *p)
 {
     tly_config_t *cfg = p->cfg;
     for (size_t i = 0; i < NKEYS; i++) {
         const key_def_t *def = &tly_config_keys[i];
-        if (def->feature || def->def == NULL || p->seen[i] != NULL)
+        if (def->scope != S_CONFIG || def->def == NULL || p->seen[i] != NULL)
             continue;
         tly_err_t rc;
-        if (def->type == K_STRINGS) {
+        if (def->type == K_TOPICS) {
+            tly_topic_cfg_t *topics = calloc(1, sizeof *topics);
+            char **names = calloc(1, sizeof *names);
+            if (topics == NULL || names == NULL) {
+                free(topics);
+                free(names);
+                return nomem(p);
+            }
+            *count_of(cfg, def) = 1;
+            *(tly_topic_cfg_t **)field_of(cfg, def) = topics;
+            cfg->kafka.topics = names;
+            rc = dup_into(p, &topics[0].name, def->def);
+            names[0] = topics[0].name;
+        } else if (def->type == K_STRINGS) {
             char **items = calloc(1, sizeof *items);
             if (items == NULL)
                 return nomem(p);
@@ -1087,7 +1216,7 @@ static tly_err_t apply_defaults(parse_t *p)
      * it the Kafka timestamp is the event time. */
     if (cfg->events.time_field == NULL)
         cfg->events.time_unit = TLY_TIME_KAFKA;
-    return TLY_OK;
+    return resolve_topics(p);
 }
 
 /* Checks that involve keys of several sections. */
@@ -1227,12 +1356,13 @@ out:
     return rc;
 }
 
-/* Frees what tly_config_keys says base owns (a tly_config_t or one feature). */
-static void free_fields(void *base, bool feature)
+/* Frees what tly_config_keys says base owns (a tly_config_t, one feature or
+ * one topic). */
+static void free_fields(void *base, key_scope_t scope)
 {
     for (size_t i = 0; i < NKEYS; i++) {
         const key_def_t *def = &tly_config_keys[i];
-        if (def->feature != feature)
+        if (def->scope != scope)
             continue;
         void *field = field_of(base, def);
         size_t n = is_list(def->type) ? *count_of(base, def) : 0;
@@ -1265,6 +1395,12 @@ static void free_fields(void *base, bool feature)
             }
             free(*(tly_where_cfg_t **)field);
             break;
+        case K_TOPICS:
+            for (size_t j = 0; j < n && *(tly_topic_cfg_t **)field; j++)
+                free_fields(&(*(tly_topic_cfg_t **)field)[j], S_TOPIC);
+            free(*(tly_topic_cfg_t **)field);
+            free(((tly_config_t *)base)->kafka.topics); /* the names belong to the topics */
+            break;
         default:
             break;
         }
@@ -1276,9 +1412,9 @@ void tly_config_free(tly_config_t *cfg)
     if (cfg == NULL)
         return;
     for (size_t i = 0; i < cfg->nfeatures; i++)
-        free_fields(&cfg->features[i], true);
+        free_fields(&cfg->features[i], S_FEATURE);
     free(cfg->features);
-    free_fields(cfg, false);
+    free_fields(cfg, S_CONFIG);
     free(cfg->path);
     free(cfg);
 }

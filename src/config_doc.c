@@ -28,6 +28,7 @@ static const char *type_name(key_type_t type)
         [K_MAP] = "map",
         [K_WHERE] = "map",
         [K_FEATURES] = "list of features",
+        [K_TOPICS] = "topic list",
     };
     return names[type];
 }
@@ -37,7 +38,7 @@ static void default_text(const key_def_t *def, char *buf, size_t cap)
 {
     if (def->flags & F_REQUIRED)
         snprintf(buf, cap, "required");
-    else if (def->type == K_STRINGS && def->def)
+    else if ((def->type == K_STRINGS || def->type == K_TOPICS) && def->def)
         snprintf(buf, cap, "[%s]", def->def);
     else if (def->type == K_MAP)
         snprintf(buf, cap, "{}");
@@ -47,6 +48,8 @@ static void default_text(const key_def_t *def, char *buf, size_t cap)
         snprintf(buf, cap, "%s", def->def);
     else if (strcmp(def->key, "features[].hop") == 0)
         snprintf(buf, cap, "per window");
+    else if (def->scope == S_TOPIC && strstr(def->key, ".events."))
+        snprintf(buf, cap, "%s", strstr(def->key, ".events.") + 1); /* the top-level key */
     else
         snprintf(buf, cap, "none");
 }
@@ -190,7 +193,8 @@ void tly_config_summary(const tly_config_t *cfg, FILE *out)
             cfg->nfeatures == 1 ? "" : "s", nentities, nentities == 1 ? "y" : "ies");
     fprintf(out, "source  kafka %s, topics ", cfg->kafka.brokers);
     print_list(out, cfg->kafka.topics, cfg->kafka.ntopics, ", ");
-    fprintf(out, ", mode %s, start %s\n", choice_name(tly_config_mode_choices, (int)cfg->kafka.mode),
+    fprintf(out, ", mode %s, start %s\n",
+            choice_name(tly_config_mode_choices, (int)cfg->kafka.mode),
             choice_name(tly_config_start_choices, (int)cfg->kafka.start));
     if (cfg->events.time_field)
         fprintf(out, "time    event field %s (%s)", cfg->events.time_field,
@@ -199,6 +203,20 @@ void tly_config_summary(const tly_config_t *cfg, FILE *out)
         fputs("time    Kafka message timestamp", out);
     fprintf(out, ", max future skew %s\n",
             tly_duration_format(cfg->events.max_future_skew_ms, skew, sizeof skew));
+    for (size_t i = 0; i < cfg->kafka.ntopics; i++) {
+        const tly_topic_cfg_t *t = &cfg->kafka.topic_cfgs[i];
+        if (!t->own_events)
+            continue;
+        fprintf(out, "topic   %s: ", t->name);
+        if (t->time_field)
+            fprintf(out, "event field %s (%s)", t->time_field,
+                    choice_name(tly_config_unit_choices, (int)t->time_unit));
+        else
+            fputs("Kafka message timestamp", out);
+        fprintf(out, ", max future skew %s, max bytes %" PRId64 ", max string %" PRId64 "\n",
+                tly_duration_format(t->max_future_skew_ms, skew, sizeof skew), t->max_bytes,
+                t->max_string);
+    }
     fprintf(out, "serve   RESP %s%s, admin %s\n", cfg->server.listen,
             cfg->server.requirepass[0] ? " (AUTH required)" : "",
             cfg->server.admin[0] ? cfg->server.admin : "off");

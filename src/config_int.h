@@ -27,8 +27,16 @@ typedef enum {
     K_DURATIONS, /* size_t count + int64_t * */
     K_MAP,       /* size_t count + tly_kv_t * (name → scalar text) */
     K_WHERE,     /* size_t count + tly_where_cfg_t * */
-    K_FEATURES   /* the `features:` list */
+    K_FEATURES,  /* the `features:` list */
+    K_TOPICS     /* `kafka.topics`: names or {name, events} mappings */
 } key_type_t;
+
+/* Which struct a key's value lives in. */
+typedef enum {
+    S_CONFIG = 0, /* tly_config_t */
+    S_FEATURE,    /* tly_feature_cfg_t, one per features[] item */
+    S_TOPIC       /* tly_topic_cfg_t, one per kafka.topics[] mapping */
+} key_scope_t;
 
 enum {
     F_REQUIRED = 1u << 0,   /* must appear whenever its parent mapping does */
@@ -45,14 +53,15 @@ typedef struct {
 } choice_t;
 
 typedef struct {
-    const char *key; /* dotted path; "features[]." prefixes feature keys */
+    const char *key; /* dotted path; "features[]." prefixes feature keys,
+                        "kafka.topics[]." topic keys */
     key_type_t type;
     const char *def;  /* default as YAML text; NULL: none */
     int64_t min, max; /* int/duration range, checked when min < max */
     const char *doc;
     unsigned flags;
     const choice_t *choices; /* K_ENUM, and K_STRING restricted to a set */
-    bool feature;            /* off/count_off are in tly_feature_cfg_t */
+    key_scope_t scope;       /* the struct off/count_off are in */
     size_t off, size;        /* the value (array pointer for lists) */
     size_t count_off;        /* list types: the size_t item count */
 } key_def_t;

@@ -68,6 +68,7 @@
 
 struct tly_decoder {
     const tly_featset_t *fs;
+    tly_event_rules_t rules; /* time field and limits in force (a copy) */
     uint32_t name_len[TLY_MAX_FIELDS];
     uint8_t slot[FIELD_SLOTS]; /* field id + 1; 0 = empty */
     char *scratch;             /* decoded strings; see the memory invariant */
@@ -114,7 +115,17 @@ static int lookup_field(const tly_decoder_t *dec, const char *s, size_t n)
 
 tly_decoder_t *tly_decoder_new(const tly_featset_t *fs)
 {
-    if (fs == NULL || fs->nfields > TLY_MAX_FIELDS) {
+    if (fs == NULL) {
+        fprintf(stderr, "tallyd: tly_decoder_new: invalid featset\n");
+        abort();
+    }
+    return tly_decoder_new_rules(fs, &fs->events);
+}
+
+tly_decoder_t *tly_decoder_new_rules(const tly_featset_t *fs, const tly_event_rules_t *rules)
+{
+    if (fs == NULL || rules == NULL || fs->nfields > TLY_MAX_FIELDS ||
+        fs->nfeat_fields > fs->nfields || rules->time_field >= (int)fs->nfields) {
         fprintf(stderr, "tallyd: tly_decoder_new: invalid featset\n");
         abort();
     }
@@ -124,7 +135,12 @@ tly_decoder_t *tly_decoder_new(const tly_featset_t *fs)
         abort();
     }
     dec->fs = fs;
+    dec->rules = *rules;
     for (size_t id = 0; id < fs->nfields; id++) {
+        /* Another topic's time field is not this decoder's business: an
+         * event carrying it must not be judged by it. */
+        if (id >= fs->nfeat_fields && (int)id != rules->time_field)
+            continue;
         size_t n = strlen(fs->fields[id]);
         dec->name_len[id] = (uint32_t)(n > UINT32_MAX ? UINT32_MAX : n);
         uint32_t i = hash_name(fs->fields[id], n) & (FIELD_SLOTS - 1);
@@ -551,7 +567,7 @@ static char *scratch_at(tly_decoder_t *dec, size_t n)
 static void field_error(walk_t *w, int fid, tly_err_t e)
 {
     if (w->err == TLY_OK)
-        w->err = fid == w->dec->fs->time_field ? TLY_E_EV_BAD_TIME : e;
+        w->err = fid == w->dec->rules.time_field ? TLY_E_EV_BAD_TIME : e;
 }
 
 /* Converts value token vi (already validated) into ev->vals[fid]. */
@@ -576,7 +592,7 @@ static void extract(walk_t *w, int fid, int vi)
             p = dst;
             n = (size_t)dn;
         }
-        if (dec->fs->max_string > 0 && n > (uint64_t)dec->fs->max_string) {
+        if (dec->rules.max_string > 0 && n > (uint64_t)dec->rules.max_string) {
             field_error(w, fid, TLY_E_EV_VALUE_TOO_LONG);
             return;
         }
@@ -619,7 +635,7 @@ static void extract(walk_t *w, int fid, int vi)
         return;
     }
     w->ev->vals[fid] = v;
-    if (fid == dec->fs->time_field)
+    if (fid == dec->rules.time_field)
         w->time_tok = vi;
 }
 
@@ -744,27 +760,27 @@ static void scratch_reserve(tly_decoder_t *dec, size_t n)
 
 static tly_err_t event_time(const walk_t *w, int64_t kafka_ts_ms)
 {
-    const tly_featset_t *fs = w->dec->fs;
+    const tly_event_rules_t *rules = &w->dec->rules;
     tly_event_t *ev = w->ev;
 
-    if (fs->time_field < 0) {
+    if (rules->time_field < 0) {
         if (kafka_ts_ms < 0)
             return TLY_E_EV_MISSING_TIME;
         ev->time_ms = kafka_ts_ms;
         return TLY_OK;
     }
-    const tly_value_t *v = &ev->vals[fs->time_field];
+    const tly_value_t *v = &ev->vals[rules->time_field];
     if (v->type == TLY_V_NIL || w->time_tok < 0)
         return TLY_E_EV_MISSING_TIME;
 
     int64_t t;
-    switch (fs->time_unit) {
+    switch (rules->time_unit) {
     case TLY_TIME_MS:
     case TLY_TIME_S: {
         if (v->type != TLY_V_INT && v->type != TLY_V_DOUBLE)
             return TLY_E_EV_BAD_TIME;
         const jsmntok_t *tok = &w->dec->toks[w->time_tok];
-        bool s = fs->time_unit == TLY_TIME_S;
+        bool s = rules->time_unit == TLY_TIME_S;
         if (!number_to_ms(w->js + tok->start, (size_t)(tok->end - tok->start), s ? 3 : 0, !s, &t))
             return TLY_E_EV_BAD_TIME;
         break;
@@ -788,7 +804,7 @@ tly_err_t tly_decode_json(tly_decoder_t *dec, const char *payload, size_t len, i
 
     if (payload == NULL)
         len = 0;
-    if ((fs->max_bytes > 0 && len > (uint64_t)fs->max_bytes) || len > DECODE_MAX_LEN)
+    if ((dec->rules.max_bytes > 0 && len > (uint64_t)dec->rules.max_bytes) || len > DECODE_MAX_LEN)
         return TLY_E_EV_TOO_LARGE;
     /* jsmn stops at a NUL byte; JSON never contains a raw one. */
     if (len == 0 || memchr(payload, '\0', len) != NULL)

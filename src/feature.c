@@ -10,8 +10,13 @@
  *
  * Invariants of a compiled featset:
  *  - field ids are dense, assigned in config order (for each feature: keys,
- *    where fields, value fields), the time field last unless already taken;
- *    every id stored anywhere is < nfields ≤ TLY_MAX_FIELDS;
+ *    where fields, value fields); the fields of features are ids
+ *    [0, nfeat_fields); then come the top-level time field and each topic's
+ *    time field in kafka.topics order, unless already taken; every id stored
+ *    anywhere is < nfields ≤ TLY_MAX_FIELDS;
+ *  - topics[i] holds kafka.topics[i]'s event rules; max_future_skew_ms and
+ *    max_string of the featset are the loosest of the top level and every
+ *    topic;
  *  - entities are numbered in order of first appearance; all features of an
  *    entity have the same key field ids (same fields, same order) and
  *    distinct names;
@@ -378,6 +383,39 @@ static tly_err_t compile_feature(compile_t *c, size_t i)
     return TLY_OK;
 }
 
+/* Compiles one set of event rules (topic NULL: the top-level events.*),
+ * interning its time field. Errors name the key the settings came from. */
+static tly_err_t compile_rules(compile_t *c, tly_event_rules_t *rules, const tly_topic_cfg_t *topic,
+                               const char *time_field, tly_time_unit_t unit, int64_t skew_ms,
+                               int64_t max_bytes, int64_t max_string, size_t index)
+{
+    char key[64];
+    if (topic != NULL)
+        snprintf(key, sizeof key, "kafka.topics[%zu].events.time.field", index);
+    else
+        snprintf(key, sizeof key, "events.time.field");
+    int line = topic != NULL ? topic->line : 0;
+    *rules = (tly_event_rules_t){.topic = topic != NULL ? topic->name : NULL,
+                                 .time_field = -1,
+                                 .time_unit = unit,
+                                 .max_future_skew_ms = skew_ms,
+                                 .max_bytes = max_bytes,
+                                 .max_string = max_string};
+    if (unit == TLY_TIME_KAFKA)
+        return TLY_OK;
+    if (time_field == NULL || *time_field == '\0')
+        return config_error(c->cfg, line, c->errbuf, c->errlen,
+                            "%s: a time unit is set but no time field", key);
+    int id = intern_field(c->fs, time_field);
+    if (id < 0)
+        return config_error(c->cfg, line, c->errbuf, c->errlen,
+                            "%s: more than %d distinct event fields are referenced; tallyd "
+                            "extracts at most %d",
+                            key, TLY_MAX_FIELDS, TLY_MAX_FIELDS);
+    rules->time_field = id;
+    return TLY_OK;
+}
+
 /* Fills entity feature lists, slots and the horizons of last/last_k. */
 static tly_err_t finish_entities(compile_t *c)
 {
@@ -456,22 +494,23 @@ tly_err_t tly_featset_compile(const tly_config_t *cfg, tly_featset_t **out, char
         if ((err = compile_feature(&c, i)) != TLY_OK)
             goto out;
 
-    if (cfg->events.time_unit != TLY_TIME_KAFKA) {
-        const char *tf = cfg->events.time_field;
-        if (tf == NULL || *tf == '\0') {
-            err = config_error(cfg, 0, errbuf, errlen,
-                               "events.time.field: a time unit is set but no time field");
+    fs->nfeat_fields = fs->nfields;
+    if ((err = compile_rules(&c, &fs->events, NULL, cfg->events.time_field, cfg->events.time_unit,
+                             cfg->events.max_future_skew_ms, cfg->events.max_bytes,
+                             cfg->events.max_string, 0)) != TLY_OK)
+        goto out;
+    fs->time_field = fs->events.time_field;
+    fs->ntopics = cfg->kafka.ntopics;
+    fs->topics = xcalloc(cfg->kafka.ntopics, sizeof *fs->topics);
+    for (size_t i = 0; i < cfg->kafka.ntopics && cfg->kafka.topic_cfgs != NULL; i++) {
+        const tly_topic_cfg_t *t = &cfg->kafka.topic_cfgs[i];
+        if ((err = compile_rules(&c, &fs->topics[i], t, t->time_field, t->time_unit,
+                                 t->max_future_skew_ms, t->max_bytes, t->max_string, i)) != TLY_OK)
             goto out;
-        }
-        int id = intern_field(fs, tf);
-        if (id < 0) {
-            err = config_error(cfg, 0, errbuf, errlen,
-                               "events.time.field: more than %d distinct event fields are "
-                               "referenced; tallyd extracts at most %d",
-                               TLY_MAX_FIELDS, TLY_MAX_FIELDS);
-            goto out;
-        }
-        fs->time_field = id;
+        if (t->max_future_skew_ms > fs->max_future_skew_ms)
+            fs->max_future_skew_ms = t->max_future_skew_ms;
+        if (t->max_string > fs->max_string)
+            fs->max_string = t->max_string;
     }
     if ((err = finish_entities(&c)) != TLY_OK)
         goto out;
@@ -511,6 +550,7 @@ void tly_featset_free(tly_featset_t *fs)
         }
     }
     free(fs->entities);
+    free(fs->topics);
     free(fs);
 }
 

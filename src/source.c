@@ -30,6 +30,11 @@
  * librdkafka's own threads and only calls tly_log. tly_source_stats and
  * tly_source_fatal on any thread.
  *
+ * Readiness: publish() (the consumer-queue thread) sets `ready` once every
+ * partition of the current assignment caught up (kafka.ready_lag); assign()
+ * clears it. Gaps: check_continuity() compares each message's offset with
+ * the position expected (see source.h).
+ *
  * Invariants: the working partition table (src->parts) belongs to whoever
  * serves the consumer queue (the poll thread, then the main thread after the
  * join); readers see the published copy (src->pub) taken under src->mu at
@@ -57,6 +62,7 @@
 
 #define POLL_TIMEOUT_MS     100
 #define PUBLISH_EVERY_MS    1000
+#define LOADING_PUBLISH_MS  200   /* publish (and judge readiness) this often while loading */
 #define BROKER_TIMEOUT_MS   10000 /* longest wait for offsets-for-times */
 #define REJECT_LOG_EVERY_MS 1000
 #define ERROR_LOG_EVERY_MS  1000
@@ -67,9 +73,12 @@
 typedef struct {
     char *topic; /* owned */
     int32_t partition;
+    int topic_index; /* in kafka.topics (and src->decs), -1: not configured */
     bool assigned;
+    bool from_end;         /* assigned at the logical end, no message since */
     int64_t position;      /* next offset to apply, -1 unknown */
     int64_t high;          /* cached high watermark, -1 unknown */
+    int64_t low;           /* cached log start offset, -1 unknown */
     int64_t last_event_ms; /* newest event time applied, -1 none */
 } part_t;
 
@@ -84,7 +93,11 @@ struct tly_source {
     const tly_config_t *cfg;
     const tly_featset_t *fs;
     tly_store_t *store;
-    tly_decoder_t *dec; /* poll thread */
+    /* poll thread: decs[i] reads kafka.topics[i]'s events by its rules;
+     * decs[ntopics] the top-level rules (a topic not configured, which a
+     * consumer should never see) */
+    tly_decoder_t **decs;
+    size_t ndecs;
     bool embedded;
     rd_kafka_t *mock_host; /* embedded: the handle the mock cluster lives in */
     rd_kafka_mock_cluster_t *mock;
@@ -106,16 +119,23 @@ struct tly_source {
 
     /* counters: written by the poll thread, read relaxed by stats */
     atomic_uint_fast64_t messages, applied, rejected, errors, rebalances;
+    atomic_uint_fast64_t gaps, gap_messages; /* offset resets, messages they skipped */
     atomic_uint_fast64_t rejected_by[TLY_E__COUNT];
     atomic_int_fast64_t watermark_ms;
 
     /* working table: consumer-queue thread only (see the file comment) */
     part_t *parts;
     size_t nparts, partcap;
-    size_t hint; /* index of the last partition a message came from */
-    bool dirty;  /* applied something since the last publish */
+    size_t hint;        /* index of the last partition a message came from */
+    bool dirty;         /* applied something since the last publish */
+    bool assigned_once; /* an assignment (possibly empty) was received */
     int64_t last_publish_ms;
     ratelimit_t reject_rl, error_rl, consumer_rl;
+
+    /* written by the consumer-queue thread in publish (true once every
+     * assigned partition caught up) and assign (false); read by any thread
+     * with acquire, once per query */
+    atomic_bool ready;
 
     /* published table: written by the consumer-queue thread under mu */
     pthread_mutex_t mu;
@@ -246,13 +266,33 @@ static part_t *part_get(tly_source_t *src, const char *topic, int32_t partition)
         src->partcap = src->partcap ? 2 * src->partcap : 16;
         src->parts = xrealloc(src->parts, src->partcap * sizeof *src->parts);
     }
+    int index = -1;
+    for (size_t t = 0; t < src->cfg->kafka.ntopics && index < 0; t++)
+        if (strcmp(src->cfg->kafka.topics[t], topic) == 0)
+            index = (int)t;
     p = &src->parts[src->nparts++];
     *p = (part_t){.topic = xstrdup(topic),
                   .partition = partition,
+                  .topic_index = index,
                   .position = -1,
                   .high = -1,
+                  .low = -1,
                   .last_event_ms = -1};
     return p;
+}
+
+/* True when p needs nothing more to be caught up: its lag is known and at
+ * most kafka.ready_lag, or it has no position yet but nothing to apply (an
+ * empty or wholly deleted log, or a start at the end). */
+static bool part_caught_up(const tly_source_t *src, const part_t *p)
+{
+    if (p->high < 0)
+        return false;
+    if (p->position > p->high)
+        return false; /* out of range: auto.offset.reset is about to move it */
+    if (p->position >= 0)
+        return p->high - p->position <= src->cfg->kafka.ready_lag;
+    return p->high == 0 || p->from_end || p->low == p->high;
 }
 
 /* Copies the assigned partitions into the published table, refreshing each
@@ -265,15 +305,38 @@ static void publish(tly_source_t *src, int64_t now_ms)
         if (!p->assigned)
             continue;
         int64_t lo = -1, hi = -1;
-        if (src->rk != NULL &&
-            rd_kafka_get_watermark_offsets(src->rk, p->topic, p->partition, &lo, &hi) ==
-                RD_KAFKA_RESP_ERR_NO_ERROR &&
-            hi >= 0)
-            p->high = hi;
+        if (src->rk != NULL && rd_kafka_get_watermark_offsets(src->rk, p->topic, p->partition, &lo,
+                                                              &hi) == RD_KAFKA_RESP_ERR_NO_ERROR) {
+            if (hi >= 0)
+                p->high = hi;
+            if (lo >= 0)
+                p->low = lo;
+        }
         /* A partition that never held a message has nothing to apply. */
         if (p->position < 0 && p->high == 0)
             p->position = 0;
         n++;
+    }
+    /* Ready once every partition of the current assignment caught up; it
+     * stays ready until the next assignment (a burst of traffic is not a
+     * reason to refuse queries). */
+    if (src->assigned_once && !atomic_load_explicit(&src->ready, memory_order_relaxed)) {
+        bool all = true;
+        int64_t lag = 0;
+        for (size_t i = 0; i < src->nparts && all; i++) {
+            const part_t *p = &src->parts[i];
+            if (!p->assigned)
+                continue;
+            all = part_caught_up(src, p);
+            if (p->position >= 0 && p->high > p->position)
+                lag += p->high - p->position;
+        }
+        if (all) {
+            atomic_store_explicit(&src->ready, true, memory_order_release);
+            tly_info("source: caught up with Kafka (%zu partitions, lag %" PRId64
+                     " messages); serving queries",
+                     n, lag);
+        }
     }
     pthread_mutex_lock(&src->mu);
     if (n > src->pubcap) {
@@ -388,9 +451,14 @@ static void assign(tly_source_t *src, rd_kafka_topic_partition_list_t *parts)
         const rd_kafka_topic_partition_t *tp = &parts->elems[i];
         part_t *p = part_get(src, tp->topic, tp->partition);
         p->assigned = true;
+        p->from_end = tp->offset == RD_KAFKA_OFFSET_END && p->position < 0;
         if (tp->offset >= 0)
             p->position = tp->offset;
     }
+    /* Queries wait (-LOADING) until the new partitions catch up. */
+    if (atomic_exchange(&src->ready, false))
+        tly_info("source: new assignment; queries get -LOADING until it caught up");
+    src->assigned_once = true;
 }
 
 static void unassign(tly_source_t *src, int count)
@@ -423,12 +491,69 @@ static void rebalance_cb(rd_kafka_t *rk, rd_kafka_resp_err_t err,
 
 /* ---- poll thread ------------------------------------------------------------- */
 
+/* Records an offset reset of p: the consumer's next message is at offset
+ * `to` where `from` was expected. `lost` messages are known to be gone
+ * (deleted by retention before they were applied), or -1 when none are
+ * (the expected offset lay beyond the log). */
+static void note_gap(tly_source_t *src, const part_t *p, int64_t from, int64_t to, int64_t lost)
+{
+    atomic_fetch_add_explicit(&src->gaps, 1, memory_order_relaxed);
+    if (lost > 0) {
+        atomic_fetch_add_explicit(&src->gap_messages, (uint64_t)lost, memory_order_relaxed);
+        tly_warn("source: %s[%" PRId32 "]: offset %" PRId64 " is no longer in Kafka (the log "
+                 "starts at %" PRId64 "); auto.offset.reset moved consumption to %" PRId64
+                 ": %" PRId64 " messages were never applied",
+                 p->topic, p->partition, from, p->low, to, lost);
+    } else {
+        tly_warn("source: %s[%" PRId32 "]: offset %" PRId64 " is out of range (log %" PRId64
+                 "..%" PRId64 "); auto.offset.reset moved consumption to %" PRId64
+                 "; events from there on are applied%s",
+                 p->topic, p->partition, from, p->low, p->high, to,
+                 to < from ? " (a recreated topic, or a stale resume position?)" : "");
+    }
+}
+
+/* Checks m's offset against the position p expected. Kafka moves a
+ * consumer only forward one message at a time, except across compacted
+ * or transaction-marker offsets (forward, within the log) and when
+ * auto.offset.reset moves it because the expected offset left the log:
+ * backwards, or forward past the log start. */
+static void check_continuity(tly_source_t *src, part_t *p, const rd_kafka_message_t *m)
+{
+    int64_t expected = p->position;
+    if (expected < 0 || m->offset == expected)
+        return;
+    if (m->offset > expected) {
+        int64_t lo = -1, hi = -1;
+        if (rd_kafka_get_watermark_offsets(src->rk, p->topic, p->partition, &lo, &hi) ==
+                RD_KAFKA_RESP_ERR_NO_ERROR &&
+            lo >= 0)
+            p->low = lo;
+        if (p->low <= expected)
+            return; /* compaction or transaction markers: nothing lost */
+        note_gap(src, p, expected, m->offset, (p->low < m->offset ? p->low : m->offset) - expected);
+        return;
+    }
+    note_gap(src, p, expected, m->offset, -1);
+}
+
 static void on_message(tly_source_t *src, rd_kafka_message_t *m, int64_t now_ms)
 {
     uint64_t held;
     if (m->err) {
         if (m->err == RD_KAFKA_RESP_ERR__PARTITION_EOF)
             return;
+        if (m->err == RD_KAFKA_RESP_ERR__AUTO_OFFSET_RESET) {
+            /* auto.offset.reset=error (a kafka.properties choice): the
+             * partition stops until restarted; nothing is skipped. */
+            atomic_fetch_add_explicit(&src->gaps, 1, memory_order_relaxed);
+            atomic_fetch_add_explicit(&src->errors, 1, memory_order_relaxed);
+            tly_warn("source: %s[%" PRId32 "]: offset %" PRId64
+                     " is out of range and auto.offset.reset is error; the partition stops: %s",
+                     m->rkt ? rd_kafka_topic_name(m->rkt) : "-", m->partition, m->offset,
+                     rd_kafka_message_errstr(m));
+            return;
+        }
         atomic_fetch_add_explicit(&src->errors, 1, memory_order_relaxed);
         if (ratelimit_allow(&src->consumer_rl, now_ms, ERROR_LOG_EVERY_MS, &held))
             tly_warn("source: consumer error on %s[%" PRId32 "]: %s%s",
@@ -439,10 +564,21 @@ static void on_message(tly_source_t *src, rd_kafka_message_t *m, int64_t now_ms)
     const char *topic = rd_kafka_topic_name(m->rkt);
     atomic_fetch_add_explicit(&src->messages, 1, memory_order_relaxed);
     part_t *p = part_get(src, topic, m->partition);
+    check_continuity(src, p, m);
+    p->from_end = false;
 
     tly_event_t ev;
+    size_t di = p->topic_index >= 0 ? (size_t)p->topic_index : src->ndecs - 1;
+    const tly_event_rules_t *rules =
+        p->topic_index >= 0 ? &src->fs->topics[p->topic_index] : &src->fs->events;
     int64_t kafka_ts = rd_kafka_message_timestamp(m, NULL);
-    tly_err_t err = tly_decode_json(src->dec, m->payload, m->payload ? m->len : 0, kafka_ts, &ev);
+    tly_err_t err =
+        tly_decode_json(src->decs[di], m->payload, m->payload ? m->len : 0, kafka_ts, &ev);
+    /* The store drops events beyond the loosest max_future_skew of all
+     * topics; a topic with a tighter one is held to it here. */
+    if (err == TLY_OK && rules->max_future_skew_ms < src->fs->max_future_skew_ms &&
+        ev.time_ms > now_ms + rules->max_future_skew_ms)
+        err = TLY_E_EV_FUTURE;
     if (err == TLY_OK) {
         tly_store_apply(src->store, &ev, m->partition, m->offset, now_ms);
         atomic_fetch_add_explicit(&src->applied, 1, memory_order_relaxed);
@@ -525,16 +661,20 @@ static void *poll_main(void *arg)
     if (src->cfg->kafka.mode == TLY_MODE_REPLICA && !assign_all(src))
         goto out;
     while (!atomic_load_explicit(&src->stop, memory_order_relaxed)) {
+        /* While loading, publish often so readiness is seen promptly. */
+        int64_t every = atomic_load_explicit(&src->ready, memory_order_relaxed)
+                            ? PUBLISH_EVERY_MS
+                            : LOADING_PUBLISH_MS;
         rd_kafka_message_t *m = rd_kafka_consumer_poll(src->rk, POLL_TIMEOUT_MS);
         int64_t now = wall_ms();
         if (m == NULL) {
-            if (src->dirty || now - src->last_publish_ms >= PUBLISH_EVERY_MS)
+            if (src->dirty || now - src->last_publish_ms >= every)
                 publish(src, now);
             continue;
         }
         on_message(src, m, now);
         rd_kafka_message_destroy(m);
-        if (now - src->last_publish_ms >= PUBLISH_EVERY_MS)
+        if (now - src->last_publish_ms >= every)
             publish(src, now);
     }
     publish(src, wall_ms());
@@ -700,6 +840,7 @@ tly_source_t *tly_source_new(const tly_config_t *cfg, const tly_featset_t *fs, t
     atomic_init(&src->running, false);
     atomic_init(&src->fatal_set, false);
     atomic_init(&src->watermark_ms, -1);
+    atomic_init(&src->ready, false);
     pthread_mutex_init(&src->mu, NULL);
     for (size_t i = 0; i < fs->nentities; i++)
         if (fs->entities[i].horizon_ms > src->horizon_ms)
@@ -721,7 +862,11 @@ tly_source_t *tly_source_new(const tly_config_t *cfg, const tly_featset_t *fs, t
     }
     if (!make_consumer(src, conf, errbuf, errlen))
         goto fail;
-    src->dec = tly_decoder_new(fs);
+    src->ndecs = fs->ntopics + 1;
+    src->decs = xrealloc(NULL, src->ndecs * sizeof *src->decs);
+    for (size_t t = 0; t < fs->ntopics; t++)
+        src->decs[t] = tly_decoder_new_rules(fs, &fs->topics[t]);
+    src->decs[fs->ntopics] = tly_decoder_new(fs);
     return src;
 fail:
     stop_mock(src);
@@ -810,7 +955,9 @@ void tly_source_free(tly_source_t *src)
         return;
     tly_source_stop(src);
     stop_mock(src);
-    tly_decoder_free(src->dec);
+    for (size_t i = 0; i < src->ndecs; i++)
+        tly_decoder_free(src->decs[i]);
+    free(src->decs);
     for (size_t i = 0; i < src->nparts; i++)
         free(src->parts[i].topic);
     free(src->parts);
@@ -823,6 +970,11 @@ void tly_source_free(tly_source_t *src)
 const char *tly_source_bootstrap(const tly_source_t *src)
 {
     return src->bootstrap;
+}
+
+bool tly_source_ready(tly_source_t *src)
+{
+    return src == NULL || atomic_load_explicit(&src->ready, memory_order_acquire);
 }
 
 const char *tly_source_fatal(tly_source_t *src)
@@ -843,6 +995,9 @@ void tly_source_stats(tly_source_t *src, tly_source_stats_t *st, tly_partition_s
         st->rejected_by[i] = atomic_load_explicit(&src->rejected_by[i], memory_order_relaxed);
     st->errors = atomic_load_explicit(&src->errors, memory_order_relaxed);
     st->rebalances = atomic_load_explicit(&src->rebalances, memory_order_relaxed);
+    st->gaps = atomic_load_explicit(&src->gaps, memory_order_relaxed);
+    st->gap_messages = atomic_load_explicit(&src->gap_messages, memory_order_relaxed);
+    st->ready = atomic_load_explicit(&src->ready, memory_order_acquire);
     st->watermark_ms = atomic_load_explicit(&src->watermark_ms, memory_order_relaxed);
     st->running = atomic_load(&src->running);
     st->lag = -1;

@@ -35,6 +35,7 @@ typedef struct {
     int proto;             /* 2 or 3 (HELLO) */
     bool authed;           /* true when no password is set, or after AUTH */
     bool close_after;      /* QUIT: close once the reply is written */
+    bool stale_ok;         /* CLIENT STALE ON: data commands run while loading */
     char name[TLY_CLIENT_NAME_MAX + 1]; /* CLIENT SETNAME, "" = none */
     char last_cmd[32];     /* lower-case name of the last command */
 } tly_session_t;

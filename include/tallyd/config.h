@@ -14,6 +14,7 @@
 #ifndef TALLYD_CONFIG_H
 #define TALLYD_CONFIG_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -64,6 +65,22 @@ typedef struct {
     char *value;
 } tly_kv_t;
 
+/* One kafka.topics entry: the topic and how its events are read. An entry
+ * is a name (`engagements`) or a mapping `{name: T, events: {time: {field,
+ * unit}, max_future_skew, max_bytes, max_string}}`; every events setting
+ * the entry does not give is the top-level events.* one, so these fields
+ * always hold the settings in force for the topic. */
+typedef struct {
+    char *name;
+    char *time_field;          /* NULL: the Kafka message timestamp */
+    tly_time_unit_t time_unit; /* TLY_TIME_KAFKA exactly when time_field is NULL */
+    int64_t max_future_skew_ms;
+    int64_t max_bytes;
+    int64_t max_string;
+    bool own_events; /* the entry overrides some events.* setting */
+    int line;        /* line of the entry in the file */
+} tly_topic_cfg_t;
+
 typedef struct {
     char *path; /* file the config was loaded from (owned) */
 
@@ -81,17 +98,20 @@ typedef struct {
         int64_t output_soft_limit;  /* queued reply bytes: stop reading */
         int64_t idle_timeout_ms;    /* no bytes from the client: disconnect */
         int64_t request_timeout_ms; /* incomplete request this old: disconnect */
+        int64_t max_reply_values;   /* values in one FEATURES/MFEATURES reply */
     } server;
 
     struct {
         char *brokers; /* "embedded" = in-process mock cluster */
         char *group;
         size_t ntopics;
-        char **topics;
+        char **topics;               /* topic names; the strings belong to topic_cfgs */
+        tly_topic_cfg_t *topic_cfgs; /* aligned with topics */
         tly_kafka_mode_t mode;
         tly_kafka_start_t start;
         size_t nproperties; /* passed through to librdkafka verbatim */
         tly_kv_t *properties;
+        int64_t ready_lag; /* messages behind the end at which the source is caught up */
     } kafka;
 
     struct {
@@ -100,7 +120,7 @@ typedef struct {
         tly_time_unit_t time_unit;
         int64_t max_future_skew_ms;
         int64_t max_bytes;  /* largest accepted payload */
-        int64_t max_string;     /* longest string in a field a feature reads */
+        int64_t max_string; /* longest string in a field a feature reads */
     } events;
 
     struct {

@@ -9,7 +9,9 @@
  * TLY_V_BOOL, null TLY_V_NIL. When a key repeats, the last one wins.
  *
  * Event time comes from the configured field (ms, s or ISO 8601) or, with no
- * time field, from the Kafka message timestamp passed in.
+ * time field, from the Kafka message timestamp passed in. Each decoder reads
+ * by one set of event rules: the top level's, or one topic's
+ * (kafka.topics[].events overrides).
  *
  * A rejected payload leaves nothing behind: the caller applies only events
  * for which decode returned TLY_OK.
@@ -32,8 +34,15 @@ typedef struct tly_decoder tly_decoder_t;
  * one token); a payload with more is rejected with EV_TOO_COMPLEX. */
 #define TLY_DECODE_MAX_TOKENS 256
 
-/* Returns a new decoder for fs (borrowed; must outlive it). Aborts on OOM. */
+/* Returns a new decoder for fs (borrowed; must outlive it) reading events
+ * by the top-level events.* settings (fs->events). Aborts on OOM. */
 tly_decoder_t *tly_decoder_new(const tly_featset_t *fs);
+
+/* Same, reading events by rules (copied; e.g. &fs->topics[i] for a topic's
+ * events): its time field and unit, max_bytes and max_string. Time fields
+ * of other topics are not extracted (they stay TLY_V_NIL). Aborts on OOM,
+ * or when rules' time field is not one of fs's fields. */
+tly_decoder_t *tly_decoder_new_rules(const tly_featset_t *fs, const tly_event_rules_t *rules);
 
 /* Frees dec. NULL is allowed. */
 void tly_decoder_free(tly_decoder_t *dec);

@@ -97,14 +97,35 @@ typedef struct {
     int64_t horizon_ms; /* max horizon of its features */
 } tly_entity_t;
 
+/* How the events of one source are read: the top-level events.* settings,
+ * or one kafka.topics entry's (its own overrides, the rest inherited). */
+typedef struct {
+    const char *topic; /* borrowed from the config; NULL for the top level */
+    int time_field;    /* field id of the event time, -1: Kafka timestamp */
+    tly_time_unit_t time_unit;
+    int64_t max_future_skew_ms;
+    int64_t max_bytes;
+    int64_t max_string;
+} tly_event_rules_t;
+
 typedef struct {
     size_t nfields;
-    char **fields;  /* field names by id (owned) */
-    int time_field; /* field id of the event time, -1: Kafka timestamp */
+    char **fields; /* field names by id (owned) */
+    /* Fields with id < nfeat_fields are read by features (keys, where,
+     * values); the ids above are time fields read by nothing else. */
+    size_t nfeat_fields;
+    /* The top-level events.* settings (time_field, time_unit and max_bytes
+     * repeat them). max_future_skew_ms and max_string are the loosest of the
+     * top level and every topic: the store's backstop; each topic's decoder
+     * and source apply the topic's own. */
+    int time_field;
     tly_time_unit_t time_unit;
     int64_t max_future_skew_ms;
     int64_t max_string;
     int64_t max_bytes;
+    tly_event_rules_t events;
+    size_t ntopics;            /* = config kafka.ntopics */
+    tly_event_rules_t *topics; /* aligned with the config's kafka.topics */
     size_t nentities;
     tly_entity_t *entities;
     size_t nfeats;

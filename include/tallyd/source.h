@@ -30,6 +30,27 @@
  * assignment of a group (as a broker's group.initial.rebalance.delay.ms
  * does); replica mode assigns at once.
  *
+ * Topics: each kafka.topics entry has its own decoder, reading the topic's
+ * time field and limits (kafka.topics[].events, else events.*); a topic's
+ * max_future_skew tighter than the loosest is enforced here (rejected as
+ * EV_FUTURE), the rest by the store.
+ *
+ * Readiness (-LOADING): see tly_source_ready. While not ready the partition
+ * table is republished every 200 ms so catching up is seen promptly.
+ *
+ * Gaps: when a partition's position is out of range, auto.offset.reset
+ * (earliest, or latest for kafka.start latest) moves it; librdkafka does
+ * not tell the application (it only logs), so the source checks every
+ * message's offset against the position it expects: a step backwards, or
+ * forwards past the log start, is an offset reset — counted (stats gaps,
+ * gap_messages: messages known deleted before they were applied) and
+ * logged at WARN with the topic, partition and offsets. Forward steps within
+ * the log (compaction, transaction markers) are not gaps. With
+ * auto.offset.reset=error set in kafka.properties, librdkafka's
+ * __AUTO_OFFSET_RESET error is counted the same way and that partition stops.
+ *
+ * Rebalances: the stats list the partitions of the current assignment only.
+ *
  * Modes: shard subscribes with the consumer group (eager range,roundrobin
  * assignment); replica assigns every partition of every topic from the
  * metadata (partitions added later need a restart); both commit offsets
@@ -73,10 +94,13 @@ typedef struct {
     uint64_t rejected_by[TLY_E__COUNT]; /* decode rejections by reason */
     uint64_t errors;                    /* consumer errors reported by librdkafka */
     uint64_t rebalances;                /* assignment changes */
+    uint64_t gaps;                      /* offset resets: a partition's position out of range */
+    uint64_t gap_messages;              /* messages those resets skipped that Kafka had deleted */
     int64_t watermark_ms;               /* newest event time applied, -1 none */
     int64_t lag;                        /* sum of known partition lags, -1 unknown */
     size_t npartitions;                 /* partitions assigned */
     bool running;                       /* poll thread alive */
+    bool ready;                         /* tly_source_ready() */
 } tly_source_stats_t;
 
 /*
@@ -110,6 +134,14 @@ const char *tly_source_bootstrap(const tly_source_t *src);
  * (the poll thread then stops by itself), a sentence describing it, valid
  * until tly_source_free. The daemon should exit non-zero. Any thread. */
 const char *tly_source_fatal(tly_source_t *src);
+/* True once the source caught up: after its first assignment, every
+ * assigned partition has a known position and high watermark and at most
+ * kafka.ready_lag messages of lag (a partition with nothing to apply — an
+ * empty log, a start at the end — counts as caught up). A new assignment
+ * (rebalance) makes it false until its partitions catch up; otherwise it
+ * stays true. NULL: true (no source, nothing to wait for). One atomic
+ * load; any thread. */
+bool tly_source_ready(tly_source_t *src);
 /* Copies counters into *st and up to cap partitions into parts (may be NULL
  * when cap is 0); st->npartitions says how many are assigned. Any thread. */
 void tly_source_stats(tly_source_t *src, tly_source_stats_t *st, tly_partition_stat_t *parts,

@@ -60,11 +60,12 @@ static const char *events[] = {
     "{\"user_id\":7,\"pin_id\":100,\"action\":\"click\",\"dwell_ms\":1000,\"ts\":1699919970000}",
 };
 
-static int setup_with(void **state, const char *extra)
+static int setup_yaml(void **state, const char *extra, const char *features,
+                      const char *const *evs, size_t nevs)
 {
     fx_t *fx = calloc(1, sizeof *fx);
     char err[256], text[4096];
-    snprintf(text, sizeof text, "%s%s", extra, yaml);
+    snprintf(text, sizeof text, "%s%s", extra, features);
     if (tly_config_load_string(text, "commands.yaml", &fx->cfg, err, sizeof err) != TLY_OK ||
         tly_featset_compile(fx->cfg, &fx->fs, err, sizeof err) != TLY_OK) {
         fprintf(stderr, "%s\n", err);
@@ -77,9 +78,9 @@ static int setup_with(void **state, const char *extra)
     fx->d.started_ms = T;
     atomic_init(&fx->d.server.next_client_id, 1);
     tly_decoder_t *dec = tly_decoder_new(fx->fs);
-    for (size_t i = 0; i < sizeof events / sizeof events[0]; i++) {
+    for (size_t i = 0; i < nevs; i++) {
         tly_event_t ev;
-        if (tly_decode_json(dec, events[i], strlen(events[i]), -1, &ev) != TLY_OK)
+        if (tly_decode_json(dec, evs[i], strlen(evs[i]), -1, &ev) != TLY_OK)
             return -1;
         tly_store_apply(fx->d.store, &ev, 0, (int64_t)i, T);
     }
@@ -91,6 +92,11 @@ static int setup_with(void **state, const char *extra)
     return 0;
 }
 
+static int setup_with(void **state, const char *extra)
+{
+    return setup_yaml(state, extra, yaml, events, sizeof events / sizeof events[0]);
+}
+
 static int setup(void **state)
 {
     return setup_with(state, "");
@@ -99,6 +105,22 @@ static int setup(void **state)
 static int setup_auth(void **state)
 {
     return setup_with(state, "server:\n  requirepass: s3cret\n");
+}
+
+/* A last_k over a float field, for WHERE on doubles. */
+static int setup_scores(void **state)
+{
+    static const char *const evs[] = {
+        "{\"user_id\":1,\"score\":0.1,\"ts\":1699919990000}",
+        "{\"user_id\":1,\"score\":2.5,\"ts\":1699919995000}",
+    };
+    return setup_yaml(state, "server:\n  max_reply_values: 1000\n",
+                      "events:\n  time: { field: ts, unit: ms }\nfeatures:\n"
+                      "  - { name: scores, entity: user, key: user_id, agg: last_k, k: 2,"
+                      " value: [score] }\n"
+                      "  - { name: n, entity: user, key: user_id, agg: count,"
+                      " windows: [1m, 1h] }\n",
+                      evs, 2);
 }
 
 static int teardown(void **state)
@@ -135,6 +157,42 @@ static const char *run_at(fx_t *fx, int64_t now, const char *line)
 static const char *run(fx_t *fx, const char *line)
 {
     return run_at(fx, T, line);
+}
+
+static void test_recent_where_compares_doubles_as_numbers(void **state)
+{
+    fx_t *fx = *state;
+    assert_string_equal(run(fx, "RECENT user 1 scores WHERE 0.1"),
+                        "*1\r\n*2\r\n:1699919990000\r\n$3\r\n0.1\r\n");
+    assert_string_equal(run(fx, "RECENT user 1 scores WHERE 2.50"),
+                        "*1\r\n*2\r\n:1699919995000\r\n$3\r\n2.5\r\n");
+    assert_string_equal(run(fx, "RECENT user 1 scores WHERE 0.2"), "*0\r\n");
+}
+
+/* user 1's two events lie in both windows of n. 2 windows × 500 names × 1
+ * id = 1000 values fit; 1002 do not. */
+static void test_reply_larger_than_max_reply_values_is_refused(void **state)
+{
+    fx_t *fx = *state;
+    char line[8192];
+    size_t used = (size_t)snprintf(line, sizeof line, "MFEATURES user 1 1");
+    for (int i = 0; i < 500; i++)
+        used += (size_t)snprintf(line + used, sizeof line - used, " n");
+    assert_memory_equal(run(fx, line), "*1\r\n*1000\r\n:2\r\n:2\r\n", 18);
+    used = (size_t)snprintf(line, sizeof line, "MFEATURES user 3 1 2 3 n");
+    assert_string_equal(run(fx, line), "*3\r\n*2\r\n:2\r\n:2\r\n*2\r\n:0\r\n:0\r\n"
+                                       "*2\r\n:0\r\n:0\r\n");
+    used = (size_t)snprintf(line, sizeof line, "MFEATURES user 501 1");
+    for (int i = 0; i < 500; i++)
+        used += (size_t)snprintf(line + used, sizeof line - used, " %d", i);
+    snprintf(line + used, sizeof line - used, " n");
+    assert_string_equal(run(fx, line), "-ERR MFEATURES asks for 1002 values; at most 1000 "
+                                       "(server.max_reply_values)\r\n");
+    used = (size_t)snprintf(line, sizeof line, "FEATURES user 1");
+    for (int i = 0; i < 501; i++)
+        used += (size_t)snprintf(line + used, sizeof line - used, " n");
+    assert_string_equal(run(fx, line), "-ERR FEATURES asks for 1002 values; at most 1000 "
+                                       "(server.max_reply_values)\r\n");
 }
 
 static void test_ping_echo_and_unknown_command(void **state)
@@ -384,6 +442,10 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_client_and_hello_commands, setup, teardown),
         cmocka_unit_test_setup_teardown(test_noauth_until_auth, setup_auth, teardown),
         cmocka_unit_test_setup_teardown(test_info_has_every_section, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_recent_where_compares_doubles_as_numbers,
+                                        setup_scores, teardown),
+        cmocka_unit_test_setup_teardown(test_reply_larger_than_max_reply_values_is_refused,
+                                        setup_scores, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

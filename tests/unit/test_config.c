@@ -259,7 +259,7 @@ static const bad_file_t bad_files[] = {
     {"test_unknown_key_is_error_with_file_line", "config/bad/unknown_key.yaml",
      "config/bad/unknown_key.yaml:4: server.max_client: unknown key (known here: listen, admin, "
      "requirepass, max_clients, threads, unix, max_args, max_bulk, max_query_buffer, "
-     "max_output_buffer, output_soft_limit, idle_timeout, request_timeout)"},
+     "max_output_buffer, output_soft_limit, idle_timeout, request_timeout, max_reply_values)"},
     {"test_list_where_a_value_is_expected_is_error", "config/bad/wrong_type.yaml",
      "config/bad/wrong_type.yaml:3: server.max_clients: expected a single value, found a list"},
     {"test_missing_required_feature_key_names_the_feature", "config/bad/missing_key.yaml",
@@ -453,6 +453,33 @@ static const bad_string_t bad_strings[] = {
      "t.yaml:1: kafka.topics: needs at least one item"},
     {"test_empty_topic_name_is_error", "kafka: { topics: [a, \"\"] }\n" ONE_FEATURE,
      "t.yaml:1: kafka.topics[1]: must not be empty"},
+    {"test_topic_time_unit_error_names_the_topic_entry",
+     "kafka:\n  topics:\n    - a\n    - name: b\n      events:\n        time: { field: at, unit: "
+     "us }\n" ONE_FEATURE,
+     "t.yaml:6: kafka.topics[1].events.time.unit: \"us\" is not one of ms|s|iso8601"},
+    {"test_topic_mapping_without_name_is_error",
+     "kafka:\n  topics:\n    - { events: { max_bytes: 100 } }\n" ONE_FEATURE,
+     "t.yaml:3: kafka.topics[0].name: required key is missing"},
+    {"test_topic_time_without_field_is_error",
+     "kafka:\n  topics:\n    - { name: a, events: { time: { unit: s } } }\n" ONE_FEATURE,
+     "t.yaml:3: kafka.topics[0].events.time.field: required key is missing"},
+    {"test_unknown_topic_events_key_lists_the_known_ones",
+     "kafka:\n  topics:\n    - { name: a, events: { format: json } }\n" ONE_FEATURE,
+     "t.yaml:3: kafka.topics[0].events.format: unknown key (known here: time, max_future_skew, "
+     "max_bytes, max_string)"},
+    {"test_unknown_topic_key_lists_the_known_ones",
+     "kafka:\n  topics:\n    - { name: a, partitions: 3 }\n" ONE_FEATURE,
+     "t.yaml:3: kafka.topics[0].partitions: unknown key (known here: name, events)"},
+    {"test_topic_max_bytes_out_of_range_is_error",
+     "kafka:\n  topics:\n    - { name: a, events: { max_bytes: 10 } }\n" ONE_FEATURE,
+     "t.yaml:3: kafka.topics[0].events.max_bytes: 10 is out of range (64..16777216)"},
+    {"test_topic_listed_twice_is_error", "kafka:\n  topics: [a, { name: a }]\n" ONE_FEATURE,
+     "t.yaml:2: kafka.topics[1]: topic \"a\" is listed twice (first at line 2)"},
+    {"test_topic_given_as_a_list_is_error", "kafka:\n  topics: [[a, b]]\n" ONE_FEATURE,
+     "t.yaml:2: kafka.topics[0]: expected a topic name or a mapping {name: ..., events: {...}}, "
+     "found a list"},
+    {"test_negative_ready_lag_is_error", "kafka: { ready_lag: -1 }\n" ONE_FEATURE,
+     "t.yaml:1: kafka.ready_lag: -1 is out of range (0..1000000000)"},
     {"test_empty_brokers_is_error", "kafka: { brokers: \"\" }\n" ONE_FEATURE,
      "t.yaml:1: kafka.brokers: must not be empty"},
     {"test_reserved_kafka_property_points_to_its_key",
@@ -614,6 +641,79 @@ static void test_time_unit_defaults_to_ms_when_time_is_given(void **state)
     tly_config_free(cfg);
     cfg = load_string_ok("events:\n  time: { field: t, unit: s }\n" ONE_FEATURE);
     assert_int_equal(cfg->events.time_unit, TLY_TIME_S);
+    tly_config_free(cfg);
+}
+
+static void test_topics_inherit_top_level_events_settings(void **state)
+{
+    (void)state;
+    tly_config_t *cfg = load_string_ok(
+        "kafka: { topics: [a, b] }\n"
+        "events: { time: { field: ts, unit: s }, max_future_skew: 30s, max_bytes: 100,"
+        " max_string: 7 }\n" ONE_FEATURE);
+    assert_int_equal(cfg->kafka.ntopics, 2);
+    assert_int_equal(cfg->kafka.ready_lag, 1000);
+    for (size_t i = 0; i < 2; i++) {
+        const tly_topic_cfg_t *t = &cfg->kafka.topic_cfgs[i];
+        assert_string_equal(t->name, i == 0 ? "a" : "b");
+        assert_ptr_equal(cfg->kafka.topics[i], t->name);
+        assert_string_equal(t->time_field, "ts");
+        assert_int_equal(t->time_unit, TLY_TIME_S);
+        assert_int_equal(t->max_future_skew_ms, 30000);
+        assert_int_equal(t->max_bytes, 100);
+        assert_int_equal(t->max_string, 7);
+        assert_false(t->own_events);
+    }
+    tly_config_free(cfg);
+
+    /* No events.time: topics without their own read the Kafka timestamp. */
+    cfg = load_string_ok(ONE_FEATURE);
+    assert_int_equal(cfg->kafka.ntopics, 1);
+    assert_string_equal(cfg->kafka.topic_cfgs[0].name, "engagements");
+    assert_null(cfg->kafka.topic_cfgs[0].time_field);
+    assert_int_equal(cfg->kafka.topic_cfgs[0].time_unit, TLY_TIME_KAFKA);
+    assert_int_equal(cfg->kafka.topic_cfgs[0].max_bytes, 65536);
+    tly_config_free(cfg);
+}
+
+static void test_topic_mapping_overrides_events_settings(void **state)
+{
+    (void)state;
+    tly_config_t *cfg = load_string_ok(
+        "kafka:\n"
+        "  ready_lag: 0\n"
+        "  topics:\n"
+        "    - clicks\n"
+        "    - name: views\n"
+        "      events:\n"
+        "        time: { field: at, unit: iso8601 }\n"
+        "        max_future_skew: 5s\n"
+        "    - { name: saves, events: { time: { field: t }, max_bytes: 128, max_string: 9 } }\n"
+        "    - { name: plain }\n"
+        "events: { time: { field: ts }, max_string: 20 }\n" ONE_FEATURE);
+    assert_int_equal(cfg->kafka.ready_lag, 0);
+    assert_int_equal(cfg->kafka.ntopics, 4);
+    const tly_topic_cfg_t *t = cfg->kafka.topic_cfgs;
+    assert_string_equal(cfg->kafka.topics[1], "views");
+    assert_string_equal(t[0].time_field, "ts");
+    assert_int_equal(t[0].time_unit, TLY_TIME_MS);
+    assert_false(t[0].own_events);
+    assert_string_equal(t[1].name, "views");
+    assert_string_equal(t[1].time_field, "at");
+    assert_int_equal(t[1].time_unit, TLY_TIME_ISO8601);
+    assert_int_equal(t[1].max_future_skew_ms, 5000);
+    assert_int_equal(t[1].max_bytes, 65536);
+    assert_int_equal(t[1].max_string, 20);
+    assert_int_equal(t[1].line, 5);
+    assert_true(t[1].own_events);
+    assert_string_equal(t[2].time_field, "t");
+    assert_int_equal(t[2].time_unit, TLY_TIME_MS); /* the unit's default, not the top level's */
+    assert_int_equal(t[2].max_future_skew_ms, 60000);
+    assert_int_equal(t[2].max_bytes, 128);
+    assert_int_equal(t[2].max_string, 9);
+    assert_string_equal(t[3].name, "plain");
+    assert_string_equal(t[3].time_field, "ts");
+    assert_false(t[3].own_events);
     tly_config_free(cfg);
 }
 
@@ -842,21 +942,58 @@ static void test_duration_format_truncates_to_cap(void **state)
 /* ------------------------------------------------------------------------- */
 
 static const char *const all_keys[] = {
-    "server.listen",      "server.admin",        "server.requirepass",
-    "server.max_clients", "server.threads",      "server.unix",
-    "server.max_args",    "server.max_bulk",     "server.max_query_buffer",
-    "server.max_output_buffer", "server.output_soft_limit", "server.idle_timeout",
-    "server.request_timeout", "kafka.brokers",
-    "kafka.group",        "kafka.topics",        "kafka.mode",
-    "kafka.start",        "kafka.properties",    "events.format",
-    "events.time.field",  "events.time.unit",    "events.max_future_skew",
-    "events.max_bytes",   "events.max_string",   "store.idle_ttl",
-    "store.sweep_every",  "snapshot.dir",        "snapshot.every",
-    "snapshot.keep",      "demo.events_per_sec", "demo.users",
-    "demo.pins",          "demo.seed",           "features",
-    "features[].name",    "features[].entity",   "features[].key",
-    "features[].where",   "features[].agg",      "features[].value",
-    "features[].windows", "features[].hop",      "features[].k",
+    "server.listen",
+    "server.admin",
+    "server.requirepass",
+    "server.max_clients",
+    "server.threads",
+    "server.unix",
+    "server.max_args",
+    "server.max_bulk",
+    "server.max_query_buffer",
+    "server.max_output_buffer",
+    "server.output_soft_limit",
+    "server.idle_timeout",
+    "server.request_timeout",
+    "server.max_reply_values",
+    "kafka.brokers",
+    "kafka.group",
+    "kafka.topics",
+    "kafka.topics[].name",
+    "kafka.topics[].events.time.field",
+    "kafka.topics[].events.time.unit",
+    "kafka.topics[].events.max_future_skew",
+    "kafka.topics[].events.max_bytes",
+    "kafka.topics[].events.max_string",
+    "kafka.mode",
+    "kafka.start",
+    "kafka.properties",
+    "kafka.ready_lag",
+    "events.format",
+    "events.time.field",
+    "events.time.unit",
+    "events.max_future_skew",
+    "events.max_bytes",
+    "events.max_string",
+    "store.idle_ttl",
+    "store.sweep_every",
+    "snapshot.dir",
+    "snapshot.every",
+    "snapshot.keep",
+    "demo.events_per_sec",
+    "demo.users",
+    "demo.pins",
+    "demo.seed",
+    "features",
+    "features[].name",
+    "features[].entity",
+    "features[].key",
+    "features[].where",
+    "features[].agg",
+    "features[].value",
+    "features[].windows",
+    "features[].hop",
+    "features[].k",
 };
 
 static void test_help_mentions_every_key_with_type_and_default(void **state)
@@ -872,7 +1009,10 @@ static void test_help_mentions_every_key_with_type_and_default(void **state)
     assert_non_null(strstr(text, "\nserver.threads (int: 1..64; default 1)\n"));
     assert_non_null(strstr(text, "\nkafka.mode (enum: shard|replica; default shard)\n"));
     assert_non_null(strstr(text, "\nevents.max_future_skew (duration: 1ms..1d; default 1m)\n"));
-    assert_non_null(strstr(text, "\nkafka.topics (string list; default [engagements])\n"));
+    assert_non_null(strstr(text, "\nkafka.topics (topic list; default [engagements])\n"));
+    assert_non_null(strstr(text, "\nkafka.ready_lag (int: 0..1000000000; default 1000)\n"));
+    assert_non_null(strstr(text, "\nkafka.topics[].events.max_bytes (int: 64..16777216; "
+                                 "default events.max_bytes)\n"));
     assert_non_null(strstr(text, "\nfeatures[].agg (enum: count|sum|min|max|avg|last|last_k; "
                                  "required)\n"));
     free(text);
@@ -991,6 +1131,8 @@ int main(void)
         cmocka_unit_test(test_null_values_and_sections_keep_defaults),
         cmocka_unit_test(test_every_key_can_be_set),
         cmocka_unit_test(test_time_unit_defaults_to_ms_when_time_is_given),
+        cmocka_unit_test(test_topics_inherit_top_level_events_settings),
+        cmocka_unit_test(test_topic_mapping_overrides_events_settings),
         cmocka_unit_test(test_properties_map_keeps_values_as_text_in_order),
         cmocka_unit_test(test_single_value_stands_for_a_one_item_list),
         cmocka_unit_test(test_explicit_hop_dividing_every_window_is_kept),

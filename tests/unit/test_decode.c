@@ -707,6 +707,73 @@ static void decode_uses_kafka_timestamp_without_time_field(void **state)
     assert_int_equal(tly_decode_json(f->dec, p, strlen(p), -1, &f->ev), TLY_E_EV_MISSING_TIME);
 }
 
+/* One decoder per topic: each reads its own time field and limits and
+ * ignores the other topics' time fields. */
+static void decode_with_topic_rules_reads_that_topics_time_and_limits(void **state)
+{
+    (void)state;
+    char err[512] = "";
+    tly_config_t *cfg = NULL;
+    tly_featset_t *fs = NULL;
+    if (tly_config_load_string(
+            "kafka:\n"
+            "  topics:\n"
+            "    - plain\n"
+            "    - { name: ta, events: { time: { field: ts, unit: ms }, max_future_skew: 2m } }\n"
+            "    - { name: tb, events: { time: { field: at, unit: iso8601 }, max_bytes: 100,"
+            " max_string: 300 } }\n"
+            "events: { max_future_skew: 30s, max_string: 16 }\n"
+            "features:\n"
+            "  - { name: n, entity: user, key: user_id, agg: count, windows: [1h] }\n"
+            "  - { name: l, entity: user, key: user_id, agg: last, value: action }\n",
+            "t.yaml", &cfg, err, sizeof err) != TLY_OK ||
+        tly_featset_compile(cfg, &fs, err, sizeof err) != TLY_OK)
+        fail_msg("%s", err);
+    tly_decoder_t *plain = tly_decoder_new_rules(fs, &fs->topics[0]);
+    tly_decoder_t *ta = tly_decoder_new_rules(fs, &fs->topics[1]);
+    tly_decoder_t *tb = tly_decoder_new_rules(fs, &fs->topics[2]);
+    tly_event_t ev;
+    const char *both = "{\"user_id\":\"u\",\"ts\":1700000000123,\"at\":\"2026-11-22T04:16:21.5Z\"}";
+    assert_int_equal(tly_decode_json(plain, both, strlen(both), 42, &ev), TLY_OK);
+    assert_int_equal(ev.time_ms, 42);
+    assert_int_equal(ev.vals[2].type, TLY_V_NIL); /* not this topic's business */
+    assert_int_equal(ev.vals[3].type, TLY_V_NIL);
+    assert_int_equal(tly_decode_json(ta, both, strlen(both), 42, &ev), TLY_OK);
+    assert_int_equal(ev.time_ms, INT64_C(1700000000123));
+    assert_int_equal(ev.vals[3].type, TLY_V_NIL);
+    assert_int_equal(tly_decode_json(tb, both, strlen(both), 42, &ev), TLY_OK);
+    /* 2026-11-22: 20779 days after 1970-01-01 */
+    assert_int_equal(ev.time_ms, INT64_C(20779) * 86400000 + 4 * 3600000 + 16 * 60000 + 21500);
+    assert_int_equal(ev.vals[2].type, TLY_V_NIL);
+
+    /* a bad "at" is a time error for tb only; ta does not read it */
+    const char *bad_at = "{\"user_id\":\"u\",\"ts\":1700000000123,\"at\":[1]}";
+    assert_int_equal(tly_decode_json(ta, bad_at, strlen(bad_at), 42, &ev), TLY_OK);
+    assert_int_equal(tly_decode_json(tb, bad_at, strlen(bad_at), 42, &ev), TLY_E_EV_BAD_TIME);
+    assert_int_equal(tly_decode_json(ta, "{\"user_id\":\"u\"}", 15, 42, &ev),
+                     TLY_E_EV_MISSING_TIME);
+
+    /* limits: tb takes 100 bytes and 300-byte strings; ta the top level's 16 */
+    char big[200];
+    int n = snprintf(big, sizeof big,
+                     "{\"user_id\":\"u\",\"ts\":1,\"at\":\"2026-11-22T04:16:21Z\","
+                     "\"action\":\"%070d\"}",
+                     0);
+    assert_true(n > 100 && n < 200);
+    assert_int_equal(tly_decode_json(tb, big, (size_t)n, 42, &ev), TLY_E_EV_TOO_LARGE);
+    assert_int_equal(tly_decode_json(ta, big, (size_t)n, 42, &ev), TLY_E_EV_VALUE_TOO_LONG);
+    const char *str20 = "{\"user_id\":\"u\",\"at\":\"2026-11-22T04:16:21Z\",\"action\":"
+                        "\"aaaaaaaaaaaaaaaaaaaa\"}";
+    assert_int_equal(tly_decode_json(tb, str20, strlen(str20), 42, &ev), TLY_OK);
+    assert_int_equal(ev.vals[1].len, 20);
+
+    tly_decoder_free(plain);
+    tly_decoder_free(ta);
+    tly_decoder_free(tb);
+    tly_featset_free(fs);
+    tly_config_free(cfg);
+}
+
 /* --- fuzz corpus ------------------------------------------------------------ */
 
 static bool is_decode_result(tly_err_t rc)
@@ -797,6 +864,7 @@ int main(void)
         cmocka_unit_test(iso8601_rejects_malformed_text),
         cmocka_unit_test(iso8601_rejects_times_outside_1970_to_2100),
         FIXTURE_TEST(decode_uses_kafka_timestamp_without_time_field, setup_kafka),
+        cmocka_unit_test(decode_with_topic_rules_reads_that_topics_time_and_limits),
         cmocka_unit_test(decode_replays_fuzz_corpus_without_crashing),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

@@ -172,6 +172,61 @@ static void compile_copies_event_settings(void **state)
     unload(&l);
 }
 
+static void compile_gives_each_topic_its_event_rules_and_time_field(void **state)
+{
+    (void)state;
+    loaded_t l = compile_ok(
+        "kafka:\n"
+        "  topics:\n"
+        "    - plain\n"
+        "    - { name: ta, events: { time: { field: ts, unit: ms }, max_future_skew: 2m } }\n"
+        "    - { name: tb, events: { time: { field: at, unit: iso8601 }, max_bytes: 100,"
+        " max_string: 300 } }\n"
+        "events: { max_future_skew: 30s, max_string: 16 }\n"
+        "features:\n"
+        "  - { name: n, entity: user, key: user_id, agg: count, windows: [1h] }\n"
+        "  - { name: l, entity: user, key: user_id, agg: last, value: action }\n");
+    const tly_featset_t *fs = l.fs;
+    /* user_id, action, then the topics' time fields in kafka.topics order */
+    assert_int_equal(fs->nfeat_fields, 2);
+    assert_int_equal(fs->nfields, 4);
+    assert_int_equal(fs->time_field, -1);
+    assert_int_equal(fs->events.time_field, -1);
+    assert_null(fs->events.topic);
+    assert_int_equal(fs->ntopics, 3);
+    assert_string_equal(fs->topics[0].topic, "plain");
+    assert_int_equal(fs->topics[0].time_field, -1);
+    assert_int_equal(fs->topics[0].time_unit, TLY_TIME_KAFKA);
+    assert_int_equal(fs->topics[0].max_future_skew_ms, 30000);
+    assert_int_equal(fs->topics[1].time_field, field(fs, "ts"));
+    assert_int_equal(fs->topics[1].time_field, 2);
+    assert_int_equal(fs->topics[1].time_unit, TLY_TIME_MS);
+    assert_int_equal(fs->topics[1].max_future_skew_ms, 120000);
+    assert_int_equal(fs->topics[1].max_string, 16);
+    assert_int_equal(fs->topics[2].time_field, 3);
+    assert_int_equal(fs->topics[2].time_unit, TLY_TIME_ISO8601);
+    assert_int_equal(fs->topics[2].max_bytes, 100);
+    assert_int_equal(fs->topics[2].max_string, 300);
+    /* the store's backstops: the loosest of all */
+    assert_int_equal(fs->max_future_skew_ms, 120000);
+    assert_int_equal(fs->max_string, 300);
+    assert_int_equal(fs->max_bytes, 65536);
+    unload(&l);
+}
+
+static void compile_shares_a_topic_time_field_that_a_feature_reads(void **state)
+{
+    (void)state;
+    loaded_t l =
+        compile_ok("kafka:\n  topics: [{ name: a, events: { time: { field: action } } }]\n"
+                   "features:\n"
+                   "  - { name: l, entity: user, key: user_id, agg: last, value: action }\n");
+    assert_int_equal(l.fs->nfields, 2);
+    assert_int_equal(l.fs->nfeat_fields, 2);
+    assert_int_equal(l.fs->topics[0].time_field, field(l.fs, "action"));
+    unload(&l);
+}
+
 static void compile_without_time_field_uses_kafka_timestamp(void **state)
 {
     (void)state;
@@ -819,6 +874,8 @@ int main(void)
         cmocka_unit_test(compile_assigns_field_ids_in_config_order_with_time_field_last),
         cmocka_unit_test(compile_copies_event_settings),
         cmocka_unit_test(compile_without_time_field_uses_kafka_timestamp),
+        cmocka_unit_test(compile_gives_each_topic_its_event_rules_and_time_field),
+        cmocka_unit_test(compile_shares_a_topic_time_field_that_a_feature_reads),
         cmocka_unit_test(compile_groups_features_by_entity_in_config_order),
         cmocka_unit_test(compile_gives_default_hops_and_bucket_counts),
         cmocka_unit_test(compile_uses_configured_hop_for_every_window),

@@ -6,7 +6,12 @@
  * partitions' end offsets, offsets are committed on stop; replica mode
  * assigns every partition and honours resume positions; a bad
  * kafka.properties entry is named in the error; the demo producer's stream
- * arrives whole.
+ * arrives whole. Without events.time the Kafka message timestamps are the
+ * event times; two topics with their own time fields (ms and ISO 8601) feed
+ * the same features; a resume position out of range is reset, counted as a
+ * gap and everything is still applied; queries get -LOADING until the first
+ * assignment caught up (unless CLIENT STALE ON); a rebalance drops revoked
+ * partitions from the stats.
  *
  * Waits poll tly_source_stats with a deadline (TLY_TEST_TIMEOUT_MULT
  * stretches it under sanitizers); the only sleep is the 10 ms between polls.
@@ -25,7 +30,9 @@
 
 #include <librdkafka/rdkafka.h>
 
+#include "tallyd/commands.h"
 #include "tallyd/config.h"
+#include "tallyd/daemon.h"
 #include "tallyd/demo.h"
 #include "tallyd/feature.h"
 #include "tallyd/rcu.h"
@@ -135,6 +142,21 @@ static void fixture_fini(fixture_t *fx)
     tly_config_free(fx->cfg);
 }
 
+/* Builds the fixture from a whole config text. */
+static void fixture_init_yaml(fixture_t *fx, const char *yaml)
+{
+    char err[512] = "";
+    memset(fx, 0, sizeof *fx);
+    if (tly_config_load_string(yaml, "test.yaml", &fx->cfg, err, sizeof err) != TLY_OK)
+        fail_msg("config: %s", err);
+    if (tly_featset_compile(fx->cfg, &fx->fs, err, sizeof err) != TLY_OK)
+        fail_msg("featset: %s", err);
+    fx->store = tly_store_new(fx->fs);
+    fx->src = tly_source_new(fx->cfg, fx->fs, fx->store, err, sizeof err);
+    if (fx->src == NULL)
+        fail_msg("source: %s", err);
+}
+
 static void start_source(fixture_t *fx)
 {
     char err[512] = "";
@@ -173,6 +195,26 @@ static void produce(rd_kafka_t *rk, uint64_t user, const char *payload, size_t l
         rd_kafka_resp_err_t e =
             rd_kafka_producev(rk, RD_KAFKA_V_TOPIC(TOPIC), RD_KAFKA_V_KEY(key, (size_t)klen),
                               RD_KAFKA_V_VALUE((void *)payload, len),
+                              RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY), RD_KAFKA_V_END);
+        if (e == RD_KAFKA_RESP_ERR_NO_ERROR)
+            return;
+        if (e != RD_KAFKA_RESP_ERR__QUEUE_FULL)
+            fail_msg("produce: %s", rd_kafka_err2str(e));
+        rd_kafka_poll(rk, 10);
+    }
+}
+
+/* Produces payload to topic keyed by user, with the message timestamp ts
+ * (ms; 0: the producer's clock). */
+static void produce_at(rd_kafka_t *rk, const char *topic, uint64_t user, const char *payload,
+                       size_t len, int64_t ts)
+{
+    char key[24];
+    int klen = snprintf(key, sizeof key, "%" PRIu64, user);
+    for (;;) {
+        rd_kafka_resp_err_t e =
+            rd_kafka_producev(rk, RD_KAFKA_V_TOPIC(topic), RD_KAFKA_V_KEY(key, (size_t)klen),
+                              RD_KAFKA_V_VALUE((void *)payload, len), RD_KAFKA_V_TIMESTAMP(ts),
                               RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY), RD_KAFKA_V_END);
         if (e == RD_KAFKA_RESP_ERR_NO_ERROR)
             return;
@@ -626,6 +668,396 @@ static void test_demo_stream_arrives_whole(void **state)
     tly_rcu_thread_offline();
 }
 
+/* ---- event times, topics, gaps, loading, rebalance ----------------------------- */
+
+/* Waits until applied + rejected reaches n with nparts partitions assigned
+ * and no lag; fills *st. */
+static void await_total(fixture_t *fx, uint64_t n, size_t nparts, tly_source_stats_t *st)
+{
+    int64_t deadline = deadline_after(DEADLINE_S);
+    for (;;) {
+        tly_source_stats(fx->src, st, NULL, 0);
+        if (st->applied + st->rejected >= n && st->npartitions == nparts && st->lag == 0)
+            return;
+        if (mono_ms() > deadline)
+            fail_msg("not caught up: applied %" PRIu64 " + rejected %" PRIu64 " of %" PRIu64
+                     ", %zu partitions, lag %" PRId64,
+                     st->applied, st->rejected, n, st->npartitions, st->lag);
+        pause_10ms();
+    }
+}
+
+/* Formats epoch ms as ISO 8601 UTC with milliseconds. */
+static void iso8601(int64_t ms, char *buf, size_t cap)
+{
+    time_t secs = (time_t)(ms / 1000);
+    struct tm tm;
+    gmtime_r(&secs, &tm);
+    snprintf(buf, cap, "%04d-%02d-%02dT%02d:%02d:%02d.%03dZ", tm.tm_year + 1900, tm.tm_mon + 1,
+             tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec, (int)(ms % 1000));
+}
+
+#define USER_FEATURES                                                                              \
+    "features:\n"                                                                                  \
+    "  - { name: events, entity: user, key: user_id, agg: count, windows: [1h] }\n"                \
+    "  - { name: last_action, entity: user, key: user_id, agg: last, value: action }\n"
+
+static void assert_users(fixture_t *fx, const user_model_t *users)
+{
+    for (uint64_t u = 1; u <= N_USERS; u++) {
+        assert_int_equal(read_int(fx, "user", u, "events:1h"), users[u].events);
+        if (users[u].events > 0)
+            assert_last_action(fx, u, &users[u]);
+    }
+}
+
+static void model_add(user_model_t *m, int action, int64_t ts)
+{
+    m->events++;
+    if (ts > m->last_ts) {
+        m->last_ts = ts;
+        m->last_action = action;
+    }
+}
+
+static void test_kafka_timestamp_is_the_event_time_without_events_time(void **state)
+{
+    (void)state;
+    SKIP_UNDER_TSAN();
+    enum { N = 600 };
+    fixture_t fx;
+    fixture_init_yaml(&fx, "kafka: { brokers: embedded, group: test-kts, topics: [" TOPIC "],"
+                           " mode: replica, start: earliest }\n" USER_FEATURES);
+    tly_rcu_thread_online();
+    assert_int_equal(fx.fs->topics[0].time_field, -1);
+    start_source(&fx);
+
+    static user_model_t users[N_USERS + 1];
+    memset(users, 0, sizeof users);
+    int64_t t0 = wall_ms(), max_ts = -1;
+    uint64_t lcg = 4242;
+    rd_kafka_t *prod = producer_new(tly_source_bootstrap(fx.src));
+    for (int i = 0; i < N; i++) {
+        event_t e = event_at(&lcg, i, t0);
+        /* a "ts" field that is not the event time: no events.time */
+        char json[160];
+        int len =
+            snprintf(json, sizeof json, "{\"user_id\": %" PRIu64 ", \"action\": \"%s\", \"ts\": 5}",
+                     e.user, actions[e.action]);
+        produce_at(prod, TOPIC, e.user, json, (size_t)len, e.ts);
+        model_add(&users[e.user], e.action, e.ts);
+        if (e.ts > max_ts)
+            max_ts = e.ts;
+    }
+    flush_producer(prod);
+
+    tly_source_stats_t st;
+    await_total(&fx, N, NPARTS, &st);
+    assert_int_equal(st.applied, N);
+    assert_int_equal(st.rejected, 0);
+    assert_int_equal(st.watermark_ms, max_ts);
+    assert_users(&fx, users);
+
+    rd_kafka_destroy(prod);
+    fixture_fini(&fx);
+    tly_rcu_thread_offline();
+}
+
+static void test_each_topic_reads_its_own_time_field_and_limits(void **state)
+{
+    (void)state;
+    SKIP_UNDER_TSAN();
+    enum { N = 1000 };
+    fixture_t fx;
+    fixture_init_yaml(&fx, "kafka:\n"
+                           "  brokers: embedded\n"
+                           "  group: test-topics\n"
+                           "  mode: replica\n"
+                           "  start: earliest\n"
+                           "  topics:\n"
+                           "    - { name: ta, events: { time: { field: ts, unit: ms } } }\n"
+                           "    - name: tb\n"
+                           "      events: { time: { field: at, unit: iso8601 }, max_bytes: 100 }\n"
+                           "events: { max_bytes: 4096 }\n" USER_FEATURES);
+    tly_rcu_thread_online();
+    assert_int_equal(fx.fs->ntopics, 2);
+    assert_true(fx.fs->topics[0].time_field >= 0);
+    assert_true(fx.fs->topics[1].time_field >= 0);
+    assert_int_equal(fx.fs->topics[1].time_unit, TLY_TIME_ISO8601);
+    start_source(&fx);
+
+    static user_model_t users[N_USERS + 1];
+    memset(users, 0, sizeof users);
+    int64_t t0 = wall_ms(), max_ts = -1;
+    uint64_t lcg = 31337;
+    rd_kafka_t *prod = producer_new(tly_source_bootstrap(fx.src));
+    for (int i = 0; i < N; i++) {
+        event_t e = event_at(&lcg, i, t0);
+        char json[200], when[80];
+        int len;
+        /* Each topic's events carry the other's time field as garbage: a
+         * decoder reading it would reject them. The message timestamps
+         * (the producer's clock) are not the event times. */
+        if (i % 2 == 0) {
+            len = snprintf(json, sizeof json,
+                           "{\"user_id\": %" PRIu64 ", \"action\": \"%s\", \"ts\": %" PRId64
+                           ", \"at\": \"yesterday\"}",
+                           e.user, actions[e.action], e.ts);
+            produce_at(prod, "ta", e.user, json, (size_t)len, 0);
+        } else {
+            iso8601(e.ts, when, sizeof when);
+            len = snprintf(json, sizeof json,
+                           "{\"user_id\": %" PRIu64 ", \"at\": \"%s\", \"action\": \"%s\"}", e.user,
+                           when, actions[e.action]);
+            assert_true(len <= 100);
+            produce_at(prod, "tb", e.user, json, (size_t)len, 0);
+        }
+        model_add(&users[e.user], e.action, e.ts);
+        if (e.ts > max_ts)
+            max_ts = e.ts;
+    }
+    /* Rejected by the topic's rules: tb has no "ts" time and a 100-byte
+     * limit; ta has no "at" time. The long ta event is fine there. */
+    char json[200];
+    int len = snprintf(json, sizeof json,
+                       "{\"user_id\": 1, \"action\": \"click\", \"ts\": %" PRId64 "}", t0 - 1000);
+    produce_at(prod, "tb", 1, json, (size_t)len, 0);
+    len = snprintf(json, sizeof json,
+                   "{\"user_id\": 2, \"action\": \"click\", \"at\": \"2026-01-01T00:00:00Z\"}");
+    produce_at(prod, "ta", 2, json, (size_t)len, 0);
+    char when[80];
+    iso8601(t0 - 2000, when, sizeof when);
+    len = snprintf(json, sizeof json,
+                   "{\"user_id\": 3, \"action\": \"click\", \"at\": \"%s\", \"pad\": \"%060d\"}",
+                   when, 0);
+    assert_true(len > 100);
+    produce_at(prod, "tb", 3, json, (size_t)len, 0);
+    len =
+        snprintf(json, sizeof json,
+                 "{\"user_id\": 4, \"action\": \"save\", \"ts\": %" PRId64 ", \"pad\": \"%060d\"}",
+                 t0 - 3000, 0);
+    produce_at(prod, "ta", 4, json, (size_t)len, 0);
+    model_add(&users[4], 3, t0 - 3000);
+    if (t0 - 3000 > max_ts)
+        max_ts = t0 - 3000;
+    flush_producer(prod);
+
+    tly_source_stats_t st;
+    await_total(&fx, N + 4, 2 * NPARTS, &st);
+    assert_int_equal(st.applied, N + 1);
+    assert_int_equal(st.rejected, 3);
+    assert_int_equal(st.rejected_by[TLY_E_EV_MISSING_TIME], 2);
+    assert_int_equal(st.rejected_by[TLY_E_EV_TOO_LARGE], 1);
+    assert_int_equal(st.watermark_ms, max_ts);
+    assert_users(&fx, users);
+
+    rd_kafka_destroy(prod);
+    fixture_fini(&fx);
+    tly_rcu_thread_offline();
+}
+
+static void test_out_of_range_position_is_reset_counted_and_nothing_is_lost(void **state)
+{
+    (void)state;
+    SKIP_UNDER_TSAN();
+    enum { N = 800 };
+    fixture_t fx;
+    fixture_init(&fx, "test-gap", "replica", "earliest", "");
+    tly_rcu_thread_online();
+    int64_t t0 = wall_ms();
+    uint64_t lcg = 555;
+    rd_kafka_t *prod = producer_new(tly_source_bootstrap(fx.src));
+    for (int i = 0; i < N; i++) {
+        event_t e = event_at(&lcg, i, t0);
+        char json[160];
+        int len = snprintf(json, sizeof json, "{\"user_id\": %" PRIu64 ", \"ts\": %" PRId64 "}",
+                           e.user, e.ts);
+        produce(prod, e.user, json, (size_t)len);
+    }
+    flush_producer(prod);
+    int64_t hi[NPARTS];
+    assert_int_equal(end_offsets(prod, hi), N);
+    /* Positions past the end (a snapshot of a topic since recreated): Kafka
+     * answers out of range, auto.offset.reset (earliest) moves each
+     * partition back to its beginning. */
+    uint64_t nonempty = 0;
+    for (int p = 0; p < NPARTS; p++) {
+        assert_int_equal(tly_source_resume_at(fx.src, TOPIC, p, hi[p] + 50), TLY_OK);
+        nonempty += hi[p] > 0;
+    }
+    start_source(&fx);
+
+    tly_source_stats_t st;
+    tly_partition_stat_t parts[NPARTS];
+    await_caught_up(&fx, N, hi, &st, parts);
+    assert_int_equal(st.applied, N);
+    assert_int_equal(st.gaps, nonempty);
+    assert_int_equal(st.gap_messages, 0);
+
+    rd_kafka_destroy(prod);
+    fixture_fini(&fx);
+    tly_rcu_thread_offline();
+}
+
+/* Runs one command (space-separated words) against d; returns the reply
+ * (valid until the next call). */
+static const char *run(tly_daemon_t *d, tly_session_t *s, tly_cmd_scratch_t *sc, tly_buf_t *out,
+                       const char *line)
+{
+    char copy[512];
+    snprintf(copy, sizeof copy, "%s", line);
+    tly_arg_t argv[16];
+    size_t argc = 0;
+    for (char *save = NULL, *w = strtok_r(copy, " ", &save); w != NULL && argc < 16;
+         w = strtok_r(NULL, " ", &save))
+        argv[argc++] = (tly_arg_t){w, strlen(w)};
+    out->len = 0;
+    tly_command_exec(d, s, sc, argv, argc, out, wall_ms());
+    tly_buf_append(out, "", 1);
+    out->len--;
+    return out->data;
+}
+
+static void test_queries_get_loading_until_caught_up_unless_stale_is_on(void **state)
+{
+    (void)state;
+    SKIP_UNDER_TSAN();
+    enum { N = 300 };
+    char yaml[4096];
+    snprintf(yaml, sizeof yaml, base_yaml, "test-loading", "shard", "earliest", "  ready_lag: 0\n",
+             "");
+    fixture_t fx;
+    fixture_init_yaml(&fx, yaml);
+    tly_rcu_thread_online();
+    int64_t t0 = wall_ms();
+    uint64_t lcg = 8080;
+    int64_t events_of_7 = 0;
+    rd_kafka_t *prod = producer_new(tly_source_bootstrap(fx.src));
+    for (int i = 0; i < N; i++) {
+        event_t e = event_at(&lcg, i, t0);
+        e.user = 1 + (uint64_t)i % 10;
+        char json[160];
+        int len = snprintf(json, sizeof json, "{\"user_id\": %" PRIu64 ", \"ts\": %" PRId64 "}",
+                           e.user, e.ts);
+        produce(prod, e.user, json, (size_t)len);
+        events_of_7 += e.user == 7;
+    }
+    flush_producer(prod);
+
+    tly_daemon_t d;
+    memset(&d, 0, sizeof d);
+    d.cfg = fx.cfg;
+    d.fs = fx.fs;
+    d.store = fx.store;
+    d.source = fx.src;
+    tly_session_t s;
+    tly_session_init(&s, &d);
+    tly_cmd_scratch_t *sc = tly_cmd_scratch_new();
+    tly_buf_t out = {0};
+    assert_false(tly_source_ready(fx.src));
+    /* Shard mode: the embedded coordinator waits 3 s before the first
+     * assignment, so nothing is assigned yet. */
+    start_source(&fx);
+    assert_string_equal(run(&d, &s, sc, &out, "FEATURES user 7 events:1h"),
+                        "-LOADING tallyd is catching up with Kafka (lag not known yet: no "
+                        "partitions assigned); retry, or CLIENT STALE ON to read anyway\r\n");
+    assert_non_null(strstr(run(&d, &s, sc, &out, "MFEATURES user 1 7"), "-LOADING "));
+    assert_non_null(strstr(run(&d, &s, sc, &out, "RECENT user 7 last_action"), "-LOADING "));
+    assert_non_null(strstr(run(&d, &s, sc, &out, "INFO source"), "\r\nloading:1\r\n"));
+    assert_string_equal(run(&d, &s, sc, &out, "CLIENT STALE ON"), "+OK\r\n");
+    assert_string_equal(run(&d, &s, sc, &out, "FEATURES user 7 events:1h"),
+                        "*2\r\n$9\r\nevents:1h\r\n:0\r\n");
+    assert_string_equal(run(&d, &s, sc, &out, "CLIENT STALE OFF"), "+OK\r\n");
+    assert_non_null(strstr(run(&d, &s, sc, &out, "CLIENT STALE MAYBE"), "-ERR unknown subcommand"));
+
+    int64_t deadline = deadline_after(DEADLINE_S);
+    while (!tly_source_ready(fx.src)) {
+        if (mono_ms() > deadline)
+            fail_msg("the source never became ready");
+        pause_10ms();
+    }
+    /* Ready means caught up (ready_lag 0): every event is applied. */
+    tly_source_stats_t st;
+    tly_source_stats(fx.src, &st, NULL, 0);
+    assert_true(st.ready);
+    assert_int_equal(st.applied, N);
+    assert_int_equal(st.lag, 0);
+    char want[64];
+    snprintf(want, sizeof want, "*2\r\n$9\r\nevents:1h\r\n:%" PRId64 "\r\n", events_of_7);
+    assert_string_equal(run(&d, &s, sc, &out, "FEATURES user 7 events:1h"), want);
+    const char *info = run(&d, &s, sc, &out, "INFO source");
+    assert_non_null(strstr(info, "\r\nloading:0\r\n"));
+    assert_non_null(strstr(info, "\r\noffset_resets:0\r\n"));
+
+    tly_buf_fini(&out);
+    tly_cmd_scratch_free(sc);
+    rd_kafka_destroy(prod);
+    fixture_fini(&fx);
+    tly_rcu_thread_offline();
+}
+
+/* Waits until src has `want` partitions assigned and is ready; fills parts. */
+static void await_assigned(tly_source_t *src, size_t want, tly_partition_stat_t parts[NPARTS],
+                           tly_source_stats_t *st)
+{
+    int64_t deadline = deadline_after(DEADLINE_S);
+    for (;;) {
+        tly_source_stats(src, st, parts, NPARTS);
+        if (st->npartitions == want && st->ready)
+            return;
+        if (mono_ms() > deadline)
+            fail_msg("%zu partitions assigned, want %zu", st->npartitions, want);
+        pause_10ms();
+    }
+}
+
+static void test_rebalance_drops_revoked_partitions_from_the_stats(void **state)
+{
+    (void)state;
+    SKIP_UNDER_TSAN();
+    static const char *const fast =
+        "  properties: { heartbeat.interval.ms: 100, session.timeout.ms: 6000 }\n";
+    char yaml[4096];
+    snprintf(yaml, sizeof yaml, base_yaml, "test-rebalance", "shard", "earliest", fast, "");
+    fixture_t a;
+    fixture_init_yaml(&a, yaml);
+    tly_rcu_thread_online();
+    start_source(&a);
+    tly_source_stats_t st;
+    tly_partition_stat_t pa[NPARTS], pb[NPARTS];
+    await_assigned(a.src, NPARTS, pa, &st);
+    uint64_t rebalances = st.rebalances;
+
+    /* A second member of the group, on the first one's cluster. */
+    char brokers[512];
+    snprintf(brokers, sizeof brokers, "  brokers: \"%s\"\n", tly_source_bootstrap(a.src));
+    char *embedded = strstr(yaml, "  brokers: embedded\n");
+    assert_non_null(embedded);
+    char rest[4096];
+    snprintf(rest, sizeof rest, "%s", embedded + strlen("  brokers: embedded\n"));
+    snprintf(embedded, sizeof yaml - (size_t)(embedded - yaml), "%s%s", brokers, rest);
+    fixture_t b;
+    fixture_init_yaml(&b, yaml);
+    start_source(&b);
+    await_assigned(b.src, NPARTS / 2, pb, &st);
+    await_assigned(a.src, NPARTS / 2, pa, &st);
+    assert_true(st.rebalances > rebalances);
+    bool owned[NPARTS] = {false};
+    for (size_t i = 0; i < NPARTS / 2; i++) {
+        assert_string_equal(pa[i].topic, TOPIC);
+        assert_false(owned[pa[i].partition]);
+        owned[pa[i].partition] = true;
+    }
+    for (size_t i = 0; i < NPARTS / 2; i++) {
+        assert_false(owned[pb[i].partition]);
+        owned[pb[i].partition] = true;
+    }
+
+    fixture_fini(&b);
+    fixture_fini(&a);
+    tly_rcu_thread_offline();
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -634,6 +1066,11 @@ int main(void)
         cmocka_unit_test(test_window_start_without_an_offset_for_the_time_begins_at_the_end),
         cmocka_unit_test(test_bad_kafka_property_fails_naming_it),
         cmocka_unit_test(test_demo_stream_arrives_whole),
+        cmocka_unit_test(test_kafka_timestamp_is_the_event_time_without_events_time),
+        cmocka_unit_test(test_each_topic_reads_its_own_time_field_and_limits),
+        cmocka_unit_test(test_out_of_range_position_is_reset_counted_and_nothing_is_lost),
+        cmocka_unit_test(test_queries_get_loading_until_caught_up_unless_stale_is_on),
+        cmocka_unit_test(test_rebalance_drops_revoked_partitions_from_the_stats),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
