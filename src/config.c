@@ -198,6 +198,9 @@ const key_def_t tly_config_keys[] = {
         "Distinct pins in the demo stream."),
     KEY("demo.seed", K_INT, "42", 0, 0, 0, NULL, CFG(demo.seed),
         "Random seed of the demo stream: the same seed gives the same stream."),
+    KEY("demo.history", K_INT, "200000", 0, 2000000, 0, NULL, CFG(demo.history),
+        "Events the demo generator first produces spread over the day before it starts, so "
+        "that 1h and 1d windows differ from 5m from the first query; 0 for none."),
 
     KEY("features", K_FEATURES, NULL, 0, 0, F_REQUIRED, NULL, CFGLIST(nfeatures, features),
         "The features to compute: a list of at least one mapping with the features[].* keys "

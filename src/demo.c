@@ -231,6 +231,7 @@ struct tly_demo {
     char *topic;         /* owned */
     tly_demo_gen_t *gen; /* producer thread */
     int64_t rate;        /* events per second */
+    int64_t history;     /* events backfilled over the previous day first */
     pthread_t thread;
     atomic_bool stop;               /* written by tly_demo_stop */
     atomic_uint_fast64_t delivered; /* written by the delivery callback */
@@ -280,12 +281,12 @@ static void delivery_cb(rd_kafka_t *rk, const rd_kafka_message_t *m, void *opaqu
     }
 }
 
-/* Produces one event; waits on a full queue. False when stopping. */
-static bool produce_one(tly_demo_t *demo)
+/* Produces one event at ts_ms; waits on a full queue. False when stopping. */
+static bool produce_one(tly_demo_t *demo, int64_t ts_ms)
 {
     char buf[192], key[24];
     uint64_t user;
-    size_t len = tly_demo_gen_next(demo->gen, wall_ms(), buf, sizeof buf, &user);
+    size_t len = tly_demo_gen_next(demo->gen, ts_ms, buf, sizeof buf, &user);
     int klen = snprintf(key, sizeof key, "%" PRIu64, user);
     for (;;) {
         rd_kafka_resp_err_t err = rd_kafka_producev(
@@ -304,9 +305,26 @@ static bool produce_one(tly_demo_t *demo)
     }
 }
 
+/* The day before start, in time order, as fast as the cluster takes it, so
+ * that the demo's 1h/1d/7d windows differ from its 5m ones from the start. */
+static void produce_history(tly_demo_t *demo)
+{
+    const int64_t day = INT64_C(86400000);
+    int64_t start = wall_ms() - day;
+    for (int64_t i = 0; i < demo->history; i++) {
+        if (!produce_one(demo, start + i * day / demo->history))
+            return;
+        if (i % 1000 == 0)
+            rd_kafka_poll(demo->rk, 0);
+    }
+    if (demo->history > 0)
+        tly_info("demo: backfilled %" PRId64 " events over the previous day", demo->history);
+}
+
 static void *demo_main(void *arg)
 {
     tly_demo_t *demo = arg;
+    produce_history(demo);
     int64_t t0 = mono_ns();
     int64_t sent = 0; /* events due so far that were produced (or skipped) */
     struct timespec next;
@@ -316,7 +334,7 @@ static void *demo_main(void *arg)
         int64_t due = (int64_t)((double)demo->rate * ((double)elapsed / 1e9));
         if (due - sent > demo->rate)
             sent = due - demo->rate / 100; /* stalled > 1 s: skip, do not burst */
-        while (sent < due && produce_one(demo))
+        while (sent < due && produce_one(demo, wall_ms()))
             sent++;
         rd_kafka_poll(demo->rk, 0);
         next.tv_nsec += TICK_NS;
@@ -358,6 +376,7 @@ tly_demo_t *tly_demo_start(const tly_config_t *cfg, const char *bootstrap, char 
     atomic_init(&demo->delivered, 0);
     atomic_init(&demo->failed, 0);
     demo->rate = cfg->demo.events_per_sec;
+    demo->history = cfg->demo.history;
     demo->topic = strdup(cfg->kafka.topics[0]);
     if (demo->topic == NULL) {
         tly_error("demo: out of memory");

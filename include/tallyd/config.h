@@ -139,6 +139,7 @@ typedef struct {
         int64_t users;
         int64_t pins;
         int64_t seed;
+        int64_t history; /* events backfilled over the previous day */
     } demo;
 
     size_t nfeatures;

@@ -10,8 +10,9 @@
  * hide; dwell_ms depends on the action. Event times are given by the caller.
  *
  * The producer (tly_demo_start) runs one thread that produces the stream to
- * a Kafka topic at demo.events_per_sec, keyed by user id, with event time =
- * the wall clock at production.
+ * a Kafka topic keyed by user id: first demo.history events with times
+ * spread over the day before start (as fast as the cluster takes them), then
+ * demo.events_per_sec with event time = the wall clock at production.
  */
 #ifndef TALLYD_DEMO_H
 #define TALLYD_DEMO_H

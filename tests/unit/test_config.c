@@ -983,7 +983,7 @@ static const char *const all_keys[] = {
     "demo.events_per_sec",
     "demo.users",
     "demo.pins",
-    "demo.seed",
+    "demo.seed", "demo.history",
     "features",
     "features[].name",
     "features[].entity",

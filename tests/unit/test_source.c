@@ -635,7 +635,7 @@ static void test_demo_stream_arrives_whole(void **state)
     SKIP_UNDER_TSAN();
     fixture_t fx;
     fixture_init(&fx, "test-demo", "replica", "window",
-                 "demo: { events_per_sec: 5000, users: 1000, pins: 10000, seed: 7 }\n");
+                 "demo: { events_per_sec: 5000, users: 1000, pins: 10000, seed: 7, history: 0 }\n");
     tly_rcu_thread_online();
     start_source(&fx);
     char err[512] = "";
