@@ -10,6 +10,7 @@ PKGS=(
   libyaml-dev libjsmn-dev libhiredis-dev libzstd-dev libmicrohttpd-dev
   libck-dev
   redis-server redis-tools kcat
+  openjdk-17-jre-headless maven
   python3 python3-venv python3-redis python3-confluent-kafka
   clang clang-format-14 clang-tidy-14 cppcheck libclang-rt-14-dev
   valgrind linux-perf time

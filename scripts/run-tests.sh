@@ -4,6 +4,8 @@
 # Usage: run-tests.sh            release unit tests + the concurrent tests under TSan
 #                                + the integration tests (real tallyd, Kafka
 #                                  mock cluster, Redis clients; tests/integration)
+#                                + the same against a real Apache Kafka broker
+#                                  (scripts/kafka.sh; needs Java 17 and Maven)
 #        run-tests.sh BUILD_DIR  every unit test of that build (asan/tsan variants)
 # Each binary is a cmocka suite; its "[  PASSED  ] N" / "[  FAILED  ] N" lines
 # are summed, and so are the integration scripts' lines of the same form. A
@@ -77,6 +79,33 @@ else
   for name in e2e badinput; do
     run_cmd "integration/$name" timeout 240 "$py" "tests/integration/$name.py"
   done
+  # Faults of the mock cluster (brokers down, Fetch errors, coordinator and
+  # leader moves) during a steady stream: tallyd must still count each event
+  # exactly once (about 2 minutes).
+  run_cmd "integration/kafka_faults" timeout 420 "$py" "tests/integration/kafka_faults.py"
+  # Integration against a real Apache Kafka broker (scripts/kafka.sh: Kafka
+  # from Maven Central, run on the machine's Java): one broker for the
+  # phase, stopped at the end whatever happened. A broker that cannot be
+  # fetched or started is a failure, never a skip.
+  kdir=build/kafka-test
+  trap 'bash scripts/kafka.sh stop --dir "$kdir" >/dev/null 2>&1' EXIT
+  echo "--- integration/kafka broker"
+  klog=$(mktemp)
+  if bash scripts/kafka.sh start --dir "$kdir" >"$klog" 2>&1; then
+    grep '^KAFKA ' "$klog"
+    bootstrap=$(sed -n 's/^KAFKA //p' "$klog")
+    for name in kafka_exact kafka_replica kafka_bootstrap; do
+      run_cmd "integration/$name" env TLY_KAFKA_BOOTSTRAP="$bootstrap" \
+        timeout 240 "$py" "tests/integration/$name.py"
+    done
+  else
+    cat "$klog"
+    failures+=("integration/kafka-broker")
+    failed=$((failed + 1))
+  fi
+  rm -f "$klog"
+  bash scripts/kafka.sh stop --dir "$kdir"
+  trap - EXIT
 fi
 
 echo

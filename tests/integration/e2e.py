@@ -284,11 +284,13 @@ def zipf_cum(n, s):
     return cum
 
 
-def generate(asof):
+def generate(asof, nevents=NEVENTS, seed=SEED):
     """Returns (events, lines, user ids, pin ids): events[i] is the i-th
     produced event as a dict (None for a malformed one), lines the
-    "key\\tpayload" lines."""
-    rng = random.Random(SEED)
+    "key\\tpayload" lines. nevents well-formed events (and the malformed
+    ones besides) from the seeded generator (kafka_faults.py uses other
+    sizes and seeds)."""
+    rng = random.Random(seed)
     users = [1000 + 7 * r for r in range(NUSERS)]
     pins = [500_000 + 13 * r for r in range(NPINS)]
     ucum = zipf_cum(NUSERS, 0.9)
@@ -301,7 +303,7 @@ def generate(asof):
 
     last_ts = {}
     events, lines = [], []
-    for _ in range(NEVENTS):
+    for _ in range(nevents):
         u = rng.choices(users, cum_weights=ucum)[0]
         ev = {"user_id": u, "pin_id": rng.choices(pins, cum_weights=pcum)[0],
               "action": rng.choices(ACTIONS, weights=ACTION_W)[0]}

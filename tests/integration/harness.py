@@ -375,7 +375,9 @@ class Tallyd:
                 applied = int(info.get("events_applied", "0"))
                 rejected = int(info.get("events_rejected", "0"))
                 consumed = int(info.get("messages_consumed", "0"))
-                if consumed >= produced and applied + rejected >= produced:
+                # and, where tallyd reports it, until it serves (not -LOADING)
+                if (consumed >= produced and applied + rejected >= produced
+                        and info.get("loading", "0") == "0"):
                     return info
                 time.sleep(0.05)
         finally:
