@@ -121,6 +121,7 @@ static void test_example_yaml_loads_with_its_written_values(void **state)
     assert_int_equal(cfg->demo.users, 100000);
     assert_int_equal(cfg->demo.pins, 1000000);
     assert_int_equal(cfg->demo.seed, 42);
+    assert_int_equal(cfg->demo.history, 200000);
 
     assert_int_equal(cfg->nfeatures, 5);
     const tly_feature_cfg_t *f = cfg->features;
@@ -205,6 +206,7 @@ static void test_demo_yaml_loads_twelve_features_over_user_and_pin(void **state)
     assert_int_equal(cfg->events.time_unit, TLY_TIME_MS);
     assert_string_equal(cfg->snapshot.dir, "build/demo/snapshots");
     assert_int_equal(cfg->demo.seed, 42);
+    assert_int_equal(cfg->demo.history, 200000);
 
     assert_int_equal(cfg->nfeatures, NELEMS(want));
     for (size_t i = 0; i < NELEMS(want); i++) {
@@ -576,6 +578,7 @@ static void test_omitted_sections_take_documented_defaults(void **state)
     assert_int_equal(cfg->demo.users, 100000);
     assert_int_equal(cfg->demo.pins, 1000000);
     assert_int_equal(cfg->demo.seed, 42);
+    assert_int_equal(cfg->demo.history, 200000);
     tly_config_free(cfg);
 }
 
