@@ -114,26 +114,27 @@ void tly_cmd_scratch_free(tly_cmd_scratch_t *sc)
     free(sc);
 }
 
+/* Returns arr (of elem-byte items, *cap of them) grown to hold at least n,
+ * doubling from 64. */
+static void *reserve(void *arr, size_t *cap, size_t n, size_t elem)
+{
+    if (n <= *cap)
+        return arr;
+    size_t c = *cap ? *cap : 64;
+    while (c < n)
+        c *= 2;
+    *cap = c;
+    return xrealloc(arr, c * elem);
+}
+
 static void reserve_req(tly_cmd_scratch_t *sc, size_t n)
 {
-    if (n <= sc->reqcap)
-        return;
-    size_t cap = sc->reqcap ? sc->reqcap : 64;
-    while (cap < n)
-        cap *= 2;
-    sc->req = xrealloc(sc->req, cap * sizeof *sc->req);
-    sc->reqcap = cap;
+    sc->req = reserve(sc->req, &sc->reqcap, n, sizeof *sc->req);
 }
 
 static void reserve_vals(tly_cmd_scratch_t *sc, size_t n)
 {
-    if (n <= sc->valcap)
-        return;
-    size_t cap = sc->valcap ? sc->valcap : 64;
-    while (cap < n)
-        cap *= 2;
-    sc->vals = xrealloc(sc->vals, cap * sizeof *sc->vals);
-    sc->valcap = cap;
+    sc->vals = reserve(sc->vals, &sc->valcap, n, sizeof *sc->vals);
 }
 
 static void grow_strbuf(tly_cmd_scratch_t *sc)
