@@ -408,6 +408,24 @@ static void choose_offsets(tly_source_t *src, rd_kafka_topic_partition_list_t *p
         }
     }
     rd_kafka_topic_partition_list_destroy(times);
+
+    /* "The end" means the end now, as assignment is logged and published:
+     * left logical, librdkafka would resolve it at its first fetch, and
+     * events produced in between would be skipped. */
+    for (int i = 0; i < parts->cnt; i++) {
+        rd_kafka_topic_partition_t *tp = &parts->elems[i];
+        if (tp->offset != RD_KAFKA_OFFSET_END)
+            continue;
+        int64_t lo = -1, hi = -1;
+        rd_kafka_resp_err_t err = rd_kafka_query_watermark_offsets(
+            src->rk, tp->topic, tp->partition, &lo, &hi, BROKER_TIMEOUT_MS);
+        if (err == RD_KAFKA_RESP_ERR_NO_ERROR && hi >= 0)
+            tp->offset = hi;
+        else
+            tly_warn("source: %s[%" PRId32 "]: looking up the end offset failed (%s); "
+                     "librdkafka resolves it at the first fetch",
+                     tp->topic, tp->partition, rd_kafka_err2str(err));
+    }
 }
 
 static void describe_offset(int64_t off, char *buf, size_t cap)
