@@ -358,6 +358,24 @@ static void source_meta(cmd_ctx_t *c, int64_t *watermark, int64_t *lag)
 
 /* --- tallyd verbs --- */
 
+/* Shard mode: when another instance owns id's partition, writes
+ * -MOVED <partition> [<host:port>] and returns true. */
+static bool moved(cmd_ctx_t *c, const tly_arg_t *id)
+{
+    tly_shard_t *sh = c->d->source != NULL ? tly_source_shard(c->d->source) : NULL;
+    if (sh == NULL)
+        return false;
+    char owner[TLY_SHARD_ADDR_MAX];
+    int32_t p = tly_shard_route(sh, id->ptr, id->len, owner, sizeof owner);
+    if (p < 0)
+        return false;
+    if (owner[0] != '\0')
+        tly_resp_errorf(c->out, "MOVED %" PRId32 " %s", p, owner);
+    else
+        tly_resp_errorf(c->out, "MOVED %" PRId32, p);
+    return true;
+}
+
 /* A reply's size is ids × names × windows, which a request of a few KB can
  * make gigabytes: refuse before reading anything (the output-buffer limit
  * is checked only after a command has run). */
@@ -383,7 +401,7 @@ static void cmd_features(cmd_ctx_t *c)
     size_t n;
     if (!parse_names(c, (uint32_t)entity, 3, true, &asof, &meta, &n))
         return;
-    if (!reply_fits(c, "FEATURES", n))
+    if (!reply_fits(c, "FEATURES", n) || moved(c, &c->argv[2]))
         return;
     int64_t last_ms = -1;
     read_values(c, (uint32_t)entity, &c->argv[2], n, asof, &last_ms);
@@ -427,6 +445,8 @@ static void cmd_mfeatures(cmd_ctx_t *c)
         return;
     tly_resp_array(c->out, (size_t)numids);
     for (size_t k = 0; k < (size_t)numids; k++) {
+        if (moved(c, &c->argv[3 + k]))
+            continue;
         read_values(c, (uint32_t)entity, &c->argv[3 + k], n, asof, NULL);
         tly_resp_array(c->out, n);
         for (size_t i = 0; i < n; i++)
@@ -535,6 +555,8 @@ static void cmd_recent(cmd_ctx_t *c)
             asof = x;
         }
     }
+    if (moved(c, &c->argv[2]))
+        return;
     tly_cmd_scratch_t *sc = c->scratch;
     if (sc->itemcap < f->k) {
         sc->items = xrealloc(sc->items, f->k * sizeof *sc->items);
@@ -974,6 +996,25 @@ static void info_source(cmd_ctx_t *c, tly_buf_t *t)
     tly_source_stats(c->d->source, &st, parts, INFO_PARTITIONS);
     textf(t, "running:%d\r\n", st.running ? 1 : 0);
     textf(t, "loading:%d\r\n", st.ready ? 0 : 1);
+    textf(t, "mode:%s\r\n", cfg->kafka.mode == TLY_MODE_SHARD ? "shard" : "replica");
+    tly_shard_t *sh = tly_source_shard(c->d->source);
+    if (sh != NULL) {
+        tly_shard_stats_t ss;
+        tly_shard_stats(sh, &ss);
+        int32_t owned[TLY_SHARD_MAX_PARTITIONS];
+        size_t no = tly_shard_owned(sh, owned, TLY_SHARD_MAX_PARTITIONS);
+        textf(t, "owned:");
+        for (size_t i = 0; i < no; i++)
+            textf(t, "%s%" PRId32, i ? "," : "", owned[i]);
+        textf(t, "\r\n");
+        textf(t, "topic_partitions:%" PRId32 "\r\n", ss.nparts);
+        textf(t, "endpoint:%s\r\n", tly_shard_advertise(sh));
+        textf(t, "endpoints_known:%zu\r\n", ss.known);
+        textf(t, "endpoints_published:%" PRIu64 "\r\n", ss.published);
+        textf(t, "endpoint_errors:%" PRIu64 "\r\n", ss.endpoint_errors);
+        textf(t, "moved_replies:%" PRIu64 "\r\n", ss.moved);
+        textf(t, "dropped_entities:%" PRIu64 "\r\n", st.dropped_entities);
+    }
     textf(t, "partitions:%zu\r\n", st.npartitions);
     textf(t, "messages_consumed:%" PRIu64 "\r\n", st.messages);
     textf(t, "events_applied:%" PRIu64 "\r\n", st.applied);

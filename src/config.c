@@ -83,6 +83,10 @@ const key_def_t tly_config_keys[] = {
     KEY("server.admin", K_STRING, "127.0.0.1:9779", 0, 0, F_ADDR, NULL, CFG(server.admin),
         "Address of the HTTP admin server (/metrics, /healthz, /readyz), host:port; \"\" "
         "disables it."),
+    KEY("server.advertise", K_STRING, "", 0, 0, F_ADDR, NULL, CFG(server.advertise),
+        "Address other instances and clients reach this one at, host:port, named in -MOVED "
+        "replies (shard mode); \"\": server.listen's host (this host's name when it is a "
+        "wildcard) with the port actually bound."),
     KEY("server.requirepass", K_STRING, "", 0, 0, 0, NULL, CFG(server.requirepass),
         "Password clients send with AUTH; \"\" means no authentication (allowed only on a "
         "loopback listen address)."),
@@ -129,6 +133,10 @@ const key_def_t tly_config_keys[] = {
         "kafka.topics[].* keys below, whose events settings apply to that topic only."),
     KEY("kafka.topics[].name", K_STRING, NULL, 0, 0, F_REQUIRED | F_NONEMPTY, NULL, TOPIC(name),
         "Topic name."),
+    KEY("kafka.topics[].key", K_STRING, NULL, 0, 0, F_NONEMPTY, NULL, TOPIC(key_entity),
+        "Entity type whose id is the topic's message key (the id as text, partitioned with "
+        "murmur2 as the Java client does): the topic's events feed only that entity type's "
+        "features. Required in shard mode when the features have several entity types."),
     KEY("kafka.topics[].events.time.field", K_STRING, NULL, 0, 0, F_REQUIRED | F_NONEMPTY, NULL,
         TOPIC(time_field),
         "Event field holding the event time of this topic's events; required when "
@@ -143,9 +151,10 @@ const key_def_t tly_config_keys[] = {
         "Largest event payload accepted from this topic, in bytes."),
     KEY("kafka.topics[].events.max_string", K_INT, NULL, 1, 65536, 0, NULL, TOPIC(max_string),
         "Longest string an event of this topic may carry in a field a feature reads."),
-    KEY("kafka.mode", K_ENUM, "shard", 0, 0, 0, tly_config_mode_choices, CFG(kafka.mode),
-        "shard: the consumer group spreads partitions over instances; replica: every instance "
-        "consumes every partition."),
+    KEY("kafka.mode", K_ENUM, "replica", 0, 0, 0, tly_config_mode_choices, CFG(kafka.mode),
+        "replica: this instance consumes every partition (a full copy per sidecar); shard: "
+        "the consumer group spreads partitions over instances, every topic names its key "
+        "entity (kafka.topics[].key), and ids owned elsewhere get -MOVED."),
     KEY("kafka.start", K_ENUM, "window", 0, 0, 0, tly_config_start_choices, CFG(kafka.start),
         "Where consumption starts without a snapshot: window = now minus the longest window; "
         "earliest; latest."),
@@ -153,6 +162,10 @@ const key_def_t tly_config_keys[] = {
         CFGLIST(kafka.nproperties, kafka.properties),
         "librdkafka properties passed through verbatim (security.protocol, sasl.*, ssl.* ...), "
         "name: value."),
+    KEY("kafka.endpoints_topic", K_STRING, "tallyd.endpoints", 0, 0, F_NONEMPTY, NULL,
+        CFG(kafka.endpoints_topic),
+        "Shard mode: compacted topic where each instance publishes server.advertise for the "
+        "partitions it owns, so -MOVED replies can name the owner; created if missing."),
     KEY("kafka.ready_lag", K_INT, "1000", 0, 1000000000, 0, NULL, CFG(kafka.ready_lag),
         "After an assignment, queries get -LOADING until every assigned partition is at most "
         "this many messages behind its end (clients may opt into stale reads with CLIENT "

@@ -400,7 +400,8 @@ static tly_err_t compile_rules(compile_t *c, tly_event_rules_t *rules, const tly
                                  .time_unit = unit,
                                  .max_future_skew_ms = skew_ms,
                                  .max_bytes = max_bytes,
-                                 .max_string = max_string};
+                                 .max_string = max_string,
+                                 .key_entity = -1};
     if (unit == TLY_TIME_KAFKA)
         return TLY_OK;
     if (time_field == NULL || *time_field == '\0')
@@ -460,6 +461,53 @@ static tly_err_t finish_entities(compile_t *c)
     return TLY_OK;
 }
 
+/* Resolves kafka.topics[].key to entity types. In shard mode an entity's
+ * events must all arrive on the partition of its own id, so with several
+ * entity types every topic names its key entity and every entity type is
+ * the key of some topic; with one, an unkeyed topic is keyed by it. */
+static tly_err_t compile_topic_keys(compile_t *c)
+{
+    const tly_config_t *cfg = c->cfg;
+    tly_featset_t *fs = c->fs;
+    bool shard = cfg->kafka.mode == TLY_MODE_SHARD;
+    for (size_t i = 0; i < fs->ntopics && cfg->kafka.topic_cfgs != NULL; i++) {
+        const tly_topic_cfg_t *t = &cfg->kafka.topic_cfgs[i];
+        if (t->key_entity == NULL) {
+            if (shard && fs->nentities > 1)
+                return config_error(cfg, t->line, c->errbuf, c->errlen,
+                                    "kafka.topics[%zu].key: shard mode needs the entity type whose "
+                                    "id is the message key of topic \"%s\" (the features have "
+                                    "%zu entity types: %s, %s%s); or use kafka.mode replica",
+                                    i, t->name, fs->nentities, fs->entities[0].name,
+                                    fs->entities[1].name, fs->nentities > 2 ? ", ..." : "");
+            if (shard && fs->nentities == 1)
+                fs->topics[i].key_entity = 0;
+            continue;
+        }
+        int e = tly_featset_entity(fs, t->key_entity, strlen(t->key_entity));
+        if (e < 0)
+            return config_error(cfg, t->line, c->errbuf, c->errlen,
+                                "kafka.topics[%zu].key: no feature has entity \"%s\"", i,
+                                t->key_entity);
+        fs->topics[i].key_entity = e;
+    }
+    if (!shard)
+        return TLY_OK;
+    for (size_t e = 0; e < fs->nentities; e++) {
+        bool keyed = false;
+        for (size_t i = 0; i < fs->ntopics && !keyed; i++)
+            keyed = fs->topics[i].key_entity == (int)e;
+        if (!keyed)
+            return config_error(cfg, cfg->kafka.topic_cfgs ? cfg->kafka.topic_cfgs[0].line : 0,
+                                c->errbuf, c->errlen,
+                                "kafka.topics: in shard mode every entity type needs a topic "
+                                "keyed by its id, and no topic has key: %s (its features would "
+                                "never be fed); add one, or use kafka.mode replica",
+                                fs->entities[e].name);
+    }
+    return TLY_OK;
+}
+
 tly_err_t tly_featset_compile(const tly_config_t *cfg, tly_featset_t **out, char *errbuf,
                               size_t errlen)
 {
@@ -513,6 +561,8 @@ tly_err_t tly_featset_compile(const tly_config_t *cfg, tly_featset_t **out, char
             fs->max_string = t->max_string;
     }
     if ((err = finish_entities(&c)) != TLY_OK)
+        goto out;
+    if ((err = compile_topic_keys(&c)) != TLY_OK)
         goto out;
 
     *out = fs;

@@ -38,6 +38,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "tallyd/daemon.h"
 #include "tallyd/demo.h"
@@ -139,6 +140,29 @@ static void progress(tly_daemon_t *d, uint64_t *last_applied, int64_t *last_ms, 
     *last_ms = now;
 }
 
+/* The address this instance names as the owner of its partitions (shard
+ * mode): server.advertise, else server.listen's host — this host's name
+ * when it is a wildcard — with the port actually bound. */
+static void advertise_address(const tly_daemon_t *d, char *buf, size_t cap)
+{
+    if (d->cfg->server.advertise[0] != '\0') {
+        snprintf(buf, cap, "%s", d->cfg->server.advertise);
+        return;
+    }
+    const char *listen = d->cfg->server.listen;
+    const char *colon = strrchr(listen, ':');
+    size_t hlen = colon != NULL ? (size_t)(colon - listen) : strlen(listen);
+    char host[200];
+    snprintf(host, sizeof host, "%.*s", (int)hlen, listen);
+    if (host[0] == '\0' || strcmp(host, "0.0.0.0") == 0 || strcmp(host, "[::]") == 0 ||
+        strcmp(host, "::") == 0 || strcmp(host, "*") == 0) {
+        if (gethostname(host, sizeof host) != 0)
+            snprintf(host, sizeof host, "localhost");
+        host[sizeof host - 1] = '\0';
+    }
+    snprintf(buf, cap, "%s:%d", host, d->tcp_port);
+}
+
 /* Runs the daemon until SIGINT/SIGTERM or a fatal consumer error. */
 static int run(const tly_config_t *cfg, const tly_featset_t *fs)
 {
@@ -175,6 +199,12 @@ static int run(const tly_config_t *cfg, const tly_featset_t *fs)
         demo = tly_demo_start(cfg, tly_source_bootstrap(source), err, sizeof err);
         if (demo == NULL)
             goto fail;
+    }
+    char advertise[TLY_SHARD_ADDR_MAX];
+    advertise_address(&d, advertise, sizeof advertise);
+    if (tly_source_set_advertise(source, advertise) != TLY_OK) {
+        snprintf(err, sizeof err, "server.advertise: \"%s\" is too long", advertise);
+        goto fail;
     }
     if (tly_source_start(source, err, sizeof err) != TLY_OK)
         goto fail;

@@ -56,9 +56,11 @@
 #include <librdkafka/rdkafka.h>
 #include <librdkafka/rdkafka_mock.h>
 
+#include "source_int.h"
 #include "tallyd/decode.h"
 #include "tallyd/log.h"
 #include "tallyd/rcu.h"
+#include "tallyd/shard.h"
 
 #define POLL_TIMEOUT_MS     100
 #define PUBLISH_EVERY_MS    1000
@@ -104,6 +106,8 @@ struct tly_source {
     char *bootstrap;    /* owned */
     rd_kafka_t *rk;     /* the consumer; NULL once closed */
     int64_t horizon_ms; /* longest horizon of the featset (start: window) */
+    tly_shard_t *shard; /* shard mode: ownership and owner addresses; else NULL */
+    char advertise[TLY_SHARD_ADDR_MAX]; /* set before start */
 
     /* main thread only */
     pthread_t thread;
@@ -120,6 +124,7 @@ struct tly_source {
     /* counters: written by the poll thread, read relaxed by stats */
     atomic_uint_fast64_t messages, applied, rejected, errors, rebalances;
     atomic_uint_fast64_t gaps, gap_messages; /* offset resets, messages they skipped */
+    atomic_uint_fast64_t dropped_entities;   /* shard mode: of partitions lost */
     atomic_uint_fast64_t rejected_by[TLY_E__COUNT];
     atomic_int_fast64_t watermark_ms;
 
@@ -129,6 +134,8 @@ struct tly_source {
     size_t hint;        /* index of the last partition a message came from */
     bool dirty;         /* applied something since the last publish */
     bool assigned_once; /* an assignment (possibly empty) was received */
+    /* shard mode: partition numbers held before the last revocation */
+    uint64_t held[TLY_SHARD_MAX_PARTITIONS / 64];
     int64_t last_publish_ms;
     ratelimit_t reject_rl, error_rl, consumer_rl;
 
@@ -207,7 +214,7 @@ static void fmt_err(char *errbuf, size_t errlen, const char *fmt, ...)
 /* ---- librdkafka callbacks ---------------------------------------------------- */
 
 /* librdkafka's own threads: tly_log only. Levels are syslog's. */
-static void log_cb(const rd_kafka_t *rk, int level, const char *fac, const char *buf)
+void tly_source_log_cb(const rd_kafka_t *rk, int level, const char *fac, const char *buf)
 {
     tly_log_level_t lvl = level <= 3   ? TLY_LOG_ERROR
                           : level == 4 ? TLY_LOG_WARN
@@ -438,9 +445,114 @@ static void describe_offset(int64_t off, char *buf, size_t cap)
         snprintf(buf, cap, "%" PRId64, off);
 }
 
+/* Shard mode: the partition count every configured topic shares, or -1
+ * with a fatal error recorded (topics keyed by entities must be
+ * co-partitioned: one partition number names one owner). */
+static int32_t shard_partition_count(tly_source_t *src)
+{
+    const tly_config_t *cfg = src->cfg;
+    int32_t common = 0;
+    for (size_t t = 0; t < cfg->kafka.ntopics; t++) {
+        const struct rd_kafka_metadata *md = NULL;
+        rd_kafka_topic_t *rkt = rd_kafka_topic_new(src->rk, cfg->kafka.topics[t], NULL);
+        rd_kafka_resp_err_t err = rkt ? rd_kafka_metadata(src->rk, 0, rkt, &md, BROKER_TIMEOUT_MS)
+                                      : rd_kafka_last_error();
+        int32_t n = err == RD_KAFKA_RESP_ERR_NO_ERROR && md->topic_cnt == 1 && !md->topics[0].err
+                        ? md->topics[0].partition_cnt
+                        : -1;
+        if (md != NULL)
+            rd_kafka_metadata_destroy(md);
+        if (rkt != NULL)
+            rd_kafka_topic_destroy(rkt);
+        if (n < 0) {
+            tly_warn("source: no metadata for topic %s (%s); owner routing waits for it",
+                     cfg->kafka.topics[t], rd_kafka_err2str(err));
+            return 0;
+        }
+        if (n > TLY_SHARD_MAX_PARTITIONS || (common != 0 && n != common)) {
+            if (!atomic_load_explicit(&src->fatal_set, memory_order_acquire)) {
+                if (n > TLY_SHARD_MAX_PARTITIONS)
+                    snprintf(src->fatal_msg, sizeof src->fatal_msg,
+                             "topic %s has %" PRId32 " partitions; shard mode supports at most %d",
+                             cfg->kafka.topics[t], n, TLY_SHARD_MAX_PARTITIONS);
+                else
+                    snprintf(src->fatal_msg, sizeof src->fatal_msg,
+                             "topic %s has %" PRId32 " partitions and %s has %" PRId32
+                             "; in shard mode every topic must have the same count (one "
+                             "partition number names one owner)",
+                             cfg->kafka.topics[t], n, cfg->kafka.topics[0], common);
+                atomic_store_explicit(&src->fatal_set, true, memory_order_release);
+            }
+            tly_error("source: %s; the source stops", src->fatal_msg);
+            atomic_store(&src->stop, true);
+            return -1;
+        }
+        common = n;
+    }
+    return common;
+}
+
+typedef struct {
+    const tly_featset_t *fs;
+    int32_t nparts;
+    const uint64_t *lost; /* partition bitmap */
+} lost_t;
+
+static bool in_lost_partition(uint32_t type, const char *id, size_t len, void *ctx)
+{
+    const lost_t *l = ctx;
+    (void)type;
+    int32_t p = tly_partition_of(id, len, l->nparts);
+    return l->lost[p / 64] >> (p % 64) & 1;
+}
+
+/* Shard mode, on assignment: drops the entities of the partitions this
+ * process held before the rebalance and does not hold now, and forgets
+ * those partitions' positions (assigned again later, they are rebuilt
+ * from history); then publishes the new ownership. */
+static void shard_reassign(tly_source_t *src, const rd_kafka_topic_partition_list_t *parts)
+{
+    int32_t nparts = shard_partition_count(src);
+    if (nparts < 0)
+        return;
+    tly_shard_set_partitions(src->shard, nparts);
+    uint64_t now_held[TLY_SHARD_MAX_PARTITIONS / 64] = {0};
+    int32_t *owned = xrealloc(NULL, (size_t)(parts->cnt + 1) * sizeof *owned);
+    for (int i = 0; i < parts->cnt; i++) {
+        int32_t p = parts->elems[i].partition;
+        owned[i] = p;
+        if (p >= 0 && p < TLY_SHARD_MAX_PARTITIONS)
+            now_held[p / 64] |= UINT64_C(1) << (p % 64);
+    }
+    uint64_t lost[TLY_SHARD_MAX_PARTITIONS / 64];
+    bool any = false;
+    for (size_t w = 0; w < TLY_SHARD_MAX_PARTITIONS / 64; w++) {
+        lost[w] = src->held[w] & ~now_held[w];
+        any = any || lost[w] != 0;
+        src->held[w] = now_held[w];
+    }
+    if (any && nparts > 0) {
+        for (size_t i = 0; i < src->nparts; i++) {
+            part_t *p = &src->parts[i];
+            if (p->partition < TLY_SHARD_MAX_PARTITIONS && lost[p->partition / 64] >> (p->partition % 64) & 1) {
+                p->position = -1;
+                p->last_event_ms = -1;
+            }
+        }
+        lost_t l = {.fs = src->fs, .nparts = nparts, .lost = lost};
+        size_t n = tly_store_drop(src->store, in_lost_partition, &l);
+        atomic_fetch_add_explicit(&src->dropped_entities, n, memory_order_relaxed);
+        tly_info("source: dropped %zu entities of the partitions this instance no longer owns", n);
+    }
+    tly_shard_assigned(src->shard, owned, (size_t)parts->cnt);
+    free(owned);
+}
+
 /* Assigns parts (offsets chosen here) and records them in the table. */
 static void assign(tly_source_t *src, rd_kafka_topic_partition_list_t *parts)
 {
+    if (src->shard != NULL)
+        shard_reassign(src, parts);
     choose_offsets(src, parts);
     char line[ASSIGN_LOG_CAP];
     size_t used = 0;
@@ -487,6 +599,13 @@ static void unassign(tly_source_t *src, int count)
     tly_info("source: %d partitions revoked", count);
     for (size_t i = 0; i < src->nparts; i++)
         src->parts[i].assigned = false;
+    if (src->shard != NULL) {
+        /* Until the next assignment nothing is owned, and queries wait. */
+        tly_shard_revoked(src->shard);
+        if (atomic_exchange(&src->ready, false))
+            tly_info("source: rebalancing; queries get -LOADING until the new assignment "
+                     "caught up");
+    }
 }
 
 /* Eager protocol only (partition.assignment.strategy range,roundrobin):
@@ -555,6 +674,23 @@ static void check_continuity(tly_source_t *src, part_t *p, const rd_kafka_messag
     note_gap(src, p, expected, m->offset, -1);
 }
 
+/* Shard mode: an event must arrive on the partition of its key entity's
+ * id, or its owner would never see it (EV_MISROUTED: the producer did not
+ * key by the id, or used another partitioner). An event without that id is
+ * left to the store, which counts it as EV_MISSING_KEY. */
+static tly_err_t check_route(const tly_source_t *src, const tly_event_rules_t *rules,
+                             const tly_event_t *ev, int32_t partition)
+{
+    int32_t nparts = tly_shard_partitions(src->shard);
+    if (nparts <= 0 || rules->key_entity < 0)
+        return TLY_OK;
+    char id[TLY_MAX_ID];
+    size_t len = 0;
+    if (tly_entity_id(src->fs, (uint32_t)rules->key_entity, ev, id, sizeof id, &len) != TLY_OK)
+        return TLY_OK;
+    return tly_partition_of(id, len, nparts) == partition ? TLY_OK : TLY_E_EV_MISROUTED;
+}
+
 static void on_message(tly_source_t *src, rd_kafka_message_t *m, int64_t now_ms)
 {
     uint64_t held;
@@ -597,6 +733,8 @@ static void on_message(tly_source_t *src, rd_kafka_message_t *m, int64_t now_ms)
     if (err == TLY_OK && rules->max_future_skew_ms < src->fs->max_future_skew_ms &&
         ev.time_ms > now_ms + rules->max_future_skew_ms)
         err = TLY_E_EV_FUTURE;
+    if (err == TLY_OK && src->shard != NULL)
+        err = check_route(src, rules, &ev, m->partition);
     if (err == TLY_OK) {
         tly_store_apply(src->store, &ev, m->partition, m->offset, now_ms);
         atomic_fetch_add_explicit(&src->applied, 1, memory_order_relaxed);
@@ -718,12 +856,20 @@ static bool conf_set(rd_kafka_conf_t *conf, const char *name, const char *value,
 }
 
 /* Properties tallyd must own for its offset and rebalance semantics. */
-static bool property_allowed(const char *name, const char *value, char *errbuf, size_t errlen)
+static bool property_allowed(const char *name, const char *value, bool shard, char *errbuf,
+                             size_t errlen)
 {
     if (strcmp(name, "enable.auto.offset.store") == 0) {
         fmt_err(errbuf, errlen,
                 "kafka.properties.%s: tallyd stores each offset itself once its event is "
                 "applied; remove this property",
+                name);
+        return false;
+    }
+    if (strcmp(name, "partition.assignment.strategy") == 0 && shard && strcmp(value, "range") != 0) {
+        fmt_err(errbuf, errlen,
+                "kafka.properties.%s: shard mode needs the range assignor (it gives one "
+                "instance the same partition number of every topic); remove this property",
                 name);
         return false;
     }
@@ -741,7 +887,7 @@ static bool start_mock(tly_source_t *src, char *errbuf, size_t errlen)
 {
     char why[256];
     rd_kafka_conf_t *conf = rd_kafka_conf_new();
-    rd_kafka_conf_set_log_cb(conf, log_cb);
+    rd_kafka_conf_set_log_cb(conf, tly_source_log_cb);
     /* The host handle has no brokers of its own; keep it quiet about that. */
     if (!conf_set(conf, "log_level", "3", false, errbuf, errlen) ||
         !conf_set(conf, "client.id", "tallyd-embedded", false, errbuf, errlen)) {
@@ -765,6 +911,15 @@ static bool start_mock(tly_source_t *src, char *errbuf, size_t errlen)
         if (err != RD_KAFKA_RESP_ERR_NO_ERROR) {
             fmt_err(errbuf, errlen, "embedded cluster: cannot create topic %s: %s",
                     src->cfg->kafka.topics[t], rd_kafka_err2str(err));
+            return false;
+        }
+    }
+    if (src->cfg->kafka.mode == TLY_MODE_SHARD) {
+        rd_kafka_resp_err_t err =
+            rd_kafka_mock_topic_create(src->mock, src->cfg->kafka.endpoints_topic, 1, 1);
+        if (err != RD_KAFKA_RESP_ERR_NO_ERROR) {
+            fmt_err(errbuf, errlen, "embedded cluster: cannot create topic %s: %s",
+                    src->cfg->kafka.endpoints_topic, rd_kafka_err2str(err));
             return false;
         }
     }
@@ -794,7 +949,7 @@ static rd_kafka_conf_t *consumer_conf(tly_source_t *src, char *errbuf, size_t er
     const char *reset = cfg->kafka.start == TLY_START_LATEST ? "latest" : "earliest";
     rd_kafka_conf_t *conf = rd_kafka_conf_new();
     rd_kafka_conf_set_opaque(conf, src);
-    rd_kafka_conf_set_log_cb(conf, log_cb);
+    rd_kafka_conf_set_log_cb(conf, tly_source_log_cb);
     rd_kafka_conf_set_error_cb(conf, error_cb);
     if (cfg->kafka.mode == TLY_MODE_SHARD)
         rd_kafka_conf_set_rebalance_cb(conf, rebalance_cb);
@@ -805,7 +960,8 @@ static rd_kafka_conf_t *consumer_conf(tly_source_t *src, char *errbuf, size_t er
         !conf_set(conf, "client.id", "tallyd", false, errbuf, errlen) ||
         !conf_set(conf, "enable.auto.offset.store", "false", false, errbuf, errlen) ||
         !conf_set(conf, "enable.auto.commit", "true", false, errbuf, errlen) ||
-        !conf_set(conf, "partition.assignment.strategy", "range,roundrobin", false, errbuf,
+        !conf_set(conf, "partition.assignment.strategy",
+                  cfg->kafka.mode == TLY_MODE_SHARD ? "range" : "range,roundrobin", false, errbuf,
                   errlen) ||
         !conf_set(conf, "auto.offset.reset", reset, false, errbuf, errlen))
         goto fail;
@@ -816,7 +972,8 @@ static rd_kafka_conf_t *consumer_conf(tly_source_t *src, char *errbuf, size_t er
         goto fail;
     for (size_t i = 0; i < cfg->kafka.nproperties; i++) {
         const tly_kv_t *kv = &cfg->kafka.properties[i];
-        if (!property_allowed(kv->key, kv->value, errbuf, errlen) ||
+        if (!property_allowed(kv->key, kv->value, cfg->kafka.mode == TLY_MODE_SHARD, errbuf,
+                              errlen) ||
             !conf_set(conf, kv->key, kv->value, true, errbuf, errlen))
             goto fail;
     }
@@ -885,6 +1042,7 @@ tly_source_t *tly_source_new(const tly_config_t *cfg, const tly_featset_t *fs, t
     for (size_t t = 0; t < fs->ntopics; t++)
         src->decs[t] = tly_decoder_new_rules(fs, &fs->topics[t]);
     src->decs[fs->ntopics] = tly_decoder_new(fs);
+    src->shard = tly_shard_new(cfg, fs);
     return src;
 fail:
     stop_mock(src);
@@ -910,6 +1068,9 @@ tly_err_t tly_source_start(tly_source_t *src, char *errbuf, size_t errlen)
         return TLY_E_INVAL;
     }
     const tly_config_t *cfg = src->cfg;
+    if (src->shard != NULL &&
+        !tly_shard_start(src->shard, src->bootstrap, src->embedded, src->advertise, errbuf, errlen))
+        return TLY_E_IO;
     if (cfg->kafka.mode == TLY_MODE_SHARD) {
         rd_kafka_topic_partition_list_t *topics =
             rd_kafka_topic_partition_list_new((int)cfg->kafka.ntopics);
@@ -972,6 +1133,7 @@ void tly_source_free(tly_source_t *src)
     if (src == NULL)
         return;
     tly_source_stop(src);
+    tly_shard_free(src->shard);
     stop_mock(src);
     for (size_t i = 0; i < src->ndecs; i++)
         tly_decoder_free(src->decs[i]);
@@ -983,6 +1145,19 @@ void tly_source_free(tly_source_t *src)
     free(src->bootstrap);
     pthread_mutex_destroy(&src->mu);
     free(src);
+}
+
+tly_err_t tly_source_set_advertise(tly_source_t *src, const char *addr)
+{
+    if (src == NULL || addr == NULL || src->started || strlen(addr) >= sizeof src->advertise)
+        return TLY_E_INVAL;
+    snprintf(src->advertise, sizeof src->advertise, "%s", addr);
+    return TLY_OK;
+}
+
+tly_shard_t *tly_source_shard(tly_source_t *src)
+{
+    return src != NULL ? src->shard : NULL;
 }
 
 const char *tly_source_bootstrap(const tly_source_t *src)
@@ -1015,6 +1190,7 @@ void tly_source_stats(tly_source_t *src, tly_source_stats_t *st, tly_partition_s
     st->rebalances = atomic_load_explicit(&src->rebalances, memory_order_relaxed);
     st->gaps = atomic_load_explicit(&src->gaps, memory_order_relaxed);
     st->gap_messages = atomic_load_explicit(&src->gap_messages, memory_order_relaxed);
+    st->dropped_entities = atomic_load_explicit(&src->dropped_entities, memory_order_relaxed);
     st->ready = atomic_load_explicit(&src->ready, memory_order_acquire);
     st->watermark_ms = atomic_load_explicit(&src->watermark_ms, memory_order_relaxed);
     st->running = atomic_load(&src->running);

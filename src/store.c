@@ -508,6 +508,8 @@ tly_err_t tly_store_apply(tly_store_t *store, const tly_event_t *ev, int32_t par
     for (uint32_t e = 0; e < fs->nentities; e++) {
         const tly_entity_t *et = &fs->entities[e];
         plan_t *pl = NULL;
+        if (ev->skip_entities >> e & 1)
+            continue;
         for (size_t i = 0; i < et->nfeats; i++) {
             const tly_feat_t *feat = &fs->feats[et->feats[i]];
             if (!tly_feat_match(feat, ev))
@@ -771,26 +773,31 @@ static int64_t ent_last(const tly_store_t *store, const ent_t *ent, log_t *lg)
     return last;
 }
 
-size_t tly_store_sweep(tly_store_t *store, int64_t now_ms, size_t max_visit)
+/* Which records remove_where() removes: those the sweeper finds expired,
+ * or those the caller's predicate dooms. */
+typedef struct {
+    const tly_store_t *store;
+    int64_t earliest[TLY_MAX_ENTITIES]; /* expiry: newest event before this */
+    tly_store_doomed_fn doomed;         /* NULL: expiry */
+    void *ctx;
+} cull_t;
+
+static bool culled(cull_t *cu, const ent_t *ent, log_t *lg)
 {
-    const tly_featset_t *fs = store->fs;
+    if (cu->doomed != NULL)
+        return cu->doomed(ent->type, ent_id(ent), ent->idlen, cu->ctx);
+    return ent_last(cu->store, ent, lg) < cu->earliest[ent->type];
+}
+
+/* Removes the records cu culls, visiting at most max_visit (0 = all). */
+static size_t remove_where(tly_store_t *store, cull_t *cu, size_t max_visit)
+{
     size_t removed = 0, visited = 0;
     tstats_t *ts = store_thread_stats(store);
     static _Thread_local log_t lg;
 
-    /* A record whose newest event is before every feature's earliest
-     * relevant time can no longer change any answer at now or later. */
-    int64_t earliest[TLY_MAX_ENTITIES] = {0};
-    for (size_t e = 0; e < fs->nentities; e++) {
-        earliest[e] = INT64_MAX;
-        for (size_t i = 0; i < fs->entities[e].nfeats; i++) {
-            int64_t t = feat_earliest(&fs->feats[fs->entities[e].feats[i]], now_ms);
-            earliest[e] = t < earliest[e] ? t : earliest[e];
-        }
-    }
-
     /* Per shard: collect candidates under the shard's writer lock (no
-     * record lock taken there), then expire each under its record lock,
+     * record lock taken there), then remove each under its record lock,
      * taking the shard lock again only to unlink: the lock order is always
      * record, then shard. */
     size_t cap = 0, ncand = 0;
@@ -806,7 +813,7 @@ size_t tly_store_sweep(tly_store_t *store, int64_t now_ms, size_t max_visit)
             ent_t *ent = obj;
             visited++;
             tly_tsan_subscribe();
-            if (ent_last(store, ent, &lg) >= earliest[ent->type])
+            if (!culled(cu, ent, &lg))
                 continue;
             if (ncand == cap) {
                 cap = cap ? cap * 2 : 256;
@@ -823,7 +830,7 @@ size_t tly_store_sweep(tly_store_t *store, int64_t now_ms, size_t max_visit)
         for (size_t c = 0; c < ncand; c++) {
             ent_t *ent = cand[c];
             ent_lock(ent);
-            if (ent_dead(ent) || ent_last(store, ent, &lg) >= earliest[ent->type]) {
+            if (ent_dead(ent) || !culled(cu, ent, &lg)) {
                 ent_unlock(ent);
                 continue;
             }
@@ -836,7 +843,7 @@ size_t tly_store_sweep(tly_store_t *store, int64_t now_ms, size_t max_visit)
             }
             ent_mark_dead(ent);
             stat_add(&ts->entities, -1);
-            stat_add(&ts->expired, 1);
+            stat_add(cu->doomed ? &ts->dropped_entities : &ts->expired, 1);
             ent_unlock(ent);
             ent_retire(store, ent);
             removed++;
@@ -846,6 +853,28 @@ size_t tly_store_sweep(tly_store_t *store, int64_t now_ms, size_t max_visit)
     free(cand);
     retire_flush(ts);
     return removed;
+}
+
+size_t tly_store_sweep(tly_store_t *store, int64_t now_ms, size_t max_visit)
+{
+    const tly_featset_t *fs = store->fs;
+    /* A record whose newest event is before every feature's earliest
+     * relevant time can no longer change any answer at now or later. */
+    cull_t cu = {.store = store};
+    for (size_t e = 0; e < fs->nentities; e++) {
+        cu.earliest[e] = INT64_MAX;
+        for (size_t i = 0; i < fs->entities[e].nfeats; i++) {
+            int64_t t = feat_earliest(&fs->feats[fs->entities[e].feats[i]], now_ms);
+            cu.earliest[e] = t < cu.earliest[e] ? t : cu.earliest[e];
+        }
+    }
+    return remove_where(store, &cu, max_visit);
+}
+
+size_t tly_store_drop(tly_store_t *store, tly_store_doomed_fn doomed, void *ctx)
+{
+    cull_t cu = {.store = store, .doomed = doomed, .ctx = ctx};
+    return remove_where(store, &cu, 0);
 }
 
 void tly_store_stats(const tly_store_t *store, tly_store_stats_t *out)
@@ -858,6 +887,8 @@ void tly_store_stats(const tly_store_t *store, tly_store_stats_t *out)
         out->events_applied += (uint64_t)atomic_load_explicit(&s->applied, memory_order_relaxed);
         out->updates += (uint64_t)atomic_load_explicit(&s->updates, memory_order_relaxed);
         out->expired += (uint64_t)atomic_load_explicit(&s->expired, memory_order_relaxed);
+        out->dropped_entities +=
+            (uint64_t)atomic_load_explicit(&s->dropped_entities, memory_order_relaxed);
         out->interned_bytes +=
             (uint64_t)atomic_load_explicit(&s->interned_bytes, memory_order_relaxed);
         for (int i = 0; i < TLY_E__COUNT; i++)

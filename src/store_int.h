@@ -65,7 +65,7 @@ typedef struct tstats {
     struct tstats *next;     /* list of the store's per-thread counters */
     struct retired *retired; /* owner thread only (and tly_store_free) */
     /* Written by the owning thread with relaxed stores; summed by any. */
-    _Atomic int64_t entities, bytes, applied, updates, expired, interned_bytes;
+    _Atomic int64_t entities, bytes, applied, updates, expired, dropped_entities, interned_bytes;
     _Atomic uint64_t dropped[TLY_E__COUNT];
 } tstats_t;
 

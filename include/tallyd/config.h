@@ -77,6 +77,7 @@ typedef struct {
     int64_t max_future_skew_ms;
     int64_t max_bytes;
     int64_t max_string;
+    char *key_entity; /* entity type keyed by the message key; NULL: none */
     bool own_events; /* the entry overrides some events.* setting */
     int line;        /* line of the entry in the file */
 } tly_topic_cfg_t;
@@ -87,6 +88,7 @@ typedef struct {
     struct {
         char *listen;      /* "host:port" */
         char *admin;       /* "host:port", "" disables */
+        char *advertise;   /* "host:port" named in -MOVED, "" = derived */
         char *requirepass; /* "" = no auth */
         int64_t max_clients;
         int64_t threads;
@@ -112,6 +114,7 @@ typedef struct {
         size_t nproperties; /* passed through to librdkafka verbatim */
         tly_kv_t *properties;
         int64_t ready_lag; /* messages behind the end at which the source is caught up */
+        char *endpoints_topic; /* shard mode: where owners publish their address */
     } kafka;
 
     struct {

@@ -45,6 +45,9 @@
  * the event time. Strings borrow from the payload or the decoder's scratch. */
 typedef struct {
     int64_t time_ms;
+    /* Bit e set: the event does not feed entity type e (its topic is keyed
+     * by another entity type); 0 feeds every type. */
+    uint64_t skip_entities;
     uint32_t nfields;
     tly_value_t vals[TLY_MAX_FIELDS]; /* TLY_V_NIL when absent */
 } tly_event_t;
@@ -106,6 +109,7 @@ typedef struct {
     int64_t max_future_skew_ms;
     int64_t max_bytes;
     int64_t max_string;
+    int key_entity; /* entity type whose id is the message key; -1: none */
 } tly_event_rules_t;
 
 typedef struct {

@@ -71,6 +71,7 @@
 #include "tallyd/config.h"
 #include "tallyd/error.h"
 #include "tallyd/feature.h"
+#include "tallyd/shard.h"
 #include "tallyd/store.h"
 
 #define TLY_SOURCE_EMBEDDED_PARTITIONS 8
@@ -96,6 +97,7 @@ typedef struct {
     uint64_t rebalances;                /* assignment changes */
     uint64_t gaps;                      /* offset resets: a partition's position out of range */
     uint64_t gap_messages;              /* messages those resets skipped that Kafka had deleted */
+    uint64_t dropped_entities;          /* shard mode: entities of partitions lost to others */
     int64_t watermark_ms;               /* newest event time applied, -1 none */
     int64_t lag;                        /* sum of known partition lags, -1 unknown */
     size_t npartitions;                 /* partitions assigned */
@@ -127,6 +129,13 @@ void tly_source_stop(tly_source_t *src);
 /* Stops if needed and frees everything (and the mock cluster: librdkafka
  * 2.0.2 takes about a second to stop its thread). NULL ok. Main thread. */
 void tly_source_free(tly_source_t *src);
+/* Shard mode: the address ("host:port") this instance publishes as the
+ * owner of its partitions and names in -MOVED replies of others. Before
+ * start. Main thread. */
+tly_err_t tly_source_set_advertise(tly_source_t *src, const char *addr);
+/* Shard mode: the ownership router (borrowed; valid until tly_source_free);
+ * NULL in replica mode. */
+tly_shard_t *tly_source_shard(tly_source_t *src);
 /* Bootstrap servers of the cluster ("127.0.0.1:port,..." for embedded; the
  * configured brokers otherwise). Borrowed; valid until tly_source_free. */
 const char *tly_source_bootstrap(const tly_source_t *src);

@@ -61,6 +61,7 @@ typedef struct {
     uint64_t events_applied;        /* events that updated at least one feature */
     uint64_t updates;               /* feature updates */
     uint64_t expired;               /* records removed by the sweeper */
+    uint64_t dropped_entities;      /* records removed by tly_store_drop */
     uint64_t dropped[TLY_E__COUNT]; /* feature updates dropped, by reason */
 } tly_store_stats_t;
 
@@ -120,6 +121,19 @@ tly_err_t tly_store_recent(tly_store_t *store, uint32_t entity, const char *id, 
  * period. Any registered thread; one sweeper at a time.
  */
 size_t tly_store_sweep(tly_store_t *store, int64_t now_ms, size_t max_visit);
+
+/* Decides whether tly_store_drop removes the record of entity type `type`
+ * and id[0..len). Called with the store's locks held: must not use the
+ * store. */
+typedef bool (*tly_store_doomed_fn)(uint32_t type, const char *id, size_t len, void *ctx);
+
+/*
+ * Removes every record `doomed` picks (shard mode: the entities of revoked
+ * partitions) and returns how many; memory is freed after an RCU grace
+ * period. Readers never block; a concurrent writer may re-create a record
+ * it applies to meanwhile. Any registered thread.
+ */
+size_t tly_store_drop(tly_store_t *store, tly_store_doomed_fn doomed, void *ctx);
 
 /* Fills *st with the current counters. Any thread. */
 void tly_store_stats(const tly_store_t *store, tly_store_stats_t *st);

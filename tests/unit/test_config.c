@@ -101,7 +101,7 @@ static void test_example_yaml_loads_with_its_written_values(void **state)
     assert_string_equal(cfg->kafka.group, "tallyd");
     assert_int_equal(cfg->kafka.ntopics, 1);
     assert_string_equal(cfg->kafka.topics[0], "engagements");
-    assert_int_equal(cfg->kafka.mode, TLY_MODE_SHARD);
+    assert_int_equal(cfg->kafka.mode, TLY_MODE_REPLICA);
     assert_int_equal(cfg->kafka.start, TLY_START_WINDOW);
     assert_int_equal(cfg->kafka.nproperties, 0);
 
@@ -134,19 +134,19 @@ static void test_example_yaml_loads_with_its_written_values(void **state)
     assert_string_equal(f[0].where[0].field, "action");
     assert_int_equal(f[0].where[0].nvalues, 1);
     assert_string_equal(f[0].where[0].values[0], "click");
-    assert_int_equal(f[0].where[0].line, 32);
+    assert_int_equal(f[0].where[0].line, 36);
     assert_int_equal(f[0].nvalues, 0);
     assert_windows(&f[0], (const int64_t[]){300000, 3600000, 86400000, 604800000}, 4);
     assert_int_equal(f[0].hop_ms, 0);
     assert_int_equal(f[0].k, 0);
-    assert_int_equal(f[0].line, 32);
+    assert_int_equal(f[0].line, 36);
 
     assert_string_equal(f[1].name, "engaged");
     assert_int_equal(f[1].where[0].nvalues, 2);
     assert_string_equal(f[1].where[0].values[0], "click");
     assert_string_equal(f[1].where[0].values[1], "save");
     assert_windows(&f[1], (const int64_t[]){3600000}, 1);
-    assert_int_equal(f[1].line, 34);
+    assert_int_equal(f[1].line, 38);
 
     assert_string_equal(f[2].name, "dwell");
     assert_int_equal(f[2].agg, TLY_AGG_SUM);
@@ -162,14 +162,14 @@ static void test_example_yaml_loads_with_its_written_values(void **state)
     assert_string_equal(f[3].values[0], "pin_id");
     assert_string_equal(f[3].values[1], "action");
     assert_int_equal(f[3].nwindows, 0);
-    assert_int_equal(f[3].line, 37);
+    assert_int_equal(f[3].line, 41);
 
     assert_string_equal(f[4].name, "impressions");
     assert_string_equal(f[4].entity, "pin");
     assert_string_equal(f[4].keys[0], "pin_id");
     assert_string_equal(f[4].where[0].values[0], "impression");
     assert_windows(&f[4], (const int64_t[]){3600000, 86400000}, 2);
-    assert_int_equal(f[4].line, 38);
+    assert_int_equal(f[4].line, 42);
     tly_config_free(cfg);
 }
 
@@ -184,24 +184,25 @@ static void test_demo_yaml_loads_twelve_features_over_user_and_pin(void **state)
         const char *where; /* the single where value, or NULL */
         int line;
     } want[] = {
-        {"clicks", "user", TLY_AGG_COUNT, "click", 24},
-        {"saves", "user", TLY_AGG_COUNT, "save", 30},
-        {"hides", "user", TLY_AGG_COUNT, "hide", 36},
-        {"engaged", "user", TLY_AGG_COUNT, NULL, 42},
-        {"dwell", "user", TLY_AGG_SUM, NULL, 48},
-        {"recent", "user", TLY_AGG_LAST_K, NULL, 54},
-        {"last_action", "user", TLY_AGG_LAST, NULL, 60},
-        {"impressions", "pin", TLY_AGG_COUNT, "impression", 67},
-        {"closeups", "pin", TLY_AGG_COUNT, "closeup", 68},
-        {"clicks", "pin", TLY_AGG_COUNT, "click", 69},
-        {"saves", "pin", TLY_AGG_COUNT, "save", 70},
-        {"avg_dwell", "pin", TLY_AGG_AVG, "closeup", 71},
+        {"clicks", "user", TLY_AGG_COUNT, "click", 25},
+        {"saves", "user", TLY_AGG_COUNT, "save", 31},
+        {"hides", "user", TLY_AGG_COUNT, "hide", 37},
+        {"engaged", "user", TLY_AGG_COUNT, NULL, 43},
+        {"dwell", "user", TLY_AGG_SUM, NULL, 49},
+        {"recent", "user", TLY_AGG_LAST_K, NULL, 55},
+        {"last_action", "user", TLY_AGG_LAST, NULL, 61},
+        {"impressions", "pin", TLY_AGG_COUNT, "impression", 68},
+        {"closeups", "pin", TLY_AGG_COUNT, "closeup", 69},
+        {"clicks", "pin", TLY_AGG_COUNT, "click", 70},
+        {"saves", "pin", TLY_AGG_COUNT, "save", 71},
+        {"avg_dwell", "pin", TLY_AGG_AVG, "closeup", 72},
     };
     tly_config_t *cfg = load_ok("config/demo.yaml");
 
     assert_string_equal(cfg->kafka.brokers, "embedded");
     assert_int_equal(cfg->kafka.ntopics, 1);
     assert_string_equal(cfg->kafka.topics[0], "engagements");
+    assert_int_equal(cfg->kafka.mode, TLY_MODE_REPLICA);
     assert_string_equal(cfg->events.time_field, "ts");
     assert_int_equal(cfg->events.time_unit, TLY_TIME_MS);
     assert_string_equal(cfg->snapshot.dir, "build/demo/snapshots");
@@ -229,7 +230,7 @@ static void test_demo_yaml_loads_twelve_features_over_user_and_pin(void **state)
         assert_windows(&f[i], main_windows, 4);
     assert_int_equal(f[3].where[0].nvalues, 2);
     assert_string_equal(f[3].where[0].values[1], "save");
-    assert_int_equal(f[3].where[0].line, 45);
+    assert_int_equal(f[3].where[0].line, 46);
     assert_windows(&f[3], pin_windows, 2);
     assert_string_equal(f[4].values[0], "dwell_ms");
     assert_int_equal(f[5].k, 100);
@@ -259,7 +260,7 @@ static const bad_file_t bad_files[] = {
      "config/bad/bad_duration.yaml:7: features[0].windows[1]: \"90x\" is not a duration "
      "(use <n>ms|s|m|h|d)"},
     {"test_unknown_key_is_error_with_file_line", "config/bad/unknown_key.yaml",
-     "config/bad/unknown_key.yaml:4: server.max_client: unknown key (known here: listen, admin, "
+     "config/bad/unknown_key.yaml:4: server.max_client: unknown key (known here: listen, admin, advertise, "
      "requirepass, max_clients, threads, unix, max_args, max_bulk, max_query_buffer, "
      "max_output_buffer, output_soft_limit, idle_timeout, request_timeout, max_reply_values)"},
     {"test_list_where_a_value_is_expected_is_error", "config/bad/wrong_type.yaml",
@@ -471,7 +472,7 @@ static const bad_string_t bad_strings[] = {
      "max_bytes, max_string)"},
     {"test_unknown_topic_key_lists_the_known_ones",
      "kafka:\n  topics:\n    - { name: a, partitions: 3 }\n" ONE_FEATURE,
-     "t.yaml:3: kafka.topics[0].partitions: unknown key (known here: name, events)"},
+     "t.yaml:3: kafka.topics[0].partitions: unknown key (known here: name, key, events)"},
     {"test_topic_max_bytes_out_of_range_is_error",
      "kafka:\n  topics:\n    - { name: a, events: { max_bytes: 10 } }\n" ONE_FEATURE,
      "t.yaml:3: kafka.topics[0].events.max_bytes: 10 is out of range (64..16777216)"},
@@ -560,7 +561,7 @@ static void test_omitted_sections_take_documented_defaults(void **state)
     assert_string_equal(cfg->kafka.group, "tallyd");
     assert_int_equal(cfg->kafka.ntopics, 1);
     assert_string_equal(cfg->kafka.topics[0], "engagements");
-    assert_int_equal(cfg->kafka.mode, TLY_MODE_SHARD);
+    assert_int_equal(cfg->kafka.mode, TLY_MODE_REPLICA);
     assert_int_equal(cfg->kafka.start, TLY_START_WINDOW);
     assert_int_equal(cfg->kafka.nproperties, 0);
     assert_string_equal(cfg->events.format, "json");
@@ -947,6 +948,7 @@ static void test_duration_format_truncates_to_cap(void **state)
 static const char *const all_keys[] = {
     "server.listen",
     "server.admin",
+    "server.advertise",
     "server.requirepass",
     "server.max_clients",
     "server.threads",
@@ -963,6 +965,7 @@ static const char *const all_keys[] = {
     "kafka.group",
     "kafka.topics",
     "kafka.topics[].name",
+    "kafka.topics[].key",
     "kafka.topics[].events.time.field",
     "kafka.topics[].events.time.unit",
     "kafka.topics[].events.max_future_skew",
@@ -971,6 +974,7 @@ static const char *const all_keys[] = {
     "kafka.mode",
     "kafka.start",
     "kafka.properties",
+    "kafka.endpoints_topic",
     "kafka.ready_lag",
     "events.format",
     "events.time.field",
@@ -1010,7 +1014,7 @@ static void test_help_mentions_every_key_with_type_and_default(void **state)
             fail_msg("--help-config does not describe %s", all_keys[i]);
     }
     assert_non_null(strstr(text, "\nserver.threads (int: 1..64; default 1)\n"));
-    assert_non_null(strstr(text, "\nkafka.mode (enum: shard|replica; default shard)\n"));
+    assert_non_null(strstr(text, "\nkafka.mode (enum: shard|replica; default replica)\n"));
     assert_non_null(strstr(text, "\nevents.max_future_skew (duration: 1ms..1d; default 1m)\n"));
     assert_non_null(strstr(text, "\nkafka.topics (topic list; default [engagements])\n"));
     assert_non_null(strstr(text, "\nkafka.ready_lag (int: 0..1000000000; default 1000)\n"));
@@ -1058,7 +1062,7 @@ static void test_help_markdown_is_one_table_row_per_key(void **state)
             fail_msg("--help-config --markdown has no row for %s", all_keys[i]);
     }
     /* a | inside a cell is escaped so the table keeps its columns */
-    assert_non_null(strstr(text, "| `kafka.mode` | enum | shard | shard\\|replica | "));
+    assert_non_null(strstr(text, "| `kafka.mode` | enum | replica | shard\\|replica | "));
     free(text);
 }
 
@@ -1069,7 +1073,7 @@ static void test_summary_lists_source_time_and_features_with_hops(void **state)
     char *text = capture_summary(cfg);
     static const char want[] =
         "config/example.yaml: ok, 5 features over 2 entities\n"
-        "source  kafka localhost:9092, topics engagements, mode shard, start window\n"
+        "source  kafka localhost:9092, topics engagements, mode replica, start window\n"
         "time    event field ts (ms), max future skew 1m\n"
         "serve   RESP 127.0.0.1:7379, admin 127.0.0.1:9779\n"
         "\n"
@@ -1102,7 +1106,7 @@ static void test_summary_shows_explicit_hop_and_kafka_time(void **state)
     char *text = capture_summary(cfg);
     static const char want[] =
         "t.yaml: ok, 1 feature over 1 entity\n"
-        "source  kafka localhost:9092, topics engagements, mode shard, start window\n"
+        "source  kafka localhost:9092, topics engagements, mode replica, start window\n"
         "time    Kafka message timestamp, max future skew 1m\n"
         "serve   RESP 0.0.0.0:7379 (AUTH required), admin off\n"
         "\n"

@@ -868,6 +868,61 @@ static void entity_id_rejects_float_and_bool_keys(void **state)
     unload(&l);
 }
 
+
+/* ---- kafka.topics[].key and shard mode ---- */
+
+#define SHARD_FEATURES                                                                             \
+    "features:\n"                                                                                \
+    "  - { name: clicks, entity: user, key: user_id, agg: count, windows: [1h] }\n"                \
+    "  - { name: views, entity: pin, key: pin_id, agg: count, windows: [1h] }\n"
+
+static void shard_mode_with_two_entities_needs_a_key_per_topic(void **state)
+{
+    (void)state;
+    compile_fails_with("kafka: { mode: shard, topics: [engagements] }\n" SHARD_FEATURES,
+                       "test.yaml:1: kafka.topics[0].key: shard mode needs the entity type "
+                       "whose id is the message key of topic \"engagements\" (the features "
+                       "have 2 entity types: user, pin); or use kafka.mode replica");
+}
+
+static void shard_mode_needs_a_topic_keyed_by_every_entity(void **state)
+{
+    (void)state;
+    compile_fails_with("kafka: { mode: shard, topics: [{name: a, key: user}] }\n" SHARD_FEATURES,
+                       "test.yaml:1: kafka.topics: in shard mode every entity type needs a "
+                       "topic keyed by its id, and no topic has key: pin (its features would "
+                       "never be fed); add one, or use kafka.mode replica");
+}
+
+static void topic_key_must_name_an_entity(void **state)
+{
+    (void)state;
+    compile_fails_with("kafka: { topics: [{name: a, key: users}] }\n" SHARD_FEATURES,
+                       "test.yaml:1: kafka.topics[0].key: no feature has entity \"users\"");
+}
+
+static void topic_keys_resolve_and_one_entity_keys_unkeyed_topics(void **state)
+{
+    (void)state;
+    loaded_t l = compile_ok("kafka:\n"
+                            "  mode: shard\n"
+                            "  topics: [{name: a, key: pin}, {name: b, key: user}]\n" SHARD_FEATURES);
+    assert_int_equal(l.fs->ntopics, 2);
+    assert_int_equal(l.fs->topics[0].key_entity, entity(l.fs, "pin"));
+    assert_int_equal(l.fs->topics[1].key_entity, entity(l.fs, "user"));
+    unload(&l);
+    /* replica mode: an unkeyed topic feeds every entity type */
+    l = compile_ok("kafka: { topics: [a] }\n" SHARD_FEATURES);
+    assert_int_equal(l.fs->topics[0].key_entity, -1);
+    unload(&l);
+    /* shard mode with one entity type: that type is the key */
+    l = compile_ok("kafka: { mode: shard, topics: [a] }\n"
+                   "features:\n"
+                   "  - { name: clicks, entity: user, key: user_id, agg: count, windows: [1h] }\n");
+    assert_int_equal(l.fs->topics[0].key_entity, 0);
+    unload(&l);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -909,6 +964,10 @@ int main(void)
         cmocka_unit_test(entity_id_longer_than_cap_is_too_long),
         cmocka_unit_test(entity_id_rejects_missing_and_null_keys),
         cmocka_unit_test(entity_id_rejects_float_and_bool_keys),
+        cmocka_unit_test(shard_mode_with_two_entities_needs_a_key_per_topic),
+        cmocka_unit_test(shard_mode_needs_a_topic_keyed_by_every_entity),
+        cmocka_unit_test(topic_key_must_name_an_entity),
+        cmocka_unit_test(topic_keys_resolve_and_one_entity_keys_unkeyed_topics),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -315,6 +315,41 @@ static void test_two_entity_types_from_one_event(void **state)
     assert_int_equal(count(fx, "07", "dwell", 0, T), 0);
 }
 
+/* An event of a topic keyed by pin (skip_entities has the user bit) feeds
+ * only the pin; tly_store_drop removes exactly the records it dooms. */
+static bool doomed_odd_user(uint32_t type, const char *id, size_t len, void *ctx)
+{
+    const fx_t *fx = ctx;
+    return type == fx->user && len > 0 && (id[len - 1] - '0') % 2 == 1;
+}
+
+static void test_skipped_entity_types_are_not_fed_and_drop_removes_doomed(void **state)
+{
+    fx_t *fx = *state;
+    tly_event_t e = ev(fx, T - SEC, 7, "p9", "impression", 100);
+    e.skip_entities = UINT64_C(1) << fx->user;
+    assert_int_equal(tly_store_apply(fx->store, &e, 0, 0, T), TLY_OK);
+    assert_int_equal(get(fx, fx->pin, "p9", "impressions", 0, T).u.i, 1);
+    assert_int_equal(count(fx, "7", "dwell", 0, T), 0);
+    tly_store_stats_t st;
+    tly_store_stats(fx->store, &st);
+    assert_int_equal(st.entities, 1);
+
+    for (int u = 0; u < 10; u++)
+        assert_int_equal(put(fx, T, T - SEC, u, NULL, "click", 10), TLY_OK);
+    assert_int_equal(tly_store_drop(fx->store, doomed_odd_user, fx), 5);
+    tly_store_stats(fx->store, &st);
+    assert_int_equal(st.entities, 6); /* users 0 2 4 6 8 and pin p9 */
+    assert_int_equal(st.dropped_entities, 5);
+    assert_int_equal(st.expired, 0);
+    for (int u = 0; u < 10; u++) {
+        char id[4];
+        snprintf(id, sizeof id, "%d", u);
+        assert_int_equal(count(fx, id, "dwell", 0, T), u % 2 ? 0 : 10);
+    }
+    assert_int_equal(get(fx, fx->pin, "p9", "impressions", 0, T).u.i, 1);
+}
+
 static void test_idle_entities_expire_and_memory_returns(void **state)
 {
     fx_t *fx = *state;
@@ -578,6 +613,8 @@ int main(void)
                                         setup, teardown),
         cmocka_unit_test_setup_teardown(test_rejected_event_changes_nothing, setup, teardown),
         cmocka_unit_test_setup_teardown(test_two_entity_types_from_one_event, setup, teardown),
+        cmocka_unit_test_setup_teardown(
+            test_skipped_entity_types_are_not_fed_and_drop_removes_doomed, setup, teardown),
         cmocka_unit_test_setup_teardown(test_idle_entities_expire_and_memory_returns, setup,
                                         teardown),
         cmocka_unit_test(test_item_feature_before_windowed_ones_in_word_encoding),

@@ -1,0 +1,435 @@
+/*
+ * shard.c — ownership and owner addresses in kafka.mode shard (shard.h).
+ *
+ * State read by query threads: `nparts` and the `owned` bitmap are atomics
+ * written by the source's poll thread (relaxed: a reader that sees a stale
+ * bit answers as the ownership was an instant earlier, which a rebalance
+ * makes true for some moment anyway; the source refuses queries with
+ * -LOADING while a new assignment catches up). Owner addresses live in
+ * `addr[p]` under `mu`, written by the endpoints thread.
+ *
+ * The endpoints thread: one consumer assigned every partition of
+ * kafka.endpoints_topic from the beginning (no group: nothing committed),
+ * and one producer (idempotent, acks all) that publishes "G/p" → advertise
+ * for each partition this instance is assigned. Records of other groups are
+ * ignored; a record with an empty value clears the address.
+ */
+#include "tallyd/shard.h"
+
+#include <inttypes.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <librdkafka/rdkafka.h>
+
+#include "source_int.h"
+#include "tallyd/log.h"
+
+#define OWNED_WORDS         (TLY_SHARD_MAX_PARTITIONS / 64)
+#define ENDPOINTS_POLL_MS   100
+#define ENDPOINTS_RETRY_MS  2000
+#define ADMIN_TIMEOUT_MS    10000
+#define ENDPOINT_KEY_MAX    (TLY_SHARD_ADDR_MAX + 32)
+
+struct tly_shard {
+    const tly_config_t *cfg;
+
+    /* written by the poll thread, read by any (relaxed) */
+    _Atomic int32_t nparts;
+    _Atomic uint64_t owned[OWNED_WORDS];
+    _Atomic uint64_t moved, published, endpoint_errors;
+
+    /* owner addresses: endpoints thread writes, any thread copies; under mu */
+    pthread_mutex_t mu;
+    char (*addr)[TLY_SHARD_ADDR_MAX]; /* TLY_SHARD_MAX_PARTITIONS entries, "" unknown */
+
+    /* set once by start, before the thread runs */
+    char advertise[TLY_SHARD_ADDR_MAX];
+    rd_kafka_t *writer, *reader;
+    pthread_t thread;
+    bool running;
+    atomic_bool stop;
+};
+
+int32_t tly_partition_of(const void *key, size_t len, int32_t nparts)
+{
+    /* librdkafka's murmur2 partitioner is the Java client's; with a non-NULL
+     * key it uses neither the topic handle nor the opaques. */
+    static const char empty[1] = "";
+    return rd_kafka_msg_partitioner_murmur2(NULL, key != NULL ? key : empty, len, nparts, NULL,
+                                            NULL);
+}
+
+tly_shard_t *tly_shard_new(const tly_config_t *cfg, const tly_featset_t *fs)
+{
+    (void)fs;
+    if (cfg->kafka.mode != TLY_MODE_SHARD)
+        return NULL;
+    tly_shard_t *sh = calloc(1, sizeof *sh);
+    char(*addr)[TLY_SHARD_ADDR_MAX] = calloc(TLY_SHARD_MAX_PARTITIONS, sizeof *addr);
+    if (sh == NULL || addr == NULL) {
+        fputs("tallyd: out of memory\n", stderr);
+        abort();
+    }
+    sh->cfg = cfg;
+    sh->addr = addr;
+    pthread_mutex_init(&sh->mu, NULL);
+    atomic_init(&sh->stop, false);
+    return sh;
+}
+
+/* ---- ownership (poll thread writes) ------------------------------------------ */
+
+void tly_shard_set_partitions(tly_shard_t *sh, int32_t nparts)
+{
+    atomic_store_explicit(&sh->nparts, nparts, memory_order_relaxed);
+}
+
+int32_t tly_shard_partitions(const tly_shard_t *sh)
+{
+    return atomic_load_explicit(&sh->nparts, memory_order_relaxed);
+}
+
+bool tly_shard_owns(const tly_shard_t *sh, int32_t p)
+{
+    if (p < 0 || p >= TLY_SHARD_MAX_PARTITIONS)
+        return false;
+    return atomic_load_explicit(&sh->owned[p / 64], memory_order_relaxed) >> (p % 64) & 1;
+}
+
+static void publish_endpoint(tly_shard_t *sh, int32_t p)
+{
+    if (sh->writer == NULL || sh->advertise[0] == '\0')
+        return;
+    char key[ENDPOINT_KEY_MAX];
+    int klen = snprintf(key, sizeof key, "%s/%" PRId32, sh->cfg->kafka.group, p);
+    if (klen < 0 || (size_t)klen >= sizeof key)
+        return;
+    rd_kafka_resp_err_t err = rd_kafka_producev(
+        sh->writer, RD_KAFKA_V_TOPIC(sh->cfg->kafka.endpoints_topic),
+        RD_KAFKA_V_KEY(key, (size_t)klen), RD_KAFKA_V_VALUE(sh->advertise, strlen(sh->advertise)),
+        RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY), RD_KAFKA_V_END);
+    if (err != RD_KAFKA_RESP_ERR_NO_ERROR) {
+        atomic_fetch_add_explicit(&sh->endpoint_errors, 1, memory_order_relaxed);
+        tly_warn("shard: publishing the owner of partition %" PRId32 " failed: %s", p,
+                 rd_kafka_err2str(err));
+        return;
+    }
+    atomic_fetch_add_explicit(&sh->published, 1, memory_order_relaxed);
+}
+
+void tly_shard_assigned(tly_shard_t *sh, const int32_t *parts, size_t n)
+{
+    uint64_t bits[OWNED_WORDS] = {0};
+    for (size_t i = 0; i < n; i++)
+        if (parts[i] >= 0 && parts[i] < TLY_SHARD_MAX_PARTITIONS)
+            bits[parts[i] / 64] |= UINT64_C(1) << (parts[i] % 64);
+    for (size_t w = 0; w < OWNED_WORDS; w++)
+        atomic_store_explicit(&sh->owned[w], bits[w], memory_order_relaxed);
+    for (int32_t p = 0; p < TLY_SHARD_MAX_PARTITIONS; p++)
+        if (bits[p / 64] >> (p % 64) & 1)
+            publish_endpoint(sh, p);
+}
+
+void tly_shard_revoked(tly_shard_t *sh)
+{
+    for (size_t w = 0; w < OWNED_WORDS; w++)
+        atomic_store_explicit(&sh->owned[w], 0, memory_order_relaxed);
+}
+
+/* ---- reads (any thread) ---------------------------------------------------- */
+
+int32_t tly_shard_route(tly_shard_t *sh, const char *id, size_t len, char *owner, size_t cap)
+{
+    int32_t n = atomic_load_explicit(&sh->nparts, memory_order_relaxed);
+    if (n <= 0)
+        return -1;
+    int32_t p = tly_partition_of(id, len, n);
+    if (tly_shard_owns(sh, p))
+        return -1;
+    atomic_fetch_add_explicit(&sh->moved, 1, memory_order_relaxed);
+    if (owner != NULL && cap > 0) {
+        pthread_mutex_lock(&sh->mu);
+        /* never send a client back here: that address no longer owns p */
+        if (strcmp(sh->addr[p], sh->advertise) == 0)
+            owner[0] = '\0';
+        else
+            snprintf(owner, cap, "%s", sh->addr[p]);
+        pthread_mutex_unlock(&sh->mu);
+    }
+    return p;
+}
+
+size_t tly_shard_owned(const tly_shard_t *sh, int32_t *parts, size_t cap)
+{
+    size_t n = 0;
+    for (int32_t p = 0; p < TLY_SHARD_MAX_PARTITIONS; p++)
+        if (tly_shard_owns(sh, p)) {
+            if (n < cap)
+                parts[n] = p;
+            n++;
+        }
+    return n;
+}
+
+const char *tly_shard_advertise(const tly_shard_t *sh)
+{
+    return sh->advertise;
+}
+
+void tly_shard_stats(tly_shard_t *sh, tly_shard_stats_t *st)
+{
+    memset(st, 0, sizeof *st);
+    st->nparts = atomic_load_explicit(&sh->nparts, memory_order_relaxed);
+    st->nowned = tly_shard_owned(sh, NULL, 0);
+    st->moved = atomic_load_explicit(&sh->moved, memory_order_relaxed);
+    st->published = atomic_load_explicit(&sh->published, memory_order_relaxed);
+    st->endpoint_errors = atomic_load_explicit(&sh->endpoint_errors, memory_order_relaxed);
+    int32_t n = st->nparts > 0 && st->nparts <= TLY_SHARD_MAX_PARTITIONS ? st->nparts : 0;
+    pthread_mutex_lock(&sh->mu);
+    for (int32_t p = 0; p < n; p++)
+        st->known += sh->addr[p][0] != '\0';
+    pthread_mutex_unlock(&sh->mu);
+}
+
+/* ---- the endpoints thread ---------------------------------------------------- */
+
+/* A record "G/p" → "host:port" read from the endpoints topic. */
+static void take_record(tly_shard_t *sh, const rd_kafka_message_t *m)
+{
+    const char *group = sh->cfg->kafka.group;
+    size_t glen = strlen(group);
+    const char *key = m->key;
+    if (key == NULL || m->key_len <= glen + 1 || m->key_len > glen + 11 ||
+        memcmp(key, group, glen) != 0 || key[glen] != '/')
+        return;
+    int32_t p = 0;
+    for (size_t i = glen + 1; i < m->key_len; i++) {
+        if (key[i] < '0' || key[i] > '9')
+            return;
+        p = p * 10 + (key[i] - '0');
+        if (p >= TLY_SHARD_MAX_PARTITIONS)
+            return;
+    }
+    size_t vlen = m->payload != NULL ? m->len : 0;
+    if (vlen >= TLY_SHARD_ADDR_MAX)
+        return;
+    pthread_mutex_lock(&sh->mu);
+    memcpy(sh->addr[p], m->payload != NULL ? m->payload : "", vlen);
+    sh->addr[p][vlen] = '\0';
+    pthread_mutex_unlock(&sh->mu);
+}
+
+/* Assigns every partition of the endpoints topic to the reader, from the
+ * beginning. False while its metadata is not available yet. */
+static bool assign_reader(tly_shard_t *sh)
+{
+    const char *topic = sh->cfg->kafka.endpoints_topic;
+    rd_kafka_topic_t *rkt = rd_kafka_topic_new(sh->reader, topic, NULL);
+    const struct rd_kafka_metadata *md = NULL;
+    rd_kafka_resp_err_t err = rkt != NULL ? rd_kafka_metadata(sh->reader, 0, rkt, &md, 1000)
+                                          : rd_kafka_last_error();
+    bool ok = err == RD_KAFKA_RESP_ERR_NO_ERROR && md->topic_cnt == 1 && !md->topics[0].err &&
+              md->topics[0].partition_cnt > 0;
+    if (ok) {
+        rd_kafka_topic_partition_list_t *parts =
+            rd_kafka_topic_partition_list_new(md->topics[0].partition_cnt);
+        for (int i = 0; i < md->topics[0].partition_cnt; i++)
+            rd_kafka_topic_partition_list_add(parts, topic, md->topics[0].partitions[i].id)
+                ->offset = RD_KAFKA_OFFSET_BEGINNING;
+        err = rd_kafka_assign(sh->reader, parts);
+        rd_kafka_topic_partition_list_destroy(parts);
+        ok = err == RD_KAFKA_RESP_ERR_NO_ERROR;
+    }
+    if (md != NULL)
+        rd_kafka_metadata_destroy(md);
+    if (rkt != NULL)
+        rd_kafka_topic_destroy(rkt);
+    return ok;
+}
+
+static void *endpoints_main(void *arg)
+{
+    tly_shard_t *sh = arg;
+    bool assigned = false;
+    unsigned attempts = 0;
+    while (!atomic_load_explicit(&sh->stop, memory_order_relaxed)) {
+        if (!assigned) {
+            assigned = assign_reader(sh);
+            if (!assigned && attempts++ % 10 == 0)
+                tly_warn("shard: endpoints topic %s is not readable yet; retrying",
+                         sh->cfg->kafka.endpoints_topic);
+        }
+        rd_kafka_poll(sh->writer, 0);
+        rd_kafka_message_t *m = rd_kafka_consumer_poll(sh->reader, ENDPOINTS_POLL_MS);
+        if (m == NULL)
+            continue;
+        if (m->err == RD_KAFKA_RESP_ERR_NO_ERROR)
+            take_record(sh, m);
+        else if (m->err != RD_KAFKA_RESP_ERR__PARTITION_EOF)
+            atomic_fetch_add_explicit(&sh->endpoint_errors, 1, memory_order_relaxed);
+        rd_kafka_message_destroy(m);
+    }
+    return NULL;
+}
+
+static void delivery_cb(rd_kafka_t *rk, const rd_kafka_message_t *m, void *opaque)
+{
+    (void)rk;
+    tly_shard_t *sh = opaque;
+    if (m->err != RD_KAFKA_RESP_ERR_NO_ERROR) {
+        atomic_fetch_add_explicit(&sh->endpoint_errors, 1, memory_order_relaxed);
+        tly_warn("shard: an endpoint record was not delivered: %s", rd_kafka_err2str(m->err));
+    }
+}
+
+/* A configuration for the endpoint clients: the brokers and the
+ * connection settings of kafka.properties (security.*, sasl.*, ssl.*). */
+static rd_kafka_conf_t *client_conf(tly_shard_t *sh, const char *bootstrap, char *errbuf,
+                                    size_t errlen)
+{
+    rd_kafka_conf_t *conf = rd_kafka_conf_new();
+    char why[256];
+    rd_kafka_conf_set_log_cb(conf, tly_source_log_cb);
+    rd_kafka_conf_set_opaque(conf, sh);
+    if (rd_kafka_conf_set(conf, "bootstrap.servers", bootstrap, why, sizeof why) != 0)
+        goto fail;
+    for (size_t i = 0; i < sh->cfg->kafka.nproperties; i++) {
+        const tly_kv_t *kv = &sh->cfg->kafka.properties[i];
+        if (strncmp(kv->key, "security.", 9) != 0 && strncmp(kv->key, "sasl.", 5) != 0 &&
+            strncmp(kv->key, "ssl.", 4) != 0)
+            continue;
+        if (rd_kafka_conf_set(conf, kv->key, kv->value, why, sizeof why) != 0)
+            goto fail;
+    }
+    return conf;
+fail:
+    snprintf(errbuf, errlen, "shard endpoints client: %s", why);
+    rd_kafka_conf_destroy(conf);
+    return NULL;
+}
+
+static bool set_all(rd_kafka_conf_t *conf, const char *const *kv, char *errbuf, size_t errlen)
+{
+    char why[256];
+    for (size_t i = 0; kv[i] != NULL; i += 2)
+        if (rd_kafka_conf_set(conf, kv[i], kv[i + 1], why, sizeof why) != 0) {
+            snprintf(errbuf, errlen, "shard endpoints client: %s=%s: %s", kv[i], kv[i + 1], why);
+            return false;
+        }
+    return true;
+}
+
+/* Creates the compacted endpoints topic unless it exists. Failures are
+ * logged: the reader retries, and a broker with auto-creation makes it on
+ * the first record (not compacted then, which only costs space). */
+static void create_topic(tly_shard_t *sh)
+{
+    char why[256];
+    const char *topic = sh->cfg->kafka.endpoints_topic;
+    rd_kafka_NewTopic_t *nt = rd_kafka_NewTopic_new(topic, 1, -1, why, sizeof why);
+    if (nt == NULL) {
+        tly_warn("shard: cannot describe topic %s: %s", topic, why);
+        return;
+    }
+    rd_kafka_NewTopic_set_config(nt, "cleanup.policy", "compact");
+    rd_kafka_queue_t *q = rd_kafka_queue_new(sh->writer);
+    rd_kafka_AdminOptions_t *opt = rd_kafka_AdminOptions_new(sh->writer, RD_KAFKA_ADMIN_OP_CREATETOPICS);
+    rd_kafka_AdminOptions_set_request_timeout(opt, ADMIN_TIMEOUT_MS, why, sizeof why);
+    rd_kafka_CreateTopics(sh->writer, &nt, 1, opt, q);
+    rd_kafka_event_t *ev = rd_kafka_queue_poll(q, ADMIN_TIMEOUT_MS + 2000);
+    const rd_kafka_CreateTopics_result_t *res = ev ? rd_kafka_event_CreateTopics_result(ev) : NULL;
+    if (res == NULL) {
+        tly_warn("shard: creating topic %s: %s", topic,
+                 ev ? rd_kafka_event_error_string(ev) : "no answer");
+    } else {
+        size_t n = 0;
+        const rd_kafka_topic_result_t **tr = rd_kafka_CreateTopics_result_topics(res, &n);
+        rd_kafka_resp_err_t err = n == 1 ? rd_kafka_topic_result_error(tr[0])
+                                         : rd_kafka_event_error(ev);
+        if (err == RD_KAFKA_RESP_ERR_NO_ERROR)
+            tly_info("shard: created compacted topic %s for owner addresses", topic);
+        else if (err != RD_KAFKA_RESP_ERR_TOPIC_ALREADY_EXISTS)
+            tly_warn("shard: creating topic %s: %s", topic,
+                     n == 1 && rd_kafka_topic_result_error_string(tr[0])
+                         ? rd_kafka_topic_result_error_string(tr[0])
+                         : rd_kafka_err2str(err));
+    }
+    if (ev != NULL)
+        rd_kafka_event_destroy(ev);
+    rd_kafka_AdminOptions_destroy(opt);
+    rd_kafka_queue_destroy(q);
+    rd_kafka_NewTopic_destroy(nt);
+}
+
+bool tly_shard_start(tly_shard_t *sh, const char *bootstrap, bool embedded, const char *advertise,
+                     char *errbuf, size_t errlen)
+{
+    static const char *const writer_kv[] = {"client.id", "tallyd-endpoints", "linger.ms", "0",
+                                            "enable.idempotence", "true", NULL};
+    static const char *const reader_kv[] = {"client.id", "tallyd-endpoints",
+                                            "group.id", "tallyd-endpoints-reader",
+                                            "enable.auto.commit", "false",
+                                            "enable.partition.eof", "false", NULL};
+    char why[256];
+    snprintf(sh->advertise, sizeof sh->advertise, "%s", advertise);
+
+    rd_kafka_conf_t *conf = client_conf(sh, bootstrap, errbuf, errlen);
+    if (conf == NULL || !set_all(conf, writer_kv, errbuf, errlen))
+        goto fail;
+    rd_kafka_conf_set_dr_msg_cb(conf, delivery_cb);
+    sh->writer = rd_kafka_new(RD_KAFKA_PRODUCER, conf, why, sizeof why);
+    if (sh->writer == NULL) {
+        snprintf(errbuf, errlen, "shard endpoints producer: %s", why);
+        goto fail;
+    }
+    conf = client_conf(sh, bootstrap, errbuf, errlen);
+    if (conf == NULL || !set_all(conf, reader_kv, errbuf, errlen))
+        goto fail;
+    sh->reader = rd_kafka_new(RD_KAFKA_CONSUMER, conf, why, sizeof why);
+    if (sh->reader == NULL) {
+        snprintf(errbuf, errlen, "shard endpoints consumer: %s", why);
+        goto fail;
+    }
+    conf = NULL;
+    rd_kafka_poll_set_consumer(sh->reader);
+    if (!embedded)
+        create_topic(sh);
+    int rc = pthread_create(&sh->thread, NULL, endpoints_main, sh);
+    if (rc != 0) {
+        snprintf(errbuf, errlen, "cannot start the shard endpoints thread: %s", strerror(rc));
+        return false;
+    }
+    sh->running = true;
+    tly_info("shard: this instance is %s; owners are published in %s", sh->advertise,
+             sh->cfg->kafka.endpoints_topic);
+    return true;
+fail:
+    if (conf != NULL)
+        rd_kafka_conf_destroy(conf);
+    return false;
+}
+
+void tly_shard_free(tly_shard_t *sh)
+{
+    if (sh == NULL)
+        return;
+    if (sh->running) {
+        atomic_store(&sh->stop, true);
+        pthread_join(sh->thread, NULL);
+    }
+    if (sh->reader != NULL) {
+        rd_kafka_consumer_close(sh->reader);
+        rd_kafka_destroy(sh->reader);
+    }
+    if (sh->writer != NULL) {
+        rd_kafka_flush(sh->writer, 2000);
+        rd_kafka_destroy(sh->writer);
+    }
+    pthread_mutex_destroy(&sh->mu);
+    free(sh->addr);
+    free(sh);
+}
