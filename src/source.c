@@ -457,11 +457,12 @@ static int32_t shard_partition_count(tly_source_t *src)
         rd_kafka_topic_t *rkt = rd_kafka_topic_new(src->rk, cfg->kafka.topics[t], NULL);
         rd_kafka_resp_err_t err = rkt ? rd_kafka_metadata(src->rk, 0, rkt, &md, BROKER_TIMEOUT_MS)
                                       : rd_kafka_last_error();
-        int32_t n = err == RD_KAFKA_RESP_ERR_NO_ERROR && md->topic_cnt == 1 && !md->topics[0].err
-                        ? md->topics[0].partition_cnt
-                        : -1;
-        if (md != NULL)
+        int32_t n = -1;
+        if (md != NULL) {
+            if (err == RD_KAFKA_RESP_ERR_NO_ERROR && md->topic_cnt == 1 && !md->topics[0].err)
+                n = md->topics[0].partition_cnt;
             rd_kafka_metadata_destroy(md);
+        }
         if (rkt != NULL)
             rd_kafka_topic_destroy(rkt);
         if (n < 0) {

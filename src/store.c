@@ -877,6 +877,223 @@ size_t tly_store_drop(tly_store_t *store, tly_store_doomed_fn doomed, void *ctx)
     return remove_where(store, &cu, 0);
 }
 
+/* ---- snapshots ------------------------------------------------------------ */
+
+/* Block payloads of tly_store_dump: a run of items, each
+ *   intern  [u8 1][u32 slot][u32 len][bytes]
+ *   entity  [u8 2][u16 type][u8 idlen][u8 mode][u32 used][u32 nwords][id][nwords × u64]
+ * little-endian, unaligned. */
+#define SNAP_ITEM_INTERN 1
+#define SNAP_ITEM_ENTITY 2
+#define SNAP_BLOCK_BYTES (1u << 20)
+
+typedef struct {
+    uint8_t *buf;
+    size_t len, cap;
+    tly_store_emit_fn emit;
+    void *ctx;
+    bool failed;
+} dumper_t;
+
+static void dump_put(dumper_t *d, const void *p, size_t n)
+{
+    if (d->len + n > d->cap) {
+        size_t cap = d->cap ? d->cap : SNAP_BLOCK_BYTES;
+        while (cap < d->len + n)
+            cap *= 2;
+        uint8_t *b = realloc(d->buf, cap);
+        if (b == NULL) {
+            d->failed = true;
+            return;
+        }
+        d->buf = b;
+        d->cap = cap;
+    }
+    memcpy(d->buf + d->len, p, n);
+    d->len += n;
+}
+
+static void dump_flush(dumper_t *d, bool force)
+{
+    if (d->failed || d->len == 0 || (!force && d->len < SNAP_BLOCK_BYTES))
+        return;
+    if (!d->emit(d->ctx, d->buf, d->len))
+        d->failed = true;
+    d->len = 0;
+}
+
+static void put_u32(dumper_t *d, uint32_t v)
+{
+    uint8_t b[4] = {(uint8_t)v, (uint8_t)(v >> 8), (uint8_t)(v >> 16), (uint8_t)(v >> 24)};
+    dump_put(d, b, 4);
+}
+
+tly_err_t tly_store_dump(tly_store_t *store, tly_store_emit_fn emit, void *ctx)
+{
+    dumper_t d = {.emit = emit, .ctx = ctx};
+    for (uint32_t i = 0; i < INTERN_SLOTS && !d.failed; i++) {
+        const istr_t *is = atomic_load_explicit(&store->intern[i], memory_order_acquire);
+        if (is == NULL)
+            continue;
+        uint8_t kind = SNAP_ITEM_INTERN;
+        dump_put(&d, &kind, 1);
+        put_u32(&d, i);
+        put_u32(&d, is->len);
+        dump_put(&d, is->s, is->len);
+        dump_flush(&d, false);
+    }
+    for (size_t s = 0; s < TLY_STORE_SHARDS && !d.failed; s++) {
+        ck_hs_iterator_t it = CK_HS_ITERATOR_INITIALIZER;
+        void *obj;
+        while (!d.failed && ck_hs_next(&store->shards[s].hs, &it, &obj)) {
+            const ent_t *e = obj;
+            if (atomic_load_explicit(&e->seq, memory_order_acquire) & SEQ_DEAD)
+                continue;
+            uint32_t used = used_of(e);
+            uint32_t nwords = (e->mode & F_WORDS) ? used : (used + 7) / 8;
+            uint8_t head[4] = {SNAP_ITEM_ENTITY, (uint8_t)e->type, (uint8_t)(e->type >> 8),
+                               e->idlen};
+            dump_put(&d, head, 4);
+            dump_put(&d, &e->mode, 1);
+            put_u32(&d, used);
+            put_u32(&d, nwords);
+            dump_put(&d, ent_id(e), e->idlen);
+            for (uint32_t w = 0; w < nwords; w++) {
+                uint64_t v = ld(e, w);
+                put_u32(&d, (uint32_t)v);
+                put_u32(&d, (uint32_t)(v >> 32));
+            }
+            dump_flush(&d, false);
+        }
+    }
+    dump_flush(&d, true);
+    free(d.buf);
+    return d.failed ? TLY_E_IO : TLY_OK;
+}
+
+static bool get_bytes(const uint8_t *p, size_t n, size_t *at, void *out, size_t k)
+{
+    if (n - *at < k)
+        return false;
+    memcpy(out, p + *at, k);
+    *at += k;
+    return true;
+}
+
+static bool get_u32(const uint8_t *p, size_t n, size_t *at, uint32_t *v)
+{
+    uint8_t b[4];
+    if (!get_bytes(p, n, at, b, 4))
+        return false;
+    *v = (uint32_t)b[0] | (uint32_t)b[1] << 8 | (uint32_t)b[2] << 16 | (uint32_t)b[3] << 24;
+    return true;
+}
+
+/* True when a loaded record's state is well formed: a compact log that
+ * decodes, or word segments in ascending order that end exactly at used. */
+static bool snap_state_ok(const tly_store_t *store, const ent_t *e)
+{
+    uint32_t used = atomic_load_explicit(&e->used, memory_order_relaxed);
+    if (!(e->mode & F_WORDS)) {
+        static _Thread_local log_t lg;
+        store_log_copy(e, &lg);
+        return store_log_decode(store, &store->etypes[e->type], &lg);
+    }
+    uint64_t off = 1;
+    int64_t prev = -1;
+    while (off < used) {
+        uint64_t h = ld(e, (uint32_t)off);
+        if ((int64_t)(h & 0xffffu) <= prev)
+            return false;
+        prev = (int64_t)(h & 0xffffu);
+        off += 1 + ((h >> 16) & 0xffffffffu);
+    }
+    return off == used;
+}
+
+static tly_err_t snap_fail(char *err, size_t errlen, const char *what, size_t at)
+{
+    if (err != NULL && errlen > 0)
+        snprintf(err, errlen, "%s at byte %zu of a state block", what, at);
+    return TLY_E_INVAL;
+}
+
+tly_err_t tly_store_load(tly_store_t *store, const void *data, size_t n, char *err, size_t errlen)
+{
+    const uint8_t *p = data;
+    const tly_featset_t *fs = store->fs;
+    size_t at = 0;
+    tstats_t *ts = store_thread_stats(store);
+    while (at < n) {
+        size_t item = at;
+        uint8_t kind = p[at++];
+        if (kind == SNAP_ITEM_INTERN) {
+            uint32_t slot, len;
+            if (!get_u32(p, n, &at, &slot) || !get_u32(p, n, &at, &len) || slot >= INTERN_SLOTS ||
+                len > INTERN_MAXLEN || n - at < len)
+                return snap_fail(err, errlen, "malformed intern string", item);
+            istr_t *is = store_xmalloc(sizeof *is + len);
+            is->len = len;
+            memcpy(is->s, p + at, len);
+            at += len;
+            istr_t *none = NULL;
+            if (!atomic_compare_exchange_strong(&store->intern[slot], &none, is)) {
+                free(is);
+                return snap_fail(err, errlen, "intern slot given twice", item);
+            }
+            atomic_fetch_add_explicit(&store->ninterned, 1, memory_order_relaxed);
+            stat_add(&ts->bytes, (int64_t)malloc_usable_size(is));
+            stat_add(&ts->interned_bytes, (int64_t)malloc_usable_size(is));
+            continue;
+        }
+        uint8_t head[4];
+        uint32_t used, nwords;
+        if (kind != SNAP_ITEM_ENTITY || !get_bytes(p, n, &at, head, 4) ||
+            !get_u32(p, n, &at, &used) || !get_u32(p, n, &at, &nwords))
+            return snap_fail(err, errlen, "malformed entity", item);
+        uint32_t type = head[0] | (uint32_t)head[1] << 8;
+        uint8_t idlen = head[2], mode = head[3];
+        bool words = mode == F_WORDS;
+        if (type >= fs->nentities || (mode != 0 && !words) ||
+            (!words && !store->etypes[type].compact) ||
+            (words ? used < 1 || used != nwords
+                   : used > COMPACT_MAX_BYTES || nwords != (used + 7) / 8) ||
+            nwords > (n - at) / 8 || n - at < idlen + 8 * (size_t)nwords)
+            return snap_fail(err, errlen, "malformed entity", item);
+        const char *id = (const char *)p + at;
+        at += idlen;
+        ent_t *e = ent_alloc(store, type, id, idlen, mode, nwords ? nwords : 1);
+        for (uint32_t w = 0; w < nwords; w++) {
+            uint32_t lo = 0, hi = 0; /* lengths were checked: both reads succeed */
+            (void)get_u32(p, n, &at, &lo);
+            (void)get_u32(p, n, &at, &hi);
+            st(e, w, (uint64_t)hi << 32 | lo);
+        }
+        atomic_store_explicit(&e->used, used, memory_order_relaxed);
+        if (!snap_state_ok(store, e)) {
+            stat_add(&ts->bytes, -(int64_t)malloc_usable_size(e));
+            free(e);
+            return snap_fail(err, errlen, "malformed entity state", item);
+        }
+        ent_unlock(e);
+        key_t_ kb;
+        const ent_t *key = key_make(&kb, type, id, idlen);
+        unsigned long h = hash_id(type, id, idlen);
+        shard_t *sh = shard_of(store, h);
+        tly_tsan_publish();
+        pthread_mutex_lock(&sh->mu);
+        bool added = ck_hs_get(&sh->hs, h, key) == NULL && ck_hs_put_unique(&sh->hs, h, e);
+        pthread_mutex_unlock(&sh->mu);
+        if (!added) {
+            stat_add(&ts->bytes, -(int64_t)malloc_usable_size(e));
+            free(e);
+            return snap_fail(err, errlen, "entity given twice", item);
+        }
+        stat_add(&ts->entities, 1);
+    }
+    return TLY_OK;
+}
+
 void tly_store_stats(const tly_store_t *store, tly_store_stats_t *out)
 {
     memset(out, 0, sizeof *out);

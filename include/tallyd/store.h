@@ -135,6 +135,27 @@ typedef bool (*tly_store_doomed_fn)(uint32_t type, const char *id, size_t len, v
  */
 size_t tly_store_drop(tly_store_t *store, tly_store_doomed_fn doomed, void *ctx);
 
+/* Receives one block of tly_store_dump's output; false stops the dump. */
+typedef bool (*tly_store_emit_fn)(void *ctx, const void *data, size_t len);
+
+/*
+ * Serialises every live record and the intern table into blocks of about
+ * 1 MiB, handed to emit in order. For snapshots: the caller guarantees no
+ * writer runs meanwhile (the forked child of the writer thread, or a
+ * stopped source). TLY_E_IO when emit failed or memory ran out.
+ */
+tly_err_t tly_store_dump(tly_store_t *store, tly_store_emit_fn emit, void *ctx);
+
+/*
+ * Adds the records of one block of tly_store_dump output to store (fresh,
+ * with the same feature set). Every length, type and state is checked: a
+ * malformed block gives TLY_E_INVAL and a sentence in err; records added
+ * before it stay (the caller discards the store). Writer thread;
+ * RCU-registered.
+ */
+tly_err_t tly_store_load(tly_store_t *store, const void *data, size_t len, char *err,
+                         size_t errlen);
+
 /* Fills *st with the current counters. Any thread. */
 void tly_store_stats(const tly_store_t *store, tly_store_stats_t *st);
 
