@@ -34,6 +34,7 @@
 #include <strings.h>
 #include <unistd.h>
 
+#include "tallyd/snapshot.h"
 #include "tallyd/version.h"
 
 #define STRBUF_INITIAL (64u << 10)
@@ -1040,6 +1041,31 @@ static void info_source(cmd_ctx_t *c, tly_buf_t *t)
     free(parts);
 }
 
+static void info_persistence(cmd_ctx_t *c, tly_buf_t *t)
+{
+    textf(t, "# Persistence\r\n");
+    tly_snapshotter_t *sn = c->d->snapshot;
+    textf(t, "snapshots_enabled:%d\r\n", sn != NULL ? 1 : 0);
+    if (sn == NULL)
+        return;
+    tly_snapshot_stats_t st;
+    tly_snapshot_stats(sn, &st);
+    textf(t, "snapshot_dir:%s\r\n", c->d->cfg->snapshot.dir);
+    textf(t, "snapshot_in_progress:%d\r\n", st.in_progress ? 1 : 0);
+    textf(t, "snapshots_written:%" PRIu64 "\r\n", st.written);
+    textf(t, "snapshots_failed:%" PRIu64 "\r\n", st.failed);
+    textf(t, "last_snapshot_ms:%" PRId64 "\r\n", st.last_ms);
+    textf(t, "last_snapshot_path:%s\r\n", st.last_path);
+    textf(t, "last_snapshot_bytes:%" PRIu64 "\r\n", st.last_bytes);
+    textf(t, "last_snapshot_write_ms:%" PRId64 "\r\n", st.last_write_ms);
+    textf(t, "last_snapshot_pause_us:%" PRId64 "\r\n", st.last_pause_us);
+    textf(t, "max_snapshot_pause_us:%" PRId64 "\r\n", st.max_pause_us);
+    textf(t, "last_snapshot_error:%s\r\n", st.last_error);
+    textf(t, "restored_snapshot_ms:%" PRId64 "\r\n", st.loaded_ms);
+    textf(t, "restored_entities:%" PRIu64 "\r\n", st.loaded_entities);
+    textf(t, "snapshots_rejected:%" PRIu64 "\r\n", st.rejected);
+}
+
 static void info_features(cmd_ctx_t *c, tly_buf_t *t)
 {
     const tly_featset_t *fs = c->d->fs;
@@ -1066,6 +1092,7 @@ static const struct {
 } info_sections[] = {
     {"server", info_server}, {"clients", info_clients}, {"stats", info_stats},
     {"memory", info_memory}, {"source", info_source},   {"features", info_features},
+    {"persistence", info_persistence},
 };
 
 static void cmd_info(cmd_ctx_t *c)

@@ -196,8 +196,9 @@ const key_def_t tly_config_keys[] = {
     KEY("store.sweep_every", K_DURATION, "10s", SEC(1), HOUR(1), 0, NULL, CFG(store.sweep_every_ms),
         "Period of the sweeper that expires idle entities."),
 
-    KEY("snapshot.dir", K_STRING, "/var/lib/tallyd", 0, 0, F_NONEMPTY, NULL, CFG(snapshot.dir),
-        "Directory holding state snapshots."),
+    KEY("snapshot.dir", K_STRING, "/var/lib/tallyd", 0, 0, 0, NULL, CFG(snapshot.dir),
+        "Directory holding state snapshots (created if missing); \"\" turns snapshots off. "
+        "Not used with the embedded cluster, which holds only one run's events."),
     KEY("snapshot.every", K_DURATION, "30s", SEC(1), DAY(1), 0, NULL, CFG(snapshot.every_ms),
         "Period between snapshots."),
     KEY("snapshot.keep", K_INT, "3", 1, 100, 0, NULL, CFG(snapshot.keep),

@@ -46,6 +46,7 @@
 #include "tallyd/log.h"
 #include "tallyd/rcu.h"
 #include "tallyd/server.h"
+#include "tallyd/snapshot.h"
 #include "tallyd/source.h"
 #include "tallyd/store.h"
 #include "tallyd/version.h"
@@ -171,7 +172,7 @@ static int run(const tly_config_t *cfg, const tly_featset_t *fs)
     tly_server_t *server = NULL;
     tly_source_t *source = NULL;
     tly_demo_t *demo = NULL;
-    bool embedded = is_embedded(cfg);
+    bool embedded = is_embedded(cfg), consuming = false;
 
     sigset_t sigs;
     sigemptyset(&sigs);
@@ -184,7 +185,11 @@ static int run(const tly_config_t *cfg, const tly_featset_t *fs)
     tly_rcu_thread_online(); /* the sweeper runs here */
     tly_daemon_t d = {.cfg = cfg, .fs = fs, .started_ms = wall_ms()};
     atomic_init(&d.server.next_client_id, 1);
-    d.store = tly_store_new(fs);
+    tly_snapshotter_t *snap = tly_snapshot_new(cfg);
+    d.snapshot = snap;
+    d.store = snap != NULL ? tly_snapshot_restore(snap, fs) : NULL;
+    if (d.store == NULL)
+        d.store = tly_store_new(fs);
     tly_info("tallyd %s starting with %s: %zu features over %zu entity types", TALLYD_VERSION,
              cfg->path, fs->nfeats, fs->nentities);
 
@@ -206,8 +211,11 @@ static int run(const tly_config_t *cfg, const tly_featset_t *fs)
         snprintf(err, sizeof err, "server.advertise: \"%s\" is too long", advertise);
         goto fail;
     }
+    if (snap != NULL)
+        tly_snapshot_attach(snap, d.store, source);
     if (tly_source_start(source, err, sizeof err) != TLY_OK)
         goto fail;
+    consuming = true;
     if (tly_server_start(server, err, sizeof err) != TLY_OK)
         goto fail;
     if (embedded)
@@ -250,12 +258,21 @@ static int run(const tly_config_t *cfg, const tly_featset_t *fs)
 fail:
     tly_error("%s", err);
 out:
+    /* Stop accepting and close the clients, then the final snapshot of
+     * everything applied, committed before the consumer closes. */
     if (server != NULL)
         tly_server_stop_async(server);
     tly_server_free(server);
     tly_demo_stop(demo);
+    if (snap != NULL && consuming && status == EXIT_SUCCESS) {
+        tly_source_halt(source);
+        if (tly_snapshot_final(snap, source) != TLY_OK)
+            status = EXIT_INVALID;
+    }
     tly_source_free(source);
     d.source = NULL;
+    tly_snapshot_free(snap);
+    d.snapshot = NULL;
     tly_store_free(d.store);
     tly_rcu_thread_offline();
     if (status == EXIT_SUCCESS)

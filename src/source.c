@@ -111,7 +111,11 @@ struct tly_source {
 
     /* main thread only */
     pthread_t thread;
-    bool started, stopped;
+    bool started, halted, stopped;
+
+    /* set before start: called by the poll thread between messages */
+    tly_checkpoint_fn checkpoint;
+    void *checkpoint_ctx;
 
     /* written by stop (main) or the fatal error callback; read by the poll
      * thread each iteration */
@@ -754,8 +758,11 @@ static void on_message(tly_source_t *src, rd_kafka_message_t *m, int64_t now_ms)
     p->position = m->offset + 1;
     src->dirty = true;
     /* Stores offset + 1. Fails with __STATE only for a partition revoked
-     * meanwhile, whose new owner starts from the last commit. */
-    (void)rd_kafka_offset_store(m->rkt, m->partition, m->offset);
+     * meanwhile, whose new owner starts from the last commit. With
+     * snapshots, only offsets a durable snapshot covers are committed
+     * (tly_source_commit). */
+    if (src->checkpoint == NULL)
+        (void)rd_kafka_offset_store(m->rkt, m->partition, m->offset);
 }
 
 /* Replica mode: every partition of every topic, no group membership.
@@ -822,6 +829,8 @@ static void *poll_main(void *arg)
         int64_t every = atomic_load_explicit(&src->ready, memory_order_relaxed)
                             ? PUBLISH_EVERY_MS
                             : LOADING_PUBLISH_MS;
+        if (src->checkpoint != NULL)
+            src->checkpoint(src->checkpoint_ctx, src);
         rd_kafka_message_t *m = rd_kafka_consumer_poll(src->rk, POLL_TIMEOUT_MS);
         int64_t now = wall_ms();
         if (m == NULL) {
@@ -1059,6 +1068,10 @@ tly_err_t tly_source_resume_at(tly_source_t *src, const char *topic, int32_t par
     if (src == NULL || topic == NULL || partition < 0 || offset < 0 || src->started)
         return TLY_E_INVAL;
     part_get(src, topic, partition)->position = offset;
+    /* Shard mode: state for this partition is held (from a snapshot); the
+     * first assignment drops it unless the partition comes back here. */
+    if (src->shard != NULL && partition < TLY_SHARD_MAX_PARTITIONS)
+        src->held[partition / 64] |= UINT64_C(1) << (partition % 64);
     return TLY_OK;
 }
 
@@ -1099,18 +1112,68 @@ tly_err_t tly_source_start(tly_source_t *src, char *errbuf, size_t errlen)
     return TLY_OK;
 }
 
+void tly_source_halt(tly_source_t *src)
+{
+    if (src == NULL || src->halted)
+        return;
+    src->halted = true;
+    if (src->started) {
+        atomic_store(&src->stop, true);
+        pthread_join(src->thread, NULL);
+    }
+}
+
+void tly_source_set_checkpoint(tly_source_t *src, tly_checkpoint_fn fn, void *ctx)
+{
+    if (src->started)
+        return;
+    src->checkpoint = fn;
+    src->checkpoint_ctx = ctx;
+}
+
+size_t tly_source_positions(const tly_source_t *src, tly_position_t *out, size_t cap)
+{
+    size_t n = 0;
+    for (size_t i = 0; i < src->nparts; i++) {
+        const part_t *p = &src->parts[i];
+        if (!p->assigned || p->position < 0)
+            continue;
+        if (n < cap) {
+            snprintf(out[n].topic, sizeof out[n].topic, "%s", p->topic);
+            out[n].partition = p->partition;
+            out[n].offset = p->position;
+        }
+        n++;
+    }
+    return n;
+}
+
+void tly_source_commit(tly_source_t *src, const tly_position_t *pos, size_t n)
+{
+    if (src->rk == NULL || n == 0)
+        return;
+    rd_kafka_topic_partition_list_t *list = rd_kafka_topic_partition_list_new((int)n);
+    for (size_t i = 0; i < n; i++)
+        rd_kafka_topic_partition_list_add(list, pos[i].topic, pos[i].partition)->offset =
+            pos[i].offset;
+    /* Asynchronous: errors (a partition revoked meanwhile) reach the log
+     * through the consumer's callbacks; the snapshot stays the truth. */
+    rd_kafka_resp_err_t err = rd_kafka_commit(src->rk, list, 1);
+    if (err != RD_KAFKA_RESP_ERR_NO_ERROR)
+        tly_warn("source: committing the offsets of a snapshot failed: %s",
+                 rd_kafka_err2str(err));
+    rd_kafka_topic_partition_list_destroy(list);
+}
+
 void tly_source_stop(tly_source_t *src)
 {
     if (src == NULL || src->stopped)
         return;
     src->stopped = true;
-    if (src->started) {
-        atomic_store(&src->stop, true);
-        pthread_join(src->thread, NULL);
-    }
+    tly_source_halt(src);
     /* From here the main thread serves the consumer queue (close runs the
      * final revocation). */
-    if (src->started) {
+    if (src->started && src->checkpoint == NULL) {
         rd_kafka_resp_err_t err = rd_kafka_commit(src->rk, NULL, 0);
         if (err != RD_KAFKA_RESP_ERR_NO_ERROR && err != RD_KAFKA_RESP_ERR__NO_OFFSET)
             tly_warn("source: committing offsets on stop failed: %s", rd_kafka_err2str(err));

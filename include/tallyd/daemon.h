@@ -37,6 +37,7 @@ typedef struct {
     const tly_featset_t *fs;
     tly_store_t *store;
     tly_source_t *source; /* NULL when no source runs (unit tests) */
+    struct tly_snapshotter *snapshot; /* NULL when snapshots are off */
     int64_t started_ms;   /* wall clock at start-up */
     int tcp_port;         /* bound RESP port (after listen), for INFO */
     tly_server_stats_t server;

@@ -111,6 +111,17 @@ typedef struct {
  * cluster. Returns NULL with a sentence in errbuf on failure (bad
  * kafka.properties, mock cluster failure). Main thread.
  */
+/* A partition's position: the offset of the next message to apply. */
+typedef struct {
+    char topic[128];
+    int32_t partition;
+    int64_t offset;
+} tly_position_t;
+
+/* Called by the poll thread between messages, where the store holds
+ * exactly the messages before tly_source_positions(). */
+typedef void (*tly_checkpoint_fn)(void *ctx, tly_source_t *src);
+
 tly_source_t *tly_source_new(const tly_config_t *cfg, const tly_featset_t *fs, tly_store_t *store,
                              char *errbuf, size_t errlen);
 /* Starts the poll thread (subscribe and consume). Returns TLY_OK, TLY_E_IO
@@ -126,6 +137,17 @@ tly_err_t tly_source_resume_at(tly_source_t *src, const char *topic, int32_t par
 /* Stops the poll thread, commits stored offsets and closes the consumer.
  * Idempotent. Main thread. */
 void tly_source_stop(tly_source_t *src);
+/* Stops the poll thread only (idempotent; stop does it too): afterwards the
+ * store changes no more and tly_source_positions is exact. Main thread. */
+void tly_source_halt(tly_source_t *src);
+/* Installs the checkpoint hook (before start). With a hook, offsets are
+ * committed only through tly_source_commit (snapshot mode). */
+void tly_source_set_checkpoint(tly_source_t *src, tly_checkpoint_fn fn, void *ctx);
+/* The assigned partitions' positions into out (at most cap); returns how
+ * many there are. Poll thread (from the hook), or main after halt. */
+size_t tly_source_positions(const tly_source_t *src, tly_position_t *out, size_t cap);
+/* Commits pos to the group, asynchronously. Same threads as positions. */
+void tly_source_commit(tly_source_t *src, const tly_position_t *pos, size_t n);
 /* Stops if needed and frees everything (and the mock cluster: librdkafka
  * 2.0.2 takes about a second to stop its thread). NULL ok. Main thread. */
 void tly_source_free(tly_source_t *src);

@@ -1,0 +1,563 @@
+/*
+ * snapshot.c — periodic and final snapshots, and recovery (snapshot.h).
+ *
+ * File contents (snapfile.h frames each block):
+ *   block POSITIONS  u32 count, then per partition: u16 topic length, the
+ *                    topic, i32 partition, i64 next offset (little-endian)
+ *   block STATE...   tly_store_dump's blocks, in order
+ *
+ * The writer of a periodic snapshot is a child forked by the poll thread
+ * (see snapshot.h). The child asks to be killed when that thread ends
+ * (PR_SET_PDEATHSIG), so a killed tallyd leaves no writer behind; its temp
+ * file is removed by the next prune. Shared state: `mu` guards the stats,
+ * which INFO reads from query threads; everything else belongs to the
+ * poll thread while the source runs, and to the main thread otherwise.
+ */
+#include "tallyd/snapshot.h"
+
+#include <errno.h>
+#include <inttypes.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "tallyd/log.h"
+#include "tallyd/snapfile.h"
+
+#define BLOCK_POSITIONS 1u
+#define BLOCK_STATE     2u
+#define MAX_POSITIONS   65536
+#define ERR_CAP         256
+
+struct tly_snapshotter {
+    const tly_config_t *cfg;
+    uint64_t defs_hash;
+    tly_store_t *store;
+
+    /* restored positions, handed to the source by attach */
+    tly_position_t *restored;
+    size_t nrestored;
+
+    /* poll thread (main thread once the source is halted) */
+    pid_t child;
+    int64_t child_started_ms, child_created_ms;
+    tly_position_t *pending; /* positions the running child writes */
+    size_t npending;
+    int64_t next_due_ms;
+    uint64_t last_messages; /* source messages at the last snapshot */
+
+    pthread_mutex_t mu;
+    tly_snapshot_stats_t st;
+};
+
+static int64_t wall_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static int64_t mono_us(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
+}
+
+static void *xmalloc(size_t n)
+{
+    void *p = malloc(n ? n : 1);
+    if (p == NULL) {
+        fputs("tallyd: out of memory\n", stderr);
+        abort();
+    }
+    return p;
+}
+
+/* ---- the feature definitions' hash ------------------------------------------ */
+
+typedef struct {
+    uint64_t h;
+} fnv_t;
+
+static void fnv(fnv_t *f, const void *p, size_t n)
+{
+    const unsigned char *b = p;
+    for (size_t i = 0; i < n; i++) {
+        f->h ^= b[i];
+        f->h *= UINT64_C(0x100000001b3);
+    }
+    f->h ^= 0xff; /* field separator: "ab","c" differs from "a","bc" */
+    f->h *= UINT64_C(0x100000001b3);
+}
+
+static void fnv_str(fnv_t *f, const char *s)
+{
+    fnv(f, s != NULL ? s : "", s != NULL ? strlen(s) : 0);
+}
+
+static void fnv_i64(fnv_t *f, int64_t v)
+{
+    fnv(f, &v, sizeof v);
+}
+
+uint64_t tly_snapshot_defs_hash(const tly_config_t *cfg)
+{
+    fnv_t f = {UINT64_C(0xcbf29ce484222325)};
+    fnv_str(&f, "tallyd store format 1");
+    fnv_i64(&f, cfg->store.idle_ttl_ms);
+    fnv_i64(&f, (int64_t)cfg->nfeatures);
+    for (size_t i = 0; i < cfg->nfeatures; i++) {
+        const tly_feature_cfg_t *fc = &cfg->features[i];
+        fnv_str(&f, fc->name);
+        fnv_str(&f, fc->entity);
+        fnv_i64(&f, (int64_t)fc->nkeys);
+        for (size_t k = 0; k < fc->nkeys; k++)
+            fnv_str(&f, fc->keys[k]);
+        fnv_i64(&f, (int64_t)fc->nwhere);
+        for (size_t w = 0; w < fc->nwhere; w++) {
+            fnv_str(&f, fc->where[w].field);
+            fnv_i64(&f, (int64_t)fc->where[w].nvalues);
+            for (size_t v = 0; v < fc->where[w].nvalues; v++)
+                fnv_str(&f, fc->where[w].values[v]);
+        }
+        fnv_i64(&f, fc->agg);
+        fnv_i64(&f, (int64_t)fc->nvalues);
+        for (size_t v = 0; v < fc->nvalues; v++)
+            fnv_str(&f, fc->values[v]);
+        fnv_i64(&f, (int64_t)fc->nwindows);
+        for (size_t w = 0; w < fc->nwindows; w++)
+            fnv_i64(&f, fc->windows_ms[w]);
+        fnv_i64(&f, fc->hop_ms);
+        fnv_i64(&f, fc->k);
+    }
+    return f.h;
+}
+
+/* ---- writing ------------------------------------------------------------------ */
+
+static void put_le(uint8_t *p, uint64_t v, int n)
+{
+    for (int i = 0; i < n; i++)
+        p[i] = (uint8_t)(v >> (8 * i));
+}
+
+static uint64_t get_le(const uint8_t *p, int n)
+{
+    uint64_t v = 0;
+    for (int i = 0; i < n; i++)
+        v |= (uint64_t)p[i] << (8 * i);
+    return v;
+}
+
+typedef struct {
+    tly_snapw_t *w;
+    char *err;
+    size_t errlen;
+    uint64_t bytes;
+} emit_t;
+
+static bool emit_state(void *ctx, const void *data, size_t len)
+{
+    emit_t *e = ctx;
+    e->bytes += len;
+    return tly_snapw_block(e->w, BLOCK_STATE, data, len, e->err, e->errlen) == TLY_OK;
+}
+
+/* Writes one snapshot of store at pos[0..n). Runs in the forked child or on
+ * the main thread at shutdown. */
+static tly_err_t write_snapshot(const tly_snapshotter_t *sn, tly_store_t *store,
+                                const tly_position_t *pos, size_t n, int64_t created_ms,
+                                char *path, size_t pathcap, uint64_t *bytes, char *err,
+                                size_t errlen)
+{
+    tly_snapw_t *w = tly_snapw_open(sn->cfg->snapshot.dir, created_ms, sn->defs_hash, err, errlen);
+    if (w == NULL)
+        return TLY_E_IO;
+    size_t cap = 4, used = 0;
+    for (size_t i = 0; i < n; i++)
+        cap += 2 + strlen(pos[i].topic) + 12;
+    uint8_t *buf = xmalloc(cap);
+    put_le(buf, n, 4);
+    used = 4;
+    for (size_t i = 0; i < n; i++) {
+        size_t tl = strlen(pos[i].topic);
+        put_le(buf + used, tl, 2);
+        memcpy(buf + used + 2, pos[i].topic, tl);
+        used += 2 + tl;
+        put_le(buf + used, (uint32_t)pos[i].partition, 4);
+        put_le(buf + used + 4, (uint64_t)pos[i].offset, 8);
+        used += 12;
+    }
+    tly_err_t rc = tly_snapw_block(w, BLOCK_POSITIONS, buf, used, err, errlen);
+    free(buf);
+    emit_t e = {.w = w, .err = err, .errlen = errlen, .bytes = used};
+    if (rc == TLY_OK && tly_store_dump(store, emit_state, &e) != TLY_OK) {
+        if (err != NULL && errlen > 0 && err[0] == '\0')
+            snprintf(err, errlen, "serialising the store failed (out of memory)");
+        rc = TLY_E_IO;
+    }
+    if (rc != TLY_OK) {
+        tly_snapw_abort(w);
+        return rc;
+    }
+    *bytes = e.bytes;
+    return tly_snapw_commit(w, path, pathcap, err, errlen);
+}
+
+static void note_written(tly_snapshotter_t *sn, int64_t created_ms, int64_t took_ms,
+                         uint64_t bytes, const char *path)
+{
+    pthread_mutex_lock(&sn->mu);
+    sn->st.written++;
+    sn->st.last_ms = created_ms;
+    sn->st.last_write_ms = took_ms;
+    sn->st.last_bytes = bytes;
+    snprintf(sn->st.last_path, sizeof sn->st.last_path, "%s", path);
+    pthread_mutex_unlock(&sn->mu);
+}
+
+static void note_failed(tly_snapshotter_t *sn, const char *why)
+{
+    pthread_mutex_lock(&sn->mu);
+    sn->st.failed++;
+    snprintf(sn->st.last_error, sizeof sn->st.last_error, "%s", why);
+    pthread_mutex_unlock(&sn->mu);
+    tly_error("snapshot: %s; the previous snapshot stays in place and offsets are not "
+              "committed past it",
+              why);
+}
+
+/* The child's work: write, then _exit with 0 on success. */
+static void child_main(tly_snapshotter_t *sn, pid_t parent)
+{
+    prctl(PR_SET_PDEATHSIG, SIGKILL);
+    if (getppid() != parent)
+        _exit(3); /* the parent died before the request took effect */
+    char err[ERR_CAP] = "", path[512];
+    uint64_t bytes = 0;
+    tly_err_t rc = write_snapshot(sn, sn->store, sn->pending, sn->npending, sn->child_created_ms,
+                                  path, sizeof path, &bytes, err, sizeof err);
+    if (rc != TLY_OK) {
+        tly_error("snapshot: writer: %s", err);
+        _exit(1);
+    }
+    _exit(0);
+}
+
+/* Collects a finished child: on success the positions it covered are
+ * committed and old files pruned. Blocks when `wait` is true. */
+static void reap(tly_snapshotter_t *sn, tly_source_t *src, bool wait)
+{
+    if (sn->child <= 0)
+        return;
+    int status = 0;
+    pid_t r;
+    do
+        r = waitpid(sn->child, &status, wait ? 0 : WNOHANG);
+    while (r < 0 && errno == EINTR);
+    if (r == 0)
+        return;
+    sn->child = 0;
+    pthread_mutex_lock(&sn->mu);
+    sn->st.in_progress = false;
+    pthread_mutex_unlock(&sn->mu);
+    if (r > 0 && WIFEXITED(status) && WEXITSTATUS(status) == 0) {
+        char path[600];
+        snprintf(path, sizeof path, "%s/snapshot-%013" PRId64 ".tly", sn->cfg->snapshot.dir,
+                 sn->child_created_ms);
+        struct stat sb;
+        note_written(sn, sn->child_created_ms, wall_ms() - sn->child_started_ms,
+                     stat(path, &sb) == 0 ? (uint64_t)sb.st_size : 0, path);
+        tly_source_commit(src, sn->pending, sn->npending);
+        tly_snap_prune(sn->cfg->snapshot.dir, (size_t)sn->cfg->snapshot.keep);
+        return;
+    }
+    char why[96];
+    if (r < 0)
+        snprintf(why, sizeof why, "waiting for the writer failed: %s", strerror(errno));
+    else if (WIFSIGNALED(status))
+        snprintf(why, sizeof why, "the writer was killed by signal %d", WTERMSIG(status));
+    else
+        snprintf(why, sizeof why, "the writer failed (exit %d; its error is logged above)",
+                 WEXITSTATUS(status));
+    note_failed(sn, why);
+}
+
+/* The poll thread's hook: reaps a finished writer, starts a due one. */
+static void checkpoint(void *ctx, tly_source_t *src)
+{
+    tly_snapshotter_t *sn = ctx;
+    reap(sn, src, false);
+    int64_t now = wall_ms();
+    if (sn->child > 0 || now < sn->next_due_ms)
+        return;
+    sn->next_due_ms = now + sn->cfg->snapshot.every_ms;
+    tly_source_stats_t st;
+    tly_source_stats(src, &st, NULL, 0);
+    if (st.messages == sn->last_messages && sn->st.written > 0)
+        return; /* nothing new since the last one */
+    size_t n = tly_source_positions(src, NULL, 0);
+    if (n > MAX_POSITIONS)
+        n = MAX_POSITIONS;
+    free(sn->pending);
+    sn->pending = xmalloc(n * sizeof *sn->pending);
+    sn->npending = tly_source_positions(src, sn->pending, n);
+    if (sn->npending > n)
+        sn->npending = n;
+    sn->child_created_ms = now;
+    sn->child_started_ms = now;
+    pid_t parent = getpid();
+    int64_t t0 = mono_us();
+    pid_t pid = fork();
+    if (pid == 0)
+        child_main(sn, parent);
+    int64_t pause = mono_us() - t0;
+    if (pid < 0) {
+        char why[96];
+        snprintf(why, sizeof why, "cannot start the writer: fork: %s", strerror(errno));
+        note_failed(sn, why);
+        return;
+    }
+    sn->child = pid;
+    sn->last_messages = st.messages;
+    pthread_mutex_lock(&sn->mu);
+    sn->st.in_progress = true;
+    sn->st.last_pause_us = pause;
+    if (pause > sn->st.max_pause_us)
+        sn->st.max_pause_us = pause;
+    pthread_mutex_unlock(&sn->mu);
+}
+
+/* ---- life cycle ----------------------------------------------------------------- */
+
+tly_snapshotter_t *tly_snapshot_new(const tly_config_t *cfg)
+{
+    if (cfg->snapshot.dir == NULL || cfg->snapshot.dir[0] == '\0')
+        return NULL;
+    if (strcmp(cfg->kafka.brokers, "embedded") == 0) {
+        tly_info("snapshot: off with the embedded cluster (it holds only this run's events)");
+        return NULL;
+    }
+    tly_snapshotter_t *sn = calloc(1, sizeof *sn);
+    if (sn == NULL) {
+        fputs("tallyd: out of memory\n", stderr);
+        abort();
+    }
+    sn->cfg = cfg;
+    sn->defs_hash = tly_snapshot_defs_hash(cfg);
+    sn->st.last_ms = -1;
+    sn->st.loaded_ms = -1;
+    sn->next_due_ms = wall_ms() + cfg->snapshot.every_ms;
+    pthread_mutex_init(&sn->mu, NULL);
+    return sn;
+}
+
+/* Reads the positions block. */
+static bool read_positions(tly_snapshotter_t *sn, const uint8_t *p, size_t len)
+{
+    if (len < 4)
+        return false;
+    uint64_t n = get_le(p, 4);
+    if (n > MAX_POSITIONS)
+        return false;
+    tly_position_t *pos = xmalloc((size_t)n * sizeof *pos);
+    size_t at = 4;
+    for (uint64_t i = 0; i < n; i++) {
+        if (len - at < 2) {
+            free(pos);
+            return false;
+        }
+        size_t tl = (size_t)get_le(p + at, 2);
+        if (tl == 0 || tl >= sizeof pos[i].topic || len - at - 2 < tl + 12) {
+            free(pos);
+            return false;
+        }
+        memcpy(pos[i].topic, p + at + 2, tl);
+        pos[i].topic[tl] = '\0';
+        at += 2 + tl;
+        pos[i].partition = (int32_t)(uint32_t)get_le(p + at, 4);
+        pos[i].offset = (int64_t)get_le(p + at + 4, 8);
+        at += 12;
+        if (pos[i].partition < 0 || pos[i].offset < 0) {
+            free(pos);
+            return false;
+        }
+    }
+    free(sn->restored);
+    sn->restored = pos;
+    sn->nrestored = (size_t)n;
+    return at == len;
+}
+
+/* Loads one file into a new store; NULL with err filled when unusable. */
+static tly_store_t *load_file(tly_snapshotter_t *sn, const tly_featset_t *fs, const char *path,
+                              char *err, size_t errlen)
+{
+    tly_snapr_t *r = tly_snapr_open(path, err, errlen);
+    if (r == NULL)
+        return NULL;
+    if (tly_snapr_defs_hash(r) != sn->defs_hash) {
+        snprintf(err, errlen,
+                 "%s: written for other feature definitions; every feature is rebuilt from "
+                 "Kafka history",
+                 path);
+        tly_snapr_close(r);
+        return NULL;
+    }
+    tly_store_t *store = tly_store_new(fs);
+    bool positions = false;
+    for (;;) {
+        uint32_t type;
+        const void *data;
+        size_t len;
+        int rc = tly_snapr_next(r, &type, &data, &len, err, errlen);
+        if (rc == 0 && positions)
+            break;
+        if (rc == 0) {
+            snprintf(err, errlen, "%s: no positions block", path);
+            goto bad;
+        }
+        if (rc < 0)
+            goto bad;
+        if (type == BLOCK_POSITIONS) {
+            if (positions || !read_positions(sn, data, len)) {
+                snprintf(err, errlen, "%s: malformed positions block", path);
+                goto bad;
+            }
+            positions = true;
+        } else if (type == BLOCK_STATE) {
+            char why[ERR_CAP];
+            if (tly_store_load(store, data, len, why, sizeof why) != TLY_OK) {
+                snprintf(err, errlen, "%s: %s", path, why);
+                goto bad;
+            }
+        } else {
+            snprintf(err, errlen, "%s: unknown block type %" PRIu32, path, type);
+            goto bad;
+        }
+    }
+    pthread_mutex_lock(&sn->mu);
+    sn->st.loaded_ms = tly_snapr_created(r);
+    pthread_mutex_unlock(&sn->mu);
+    tly_snapr_close(r);
+    return store;
+bad:
+    tly_snapr_close(r);
+    tly_store_free(store);
+    free(sn->restored);
+    sn->restored = NULL;
+    sn->nrestored = 0;
+    return NULL;
+}
+
+tly_store_t *tly_snapshot_restore(tly_snapshotter_t *sn, const tly_featset_t *fs)
+{
+    char **paths = NULL;
+    size_t n = tly_snap_list(sn->cfg->snapshot.dir, &paths);
+    tly_store_t *store = NULL;
+    for (size_t i = 0; i < n && store == NULL; i++) {
+        char err[768] = "";
+        int64_t t0 = mono_us();
+        store = load_file(sn, fs, paths[i], err, sizeof err);
+        if (store == NULL) {
+            pthread_mutex_lock(&sn->mu);
+            sn->st.rejected++;
+            pthread_mutex_unlock(&sn->mu);
+            tly_warn("snapshot: %s; %s", err,
+                     i + 1 < n ? "trying the next older one" : "rebuilding from Kafka history");
+            continue;
+        }
+        tly_store_stats_t st;
+        tly_store_stats(store, &st);
+        pthread_mutex_lock(&sn->mu);
+        sn->st.loaded_entities = st.entities;
+        pthread_mutex_unlock(&sn->mu);
+        tly_info("snapshot: restored %" PRIu64 " entities and %zu partition positions from %s "
+                 "in %.1f ms",
+                 st.entities, sn->nrestored, paths[i], (double)(mono_us() - t0) / 1000.0);
+    }
+    if (n == 0)
+        tly_info("snapshot: none in %s; rebuilding from Kafka history", sn->cfg->snapshot.dir);
+    tly_snap_list_free(paths);
+    return store;
+}
+
+void tly_snapshot_attach(tly_snapshotter_t *sn, tly_store_t *store, tly_source_t *src)
+{
+    sn->store = store;
+    for (size_t i = 0; i < sn->nrestored; i++)
+        if (tly_source_resume_at(src, sn->restored[i].topic, sn->restored[i].partition,
+                                 sn->restored[i].offset) != TLY_OK)
+            tly_warn("snapshot: cannot resume %s[%" PRId32 "] at %" PRId64,
+                     sn->restored[i].topic, sn->restored[i].partition, sn->restored[i].offset);
+    tly_source_set_checkpoint(src, checkpoint, sn);
+}
+
+tly_err_t tly_snapshot_final(tly_snapshotter_t *sn, tly_source_t *src)
+{
+    if (sn->child > 0) {
+        /* The poll thread has ended, and with it (PR_SET_PDEATHSIG) a
+         * periodic writer still running: the final snapshot replaces it. */
+        int status;
+        while (waitpid(sn->child, &status, 0) < 0 && errno == EINTR)
+            ;
+        sn->child = 0;
+        pthread_mutex_lock(&sn->mu);
+        sn->st.in_progress = false;
+        pthread_mutex_unlock(&sn->mu);
+    }
+    size_t n = tly_source_positions(src, NULL, 0);
+    if (n > MAX_POSITIONS)
+        n = MAX_POSITIONS;
+    tly_position_t *pos = xmalloc(n * sizeof *pos);
+    size_t got = tly_source_positions(src, pos, n);
+    n = got < n ? got : n;
+    char err[ERR_CAP] = "", path[512] = "";
+    uint64_t bytes = 0;
+    int64_t created = wall_ms(), t0 = mono_us();
+    tly_err_t rc =
+        write_snapshot(sn, sn->store, pos, n, created, path, sizeof path, &bytes, err, sizeof err);
+    if (rc == TLY_OK) {
+        int64_t took = (mono_us() - t0) / 1000;
+        note_written(sn, created, took, bytes, path);
+        tly_info("snapshot: final snapshot %s (%zu partitions, %.1f MB before compression) "
+                 "in %" PRId64 " ms",
+                 path, n, (double)bytes / 1e6, took);
+        tly_source_commit(src, pos, n);
+        tly_snap_prune(sn->cfg->snapshot.dir, (size_t)sn->cfg->snapshot.keep);
+    } else {
+        note_failed(sn, err);
+    }
+    free(pos);
+    return rc;
+}
+
+void tly_snapshot_free(tly_snapshotter_t *sn)
+{
+    if (sn == NULL)
+        return;
+    if (sn->child > 0) {
+        int status;
+        while (waitpid(sn->child, &status, 0) < 0 && errno == EINTR)
+            ;
+    }
+    free(sn->pending);
+    free(sn->restored);
+    pthread_mutex_destroy(&sn->mu);
+    free(sn);
+}
+
+void tly_snapshot_stats(tly_snapshotter_t *sn, tly_snapshot_stats_t *st)
+{
+    pthread_mutex_lock(&sn->mu);
+    *st = sn->st;
+    pthread_mutex_unlock(&sn->mu);
+}
