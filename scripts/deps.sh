@@ -13,7 +13,7 @@ PKGS=(
   openjdk-17-jre-headless maven
   python3 python3-venv python3-redis python3-confluent-kafka
   clang clang-format-14 clang-tidy-14 cppcheck libclang-rt-14-dev
-  valgrind linux-perf time
+  valgrind linux-perf time strace
 )
 
 missing=()
