@@ -40,6 +40,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "tallyd/admin.h"
 #include "tallyd/daemon.h"
 #include "tallyd/demo.h"
 #include "tallyd/feature.h"
@@ -172,6 +173,7 @@ static int run(const tly_config_t *cfg, const tly_featset_t *fs)
     tly_server_t *server = NULL;
     tly_source_t *source = NULL;
     tly_demo_t *demo = NULL;
+    tly_admin_t *admin = NULL;
     bool embedded = is_embedded(cfg), consuming = false;
 
     sigset_t sigs;
@@ -218,6 +220,11 @@ static int run(const tly_config_t *cfg, const tly_featset_t *fs)
     consuming = true;
     if (tly_server_start(server, err, sizeof err) != TLY_OK)
         goto fail;
+    admin = tly_admin_start(&d, err, sizeof err);
+    if (admin == NULL && err[0] != '\0')
+        goto fail;
+    if (admin != NULL)
+        tly_info("admin HTTP on port %d (/metrics /healthz /readyz)", tly_admin_port(admin));
     if (embedded)
         print_demo_banner(&d);
 
@@ -260,6 +267,7 @@ fail:
 out:
     /* Stop accepting and close the clients, then the final snapshot of
      * everything applied, committed before the consumer closes. */
+    tly_admin_stop(admin);
     if (server != NULL)
         tly_server_stop_async(server);
     tly_server_free(server);

@@ -20,6 +20,7 @@ Run: /usr/bin/python3 tests/integration/e2e.py (or build/venv/bin/python,
 which has redis-py 5 for the RESP3 tests: scripts/pydeps.sh).
 """
 
+import http.client
 import json
 import os
 import random
@@ -346,7 +347,9 @@ def setup():
     if c.kafka.produced != len(lines):
         raise RuntimeError(f"mockkafka produced {c.kafka.produced} of {len(lines)}")
     c.port = H.free_port()
+    c.admin_port = H.free_port()
     c.config_path, c.cfg = H.write_config(c.tmp, c.kafka.bootstrap, c.port, TOPIC,
+                                          server_extra={"admin": f"127.0.0.1:{c.admin_port}"},
                                           features=H.demo_config()["features"] + EXTRA_FEATURES)
     c.tallyd = H.Tallyd(c.config_path, c.port, c.tmp)
     c.model = Model(c.cfg, c.events, c.asof, c.t0)  # while tallyd ingests
@@ -947,6 +950,54 @@ def run_hiredis(c, cmds, batch):
     return [parse_canon(line) for line in p.stdout.splitlines()]
 
 
+def http_get(port, path):
+    """(status, content type, body) of GET path on the admin port."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("GET", path)
+        r = conn.getresponse()
+        return r.status, r.getheader("Content-Type", ""), r.read().decode()
+    finally:
+        conn.close()
+
+
+def t_admin(c):
+    """The HTTP admin port of the same tallyd: health, readiness and the
+    Prometheus metrics, whose counts are the stream's (computed here)."""
+    m = Mismatches()
+    st, _, body = http_get(c.admin_port, "/healthz")
+    m.eq((st, body), (200, "ok\n"), "/healthz")
+    st, _, body = http_get(c.admin_port, "/readyz")
+    m.eq((st, body), (200, "ready\n"), "/readyz")
+    st, ctype, body = http_get(c.admin_port, "/metrics")
+    m.eq(st, 200, "/metrics status")
+    m.check(ctype.startswith("text/plain; version=0.0.4"), f"/metrics Content-Type {ctype!r}")
+    samples = {}
+    for line in body.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    produced, bad = c.kafka.produced, BAD_JSON + MISSING_TIME
+    want = {
+        "tallyd_up": 1,
+        "tallyd_ready": 1,
+        "tallyd_kafka_messages_consumed_total": produced,
+        "tallyd_events_applied_total": produced - bad,
+        'tallyd_events_rejected_total{reason="ev_bad_json"}': BAD_JSON,
+        'tallyd_events_rejected_total{reason="ev_missing_time"}': MISSING_TIME,
+        "tallyd_kafka_lag_messages": 0,
+        # ingest is over: the same count INFO gives over RESP
+        "tallyd_entities": int(c.tallyd.client().info().get("entities", -1)),
+    }
+    for name, value in want.items():
+        m.eq(samples.get(name), float(value), f"/metrics {name}")
+    parts = [k for k in samples if k.startswith("tallyd_kafka_partition_lag_messages{")]
+    m.eq(len(parts), PARTITIONS, "/metrics per-partition lag samples")
+    st, _, _ = http_get(c.admin_port, "/nope")
+    m.eq(st, 404, "/nope")
+    m.done()
+
+
 def t_hiredis(c):
     cmds, wants = [], []
     for entity, ids in (("user", c.users), ("pin", c.pins)):
@@ -1052,6 +1103,7 @@ def main():
         ("hiredis_resp2_every_user_pin_recent_mfeatures", t_hiredis),
         ("redis_py_resp2_every_user_and_pin", t_redis_py, 2),
         ("redis_py_resp3_sample", t_redis_py, 3),
+        ("admin_http_health_ready_and_metrics_counts", t_admin),
     ]
     only = os.environ.get("TLY_E2E_ONLY")
     for name, fn, *args in tests:
