@@ -120,7 +120,7 @@ def setup():
     r.topic = K.topic_name("tly-bootstrap")
     K.create_topic(r.bootstrap, r.topic, PARTITIONS)
     port = H.free_port()
-    path, cfg = K.write_config(r.tmp, r.bootstrap, port, r.topic, "shard", "window", K.FEATURES)
+    path, cfg = K.write_config(r.tmp, r.bootstrap, port, r.topic, "replica", "window", K.FEATURES)
     r.cfg, r.path, r.port = cfg, path, port
     # tallyd's seek horizon: the longest window, or store.idle_ttl for
     # last/last_k, over every feature (DESIGN.md §3, feature.h).

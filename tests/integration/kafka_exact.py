@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """tallyd against a real Apache Kafka broker (scripts/kafka.sh), one instance
-in shard mode owning every partition: 200,000 seeded events (e2e.py's stream:
+in replica mode reading every partition: 200,000 seeded events (e2e.py's stream:
 Zipf users and pins, times over the last 8 days, some ties, 15 malformed)
 are produced keyed by user id with the Java client's partitioner into a
 topic of 8 partitions, before tallyd starts with kafka.start earliest and a
@@ -50,7 +50,7 @@ def setup():
     if highs != per_part:
         raise RuntimeError(f"high watermarks {highs} differ from the delivery reports {per_part}")
     port = H.free_port()
-    path, cfg = K.write_config(c0.tmp, bootstrap, port, topic, "shard", "earliest", K.FEATURES)
+    path, cfg = K.write_config(c0.tmp, bootstrap, port, topic, "replica", "earliest", K.FEATURES)
     t = time.monotonic()
     tallyd = K.Tallyd(path, port, c0.tmp)
     model = E.Model(cfg, events, c0.asof, c0.t0)  # while tallyd ingests
@@ -84,7 +84,7 @@ def main():
     except Exception as e:
         suite.fail_setup("kafka_exact_setup_produces_and_tallyd_catches_up", e)
         return suite.finish()
-    suite.run("shard_single_instance_consumes_every_message_once", t_ingest, c)
+    suite.run("single_instance_consumes_every_message_once", t_ingest, c)
     suite.run("info_partitions_at_end_with_real_high_watermarks", t_info, c)
     K.run_truth_checks(suite, c)
     c.cli.close()

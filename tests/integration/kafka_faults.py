@@ -392,10 +392,13 @@ class Data:
         self.stream_path = Path(tmp) / "stream.tsv"
         self.seed_path.write_text("\n".join(lines[:cut]) + "\n")
         self.stream_path.write_text("\n".join(lines[cut:]) + "\n")
-        self.features = H.demo_config()["features"] + E.EXTRA_FEATURES
+        # Shard mode (the group's coordinator matters): the topic is keyed by
+        # user, so only user features can be fed from it.
+        self.features = [f for f in H.demo_config()["features"] + E.EXTRA_FEATURES
+                         if f["entity"] == "user"]
         self.model = E.Model({"features": self.features}, self.events, self.asof, self.t0)
         self.cmds, self.wants = [], []
-        for entity, ids in (("user", users + E.UNKNOWN_USERS), ("pin", pins + E.UNKNOWN_PINS)):
+        for entity, ids in (("user", users + E.UNKNOWN_USERS),):
             for i in ids:
                 self.cmds.append(("FEATURES", entity, i, "ASOF", self.asof))
                 self.wants.append(E.resp2_pairs(self.model.features(entity, i)))
