@@ -19,7 +19,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 BUILD=${BUILD:-build}
-STEPS=(ingest memory query)
+STEPS=(ingest memory query kafka)
 
 # Ingest throughput: jsmn, decode, decode+apply with 1 and 2 writers, a bare
 # librdkafka consumer on the in-process mock cluster, and the cost split of
@@ -88,6 +88,63 @@ step_query() {
   fi
   # shellcheck disable=SC2086 # QUERY_ARGS is a flag list, split on purpose
   "$bin" --tallyd "$BUILD/tallyd" ${QUERY_ARGS:-}
+}
+
+# Kafka end to end (bench/README.md, "Kafka: ingest end to end, freshness,
+# and a Redis loader"): a real tallyd process consuming a preloaded topic
+# from a real broker (scripts/kafka.sh) and from the mock cluster of
+# build/itest/mockkafka, next to a bare librdkafka consumer and a pipelined
+# HINCRBY loader into redis-server; then produce → visible latency at a
+# steady rate. Starts the broker and redis-server on free loopback ports in
+# a temporary directory and stops both on every exit path (the trap of the
+# subshell); tallyd and mockkafka are children of the benchmark, which
+# stops them itself (and the kernel kills them if it dies).
+#   KAFKA_ARGS   extra flags for build/bench/kafka, e.g. "--quick"
+step_kafka() {
+  local bin="$BUILD/bench/kafka" mock="$BUILD/itest/mockkafka"
+  if [ ! -x "$bin" ]; then
+    echo "kafka: $bin is missing; build it with 'make $bin'" >&2
+    return 1
+  fi
+  if [ ! -x "$BUILD/tallyd" ]; then
+    echo "kafka: $BUILD/tallyd is missing; build it with 'make $BUILD/tallyd'" >&2
+    return 1
+  fi
+  if ! command -v redis-server >/dev/null 2>&1; then
+    echo "kafka: redis-server is not installed (make deps installs it)" >&2
+    return 1
+  fi
+  if [ ! -x "$mock" ]; then
+    make --no-print-directory BUILD="$BUILD" "$mock" >&2 ||
+      echo "kafka: $mock could not be built; the mock-cluster rows are skipped" >&2
+  fi
+  (
+    dir=$(mktemp -d /tmp/tallyd-bench-kafka-step.XXXXXX)
+    stop_all() {
+      redis-cli -p "${port:-0}" shutdown nosave >/dev/null 2>&1
+      bash scripts/kafka.sh stop --dir "$dir/kafka" >/dev/null 2>&1
+      rm -rf "$dir"
+    }
+    trap stop_all EXIT
+    trap 'exit 130' INT
+    trap 'exit 143' TERM
+    line=$(bash scripts/kafka.sh start --dir "$dir/kafka") || {
+      echo "kafka: scripts/kafka.sh start failed" >&2
+      exit 1
+    }
+    bootstrap=${line#KAFKA }
+    port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    redis-server --port "$port" --bind 127.0.0.1 --save "" --appendonly no \
+      --dir "$dir" --daemonize yes --pidfile "$dir/redis.pid" --logfile "$dir/redis.log"
+    for _ in $(seq 50); do
+      redis-cli -p "$port" ping >/dev/null 2>&1 && break
+      sleep 0.1
+    done
+    args=(--tallyd "$BUILD/tallyd" --bootstrap "$bootstrap" --redis-port "$port")
+    [ -x "$mock" ] && args+=(--mockkafka "$mock")
+    # shellcheck disable=SC2086 # KAFKA_ARGS is a flag list, split on purpose
+    TMPDIR=$dir "$bin" "${args[@]}" ${KAFKA_ARGS:-}
+  )
 }
 
 if [ $# -gt 0 ]; then
