@@ -63,6 +63,11 @@ int tly_log_open(const char *path)
     return 0;
 }
 
+int tly_log_fd(void)
+{
+    return atomic_load(&log_fd);
+}
+
 void tly_log_reopen(void)
 {
     if (log_path == NULL)

@@ -241,6 +241,13 @@ static void child_main(tly_snapshotter_t *sn, pid_t parent)
     prctl(PR_SET_PDEATHSIG, SIGKILL);
     if (getppid() != parent)
         _exit(3); /* the parent died before the request took effect */
+    /* Drop the inherited sockets (clients, listeners, Kafka): a connection
+     * the parent closes meanwhile must close now, not when this child ends.
+     * The log stays. */
+    int lfd = tly_log_fd();
+    if (lfd > 3)
+        close_range(3, (unsigned)lfd - 1, 0);
+    close_range(lfd >= 3 ? (unsigned)lfd + 1 : 3, ~0u, 0);
     char err[ERR_CAP] = "", path[512];
     uint64_t bytes = 0;
     tly_err_t rc = write_snapshot(sn, sn->store, sn->pending, sn->npending, sn->child_created_ms,

@@ -21,6 +21,8 @@ void tly_log_set_level(tly_log_level_t level);
 int tly_log_open(const char *path);
 /* Reopens the file given to tly_log_open (after rotation). Any thread. */
 void tly_log_reopen(void);
+/* The descriptor lines are written to (2 = stderr). Any thread. */
+int tly_log_fd(void);
 void tly_log(tly_log_level_t level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
 #define tly_debug(...) tly_log(TLY_LOG_DEBUG, __VA_ARGS__)
