@@ -22,6 +22,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
@@ -52,6 +53,10 @@ struct tly_snapshotter {
     size_t npending;
     int64_t next_due_ms;
     uint64_t last_messages; /* source messages at the last snapshot */
+
+    /* the writer child's error sentence: a shared anonymous mapping, read
+     * by the parent after the child exited */
+    char *child_err;
 
     pthread_mutex_t mu;
     tly_snapshot_stats_t st;
@@ -254,6 +259,8 @@ static void child_main(tly_snapshotter_t *sn, pid_t parent)
                                   path, sizeof path, &bytes, err, sizeof err);
     if (rc != TLY_OK) {
         tly_error("snapshot: writer: %s", err);
+        if (sn->child_err != NULL)
+            snprintf(sn->child_err, ERR_CAP, "%s", err);
         _exit(1);
     }
     _exit(0);
@@ -287,14 +294,15 @@ static void reap(tly_snapshotter_t *sn, tly_source_t *src, bool wait)
         tly_snap_prune(sn->cfg->snapshot.dir, (size_t)sn->cfg->snapshot.keep);
         return;
     }
-    char why[96];
+    char why[ERR_CAP + 32];
     if (r < 0)
         snprintf(why, sizeof why, "waiting for the writer failed: %s", strerror(errno));
     else if (WIFSIGNALED(status))
         snprintf(why, sizeof why, "the writer was killed by signal %d", WTERMSIG(status));
+    else if (sn->child_err != NULL && sn->child_err[0] != '\0')
+        snprintf(why, sizeof why, "%.*s", ERR_CAP, sn->child_err);
     else
-        snprintf(why, sizeof why, "the writer failed (exit %d; its error is logged above)",
-                 WEXITSTATUS(status));
+        snprintf(why, sizeof why, "the writer failed (exit %d)", WEXITSTATUS(status));
     note_failed(sn, why);
 }
 
@@ -321,6 +329,8 @@ static void checkpoint(void *ctx, tly_source_t *src)
         sn->npending = n;
     sn->child_created_ms = now;
     sn->child_started_ms = now;
+    if (sn->child_err != NULL)
+        sn->child_err[0] = '\0';
     pid_t parent = getpid();
     int64_t t0 = mono_us();
     pid_t pid = fork();
@@ -363,6 +373,8 @@ tly_snapshotter_t *tly_snapshot_new(const tly_config_t *cfg)
     sn->st.last_ms = -1;
     sn->st.loaded_ms = -1;
     sn->next_due_ms = wall_ms() + cfg->snapshot.every_ms;
+    void *m = mmap(NULL, ERR_CAP, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    sn->child_err = m != MAP_FAILED ? m : NULL;
     pthread_mutex_init(&sn->mu, NULL);
     return sn;
 }
@@ -558,6 +570,8 @@ void tly_snapshot_free(tly_snapshotter_t *sn)
     }
     free(sn->pending);
     free(sn->restored);
+    if (sn->child_err != NULL)
+        munmap(sn->child_err, ERR_CAP);
     pthread_mutex_destroy(&sn->mu);
     free(sn);
 }

@@ -51,7 +51,7 @@ typedef struct {
     int64_t loaded_ms;         /* creation time of the snapshot restored, -1 none */
     uint64_t rejected;         /* snapshots found unusable at start-up */
     char last_path[640];       /* the newest durable snapshot */
-    char last_error[256];      /* the latest failure, "" none */
+    char last_error[320];      /* the latest failure, "" none */
 } tly_snapshot_stats_t;
 
 /* The hash of cfg's feature definitions that a snapshot must match. */
