@@ -3,7 +3,8 @@
  *
  * File contents (snapfile.h frames each block):
  *   block POSITIONS  u32 count, then per partition: u16 topic length, the
- *                    topic, i32 partition, i64 next offset (little-endian)
+ *                    topic, i32 partition, i64 next offset, i64 newest event
+ *                    time applied from it or -1 (little-endian)
  *   block STATE...   tly_store_dump's blocks, in order
  *
  * The writer of a periodic snapshot is a child forked by the poll thread
@@ -188,7 +189,7 @@ static tly_err_t write_snapshot(const tly_snapshotter_t *sn, tly_store_t *store,
         return TLY_E_IO;
     size_t cap = 4, used = 0;
     for (size_t i = 0; i < n; i++)
-        cap += 2 + strlen(pos[i].topic) + 12;
+        cap += 2 + strlen(pos[i].topic) + 20;
     uint8_t *buf = xmalloc(cap);
     put_le(buf, n, 4);
     used = 4;
@@ -199,7 +200,8 @@ static tly_err_t write_snapshot(const tly_snapshotter_t *sn, tly_store_t *store,
         used += 2 + tl;
         put_le(buf + used, (uint32_t)pos[i].partition, 4);
         put_le(buf + used + 4, (uint64_t)pos[i].offset, 8);
-        used += 12;
+        put_le(buf + used + 12, (uint64_t)pos[i].last_event_ms, 8);
+        used += 20;
     }
     tly_err_t rc = tly_snapw_block(w, BLOCK_POSITIONS, buf, used, err, errlen);
     free(buf);
@@ -395,7 +397,7 @@ static bool read_positions(tly_snapshotter_t *sn, const uint8_t *p, size_t len)
             return false;
         }
         size_t tl = (size_t)get_le(p + at, 2);
-        if (tl == 0 || tl >= sizeof pos[i].topic || len - at - 2 < tl + 12) {
+        if (tl == 0 || tl >= sizeof pos[i].topic || len - at - 2 < tl + 20) {
             free(pos);
             return false;
         }
@@ -404,8 +406,9 @@ static bool read_positions(tly_snapshotter_t *sn, const uint8_t *p, size_t len)
         at += 2 + tl;
         pos[i].partition = (int32_t)(uint32_t)get_le(p + at, 4);
         pos[i].offset = (int64_t)get_le(p + at + 4, 8);
-        at += 12;
-        if (pos[i].partition < 0 || pos[i].offset < 0) {
+        pos[i].last_event_ms = (int64_t)get_le(p + at + 12, 8);
+        at += 20;
+        if (pos[i].partition < 0 || pos[i].offset < 0 || pos[i].last_event_ms < -1) {
             free(pos);
             return false;
         }
@@ -514,7 +517,8 @@ void tly_snapshot_attach(tly_snapshotter_t *sn, tly_store_t *store, tly_source_t
     sn->store = store;
     for (size_t i = 0; i < sn->nrestored; i++)
         if (tly_source_resume_at(src, sn->restored[i].topic, sn->restored[i].partition,
-                                 sn->restored[i].offset) != TLY_OK)
+                                 sn->restored[i].offset,
+                                 sn->restored[i].last_event_ms) != TLY_OK)
             tly_warn("snapshot: cannot resume %s[%" PRId32 "] at %" PRId64,
                      sn->restored[i].topic, sn->restored[i].partition, sn->restored[i].offset);
     tly_source_set_checkpoint(src, checkpoint, sn);

@@ -1063,11 +1063,15 @@ fail:
 }
 
 tly_err_t tly_source_resume_at(tly_source_t *src, const char *topic, int32_t partition,
-                               int64_t offset)
+                               int64_t offset, int64_t last_event_ms)
 {
     if (src == NULL || topic == NULL || partition < 0 || offset < 0 || src->started)
         return TLY_E_INVAL;
-    part_get(src, topic, partition)->position = offset;
+    part_t *p = part_get(src, topic, partition);
+    p->position = offset;
+    p->last_event_ms = last_event_ms >= 0 ? last_event_ms : -1;
+    if (last_event_ms > atomic_load_explicit(&src->watermark_ms, memory_order_relaxed))
+        atomic_store_explicit(&src->watermark_ms, last_event_ms, memory_order_relaxed);
     /* Shard mode: state for this partition is held (from a snapshot); the
      * first assignment drops it unless the partition comes back here. */
     if (src->shard != NULL && partition < TLY_SHARD_MAX_PARTITIONS)
@@ -1142,6 +1146,7 @@ size_t tly_source_positions(const tly_source_t *src, tly_position_t *out, size_t
             snprintf(out[n].topic, sizeof out[n].topic, "%s", p->topic);
             out[n].partition = p->partition;
             out[n].offset = p->position;
+            out[n].last_event_ms = p->last_event_ms;
         }
         n++;
     }

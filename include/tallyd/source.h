@@ -116,6 +116,7 @@ typedef struct {
     char topic[128];
     int32_t partition;
     int64_t offset;
+    int64_t last_event_ms; /* newest event time applied from it, -1 none */
 } tly_position_t;
 
 /* Called by the poll thread between messages, where the store holds
@@ -129,11 +130,13 @@ tly_source_t *tly_source_new(const tly_config_t *cfg, const tly_featset_t *fs, t
  * runs once). Main thread. */
 tly_err_t tly_source_start(tly_source_t *src, char *errbuf, size_t errlen);
 /* Before start: makes topic/partition, when assigned, start at offset (the
- * next offset to apply, e.g. from a snapshot) instead of kafka.start's.
- * Returns TLY_OK, or TLY_E_INVAL (bad arguments, or already started).
- * Main thread. */
+ * next offset to apply, e.g. from a snapshot) instead of kafka.start's;
+ * last_event_ms (-1: none) is the newest event time the state holds from
+ * it (the partition's and the source's watermark start there). Returns
+ * TLY_OK, or TLY_E_INVAL (bad arguments, or already started). Main
+ * thread. */
 tly_err_t tly_source_resume_at(tly_source_t *src, const char *topic, int32_t partition,
-                               int64_t offset);
+                               int64_t offset, int64_t last_event_ms);
 /* Stops the poll thread, commits stored offsets and closes the consumer.
  * Idempotent. Main thread. */
 void tly_source_stop(tly_source_t *src);

@@ -495,11 +495,11 @@ static void test_replica_mode_assigns_all_partitions_and_resumes_at_given_offset
     assert_int_equal(end_offsets(prod, hi), N);
     uint64_t expect = 0;
     for (int p = 0; p < NPARTS; p++) {
-        assert_int_equal(tly_source_resume_at(fx.src, TOPIC, p, hi[p] / 2), TLY_OK);
+        assert_int_equal(tly_source_resume_at(fx.src, TOPIC, p, hi[p] / 2, -1), TLY_OK);
         expect += (uint64_t)(hi[p] - hi[p] / 2);
     }
     start_source(&fx);
-    assert_int_equal(tly_source_resume_at(fx.src, TOPIC, 0, 0), TLY_E_INVAL);
+    assert_int_equal(tly_source_resume_at(fx.src, TOPIC, 0, 0, -1), TLY_E_INVAL);
 
     tly_source_stats_t st;
     tly_partition_stat_t parts[NPARTS];
@@ -902,7 +902,7 @@ static void test_out_of_range_position_is_reset_counted_and_nothing_is_lost(void
      * partition back to its beginning. */
     uint64_t nonempty = 0;
     for (int p = 0; p < NPARTS; p++) {
-        assert_int_equal(tly_source_resume_at(fx.src, TOPIC, p, hi[p] + 50), TLY_OK);
+        assert_int_equal(tly_source_resume_at(fx.src, TOPIC, p, hi[p] + 50, -1), TLY_OK);
         nonempty += hi[p] > 0;
     }
     start_source(&fx);
