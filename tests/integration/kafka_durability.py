@@ -64,12 +64,14 @@ import yaml  # noqa: E402
 from harness import Failure, Mismatches  # noqa: E402
 from kafka_common import E  # noqa: E402
 
-NEVENTS = 60_000           # well-formed events of the stream (15 malformed besides)
-STREAM_S = 40              # the stream is spread evenly over this many seconds
+# bench/soak.sh runs the same test longer: TLY_DURABILITY_STREAM_S seconds of
+# stream (same rate) and at least TLY_DURABILITY_KILLS kills.
+STREAM_S = int(os.environ.get("TLY_DURABILITY_STREAM_S", "40"))  # stream spread over this
+NEVENTS = 1_500 * STREAM_S  # well-formed events of the stream (15 malformed besides)
 PARTITIONS = 8
-LEAD_MS = 240_000
+LEAD_MS = max(240_000, (STREAM_S + 200) * 1000)
 SEED = E.SEED + 707
-MIN_KILLS = 20
+MIN_KILLS = int(os.environ.get("TLY_DURABILITY_KILLS", "20"))
 KILL_DELAY_S = (0.3, 2.5)  # random kill moment after tallyd answers PING
 AIM_WAIT_S = 2.5           # an aimed kill waits at most this long for its moment
 SNAPSHOT = {"every": "1s", "keep": 3}
@@ -365,6 +367,8 @@ def setup():
                                           "earliest", K.FEATURES, name="tallyd")
     r.snapdir = str(Path(r.tmp) / "snapshots")
     r.cfg["snapshot"] = dict(r.cfg.get("snapshot") or {}, dir=r.snapdir, **SNAPSHOT)
+    # events run up to ASOF, LEAD_MS ahead of the start: none may be "future"
+    r.cfg["events"]["max_future_skew"] = f"{LEAD_MS // 60_000 + 5}m"
     with open(r.config_path, "w") as f:
         yaml.safe_dump(r.cfg, f, sort_keys=False)
     r.group = r.cfg["kafka"]["group"]
