@@ -1137,10 +1137,15 @@ void tly_source_set_checkpoint(tly_source_t *src, tly_checkpoint_fn fn, void *ct
 
 size_t tly_source_positions(const tly_source_t *src, tly_position_t *out, size_t cap)
 {
+    /* Every partition with a position, assigned or not: one restored from
+     * a snapshot and not assigned yet, or (shard mode) revoked and not yet
+     * known to be lost, still has its events in the store. A partition
+     * lost to another instance has its entities dropped and its position
+     * forgotten at the assignment (shard_reassign). */
     size_t n = 0;
     for (size_t i = 0; i < src->nparts; i++) {
         const part_t *p = &src->parts[i];
-        if (!p->assigned || p->position < 0)
+        if (p->position < 0)
             continue;
         if (n < cap) {
             snprintf(out[n].topic, sizeof out[n].topic, "%s", p->topic);

@@ -146,7 +146,8 @@ void tly_source_halt(tly_source_t *src);
 /* Installs the checkpoint hook (before start). With a hook, offsets are
  * committed only through tly_source_commit (snapshot mode). */
 void tly_source_set_checkpoint(tly_source_t *src, tly_checkpoint_fn fn, void *ctx);
-/* The assigned partitions' positions into out (at most cap); returns how
+/* The positions of every partition whose events the store holds (assigned,
+ * or restored and not assigned yet) into out (at most cap); returns how
  * many there are. Poll thread (from the hook), or main after halt. */
 size_t tly_source_positions(const tly_source_t *src, tly_position_t *out, size_t cap);
 /* Commits pos to the group, asynchronously. Same threads as positions. */
