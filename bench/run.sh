@@ -19,7 +19,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 BUILD=${BUILD:-build}
-STEPS=(ingest memory query kafka)
+STEPS=(ingest memory query kafka restart)
 
 # Ingest throughput: jsmn, decode, decode+apply with 1 and 2 writers, a bare
 # librdkafka consumer on the in-process mock cluster, and the cost split of
@@ -144,6 +144,55 @@ step_kafka() {
     [ -x "$mock" ] && args+=(--mockkafka "$mock")
     # shellcheck disable=SC2086 # KAFKA_ARGS is a flag list, split on purpose
     TMPDIR=$dir "$bin" "${args[@]}" ${KAFKA_ARGS:-}
+  )
+}
+
+# Restart to ready (bench/README.md, "Restart: from a snapshot vs from Kafka
+# history"): tallyd rebuilding 1,000,000 users from a preloaded topic on a
+# real broker, against tallyd restarting from its snapshot; the snapshot's
+# write time, size and fork pause, also while a producer streams 20,000
+# events/s; and redis-server restarting from an RDB of the same state as the
+# peer. bench/restart.py (/usr/bin/python3, confluent_kafka) spawns tallyd,
+# redis-server and its producer itself, with PR_SET_PDEATHSIG, and lists
+# their pids in the step's directory; the trap of the subshell stops those
+# that are still alive, the broker, and removes the directory on every exit
+# path.
+#   RESTART_ARGS  extra flags for bench/restart.py, e.g. "--quick" (100,000
+#                 users) or "--no-redis" (see `bench/restart.py --help`)
+step_restart() {
+  if [ ! -x "$BUILD/tallyd" ]; then
+    echo "restart: $BUILD/tallyd is missing; build it with 'make $BUILD/tallyd'" >&2
+    return 1
+  fi
+  if ! /usr/bin/python3 -c 'import confluent_kafka' 2>/dev/null; then
+    echo "restart: /usr/bin/python3 has no confluent_kafka (make deps installs python3-confluent-kafka)" >&2
+    return 1
+  fi
+  (
+    dir=$(mktemp -d /tmp/tallyd-bench-restart-step.XXXXXX)
+    stop_all() {
+      local pid name
+      if [ -f "$dir/pids" ]; then
+        while read -r pid name; do
+          # only a process of ours: its name as spawned, still alive
+          if kill -0 "$pid" 2>/dev/null && grep -qa "$name" "/proc/$pid/cmdline" 2>/dev/null; then
+            kill -KILL "$pid" 2>/dev/null
+          fi
+        done <"$dir/pids"
+      fi
+      bash scripts/kafka.sh stop --dir "$dir/kafka" >/dev/null 2>&1
+      rm -rf "$dir"
+    }
+    trap stop_all EXIT
+    trap 'exit 130' INT
+    trap 'exit 143' TERM
+    line=$(bash scripts/kafka.sh start --dir "$dir/kafka") || {
+      echo "restart: scripts/kafka.sh start failed" >&2
+      exit 1
+    }
+    # shellcheck disable=SC2086 # RESTART_ARGS is a flag list, split on purpose
+    TMPDIR=$dir /usr/bin/python3 bench/restart.py --tallyd "$BUILD/tallyd" \
+      --bootstrap "${line#KAFKA }" --pidfile "$dir/pids" ${RESTART_ARGS:-}
   )
 }
 

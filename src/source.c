@@ -554,6 +554,29 @@ static void shard_reassign(tly_source_t *src, const rd_kafka_topic_partition_lis
 }
 
 /* Assigns parts (offsets chosen here) and records them in the table. */
+/* Asks the brokers for the end offsets of parts (one ListOffsets request
+ * per broker), so readiness is known at once: a partition resumed at its
+ * end (a restart from a snapshot) need not wait for a fetch reply, which
+ * the broker may hold for fetch.wait.max.ms, to learn its high watermark.
+ * Failures are harmless: the fetches report the ends later. */
+static void learn_ends(tly_source_t *src, const rd_kafka_topic_partition_list_t *parts)
+{
+    if (parts->cnt == 0 || src->embedded) /* the 2.0.2 mock answers "end" */
+        return;
+    rd_kafka_topic_partition_list_t *ends = rd_kafka_topic_partition_list_new(parts->cnt);
+    for (int i = 0; i < parts->cnt; i++)
+        rd_kafka_topic_partition_list_add(ends, parts->elems[i].topic, parts->elems[i].partition)
+            ->offset = RD_KAFKA_OFFSET_END; /* as a timestamp: the latest offset */
+    if (rd_kafka_offsets_for_times(src->rk, ends, BROKER_TIMEOUT_MS) ==
+        RD_KAFKA_RESP_ERR_NO_ERROR)
+        for (int i = 0; i < ends->cnt; i++) {
+            const rd_kafka_topic_partition_t *e = &ends->elems[i];
+            if (e->err == RD_KAFKA_RESP_ERR_NO_ERROR && e->offset >= 0)
+                part_get(src, e->topic, e->partition)->high = e->offset;
+        }
+    rd_kafka_topic_partition_list_destroy(ends);
+}
+
 static void assign(tly_source_t *src, rd_kafka_topic_partition_list_t *parts)
 {
     if (src->shard != NULL)
@@ -590,6 +613,7 @@ static void assign(tly_source_t *src, rd_kafka_topic_partition_list_t *parts)
         if (tp->offset >= 0)
             p->position = tp->offset;
     }
+    learn_ends(src, parts);
     /* Queries wait (-LOADING) until the new partitions catch up. */
     if (atomic_exchange(&src->ready, false))
         tly_info("source: new assignment; queries get -LOADING until it caught up");
