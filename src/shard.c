@@ -31,7 +31,7 @@
 #define OWNED_WORDS         (TLY_SHARD_MAX_PARTITIONS / 64)
 #define ENDPOINTS_POLL_MS   100
 #define ENDPOINTS_RETRY_MS  2000
-#define ADMIN_TIMEOUT_MS    10000
+#define ADMIN_TIMEOUT_MS    5000
 #define ENDPOINT_KEY_MAX    (TLY_SHARD_ADDR_MAX + 32)
 
 struct tly_shard {
@@ -49,6 +49,7 @@ struct tly_shard {
     /* set once by start, before the thread runs */
     char advertise[TLY_SHARD_ADDR_MAX];
     rd_kafka_t *writer, *reader;
+    bool create; /* the endpoints thread creates the topic first */
     pthread_t thread;
     bool running;
     atomic_bool stop;
@@ -251,11 +252,15 @@ static bool assign_reader(tly_shard_t *sh)
     return ok;
 }
 
+static void create_topic(tly_shard_t *sh);
+
 static void *endpoints_main(void *arg)
 {
     tly_shard_t *sh = arg;
     bool assigned = false;
     unsigned attempts = 0;
+    if (sh->create)
+        create_topic(sh);
     while (!atomic_load_explicit(&sh->stop, memory_order_relaxed)) {
         if (!assigned) {
             assigned = assign_reader(sh);
@@ -376,6 +381,12 @@ bool tly_shard_start(tly_shard_t *sh, const char *bootstrap, bool embedded, cons
                                             "enable.partition.eof", "false", NULL};
     char why[256];
     snprintf(sh->advertise, sizeof sh->advertise, "%s", advertise);
+    if (sh->advertise[0] == '\0') {
+        /* Nothing to publish (no RESP server, as in tests of the source
+         * alone): ownership still routes, owners stay unknown. */
+        tly_info("shard: no address to advertise; owner addresses are not exchanged");
+        return true;
+    }
 
     rd_kafka_conf_t *conf = client_conf(sh, bootstrap, errbuf, errlen);
     if (conf == NULL || !set_all(conf, writer_kv, errbuf, errlen))
@@ -396,8 +407,7 @@ bool tly_shard_start(tly_shard_t *sh, const char *bootstrap, bool embedded, cons
     }
     conf = NULL;
     rd_kafka_poll_set_consumer(sh->reader);
-    if (!embedded)
-        create_topic(sh);
+    sh->create = !embedded;
     int rc = pthread_create(&sh->thread, NULL, endpoints_main, sh);
     if (rc != 0) {
         snprintf(errbuf, errlen, "cannot start the shard endpoints thread: %s", strerror(rc));
