@@ -30,6 +30,29 @@ rebuild them from Kafka history and the same checks hold again. A survivor
 that lost partitions reports their entities in dropped_entities; one that
 kept its partitions drops nothing.
 
+Every instance snapshots into a directory of its own every second (keep 3).
+Before the kill, every instance has written a snapshot and the killed one's
+newest durable snapshot holds the end of each of its partitions: the
+group's committed offsets of them, committed only once a snapshot holding
+them is durable, are the end offsets. After the checks on two instances the
+killed one is started again with its own config (same port, same snapshot
+directory): it restores that snapshot (restored_snapshot_ms is the newest
+file's time, restored_entities within the model's count for its old
+partitions) and the group becomes stable with three instances again. At
+its first assignment the restarted instance drops the entities of the
+snapshot's partitions it does not get back, resumes those it gets back at
+the snapshot's offsets (the ends: nothing re-read) and rebuilds new ones
+from history; the survivors drop the partitions they lose and rebuild those
+they gain. So, with one rebalance, messages_consumed grows by exactly the
+messages of the partitions each instance gained (the snapshot's partitions
+count as held for the restarted one), rejected_ev_misrouted by their
+misrouted events, dropped_entities stays within the model's bounds for the
+partitions each lost, and the full checks hold a third time. The member
+order follows the member ids the broker draws, so the restarted instance
+gets its old range back in about one run of three (it reads nothing and
+drops nothing) and another range otherwise (it drops every entity it
+restored and rebuilds its new partitions).
+
 Time: T0 is the wall clock at start; event times run up to ASOF = T0 + 240 s
 and every query evaluates at ASOF. Every catch-up, the rebuild after the
 kill included, must end before ASOF (asserted), so the store is exact there.
@@ -39,6 +62,7 @@ TLY_KAFKA_BOOTSTRAP, else one started for this run; see kafka_common.py).
 """
 
 import json
+import os
 import random
 import sys
 import time
@@ -56,6 +80,8 @@ PARTITIONS = 8
 LEAD_MS = 240_000
 NAMES = ("a", "b", "c")
 KAFKA_PROPERTIES = {"session.timeout.ms": "6000", "heartbeat.interval.ms": "500"}
+SNAPSHOT = {"every": "1s", "keep": 3}
+SNAPSHOT_WAIT_S = 15  # for the killed instance's snapshot of its partitions' ends
 MF_NAMES = ["impressions:1h", "avg_dwell:1d"]  # what MFEATURES asks for
 MF_IDS = 500
 MISROUTED_AT = -60_000  # time (from ASOF) of the misrouted events
@@ -227,7 +253,8 @@ def write_config(r, name, port):
     where known) made a shard of the run's group: both topics with their
     key entity, the run's endpoints topic, this instance's advertised
     address, a short session timeout (a killed member leaves the group
-    within 6 s) and a snapshot directory of its own."""
+    within 6 s) and a snapshot directory of its own (SNAPSHOT: every 1 s,
+    keep 3)."""
     path, cfg = K.write_config(r.tmp, r.bootstrap, port, r.topics["user"], "shard", "earliest",
                                K.FEATURES, name=f"tallyd-{name}", group=r.group)
     cfg["server"]["advertise"] = f"127.0.0.1:{port}"
@@ -235,7 +262,7 @@ def write_config(r, name, port):
                               {"name": r.topics["pin"], "key": "pin"}]
     cfg["kafka"]["endpoints_topic"] = r.endpoints_topic
     cfg["kafka"]["properties"] = dict(KAFKA_PROPERTIES)
-    cfg["snapshot"]["dir"] = str(Path(r.tmp) / f"snapshots-{name}")
+    cfg["snapshot"] = {"dir": str(Path(r.tmp) / f"snapshots-{name}"), **SNAPSHOT}
     with open(path, "w") as f:
         yaml.safe_dump(cfg, f, sort_keys=False)
     return path, cfg
@@ -579,8 +606,8 @@ def t_dropped_lower(r, survivors):
                     f"{inst.name} lost partitions {sorted(lost)}: dropped_entities grew by "
                     f"{r.dropped[inst.name]}, fewer than the {r.sure[inst.name]} entities with "
                     f"events surely kept there")
-    m.check(any(r.lost.values()), f"no survivor lost a partition (before {r.before}, after "
-            f"{r.owned}): the kill of partition 0's owner should move the first survivor's range")
+    m.check(any(r.lost.values()), f"no instance lost a partition (before {r.before}, after "
+            f"{r.owned}): {r.why_lost}")
     m.done()
 
 
@@ -598,6 +625,125 @@ def t_dropped_upper(r, survivors):
         else:
             m.eq(r.dropped[inst.name], 0, f"{inst.name} kept {sorted(r.before[inst.name])}: "
                  f"dropped_entities growth")
+    m.done()
+
+
+def snapshot_files(d):
+    """[(ms, name)] of the snapshot files in d, newest first."""
+    out = []
+    for n in os.listdir(d) if os.path.isdir(d) else []:
+        if n.startswith("snapshot-") and n.endswith(".tly"):
+            out.append((int(n[len("snapshot-"):-len(".tly")]), n))
+    return sorted(out, reverse=True)
+
+
+def ends_of(r, parts):
+    """{(topic, partition): end offset} of both topics' partitions parts."""
+    return {(t, p): r.per_part[t].get(p, 0) for t in r.topics.values() for p in sorted(parts)}
+
+
+def committed(r, keys):
+    """The group's committed offsets {(topic, partition): offset} of keys."""
+    from confluent_kafka import Consumer, TopicPartition
+    cons = Consumer({"bootstrap.servers": r.bootstrap, "group.id": r.group,
+                     "enable.auto.commit": False, "log_level": 3})
+    try:
+        got = cons.committed([TopicPartition(t, p) for t, p in keys], timeout=10 * H.MULT)
+        return {(tp.topic, tp.partition): tp.offset for tp in got}
+    finally:
+        cons.close()
+
+
+def t_snapshots_before_kill(r, live, victim):
+    """Every instance has written a snapshot, and the victim's newest
+    durable snapshot holds the end of each of its partitions: tallyd
+    commits a partition's offset only once a snapshot holding it is durable,
+    and only the victim owns these partitions, so committed offsets equal
+    to the end offsets mean such a snapshot is on disk. The checks after
+    the first stable look gave it time; this bounds the wait."""
+    want = ends_of(r, r.owned[victim.name])
+    end = H.deadline(SNAPSHOT_WAIT_S)
+    while True:
+        written = {i.name: int(i.cli.info().get("snapshots_written", -1)) for i in live}
+        got = committed(r, want)
+        files = snapshot_files(victim.cfg["snapshot"]["dir"])
+        if all(w >= 1 for w in written.values()) and got == want and files:
+            r.victim_files = files
+            return
+        if time.monotonic() > end:
+            raise Failure(f"within {SNAPSHOT_WAIT_S * H.MULT:.0f} s: snapshots_written {written}; "
+                          f"{victim.name}'s snapshot files {[n for _, n in files]}; committed "
+                          f"offsets of its partitions {got}, want the ends {want}")
+        time.sleep(0.2)  # poll interval of a deadline-bounded wait
+
+
+def t_restart(r, victim):
+    """The killed instance's snapshot directory holds the snapshot it wrote
+    before the kill; the instance starts again with the same config."""
+    files = snapshot_files(victim.cfg["snapshot"]["dir"])
+    if not files:
+        raise Failure(f"no snapshot file in {victim.cfg['snapshot']['dir']} after the kill "
+                      f"(before it: {[n for _, n in r.victim_files]})")
+    r.restart_file = files[0]
+    t = K.Tallyd(victim.path, victim.port, r.tmp, name=f"tallyd-{victim.name}-restarted")
+    r.restarted = Instance(victim.name, victim.port, victim.path, victim.cfg, t)
+
+
+def t_restored(r, inst, held):
+    """INFO of the restarted instance: the newest snapshot file restored,
+    none rejected, its entities within the model's count for the snapshot's
+    partitions (held). Its first assignment gives it all of them back (it
+    drops nothing) or none (it drops every entity it restored): with three
+    members the range assignor gives it either its old range or another."""
+    info = r.infos[inst.name]
+    m = Mismatches()
+    num = {k: int(info.get(k, -1)) for k in ("restored_snapshot_ms", "restored_entities",
+                                             "snapshots_rejected", "dropped_entities")}
+    m.check(num["restored_snapshot_ms"] > 0, f"restored_snapshot_ms {num['restored_snapshot_ms']}: "
+            f"no snapshot restored")
+    m.eq(num["restored_snapshot_ms"], r.restart_file[0],
+         f"INFO restored_snapshot_ms (the newest file is {r.restart_file[1]})")
+    m.check(num["restored_entities"] > 0, f"restored_entities {num['restored_entities']}")
+    sure, maybe = entities_in(r, held, True), entities_in(r, held, False)
+    m.check(sure <= num["restored_entities"] <= maybe,
+            f"restored_entities {num['restored_entities']}, want {sure}..{maybe} (the users and "
+            f"pins of partitions {sorted(held)} with events surely kept .. with any event)")
+    m.eq(num["snapshots_rejected"], 0, "INFO snapshots_rejected")
+    owned = r.owned[inst.name]
+    if held <= owned:
+        m.eq(num["dropped_entities"], 0, f"INFO dropped_entities (owns {sorted(owned)}, all of "
+             f"the snapshot's {sorted(held)})")
+    elif not held & owned:
+        m.eq(num["dropped_entities"], num["restored_entities"],
+             f"INFO dropped_entities (owns {sorted(owned)}, none of the snapshot's "
+             f"{sorted(held)}): restored_entities")
+    else:
+        m.add(f"owns {sorted(owned)}, part of the snapshot's {sorted(held)}: the range assignor "
+              f"over three members gives either all or none of them")
+    m.done()
+
+
+def t_consumed(r, live, base, held):
+    """With one rebalance (INFO rebalances grew by 2 on the survivors:
+    revoke and assign, by 1 on the restarted instance: assign), each
+    instance's messages_consumed grew by exactly the messages of the
+    partitions it owns now and did not hold before (held: {name:
+    partitions}, the snapshot's for the restarted instance, whose base is
+    0): a partition held is not read again, a new one is read from its
+    beginning."""
+    m = Mismatches()
+    for inst in live:
+        info = r.infos[inst.name]
+        b = base.get(inst.name, {})
+        reb = int(info.get("rebalances", -1)) - b.get("rebalances", 0)
+        got = int(info.get("messages_consumed", -1)) - b.get("messages_consumed", 0)
+        gained = r.owned[inst.name] - held[inst.name]
+        want = sum(ends_of(r, gained).values())
+        r.consumed[inst.name] = got
+        m.eq(reb, 1 if inst is r.restarted else 2, f"{inst.name} INFO rebalances growth")
+        m.eq(got, want, f"{inst.name} INFO messages_consumed growth (held {sorted(held[inst.name])}"
+             f", owns {sorted(r.owned[inst.name])}: the messages of {sorted(gained)} in both "
+             f"topics)")
     m.done()
 
 
@@ -648,9 +794,14 @@ def main():
           + ", ".join(f"{i.name} owns {sorted(r.owned[i.name])}" for i in live), flush=True)
     run_phase(suite, r, live, "shard3_")
 
-    # kill -9 the owner of partition 0 (the first in member order).
+    # kill -9 the owner of partition 0 (the first in member order), once its
+    # snapshot holds its partitions' ends.
     victim = r.owner[0]
     survivors = [i for i in live if i is not victim]
+    if not suite.run("shard3_every_instance_snapshotted_victims_snapshot_holds_its_ends",
+                     t_snapshots_before_kill, r, live, victim):
+        close_all(suite, live)
+        return H.finish(suite, r.tmp)
     r.before = dict(r.owned)
     infos_before = {i.name: i.cli.info() for i in survivors}
     dropped_before = {n: int(info.get("dropped_entities", -1)) for n, info in infos_before.items()}
@@ -679,6 +830,7 @@ def main():
                                 - dropped_before[inst.name])
         r.sure[inst.name] = entities_in(r, r.lost[inst.name], True)
         r.maybe[inst.name] = entities_in(r, r.lost[inst.name], False)
+    r.why_lost = "the kill of partition 0's owner should move the first survivor's range"
     suite.run("shard2_survivor_losing_partitions_drops_their_entities", t_dropped_lower, r,
               survivors)
     suite.run("shard2_survivor_drops_nothing_of_partitions_it_keeps", t_dropped_upper, r,
@@ -689,7 +841,65 @@ def main():
                       f"dropped_entities +{r.dropped[i.name]} (model: {r.sure[i.name]}.."
                       f"{r.maybe[i.name]} in lost partitions)" for i in survivors), flush=True)
     run_phase(suite, r, survivors, "shard2_after_kill9_")
-    close_all(suite, survivors)
+
+    # The killed instance starts again from its snapshot directory.
+    held = dict(r.owned)
+    held[victim.name] = r.before[victim.name]  # the partitions of its snapshot
+    infos_before = {i.name: i.cli.info() for i in survivors}
+    base = {n: {k: int(info.get(k, -1)) for k in ("messages_consumed", "rebalances")}
+            for n, info in infos_before.items()}
+    dropped_before = {n: int(info.get("dropped_entities", -1)) for n, info in infos_before.items()}
+    misrouted_before = {n: misrouted_seen(info) for n, info in infos_before.items()}
+    r.restarted = None
+    if not suite.run("shard3_restart_of_killed_instance_finds_its_snapshot_and_serves",
+                     t_restart, r, victim):
+        close_all(suite, survivors)
+        return H.finish(suite, r.tmp)
+    t_restart_s = time.monotonic()
+    live = survivors + [r.restarted]
+    if not suite.run("shard3_after_restart_owned_disjoint_cover_all_caught_up_endpoints_known",
+                     t_stable, r, live, 90):
+        close_all(suite, live)
+        return H.finish(suite, r.tmp)
+    restart_s = time.monotonic() - t_restart_s
+    order = sorted(live, key=lambda i: min(r.owned[i.name]))
+    want = {i.name: p for i, p in range_assignment(order).items()}
+    suite.run("shard3_after_restart_mode_endpoint_and_range_assignment", t_assignment, r, live,
+              want)
+    suite.run("shard3_after_restart_snapshot_restored_newest_file_model_entities", t_restored, r,
+              r.restarted, held[victim.name])
+    r.consumed = {}
+    suite.run("shard3_after_restart_held_partitions_not_reread_gained_read_from_history",
+              t_consumed, r, live, base, held)
+    suite.run("shard3_after_restart_gained_partitions_misrouted_rejected", t_misrouted, r, live,
+              misrouted_before, {i.name: misrouted_in(r, r.owned[i.name] - held[i.name])
+                                 for i in live}, True)
+    r.before = held
+    r.lost, r.dropped, r.sure, r.maybe = {}, {}, {}, {}
+    for inst in live:
+        r.lost[inst.name] = held[inst.name] - r.owned[inst.name]
+        r.dropped[inst.name] = (int(r.infos[inst.name].get("dropped_entities", -1))
+                                - dropped_before.get(inst.name, 0))
+        r.sure[inst.name] = entities_in(r, r.lost[inst.name], True)
+        r.maybe[inst.name] = entities_in(r, r.lost[inst.name], False)
+    r.why_lost = "the two survivors held all 8 partitions, the restarted instance takes some"
+    suite.run("shard3_after_restart_partitions_lost_drop_their_entities", t_dropped_lower, r,
+              live)
+    suite.run("shard3_after_restart_partitions_kept_or_restored_not_dropped", t_dropped_upper, r,
+              live)
+    info = r.infos[victim.name]
+    print(f"# restart of {victim.name} from {r.restart_file[1]} (its snapshot of "
+          f"{sorted(held[victim.name])}): stable {restart_s:.1f} s later; restored "
+          f"{info.get('restored_entities')} entities (model: "
+          f"{entities_in(r, held[victim.name], True)}..{entities_in(r, held[victim.name], False)})"
+          f", consumed {info.get('messages_consumed')} messages (rebalances "
+          f"{info.get('rebalances')}); "
+          + ", ".join(f"{i.name} {sorted(held[i.name])} -> {sorted(r.owned[i.name])} consumed "
+                      f"+{r.consumed.get(i.name, '?')} dropped_entities +{r.dropped[i.name]} "
+                      f"(model: {r.sure[i.name]}..{r.maybe[i.name]} in lost partitions)"
+                      for i in live), flush=True)
+    run_phase(suite, r, live, "shard3_after_restart_")
+    close_all(suite, live)
     return H.finish(suite, r.tmp)
 
 
