@@ -1063,6 +1063,18 @@ static void info_persistence(cmd_ctx_t *c, tly_buf_t *t)
     textf(t, "last_snapshot_error:%s\r\n", st.last_error);
     textf(t, "restored_snapshot_ms:%" PRId64 "\r\n", st.loaded_ms);
     textf(t, "restored_entities:%" PRIu64 "\r\n", st.loaded_entities);
+    const tly_featset_t *fs = c->d->fs;
+    for (int pass = 0; pass < 2; pass++) {
+        uint64_t mask = pass == 0 ? st.restored_types : st.rebuilt_types;
+        textf(t, "%s:", pass == 0 ? "restored_entity_types" : "rebuilt_entity_types");
+        bool first = true;
+        for (size_t e = 0; e < fs->nentities && e < 64; e++)
+            if (mask >> e & 1) {
+                textf(t, "%s%s", first ? "" : ",", fs->entities[e].name);
+                first = false;
+            }
+        textf(t, "\r\n");
+    }
     textf(t, "snapshots_rejected:%" PRIu64 "\r\n", st.rejected);
 }
 

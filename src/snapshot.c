@@ -35,6 +35,8 @@
 
 #define BLOCK_POSITIONS 1u
 #define BLOCK_STATE     2u
+#define BLOCK_ETYPES    3u
+#define MAX_ETYPES      64
 #define MAX_POSITIONS   65536
 #define ERR_CAP         256
 
@@ -42,6 +44,18 @@ struct tly_snapshotter {
     const tly_config_t *cfg;
     uint64_t defs_hash;
     tly_store_t *store;
+    /* entity types in featset order (first appearance in the config) and
+     * the hash of each one's features */
+    size_t ntypes;
+    const char *type_name[MAX_ETYPES];
+    uint64_t type_hash[MAX_ETYPES];
+
+    /* a restore of some entity types only (the features of others changed):
+     * the writer's type index → ours (-1: rebuilt), and our types loaded */
+    int type_map[MAX_ETYPES];
+    size_t ntypes_old;
+    bool partial;
+    uint64_t loaded_types;
 
     /* restored positions, handed to the source by attach */
     tly_position_t *restored;
@@ -114,37 +128,47 @@ static void fnv_i64(fnv_t *f, int64_t v)
     fnv(f, &v, sizeof v);
 }
 
-uint64_t tly_snapshot_defs_hash(const tly_config_t *cfg)
+static void fnv_feature(fnv_t *f, const tly_feature_cfg_t *fc)
+{
+    fnv_str(f, fc->name);
+    fnv_str(f, fc->entity);
+    fnv_i64(f, (int64_t)fc->nkeys);
+    for (size_t k = 0; k < fc->nkeys; k++)
+        fnv_str(f, fc->keys[k]);
+    fnv_i64(f, (int64_t)fc->nwhere);
+    for (size_t w = 0; w < fc->nwhere; w++) {
+        fnv_str(f, fc->where[w].field);
+        fnv_i64(f, (int64_t)fc->where[w].nvalues);
+        for (size_t v = 0; v < fc->where[w].nvalues; v++)
+            fnv_str(f, fc->where[w].values[v]);
+    }
+    fnv_i64(f, fc->agg);
+    fnv_i64(f, (int64_t)fc->nvalues);
+    for (size_t v = 0; v < fc->nvalues; v++)
+        fnv_str(f, fc->values[v]);
+    fnv_i64(f, (int64_t)fc->nwindows);
+    for (size_t w = 0; w < fc->nwindows; w++)
+        fnv_i64(f, fc->windows_ms[w]);
+    fnv_i64(f, fc->hop_ms);
+    fnv_i64(f, fc->k);
+}
+
+/* The hash of the features of entity type `entity` (all when NULL): a
+ * record's layout depends only on its own type's features, in order. */
+static uint64_t features_hash(const tly_config_t *cfg, const char *entity)
 {
     fnv_t f = {UINT64_C(0xcbf29ce484222325)};
     fnv_str(&f, "tallyd store format 1");
     fnv_i64(&f, cfg->store.idle_ttl_ms);
-    fnv_i64(&f, (int64_t)cfg->nfeatures);
-    for (size_t i = 0; i < cfg->nfeatures; i++) {
-        const tly_feature_cfg_t *fc = &cfg->features[i];
-        fnv_str(&f, fc->name);
-        fnv_str(&f, fc->entity);
-        fnv_i64(&f, (int64_t)fc->nkeys);
-        for (size_t k = 0; k < fc->nkeys; k++)
-            fnv_str(&f, fc->keys[k]);
-        fnv_i64(&f, (int64_t)fc->nwhere);
-        for (size_t w = 0; w < fc->nwhere; w++) {
-            fnv_str(&f, fc->where[w].field);
-            fnv_i64(&f, (int64_t)fc->where[w].nvalues);
-            for (size_t v = 0; v < fc->where[w].nvalues; v++)
-                fnv_str(&f, fc->where[w].values[v]);
-        }
-        fnv_i64(&f, fc->agg);
-        fnv_i64(&f, (int64_t)fc->nvalues);
-        for (size_t v = 0; v < fc->nvalues; v++)
-            fnv_str(&f, fc->values[v]);
-        fnv_i64(&f, (int64_t)fc->nwindows);
-        for (size_t w = 0; w < fc->nwindows; w++)
-            fnv_i64(&f, fc->windows_ms[w]);
-        fnv_i64(&f, fc->hop_ms);
-        fnv_i64(&f, fc->k);
-    }
+    for (size_t i = 0; i < cfg->nfeatures; i++)
+        if (entity == NULL || strcmp(cfg->features[i].entity, entity) == 0)
+            fnv_feature(&f, &cfg->features[i]);
     return f.h;
+}
+
+uint64_t tly_snapshot_defs_hash(const tly_config_t *cfg)
+{
+    return features_hash(cfg, NULL);
 }
 
 /* ---- writing ------------------------------------------------------------------ */
@@ -187,6 +211,21 @@ static tly_err_t write_snapshot(const tly_snapshotter_t *sn, tly_store_t *store,
     tly_snapw_t *w = tly_snapw_open(sn->cfg->snapshot.dir, created_ms, sn->defs_hash, err, errlen);
     if (w == NULL)
         return TLY_E_IO;
+    uint8_t types[4 + MAX_ETYPES * (2 + 256 + 8)];
+    size_t ul = 4;
+    put_le(types, sn->ntypes, 4);
+    for (size_t i = 0; i < sn->ntypes; i++) {
+        size_t nl = strlen(sn->type_name[i]);
+        nl = nl > 255 ? 255 : nl;
+        put_le(types + ul, nl, 2);
+        memcpy(types + ul + 2, sn->type_name[i], nl);
+        put_le(types + ul + 2 + nl, sn->type_hash[i], 8);
+        ul += 2 + nl + 8;
+    }
+    if (tly_snapw_block(w, BLOCK_ETYPES, types, ul, err, errlen) != TLY_OK) {
+        tly_snapw_abort(w);
+        return TLY_E_IO;
+    }
     size_t cap = 4, used = 0;
     for (size_t i = 0; i < n; i++)
         cap += 2 + strlen(pos[i].topic) + 20;
@@ -317,6 +356,8 @@ static void checkpoint(void *ctx, tly_source_t *src)
     if (sn->child > 0 || now < sn->next_due_ms)
         return;
     sn->next_due_ms = now + sn->cfg->snapshot.every_ms;
+    if (tly_source_catching_up(src))
+        return; /* rebuilt features still below the restored position */
     tly_source_stats_t st;
     tly_source_stats(src, &st, NULL, 0);
     if (st.messages == sn->last_messages && sn->st.written > 0)
@@ -372,6 +413,17 @@ tly_snapshotter_t *tly_snapshot_new(const tly_config_t *cfg)
     }
     sn->cfg = cfg;
     sn->defs_hash = tly_snapshot_defs_hash(cfg);
+    for (size_t i = 0; i < cfg->nfeatures; i++) {
+        const char *e = cfg->features[i].entity;
+        size_t t = 0;
+        while (t < sn->ntypes && strcmp(sn->type_name[t], e) != 0)
+            t++;
+        if (t == sn->ntypes && t < MAX_ETYPES) {
+            sn->type_name[t] = e;
+            sn->type_hash[t] = features_hash(cfg, e);
+            sn->ntypes++;
+        }
+    }
     sn->st.last_ms = -1;
     sn->st.loaded_ms = -1;
     sn->next_due_ms = wall_ms() + cfg->snapshot.every_ms;
@@ -419,6 +471,37 @@ static bool read_positions(tly_snapshotter_t *sn, const uint8_t *p, size_t len)
     return at == len;
 }
 
+/* Reads the entity types block: maps the writer's types to ours by name
+ * and features hash (sn->type_map, sn->loaded_types). */
+static bool read_types(tly_snapshotter_t *sn, const uint8_t *p, size_t len)
+{
+    if (len < 4)
+        return false;
+    uint64_t n = get_le(p, 4);
+    if (n > MAX_ETYPES)
+        return false;
+    size_t at = 4;
+    sn->ntypes_old = (size_t)n;
+    for (uint64_t i = 0; i < n; i++) {
+        if (len - at < 2)
+            return false;
+        size_t nl = (size_t)get_le(p + at, 2);
+        if (len - at - 2 < nl + 8)
+            return false;
+        const char *name = (const char *)p + at + 2;
+        uint64_t hash = get_le(p + at + 2 + nl, 8);
+        at += 2 + nl + 8;
+        sn->type_map[i] = -1;
+        for (size_t t = 0; t < sn->ntypes; t++)
+            if (strlen(sn->type_name[t]) == nl && memcmp(sn->type_name[t], name, nl) == 0 &&
+                sn->type_hash[t] == hash) {
+                sn->type_map[i] = (int)t;
+                sn->loaded_types |= UINT64_C(1) << t;
+            }
+    }
+    return at == len;
+}
+
 /* Loads one file into a new store; NULL with err filled when unusable. */
 static tly_store_t *load_file(tly_snapshotter_t *sn, const tly_featset_t *fs, const char *path,
                               char *err, size_t errlen)
@@ -426,16 +509,10 @@ static tly_store_t *load_file(tly_snapshotter_t *sn, const tly_featset_t *fs, co
     tly_snapr_t *r = tly_snapr_open(path, err, errlen);
     if (r == NULL)
         return NULL;
-    if (tly_snapr_defs_hash(r) != sn->defs_hash) {
-        snprintf(err, errlen,
-                 "%s: written for other feature definitions; every feature is rebuilt from "
-                 "Kafka history",
-                 path);
-        tly_snapr_close(r);
-        return NULL;
-    }
+    sn->partial = tly_snapr_defs_hash(r) != sn->defs_hash;
+    sn->loaded_types = 0;
     tly_store_t *store = tly_store_new(fs);
-    bool positions = false;
+    bool positions = false, types = false;
     for (;;) {
         uint32_t type;
         const void *data;
@@ -449,7 +526,23 @@ static tly_store_t *load_file(tly_snapshotter_t *sn, const tly_featset_t *fs, co
         }
         if (rc < 0)
             goto bad;
-        if (type == BLOCK_POSITIONS) {
+        if (type == BLOCK_ETYPES) {
+            if (types || !read_types(sn, data, len)) {
+                snprintf(err, errlen, "%s: malformed entity types block", path);
+                goto bad;
+            }
+            types = true;
+            if (sn->partial && sn->loaded_types == 0) {
+                snprintf(err, errlen,
+                         "%s: written for other feature definitions of every entity type; "
+                         "every feature is rebuilt from Kafka history",
+                         path);
+                goto bad;
+            }
+        } else if (!types) {
+            snprintf(err, errlen, "%s: no entity types block first", path);
+            goto bad;
+        } else if (type == BLOCK_POSITIONS) {
             if (positions || !read_positions(sn, data, len)) {
                 snprintf(err, errlen, "%s: malformed positions block", path);
                 goto bad;
@@ -457,7 +550,8 @@ static tly_store_t *load_file(tly_snapshotter_t *sn, const tly_featset_t *fs, co
             positions = true;
         } else if (type == BLOCK_STATE) {
             char why[ERR_CAP];
-            if (tly_store_load(store, data, len, why, sizeof why) != TLY_OK) {
+            if (tly_store_load(store, data, len, sn->partial ? sn->type_map : NULL,
+                               sn->ntypes_old, why, sizeof why) != TLY_OK) {
                 snprintf(err, errlen, "%s: %s", path, why);
                 goto bad;
             }
@@ -501,10 +595,21 @@ tly_store_t *tly_snapshot_restore(tly_snapshotter_t *sn, const tly_featset_t *fs
         tly_store_stats(store, &st);
         pthread_mutex_lock(&sn->mu);
         sn->st.loaded_entities = st.entities;
+        for (size_t t = 0; t < sn->ntypes; t++) {
+            if (!sn->partial || sn->loaded_types >> t & 1)
+                sn->st.restored_types |= UINT64_C(1) << t;
+            else
+                sn->st.rebuilt_types |= UINT64_C(1) << t;
+        }
         pthread_mutex_unlock(&sn->mu);
         tly_info("snapshot: restored %" PRIu64 " entities and %zu partition positions from %s "
                  "in %.1f ms",
                  st.entities, sn->nrestored, paths[i], (double)(mono_us() - t0) / 1000.0);
+        for (size_t t = 0; sn->partial && t < sn->ntypes; t++)
+            tly_info("snapshot: entity type %s %s", sn->type_name[t],
+                     sn->loaded_types >> t & 1
+                         ? "restored"
+                         : "rebuilt from Kafka history (its features changed since the snapshot)");
     }
     if (n == 0)
         tly_info("snapshot: none in %s; rebuilding from Kafka history", sn->cfg->snapshot.dir);
@@ -516,9 +621,12 @@ void tly_snapshot_attach(tly_snapshotter_t *sn, tly_store_t *store, tly_source_t
 {
     sn->store = store;
     for (size_t i = 0; i < sn->nrestored; i++)
-        if (tly_source_resume_at(src, sn->restored[i].topic, sn->restored[i].partition,
-                                 sn->restored[i].offset,
-                                 sn->restored[i].last_event_ms) != TLY_OK)
+        if ((sn->partial ? tly_source_catch_up(src, sn->restored[i].topic,
+                                               sn->restored[i].partition, sn->restored[i].offset,
+                                               sn->restored[i].last_event_ms, sn->loaded_types)
+                         : tly_source_resume_at(src, sn->restored[i].topic,
+                                                sn->restored[i].partition, sn->restored[i].offset,
+                                                sn->restored[i].last_event_ms)) != TLY_OK)
             tly_warn("snapshot: cannot resume %s[%" PRId32 "] at %" PRId64,
                      sn->restored[i].topic, sn->restored[i].partition, sn->restored[i].offset);
     tly_source_set_checkpoint(src, checkpoint, sn);
@@ -536,6 +644,11 @@ tly_err_t tly_snapshot_final(tly_snapshotter_t *sn, tly_source_t *src)
         pthread_mutex_lock(&sn->mu);
         sn->st.in_progress = false;
         pthread_mutex_unlock(&sn->mu);
+    }
+    if (tly_source_catching_up(src)) {
+        tly_warn("snapshot: no final snapshot: the changed features were still being rebuilt "
+                 "from history; the previous snapshot stays and is used again next time");
+        return TLY_OK;
     }
     size_t n = tly_source_positions(src, NULL, 0);
     if (n > MAX_POSITIONS)

@@ -82,6 +82,7 @@ typedef struct {
     int64_t high;          /* cached high watermark, -1 unknown */
     int64_t low;           /* cached log start offset, -1 unknown */
     int64_t last_event_ms; /* newest event time applied, -1 none */
+    int64_t catchup_until; /* > 0: below this offset, skip src->catchup_skip types */
 } part_t;
 
 /* At most one log line per period; the rest are counted and reported in
@@ -138,6 +139,10 @@ struct tly_source {
     size_t hint;        /* index of the last partition a message came from */
     bool dirty;         /* applied something since the last publish */
     bool assigned_once; /* an assignment (possibly empty) was received */
+    /* entity types whose state (from a snapshot) already holds the events
+     * below each partition's catchup_until: those events feed only the
+     * other types, whose features are rebuilt from history */
+    uint64_t catchup_skip;
     /* shard mode: partition numbers held before the last revocation */
     uint64_t held[TLY_SHARD_MAX_PARTITIONS / 64];
     int64_t last_publish_ms;
@@ -437,6 +442,18 @@ static void choose_offsets(tly_source_t *src, rd_kafka_topic_partition_list_t *p
                      "librdkafka resolves it at the first fetch",
                      tp->topic, tp->partition, rd_kafka_err2str(err));
     }
+
+    /* A partition whose state is partly restored (tly_source_catch_up)
+     * starts where the rebuilt features need it, but no later than the
+     * restored position: the restored types need every event from there. */
+    for (int i = 0; i < parts->cnt; i++) {
+        rd_kafka_topic_partition_t *tp = &parts->elems[i];
+        const part_t *p = part_find(src, tp->topic, tp->partition);
+        if (p == NULL || p->catchup_until <= 0 || p->position >= 0)
+            continue;
+        if (tp->offset == RD_KAFKA_OFFSET_END || tp->offset > p->catchup_until)
+            tp->offset = p->catchup_until;
+    }
 }
 
 static void describe_offset(int64_t off, char *buf, size_t cap)
@@ -542,6 +559,7 @@ static void shard_reassign(tly_source_t *src, const rd_kafka_topic_partition_lis
             if (p->partition < TLY_SHARD_MAX_PARTITIONS && lost[p->partition / 64] >> (p->partition % 64) & 1) {
                 p->position = -1;
                 p->last_event_ms = -1;
+                p->catchup_until = 0;
             }
         }
         lost_t l = {.fs = src->fs, .nparts = nparts, .lost = lost};
@@ -764,6 +782,12 @@ static void on_message(tly_source_t *src, rd_kafka_message_t *m, int64_t now_ms)
         err = TLY_E_EV_FUTURE;
     if (err == TLY_OK && src->shard != NULL)
         err = check_route(src, rules, &ev, m->partition);
+    if (p->catchup_until > 0) {
+        if (m->offset < p->catchup_until)
+            ev.skip_entities |= src->catchup_skip; /* already in the restored state */
+        else
+            p->catchup_until = 0;
+    }
     if (err == TLY_OK) {
         tly_store_apply(src->store, &ev, m->partition, m->offset, now_ms);
         atomic_fetch_add_explicit(&src->applied, 1, memory_order_relaxed);
@@ -1156,6 +1180,30 @@ void tly_source_halt(tly_source_t *src)
         atomic_store(&src->stop, true);
         pthread_join(src->thread, NULL);
     }
+}
+
+tly_err_t tly_source_catch_up(tly_source_t *src, const char *topic, int32_t partition,
+                              int64_t offset, int64_t last_event_ms, uint64_t restored_types)
+{
+    if (src == NULL || topic == NULL || partition < 0 || offset < 0 || src->started)
+        return TLY_E_INVAL;
+    part_t *p = part_get(src, topic, partition);
+    p->catchup_until = offset;
+    p->last_event_ms = last_event_ms >= 0 ? last_event_ms : -1;
+    src->catchup_skip = restored_types;
+    if (last_event_ms > atomic_load_explicit(&src->watermark_ms, memory_order_relaxed))
+        atomic_store_explicit(&src->watermark_ms, last_event_ms, memory_order_relaxed);
+    if (src->shard != NULL && partition < TLY_SHARD_MAX_PARTITIONS)
+        src->held[partition / 64] |= UINT64_C(1) << (partition % 64);
+    return TLY_OK;
+}
+
+bool tly_source_catching_up(const tly_source_t *src)
+{
+    for (size_t i = 0; i < src->nparts; i++)
+        if (src->parts[i].catchup_until > 0)
+            return true;
+    return false;
 }
 
 void tly_source_set_checkpoint(tly_source_t *src, tly_checkpoint_fn fn, void *ctx)

@@ -1018,7 +1018,8 @@ static tly_err_t snap_fail(char *err, size_t errlen, const char *what, size_t at
     return TLY_E_INVAL;
 }
 
-tly_err_t tly_store_load(tly_store_t *store, const void *data, size_t n, char *err, size_t errlen)
+tly_err_t tly_store_load(tly_store_t *store, const void *data, size_t n, const int *type_map,
+                         size_t ntypes, char *err, size_t errlen)
 {
     const uint8_t *p = data;
     const tly_featset_t *fs = store->fs;
@@ -1054,6 +1055,17 @@ tly_err_t tly_store_load(tly_store_t *store, const void *data, size_t n, char *e
         uint32_t type = head[0] | (uint32_t)head[1] << 8;
         uint8_t idlen = head[2], mode = head[3];
         bool words = mode == F_WORDS;
+        if (type_map != NULL) {
+            if (type >= ntypes)
+                return snap_fail(err, errlen, "malformed entity", item);
+            if (type_map[type] < 0) { /* a type not loaded: step over it */
+                if (nwords > (n - at) / 8 || n - at < idlen + 8 * (size_t)nwords)
+                    return snap_fail(err, errlen, "malformed entity", item);
+                at += idlen + 8 * (size_t)nwords;
+                continue;
+            }
+            type = (uint32_t)type_map[type];
+        }
         if (type >= fs->nentities || (mode != 0 && !words) ||
             (!words && !store->etypes[type].compact) ||
             (words ? used < 1 || used != nwords

@@ -50,6 +50,8 @@ typedef struct {
     uint64_t loaded_entities;  /* entities restored at start-up */
     int64_t loaded_ms;         /* creation time of the snapshot restored, -1 none */
     uint64_t rejected;         /* snapshots found unusable at start-up */
+    uint64_t restored_types;   /* entity types restored (bit per type) */
+    uint64_t rebuilt_types;    /* entity types rebuilt: their features changed */
     char last_path[640];       /* the newest durable snapshot */
     char last_error[320];      /* the latest failure, "" none */
 } tly_snapshot_stats_t;

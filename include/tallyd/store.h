@@ -147,14 +147,16 @@ typedef bool (*tly_store_emit_fn)(void *ctx, const void *data, size_t len);
 tly_err_t tly_store_dump(tly_store_t *store, tly_store_emit_fn emit, void *ctx);
 
 /*
- * Adds the records of one block of tly_store_dump output to store (fresh,
- * with the same feature set). Every length, type and state is checked: a
- * malformed block gives TLY_E_INVAL and a sentence in err; records added
- * before it stay (the caller discards the store). Writer thread;
- * RCU-registered.
+ * Adds the records of one block of tly_store_dump output to store (fresh).
+ * type_map (NULL: the same feature set wrote it) maps the writer's entity
+ * type indexes (ntypes of them) to store's, -1 for a type not to load; a
+ * mapped type must have the same features as the writer's. Every length,
+ * type and state is checked: a malformed block gives TLY_E_INVAL and a
+ * sentence in err; records added before it stay (the caller discards the
+ * store). Writer thread; RCU-registered.
  */
-tly_err_t tly_store_load(tly_store_t *store, const void *data, size_t len, char *err,
-                         size_t errlen);
+tly_err_t tly_store_load(tly_store_t *store, const void *data, size_t len, const int *type_map,
+                         size_t ntypes, char *err, size_t errlen);
 
 /* Fills *st with the current counters. Any thread. */
 void tly_store_stats(const tly_store_t *store, tly_store_stats_t *st);
