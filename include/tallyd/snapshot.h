@@ -16,9 +16,13 @@
  * definitions hash equals the config's is loaded; each partition resumes at
  * its stored position. A snapshot that fails is reported and the next older
  * one is tried; with none, tallyd rebuilds from Kafka history as
- * kafka.start says. A changed feature definition makes every snapshot
- * unusable (all features are rebuilt from history; loading the unchanged
- * ones alone is not supported).
+ * kafka.start says. When feature definitions changed, the entity types
+ * whose features are all unchanged (a hash per type) are loaded and the
+ * others rebuilt from history: those partitions start where kafka.start
+ * says (no later than the stored position), and events below the stored
+ * position feed only the rebuilt types (tly_source_catch_up). Granularity
+ * is the entity type: an unchanged feature of a changed type is rebuilt
+ * too.
  *
  * Threads: new/restore/final/free on the main thread; the checkpoint hook
  * on the source's poll thread; stats on any thread.
