@@ -1730,7 +1730,10 @@ int main(int argc, char **argv)
         long long applied = info_field(tc, "events_applied");
         if (applied < 0)
             die("tallyd's INFO has no events_applied field");
-        while ((applied = info_field(tc, "events_applied")) < (long long)es.n) {
+        /* every event applied, and the source says so (queries get -LOADING
+         * until it has seen every partition caught up) */
+        while ((applied = info_field(tc, "events_applied")) < (long long)es.n ||
+               info_field(tc, "loading") != 0) {
             if (mono_ns() > deadline)
                 die("tallyd applied %lld of %zu events within %d s; see %s", applied, es.n,
                     CATCHUP_MS / 1000, tlog);
