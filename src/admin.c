@@ -42,6 +42,7 @@
 
 #include "tallyd/error.h"
 #include "tallyd/log.h"
+#include "tallyd/server.h"
 #include "tallyd/shard.h"
 #include "tallyd/version.h"
 
@@ -463,38 +464,12 @@ static void mhd_log(void *cls, const char *fmt, va_list ap)
 
 /* ---- binding (main thread) ---------------------------------------------- */
 
-/* Splits "host:port" or "[v6]:port" into host and port; false when
- * malformed. */
-static bool split_addr(const char *addr, char *host, size_t hostcap, char *port, size_t portcap)
-{
-    const char *colon = strrchr(addr, ':');
-    if (colon == NULL)
-        return false;
-    const char *h = addr;
-    size_t hlen = (size_t)(colon - addr);
-    if (hlen > 0 && h[0] == '[') {
-        if (hlen < 2 || h[hlen - 1] != ']')
-            return false;
-        h++;
-        hlen -= 2;
-    }
-    const char *p = colon + 1;
-    size_t plen = strlen(p);
-    if (hlen >= hostcap || plen == 0 || plen >= portcap || strspn(p, "0123456789") != plen ||
-        atoi(p) > 65535)
-        return false;
-    memcpy(host, h, hlen);
-    host[hlen] = '\0';
-    memcpy(port, p, plen + 1);
-    return true;
-}
-
 /* Binds and listens on the first address of addr that works; returns the
  * socket and its port, or -1 with err filled. */
 static int bind_admin(const char *addr, int *port, char *err, size_t errlen)
 {
     char host[256], portstr[8];
-    if (!split_addr(addr, host, sizeof host, portstr, sizeof portstr)) {
+    if (!tly_split_addr(addr, host, sizeof host, portstr, sizeof portstr)) {
         snprintf(err, errlen, "server.admin %s: not host:port (IPv6 as [addr]:port)", addr);
         return -1;
     }

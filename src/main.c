@@ -151,18 +151,16 @@ static void advertise_address(const tly_daemon_t *d, char *buf, size_t cap)
         snprintf(buf, cap, "%s", d->cfg->server.advertise);
         return;
     }
-    const char *listen = d->cfg->server.listen;
-    const char *colon = strrchr(listen, ':');
-    size_t hlen = colon != NULL ? (size_t)(colon - listen) : strlen(listen);
-    char host[200];
-    snprintf(host, sizeof host, "%.*s", (int)hlen, listen);
-    if (host[0] == '\0' || strcmp(host, "0.0.0.0") == 0 || strcmp(host, "[::]") == 0 ||
-        strcmp(host, "::") == 0 || strcmp(host, "*") == 0) {
+    char host[200], port[8];
+    if (!tly_split_addr(d->cfg->server.listen, host, sizeof host, port, sizeof port))
+        host[0] = '\0'; /* the config checked it: not reached */
+    if (host[0] == '\0' || strcmp(host, "0.0.0.0") == 0 || strcmp(host, "::") == 0 ||
+        strcmp(host, "*") == 0) {
         if (gethostname(host, sizeof host) != 0)
             snprintf(host, sizeof host, "localhost");
         host[sizeof host - 1] = '\0';
     }
-    snprintf(buf, cap, "%s:%d", host, d->tcp_port);
+    snprintf(buf, cap, strchr(host, ':') != NULL ? "[%s]:%d" : "%s:%d", host, d->tcp_port);
 }
 
 /* Runs the daemon until SIGINT/SIGTERM or a fatal consumer error. */

@@ -227,15 +227,13 @@ static void format_addr(const struct sockaddr *sa, char *out, size_t cap)
 
 /* ---- binding (main thread) ---------------------------------------------- */
 
-/* Splits "host:port", "[v6]:port" or ":port" into host (may be "") and
- * port. Returns false when malformed. */
-static bool split_listen(const char *listen, char *host, size_t hostcap, char *port, size_t portcap)
+bool tly_split_addr(const char *addr, char *host, size_t hostcap, char *port, size_t portcap)
 {
-    const char *colon = strrchr(listen, ':');
+    const char *colon = strrchr(addr, ':');
     if (colon == NULL)
         return false;
-    const char *h = listen;
-    size_t hlen = (size_t)(colon - listen);
+    const char *h = addr;
+    size_t hlen = (size_t)(colon - addr);
     if (hlen > 0 && h[0] == '[') {
         if (hlen < 2 || h[hlen - 1] != ']')
             return false;
@@ -329,7 +327,7 @@ static bool bind_tcp(tly_server_t *srv, char *errbuf, size_t errlen)
 {
     const char *listen = srv->d->cfg->server.listen;
     char host[256], port[8];
-    if (!split_listen(listen, host, sizeof host, port, sizeof port)) {
+    if (!tly_split_addr(listen, host, sizeof host, port, sizeof port)) {
         snprintf(errbuf, errlen, "server.listen %s: not host:port (IPv6 as [addr]:port)", listen);
         return false;
     }

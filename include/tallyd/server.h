@@ -23,10 +23,18 @@
 #ifndef TALLYD_SERVER_H
 #define TALLYD_SERVER_H
 
+#include <stdbool.h>
+#include <stddef.h>
+
 #include "tallyd/daemon.h"
 #include "tallyd/error.h"
 
 typedef struct tly_server tly_server_t;
+
+/* Splits "host:port", "[v6]:port" or ":port" into host (may be "", no
+ * brackets) and port (decimal, at most 65535). Returns false when
+ * malformed. Pure; any thread. */
+bool tly_split_addr(const char *addr, char *host, size_t hostcap, char *port, size_t portcap);
 
 /* Creates the server: binds and listens now (so a bad or busy address fails
  * at start-up with a sentence in errbuf, e.g. "server.listen
