@@ -30,7 +30,7 @@ FUZZ_BINS  = $(patsubst tests/fuzz/%.c,build/fuzz/%,$(FUZZ_SRCS))
 FUZZ_SECONDS ?= 60
 BENCH_SRCS = $(wildcard bench/*.c)
 BENCH_BINS = $(patsubst bench/%.c,$(BUILD)/bench/%,$(BENCH_SRCS))
-HEADERS   = $(wildcard include/tallyd/*.h src/*.h tests/unit/*.h)
+HEADERS   = $(wildcard include/tallyd/*.h src/*.h tests/unit/*.h bench/*.h)
 # test_resp and test_decode include their fuzz targets' checks.
 FUZZ_INCL = $(wildcard tests/fuzz/*.c)
 

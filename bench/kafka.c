@@ -92,6 +92,9 @@
 
 #include "tallyd/config.h"
 
+#include "bench_gen.h"
+#include "bench_proc.h"
+
 #define DEMO_CONFIG     "config/demo.yaml"
 #define DEFAULT_EVENTS  1000000u
 #define QUICK_EVENTS    100000u
@@ -267,18 +270,6 @@ static void sleep_ns(int64_t d)
     nanosleep(&ts, NULL);
 }
 
-static int free_port(void)
-{
-    int fd = socket(AF_INET, SOCK_STREAM, 0);
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-    socklen_t len = sizeof a;
-    if (fd < 0 || bind(fd, (struct sockaddr *)&a, sizeof a) != 0 ||
-        getsockname(fd, (struct sockaddr *)&a, &len) != 0)
-        die("cannot find a free port: %s", strerror(errno));
-    close(fd);
-    return ntohs(a.sin_port);
-}
-
 /* Starts argv with stdout and stderr into logpath (and stdin from in_fd
  * unless -1, stdout into out_fd unless -1); the child dies with us. */
 static pid_t spawn(char *const argv[], const char *logpath, int in_fd, int out_fd)
@@ -304,26 +295,6 @@ static pid_t spawn(char *const argv[], const char *logpath, int in_fd, int out_f
     }
     child_add(pid);
     return pid;
-}
-
-/* CPU seconds (user + system) a process used so far, from /proc. */
-static double cpu_seconds(pid_t pid)
-{
-    char path[64], line[1024];
-    snprintf(path, sizeof path, "/proc/%d/stat", (int)pid);
-    FILE *f = fopen(path, "r");
-    if (f == NULL)
-        return 0;
-    double s = 0;
-    if (fgets(line, sizeof line, f)) {
-        const char *p = strrchr(line, ')');
-        unsigned long ut = 0, st = 0;
-        if (p &&
-            sscanf(p + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %lu %lu", &ut, &st) == 2)
-            s = (double)(ut + st) / (double)sysconf(_SC_CLK_TCK);
-    }
-    fclose(f);
-    return s;
 }
 
 /* Connects to 127.0.0.1:port until PING answers PONG; a child pid that exits
@@ -370,90 +341,6 @@ static long long info_get(const char *text, const char *field)
 }
 
 /* ---- the stream ------------------------------------------------------------ */
-
-typedef struct {
-    uint64_t s[4];
-} rng_t;
-
-static uint64_t splitmix64(uint64_t *x)
-{
-    uint64_t z = (*x += UINT64_C(0x9e3779b97f4a7c15));
-    z = (z ^ (z >> 30)) * UINT64_C(0xbf58476d1ce4e5b9);
-    z = (z ^ (z >> 27)) * UINT64_C(0x94d049bb133111eb);
-    return z ^ (z >> 31);
-}
-
-static void rng_seed(rng_t *r, uint64_t seed)
-{
-    for (int i = 0; i < 4; i++)
-        r->s[i] = splitmix64(&seed);
-}
-
-static uint64_t rotl(uint64_t x, int k)
-{
-    return (x << k) | (x >> (64 - k));
-}
-
-static uint64_t rng_next(rng_t *r)
-{
-    uint64_t *s = r->s;
-    uint64_t result = rotl(s[1] * 5, 7) * 9, t = s[1] << 17;
-    s[2] ^= s[0];
-    s[3] ^= s[1];
-    s[1] ^= s[2];
-    s[0] ^= s[3];
-    s[2] ^= t;
-    s[3] = rotl(s[3], 45);
-    return result;
-}
-
-static double rng_unit(rng_t *r)
-{
-    return (double)(rng_next(r) >> 11) * 0x1.0p-53;
-}
-
-static uint64_t rng_below(rng_t *r, uint64_t n)
-{
-    return (uint64_t)(rng_unit(r) * (double)n);
-}
-
-typedef struct {
-    uint64_t n;
-    double *cdf;
-} zipf_t;
-
-static void zipf_init(zipf_t *z, uint64_t n, double s)
-{
-    z->n = n;
-    z->cdf = xmalloc(n * sizeof *z->cdf);
-    double acc = 0;
-    for (uint64_t k = 0; k < n; k++) {
-        acc += pow((double)(k + 1), -s);
-        z->cdf[k] = acc;
-    }
-    for (uint64_t k = 0; k < n; k++)
-        z->cdf[k] /= acc;
-}
-
-static uint64_t zipf_draw(const zipf_t *z, rng_t *r)
-{
-    double u = rng_unit(r);
-    uint64_t lo = 0, hi = z->n - 1;
-    while (lo < hi) {
-        uint64_t mid = lo + (hi - lo) / 2;
-        if (z->cdf[mid] > u)
-            hi = mid;
-        else
-            lo = mid + 1;
-    }
-    return lo;
-}
-
-/* Scatters popularity ranks over 1..n (as bench/ingest.c does). */
-static uint64_t rank_to_id(uint64_t rank, uint64_t n)
-{
-    return (rank * UINT64_C(2654435761)) % n + 1;
-}
 
 typedef struct {
     rng_t r;

@@ -79,6 +79,8 @@
 #include "tallyd/feature.h"
 #include "tallyd/window.h"
 
+#include "bench_proc.h"
+
 #define TOPIC         "engagements"
 #define NPARTS        16
 #define MOCK_BROKERS  3
@@ -218,18 +220,6 @@ static uint64_t next_rand(void)
     return rng_state;
 }
 
-static int free_port(void)
-{
-    int fd = socket(AF_INET, SOCK_STREAM, 0);
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-    socklen_t len = sizeof a;
-    if (fd < 0 || bind(fd, (struct sockaddr *)&a, sizeof a) != 0 ||
-        getsockname(fd, (struct sockaddr *)&a, &len) != 0)
-        die("cannot find a free port: %s", strerror(errno));
-    close(fd);
-    return ntohs(a.sin_port);
-}
-
 /* Starts argv[0] with stdout and stderr into logpath; the child dies with
  * us. Returns its pid. */
 static pid_t spawn(char *const argv[], const char *logpath)
@@ -330,26 +320,6 @@ static void info_lines(redisContext *c, const char *prefix, char *buf, size_t ca
             p++;
     }
     freeReplyObject(r);
-}
-
-/* CPU seconds (user + system) a process used so far, from /proc. */
-static double cpu_seconds(pid_t pid)
-{
-    char path[64], line[1024];
-    snprintf(path, sizeof path, "/proc/%d/stat", (int)pid);
-    FILE *f = fopen(path, "r");
-    if (f == NULL)
-        return 0;
-    double s = 0;
-    if (fgets(line, sizeof line, f)) {
-        const char *p = strrchr(line, ')'); /* the command name may hold spaces */
-        unsigned long ut = 0, st = 0;
-        if (p &&
-            sscanf(p + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %lu %lu", &ut, &st) == 2)
-            s = (double)(ut + st) / (double)sysconf(_SC_CLK_TCK);
-    }
-    fclose(f);
-    return s;
 }
 
 /* ---- events --------------------------------------------------------------- */
