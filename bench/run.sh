@@ -21,15 +21,43 @@ cd "$(dirname "$0")/.."
 BUILD=${BUILD:-build}
 STEPS=(ingest memory query kafka restart)
 
+# need STEP FILE... — fails the step, saying how to get it, unless every
+# FILE is executable; "redis-server" stands for the installed command.
+need() {
+  local step=$1 f
+  shift
+  for f in "$@"; do
+    if [ "$f" = redis-server ]; then
+      command -v redis-server >/dev/null 2>&1 && continue
+      echo "$step: redis-server is not installed (make deps installs it)" >&2
+      return 1
+    fi
+    [ -x "$f" ] && continue
+    echo "$step: $f is missing; build it with 'make $f'" >&2
+    return 1
+  done
+}
+
+# start_redis DIR — starts a redis-server without persistence on a free
+# loopback port, its files in DIR, waits until it answers, prints the port.
+start_redis() {
+  local dir=$1 port
+  port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  redis-server --port "$port" --bind 127.0.0.1 --save "" --appendonly no \
+    --dir "$dir" --daemonize yes --pidfile "$dir/redis.pid" --logfile "$dir/redis.log"
+  for _ in $(seq 50); do
+    redis-cli -p "$port" ping >/dev/null 2>&1 && break
+    sleep 0.1
+  done
+  echo "$port"
+}
+
 # Ingest throughput: jsmn, decode, decode+apply with 1 and 2 writers, a bare
 # librdkafka consumer on the in-process mock cluster, and the cost split of
 # one writer (bench/README.md, "Ingest").
 step_ingest() {
   local bin="$BUILD/bench/ingest"
-  if [ ! -x "$bin" ]; then
-    echo "ingest: $bin is missing; build it with 'make $bin'" >&2
-    return 1
-  fi
+  need ingest "$bin" || return 1
   # shellcheck disable=SC2086 # INGEST_ARGS is a flag list, split on purpose
   "$bin" ${INGEST_ARGS:-}
 }
@@ -40,23 +68,10 @@ step_ingest() {
 #   MEMORY_ARGS  extra flags for build/bench/memory, e.g. "--sparse 200000"
 step_memory() {
   local bin="$BUILD/bench/memory"
-  if [ ! -x "$bin" ]; then
-    echo "memory: $bin is missing; build it with 'make $bin'" >&2
-    return 1
-  fi
-  if ! command -v redis-server >/dev/null 2>&1; then
-    echo "memory: redis-server is not installed (make deps installs it)" >&2
-    return 1
-  fi
+  need memory "$bin" redis-server || return 1
   local port dir rc
-  port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
   dir=$(mktemp -d)
-  redis-server --port "$port" --bind 127.0.0.1 --save "" --appendonly no \
-    --dir "$dir" --daemonize yes --pidfile "$dir/redis.pid" --logfile "$dir/redis.log"
-  for _ in $(seq 50); do
-    redis-cli -p "$port" ping >/dev/null 2>&1 && break
-    sleep 0.1
-  done
+  port=$(start_redis "$dir")
   # shellcheck disable=SC2086 # MEMORY_ARGS is a flag list, split on purpose
   "$bin" --port "$port" ${MEMORY_ARGS:-}
   rc=$?
@@ -74,18 +89,7 @@ step_memory() {
 #   QUERY_ARGS   extra flags for build/bench/query, e.g. "--quick"
 step_query() {
   local bin="$BUILD/bench/query"
-  if [ ! -x "$bin" ]; then
-    echo "query: $bin is missing; build it with 'make $bin'" >&2
-    return 1
-  fi
-  if [ ! -x "$BUILD/tallyd" ]; then
-    echo "query: $BUILD/tallyd is missing; build it with 'make $BUILD/tallyd'" >&2
-    return 1
-  fi
-  if ! command -v redis-server >/dev/null 2>&1; then
-    echo "query: redis-server is not installed (make deps installs it)" >&2
-    return 1
-  fi
+  need query "$bin" "$BUILD/tallyd" redis-server || return 1
   # shellcheck disable=SC2086 # QUERY_ARGS is a flag list, split on purpose
   "$bin" --tallyd "$BUILD/tallyd" ${QUERY_ARGS:-}
 }
@@ -102,18 +106,7 @@ step_query() {
 #   KAFKA_ARGS   extra flags for build/bench/kafka, e.g. "--quick"
 step_kafka() {
   local bin="$BUILD/bench/kafka" mock="$BUILD/itest/mockkafka"
-  if [ ! -x "$bin" ]; then
-    echo "kafka: $bin is missing; build it with 'make $bin'" >&2
-    return 1
-  fi
-  if [ ! -x "$BUILD/tallyd" ]; then
-    echo "kafka: $BUILD/tallyd is missing; build it with 'make $BUILD/tallyd'" >&2
-    return 1
-  fi
-  if ! command -v redis-server >/dev/null 2>&1; then
-    echo "kafka: redis-server is not installed (make deps installs it)" >&2
-    return 1
-  fi
+  need kafka "$bin" "$BUILD/tallyd" redis-server || return 1
   if [ ! -x "$mock" ]; then
     make --no-print-directory BUILD="$BUILD" "$mock" >&2 ||
       echo "kafka: $mock could not be built; the mock-cluster rows are skipped" >&2
@@ -133,13 +126,7 @@ step_kafka() {
       exit 1
     }
     bootstrap=${line#KAFKA }
-    port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-    redis-server --port "$port" --bind 127.0.0.1 --save "" --appendonly no \
-      --dir "$dir" --daemonize yes --pidfile "$dir/redis.pid" --logfile "$dir/redis.log"
-    for _ in $(seq 50); do
-      redis-cli -p "$port" ping >/dev/null 2>&1 && break
-      sleep 0.1
-    done
+    port=$(start_redis "$dir")
     args=(--tallyd "$BUILD/tallyd" --bootstrap "$bootstrap" --redis-port "$port")
     [ -x "$mock" ] && args+=(--mockkafka "$mock")
     # shellcheck disable=SC2086 # KAFKA_ARGS is a flag list, split on purpose
@@ -160,10 +147,7 @@ step_kafka() {
 #   RESTART_ARGS  extra flags for bench/restart.py, e.g. "--quick" (100,000
 #                 users) or "--no-redis" (see `bench/restart.py --help`)
 step_restart() {
-  if [ ! -x "$BUILD/tallyd" ]; then
-    echo "restart: $BUILD/tallyd is missing; build it with 'make $BUILD/tallyd'" >&2
-    return 1
-  fi
+  need restart "$BUILD/tallyd" || return 1
   if ! /usr/bin/python3 -c 'import confluent_kafka' 2>/dev/null; then
     echo "restart: /usr/bin/python3 has no confluent_kafka (make deps installs python3-confluent-kafka)" >&2
     return 1

@@ -486,6 +486,24 @@ class OneOf:
         return f"OneOf({self.options!r})"
 
 
+def differing(cmds, got, wants):
+    """The replies that differ from the truth, [(cmd, got, want)], and how
+    many integer values or RECENT lengths lie above and below it (counted
+    twice: a duplicate; missing: a loss)."""
+    diffs = [(c, g, w) for c, g, w in zip(cmds, got, wants) if not same(g, w)]
+    higher = lower = 0
+    for cmd, g, w in diffs:
+        if cmd[0] == "RECENT" and isinstance(g, list):
+            higher += len(g) > len(w)
+            lower += len(g) < len(w)
+        elif isinstance(g, list) and len(g) == len(w):
+            for a, b in zip(g[1::2], w[1::2]):
+                if isinstance(a, int) and isinstance(b, int):
+                    higher += a > b
+                    lower += a < b
+    return diffs, higher, lower
+
+
 def same(got, want):
     """Structural equality of a reply with an expected value; Dbl matches a
     double or its text; RESP2 text must be a plain decimal rendering."""

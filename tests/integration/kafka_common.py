@@ -106,10 +106,11 @@ def create_topic(bootstrap, topic, partitions=8):
         time.sleep(0.1)  # poll interval of a deadline-bounded wait
 
 
-def produce(bootstrap, topic, records):
+def produce(bootstrap, topic, records, on_delivered=None):
     """Produces records, a list of (key, payload, timestamp_ms), in order.
     Returns the number of messages per partition (from the delivery
-    reports). Raises RuntimeError when any message fails."""
+    reports); on_delivered(msg), when given, sees every delivered message.
+    Raises RuntimeError when any message fails."""
     prod = Producer({
         "bootstrap.servers": bootstrap,
         "enable.idempotence": True,
@@ -128,6 +129,8 @@ def produce(bootstrap, topic, records):
             errors.append(str(err))
         else:
             per_part[msg.partition()] = per_part.get(msg.partition(), 0) + 1
+            if on_delivered is not None:
+                on_delivered(msg)
 
     for key, payload, ts in records:
         while True:
@@ -153,6 +156,27 @@ def end_offsets(bootstrap, topic, partitions=8):
                 for p in range(partitions)}
     finally:
         c.close()
+
+
+def committed(bootstrap, group, keys):
+    """{(topic, partition): offset} the consumer group has committed for keys,
+    an iterable of (topic, partition); a negative offset: none."""
+    cons = Consumer({"bootstrap.servers": bootstrap, "group.id": group,
+                     "enable.auto.commit": False, "log_level": 3})
+    try:
+        got = cons.committed([TopicPartition(t, p) for t, p in keys], timeout=10 * H.MULT)
+        return {(tp.topic, tp.partition): tp.offset for tp in got}
+    finally:
+        cons.close()
+
+
+def snapshot_files(d):
+    """[(ms, name)] of the snapshot files in directory d, newest first."""
+    out = []
+    for n in os.listdir(d) if os.path.isdir(d) else []:
+        if n.startswith("snapshot-") and n.endswith(".tly"):
+            out.append((int(n[len("snapshot-"):-len(".tly")]), n))
+    return sorted(out, reverse=True)
 
 
 def tallyd_knows(key):

@@ -92,15 +92,8 @@ class Run:
 def committed_offsets(r):
     """{partition: offset} the consumer group has committed (a negative
     offset: none)."""
-    from confluent_kafka import Consumer, TopicPartition
-    cons = Consumer({"bootstrap.servers": r.bootstrap, "group.id": r.group,
-                     "enable.auto.commit": False})
-    try:
-        got = cons.committed([TopicPartition(r.topic, p) for p in range(PARTITIONS)],
-                             timeout=10 * H.MULT)
-        return {tp.partition: tp.offset for tp in got}
-    finally:
-        cons.close()
+    keys = [(r.topic, p) for p in range(PARTITIONS)]
+    return {p: off for (_, p), off in K.committed(r.bootstrap, r.group, keys).items()}
 
 
 def wait_committed(r, want, seconds=20):

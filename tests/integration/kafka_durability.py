@@ -84,15 +84,6 @@ class Run:
 
 # ------------------------------------------------------------ files and processes
 
-def snapshot_files(d):
-    """[(ms, name)] of the snapshot files in d, newest first."""
-    out = []
-    for n in os.listdir(d) if os.path.isdir(d) else []:
-        if n.startswith("snapshot-") and n.endswith(".tly"):
-            out.append((int(n[len("snapshot-"):-len(".tly")]), n))
-    return sorted(out, reverse=True)
-
-
 def temp_files(d):
     """{name: (ms, pid)} of the writers' temp files ".tmp-<ms>-<pid>.tly" in d."""
     out = {}
@@ -286,17 +277,7 @@ def check_values(r, t, which):
                  "INFO watermark_ms (the newest event time consumed)")
     finally:
         cli.close()
-    diffs = [(c, g, w) for c, g, w in zip(cmds, got, wants) if not H.same(g, w)]
-    higher = lower = 0
-    for cmd, g, w in diffs:
-        if cmd[0] == "RECENT" and isinstance(g, list):
-            higher += len(g) > len(w)
-            lower += len(g) < len(w)
-        elif isinstance(g, list) and len(g) == len(w):
-            for a, b in zip(g[1::2], w[1::2]):
-                if isinstance(a, int) and isinstance(b, int):
-                    higher += a > b
-                    lower += a < b
+    diffs, higher, lower = H.differing(cmds, got, wants)
     if diffs:
         m.add(f"summary: {len(diffs)} of {len(cmds)} replies differ; {higher} integer values "
               f"or RECENT lengths above the truth, {lower} below")
@@ -425,13 +406,13 @@ def kill_one(r, t, k, kind, rng, m, cut):
         cut_short = cut.wait(delay)  # the random kill moment
         found = False
         if kind != "random" and not cut_short:
-            before = {n for _, n in snapshot_files(r.snapdir)}
+            before = {n for _, n in K.snapshot_files(r.snapdir)}
             end = time.monotonic() + AIM_WAIT_S
             while time.monotonic() < end and not found:
                 if kind == "aim-writer":
                     found = bool(live_writers(r.snapdir, t.pid))
                 else:
-                    found = any(n not in before for _, n in snapshot_files(r.snapdir))
+                    found = any(n not in before for _, n in K.snapshot_files(r.snapdir))
                 if not found:
                     time.sleep(0.001)  # poll interval of a bounded wait for the moment
         if t.proc.poll() is not None:
@@ -469,7 +450,7 @@ def kill_one(r, t, k, kind, rng, m, cut):
               f"its SIGKILL")
         for p in left:
             os.kill(p, signal.SIGKILL)
-    names = {n for _, n in snapshot_files(r.snapdir)}
+    names = {n for _, n in K.snapshot_files(r.snapdir)}
     tmps = temp_files(r.snapdir)
     for n, (ms, pid) in writers.items():
         if n in tmps and f"snapshot-{ms:013d}.tly" not in names:
@@ -574,7 +555,7 @@ def t_sigterm_leaves_keep(r):
     r.t = None
     m = Mismatches()
     m.eq(rc, 0, f"exit status after SIGTERM ({took:.1f} s)")
-    files = snapshot_files(r.snapdir)
+    files = K.snapshot_files(r.snapdir)
     m.eq(len(files), SNAPSHOT["keep"], f"snapshot files {[n for _, n in files]}")
     m.eq(sorted(temp_files(r.snapdir)), [], "temp files left")
     m.done()
@@ -596,7 +577,7 @@ def flip_byte(path, at):
 
 
 def t_fallback_third(r):
-    files = snapshot_files(r.snapdir)
+    files = K.snapshot_files(r.snapdir)
     if len(files) < 3:
         raise Failure(f"need 3 snapshot files, have {[n for _, n in files]}")
     p0 = os.path.join(r.snapdir, files[0][1])
@@ -622,7 +603,7 @@ def t_all_damaged_rebuild(r):
     r.t = None
     if rc != 0:
         raise Failure(f"SIGTERM before damaging every snapshot: exit {rc} after {took:.1f} s")
-    files = snapshot_files(r.snapdir)
+    files = K.snapshot_files(r.snapdir)
     if not files:
         raise Failure("no snapshot file to damage")
     what = []
@@ -651,28 +632,22 @@ def t_all_damaged_rebuild(r):
 # ------------------------------------------------------------ 3. graceful shutdown
 
 def committed(r):
-    from confluent_kafka import Consumer, TopicPartition
-    cons = Consumer({"bootstrap.servers": r.bootstrap, "group.id": r.group,
-                     "enable.auto.commit": False})
-    try:
-        got = cons.committed([TopicPartition(r.topic, p) for p in range(PARTITIONS)],
-                             timeout=10 * H.MULT)
-        return {tp.partition: tp.offset for tp in got}
-    finally:
-        cons.close()
+    """{partition: offset} the group has committed."""
+    keys = [(r.topic, p) for p in range(PARTITIONS)]
+    return {p: off for (_, p), off in K.committed(r.bootstrap, r.group, keys).items()}
 
 
 def t_graceful(r):
     """Caught up, stream stopped: SIGTERM -> exit 0 within STOP_WAIT_S, a
     snapshot created after the SIGTERM, committed offsets = end offsets."""
     wait_at_end(r, r.t)
-    newest = snapshot_files(r.snapdir)[:1]
+    newest = K.snapshot_files(r.snapdir)[:1]
     sent_ms = int(time.time() * 1000)
     rc, took = sigterm(r.t)
     r.t = None
     m = Mismatches()
     m.eq(rc, 0, f"exit status {took:.1f} s after SIGTERM (bound {STOP_WAIT_S} s)")
-    files = snapshot_files(r.snapdir)
+    files = K.snapshot_files(r.snapdir)
     r.final_snapshot = files[0] if files else (-1, "")
     m.check(bool(files) and (not newest or files[0][0] > newest[0][0]) and files[0][0] >= sent_ms,
             f"newest snapshot {files[:1]}, before SIGTERM {newest}: want one created at or "

@@ -456,17 +456,7 @@ def compare_everything(run, m):
     tallied (more: duplicates; fewer: losses)."""
     d = run.data
     got = E.batched(run.cli, d.cmds)
-    diffs = [(c, g, w) for c, g, w in zip(d.cmds, got, d.wants) if not H.same(g, w)]
-    higher = lower = 0
-    for cmd, g, w in diffs:
-        if cmd[0] == "RECENT" and isinstance(g, list):
-            higher += len(g) > len(w)
-            lower += len(g) < len(w)
-        elif isinstance(g, list) and len(g) == len(w):
-            for a, b in zip(g[1::2], w[1::2]):
-                if isinstance(a, int) and isinstance(b, int):
-                    higher += a > b
-                    lower += a < b
+    diffs, higher, lower = H.differing(d.cmds, got, d.wants)
     if diffs:
         m.add(f"summary: {len(diffs)} of {len(d.cmds)} replies differ; {higher} integer values "
               f"or RECENT lengths above the truth (duplicates), {lower} below (losses)")

@@ -83,23 +83,16 @@ def t_ingest(r, c):
 def t_committed_offsets(r):
     """Both instances committed under the one group: the group's committed
     offsets reach every partition's end (they serve lag tools)."""
-    from confluent_kafka import Consumer, TopicPartition
-    cons = Consumer({"bootstrap.servers": r.bootstrap, "group.id": r.group,
-                     "enable.auto.commit": False})
-    try:
-        end = H.deadline(30)
-        while True:
-            got = cons.committed([TopicPartition(r.topic, p) for p in range(PARTITIONS)],
-                                 timeout=10 * H.MULT)
-            offs = {tp.partition: tp.offset for tp in got}
-            if offs == r.per_part:
-                return
-            if time.monotonic() > end:
-                raise H.Failure(f"committed offsets of group {r.group}: {offs}, want the ends "
-                                f"{r.per_part}")
-            time.sleep(0.2)  # commits are periodic; poll with a deadline
-    finally:
-        cons.close()
+    keys = [(r.topic, p) for p in range(PARTITIONS)]
+    end = H.deadline(30)
+    while True:
+        offs = {p: off for (_, p), off in K.committed(r.bootstrap, r.group, keys).items()}
+        if offs == r.per_part:
+            return
+        if time.monotonic() > end:
+            raise H.Failure(f"committed offsets of group {r.group}: {offs}, want the ends "
+                            f"{r.per_part}")
+        time.sleep(0.2)  # commits are periodic; poll with a deadline
 
 
 def main():

@@ -62,7 +62,6 @@ TLY_KAFKA_BOOTSTRAP, else one started for this run; see kafka_common.py).
 """
 
 import json
-import os
 import random
 import sys
 import time
@@ -189,50 +188,22 @@ def misrouted_records(r, entity, other_id):
 
 def produce_checked(bootstrap, batches):
     """Produces batches, [(topic, records)], records (key, payload, ts) in
-    order, with the producer settings of kafka_common.produce(). Every
-    delivery report's partition is compared with partition_of(key).
-    Returns ({topic: {partition: messages}}, reports checked, [mismatch
-    descriptions]). Raises RuntimeError when a message fails."""
-    from confluent_kafka import Producer
-    prod = Producer({
-        "bootstrap.servers": bootstrap,
-        "enable.idempotence": True,
-        "partitioner": "murmur2_random",
-        "linger.ms": 20,
-        "batch.num.messages": 10000,
-        "compression.type": "lz4",
-        "queue.buffering.max.messages": 200000,
-        "log_level": 3,
-    })
-    errors, wrong = [], []
-    per_part = {topic: {} for topic, _ in batches}
+    order, with kafka_common.produce(). Every delivery report's partition is
+    compared with partition_of(key). Returns ({topic: {partition:
+    messages}}, reports checked, [mismatch descriptions]). Raises
+    RuntimeError when a message fails."""
+    wrong = []
     checked = [0]
 
-    def report(err, msg):
-        if err is not None:
-            errors.append(str(err))
-            return
-        t, p = msg.topic(), msg.partition()
-        per_part[t][p] = per_part[t].get(p, 0) + 1
+    def check(msg):
         checked[0] += 1
         want = partition_of(msg.key())
-        if p != want:
-            wrong.append(f"{t} key {msg.key()!r}: delivered to partition {p}, "
-                         f"partition_of says {want}")
+        if msg.partition() != want:
+            wrong.append(f"{msg.topic()} key {msg.key()!r}: delivered to partition "
+                         f"{msg.partition()}, partition_of says {want}")
 
-    for topic, records in batches:
-        for key, payload, ts in records:
-            while True:
-                try:
-                    prod.produce(topic, value=payload, key=key, timestamp=ts, on_delivery=report)
-                    break
-                except BufferError:
-                    prod.poll(0.05)  # the local queue is full: serve delivery reports
-            prod.poll(0)
-    left = prod.flush(120 * H.MULT)
-    if left or errors:
-        raise RuntimeError(f"producing: {left} message(s) undelivered, {len(errors)} failed "
-                           f"(first: {errors[:3]})")
+    per_part = {topic: K.produce(bootstrap, topic, records, on_delivered=check)
+                for topic, records in batches}
     return per_part, checked[0], wrong
 
 
@@ -628,15 +599,6 @@ def t_dropped_upper(r, survivors):
     m.done()
 
 
-def snapshot_files(d):
-    """[(ms, name)] of the snapshot files in d, newest first."""
-    out = []
-    for n in os.listdir(d) if os.path.isdir(d) else []:
-        if n.startswith("snapshot-") and n.endswith(".tly"):
-            out.append((int(n[len("snapshot-"):-len(".tly")]), n))
-    return sorted(out, reverse=True)
-
-
 def ends_of(r, parts):
     """{(topic, partition): end offset} of both topics' partitions parts."""
     return {(t, p): r.per_part[t].get(p, 0) for t in r.topics.values() for p in sorted(parts)}
@@ -644,14 +606,7 @@ def ends_of(r, parts):
 
 def committed(r, keys):
     """The group's committed offsets {(topic, partition): offset} of keys."""
-    from confluent_kafka import Consumer, TopicPartition
-    cons = Consumer({"bootstrap.servers": r.bootstrap, "group.id": r.group,
-                     "enable.auto.commit": False, "log_level": 3})
-    try:
-        got = cons.committed([TopicPartition(t, p) for t, p in keys], timeout=10 * H.MULT)
-        return {(tp.topic, tp.partition): tp.offset for tp in got}
-    finally:
-        cons.close()
+    return K.committed(r.bootstrap, r.group, keys)
 
 
 def t_snapshots_before_kill(r, live, victim):
@@ -666,7 +621,7 @@ def t_snapshots_before_kill(r, live, victim):
     while True:
         written = {i.name: int(i.cli.info().get("snapshots_written", -1)) for i in live}
         got = committed(r, want)
-        files = snapshot_files(victim.cfg["snapshot"]["dir"])
+        files = K.snapshot_files(victim.cfg["snapshot"]["dir"])
         if all(w >= 1 for w in written.values()) and got == want and files:
             r.victim_files = files
             return
@@ -680,7 +635,7 @@ def t_snapshots_before_kill(r, live, victim):
 def t_restart(r, victim):
     """The killed instance's snapshot directory holds the snapshot it wrote
     before the kill; the instance starts again with the same config."""
-    files = snapshot_files(victim.cfg["snapshot"]["dir"])
+    files = K.snapshot_files(victim.cfg["snapshot"]["dir"])
     if not files:
         raise Failure(f"no snapshot file in {victim.cfg['snapshot']['dir']} after the kill "
                       f"(before it: {[n for _, n in r.victim_files]})")
