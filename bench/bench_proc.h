@@ -52,4 +52,40 @@ static inline double cpu_seconds(pid_t pid)
     return s;
 }
 
+/* The CPU's model name from /proc/cpuinfo into buf ("unknown" if none). */
+static inline void cpu_model(char *buf, size_t cap)
+{
+    char line[512];
+    snprintf(buf, cap, "unknown");
+    FILE *f = fopen("/proc/cpuinfo", "r");
+    if (f == NULL)
+        return;
+    while (fgets(line, sizeof line, f) != NULL)
+        if (strncmp(line, "model name", 10) == 0) {
+            const char *v = strchr(line, ':');
+            if (v != NULL) {
+                v++;
+                while (*v == ' ' || *v == '\t')
+                    v++;
+                snprintf(buf, cap, "%s", v);
+                buf[strcspn(buf, "\n")] = '\0';
+            }
+            break;
+        }
+    fclose(f);
+}
+
+/* The 1-minute load average, or -1 when unknown. */
+static inline double load_average(void)
+{
+    double load = -1;
+    FILE *f = fopen("/proc/loadavg", "r");
+    if (f != NULL) {
+        if (fscanf(f, "%lf", &load) != 1)
+            load = -1;
+        fclose(f);
+    }
+    return load;
+}
+
 #endif

@@ -1405,30 +1405,9 @@ static const char *fmt_count(double v, char *buf, size_t cap)
 
 static void print_machine(void)
 {
-    char model[256] = "unknown", line[512];
-    FILE *f = fopen("/proc/cpuinfo", "r");
-    if (f != NULL) {
-        while (fgets(line, sizeof line, f) != NULL)
-            if (strncmp(line, "model name", 10) == 0) {
-                const char *v = strchr(line, ':');
-                if (v != NULL) {
-                    v++;
-                    while (*v == ' ' || *v == '\t')
-                        v++;
-                    snprintf(model, sizeof model, "%s", v);
-                    model[strcspn(model, "\n")] = '\0';
-                }
-                break;
-            }
-        fclose(f);
-    }
-    double load = -1;
-    f = fopen("/proc/loadavg", "r");
-    if (f != NULL) {
-        if (fscanf(f, "%lf", &load) != 1)
-            load = -1;
-        fclose(f);
-    }
+    char model[256];
+    cpu_model(model, sizeof model);
+    double load = load_average();
     printf("machine: nproc %ld, %s, librdkafka %s, load average %.2f%s\n",
            sysconf(_SC_NPROCESSORS_ONLN), model, rd_kafka_version_str(), load,
            load > 0.5 ? " (busy: other processes share the CPUs)" : "");

@@ -1590,17 +1590,8 @@ static void parse_opts(int argc, char **argv, opts_t *o)
 
 static void print_machine(redisContext *redis, redisContext *tallyd)
 {
-    char model[256] = "?", line[256];
-    FILE *f = fopen("/proc/cpuinfo", "r");
-    while (f && fgets(line, sizeof line, f))
-        if (strncmp(line, "model name", 10) == 0) {
-            const char *p = strchr(line, ':');
-            snprintf(model, sizeof model, "%s", p ? p + 2 : line);
-            model[strcspn(model, "\n")] = '\0';
-            break;
-        }
-    if (f)
-        fclose(f);
+    char model[256];
+    cpu_model(model, sizeof model);
     char rv[64] = "?", tv[64] = "-";
     redisReply *r = redisCommand(redis, "INFO server");
     if (r && r->type == REDIS_REPLY_STRING) {
