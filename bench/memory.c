@@ -117,6 +117,7 @@ static void to_event(const ctx_t *c, uint64_t user, const bev_t *b, tly_event_t 
 {
     memset(ev->vals, 0, sizeof(ev->vals[0]) * c->fs->nfields);
     ev->skip_entities = 0;
+    ev->replayed = false;
     ev->nfields = (uint32_t)c->fs->nfields;
     ev->time_ms = b->t;
     ev->vals[c->f_ts] = (tly_value_t){.type = TLY_V_INT, .u.i = b->t};

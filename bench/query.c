@@ -518,6 +518,7 @@ static void to_event(const model_t *m, const bev_t *b, tly_event_t *ev)
 {
     memset(ev->vals, 0, sizeof(ev->vals[0]) * m->fs->nfields);
     ev->skip_entities = 0;
+    ev->replayed = false;
     ev->nfields = (uint32_t)m->fs->nfields;
     ev->time_ms = b->t;
     ev->vals[m->f_ts] = (tly_value_t){.type = TLY_V_INT, .u.i = b->t};

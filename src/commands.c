@@ -1075,6 +1075,15 @@ static void info_persistence(cmd_ctx_t *c, tly_buf_t *t)
             }
         textf(t, "\r\n");
     }
+    textf(t, "rebuilt_features:");
+    bool first = true;
+    for (size_t f = 0; f < fs->nfeats && f < TLY_MAX_FEATURES; f++)
+        if (st.rebuilt_feats[f / 64] >> (f % 64) & 1) {
+            textf(t, "%s%s.%s", first ? "" : ",", fs->entities[fs->feats[f].entity].name,
+                  fs->feats[f].name);
+            first = false;
+        }
+    textf(t, "\r\n");
     textf(t, "snapshots_rejected:%" PRIu64 "\r\n", st.rejected);
 }
 

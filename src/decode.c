@@ -820,6 +820,7 @@ tly_err_t tly_decode_json(tly_decoder_t *dec, const char *payload, size_t len, i
     scratch_reserve(dec, len + 1);
     dec->used = 0;
     ev->nfields = (uint32_t)fs->nfields;
+    ev->replayed = false;
     ev->skip_entities =
         dec->rules.key_entity >= 0 ? ~(UINT64_C(1) << dec->rules.key_entity) : 0;
     for (size_t i = 0; i < fs->nfields; i++)

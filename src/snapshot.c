@@ -50,12 +50,11 @@ struct tly_snapshotter {
     const char *type_name[MAX_ETYPES];
     uint64_t type_hash[MAX_ETYPES];
 
-    /* a restore of some entity types only (the features of others changed):
-     * the writer's type index → ours (-1: rebuilt), and our types loaded */
-    int type_map[MAX_ETYPES];
-    size_t ntypes_old;
-    bool partial;
-    uint64_t loaded_types;
+    /* each feature's definition hash, by feature id (the snapshot's layout
+     * items name them: a restart with changed definitions restores the
+     * features whose hash is unchanged) */
+    uint64_t *feat_hash;
+    bool partial; /* the snapshot restored was written for other definitions */
 
     /* restored positions, handed to the source by attach */
     tly_position_t *restored;
@@ -153,16 +152,31 @@ static void fnv_feature(fnv_t *f, const tly_feature_cfg_t *fc)
     fnv_i64(f, fc->k);
 }
 
-/* The hash of the features of entity type `entity` (all when NULL): a
- * record's layout depends only on its own type's features, in order. */
-static uint64_t features_hash(const tly_config_t *cfg, const char *entity)
+static fnv_t fnv_start(const tly_config_t *cfg)
 {
     fnv_t f = {UINT64_C(0xcbf29ce484222325)};
     fnv_str(&f, "tallyd store format 1");
     fnv_i64(&f, cfg->store.idle_ttl_ms);
+    return f;
+}
+
+/* The hash of the features of entity type `entity` (all when NULL): a
+ * record's layout depends only on its own type's features, in order. */
+static uint64_t features_hash(const tly_config_t *cfg, const char *entity)
+{
+    fnv_t f = fnv_start(cfg);
     for (size_t i = 0; i < cfg->nfeatures; i++)
         if (entity == NULL || strcmp(cfg->features[i].entity, entity) == 0)
             fnv_feature(&f, &cfg->features[i]);
+    return f.h;
+}
+
+/* The hash of one feature's definition: its state means the same thing
+ * under two configs when this is equal. */
+static uint64_t feature_hash(const tly_config_t *cfg, size_t i)
+{
+    fnv_t f = fnv_start(cfg);
+    fnv_feature(&f, &cfg->features[i]);
     return f.h;
 }
 
@@ -245,7 +259,7 @@ static tly_err_t write_snapshot(const tly_snapshotter_t *sn, tly_store_t *store,
     tly_err_t rc = tly_snapw_block(w, BLOCK_POSITIONS, buf, used, err, errlen);
     free(buf);
     emit_t e = {.w = w, .err = err, .errlen = errlen, .bytes = used};
-    if (rc == TLY_OK && tly_store_dump(store, emit_state, &e) != TLY_OK) {
+    if (rc == TLY_OK && tly_store_dump(store, sn->feat_hash, emit_state, &e) != TLY_OK) {
         if (err != NULL && errlen > 0 && err[0] == '\0')
             snprintf(err, errlen, "serialising the store failed (out of memory)");
         rc = TLY_E_IO;
@@ -413,6 +427,9 @@ tly_snapshotter_t *tly_snapshot_new(const tly_config_t *cfg)
     }
     sn->cfg = cfg;
     sn->defs_hash = tly_snapshot_defs_hash(cfg);
+    sn->feat_hash = xmalloc(sizeof *sn->feat_hash * cfg->nfeatures);
+    for (size_t i = 0; i < cfg->nfeatures; i++)
+        sn->feat_hash[i] = feature_hash(cfg, i);
     for (size_t i = 0; i < cfg->nfeatures; i++) {
         const char *e = cfg->features[i].entity;
         size_t t = 0;
@@ -471,9 +488,9 @@ static bool read_positions(tly_snapshotter_t *sn, const uint8_t *p, size_t len)
     return at == len;
 }
 
-/* Reads the entity types block: maps the writer's types to ours by name
- * and features hash (sn->type_map, sn->loaded_types). */
-static bool read_types(tly_snapshotter_t *sn, const uint8_t *p, size_t len)
+/* Checks the entity types block (the writer's type names and the hash of
+ * each one's features; the state's layout items say which features load). */
+static bool read_types(const uint8_t *p, size_t len)
 {
     if (len < 4)
         return false;
@@ -481,23 +498,13 @@ static bool read_types(tly_snapshotter_t *sn, const uint8_t *p, size_t len)
     if (n > MAX_ETYPES)
         return false;
     size_t at = 4;
-    sn->ntypes_old = (size_t)n;
     for (uint64_t i = 0; i < n; i++) {
         if (len - at < 2)
             return false;
         size_t nl = (size_t)get_le(p + at, 2);
         if (len - at - 2 < nl + 8)
             return false;
-        const char *name = (const char *)p + at + 2;
-        uint64_t hash = get_le(p + at + 2 + nl, 8);
         at += 2 + nl + 8;
-        sn->type_map[i] = -1;
-        for (size_t t = 0; t < sn->ntypes; t++)
-            if (strlen(sn->type_name[t]) == nl && memcmp(sn->type_name[t], name, nl) == 0 &&
-                sn->type_hash[t] == hash) {
-                sn->type_map[i] = (int)t;
-                sn->loaded_types |= UINT64_C(1) << t;
-            }
     }
     return at == len;
 }
@@ -510,7 +517,6 @@ static tly_store_t *load_file(tly_snapshotter_t *sn, const tly_featset_t *fs, co
     if (r == NULL)
         return NULL;
     sn->partial = tly_snapr_defs_hash(r) != sn->defs_hash;
-    sn->loaded_types = 0;
     tly_store_t *store = tly_store_new(fs);
     bool positions = false, types = false;
     for (;;) {
@@ -527,18 +533,11 @@ static tly_store_t *load_file(tly_snapshotter_t *sn, const tly_featset_t *fs, co
         if (rc < 0)
             goto bad;
         if (type == BLOCK_ETYPES) {
-            if (types || !read_types(sn, data, len)) {
+            if (types || !read_types(data, len)) {
                 snprintf(err, errlen, "%s: malformed entity types block", path);
                 goto bad;
             }
             types = true;
-            if (sn->partial && sn->loaded_types == 0) {
-                snprintf(err, errlen,
-                         "%s: written for other feature definitions of every entity type; "
-                         "every feature is rebuilt from Kafka history",
-                         path);
-                goto bad;
-            }
         } else if (!types) {
             snprintf(err, errlen, "%s: no entity types block first", path);
             goto bad;
@@ -550,8 +549,8 @@ static tly_store_t *load_file(tly_snapshotter_t *sn, const tly_featset_t *fs, co
             positions = true;
         } else if (type == BLOCK_STATE) {
             char why[ERR_CAP];
-            if (tly_store_load(store, data, len, sn->partial ? sn->type_map : NULL,
-                               sn->ntypes_old, why, sizeof why) != TLY_OK) {
+            if (tly_store_load(store, data, len, sn->partial ? sn->feat_hash : NULL, why,
+                               sizeof why) != TLY_OK) {
                 snprintf(err, errlen, "%s: %s", path, why);
                 goto bad;
             }
@@ -559,6 +558,16 @@ static tly_store_t *load_file(tly_snapshotter_t *sn, const tly_featset_t *fs, co
             snprintf(err, errlen, "%s: unknown block type %" PRIu32, path, type);
             goto bad;
         }
+    }
+    size_t restored = 0;
+    for (size_t f = 0; f < fs->nfeats; f++)
+        restored += tly_store_restored(store, (uint32_t)f);
+    if (restored == 0) {
+        snprintf(err, errlen,
+                 "%s: written for other definitions of every feature; every feature is "
+                 "rebuilt from Kafka history",
+                 path);
+        goto bad;
     }
     pthread_mutex_lock(&sn->mu);
     sn->st.loaded_ms = tly_snapr_created(r);
@@ -595,21 +604,29 @@ tly_store_t *tly_snapshot_restore(tly_snapshotter_t *sn, const tly_featset_t *fs
         tly_store_stats(store, &st);
         pthread_mutex_lock(&sn->mu);
         sn->st.loaded_entities = st.entities;
-        for (size_t t = 0; t < sn->ntypes; t++) {
-            if (!sn->partial || sn->loaded_types >> t & 1)
-                sn->st.restored_types |= UINT64_C(1) << t;
-            else
-                sn->st.rebuilt_types |= UINT64_C(1) << t;
+        for (size_t e = 0; e < fs->nentities && e < 64; e++) {
+            const tly_entity_t *et = &fs->entities[e];
+            size_t kept = 0;
+            for (size_t k = 0; k < et->nfeats; k++) {
+                if (tly_store_restored(store, et->feats[k]))
+                    kept++;
+                else
+                    sn->st.rebuilt_feats[et->feats[k] / 64] |= UINT64_C(1) << (et->feats[k] % 64);
+            }
+            if (kept == et->nfeats)
+                sn->st.restored_types |= UINT64_C(1) << e;
+            else if (kept == 0)
+                sn->st.rebuilt_types |= UINT64_C(1) << e;
         }
         pthread_mutex_unlock(&sn->mu);
         tly_info("snapshot: restored %" PRIu64 " entities and %zu partition positions from %s "
                  "in %.1f ms",
                  st.entities, sn->nrestored, paths[i], (double)(mono_us() - t0) / 1000.0);
-        for (size_t t = 0; sn->partial && t < sn->ntypes; t++)
-            tly_info("snapshot: entity type %s %s", sn->type_name[t],
-                     sn->loaded_types >> t & 1
-                         ? "restored"
-                         : "rebuilt from Kafka history (its features changed since the snapshot)");
+        for (size_t f = 0; sn->partial && f < fs->nfeats; f++)
+            if (!tly_store_restored(store, (uint32_t)f))
+                tly_info("snapshot: feature %s.%s rebuilt from Kafka history (new or changed "
+                         "since the snapshot)",
+                         fs->entities[fs->feats[f].entity].name, fs->feats[f].name);
     }
     if (n == 0)
         tly_info("snapshot: none in %s; rebuilding from Kafka history", sn->cfg->snapshot.dir);
@@ -623,7 +640,7 @@ void tly_snapshot_attach(tly_snapshotter_t *sn, tly_store_t *store, tly_source_t
     for (size_t i = 0; i < sn->nrestored; i++)
         if ((sn->partial ? tly_source_catch_up(src, sn->restored[i].topic,
                                                sn->restored[i].partition, sn->restored[i].offset,
-                                               sn->restored[i].last_event_ms, sn->loaded_types)
+                                               sn->restored[i].last_event_ms)
                          : tly_source_resume_at(src, sn->restored[i].topic,
                                                 sn->restored[i].partition, sn->restored[i].offset,
                                                 sn->restored[i].last_event_ms)) != TLY_OK)
@@ -687,6 +704,7 @@ void tly_snapshot_free(tly_snapshotter_t *sn)
     }
     free(sn->pending);
     free(sn->restored);
+    free(sn->feat_hash);
     if (sn->child_err != NULL)
         munmap(sn->child_err, ERR_CAP);
     pthread_mutex_destroy(&sn->mu);

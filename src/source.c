@@ -82,7 +82,7 @@ typedef struct {
     int64_t high;          /* cached high watermark, -1 unknown */
     int64_t low;           /* cached log start offset, -1 unknown */
     int64_t last_event_ms; /* newest event time applied, -1 none */
-    int64_t catchup_until; /* > 0: below this offset, skip src->catchup_skip types */
+    int64_t catchup_until; /* > 0: below this offset, events are marked replayed */
 } part_t;
 
 /* At most one log line per period; the rest are counted and reported in
@@ -139,10 +139,6 @@ struct tly_source {
     size_t hint;        /* index of the last partition a message came from */
     bool dirty;         /* applied something since the last publish */
     bool assigned_once; /* an assignment (possibly empty) was received */
-    /* entity types whose state (from a snapshot) already holds the events
-     * below each partition's catchup_until: those events feed only the
-     * other types, whose features are rebuilt from history */
-    uint64_t catchup_skip;
     /* shard mode: partition numbers held before the last revocation */
     uint64_t held[TLY_SHARD_MAX_PARTITIONS / 64];
     int64_t last_publish_ms;
@@ -445,7 +441,7 @@ static void choose_offsets(tly_source_t *src, rd_kafka_topic_partition_list_t *p
 
     /* A partition whose state is partly restored (tly_source_catch_up)
      * starts where the rebuilt features need it, but no later than the
-     * restored position: the restored types need every event from there. */
+     * restored position: the restored features need every event from there. */
     for (int i = 0; i < parts->cnt; i++) {
         rd_kafka_topic_partition_t *tp = &parts->elems[i];
         const part_t *p = part_find(src, tp->topic, tp->partition);
@@ -784,7 +780,7 @@ static void on_message(tly_source_t *src, rd_kafka_message_t *m, int64_t now_ms)
         err = check_route(src, rules, &ev, m->partition);
     if (p->catchup_until > 0) {
         if (m->offset < p->catchup_until)
-            ev.skip_entities |= src->catchup_skip; /* already in the restored state */
+            ev.replayed = true; /* feeds only the features not restored */
         else
             p->catchup_until = 0;
     }
@@ -1183,14 +1179,13 @@ void tly_source_halt(tly_source_t *src)
 }
 
 tly_err_t tly_source_catch_up(tly_source_t *src, const char *topic, int32_t partition,
-                              int64_t offset, int64_t last_event_ms, uint64_t restored_types)
+                              int64_t offset, int64_t last_event_ms)
 {
     if (src == NULL || topic == NULL || partition < 0 || offset < 0 || src->started)
         return TLY_E_INVAL;
     part_t *p = part_get(src, topic, partition);
     p->catchup_until = offset;
     p->last_event_ms = last_event_ms >= 0 ? last_event_ms : -1;
-    src->catchup_skip = restored_types;
     if (last_event_ms > atomic_load_explicit(&src->watermark_ms, memory_order_relaxed))
         atomic_store_explicit(&src->watermark_ms, last_event_ms, memory_order_relaxed);
     if (src->shard != NULL && partition < TLY_SHARD_MAX_PARTITIONS)

@@ -378,6 +378,9 @@ tly_store_t *tly_store_new(const tly_featset_t *fs)
 
     store->etypes = store_xmalloc(sizeof *store->etypes * (fs->nentities ? fs->nentities : 1));
     store->vidx = store_xmalloc(sizeof *store->vidx * (fs->nfeats ? fs->nfeats : 1));
+    store->restored = store_xmalloc(fs->nfeats ? fs->nfeats : 1);
+    memset(store->restored, 0, fs->nfeats ? fs->nfeats : 1);
+    store->lmap = NULL;
     for (size_t e = 0; e < fs->nentities; e++) {
         etype_t *et = &store->etypes[e];
         const tly_entity_t *ent = &fs->entities[e];
@@ -449,6 +452,10 @@ void tly_store_free(tly_store_t *store)
         tls.gen = 0;
     free(store->etypes);
     free(store->vidx);
+    free(store->restored);
+    for (size_t t = 0; store->lmap != NULL && t < TLY_MAX_ENTITIES; t++)
+        free(store->lmap[t].slot_feat);
+    free(store->lmap);
     free(store);
 }
 
@@ -512,6 +519,8 @@ tly_err_t tly_store_apply(tly_store_t *store, const tly_event_t *ev, int32_t par
             continue;
         for (size_t i = 0; i < et->nfeats; i++) {
             const tly_feat_t *feat = &fs->feats[et->feats[i]];
+            if (ev->replayed && store->restored[feat->id])
+                continue; /* already in the state a snapshot restored */
             if (!tly_feat_match(feat, ev))
                 continue;
             if (tly_agg_numeric(feat->agg)) {
@@ -880,11 +889,15 @@ size_t tly_store_drop(tly_store_t *store, tly_store_doomed_fn doomed, void *ctx)
 /* ---- snapshots ------------------------------------------------------------ */
 
 /* Block payloads of tly_store_dump: a run of items, each
+ *   layout  [u8 3][u16 type][u16 len][type name][u32 nslots][nslots × u64 feature hash]
+ *           [u8 nvf][nvf × ([u16 len][field name])]
  *   intern  [u8 1][u32 slot][u32 len][bytes]
  *   entity  [u8 2][u16 type][u8 idlen][u8 mode][u32 used][u32 nwords][id][nwords × u64]
- * little-endian, unaligned. */
+ * little-endian, unaligned. Layout items (only with feature hashes) come
+ * first, one per entity type of the writer. */
 #define SNAP_ITEM_INTERN 1
 #define SNAP_ITEM_ENTITY 2
+#define SNAP_ITEM_LAYOUT 3
 #define SNAP_BLOCK_BYTES (1u << 20)
 
 typedef struct {
@@ -922,15 +935,56 @@ static void dump_flush(dumper_t *d, bool force)
     d->len = 0;
 }
 
+static void put_u16(dumper_t *d, uint32_t v)
+{
+    uint8_t b[2] = {(uint8_t)v, (uint8_t)(v >> 8)};
+    dump_put(d, b, 2);
+}
+
 static void put_u32(dumper_t *d, uint32_t v)
 {
     uint8_t b[4] = {(uint8_t)v, (uint8_t)(v >> 8), (uint8_t)(v >> 16), (uint8_t)(v >> 24)};
     dump_put(d, b, 4);
 }
 
-tly_err_t tly_store_dump(tly_store_t *store, tly_store_emit_fn emit, void *ctx)
+static void put_name(dumper_t *d, const char *s)
+{
+    size_t n = strlen(s);
+    n = n > UINT16_MAX ? UINT16_MAX : n;
+    put_u16(d, (uint32_t)n);
+    dump_put(d, s, n);
+}
+
+/* One layout item per entity type: what a store with other definitions
+ * needs to find the features it shares with this one in our records. */
+static void dump_layouts(dumper_t *d, const tly_store_t *store, const uint64_t *feat_hash)
+{
+    const tly_featset_t *fs = store->fs;
+    for (uint32_t e = 0; e < fs->nentities && !d->failed; e++) {
+        const tly_entity_t *et = &fs->entities[e];
+        const etype_t *lt = &store->etypes[e];
+        uint8_t kind = SNAP_ITEM_LAYOUT, nvf = (uint8_t)lt->nvf;
+        dump_put(d, &kind, 1);
+        put_u16(d, e);
+        put_name(d, et->name);
+        put_u32(d, (uint32_t)et->nfeats);
+        for (size_t i = 0; i < et->nfeats; i++) {
+            uint64_t h = feat_hash[et->feats[i]];
+            put_u32(d, (uint32_t)h);
+            put_u32(d, (uint32_t)(h >> 32));
+        }
+        dump_put(d, &nvf, 1);
+        for (uint32_t j = 0; j < lt->nvf; j++)
+            put_name(d, fs->fields[lt->vf[j]]);
+    }
+}
+
+tly_err_t tly_store_dump(tly_store_t *store, const uint64_t *feat_hash, tly_store_emit_fn emit,
+                         void *ctx)
 {
     dumper_t d = {.emit = emit, .ctx = ctx};
+    if (feat_hash != NULL)
+        dump_layouts(&d, store, feat_hash);
     for (uint32_t i = 0; i < INTERN_SLOTS && !d.failed; i++) {
         const istr_t *is = atomic_load_explicit(&store->intern[i], memory_order_acquire);
         if (is == NULL)
@@ -980,6 +1034,15 @@ static bool get_bytes(const uint8_t *p, size_t n, size_t *at, void *out, size_t 
     return true;
 }
 
+static bool get_u16(const uint8_t *p, size_t n, size_t *at, uint32_t *v)
+{
+    uint8_t b[2];
+    if (!get_bytes(p, n, at, b, 2))
+        return false;
+    *v = (uint32_t)b[0] | (uint32_t)b[1] << 8;
+    return true;
+}
+
 static bool get_u32(const uint8_t *p, size_t n, size_t *at, uint32_t *v)
 {
     uint8_t b[4];
@@ -987,6 +1050,14 @@ static bool get_u32(const uint8_t *p, size_t n, size_t *at, uint32_t *v)
         return false;
     *v = (uint32_t)b[0] | (uint32_t)b[1] << 8 | (uint32_t)b[2] << 16 | (uint32_t)b[3] << 24;
     return true;
+}
+
+static uint64_t le64(const uint8_t *p)
+{
+    uint64_t v = 0;
+    for (int i = 0; i < 8; i++)
+        v |= (uint64_t)p[i] << (8 * i);
+    return v;
 }
 
 /* True when a loaded record's state is well formed: a compact log that
@@ -1018,16 +1089,240 @@ static tly_err_t snap_fail(char *err, size_t errlen, const char *what, size_t at
     return TLY_E_INVAL;
 }
 
-tly_err_t tly_store_load(tly_store_t *store, const void *data, size_t n, const int *type_map,
-                         size_t ntypes, char *err, size_t errlen)
+/* Reads a layout item (its kind byte already taken). Without feature hashes
+ * it is only stepped over. */
+static tly_err_t load_layout(tly_store_t *store, const uint8_t *p, size_t n, size_t *at,
+                             const uint64_t *feat_hash, char *err, size_t errlen, size_t item)
+{
+    const tly_featset_t *fs = store->fs;
+    uint32_t wtype, nl, nslots, len;
+    uint8_t nvf;
+    if (!get_u16(p, n, at, &wtype) || !get_u16(p, n, at, &nl) || n - *at < nl)
+        return snap_fail(err, errlen, "malformed layout", item);
+    const char *name = (const char *)p + *at;
+    *at += nl;
+    if (!get_u32(p, n, at, &nslots) || nslots > TLY_MAX_FEATURES || (n - *at) / 8 < nslots)
+        return snap_fail(err, errlen, "malformed layout", item);
+    const uint8_t *hashes = p + *at;
+    *at += 8 * (size_t)nslots;
+    if (!get_bytes(p, n, at, &nvf, 1) || nvf > TLY_MAX_ITEM_VALUES)
+        return snap_fail(err, errlen, "malformed layout", item);
+    int field[TLY_MAX_ITEM_VALUES];
+    for (uint32_t j = 0; j < nvf; j++) {
+        if (!get_u16(p, n, at, &len) || n - *at < len)
+            return snap_fail(err, errlen, "malformed layout", item);
+        field[j] = tly_featset_field(fs, (const char *)p + *at, len);
+        *at += len;
+    }
+    if (feat_hash == NULL)
+        return TLY_OK;
+    if (wtype >= TLY_MAX_ENTITIES)
+        return snap_fail(err, errlen, "malformed layout", item);
+    if (store->lmap == NULL) {
+        store->lmap = store_xmalloc(sizeof *store->lmap * TLY_MAX_ENTITIES);
+        memset(store->lmap, 0, sizeof *store->lmap * TLY_MAX_ENTITIES);
+    }
+    lmap_t *m = &store->lmap[wtype];
+    if (m->seen)
+        return snap_fail(err, errlen, "layout given twice", item);
+    m->seen = true;
+    m->nslots = nslots;
+    m->nvf = nvf;
+    memcpy(m->field, field, sizeof field);
+    m->slot_feat = store_xmalloc(sizeof *m->slot_feat * (nslots ? nslots : 1));
+    m->type = tly_featset_entity(fs, name, nl);
+    const tly_entity_t *et = m->type >= 0 ? &fs->entities[m->type] : NULL;
+    m->same = et != NULL && nslots == et->nfeats && nvf == store->etypes[m->type].nvf;
+    for (uint32_t s = 0; s < nslots; s++) {
+        uint64_t h = le64(hashes + 8 * (size_t)s);
+        m->slot_feat[s] = -1;
+        for (size_t i = 0; et != NULL && i < et->nfeats && m->slot_feat[s] < 0; i++)
+            if (feat_hash[et->feats[i]] == h)
+                m->slot_feat[s] = (int32_t)et->feats[i];
+        if (m->slot_feat[s] >= 0) {
+            for (uint32_t q = 0; q < s; q++)
+                if (m->slot_feat[q] == m->slot_feat[s])
+                    return snap_fail(err, errlen, "feature hash given twice in a layout", item);
+            store->restored[m->slot_feat[s]] = 1;
+        }
+        m->same = m->same && m->slot_feat[s] == (int32_t)et->feats[s];
+    }
+    for (uint32_t j = 0; m->same && j < nvf; j++)
+        m->same = field[j] == (int)store->etypes[m->type].vf[j];
+    return TLY_OK;
+}
+
+/* Links a loaded record (locked, state checked) into the table. */
+static tly_err_t load_insert(tly_store_t *store, ent_t *e, char *err, size_t errlen, size_t item)
+{
+    tstats_t *ts = store_thread_stats(store);
+    ent_unlock(e);
+    key_t_ kb;
+    const ent_t *key = key_make(&kb, e->type, ent_id(e), e->idlen);
+    unsigned long h = hash_id(e->type, ent_id(e), e->idlen);
+    shard_t *sh = shard_of(store, h);
+    tly_tsan_publish();
+    pthread_mutex_lock(&sh->mu);
+    bool added = ck_hs_get(&sh->hs, h, key) == NULL && ck_hs_put_unique(&sh->hs, h, e);
+    pthread_mutex_unlock(&sh->mu);
+    if (!added) {
+        stat_add(&ts->bytes, -(int64_t)malloc_usable_size(e));
+        free(e);
+        return snap_fail(err, errlen, "entity given twice", item);
+    }
+    stat_add(&ts->entities, 1);
+    return TLY_OK;
+}
+
+/* A word-encoded record of another layout: the segments of restored
+ * features, renumbered to our slots and put back in order. */
+static tly_err_t load_words_remap(tly_store_t *store, const lmap_t *m, const char *id, size_t idlen,
+                                  const uint64_t *w, uint32_t used, char *err, size_t errlen,
+                                  size_t item)
+{
+    const tly_featset_t *fs = store->fs;
+    typedef struct {
+        uint32_t sid, off, len;
+    } seg_t;
+    seg_t *segs = store_xmalloc(sizeof *segs * used);
+    size_t nsegs = 0;
+    uint32_t total = 1;
+    uint64_t off = 1;
+    int64_t prev = -1;
+    tly_err_t rc = TLY_OK;
+    while (off < used) {
+        uint32_t sid = (uint32_t)(w[off] & 0xffffu);
+        uint64_t len = (w[off] >> 16) & 0xffffffffu;
+        bool items = sid >= SID_ITEMS(0);
+        uint32_t slot = items ? sid - SID_ITEMS(0) : sid / TLY_MAX_WINDOWS;
+        if ((int64_t)sid <= prev || len > used - off - 1 || slot >= m->nslots) {
+            rc = snap_fail(err, errlen, "malformed entity state", item);
+            goto out;
+        }
+        prev = sid;
+        int32_t f = m->slot_feat[slot];
+        if (f >= 0) {
+            const tly_feat_t *feat = &fs->feats[f];
+            if (items == tly_agg_windowed(feat->agg) ||
+                (!items && sid % TLY_MAX_WINDOWS >= feat->nwindows)) {
+                rc = snap_fail(err, errlen, "malformed entity state", item);
+                goto out;
+            }
+            segs[nsegs++] = (seg_t){items ? SID_ITEMS(feat->slot)
+                                          : SID_WINDOW(feat->slot, sid % TLY_MAX_WINDOWS),
+                                    (uint32_t)off, (uint32_t)len};
+            total += 1 + (uint32_t)len;
+        }
+        off += 1 + len;
+    }
+    if (nsegs == 0)
+        goto out;                      /* nothing of it is restored */
+    for (size_t i = 1; i < nsegs; i++) /* a few segments: insertion sort */
+        for (size_t j = i; j > 0 && segs[j - 1].sid > segs[j].sid; j--) {
+            seg_t t = segs[j];
+            segs[j] = segs[j - 1];
+            segs[j - 1] = t;
+        }
+    ent_t *e = ent_alloc(store, (uint32_t)m->type, id, idlen, F_WORDS, total);
+    st(e, 0, w[0]);
+    uint32_t at = 1;
+    for (size_t i = 0; i < nsegs; i++) {
+        st(e, at++, (uint64_t)segs[i].len << 16 | segs[i].sid);
+        for (uint32_t k = 0; k < segs[i].len; k++)
+            st(e, at++, w[segs[i].off + 1 + k]);
+    }
+    atomic_store_explicit(&e->used, at, memory_order_relaxed);
+    rc = load_insert(store, e, err, errlen, item);
+out:
+    free(segs);
+    return rc;
+}
+
+/* A compact record of another layout: its events replayed into the
+ * restored features only, as the writer's features took them. */
+static tly_err_t load_log_remap(tly_store_t *store, const lmap_t *m, const char *id, size_t idlen,
+                                const uint64_t *w, uint32_t used, char *err, size_t errlen,
+                                size_t item)
+{
+    static _Thread_local log_t lg;
+    static _Thread_local tly_event_t ev;
+    const tly_featset_t *fs = store->fs;
+    const tly_entity_t *etype = &fs->entities[m->type];
+    etype_t wt = {.nvf = m->nvf};
+    for (uint32_t i = 0; i < used; i++)
+        lg.bytes[i] = (uint8_t)(w[i / 8] >> (8 * (i % 8)));
+    lg.nbytes = used;
+    if (m->nslots > COMPACT_MAX_SLOTS || !store_log_decode(store, &wt, &lg))
+        return snap_fail(err, errlen, "malformed entity state", item);
+    uint32_t feats[COMPACT_MAX_SLOTS];
+    int64_t now = INT64_MAX;
+    bool any = false;
+    for (size_t r = 0; r < lg.nrecs; r++) {
+        if (lg.recs[r].mask >> m->nslots)
+            return snap_fail(err, errlen, "malformed entity state", item);
+        for (uint32_t s = 0; s < m->nslots && s < 64; s++)
+            if ((lg.recs[r].mask >> s & 1) && m->slot_feat[s] >= 0) {
+                any = true;
+                now = lg.recs[r].t < now ? lg.recs[r].t : now;
+            }
+    }
+    if (!any)
+        return TLY_OK; /* nothing of it is restored */
+    if (ent_find(store, (uint32_t)m->type, id, idlen) != NULL)
+        return snap_fail(err, errlen, "entity given twice", item);
+    /* The earliest event time as `now`: nothing is pruned that a later
+     * `now` keeps. */
+    tly_rcu_read_lock();
+    ent_t *e = ent_get_locked(store, (uint32_t)m->type, id, idlen);
+    for (size_t r = 0; r < lg.nrecs; r++) {
+        const rec_t *rec = &lg.recs[r];
+        uint64_t mask = 0;
+        uint32_t nf = 0;
+        for (uint32_t s = 0; s < m->nslots && s < 64; s++)
+            if ((rec->mask >> s & 1) && m->slot_feat[s] >= 0) {
+                const tly_feat_t *feat = &fs->feats[m->slot_feat[s]];
+                feats[nf++] = feat->id;
+                if (feat->slot < 64)
+                    mask |= UINT64_C(1) << feat->slot;
+            }
+        if (nf == 0)
+            continue;
+        memset(ev.vals, 0, sizeof ev.vals[0] * fs->nfields);
+        ev.nfields = (uint32_t)fs->nfields;
+        ev.time_ms = rec->t;
+        ev.skip_entities = 0;
+        ev.replayed = false;
+        for (uint32_t j = 0; j < m->nvf; j++)
+            if (m->field[j] >= 0)
+                ev.vals[m->field[j]] = rec->vals[j];
+        if (is_words(e))
+            store_words_apply(store, &e, etype, mask, feats, nf, &ev, now);
+        else
+            store_compact_apply(store, &e, etype, mask, feats, nf, &ev, now);
+    }
+    ent_unlock(e);
+    tly_rcu_read_unlock();
+    return TLY_OK;
+}
+
+tly_err_t tly_store_load(tly_store_t *store, const void *data, size_t n, const uint64_t *feat_hash,
+                         char *err, size_t errlen)
 {
     const uint8_t *p = data;
     const tly_featset_t *fs = store->fs;
     size_t at = 0;
     tstats_t *ts = store_thread_stats(store);
+    if (feat_hash == NULL)
+        memset(store->restored, 1, fs->nfeats);
     while (at < n) {
         size_t item = at;
         uint8_t kind = p[at++];
+        if (kind == SNAP_ITEM_LAYOUT) {
+            tly_err_t rc = load_layout(store, p, n, &at, feat_hash, err, errlen, item);
+            if (rc != TLY_OK)
+                return rc;
+            continue;
+        }
         if (kind == SNAP_ITEM_INTERN) {
             uint32_t slot, len;
             if (!get_u32(p, n, &at, &slot) || !get_u32(p, n, &at, &len) || slot >= INTERN_SLOTS ||
@@ -1055,31 +1350,43 @@ tly_err_t tly_store_load(tly_store_t *store, const void *data, size_t n, const i
         uint32_t type = head[0] | (uint32_t)head[1] << 8;
         uint8_t idlen = head[2], mode = head[3];
         bool words = mode == F_WORDS;
-        if (type_map != NULL) {
-            if (type >= ntypes)
-                return snap_fail(err, errlen, "malformed entity", item);
-            if (type_map[type] < 0) { /* a type not loaded: step over it */
-                if (nwords > (n - at) / 8 || n - at < idlen + 8 * (size_t)nwords)
-                    return snap_fail(err, errlen, "malformed entity", item);
-                at += idlen + 8 * (size_t)nwords;
-                continue;
-            }
-            type = (uint32_t)type_map[type];
-        }
-        if (type >= fs->nentities || (mode != 0 && !words) ||
-            (!words && !store->etypes[type].compact) ||
+        if ((mode != 0 && !words) ||
             (words ? used < 1 || used != nwords
                    : used > COMPACT_MAX_BYTES || nwords != (used + 7) / 8) ||
             nwords > (n - at) / 8 || n - at < idlen + 8 * (size_t)nwords)
             return snap_fail(err, errlen, "malformed entity", item);
+        const lmap_t *m = NULL;
+        if (feat_hash != NULL) {
+            if (type >= TLY_MAX_ENTITIES || store->lmap == NULL || !store->lmap[type].seen)
+                return snap_fail(err, errlen, "entity before its type's layout", item);
+            m = &store->lmap[type];
+            if (m->type < 0) { /* a type we no longer have: step over it */
+                at += idlen + 8 * (size_t)nwords;
+                continue;
+            }
+            type = (uint32_t)m->type;
+        }
+        if (type >= fs->nentities ||
+            (!words && (m == NULL || m->same) && !store->etypes[type].compact))
+            return snap_fail(err, errlen, "malformed entity", item);
         const char *id = (const char *)p + at;
         at += idlen;
+        if (m != NULL && !m->same) {
+            uint64_t *w = store_xmalloc(8 * (size_t)(nwords ? nwords : 1));
+            for (uint32_t i = 0; i < nwords; i++)
+                w[i] = le64(p + at + 8 * (size_t)i);
+            at += 8 * (size_t)nwords;
+            tly_err_t rc = words ? load_words_remap(store, m, id, idlen, w, used, err, errlen, item)
+                                 : load_log_remap(store, m, id, idlen, w, used, err, errlen, item);
+            free(w);
+            if (rc != TLY_OK)
+                return rc;
+            continue;
+        }
         ent_t *e = ent_alloc(store, type, id, idlen, mode, nwords ? nwords : 1);
         for (uint32_t w = 0; w < nwords; w++) {
-            uint32_t lo = 0, hi = 0; /* lengths were checked: both reads succeed */
-            (void)get_u32(p, n, &at, &lo);
-            (void)get_u32(p, n, &at, &hi);
-            st(e, w, (uint64_t)hi << 32 | lo);
+            st(e, w, le64(p + at));
+            at += 8;
         }
         atomic_store_explicit(&e->used, used, memory_order_relaxed);
         if (!snap_state_ok(store, e)) {
@@ -1087,23 +1394,16 @@ tly_err_t tly_store_load(tly_store_t *store, const void *data, size_t n, const i
             free(e);
             return snap_fail(err, errlen, "malformed entity state", item);
         }
-        ent_unlock(e);
-        key_t_ kb;
-        const ent_t *key = key_make(&kb, type, id, idlen);
-        unsigned long h = hash_id(type, id, idlen);
-        shard_t *sh = shard_of(store, h);
-        tly_tsan_publish();
-        pthread_mutex_lock(&sh->mu);
-        bool added = ck_hs_get(&sh->hs, h, key) == NULL && ck_hs_put_unique(&sh->hs, h, e);
-        pthread_mutex_unlock(&sh->mu);
-        if (!added) {
-            stat_add(&ts->bytes, -(int64_t)malloc_usable_size(e));
-            free(e);
-            return snap_fail(err, errlen, "entity given twice", item);
-        }
-        stat_add(&ts->entities, 1);
+        tly_err_t rc = load_insert(store, e, err, errlen, item);
+        if (rc != TLY_OK)
+            return rc;
     }
     return TLY_OK;
+}
+
+bool tly_store_restored(const tly_store_t *store, uint32_t feat)
+{
+    return feat < store->fs->nfeats && store->restored[feat] != 0;
 }
 
 void tly_store_stats(const tly_store_t *store, tly_store_stats_t *out)

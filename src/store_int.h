@@ -81,6 +81,18 @@ typedef struct {
     bool compact;                     /* may use the compact encoding */
 } etype_t;
 
+/* A snapshot writer's entity type, as its layout item describes it: how
+ * its records map onto ours (tly_store_load with feature hashes). */
+typedef struct {
+    bool seen;
+    bool same;                      /* our layout: its records load as they are */
+    int type;                       /* our entity type, -1: not loaded */
+    uint32_t nslots;                /* the writer's features of the type */
+    int32_t *slot_feat;             /* writer slot → our feature id, -1: not restored */
+    uint32_t nvf;                   /* the writer's value fields */
+    int field[TLY_MAX_ITEM_VALUES]; /* writer value field → our field id, -1: none */
+} lmap_t;
+
 #define TLY_STORE_SHARDS 64 /* power of two; picked by the hash's top bits */
 
 /* One shard of the entity table: an open-addressed Concurrency Kit hash set
@@ -105,6 +117,11 @@ struct tly_store {
      * once (CAS from NULL) and never freed before the store. */
     istr_t *_Atomic intern[INTERN_SLOTS];
     _Atomic uint32_t ninterned;
+    /* Loading (one thread, before the store is shared): the writer's
+     * entity types (TLY_MAX_ENTITIES, NULL until a layout item is read),
+     * and by feature id whether a load restored the feature. */
+    lmap_t *lmap;
+    uint8_t *restored;
 };
 
 static inline size_t id_words(size_t idlen)

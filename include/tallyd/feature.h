@@ -48,6 +48,9 @@ typedef struct {
     /* Bit e set: the event does not feed entity type e (its topic is keyed
      * by another entity type); 0 feeds every type. */
     uint64_t skip_entities;
+    /* The event is already in the state a snapshot restored: it feeds only
+     * the features that were not restored (tly_store_restored). */
+    bool replayed;
     uint32_t nfields;
     tly_value_t vals[TLY_MAX_FIELDS]; /* TLY_V_NIL when absent */
 } tly_event_t;

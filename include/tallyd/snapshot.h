@@ -16,13 +16,13 @@
  * definitions hash equals the config's is loaded; each partition resumes at
  * its stored position. A snapshot that fails is reported and the next older
  * one is tried; with none, tallyd rebuilds from Kafka history as
- * kafka.start says. When feature definitions changed, the entity types
- * whose features are all unchanged (a hash per type) are loaded and the
- * others rebuilt from history: those partitions start where kafka.start
- * says (no later than the stored position), and events below the stored
- * position feed only the rebuilt types (tly_source_catch_up). Granularity
- * is the entity type: an unchanged feature of a changed type is rebuilt
- * too.
+ * kafka.start says. When feature definitions changed, the features whose
+ * definition is unchanged (a hash per feature, in the state's layout
+ * items) are loaded, translated to the new records' layout, and the
+ * others (new or changed) start empty and are rebuilt from history: those
+ * partitions start where kafka.start says (no later than the stored
+ * position), and events below the stored position are marked `replayed`,
+ * which feeds only the features not restored (tly_source_catch_up).
  *
  * Threads: new/restore/final/free on the main thread; the checkpoint hook
  * on the source's poll thread; stats on any thread.
@@ -54,8 +54,9 @@ typedef struct {
     uint64_t loaded_entities;  /* entities restored at start-up */
     int64_t loaded_ms;         /* creation time of the snapshot restored, -1 none */
     uint64_t rejected;         /* snapshots found unusable at start-up */
-    uint64_t restored_types;   /* entity types restored (bit per type) */
-    uint64_t rebuilt_types;    /* entity types rebuilt: their features changed */
+    uint64_t restored_types;   /* entity types whose features were all restored (bit per type) */
+    uint64_t rebuilt_types;    /* entity types none of whose features were restored */
+    uint64_t rebuilt_feats[TLY_MAX_FEATURES / 64]; /* features rebuilt: new or changed */
     char last_path[640];       /* the newest durable snapshot */
     char last_error[320];      /* the latest failure, "" none */
 } tly_snapshot_stats_t;

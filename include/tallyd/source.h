@@ -137,16 +137,17 @@ tly_err_t tly_source_start(tly_source_t *src, char *errbuf, size_t errlen);
  * thread. */
 tly_err_t tly_source_resume_at(tly_source_t *src, const char *topic, int32_t partition,
                                int64_t offset, int64_t last_event_ms);
-/* Before start, for a snapshot restored for some entity types only (the
- * features of the others changed): topic/partition starts where kafka.start
- * says, but no later than offset; below offset its events feed only the
- * types not in restored_types (a mask of entity type indexes), whose state
- * is rebuilt. last_event_ms as for resume_at. Main thread. */
+/* Before start, for a snapshot that restored some features only (the
+ * others are new or changed): topic/partition starts where kafka.start
+ * says, but no later than offset; its events below offset are marked
+ * `replayed`, so they feed only the features the store did not restore
+ * (tly_store_restored), whose state is rebuilt. last_event_ms as for
+ * resume_at. Main thread. */
 tly_err_t tly_source_catch_up(tly_source_t *src, const char *topic, int32_t partition,
-                              int64_t offset, int64_t last_event_ms, uint64_t restored_types);
+                              int64_t offset, int64_t last_event_ms);
 /* True while some partition is still below the offset given to
- * tly_source_catch_up (a snapshot now would pair the restored types' state
- * with an earlier position). Poll thread, or main after halt. */
+ * tly_source_catch_up (a snapshot now would pair the restored features'
+ * state with an earlier position). Poll thread, or main after halt. */
 bool tly_source_catching_up(const tly_source_t *src);
 /* Stops the poll thread, commits stored offsets and closes the consumer.
  * Idempotent. Main thread. */

@@ -140,23 +140,37 @@ typedef bool (*tly_store_emit_fn)(void *ctx, const void *data, size_t len);
 
 /*
  * Serialises every live record and the intern table into blocks of about
- * 1 MiB, handed to emit in order. For snapshots: the caller guarantees no
- * writer runs meanwhile (the forked child of the writer thread, or a
- * stopped source). TLY_E_IO when emit failed or memory ran out.
+ * 1 MiB, handed to emit in order. feat_hash (NULL: none) gives each
+ * feature's definition hash by feature id: with it the output starts with
+ * one layout item per entity type (its name, its features' hashes in slot
+ * order, the event fields its records hold), which lets a store with other
+ * definitions load the features that did not change. For snapshots: the
+ * caller guarantees no writer runs meanwhile (the forked child of the
+ * writer thread, or a stopped source). TLY_E_IO when emit failed or memory
+ * ran out.
  */
-tly_err_t tly_store_dump(tly_store_t *store, tly_store_emit_fn emit, void *ctx);
+tly_err_t tly_store_dump(tly_store_t *store, const uint64_t *feat_hash, tly_store_emit_fn emit,
+                         void *ctx);
 
 /*
  * Adds the records of one block of tly_store_dump output to store (fresh).
- * type_map (NULL: the same feature set wrote it) maps the writer's entity
- * type indexes (ntypes of them) to store's, -1 for a type not to load; a
- * mapped type must have the same features as the writer's. Every length,
- * type and state is checked: a malformed block gives TLY_E_INVAL and a
- * sentence in err; records added before it stay (the caller discards the
- * store). Writer thread; RCU-registered.
+ * feat_hash NULL: the same definitions wrote it (layout items are skipped)
+ * and every feature is restored. Otherwise feat_hash gives our features'
+ * definition hashes by feature id, and the dump must carry layout items: a
+ * feature whose entity type (by name) had a feature with the same hash in
+ * the writer is restored from the writer's state, the others start empty
+ * (tly_store_restored tells which); records whose type is gone or that
+ * kept no restored feature's state are left out. Every length, type and
+ * state is checked: a malformed block gives TLY_E_INVAL and a sentence in
+ * err; records added before it stay (the caller discards the store).
+ * Writer thread; RCU-registered; before the store is shared.
  */
-tly_err_t tly_store_load(tly_store_t *store, const void *data, size_t len, const int *type_map,
-                         size_t ntypes, char *err, size_t errlen);
+tly_err_t tly_store_load(tly_store_t *store, const void *data, size_t len,
+                         const uint64_t *feat_hash, char *err, size_t errlen);
+
+/* True when tly_store_load restored feature `feat`'s state. An event with
+ * `replayed` set feeds only the features for which this is false. */
+bool tly_store_restored(const tly_store_t *store, uint32_t feat);
 
 /* Fills *st with the current counters. Any thread. */
 void tly_store_stats(const tly_store_t *store, tly_store_stats_t *st);

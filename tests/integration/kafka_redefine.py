@@ -4,19 +4,25 @@
 Run 1 consumes a first batch of seeded events with e2e.py's features and
 stops with SIGTERM, leaving a final snapshot. Run 2 starts with one pin
 feature changed (`impressions` gets a `7d` window besides `1h` and `1d`)
-after a second batch arrived: the snapshot's user state is restored, the
-pin state is rebuilt from Kafka history (INFO persistence names which),
-the history is read again but feeds only the pins below the snapshot's
-offsets, and every value of every user and pin equals the ground truth
-for the new definitions over both batches (nothing counted twice for the
-users). A snapshot is written once the rebuild is done; run 3, with the new
-definitions, restores everything from it and reads nothing.
+after a second batch arrived: every other feature is restored from the
+snapshot, `impressions` is rebuilt from Kafka history (INFO persistence
+names it), the history is read again but feeds only `impressions` below
+the snapshot's offsets, and every value of every user and pin equals the
+ground truth for the new definitions over both batches (nothing counted
+twice). A snapshot is written once the rebuild is done; run 3, with the
+new definitions, restores everything from it and reads nothing.
+
+Run 2b proves the other pin features were loaded, not rebuilt: it starts
+from a copy of run 1's snapshot with `kafka.start: latest`, so history
+below the snapshot's offsets is not read at all; `impressions` then counts
+the second batch only while every other pin feature still counts both.
 
 Run: build/venv/bin/python tests/integration/kafka_redefine.py (a broker
 from TLY_KAFKA_BOOTSTRAP, else one started for this run).
 """
 
 import copy
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -46,13 +52,13 @@ def changed_features():
     return feats
 
 
-def start(r, features, name):
-    path, cfg = K.write_config(r.tmp, r.bootstrap, r.port, r.topic, "replica", "earliest",
-                               features, name=name, group=r.group)
-    cfg["snapshot"] = {"dir": str(r.snapdir), "every": "1s", "keep": 3}
+def start(r, features, name, start_at="earliest", snapdir=None, port=None):
+    path, cfg = K.write_config(r.tmp, r.bootstrap, port or r.port, r.topic, "replica", start_at,
+                               features, name=name, group=f"{r.group}-{name}")
+    cfg["snapshot"] = {"dir": str(snapdir or r.snapdir), "every": "1s", "keep": 3}
     with open(path, "w") as f:
         yaml.safe_dump(cfg, f, sort_keys=False)
-    return K.Tallyd(path, r.port, r.tmp, name=name), cfg, path
+    return K.Tallyd(path, port or r.port, r.tmp, name=name), cfg, path
 
 
 def stop(t):
@@ -93,6 +99,9 @@ def setup():
     K.wait_caught_up(t1, len(lines1))
     r.info1 = t1.client().info()
     stop(t1)
+    r.snapdir_b = Path(r.tmp) / "snapshots-run1"
+    shutil.copytree(r.snapdir, r.snapdir_b)
+    r.ev1, r.ev2 = ev1, ev2
 
     # The second batch arrives while tallyd is down; run 2 has new definitions.
     for p, n in K.produce(r.bootstrap, r.topic, K.records(ev2, lines2, r.asof - E.HOUR)).items():
@@ -112,18 +121,20 @@ def setup():
 
 
 def t_partial_restore(r):
-    """Run 2 restored the users from the snapshot and rebuilt the pins."""
+    """Run 2 restored every feature but pin `impressions` from the snapshot."""
     m = H.Mismatches()
     p = r.pers2
     m.check(int(p.get("restored_snapshot_ms", "-1")) > 0,
             f"restored_snapshot_ms {p.get('restored_snapshot_ms')}: no snapshot restored")
     m.eq(p.get("restored_entity_types"), "user", "INFO restored_entity_types")
-    m.eq(p.get("rebuilt_entity_types"), "pin", "INFO rebuilt_entity_types")
+    m.eq(p.get("rebuilt_entity_types"), "", "INFO rebuilt_entity_types (pins are partly restored)")
+    m.eq(p.get("rebuilt_features"), "pin.impressions", "INFO rebuilt_features")
     m.eq(p.get("snapshots_rejected"), "0", "INFO snapshots_rejected")
     restored, before = int(p.get("restored_entities", "0")), int(r.info1.get("entities", "0"))
-    m.check(0 < restored < before,
-            f"restored_entities {restored}: want some (the users) but fewer than the {before} "
-            f"entities run 1 held (its pins are not restored)")
+    users1 = len({ev["user_id"] for ev in r.ev1 if ev is not None and "user_id" in ev})
+    m.check(users1 < restored <= before,
+            f"restored_entities {restored}: want more than run 1's {users1} users (pins are "
+            f"restored too) and at most the {before} entities run 1 held")
     m.done()
 
 
@@ -162,6 +173,38 @@ def t_snapshot_after_rebuild(r):
                  int(time.time() * 1000), r.tmp)
 
 
+def t_loaded_not_rebuilt(r):
+    """Run 2b: from run 1's snapshot with kafka.start latest, nothing below
+    the snapshot's offsets is read: impressions counts the second batch
+    only, every other feature both batches, so they came from the snapshot."""
+    t, cfg, path = start(r, r.features2, "tallyd-2b", start_at="latest", snapdir=r.snapdir_b,
+                         port=H.free_port())
+    try:
+        info = K.wait_caught_up(t, len(r.ev2))
+        both = E.Model(cfg, r.ev1 + r.ev2, r.asof, r.t0)
+        second = E.Model(cfg, [None] * len(r.ev1) + r.ev2, r.asof, r.t0)
+        fi = [i for i, f in enumerate(both.feats) if f.entity == "pin" and f.name == "impressions"]
+        for key in [k for k in both.kept if k[0] == fi[0]]:
+            del both.kept[key]
+        both.kept.update({k: v for k, v in second.kept.items() if k[0] == fi[0]})
+        c = K.ctx(t, cfg, path, both, r.asof, r.users, r.pins, r.produced,
+                  int(time.time() * 1000), r.tmp)
+        try:
+            E.t_features_all(c, "pin", c.pins, 2)
+            E.t_features_all(c, "user", c.users, 2)
+        finally:
+            c.cli.close()
+        m = H.Mismatches()
+        m.eq(info.get("messages_consumed"), str(len(r.ev2)),
+             "INFO messages_consumed (the second batch only)")
+        m.eq(persistence(t).get("rebuilt_features"), "pin.impressions", "INFO rebuilt_features")
+        m.done()
+    finally:
+        rc = t.close()
+    if rc != 0:
+        raise H.Failure(f"tallyd 2b exited with {rc} on SIGTERM")
+
+
 def main():
     suite = H.Suite("kafka_redefine")
     try:
@@ -182,6 +225,8 @@ def main():
         if rc != 0:
             suite.fail_setup("tallyd_3_exits_0_on_sigterm", f"exit {rc}:\n"
                              + r.c3.tallyd.log_tail())
+    suite.run("unchanged_pin_features_loaded_not_rebuilt_with_start_latest",
+              t_loaded_not_rebuilt, r)
     return H.finish(suite, r.tmp)
 
 

@@ -417,14 +417,17 @@ static void test_dump_and_load_round_trip(void **state)
                          TLY_OK);
     }
     dump_t d = {.n = 0};
-    assert_int_equal(tly_store_dump(fx->store, keep_block, &d), TLY_OK);
+    uint64_t hash[8] = {11, 12, 13, 14, 15, 16, 17, 18}; /* by feature id */
+    assert_int_equal(tly_store_dump(fx->store, hash, keep_block, &d), TLY_OK);
     assert_true(d.n >= 1);
 
     tly_store_t *copy = tly_store_new(fx->fs);
     char err[256];
     for (size_t b = 0; b < d.n; b++)
-        if (tly_store_load(copy, d.blocks[b], d.lens[b], NULL, 0, err, sizeof err) != TLY_OK)
+        if (tly_store_load(copy, d.blocks[b], d.lens[b], NULL, err, sizeof err) != TLY_OK)
             fail_msg("load: %s", err);
+    for (uint32_t f = 0; f < 8; f++)
+        assert_true(tly_store_restored(copy, f));
     tly_store_stats_t a, c;
     tly_store_stats(fx->store, &a);
     tly_store_stats(copy, &c);
@@ -452,16 +455,18 @@ static void test_dump_and_load_round_trip(void **state)
     }
     tly_store_free(copy);
 
-    /* Only the users (the writer's type fx->user mapped to itself, pins
-     * not loaded): the 45 pins that got impressions (i % 4 == 0 reaches the
-     * even pins p0..p88 only) are missing, the users answer the same. */
-    int map[2];
-    map[fx->user] = (int)fx->user;
-    map[fx->pin] = -1;
+    /* Only the users (the pin feature's hash differs, so no pin feature
+     * is restored): the 45 pins that got impressions (i % 4 == 0 reaches
+     * the even pins p0..p88 only) are missing, the users answer the same. */
+    uint64_t hash2[8];
+    memcpy(hash2, hash, sizeof hash);
+    hash2[7] = 99;
     copy = tly_store_new(fx->fs);
     for (size_t b = 0; b < d.n; b++)
-        if (tly_store_load(copy, d.blocks[b], d.lens[b], map, 2, err, sizeof err) != TLY_OK)
+        if (tly_store_load(copy, d.blocks[b], d.lens[b], hash2, err, sizeof err) != TLY_OK)
             fail_msg("load users only: %s", err);
+    for (uint32_t f = 0; f < 8; f++)
+        assert_int_equal(tly_store_restored(copy, f), f != 7);
     tly_store_stats(copy, &c);
     assert_int_equal(c.entities, a.entities - 45);
     /* p0 got impressions at i = 0, 180, ..., 2880: 17 */
@@ -503,15 +508,219 @@ static void test_dump_and_load_round_trip(void **state)
                 lcg = lcg * 6364136223846793005u + 1442695040888963407u;
                 bad[(lcg >> 33) % len] ^= (uint8_t)(1u << (lcg >> 61));
             }
+        /* as written, as the same definitions, and as changed ones (one
+         * user feature and the pin feature differ: records are remapped) */
+        uint64_t hash3[8];
+        memcpy(hash3, hash2, sizeof hash3);
+        hash3[1] = 98;
+        const uint64_t *as[3] = {NULL, hash, hash3};
         tly_store_t *s2 = tly_store_new(fx->fs);
         err[0] = '\0';
-        if (tly_store_load(s2, bad, len, NULL, 0, err, sizeof err) != TLY_OK)
+        if (tly_store_load(s2, bad, len, as[round % 3], err, sizeof err) != TLY_OK)
             assert_true(strstr(err, "at byte") != NULL);
         tly_store_free(s2);
         free(bad);
     }
     for (size_t b = 0; b < d.n; b++)
         free(d.blocks[b]);
+}
+
+/* fx's features redefined: `saves` (new) comes first and shifts every
+ * slot, `clicks` gets other windows (changed), `dmin` is gone, `recent`
+ * moves before `dwell` (the value fields change order), the pins gain a
+ * feature; dwell, dmax, davg, recent, last_action and impressions are
+ * unchanged. */
+static const char *yaml_redefined =
+    "events:\n"
+    "  time: { field: ts, unit: ms }\n"
+    "  max_future_skew: 1m\n"
+    "  max_string: 16\n"
+    "store:\n"
+    "  idle_ttl: 1d\n"
+    "features:\n"
+    "  - { name: saves, entity: user, key: user_id, where: { action: save }, agg: count,"
+    " windows: [1h] }\n"
+    "  - { name: recent, entity: user, key: user_id, agg: last_k, k: 3, value: [pin_id, action] }\n"
+    "  - { name: clicks, entity: user, key: user_id, where: { action: click }, agg: count,"
+    " windows: [1h, 1d] }\n"
+    "  - { name: dwell, entity: user, key: user_id, agg: sum, value: dwell_ms, windows: [1h] }\n"
+    "  - { name: dmax, entity: user, key: user_id, agg: max, value: dwell_ms, windows: [1h] }\n"
+    "  - { name: davg, entity: user, key: user_id, agg: avg, value: dwell_ms, windows: [1h] }\n"
+    "  - { name: last_action, entity: user, key: user_id, agg: last, value: action }\n"
+    "  - { name: pin_clicks, entity: pin, key: pin_id, where: { action: click },"
+    " agg: count, windows: [1h] }\n"
+    "  - { name: impressions, entity: pin, key: pin_id, where: { action: impression },"
+    " agg: count, windows: [1h] }\n";
+
+/* A definition's hash as the test sees it: the name, plus a mark for the
+ * one feature whose definition changed under the same name. */
+static uint64_t def_hash(const tly_featset_t *fs, uint32_t f, bool redefined)
+{
+    const tly_feat_t *feat = &fs->feats[f];
+    uint64_t h = 1469598103934665603u;
+    for (const char *c = feat->name; *c; c++)
+        h = (h ^ (uint8_t)*c) * 1099511628211u;
+    h = (h ^ feat->entity) * 1099511628211u;
+    return redefined && strcmp(feat->name, "clicks") == 0 ? h + 1 : h;
+}
+
+/* Every window of every feature of one id (featset fs), as strings. */
+static void read_feats(const tly_featset_t *fs, tly_store_t *store, uint32_t type, const char *id,
+                       char out[][64], size_t *n)
+{
+    const tly_entity_t *et = &fs->entities[type];
+    char sbuf[512];
+    *n = 0;
+    for (size_t i = 0; i < et->nfeats; i++) {
+        const tly_feat_t *f = &fs->feats[et->feats[i]];
+        for (uint32_t w = 0; w < (f->nwindows ? f->nwindows : 1); w++) {
+            tly_featwin_t req = {et->feats[i], w};
+            tly_value_t v;
+            assert_int_equal(tly_store_read(store, type, id, strlen(id), &req, 1, T, &v, NULL,
+                                            sbuf, sizeof sbuf),
+                             TLY_OK);
+            char *o = out[(*n)++];
+            if (v.type == TLY_V_STR)
+                snprintf(o, 64, "%s=s:%.*s", f->name, (int)v.len, v.u.s);
+            else if (v.type == TLY_V_DOUBLE)
+                snprintf(o, 64, "%s=d:%.17g", f->name, v.u.d);
+            else if (v.type == TLY_V_NIL)
+                snprintf(o, 64, "%s=nil", f->name);
+            else
+                snprintf(o, 64, "%s=i:%lld", f->name, (long long)v.u.i);
+        }
+    }
+}
+
+/* A snapshot written under one set of definitions loads into a store with
+ * changed ones: the unchanged features come back exactly (renumbered
+ * slots, reordered value fields, sparse and busy records), the new and
+ * changed ones start empty, and replaying the same events marked
+ * `replayed` completes exactly the state a store fed them directly holds. */
+static void test_load_restores_unchanged_features_under_new_definitions(void **state)
+{
+    fx_t *fx = *state;
+    tly_config_t *cfg2;
+    tly_featset_t *fs2;
+    char err[256];
+    if (tly_config_load_string(yaml_redefined, "redefined.yaml", &cfg2, err, sizeof err) !=
+            TLY_OK ||
+        tly_featset_compile(cfg2, &fs2, err, sizeof err) != TLY_OK)
+        fail_msg("%s", err);
+    static const char *const actions[] = {"impression", "click", "save", "closeup", "hide"};
+    enum { NEV = 4000 };
+    static tly_event_t evs[NEV];
+    static char pins[NEV][16];
+    for (int i = 0; i < NEV; i++) {
+        int64_t user = i % 5 == 0 ? 1 : i % 11 == 0 ? 2 : 100 + i % 600; /* 1, 2 busy */
+        snprintf(pins[i], sizeof pins[i], "p%d", i % 70);
+        evs[i] = ev(fx, T - (int64_t)((i * 7919) % 3000) * SEC, user, pins[i], actions[i % 5],
+                    i % 3 ? i : -1);
+        assert_int_equal(tly_store_apply(fx->store, &evs[i], 0, i, T), TLY_OK);
+    }
+    uint64_t h1[16], h2[16];
+    for (uint32_t f = 0; f < fx->fs->nfeats; f++)
+        h1[f] = def_hash(fx->fs, f, false);
+    for (uint32_t f = 0; f < fs2->nfeats; f++)
+        h2[f] = def_hash(fs2, f, true);
+    dump_t d = {.n = 0};
+    assert_int_equal(tly_store_dump(fx->store, h1, keep_block, &d), TLY_OK);
+
+    /* the reference: the new definitions fed every event (their field ids
+     * differ, so each event is rebuilt for fs2) */
+    tly_store_t *ref = tly_store_new(fs2), *got = tly_store_new(fs2);
+    int f2[5] = {tly_featset_field(fs2, "ts", 2), tly_featset_field(fs2, "user_id", 7),
+                 tly_featset_field(fs2, "pin_id", 6), tly_featset_field(fs2, "action", 6),
+                 tly_featset_field(fs2, "dwell_ms", 8)};
+    int f1[5] = {fx->f_ts, fx->f_user, fx->f_pin, fx->f_action, fx->f_dwell};
+    static tly_event_t evs2[NEV];
+    for (int i = 0; i < NEV; i++) {
+        memset(&evs2[i], 0, sizeof evs2[i]);
+        evs2[i].nfields = (uint32_t)fs2->nfields;
+        evs2[i].time_ms = evs[i].time_ms;
+        for (int k = 0; k < 5; k++)
+            evs2[i].vals[f2[k]] = evs[i].vals[f1[k]];
+        assert_int_equal(tly_store_apply(ref, &evs2[i], 0, i, T), TLY_OK);
+    }
+    for (size_t b = 0; b < d.n; b++)
+        if (tly_store_load(got, d.blocks[b], d.lens[b], h2, err, sizeof err) != TLY_OK)
+            fail_msg("load: %s", err);
+    const char *rebuilt[] = {"saves", "clicks", "pin_clicks"};
+    for (uint32_t f = 0; f < fs2->nfeats; f++) {
+        bool want = true;
+        for (size_t k = 0; k < 3; k++)
+            want = want && strcmp(fs2->feats[f].name, rebuilt[k]) != 0;
+        if (tly_store_restored(got, f) != want)
+            fail_msg("feature %s: restored %d, want %d", fs2->feats[f].name,
+                     tly_store_restored(got, f), want);
+    }
+
+    static char a[32][64], b[32][64];
+    size_t na, nb;
+    char id[16];
+    uint32_t user = (uint32_t)tly_featset_entity(fs2, "user", 4);
+    uint32_t pin = (uint32_t)tly_featset_entity(fs2, "pin", 3);
+    for (int pass = 0; pass < 2; pass++) {
+        for (int u = 0; u < 700 + 70; u++) {
+            uint32_t type = u < 700 ? user : pin;
+            snprintf(id, sizeof id, u < 700 ? "%d" : "p%d", u < 700 ? u : u - 700);
+            read_feats(fs2, ref, type, id, a, &na);
+            read_feats(fs2, got, type, id, b, &nb);
+            assert_int_equal(na, nb);
+            for (size_t i = 0; i < na; i++) {
+                const char *name = a[i];
+                bool fresh = false;
+                for (size_t k = 0; k < 3; k++)
+                    fresh = fresh || (strncmp(name, rebuilt[k], strlen(rebuilt[k])) == 0 &&
+                                      name[strlen(rebuilt[k])] == '=');
+                if (pass == 0 && fresh) {
+                    /* not restored: empty until the replay */
+                    if (strstr(b[i], "=i:0") == NULL && strstr(b[i], "=nil") == NULL)
+                        fail_msg("%s %s: %s before the replay, want empty", id, name, b[i]);
+                } else if (strcmp(a[i], b[i]) != 0) {
+                    fail_msg("%s pass %d: %s, want %s", id, pass, b[i], a[i]);
+                }
+            }
+            if (pass == 1) { /* and the items of `recent`, in order */
+                uint32_t fr;
+                int win;
+                assert_int_equal(tly_featset_resolve(fs2, user, "recent", 6, &fr, &win), TLY_OK);
+                tly_item_t ia[3], ib[3];
+                char sa[256], sb[256];
+                size_t nia = 0, nib = 0;
+                if (type == user) {
+                    assert_int_equal(tly_store_recent(ref, user, id, strlen(id), fr, 0, T, ia, 3,
+                                                      &nia, sa, sizeof sa),
+                                     TLY_OK);
+                    assert_int_equal(tly_store_recent(got, user, id, strlen(id), fr, 0, T, ib, 3,
+                                                      &nib, sb, sizeof sb),
+                                     TLY_OK);
+                    assert_int_equal(nia, nib);
+                    for (size_t k = 0; k < nia; k++) {
+                        assert_int_equal(ia[k].time_ms, ib[k].time_ms);
+                        assert_int_equal(ia[k].nvals, ib[k].nvals);
+                        for (uint32_t v = 0; v < ia[k].nvals; v++)
+                            assert_same_value(&ia[k].vals[v], &ib[k].vals[v]);
+                    }
+                }
+            }
+        }
+        if (pass == 0) /* the same events again, marked as already restored */
+            for (int i = 0; i < NEV; i++) {
+                evs2[i].replayed = true;
+                assert_int_equal(tly_store_apply(got, &evs2[i], 0, i, T), TLY_OK);
+            }
+    }
+    tly_store_stats_t sr, sg;
+    tly_store_stats(ref, &sr);
+    tly_store_stats(got, &sg);
+    assert_int_equal(sg.entities, sr.entities);
+    tly_store_free(ref);
+    tly_store_free(got);
+    for (size_t k = 0; k < d.n; k++)
+        free(d.blocks[k]);
+    tly_featset_free(fs2);
+    tly_config_free(cfg2);
 }
 
 static void test_idle_entities_expire_and_memory_returns(void **state)
@@ -780,6 +989,8 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_dump_and_load_round_trip, setup, teardown),
         cmocka_unit_test_setup_teardown(
             test_skipped_entity_types_are_not_fed_and_drop_removes_doomed, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_load_restores_unchanged_features_under_new_definitions,
+                                        setup, teardown),
         cmocka_unit_test_setup_teardown(test_idle_entities_expire_and_memory_returns, setup,
                                         teardown),
         cmocka_unit_test(test_item_feature_before_windowed_ones_in_word_encoding),
