@@ -20,6 +20,7 @@
 #include <inttypes.h>
 #include <pthread.h>
 #include <signal.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -152,11 +153,117 @@ static void fnv_feature(fnv_t *f, const tly_feature_cfg_t *fc)
     fnv_i64(f, fc->k);
 }
 
-static fnv_t fnv_start(const tly_config_t *cfg)
+static int cmp_str(const void *a, const void *b)
+{
+    return strcmp(*(char *const *)a, *(char *const *)b);
+}
+
+/* Appends one rule string to a growing list. */
+static void rule_add(char ***rules, size_t *n, size_t *cap, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+static void rule_add(char ***rules, size_t *n, size_t *cap, const char *fmt, ...)
+{
+    if (*n == *cap) {
+        *cap = *cap ? 2 * *cap : 64;
+        char **r = realloc(*rules, *cap * sizeof *r);
+        if (r == NULL) {
+            fputs("tallyd: out of memory\n", stderr);
+            abort();
+        }
+        *rules = r;
+    }
+    va_list ap;
+    va_start(ap, fmt);
+    if (vasprintf(&(*rules)[*n], fmt, ap) < 0) {
+        fputs("tallyd: out of memory\n", stderr);
+        abort();
+    }
+    va_end(ap);
+    (*n)++;
+}
+
+/* The rules that decide whether an event is accepted at all. A rejected
+ * event changes nothing, so every feature's state depends on them: an
+ * event is rejected whole when a field some feature reads is malformed, a
+ * matched feature's value has the wrong type or is too long, a matched
+ * entity type's key is missing, or the payload breaks the events.* and
+ * topic limits. Each rule is a string; the set is sorted and deduplicated,
+ * so the features' order in the config does not matter. */
+/* True when some feature of entity type `entity` takes every event: a
+ * count or last/last_k feature without a filter. */
+static bool takes_all(const tly_config_t *cfg, const char *entity)
+{
+    for (size_t i = 0; i < cfg->nfeatures; i++) {
+        const tly_feature_cfg_t *fc = &cfg->features[i];
+        if (strcmp(fc->entity, entity) == 0 && fc->nwhere == 0 && !tly_agg_numeric(fc->agg))
+            return true;
+    }
+    return false;
+}
+
+static uint64_t acceptance_hash(const tly_config_t *cfg)
+{
+    fnv_t f = {UINT64_C(0xcbf29ce484222325)};
+    char **rules = NULL;
+    size_t n = 0, cap = 0;
+    rule_add(&rules, &n, &cap, "events %s %d %" PRId64 " %" PRId64 " %" PRId64,
+             cfg->events.time_field ? cfg->events.time_field : "", (int)cfg->events.time_unit,
+             cfg->events.max_future_skew_ms, cfg->events.max_bytes, cfg->events.max_string);
+    for (size_t t = 0; t < cfg->kafka.ntopics; t++) {
+        const tly_topic_cfg_t *tc = &cfg->kafka.topic_cfgs[t];
+        rule_add(&rules, &n, &cap, "topic %s %s %d %" PRId64 " %" PRId64 " %" PRId64 " %s",
+                 tc->name, tc->time_field ? tc->time_field : "", (int)tc->time_unit,
+                 tc->max_future_skew_ms, tc->max_bytes, tc->max_string,
+                 tc->key_entity ? tc->key_entity : "");
+    }
+    for (size_t i = 0; i < cfg->nfeatures; i++) {
+        const tly_feature_cfg_t *fc = &cfg->features[i];
+        for (size_t k = 0; k < fc->nkeys; k++) {
+            rule_add(&rules, &n, &cap, "field %s", fc->keys[k]);
+            rule_add(&rules, &n, &cap, "key %s %zu %s", fc->entity, k, fc->keys[k]);
+        }
+        /* which events make the type's key checked: those some feature of
+         * it takes — every event when a count or last/last_k feature has no
+         * filter; otherwise the filters (and for sum/min/max/avg, events
+         * carrying the value) */
+        fnv_t w = {UINT64_C(0xcbf29ce484222325)};
+        for (size_t c = 0; c < fc->nwhere; c++) {
+            rule_add(&rules, &n, &cap, "field %s", fc->where[c].field);
+            fnv_str(&w, fc->where[c].field);
+            for (size_t v = 0; v < fc->where[c].nvalues; v++)
+                fnv_str(&w, fc->where[c].values[v]);
+        }
+        if (tly_agg_numeric(fc->agg) && fc->nvalues > 0)
+            fnv_str(&w, fc->values[0]);
+        if (!takes_all(cfg, fc->entity))
+            rule_add(&rules, &n, &cap, "match %s %016" PRIx64, fc->entity, w.h);
+        else
+            rule_add(&rules, &n, &cap, "match %s all", fc->entity);
+        for (size_t v = 0; v < fc->nvalues; v++) {
+            rule_add(&rules, &n, &cap, "field %s", fc->values[v]);
+            if (tly_agg_numeric(fc->agg))
+                rule_add(&rules, &n, &cap, "number %s", fc->values[v]);
+            else if (!tly_agg_windowed(fc->agg))
+                rule_add(&rules, &n, &cap, "kept %s", fc->values[v]);
+        }
+    }
+    qsort(rules, n, sizeof *rules, cmp_str);
+    for (size_t i = 0; i < n; i++) {
+        if (i == 0 || strcmp(rules[i], rules[i - 1]) != 0)
+            fnv_str(&f, rules[i]);
+    }
+    for (size_t i = 0; i < n; i++)
+        free(rules[i]);
+    free(rules);
+    return f.h;
+}
+
+static fnv_t fnv_start(const tly_config_t *cfg, uint64_t acceptance)
 {
     fnv_t f = {UINT64_C(0xcbf29ce484222325)};
     fnv_str(&f, "tallyd store format 1");
     fnv_i64(&f, cfg->store.idle_ttl_ms);
+    fnv_i64(&f, (int64_t)acceptance);
     return f;
 }
 
@@ -164,20 +271,23 @@ static fnv_t fnv_start(const tly_config_t *cfg)
  * record's layout depends only on its own type's features, in order. */
 static uint64_t features_hash(const tly_config_t *cfg, const char *entity)
 {
-    fnv_t f = fnv_start(cfg);
+    fnv_t f = fnv_start(cfg, acceptance_hash(cfg));
     for (size_t i = 0; i < cfg->nfeatures; i++)
         if (entity == NULL || strcmp(cfg->features[i].entity, entity) == 0)
             fnv_feature(&f, &cfg->features[i]);
     return f.h;
 }
 
-/* The hash of one feature's definition: its state means the same thing
- * under two configs when this is equal. */
-static uint64_t feature_hash(const tly_config_t *cfg, size_t i)
+static uint64_t feature_hash(const tly_config_t *cfg, uint64_t acceptance, size_t i)
 {
-    fnv_t f = fnv_start(cfg);
+    fnv_t f = fnv_start(cfg, acceptance);
     fnv_feature(&f, &cfg->features[i]);
     return f.h;
+}
+
+uint64_t tly_snapshot_feature_hash(const tly_config_t *cfg, size_t i)
+{
+    return feature_hash(cfg, acceptance_hash(cfg), i);
 }
 
 uint64_t tly_snapshot_defs_hash(const tly_config_t *cfg)
@@ -428,8 +538,9 @@ tly_snapshotter_t *tly_snapshot_new(const tly_config_t *cfg)
     sn->cfg = cfg;
     sn->defs_hash = tly_snapshot_defs_hash(cfg);
     sn->feat_hash = xmalloc(sizeof *sn->feat_hash * cfg->nfeatures);
+    uint64_t acceptance = acceptance_hash(cfg);
     for (size_t i = 0; i < cfg->nfeatures; i++)
-        sn->feat_hash[i] = feature_hash(cfg, i);
+        sn->feat_hash[i] = feature_hash(cfg, acceptance, i);
     for (size_t i = 0; i < cfg->nfeatures; i++) {
         const char *e = cfg->features[i].entity;
         size_t t = 0;
@@ -637,8 +748,13 @@ tly_store_t *tly_snapshot_restore(tly_snapshotter_t *sn, const tly_featset_t *fs
 void tly_snapshot_attach(tly_snapshotter_t *sn, tly_store_t *store, tly_source_t *src)
 {
     sn->store = store;
+    /* With every feature restored (features only removed or reordered)
+     * nothing needs history: resume as after an unchanged restart. */
+    bool rebuild = false;
+    for (size_t f = 0; sn->partial && f < sn->cfg->nfeatures; f++)
+        rebuild = rebuild || !tly_store_restored(store, (uint32_t)f);
     for (size_t i = 0; i < sn->nrestored; i++)
-        if ((sn->partial ? tly_source_catch_up(src, sn->restored[i].topic,
+        if ((rebuild ? tly_source_catch_up(src, sn->restored[i].topic,
                                                sn->restored[i].partition, sn->restored[i].offset,
                                                sn->restored[i].last_event_ms)
                          : tly_source_resume_at(src, sn->restored[i].topic,

@@ -1174,16 +1174,27 @@ static tly_err_t load_insert(tly_store_t *store, ent_t *e, char *err, size_t err
     return TLY_OK;
 }
 
+/* A segment of a record being remapped: its new id, where it was. */
+typedef struct {
+    uint32_t sid, off, len;
+} seg_t;
+
+static int seg_cmp(const void *a, const void *b)
+{
+    const seg_t *x = a, *y = b;
+    return (x->sid > y->sid) - (x->sid < y->sid);
+}
+
 /* A word-encoded record of another layout: the segments of restored
- * features, renumbered to our slots and put back in order. */
+ * features, renumbered to our slots and put back in order. Word 0, the
+ * entity's newest event time, is kept: it may come from an event that fed
+ * only a feature no longer defined (a compact record's is recomputed from
+ * the events it keeps). */
 static tly_err_t load_words_remap(tly_store_t *store, const lmap_t *m, const char *id, size_t idlen,
                                   const uint64_t *w, uint32_t used, char *err, size_t errlen,
                                   size_t item)
 {
     const tly_featset_t *fs = store->fs;
-    typedef struct {
-        uint32_t sid, off, len;
-    } seg_t;
     seg_t *segs = store_xmalloc(sizeof *segs * used);
     size_t nsegs = 0;
     uint32_t total = 1;
@@ -1216,13 +1227,8 @@ static tly_err_t load_words_remap(tly_store_t *store, const lmap_t *m, const cha
         off += 1 + len;
     }
     if (nsegs == 0)
-        goto out;                      /* nothing of it is restored */
-    for (size_t i = 1; i < nsegs; i++) /* a few segments: insertion sort */
-        for (size_t j = i; j > 0 && segs[j - 1].sid > segs[j].sid; j--) {
-            seg_t t = segs[j];
-            segs[j] = segs[j - 1];
-            segs[j - 1] = t;
-        }
+        goto out; /* nothing of it is restored */
+    qsort(segs, nsegs, sizeof *segs, seg_cmp);
     ent_t *e = ent_alloc(store, (uint32_t)m->type, id, idlen, F_WORDS, total);
     st(e, 0, w[0]);
     uint32_t at = 1;
@@ -1357,7 +1363,12 @@ tly_err_t tly_store_load(tly_store_t *store, const void *data, size_t n, const u
             return snap_fail(err, errlen, "malformed entity", item);
         const lmap_t *m = NULL;
         if (feat_hash != NULL) {
-            if (type >= TLY_MAX_ENTITIES || store->lmap == NULL || !store->lmap[type].seen)
+            if (store->lmap == NULL)
+                return snap_fail(err, errlen,
+                                 "no feature layouts (written by an older tallyd: it restores "
+                                 "only under the definitions it was written for)",
+                                 item);
+            if (type >= TLY_MAX_ENTITIES || !store->lmap[type].seen)
                 return snap_fail(err, errlen, "entity before its type's layout", item);
             m = &store->lmap[type];
             if (m->type < 0) { /* a type we no longer have: step over it */

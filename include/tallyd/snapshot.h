@@ -64,6 +64,13 @@ typedef struct {
 /* The hash of cfg's feature definitions that a snapshot must match. */
 uint64_t tly_snapshot_defs_hash(const tly_config_t *cfg);
 
+/* The hash of feature i's definition (cfg->features[i]) together with the
+ * rules that decide whether an event is accepted at all (fields read,
+ * value checks, keys and filters per entity type, events.* and topic
+ * limits, store.idle_ttl): a snapshot's state of the feature is restored
+ * under cfg only when this is unchanged. */
+uint64_t tly_snapshot_feature_hash(const tly_config_t *cfg, size_t i);
+
 /* Returns a snapshotter for cfg's snapshot.* settings, or NULL when
  * snapshot.dir is "" (snapshots off). */
 tly_snapshotter_t *tly_snapshot_new(const tly_config_t *cfg);
