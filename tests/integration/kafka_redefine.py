@@ -79,6 +79,27 @@ def persistence(t):
     return H.parse_info(text.decode())
 
 
+def wait_ready(t, name):
+    """Waits until queries are served: after a restore that means caught up,
+    so any replay of history is in messages_consumed by then."""
+    end = H.deadline(30)
+    while t.client().info().get("loading") != "0":
+        if time.monotonic() > end:
+            raise H.Failure(f"{name} still loading:\n" + t.log_tail())
+        time.sleep(0.05)  # poll interval of a deadline-bounded wait
+
+
+def check_values(r, t, cfg, path, model):
+    """FEATURES of every user and pin against model."""
+    c = K.ctx(t, cfg, path, model, r.asof, r.users, r.pins, r.produced,
+              int(time.time() * 1000), r.tmp)
+    try:
+        E.t_features_all(c, "user", c.users, 2)
+        E.t_features_all(c, "pin", c.pins, 2)
+    finally:
+        c.cli.close()
+
+
 def setup():
     H.check_binaries(H.TALLYD)
     r = Run()
@@ -163,12 +184,7 @@ def t_snapshot_after_rebuild(r):
     m = H.Mismatches()
     m.eq(pers3.get("restored_entity_types"), "user,pin", "run 3 INFO restored_entity_types")
     m.eq(pers3.get("rebuilt_entity_types"), "", "run 3 INFO rebuilt_entity_types")
-    end = H.deadline(30)
-    while t3.client().info().get("loading") != "0":
-        if time.monotonic() > end:
-            raise H.Failure("run 3 still loading:\n" + t3.log_tail())
-        time.sleep(0.05)
-    time.sleep(0.5)  # a replay, if any, would show within this
+    wait_ready(t3, "run 3")
     info3 = t3.client().info()
     m.eq(info3.get("messages_consumed"), "0", "run 3 INFO messages_consumed")
     m.done()
@@ -185,26 +201,14 @@ def t_removed_feature_resumes(r):
         raise H.Failure("the features have no single user feature 'min_click_dwell' to remove")
     t, cfg, path = start(r, feats, "tallyd-4")
     try:
-        end = H.deadline(30)
-        while t.client().info().get("loading") != "0":
-            if time.monotonic() > end:
-                raise H.Failure("run 4 still loading:\n" + t.log_tail())
-            time.sleep(0.05)
-        time.sleep(0.5)  # a replay, if any, would show within this
+        wait_ready(t, "run 4")
         m = H.Mismatches()
         pers = persistence(t)
         m.eq(pers.get("rebuilt_features"), "", "run 4 INFO rebuilt_features")
         m.eq(pers.get("restored_entity_types"), "user,pin", "run 4 INFO restored_entity_types")
         m.eq(t.client().info().get("messages_consumed"), "0", "run 4 INFO messages_consumed")
         m.done()
-        model = E.Model(cfg, r.ev1 + r.ev2, r.asof, r.t0)
-        c = K.ctx(t, cfg, path, model, r.asof, r.users, r.pins, r.produced,
-                  int(time.time() * 1000), r.tmp)
-        try:
-            E.t_features_all(c, "user", c.users, 2)
-            E.t_features_all(c, "pin", c.pins, 2)
-        finally:
-            c.cli.close()
+        check_values(r, t, cfg, path, E.Model(cfg, r.ev1 + r.ev2, r.asof, r.t0))
     finally:
         rc = t.close()
     if rc != 0:
@@ -225,13 +229,7 @@ def t_loaded_not_rebuilt(r):
         for key in [k for k in both.kept if k[0] == fi[0]]:
             del both.kept[key]
         both.kept.update({k: v for k, v in second.kept.items() if k[0] == fi[0]})
-        c = K.ctx(t, cfg, path, both, r.asof, r.users, r.pins, r.produced,
-                  int(time.time() * 1000), r.tmp)
-        try:
-            E.t_features_all(c, "pin", c.pins, 2)
-            E.t_features_all(c, "user", c.users, 2)
-        finally:
-            c.cli.close()
+        check_values(r, t, cfg, path, both)
         m = H.Mismatches()
         m.eq(info.get("messages_consumed"), str(len(r.ev2)),
              "INFO messages_consumed (the second batch only)")

@@ -30,14 +30,17 @@
 /* A time aligned to every default hop (a whole day in epoch ms). */
 #define T (INT64_C(19675) * DAY)
 
-static const char *yaml =
-    "events:\n"
-    "  time: { field: ts, unit: ms }\n"
-    "  max_future_skew: 1m\n"
-    "  max_string: 16\n"
-    "store:\n"
-    "  idle_ttl: 1d\n"
+/* What both configs of these tests share before their features. */
+#define YAML_HEAD                                                                                  \
+    "events:\n"                                                                                    \
+    "  time: { field: ts, unit: ms }\n"                                                            \
+    "  max_future_skew: 1m\n"                                                                      \
+    "  max_string: 16\n"                                                                           \
+    "store:\n"                                                                                     \
+    "  idle_ttl: 1d\n"                                                                             \
     "features:\n"
+
+static const char *yaml = YAML_HEAD
     "  - { name: clicks, entity: user, key: user_id, where: { action: click }, agg: count,"
     " windows: [5m, 1h] }\n"
     "  - { name: dwell, entity: user, key: user_id, agg: sum, value: dwell_ms, windows: [1h] }\n"
@@ -382,8 +385,8 @@ static void read_all(const fx_t *fx, tly_store_t *store, uint32_t type, const ch
             req[n++] = (tly_featwin_t){et->feats[i], w};
     }
     int64_t last = 0;
-    assert_int_equal(tly_store_read(store, type, id, strlen(id), req, n, T, vals, &last, sbuf, scap),
-                     TLY_OK);
+    assert_int_equal(
+        tly_store_read(store, type, id, strlen(id), req, n, T, vals, &last, sbuf, scap), TLY_OK);
     vals[n] = (tly_value_t){.type = TLY_V_INT, .u.i = last};
     *nvals = n + 1;
 }
@@ -412,9 +415,8 @@ static void test_dump_and_load_round_trip(void **state)
     for (int i = 0; i < 3000; i++) {
         int64_t user = i % 7 == 0 ? 1 : 100 + i % 500; /* user 1 is busy */
         snprintf(pin, sizeof pin, "p%d", i % 90);
-        assert_int_equal(put(fx, T, T - (i % 3000) * SEC, user, pin, actions[i % 4],
-                             i % 5 ? i : -1),
-                         TLY_OK);
+        assert_int_equal(
+            put(fx, T, T - (i % 3000) * SEC, user, pin, actions[i % 4], i % 5 ? i : -1), TLY_OK);
     }
     dump_t d = {.n = 0};
     uint64_t hash[8] = {11, 12, 13, 14, 15, 16, 17, 18}; /* by feature id */
@@ -478,9 +480,8 @@ static void test_dump_and_load_round_trip(void **state)
         assert_int_equal(tly_featset_resolve(fx->fs, fx->pin, "impressions", 11, &feat, &win),
                          TLY_OK);
         tly_featwin_t req = {feat, 0};
-        assert_int_equal(tly_store_read(copy, fx->pin, "p0", 2, &req, 1, T, &none, NULL, sa,
-                                        sizeof sa),
-                         TLY_OK);
+        assert_int_equal(
+            tly_store_read(copy, fx->pin, "p0", 2, &req, 1, T, &none, NULL, sa, sizeof sa), TLY_OK);
         assert_int_equal(none.u.i, 0);
     }
     for (int u = 0; u < 700; u += 7) {
@@ -530,14 +531,7 @@ static void test_dump_and_load_round_trip(void **state)
  * moves before `dwell` (the value fields change order), the pins gain a
  * feature; dwell, dmax, davg, recent, last_action and impressions are
  * unchanged. */
-static const char *yaml_redefined =
-    "events:\n"
-    "  time: { field: ts, unit: ms }\n"
-    "  max_future_skew: 1m\n"
-    "  max_string: 16\n"
-    "store:\n"
-    "  idle_ttl: 1d\n"
-    "features:\n"
+static const char *yaml_redefined = YAML_HEAD
     "  - { name: saves, entity: user, key: user_id, where: { action: save }, agg: count,"
     " windows: [1h] }\n"
     "  - { name: recent, entity: user, key: user_id, agg: last_k, k: 3, value: [pin_id, action] }\n"
@@ -576,8 +570,8 @@ static void read_feats(const tly_featset_t *fs, tly_store_t *store, uint32_t typ
         for (uint32_t w = 0; w < (f->nwindows ? f->nwindows : 1); w++) {
             tly_featwin_t req = {et->feats[i], w};
             tly_value_t v;
-            assert_int_equal(tly_store_read(store, type, id, strlen(id), &req, 1, T, &v, NULL,
-                                            sbuf, sizeof sbuf),
+            assert_int_equal(tly_store_read(store, type, id, strlen(id), &req, 1, T, &v, NULL, sbuf,
+                                            sizeof sbuf),
                              TLY_OK);
             char *o = out[(*n)++];
             if (v.type == TLY_V_STR)
