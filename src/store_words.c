@@ -454,6 +454,20 @@ size_t store_words_recent(const tly_store_t *store, const ent_t *e, uint32_t off
         *bad = true;
         return 0;
     }
+    if (items == NULL && len > 1) {
+        /* Only counting, and the usual read at `now`: when the oldest kept
+         * item is at or after since_ms and the newest at or before asof_ms,
+         * every item is in range and the count word answers without a walk
+         * (the oldest item's time ends its first words; the newest's ends
+         * the segment). */
+        uint64_t count = ld(e, p) & 0xffffffffu;
+        uint32_t w0 = (uint32_t)ld(e, p + 1);
+        if (count > 0 && w0 >= 3 && w0 <= len - 1 &&
+            (int64_t)ld(e, p + w0 - 1) >= since_ms && (int64_t)ld(e, p + len - 2) <= asof_ms) {
+            uint64_t n = count < k ? count : k;
+            return n < cap ? (size_t)n : cap;
+        }
+    }
     uint32_t at = p + len;
     size_t n = 0, seen = 0;
     while (at > p + 1 && n < cap && seen < k) {

@@ -227,6 +227,32 @@ static void test_unknown_id_reads_empty_answers(void **state)
     assert_int_equal(last, -1);
 }
 
+/* The item count FEATURES gives for last_k, on a word-encoded record: all
+ * items in range, some newer than ASOF, some past the horizon (idle_ttl
+ * 1d), and the items a pin string too long to intern makes wider. */
+static void test_last_k_count_at_and_before_now_and_past_the_horizon(void **state)
+{
+    fx_t *fx = *state;
+    /* 40 events of user 8 over the last 40 minutes: a word-encoded record
+     * (the compact log holds far fewer); `recent` keeps the 3 newest,
+     * at T - 2m, T - 1m, T */
+    for (int i = 39; i >= 0; i--)
+        assert_int_equal(put(fx, T, T - i * MIN, 8, "p", "click", i), TLY_OK);
+    assert_int_equal(get(fx, fx->user, "8", "recent", 0, T).u.i, 3);
+    assert_int_equal(get(fx, fx->user, "8", "recent", 0, T + 12 * HOUR).u.i, 3);
+    /* ASOF before the newest: the newer ones are not counted */
+    assert_int_equal(get(fx, fx->user, "8", "recent", 0, T - 30 * SEC).u.i, 2);
+    assert_int_equal(get(fx, fx->user, "8", "recent", 0, T - 90 * SEC).u.i, 1);
+    /* the horizon (1d) passes the oldest, then the next */
+    assert_int_equal(get(fx, fx->user, "8", "recent", 0, T + DAY - 90 * SEC).u.i, 2);
+    assert_int_equal(get(fx, fx->user, "8", "recent", 0, T + DAY - 30 * SEC).u.i, 1);
+    assert_int_equal(get(fx, fx->user, "8", "recent", 0, T + DAY + 1).u.i, 0);
+    /* an item of another width (a long pin string, not interned) */
+    assert_int_equal(put(fx, T, T - 30 * SEC, 8, "a-pin-name-of-16", "click", 1), TLY_OK);
+    assert_int_equal(get(fx, fx->user, "8", "recent", 0, T).u.i, 3);
+    assert_int_equal(get(fx, fx->user, "8", "recent", 0, T - 45 * SEC).u.i, 1);
+}
+
 static void test_last_k_orders_by_time_keeps_k_and_ties_keep_arrival(void **state)
 {
     fx_t *fx = *state;
@@ -976,6 +1002,8 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_late_and_future_events_are_dropped_and_counted, setup,
                                         teardown),
         cmocka_unit_test_setup_teardown(test_unknown_id_reads_empty_answers, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_last_k_count_at_and_before_now_and_past_the_horizon,
+                                        setup, teardown),
         cmocka_unit_test_setup_teardown(test_last_k_orders_by_time_keeps_k_and_ties_keep_arrival,
                                         setup, teardown),
         cmocka_unit_test_setup_teardown(test_rejected_event_changes_nothing, setup, teardown),
