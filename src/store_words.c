@@ -462,8 +462,8 @@ size_t store_words_recent(const tly_store_t *store, const ent_t *e, uint32_t off
          * the segment). */
         uint64_t count = ld(e, p) & 0xffffffffu;
         uint32_t w0 = (uint32_t)ld(e, p + 1);
-        if (count > 0 && w0 >= 3 && w0 <= len - 1 &&
-            (int64_t)ld(e, p + w0 - 1) >= since_ms && (int64_t)ld(e, p + len - 2) <= asof_ms) {
+        if (count > 0 && w0 >= 3 && w0 <= len - 1 && (int64_t)ld(e, p + w0 - 1) >= since_ms &&
+            (int64_t)ld(e, p + len - 2) <= asof_ms) {
             uint64_t n = count < k ? count : k;
             return n < cap ? (size_t)n : cap;
         }
