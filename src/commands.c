@@ -1057,6 +1057,7 @@ static void info_persistence(cmd_ctx_t *c, tly_buf_t *t)
     textf(t, "last_snapshot_ms:%" PRId64 "\r\n", st.last_ms);
     textf(t, "last_snapshot_path:%s\r\n", st.last_path);
     textf(t, "last_snapshot_bytes:%" PRIu64 "\r\n", st.last_bytes);
+    textf(t, "last_snapshot_rebalances:%" PRIu64 "\r\n", st.last_rebalances);
     textf(t, "last_snapshot_write_ms:%" PRId64 "\r\n", st.last_write_ms);
     textf(t, "last_snapshot_pause_us:%" PRId64 "\r\n", st.last_pause_us);
     textf(t, "max_snapshot_pause_us:%" PRId64 "\r\n", st.max_pause_us);

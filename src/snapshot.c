@@ -67,7 +67,8 @@ struct tly_snapshotter {
     tly_position_t *pending; /* positions the running child writes */
     size_t npending;
     int64_t next_due_ms;
-    uint64_t last_messages; /* source messages at the last snapshot */
+    uint64_t last_messages;   /* source messages at the last snapshot */
+    uint64_t last_rebalances; /* and assignment changes */
 
     /* the writer child's error sentence: a shared anonymous mapping, read
      * by the parent after the child exited */
@@ -328,9 +329,8 @@ static bool emit_state(void *ctx, const void *data, size_t len)
 /* Writes one snapshot of store at pos[0..n). Runs in the forked child or on
  * the main thread at shutdown. */
 static tly_err_t write_snapshot(const tly_snapshotter_t *sn, tly_store_t *store,
-                                const tly_position_t *pos, size_t n, int64_t created_ms,
-                                char *path, size_t pathcap, uint64_t *bytes, char *err,
-                                size_t errlen)
+                                const tly_position_t *pos, size_t n, int64_t created_ms, char *path,
+                                size_t pathcap, uint64_t *bytes, char *err, size_t errlen)
 {
     tly_snapw_t *w = tly_snapw_open(sn->cfg->snapshot.dir, created_ms, sn->defs_hash, err, errlen);
     if (w == NULL)
@@ -382,11 +382,12 @@ static tly_err_t write_snapshot(const tly_snapshotter_t *sn, tly_store_t *store,
     return tly_snapw_commit(w, path, pathcap, err, errlen);
 }
 
-static void note_written(tly_snapshotter_t *sn, int64_t created_ms, int64_t took_ms,
-                         uint64_t bytes, const char *path)
+static void note_written(tly_snapshotter_t *sn, int64_t created_ms, int64_t took_ms, uint64_t bytes,
+                         const char *path, uint64_t rebalances)
 {
     pthread_mutex_lock(&sn->mu);
     sn->st.written++;
+    sn->st.last_rebalances = rebalances;
     sn->st.last_ms = created_ms;
     sn->st.last_write_ms = took_ms;
     sn->st.last_bytes = bytes;
@@ -454,7 +455,7 @@ static void reap(tly_snapshotter_t *sn, tly_source_t *src, bool wait)
                  sn->child_created_ms);
         struct stat sb;
         note_written(sn, sn->child_created_ms, wall_ms() - sn->child_started_ms,
-                     stat(path, &sb) == 0 ? (uint64_t)sb.st_size : 0, path);
+                     stat(path, &sb) == 0 ? (uint64_t)sb.st_size : 0, path, sn->last_rebalances);
         tly_source_commit(src, sn->pending, sn->npending);
         tly_snap_prune(sn->cfg->snapshot.dir, (size_t)sn->cfg->snapshot.keep);
         return;
@@ -484,8 +485,10 @@ static void checkpoint(void *ctx, tly_source_t *src)
         return; /* rebuilt features still below the restored position */
     tly_source_stats_t st;
     tly_source_stats(src, &st, NULL, 0);
-    if (st.messages == sn->last_messages && sn->st.written > 0)
-        return; /* nothing new since the last one */
+    if (st.messages == sn->last_messages && st.rebalances == sn->last_rebalances &&
+        sn->st.written > 0)
+        return; /* nothing new since the last one (an assignment change is new: the
+                   partitions lost are gone from the state and the positions) */
     size_t n = tly_source_positions(src, NULL, 0);
     if (n > MAX_POSITIONS)
         n = MAX_POSITIONS;
@@ -512,6 +515,7 @@ static void checkpoint(void *ctx, tly_source_t *src)
     }
     sn->child = pid;
     sn->last_messages = st.messages;
+    sn->last_rebalances = st.rebalances;
     pthread_mutex_lock(&sn->mu);
     sn->st.in_progress = true;
     sn->st.last_pause_us = pause;
@@ -754,14 +758,13 @@ void tly_snapshot_attach(tly_snapshotter_t *sn, tly_store_t *store, tly_source_t
     for (size_t f = 0; sn->partial && f < sn->cfg->nfeatures; f++)
         rebuild = rebuild || !tly_store_restored(store, (uint32_t)f);
     for (size_t i = 0; i < sn->nrestored; i++)
-        if ((rebuild ? tly_source_catch_up(src, sn->restored[i].topic,
-                                               sn->restored[i].partition, sn->restored[i].offset,
-                                               sn->restored[i].last_event_ms)
-                         : tly_source_resume_at(src, sn->restored[i].topic,
-                                                sn->restored[i].partition, sn->restored[i].offset,
-                                                sn->restored[i].last_event_ms)) != TLY_OK)
-            tly_warn("snapshot: cannot resume %s[%" PRId32 "] at %" PRId64,
-                     sn->restored[i].topic, sn->restored[i].partition, sn->restored[i].offset);
+        if ((rebuild ? tly_source_catch_up(src, sn->restored[i].topic, sn->restored[i].partition,
+                                           sn->restored[i].offset, sn->restored[i].last_event_ms)
+                     : tly_source_resume_at(src, sn->restored[i].topic, sn->restored[i].partition,
+                                            sn->restored[i].offset,
+                                            sn->restored[i].last_event_ms)) != TLY_OK)
+            tly_warn("snapshot: cannot resume %s[%" PRId32 "] at %" PRId64, sn->restored[i].topic,
+                     sn->restored[i].partition, sn->restored[i].offset);
     tly_source_set_checkpoint(src, checkpoint, sn);
 }
 
@@ -796,7 +799,9 @@ tly_err_t tly_snapshot_final(tly_snapshotter_t *sn, tly_source_t *src)
         write_snapshot(sn, sn->store, pos, n, created, path, sizeof path, &bytes, err, sizeof err);
     if (rc == TLY_OK) {
         int64_t took = (mono_us() - t0) / 1000;
-        note_written(sn, created, took, bytes, path);
+        tly_source_stats_t sst;
+        tly_source_stats(src, &sst, NULL, 0);
+        note_written(sn, created, took, bytes, path, sst.rebalances);
         tly_info("snapshot: final snapshot %s (%zu partitions, %.1f MB before compression) "
                  "in %" PRId64 " ms",
                  path, n, (double)bytes / 1e6, took);

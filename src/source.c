@@ -1113,20 +1113,31 @@ fail:
     return NULL;
 }
 
-tly_err_t tly_source_resume_at(tly_source_t *src, const char *topic, int32_t partition,
-                               int64_t offset, int64_t last_event_ms)
+/* What resume_at and catch_up share: the partition's restored newest event
+ * time and the watermark; in shard mode the partition's state is held
+ * (from a snapshot), and the first assignment drops it unless the
+ * partition comes back here. NULL on bad arguments. */
+static part_t *part_restored(tly_source_t *src, const char *topic, int32_t partition,
+                             int64_t offset, int64_t last_event_ms)
 {
     if (src == NULL || topic == NULL || partition < 0 || offset < 0 || src->started)
-        return TLY_E_INVAL;
+        return NULL;
     part_t *p = part_get(src, topic, partition);
-    p->position = offset;
     p->last_event_ms = last_event_ms >= 0 ? last_event_ms : -1;
     if (last_event_ms > atomic_load_explicit(&src->watermark_ms, memory_order_relaxed))
         atomic_store_explicit(&src->watermark_ms, last_event_ms, memory_order_relaxed);
-    /* Shard mode: state for this partition is held (from a snapshot); the
-     * first assignment drops it unless the partition comes back here. */
     if (src->shard != NULL && partition < TLY_SHARD_MAX_PARTITIONS)
         src->held[partition / 64] |= UINT64_C(1) << (partition % 64);
+    return p;
+}
+
+tly_err_t tly_source_resume_at(tly_source_t *src, const char *topic, int32_t partition,
+                               int64_t offset, int64_t last_event_ms)
+{
+    part_t *p = part_restored(src, topic, partition, offset, last_event_ms);
+    if (p == NULL)
+        return TLY_E_INVAL;
+    p->position = offset;
     return TLY_OK;
 }
 
@@ -1181,15 +1192,10 @@ void tly_source_halt(tly_source_t *src)
 tly_err_t tly_source_catch_up(tly_source_t *src, const char *topic, int32_t partition,
                               int64_t offset, int64_t last_event_ms)
 {
-    if (src == NULL || topic == NULL || partition < 0 || offset < 0 || src->started)
+    part_t *p = part_restored(src, topic, partition, offset, last_event_ms);
+    if (p == NULL)
         return TLY_E_INVAL;
-    part_t *p = part_get(src, topic, partition);
     p->catchup_until = offset;
-    p->last_event_ms = last_event_ms >= 0 ? last_event_ms : -1;
-    if (last_event_ms > atomic_load_explicit(&src->watermark_ms, memory_order_relaxed))
-        atomic_store_explicit(&src->watermark_ms, last_event_ms, memory_order_relaxed);
-    if (src->shard != NULL && partition < TLY_SHARD_MAX_PARTITIONS)
-        src->held[partition / 64] |= UINT64_C(1) << (partition % 64);
     return TLY_OK;
 }
 

@@ -51,6 +51,7 @@ typedef struct {
     int64_t last_pause_us;     /* how long ingest paused to start it (the fork) */
     int64_t max_pause_us;      /* the longest such pause */
     uint64_t last_bytes;       /* its size */
+    uint64_t last_rebalances;  /* the source's assignment changes it covers */
     uint64_t loaded_entities;  /* entities restored at start-up */
     int64_t loaded_ms;         /* creation time of the snapshot restored, -1 none */
     uint64_t rejected;         /* snapshots found unusable at start-up */

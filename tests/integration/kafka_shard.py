@@ -622,12 +622,19 @@ def t_snapshots_before_kill(r, live, victim):
         written = {i.name: int(i.cli.info().get("snapshots_written", -1)) for i in live}
         got = committed(r, want)
         files = K.snapshot_files(victim.cfg["snapshot"]["dir"])
-        if all(w >= 1 for w in written.values()) and got == want and files:
+        # the newest durable snapshot covers the victim's latest assignment
+        # change, so it holds exactly its partitions (an assignment change
+        # makes a new snapshot due)
+        vi = victim.cli.info()
+        covers = (vi.get("last_snapshot_rebalances"), vi.get("rebalances"))
+        if (all(w >= 1 for w in written.values()) and got == want and files
+                and covers[0] == covers[1]):
             r.victim_files = files
             return
         if time.monotonic() > end:
             raise Failure(f"within {SNAPSHOT_WAIT_S * H.MULT:.0f} s: snapshots_written {written}; "
-                          f"{victim.name}'s snapshot files {[n for _, n in files]}; committed "
+                          f"{victim.name}'s snapshot files {[n for _, n in files]}, the newest "
+                          f"covering {covers[0]} of its {covers[1]} rebalances; committed "
                           f"offsets of its partitions {got}, want the ends {want}")
         time.sleep(0.2)  # poll interval of a deadline-bounded wait
 
