@@ -26,12 +26,10 @@
  *   redis   the peer loader: the same consumer plus jsmn parsing and, per
  *           event, the Redis commands that keep the demo's features (see
  *           loader_event), pipelined, flushed every --pipeline commands.
- * Then, on the real broker, the bare/tallyd pair once more with one more
- * consumer property (--tuned, default queued.min.messages=1000000, given to
- * tallyd through kafka.properties): with librdkafka 2.0.2's defaults
- * tallyd's poll thread was seen off CPU about half the time on a preloaded
- * topic (blocking ~2,600 times a second) and this property made it
- * CPU-bound (bench/README.md).
+ *   tallyd, kafka.threads: 1  the same with one thread decoding and
+ *           applying (the poll thread), to show what the others add.
+ * With --tuned K=V, on the real broker, the bare/tallyd pair once more with
+ * one more consumer property (given to tallyd through kafka.properties).
  * Rates run from the first message seen (bare, redis) or the first INFO poll
  * that shows an applied event (tallyd) to the N-th, so connection set-up is
  * out of the rate and printed separately ("start→N"). Every tallyd and redis
@@ -643,6 +641,8 @@ static const opts_t *g_opts; /* for --property in consumer_new */
 /* One more KEY=VALUE for every consumer of the current run (the tuned rows),
  * or NULL. */
 static const char *run_prop;
+/* kafka.threads of the tallyd being started; 0: tallyd's default */
+static int run_threads;
 
 /* Applies "KEY=VALUE" to conf. */
 static void conf_kv(rd_kafka_conf_t *conf, const char *prop)
@@ -769,6 +769,8 @@ static void write_config(const char *path, int port, const char *bootstrap, cons
             "kafka:\n  brokers: \"%s\"\n  group: tly-bench-kafka-%s-%d\n  topics: [%s]\n"
             "  mode: replica\n  start: earliest\n",
             DEMO_CONFIG, port, bootstrap, name, (int)getpid(), topic);
+    if (run_threads > 0)
+        fprintf(out, "  threads: %d\n", run_threads);
     const char *props[17];
     int np = 0;
     for (int i = 0; i < o->nprops; i++)
@@ -1415,10 +1417,19 @@ static void print_machine(void)
 
 /* _T rows: the same pair with --tuned (one more consumer property), each
  * compared with the bare consumer of its own kind. */
-typedef enum { ROW_BARE, ROW_TALLYD, ROW_REDIS, ROW_BARE_T, ROW_TALLYD_T, ROW__COUNT } row_t;
-static const char *const row_names[ROW__COUNT] = {"bare librdkafka consumer", "tallyd",
-                                                  "redis loader (HINCRBY, pipelined)",
-                                                  "bare consumer, tuned", "tallyd, tuned"};
+typedef enum {
+    ROW_BARE,
+    ROW_TALLYD,
+    ROW_TALLYD_1,
+    ROW_REDIS,
+    ROW_BARE_T,
+    ROW_TALLYD_T,
+    ROW__COUNT
+} row_t;
+static const char *const row_names[ROW__COUNT] = {
+    "bare librdkafka consumer", "tallyd",
+    "tallyd, kafka.threads: 1", "redis loader (HINCRBY, pipelined)",
+    "bare consumer, tuned",     "tallyd, tuned"};
 
 static void print_rows(const char *cluster, const result_t rows[ROW__COUNT])
 {
@@ -1470,8 +1481,8 @@ static void usage(FILE *out)
             "  --linger MS   linger.ms of the freshness producer (default 5; see bench/README.md)\n"
             "  --property K=V  a librdkafka property for every consumer (bare, loader, tallyd's\n"
             "                kafka.properties); repeatable\n"
-            "  --tuned K=V   the property of the tuned real-broker pair (default\n"
-            "                queued.min.messages=1000000; none: no tuned rows)\n"
+            "  --tuned K=V   a bare consumer and a tallyd more on the real broker, with\n"
+            "                this property (default: none)\n"
             "  --only LIST   parts to run: real (ingest on the broker), mock, fresh\n",
             DEFAULT_EVENTS, QUICK_EVENTS);
 }
@@ -1506,8 +1517,7 @@ static void parse_args(int argc, char **argv, opts_t *o)
                   .sample = 20,
                   .poll_us = 500,
                   .linger_ms = 5,
-                  .warmup_s = 2,
-                  .tuned = "queued.min.messages=1000000"};
+                  .warmup_s = 2};
     long n = -1;
     int c;
     bool any_only = false;
@@ -1651,6 +1661,11 @@ int main(int argc, char **argv)
         fprintf(stderr, "  tallyd\n");
         run_tallyd(&o, o.bootstrap, topic, &sm, "tallyd-real", &real[ROW_TALLYD], &bad);
         bad_total += bad;
+        fprintf(stderr, "  tallyd, kafka.threads: 1\n");
+        run_threads = 1;
+        run_tallyd(&o, o.bootstrap, topic, &sm, "tallyd-real-1", &real[ROW_TALLYD_1], &bad);
+        run_threads = 0;
+        bad_total += bad;
         if (o.redis_port) {
             fprintf(stderr, "  redis loader\n");
             run_loader(&o, o.bootstrap, topic, o.partitions, &sm, &real[ROW_REDIS], &bad);
@@ -1676,6 +1691,11 @@ int main(int argc, char **argv)
         run_bare(m.bootstrap, topic, o.mock_partitions, sm.n, &mock[ROW_BARE]);
         fprintf(stderr, "  tallyd\n");
         run_tallyd(&o, m.bootstrap, topic, &sm, "tallyd-mock", &mock[ROW_TALLYD], &bad);
+        bad_total += bad;
+        fprintf(stderr, "  tallyd, kafka.threads: 1\n");
+        run_threads = 1;
+        run_tallyd(&o, m.bootstrap, topic, &sm, "tallyd-mock-1", &mock[ROW_TALLYD_1], &bad);
+        run_threads = 0;
         bad_total += bad;
         if (o.redis_port) {
             fprintf(stderr, "  redis loader\n");

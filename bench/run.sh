@@ -103,6 +103,8 @@ step_query() {
 # a temporary directory and stops both on every exit path (the trap of the
 # subshell); tallyd and mockkafka are children of the benchmark, which
 # stops them itself (and the kernel kills them if it dies).
+# The broker runs with Kafka's stock JVM settings (scripts/kafka.sh,
+# TLY_KAFKA_JVM=stock) unless TLY_KAFKA_JVM says otherwise.
 #   KAFKA_ARGS   extra flags for build/bench/kafka, e.g. "--quick"
 step_kafka() {
   local bin="$BUILD/bench/kafka" mock="$BUILD/itest/mockkafka"
@@ -121,7 +123,7 @@ step_kafka() {
     trap stop_all EXIT
     trap 'exit 130' INT
     trap 'exit 143' TERM
-    line=$(bash scripts/kafka.sh start --dir "$dir/kafka") || {
+    line=$(TLY_KAFKA_JVM=${TLY_KAFKA_JVM:-stock} bash scripts/kafka.sh start --dir "$dir/kafka") || {
       echo "kafka: scripts/kafka.sh start failed" >&2
       exit 1
     }

@@ -31,6 +31,12 @@
 # topic auto-creation, no retention limit (tests produce events weeks old
 # on purpose), a 512 MiB heap.
 #
+# JVM: by default tuned for a fast start on a small machine (C1 only, the
+# serial collector). TLY_KAFKA_JVM=stock runs the broker with the JVM
+# settings of Kafka's own bin/kafka-server-start.sh instead (1 GiB heap, G1
+# with a 20 ms pause goal, the full JIT): slower to start, steadier under
+# load; the benchmarks use it.
+#
 # Cache: TLY_KAFKA_CACHE (default ~/.cache/tallyd-kafka) keeps the resolved
 # classpath and the class-data archive across runs and work trees, as ~/.m2
 # keeps the jars.
@@ -253,14 +259,25 @@ start() {
   # C2 compiles compete with start-up for the cores and a test broker does
   # not need C2's code), the serial collector (no GC threads) and an
   # application class-data archive (cds_key).
-  local jvm=(-Xmx512m -Xms64m -XX:+UseSerialGC -XX:TieredStopAtLevel=1 -XX:-UsePerfData
-    -Djava.awt.headless=true
+  local jvm=(-Xmx512m -Xms64m -XX:+UseSerialGC -XX:TieredStopAtLevel=1 -XX:-UsePerfData)
+  case ${TLY_KAFKA_JVM:-small} in
+  small) ;;
+  stock) # bin/kafka-server-start.sh's KAFKA_HEAP_OPTS and kafka-run-class.sh's
+    # KAFKA_JVM_PERFORMANCE_OPTS
+    jvm=(-Xmx1G -Xms1G -server -XX:+UseG1GC -XX:MaxGCPauseMillis=20
+      -XX:InitiatingHeapOccupancyPercent=35 -XX:+ExplicitGCInvokesConcurrent
+      -XX:MaxInlineLevel=15) ;;
+  *) die "TLY_KAFKA_JVM must be small or stock, not ${TLY_KAFKA_JVM}" ;;
+  esac
+  jvm+=(-Djava.awt.headless=true
     "-Dlog4j2.configurationFile=$REPO/scripts/kafka/log4j2.properties"
     "-Dkafka.logs.dir=$DIR/logs")
   local jsa cds=() list=()
   jsa=$CACHE/kafka-$(cds_key "$cp").jsa
   rm -f "$DIR/classes.lst" "$DIR/cds.pending"
-  if [ -f "$jsa" ]; then
+  if [ "${TLY_KAFKA_JVM:-small}" != small ]; then
+    : # the class-data archive is built for the small settings' collector
+  elif [ -f "$jsa" ]; then
     cds=("-XX:SharedArchiveFile=$jsa")
   else
     list=("-XX:DumpLoadedClassList=$DIR/classes.lst")

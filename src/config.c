@@ -166,6 +166,10 @@ const key_def_t tly_config_keys[] = {
         CFG(kafka.endpoints_topic),
         "Shard mode: compacted topic where each instance publishes server.advertise for the "
         "partitions it owns, so -MOVED replies can name the owner; created if missing."),
+    KEY("kafka.threads", K_INT, "2", 1, 64, 0, NULL, CFG(kafka.threads),
+        "Threads that decode and apply events, the consumer's poll thread among them. The "
+        "events of one message key (of one partition, for messages without a key) are "
+        "applied in offset order by one thread; 1 applies everything on the poll thread."),
     KEY("kafka.ready_lag", K_INT, "1000", 0, 1000000000, 0, NULL, CFG(kafka.ready_lag),
         "After an assignment, queries get -LOADING until every assigned partition is at most "
         "this many messages behind its end (clients may opt into stale reads with CLIENT "

@@ -2,11 +2,20 @@
  * source.c — the Kafka consumer that feeds the store (source.h).
  *
  * One librdkafka high-level consumer per source and one poll thread:
- * rd_kafka_consumer_poll (100 ms at most, so a stop is prompt) → decode →
- * tly_store_apply → rd_kafka_offset_store. Offsets are stored only once
- * their event was applied or rejected (enable.auto.offset.store=false) and
- * librdkafka commits the stored offsets in the background
- * (enable.auto.commit=true), on revocation and in tly_source_stop.
+ * rd_kafka_consumer_poll (100 ms at most, so a stop is prompt) collects a
+ * batch — whatever the consumer queue holds, up to BATCH_MAX messages —
+ * then decode → tly_store_apply for the whole batch, spread over
+ * kafka.threads appliers (the poll thread and kafka.threads − 1 workers):
+ * the messages of one key (of one partition, for messages without a key)
+ * go to one applier, which applies them in offset order — the order Kafka
+ * itself guarantees — and the poll thread waits for all of them (flush). Only then does the bookkeeping run, in message order: counters,
+ * rejection logs, rd_kafka_offset_store. Between batches the store is as
+ * if every message had been applied one by one on the poll thread, so the
+ * rebalance callback (which flushes first), publish and the checkpoint
+ * hook see a consistent cut. Offsets are stored only once their event was
+ * applied or rejected (enable.auto.offset.store=false) and librdkafka
+ * commits the stored offsets in the background (enable.auto.commit=true),
+ * on revocation and in tly_source_stop.
  *
  * Where a partition starts. The store is in-process state: a fresh process
  * holds nothing, so the offsets a previous process committed describe state
@@ -25,6 +34,8 @@
  *
  * Threads: new/start/stop/free/resume_at on the main thread. The poll thread
  * runs consumer_poll and with it the rebalance, error and offset callbacks;
+ * worker threads only decode and apply the batch items handed to them
+ * (between the start and the end of a flush, under pool.mu's handshake);
  * rd_kafka_consumer_close in stop runs the final revocation on the main
  * thread after the poll thread was joined. The log callback runs on
  * librdkafka's own threads and only calls tly_log. tly_source_stats and
@@ -70,6 +81,9 @@
 #define ERROR_LOG_EVERY_MS  1000
 #define MOCK_BROKERS        3
 #define ASSIGN_LOG_CAP      1024
+#define BATCH_MAX           4096 /* messages collected before they are applied */
+#define BATCH_SPREAD_MIN    64   /* smaller batches are applied by the poll thread alone */
+#define MAX_APPLIERS        64 /* kafka.threads' upper bound */
 
 /* One partition this process has been assigned (or was told to resume). */
 typedef struct {
@@ -85,6 +99,25 @@ typedef struct {
     int64_t catchup_until; /* > 0: below this offset, events are marked replayed */
 } part_t;
 
+/* One collected message, and what applying it gave. */
+typedef struct {
+    rd_kafka_message_t *m;
+    size_t part; /* index in src->parts */
+    bool replayed;
+    tly_err_t err;   /* written by the applier */
+    int64_t time_ms; /* event time, when applied */
+} item_t;
+
+/* One applier: its own decoders (they keep scratch state) and, during a
+ * flush, the indices of the batch items it applies, in batch order. */
+typedef struct {
+    tly_source_t *src;
+    pthread_t thread; /* workers only (applier 0 is the poll thread) */
+    tly_decoder_t **decs; /* [ndecs], see tly_source.decs */
+    uint32_t *idx;
+    size_t nidx, idxcap;
+} applier_t;
+
 /* At most one log line per period; the rest are counted and reported in
  * the next line. */
 typedef struct {
@@ -96,11 +129,26 @@ struct tly_source {
     const tly_config_t *cfg;
     const tly_featset_t *fs;
     tly_store_t *store;
-    /* poll thread: decs[i] reads kafka.topics[i]'s events by its rules;
+    /* appliers[0] is the poll thread, the others are workers; each
+     * applier's decs[i] reads kafka.topics[i]'s events by its rules,
      * decs[ntopics] the top-level rules (a topic not configured, which a
      * consumer should never see) */
-    tly_decoder_t **decs;
+    applier_t *appliers;
+    size_t nappliers;
     size_t ndecs;
+    /* the batch: poll thread only, except that during a flush each worker
+     * writes the err/time_ms of its own items */
+    item_t *batch; /* [BATCH_MAX] */
+    size_t nbatch;
+    int64_t batch_now_ms;
+    /* flush handshake: the poll thread bumps gen to hand out a batch;
+     * each worker applies its items and decrements busy */
+    pthread_mutex_t pool_mu;
+    pthread_cond_t pool_go, pool_done;
+    uint64_t pool_gen;    /* under pool_mu */
+    size_t pool_busy;     /* under pool_mu */
+    bool pool_quit;       /* under pool_mu */
+    size_t nworkers_started;
     bool embedded;
     rd_kafka_t *mock_host; /* embedded: the handle the mock cluster lives in */
     rd_kafka_mock_cluster_t *mock;
@@ -651,6 +699,8 @@ static void unassign(tly_source_t *src, int count)
     }
 }
 
+static void flush(tly_source_t *src);
+
 /* Eager protocol only (partition.assignment.strategy range,roundrobin):
  * every rebalance revokes the whole assignment, then assigns anew. */
 static void rebalance_cb(rd_kafka_t *rk, rd_kafka_resp_err_t err,
@@ -658,6 +708,7 @@ static void rebalance_cb(rd_kafka_t *rk, rd_kafka_resp_err_t err,
 {
     tly_source_t *src = opaque;
     (void)rk;
+    flush(src); /* the messages collected before it apply first */
     atomic_fetch_add_explicit(&src->rebalances, 1, memory_order_relaxed);
     if (err == RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS) {
         assign(src, parts);
@@ -734,12 +785,20 @@ static tly_err_t check_route(const tly_source_t *src, const tly_event_rules_t *r
     return tly_partition_of(id, len, nparts) == partition ? TLY_OK : TLY_E_EV_MISROUTED;
 }
 
-static void on_message(tly_source_t *src, rd_kafka_message_t *m, int64_t now_ms)
+/* ---- the batch: collect on the poll thread, apply on the appliers ---------- */
+
+/* Poll thread: takes m into the batch (or, for an error or end-of-partition
+ * event, handles and frees it at once). The partition's position moves at
+ * collection, so continuity is checked message by message; nothing reads
+ * it before the batch is flushed. */
+static void collect(tly_source_t *src, rd_kafka_message_t *m, int64_t now_ms)
 {
     uint64_t held;
     if (m->err) {
-        if (m->err == RD_KAFKA_RESP_ERR__PARTITION_EOF)
+        if (m->err == RD_KAFKA_RESP_ERR__PARTITION_EOF) {
+            rd_kafka_message_destroy(m);
             return;
+        }
         if (m->err == RD_KAFKA_RESP_ERR__AUTO_OFFSET_RESET) {
             /* auto.offset.reset=error (a kafka.properties choice): the
              * partition stops until restarted; nothing is skipped. */
@@ -749,28 +808,48 @@ static void on_message(tly_source_t *src, rd_kafka_message_t *m, int64_t now_ms)
                      " is out of range and auto.offset.reset is error; the partition stops: %s",
                      m->rkt ? rd_kafka_topic_name(m->rkt) : "-", m->partition, m->offset,
                      rd_kafka_message_errstr(m));
-            return;
+        } else {
+            atomic_fetch_add_explicit(&src->errors, 1, memory_order_relaxed);
+            if (ratelimit_allow(&src->consumer_rl, now_ms, ERROR_LOG_EVERY_MS, &held))
+                tly_warn("source: consumer error on %s[%" PRId32 "]: %s%s",
+                         m->rkt ? rd_kafka_topic_name(m->rkt) : "-", m->partition,
+                         rd_kafka_message_errstr(m), held_note(held));
         }
-        atomic_fetch_add_explicit(&src->errors, 1, memory_order_relaxed);
-        if (ratelimit_allow(&src->consumer_rl, now_ms, ERROR_LOG_EVERY_MS, &held))
-            tly_warn("source: consumer error on %s[%" PRId32 "]: %s%s",
-                     m->rkt ? rd_kafka_topic_name(m->rkt) : "-", m->partition,
-                     rd_kafka_message_errstr(m), held_note(held));
+        rd_kafka_message_destroy(m);
         return;
     }
-    const char *topic = rd_kafka_topic_name(m->rkt);
     atomic_fetch_add_explicit(&src->messages, 1, memory_order_relaxed);
-    part_t *p = part_get(src, topic, m->partition);
+    part_t *p = part_get(src, rd_kafka_topic_name(m->rkt), m->partition);
     check_continuity(src, p, m);
     p->from_end = false;
+    bool replayed = false;
+    if (p->catchup_until > 0) {
+        if (m->offset < p->catchup_until)
+            replayed = true; /* feeds only the features not restored */
+        else
+            p->catchup_until = 0;
+    }
+    p->position = m->offset + 1;
+    /* parts may move when part_get grows it: items name their partition by
+     * index */
+    src->batch[src->nbatch++] = (item_t){
+        .m = m, .part = (size_t)(p - src->parts), .replayed = replayed, .time_ms = -1};
+}
 
+/* An applier: decodes and applies one item, writing only the item. */
+static void apply_item(tly_source_t *src, const applier_t *a, item_t *it)
+{
+    const part_t *p = &src->parts[it->part];
+    const rd_kafka_message_t *m = it->m;
+    int64_t now_ms = src->batch_now_ms;
     tly_event_t ev;
     size_t di = p->topic_index >= 0 ? (size_t)p->topic_index : src->ndecs - 1;
     const tly_event_rules_t *rules =
         p->topic_index >= 0 ? &src->fs->topics[p->topic_index] : &src->fs->events;
-    int64_t kafka_ts = rd_kafka_message_timestamp(m, NULL);
+    /* (not free in librdkafka 2.0.2: read only when it is the event time) */
+    int64_t kafka_ts = rules->time_field < 0 ? rd_kafka_message_timestamp(m, NULL) : -1;
     tly_err_t err =
-        tly_decode_json(src->decs[di], m->payload, m->payload ? m->len : 0, kafka_ts, &ev);
+        tly_decode_json(a->decs[di], m->payload, m->payload ? m->len : 0, kafka_ts, &ev);
     /* The store drops events beyond the loosest max_future_skew of all
      * topics; a topic with a tighter one is held to it here. */
     if (err == TLY_OK && rules->max_future_skew_ms < src->fs->max_future_skew_ms &&
@@ -778,35 +857,143 @@ static void on_message(tly_source_t *src, rd_kafka_message_t *m, int64_t now_ms)
         err = TLY_E_EV_FUTURE;
     if (err == TLY_OK && src->shard != NULL)
         err = check_route(src, rules, &ev, m->partition);
-    if (p->catchup_until > 0) {
-        if (m->offset < p->catchup_until)
-            ev.replayed = true; /* feeds only the features not restored */
-        else
-            p->catchup_until = 0;
-    }
     if (err == TLY_OK) {
+        if (it->replayed)
+            ev.replayed = true;
         tly_store_apply(src->store, &ev, m->partition, m->offset, now_ms);
-        atomic_fetch_add_explicit(&src->applied, 1, memory_order_relaxed);
-        if (ev.time_ms > atomic_load_explicit(&src->watermark_ms, memory_order_relaxed))
-            atomic_store_explicit(&src->watermark_ms, ev.time_ms, memory_order_relaxed);
-        if (ev.time_ms > p->last_event_ms)
-            p->last_event_ms = ev.time_ms;
-    } else {
-        atomic_fetch_add_explicit(&src->rejected, 1, memory_order_relaxed);
-        if ((unsigned)err < TLY_E__COUNT)
-            atomic_fetch_add_explicit(&src->rejected_by[err], 1, memory_order_relaxed);
-        if (ratelimit_allow(&src->reject_rl, now_ms, REJECT_LOG_EVERY_MS, &held))
-            tly_warn("source: rejected %s[%" PRId32 "]@%" PRId64 ": %s: %s%s", topic, m->partition,
-                     m->offset, tly_err_name(err), tly_strerror(err), held_note(held));
+        it->time_ms = ev.time_ms;
     }
-    p->position = m->offset + 1;
+    it->err = err;
+}
+
+static void apply_list(tly_source_t *src, applier_t *a)
+{
+    for (size_t i = 0; i < a->nidx; i++)
+        apply_item(src, a, &src->batch[a->idx[i]]);
+}
+
+static void *worker_main(void *arg)
+{
+    applier_t *a = arg;
+    tly_source_t *src = a->src;
+    char name[16];
+    snprintf(name, sizeof name, "tly-apply%u", (unsigned)(a - src->appliers));
+    (void)pthread_setname_np(pthread_self(), name);
+    tly_rcu_thread_online();
+    uint64_t seen = 0;
+    pthread_mutex_lock(&src->pool_mu);
+    for (;;) {
+        while (!src->pool_quit && src->pool_gen == seen)
+            pthread_cond_wait(&src->pool_go, &src->pool_mu);
+        if (src->pool_quit)
+            break;
+        seen = src->pool_gen;
+        pthread_mutex_unlock(&src->pool_mu);
+        apply_list(src, a);
+        pthread_mutex_lock(&src->pool_mu);
+        if (--src->pool_busy == 0)
+            pthread_cond_signal(&src->pool_done);
+    }
+    pthread_mutex_unlock(&src->pool_mu);
+    tly_rcu_thread_offline();
+    return NULL;
+}
+
+/* FNV-1a: spreads message keys over appliers independently of the
+ * producer's partitioner (murmur2 modulo the applier count would follow the
+ * partition number). */
+static uint64_t key_hash(const void *key, size_t len)
+{
+    const unsigned char *k = key;
+    uint64_t h = UINT64_C(0xcbf29ce484222325);
+    for (size_t i = 0; i < len; i++)
+        h = (h ^ k[i]) * UINT64_C(0x100000001b3);
+    return h ^ h >> 32;
+}
+
+/* Lists each applier's items in batch order. Messages with the same key
+ * go to the same applier, so a key's events keep their offset order (the
+ * order Kafka guarantees: per key within a partition); messages without a
+ * key go by partition. */
+static void spread(tly_source_t *src)
+{
+    size_t na = src->nworkers_started + 1;
+    for (size_t k = 0; k < na; k++)
+        src->appliers[k].nidx = 0;
+    for (size_t i = 0; i < src->nbatch; i++) {
+        const rd_kafka_message_t *m = src->batch[i].m;
+        uint64_t h = m->key_len > 0 ? key_hash(m->key, m->key_len)
+                                    : (uint64_t)src->batch[i].part * UINT64_C(0x9e3779b97f4a7c15);
+        applier_t *a = &src->appliers[(h >> 33) % na];
+        a->idx[a->nidx++] = (uint32_t)i;
+    }
+}
+
+/* After the batch was applied, in message order: counters, rejection
+ * logs, offset store, and the messages are freed. */
+static void settle(tly_source_t *src)
+{
+    uint64_t applied = 0, rejected = 0, held;
+    int64_t newest = atomic_load_explicit(&src->watermark_ms, memory_order_relaxed);
+    for (size_t i = 0; i < src->nbatch; i++) {
+        item_t *it = &src->batch[i];
+        rd_kafka_message_t *m = it->m;
+        part_t *p = &src->parts[it->part];
+        if (it->err == TLY_OK) {
+            applied++;
+            if (it->time_ms > newest)
+                newest = it->time_ms;
+            if (it->time_ms > p->last_event_ms)
+                p->last_event_ms = it->time_ms;
+        } else {
+            rejected++;
+            if ((unsigned)it->err < TLY_E__COUNT)
+                atomic_fetch_add_explicit(&src->rejected_by[it->err], 1, memory_order_relaxed);
+            if (ratelimit_allow(&src->reject_rl, src->batch_now_ms, REJECT_LOG_EVERY_MS, &held))
+                tly_warn("source: rejected %s[%" PRId32 "]@%" PRId64 ": %s: %s%s", p->topic,
+                         m->partition, m->offset, tly_err_name(it->err), tly_strerror(it->err),
+                         held_note(held));
+        }
+        /* Stores offset + 1. Fails with __STATE only for a partition
+         * revoked meanwhile, whose new owner starts from the last commit.
+         * With snapshots, only offsets a durable snapshot covers are
+         * committed (tly_source_commit). */
+        if (src->checkpoint == NULL)
+            (void)rd_kafka_offset_store(m->rkt, m->partition, m->offset);
+        rd_kafka_message_destroy(m);
+    }
+    atomic_store_explicit(&src->watermark_ms, newest, memory_order_relaxed);
+    atomic_fetch_add_explicit(&src->applied, applied, memory_order_relaxed);
+    atomic_fetch_add_explicit(&src->rejected, rejected, memory_order_relaxed);
+    src->nbatch = 0;
     src->dirty = true;
-    /* Stores offset + 1. Fails with __STATE only for a partition revoked
-     * meanwhile, whose new owner starts from the last commit. With
-     * snapshots, only offsets a durable snapshot covers are committed
-     * (tly_source_commit). */
-    if (src->checkpoint == NULL)
-        (void)rd_kafka_offset_store(m->rkt, m->partition, m->offset);
+}
+
+/* Poll thread: applies the collected batch and waits for it. Small batches
+ * (a trickle of live traffic) are applied here: waking a worker costs more
+ * than it saves. */
+static void flush(tly_source_t *src)
+{
+    if (src->nbatch == 0)
+        return;
+    applier_t *self = &src->appliers[0];
+    if (src->nworkers_started == 0 || src->nbatch < BATCH_SPREAD_MIN) {
+        for (size_t i = 0; i < src->nbatch; i++)
+            apply_item(src, self, &src->batch[i]);
+    } else {
+        spread(src);
+        pthread_mutex_lock(&src->pool_mu);
+        src->pool_gen++;
+        src->pool_busy = src->nworkers_started;
+        pthread_cond_broadcast(&src->pool_go);
+        pthread_mutex_unlock(&src->pool_mu);
+        apply_list(src, self);
+        pthread_mutex_lock(&src->pool_mu);
+        while (src->pool_busy > 0)
+            pthread_cond_wait(&src->pool_done, &src->pool_mu);
+        pthread_mutex_unlock(&src->pool_mu);
+    }
+    settle(src);
 }
 
 /* Replica mode: every partition of every topic, no group membership.
@@ -855,8 +1042,9 @@ static bool assign_all(tly_source_t *src)
         /* rd_kafka_metadata waited up to a second already; serve callbacks */
         rd_kafka_message_t *m = rd_kafka_consumer_poll(src->rk, POLL_TIMEOUT_MS);
         if (m != NULL) {
-            on_message(src, m, wall_ms());
-            rd_kafka_message_destroy(m);
+            src->batch_now_ms = wall_ms();
+            collect(src, m, src->batch_now_ms);
+            flush(src);
         }
     }
     return false;
@@ -865,6 +1053,7 @@ static bool assign_all(tly_source_t *src)
 static void *poll_main(void *arg)
 {
     tly_source_t *src = arg;
+    (void)pthread_setname_np(pthread_self(), "tly-poll");
     tly_rcu_thread_online();
     if (src->cfg->kafka.mode == TLY_MODE_REPLICA && !assign_all(src))
         goto out;
@@ -882,8 +1071,14 @@ static void *poll_main(void *arg)
                 publish(src, now);
             continue;
         }
-        on_message(src, m, now);
-        rd_kafka_message_destroy(m);
+        /* The batch: whatever else the consumer queue holds right now. A
+         * rebalance callback served meanwhile flushes it first. */
+        src->batch_now_ms = now;
+        collect(src, m, now);
+        while (src->nbatch < BATCH_MAX &&
+               (m = rd_kafka_consumer_poll(src->rk, 0)) != NULL)
+            collect(src, m, now);
+        flush(src);
         if (now - src->last_publish_ms >= every)
             publish(src, now);
     }
@@ -1078,6 +1273,9 @@ tly_source_t *tly_source_new(const tly_config_t *cfg, const tly_featset_t *fs, t
     atomic_init(&src->watermark_ms, -1);
     atomic_init(&src->ready, false);
     pthread_mutex_init(&src->mu, NULL);
+    pthread_mutex_init(&src->pool_mu, NULL);
+    pthread_cond_init(&src->pool_go, NULL);
+    pthread_cond_init(&src->pool_done, NULL);
     for (size_t i = 0; i < fs->nentities; i++)
         if (fs->entities[i].horizon_ms > src->horizon_ms)
             src->horizon_ms = fs->entities[i].horizon_ms;
@@ -1099,16 +1297,29 @@ tly_source_t *tly_source_new(const tly_config_t *cfg, const tly_featset_t *fs, t
     if (!make_consumer(src, conf, errbuf, errlen))
         goto fail;
     src->ndecs = fs->ntopics + 1;
-    src->decs = xrealloc(NULL, src->ndecs * sizeof *src->decs);
-    for (size_t t = 0; t < fs->ntopics; t++)
-        src->decs[t] = tly_decoder_new_rules(fs, &fs->topics[t]);
-    src->decs[fs->ntopics] = tly_decoder_new(fs);
+    src->nappliers = cfg->kafka.threads < 1              ? 1
+                     : cfg->kafka.threads > MAX_APPLIERS ? MAX_APPLIERS
+                                                         : (size_t)cfg->kafka.threads;
+    src->appliers = xrealloc(NULL, src->nappliers * sizeof *src->appliers);
+    for (size_t k = 0; k < src->nappliers; k++) {
+        applier_t *a = &src->appliers[k];
+        *a = (applier_t){.src = src};
+        a->decs = xrealloc(NULL, src->ndecs * sizeof *a->decs);
+        for (size_t t = 0; t < fs->ntopics; t++)
+            a->decs[t] = tly_decoder_new_rules(fs, &fs->topics[t]);
+        a->decs[fs->ntopics] = tly_decoder_new(fs);
+        a->idx = xrealloc(NULL, BATCH_MAX * sizeof *a->idx);
+    }
+    src->batch = xrealloc(NULL, BATCH_MAX * sizeof *src->batch);
     src->shard = tly_shard_new(cfg, fs);
     return src;
 fail:
     stop_mock(src);
     free(src->bootstrap);
     pthread_mutex_destroy(&src->mu);
+    pthread_mutex_destroy(&src->pool_mu);
+    pthread_cond_destroy(&src->pool_go);
+    pthread_cond_destroy(&src->pool_done);
     free(src);
     return NULL;
 }
@@ -1141,6 +1352,17 @@ tly_err_t tly_source_resume_at(tly_source_t *src, const char *topic, int32_t par
     return TLY_OK;
 }
 
+static void stop_workers(tly_source_t *src)
+{
+    pthread_mutex_lock(&src->pool_mu);
+    src->pool_quit = true;
+    pthread_cond_broadcast(&src->pool_go);
+    pthread_mutex_unlock(&src->pool_mu);
+    for (size_t k = 1; k <= src->nworkers_started; k++)
+        pthread_join(src->appliers[k].thread, NULL);
+    src->nworkers_started = 0;
+}
+
 tly_err_t tly_source_start(tly_source_t *src, char *errbuf, size_t errlen)
 {
     if (src->started || src->stopped) {
@@ -1164,10 +1386,20 @@ tly_err_t tly_source_start(tly_source_t *src, char *errbuf, size_t errlen)
             return TLY_E_IO;
         }
     }
+    for (size_t k = 1; k < src->nappliers; k++) {
+        int rc = pthread_create(&src->appliers[k].thread, NULL, worker_main, &src->appliers[k]);
+        if (rc != 0) {
+            tly_warn("source: cannot start apply thread %zu of %zu (%s); going on with %zu", k + 1,
+                     src->nappliers, strerror(rc), k);
+            break;
+        }
+        src->nworkers_started++;
+    }
     atomic_store(&src->running, true);
     int rc = pthread_create(&src->thread, NULL, poll_main, src);
     if (rc != 0) {
         atomic_store(&src->running, false);
+        stop_workers(src);
         fmt_err(errbuf, errlen, "cannot start the Kafka poll thread: %s", strerror(rc));
         return TLY_E_IO;
     }
@@ -1186,6 +1418,7 @@ void tly_source_halt(tly_source_t *src)
     if (src->started) {
         atomic_store(&src->stop, true);
         pthread_join(src->thread, NULL);
+        stop_workers(src);
     }
 }
 
@@ -1289,15 +1522,23 @@ void tly_source_free(tly_source_t *src)
     tly_source_stop(src);
     tly_shard_free(src->shard);
     stop_mock(src);
-    for (size_t i = 0; i < src->ndecs; i++)
-        tly_decoder_free(src->decs[i]);
-    free(src->decs);
+    for (size_t k = 0; k < src->nappliers; k++) {
+        for (size_t i = 0; i < src->ndecs; i++)
+            tly_decoder_free(src->appliers[k].decs[i]);
+        free(src->appliers[k].decs);
+        free(src->appliers[k].idx);
+    }
+    free(src->appliers);
+    free(src->batch);
     for (size_t i = 0; i < src->nparts; i++)
         free(src->parts[i].topic);
     free(src->parts);
     free(src->pub);
     free(src->bootstrap);
     pthread_mutex_destroy(&src->mu);
+    pthread_mutex_destroy(&src->pool_mu);
+    pthread_cond_destroy(&src->pool_go);
+    pthread_cond_destroy(&src->pool_done);
     free(src);
 }
 

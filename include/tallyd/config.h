@@ -114,6 +114,7 @@ typedef struct {
         size_t nproperties; /* passed through to librdkafka verbatim */
         tly_kv_t *properties;
         int64_t ready_lag; /* messages behind the end at which the source is caught up */
+        int64_t threads;   /* decode+apply threads, the poll thread included */
         char *endpoints_topic; /* shard mode: where owners publish their address */
     } kafka;
 

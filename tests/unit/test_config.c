@@ -975,6 +975,7 @@ static const char *const all_keys[] = {
     "kafka.start",
     "kafka.properties",
     "kafka.endpoints_topic",
+    "kafka.threads",
     "kafka.ready_lag",
     "events.format",
     "events.time.field",
