@@ -644,7 +644,7 @@ tly_err_t tly_store_read(tly_store_t *store, uint32_t entity, const char *id, si
         if (ent && !words && (n > 0 || last_ms)) { /* decode only when asked */
             store_log_copy(ent, &lg);
             bad = !store_log_decode(store, &store->etypes[entity], &lg);
-            for (size_t i = 0; i < lg.nrecs; i++)
+            for (size_t i = 0; last_ms && i < lg.nrecs; i++)
                 last = lg.recs[i].t > last ? lg.recs[i].t : last;
         } else if (ent) {
             last = (int64_t)ld(ent, 0);

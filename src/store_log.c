@@ -392,15 +392,31 @@ tly_value_t store_log_value(const tly_store_t *store, const log_t *lg, const tly
 {
     const tly_window_t *win = &feat->windows[window];
     int64_t lo, hi;
-    tly_window_range(now_ms, win->len_ms, win->hop_ms, &lo, &hi);
+    store_window_range(win, now_ms, &lo, &hi);
+    /* Buckets lo..hi hold the times [lo·hop, (hi+1)·hop): compare times,
+     * not one division per event (clamped where the product overflows). */
+    int64_t t_lo, t_end;
+    if (__builtin_mul_overflow(lo, win->hop_ms, &t_lo))
+        t_lo = lo < 0 ? INT64_MIN : INT64_MAX;
+    if (hi == INT64_MAX || __builtin_mul_overflow(hi + 1, win->hop_ms, &t_end))
+        t_end = hi < 0 ? INT64_MIN : INT64_MAX;
     tly_cell_t acc = TLY_CELL_INIT;
     uint32_t vi = feat->nvalues ? store->vidx[feat->id][0] : 0;
+    if (feat->slot >= 64)
+        return tly_agg_result(feat->agg, &acc);
+    uint64_t bit = UINT64_C(1) << feat->slot;
+    if (feat->agg == TLY_AGG_COUNT) {
+        /* without branches: which events match is unpredictable; at most
+         * COMPACT_MAX_EVENTS, so no saturation to mind */
+        for (size_t i = 0; i < lg->nrecs; i++) {
+            const rec_t *r = &lg->recs[i];
+            acc.n += (uint32_t)((r->mask & bit) != 0) & (r->t >= t_lo) & (r->t < t_end);
+        }
+        return tly_agg_result(feat->agg, &acc);
+    }
     for (size_t i = 0; i < lg->nrecs; i++) {
         const rec_t *r = &lg->recs[i];
-        if (feat->slot >= 64 || !(r->mask & (UINT64_C(1) << feat->slot)))
-            continue;
-        int64_t b = tly_window_bucket(r->t, win->hop_ms);
-        if (b < lo || b > hi)
+        if (!(r->mask & bit) || r->t < t_lo || r->t >= t_end)
             continue;
         tly_cell_t c = TLY_CELL_INIT;
         tly_agg_cell_add(feat->agg, &c, feat->nvalues ? &r->vals[vi] : NULL);

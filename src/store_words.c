@@ -498,7 +498,7 @@ tly_value_t store_words_value(const ent_t *e, uint32_t used, const tly_feat_t *f
 {
     const tly_window_t *win = &feat->windows[window];
     int64_t lo, hi;
-    tly_window_range(now_ms, win->len_ms, win->hop_ms, &lo, &hi);
+    store_window_range(win, now_ms, &lo, &hi);
     tly_cell_t acc = TLY_CELL_INIT;
     bool found;
     uint32_t off = store_seg_find(e, used, SID_WINDOW(feat->slot, window), &found);
