@@ -643,7 +643,11 @@ tly_err_t tly_store_read(tly_store_t *store, uint32_t entity, const char *id, si
         err = TLY_OK;
         if (ent && !words && (n > 0 || last_ms)) { /* decode only when asked */
             store_log_copy(ent, &lg);
-            bad = !store_log_decode(store, &store->etypes[entity], &lg);
+            bool values = false; /* counts need only times and masks */
+            for (size_t r = 0; r < n && !values; r++)
+                values = fs->feats[req[r].feat].agg != TLY_AGG_COUNT;
+            bad = values ? !store_log_decode(store, &store->etypes[entity], &lg)
+                         : !store_log_decode_times(store, &store->etypes[entity], &lg);
             for (size_t i = 0; last_ms && i < lg.nrecs; i++)
                 last = lg.recs[i].t > last ? lg.recs[i].t : last;
         } else if (ent) {
@@ -695,7 +699,16 @@ tly_err_t tly_store_read(tly_store_t *store, uint32_t entity, const char *id, si
                 o->type = TLY_V_NIL;
             }
         }
-        if (!ent || (read_valid(ent, s0) && !bad)) {
+        bool valid = !ent || read_valid(ent, s0);
+        if (valid && bad) {
+            /* A consistent copy that does not decode: a malformed record.
+             * Answer nil rather than read it again forever. */
+            for (size_t r = 0; r < n; r++)
+                out[r] = (tly_value_t){.type = TLY_V_NIL};
+            err = TLY_E_IO;
+            break;
+        }
+        if (valid) {
             if (full)
                 err = TLY_E_FULL;
             if (last_ms)
@@ -756,9 +769,13 @@ tly_err_t tly_store_recent(tly_store_t *store, uint32_t entity, const char *id, 
                 got = store_words_recent(store, ent, off, used, feat->k, since_ms, asof_ms, items,
                                          cap, strbuf, strcap, &sused, &bad, &full);
         }
-        if (read_valid(ent, s0) && !bad) {
-            if (full)
+        if (read_valid(ent, s0)) {
+            if (bad) { /* malformed (see tly_store_read): no items */
+                got = 0;
+                err = TLY_E_IO;
+            } else if (full) {
                 err = TLY_E_FULL;
+            }
             break;
         }
     }

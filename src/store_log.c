@@ -97,15 +97,21 @@ void store_log_copy(const ent_t *e, log_t *lg)
         n = COMPACT_MAX_BYTES;
     for (uint32_t w = 0; w * 8 < n; w++) {
         uint64_t v = ld(e, w);
+#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+        memcpy(lg->bytes + w * 8, &v, 8); /* the log's byte order is the host's */
+#else
         for (int b = 0; b < 8; b++)
             lg->bytes[w * 8 + (uint32_t)b] = (uint8_t)(v >> (8 * b));
+#endif
     }
     lg->nbytes = n;
 }
 
-/* Decodes lg->bytes into records; strings point into the log or the intern
- * table. Returns false on a malformed (torn) log. */
-bool store_log_decode(const tly_store_t *store, const etype_t *et, log_t *lg)
+/* Decodes lg->bytes into records: times and masks, and with `values` each
+ * record's values too (strings point into the log or the intern table);
+ * without, values are checked and skipped and vals is left unwritten.
+ * Returns false on a malformed (torn) log. */
+static bool log_decode(const tly_store_t *store, const etype_t *et, log_t *lg, bool values)
 {
     size_t at = 0;
     int64_t t = 0;
@@ -130,7 +136,7 @@ bool store_log_decode(const tly_store_t *store, const etype_t *et, log_t *lg)
         const uint8_t *tags = lg->bytes + at;
         at += tagbytes;
         for (uint32_t j = 0; j < et->nvf; j++) {
-            tly_value_t *val = &r->vals[j];
+            tly_value_t scratch, *val = values ? &r->vals[j] : &scratch;
             switch ((tags[j / 4] >> (2 * (j % 4))) & 3) {
             case TAG_NIL:
                 val->type = TLY_V_NIL;
@@ -155,6 +161,8 @@ bool store_log_decode(const tly_store_t *store, const etype_t *et, log_t *lg)
                 if (v & 1) {
                     if ((v >> 1) >= INTERN_SLOTS)
                         return false;
+                    if (!values)
+                        break;
                     istr_t *is = atomic_load_explicit(
                         &((tly_store_t *)(uintptr_t)store)->intern[v >> 1], memory_order_acquire);
                     if (!is)
@@ -174,6 +182,16 @@ bool store_log_decode(const tly_store_t *store, const etype_t *et, log_t *lg)
         lg->nrecs++;
     }
     return true;
+}
+
+bool store_log_decode(const tly_store_t *store, const etype_t *et, log_t *lg)
+{
+    return log_decode(store, et, lg, true);
+}
+
+bool store_log_decode_times(const tly_store_t *store, const etype_t *et, log_t *lg)
+{
+    return log_decode(store, et, lg, false);
 }
 
 /* Encodes one event for entity type et with feature mask into out (at most

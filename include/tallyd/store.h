@@ -94,7 +94,9 @@ tly_err_t tly_store_apply(tly_store_t *store, const tly_event_t *ev, int32_t par
  * the empty answers (0 / nil). *last_ms (may be NULL) receives the entity's
  * latest event time, or -1 when the id is unknown. Strings returned by
  * `last` are copied into strbuf (strcap bytes); TLY_E_FULL if it is too
- * small. Reader threads; RCU-registered; never blocks on writers.
+ * small. A record that does not decode (never written by this store) gives
+ * nil for every value and TLY_E_IO. Reader threads; RCU-registered; never
+ * blocks on writers.
  */
 tly_err_t tly_store_read(tly_store_t *store, uint32_t entity, const char *id, size_t idlen,
                          const tly_featwin_t *req, size_t n, int64_t now_ms, tly_value_t *out,
@@ -106,8 +108,9 @@ tly_err_t tly_store_read(tly_store_t *store, uint32_t entity, const char *id, si
  * asof_ms. Items older than the feature's horizon (store.idle_ttl) at
  * asof_ms are not returned: the sweeper may have expired them. Strings
  * are copied into strbuf (strcap bytes). Writes *n. Returns TLY_OK,
- * TLY_E_INVAL (feat is not last/last_k of that entity) or TLY_E_FULL (strbuf
- * too small). Reader threads; RCU-registered.
+ * TLY_E_INVAL (feat is not last/last_k of that entity), TLY_E_FULL (strbuf
+ * too small) or TLY_E_IO (a record that does not decode: no items). Reader
+ * threads; RCU-registered.
  */
 tly_err_t tly_store_recent(tly_store_t *store, uint32_t entity, const char *id, size_t idlen,
                            uint32_t feat, int64_t since_ms, int64_t asof_ms, tly_item_t *items,

@@ -991,11 +991,85 @@ static void test_concurrent_writers_on_shared_entities_lose_nothing(void **state
     assert_int_equal(impressions, 2 * (CONC_EVENTS - 13334));
 }
 
+/* A compact record whose events carry values of every encoding — strings
+ * too long to intern (stored in the log), doubles, absent values — read
+ * with counts only (the read then decodes times and masks and skips the
+ * values) and with the values. */
+static void test_counts_over_a_log_with_inline_strings_and_doubles(void **state)
+{
+    (void)state;
+    static const char *const cfg_yaml =
+        "events:\n  time: { field: ts, unit: ms }\n  max_string: 100\n"
+        "features:\n"
+        "  - { name: n, entity: user, key: user_id, agg: count, windows: [1h, 1d] }\n"
+        "  - { name: note, entity: user, key: user_id, agg: last, value: note }\n"
+        "  - { name: score, entity: user, key: user_id, agg: sum, value: score, windows: [1d] }\n";
+    tly_config_t *cfg;
+    tly_featset_t *fs;
+    char err[256];
+    assert_int_equal(tly_config_load_string(cfg_yaml, "log.yaml", &cfg, err, sizeof err), TLY_OK);
+    assert_int_equal(tly_featset_compile(cfg, &fs, err, sizeof err), TLY_OK);
+    tly_store_t *store = tly_store_new(fs);
+    int f_user = tly_featset_field(fs, "user_id", 7), f_note = tly_featset_field(fs, "note", 4),
+        f_score = tly_featset_field(fs, "score", 5), f_ts = tly_featset_field(fs, "ts", 2);
+    uint32_t user = (uint32_t)tly_featset_entity(fs, "user", 4);
+    static const char long1[] = "a note of forty bytes, too long to share";
+    static const char long2[] = "another note, fifty bytes long, stored in the log!";
+    struct {
+        int64_t t;
+        const char *note;
+        double score; /* < 0: absent */
+    } evs[] = {{T - 2 * HOUR, long1, 1.5}, {T - 30 * MIN, NULL, -1}, {T - 10 * MIN, long2, 2.25}};
+    for (size_t i = 0; i < 3; i++) {
+        tly_event_t e;
+        memset(&e, 0, sizeof e);
+        e.nfields = (uint32_t)fs->nfields;
+        e.time_ms = evs[i].t;
+        e.vals[f_ts] = (tly_value_t){.type = TLY_V_INT, .u.i = evs[i].t};
+        e.vals[f_user] = (tly_value_t){.type = TLY_V_INT, .u.i = 7};
+        if (evs[i].note)
+            e.vals[f_note] = (tly_value_t){
+                .type = TLY_V_STR, .len = (uint32_t)strlen(evs[i].note), .u.s = evs[i].note};
+        if (evs[i].score >= 0)
+            e.vals[f_score] = (tly_value_t){.type = TLY_V_DOUBLE, .u.d = evs[i].score};
+        assert_int_equal(tly_store_apply(store, &e, 0, (int64_t)i, T), TLY_OK);
+    }
+    uint32_t fn, fnote, fscore;
+    int win;
+    assert_int_equal(tly_featset_resolve(fs, user, "n", 1, &fn, &win), TLY_OK);
+    assert_int_equal(tly_featset_resolve(fs, user, "note", 4, &fnote, &win), TLY_OK);
+    assert_int_equal(tly_featset_resolve(fs, user, "score", 5, &fscore, &win), TLY_OK);
+    char sbuf[256];
+    /* counts alone, then with a value feature in the same read */
+    tly_featwin_t counts[] = {{fn, 0}, {fn, 1}};
+    tly_value_t out[3];
+    int64_t last_ms = 0;
+    assert_int_equal(tly_store_read(store, user, "7", 1, counts, 2, T, out, &last_ms, sbuf,
+                                    sizeof sbuf),
+                     TLY_OK);
+    assert_int_equal(out[0].u.i, 2); /* 1h: the two newer events */
+    assert_int_equal(out[1].u.i, 3);
+    assert_int_equal(last_ms, T - 10 * MIN);
+    tly_featwin_t mixed[] = {{fn, 0}, {fnote, 0}, {fscore, 0}};
+    assert_int_equal(tly_store_read(store, user, "7", 1, mixed, 3, T, out, NULL, sbuf, sizeof sbuf),
+                     TLY_OK);
+    assert_int_equal(out[0].u.i, 2);
+    assert_int_equal(out[1].type, TLY_V_STR);
+    assert_int_equal(out[1].len, strlen(long2));
+    assert_memory_equal(out[1].u.s, long2, out[1].len);
+    assert_int_equal(out[2].type, TLY_V_DOUBLE);
+    assert_true(out[2].u.d == 3.75);
+    tly_store_free(store);
+    tly_featset_free(fs);
+    tly_config_free(cfg);
+}
+
 int main(void)
 {
     tly_rcu_thread_online();
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup_teardown(test_window_edges_at_aligned_now, setup, teardown),
+        cmocka_unit_test(test_counts_over_a_log_with_inline_strings_and_doubles),
         cmocka_unit_test_setup_teardown(test_window_edges_at_unaligned_now, setup, teardown),
         cmocka_unit_test_setup_teardown(test_out_of_order_events_land_in_their_buckets, setup,
                                         teardown),
