@@ -270,22 +270,10 @@ static size_t add_all(cmd_ctx_t *c, uint32_t entity)
 static void put_name(cmd_ctx_t *c, const tly_featwin_t *r)
 {
     const tly_feat_t *f = &c->d->fs->feats[r->feat];
-    if (f->nwindows == 0) {
-        tly_resp_bulkstr(c->out, f->name);
-        return;
-    }
-    /* memcpy, not snprintf: this runs for every value of every reply */
-    char buf[256];
-    const char *label = f->windows[r->window].label;
-    size_t nlen = strlen(f->name), llen = strlen(label);
-    if (nlen + 1 + llen > sizeof buf) { /* names are short idents; never here */
-        tly_resp_bulkstr(c->out, f->name);
-        return;
-    }
-    memcpy(buf, f->name, nlen);
-    buf[nlen] = ':';
-    memcpy(buf + nlen + 1, label, llen);
-    tly_resp_bulk(c->out, buf, nlen + 1 + llen);
+    if (f->nwindows == 0)
+        tly_resp_bulk(c->out, f->name, f->name_len);
+    else /* "name:label", made once at start-up (tly_window_t.qname) */
+        tly_resp_bulk(c->out, f->windows[r->window].qname, f->windows[r->window].qname_len);
 }
 
 /* Parses the trailing options of FEATURES/MFEATURES from argv[i..): names

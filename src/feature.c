@@ -372,6 +372,16 @@ static tly_err_t compile_feature(compile_t *c, size_t i)
     if ((err = compile_entity(c, i)) != TLY_OK || (err = compile_where(c, i)) != TLY_OK ||
         (err = compile_values(c, i)) != TLY_OK || (err = compile_windows(c, i)) != TLY_OK)
         return err;
+    feat->name_len = strlen(feat->name);
+    for (size_t w = 0; w < feat->nwindows; w++) {
+        tly_window_t *win = &feat->windows[w];
+        size_t llen = strlen(win->label);
+        win->qname_len = feat->name_len + 1 + llen;
+        win->qname = xcalloc(win->qname_len + 1, 1);
+        memcpy(win->qname, feat->name, feat->name_len);
+        win->qname[feat->name_len] = ':';
+        memcpy(win->qname + feat->name_len + 1, win->label, llen);
+    }
     if (fc->agg == TLY_AGG_LAST) {
         feat->k = 1;
     } else if (fc->agg == TLY_AGG_LAST_K) {
@@ -589,6 +599,8 @@ void tly_featset_free(tly_featset_t *fs)
                     free(feat->where[w].values);
             free(feat->where);
             free(feat->values);
+            for (size_t w = 0; feat->windows != NULL && w < feat->nwindows; w++)
+                free(feat->windows[w].qname);
             free(feat->windows);
         }
     }

@@ -586,13 +586,16 @@ static size_t put_u64(char *w, uint64_t v)
 /* Appends "<type><n>\r\n". */
 static void put_header(tly_buf_t *b, char type, int64_t n)
 {
-    if (n >= 0 && n < 10) { /* most counts and small arrays */
-        char *w = tly_buf_reserve(b, 4);
-        w[0] = type;
-        w[1] = (char)('0' + n);
-        w[2] = '\r';
-        w[3] = '\n';
-        b->len += 4;
+    if (n >= 0 && n < 100) { /* most counts, small arrays, names */
+        char *w = tly_buf_reserve(b, 5);
+        size_t k = 0;
+        w[k++] = type;
+        if (n >= 10)
+            w[k++] = (char)('0' + n / 10);
+        w[k++] = (char)('0' + n % 10);
+        w[k++] = '\r';
+        w[k++] = '\n';
+        b->len += k;
         return;
     }
     char *w = tly_buf_reserve(b, 24);

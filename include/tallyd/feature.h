@@ -60,6 +60,8 @@ typedef struct {
     int64_t hop_ms;
     uint32_t nbuckets; /* len/hop + 1 */
     char label[24];    /* "5m", as written in queries (name:label) */
+    char *qname;       /* "name:label", the name replies carry (owned) */
+    size_t qname_len;
 } tly_window_t;
 
 /* One accepted `where` value, pre-parsed. */
@@ -81,6 +83,7 @@ typedef struct {
 typedef struct {
     uint32_t id;      /* index in featset.feats */
     const char *name; /* borrowed from the config */
+    size_t name_len;
     uint32_t entity;  /* index in featset.entities */
     uint32_t slot;    /* index among its entity's features */
     size_t nwhere;
