@@ -195,19 +195,20 @@ static inline uint64_t hash_bytes(uint64_t seed, const char *s, size_t n)
 
 /* tly_window_range of win at now_ms, remembered per thread: a query reads
  * the same few windows at the same now for many entities (MFEATURES: 500
- * ids), and the range costs three 64-bit divisions. Four entries, by the
- * window's address (windows live in the featset, which outlives the store). */
+ * ids), and the range costs three 64-bit divisions. Four entries, keyed by
+ * everything the range depends on (length, hop, now), never by address: a
+ * featset freed and another compiled may reuse the windows' memory. */
 static inline void store_window_range(const tly_window_t *win, int64_t now_ms, int64_t *lo,
                                       int64_t *hi)
 {
     static _Thread_local struct {
-        const tly_window_t *win;
-        int64_t now, lo, hi;
+        int64_t len, hop, now, lo, hi;
     } memo[4];
-    size_t i = ((uintptr_t)win / sizeof *win) & 3;
-    if (memo[i].win != win || memo[i].now != now_ms) {
+    size_t i = (size_t)((uint64_t)(win->len_ms ^ win->hop_ms) * UINT64_C(0x9e3779b97f4a7c15) >> 62);
+    if (memo[i].len != win->len_ms || memo[i].hop != win->hop_ms || memo[i].now != now_ms) {
         tly_window_range(now_ms, win->len_ms, win->hop_ms, &memo[i].lo, &memo[i].hi);
-        memo[i].win = win;
+        memo[i].len = win->len_ms;
+        memo[i].hop = win->hop_ms;
         memo[i].now = now_ms;
     }
     *lo = memo[i].lo;
