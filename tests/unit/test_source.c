@@ -755,7 +755,7 @@ static void test_appliers_keep_each_keys_offset_order(void **state)
     (void)state;
     SKIP_UNDER_TSAN();
     fixture_t fx;
-    char yaml[4096], err[512] = "";
+    char yaml[4096];
     snprintf(yaml, sizeof yaml,
              "kafka:\n  brokers: embedded\n  group: test-order\n  topics: [" TOPIC "]\n"
              "  mode: replica\n  start: earliest\n  threads: 4\n"
@@ -766,16 +766,8 @@ static void test_appliers_keep_each_keys_offset_order(void **state)
              "  - { name: recent, entity: user, key: user_id, agg: last_k, k: %d, "
              "value: [seq] }\n",
              ORD_K);
-    memset(&fx, 0, sizeof fx);
-    if (tly_config_load_string(yaml, "test.yaml", &fx.cfg, err, sizeof err) != TLY_OK)
-        fail_msg("config: %s", err);
+    fixture_init_yaml(&fx, yaml);
     assert_int_equal(fx.cfg->kafka.threads, 4);
-    if (tly_featset_compile(fx.cfg, &fx.fs, err, sizeof err) != TLY_OK)
-        fail_msg("featset: %s", err);
-    fx.store = tly_store_new(fx.fs);
-    fx.src = tly_source_new(fx.cfg, fx.fs, fx.store, err, sizeof err);
-    if (fx.src == NULL)
-        fail_msg("source: %s", err);
     tly_rcu_thread_online();
 
     /* Users interleaved round-robin; user u's j-th event has seq u*1000+j
