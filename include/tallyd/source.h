@@ -57,7 +57,9 @@
  * under kafka.group.
  *
  * Threads: tly_source_new/start/stop/free on the main thread; the poll thread
- * is private; tly_source_stats on any thread (counters are atomics, the
+ * and the kafka.threads − 1 apply threads are private (the poll thread
+ * collects a batch, all of them decode and apply it, one message key per
+ * thread); tly_source_stats on any thread (counters are atomics, the
  * partition table is copied under a mutex the poll thread takes once per
  * stats refresh, never per message).
  */
@@ -119,8 +121,8 @@ typedef struct {
     int64_t last_event_ms; /* newest event time applied from it, -1 none */
 } tly_position_t;
 
-/* Called by the poll thread between messages, where the store holds
- * exactly the messages before tly_source_positions(). */
+/* Called by the poll thread between batches (no apply thread is working),
+ * where the store holds exactly the messages before tly_source_positions(). */
 typedef void (*tly_checkpoint_fn)(void *ctx, tly_source_t *src);
 
 tly_source_t *tly_source_new(const tly_config_t *cfg, const tly_featset_t *fs, tly_store_t *store,
