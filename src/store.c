@@ -643,11 +643,7 @@ tly_err_t tly_store_read(tly_store_t *store, uint32_t entity, const char *id, si
         err = TLY_OK;
         if (ent && !words && (n > 0 || last_ms)) { /* decode only when asked */
             store_log_copy(ent, &lg);
-            bool values = false; /* counts need only times and masks */
-            for (size_t r = 0; r < n && !values; r++)
-                values = fs->feats[req[r].feat].agg != TLY_AGG_COUNT;
-            bad = values ? !store_log_decode(store, &store->etypes[entity], &lg)
-                         : !store_log_decode_times(store, &store->etypes[entity], &lg);
+            bad = !store_log_decode(store, &store->etypes[entity], &lg);
             for (size_t i = 0; last_ms && i < lg.nrecs; i++)
                 last = lg.recs[i].t > last ? lg.recs[i].t : last;
         } else if (ent) {

@@ -262,9 +262,6 @@ int store_intern_get(tly_store_t *store, const char *s, uint32_t len);
 const istr_t *store_intern_str(const tly_store_t *store, uint64_t id);
 void store_log_copy(const ent_t *e, log_t *lg);
 bool store_log_decode(const tly_store_t *store, const etype_t *et, log_t *lg);
-/* The same with only times and masks (values are checked and skipped, vals
- * left unwritten): enough for counts and the newest event time. */
-bool store_log_decode_times(const tly_store_t *store, const etype_t *et, log_t *lg);
 void store_compact_apply(tly_store_t *store, ent_t **entp, const tly_entity_t *etype, uint64_t mask,
                          const uint32_t *feats, uint32_t nfeats, const tly_event_t *ev,
                          int64_t now_ms);

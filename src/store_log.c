@@ -107,11 +107,9 @@ void store_log_copy(const ent_t *e, log_t *lg)
     lg->nbytes = n;
 }
 
-/* Decodes lg->bytes into records: times and masks, and with `values` each
- * record's values too (strings point into the log or the intern table);
- * without, values are checked and skipped and vals is left unwritten.
- * Returns false on a malformed (torn) log. */
-static bool log_decode(const tly_store_t *store, const etype_t *et, log_t *lg, bool values)
+/* Decodes lg->bytes into records; strings point into the log or the intern
+ * table. Returns false on a malformed (torn) log. */
+bool store_log_decode(const tly_store_t *store, const etype_t *et, log_t *lg)
 {
     size_t at = 0;
     int64_t t = 0;
@@ -136,7 +134,7 @@ static bool log_decode(const tly_store_t *store, const etype_t *et, log_t *lg, b
         const uint8_t *tags = lg->bytes + at;
         at += tagbytes;
         for (uint32_t j = 0; j < et->nvf; j++) {
-            tly_value_t scratch, *val = values ? &r->vals[j] : &scratch;
+            tly_value_t *val = &r->vals[j];
             switch ((tags[j / 4] >> (2 * (j % 4))) & 3) {
             case TAG_NIL:
                 val->type = TLY_V_NIL;
@@ -161,8 +159,6 @@ static bool log_decode(const tly_store_t *store, const etype_t *et, log_t *lg, b
                 if (v & 1) {
                     if ((v >> 1) >= INTERN_SLOTS)
                         return false;
-                    if (!values)
-                        break;
                     istr_t *is = atomic_load_explicit(
                         &((tly_store_t *)(uintptr_t)store)->intern[v >> 1], memory_order_acquire);
                     if (!is)
@@ -182,16 +178,6 @@ static bool log_decode(const tly_store_t *store, const etype_t *et, log_t *lg, b
         lg->nrecs++;
     }
     return true;
-}
-
-bool store_log_decode(const tly_store_t *store, const etype_t *et, log_t *lg)
-{
-    return log_decode(store, et, lg, true);
-}
-
-bool store_log_decode_times(const tly_store_t *store, const etype_t *et, log_t *lg)
-{
-    return log_decode(store, et, lg, false);
 }
 
 /* Encodes one event for entity type et with feature mask into out (at most
