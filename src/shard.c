@@ -432,8 +432,7 @@ void tly_shard_free(tly_shard_t *sh)
         pthread_join(sh->thread, NULL);
     }
     if (sh->reader != NULL) {
-        rd_kafka_consumer_close(sh->reader);
-        rd_kafka_destroy(sh->reader);
+        tly_kafka_close(sh->reader, false, TLY_KAFKA_CLOSE_TIMEOUT_MS, "shard endpoints reader");
     }
     if (sh->writer != NULL) {
         rd_kafka_flush(sh->writer, 2000);

@@ -36,8 +36,8 @@
  * runs consumer_poll and with it the rebalance, error and offset callbacks;
  * worker threads only decode and apply the batch items handed to them
  * (between the start and the end of a flush, under pool.mu's handshake);
- * rd_kafka_consumer_close in stop runs the final revocation on the main
- * thread after the poll thread was joined. The log callback runs on
+ * tly_kafka_close in stop runs the final revocation on the main thread
+ * after the poll thread was joined. The log callback runs on
  * librdkafka's own threads and only calls tly_log. tly_source_stats and
  * tly_source_fatal on any thread.
  *
@@ -1488,6 +1488,84 @@ void tly_source_commit(tly_source_t *src, const tly_position_t *pos, size_t n)
     rd_kafka_topic_partition_list_destroy(list);
 }
 
+static int64_t mono_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+typedef struct {
+    bool done;
+    rd_kafka_resp_err_t err;
+} commit_wait_t;
+
+static void commit_done(rd_kafka_t *rk, rd_kafka_resp_err_t err,
+                        rd_kafka_topic_partition_list_t *offsets, void *opaque)
+{
+    (void)rk;
+    (void)offsets;
+    commit_wait_t *cw = opaque;
+    cw->err = err;
+    cw->done = true;
+}
+
+/* Serves q's callbacks until *done (or, with done NULL, until rk's close
+ * finished) or the deadline; false at the deadline. */
+static bool serve_until(rd_kafka_t *rk, rd_kafka_queue_t *q, const bool *done, int64_t deadline)
+{
+    for (;;) {
+        if (done != NULL ? *done : rd_kafka_consumer_closed(rk))
+            return true;
+        int64_t left = deadline - mono_ms();
+        if (left <= 0)
+            return false;
+        rd_kafka_queue_poll_callback(q, left < 100 ? (int)left : 100);
+    }
+}
+
+bool tly_kafka_close(rd_kafka_t *rk, bool commit, int timeout_ms, const char *who)
+{
+    /* rd_kafka_consumer_close() waits as long as the group coordinator
+     * takes to answer, forever when the cluster is gone: close through a
+     * queue of our own instead, with a deadline. */
+    int64_t deadline = mono_ms() + timeout_ms;
+    rd_kafka_queue_t *q = rd_kafka_queue_new(rk);
+    bool answered = true;
+    if (commit) {
+        commit_wait_t cw = {false, RD_KAFKA_RESP_ERR_NO_ERROR};
+        rd_kafka_resp_err_t err = rd_kafka_commit_queue(rk, NULL, q, commit_done, &cw);
+        if (err == RD_KAFKA_RESP_ERR_NO_ERROR) {
+            answered = serve_until(rk, q, &cw.done, deadline);
+            err = cw.err;
+        }
+        if (answered && err != RD_KAFKA_RESP_ERR_NO_ERROR && err != RD_KAFKA_RESP_ERR__NO_OFFSET)
+            tly_warn("%s: committing offsets on stop failed: %s", who, rd_kafka_err2str(err));
+    }
+    if (answered) {
+        rd_kafka_error_t *error = rd_kafka_consumer_close_queue(rk, q);
+        if (error != NULL) {
+            tly_warn("%s: closing the consumer: %s", who, rd_kafka_error_string(error));
+            rd_kafka_error_destroy(error);
+        } else {
+            answered = serve_until(rk, q, NULL, deadline);
+        }
+    }
+    rd_kafka_queue_destroy(q);
+    if (answered) {
+        rd_kafka_destroy(rk);
+        return true;
+    }
+    /* Not destroyed either: librdkafka 2.0.2's destroy, even with
+     * RD_KAFKA_DESTROY_F_NO_CONSUMER_CLOSE, joins a main thread that waits
+     * for the group's pending requests, as long as the brokers stay away.
+     * The handle and its threads end with the process, which is exiting. */
+    tly_warn("%s: the brokers did not answer within %d ms; leaving without closing the consumer "
+             "(the group drops this member after session.timeout.ms)%s",
+             who, timeout_ms, commit ? "; offsets not committed" : "");
+    return false;
+}
+
 void tly_source_stop(tly_source_t *src)
 {
     if (src == NULL || src->stopped)
@@ -1496,15 +1574,8 @@ void tly_source_stop(tly_source_t *src)
     tly_source_halt(src);
     /* From here the main thread serves the consumer queue (close runs the
      * final revocation). */
-    if (src->started && src->checkpoint == NULL) {
-        rd_kafka_resp_err_t err = rd_kafka_commit(src->rk, NULL, 0);
-        if (err != RD_KAFKA_RESP_ERR_NO_ERROR && err != RD_KAFKA_RESP_ERR__NO_OFFSET)
-            tly_warn("source: committing offsets on stop failed: %s", rd_kafka_err2str(err));
-    }
-    rd_kafka_resp_err_t err = rd_kafka_consumer_close(src->rk);
-    if (err != RD_KAFKA_RESP_ERR_NO_ERROR)
-        tly_warn("source: closing the consumer: %s", rd_kafka_err2str(err));
-    rd_kafka_destroy(src->rk);
+    tly_kafka_close(src->rk, src->started && src->checkpoint == NULL, TLY_KAFKA_CLOSE_TIMEOUT_MS,
+                    "source");
     src->rk = NULL;
     for (size_t i = 0; i < src->nparts; i++)
         src->parts[i].assigned = false;

@@ -29,6 +29,12 @@ producer is idempotent: its retries under the same faults never write
 duplicates (mockkafka checks the cluster holds exactly the produced
 messages before it says PRODUCED).
 
+Last, in replica and in shard mode: the whole cluster is killed (kill -9)
+once tallyd consumed the seed, then tallyd gets SIGTERM. It must write its
+final snapshot, log that the brokers did not answer, and exit 0 once its
+close deadline (10 s) passed, instead of waiting for brokers that are gone
+(librdkafka's consumer close waits for them as long as they stay away).
+
 Leaders and the coordinator are set explicitly at the start: partition p is
 led by broker p % 3 + 1, the group's coordinator is broker 1.
 
@@ -407,9 +413,9 @@ class Data:
             self.wants.append(self.model.recent("user", i, "recent"))
 
 
-def start(data, tmp, properties):
-    """A fresh cluster holding the seed, and a fresh tallyd that consumed
-    all of it; the stream is not started yet."""
+def start(data, tmp, properties, mode="shard"):
+    """A fresh cluster holding the seed, and a fresh tallyd (kafka.mode
+    `mode`) to consume it; the stream is not started yet."""
     run = Run()
     run.tmp = tmp
     run.data = data
@@ -421,7 +427,7 @@ def start(data, tmp, properties):
         port = H.free_port()
         config_path, cfg = H.write_config(tmp, run.kafka.bootstrap, port, TOPIC,
                                           features=data.features)
-        cfg["kafka"]["mode"] = "shard"
+        cfg["kafka"]["mode"] = mode
         cfg["kafka"]["properties"] = dict(BASE_PROPERTIES, **properties)
         cfg["events"]["max_future_skew"] = "1h"
         with open(config_path, "w") as f:
@@ -515,6 +521,53 @@ def scenario(data, index, fault, properties, parent_tmp):
                       + run.tallyd.log_tail())
 
 
+CLOSE_TIMEOUT_S = 10  # TLY_KAFKA_CLOSE_TIMEOUT_MS in src/source_int.h
+
+
+def shutdown_with_the_cluster_gone(data, index, mode, parent_tmp):
+    """kill -9 of the whole cluster, then SIGTERM: tallyd cannot leave its
+    group or commit, and must not wait for brokers that are gone. It still
+    writes its final snapshot, says the brokers did not answer, and exits 0
+    once the close deadline passes."""
+    tmp = Path(parent_tmp) / f"s{index}"
+    tmp.mkdir()
+    run = start(data, tmp, {}, mode=mode)
+    try:
+        consumed(run, data.nseed, "tallyd to consume the seeded events")
+        run.cli.close()
+        run.kafka.proc.kill()
+        run.kafka.proc.wait()
+        snapdir = tmp / "snapshots"
+        sent_ms = int(time.time() * 1000)
+        t0 = time.monotonic()
+        run.tallyd.proc.terminate()
+        bound = (CLOSE_TIMEOUT_S + 20) * H.MULT
+        try:
+            rc = run.tallyd.proc.wait(bound)
+        except subprocess.TimeoutExpired:
+            rc = None
+        took = time.monotonic() - t0
+        log = run.tallyd.log_path.read_text(errors="replace")
+        m = Mismatches()
+        m.eq(rc, 0, f"exit status {took:.1f} s after SIGTERM (None: still running after "
+                    f"{bound:.0f} s)")
+        m.check("brokers did not answer within" in log,
+                "the log says the brokers did not answer the close")
+        finals = [n for n in os.listdir(snapdir) if n.startswith("snapshot-")
+                  and n.endswith(".tly") and int(n[len("snapshot-"):-len(".tly")]) >= sent_ms]
+        m.check(len(finals) == 1, f"one snapshot created after the SIGTERM (at {sent_ms}), got "
+                                  f"{sorted(os.listdir(snapdir))}")
+        try:
+            m.done()
+        except Failure as e:
+            raise Failure(f"{e}\n  tallyd log:\n" + run.tallyd.log_tail())
+        print(f"  # {mode} mode: exit {rc} {took:.1f} s after SIGTERM with the cluster gone",
+              flush=True)
+    finally:
+        run.tallyd.close()
+        run.kafka.close()
+
+
 def main():
     suite = H.Suite("kafka_faults")
     tmp = H.make_tmpdir("tly-faults-")
@@ -534,6 +587,10 @@ def main():
         if only and only not in name:
             continue
         suite.run(name, scenario, data, index, fault, properties, tmp)
+    for index, mode in enumerate(("replica", "shard"), start=len(scenarios)):
+        name = f"sigterm_with_the_cluster_gone_exits_after_the_close_deadline_{mode}"
+        if not only or only in name:
+            suite.run(name, shutdown_with_the_cluster_gone, data, index, mode, tmp)
     print(f"# {time.monotonic() - t:.1f} s in all", flush=True)
     return H.finish(suite, tmp)
 
