@@ -306,6 +306,9 @@ static void metrics_server(tly_daemon_t *d, tly_buf_t *b)
             "Connections closed by the idle or request timeout.", load(&s->timeouts));
     counter(b, "tallyd_auth_failures_total", "AUTH attempts with a wrong password.",
             load(&s->auth_failures));
+    counter(b, "tallyd_read_yields_total",
+            "Reads that filled their buffer and ended the client's turn of the event loop.",
+            load(&s->read_yields));
     counter(b, "tallyd_net_input_bytes_total", "Bytes read from RESP clients.", load(&s->bytes_in));
     counter(b, "tallyd_net_output_bytes_total", "Bytes written to RESP clients.",
             load(&s->bytes_out));

@@ -944,6 +944,7 @@ static void info_stats(cmd_ctx_t *c, tly_buf_t *t)
     textf(t, "output_buffer_disconnects:%" PRIu64 "\r\n", load(&st->output_overflows));
     textf(t, "timeout_disconnects:%" PRIu64 "\r\n", load(&st->timeouts));
     textf(t, "auth_failures:%" PRIu64 "\r\n", load(&st->auth_failures));
+    textf(t, "read_yields:%" PRIu64 "\r\n", load(&st->read_yields));
     textf(t, "total_net_input_bytes:%" PRIu64 "\r\n", load(&st->bytes_in));
     textf(t, "total_net_output_bytes:%" PRIu64 "\r\n", load(&st->bytes_out));
 }

@@ -116,7 +116,8 @@ struct client {
         uv_pipe_t pipe;
     } h;
     server_loop_t *lp;
-    client_t *prev, *next; /* lp->clients, while not closing */
+    client_t *prev, *next;   /* lp->clients, while not closing */
+    client_t *yprev, *ynext; /* lp->yielded, while yielded */
     client_state_t state;
     bool reading;       /* uv_read_start in effect */
     bool paused;        /* execution stopped by server.output_soft_limit */
@@ -127,6 +128,7 @@ struct client {
     bool parser_ready;  /* parser initialised */
     bool limits_authed; /* parser has the configured (not the tight) limits */
     bool req_started;   /* in holds the first bytes of a request since req_start */
+    bool yielded;       /* on lp->yielded: reading resumes in the next iteration */
     tly_session_t session;
     tly_resp_parser_t parser;
     size_t max_query; /* current bound of one pending request */
@@ -157,7 +159,9 @@ struct server_loop {
     uv_tcp_t *listener;
     uv_pipe_t *unix_listener;
     uv_timer_t *timer;
+    uv_prepare_t *prepare; /* resumes the yielded clients before each poll */
     client_t *clients;
+    client_t *yielded;
     tly_cmd_scratch_t *scratch;
     bool stopping;
     char discard[READ_CHUNK]; /* bytes of draining clients land here */
@@ -421,6 +425,21 @@ static void shrink(tly_buf_t *b)
         tly_buf_fini(b);
 }
 
+/* Takes c off lp->yielded. */
+static void client_unyield(client_t *c)
+{
+    if (!c->yielded)
+        return;
+    if (c->yprev != NULL)
+        c->yprev->ynext = c->ynext;
+    else
+        c->lp->yielded = c->ynext;
+    if (c->ynext != NULL)
+        c->ynext->yprev = c->yprev;
+    c->yprev = c->ynext = NULL;
+    c->yielded = false;
+}
+
 static void client_close_cb(uv_handle_t *h)
 {
     client_t *c = h->data;
@@ -438,6 +457,7 @@ static void client_close(client_t *c)
     if (c->state == CLIENT_CLOSING)
         return;
     c->state = CLIENT_CLOSING;
+    client_unyield(c);
     if (c->prev != NULL)
         c->prev->next = c->next;
     else if (c->lp->clients == c)
@@ -488,7 +508,7 @@ static void read_cb(uv_stream_t *stream, ssize_t nread, const uv_buf_t *buf);
 
 static void start_reading(client_t *c)
 {
-    if (c->reading || c->state == CLIENT_CLOSING)
+    if (c->reading || c->yielded || c->state == CLIENT_CLOSING)
         return;
     if (uv_read_start(&c->h.stream, alloc_cb, read_cb) != 0) {
         client_close(c);
@@ -703,6 +723,35 @@ static void client_pump(client_t *c, bool run)
         start_reading(c);
 }
 
+/* One read per client per loop iteration. A read that filled its buffer
+ * may have left more behind, and libuv would read again at once (up to 32
+ * times), executing each chunk: a client that keeps its socket full — a
+ * deep pipeline of large requests — would hold the loop while the others
+ * wait. Such a client stops reading until the next iteration's prepare
+ * callback, so every ready client gets its read in between. */
+static void client_yield(client_t *c)
+{
+    stat_add(&c->lp->srv->d->server.read_yields, 1);
+    stop_reading(c);
+    c->yielded = true;
+    c->yprev = NULL;
+    c->ynext = c->lp->yielded;
+    if (c->ynext != NULL)
+        c->ynext->yprev = c;
+    c->lp->yielded = c;
+}
+
+static void prepare_cb(uv_prepare_t *h)
+{
+    server_loop_t *lp = h->data;
+    while (lp->yielded != NULL) {
+        client_t *c = lp->yielded;
+        client_unyield(c);
+        if (c->state == CLIENT_DRAINING ? !c->peer_eof : !c->paused)
+            start_reading(c);
+    }
+}
+
 static void read_cb(uv_stream_t *stream, ssize_t nread, const uv_buf_t *buf)
 {
     (void)buf; /* the bytes are in c->in (or the discard buffer) */
@@ -732,6 +781,8 @@ static void read_cb(uv_stream_t *stream, ssize_t nread, const uv_buf_t *buf)
     }
     c->in.len += (size_t)nread;
     client_pump(c, true);
+    if ((size_t)nread == READ_CHUNK && c->state == CLIENT_OPEN && c->reading)
+        client_yield(c);
 }
 
 static void client_start(client_t *c, bool is_unix)
@@ -852,9 +903,12 @@ static void stop_cb(uv_async_t *a)
         uv_close((uv_handle_t *)lp->unix_listener, free_handle_cb);
     if (lp->timer != NULL)
         uv_close((uv_handle_t *)lp->timer, free_handle_cb);
+    if (lp->prepare != NULL)
+        uv_close((uv_handle_t *)lp->prepare, free_handle_cb);
     lp->listener = NULL;
     lp->unix_listener = NULL;
     lp->timer = NULL;
+    lp->prepare = NULL;
     while (lp->clients != NULL)
         client_close(lp->clients);
     uv_close((uv_handle_t *)a, free_handle_cb);
@@ -914,6 +968,10 @@ static bool loop_open(server_loop_t *lp, char *errbuf, size_t errlen)
     uv_timer_init(&lp->loop, lp->timer);
     lp->timer->data = lp;
     uv_timer_start(lp->timer, timer_cb, period, period);
+    lp->prepare = xcalloc(1, sizeof *lp->prepare);
+    uv_prepare_init(&lp->loop, lp->prepare);
+    lp->prepare->data = lp;
+    uv_prepare_start(lp->prepare, prepare_cb);
     return true;
 }
 

@@ -28,6 +28,7 @@ typedef struct {
     atomic_uint_fast64_t output_overflows;   /* closed at server.max_output_buffer */
     atomic_uint_fast64_t timeouts;           /* closed: idle or request timeout */
     atomic_uint_fast64_t auth_failures;      /* wrong AUTH passwords */
+    atomic_uint_fast64_t read_yields;        /* full reads that ended a client's turn */
     atomic_uint_fast64_t bytes_in, bytes_out;
     atomic_uint_fast64_t next_client_id;     /* CLIENT ID source (starts at 1) */
 } tly_server_stats_t;

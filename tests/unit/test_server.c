@@ -342,6 +342,63 @@ static void test_pipelined_requests_in_one_write_come_back_in_order(void **state
     fx_stop(fx);
 }
 
+/* A client whose pipeline keeps its socket full ends its turn after each
+ * full read (read_yields) and resumes in the next loop iteration: every
+ * reply comes back, in order, and another client is answered meanwhile. */
+static void test_deep_pipeline_yields_between_reads_and_stays_in_order(void **state)
+{
+    (void)state;
+    fx_t *fx = fx_start("");
+    enum { N = 20000 };
+    size_t cap = (size_t)N * 160;
+    char *req = malloc(cap), *want = malloc(cap), *got = malloc(cap);
+    assert_non_null(req);
+    assert_non_null(want);
+    assert_non_null(got);
+    size_t rlen = 0, wlen = 0;
+    for (int i = 0; i < N; i++) {
+        char arg[112];
+        snprintf(arg, sizeof arg, "r%06d-%0100d", i, 0);
+        const char *argv[] = {"ECHO", arg};
+        rlen += build_request(req + rlen, cap - rlen, 2, argv);
+        wlen += (size_t)snprintf(want + wlen, cap - wlen, "$%zu\r\n%s\r\n", strlen(arg), arg);
+    }
+    int hog = connect_tcp(fx->d.tcp_port), other = connect_tcp(fx->d.tcp_port);
+    size_t sent = 0, have = 0;
+    bool other_done = false;
+    int64_t deadline = deadline_in(4 * WAIT_MS);
+    while (have < wlen) {
+        struct pollfd pfd = {.fd = hog, .events = POLLIN | (sent < rlen ? POLLOUT : 0)};
+        assert_true(poll(&pfd, 1, remaining(deadline)) > 0);
+        if (sent < rlen) {
+            ssize_t w = send(hog, req + sent, rlen - sent, MSG_NOSIGNAL | MSG_DONTWAIT);
+            if (w > 0)
+                sent += (size_t)w;
+        }
+        ssize_t r = recv(hog, got + have, wlen - have, MSG_DONTWAIT);
+        if (r > 0)
+            have += (size_t)r;
+        if (!other_done && have > 0 && sent < rlen) { /* while the pipeline runs */
+            send_str(other, "PING\r\n");
+            expect(other, "+PONG\r\n");
+            other_done = true;
+        }
+    }
+    assert_int_equal(have, wlen);
+    assert_memory_equal(got, want, wlen);
+    assert_true(stat_of(&fx->d.server.read_yields) >= 1);
+    if (!other_done) { /* the pipeline ended first: still answered */
+        send_str(other, "PING\r\n");
+        expect(other, "+PONG\r\n");
+    }
+    close(hog);
+    close(other);
+    free(req);
+    free(want);
+    free(got);
+    fx_stop(fx);
+}
+
 static void test_unix_socket_serves_requests_and_is_removed(void **state)
 {
     (void)state;
@@ -779,6 +836,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_ping_over_raw_socket_returns_pong),
         cmocka_unit_test(test_pipelined_requests_in_one_write_come_back_in_order),
+        cmocka_unit_test(test_deep_pipeline_yields_between_reads_and_stays_in_order),
         cmocka_unit_test(test_unix_socket_serves_requests_and_is_removed),
         cmocka_unit_test(test_protocol_error_closes_only_that_client),
         cmocka_unit_test(test_max_clients_refuses_the_third_connection),
