@@ -2,7 +2,8 @@
 """End-to-end test of tallyd: a seeded engagement stream goes through a real
 Kafka protocol server (librdkafka's mock cluster in build/itest/mockkafka)
 into a real tallyd, and every value of every user and pin is read back with
-real Redis clients (redis-cli, hiredis, redis-py; RESP2 and RESP3) and
+real Redis clients (redis-cli, hiredis, redis-py with its own parsers and
+with hiredis's reader from hiredis-py; RESP2 and RESP3) and
 compared with a ground truth computed here from the event list alone, by the
 rules of DESIGN.md §3 and §5 (not by tallyd's code).
 
@@ -17,7 +18,7 @@ reads after ingest), and an entity's newest event time (META) is checked
 against the set of values the possible ingest clocks allow.
 
 Run: /usr/bin/python3 tests/integration/e2e.py (or build/venv/bin/python,
-which has redis-py 5 for the RESP3 tests: scripts/pydeps.sh).
+which has redis-py 5 and hiredis-py 3 for the RESP3 tests: scripts/pydeps.sh).
 """
 
 import http.client
@@ -1018,20 +1019,39 @@ def t_hiredis(c):
 
 # ---- redis-py
 
-def t_redis_py(c, proto):
+def t_redis_py(c, proto, parser="python"):
+    """redis-py with its own RESP parsers (parser "python"), or with
+    hiredis's reader (parser "hiredis": hiredis-py 3.x, which bundles
+    hiredis 1.x and so reads RESP3 too)."""
     try:
         import redis
     except ImportError as e:
         raise Failure(f"redis-py is not importable ({e}); run scripts/pydeps.sh")
-    if proto == 3 and int(redis.__version__.split(".")[0]) < 5:
-        raise Failure(f"redis-py {redis.__version__} ({redis.__file__}) cannot speak RESP3 "
-                      f"(needs >= 5): run with build/venv/bin/python from scripts/pydeps.sh; if "
-                      f"PyPI was unreachable, that script could not install it")
-    kw = {"protocol": proto} if int(redis.__version__.split(".")[0]) >= 5 else {}
-    r = redis.Redis(host="127.0.0.1", port=c.port, socket_timeout=30 * H.MULT, **kw)
+    if int(redis.__version__.split(".")[0]) < 5:
+        raise Failure(f"redis-py {redis.__version__} ({redis.__file__}) cannot speak RESP3 nor "
+                      f"pick its parser (needs >= 5): run with build/venv/bin/python from "
+                      f"scripts/pydeps.sh; if PyPI was unreachable, that script could not "
+                      f"install it")
+    from redis._parsers import _HiredisParser, _RESP2Parser
+    from redis.utils import HIREDIS_AVAILABLE
+    if parser == "hiredis" and not HIREDIS_AVAILABLE:
+        raise Failure("hiredis-py >= 3 is not importable: run with build/venv/bin/python from "
+                      "scripts/pydeps.sh; if PyPI was unreachable, that script could not "
+                      "install it")
+    # redis-py moves from its RESP2 parser to its RESP3 one after HELLO 3.
+    cls = _HiredisParser if parser == "hiredis" else _RESP2Parser
+    pool = redis.ConnectionPool(host="127.0.0.1", port=c.port, socket_timeout=30 * H.MULT,
+                                protocol=proto, parser_class=cls)
+    r = redis.Redis(connection_pool=pool)
+    who = f"redis-py ({parser} parser) RESP{proto}"
     try:
         m = Mismatches()
         m.eq(r.ping(), True, "PING")
+        conn = pool.get_connection()
+        used = type(conn._parser).__name__
+        pool.release(conn)
+        m.eq(used, "_HiredisParser" if parser == "hiredis" else f"_RESP{proto}Parser",
+             "the parser redis-py used")
         pack = resp3_pairs if proto == 3 else resp2_pairs
         rng = random.Random(SEED + 8)
         cmds, wants = [], []
@@ -1052,7 +1072,7 @@ def t_redis_py(c, proto):
             for cmd in cmds[s:s + 1000]:
                 pipe.execute_command(*cmd)
             for cmd, got, want in zip(cmds[s:s + 1000], pipe.execute(), wants[s:s + 1000]):
-                m.eq(got, want, f"redis-py RESP{proto} {' '.join(map(str, cmd[:4]))}")
+                m.eq(got, want, f"{who} {' '.join(map(str, cmd[:4]))}")
         try:
             r.execute_command("FEATURES", "nosuch", "1")
             m.add("FEATURES nosuch 1 raised no error")
@@ -1103,6 +1123,8 @@ def main():
         ("hiredis_resp2_every_user_pin_recent_mfeatures", t_hiredis),
         ("redis_py_resp2_every_user_and_pin", t_redis_py, 2),
         ("redis_py_resp3_sample", t_redis_py, 3),
+        ("hiredis_reader_resp2_through_redis_py_every_user_and_pin", t_redis_py, 2, "hiredis"),
+        ("hiredis_reader_resp3_through_redis_py_sample", t_redis_py, 3, "hiredis"),
         ("admin_http_health_ready_and_metrics_counts", t_admin),
     ]
     only = os.environ.get("TLY_E2E_ONLY")
