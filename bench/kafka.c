@@ -39,7 +39,9 @@
  * Freshness. On the real broker, a second tallyd reads a new empty topic;
  * this process produces to it at --rate events/s (paced against the
  * monotonic clock; linger.ms --linger, default 5, acks=all, no
- * compression), --warmup seconds unsampled, then --duration seconds. Every
+ * compression), --warmup seconds unsampled (default 30: a freshly started
+ * broker's JIT and heap take about that long to settle under this traffic;
+ * bench/README.md), then --duration seconds. Every
  * --sample-th event of the timed part goes to a user id used by no other
  * event, with its pin_id a unique marker; a poller thread on its own
  * connection asks `RECENT user <id> recent COUNT 1` for the oldest
@@ -1477,7 +1479,8 @@ static void usage(FILE *out)
             "  --rate, --duration  freshness: events/s and seconds (default 10000, 10)\n"
             "  --sample K    every K-th freshness event is polled for (default 20)\n"
             "  --poll-us U   pause between poll rounds (default 500)\n"
-            "  --warmup S    freshness: seconds produced before sampling starts (default 2)\n"
+            "  --warmup S    freshness: seconds produced before sampling starts (default 30;\n"
+            "                --quick: 5)\n"
             "  --linger MS   linger.ms of the freshness producer (default 5; see bench/README.md)\n"
             "  --property K=V  a librdkafka property for every consumer (bare, loader, tallyd's\n"
             "                kafka.properties); repeatable\n"
@@ -1517,7 +1520,7 @@ static void parse_args(int argc, char **argv, opts_t *o)
                   .sample = 20,
                   .poll_us = 500,
                   .linger_ms = 5,
-                  .warmup_s = 2};
+                  .warmup_s = -1};
     long n = -1;
     int c;
     bool any_only = false;
@@ -1597,6 +1600,8 @@ static void parse_args(int argc, char **argv, opts_t *o)
     o->nevents = n > 0 ? (size_t)n : o->quick ? QUICK_EVENTS : DEFAULT_EVENTS;
     if (o->duration_s < 0)
         o->duration_s = o->quick ? 3 : 10;
+    if (o->warmup_s < 0)
+        o->warmup_s = o->quick ? 5 : 30;
     if (o->nevents > MAX_EVENTS || o->partitions < 1 || o->partitions > 1024 || o->pipeline < 1 ||
         o->rate < 1 || o->rate > 1e6 || o->duration_s <= 0 || o->warmup_s < 0 || o->sample < 1 ||
         o->poll_us < 0 || o->linger_ms < 0 || o->linger_ms > 1000) {

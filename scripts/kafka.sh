@@ -35,7 +35,8 @@
 # serial collector). TLY_KAFKA_JVM=stock runs the broker with the JVM
 # settings of Kafka's own bin/kafka-server-start.sh instead (1 GiB heap, G1
 # with a 20 ms pause goal, the full JIT): slower to start, steadier under
-# load; the benchmarks use it.
+# load; the benchmarks use it. TLY_KAFKA_JVM=zgc: the stock settings with
+# the Z collector instead of G1.
 #
 # Cache: TLY_KAFKA_CACHE (default ~/.cache/tallyd-kafka) keeps the resolved
 # classpath and the class-data archive across runs and work trees, as ~/.m2
@@ -267,7 +268,10 @@ start() {
     jvm=(-Xmx1G -Xms1G -server -XX:+UseG1GC -XX:MaxGCPauseMillis=20
       -XX:InitiatingHeapOccupancyPercent=35 -XX:+ExplicitGCInvokesConcurrent
       -XX:MaxInlineLevel=15) ;;
-  *) die "TLY_KAFKA_JVM must be small or stock, not ${TLY_KAFKA_JVM}" ;;
+  zgc) # the stock settings with Java's low-pause collector instead of G1
+    jvm=(-Xmx1G -Xms1G -server -XX:+UseZGC -XX:+ExplicitGCInvokesConcurrent
+      -XX:MaxInlineLevel=15) ;;
+  *) die "TLY_KAFKA_JVM must be small, stock or zgc, not ${TLY_KAFKA_JVM}" ;;
   esac
   jvm+=(-Djava.awt.headless=true
     "-Dlog4j2.configurationFile=$REPO/scripts/kafka/log4j2.properties"
