@@ -583,25 +583,32 @@ static size_t put_u64(char *w, uint64_t v)
     return n;
 }
 
-/* Appends "<type><n>\r\n". */
-static void put_header(tly_buf_t *b, char type, int64_t n)
+/* Room for `more` bytes at the end of b; the call only when it must grow. */
+static inline char *reserve(tly_buf_t *b, size_t more)
 {
-    if (n >= 0 && n < 100) { /* most counts, small arrays, names */
-        char *w = tly_buf_reserve(b, 5);
-        size_t k = 0;
-        w[k++] = type;
-        if (n >= 10)
-            w[k++] = (char)('0' + n / 10);
-        w[k++] = (char)('0' + n % 10);
-        w[k++] = '\r';
-        w[k++] = '\n';
-        b->len += k;
-        return;
-    }
-    char *w = tly_buf_reserve(b, 24);
+    if (b->cap - b->len >= more)
+        return b->data + b->len;
+    return tly_buf_reserve(b, more);
+}
+
+enum { HEADER_MAX = 24 }; /* type, sign, 20 digits, CR LF */
+
+static const char digit_pairs[] = "00010203040506070809101112131415161718192021222324"
+                                 "25262728293031323334353637383940414243444546474849"
+                                 "50515253545556575859606162636465666768697071727374"
+                                 "75767778798081828384858687888990919293949596979899";
+
+/* Writes "<type><n>\r\n" at w; returns its length. */
+static inline size_t header_at(char *w, char type, int64_t n)
+{
     size_t k = 0;
     w[k++] = type;
-    if (n < 0) {
+    if (n >= 0 && n < 10) { /* most counts, small arrays, names */
+        w[k++] = (char)('0' + n);
+    } else if (n >= 10 && n < 100) {
+        memcpy(w + k, digit_pairs + 2 * n, 2);
+        k += 2;
+    } else if (n < 0) {
         w[k++] = '-';
         k += put_u64(w + k, (uint64_t)0 - (uint64_t)n);
     } else {
@@ -609,7 +616,13 @@ static void put_header(tly_buf_t *b, char type, int64_t n)
     }
     w[k++] = '\r';
     w[k++] = '\n';
-    b->len += k;
+    return k;
+}
+
+/* Appends "<type><n>\r\n". */
+static void put_header(tly_buf_t *b, char type, int64_t n)
+{
+    b->len += header_at(reserve(b, HEADER_MAX), type, n);
 }
 
 /* Appends "<type>text\r\n" with CR and LF in text replaced by spaces, so a
@@ -666,12 +679,16 @@ void tly_resp_int(tly_buf_t *b, int64_t v)
 
 void tly_resp_bulk(tly_buf_t *b, const char *s, size_t len)
 {
-    put_header(b, '$', (int64_t)len);
-    char *w = tly_buf_reserve(b, len + 2);
-    memcpy(w, s, len);
-    w[len] = '\r';
-    w[len + 1] = '\n';
-    b->len += len + 2;
+    if (len > SIZE_MAX - HEADER_MAX - 2) {
+        fprintf(stderr, "tallyd: buffer size overflow (bulk of %zu bytes)\n", len);
+        abort();
+    }
+    char *w = reserve(b, HEADER_MAX + len + 2);
+    size_t k = header_at(w, '$', (int64_t)len);
+    memcpy(w + k, s, len);
+    w[k + len] = '\r';
+    w[k + len + 1] = '\n';
+    b->len += k + len + 2;
 }
 
 void tly_resp_bulkstr(tly_buf_t *b, const char *s)

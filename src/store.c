@@ -640,6 +640,7 @@ tly_err_t tly_store_read(tly_store_t *store, uint32_t entity, const char *id, si
         uint32_t used = ent ? used_of(ent) : 0;
         size_t sused = 0;
         int64_t last = -1;
+        uint32_t hint = 1; /* store_words_value's segment cursor, per attempt */
         err = TLY_OK;
         if (ent && !words && (n > 0 || last_ms)) { /* decode only when asked */
             store_log_copy(ent, &lg);
@@ -662,7 +663,7 @@ tly_err_t tly_store_read(tly_store_t *store, uint32_t entity, const char *id, si
                 } else if (!words) {
                     *o = store_log_value(store, &lg, feat, req[r].window, now_ms);
                 } else {
-                    *o = store_words_value(ent, used, feat, req[r].window, now_ms, &bad);
+                    *o = store_words_value(ent, used, feat, req[r].window, now_ms, &hint, &bad);
                 }
                 continue;
             }

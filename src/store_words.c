@@ -494,19 +494,61 @@ size_t store_words_recent(const tly_store_t *store, const ent_t *e, uint32_t off
 
 /* One windowed value from a word-encoded record. */
 tly_value_t store_words_value(const ent_t *e, uint32_t used, const tly_feat_t *feat,
-                              uint32_t window, int64_t now_ms, bool *bad)
+                              uint32_t window, int64_t now_ms, uint32_t *hint, bool *bad)
 {
     const tly_window_t *win = &feat->windows[window];
     int64_t lo, hi;
     store_window_range(win, now_ms, &lo, &hi);
     tly_cell_t acc = TLY_CELL_INIT;
     bool found;
-    uint32_t off = store_seg_find(e, used, SID_WINDOW(feat->slot, window), &found);
+    uint32_t sid = SID_WINDOW(feat->slot, window), start = 1;
+    /* Requests usually come in segment order: search on from the last one
+     * found when its id is not past sid. */
+    if (hint != NULL && *hint > 1 && *hint < used && SEG_ID(ld(e, *hint)) <= sid)
+        start = *hint;
+    uint32_t off = seg_find_from(e, used, sid, start, &found);
     if (found) {
         uint32_t len = SEG_LEN(ld(e, off)), sw = stride_of(feat->agg);
         if ((uint64_t)off + 1 + len > used) {
             *bad = true;
             return acc.n ? tly_agg_result(feat->agg, &acc) : (tly_value_t){.type = TLY_V_NIL};
+        }
+        if (hint != NULL)
+            *hint = off;
+        if (feat->agg == TLY_AGG_COUNT) {
+            /* one word a bucket, bucket << 32 | n: sum the counts in range
+             * (the saturation tly_agg_cell_merge applies, once at the end) */
+            uint64_t n = 0;
+            for (uint32_t i = 0; i < len; i++) {
+                uint64_t w = ld(e, off + 1 + i);
+                int64_t bk = (int64_t)(w >> 32);
+                n += (bk >= lo && bk <= hi) ? (uint32_t)w : 0;
+            }
+            acc.n = n > UINT32_MAX ? UINT32_MAX : (uint32_t)n;
+            return tly_agg_result(feat->agg, &acc);
+        }
+        if (feat->agg == TLY_AGG_SUM || feat->agg == TLY_AGG_AVG) {
+            /* integer cells summed without a call per bucket; a float cell
+             * or an overflow leaves it to the loop below, which turns the
+             * sum into a double as tly_agg_cell_merge does */
+            uint64_t n = 0;
+            int64_t sum = 0;
+            bool whole = true;
+            for (uint32_t i = 0; i + 2 <= len && whole; i += 2) {
+                uint64_t w0 = ld(e, off + 1 + i);
+                int64_t bk = (int64_t)(w0 >> 32);
+                uint32_t cn = (uint32_t)w0 & N_MASK;
+                if (bk < lo || bk > hi || cn == 0)
+                    continue;
+                whole = !(w0 & FLOAT_BIT) &&
+                        !__builtin_add_overflow(sum, (int64_t)ld(e, off + 2 + i), &sum);
+                n += cn;
+            }
+            if (whole) {
+                acc.n = n > UINT32_MAX ? UINT32_MAX : (uint32_t)n;
+                acc.bits = sum;
+                return tly_agg_result(feat->agg, &acc);
+            }
         }
         for (uint32_t i = 0; i + sw <= len; i += sw) {
             int64_t bk = (int64_t)(ld(e, off + 1 + i) >> 32);

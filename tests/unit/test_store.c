@@ -792,6 +792,41 @@ static tly_event_t order_event(const tly_featset_t *fs, int64_t t, const char *a
 /* Item lists come first in this config's slot order: a busy user (word
  * encoding) must still answer every feature exactly. Expected values are
  * counted by hand from the loop below. */
+/* Windowed sums of a word-encoded record whose integers pass INT64_MAX turn
+ * into doubles, as tly_agg_cell_merge's rule says; below it they stay
+ * integers. 2^62 is exact in a double, and so are its small multiples. */
+static void test_word_encoded_sum_past_int64_turns_double(void **state)
+{
+    fx_t *fx = *state;
+    /* 60 events with dwell 0 over the last 30 minutes: past the compact
+     * log's size, so the record is in the word encoding */
+    for (int i = 0; i < 60; i++)
+        assert_int_equal(put(fx, T, T - (60 - i) * 30 * SEC, 7, "p", "view", 0), TLY_OK);
+    tly_value_t v = get(fx, fx->user, "7", "dwell", 0, T);
+    assert_int_equal(v.type, TLY_V_INT);
+    assert_int_equal(v.u.i, 0);
+    const int64_t big = INT64_C(1) << 62;
+    assert_int_equal(put(fx, T, T - 5 * MIN, 7, "p", "view", big), TLY_OK);
+    v = get(fx, fx->user, "7", "dwell", 0, T);
+    assert_int_equal(v.type, TLY_V_INT);
+    assert_int_equal(v.u.i, big);
+    assert_int_equal(put(fx, T, T - 3 * MIN, 7, "p", "view", big), TLY_OK);
+    assert_int_equal(put(fx, T, T - 1 * MIN, 7, "p", "view", big), TLY_OK);
+    v = get(fx, fx->user, "7", "dwell", 0, T);
+    assert_int_equal(v.type, TLY_V_DOUBLE);
+    assert_true(v.u.d == 3.0 * 0x1p62);
+    v = get(fx, fx->user, "7", "davg", 0, T);
+    assert_int_equal(v.type, TLY_V_DOUBLE);
+    assert_true(v.u.d == 3.0 * 0x1p62 / 63);
+    v = get(fx, fx->user, "7", "dmax", 0, T);
+    assert_int_equal(v.type, TLY_V_INT);
+    assert_int_equal(v.u.i, big);
+    /* at T + 58m the window [T-2m, ...) holds only the last one */
+    v = get(fx, fx->user, "7", "dwell", 0, T + 58 * MIN);
+    assert_int_equal(v.type, TLY_V_INT);
+    assert_int_equal(v.u.i, big);
+}
+
 static void test_item_feature_before_windowed_ones_in_word_encoding(void **state)
 {
     (void)state;
@@ -1090,6 +1125,8 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_idle_entities_expire_and_memory_returns, setup,
                                         teardown),
         cmocka_unit_test(test_item_feature_before_windowed_ones_in_word_encoding),
+        cmocka_unit_test_setup_teardown(test_word_encoded_sum_past_int64_turns_double, setup,
+                                        teardown),
         cmocka_unit_test_setup_teardown(test_buckets_outside_every_window_are_pruned, setup,
                                         teardown),
         cmocka_unit_test_setup_teardown(test_concurrent_writers_on_shared_entities_lose_nothing,
