@@ -289,6 +289,28 @@ static size_t build_request(char *out, size_t cap, size_t argc, const char *cons
     return n;
 }
 
+/* A request stream, the replies it should get and room for the replies. */
+typedef struct {
+    char *req, *want, *got;
+    size_t rlen, wlen;
+} pipe_bufs_t;
+
+static pipe_bufs_t pipe_bufs_new(size_t cap)
+{
+    pipe_bufs_t b = {malloc(cap), malloc(cap), malloc(cap), 0, 0};
+    assert_non_null(b.req);
+    assert_non_null(b.want);
+    assert_non_null(b.got);
+    return b;
+}
+
+static void pipe_bufs_free(pipe_bufs_t *b)
+{
+    free(b->req);
+    free(b->want);
+    free(b->got);
+}
+
 /* ---- tests -------------------------------------------------------------- */
 
 static void test_ping_over_raw_socket_returns_pong(void **state)
@@ -311,34 +333,29 @@ static void test_pipelined_requests_in_one_write_come_back_in_order(void **state
     fx_t *fx = fx_start("  threads: 2\n");
     enum { N = 1000 };
     size_t cap = N * 64;
-    char *req = malloc(cap), *want = malloc(cap), *got = malloc(cap);
-    assert_non_null(req);
-    assert_non_null(want);
-    assert_non_null(got);
-    size_t rlen = 0, wlen = 0;
+    pipe_bufs_t b = pipe_bufs_new(cap);
     for (int i = 0; i < N; i++) {
         char arg[16];
         snprintf(arg, sizeof arg, "m%d", i);
         if (i % 2 == 0) {
             const char *argv[] = {"PING"};
-            rlen += build_request(req + rlen, cap - rlen, 1, argv);
-            wlen += (size_t)snprintf(want + wlen, cap - wlen, "+PONG\r\n");
+            b.rlen += build_request(b.req + b.rlen, cap - b.rlen, 1, argv);
+            b.wlen += (size_t)snprintf(b.want + b.wlen, cap - b.wlen, "+PONG\r\n");
         } else {
             const char *argv[] = {"ECHO", arg};
-            rlen += build_request(req + rlen, cap - rlen, 2, argv);
-            wlen += (size_t)snprintf(want + wlen, cap - wlen, "$%zu\r\n%s\r\n", strlen(arg), arg);
+            b.rlen += build_request(b.req + b.rlen, cap - b.rlen, 2, argv);
+            b.wlen += (size_t)snprintf(b.want + b.wlen, cap - b.wlen, "$%zu\r\n%s\r\n",
+                                       strlen(arg), arg);
         }
     }
     int fd = connect_tcp(fx->d.tcp_port);
-    assert_true(send_all(fd, req, rlen));
-    assert_int_equal(recv_n(fd, got, wlen, deadline_in(WAIT_MS)), wlen);
-    assert_memory_equal(got, want, wlen);
+    assert_true(send_all(fd, b.req, b.rlen));
+    assert_int_equal(recv_n(fd, b.got, b.wlen, deadline_in(WAIT_MS)), b.wlen);
+    assert_memory_equal(b.got, b.want, b.wlen);
     assert_int_equal(stat_of(&fx->d.server.commands), N);
-    assert_int_equal(stat_of(&fx->d.server.bytes_in), rlen);
+    assert_int_equal(stat_of(&fx->d.server.bytes_in), b.rlen);
     close(fd);
-    free(req);
-    free(want);
-    free(got);
+    pipe_bufs_free(&b);
     fx_stop(fx);
 }
 
@@ -351,18 +368,18 @@ static void test_deep_pipeline_yields_between_reads_and_stays_in_order(void **st
     fx_t *fx = fx_start("");
     enum { N = 20000 };
     size_t cap = (size_t)N * 160;
-    char *req = malloc(cap), *want = malloc(cap), *got = malloc(cap);
-    assert_non_null(req);
-    assert_non_null(want);
-    assert_non_null(got);
-    size_t rlen = 0, wlen = 0;
+    pipe_bufs_t b = pipe_bufs_new(cap);
     for (int i = 0; i < N; i++) {
         char arg[112];
         snprintf(arg, sizeof arg, "r%06d-%0100d", i, 0);
         const char *argv[] = {"ECHO", arg};
-        rlen += build_request(req + rlen, cap - rlen, 2, argv);
-        wlen += (size_t)snprintf(want + wlen, cap - wlen, "$%zu\r\n%s\r\n", strlen(arg), arg);
+        b.rlen += build_request(b.req + b.rlen, cap - b.rlen, 2, argv);
+        b.wlen +=
+            (size_t)snprintf(b.want + b.wlen, cap - b.wlen, "$%zu\r\n%s\r\n", strlen(arg), arg);
     }
+    const char *req = b.req, *want = b.want;
+    char *got = b.got;
+    size_t rlen = b.rlen, wlen = b.wlen;
     int hog = connect_tcp(fx->d.tcp_port), other = connect_tcp(fx->d.tcp_port);
     size_t sent = 0, have = 0;
     bool other_done = false;
@@ -393,9 +410,7 @@ static void test_deep_pipeline_yields_between_reads_and_stays_in_order(void **st
     }
     close(hog);
     close(other);
-    free(req);
-    free(want);
-    free(got);
+    pipe_bufs_free(&b);
     fx_stop(fx);
 }
 
