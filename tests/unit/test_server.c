@@ -344,8 +344,8 @@ static void test_pipelined_requests_in_one_write_come_back_in_order(void **state
         } else {
             const char *argv[] = {"ECHO", arg};
             b.rlen += build_request(b.req + b.rlen, cap - b.rlen, 2, argv);
-            b.wlen += (size_t)snprintf(b.want + b.wlen, cap - b.wlen, "$%zu\r\n%s\r\n",
-                                       strlen(arg), arg);
+            b.wlen +=
+                (size_t)snprintf(b.want + b.wlen, cap - b.wlen, "$%zu\r\n%s\r\n", strlen(arg), arg);
         }
     }
     int fd = connect_tcp(fx->d.tcp_port);
