@@ -1510,8 +1510,13 @@ static void commit_done(rd_kafka_t *rk, rd_kafka_resp_err_t err,
     cw->done = true;
 }
 
-/* Serves q's callbacks until *done (or, with done NULL, until rk's close
- * finished) or the deadline; false at the deadline. */
+/* Until *done (the commit's reply) or, with done NULL, until rk's close
+ * finished; false at the deadline. Before the close only the commit's
+ * reply reaches q: its callbacks are served. After it the consumer queue
+ * is forwarded to q and holds the messages fetched ahead (thousands while
+ * catching up), which a callback poll cannot take (librdkafka 2.0.2
+ * asserts): consumer_poll serves the rebalance and error callbacks and
+ * hands the messages over, to be dropped. */
 static bool serve_until(rd_kafka_t *rk, rd_kafka_queue_t *q, const bool *done, int64_t deadline)
 {
     for (;;) {
@@ -1520,7 +1525,14 @@ static bool serve_until(rd_kafka_t *rk, rd_kafka_queue_t *q, const bool *done, i
         int64_t left = deadline - mono_ms();
         if (left <= 0)
             return false;
-        rd_kafka_queue_poll_callback(q, left < 100 ? (int)left : 100);
+        int wait = left < 100 ? (int)left : 100;
+        if (done != NULL) {
+            rd_kafka_queue_poll_callback(q, wait);
+        } else {
+            rd_kafka_message_t *m = rd_kafka_consumer_poll(rk, wait);
+            if (m != NULL)
+                rd_kafka_message_destroy(m);
+        }
     }
 }
 

@@ -29,11 +29,14 @@ producer is idempotent: its retries under the same faults never write
 duplicates (mockkafka checks the cluster holds exactly the produced
 messages before it says PRODUCED).
 
-Last, in replica and in shard mode: the whole cluster is killed (kill -9)
-once tallyd consumed the seed, then tallyd gets SIGTERM. It must write its
-final snapshot, log that the brokers did not answer, and exit 0 once its
-close deadline (10 s) passed, instead of waiting for brokers that are gone
-(librdkafka's consumer close waits for them as long as they stay away).
+Last, SIGTERM, in replica and in shard mode. Early in the catch-up of the
+seed: messages fetched ahead are still queued when the consumer closes, and
+tallyd must drop them and exit 0 (librdkafka 2.0.2 aborts when they reach a
+callback-only poll). And after the whole cluster is killed
+(kill -9) once tallyd consumed the seed: it must log that the brokers did
+not answer and exit 0 once its close deadline (10 s) passed, instead of
+waiting for brokers that are gone (librdkafka's consumer close waits for
+them as long as they stay away). Each time a final snapshot is written.
 
 Leaders and the coordinator are set explicitly at the start: partition p is
 led by broker p % 3 + 1, the group's coordinator is broker 1.
@@ -524,24 +527,36 @@ def scenario(data, index, fault, properties, parent_tmp):
 CLOSE_TIMEOUT_S = 10  # TLY_KAFKA_CLOSE_TIMEOUT_MS in src/source_int.h
 
 
-def shutdown_with_the_cluster_gone(data, index, mode, parent_tmp):
-    """kill -9 of the whole cluster, then SIGTERM: tallyd cannot leave its
-    group or commit, and must not wait for brokers that are gone. It still
-    writes its final snapshot, says the brokers did not answer, and exits 0
-    once the close deadline passes."""
+def sigterm_scenario(data, index, mode, parent_tmp, cluster_gone):
+    """SIGTERM as soon as tallyd starts consuming the seed (cluster_gone
+    False): the messages it fetched ahead and has not polled yet wait in the
+    consumer queue when the consumer closes, and are dropped (not applied,
+    their offsets not committed); tallyd exits 0 at once. Or after kill -9 of the whole
+    cluster (cluster_gone True): tallyd cannot leave its group or commit,
+    and must not wait for brokers that are gone; it says so and exits 0
+    once the close deadline passes. Either way the final snapshot is
+    written."""
     tmp = Path(parent_tmp) / f"s{index}"
     tmp.mkdir()
     run = start(data, tmp, {}, mode=mode)
     try:
-        consumed(run, data.nseed, "tallyd to consume the seeded events")
+        if cluster_gone:
+            consumed(run, data.nseed, "tallyd to consume the seeded events")
+            run.kafka.proc.kill()
+            run.kafka.proc.wait()
+            at = data.nseed
+        else:
+            end = H.deadline(30)
+            while (at := num(run.cli.info(), "messages_consumed")) == 0:
+                if time.monotonic() > end:
+                    raise Failure("tallyd consumed nothing in 30 s:\n    " + source_log(run))
+                time.sleep(0.005)  # poll interval: SIGTERM early in the catch-up
         run.cli.close()
-        run.kafka.proc.kill()
-        run.kafka.proc.wait()
         snapdir = tmp / "snapshots"
         sent_ms = int(time.time() * 1000)
         t0 = time.monotonic()
         run.tallyd.proc.terminate()
-        bound = (CLOSE_TIMEOUT_S + 20) * H.MULT
+        bound = ((CLOSE_TIMEOUT_S if cluster_gone else 0) + 20) * H.MULT
         try:
             rc = run.tallyd.proc.wait(bound)
         except subprocess.TimeoutExpired:
@@ -551,8 +566,8 @@ def shutdown_with_the_cluster_gone(data, index, mode, parent_tmp):
         m = Mismatches()
         m.eq(rc, 0, f"exit status {took:.1f} s after SIGTERM (None: still running after "
                     f"{bound:.0f} s)")
-        m.check("brokers did not answer within" in log,
-                "the log says the brokers did not answer the close")
+        m.eq("brokers did not answer within" in log, cluster_gone,
+             "the log says the brokers did not answer the close")
         finals = [n for n in os.listdir(snapdir) if n.startswith("snapshot-")
                   and n.endswith(".tly") and int(n[len("snapshot-"):-len(".tly")]) >= sent_ms]
         m.check(len(finals) == 1, f"one snapshot created after the SIGTERM (at {sent_ms}), got "
@@ -561,8 +576,9 @@ def shutdown_with_the_cluster_gone(data, index, mode, parent_tmp):
             m.done()
         except Failure as e:
             raise Failure(f"{e}\n  tallyd log:\n" + run.tallyd.log_tail())
-        print(f"  # {mode} mode: exit {rc} {took:.1f} s after SIGTERM with the cluster gone",
-              flush=True)
+        print(f"  # {mode} mode: exit {rc} {took:.1f} s after SIGTERM "
+              f"{'with the cluster gone' if cluster_gone else 'while catching up'} (consumed "
+              f"{at} of {data.nseed} seeded messages then)", flush=True)
     finally:
         run.tallyd.close()
         run.kafka.close()
@@ -587,10 +603,13 @@ def main():
         if only and only not in name:
             continue
         suite.run(name, scenario, data, index, fault, properties, tmp)
-    for index, mode in enumerate(("replica", "shard"), start=len(scenarios)):
-        name = f"sigterm_with_the_cluster_gone_exits_after_the_close_deadline_{mode}"
+    sigterms = [(f"sigterm_while_catching_up_drops_queued_messages_exits_0_{mode}", mode, False)
+                for mode in ("replica", "shard")]
+    sigterms += [(f"sigterm_with_the_cluster_gone_exits_after_the_close_deadline_{mode}", mode,
+                  True) for mode in ("replica", "shard")]
+    for index, (name, mode, gone) in enumerate(sigterms, start=len(scenarios)):
         if not only or only in name:
-            suite.run(name, shutdown_with_the_cluster_gone, data, index, mode, tmp)
+            suite.run(name, sigterm_scenario, data, index, mode, tmp, gone)
     print(f"# {time.monotonic() - t:.1f} s in all", flush=True)
     return H.finish(suite, tmp)
 
