@@ -1539,8 +1539,8 @@ static bool serve_until(rd_kafka_t *rk, rd_kafka_queue_t *q, const bool *done, i
 bool tly_kafka_close(rd_kafka_t *rk, bool commit, int timeout_ms, const char *who)
 {
     /* rd_kafka_consumer_close() waits as long as the group coordinator
-     * takes to answer, forever when the cluster is gone: close through a
-     * queue of our own instead, with a deadline. */
+     * takes to answer, for as long as the cluster stays away: close
+     * through a queue of our own instead, with a deadline. */
     int64_t deadline = mono_ms() + timeout_ms;
     rd_kafka_queue_t *q = rd_kafka_queue_new(rk);
     bool answered = true;
