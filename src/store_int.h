@@ -250,7 +250,7 @@ size_t store_words_recent(const tly_store_t *store, const ent_t *e, uint32_t off
                           uint32_t k, int64_t since_ms, int64_t asof_ms, tly_item_t *items,
                           size_t cap, char *strbuf, size_t strcap, size_t *sused, bool *bad,
                           bool *full);
-/* hint: NULL, or a cursor (start at 1) kept across one record's reads */
+/* hint: a segment cursor, 1 at first, kept across one record's reads */
 tly_value_t store_words_value(const ent_t *e, uint32_t used, const tly_feat_t *feat,
                               uint32_t window, int64_t now_ms, uint32_t *hint, bool *bad);
 

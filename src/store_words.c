@@ -504,7 +504,7 @@ tly_value_t store_words_value(const ent_t *e, uint32_t used, const tly_feat_t *f
     uint32_t sid = SID_WINDOW(feat->slot, window), start = 1;
     /* Requests usually come in segment order: search on from the last one
      * found when its id is not past sid. */
-    if (hint != NULL && *hint > 1 && *hint < used && SEG_ID(ld(e, *hint)) <= sid)
+    if (*hint > 1 && *hint < used && SEG_ID(ld(e, *hint)) <= sid)
         start = *hint;
     uint32_t off = seg_find_from(e, used, sid, start, &found);
     if (found) {
@@ -513,8 +513,7 @@ tly_value_t store_words_value(const ent_t *e, uint32_t used, const tly_feat_t *f
             *bad = true;
             return acc.n ? tly_agg_result(feat->agg, &acc) : (tly_value_t){.type = TLY_V_NIL};
         }
-        if (hint != NULL)
-            *hint = off;
+        *hint = off;
         if (feat->agg == TLY_AGG_COUNT) {
             /* one word a bucket, bucket << 32 | n: sum the counts in range
              * (the saturation tly_agg_cell_merge applies, once at the end) */
