@@ -17,7 +17,9 @@
  * connections, one query in flight each, both servers at the same rate
  * (--open-frac of the slower one's closed-loop rate at 50 connections),
  * latency counted from when each query was due, so a query held back by a
- * slow reply counts its wait.
+ * slow reply counts its wait. For those cells each server (all its threads)
+ * is pinned to the last CPU and the load client to the others (--no-pin:
+ * not), so that the client's threads do not take turns on the server's CPU.
  *
  * Data: N users with 20–30 events each (recent times, actions
  * impression/closeup/click/save/hide at 70/15/9/4/2 %, pins uniform over P)
@@ -53,6 +55,7 @@
  *              [--conns LIST] [--pipeline LIST] [--workloads a,b] [--reps N]
  *              [--open-frac F]
  */
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <getopt.h>
@@ -64,6 +67,7 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <pthread.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdbool.h>
@@ -119,6 +123,7 @@ typedef struct {
     int pipes[8], npipes;
     bool workload[2];
     double open_frac; /* open-loop cells at this fraction of the slower server's rate; 0: none */
+    bool no_pin;      /* open-loop cells: leave servers and client where the kernel puts them */
 } opts_t;
 
 /* ---- failure and children ------------------------------------------------ */
@@ -1428,6 +1433,68 @@ typedef struct {
 } cell_result_t;
 
 /* Runs one cell against one server; dies loudly on any failure. */
+/* Puts every thread of `pid` on CPU `cpu`; 0 on success. */
+static int pin_process(pid_t pid, int cpu)
+{
+    char path[64];
+    snprintf(path, sizeof path, "/proc/%d/task", (int)pid);
+    DIR *d = opendir(path);
+    if (!d)
+        return -1;
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    CPU_SET(cpu, &set);
+    int rc = 0;
+    for (struct dirent *de; (de = readdir(d)) != NULL;) {
+        if (de->d_name[0] == '.')
+            continue;
+        if (sched_setaffinity((pid_t)atoi(de->d_name), sizeof set, &set) != 0 && errno != ESRCH)
+            rc = -1;
+    }
+    closedir(d);
+    return rc;
+}
+
+/*
+ * Open-loop cells measure the server at a fixed rate; on a small machine the
+ * load client's threads would otherwise be scheduled onto the server's CPU
+ * and its replies would wait behind them. Both servers get the last CPU
+ * (every thread), the client (this thread, so the client threads made after
+ * it) the others, where it runs no more threads than it has CPUs: two
+ * client threads sharing one CPU would add their turns to every latency.
+ * Returns false, with a warning, if that cannot be done.
+ */
+static bool pin_for_open_loop(char *desc, size_t desclen, int *client_cpus)
+{
+    long n = sysconf(_SC_NPROCESSORS_ONLN);
+    cpu_set_t mine;
+    if (n < 2 || sched_getaffinity(0, sizeof mine, &mine) != 0 || CPU_COUNT(&mine) < 2) {
+        fprintf(stderr, "query: fewer than 2 CPUs; open-loop cells run unpinned\n");
+        return false;
+    }
+    int last = -1;
+    for (int c = 0; c < CPU_SETSIZE; c++)
+        if (CPU_ISSET(c, &mine))
+            last = c;
+    for (int s = 0; s < 2; s++)
+        if (children[s] > 0 && pin_process(children[s], last) != 0) {
+            fprintf(stderr, "query: cannot pin the servers (%s); open-loop cells run unpinned\n",
+                    strerror(errno));
+            return false;
+        }
+    CPU_CLR(last, &mine);
+    if (sched_setaffinity(0, sizeof mine, &mine) != 0) {
+        fprintf(stderr, "query: cannot pin the client (%s)\n", strerror(errno));
+        return false;
+    }
+    *client_cpus = CPU_COUNT(&mine);
+    snprintf(desc, desclen,
+             "each server (all its threads) on CPU %d, the load client (one thread per CPU, at "
+             "most --threads) on the %d others",
+             last, *client_cpus);
+    return true;
+}
+
 static cell_result_t run_cell(const opts_t *o, int port, pid_t server, const pool_t *pool,
                               int conns, int pipeline, double rate)
 {
@@ -1533,7 +1600,10 @@ static void usage(FILE *f)
           "  --reps N            run every cell N times, report each server's best (default 1)\n"
           "  --no-tallyd         Redis only (checks the client and the data)\n"
           "  --open-frac F       open-loop cells at 50 connections at F times the slower\n"
-          "                      server's closed-loop rate there (default 0.5; 0: none)\n",
+          "                      server's closed-loop rate there (default 0.5; 0: none)\n"
+          "  --no-pin            open-loop cells: do not put the server on its own CPU\n"
+          "                      (default: every thread of the server on the last CPU,\n"
+          "                      the load client on the others)\n",
           f);
 }
 
@@ -1570,6 +1640,7 @@ static void parse_opts(int argc, char **argv, opts_t *o)
                                        {"no-tallyd", no_argument, NULL, 'n'},
                                        {"reps", required_argument, NULL, 'r'},
                                        {"open-frac", required_argument, NULL, 'o'},
+                                       {"no-pin", no_argument, NULL, 'N'},
                                        {"help", no_argument, NULL, 'h'},
                                        {NULL, 0, NULL, 0}};
     int ch;
@@ -1624,6 +1695,9 @@ static void parse_opts(int argc, char **argv, opts_t *o)
             break;
         case 'o':
             o->open_frac = atof(optarg);
+            break;
+        case 'N':
+            o->no_pin = true;
             break;
         case 'h':
             usage(stdout);
@@ -1830,6 +1904,15 @@ int main(int argc, char **argv)
         cell_result_t r[2];
     } open_t;
     open_t open[2] = {0};
+    char placement[160] = "servers and client placed by the kernel (--no-pin)";
+    opts_t oo = o; /* the open-loop cells' options */
+    int client_cpus = 0;
+    if (o.open_frac > 0 && !o.no_tallyd && !o.no_pin) {
+        if (pin_for_open_loop(placement, sizeof placement, &client_cpus))
+            oo.threads = o.threads < client_cpus ? o.threads : client_cpus;
+        else
+            snprintf(placement, sizeof placement, "servers and client placed by the kernel");
+    }
     for (int i = 0; i < nrows && o.open_frac > 0 && !o.no_tallyd; i++) {
         const row_t *row = &rows[i];
         if (row->conns != 50 || row->pipe != 1 || !row->have[0] || !row->have[1])
@@ -1841,7 +1924,7 @@ int main(int argc, char **argv)
             int s = (i + k) % 2;
             int port = s == SERVER_TALLYD ? tport : rport;
             op->r[s] =
-                run_cell(&o, port, children[s], &wl[row->wl].pool[s], 50, 1, op->rate);
+                run_cell(&oo, port, children[s], &wl[row->wl].pool[s], 50, 1, op->rate);
             op->have[s] = true;
             fprintf(stderr,
                     "  %-6s %s, 50 conns, open loop at %.0f/s: %.0f ops/s, p50 %.1f p99 %.1f "
@@ -1877,8 +1960,8 @@ int main(int argc, char **argv)
     }
     if (open[0].have[0] || open[1].have[0]) {
         printf("\nopen loop, 50 connections, one query in flight each, at %.0f%% of the slower "
-               "server's closed-loop rate (above); latency from when each query was due:\n\n",
-               o.open_frac * 100);
+               "server's closed-loop rate (above); latency from when each query was due; %s:\n\n",
+               o.open_frac * 100, placement);
         printf("| workload | rate asked | tallyd done/s | Redis done/s | tallyd p50 / p99 / "
                "p999 (µs) | Redis p50 / p99 / p999 (µs) | cpu tallyd / Redis |\n");
         printf("| --- | ---: | ---: | ---: | ---: | ---: | ---: |\n");
