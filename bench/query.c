@@ -1365,8 +1365,8 @@ static void *worker_main(void *arg)
                     next = c->due;
             }
             if (next != INT64_MAX) {
-                struct itimerspec its = {.it_value = {.tv_sec = next / 1000000000,
-                                                      .tv_nsec = next % 1000000000}};
+                struct itimerspec its = {
+                    .it_value = {.tv_sec = next / 1000000000, .tv_nsec = next % 1000000000}};
                 if (timerfd_settime(tfd, TFD_TIMER_ABSTIME, &its, NULL) != 0)
                     fail(w, "timerfd_settime: %s", strerror(errno));
             }
@@ -1881,8 +1881,8 @@ int main(int argc, char **argv)
                 if (s == SERVER_TALLYD && o.no_tallyd)
                     continue;
                 int port = s == SERVER_TALLYD ? tport : rport;
-                cell_result_t r = run_cell(&o, port, children[s], &wl[row->wl].pool[s],
-                                           row->conns, row->pipe, 0);
+                cell_result_t r =
+                    run_cell(&o, port, children[s], &wl[row->wl].pool[s], row->conns, row->pipe, 0);
                 fprintf(stderr,
                         "  %-6s %s, %d conns, pipeline %d: %.0f ops/s, p50 %.1f p99 %.1f "
                         "p999 %.1f us; server cpu %.2f, client cpu %.2f\n",
@@ -1923,15 +1923,13 @@ int main(int argc, char **argv)
         for (int k = 0; k < 2; k++) {
             int s = (i + k) % 2;
             int port = s == SERVER_TALLYD ? tport : rport;
-            op->r[s] =
-                run_cell(&oo, port, children[s], &wl[row->wl].pool[s], 50, 1, op->rate);
+            op->r[s] = run_cell(&oo, port, children[s], &wl[row->wl].pool[s], 50, 1, op->rate);
             op->have[s] = true;
             fprintf(stderr,
                     "  %-6s %s, 50 conns, open loop at %.0f/s: %.0f ops/s, p50 %.1f p99 %.1f "
                     "p999 %.1f us; server cpu %.2f\n",
                     s == SERVER_TALLYD ? "tallyd" : "redis", row->wl ? "(b)" : "(a)", op->rate,
-                    op->r[s].ops_s, op->r[s].p50, op->r[s].p99, op->r[s].p999,
-                    op->r[s].server_cpu);
+                    op->r[s].ops_s, op->r[s].p50, op->r[s].p99, op->r[s].p999, op->r[s].server_cpu);
         }
     }
 
@@ -1972,8 +1970,8 @@ int main(int argc, char **argv)
             const cell_result_t *tr = &op->r[SERVER_TALLYD], *rr = &op->r[SERVER_REDIS];
             printf("| %s | %.0f | %.0f | %.0f | %.0f / %.0f / %.0f | %.0f / %.0f / %.0f | %.2f / "
                    "%.2f |\n",
-                   wl[w].title, op->rate, tr->ops_s, rr->ops_s, tr->p50, tr->p99, tr->p999,
-                   rr->p50, rr->p99, rr->p999, tr->server_cpu, rr->server_cpu);
+                   wl[w].title, op->rate, tr->ops_s, rr->ops_s, tr->p50, tr->p99, tr->p999, rr->p50,
+                   rr->p99, rr->p999, tr->server_cpu, rr->server_cpu);
         }
     }
     printf("\n");
@@ -1987,8 +1985,7 @@ int main(int argc, char **argv)
             double p99 = open[w].r[SERVER_TALLYD].p99;
             printf("target %s: p99 < 1 ms at 50 connections unpipelined (open loop, %.0f "
                    "queries/s): %.0f us, %s (closed loop at full load: %.0f us)\n",
-                   w ? "(b)" : "(a)", open[w].rate, p99, p99 < 1000 ? "MET" : "NOT MET",
-                   p99_50[w]);
+                   w ? "(b)" : "(a)", open[w].rate, p99, p99 < 1000 ? "MET" : "NOT MET", p99_50[w]);
         } else if (p99_50[w] >= 0) {
             printf("target %s: p99 < 1 ms at 50 connections unpipelined (closed loop at full "
                    "load): %.0f us, %s\n",
