@@ -17,7 +17,7 @@ CPPFLAGS += -Iinclude -Isrc -D_GNU_SOURCE
 CFLAGS   ?=
 CFLAGS   += -std=c11 $(OPT) -g $(WARN) -pthread $(SAN) $(if $(WERROR),-Werror,)
 LDFLAGS  += -pthread $(SAN)
-LDLIBS    = -lrdkafka -luv -lurcu-memb -lurcu-common -lck -lyaml -lzstd -lmicrohttpd -lm
+LDLIBS    = -lrdkafka -luv -lurcu-memb -lurcu-common -lyaml -lzstd -lmicrohttpd -lm
 
 LIB_SRCS  = $(filter-out src/main.c,$(wildcard src/*.c))
 LIB_OBJS  = $(patsubst src/%.c,$(BUILD)/obj/%.o,$(LIB_SRCS))

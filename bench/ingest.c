@@ -392,26 +392,53 @@ typedef struct {
     size_t apply_errors;  /* out */
 } writer_t;
 
+/* Decodes two events ahead of the one it applies, as tallyd's source does:
+ * the event two ahead gets its table slots prefetched, the next one its
+ * records (tly_store_prefetch), so their cache misses overlap this apply. */
+#define AHEAD 2
+
 static void writer_loop(writer_t *w)
 {
     const stream_t *sm = w->sm;
-    tly_decoder_t *dec = tly_decoder_new(w->fs);
-    tly_event_t ev;
+    tly_decoder_t *dec[AHEAD + 1];
+    tly_event_t ev[AHEAD + 1];
+    bool ok[AHEAD + 1];
+    size_t at[AHEAD + 1];
+    for (int d = 0; d <= AHEAD; d++)
+        dec[d] = tly_decoder_new(w->fs);
     size_t bad_dec = 0, bad_apply = 0;
     int64_t t0 = mono_ns();
-    for (size_t k = 0; k < w->n; k++) {
-        size_t i = w->idx ? w->idx[k] : k;
-        if (tly_decode_json(dec, sm->arena + sm->off[i], sm->len[i], -1, &ev) != TLY_OK) {
-            bad_dec++;
-            continue;
+    for (size_t k = 0; k < w->n + AHEAD; k++) {
+        if (k < w->n) { /* decode event k, hint its slots */
+            int r = (int)(k % (AHEAD + 1));
+            size_t i = w->idx ? w->idx[k] : k;
+            at[r] = i;
+            ok[r] =
+                tly_decode_json(dec[r], sm->arena + sm->off[i], sm->len[i], -1, &ev[r]) == TLY_OK;
+            if (ok[r])
+                tly_store_prefetch(w->store, &ev[r], 0);
+            else
+                bad_dec++;
         }
-        int32_t part = w->partition >= 0 ? w->partition : (int32_t)(sm->user[i] & 1);
-        bad_apply += tly_store_apply(w->store, &ev, part, (int64_t)i, w->now_ms) != TLY_OK;
+        if (k >= 1 && k - 1 < w->n) { /* hint the records of event k - 1 */
+            int r = (int)((k - 1) % (AHEAD + 1));
+            if (ok[r])
+                tly_store_prefetch(w->store, &ev[r], 1);
+        }
+        if (k >= AHEAD) { /* apply event k - AHEAD */
+            int r = (int)((k - AHEAD) % (AHEAD + 1));
+            size_t i = at[r];
+            if (!ok[r])
+                continue;
+            int32_t part = w->partition >= 0 ? w->partition : (int32_t)(sm->user[i] & 1);
+            bad_apply += tly_store_apply(w->store, &ev[r], part, (int64_t)i, w->now_ms) != TLY_OK;
+        }
     }
     w->ns = mono_ns() - t0;
     w->decode_errors = bad_dec;
     w->apply_errors = bad_apply;
-    tly_decoder_free(dec);
+    for (int d = 0; d <= AHEAD; d++)
+        tly_decoder_free(dec[d]);
 }
 
 static void *writer_main(void *arg)

@@ -270,11 +270,15 @@ static void metrics_store(tly_daemon_t *d, tly_buf_t *b)
     tly_store_stats(d->store, &st);
     gauge(b, "tallyd_entities", "Entity records held, all entity types.", (int64_t)st.entities);
     gauge(b, "tallyd_store_bytes",
-          "Heap bytes held by entity records and interned strings (hash index excluded).",
+          "Heap bytes held by entity records, interned strings and the entity table.",
           (int64_t)st.bytes);
     gauge(b, "tallyd_interned_strings", "Short strings in the intern table.", (int64_t)st.interned);
     gauge(b, "tallyd_interned_bytes", "Bytes of interned strings (part of tallyd_store_bytes).",
           (int64_t)st.interned_bytes);
+    gauge(b, "tallyd_table_bytes",
+          "Bytes of the entity table's slot arrays (part of "
+          "tallyd_store_bytes).",
+          (int64_t)st.table_bytes);
     counter(b, "tallyd_events_updated_total", "Events that updated at least one feature.",
             st.events_applied);
     counter(b, "tallyd_feature_updates_total", "Feature updates applied.", st.updates);

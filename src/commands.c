@@ -433,7 +433,16 @@ static void cmd_mfeatures(cmd_ctx_t *c)
     if (!reply_fits(c, "MFEATURES", (uint64_t)numids * n))
         return;
     tly_resp_array(c->out, (size_t)numids);
+    /* hint the store two ids ahead (their table slots) and one ahead (their
+     * records), so the cache misses of finding them overlap this read */
+    const tly_arg_t *ids = &c->argv[3];
+    for (size_t k = 0; k < 2 && k < (size_t)numids; k++)
+        tly_store_prefetch_id(c->d->store, (uint32_t)entity, ids[k].ptr, ids[k].len, 0);
     for (size_t k = 0; k < (size_t)numids; k++) {
+        if (k + 2 < (size_t)numids)
+            tly_store_prefetch_id(c->d->store, (uint32_t)entity, ids[k + 2].ptr, ids[k + 2].len, 0);
+        if (k + 1 < (size_t)numids)
+            tly_store_prefetch_id(c->d->store, (uint32_t)entity, ids[k + 1].ptr, ids[k + 1].len, 1);
         if (moved(c, &c->argv[3 + k]))
             continue;
         read_values(c, (uint32_t)entity, &c->argv[3 + k], n, asof, NULL);
@@ -958,6 +967,7 @@ static void info_memory(cmd_ctx_t *c, tly_buf_t *t)
     textf(t, "entities:%" PRIu64 "\r\n", st.entities);
     textf(t, "interned_strings:%" PRIu64 "\r\n", st.interned);
     textf(t, "interned_bytes:%" PRIu64 "\r\n", st.interned_bytes);
+    textf(t, "table_bytes:%" PRIu64 "\r\n", st.table_bytes);
 }
 
 #define INFO_PARTITIONS 1024

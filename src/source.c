@@ -108,12 +108,14 @@ typedef struct {
     int64_t time_ms; /* event time, when applied */
 } item_t;
 
+#define AHEAD 2 /* items an applier decodes ahead of the one it applies */
+
 /* One applier: its own decoders (they keep scratch state) and, during a
  * flush, the indices of the batch items it applies, in batch order. */
 typedef struct {
     tly_source_t *src;
     pthread_t thread; /* workers only (applier 0 is the poll thread) */
-    tly_decoder_t **decs; /* [ndecs], see tly_source.decs */
+    tly_decoder_t **decs; /* [(AHEAD + 1) * ndecs], see tly_source.decs */
     uint32_t *idx;
     size_t nidx, idxcap;
 } applier_t;
@@ -130,9 +132,9 @@ struct tly_source {
     const tly_featset_t *fs;
     tly_store_t *store;
     /* appliers[0] is the poll thread, the others are workers; each
-     * applier's decs[i] reads kafka.topics[i]'s events by its rules,
-     * decs[ntopics] the top-level rules (a topic not configured, which a
-     * consumer should never see) */
+     * applier's decs[r * ndecs + i] reads kafka.topics[i]'s events by its
+     * rules, decs[r * ndecs + ntopics] the top-level rules (a topic not
+     * configured, which a consumer should never see), r < AHEAD + 1 */
     applier_t *appliers;
     size_t nappliers;
     size_t ndecs;
@@ -836,40 +838,65 @@ static void collect(tly_source_t *src, rd_kafka_message_t *m, int64_t now_ms)
         .m = m, .part = (size_t)(p - src->parts), .replayed = replayed, .time_ms = -1};
 }
 
-/* An applier: decodes and applies one item, writing only the item. */
-static void apply_item(tly_source_t *src, const applier_t *a, item_t *it)
+/* Decodes one item into *ev with the applier's decoder set r (of
+ * AHEAD + 1): TLY_OK, or why the event is rejected. Writes nothing shared. */
+static tly_err_t decode_item(const tly_source_t *src, const applier_t *a, size_t r,
+                             const item_t *it, tly_event_t *ev)
 {
     const part_t *p = &src->parts[it->part];
     const rd_kafka_message_t *m = it->m;
-    int64_t now_ms = src->batch_now_ms;
-    tly_event_t ev;
     size_t di = p->topic_index >= 0 ? (size_t)p->topic_index : src->ndecs - 1;
     const tly_event_rules_t *rules =
         p->topic_index >= 0 ? &src->fs->topics[p->topic_index] : &src->fs->events;
     /* (not free in librdkafka 2.0.2: read only when it is the event time) */
     int64_t kafka_ts = rules->time_field < 0 ? rd_kafka_message_timestamp(m, NULL) : -1;
-    tly_err_t err =
-        tly_decode_json(a->decs[di], m->payload, m->payload ? m->len : 0, kafka_ts, &ev);
+    tly_err_t err = tly_decode_json(a->decs[r * src->ndecs + di], m->payload,
+                                    m->payload ? m->len : 0, kafka_ts, ev);
     /* The store drops events beyond the loosest max_future_skew of all
      * topics; a topic with a tighter one is held to it here. */
     if (err == TLY_OK && rules->max_future_skew_ms < src->fs->max_future_skew_ms &&
-        ev.time_ms > now_ms + rules->max_future_skew_ms)
+        ev->time_ms > src->batch_now_ms + rules->max_future_skew_ms)
         err = TLY_E_EV_FUTURE;
     if (err == TLY_OK && src->shard != NULL)
-        err = check_route(src, rules, &ev, m->partition);
-    if (err == TLY_OK) {
-        if (it->replayed)
-            ev.replayed = true;
-        tly_store_apply(src->store, &ev, m->partition, m->offset, now_ms);
-        it->time_ms = ev.time_ms;
-    }
-    it->err = err;
+        err = check_route(src, rules, ev, m->partition);
+    if (err == TLY_OK && it->replayed)
+        ev->replayed = true;
+    return err;
 }
 
+/*
+ * An applier: decodes and applies its items in order, writing only them.
+ * It decodes AHEAD items ahead of the one it applies and hints the store
+ * about them (tly_store_prefetch: the item two ahead its table slots, the
+ * next one its records), so that the cache misses of finding their entities
+ * overlap the apply before. Decoding does not depend on the store, so the
+ * order of applies, and per key the offset order, is unchanged.
+ */
 static void apply_list(tly_source_t *src, applier_t *a)
 {
-    for (size_t i = 0; i < a->nidx; i++)
-        apply_item(src, a, &src->batch[a->idx[i]]);
+    tly_event_t ev[AHEAD + 1];
+    tly_err_t err[AHEAD + 1];
+    size_t n = a->nidx;
+    for (size_t k = 0; k < n + AHEAD; k++) {
+        if (k < n) {
+            size_t r = k % (AHEAD + 1);
+            err[r] = decode_item(src, a, r, &src->batch[a->idx[k]], &ev[r]);
+            if (err[r] == TLY_OK)
+                tly_store_prefetch(src->store, &ev[r], 0);
+        }
+        if (k >= 1 && k - 1 < n && err[(k - 1) % (AHEAD + 1)] == TLY_OK)
+            tly_store_prefetch(src->store, &ev[(k - 1) % (AHEAD + 1)], 1);
+        if (k >= AHEAD) {
+            size_t r = (k - AHEAD) % (AHEAD + 1);
+            item_t *it = &src->batch[a->idx[k - AHEAD]];
+            if (err[r] == TLY_OK) {
+                tly_store_apply(src->store, &ev[r], it->m->partition, it->m->offset,
+                                src->batch_now_ms);
+                it->time_ms = ev[r].time_ms;
+            }
+            it->err = err[r];
+        }
+    }
 }
 
 static void *worker_main(void *arg)
@@ -979,7 +1006,9 @@ static void flush(tly_source_t *src)
     applier_t *self = &src->appliers[0];
     if (src->nworkers_started == 0 || src->nbatch < BATCH_SPREAD_MIN) {
         for (size_t i = 0; i < src->nbatch; i++)
-            apply_item(src, self, &src->batch[i]);
+            self->idx[i] = (uint32_t)i;
+        self->nidx = src->nbatch;
+        apply_list(src, self);
     } else {
         spread(src);
         pthread_mutex_lock(&src->pool_mu);
@@ -1304,10 +1333,13 @@ tly_source_t *tly_source_new(const tly_config_t *cfg, const tly_featset_t *fs, t
     for (size_t k = 0; k < src->nappliers; k++) {
         applier_t *a = &src->appliers[k];
         *a = (applier_t){.src = src};
-        a->decs = xrealloc(NULL, src->ndecs * sizeof *a->decs);
-        for (size_t t = 0; t < fs->ntopics; t++)
-            a->decs[t] = tly_decoder_new_rules(fs, &fs->topics[t]);
-        a->decs[fs->ntopics] = tly_decoder_new(fs);
+        a->decs = xrealloc(NULL, (AHEAD + 1) * src->ndecs * sizeof *a->decs);
+        for (size_t r = 0; r <= AHEAD; r++) {
+            tly_decoder_t **set = &a->decs[r * src->ndecs];
+            for (size_t t = 0; t < fs->ntopics; t++)
+                set[t] = tly_decoder_new_rules(fs, &fs->topics[t]);
+            set[fs->ntopics] = tly_decoder_new(fs);
+        }
         a->idx = xrealloc(NULL, BATCH_MAX * sizeof *a->idx);
     }
     src->batch = xrealloc(NULL, BATCH_MAX * sizeof *src->batch);
@@ -1606,7 +1638,7 @@ void tly_source_free(tly_source_t *src)
     tly_shard_free(src->shard);
     stop_mock(src);
     for (size_t k = 0; k < src->nappliers; k++) {
-        for (size_t i = 0; i < src->ndecs; i++)
+        for (size_t i = 0; i < (AHEAD + 1) * src->ndecs; i++)
             tly_decoder_free(src->appliers[k].decs[i]);
         free(src->appliers[k].decs);
         free(src->appliers[k].idx);

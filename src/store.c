@@ -1,19 +1,20 @@
 /*
  * store.c — the concurrent entity table and per-feature state.
  *
- * Table: TLY_STORE_SHARDS shards, each a Concurrency Kit open-addressed
- * hash set (ck_hs) in single-writer/many-reader mode, keyed by (entity type,
- * id); the hash's top bits pick the shard. Readers look up without locks
- * under rcu_read_lock(); writers that add, replace or remove a record hold
- * the shard's mutex. (liburcu's cds_lfht was measured first: at 10^5–10^6
- * records its lookups cost 3–5 cache misses, ~500 ns here, and dominated
- * ingest; see bench/README.md.) A record that is replaced (it grew) or
+ * Table: TLY_STORE_SHARDS shards, each an open-addressed array of tagged
+ * record pointers (store_table.c) written by one thread at a time, keyed by
+ * (entity type, id); the hash's top bits pick the shard. Readers look up
+ * without locks under rcu_read_lock(); writers that add, replace or remove a
+ * record hold the shard's mutex. (liburcu's cds_lfht was measured first: at
+ * 10^5–10^6 records its lookups cost 3–5 cache misses, ~500 ns here, and
+ * dominated ingest; then Concurrency Kit's ck_hs, which loads every record
+ * a probe passes; see bench/README.md.) A record that is replaced (it grew) or
  * expired is unlinked and freed after an RCU grace period, so a reader
  * holding a pointer never sees it freed.
  *
  * Record: one allocation — a 16-byte header, the id (padded to 8 bytes),
  * then the state in 64-bit words. A record that needs more room is copied
- * into a larger one, which replaces it in the table (ck_hs_fas); the
+ * into a larger one, which replaces it in its table slot; the
  * old one is marked DEAD and retired. State has two encodings:
  *
  *  compact — while an entity is small (most are: a user with three events),
@@ -53,7 +54,6 @@
  */
 #include "tallyd/store.h"
 
-#include <ck_hs.h>
 #include <malloc.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -112,76 +112,6 @@ static void stat_drop(tly_store_t *store, tly_err_t why)
     atomic_store_explicit(c, atomic_load_explicit(c, memory_order_relaxed) + 1,
                           memory_order_relaxed);
 }
-
-static unsigned long hash_id(uint32_t type, const char *s, size_t n)
-{
-    return (unsigned long)hash_bytes(UINT64_C(0x9e3779b97f4a7c15) * (type + 1), s, n);
-}
-
-/* A lookup key laid out as a record header + id, so that ck_hs can compare
- * stored records and keys with one function. */
-typedef union {
-    ent_t ent;
-    uint64_t words[(sizeof(ent_t) + TLY_MAX_ID + 15) / 8];
-} key_t_;
-
-static const ent_t *key_make(key_t_ *k, uint32_t type, const char *id, size_t len)
-{
-    k->ent.type = (uint16_t)type;
-    k->ent.idlen = (uint8_t)len;
-    memcpy((char *)(&k->ent + 1), id, len);
-    return &k->ent;
-}
-
-static unsigned long hs_hash_cb(const void *obj, unsigned long seed)
-{
-    const ent_t *e = obj;
-    (void)seed;
-    return hash_id(e->type, ent_id(e), e->idlen);
-}
-
-/* Compares a stored record with a key (or another record). */
-static bool hs_compare_cb(const void *stored, const void *key)
-{
-    const ent_t *a = stored, *b = key;
-    tly_tsan_subscribe();
-    return a->type == b->type && a->idlen == b->idlen &&
-           memcmp(ent_id(a), ent_id(b), a->idlen) == 0;
-}
-
-static void *hs_malloc_cb(size_t n)
-{
-    return store_xmalloc(n);
-}
-
-typedef struct {
-    struct rcu_head rcu;
-    void *ptr;
-} deferred_t;
-
-static void deferred_free_cb(struct rcu_head *head)
-{
-    tly_rcu_tsan_acquire();
-    deferred_t *d = caa_container_of(head, deferred_t, rcu);
-    free(d->ptr);
-    free(d);
-}
-
-/* ck_hs frees a replaced slot array with defer = true: readers may still
- * probe it, so it waits for a grace period. */
-static void hs_free_cb(void *p, size_t n, bool defer)
-{
-    (void)n;
-    if (!defer) {
-        free(p);
-        return;
-    }
-    deferred_t *d = store_xmalloc(sizeof *d);
-    d->ptr = p;
-    tly_call_rcu(&d->rcu, deferred_free_cb);
-}
-
-static struct ck_malloc hs_allocator = {.malloc = hs_malloc_cb, .free = hs_free_cb};
 
 static shard_t *shard_of(tly_store_t *store, unsigned long h)
 {
@@ -299,12 +229,11 @@ void store_regrow(tly_store_t *store, ent_t **entp, uint8_t mode, uint32_t words
                           memory_order_relaxed);
     unsigned long h = hash_id(old->type, ent_id(old), old->idlen);
     shard_t *sh = shard_of(store, h);
-    void *prev = NULL;
     tly_tsan_publish();
     pthread_mutex_lock(&sh->mu);
-    bool ok = ck_hs_fas(&sh->hs, h, e, &prev);
+    bool ok = tbl_replace(sh, h, old, e);
     pthread_mutex_unlock(&sh->mu);
-    if (!ok || prev != old) {
+    if (!ok) {
         /* Only the lock holder can unlink a live record. */
         fprintf(stderr, "tallyd: entity table invariant broken in replace\n");
         abort();
@@ -319,12 +248,10 @@ void store_regrow(tly_store_t *store, ent_t **entp, uint8_t mode, uint32_t words
  * Caller holds rcu_read_lock. */
 static ent_t *ent_get_locked(tly_store_t *store, uint32_t type, const char *id, size_t len)
 {
-    key_t_ kb;
-    const ent_t *key = key_make(&kb, type, id, len);
     unsigned long h = hash_id(type, id, len);
     shard_t *sh = shard_of(store, h);
     for (;;) {
-        ent_t *ent = ck_hs_get(&sh->hs, h, key);
+        ent_t *ent = tbl_get(sh, h, type, id, len);
         if (ent) {
             tly_tsan_subscribe();
             ent_lock(ent);
@@ -337,7 +264,7 @@ static ent_t *ent_get_locked(tly_store_t *store, uint32_t type, const char *id, 
             }
             tly_tsan_publish();
             pthread_mutex_lock(&sh->mu);
-            bool added = ck_hs_get(&sh->hs, h, key) == NULL && ck_hs_put_unique(&sh->hs, h, ent);
+            bool added = tbl_insert(sh, h, ent);
             pthread_mutex_unlock(&sh->mu);
             if (!added) {
                 stat_add(&store_thread_stats(store)->bytes, -(int64_t)malloc_usable_size(ent));
@@ -354,9 +281,8 @@ static ent_t *ent_get_locked(tly_store_t *store, uint32_t type, const char *id, 
 
 static ent_t *ent_find(tly_store_t *store, uint32_t type, const char *id, size_t len)
 {
-    key_t_ kb;
     unsigned long h = hash_id(type, id, len);
-    ent_t *ent = ck_hs_get(&shard_of(store, h)->hs, h, key_make(&kb, type, id, len));
+    ent_t *ent = tbl_get(shard_of(store, h), h, type, id, len);
     if (ent)
         tly_tsan_subscribe();
     return ent;
@@ -408,15 +334,8 @@ tly_store_t *tly_store_new(const tly_featset_t *fs)
         fprintf(stderr, "tallyd: cannot allocate the entity table\n");
         abort();
     }
-    for (size_t i = 0; i < TLY_STORE_SHARDS; i++) {
-        pthread_mutex_init(&store->shards[i].mu, NULL);
-        if (!ck_hs_init(&store->shards[i].hs,
-                        CK_HS_MODE_OBJECT | CK_HS_MODE_SPMC | CK_HS_MODE_DELETE, hs_hash_cb,
-                        hs_compare_cb, &hs_allocator, 64, 0)) {
-            fprintf(stderr, "tallyd: cannot allocate the entity table\n");
-            abort();
-        }
-    }
+    for (size_t i = 0; i < TLY_STORE_SHARDS; i++)
+        tbl_init(&store->shards[i]);
     return store;
 }
 
@@ -430,12 +349,10 @@ void tly_store_free(tly_store_t *store)
         retire_flush(ts);
     for (size_t i = 0; i < TLY_STORE_SHARDS; i++) {
         shard_t *sh = &store->shards[i];
-        ck_hs_iterator_t it = CK_HS_ITERATOR_INITIALIZER;
-        void *obj;
-        while (ck_hs_next(&sh->hs, &it, &obj))
-            free(obj);
-        ck_hs_destroy(&sh->hs);
-        pthread_mutex_destroy(&sh->mu);
+        size_t pos = 0;
+        for (ent_t *e; (e = tbl_next(sh, &pos)) != NULL;)
+            free(e);
+        tbl_destroy(sh);
     }
     tly_rcu_barrier(); /* pending deferred frees */
     free(store->shards);
@@ -488,6 +405,36 @@ static int64_t feat_earliest(const tly_feat_t *feat, int64_t now_ms)
             earliest = s;
     }
     return earliest;
+}
+
+static void prefetch_key(tly_store_t *store, uint32_t type, const char *id, size_t len, int stage)
+{
+    unsigned long h = hash_id(type, id, len);
+    if (stage == 0)
+        tbl_prefetch(shard_of(store, h), h);
+    else
+        tbl_prefetch_ent(shard_of(store, h), h);
+}
+
+void tly_store_prefetch(tly_store_t *store, const tly_event_t *ev, int stage)
+{
+    const tly_featset_t *fs = store->fs;
+    char id[TLY_MAX_ID];
+    size_t len;
+    tly_rcu_read_lock();
+    for (uint32_t e = 0; e < fs->nentities; e++)
+        if (!(ev->skip_entities >> e & 1) &&
+            tly_entity_id(fs, e, ev, id, sizeof id, &len) == TLY_OK && len <= UINT8_MAX)
+            prefetch_key(store, e, id, len, stage);
+    tly_rcu_read_unlock();
+}
+
+void tly_store_prefetch_id(tly_store_t *store, uint32_t entity, const char *id, size_t idlen,
+                           int stage)
+{
+    tly_rcu_read_lock();
+    prefetch_key(store, entity, id, idlen, stage);
+    tly_rcu_read_unlock();
 }
 
 tly_err_t tly_store_apply(tly_store_t *store, const tly_event_t *ev, int32_t partition,
@@ -828,15 +775,14 @@ static size_t remove_where(tly_store_t *store, cull_t *cu, size_t max_visit)
     tly_rcu_read_lock();
     for (size_t s = 0; s < TLY_STORE_SHARDS && !(max_visit && visited >= max_visit); s++) {
         shard_t *sh = &store->shards[s];
-        ck_hs_iterator_t it = CK_HS_ITERATOR_INITIALIZER;
-        void *obj;
+        size_t pos = 0;
+        ent_t *seen;
         ncand = 0;
         pthread_mutex_lock(&sh->mu);
-        while (!(max_visit && visited >= max_visit) && ck_hs_next(&sh->hs, &it, &obj)) {
-            ent_t *ent = obj;
+        while (!(max_visit && visited >= max_visit) && (seen = tbl_next(sh, &pos)) != NULL) {
             visited++;
             tly_tsan_subscribe();
-            if (!culled(cu, ent, &lg))
+            if (!culled(cu, seen, &lg))
                 continue;
             if (ncand == cap) {
                 cap = cap ? cap * 2 : 256;
@@ -847,7 +793,7 @@ static size_t remove_where(tly_store_t *store, cull_t *cu, size_t max_visit)
                 }
                 cand = grown;
             }
-            cand[ncand++] = ent;
+            cand[ncand++] = seen;
         }
         pthread_mutex_unlock(&sh->mu);
         for (size_t c = 0; c < ncand; c++) {
@@ -858,9 +804,9 @@ static size_t remove_where(tly_store_t *store, cull_t *cu, size_t max_visit)
                 continue;
             }
             pthread_mutex_lock(&sh->mu);
-            void *gone = ck_hs_remove(&sh->hs, hs_hash_cb(ent, 0), ent);
+            bool gone = tbl_remove(sh, hash_id(ent->type, ent_id(ent), ent->idlen), ent);
             pthread_mutex_unlock(&sh->mu);
-            if (gone != ent) {
+            if (!gone) {
                 fprintf(stderr, "tallyd: entity table invariant broken in sweep\n");
                 abort();
             }
@@ -1011,10 +957,9 @@ tly_err_t tly_store_dump(tly_store_t *store, const uint64_t *feat_hash, tly_stor
         dump_flush(&d, false);
     }
     for (size_t s = 0; s < TLY_STORE_SHARDS && !d.failed; s++) {
-        ck_hs_iterator_t it = CK_HS_ITERATOR_INITIALIZER;
-        void *obj;
-        while (!d.failed && ck_hs_next(&store->shards[s].hs, &it, &obj)) {
-            const ent_t *e = obj;
+        size_t pos = 0;
+        const ent_t *e;
+        while (!d.failed && (e = tbl_next(&store->shards[s], &pos)) != NULL) {
             if (atomic_load_explicit(&e->seq, memory_order_acquire) & SEQ_DEAD)
                 continue;
             uint32_t used = used_of(e);
@@ -1171,13 +1116,11 @@ static tly_err_t load_insert(tly_store_t *store, ent_t *e, char *err, size_t err
 {
     tstats_t *ts = store_thread_stats(store);
     ent_unlock(e);
-    key_t_ kb;
-    const ent_t *key = key_make(&kb, e->type, ent_id(e), e->idlen);
     unsigned long h = hash_id(e->type, ent_id(e), e->idlen);
     shard_t *sh = shard_of(store, h);
     tly_tsan_publish();
     pthread_mutex_lock(&sh->mu);
-    bool added = ck_hs_get(&sh->hs, h, key) == NULL && ck_hs_put_unique(&sh->hs, h, e);
+    bool added = tbl_insert(sh, h, e);
     pthread_mutex_unlock(&sh->mu);
     if (!added) {
         stat_add(&ts->bytes, -(int64_t)malloc_usable_size(e));
@@ -1435,6 +1378,10 @@ void tly_store_stats(const tly_store_t *store, tly_store_stats_t *out)
 {
     memset(out, 0, sizeof *out);
     int64_t ents = 0, bytes = 0;
+    for (size_t i = 0; i < TLY_STORE_SHARDS; i++)
+        out->table_bytes +=
+            (uint64_t)atomic_load_explicit(&store->shards[i].bytes, memory_order_relaxed);
+    bytes += (int64_t)out->table_bytes;
     for (tstats_t *s = atomic_load_explicit(&store->stats, memory_order_acquire); s; s = s->next) {
         ents += atomic_load_explicit(&s->entities, memory_order_relaxed);
         bytes += atomic_load_explicit(&s->bytes, memory_order_relaxed);

@@ -13,7 +13,6 @@
 #ifndef TALLYD_STORE_INT_H
 #define TALLYD_STORE_INT_H
 
-#include <ck_hs.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdbool.h>
@@ -96,13 +95,25 @@ typedef struct {
 
 #define TLY_STORE_SHARDS 64 /* power of two; picked by the hash's top bits */
 
-/* One shard of the entity table: an open-addressed Concurrency Kit hash set
- * in single-writer/many-reader mode. Readers probe it without locks (under
+/* One shard's slot array (store_table.c): a power of two of slots, each 0
+ * (empty), 1 (a removed record) or a record's address (low 48 bits) with 16
+ * bits of its hash. Replaced arrays are freed after a grace period. */
+typedef struct {
+    struct rcu_head rcu;
+    uint64_t mask; /* slots - 1; immutable */
+    _Atomic uint64_t slot[];
+} tslots_t;
+
+/* One shard of the entity table: an open-addressed slot array written by
+ * one thread at a time and probed by readers without locks (under
  * rcu_read_lock: replaced slot arrays and records are freed after a grace
  * period); writers that add, replace or remove a record take `mu`, always
  * after the record's own lock, never before. */
 typedef struct {
-    _Alignas(64) ck_hs_t hs;
+    _Alignas(64) tslots_t *_Atomic arr;
+    size_t used;           /* records + tombstones in arr; under mu */
+    size_t live;           /* records in arr; under mu */
+    _Atomic int64_t bytes; /* arr's size, for the store's memory count */
     pthread_mutex_t mu;
 } shard_t;
 
@@ -192,6 +203,24 @@ static inline uint64_t hash_bytes(uint64_t seed, const char *s, size_t n)
     memcpy(&k, s, n);
     return mix64(h ^ k);
 }
+
+static inline unsigned long hash_id(uint32_t type, const char *s, size_t n)
+{
+    return (unsigned long)hash_bytes(UINT64_C(0x9e3779b97f4a7c15) * (type + 1), s, n);
+}
+
+/* store_table.c: the shard's table. tbl_get, tbl_prefetch, tbl_prefetch_ent
+ * and tbl_next are for readers (under rcu_read_lock; tbl_next also for the
+ * writer holding mu); the others need mu. h is hash_id of the record's key. */
+void tbl_init(shard_t *sh);
+void tbl_destroy(shard_t *sh); /* frees the array, not the records */
+ent_t *tbl_get(const shard_t *sh, unsigned long h, uint32_t type, const char *id, size_t len);
+void tbl_prefetch(const shard_t *sh, unsigned long h);     /* the key's first slot */
+void tbl_prefetch_ent(const shard_t *sh, unsigned long h); /* the record its tag names */
+bool tbl_insert(shard_t *sh, unsigned long h, ent_t *e);   /* false: the key is there */
+bool tbl_replace(shard_t *sh, unsigned long h, const ent_t *old, ent_t *e);
+bool tbl_remove(shard_t *sh, unsigned long h, const ent_t *e);
+ent_t *tbl_next(const shard_t *sh, size_t *pos); /* from *pos = 0; NULL at the end */
 
 /* tly_window_range of win at now_ms, remembered per thread: a query reads
  * the same few windows at the same now for many entities (MFEATURES: 500

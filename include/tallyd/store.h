@@ -52,9 +52,11 @@ typedef struct {
 
 typedef struct {
     uint64_t entities;              /* live records, all types */
-    uint64_t bytes;                 /* heap bytes held by records and interned
-                                       strings (malloc_usable_size), the hash
-                                       table's bucket index excluded */
+    uint64_t bytes;                 /* heap bytes held by records, interned
+                                       strings (malloc_usable_size) and the
+                                       table's slot arrays */
+    uint64_t table_bytes;           /* the slot arrays (part of `bytes`; an
+                                       empty store holds 64 small ones) */
     uint64_t interned;              /* short strings in the intern table */
     uint64_t interned_bytes;        /* their bytes (part of `bytes`; kept until
                                        the store is freed) */
@@ -85,6 +87,22 @@ void tly_store_free(tly_store_t *store);
  */
 tly_err_t tly_store_apply(tly_store_t *store, const tly_event_t *ev, int32_t partition,
                           int64_t offset, int64_t now_ms);
+
+/*
+ * A hint that ev will be applied soon; changes nothing. Stage 0 starts
+ * loading the table slots of the event's entities into the cache, stage 1
+ * (called again for the same event an apply or so later, when those slots
+ * have arrived) the records they name. A writer that decodes a few events
+ * ahead and hints them overlaps those cache misses with the apply of the
+ * events before (the table and the records are far larger than the cache).
+ * RCU-registered threads.
+ */
+void tly_store_prefetch(tly_store_t *store, const tly_event_t *ev, int stage);
+
+/* The same for one entity that a read will ask for soon (MFEATURES hints
+ * the ids after the one it reads). RCU-registered threads. */
+void tly_store_prefetch_id(tly_store_t *store, uint32_t entity, const char *id, size_t idlen,
+                           int stage);
 
 /*
  * Reads n windowed values of one entity at now_ms into out[0..n). Windowed

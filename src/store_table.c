@@ -1,0 +1,231 @@
+/*
+ * store_table.c — one shard of the entity table: an open-addressed array of
+ * record pointers with linear probing, written by one thread at a time (the
+ * shard's mutex) and probed by readers without locks under rcu_read_lock().
+ *
+ * A slot is one 64-bit word: 0 (empty), TOMB (a removed record), or a
+ * record's address in the low 48 bits with 16 bits of its key's hash above
+ * them. A probe compares those bits first and loads a record only when they
+ * match, so passing the other records of a probe sequence costs no cache
+ * miss; the record it loads is the one the caller goes on to use. (ck_hs,
+ * used before, stores bare pointers in Debian's build and compares every
+ * occupied slot it passes by loading the record.)
+ *
+ * Concurrency: the writer stores slots with release, readers load them with
+ * acquire, so a record's immutable fields are visible to a reader that finds
+ * it. A slot only ever changes empty → record, record → its replacement
+ * (the same key), record → TOMB, or TOMB → record; a reader that misses a
+ * record added or removed while it probed linearises before or after that
+ * change. When the array must grow (or be rebuilt without tombstones), the
+ * writer fills a new array, publishes it with a release store and frees the
+ * old one after a grace period; readers still in the old one see a frozen
+ * but valid table. Every array is at most half full (records + tombstones),
+ * so every probe reaches an empty slot, and is rebuilt smaller when fewer
+ * than a sixteenth of its slots hold records.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+
+#include "store_int.h"
+
+#define TOMB      UINT64_C(1)
+#define PTR_BITS  48
+#define PTR_MASK  ((UINT64_C(1) << PTR_BITS) - 1)
+#define MIN_SLOTS 64
+
+/* The 16 hash bits kept in a slot: above the index bits any shard uses
+ * (a shard has far fewer than 2^42 slots) and below the shard-picking top
+ * bits (58..63). */
+static uint64_t tag_of(unsigned long h)
+{
+    return ((uint64_t)h >> 42 & 0xffff) << PTR_BITS;
+}
+
+static ent_t *slot_ent(uint64_t s)
+{
+    return (ent_t *)(uintptr_t)(s & PTR_MASK);
+}
+
+static bool key_eq(const ent_t *e, uint32_t type, const char *id, size_t len)
+{
+    return e->type == type && e->idlen == len && memcmp(ent_id(e), id, len) == 0;
+}
+
+static tslots_t *slots_new(size_t n)
+{
+    tslots_t *a = store_xmalloc(sizeof *a + n * sizeof a->slot[0]);
+    a->mask = n - 1;
+    for (size_t i = 0; i < n; i++)
+        atomic_init(&a->slot[i], 0);
+    return a;
+}
+
+static void deferred_free_cb(struct rcu_head *head)
+{
+    tly_rcu_tsan_acquire();
+    tslots_t *a = caa_container_of(head, tslots_t, rcu);
+    free(a);
+}
+
+void tbl_init(shard_t *sh)
+{
+    atomic_init(&sh->arr, slots_new(MIN_SLOTS));
+    sh->used = 0;
+    sh->live = 0;
+    atomic_init(&sh->bytes, (int64_t)(sizeof(tslots_t) + MIN_SLOTS * sizeof(uint64_t)));
+    pthread_mutex_init(&sh->mu, NULL);
+}
+
+void tbl_destroy(shard_t *sh)
+{
+    free(atomic_load_explicit(&sh->arr, memory_order_relaxed));
+    pthread_mutex_destroy(&sh->mu);
+}
+
+ent_t *tbl_get(const shard_t *sh, unsigned long h, uint32_t type, const char *id, size_t len)
+{
+    const tslots_t *a = atomic_load_explicit(&sh->arr, memory_order_acquire);
+    uint64_t tag = tag_of(h);
+    for (size_t i = h & a->mask;; i = (i + 1) & a->mask) {
+        uint64_t s = atomic_load_explicit(&a->slot[i], memory_order_acquire);
+        if (s == 0)
+            return NULL;
+        if ((s & ~PTR_MASK) == tag && s != TOMB) {
+            ent_t *e = slot_ent(s);
+            if (key_eq(e, type, id, len))
+                return e;
+        }
+    }
+}
+
+void tbl_prefetch(const shard_t *sh, unsigned long h)
+{
+    const tslots_t *a = atomic_load_explicit(&sh->arr, memory_order_acquire);
+    __builtin_prefetch(&a->slot[h & a->mask]);
+}
+
+void tbl_prefetch_ent(const shard_t *sh, unsigned long h)
+{
+    const tslots_t *a = atomic_load_explicit(&sh->arr, memory_order_acquire);
+    uint64_t tag = tag_of(h);
+    for (size_t i = h & a->mask;; i = (i + 1) & a->mask) {
+        uint64_t s = atomic_load_explicit(&a->slot[i], memory_order_relaxed);
+        if (s == 0)
+            return;
+        if ((s & ~PTR_MASK) == tag && s != TOMB) {
+            __builtin_prefetch(slot_ent(s));
+            return;
+        }
+    }
+}
+
+/* Rebuilds the array at a size that leaves it at most a quarter full, with
+ * no tombstones, and publishes it. Under the shard's mutex. */
+static void tbl_rebuild(shard_t *sh)
+{
+    tslots_t *old = atomic_load_explicit(&sh->arr, memory_order_relaxed);
+    size_t n = MIN_SLOTS;
+    while (n < 4 * (sh->live + 1))
+        n *= 2;
+    tslots_t *a = slots_new(n);
+    for (size_t i = 0; i <= old->mask; i++) {
+        uint64_t s = atomic_load_explicit(&old->slot[i], memory_order_relaxed);
+        if (s == 0 || s == TOMB)
+            continue;
+        const ent_t *e = slot_ent(s);
+        size_t j = hash_id(e->type, ent_id(e), e->idlen) & a->mask;
+        while (atomic_load_explicit(&a->slot[j], memory_order_relaxed) != 0)
+            j = (j + 1) & a->mask;
+        atomic_store_explicit(&a->slot[j], s, memory_order_relaxed);
+    }
+    sh->used = sh->live;
+    atomic_store_explicit(&sh->bytes, (int64_t)(sizeof(tslots_t) + n * sizeof(uint64_t)),
+                          memory_order_relaxed);
+    atomic_store_explicit(&sh->arr, a, memory_order_release);
+    tly_rcu_tsan_release();
+    tly_call_rcu(&old->rcu, deferred_free_cb);
+}
+
+bool tbl_insert(shard_t *sh, unsigned long h, ent_t *e)
+{
+    if ((uintptr_t)e & ~(uintptr_t)PTR_MASK) {
+        fprintf(stderr, "tallyd: a record's address does not fit 48 bits\n");
+        abort();
+    }
+    if (2 * (sh->used + 1) > atomic_load_explicit(&sh->arr, memory_order_relaxed)->mask + 1)
+        tbl_rebuild(sh);
+    tslots_t *a = atomic_load_explicit(&sh->arr, memory_order_relaxed);
+    uint64_t tag = tag_of(h);
+    size_t tomb = SIZE_MAX;
+    for (size_t i = h & a->mask;; i = (i + 1) & a->mask) {
+        uint64_t s = atomic_load_explicit(&a->slot[i], memory_order_relaxed);
+        if (s == TOMB) {
+            if (tomb == SIZE_MAX)
+                tomb = i;
+            continue;
+        }
+        if (s == 0) {
+            if (tomb == SIZE_MAX) {
+                tomb = i;
+                sh->used++;
+            }
+            break;
+        }
+        if ((s & ~PTR_MASK) == tag && key_eq(slot_ent(s), e->type, ent_id(e), e->idlen))
+            return false;
+    }
+    atomic_store_explicit(&a->slot[tomb], tag | (uint64_t)(uintptr_t)e, memory_order_release);
+    sh->live++;
+    return true;
+}
+
+/* The slot holding `e` in the current array, or NULL. Under the mutex. */
+static _Atomic uint64_t *slot_of(shard_t *sh, unsigned long h, const ent_t *e)
+{
+    tslots_t *a = atomic_load_explicit(&sh->arr, memory_order_relaxed);
+    uint64_t want = tag_of(h) | (uint64_t)(uintptr_t)e;
+    for (size_t i = h & a->mask;; i = (i + 1) & a->mask) {
+        uint64_t s = atomic_load_explicit(&a->slot[i], memory_order_relaxed);
+        if (s == 0)
+            return NULL;
+        if (s == want)
+            return &a->slot[i];
+    }
+}
+
+bool tbl_replace(shard_t *sh, unsigned long h, const ent_t *old, ent_t *e)
+{
+    if ((uintptr_t)e & ~(uintptr_t)PTR_MASK) {
+        fprintf(stderr, "tallyd: a record's address does not fit 48 bits\n");
+        abort();
+    }
+    _Atomic uint64_t *slot = slot_of(sh, h, old);
+    if (!slot)
+        return false;
+    atomic_store_explicit(slot, tag_of(h) | (uint64_t)(uintptr_t)e, memory_order_release);
+    return true;
+}
+
+bool tbl_remove(shard_t *sh, unsigned long h, const ent_t *e)
+{
+    _Atomic uint64_t *slot = slot_of(sh, h, e);
+    if (!slot)
+        return false;
+    atomic_store_explicit(slot, TOMB, memory_order_release);
+    sh->live--;
+    if (sh->live * 16 < atomic_load_explicit(&sh->arr, memory_order_relaxed)->mask + 1 &&
+        atomic_load_explicit(&sh->arr, memory_order_relaxed)->mask + 1 > MIN_SLOTS)
+        tbl_rebuild(sh); /* mostly empty: give the memory back */
+    return true;
+}
+
+ent_t *tbl_next(const shard_t *sh, size_t *pos)
+{
+    const tslots_t *a = atomic_load_explicit(&sh->arr, memory_order_acquire);
+    while (*pos <= a->mask) {
+        uint64_t s = atomic_load_explicit(&a->slot[(*pos)++], memory_order_acquire);
+        if (s != 0 && s != TOMB)
+            return slot_ent(s);
+    }
+    return NULL;
+}

@@ -1,0 +1,336 @@
+/*
+ * test_table.c — one shard of the entity table (store_table.c): finds,
+ * inserts, replacements and removals against a plain list of what was put
+ * in; keys that share a probe run and their 16 hash bits, so that only the
+ * id tells them apart; growth and shrinking; and readers probing without
+ * locks while a writer inserts, replaces, removes and rebuilds.
+ */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+#include <cmocka.h>
+
+#include "store_int.h"
+
+static ent_t *rec_new(uint32_t type, const char *id)
+{
+    size_t len = strlen(id);
+    ent_t *e = calloc(1, sizeof(ent_t) + 8 * id_words(len));
+    assert_non_null(e);
+    e->type = (uint16_t)type;
+    e->idlen = (uint8_t)len;
+    memcpy((char *)(e + 1), id, len);
+    return e;
+}
+
+static unsigned long h_of(const ent_t *e)
+{
+    return hash_id(e->type, ent_id(e), e->idlen);
+}
+
+static ent_t *get(const shard_t *sh, uint32_t type, const char *id)
+{
+    size_t len = strlen(id);
+    return tbl_get(sh, hash_id(type, id, len), type, id, len);
+}
+
+static int64_t bytes_of(const shard_t *sh)
+{
+    return atomic_load_explicit(&sh->bytes, memory_order_relaxed);
+}
+
+typedef struct {
+    struct rcu_head rcu;
+    ent_t *e;
+} retired_t;
+
+static void rec_free_cb(struct rcu_head *head)
+{
+    tly_rcu_tsan_acquire();
+    retired_t *r = caa_container_of(head, retired_t, rcu);
+    free(r->e);
+    free(r);
+}
+
+/* Frees a record once no reader can hold it. */
+static void rec_retire(ent_t *e)
+{
+    retired_t *r = malloc(sizeof *r);
+    assert_non_null(r);
+    r->e = e;
+    tly_call_rcu(&r->rcu, rec_free_cb);
+}
+
+#define N 50000
+
+static void test_insert_find_replace_remove_against_a_list(void **state)
+{
+    (void)state;
+    tly_rcu_thread_online();
+    shard_t sh;
+    tbl_init(&sh);
+    int64_t empty_bytes = bytes_of(&sh);
+    static ent_t *recs[2][N];
+    char id[32];
+    /* the same id under two entity types is two keys */
+    for (int i = 0; i < N; i++)
+        for (uint32_t t = 0; t < 2; t++) {
+            snprintf(id, sizeof id, "k%d", i);
+            recs[t][i] = rec_new(t, id);
+            assert_true(tbl_insert(&sh, h_of(recs[t][i]), recs[t][i]));
+        }
+    assert_int_equal(sh.live, 2 * N);
+    assert_true(bytes_of(&sh) >= (int64_t)(2 * 2 * N * sizeof(uint64_t))); /* <= half full */
+    tly_rcu_read_lock();
+    for (int i = 0; i < N; i++) {
+        snprintf(id, sizeof id, "k%d", i);
+        assert_ptr_equal(get(&sh, 0, id), recs[0][i]);
+        assert_ptr_equal(get(&sh, 1, id), recs[1][i]);
+        assert_null(get(&sh, 2, id));
+        snprintf(id, sizeof id, "x%d", i);
+        assert_null(get(&sh, 0, id));
+    }
+    tly_rcu_read_unlock();
+    /* a key that is there cannot go in twice */
+    ent_t *dup = rec_new(1, "k7");
+    assert_false(tbl_insert(&sh, h_of(dup), dup));
+    /* every record is visited once */
+    size_t pos = 0, seen = 0;
+    for (ent_t *e; (e = tbl_next(&sh, &pos)) != NULL; seen++)
+        assert_true(e->type < 2);
+    assert_int_equal(seen, 2 * N);
+
+    /* remove type 0's odd ids; replace type 1's multiples of 3 */
+    for (int i = 1; i < N; i += 2) {
+        assert_true(tbl_remove(&sh, h_of(recs[0][i]), recs[0][i]));
+        assert_false(tbl_remove(&sh, h_of(recs[0][i]), recs[0][i])); /* gone already */
+        rec_retire(recs[0][i]);
+        recs[0][i] = NULL;
+    }
+    for (int i = 0; i < N; i += 3) {
+        snprintf(id, sizeof id, "k%d", i);
+        ent_t *e = rec_new(1, id);
+        assert_false(tbl_replace(&sh, h_of(e), dup, e)); /* dup is not in the table */
+        assert_true(tbl_replace(&sh, h_of(e), recs[1][i], e));
+        rec_retire(recs[1][i]);
+        recs[1][i] = e;
+    }
+    free(dup);
+    tly_rcu_read_lock();
+    for (int i = 0; i < N; i++) {
+        snprintf(id, sizeof id, "k%d", i);
+        assert_ptr_equal(get(&sh, 0, id), recs[0][i]); /* NULL for the removed */
+        assert_ptr_equal(get(&sh, 1, id), recs[1][i]);
+    }
+    tly_rcu_read_unlock();
+    /* removed keys go back in (tombstones are reused) */
+    for (int i = 1; i < N; i += 4) {
+        snprintf(id, sizeof id, "k%d", i);
+        recs[0][i] = rec_new(0, id);
+        assert_true(tbl_insert(&sh, h_of(recs[0][i]), recs[0][i]));
+    }
+    tly_rcu_read_lock();
+    for (int i = 0; i < N; i++) {
+        snprintf(id, sizeof id, "k%d", i);
+        assert_ptr_equal(get(&sh, 0, id), recs[0][i]);
+    }
+    tly_rcu_read_unlock();
+
+    /* remove everything: the table shrinks back to its first size */
+    int64_t full_bytes = bytes_of(&sh);
+    for (int t = 0; t < 2; t++)
+        for (int i = 0; i < N; i++)
+            if (recs[t][i]) {
+                assert_true(tbl_remove(&sh, h_of(recs[t][i]), recs[t][i]));
+                rec_retire(recs[t][i]);
+            }
+    assert_int_equal(sh.live, 0);
+    assert_true(bytes_of(&sh) < full_bytes);
+    assert_int_equal(bytes_of(&sh), empty_bytes);
+    pos = 0;
+    assert_null(tbl_next(&sh, &pos));
+    tly_rcu_barrier();
+    tbl_destroy(&sh);
+    tly_rcu_thread_offline();
+}
+
+/* Keys whose hashes share the first slot (of 64) and the 16 bits the slot
+ * keeps: only their ids tell them apart. Found by search. */
+static void test_keys_sharing_slot_and_tag_are_told_apart_by_id(void **state)
+{
+    (void)state;
+    tly_rcu_thread_online();
+    enum { K = 4 };
+    char ids[K][32];
+    unsigned long want = 0;
+    int found = 0;
+    for (long n = 0; found < K && n < 400000000L; n++) {
+        char id[32];
+        int len = snprintf(id, sizeof id, "c%ld", n);
+        unsigned long h = hash_id(0, id, (size_t)len);
+        unsigned long key = (h & 63) | (h >> 42 & 0xffff) << 6;
+        if (found == 0)
+            want = key;
+        if (key == want)
+            memcpy(ids[found++], id, (size_t)len + 1);
+    }
+    assert_int_equal(found, K);
+    shard_t sh;
+    tbl_init(&sh); /* 64 slots: all four start at the same slot */
+    ent_t *r[K];
+    for (int i = 0; i < K; i++) {
+        r[i] = rec_new(0, ids[i]);
+        assert_true(tbl_insert(&sh, h_of(r[i]), r[i]));
+    }
+    tly_rcu_read_lock();
+    for (int i = 0; i < K; i++)
+        assert_ptr_equal(get(&sh, 0, ids[i]), r[i]);
+    tly_rcu_read_unlock();
+    /* removing one in the middle of the run leaves the later ones found */
+    assert_true(tbl_remove(&sh, h_of(r[1]), r[1]));
+    tly_rcu_read_lock();
+    assert_null(get(&sh, 0, ids[1]));
+    assert_ptr_equal(get(&sh, 0, ids[2]), r[2]);
+    assert_ptr_equal(get(&sh, 0, ids[3]), r[3]);
+    tly_rcu_read_unlock();
+    /* replacing the last one touches only its slot */
+    ent_t *r3 = rec_new(0, ids[3]);
+    assert_true(tbl_replace(&sh, h_of(r3), r[3], r3));
+    tly_rcu_read_lock();
+    assert_ptr_equal(get(&sh, 0, ids[3]), r3);
+    assert_ptr_equal(get(&sh, 0, ids[2]), r[2]);
+    assert_ptr_equal(get(&sh, 0, ids[0]), r[0]);
+    tly_rcu_read_unlock();
+    /* the removed key comes back into the tombstone's slot */
+    ent_t *r1 = rec_new(0, ids[1]);
+    assert_true(tbl_insert(&sh, h_of(r1), r1));
+    tly_rcu_read_lock();
+    assert_ptr_equal(get(&sh, 0, ids[1]), r1);
+    tly_rcu_read_unlock();
+    assert_int_equal(sh.used, K); /* no new slot taken */
+    free(r[1]);
+    free(r[3]);
+    size_t pos = 0;
+    for (ent_t *e; (e = tbl_next(&sh, &pos)) != NULL;)
+        free(e);
+    tbl_destroy(&sh);
+    tly_rcu_thread_offline();
+}
+
+/* ---- readers during writes ----------------------------------------------- */
+
+#define STABLE 2000
+#define CHURN  20000
+#define ROUNDS 6
+
+typedef struct {
+    shard_t sh;
+    _Atomic bool done;
+    _Atomic long lookups, misses, wrong;
+} conc_t;
+
+static void *reader_main(void *arg)
+{
+    conc_t *c = arg;
+    tly_rcu_thread_online();
+    unsigned seed = 12345;
+    long lookups = 0, misses = 0, wrong = 0;
+    char id[32];
+    while (!atomic_load_explicit(&c->done, memory_order_acquire)) {
+        tly_rcu_read_lock();
+        for (int k = 0; k < 64; k++) {
+            seed = seed * 1103515245u + 12345u;
+            int i = (int)(seed >> 8) % STABLE;
+            int len = snprintf(id, sizeof id, "s%d", i);
+            ent_t *e = tbl_get(&c->sh, hash_id(0, id, (size_t)len), 0, id, (size_t)len);
+            lookups++;
+            if (!e)
+                misses++; /* a stable key is always in the table */
+            else if (e->idlen != len || memcmp(ent_id(e), id, (size_t)len) != 0)
+                wrong++;
+        }
+        tly_rcu_read_unlock();
+    }
+    atomic_fetch_add(&c->lookups, lookups);
+    atomic_fetch_add(&c->misses, misses);
+    atomic_fetch_add(&c->wrong, wrong);
+    tly_rcu_thread_offline();
+    return NULL;
+}
+
+static void test_readers_always_find_stable_keys_while_the_writer_churns(void **state)
+{
+    (void)state;
+    static conc_t c;
+    tbl_init(&c.sh);
+    atomic_init(&c.done, false);
+    tly_rcu_thread_online();
+    static ent_t *stable[STABLE];
+    char id[32];
+    for (int i = 0; i < STABLE; i++) {
+        snprintf(id, sizeof id, "s%d", i);
+        stable[i] = rec_new(0, id);
+        pthread_mutex_lock(&c.sh.mu);
+        assert_true(tbl_insert(&c.sh, h_of(stable[i]), stable[i]));
+        pthread_mutex_unlock(&c.sh.mu);
+    }
+    pthread_t rd[2];
+    for (int i = 0; i < 2; i++)
+        assert_int_equal(pthread_create(&rd[i], NULL, reader_main, &c), 0);
+    /* each round: CHURN keys in (the array grows several times), every
+     * stable record replaced by a copy, the churn keys out again (it
+     * shrinks) */
+    static ent_t *churn[CHURN];
+    for (int round = 0; round < ROUNDS; round++) {
+        for (int i = 0; i < CHURN; i++) {
+            snprintf(id, sizeof id, "c%d.%d", round, i);
+            churn[i] = rec_new(0, id);
+            pthread_mutex_lock(&c.sh.mu);
+            assert_true(tbl_insert(&c.sh, h_of(churn[i]), churn[i]));
+            pthread_mutex_unlock(&c.sh.mu);
+        }
+        for (int i = 0; i < STABLE; i++) {
+            snprintf(id, sizeof id, "s%d", i);
+            ent_t *e = rec_new(0, id);
+            pthread_mutex_lock(&c.sh.mu);
+            assert_true(tbl_replace(&c.sh, h_of(e), stable[i], e));
+            pthread_mutex_unlock(&c.sh.mu);
+            rec_retire(stable[i]);
+            stable[i] = e;
+        }
+        for (int i = 0; i < CHURN; i++) {
+            pthread_mutex_lock(&c.sh.mu);
+            assert_true(tbl_remove(&c.sh, h_of(churn[i]), churn[i]));
+            pthread_mutex_unlock(&c.sh.mu);
+            rec_retire(churn[i]);
+        }
+    }
+    atomic_store_explicit(&c.done, true, memory_order_release);
+    for (int i = 0; i < 2; i++)
+        pthread_join(rd[i], NULL);
+    printf("# %ld lookups during %d rounds of %d inserts, %d replacements, %d removals\n",
+           (long)c.lookups, ROUNDS, CHURN, STABLE, CHURN);
+    assert_true(c.lookups > 0);
+    assert_int_equal(c.misses, 0);
+    assert_int_equal(c.wrong, 0);
+    assert_int_equal(c.sh.live, STABLE);
+    for (int i = 0; i < STABLE; i++)
+        free(stable[i]);
+    tly_rcu_barrier();
+    tbl_destroy(&c.sh);
+    tly_rcu_thread_offline();
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_insert_find_replace_remove_against_a_list),
+        cmocka_unit_test(test_keys_sharing_slot_and_tag_are_told_apart_by_id),
+        cmocka_unit_test(test_readers_always_find_stable_keys_while_the_writer_churns),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
