@@ -876,6 +876,8 @@ static void apply_list(tly_source_t *src, applier_t *a)
 {
     tly_event_t ev[AHEAD + 1];
     tly_err_t err[AHEAD + 1];
+    for (size_t r = 0; r <= AHEAD; r++)
+        err[r] = TLY_E_EV_BAD_JSON; /* each is set before it is read */
     size_t n = a->nidx;
     for (size_t k = 0; k < n + AHEAD; k++) {
         if (k < n) {
