@@ -204,14 +204,17 @@ static inline uint64_t hash_bytes(uint64_t seed, const char *s, size_t n)
     return mix64(h ^ k);
 }
 
+_Static_assert(sizeof(unsigned long) == 8, "shards, slots and tags take bits of a 64-bit hash");
+
 static inline unsigned long hash_id(uint32_t type, const char *s, size_t n)
 {
     return (unsigned long)hash_bytes(UINT64_C(0x9e3779b97f4a7c15) * (type + 1), s, n);
 }
 
-/* store_table.c: the shard's table. tbl_get, tbl_prefetch, tbl_prefetch_ent
- * and tbl_next are for readers (under rcu_read_lock; tbl_next also for the
- * writer holding mu); the others need mu. h is hash_id of the record's key. */
+/* store_table.c: the shard's table. tbl_get, tbl_prefetch and
+ * tbl_prefetch_ent are for readers (under rcu_read_lock); tbl_next needs mu
+ * or no writer at all (a rebuild between two calls would move what *pos
+ * counts); the others need mu. h is hash_id of the record's key. */
 void tbl_init(shard_t *sh);
 void tbl_destroy(shard_t *sh); /* frees the array, not the records */
 ent_t *tbl_get(const shard_t *sh, unsigned long h, uint32_t type, const char *id, size_t len);

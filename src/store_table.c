@@ -46,6 +46,20 @@ static ent_t *slot_ent(uint64_t s)
     return (ent_t *)(uintptr_t)(s & PTR_MASK);
 }
 
+/* A slot keeps 48 bits of address: true of user-space heap addresses on
+ * x86-64 and arm64 Linux, unless the allocator tags its pointers (memory
+ * tagging, HWASan), which tbl_init finds out at start-up. */
+static void check_addr(const void *p)
+{
+    if ((uintptr_t)p & ~(uintptr_t)PTR_MASK) {
+        fprintf(stderr,
+                "tallyd: heap address %p does not fit 48 bits; the entity table "
+                "cannot run with a pointer-tagging allocator\n",
+                p);
+        abort();
+    }
+}
+
 static bool key_eq(const ent_t *e, uint32_t type, const char *id, size_t len)
 {
     return e->type == type && e->idlen == len && memcmp(ent_id(e), id, len) == 0;
@@ -69,7 +83,9 @@ static void deferred_free_cb(struct rcu_head *head)
 
 void tbl_init(shard_t *sh)
 {
-    atomic_init(&sh->arr, slots_new(MIN_SLOTS));
+    tslots_t *a = slots_new(MIN_SLOTS);
+    check_addr(a);
+    atomic_init(&sh->arr, a);
     sh->used = 0;
     sh->live = 0;
     atomic_init(&sh->bytes, (int64_t)(sizeof(tslots_t) + MIN_SLOTS * sizeof(uint64_t)));
@@ -148,10 +164,7 @@ static void tbl_rebuild(shard_t *sh)
 
 bool tbl_insert(shard_t *sh, unsigned long h, ent_t *e)
 {
-    if ((uintptr_t)e & ~(uintptr_t)PTR_MASK) {
-        fprintf(stderr, "tallyd: a record's address does not fit 48 bits\n");
-        abort();
-    }
+    check_addr(e);
     if (2 * (sh->used + 1) > atomic_load_explicit(&sh->arr, memory_order_relaxed)->mask + 1)
         tbl_rebuild(sh);
     tslots_t *a = atomic_load_explicit(&sh->arr, memory_order_relaxed);
@@ -195,10 +208,7 @@ static _Atomic uint64_t *slot_of(shard_t *sh, unsigned long h, const ent_t *e)
 
 bool tbl_replace(shard_t *sh, unsigned long h, const ent_t *old, ent_t *e)
 {
-    if ((uintptr_t)e & ~(uintptr_t)PTR_MASK) {
-        fprintf(stderr, "tallyd: a record's address does not fit 48 bits\n");
-        abort();
-    }
+    check_addr(e);
     _Atomic uint64_t *slot = slot_of(sh, h, old);
     if (!slot)
         return false;

@@ -97,11 +97,20 @@ static void test_insert_find_replace_remove_against_a_list(void **state)
     tly_rcu_read_unlock();
     /* a key that is there cannot go in twice */
     ent_t *dup = rec_new(1, "k7");
+    size_t used = sh.used;
     assert_false(tbl_insert(&sh, h_of(dup), dup));
-    /* every record is visited once */
+    assert_int_equal(sh.used, used);
+    assert_int_equal(sh.live, 2 * N);
+    /* every record is visited exactly once */
+    static bool visited[2][N];
     size_t pos = 0, seen = 0;
-    for (ent_t *e; (e = tbl_next(&sh, &pos)) != NULL; seen++)
+    for (ent_t *e; (e = tbl_next(&sh, &pos)) != NULL; seen++) {
         assert_true(e->type < 2);
+        int i = atoi(ent_id(e) + 1);
+        assert_ptr_equal(recs[e->type][i], e);
+        assert_false(visited[e->type][i]);
+        visited[e->type][i] = true;
+    }
     assert_int_equal(seen, 2 * N);
 
     /* remove type 0's odd ids; replace type 1's multiples of 3 */
@@ -197,6 +206,13 @@ static void test_keys_sharing_slot_and_tag_are_told_apart_by_id(void **state)
     assert_ptr_equal(get(&sh, 0, ids[2]), r[2]);
     assert_ptr_equal(get(&sh, 0, ids[3]), r[3]);
     tly_rcu_read_unlock();
+    /* a key past the tombstone is still there: inserting it again fails
+     * and takes no slot */
+    ent_t *again = rec_new(0, ids[2]);
+    assert_false(tbl_insert(&sh, h_of(again), again));
+    free(again);
+    assert_int_equal(sh.used, K);
+    assert_int_equal(sh.live, K - 1);
     /* replacing the last one touches only its slot */
     ent_t *r3 = rec_new(0, ids[3]);
     assert_true(tbl_replace(&sh, h_of(r3), r[3], r3));
@@ -230,7 +246,7 @@ static void test_keys_sharing_slot_and_tag_are_told_apart_by_id(void **state)
 typedef struct {
     shard_t sh;
     _Atomic bool done;
-    _Atomic long lookups, misses, wrong;
+    _Atomic long lookups, misses, wrong, arrays; /* arrays: changes of sh.arr a reader saw */
 } conc_t;
 
 static void *reader_main(void *arg)
@@ -238,10 +254,14 @@ static void *reader_main(void *arg)
     conc_t *c = arg;
     tly_rcu_thread_online();
     unsigned seed = 12345;
-    long lookups = 0, misses = 0, wrong = 0;
+    long lookups = 0, misses = 0, wrong = 0, arrays = 0;
+    const tslots_t *last = NULL;
     char id[32];
     while (!atomic_load_explicit(&c->done, memory_order_acquire)) {
         tly_rcu_read_lock();
+        const tslots_t *now = atomic_load_explicit(&c->sh.arr, memory_order_acquire);
+        arrays += now != last; /* compared, never dereferenced after the unlock */
+        last = now;
         for (int k = 0; k < 64; k++) {
             seed = seed * 1103515245u + 12345u;
             int i = (int)(seed >> 8) % STABLE;
@@ -258,6 +278,7 @@ static void *reader_main(void *arg)
     atomic_fetch_add(&c->lookups, lookups);
     atomic_fetch_add(&c->misses, misses);
     atomic_fetch_add(&c->wrong, wrong);
+    atomic_fetch_add(&c->arrays, arrays);
     tly_rcu_thread_offline();
     return NULL;
 }
@@ -312,9 +333,11 @@ static void test_readers_always_find_stable_keys_while_the_writer_churns(void **
     atomic_store_explicit(&c.done, true, memory_order_release);
     for (int i = 0; i < 2; i++)
         pthread_join(rd[i], NULL);
-    printf("# %ld lookups during %d rounds of %d inserts, %d replacements, %d removals\n",
-           (long)c.lookups, ROUNDS, CHURN, STABLE, CHURN);
+    printf("# %ld lookups during %d rounds of %d inserts, %d replacements, %d removals; "
+           "the readers saw the slot array change %ld times\n",
+           (long)c.lookups, ROUNDS, CHURN, STABLE, CHURN, (long)c.arrays);
     assert_true(c.lookups > 0);
+    assert_true(c.arrays > 2); /* 2 first sightings, then at least one rebuild */
     assert_int_equal(c.misses, 0);
     assert_int_equal(c.wrong, 0);
     assert_int_equal(c.sh.live, STABLE);
