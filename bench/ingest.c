@@ -402,6 +402,7 @@ static void writer_loop(writer_t *w)
     const stream_t *sm = w->sm;
     tly_decoder_t *dec[AHEAD + 1];
     tly_event_t ev[AHEAD + 1];
+    tly_prefetch_t pf[AHEAD + 1];
     bool ok[AHEAD + 1];
     size_t at[AHEAD + 1];
     for (int d = 0; d <= AHEAD; d++)
@@ -416,14 +417,14 @@ static void writer_loop(writer_t *w)
             ok[r] =
                 tly_decode_json(dec[r], sm->arena + sm->off[i], sm->len[i], -1, &ev[r]) == TLY_OK;
             if (ok[r])
-                tly_store_prefetch(w->store, &ev[r], 0);
+                tly_store_prefetch(w->store, &ev[r], &pf[r]);
             else
                 bad_dec++;
         }
         if (k >= 1 && k - 1 < w->n) { /* hint the records of event k - 1 */
             int r = (int)((k - 1) % (AHEAD + 1));
             if (ok[r])
-                tly_store_prefetch(w->store, &ev[r], 1);
+                tly_store_prefetch_records(w->store, &pf[r]);
         }
         if (k >= AHEAD) { /* apply event k - AHEAD */
             int r = (int)((k - AHEAD) % (AHEAD + 1));

@@ -436,13 +436,15 @@ static void cmd_mfeatures(cmd_ctx_t *c)
     /* hint the store two ids ahead (their table slots) and one ahead (their
      * records), so the cache misses of finding them overlap this read */
     const tly_arg_t *ids = &c->argv[3];
+    tly_prefetch_t pf[3];
     for (size_t k = 0; k < 2 && k < (size_t)numids; k++)
-        tly_store_prefetch_id(c->d->store, (uint32_t)entity, ids[k].ptr, ids[k].len, 0);
+        tly_store_prefetch_id(c->d->store, (uint32_t)entity, ids[k].ptr, ids[k].len, &pf[k]);
     for (size_t k = 0; k < (size_t)numids; k++) {
         if (k + 2 < (size_t)numids)
-            tly_store_prefetch_id(c->d->store, (uint32_t)entity, ids[k + 2].ptr, ids[k + 2].len, 0);
+            tly_store_prefetch_id(c->d->store, (uint32_t)entity, ids[k + 2].ptr, ids[k + 2].len,
+                                  &pf[(k + 2) % 3]);
         if (k + 1 < (size_t)numids)
-            tly_store_prefetch_id(c->d->store, (uint32_t)entity, ids[k + 1].ptr, ids[k + 1].len, 1);
+            tly_store_prefetch_records(c->d->store, &pf[(k + 1) % 3]);
         if (moved(c, &c->argv[3 + k]))
             continue;
         read_values(c, (uint32_t)entity, &c->argv[3 + k], n, asof, NULL);

@@ -875,6 +875,7 @@ static tly_err_t decode_item(const tly_source_t *src, const applier_t *a, size_t
 static void apply_list(tly_source_t *src, applier_t *a)
 {
     tly_event_t ev[AHEAD + 1];
+    tly_prefetch_t pf[AHEAD + 1];
     tly_err_t err[AHEAD + 1];
     for (size_t r = 0; r <= AHEAD; r++)
         err[r] = TLY_E_EV_BAD_JSON; /* each is set before it is read */
@@ -884,10 +885,10 @@ static void apply_list(tly_source_t *src, applier_t *a)
             size_t r = k % (AHEAD + 1);
             err[r] = decode_item(src, a, r, &src->batch[a->idx[k]], &ev[r]);
             if (err[r] == TLY_OK)
-                tly_store_prefetch(src->store, &ev[r], 0);
+                tly_store_prefetch(src->store, &ev[r], &pf[r]);
         }
         if (k >= 1 && k - 1 < n && err[(k - 1) % (AHEAD + 1)] == TLY_OK)
-            tly_store_prefetch(src->store, &ev[(k - 1) % (AHEAD + 1)], 1);
+            tly_store_prefetch_records(src->store, &pf[(k - 1) % (AHEAD + 1)]);
         if (k >= AHEAD) {
             size_t r = (k - AHEAD) % (AHEAD + 1);
             item_t *it = &src->batch[a->idx[k - AHEAD]];

@@ -407,33 +407,39 @@ static int64_t feat_earliest(const tly_feat_t *feat, int64_t now_ms)
     return earliest;
 }
 
-static void prefetch_key(tly_store_t *store, uint32_t type, const char *id, size_t len, int stage)
-{
-    unsigned long h = hash_id(type, id, len);
-    if (stage == 0)
-        tbl_prefetch(shard_of(store, h), h);
-    else
-        tbl_prefetch_ent(shard_of(store, h), h);
-}
-
-void tly_store_prefetch(tly_store_t *store, const tly_event_t *ev, int stage)
+void tly_store_prefetch(tly_store_t *store, const tly_event_t *ev, tly_prefetch_t *pf)
 {
     const tly_featset_t *fs = store->fs;
     char id[TLY_MAX_ID];
     size_t len;
+    pf->n = 0;
     tly_rcu_read_lock();
-    for (uint32_t e = 0; e < fs->nentities; e++)
+    for (uint32_t e = 0; e < fs->nentities && pf->n < TLY_PREFETCH_MAX; e++)
         if (!(ev->skip_entities >> e & 1) &&
-            tly_entity_id(fs, e, ev, id, sizeof id, &len) == TLY_OK && len <= UINT8_MAX)
-            prefetch_key(store, e, id, len, stage);
+            tly_entity_id(fs, e, ev, id, sizeof id, &len) == TLY_OK && len <= UINT8_MAX) {
+            unsigned long h = hash_id(e, id, len);
+            tbl_prefetch(shard_of(store, h), h);
+            pf->h[pf->n++] = h;
+        }
     tly_rcu_read_unlock();
 }
 
 void tly_store_prefetch_id(tly_store_t *store, uint32_t entity, const char *id, size_t idlen,
-                           int stage)
+                           tly_prefetch_t *pf)
+{
+    unsigned long h = hash_id(entity, id, idlen);
+    tly_rcu_read_lock();
+    tbl_prefetch(shard_of(store, h), h);
+    tly_rcu_read_unlock();
+    pf->n = 1;
+    pf->h[0] = h;
+}
+
+void tly_store_prefetch_records(tly_store_t *store, const tly_prefetch_t *pf)
 {
     tly_rcu_read_lock();
-    prefetch_key(store, entity, id, idlen, stage);
+    for (uint32_t i = 0; i < pf->n; i++)
+        tbl_prefetch_ent(shard_of(store, pf->h[i]), pf->h[i]);
     tly_rcu_read_unlock();
 }
 

@@ -88,21 +88,32 @@ void tly_store_free(tly_store_t *store);
 tly_err_t tly_store_apply(tly_store_t *store, const tly_event_t *ev, int32_t partition,
                           int64_t offset, int64_t now_ms);
 
-/*
- * A hint that ev will be applied soon; changes nothing. Stage 0 starts
- * loading the table slots of the event's entities into the cache, stage 1
- * (called again for the same event an apply or so later, when those slots
- * have arrived) the records they name. A writer that decodes a few events
- * ahead and hints them overlaps those cache misses with the apply of the
- * events before (the table and the records are far larger than the cache).
- * RCU-registered threads.
- */
-void tly_store_prefetch(tly_store_t *store, const tly_event_t *ev, int stage);
+/* What a prefetch hint found out, for its second step. */
+#define TLY_PREFETCH_MAX 4 /* entity types hinted per event */
+typedef struct {
+    uint32_t n;
+    unsigned long h[TLY_PREFETCH_MAX];
+} tly_prefetch_t;
 
-/* The same for one entity that a read will ask for soon (MFEATURES hints
- * the ids after the one it reads). RCU-registered threads. */
+/*
+ * Hints that ev will be applied soon; changes nothing. This first step
+ * starts loading the table slots of the event's entities (the first
+ * TLY_PREFETCH_MAX types it feeds) into the cache and fills *pf;
+ * tly_store_prefetch_records(pf), an apply or so later when the slots have
+ * arrived, starts loading the records they name. A writer that decodes a
+ * few events ahead and hints them overlaps those cache misses with the
+ * apply of the events before (the table and the records are far larger than
+ * the cache). RCU-registered threads.
+ */
+void tly_store_prefetch(tly_store_t *store, const tly_event_t *ev, tly_prefetch_t *pf);
+
+/* The first step for one entity that a read will ask for soon (MFEATURES
+ * hints the ids after the one it reads). */
 void tly_store_prefetch_id(tly_store_t *store, uint32_t entity, const char *id, size_t idlen,
-                           int stage);
+                           tly_prefetch_t *pf);
+
+/* The second step: the records of what *pf names. */
+void tly_store_prefetch_records(tly_store_t *store, const tly_prefetch_t *pf);
 
 /*
  * Reads n windowed values of one entity at now_ms into out[0..n). Windowed

@@ -6,6 +6,7 @@
  * way users write them. Expected values (field ids, hops, bucket counts,
  * horizons, messages) are worked out by hand from DESIGN §3 and feature.h.
  */
+#include <inttypes.h>
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -780,6 +781,18 @@ static void entity_id_renders_integers_in_decimal(void **state)
     assert_id(l.fs, "user", &ev, "9223372036854775807");
     ev.vals[uid] = int_value(INT64_MIN);
     assert_id(l.fs, "user", &ev, "-9223372036854775808");
+    /* every digit count, at and around each power of ten, both signs,
+     * against the C library's rendering */
+    int64_t p10 = 1;
+    for (int k = 0; k <= 18; k++, p10 *= 10)
+        for (int64_t d = -1; d <= 1; d++)
+            for (int sign = -1; sign <= 1; sign += 2) {
+                int64_t v = sign * (p10 + d);
+                char want[32];
+                snprintf(want, sizeof want, "%" PRId64, v);
+                ev.vals[uid] = int_value(v);
+                assert_id(l.fs, "user", &ev, want);
+            }
     unload(&l);
 }
 
