@@ -135,13 +135,14 @@ void tbl_prefetch_ent(const shard_t *sh, unsigned long h)
     }
 }
 
-/* Rebuilds the array at a size that leaves it at most a quarter full, with
- * no tombstones, and publishes it. Under the shard's mutex. */
+/* Rebuilds the array without tombstones at the smallest size that leaves
+ * it under half full, and publishes it: grown at half full, an array
+ * doubles. Under the shard's mutex. */
 static void tbl_rebuild(shard_t *sh)
 {
     tslots_t *old = atomic_load_explicit(&sh->arr, memory_order_relaxed);
     size_t n = MIN_SLOTS;
-    while (n < 4 * (sh->live + 1))
+    while (n <= 2 * (sh->live + 1))
         n *= 2;
     tslots_t *a = slots_new(n);
     for (size_t i = 0; i <= old->mask; i++) {
