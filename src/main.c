@@ -228,7 +228,7 @@ static int run(const tly_config_t *cfg, const tly_featset_t *fs)
 
     status = EXIT_SUCCESS;
     int64_t every = embedded ? 5000 : 60000;
-    int64_t now = wall_ms(), next_progress = now + every, next_sweep = now + cfg->store.sweep_every_ms;
+    int64_t now = wall_ms(), next_progress = now + every, last_sweep = now;
     int64_t last_ms = now;
     uint64_t last_applied = 0;
     for (;;) {
@@ -247,11 +247,17 @@ static int run(const tly_config_t *cfg, const tly_featset_t *fs)
             break;
         }
         now = wall_ms();
-        if (now >= next_sweep) {
-            size_t gone = tly_store_sweep(d.store, now, 0);
+        if (now > last_sweep) {
+            /* One pass over every entity per store.sweep_every, in steps: a
+             * step holds a shard's lock for at most 1,024 records. */
+            tly_store_stats_t st;
+            tly_store_stats(d.store, &st);
+            uint64_t share =
+                st.entities * (uint64_t)(now - last_sweep) / (uint64_t)cfg->store.sweep_every_ms;
+            size_t gone = tly_store_sweep(d.store, now, (size_t)share + 1024);
             if (gone > 0)
                 tly_debug("sweeper expired %zu entities", gone);
-            next_sweep = now + cfg->store.sweep_every_ms;
+            last_sweep = now;
         }
         if (now >= next_progress) {
             progress(&d, &last_applied, &last_ms, now);

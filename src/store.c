@@ -765,68 +765,115 @@ static bool culled(cull_t *cu, const ent_t *ent, log_t *lg)
     return ent_last(cu->store, ent, lg) < cu->earliest[ent->type];
 }
 
-/* Removes the records cu culls, visiting at most max_visit (0 = all). */
+#define SWEEP_CHUNK 1024 /* records a budgeted sweep visits per hold of a shard's lock */
+
+/* Appends ent to the candidate list. */
+static void cand_push(ent_t ***cand, size_t *cap, size_t *n, ent_t *ent)
+{
+    if (*n == *cap) {
+        *cap = *cap ? *cap * 2 : 256;
+        ent_t **grown = realloc(*cand, *cap * sizeof **cand);
+        if (!grown) {
+            fprintf(stderr, "tallyd: out of memory in the sweeper\n");
+            abort();
+        }
+        *cand = grown;
+    }
+    (*cand)[(*n)++] = ent;
+}
+
+/* Removes the candidates of shard sh that cu still culls, each under its
+ * record lock, taking the shard lock again only to unlink: the lock order
+ * is always record, then shard. */
+static size_t remove_cands(tly_store_t *store, shard_t *sh, cull_t *cu, ent_t **cand, size_t n,
+                           log_t *lg)
+{
+    tstats_t *ts = store_thread_stats(store);
+    size_t removed = 0;
+    for (size_t c = 0; c < n; c++) {
+        ent_t *ent = cand[c];
+        ent_lock(ent);
+        if (ent_dead(ent) || !culled(cu, ent, lg)) {
+            ent_unlock(ent);
+            continue;
+        }
+        pthread_mutex_lock(&sh->mu);
+        bool gone = tbl_remove(sh, hash_id(ent->type, ent_id(ent), ent->idlen), ent);
+        pthread_mutex_unlock(&sh->mu);
+        if (!gone) {
+            fprintf(stderr, "tallyd: entity table invariant broken in sweep\n");
+            abort();
+        }
+        ent_mark_dead(ent);
+        stat_add(&ts->entities, -1);
+        stat_add(cu->doomed ? &ts->dropped_entities : &ts->expired, 1);
+        ent_unlock(ent);
+        ent_retire(store, ent);
+        removed++;
+    }
+    return removed;
+}
+
+/*
+ * Removes the records cu culls. max_visit 0: one pass over every shard, each
+ * shard's candidates collected under its lock in one go, so no record present
+ * throughout is missed (tly_store_drop relies on that). max_visit > 0: visits
+ * at most that many records, going on from where the last budgeted call
+ * stopped and holding a shard's lock for at most SWEEP_CHUNK of them at a
+ * time; if a shard's array was rebuilt in between, that shard starts over.
+ */
 static size_t remove_where(tly_store_t *store, cull_t *cu, size_t max_visit)
 {
-    size_t removed = 0, visited = 0;
-    tstats_t *ts = store_thread_stats(store);
-    static _Thread_local log_t lg;
-
-    /* Per shard: collect candidates under the shard's writer lock (no
-     * record lock taken there), then remove each under its record lock,
-     * taking the shard lock again only to unlink: the lock order is always
-     * record, then shard. */
-    size_t cap = 0, ncand = 0;
+    size_t removed = 0, visited = 0, cap = 0, ncand = 0;
     ent_t **cand = NULL;
+    static _Thread_local log_t lg;
+    bool budgeted = max_visit > 0;
+    size_t s = budgeted ? store->sweep_shard : 0;
+
     tly_rcu_read_lock();
-    for (size_t s = 0; s < TLY_STORE_SHARDS && !(max_visit && visited >= max_visit); s++) {
+    for (size_t shards = 0; shards <= TLY_STORE_SHARDS && !(budgeted && visited >= max_visit);) {
         shard_t *sh = &store->shards[s];
-        size_t pos = 0;
-        ent_t *seen;
+        size_t pos = 0, limit = SIZE_MAX;
+        bool done = false;
+        ent_t *seen = NULL;
         ncand = 0;
         pthread_mutex_lock(&sh->mu);
-        while (!(max_visit && visited >= max_visit) && (seen = tbl_next(sh, &pos)) != NULL) {
+        if (budgeted) {
+            if (store->sweep_arr == atomic_load_explicit(&sh->arr, memory_order_relaxed))
+                pos = store->sweep_pos;
+            limit = max_visit - visited < SWEEP_CHUNK ? max_visit - visited : SWEEP_CHUNK;
+        }
+        for (size_t n = 0; n < limit; n++) {
+            if ((seen = tbl_next(sh, &pos)) == NULL)
+                break;
             visited++;
             tly_tsan_subscribe();
-            if (!culled(cu, seen, &lg))
-                continue;
-            if (ncand == cap) {
-                cap = cap ? cap * 2 : 256;
-                ent_t **grown = realloc(cand, cap * sizeof *cand);
-                if (!grown) {
-                    fprintf(stderr, "tallyd: out of memory in the sweeper\n");
-                    abort();
-                }
-                cand = grown;
-            }
-            cand[ncand++] = seen;
+            if (culled(cu, seen, &lg))
+                cand_push(&cand, &cap, &ncand, seen);
         }
+        done = seen == NULL;
+        if (budgeted)
+            store->sweep_arr = atomic_load_explicit(&sh->arr, memory_order_relaxed);
         pthread_mutex_unlock(&sh->mu);
-        for (size_t c = 0; c < ncand; c++) {
-            ent_t *ent = cand[c];
-            ent_lock(ent);
-            if (ent_dead(ent) || !culled(cu, ent, &lg)) {
-                ent_unlock(ent);
-                continue;
-            }
-            pthread_mutex_lock(&sh->mu);
-            bool gone = tbl_remove(sh, hash_id(ent->type, ent_id(ent), ent->idlen), ent);
-            pthread_mutex_unlock(&sh->mu);
-            if (!gone) {
-                fprintf(stderr, "tallyd: entity table invariant broken in sweep\n");
-                abort();
-            }
-            ent_mark_dead(ent);
-            stat_add(&ts->entities, -1);
-            stat_add(cu->doomed ? &ts->dropped_entities : &ts->expired, 1);
-            ent_unlock(ent);
-            ent_retire(store, ent);
-            removed++;
+        removed += remove_cands(store, sh, cu, cand, ncand, &lg);
+        if (!budgeted) {
+            if (++s == TLY_STORE_SHARDS)
+                break;
+            continue;
+        }
+        store->sweep_pos = pos;
+        if (done) { /* next shard, from its start */
+            s = (s + 1) % TLY_STORE_SHARDS;
+            store->sweep_pos = 0;
+            store->sweep_arr = NULL;
+            shards++;
         }
     }
+    if (budgeted)
+        store->sweep_shard = s;
     tly_rcu_read_unlock();
     free(cand);
-    retire_flush(ts);
+    retire_flush(store_thread_stats(store));
     return removed;
 }
 

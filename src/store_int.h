@@ -134,6 +134,11 @@ struct tly_store {
      * and by feature id whether a load restored the feature. */
     lmap_t *lmap;
     uint8_t *restored;
+    /* The budgeted sweeper's place (tly_store_sweep with a budget; one such
+     * sweeper at a time; tly_store_drop does not touch it): the shard, the
+     * slot position in it, and the slot array that position counts in. */
+    size_t sweep_shard, sweep_pos;
+    const tslots_t *sweep_arr;
 };
 
 static inline size_t id_words(size_t idlen)

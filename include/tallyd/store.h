@@ -2,11 +2,12 @@
  * store.h — the concurrent entity table and per-feature aggregate state.
  *
  * Entities (one record per entity type × id) live in a sharded hash table
- * that readers probe without locks (Concurrency Kit's ck_hs, memory freed
- * through RCU). Each record holds the state of every feature of its entity
- * type in one allocation: a small entity keeps the byte-packed log of its
- * events (about 100 bytes for a user with a few events); a larger one keeps
- * per-window buckets that grow with the buckets actually used.
+ * that readers probe without locks (open-addressed, one writer at a time per
+ * shard, memory freed through RCU). Each record holds the state of every
+ * feature of its entity type in one allocation: a small entity keeps the
+ * byte-packed log of its events (about 100 bytes for a user with a few
+ * events); a larger one keeps per-window buckets that grow with the buckets
+ * actually used.
  *
  * Threads: tly_store_apply() may run on many writer threads at once;
  * tly_store_read() and tly_store_recent() on many reader threads at once.
@@ -147,10 +148,15 @@ tly_err_t tly_store_recent(tly_store_t *store, uint32_t entity, const char *id, 
 
 /*
  * Expires records whose newest event is older than their entity's horizon at
- * now_ms (the longest window, or store.idle_ttl when it keeps last/last_k),
- * visiting at most max_visit records from the table's start (0 = all).
- * Returns the number removed; their memory is freed after an RCU grace
- * period. Any registered thread; one sweeper at a time.
+ * now_ms (the longest window, or store.idle_ttl when it keeps last/last_k).
+ * max_visit 0: one pass over every record. max_visit > 0: visits at most
+ * that many, going on from where the previous such call stopped (wrapping
+ * around), and holds a shard's lock for at most 1,024 of them at a time, so
+ * that a large store is swept in steps without holding up its writers; a
+ * record may be missed by one pass when its shard's table is rebuilt
+ * meanwhile (the next pass finds it). Returns the number removed; their
+ * memory is freed after an RCU grace period. Any registered thread; one
+ * sweeper at a time.
  */
 size_t tly_store_sweep(tly_store_t *store, int64_t now_ms, size_t max_visit);
 

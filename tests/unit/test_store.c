@@ -743,6 +743,46 @@ static void test_load_restores_unchanged_features_under_new_definitions(void **s
     tly_config_free(cfg2);
 }
 
+static void test_budgeted_sweeps_expire_in_steps(void **state)
+{
+    fx_t *fx = *state;
+    /* the users of the test below: at T + 1d - 20m, those whose only event
+     * is at T - m for m in 21..49 expire: 29 of every 50, 580 of 1000 */
+    for (int u = 0; u < 1000; u++)
+        assert_int_equal(put(fx, T, T - (u % 50) * MIN, 100 + u, NULL, "click", u), TLY_OK);
+    int64_t now = T + DAY - 20 * MIN;
+    size_t total = 0, calls = 0, first = tly_store_sweep(fx->store, now, 100);
+    assert_true(first <= 100); /* a step, not a pass */
+    total = first;
+    /* 1,000 records at 100 a step: ten steps make a pass; a few more find
+     * nothing new */
+    for (calls = 1; calls < 14; calls++) {
+        size_t gone = tly_store_sweep(fx->store, now, 100);
+        assert_true(gone <= 100);
+        total += gone;
+    }
+    assert_int_equal(total, 580);
+    tly_store_stats_t st;
+    tly_store_stats(fx->store, &st);
+    assert_int_equal(st.entities, 420);
+    assert_int_equal(st.expired, 580);
+    /* the survivors are exactly the users with u % 50 <= 20 */
+    for (int u = 0; u < 1000; u++) {
+        char id[16];
+        int n = snprintf(id, sizeof id, "%d", 100 + u);
+        int64_t last = 0;
+        tly_featwin_t req = {0, 0};
+        tly_value_t out;
+        tly_store_read(fx->store, fx->user, id, (size_t)n, &req, 1, now, &out, &last, NULL, 0);
+        if (u % 50 <= 20)
+            assert_int_equal(last, T - (u % 50) * MIN);
+        else
+            assert_int_equal(last, -1);
+    }
+    /* a full pass afterwards finds nothing left to expire */
+    assert_int_equal(tly_store_sweep(fx->store, now, 0), 0);
+}
+
 static void test_idle_entities_expire_and_memory_returns(void **state)
 {
     fx_t *fx = *state;
@@ -990,8 +1030,8 @@ static void *conc_reader(void *arg)
                          it, 4, &got, sbuf, sizeof sbuf);
         if (got > 3)
             bad++;
-        if (a->id == 0 && i % 1000 == 0)
-            tly_store_sweep(a->fx->store, T, 0);
+        if (a->id == 0 && i % 1000 == 0) /* the budgeted sweeper, while writers insert */
+            tly_store_sweep(a->fx->store, T, 64);
     }
     tly_rcu_thread_offline();
     return (void *)(intptr_t)bad;
@@ -1129,6 +1169,7 @@ int main(void)
             test_skipped_entity_types_are_not_fed_and_drop_removes_doomed, setup, teardown),
         cmocka_unit_test_setup_teardown(test_load_restores_unchanged_features_under_new_definitions,
                                         setup, teardown),
+        cmocka_unit_test_setup_teardown(test_budgeted_sweeps_expire_in_steps, setup, teardown),
         cmocka_unit_test_setup_teardown(test_idle_entities_expire_and_memory_returns, setup,
                                         teardown),
         cmocka_unit_test(test_item_feature_before_windowed_ones_in_word_encoding),
