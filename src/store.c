@@ -830,16 +830,19 @@ static size_t remove_where(tly_store_t *store, cull_t *cu, size_t max_visit)
     bool budgeted = max_visit > 0;
     size_t s = budgeted ? store->sweep_shard : 0;
 
+    /* a budgeted call may start inside a shard and come back to that
+     * shard's start: one shard more than a full pass */
+    size_t npass = TLY_STORE_SHARDS + (budgeted ? 1 : 0);
     tly_rcu_read_lock();
-    for (size_t shards = 0; shards <= TLY_STORE_SHARDS && !(budgeted && visited >= max_visit);) {
+    for (size_t shards = 0; shards < npass && !(budgeted && visited >= max_visit);) {
         shard_t *sh = &store->shards[s];
         size_t pos = 0, limit = SIZE_MAX;
-        bool done = false;
         ent_t *seen = NULL;
         ncand = 0;
         pthread_mutex_lock(&sh->mu);
+        const tslots_t *arr = atomic_load_explicit(&sh->arr, memory_order_relaxed);
         if (budgeted) {
-            if (store->sweep_arr == atomic_load_explicit(&sh->arr, memory_order_relaxed))
+            if (store->sweep_arr == arr)
                 pos = store->sweep_pos;
             limit = max_visit - visited < SWEEP_CHUNK ? max_visit - visited : SWEEP_CHUNK;
         }
@@ -851,21 +854,15 @@ static size_t remove_where(tly_store_t *store, cull_t *cu, size_t max_visit)
             if (culled(cu, seen, &lg))
                 cand_push(&cand, &cap, &ncand, seen);
         }
-        done = seen == NULL;
-        if (budgeted)
-            store->sweep_arr = atomic_load_explicit(&sh->arr, memory_order_relaxed);
         pthread_mutex_unlock(&sh->mu);
         removed += remove_cands(store, sh, cu, cand, ncand, &lg);
-        if (!budgeted) {
-            if (++s == TLY_STORE_SHARDS)
-                break;
-            continue;
+        bool done = seen == NULL; /* always, without a budget */
+        if (budgeted) {
+            store->sweep_pos = done ? 0 : pos;
+            store->sweep_arr = done ? NULL : arr;
         }
-        store->sweep_pos = pos;
-        if (done) { /* next shard, from its start */
+        if (done) {
             s = (s + 1) % TLY_STORE_SHARDS;
-            store->sweep_pos = 0;
-            store->sweep_arr = NULL;
             shards++;
         }
     }
