@@ -86,16 +86,31 @@ typedef struct {
     tly_event_t *ev;
     tly_err_t err; /* first field error, in document order */
     int time_tok;  /* value token of the last time-field member, or -1 */
+    bool escaped;  /* the last string checked holds a backslash escape */
+    bool is_int;   /* the last primitive checked is an integer */
 } walk_t;
 
+/* Slot hash of a key: its length and its first, middle and last bytes. Keys of
+ * one event type rarely agree on all five, and a collision costs one more
+ * probe, never a wrong match. */
 static uint32_t hash_name(const char *s, size_t n)
 {
-    uint32_t h = 2166136261u; /* FNV-1a */
-    for (size_t i = 0; i < n; i++) {
-        h ^= (unsigned char)s[i];
-        h *= 16777619u;
-    }
-    return h;
+    if (n == 0)
+        return 0;
+    uint32_t h = (uint32_t)n * 0x9E3779B1u;
+    h ^= (uint32_t)(unsigned char)s[0] * 0x85EBCA77u;
+    h ^= (uint32_t)(unsigned char)s[n - 1] * 0xC2B2AE3Du;
+    h ^= (uint32_t)(unsigned char)s[n / 2] * 0x27D4EB2Fu;
+    return h ^ h >> 15;
+}
+
+/* memcmp(a, b, n) == 0 for the short keys of events, without a call. */
+static bool same_bytes(const char *a, const char *b, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        if (a[i] != b[i])
+            return false;
+    return true;
 }
 
 /* Returns the field id named s[0..n), or -1. */
@@ -107,7 +122,7 @@ static int lookup_field(const tly_decoder_t *dec, const char *s, size_t n)
         if (id == 0)
             return -1;
         id--;
-        if (dec->name_len[id] == n && memcmp(dec->fs->fields[id], s, n) == 0)
+        if (dec->name_len[id] == n && same_bytes(dec->fs->fields[id], s, n))
             return (int)id;
         i = (i + 1) & (FIELD_SLOTS - 1);
     }
@@ -168,7 +183,9 @@ static bool is_digit(char c)
 
 static size_t skip_ws(const char *js, size_t pos, size_t len)
 {
-    while (pos < len && (js[pos] == ' ' || js[pos] == '\t' || js[pos] == '\n' || js[pos] == '\r'))
+    /* Every JSON whitespace byte is <= ' ': most calls stop at the first test. */
+    while (pos < len && (unsigned char)js[pos] <= ' ' &&
+           (js[pos] == ' ' || js[pos] == '\t' || js[pos] == '\n' || js[pos] == '\r'))
         pos++;
     return pos;
 }
@@ -218,11 +235,19 @@ static bool literal_is(const char *p, size_t n, const char *lit, size_t litlen)
 }
 
 /* True when p[0..n) is a valid JSON primitive (true, false, null, number). */
-static bool json_primitive(const char *p, size_t n)
+static bool json_primitive(const char *p, size_t n, bool *is_int)
 {
-    bool is_int;
-    return literal_is(p, n, "true", 4) || literal_is(p, n, "false", 5) ||
-           literal_is(p, n, "null", 4) || json_number(p, n, &is_int);
+    *is_int = false;
+    switch (p[0]) {
+    case 't':
+        return literal_is(p, n, "true", 4);
+    case 'f':
+        return literal_is(p, n, "false", 5);
+    case 'n':
+        return literal_is(p, n, "null", 4);
+    default:
+        return json_number(p, n, is_int);
+    }
 }
 
 static bool utf8_cont(unsigned char c)
@@ -297,6 +322,30 @@ static size_t put_utf8(char *dst, unsigned cp)
     if (dst != NULL)
         memcpy(dst, b, n);
     return n;
+}
+
+/* Length of the prefix of s[0..n) made of bytes that stand for themselves in
+ * a JSON string: printable ASCII other than the backslash. Tests eight bytes
+ * at a time (each test is exact: any byte >= 0x80, < 0x20 or == '\\' stops
+ * it), then byte by byte. */
+static size_t plain_prefix(const char *s, size_t n)
+{
+    const uint64_t ones = UINT64_C(0x0101010101010101), high = ones * 0x80;
+    size_t i = 0;
+    for (; n - i >= 8; i += 8) {
+        uint64_t x;
+        memcpy(&x, s + i, 8);
+        uint64_t bs = x ^ (ones * '\\');
+        if (((x | ((x - ones * 0x20) & ~x) | ((bs - ones) & ~bs)) & high) != 0)
+            break;
+    }
+    while (i < n) {
+        unsigned char c = (unsigned char)s[i];
+        if (c < 0x20 || c >= 0x80 || c == '\\')
+            break;
+        i++;
+    }
+    return i;
 }
 
 /*
@@ -384,6 +433,12 @@ static bool parse_int64(const char *p, size_t n, int64_t *out)
     bool neg = p[0] == '-';
     uint64_t limit = neg ? (uint64_t)INT64_MAX + 1 : (uint64_t)INT64_MAX;
     uint64_t acc = 0;
+    if (n - neg <= 18) { /* below 10^18: cannot overflow */
+        for (size_t i = neg; i < n; i++)
+            acc = acc * 10 + (unsigned)(p[i] - '0');
+        *out = neg ? -(int64_t)acc : (int64_t)acc;
+        return true;
+    }
     for (size_t i = neg; i < n; i++) {
         unsigned d = (unsigned)(p[i] - '0');
         if (acc > (limit - d) / 10)
@@ -570,7 +625,8 @@ static void field_error(walk_t *w, int fid, tly_err_t e)
         w->err = fid == w->dec->rules.time_field ? TLY_E_EV_BAD_TIME : e;
 }
 
-/* Converts value token vi (already validated) into ev->vals[fid]. */
+/* Converts value token vi, just checked by check_value (w->escaped and
+ * w->is_int describe it), into ev->vals[fid]. */
 static void extract(walk_t *w, int fid, int vi)
 {
     tly_decoder_t *dec = w->dec;
@@ -581,7 +637,7 @@ static void extract(walk_t *w, int fid, int vi)
 
     switch (t->type) {
     case JSMN_STRING:
-        if (memchr(p, '\\', n) != NULL) {
+        if (w->escaped) {
             char *dst = scratch_at(dec, n);
             ptrdiff_t dn = dst != NULL ? json_string(p, n, dst) : -1;
             if (dn < 0) {
@@ -607,9 +663,7 @@ static void extract(walk_t *w, int fid, int vi)
         } else if (p[0] == 'n') {
             v.type = TLY_V_NIL;
         } else {
-            bool is_int = false;
-            (void)json_number(p, n, &is_int);
-            if (is_int && parse_int64(p, n, &v.u.i)) {
+            if (w->is_int && parse_int64(p, n, &v.u.i)) {
                 v.type = TLY_V_INT;
             } else {
                 /* strtod needs a terminator: parse a copy. */
@@ -640,11 +694,11 @@ static void extract(walk_t *w, int fid, int vi)
 }
 
 /* Looks up the field a key token names, decoding escapes if it has any. */
-static int key_field(walk_t *w, const jsmntok_t *t)
+static int key_field(walk_t *w, const jsmntok_t *t, bool escaped)
 {
     const char *p = w->js + t->start;
     size_t n = (size_t)(t->end - t->start);
-    if (memchr(p, '\\', n) == NULL)
+    if (!escaped)
         return lookup_field(w->dec, p, n);
     char *tmp = scratch_at(w->dec, n); /* temporary: not committed */
     ptrdiff_t dn = tmp != NULL ? json_string(p, n, tmp) : -1;
@@ -653,7 +707,8 @@ static int key_field(walk_t *w, const jsmntok_t *t)
 
 static int check_value(walk_t *w, int i, size_t *pos, bool top);
 
-/* Checks string token i, which must open at *pos. Returns i + 1 or -1. */
+/* Checks string token i, which must open at *pos; sets w->escaped. Returns
+ * i + 1 or -1. */
 static int check_string(walk_t *w, int i, size_t *pos)
 {
     const jsmntok_t *t = &w->dec->toks[i];
@@ -662,8 +717,14 @@ static int check_string(walk_t *w, int i, size_t *pos)
         return -1;
     if (w->js[t->start - 1] != '"' || w->js[t->end] != '"')
         return -1;
-    if (json_string(w->js + t->start, (size_t)(t->end - t->start), NULL) < 0)
-        return -1;
+    const char *s = w->js + t->start;
+    size_t n = (size_t)(t->end - t->start), k = plain_prefix(s, n);
+    w->escaped = false;
+    if (k < n) {
+        if (json_string(s + k, n - k, NULL) < 0)
+            return -1;
+        w->escaped = memchr(s + k, '\\', n - k) != NULL;
+    }
     *pos = (size_t)t->end + 1;
     return i + 1;
 }
@@ -696,6 +757,7 @@ static int check_container(walk_t *w, int i, size_t *pos, bool top)
             int key = j;
             if ((j = check_string(w, j, &p)) < 0)
                 return -1;
+            bool key_escaped = w->escaped;
             p = skip_ws(w->js, p, w->len);
             if (p >= w->len || w->js[p] != ':')
                 return -1;
@@ -706,7 +768,7 @@ static int check_container(walk_t *w, int i, size_t *pos, bool top)
             if ((j = check_value(w, j, &p, false)) < 0)
                 return -1;
             if (top && w->err == TLY_OK) {
-                int fid = key_field(w, &w->dec->toks[key]);
+                int fid = key_field(w, &w->dec->toks[key], key_escaped);
                 if (fid >= 0)
                     extract(w, fid, vi);
             }
@@ -732,7 +794,7 @@ static int check_value(walk_t *w, int i, size_t *pos, bool top)
     case JSMN_PRIMITIVE:
         if (t->start < 0 || (size_t)t->start != *pos || t->end <= t->start ||
             (size_t)t->end > w->len ||
-            !json_primitive(w->js + t->start, (size_t)(t->end - t->start)))
+            !json_primitive(w->js + t->start, (size_t)(t->end - t->start), &w->is_int))
             return -1;
         *pos = (size_t)t->end;
         return i + 1;
@@ -779,8 +841,15 @@ static tly_err_t event_time(const walk_t *w, int64_t kafka_ts_ms)
     case TLY_TIME_S: {
         if (v->type != TLY_V_INT && v->type != TLY_V_DOUBLE)
             return TLY_E_EV_BAD_TIME;
-        const jsmntok_t *tok = &w->dec->toks[w->time_tok];
         bool s = rules->time_unit == TLY_TIME_S;
+        if (v->type == TLY_V_INT) { /* the exact value of an integer token */
+            int64_t max = s ? TIME_MAX_MS / 1000 : TIME_MAX_MS;
+            if (v->u.i < 0 || v->u.i >= max)
+                return TLY_E_EV_BAD_TIME;
+            t = s ? v->u.i * 1000 : v->u.i;
+            break;
+        }
+        const jsmntok_t *tok = &w->dec->toks[w->time_tok];
         if (!number_to_ms(w->js + tok->start, (size_t)(tok->end - tok->start), s ? 3 : 0, !s, &t))
             return TLY_E_EV_BAD_TIME;
         break;
