@@ -296,6 +296,53 @@ static void decode_decodes_unicode_escapes_to_utf8(void **state)
     assert_str_n(val(f, "action"), "a\0b\x7f\xc2\x80\xef\xbf\xbf", 9);
 }
 
+/* Strings are checked eight bytes at a time, then byte by byte: every bad
+ * byte must be caught at every position of strings of every length around
+ * those steps, in values and in keys, and good bytes must come through. */
+static void decode_checks_every_byte_position_of_strings(void **state)
+{
+    fixture_t *f = *state;
+    static const struct {
+        const char *ins;
+        tly_err_t want;
+        const char *decoded; /* for TLY_OK: what the inserted text decodes to */
+    } cases[] = {
+        {"\x01", TLY_E_EV_BAD_JSON, NULL},
+        {"\x1f", TLY_E_EV_BAD_JSON, NULL},
+        {"\x80", TLY_E_EV_BAD_JSON, NULL},
+        {"\xff", TLY_E_EV_BAD_JSON, NULL},
+        {"\\x", TLY_E_EV_BAD_JSON, NULL},
+        {"\\n", TLY_OK, "\n"},
+        {"\xc3\xa9", TLY_OK, "\xc3\xa9"},
+        {"\x7f", TLY_OK, "\x7f"},
+        {" ", TLY_OK, " "},
+    };
+    for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
+        for (size_t len = 1; len <= 20; len++) {
+            for (size_t pos = 0; pos < len; pos++) {
+                char body[64], want[64], payload[160];
+                size_t ins = strlen(cases[c].ins);
+                memset(body, 'a', pos);
+                memcpy(body + pos, cases[c].ins, ins);
+                memset(body + pos + ins, 'a', len - pos - 1);
+                body[len - 1 + ins] = '\0';
+                snprintf(payload, sizeof payload, "{\"action\":\"%s\",\"ts\":1}", body);
+                assert_int_equal(decode(f, payload), cases[c].want);
+                if (cases[c].want == TLY_OK) {
+                    size_t dn = strlen(cases[c].decoded);
+                    memset(want, 'a', pos);
+                    memcpy(want + pos, cases[c].decoded, dn);
+                    memset(want + pos + dn, 'a', len - pos - 1);
+                    assert_str_n(val(f, "action"), want, len - 1 + dn);
+                }
+                /* The same text as an unreferenced key. */
+                snprintf(payload, sizeof payload, "{\"%s\":1,\"ts\":1}", body);
+                assert_int_equal(decode(f, payload), cases[c].want);
+            }
+        }
+    }
+}
+
 static void decode_passes_raw_utf8_through(void **state)
 {
     fixture_t *f = *state;
@@ -846,6 +893,7 @@ int main(void)
         FIXTURE_TEST(decode_rejects_number_beyond_double_range_as_wrong_type, setup_ms),
         FIXTURE_TEST(decode_decodes_simple_escapes, setup_ms),
         FIXTURE_TEST(decode_decodes_unicode_escapes_to_utf8, setup_ms),
+        FIXTURE_TEST(decode_checks_every_byte_position_of_strings, setup_ms),
         FIXTURE_TEST(decode_passes_raw_utf8_through, setup_ms),
         FIXTURE_TEST(decode_matches_keys_written_with_escapes, setup_ms),
         FIXTURE_TEST(decode_keeps_escaped_values_valid_until_the_next_call, setup_ms),
