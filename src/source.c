@@ -8,14 +8,15 @@
  * kafka.threads appliers (the poll thread and kafka.threads − 1 workers):
  * the messages of one key (of one partition, for messages without a key)
  * go to one applier, which applies them in offset order — the order Kafka
- * itself guarantees — and the poll thread waits for all of them (flush). Only then does the bookkeeping run, in message order: counters,
- * rejection logs, rd_kafka_offset_store. Between batches the store is as
- * if every message had been applied one by one on the poll thread, so the
- * rebalance callback (which flushes first), publish and the checkpoint
- * hook see a consistent cut. Offsets are stored only once their event was
- * applied or rejected (enable.auto.offset.store=false) and librdkafka
- * commits the stored offsets in the background (enable.auto.commit=true),
- * on revocation and in tly_source_stop.
+ * itself guarantees — and the poll thread waits for all of them (flush).
+ * Only then does the bookkeeping run, in message order: counters, rejection
+ * logs, rd_kafka_offset_store (once per partition). Between batches the
+ * store is as if every message had been applied one by one on the poll
+ * thread, so the rebalance callback (which flushes first), publish and the
+ * checkpoint hook see a consistent cut. Offsets are stored only once their
+ * event was applied or rejected (enable.auto.offset.store=false) and
+ * librdkafka commits the stored offsets in the background
+ * (enable.auto.commit=true), on revocation and in tly_source_stop.
  *
  * Where a partition starts. The store is in-process state: a fresh process
  * holds nothing, so the offsets a previous process committed describe state
@@ -97,6 +98,7 @@ typedef struct {
     int64_t low;           /* cached log start offset, -1 unknown */
     int64_t last_event_ms; /* newest event time applied, -1 none */
     int64_t catchup_until; /* > 0: below this offset, events are marked replayed */
+    size_t batch_last;     /* settle(): index of this partition's last message in the batch */
 } part_t;
 
 /* One collected message, and what applying it gave. */
@@ -960,11 +962,16 @@ static void spread(tly_source_t *src)
 }
 
 /* After the batch was applied, in message order: counters, rejection
- * logs, offset store, and the messages are freed. */
+ * logs, offset store, and the messages are freed. The offset is stored once
+ * per partition, from its last message in the batch: storing every offset
+ * in turn leaves the same stored offset and takes librdkafka's partition
+ * lock once per message. */
 static void settle(tly_source_t *src)
 {
     uint64_t applied = 0, rejected = 0, held;
     int64_t newest = atomic_load_explicit(&src->watermark_ms, memory_order_relaxed);
+    for (size_t i = 0; i < src->nbatch; i++)
+        src->parts[src->batch[i].part].batch_last = i;
     for (size_t i = 0; i < src->nbatch; i++) {
         item_t *it = &src->batch[i];
         rd_kafka_message_t *m = it->m;
@@ -988,7 +995,7 @@ static void settle(tly_source_t *src)
          * revoked meanwhile, whose new owner starts from the last commit.
          * With snapshots, only offsets a durable snapshot covers are
          * committed (tly_source_commit). */
-        if (src->checkpoint == NULL)
+        if (src->checkpoint == NULL && p->batch_last == i)
             (void)rd_kafka_offset_store(m->rkt, m->partition, m->offset);
         rd_kafka_message_destroy(m);
     }
