@@ -394,8 +394,11 @@ typedef struct {
 
 /* Decodes two events ahead of the one it applies, as tallyd's source does:
  * the event two ahead gets its table slots prefetched, the next one its
- * records (tly_store_prefetch), so their cache misses overlap this apply. */
+ * records (tly_store_prefetch), so their cache misses overlap this apply.
+ * Like the source's appliers, which hold one RCU read-side section per batch
+ * list (at most 4096 messages), it holds one per BATCH events. */
 #define AHEAD 2
+#define BATCH 4096
 
 static void writer_loop(writer_t *w)
 {
@@ -410,6 +413,11 @@ static void writer_loop(writer_t *w)
     size_t bad_dec = 0, bad_apply = 0;
     int64_t t0 = mono_ns();
     for (size_t k = 0; k < w->n + AHEAD; k++) {
+        if (k % BATCH == 0) {
+            if (k > 0)
+                tly_rcu_read_unlock();
+            tly_rcu_read_lock();
+        }
         if (k < w->n) { /* decode event k, hint its slots */
             int r = (int)(k % (AHEAD + 1));
             size_t i = w->idx ? w->idx[k] : k;
@@ -435,6 +443,7 @@ static void writer_loop(writer_t *w)
             bad_apply += tly_store_apply(w->store, &ev[r], part, (int64_t)i, w->now_ms) != TLY_OK;
         }
     }
+    tly_rcu_read_unlock();
     w->ns = mono_ns() - t0;
     w->decode_errors = bad_dec;
     w->apply_errors = bad_apply;

@@ -34,6 +34,7 @@
 #include <strings.h>
 #include <unistd.h>
 
+#include "tallyd/rcu.h"
 #include "tallyd/snapshot.h"
 #include "tallyd/version.h"
 
@@ -437,6 +438,9 @@ static void cmd_mfeatures(cmd_ctx_t *c)
      * records), so the cache misses of finding them overlap this read */
     const tly_arg_t *ids = &c->argv[3];
     tly_prefetch_t pf[3];
+    /* One read-side section around every id's read: each read's own lock
+     * and unlock then nest, which skips their memory barriers. */
+    tly_rcu_read_lock();
     for (size_t k = 0; k < 2 && k < (size_t)numids; k++)
         tly_store_prefetch_id(c->d->store, (uint32_t)entity, ids[k].ptr, ids[k].len, &pf[k]);
     for (size_t k = 0; k < (size_t)numids; k++) {
@@ -452,6 +456,7 @@ static void cmd_mfeatures(cmd_ctx_t *c)
         for (size_t i = 0; i < n; i++)
             tly_resp_value(c->out, c->s->proto, &c->scratch->vals[i]);
     }
+    tly_rcu_read_unlock();
 }
 
 /* An item's value equals the WHERE text (an integer compared by its decimal

@@ -882,6 +882,11 @@ static void apply_list(tly_source_t *src, applier_t *a)
     for (size_t r = 0; r <= AHEAD; r++)
         err[r] = TLY_E_EV_BAD_JSON; /* each is set before it is read */
     size_t n = a->nidx;
+    /* One read-side section for the whole list (at most BATCH_MAX items, a
+     * few ms): the store's own lock and unlock for each hint and apply then
+     * nest, which skips their memory barriers. Nothing here waits for a
+     * grace period. */
+    tly_rcu_read_lock();
     for (size_t k = 0; k < n + AHEAD; k++) {
         if (k < n) {
             size_t r = k % (AHEAD + 1);
@@ -902,6 +907,7 @@ static void apply_list(tly_source_t *src, applier_t *a)
             it->err = err[r];
         }
     }
+    tly_rcu_read_unlock();
 }
 
 static void *worker_main(void *arg)
