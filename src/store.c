@@ -13,9 +13,10 @@
  * holding a pointer never sees it freed.
  *
  * Record: one allocation — a 16-byte header, the id (padded to 8 bytes),
- * then the state in 64-bit words. A record that needs more room is copied
- * into a larger one, which replaces it in its table slot; the
- * old one is marked DEAD and retired. State has two encodings:
+ * then the state in 64-bit words. A new record is allocated with room for
+ * the event that creates it. A record that needs more room is copied into a
+ * larger one, which replaces it in its table slot; the old one is marked
+ * DEAD and retired. State has two encodings:
  *
  *  compact — while an entity is small (most are: a user with three events),
  *    its state is the log of the events themselves, byte-packed:
@@ -245,9 +246,15 @@ void store_regrow(tly_store_t *store, ent_t **entp, uint8_t mode, uint32_t words
 }
 
 /* Finds or inserts the record (type, id) and returns it locked and live.
- * Caller holds rcu_read_lock. */
-static ent_t *ent_get_locked(tly_store_t *store, uint32_t type, const char *id, size_t len)
+ * With ev (may be NULL), a new compact record is sized for ev (feature
+ * mask), the event about to be applied to it, and *nfirst is the length of
+ * ev's log record encoded into first[COMPACT_MAX_BYTES], for the caller to
+ * append (store_compact_append); else *nfirst is 0 and the caller applies
+ * ev as usual. Caller holds rcu_read_lock. */
+static ent_t *ent_get_locked(tly_store_t *store, uint32_t type, const char *id, size_t len,
+                             const tly_event_t *ev, uint64_t mask, uint8_t *first, size_t *nfirst)
 {
+    *nfirst = 0;
     unsigned long h = hash_id(type, id, len);
     shard_t *sh = shard_of(store, h);
     for (;;) {
@@ -257,7 +264,10 @@ static ent_t *ent_get_locked(tly_store_t *store, uint32_t type, const char *id, 
             ent_lock(ent);
         } else {
             uint8_t fl = store->etypes[type].compact ? 0 : F_WORDS;
-            ent = ent_alloc(store, type, id, len, fl, fl ? 1 : 0); /* born locked */
+            uint32_t words = fl ? 1 : 0;
+            if (!fl && ev)
+                *nfirst = store_compact_first(store, &store->etypes[type], ev, mask, first, &words);
+            ent = ent_alloc(store, type, id, len, fl, words); /* born locked */
             if (fl) {
                 st(ent, 0, (uint64_t)INT64_MIN);
                 atomic_store_explicit(&ent->used, 1, memory_order_relaxed);
@@ -269,6 +279,7 @@ static ent_t *ent_get_locked(tly_store_t *store, uint32_t type, const char *id, 
             if (!added) {
                 stat_add(&store_thread_stats(store)->bytes, -(int64_t)malloc_usable_size(ent));
                 free(ent); /* never published: another writer inserted it first */
+                *nfirst = 0;
                 continue;
             }
             stat_add(&store_thread_stats(store)->entities, 1);
@@ -390,6 +401,7 @@ typedef struct {
 static _Thread_local struct {
     plan_t plans[TLY_MAX_ENTITIES];
     uint32_t feats[TLY_MAX_FEATURES];
+    uint8_t first[COMPACT_MAX_BYTES]; /* a new record's first log record */
 } apply_scratch;
 
 /* The earliest event time that can still change an answer of feat at now:
@@ -526,9 +538,13 @@ tly_err_t tly_store_apply(tly_store_t *store, const tly_event_t *ev, int32_t par
     tly_rcu_read_lock();
     for (size_t pi = 0; pi < nplans; pi++) {
         plan_t *pl = &plans[pi];
-        ent_t *ent = ent_get_locked(store, pl->entity, pl->id, pl->idlen);
+        size_t nfirst;
+        ent_t *ent = ent_get_locked(store, pl->entity, pl->id, pl->idlen, ev, pl->mask,
+                                    apply_scratch.first, &nfirst);
         const tly_entity_t *etype = &fs->entities[pl->entity];
-        if (is_words(ent))
+        if (nfirst)
+            store_compact_append(ent, apply_scratch.first, nfirst); /* born for it */
+        else if (is_words(ent))
             store_words_apply(store, &ent, etype, pl->mask, matched + pl->first, pl->nfeats, ev,
                               now_ms);
         else
@@ -1286,7 +1302,8 @@ static tly_err_t load_log_remap(tly_store_t *store, const lmap_t *m, const char 
     /* The earliest event time as `now`: nothing is pruned that a later
      * `now` keeps. */
     tly_rcu_read_lock();
-    ent_t *e = ent_get_locked(store, (uint32_t)m->type, id, idlen);
+    size_t nfirst;
+    ent_t *e = ent_get_locked(store, (uint32_t)m->type, id, idlen, NULL, 0, NULL, &nfirst);
     for (size_t r = 0; r < lg.nrecs; r++) {
         const rec_t *rec = &lg.recs[r];
         uint64_t mask = 0;

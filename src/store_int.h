@@ -303,6 +303,17 @@ bool store_log_decode(const tly_store_t *store, const etype_t *et, log_t *lg);
 void store_compact_apply(tly_store_t *store, ent_t **entp, const tly_entity_t *etype, uint64_t mask,
                          const uint32_t *feats, uint32_t nfeats, const tly_event_t *ev,
                          int64_t now_ms);
+/* Encodes ev (feature mask) as the first log record of a new compact record
+ * of type et into rec (COMPACT_MAX_BYTES) and returns its length, with
+ * *words the state words that record should get: the log and the slack a
+ * regrow would leave, so that a new entity is allocated once, not allocated
+ * and at once replaced. Returns 0 (and *words 0) when the event does not fit
+ * a log. Writers (may intern ev's strings). */
+size_t store_compact_first(tly_store_t *store, const etype_t *et, const tly_event_t *ev,
+                           uint64_t mask, uint8_t *rec, uint32_t *words);
+/* Appends an encoded record (store_compact_first's) to a locked compact
+ * record that has room for it. */
+void store_compact_append(ent_t *e, const uint8_t *rec, size_t n);
 size_t store_log_recent(const log_t *lg, uint32_t slot, uint32_t k, int64_t since_ms,
                         int64_t asof_ms, size_t cap, uint32_t *idx);
 bool store_item_from_rec(const tly_store_t *store, const tly_feat_t *feat, const rec_t *r,

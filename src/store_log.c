@@ -268,6 +268,15 @@ static void compact_to_words(tly_store_t *store, ent_t **entp, int64_t now_ms)
     }
 }
 
+/* Words of state for a log of `need` bytes when the record (re)grows: one
+ * spare word, a quarter more for longer logs: a user with a few events
+ * stays tight, a busy one regrows every few events. */
+static uint32_t grow_words(size_t need)
+{
+    uint32_t words = (uint32_t)((need + 7) / 8);
+    return words + COMPACT_SLACK_WORDS + words / 4;
+}
+
 /* Appends bytes[0..n) at byte offset `at` of the record's log: whole words
  * stored atomically, the partly filled last word merged with its bytes. */
 static void log_append(ent_t *e, uint32_t at, const uint8_t *bytes, size_t n)
@@ -320,13 +329,23 @@ void store_compact_apply(tly_store_t *store, ent_t **entp, const tly_entity_t *e
     }
     size_t need = used + n;
     if ((need + 7) / 8 > e->cap) {
-        /* one spare word, a quarter more for longer logs: a user with a few
-         * events stays tight, a busy one regrows every few events */
-        uint32_t words = (uint32_t)((need + 7) / 8);
-        store_regrow(store, entp, 0, words + COMPACT_SLACK_WORDS + words / 4, (used + 7) / 8);
+        store_regrow(store, entp, 0, grow_words(need), (used + 7) / 8);
         e = *entp;
     }
     log_append(e, used, rec, n);
+}
+
+size_t store_compact_first(tly_store_t *store, const etype_t *et, const tly_event_t *ev,
+                           uint64_t mask, uint8_t *rec, uint32_t *words)
+{
+    size_t n = rec_encode(store, et, ev, 0, mask, rec, COMPACT_MAX_BYTES);
+    *words = n ? grow_words(n) : 0;
+    return n;
+}
+
+void store_compact_append(ent_t *e, const uint8_t *rec, size_t n)
+{
+    log_append(e, atomic_load_explicit(&e->used, memory_order_relaxed), rec, n);
 }
 
 /* Copies s[0..len) into strbuf; false when it does not fit. */
