@@ -194,6 +194,28 @@ static inline uint64_t mix64(uint64_t x)
     return x;
 }
 
+/* s[0..n) (n < 8) as the low bytes of a word, as memcpy into a zeroed word
+ * gives on the host; without memcpy's call (n varies), which costs more
+ * than the hash itself for the short ids and strings hashed per event. */
+static inline uint64_t tail_bytes(const char *s, size_t n)
+{
+    uint64_t k = 0;
+#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    const unsigned char *u = (const unsigned char *)s;
+    if (n >= 4) { /* two overlapping 4-byte loads */
+        uint32_t lo, hi;
+        memcpy(&lo, u, 4);
+        memcpy(&hi, u + n - 4, 4);
+        k = lo | (uint64_t)hi << (8 * (n - 4));
+    } else if (n > 0) { /* bytes 0, n/2 and n-1 cover 1..3 */
+        k = u[0] | (uint64_t)u[n / 2] << (8 * (n / 2)) | (uint64_t)u[n - 1] << (8 * (n - 1));
+    }
+#else
+    memcpy(&k, s, n);
+#endif
+    return k;
+}
+
 static inline uint64_t hash_bytes(uint64_t seed, const char *s, size_t n)
 {
     uint64_t h = seed ^ n;
@@ -204,9 +226,7 @@ static inline uint64_t hash_bytes(uint64_t seed, const char *s, size_t n)
         s += 8;
         n -= 8;
     }
-    uint64_t k = 0;
-    memcpy(&k, s, n);
-    return mix64(h ^ k);
+    return mix64(h ^ tail_bytes(s, n));
 }
 
 _Static_assert(sizeof(unsigned long) == 8, "shards, slots and tags take bits of a 64-bit hash");
