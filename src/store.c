@@ -477,6 +477,8 @@ tly_err_t tly_store_apply(tly_store_t *store, const tly_event_t *ev, int32_t par
     plan_t *plans = apply_scratch.plans;
     uint32_t *matched = apply_scratch.feats;
     size_t nplans = 0, nmatched = 0;
+    /* each distinct `where` condition tested once, not once per feature */
+    uint64_t held = fs->match_masks ? tly_featset_match(fs, ev) : 0;
     for (uint32_t e = 0; e < fs->nentities; e++) {
         const tly_entity_t *et = &fs->entities[e];
         plan_t *pl = NULL;
@@ -486,7 +488,7 @@ tly_err_t tly_store_apply(tly_store_t *store, const tly_event_t *ev, int32_t par
             const tly_feat_t *feat = &fs->feats[et->feats[i]];
             if (ev->replayed && store->restored[feat->id])
                 continue; /* already in the state a snapshot restored */
-            if (!tly_feat_match(feat, ev))
+            if (fs->match_masks ? (feat->conds & ~held) != 0 : !tly_feat_match(feat, ev))
                 continue;
             if (tly_agg_numeric(feat->agg)) {
                 const tly_value_t *v = &ev->vals[feat->values[0]];
