@@ -248,7 +248,7 @@ void store_regrow(tly_store_t *store, ent_t **entp, uint8_t mode, uint32_t words
 /* Finds or inserts the record (type, id) and returns it locked and live.
  * With ev (may be NULL), a new compact record is sized for ev (feature
  * mask), the event about to be applied to it, and *nfirst is the length of
- * ev's log record encoded into first[COMPACT_MAX_BYTES], for the caller to
+ * ev's log record encoded into first[REC_BUF], for the caller to
  * append (store_compact_append); else *nfirst is 0 and the caller applies
  * ev as usual. Caller holds rcu_read_lock. */
 static ent_t *ent_get_locked(tly_store_t *store, uint32_t type, const char *id, size_t len,
@@ -401,7 +401,7 @@ typedef struct {
 static _Thread_local struct {
     plan_t plans[TLY_MAX_ENTITIES];
     uint32_t feats[TLY_MAX_FEATURES];
-    uint8_t first[COMPACT_MAX_BYTES]; /* a new record's first log record */
+    uint8_t first[REC_BUF]; /* a new record's first log record */
 } apply_scratch;
 
 /* The earliest event time that can still change an answer of feat at now:

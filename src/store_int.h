@@ -39,6 +39,7 @@
 #define COMPACT_MAX_EVENTS  (COMPACT_MAX_BYTES / 2) /* records are >= 2 bytes */
 #define COMPACT_SLACK_WORDS 1     /* spare state words when a compact record grows */
 #define COMPACT_MAX_SLOTS   63    /* feature slots a mask can name */
+#define REC_BUF             (COMPACT_MAX_BYTES + 32) /* bytes to encode one log record in */
 #define INTERN_SLOTS        65536 /* power of two; ids fit 16 bits */
 #define INTERN_MAX          (INTERN_SLOTS / 2)
 #define INTERN_MAXLEN       32
@@ -324,7 +325,7 @@ void store_compact_apply(tly_store_t *store, ent_t **entp, const tly_entity_t *e
                          const uint32_t *feats, uint32_t nfeats, const tly_event_t *ev,
                          int64_t now_ms);
 /* Encodes ev (feature mask) as the first log record of a new compact record
- * of type et into rec (COMPACT_MAX_BYTES) and returns its length, with
+ * of type et into rec (REC_BUF bytes) and returns its length, with
  * *words the state words that record should get: the log and the slack a
  * regrow would leave, so that a new entity is allocated once, not allocated
  * and at once replaced. Returns 0 (and *words 0) when the event does not fit

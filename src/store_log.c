@@ -180,22 +180,24 @@ bool store_log_decode(const tly_store_t *store, const etype_t *et, log_t *lg)
     return true;
 }
 
-/* Encodes one event for entity type et with feature mask into out (at most
- * cap bytes). Returns the length, or 0 when it does not fit. */
+/* Encodes one event for entity type et with feature mask into buf
+ * (REC_BUF bytes, written past cap as scratch). Returns the length, or 0
+ * when it takes more than cap bytes. */
 static size_t rec_encode(tly_store_t *store, const etype_t *et, const tly_event_t *ev,
-                         int64_t base_t, uint64_t mask, uint8_t *out, size_t cap)
+                         int64_t base_t, uint64_t mask, uint8_t *buf, size_t cap)
 {
-    uint8_t buf[COMPACT_MAX_BYTES + 32];
+    _Static_assert(REC_BUF >= COMPACT_MAX_BYTES + 32, "room for one value past the cap");
     size_t n = 0;
     n += put_varint(buf + n, zigzag(ev->time_ms - base_t));
     n += put_varint(buf + n, mask);
     size_t tagat = n, tagbytes = (et->nvf + 3) / 4;
-    memset(buf + n, 0, tagbytes);
+    for (size_t b = 0; b < tagbytes; b++)
+        buf[n + b] = 0;
     n += tagbytes;
     for (uint32_t j = 0; j < et->nvf; j++) {
         const tly_value_t *v = &ev->vals[et->vf[j]];
         unsigned tag = TAG_NIL;
-        if (n + 16 > sizeof buf)
+        if (n + 16 > REC_BUF)
             return 0;
         switch (v->type) {
         case TLY_V_INT:
@@ -214,7 +216,7 @@ static size_t rec_encode(tly_store_t *store, const etype_t *et, const tly_event_
             if (id >= 0) {
                 n += put_varint(buf + n, (uint64_t)id << 1 | 1);
             } else {
-                if (n + 10 + v->len > sizeof buf)
+                if (n + 10 + v->len > REC_BUF)
                     return 0;
                 n += put_varint(buf + n, (uint64_t)v->len << 1);
                 memcpy(buf + n, v->u.s, v->len);
@@ -227,10 +229,7 @@ static size_t rec_encode(tly_store_t *store, const etype_t *et, const tly_event_
         }
         buf[tagat + j / 4] |= (uint8_t)(tag << (2 * (j % 4)));
     }
-    if (n > cap)
-        return 0;
-    memcpy(out, buf, n);
-    return n;
+    return n > cap ? 0 : n;
 }
 
 static void ev_from_rec(const tly_featset_t *fs, const etype_t *et, const rec_t *r, tly_event_t *ev)
@@ -282,6 +281,21 @@ static uint32_t grow_words(size_t need)
 static void log_append(ent_t *e, uint32_t at, const uint8_t *bytes, size_t n)
 {
     uint32_t w = at / 8;
+#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    /* the words as they will be, staged in bytes (the log's byte order is
+     * the host's): the kept head of the partly filled word, the new bytes,
+     * zeros after them */
+    uint8_t stage[COMPACT_MAX_BYTES + 16];
+    uint32_t off = at % 8;
+    uint64_t v = off ? ld(e, w) : 0;
+    memcpy(stage, &v, 8);
+    memcpy(stage + off, bytes, n);
+    memset(stage + off + n, 0, 8);
+    for (uint32_t i = 0; i * 8 < off + n; i++) {
+        memcpy(&v, stage + 8 * i, 8);
+        st(e, w + i, v);
+    }
+#else
     uint64_t v = at % 8 ? ld(e, w) : 0;
     for (size_t i = 0; i < n; i++) {
         uint32_t pos = at + (uint32_t)i;
@@ -291,6 +305,7 @@ static void log_append(ent_t *e, uint32_t at, const uint8_t *bytes, size_t n)
             v = 0;
         }
     }
+#endif
     atomic_store_explicit(&e->used, at + (uint32_t)n, memory_order_relaxed);
 }
 
@@ -311,8 +326,12 @@ void store_compact_apply(tly_store_t *store, ent_t **entp, const tly_entity_t *e
         uint64_t v = 0;
         for (uint32_t w = 0; w < 2 && w * 8 < used; w++) { /* a word load, not one per byte */
             uint64_t word = ld(e, w);
+#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+            memcpy(head + w * 8, &word, 8);
+#else
             for (uint32_t b = 0; b < 8; b++)
                 head[w * 8 + b] = (uint8_t)(word >> (8 * b));
+#endif
         }
         if (!get_varint(head, used < 16 ? used : 16, &at, &v)) {
             fprintf(stderr, "tallyd: corrupt compact entity state\n");
@@ -320,7 +339,7 @@ void store_compact_apply(tly_store_t *store, ent_t **entp, const tly_entity_t *e
         }
         base = unzigzag(v);
     }
-    uint8_t rec[COMPACT_MAX_BYTES];
+    uint8_t rec[REC_BUF];
     size_t n = rec_encode(store, et, ev, base, mask, rec, COMPACT_MAX_BYTES - used);
     if (n == 0) {
         compact_to_words(store, entp, now_ms);
