@@ -507,7 +507,10 @@ tly_err_t tly_store_apply(tly_store_t *store, const tly_event_t *ev, int32_t par
                     }
                 }
             }
-            if (ev->time_ms < feat_earliest(feat, now_ms)) {
+            /* a window starts at or before now − its length: an event
+             * within the horizon (the longest) is never late */
+            if (ev->time_ms < now_ms - feat->horizon_ms &&
+                ev->time_ms < feat_earliest(feat, now_ms)) {
                 stat_drop(store, TLY_E_EV_LATE);
                 if (first_drop == TLY_OK)
                     first_drop = TLY_E_EV_LATE;
