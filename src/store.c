@@ -318,6 +318,24 @@ tly_store_t *tly_store_new(const tly_featset_t *fs)
     store->restored = store_xmalloc(fs->nfeats ? fs->nfeats : 1);
     memset(store->restored, 0, fs->nfeats ? fs->nfeats : 1);
     store->lmap = NULL;
+    store->pfeats = store_xmalloc(sizeof *store->pfeats * (fs->nfeats ? fs->nfeats : 1));
+    store->pfirst = store_xmalloc(sizeof *store->pfirst * (fs->nentities ? fs->nentities : 1));
+    for (size_t e = 0, n = 0; e < fs->nentities; e++) {
+        store->pfirst[e] = (uint32_t)n;
+        for (size_t i = 0; i < fs->entities[e].nfeats; i++) {
+            const tly_feat_t *feat = &fs->feats[fs->entities[e].feats[i]];
+            store->pfeats[n++] = (pfeat_t){
+                .conds = feat->conds,
+                .horizon_ms = feat->horizon_ms,
+                .bit = feat->slot < 64 ? UINT64_C(1) << feat->slot : 0,
+                .id = feat->id,
+                .value = feat->nvalues ? feat->values[0] : 0,
+                .kind = tly_agg_numeric(feat->agg)    ? PF_NUMERIC
+                        : tly_agg_windowed(feat->agg) ? PF_PLAIN
+                                                      : PF_ITEMS,
+            };
+        }
+    }
     for (size_t e = 0; e < fs->nentities; e++) {
         etype_t *et = &store->etypes[e];
         const tly_entity_t *ent = &fs->entities[e];
@@ -379,6 +397,8 @@ void tly_store_free(tly_store_t *store)
     if (tls.gen == store->gen)
         tls.gen = 0;
     free(store->etypes);
+    free(store->pfeats);
+    free(store->pfirst);
     free(store->vidx);
     free(store->restored);
     for (size_t t = 0; store->lmap != NULL && t < TLY_MAX_ENTITIES; t++)
@@ -484,21 +504,23 @@ tly_err_t tly_store_apply(tly_store_t *store, const tly_event_t *ev, int32_t par
         plan_t *pl = NULL;
         if (ev->skip_entities >> e & 1)
             continue;
-        for (size_t i = 0; i < et->nfeats; i++) {
-            const tly_feat_t *feat = &fs->feats[et->feats[i]];
-            if (ev->replayed && store->restored[feat->id])
+        const pfeat_t *pf = &store->pfeats[store->pfirst[e]];
+        for (size_t i = 0; i < et->nfeats; i++, pf++) {
+            if (ev->replayed && store->restored[pf->id])
                 continue; /* already in the state a snapshot restored */
-            if (fs->match_masks ? (feat->conds & ~held) != 0 : !tly_feat_match(feat, ev))
+            if (fs->match_masks ? (pf->conds & ~held) != 0
+                                : !tly_feat_match(&fs->feats[pf->id], ev))
                 continue;
-            if (tly_agg_numeric(feat->agg)) {
-                const tly_value_t *v = &ev->vals[feat->values[0]];
+            if (pf->kind == PF_NUMERIC) {
+                const tly_value_t *v = &ev->vals[pf->value];
                 if (v->type == TLY_V_NIL)
                     continue; /* numeric aggregations count events carrying the value */
                 if (v->type != TLY_V_INT && v->type != TLY_V_DOUBLE) {
                     stat_drop(store, TLY_E_EV_WRONG_TYPE);
                     return TLY_E_EV_WRONG_TYPE;
                 }
-            } else if (!tly_agg_windowed(feat->agg)) {
+            } else if (pf->kind == PF_ITEMS) {
+                const tly_feat_t *feat = &fs->feats[pf->id];
                 for (size_t j = 0; j < feat->nvalues; j++) {
                     const tly_value_t *v = &ev->vals[feat->values[j]];
                     if (v->type == TLY_V_STR && v->len > fs->max_string) {
@@ -509,8 +531,8 @@ tly_err_t tly_store_apply(tly_store_t *store, const tly_event_t *ev, int32_t par
             }
             /* a window starts at or before now − its length: an event
              * within the horizon (the longest) is never late */
-            if (ev->time_ms < now_ms - feat->horizon_ms &&
-                ev->time_ms < feat_earliest(feat, now_ms)) {
+            if (ev->time_ms < now_ms - pf->horizon_ms &&
+                ev->time_ms < feat_earliest(&fs->feats[pf->id], now_ms)) {
                 stat_drop(store, TLY_E_EV_LATE);
                 if (first_drop == TLY_OK)
                     first_drop = TLY_E_EV_LATE;
@@ -531,10 +553,9 @@ tly_err_t tly_store_apply(tly_store_t *store, const tly_event_t *ev, int32_t par
                 }
                 nplans++;
             }
-            matched[nmatched++] = et->feats[i];
+            matched[nmatched++] = pf->id;
             pl->nfeats++;
-            if (feat->slot < 64)
-                pl->mask |= UINT64_C(1) << feat->slot;
+            pl->mask |= pf->bit;
         }
     }
 

@@ -82,6 +82,18 @@ typedef struct {
     bool compact;                     /* may use the compact encoding */
 } etype_t;
 
+/* What tly_store_apply reads of a feature for every event, packed small
+ * and in the order it reads them (entity type, then slot). */
+enum { PF_PLAIN, PF_NUMERIC, PF_ITEMS }; /* count; sum/min/max/avg; last/last_k */
+typedef struct {
+    uint64_t conds;     /* the feature's `where` condition bits */
+    int64_t horizon_ms; /* its horizon */
+    uint64_t bit;       /* its slot's bit in a compact log's mask (0: none) */
+    uint32_t id;        /* feature id */
+    uint32_t value;     /* its first value field */
+    uint8_t kind;       /* PF_* */
+} pfeat_t;
+
 /* A snapshot writer's entity type, as its layout item describes it: how
  * its records map onto ours (tly_store_load with feature hashes). */
 typedef struct {
@@ -126,6 +138,8 @@ struct tly_store {
     tstats_t *_Atomic stats;              /* per-thread counters (push-only list) */
     etype_t *etypes;                      /* by entity index; immutable */
     uint8_t (*vidx)[TLY_MAX_ITEM_VALUES]; /* by feature: value → vf index */
+    pfeat_t *pfeats;                      /* every feature; immutable */
+    uint32_t *pfirst;                     /* by entity index: its first in pfeats */
     /* Intern table for short strings of compact logs: slots are written
      * once (CAS from NULL) and never freed before the store. */
     istr_t *_Atomic intern[INTERN_SLOTS];
