@@ -360,6 +360,20 @@ void store_words_apply(tly_store_t *store, ent_t **entp, const tly_entity_t *ety
 {
     const tly_featset_t *fs = store->fs;
     uint32_t hint = 1;
+    {
+        /* The segment walk loads one header after another; start loading
+         * the lines it will pass (the windowed segments first, the item
+         * lists' end last) all at once. */
+        const ent_t *e = *entp;
+        uint32_t used = atomic_load_explicit(&e->used, memory_order_relaxed);
+        const uint64_t *w = ent_words(e);
+        for (uint32_t i = 8; i < used && i < 128; i += 8)
+            __builtin_prefetch(w + i);
+        if (used > 128) {
+            __builtin_prefetch(w + used - 1);
+            __builtin_prefetch(w + used - 9);
+        }
+    }
     for (uint32_t fi = 0; fi < nfeats; fi++) {
         const tly_feat_t *feat = feats ? &fs->feats[feats[fi]] : &fs->feats[etype->feats[fi]];
         if (!feats && !(mask & (UINT64_C(1) << feat->slot)))
