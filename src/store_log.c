@@ -54,12 +54,45 @@ static int64_t unzigzag(uint64_t v)
     return (int64_t)(v >> 1) ^ -(int64_t)(v & 1);
 }
 
+/* Whether a[0..n) equals b[0..n): short strings (most interned ones) by
+ * word loads, not a memcmp call. */
+static bool bytes_eq(const char *a, const char *b, size_t n)
+{
+    if (n < 8)
+        return tail_bytes(a, n) == tail_bytes(b, n);
+    if (n > 16)
+        return memcmp(a, b, n) == 0;
+    uint64_t a0, a1, b0, b1; /* two overlapping 8-byte loads cover 8..16 */
+    memcpy(&a0, a, 8);
+    memcpy(&b0, b, 8);
+    memcpy(&a1, a + n - 8, 8);
+    memcpy(&b1, b + n - 8, 8);
+    return ((a0 ^ b0) | (a1 ^ b1)) == 0;
+}
+
+static int intern_insert(tly_store_t *store, const char *s, uint32_t len, uint32_t h);
+
 /* Returns the intern id of s[0..len), inserting it if there is room, or -1. */
 int store_intern_get(tly_store_t *store, const char *s, uint32_t len)
 {
     if (len > INTERN_MAXLEN)
         return -1;
     uint32_t h = (uint32_t)hash_bytes(0x51ed27, s, len) & (INTERN_SLOTS - 1);
+    for (uint32_t probe = 0; probe < INTERN_SLOTS; probe++, h = (h + 1) & (INTERN_SLOTS - 1)) {
+        istr_t *cur = atomic_load_explicit(&store->intern[h], memory_order_acquire);
+        if (!cur)
+            return intern_insert(store, s, len, h);
+        if (cur->len == len && bytes_eq(cur->s, s, len))
+            return (int)h;
+    }
+    return -1;
+}
+
+/* store_intern_get's insertion, from the empty slot h its probe reached
+ * (another writer may fill it first: then the probe goes on). */
+static __attribute__((noinline)) int intern_insert(tly_store_t *store, const char *s, uint32_t len,
+                                                   uint32_t h)
+{
     istr_t *mine = NULL;
     for (uint32_t probe = 0; probe < INTERN_SLOTS; probe++, h = (h + 1) & (INTERN_SLOTS - 1)) {
         istr_t *cur = atomic_load_explicit(&store->intern[h], memory_order_acquire);
