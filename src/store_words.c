@@ -276,10 +276,28 @@ static void item_write(ent_t *e, uint32_t at, const tly_feat_t *feat, const tly_
     st(e, q + 1, words);
 }
 
+/* The intern id of the string an event value last asked for: the item
+ * lists of one event (recent, last_action …) often name the same field. */
+typedef struct {
+    const char *s;
+    uint32_t len;
+    int id;
+} imemo_t;
+
+static int intern_memo(tly_store_t *store, const tly_value_t *v, imemo_t *memo)
+{
+    if (memo->s != v->u.s || memo->len != v->len) { /* the same bytes of the same event */
+        memo->id = store_intern_get(store, v->u.s, v->len);
+        memo->s = v->u.s;
+        memo->len = v->len;
+    }
+    return memo->id;
+}
+
 /* Inserts the event as an item of last/last_k feature feat, ordered by time
  * (equal times keep arrival order), keeping at most k (+ slack) items. */
 static void lastk_update(tly_store_t *store, ent_t **entp, uint32_t sid, const tly_feat_t *feat,
-                         const tly_event_t *ev, uint32_t *hint)
+                         const tly_event_t *ev, uint32_t *hint, imemo_t *memo)
 {
     uint32_t off = seg_get(store, entp, sid, 1, hint);
     ent_t *e = *entp;
@@ -293,7 +311,7 @@ static void lastk_update(tly_store_t *store, ent_t **entp, uint32_t sid, const t
     uint32_t words = 3;
     for (size_t i = 0; i < feat->nvalues; i++) {
         const tly_value_t *v = &ev->vals[feat->values[i]];
-        ids[i] = v->type == TLY_V_STR ? store_intern_get(store, v->u.s, v->len) : -1;
+        ids[i] = v->type == TLY_V_STR ? intern_memo(store, v, memo) : -1;
         words += value_words(v, ids[i]);
     }
 
@@ -323,6 +341,12 @@ static void lastk_update(tly_store_t *store, ent_t **entp, uint32_t sid, const t
     }
     if (count >= feat->k && at == p + 1)
         return; /* older than all k kept items: it would be trimmed at once */
+    if (feat->k == 1 && count == 1 && uw == words && at == p + 1 + words) {
+        /* last: the one item, newer and as wide, would be inserted after
+         * it and trimmed at once (slack 1): write it in its place */
+        item_write(e, p + 1, feat, ev, ids, words);
+        return;
+    }
     uw = count == 0 ? words : uw == words ? uw : UW_MIXED;
 
     words_reserve(store, entp, words); /* offsets survive a regrow */
@@ -360,6 +384,7 @@ void store_words_apply(tly_store_t *store, ent_t **entp, const tly_entity_t *ety
 {
     const tly_featset_t *fs = store->fs;
     uint32_t hint = 1;
+    imemo_t memo = {NULL, 0, -1};
     {
         /* The segment walk loads one header after another; start loading
          * the lines it will pass (the windowed segments first, the item
@@ -379,7 +404,7 @@ void store_words_apply(tly_store_t *store, ent_t **entp, const tly_entity_t *ety
         if (!feats && !(mask & (UINT64_C(1) << feat->slot)))
             continue;
         if (!tly_agg_windowed(feat->agg)) {
-            lastk_update(store, entp, SID_ITEMS(feat->slot), feat, ev, &hint);
+            lastk_update(store, entp, SID_ITEMS(feat->slot), feat, ev, &hint, &memo);
             continue;
         }
         const tly_value_t *v = feat->nvalues ? &ev->vals[feat->values[0]] : NULL;
