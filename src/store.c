@@ -223,8 +223,9 @@ void store_regrow(tly_store_t *store, ent_t **entp, uint8_t mode, uint32_t words
 {
     ent_t *old = *entp;
     ent_t *e = ent_alloc(store, old->type, ent_id(old), old->idlen, mode, words);
-    for (uint32_t i = 0; i < copy; i++)
-        st(e, i, ld(old, i));
+    /* plain copy: e is not published yet, and old is only read (its writer
+     * is us, under its lock) */
+    memcpy(ent_words(e), ent_words(old), 8 * (size_t)copy);
     atomic_store_explicit(&e->used,
                           copy ? atomic_load_explicit(&old->used, memory_order_relaxed) : 0,
                           memory_order_relaxed);
