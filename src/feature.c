@@ -3,10 +3,11 @@
  * per-event feature logic: `where` matching and entity ids.
  *
  * Compilation runs once, on the thread that loads the config. The compiled
- * featset is immutable; tly_feat_match() and tly_entity_id() run on every
- * source thread at once, only read it, never allocate and never measure a
- * config string (lengths are precomputed). Lookups by name (entity, field,
- * resolve) serve the query path and compare without strlen() either.
+ * featset is immutable; tly_feat_match(), tly_featset_match() and
+ * tly_entity_id() run on every source thread at once, only read it, never
+ * allocate and never measure a config string (lengths are precomputed).
+ * Lookups by name (entity, field, resolve) serve the query path and compare
+ * without strlen() either.
  *
  * Invariants of a compiled featset:
  *  - field ids are dense, assigned in config order (for each feature: keys,
@@ -25,6 +26,12 @@
  *  - horizon_ms > 0 for every feature: its longest window, or for last and
  *    last_k store.idle_ttl; when idle_ttl is 0 ("longest window"), the
  *    longest window among its entity's features, else in the whole config.
+ *
+ * `where` conditions that are the same (field, values in order) are numbered
+ * once (featset.conds, up to 64: match_masks) and each feature names its
+ * conditions by bit (feat.conds); their string values are indexed by
+ * field, each distinct text once with the conditions listing it, so that
+ * tly_featset_match() tests one string field once per event.
  *
  * `where` values are pre-parsed once: has_int when the whole text is a base-10
  * int64 (strtoll), has_double when it is a finite decimal number (strtod;
@@ -471,6 +478,72 @@ static tly_err_t finish_entities(compile_t *c)
     return TLY_OK;
 }
 
+static bool where_same(const tly_where_t *a, const tly_where_t *b)
+{
+    if (a->field != b->field || a->nvalues != b->nvalues)
+        return false;
+    for (size_t v = 0; v < a->nvalues; v++)
+        if (a->values[v].len != b->values[v].len ||
+            memcmp(a->values[v].text, b->values[v].text, a->values[v].len) != 0)
+            return false;
+    return true;
+}
+
+/* Numbers the distinct `where` conditions, gives each feature its bits and
+ * indexes the conditions' string values by field (tly_featset_match). With
+ * more than 64 conditions, match_masks stays false. */
+static void compile_conds(tly_featset_t *fs)
+{
+    const tly_where_t *conds[64];
+    size_t n = 0, nvalues = 0;
+    for (size_t i = 0; i < fs->nfeats; i++) {
+        tly_feat_t *feat = &fs->feats[i];
+        feat->conds = 0;
+        for (size_t w = 0; w < feat->nwhere; w++) {
+            size_t j = 0;
+            while (j < n && !where_same(conds[j], &feat->where[w]))
+                j++;
+            if (j == n) {
+                if (n == 64)
+                    return;
+                conds[n++] = &feat->where[w];
+                nvalues += feat->where[w].nvalues;
+            }
+            feat->conds |= UINT64_C(1) << j;
+        }
+    }
+    fs->conds = xcalloc(n ? n : 1, sizeof *fs->conds);
+    fs->cond_fields = xcalloc(n ? n : 1, sizeof *fs->cond_fields);
+    for (size_t j = 0; j < n; j++) {
+        const tly_where_t *wh = conds[j];
+        fs->conds[j] = wh;
+        size_t f = 0;
+        while (f < fs->ncond_fields && fs->cond_fields[f].field != wh->field)
+            f++;
+        tly_cond_field_t *cf = &fs->cond_fields[f];
+        if (f == fs->ncond_fields) {
+            fs->ncond_fields++;
+            cf->field = wh->field;
+            cf->lits = xcalloc(nvalues, sizeof *cf->lits);
+        }
+        cf->conds |= UINT64_C(1) << j;
+        for (size_t v = 0; v < wh->nvalues; v++) {
+            const tly_match_value_t *mv = &wh->values[v];
+            size_t l = 0;
+            while (l < cf->nlits &&
+                   (cf->lits[l].len != mv->len || memcmp(cf->lits[l].text, mv->text, mv->len) != 0))
+                l++;
+            if (l == cf->nlits) {
+                cf->lits[cf->nlits].text = mv->text;
+                cf->lits[cf->nlits++].len = mv->len;
+            }
+            cf->lits[l].conds |= UINT64_C(1) << j;
+        }
+    }
+    fs->nconds = n;
+    fs->match_masks = true;
+}
+
 /* Resolves kafka.topics[].key to entity types. In shard mode an entity's
  * events must all arrive on the partition of its own id, so with several
  * entity types every topic names its key entity and every entity type is
@@ -574,6 +647,7 @@ tly_err_t tly_featset_compile(const tly_config_t *cfg, tly_featset_t **out, char
         goto out;
     if ((err = compile_topic_keys(&c)) != TLY_OK)
         goto out;
+    compile_conds(fs);
 
     *out = fs;
     fs = NULL;
@@ -613,6 +687,10 @@ void tly_featset_free(tly_featset_t *fs)
     }
     free(fs->entities);
     free(fs->topics);
+    for (size_t f = 0; fs->cond_fields != NULL && f < fs->ncond_fields; f++)
+        free(fs->cond_fields[f].lits);
+    free(fs->cond_fields);
+    free(fs->conds);
     free(fs);
 }
 
@@ -715,6 +793,30 @@ bool tly_feat_match(const tly_feat_t *feat, const tly_event_t *ev)
             return false;
     }
     return true;
+}
+
+uint64_t tly_featset_match(const tly_featset_t *fs, const tly_event_t *ev)
+{
+    uint64_t held = 0;
+    for (size_t f = 0; f < fs->ncond_fields; f++) {
+        const tly_cond_field_t *cf = &fs->cond_fields[f];
+        if (cf->field >= ev->nfields)
+            continue;
+        const tly_value_t *v = &ev->vals[cf->field];
+        if (v->type == TLY_V_STR) {
+            /* a string equals at most one distinct text */
+            for (size_t l = 0; l < cf->nlits; l++)
+                if (cf->lits[l].len == v->len && memcmp(cf->lits[l].text, v->u.s, v->len) == 0) {
+                    held |= cf->lits[l].conds;
+                    break;
+                }
+        } else if (v->type != TLY_V_NIL) {
+            for (uint64_t m = cf->conds; m != 0; m &= m - 1)
+                if (value_matches(fs->conds[__builtin_ctzll(m)], v))
+                    held |= m & -m;
+        }
+    }
+    return held;
 }
 
 /* Writes v in decimal to the end of buf[0..20); returns the start. */

@@ -13,9 +13,10 @@
  * holding a pointer never sees it freed.
  *
  * Record: one allocation — a 16-byte header, the id (padded to 8 bytes),
- * then the state in 64-bit words. A record that needs more room is copied
- * into a larger one, which replaces it in its table slot; the
- * old one is marked DEAD and retired. State has two encodings:
+ * then the state in 64-bit words. A new record is allocated with room for
+ * the event that creates it. A record that needs more room is copied into a
+ * larger one, which replaces it in its table slot; the old one is marked
+ * DEAD and retired. State has two encodings:
  *
  *  compact — while an entity is small (most are: a user with three events),
  *    its state is the log of the events themselves, byte-packed:
@@ -222,8 +223,9 @@ void store_regrow(tly_store_t *store, ent_t **entp, uint8_t mode, uint32_t words
 {
     ent_t *old = *entp;
     ent_t *e = ent_alloc(store, old->type, ent_id(old), old->idlen, mode, words);
-    for (uint32_t i = 0; i < copy; i++)
-        st(e, i, ld(old, i));
+    /* plain copy: e is not published yet, and old is only read (its writer
+     * is us, under its lock) */
+    memcpy(ent_words(e), ent_words(old), 8 * (size_t)copy);
     atomic_store_explicit(&e->used,
                           copy ? atomic_load_explicit(&old->used, memory_order_relaxed) : 0,
                           memory_order_relaxed);
@@ -245,9 +247,15 @@ void store_regrow(tly_store_t *store, ent_t **entp, uint8_t mode, uint32_t words
 }
 
 /* Finds or inserts the record (type, id) and returns it locked and live.
- * Caller holds rcu_read_lock. */
-static ent_t *ent_get_locked(tly_store_t *store, uint32_t type, const char *id, size_t len)
+ * With ev (may be NULL), a new compact record is sized for ev (feature
+ * mask), the event about to be applied to it, and *nfirst is the length of
+ * ev's log record encoded into first[REC_BUF], for the caller to
+ * append (store_compact_append); else *nfirst is 0 and the caller applies
+ * ev as usual. Caller holds rcu_read_lock. */
+static ent_t *ent_get_locked(tly_store_t *store, uint32_t type, const char *id, size_t len,
+                             const tly_event_t *ev, uint64_t mask, uint8_t *first, size_t *nfirst)
 {
+    *nfirst = 0;
     unsigned long h = hash_id(type, id, len);
     shard_t *sh = shard_of(store, h);
     for (;;) {
@@ -257,7 +265,10 @@ static ent_t *ent_get_locked(tly_store_t *store, uint32_t type, const char *id, 
             ent_lock(ent);
         } else {
             uint8_t fl = store->etypes[type].compact ? 0 : F_WORDS;
-            ent = ent_alloc(store, type, id, len, fl, fl ? 1 : 0); /* born locked */
+            uint32_t words = fl ? 1 : 0;
+            if (!fl && ev)
+                *nfirst = store_compact_first(store, &store->etypes[type], ev, mask, first, &words);
+            ent = ent_alloc(store, type, id, len, fl, words); /* born locked */
             if (fl) {
                 st(ent, 0, (uint64_t)INT64_MIN);
                 atomic_store_explicit(&ent->used, 1, memory_order_relaxed);
@@ -269,6 +280,7 @@ static ent_t *ent_get_locked(tly_store_t *store, uint32_t type, const char *id, 
             if (!added) {
                 stat_add(&store_thread_stats(store)->bytes, -(int64_t)malloc_usable_size(ent));
                 free(ent); /* never published: another writer inserted it first */
+                *nfirst = 0;
                 continue;
             }
             stat_add(&store_thread_stats(store)->entities, 1);
@@ -307,6 +319,24 @@ tly_store_t *tly_store_new(const tly_featset_t *fs)
     store->restored = store_xmalloc(fs->nfeats ? fs->nfeats : 1);
     memset(store->restored, 0, fs->nfeats ? fs->nfeats : 1);
     store->lmap = NULL;
+    store->pfeats = store_xmalloc(sizeof *store->pfeats * (fs->nfeats ? fs->nfeats : 1));
+    store->pfirst = store_xmalloc(sizeof *store->pfirst * (fs->nentities ? fs->nentities : 1));
+    for (size_t e = 0, n = 0; e < fs->nentities; e++) {
+        store->pfirst[e] = (uint32_t)n;
+        for (size_t i = 0; i < fs->entities[e].nfeats; i++) {
+            const tly_feat_t *feat = &fs->feats[fs->entities[e].feats[i]];
+            store->pfeats[n++] = (pfeat_t){
+                .conds = feat->conds,
+                .horizon_ms = feat->horizon_ms,
+                .bit = feat->slot < 64 ? UINT64_C(1) << feat->slot : 0,
+                .id = feat->id,
+                .value = feat->nvalues ? feat->values[0] : 0,
+                .kind = tly_agg_numeric(feat->agg)    ? PF_NUMERIC
+                        : tly_agg_windowed(feat->agg) ? PF_PLAIN
+                                                      : PF_ITEMS,
+            };
+        }
+    }
     for (size_t e = 0; e < fs->nentities; e++) {
         etype_t *et = &store->etypes[e];
         const tly_entity_t *ent = &fs->entities[e];
@@ -368,6 +398,8 @@ void tly_store_free(tly_store_t *store)
     if (tls.gen == store->gen)
         tls.gen = 0;
     free(store->etypes);
+    free(store->pfeats);
+    free(store->pfirst);
     free(store->vidx);
     free(store->restored);
     for (size_t t = 0; store->lmap != NULL && t < TLY_MAX_ENTITIES; t++)
@@ -390,6 +422,7 @@ typedef struct {
 static _Thread_local struct {
     plan_t plans[TLY_MAX_ENTITIES];
     uint32_t feats[TLY_MAX_FEATURES];
+    uint8_t first[REC_BUF]; /* a new record's first log record */
 } apply_scratch;
 
 /* The earliest event time that can still change an answer of feat at now:
@@ -465,26 +498,30 @@ tly_err_t tly_store_apply(tly_store_t *store, const tly_event_t *ev, int32_t par
     plan_t *plans = apply_scratch.plans;
     uint32_t *matched = apply_scratch.feats;
     size_t nplans = 0, nmatched = 0;
+    /* each distinct `where` condition tested once, not once per feature */
+    uint64_t held = fs->match_masks ? tly_featset_match(fs, ev) : 0;
     for (uint32_t e = 0; e < fs->nentities; e++) {
         const tly_entity_t *et = &fs->entities[e];
         plan_t *pl = NULL;
         if (ev->skip_entities >> e & 1)
             continue;
-        for (size_t i = 0; i < et->nfeats; i++) {
-            const tly_feat_t *feat = &fs->feats[et->feats[i]];
-            if (ev->replayed && store->restored[feat->id])
+        const pfeat_t *pf = &store->pfeats[store->pfirst[e]];
+        for (size_t i = 0; i < et->nfeats; i++, pf++) {
+            if (ev->replayed && store->restored[pf->id])
                 continue; /* already in the state a snapshot restored */
-            if (!tly_feat_match(feat, ev))
+            if (fs->match_masks ? (pf->conds & ~held) != 0
+                                : !tly_feat_match(&fs->feats[pf->id], ev))
                 continue;
-            if (tly_agg_numeric(feat->agg)) {
-                const tly_value_t *v = &ev->vals[feat->values[0]];
+            if (pf->kind == PF_NUMERIC) {
+                const tly_value_t *v = &ev->vals[pf->value];
                 if (v->type == TLY_V_NIL)
                     continue; /* numeric aggregations count events carrying the value */
                 if (v->type != TLY_V_INT && v->type != TLY_V_DOUBLE) {
                     stat_drop(store, TLY_E_EV_WRONG_TYPE);
                     return TLY_E_EV_WRONG_TYPE;
                 }
-            } else if (!tly_agg_windowed(feat->agg)) {
+            } else if (pf->kind == PF_ITEMS) {
+                const tly_feat_t *feat = &fs->feats[pf->id];
                 for (size_t j = 0; j < feat->nvalues; j++) {
                     const tly_value_t *v = &ev->vals[feat->values[j]];
                     if (v->type == TLY_V_STR && v->len > fs->max_string) {
@@ -493,7 +530,10 @@ tly_err_t tly_store_apply(tly_store_t *store, const tly_event_t *ev, int32_t par
                     }
                 }
             }
-            if (ev->time_ms < feat_earliest(feat, now_ms)) {
+            /* a window starts at or before now − its length: an event
+             * within the horizon (the longest) is never late */
+            if (ev->time_ms < now_ms - pf->horizon_ms &&
+                ev->time_ms < feat_earliest(&fs->feats[pf->id], now_ms)) {
                 stat_drop(store, TLY_E_EV_LATE);
                 if (first_drop == TLY_OK)
                     first_drop = TLY_E_EV_LATE;
@@ -514,10 +554,9 @@ tly_err_t tly_store_apply(tly_store_t *store, const tly_event_t *ev, int32_t par
                 }
                 nplans++;
             }
-            matched[nmatched++] = et->feats[i];
+            matched[nmatched++] = pf->id;
             pl->nfeats++;
-            if (feat->slot < 64)
-                pl->mask |= UINT64_C(1) << feat->slot;
+            pl->mask |= pf->bit;
         }
     }
 
@@ -526,9 +565,13 @@ tly_err_t tly_store_apply(tly_store_t *store, const tly_event_t *ev, int32_t par
     tly_rcu_read_lock();
     for (size_t pi = 0; pi < nplans; pi++) {
         plan_t *pl = &plans[pi];
-        ent_t *ent = ent_get_locked(store, pl->entity, pl->id, pl->idlen);
+        size_t nfirst;
+        ent_t *ent = ent_get_locked(store, pl->entity, pl->id, pl->idlen, ev, pl->mask,
+                                    apply_scratch.first, &nfirst);
         const tly_entity_t *etype = &fs->entities[pl->entity];
-        if (is_words(ent))
+        if (nfirst)
+            store_compact_append(ent, apply_scratch.first, nfirst); /* born for it */
+        else if (is_words(ent))
             store_words_apply(store, &ent, etype, pl->mask, matched + pl->first, pl->nfeats, ev,
                               now_ms);
         else
@@ -1286,7 +1329,8 @@ static tly_err_t load_log_remap(tly_store_t *store, const lmap_t *m, const char 
     /* The earliest event time as `now`: nothing is pruned that a later
      * `now` keeps. */
     tly_rcu_read_lock();
-    ent_t *e = ent_get_locked(store, (uint32_t)m->type, id, idlen);
+    size_t nfirst;
+    ent_t *e = ent_get_locked(store, (uint32_t)m->type, id, idlen, NULL, 0, NULL, &nfirst);
     for (size_t r = 0; r < lg.nrecs; r++) {
         const rec_t *rec = &lg.recs[r];
         uint64_t mask = 0;

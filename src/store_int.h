@@ -39,6 +39,7 @@
 #define COMPACT_MAX_EVENTS  (COMPACT_MAX_BYTES / 2) /* records are >= 2 bytes */
 #define COMPACT_SLACK_WORDS 1     /* spare state words when a compact record grows */
 #define COMPACT_MAX_SLOTS   63    /* feature slots a mask can name */
+#define REC_BUF             (COMPACT_MAX_BYTES + 32) /* bytes to encode one log record in */
 #define INTERN_SLOTS        65536 /* power of two; ids fit 16 bits */
 #define INTERN_MAX          (INTERN_SLOTS / 2)
 #define INTERN_MAXLEN       32
@@ -80,6 +81,18 @@ typedef struct {
     uint32_t vf[TLY_MAX_ITEM_VALUES]; /* field ids */
     bool compact;                     /* may use the compact encoding */
 } etype_t;
+
+/* What tly_store_apply reads of a feature for every event, packed small
+ * and in the order it reads them (entity type, then slot). */
+enum { PF_PLAIN, PF_NUMERIC, PF_ITEMS }; /* count; sum/min/max/avg; last/last_k */
+typedef struct {
+    uint64_t conds;     /* the feature's `where` condition bits */
+    int64_t horizon_ms; /* its horizon */
+    uint64_t bit;       /* its slot's bit in a compact log's mask (0: none) */
+    uint32_t id;        /* feature id */
+    uint32_t value;     /* its first value field */
+    uint8_t kind;       /* PF_* */
+} pfeat_t;
 
 /* A snapshot writer's entity type, as its layout item describes it: how
  * its records map onto ours (tly_store_load with feature hashes). */
@@ -125,6 +138,8 @@ struct tly_store {
     tstats_t *_Atomic stats;              /* per-thread counters (push-only list) */
     etype_t *etypes;                      /* by entity index; immutable */
     uint8_t (*vidx)[TLY_MAX_ITEM_VALUES]; /* by feature: value → vf index */
+    pfeat_t *pfeats;                      /* every feature; immutable */
+    uint32_t *pfirst;                     /* by entity index: its first in pfeats */
     /* Intern table for short strings of compact logs: slots are written
      * once (CAS from NULL) and never freed before the store. */
     istr_t *_Atomic intern[INTERN_SLOTS];
@@ -194,6 +209,28 @@ static inline uint64_t mix64(uint64_t x)
     return x;
 }
 
+/* s[0..n) (n < 8) as the low bytes of a word, as memcpy into a zeroed word
+ * gives on the host; without memcpy's call (n varies), which costs more
+ * than the hash itself for the short ids and strings hashed per event. */
+static inline uint64_t tail_bytes(const char *s, size_t n)
+{
+    uint64_t k = 0;
+#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    const unsigned char *u = (const unsigned char *)s;
+    if (n >= 4) { /* two overlapping 4-byte loads */
+        uint32_t lo, hi;
+        memcpy(&lo, u, 4);
+        memcpy(&hi, u + n - 4, 4);
+        k = lo | (uint64_t)hi << (8 * (n - 4));
+    } else if (n > 0) { /* bytes 0, n/2 and n-1 cover 1..3 */
+        k = u[0] | (uint64_t)u[n / 2] << (8 * (n / 2)) | (uint64_t)u[n - 1] << (8 * (n - 1));
+    }
+#else
+    memcpy(&k, s, n);
+#endif
+    return k;
+}
+
 static inline uint64_t hash_bytes(uint64_t seed, const char *s, size_t n)
 {
     uint64_t h = seed ^ n;
@@ -204,9 +241,7 @@ static inline uint64_t hash_bytes(uint64_t seed, const char *s, size_t n)
         s += 8;
         n -= 8;
     }
-    uint64_t k = 0;
-    memcpy(&k, s, n);
-    return mix64(h ^ k);
+    return mix64(h ^ tail_bytes(s, n));
 }
 
 _Static_assert(sizeof(unsigned long) == 8, "shards, slots and tags take bits of a 64-bit hash");
@@ -303,6 +338,17 @@ bool store_log_decode(const tly_store_t *store, const etype_t *et, log_t *lg);
 void store_compact_apply(tly_store_t *store, ent_t **entp, const tly_entity_t *etype, uint64_t mask,
                          const uint32_t *feats, uint32_t nfeats, const tly_event_t *ev,
                          int64_t now_ms);
+/* Encodes ev (feature mask) as the first log record of a new compact record
+ * of type et into rec (REC_BUF bytes) and returns its length, with
+ * *words the state words that record should get: the log and the slack a
+ * regrow would leave, so that a new entity is allocated once, not allocated
+ * and at once replaced. Returns 0 (and *words 0) when the event does not fit
+ * a log. Writers (may intern ev's strings). */
+size_t store_compact_first(tly_store_t *store, const etype_t *et, const tly_event_t *ev,
+                           uint64_t mask, uint8_t *rec, uint32_t *words);
+/* Appends an encoded record (store_compact_first's) to a locked compact
+ * record that has room for it. */
+void store_compact_append(ent_t *e, const uint8_t *rec, size_t n);
 size_t store_log_recent(const log_t *lg, uint32_t slot, uint32_t k, int64_t since_ms,
                         int64_t asof_ms, size_t cap, uint32_t *idx);
 bool store_item_from_rec(const tly_store_t *store, const tly_feat_t *feat, const rec_t *r,

@@ -54,12 +54,45 @@ static int64_t unzigzag(uint64_t v)
     return (int64_t)(v >> 1) ^ -(int64_t)(v & 1);
 }
 
+/* Whether a[0..n) equals b[0..n): short strings (most interned ones) by
+ * word loads, not a memcmp call. */
+static bool bytes_eq(const char *a, const char *b, size_t n)
+{
+    if (n < 8)
+        return tail_bytes(a, n) == tail_bytes(b, n);
+    if (n > 16)
+        return memcmp(a, b, n) == 0;
+    uint64_t a0, a1, b0, b1; /* two overlapping 8-byte loads cover 8..16 */
+    memcpy(&a0, a, 8);
+    memcpy(&b0, b, 8);
+    memcpy(&a1, a + n - 8, 8);
+    memcpy(&b1, b + n - 8, 8);
+    return ((a0 ^ b0) | (a1 ^ b1)) == 0;
+}
+
+static int intern_insert(tly_store_t *store, const char *s, uint32_t len, uint32_t h);
+
 /* Returns the intern id of s[0..len), inserting it if there is room, or -1. */
 int store_intern_get(tly_store_t *store, const char *s, uint32_t len)
 {
     if (len > INTERN_MAXLEN)
         return -1;
     uint32_t h = (uint32_t)hash_bytes(0x51ed27, s, len) & (INTERN_SLOTS - 1);
+    for (uint32_t probe = 0; probe < INTERN_SLOTS; probe++, h = (h + 1) & (INTERN_SLOTS - 1)) {
+        istr_t *cur = atomic_load_explicit(&store->intern[h], memory_order_acquire);
+        if (!cur)
+            return intern_insert(store, s, len, h);
+        if (cur->len == len && bytes_eq(cur->s, s, len))
+            return (int)h;
+    }
+    return -1;
+}
+
+/* store_intern_get's insertion, from the empty slot h its probe reached
+ * (another writer may fill it first: then the probe goes on). */
+static __attribute__((noinline)) int intern_insert(tly_store_t *store, const char *s, uint32_t len,
+                                                   uint32_t h)
+{
     istr_t *mine = NULL;
     for (uint32_t probe = 0; probe < INTERN_SLOTS; probe++, h = (h + 1) & (INTERN_SLOTS - 1)) {
         istr_t *cur = atomic_load_explicit(&store->intern[h], memory_order_acquire);
@@ -180,22 +213,24 @@ bool store_log_decode(const tly_store_t *store, const etype_t *et, log_t *lg)
     return true;
 }
 
-/* Encodes one event for entity type et with feature mask into out (at most
- * cap bytes). Returns the length, or 0 when it does not fit. */
+/* Encodes one event for entity type et with feature mask into buf
+ * (REC_BUF bytes, written past cap as scratch). Returns the length, or 0
+ * when it takes more than cap bytes. */
 static size_t rec_encode(tly_store_t *store, const etype_t *et, const tly_event_t *ev,
-                         int64_t base_t, uint64_t mask, uint8_t *out, size_t cap)
+                         int64_t base_t, uint64_t mask, uint8_t *buf, size_t cap)
 {
-    uint8_t buf[COMPACT_MAX_BYTES + 32];
+    _Static_assert(REC_BUF >= COMPACT_MAX_BYTES + 32, "room for one value past the cap");
     size_t n = 0;
     n += put_varint(buf + n, zigzag(ev->time_ms - base_t));
     n += put_varint(buf + n, mask);
     size_t tagat = n, tagbytes = (et->nvf + 3) / 4;
-    memset(buf + n, 0, tagbytes);
+    for (size_t b = 0; b < tagbytes; b++)
+        buf[n + b] = 0;
     n += tagbytes;
     for (uint32_t j = 0; j < et->nvf; j++) {
         const tly_value_t *v = &ev->vals[et->vf[j]];
         unsigned tag = TAG_NIL;
-        if (n + 16 > sizeof buf)
+        if (n + 16 > REC_BUF)
             return 0;
         switch (v->type) {
         case TLY_V_INT:
@@ -214,7 +249,7 @@ static size_t rec_encode(tly_store_t *store, const etype_t *et, const tly_event_
             if (id >= 0) {
                 n += put_varint(buf + n, (uint64_t)id << 1 | 1);
             } else {
-                if (n + 10 + v->len > sizeof buf)
+                if (n + 10 + v->len > REC_BUF)
                     return 0;
                 n += put_varint(buf + n, (uint64_t)v->len << 1);
                 memcpy(buf + n, v->u.s, v->len);
@@ -227,10 +262,7 @@ static size_t rec_encode(tly_store_t *store, const etype_t *et, const tly_event_
         }
         buf[tagat + j / 4] |= (uint8_t)(tag << (2 * (j % 4)));
     }
-    if (n > cap)
-        return 0;
-    memcpy(out, buf, n);
-    return n;
+    return n > cap ? 0 : n;
 }
 
 static void ev_from_rec(const tly_featset_t *fs, const etype_t *et, const rec_t *r, tly_event_t *ev)
@@ -268,11 +300,35 @@ static void compact_to_words(tly_store_t *store, ent_t **entp, int64_t now_ms)
     }
 }
 
+/* Words of state for a log of `need` bytes when the record (re)grows: one
+ * spare word, a quarter more for longer logs: a user with a few events
+ * stays tight, a busy one regrows every few events. */
+static uint32_t grow_words(size_t need)
+{
+    uint32_t words = (uint32_t)((need + 7) / 8);
+    return words + COMPACT_SLACK_WORDS + words / 4;
+}
+
 /* Appends bytes[0..n) at byte offset `at` of the record's log: whole words
  * stored atomically, the partly filled last word merged with its bytes. */
 static void log_append(ent_t *e, uint32_t at, const uint8_t *bytes, size_t n)
 {
     uint32_t w = at / 8;
+#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    /* the words as they will be, staged in bytes (the log's byte order is
+     * the host's): the kept head of the partly filled word, the new bytes,
+     * zeros after them */
+    uint8_t stage[COMPACT_MAX_BYTES + 16];
+    uint32_t off = at % 8;
+    uint64_t v = off ? ld(e, w) : 0;
+    memcpy(stage, &v, 8);
+    memcpy(stage + off, bytes, n);
+    memset(stage + off + n, 0, 8);
+    for (uint32_t i = 0; i * 8 < off + n; i++) {
+        memcpy(&v, stage + 8 * i, 8);
+        st(e, w + i, v);
+    }
+#else
     uint64_t v = at % 8 ? ld(e, w) : 0;
     for (size_t i = 0; i < n; i++) {
         uint32_t pos = at + (uint32_t)i;
@@ -282,6 +338,7 @@ static void log_append(ent_t *e, uint32_t at, const uint8_t *bytes, size_t n)
             v = 0;
         }
     }
+#endif
     atomic_store_explicit(&e->used, at + (uint32_t)n, memory_order_relaxed);
 }
 
@@ -302,8 +359,12 @@ void store_compact_apply(tly_store_t *store, ent_t **entp, const tly_entity_t *e
         uint64_t v = 0;
         for (uint32_t w = 0; w < 2 && w * 8 < used; w++) { /* a word load, not one per byte */
             uint64_t word = ld(e, w);
+#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+            memcpy(head + w * 8, &word, 8);
+#else
             for (uint32_t b = 0; b < 8; b++)
                 head[w * 8 + b] = (uint8_t)(word >> (8 * b));
+#endif
         }
         if (!get_varint(head, used < 16 ? used : 16, &at, &v)) {
             fprintf(stderr, "tallyd: corrupt compact entity state\n");
@@ -311,7 +372,7 @@ void store_compact_apply(tly_store_t *store, ent_t **entp, const tly_entity_t *e
         }
         base = unzigzag(v);
     }
-    uint8_t rec[COMPACT_MAX_BYTES];
+    uint8_t rec[REC_BUF];
     size_t n = rec_encode(store, et, ev, base, mask, rec, COMPACT_MAX_BYTES - used);
     if (n == 0) {
         compact_to_words(store, entp, now_ms);
@@ -320,13 +381,23 @@ void store_compact_apply(tly_store_t *store, ent_t **entp, const tly_entity_t *e
     }
     size_t need = used + n;
     if ((need + 7) / 8 > e->cap) {
-        /* one spare word, a quarter more for longer logs: a user with a few
-         * events stays tight, a busy one regrows every few events */
-        uint32_t words = (uint32_t)((need + 7) / 8);
-        store_regrow(store, entp, 0, words + COMPACT_SLACK_WORDS + words / 4, (used + 7) / 8);
+        store_regrow(store, entp, 0, grow_words(need), (used + 7) / 8);
         e = *entp;
     }
     log_append(e, used, rec, n);
+}
+
+size_t store_compact_first(tly_store_t *store, const etype_t *et, const tly_event_t *ev,
+                           uint64_t mask, uint8_t *rec, uint32_t *words)
+{
+    size_t n = rec_encode(store, et, ev, 0, mask, rec, COMPACT_MAX_BYTES);
+    *words = n ? grow_words(n) : 0;
+    return n;
+}
+
+void store_compact_append(ent_t *e, const uint8_t *rec, size_t n)
+{
+    log_append(e, atomic_load_explicit(&e->used, memory_order_relaxed), rec, n);
 }
 
 /* Copies s[0..len) into strbuf; false when it does not fit. */

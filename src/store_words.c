@@ -47,12 +47,33 @@ static void words_maybe_shrink(tly_store_t *store, ent_t **entp)
     store_regrow(store, entp, F_WORDS, used + used / 2 + 2, used);
 }
 
+/* Moves words [from, from + n) to `to` (ranges may overlap). An insert
+ * before the item lists moves them all (hundreds of words for a last_k of
+ * 100), so outside TSan this is memmove, not a relaxed store per word: the
+ * writer holds the record's seqlock (seq odd), and a reader that loads
+ * words while they move sees seq odd or changed when it checks and retries;
+ * it bounds every offset by the immutable capacity, so even a torn copy
+ * cannot take it out of bounds. Under TSan, which would rightly call the
+ * plain stores racing with those loads a race, word by word as atomics. */
+static void words_move(ent_t *e, uint32_t to, uint32_t from, uint32_t n)
+{
+#if defined(__SANITIZE_THREAD__)
+    if (to > from)
+        for (uint32_t i = n; i > 0; i--)
+            st(e, to + i - 1, ld(e, from + i - 1));
+    else
+        for (uint32_t i = 0; i < n; i++)
+            st(e, to + i, ld(e, from + i));
+#else
+    memmove(ent_words(e) + to, ent_words(e) + from, 8 * (size_t)n);
+#endif
+}
+
 /* Inserts n zero words at pos (room must exist). */
 static void words_open(ent_t *e, uint32_t pos, uint32_t n)
 {
     uint32_t used = atomic_load_explicit(&e->used, memory_order_relaxed);
-    for (uint32_t i = used; i > pos; i--)
-        st(e, i - 1 + n, ld(e, i - 1));
+    words_move(e, pos + n, pos, used - pos);
     for (uint32_t i = 0; i < n; i++)
         st(e, pos + i, 0);
     atomic_store_explicit(&e->used, used + n, memory_order_relaxed);
@@ -62,8 +83,7 @@ static void words_open(ent_t *e, uint32_t pos, uint32_t n)
 static void words_close(ent_t *e, uint32_t pos, uint32_t n)
 {
     uint32_t used = atomic_load_explicit(&e->used, memory_order_relaxed);
-    for (uint32_t i = pos + n; i < used; i++)
-        st(e, i - n, ld(e, i));
+    words_move(e, pos, pos + n, used - pos - n);
     atomic_store_explicit(&e->used, used - n, memory_order_relaxed);
 }
 
@@ -256,10 +276,28 @@ static void item_write(ent_t *e, uint32_t at, const tly_feat_t *feat, const tly_
     st(e, q + 1, words);
 }
 
+/* The intern id of the string an event value last asked for: the item
+ * lists of one event (recent, last_action …) often name the same field. */
+typedef struct {
+    const char *s;
+    uint32_t len;
+    int id;
+} imemo_t;
+
+static int intern_memo(tly_store_t *store, const tly_value_t *v, imemo_t *memo)
+{
+    if (memo->s != v->u.s || memo->len != v->len) { /* the same bytes of the same event */
+        memo->id = store_intern_get(store, v->u.s, v->len);
+        memo->s = v->u.s;
+        memo->len = v->len;
+    }
+    return memo->id;
+}
+
 /* Inserts the event as an item of last/last_k feature feat, ordered by time
  * (equal times keep arrival order), keeping at most k (+ slack) items. */
 static void lastk_update(tly_store_t *store, ent_t **entp, uint32_t sid, const tly_feat_t *feat,
-                         const tly_event_t *ev, uint32_t *hint)
+                         const tly_event_t *ev, uint32_t *hint, imemo_t *memo)
 {
     uint32_t off = seg_get(store, entp, sid, 1, hint);
     ent_t *e = *entp;
@@ -273,7 +311,7 @@ static void lastk_update(tly_store_t *store, ent_t **entp, uint32_t sid, const t
     uint32_t words = 3;
     for (size_t i = 0; i < feat->nvalues; i++) {
         const tly_value_t *v = &ev->vals[feat->values[i]];
-        ids[i] = v->type == TLY_V_STR ? store_intern_get(store, v->u.s, v->len) : -1;
+        ids[i] = v->type == TLY_V_STR ? intern_memo(store, v, memo) : -1;
         words += value_words(v, ids[i]);
     }
 
@@ -303,6 +341,12 @@ static void lastk_update(tly_store_t *store, ent_t **entp, uint32_t sid, const t
     }
     if (count >= feat->k && at == p + 1)
         return; /* older than all k kept items: it would be trimmed at once */
+    if (feat->k == 1 && count == 1 && uw == words && at == p + 1 + words) {
+        /* last: the one item, newer and as wide, would be inserted after
+         * it and trimmed at once (slack 1): write it in its place */
+        item_write(e, p + 1, feat, ev, ids, words);
+        return;
+    }
     uw = count == 0 ? words : uw == words ? uw : UW_MIXED;
 
     words_reserve(store, entp, words); /* offsets survive a regrow */
@@ -340,12 +384,27 @@ void store_words_apply(tly_store_t *store, ent_t **entp, const tly_entity_t *ety
 {
     const tly_featset_t *fs = store->fs;
     uint32_t hint = 1;
+    imemo_t memo = {NULL, 0, -1};
+    {
+        /* The segment walk loads one header after another; start loading
+         * the lines it will pass (the windowed segments first, the item
+         * lists' end last) all at once. */
+        const ent_t *e = *entp;
+        uint32_t used = atomic_load_explicit(&e->used, memory_order_relaxed);
+        const uint64_t *w = ent_words(e);
+        for (uint32_t i = 8; i < used && i < 128; i += 8)
+            __builtin_prefetch(w + i);
+        if (used > 128) {
+            __builtin_prefetch(w + used - 1);
+            __builtin_prefetch(w + used - 9);
+        }
+    }
     for (uint32_t fi = 0; fi < nfeats; fi++) {
         const tly_feat_t *feat = feats ? &fs->feats[feats[fi]] : &fs->feats[etype->feats[fi]];
         if (!feats && !(mask & (UINT64_C(1) << feat->slot)))
             continue;
         if (!tly_agg_windowed(feat->agg)) {
-            lastk_update(store, entp, SID_ITEMS(feat->slot), feat, ev, &hint);
+            lastk_update(store, entp, SID_ITEMS(feat->slot), feat, ev, &hint, &memo);
             continue;
         }
         const tly_value_t *v = feat->nvalues ? &ev->vals[feat->values[0]] : NULL;

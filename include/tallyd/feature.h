@@ -80,6 +80,21 @@ typedef struct {
     tly_match_value_t *values;
 } tly_where_t;
 
+/* One string value that distinct `where` conditions on one field list. */
+typedef struct {
+    const char *text; /* borrowed from the config */
+    size_t len;
+    uint64_t conds; /* the conditions (bits of tly_featset_t.conds) listing it */
+} tly_match_lit_t;
+
+/* The distinct `where` conditions on one event field. */
+typedef struct {
+    uint32_t field;
+    uint64_t conds;        /* bits of tly_featset_t.conds */
+    size_t nlits;          /* distinct string values they list */
+    tly_match_lit_t *lits; /* owned */
+} tly_cond_field_t;
+
 typedef struct {
     uint32_t id;      /* index in featset.feats */
     const char *name; /* borrowed from the config */
@@ -88,6 +103,7 @@ typedef struct {
     uint32_t slot;    /* index among its entity's features */
     size_t nwhere;
     tly_where_t *where;
+    uint64_t conds; /* its where conditions as bits of featset.conds (if match_masks) */
     tly_agg_kind_t agg;
     size_t nvalues; /* value fields (field ids) */
     uint32_t *values;
@@ -140,6 +156,16 @@ typedef struct {
     tly_entity_t *entities;
     size_t nfeats;
     tly_feat_t *feats;
+    /* The distinct `where` conditions of all features (same field, same
+     * values in the same order), each tested once per event by
+     * tly_featset_match(), grouped by field. match_masks: there are at most
+     * 64, so that the bits of a uint64_t name them (else tly_feat_match()
+     * alone serves). */
+    bool match_masks;
+    size_t nconds;
+    const tly_where_t **conds; /* borrowed from feats[].where (owned array) */
+    size_t ncond_fields;
+    tly_cond_field_t *cond_fields;
 } tly_featset_t;
 
 /*
@@ -169,6 +195,15 @@ tly_err_t tly_featset_resolve(const tly_featset_t *fs, uint32_t entity, const ch
 
 /* True when every `where` condition of feat holds for ev. */
 bool tly_feat_match(const tly_feat_t *feat, const tly_event_t *ev);
+
+/*
+ * The distinct `where` conditions that hold for ev, as bits of fs->conds;
+ * only when fs->match_masks. A feature matches ev — tly_feat_match() is
+ * true — exactly when (feat->conds & ~mask) == 0; each condition is tested
+ * once per event, not once per feature that names it, and a string field
+ * is compared once with each distinct value listed on it.
+ */
+uint64_t tly_featset_match(const tly_featset_t *fs, const tly_event_t *ev);
 
 /*
  * Renders the id of entity type `entity` from ev into buf (cap bytes, not

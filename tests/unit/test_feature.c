@@ -650,11 +650,22 @@ static const char *const match_yaml =
 
 enum { M_CLICKS, M_ENGAGED, M_CODE, M_SCORE, M_FLAG, M_BOTH, M_ALL };
 
+/* tly_feat_match(), after checking that every feature gets the same answer
+ * from the masks of tly_featset_match(). */
+static bool feat_match(const tly_featset_t *fs, int feat, const tly_event_t *ev)
+{
+    assert_true(fs->match_masks);
+    uint64_t held = tly_featset_match(fs, ev);
+    for (size_t f = 0; f < fs->nfeats; f++)
+        assert_int_equal((fs->feats[f].conds & ~held) == 0, tly_feat_match(&fs->feats[f], ev));
+    return tly_feat_match(&fs->feats[feat], ev);
+}
+
 static bool match_one(const tly_featset_t *fs, int feat, const char *fname, tly_value_t v)
 {
     tly_event_t ev = empty_event(fs);
     ev.vals[field(fs, fname)] = v;
-    return tly_feat_match(&fs->feats[feat], &ev);
+    return feat_match(fs, feat, &ev);
 }
 
 static void match_string_field_compares_text(void **state)
@@ -722,12 +733,12 @@ static void match_fails_on_missing_or_null_field(void **state)
     (void)state;
     loaded_t l = compile_ok(match_yaml);
     tly_event_t ev = empty_event(l.fs);
-    assert_false(tly_feat_match(&l.fs->feats[M_CLICKS], &ev));
-    assert_false(tly_feat_match(&l.fs->feats[M_CODE], &ev));
-    assert_true(tly_feat_match(&l.fs->feats[M_ALL], &ev)); /* no conditions */
+    assert_false(feat_match(l.fs, M_CLICKS, &ev));
+    assert_false(feat_match(l.fs, M_CODE, &ev));
+    assert_true(feat_match(l.fs, M_ALL, &ev)); /* no conditions */
     ev.vals[field(l.fs, "action")] = str_value("click");
     ev.nfields = 1; /* an event shorter than the field ids */
-    assert_false(tly_feat_match(&l.fs->feats[M_CLICKS], &ev));
+    assert_false(feat_match(l.fs, M_CLICKS, &ev));
     unload(&l);
 }
 
@@ -737,14 +748,53 @@ static void match_requires_every_condition(void **state)
     loaded_t l = compile_ok(match_yaml);
     tly_event_t ev = empty_event(l.fs);
     ev.vals[field(l.fs, "action")] = str_value("click");
-    assert_false(tly_feat_match(&l.fs->feats[M_BOTH], &ev));
+    assert_false(feat_match(l.fs, M_BOTH, &ev));
     ev.vals[field(l.fs, "code")] = int_value(41);
-    assert_false(tly_feat_match(&l.fs->feats[M_BOTH], &ev));
+    assert_false(feat_match(l.fs, M_BOTH, &ev));
     ev.vals[field(l.fs, "code")] = int_value(42);
-    assert_true(tly_feat_match(&l.fs->feats[M_BOTH], &ev));
+    assert_true(feat_match(l.fs, M_BOTH, &ev));
     ev.vals[field(l.fs, "action")] = str_value("save");
-    assert_false(tly_feat_match(&l.fs->feats[M_BOTH], &ev));
+    assert_false(feat_match(l.fs, M_BOTH, &ev));
     unload(&l);
+}
+
+static void match_masks_name_each_distinct_condition_once(void **state)
+{
+    (void)state;
+    loaded_t l = compile_ok(match_yaml);
+    const tly_featset_t *fs = l.fs;
+    assert_true(fs->match_masks);
+    /* action: click (clicks, both), action: [click, save], code: 42 (by_code,
+     * both), score: 2.5, flag: true */
+    assert_int_equal(fs->nconds, 5);
+    assert_int_equal(__builtin_popcountll(fs->feats[M_CLICKS].conds), 1);
+    assert_int_equal(__builtin_popcountll(fs->feats[M_BOTH].conds), 2);
+    assert_int_equal(fs->feats[M_BOTH].conds, fs->feats[M_CLICKS].conds | fs->feats[M_CODE].conds);
+    assert_int_equal(fs->feats[M_ALL].conds, 0);
+    assert_int_equal(fs->ncond_fields, 4); /* action, code, score, flag */
+    unload(&l);
+}
+
+static void match_masks_off_beyond_64_conditions(void **state)
+{
+    (void)state;
+    size_t cap = 16 + 100 * 65;
+    char *yaml = malloc(cap);
+    assert_non_null(yaml);
+    int n = snprintf(yaml, cap, "features:\n");
+    for (int i = 0; i < 65; i++)
+        n += snprintf(yaml + n, cap - (size_t)n,
+                      "  - { name: f%d, entity: user, key: uid, where: { action: v%d }, agg: "
+                      "count, windows: [1h] }\n",
+                      i, i);
+    loaded_t l = compile_ok(yaml);
+    assert_false(l.fs->match_masks); /* tly_feat_match() serves */
+    tly_event_t ev = empty_event(l.fs);
+    ev.vals[field(l.fs, "action")] = str_value("v64");
+    assert_true(tly_feat_match(&l.fs->feats[64], &ev));
+    assert_false(tly_feat_match(&l.fs->feats[63], &ev));
+    unload(&l);
+    free(yaml);
 }
 
 /* --- entity ids ------------------------------------------------------------ */
@@ -970,6 +1020,8 @@ int main(void)
         cmocka_unit_test(match_double_field_compares_as_double),
         cmocka_unit_test(match_bool_field_compares_true_false),
         cmocka_unit_test(match_fails_on_missing_or_null_field),
+        cmocka_unit_test(match_masks_name_each_distinct_condition_once),
+        cmocka_unit_test(match_masks_off_beyond_64_conditions),
         cmocka_unit_test(match_requires_every_condition),
         cmocka_unit_test(entity_id_renders_integers_in_decimal),
         cmocka_unit_test(entity_id_uses_strings_as_they_are),

@@ -210,6 +210,24 @@ static void test_late_and_future_events_are_dropped_and_counted(void **state)
     assert_int_equal(count(fx, "4", "clicks", 1, T + MIN), 1);
 }
 
+static void test_late_means_before_the_oldest_bucket_not_the_horizon(void **state)
+{
+    fx_t *fx = *state;
+    tly_store_stats_t st;
+    /* impressions:1h (hop 1m) at now = T+30s holds the buckets from T-1h:
+     * an event 20s older than now − 1h still lands in the oldest one, one
+     * instant before T-1h is late for it (recent and last_action take both) */
+    int64_t now = T + 30 * SEC;
+    assert_int_equal(put(fx, now, T - HOUR + 10 * SEC, 5, "p5", "impression", -1), TLY_OK);
+    assert_int_equal(put(fx, now, T - HOUR, 5, "p5", "impression", -1), TLY_OK);
+    assert_int_equal(put(fx, now, T - HOUR - 1, 5, "p5", "impression", -1), TLY_OK);
+    tly_store_stats(fx->store, &st);
+    assert_int_equal(st.dropped[TLY_E_EV_LATE], 1);
+    tly_value_t v = get(fx, fx->pin, "p5", "impressions", 0, now);
+    assert_int_equal(v.type, TLY_V_INT);
+    assert_int_equal(v.u.i, 2);
+}
+
 static void test_unknown_id_reads_empty_answers(void **state)
 {
     fx_t *fx = *state;
@@ -1157,6 +1175,8 @@ int main(void)
                                         teardown),
         cmocka_unit_test_setup_teardown(test_late_and_future_events_are_dropped_and_counted, setup,
                                         teardown),
+        cmocka_unit_test_setup_teardown(test_late_means_before_the_oldest_bucket_not_the_horizon,
+                                        setup, teardown),
         cmocka_unit_test_setup_teardown(test_unknown_id_reads_empty_answers, setup, teardown),
         cmocka_unit_test_setup_teardown(test_last_k_count_at_and_before_now_and_past_the_horizon,
                                         setup, teardown),
