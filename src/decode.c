@@ -70,6 +70,7 @@ struct tly_decoder {
     const tly_featset_t *fs;
     tly_event_rules_t rules; /* time field and limits in force (a copy) */
     uint32_t name_len[TLY_MAX_FIELDS];
+    uint64_t name_head[TLY_MAX_FIELDS]; /* head_word() of each name */
     uint8_t slot[FIELD_SLOTS]; /* field id + 1; 0 = empty */
     char *scratch;             /* decoded strings; see the memory invariant */
     size_t cap;
@@ -90,18 +91,29 @@ typedef struct {
     bool is_int;   /* the last primitive checked is an integer */
 } walk_t;
 
-/* Slot hash of a key: its length and its first, middle and last bytes. Keys of
- * one event type rarely agree on all five, and a collision costs one more
- * probe, never a wrong match. */
-static uint32_t hash_name(const char *s, size_t n)
+/* The first eight bytes of a key s[0..n) as a word, zero-padded when n < 8.
+ * `avail` bytes may be read at s (avail >= n): with eight of them, one load
+ * and a mask (little-endian: the first bytes are the low ones). */
+static uint64_t head_word(const char *s, size_t n, size_t avail)
 {
-    if (n == 0)
-        return 0;
-    uint32_t h = (uint32_t)n * 0x9E3779B1u;
-    h ^= (uint32_t)(unsigned char)s[0] * 0x85EBCA77u;
-    h ^= (uint32_t)(unsigned char)s[n - 1] * 0xC2B2AE3Du;
-    h ^= (uint32_t)(unsigned char)s[n / 2] * 0x27D4EB2Fu;
-    return h ^ h >> 15;
+    uint64_t w = 0;
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    if (avail >= 8) {
+        memcpy(&w, s, 8);
+        return n >= 8 ? w : w & ((UINT64_C(1) << (8 * n)) - 1);
+    }
+#else
+    (void)avail;
+#endif
+    memcpy(&w, s, n < 8 ? n : 8);
+    return w;
+}
+
+/* Slot hash of a key: its head word and its length. Keys that share both
+ * collide, which costs a probe, never a wrong match. */
+static uint32_t hash_name(uint64_t head, size_t n)
+{
+    return (uint32_t)(((head ^ n) * UINT64_C(0x9E3779B97F4A7C15)) >> 40);
 }
 
 /* memcmp(a, b, n) == 0 for the short keys of events, without a call. */
@@ -113,16 +125,18 @@ static bool same_bytes(const char *a, const char *b, size_t n)
     return true;
 }
 
-/* Returns the field id named s[0..n), or -1. */
-static int lookup_field(const tly_decoder_t *dec, const char *s, size_t n)
+/* Returns the field id named s[0..n), or -1; avail as for head_word(). */
+static int lookup_field(const tly_decoder_t *dec, const char *s, size_t n, size_t avail)
 {
-    uint32_t i = hash_name(s, n) & (FIELD_SLOTS - 1);
+    uint64_t head = head_word(s, n, avail);
+    uint32_t i = hash_name(head, n) & (FIELD_SLOTS - 1);
     for (;;) {
         unsigned id = dec->slot[i];
         if (id == 0)
             return -1;
         id--;
-        if (dec->name_len[id] == n && same_bytes(dec->fs->fields[id], s, n))
+        if (dec->name_len[id] == n && dec->name_head[id] == head &&
+            (n <= 8 || same_bytes(dec->fs->fields[id] + 8, s + 8, n - 8)))
             return (int)id;
         i = (i + 1) & (FIELD_SLOTS - 1);
     }
@@ -158,7 +172,8 @@ tly_decoder_t *tly_decoder_new_rules(const tly_featset_t *fs, const tly_event_ru
             continue;
         size_t n = strlen(fs->fields[id]);
         dec->name_len[id] = (uint32_t)(n > UINT32_MAX ? UINT32_MAX : n);
-        uint32_t i = hash_name(fs->fields[id], n) & (FIELD_SLOTS - 1);
+        dec->name_head[id] = head_word(fs->fields[id], n, n);
+        uint32_t i = hash_name(dec->name_head[id], n) & (FIELD_SLOTS - 1);
         while (dec->slot[i] != 0)
             i = (i + 1) & (FIELD_SLOTS - 1);
         dec->slot[i] = (uint8_t)(id + 1);
@@ -698,11 +713,11 @@ static int key_field(walk_t *w, const jsmntok_t *t, bool escaped)
 {
     const char *p = w->js + t->start;
     size_t n = (size_t)(t->end - t->start);
-    if (!escaped)
-        return lookup_field(w->dec, p, n);
+    if (!escaped) /* the closing quote and more follow: len - start > n */
+        return lookup_field(w->dec, p, n, w->len - (size_t)t->start);
     char *tmp = scratch_at(w->dec, n); /* temporary: not committed */
     ptrdiff_t dn = tmp != NULL ? json_string(p, n, tmp) : -1;
-    return dn < 0 ? -1 : lookup_field(w->dec, tmp, (size_t)dn);
+    return dn < 0 ? -1 : lookup_field(w->dec, tmp, (size_t)dn, (size_t)dn);
 }
 
 static int check_value(walk_t *w, int i, size_t *pos, bool top);

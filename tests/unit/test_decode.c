@@ -343,6 +343,55 @@ static void decode_checks_every_byte_position_of_strings(void **state)
     }
 }
 
+/* Keys are looked up by their first eight bytes and length, then the rest:
+ * names that share both must still be told apart, and a key near the end
+ * of the payload (fewer than eight bytes left to read) must still match. */
+static void decode_tells_apart_keys_sharing_their_first_eight_bytes(void **state)
+{
+    (void)state;
+    static const char yaml[] =
+        "events:\n  time: { field: ts, unit: ms }\n"
+        "features:\n"
+        "  - { name: r, entity: user, key: user_id, agg: last_k, k: 2, "
+        "value: [abcdefgh_one, abcdefgh_two, abcdefgh, abcdefg, abcdefghi] }\n";
+    char err[512] = "";
+    tly_config_t *cfg;
+    tly_featset_t *fs;
+    if (tly_config_load_string(yaml, "test.yaml", &cfg, err, sizeof err) != TLY_OK)
+        fail_msg("config: %s", err);
+    if (tly_featset_compile(cfg, &fs, err, sizeof err) != TLY_OK)
+        fail_msg("featset: %s", err);
+    tly_decoder_t *dec = tly_decoder_new(fs);
+    tly_event_t ev;
+    const char *names[] = {"abcdefgh_one", "abcdefgh_two", "abcdefgh", "abcdefg", "abcdefghi"};
+    /* each value is its name's index; the keys in two orders, so that each
+     * one is also the last key, a few bytes before the end */
+    const char *payloads[] = {
+        "{\"ts\":1,\"abcdefgh_one\":0,\"abcdefgh_two\":1,\"abcdefgh\":2,\"abcdefg\":3,"
+        "\"abcdefghi\":4,\"abcdefgh_\":9,\"abcdefgh_on\":9}",
+        "{\"abcdefgh_on\":9,\"abcdefghi\":4,\"abcdefg\":3,\"abcdefgh\":2,\"abcdefgh_two\":1,"
+        "\"abcdefgh_one\":0,\"ts\":1}",
+        "{\"ts\":1,\"abcdefg\":3}",
+        "{\"ts\":1,\"abcdefgh\":2}",
+    };
+    for (size_t p = 0; p < sizeof payloads / sizeof payloads[0]; p++) {
+        assert_int_equal(tly_decode_json(dec, payloads[p], strlen(payloads[p]), -1, &ev), TLY_OK);
+        for (size_t k = 0; k < sizeof names / sizeof names[0]; k++) {
+            int id = tly_featset_field(fs, names[k], strlen(names[k]));
+            assert_true(id >= 0);
+            const tly_value_t *v = &ev.vals[id];
+            bool present = p < 2 || (p == 2 && k == 3) || (p == 3 && k == 2);
+            if (present)
+                assert_int_value(v, (int64_t)k);
+            else
+                assert_int_equal(v->type, TLY_V_NIL);
+        }
+    }
+    tly_decoder_free(dec);
+    tly_featset_free(fs);
+    tly_config_free(cfg);
+}
+
 static void decode_passes_raw_utf8_through(void **state)
 {
     fixture_t *f = *state;
@@ -894,6 +943,7 @@ int main(void)
         FIXTURE_TEST(decode_decodes_simple_escapes, setup_ms),
         FIXTURE_TEST(decode_decodes_unicode_escapes_to_utf8, setup_ms),
         FIXTURE_TEST(decode_checks_every_byte_position_of_strings, setup_ms),
+        cmocka_unit_test(decode_tells_apart_keys_sharing_their_first_eight_bytes),
         FIXTURE_TEST(decode_passes_raw_utf8_through, setup_ms),
         FIXTURE_TEST(decode_matches_keys_written_with_escapes, setup_ms),
         FIXTURE_TEST(decode_keeps_escaped_values_valid_until_the_next_call, setup_ms),
