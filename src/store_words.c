@@ -279,6 +279,7 @@ static void item_write(ent_t *e, uint32_t at, const tly_feat_t *feat, const tly_
 /* The intern id of the string an event value last asked for: the item
  * lists of one event (recent, last_action …) often name the same field. */
 typedef struct {
+    bool set;
     const char *s;
     uint32_t len;
     int id;
@@ -286,8 +287,10 @@ typedef struct {
 
 static int intern_memo(tly_store_t *store, const tly_value_t *v, imemo_t *memo)
 {
-    if (memo->s != v->u.s || memo->len != v->len) { /* the same bytes of the same event */
+    /* the same address and length in one event: the same bytes */
+    if (!memo->set || memo->s != v->u.s || memo->len != v->len) {
         memo->id = store_intern_get(store, v->u.s, v->len);
+        memo->set = true;
         memo->s = v->u.s;
         memo->len = v->len;
     }
@@ -384,7 +387,7 @@ void store_words_apply(tly_store_t *store, ent_t **entp, const tly_entity_t *ety
 {
     const tly_featset_t *fs = store->fs;
     uint32_t hint = 1;
-    imemo_t memo = {NULL, 0, -1};
+    imemo_t memo = {.set = false};
     {
         /* The segment walk loads one header after another; start loading
          * the lines it will pass (the windowed segments first, the item
