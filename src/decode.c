@@ -116,15 +116,6 @@ static uint32_t hash_name(uint64_t head, size_t n)
     return (uint32_t)(((head ^ n) * UINT64_C(0x9E3779B97F4A7C15)) >> 40);
 }
 
-/* memcmp(a, b, n) == 0 for the short keys of events, without a call. */
-static bool same_bytes(const char *a, const char *b, size_t n)
-{
-    for (size_t i = 0; i < n; i++)
-        if (a[i] != b[i])
-            return false;
-    return true;
-}
-
 /* Returns the field id named s[0..n), or -1; avail as for head_word(). */
 static int lookup_field(const tly_decoder_t *dec, const char *s, size_t n, size_t avail)
 {
@@ -136,7 +127,7 @@ static int lookup_field(const tly_decoder_t *dec, const char *s, size_t n, size_
             return -1;
         id--;
         if (dec->name_len[id] == n && dec->name_head[id] == head &&
-            (n <= 8 || same_bytes(dec->fs->fields[id] + 8, s + 8, n - 8)))
+            (n <= 8 || memcmp(dec->fs->fields[id] + 8, s + 8, n - 8) == 0))
             return (int)id;
         i = (i + 1) & (FIELD_SLOTS - 1);
     }
