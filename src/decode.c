@@ -89,6 +89,8 @@ typedef struct {
     int time_tok;  /* value token of the last time-field member, or -1 */
     bool escaped;  /* the last string checked holds a backslash escape */
     bool is_int;   /* the last primitive checked is an integer */
+    bool small;    /* ... of at most 18 digits, whose magnitude is `mag` */
+    uint64_t mag;
 } walk_t;
 
 /* The first eight bytes of a key s[0..n) as a word, zero-padded when n < 8.
@@ -197,22 +199,28 @@ static size_t skip_ws(const char *js, size_t pos, size_t len)
 }
 
 /* True when p[0..n) is a JSON number; *is_int when it has neither fraction
- * nor exponent. */
-static bool json_number(const char *p, size_t n, bool *is_int)
+ * nor exponent. The integer part's digits are summed on the way: *small
+ * when there are at most 18 of them (below 10^18, so the sum cannot
+ * overflow), and then *mag is their value. */
+static bool json_number(const char *p, size_t n, bool *is_int, bool *small, uint64_t *mag)
 {
     size_t i = 0;
     if (i < n && p[i] == '-')
         i++;
     if (i >= n)
         return false;
+    size_t first = i;
+    uint64_t acc = 0; /* wraps harmlessly beyond 19 digits: then unused */
     if (p[i] == '0') {
         i++;
     } else if (p[i] >= '1' && p[i] <= '9') {
         while (i < n && is_digit(p[i]))
-            i++;
+            acc = acc * 10 + (unsigned)(p[i++] - '0');
     } else {
         return false;
     }
+    *small = i - first <= 18;
+    *mag = acc;
     *is_int = true;
     if (i < n && p[i] == '.') {
         i++;
@@ -240,10 +248,11 @@ static bool literal_is(const char *p, size_t n, const char *lit, size_t litlen)
     return n == litlen && memcmp(p, lit, n) == 0;
 }
 
-/* True when p[0..n) is a valid JSON primitive (true, false, null, number). */
-static bool json_primitive(const char *p, size_t n, bool *is_int)
+/* True when p[0..n) is a valid JSON primitive (true, false, null, number);
+ * the number's facts go to w (see json_number). */
+static bool json_primitive(const char *p, size_t n, walk_t *w)
 {
-    *is_int = false;
+    w->is_int = false;
     switch (p[0]) {
     case 't':
         return literal_is(p, n, "true", 4);
@@ -252,7 +261,7 @@ static bool json_primitive(const char *p, size_t n, bool *is_int)
     case 'n':
         return literal_is(p, n, "null", 4);
     default:
-        return json_number(p, n, is_int);
+        return json_number(p, n, &w->is_int, &w->small, &w->mag);
     }
 }
 
@@ -433,18 +442,13 @@ static ptrdiff_t json_string(const char *s, size_t n, char *dst)
 
 /* --- numbers and times --------------------------------------------------- */
 
-/* Parses a validated JSON integer p[0..n); false when it does not fit int64. */
+/* Parses a validated JSON integer p[0..n); false when it does not fit int64.
+ * (Integers of at most 18 digits never get here: json_number sums them.) */
 static bool parse_int64(const char *p, size_t n, int64_t *out)
 {
     bool neg = p[0] == '-';
     uint64_t limit = neg ? (uint64_t)INT64_MAX + 1 : (uint64_t)INT64_MAX;
     uint64_t acc = 0;
-    if (n - neg <= 18) { /* below 10^18: cannot overflow */
-        for (size_t i = neg; i < n; i++)
-            acc = acc * 10 + (unsigned)(p[i] - '0');
-        *out = neg ? -(int64_t)acc : (int64_t)acc;
-        return true;
-    }
     for (size_t i = neg; i < n; i++) {
         unsigned d = (unsigned)(p[i] - '0');
         if (acc > (limit - d) / 10)
@@ -631,8 +635,8 @@ static void field_error(walk_t *w, int fid, tly_err_t e)
         w->err = fid == w->dec->rules.time_field ? TLY_E_EV_BAD_TIME : e;
 }
 
-/* Converts value token vi, just checked by check_value (w->escaped and
- * w->is_int describe it), into ev->vals[fid]. */
+/* Converts value token vi, just checked by check_value (w->escaped, w->is_int,
+ * w->small and w->mag describe it), into ev->vals[fid]. */
 static void extract(walk_t *w, int fid, int vi)
 {
     tly_decoder_t *dec = w->dec;
@@ -669,7 +673,10 @@ static void extract(walk_t *w, int fid, int vi)
         } else if (p[0] == 'n') {
             v.type = TLY_V_NIL;
         } else {
-            if (w->is_int && parse_int64(p, n, &v.u.i)) {
+            if (w->is_int && w->small) {
+                v.type = TLY_V_INT;
+                v.u.i = p[0] == '-' ? -(int64_t)w->mag : (int64_t)w->mag;
+            } else if (w->is_int && parse_int64(p, n, &v.u.i)) {
                 v.type = TLY_V_INT;
             } else {
                 /* strtod needs a terminator: parse a copy. */
@@ -800,7 +807,7 @@ static int check_value(walk_t *w, int i, size_t *pos, bool top)
     case JSMN_PRIMITIVE:
         if (t->start < 0 || (size_t)t->start != *pos || t->end <= t->start ||
             (size_t)t->end > w->len ||
-            !json_primitive(w->js + t->start, (size_t)(t->end - t->start), &w->is_int))
+            !json_primitive(w->js + t->start, (size_t)(t->end - t->start), w))
             return -1;
         *pos = (size_t)t->end;
         return i + 1;

@@ -123,8 +123,11 @@ typedef struct {
  * period); writers that add, replace or remove a record take `mu`, always
  * after the record's own lock, never before. */
 typedef struct {
+    /* Read on every lookup by every thread: alone on its cache line, so a
+     * writer taking `mu` or counting an insert does not evict it from the
+     * other writers' caches. */
     _Alignas(64) tslots_t *_Atomic arr;
-    size_t used;           /* records + tombstones in arr; under mu */
+    _Alignas(64) size_t used; /* records + tombstones in arr; under mu */
     size_t live;           /* records in arr; under mu */
     _Atomic int64_t bytes; /* arr's size, for the store's memory count */
     pthread_mutex_t mu;

@@ -239,6 +239,16 @@ static void decode_types_integers_and_doubles(void **state)
         {"0", true, 0, 0},
         {"-0", true, 0, 0},
         {"-17", true, -17, 0},
+        /* 18 digits are summed while the grammar is checked; 19 and more
+         * take the overflow-checked path; 2^64 must not wrap to 0 */
+        {"999999999999999999", true, INT64_C(999999999999999999), 0},
+        {"-999999999999999999", true, -INT64_C(999999999999999999), 0},
+        {"123456789012345678", true, INT64_C(123456789012345678), 0},
+        {"1000000000000000000", true, INT64_C(1000000000000000000), 0},
+        {"-1000000000000000000", true, -INT64_C(1000000000000000000), 0},
+        {"9999999999999999999", false, 0, 9999999999999999999.0},
+        {"18446744073709551616", false, 0, 18446744073709551616.0},
+        {"1234567890123456789.5", false, 0, 1234567890123456789.5},
         {"9223372036854775807", true, INT64_MAX, 0},
         {"-9223372036854775808", true, INT64_MIN, 0},
         /* integers beyond int64 become doubles: 2^63 and -2^63 - 1 → -2^63 */
