@@ -819,7 +819,40 @@ uint64_t tly_featset_match(const tly_featset_t *fs, const tly_event_t *ev)
     return held;
 }
 
-/* Writes v in decimal to the end of buf[0..20); returns the start. */
+/* The length of v in decimal, sign included. */
+static size_t int_len(int64_t v)
+{
+    static const uint64_t p10[20] = {1,
+                                     10,
+                                     100,
+                                     1000,
+                                     10000,
+                                     100000,
+                                     1000000,
+                                     10000000,
+                                     100000000,
+                                     1000000000,
+                                     10000000000,
+                                     100000000000,
+                                     1000000000000,
+                                     10000000000000,
+                                     100000000000000,
+                                     1000000000000000,
+                                     10000000000000000,
+                                     100000000000000000,
+                                     1000000000000000000,
+                                     10000000000000000000u};
+    /* u | 1: zero has a digit too (p10[t] is even for t > 0, so the or
+     * changes no other comparison) */
+    uint64_t u = (v < 0 ? (uint64_t)0 - (uint64_t)v : (uint64_t)v) | 1;
+    /* bits * log10(2) (about 1233 / 4096) is the digit count or one less */
+    unsigned bits = 64 - (unsigned)__builtin_clzll(u);
+    unsigned t = bits * 1233 >> 12;
+    return t + (u >= p10[t]) + (v < 0);
+}
+
+/* Writes v in decimal so that it ends just before `end` (int_len(v) bytes);
+ * returns its start. */
 static char *render_int(int64_t v, char *end)
 {
     /* Work in unsigned so that INT64_MIN negates without overflow. */
@@ -863,24 +896,19 @@ tly_err_t tly_entity_id(const tly_featset_t *fs, uint32_t entity, const tly_even
     size_t n = 0;
     for (size_t k = 0; k < ent->nkeys; k++) {
         const tly_value_t *v = &ev->vals[ent->keys[k]];
-        const char *p;
-        size_t plen;
-        char tmp[24];
-        if (v->type == TLY_V_STR) {
-            p = v->u.s;
-            plen = v->len;
-        } else {
-            p = render_int(v->u.i, tmp + sizeof tmp);
-            plen = (size_t)(tmp + sizeof tmp - p);
-        }
         if (k > 0) {
             if (n >= cap)
                 return TLY_E_EV_VALUE_TOO_LONG;
             buf[n++] = '|';
         }
+        /* an integer is rendered in place: no copy */
+        size_t plen = v->type == TLY_V_STR ? v->len : int_len(v->u.i);
         if (plen > cap - n)
             return TLY_E_EV_VALUE_TOO_LONG;
-        memcpy(buf + n, p, plen);
+        if (v->type == TLY_V_STR)
+            memcpy(buf + n, v->u.s, plen);
+        else
+            render_int(v->u.i, buf + n + plen);
         n += plen;
     }
     *len = n;
