@@ -806,7 +806,7 @@ static void client_info_line(cmd_ctx_t *c, tly_buf_t *t)
                      "events=r cmd=%s user=default redir=-1 resp=%d\n",
                      s->id, s->addr, s->laddr, s->fd, s->name, (c->now_ms - s->created_ms) / 1000,
                      (c->now_ms - s->last_ms) / 1000, s->qbuf, s->obuf, s->qbuf + s->obuf,
-                     s->last_cmd[0] ? s->last_cmd : "NULL", s->proto);
+                     s->last_cmd != NULL ? s->last_cmd : "NULL", s->proto);
     if (n > 0)
         tly_buf_append(t, line, (size_t)n < sizeof line ? (size_t)n : sizeof line - 1);
 }
@@ -1336,7 +1336,7 @@ void tly_command_exec(tly_daemon_t *d, tly_session_t *s, tly_cmd_scratch_t *scra
             unknown_command(out, argv, argc);
         return;
     }
-    snprintf(s->last_cmd, sizeof s->last_cmd, "%s", cmd->name);
+    s->last_cmd = cmd->name;
     if (!s->authed && !(cmd->flags & CMD_NOAUTH)) {
         tly_resp_error(out, "NOAUTH Authentication required.");
         return;

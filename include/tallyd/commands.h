@@ -37,7 +37,7 @@ typedef struct {
     bool close_after;      /* QUIT: close once the reply is written */
     bool stale_ok;         /* CLIENT STALE ON: data commands run while loading */
     char name[TLY_CLIENT_NAME_MAX + 1]; /* CLIENT SETNAME, "" = none */
-    char last_cmd[32];     /* lower-case name of the last command */
+    const char *last_cmd;  /* lower-case name of the last command (static), or NULL */
 } tly_session_t;
 
 /* Per-thread scratch for handlers (value arrays, string buffers), reused

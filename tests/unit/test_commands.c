@@ -366,6 +366,7 @@ static void test_client_and_hello_commands(void **state)
     assert_string_equal(run(fx, "CLIENT SETINFO LIB-NAME redis-py"), "+OK\r\n");
     assert_non_null(strstr(run(fx, "CLIENT INFO"), "id=42 addr="));
     assert_non_null(strstr(run(fx, "CLIENT INFO"), " name=ranker-1 "));
+    assert_non_null(strstr(run(fx, "CLIENT INFO"), " cmd=client "));
     assert_string_equal(run(fx, "HELLO 4"), "-NOPROTO unsupported protocol version\r\n");
     assert_string_equal(run(fx, "HELLO 2 SETNAME x"),
                         "*14\r\n$6\r\nserver\r\n$6\r\ntallyd\r\n$7\r\nversion\r\n$5\r\n0.1.0\r\n"
