@@ -198,6 +198,32 @@ static size_t skip_ws(const char *js, size_t pos, size_t len)
     return pos;
 }
 
+/* True when js[p..next) is whitespace around one `sep` (or only whitespace
+ * when sep is 0). The usual forms ("", ":", ": ", ",", ", ") are told at a
+ * glance; anything else is walked byte by byte. */
+static bool json_gap(const char *js, size_t p, size_t next, char sep)
+{
+    if (next < p)
+        return false;
+    size_t n = next - p;
+    if (sep == 0 ? n == 0 : n >= 1 && n <= 2 && js[p] == sep && (n == 1 || js[p + 1] == ' '))
+        return true;
+    size_t q = skip_ws(js, p, next);
+    if (sep != 0) {
+        if (q >= next || js[q] != sep)
+            return false;
+        q = skip_ws(js, q + 1, next);
+    }
+    return q == next;
+}
+
+/* Where token t's text begins: the opening quote of a string. Negative
+ * for a token jsmn left without a position. */
+static ptrdiff_t tok_begin(const jsmntok_t *t)
+{
+    return t->type == JSMN_STRING ? (ptrdiff_t)t->start - 1 : (ptrdiff_t)t->start;
+}
+
 /* True when p[0..n) is a JSON number; *is_int when it has neither fraction
  * nor exponent. The integer part's digits are summed on the way: *small
  * when there are at most 18 of them (below 10^18, so the sum cannot
@@ -757,26 +783,26 @@ static int check_container(walk_t *w, int i, size_t *pos, bool top)
     if (w->js[p] != (object ? '{' : '['))
         return -1;
     p++;
+    /* Each member or element begins where its first token's text does:
+     * the bytes before it must be the separator and whitespace. */
     for (int k = 0; k < t->size; k++) {
-        p = skip_ws(w->js, p, w->len);
-        if (k > 0) {
-            if (p >= w->len || w->js[p] != ',')
-                return -1;
-            p = skip_ws(w->js, p + 1, w->len);
-        }
         if (j >= w->ntok)
             return -1;
+        ptrdiff_t at = tok_begin(&w->dec->toks[j]);
+        if (at < 0 || !json_gap(w->js, p, (size_t)at, k > 0 ? ',' : 0))
+            return -1;
+        p = (size_t)at;
         if (object) {
             int key = j;
             if ((j = check_string(w, j, &p)) < 0)
                 return -1;
             bool key_escaped = w->escaped;
-            p = skip_ws(w->js, p, w->len);
-            if (p >= w->len || w->js[p] != ':')
-                return -1;
-            p = skip_ws(w->js, p + 1, w->len);
             if (j >= w->ntok)
                 return -1;
+            at = tok_begin(&w->dec->toks[j]);
+            if (at < 0 || !json_gap(w->js, p, (size_t)at, ':'))
+                return -1;
+            p = (size_t)at;
             int vi = j;
             if ((j = check_value(w, j, &p, false)) < 0)
                 return -1;
@@ -888,8 +914,10 @@ tly_err_t tly_decode_json(tly_decoder_t *dec, const char *payload, size_t len, i
         len = 0;
     if ((dec->rules.max_bytes > 0 && len > (uint64_t)dec->rules.max_bytes) || len > DECODE_MAX_LEN)
         return TLY_E_EV_TOO_LARGE;
-    /* jsmn stops at a NUL byte; JSON never contains a raw one. */
-    if (len == 0 || memchr(payload, '\0', len) != NULL)
+    /* jsmn stops at a NUL byte (JSON never holds a raw one); the walk below
+     * checks every byte, so a NUL anywhere is rejected there, or by jsmn
+     * itself inside a string or an unclosed container. */
+    if (len == 0)
         return TLY_E_EV_BAD_JSON;
 
     jsmn_init(&parser);

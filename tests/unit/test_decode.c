@@ -196,6 +196,25 @@ static void decode_accepts_whitespace_between_tokens(void **state)
                                "[ ] ] } \n"),
                      TLY_OK);
     assert_str(val(f, "action"), "click");
+    /* each separator in each spacing: none, one space, the others JSON
+     * allows, several */
+    static const char *const ok[] = {
+        "{\"ts\":7,\"action\":\"x\"}",
+        "{\"ts\": 7, \"action\": \"x\"}",
+        "{\"ts\" :7 ,\"action\" :\"x\"}",
+        "{\"ts\" : 7 , \"action\" : \"x\" }",
+        "{\"ts\":\t7,\t\"action\":\n\"x\"}",
+        "{\"ts\":\r\n7,\r\n\"action\":\"x\"}",
+        "{\"ts\":  7,  \"action\":  \"x\"}",
+        "{\"ts\":7\n,\"action\"\t:\"x\"\n}",
+        "{ \"ts\":7,\"action\":\"x\",\"m\":[ 1,2 ,3 , 4 ]}",
+    };
+    for (size_t i = 0; i < sizeof ok / sizeof ok[0]; i++) {
+        if (decode(f, ok[i]) != TLY_OK)
+            fail_msg("rejected %s", ok[i]);
+        assert_int_equal(f->ev.time_ms, 7);
+        assert_str(val(f, "action"), "x");
+    }
     assert_int_equal(decode(f, "{}"), TLY_E_EV_MISSING_TIME); /* valid, but no time */
 }
 
@@ -504,7 +523,37 @@ static void decode_rejects_invalid_json(void **state)
         {"{\"a\":--1,\"ts\":1}", 0},
         {"{\"ts\":1}\0", 9},               /* NUL after the object */
         {"{\"a\":\"x\0y\",\"ts\":1}", 18}, /* NUL inside a string */
-        {"{\"a\":\"x\ty\",\"ts\":1}", 0},  /* raw control character */
+        {"\0{\"ts\":1}", 9},               /* NUL before the object */
+        {" \0{\"ts\":1}", 10},
+        {"{\"ts\":1\0}", 9}, /* in a number, at its end */
+        {"{\"ts\":1\0 }", 10},
+        {"{\"ts\":1\0,\"a\":2}", 15},
+        {"{\"ts\":12\0"
+         "3,\"a\":2}",
+         17},                  /* in the middle of a number */
+        {"{\"ts\":\0 1}", 10}, /* between tokens */
+        {"{\"ts\"\0:1}", 9},
+        {"{\"ts\":1,\0\"a\":2}", 15},
+        {"{\"t\0s\":1}", 9},               /* in a key */
+        {"{\"a\":tr\0ue,\"ts\":1}", 18},   /* in a literal */
+        {"{\"a\":[1,\0 2],\"ts\":1}", 20}, /* in a skipped array */
+        {"1\0", 2},                        /* after a top-level number */
+        {"{\"ts\": :1}", 0},               /* separators: doubled, misplaced, wrong */
+        {"{\"ts\":1, ,\"a\":2}", 0},
+        {"{\"ts\":1 ,,\"a\":2}", 0},
+        {"{\"ts\"; 1}", 0},
+        {"{\"ts\":1 ; \"a\":2}", 0},
+        {"{\"ts\":1,\"a\":2 ,}", 0},
+        {"{\"ts\":1,\v\"a\":2}", 0}, /* not JSON whitespace */
+        {"{\"ts\":1,\f\"a\":2}", 0},
+        {"{\"ts\":\xc2\xa0"
+         "1}",
+         0},
+        {"{\"ts\":1,x\"a\":2}", 0},
+        {"{\"ts\":1,\"a\"x:2}", 0},
+        {"{\"ts\":1,\"a\":x2}", 0},
+        {"{\"ts\":1, x\"a\":2}", 0},
+        {"{\"a\":\"x\ty\",\"ts\":1}", 0}, /* raw control character */
         {"{\"a\":\"x\x01y\",\"ts\":1}", 0},
         {"{\"a\":\"\\x\",\"ts\":1}", 0},   /* unknown escape */
         {"{\"a\":\"\\u12\",\"ts\":1}", 0}, /* short \u */
@@ -564,6 +613,15 @@ static void decode_rejects_more_tokens_than_the_cap(void **state)
     free(p);
     p = tokens_payload(TLY_DECODE_MAX_TOKENS - 4);
     assert_int_equal(decode(f, p), TLY_E_EV_TOO_COMPLEX);
+    /* too complex wins over bad JSON (the documented precedence), here a
+     * NUL after the closing brace; a NUL before the token cap is reached
+     * stops jsmn there, and then it is bad JSON */
+    size_t len = strlen(p);
+    p[len - 1] = '\0';
+    assert_int_equal(decode_n(f, p, len), TLY_E_EV_TOO_COMPLEX);
+    p[len - 1] = '}';
+    p[20] = '\0';
+    assert_int_equal(decode_n(f, p, len), TLY_E_EV_BAD_JSON);
     free(p);
 }
 
