@@ -789,7 +789,7 @@ static int check_container(walk_t *w, int i, size_t *pos, bool top)
         if (j >= w->ntok)
             return -1;
         ptrdiff_t at = tok_begin(&w->dec->toks[j]);
-        if (at < 0 || !json_gap(w->js, p, (size_t)at, k > 0 ? ',' : 0))
+        if (at < 0 || (size_t)at > w->len || !json_gap(w->js, p, (size_t)at, k > 0 ? ',' : 0))
             return -1;
         p = (size_t)at;
         if (object) {
@@ -800,7 +800,7 @@ static int check_container(walk_t *w, int i, size_t *pos, bool top)
             if (j >= w->ntok)
                 return -1;
             at = tok_begin(&w->dec->toks[j]);
-            if (at < 0 || !json_gap(w->js, p, (size_t)at, ':'))
+            if (at < 0 || (size_t)at > w->len || !json_gap(w->js, p, (size_t)at, ':'))
                 return -1;
             p = (size_t)at;
             int vi = j;
