@@ -1039,11 +1039,11 @@ typedef struct {
     stream_t sm;
     int64_t now_ms; /* apply's `now`: max ts + 1 s */
     row_t rows[ROW__COUNT];
-    int64_t lookup_ns;    /* cost split: best hinted lookup time, -1 = not measured */
+    int64_t lookup_ns;      /* cost split: best hinted lookup time, -1 = not measured */
     int64_t lookup_cold_ns; /* the same without hints (for reference) */
-    size_t lookup_misses; /* ids with no record (see print_split) */
-    double lookup_others; /* CPUs other processes used during the best lookup run */
-    int rc;               /* exit status: 1 once a check failed */
+    size_t lookup_misses;   /* ids with no record (see print_split) */
+    double lookup_others;   /* CPUs other processes used during the best lookup run */
+    int rc;                 /* exit status: 1 once a check failed */
 } bench_t;
 
 static void bench_jsmn(bench_t *b)
