@@ -220,16 +220,21 @@ static size_t rec_encode(tly_store_t *store, const etype_t *et, const tly_event_
                          int64_t base_t, uint64_t mask, uint8_t *buf, size_t cap)
 {
     _Static_assert(REC_BUF >= COMPACT_MAX_BYTES + 32, "room for one value past the cap");
+    _Static_assert(TLY_MAX_ITEM_VALUES <= 16, "the tags fit a 32-bit word");
+    /* locals, not et's and ev's fields: every byte stored into buf could
+     * alias them, and the compiler would load them again after each */
+    const uint32_t nvf = et->nvf;
+    const uint32_t *vf = et->vf;
+    const tly_value_t *vals = ev->vals;
+    uint32_t tags = 0;
     size_t n = 0;
     n += put_varint(buf + n, zigzag(ev->time_ms - base_t));
     n += put_varint(buf + n, mask);
-    size_t tagat = n, tagbytes = (et->nvf + 3) / 4;
-    for (size_t b = 0; b < tagbytes; b++)
-        buf[n + b] = 0;
+    size_t tagat = n, tagbytes = (nvf + 3) / 4;
     n += tagbytes;
-    for (uint32_t j = 0; j < et->nvf; j++) {
-        const tly_value_t *v = &ev->vals[et->vf[j]];
-        unsigned tag = TAG_NIL;
+    for (uint32_t j = 0; j < nvf; j++) {
+        const tly_value_t *v = &vals[vf[j]];
+        uint32_t tag = TAG_NIL;
         if (n + 16 > REC_BUF)
             return 0;
         switch (v->type) {
@@ -260,8 +265,12 @@ static size_t rec_encode(tly_store_t *store, const etype_t *et, const tly_event_
         default:
             break;
         }
-        buf[tagat + j / 4] |= (uint8_t)(tag << (2 * (j % 4)));
+        tags |= tag << (2 * j);
     }
+    /* the tag bytes, written once: no clearing before and no
+     * read-modify-write of a byte per value */
+    for (size_t b = 0; b < tagbytes; b++)
+        buf[tagat + b] = (uint8_t)(tags >> (8 * b));
     return n > cap ? 0 : n;
 }
 
