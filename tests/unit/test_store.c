@@ -1091,6 +1091,39 @@ static void test_concurrent_writers_on_shared_entities_lose_nothing(void **state
     assert_int_equal(impressions, 2 * (CONC_EVENTS - 13334));
 }
 
+/* Expects user id's last_action to be the string want. */
+static void assert_last_action(fx_t *fx, const char *id, const char *want)
+{
+    tly_value_t v = get(fx, fx->user, id, "last_action", 0, T);
+    assert_int_equal(v.type, TLY_V_STR);
+    assert_int_equal(v.len, strlen(want));
+    assert_memory_equal(v.u.s, want, v.len);
+}
+
+/* A thread remembers the strings it interned last: strings of one length
+ * and first letter ("save", "sale") keep their own ids, and a second store
+ * on the same thread interns a string the first one already had instead of
+ * taking the first store's id for it. */
+static void test_interned_strings_keep_their_own_ids_per_store(void **state)
+{
+    fx_t *fx = *state;
+    static const char *const acts[] = {"save", "sale", "save", "sale", "save"};
+    for (int i = 0; i < 5; i++)
+        assert_int_equal(put(fx, T, T - (10 - i) * SEC, 1 + i % 2, "p", acts[i], -1), TLY_OK);
+    assert_last_action(fx, "1", "save");
+    assert_last_action(fx, "2", "sale");
+
+    tly_store_t *first = fx->store;
+    fx->store = tly_store_new(fx->fs);
+    assert_int_equal(put(fx, T, T - 3 * SEC, 3, "p", "sale", -1), TLY_OK);
+    assert_int_equal(put(fx, T, T - 2 * SEC, 4, "p", "save", -1), TLY_OK);
+    assert_last_action(fx, "3", "sale");
+    assert_last_action(fx, "4", "save");
+    tly_store_free(fx->store);
+    fx->store = first;
+    assert_last_action(fx, "1", "save");
+}
+
 /* A compact record whose events carry values of every encoding — strings
  * too long to intern (stored in the log), doubles, absent values — read
  * with counts only (the read then decodes times and masks and skips the
@@ -1170,6 +1203,8 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup_teardown(test_window_edges_at_aligned_now, setup, teardown),
         cmocka_unit_test(test_counts_over_a_log_with_inline_strings_and_doubles),
+        cmocka_unit_test_setup_teardown(test_interned_strings_keep_their_own_ids_per_store, setup,
+                                        teardown),
         cmocka_unit_test_setup_teardown(test_window_edges_at_unaligned_now, setup, teardown),
         cmocka_unit_test_setup_teardown(test_out_of_order_events_land_in_their_buckets, setup,
                                         teardown),
