@@ -349,8 +349,9 @@ void store_compact_apply(tly_store_t *store, ent_t **entp, const tly_entity_t *e
  * a log. Writers (may intern ev's strings). */
 size_t store_compact_first(tly_store_t *store, const etype_t *et, const tly_event_t *ev,
                            uint64_t mask, uint8_t *rec, uint32_t *words);
-/* Appends an encoded record (store_compact_first's) to a locked compact
- * record that has room for it. */
+/* Appends an encoded record (store_compact_first's, in the REC_BUF buffer
+ * it was encoded into: the append reads whole words past its end) to a
+ * locked compact record that has room for it. */
 void store_compact_append(ent_t *e, const uint8_t *rec, size_t n);
 size_t store_log_recent(const log_t *lg, uint32_t slot, uint32_t k, int64_t since_ms,
                         int64_t asof_ms, size_t cap, uint32_t *idx);

@@ -247,8 +247,8 @@ bool store_log_decode(const tly_store_t *store, const etype_t *et, log_t *lg)
 }
 
 /* Encodes one event for entity type et with feature mask into buf
- * (REC_BUF bytes, written past cap as scratch). Returns the length, or 0
- * when it takes more than cap bytes. */
+ * (REC_BUF bytes, written past cap as scratch), followed by eight zero
+ * bytes. Returns the length, or 0 when it takes more than cap bytes. */
 static size_t rec_encode(tly_store_t *store, const etype_t *et, const tly_event_t *ev,
                          int64_t base_t, uint64_t mask, uint8_t *buf, size_t cap)
 {
@@ -304,7 +304,10 @@ static size_t rec_encode(tly_store_t *store, const etype_t *et, const tly_event_
      * read-modify-write of a byte per value */
     for (size_t b = 0; b < tagbytes; b++)
         buf[tagat + b] = (uint8_t)(tags >> (8 * b));
-    return n > cap ? 0 : n;
+    if (n > cap)
+        return 0;
+    memset(buf + n, 0, 8); /* log_append appends whole words */
+    return n;
 }
 
 static void ev_from_rec(const tly_featset_t *fs, const etype_t *et, const rec_t *r, tly_event_t *ev)
@@ -352,23 +355,33 @@ static uint32_t grow_words(size_t need)
 }
 
 /* Appends bytes[0..n) at byte offset `at` of the record's log: whole words
- * stored atomically, the partly filled last word merged with its bytes. */
+ * stored atomically, the partly filled last word merged with its bytes.
+ * bytes is a REC_BUF buffer from rec_encode: it reads up to 16 bytes past
+ * n, of which the first eight are zero (the log's tail after `used`). */
 static void log_append(ent_t *e, uint32_t at, const uint8_t *bytes, size_t n)
 {
+    _Static_assert(REC_BUF >= COMPACT_MAX_BYTES + 16, "room to read whole words past a record");
     uint32_t w = at / 8;
 #if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
-    /* the words as they will be, staged in bytes (the log's byte order is
-     * the host's): the kept head of the partly filled word, the new bytes,
-     * zeros after them */
-    uint8_t stage[COMPACT_MAX_BYTES + 16];
-    uint32_t off = at % 8;
-    uint64_t v = off ? ld(e, w) : 0;
-    memcpy(stage, &v, 8);
-    memcpy(stage + off, bytes, n);
-    memset(stage + off + n, 0, 8);
-    for (uint32_t i = 0; i * 8 < off + n; i++) {
-        memcpy(&v, stage + 8 * i, 8);
-        st(e, w + i, v);
+    /* the log's byte order is the host's: word i of the record, shifted up
+     * by the partly filled word's bytes, the bytes it pushes out carried
+     * into the next word */
+    uint32_t off = at % 8, words = (uint32_t)((off + n + 7) / 8);
+    if (off == 0) {
+        for (uint32_t i = 0; i < words; i++) {
+            uint64_t x;
+            memcpy(&x, bytes + 8 * i, 8);
+            st(e, w + i, x);
+        }
+    } else {
+        uint32_t sh = 8 * off;
+        uint64_t carry = ld(e, w) & ((UINT64_C(1) << sh) - 1);
+        for (uint32_t i = 0; i < words; i++) {
+            uint64_t x;
+            memcpy(&x, bytes + 8 * i, 8);
+            st(e, w + i, carry | x << sh);
+            carry = x >> (64 - sh);
+        }
     }
 #else
     uint64_t v = at % 8 ? ld(e, w) : 0;
