@@ -197,10 +197,17 @@ static void win_update(tly_store_t *store, ent_t **entp, uint32_t sid, tly_agg_k
     while (i >= sw) {
         uint32_t eb = (uint32_t)(ld(e, p + i - sw) >> 32);
         if (eb == bucket) {
-            tly_cell_t c;
-            cell_load(e, p + i - sw, kind, &c);
-            tly_agg_cell_add(kind, &c, v);
-            cell_store(e, p + i - sw, bucket, kind, &c);
+            if (kind == TLY_AGG_COUNT) {
+                /* the bucket's one word: its count plus one, saturating at
+                 * UINT32_MAX as tly_agg_cell_add does */
+                uint64_t w = ld(e, p + i - 1);
+                st(e, p + i - 1, w + ((uint32_t)w != UINT32_MAX));
+            } else {
+                tly_cell_t c;
+                cell_load(e, p + i - sw, kind, &c);
+                tly_agg_cell_add(kind, &c, v);
+                cell_store(e, p + i - sw, bucket, kind, &c);
+            }
             if (drop)
                 words_maybe_shrink(store, entp);
             return;
