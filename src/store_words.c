@@ -116,12 +116,15 @@ uint32_t store_seg_find(const ent_t *e, uint32_t used, uint32_t sid, bool *found
     return seg_find_from(e, used, sid, 1, found);
 }
 
+static uint32_t seg_add(tly_store_t *store, ent_t **entp, uint32_t sid, uint32_t init_len,
+                        uint32_t off);
+
 /* Header offset of segment sid, created with init_len zero words if absent.
  * *hint is where the caller's previous segment of this event starts (or 1):
  * one event's features are applied in increasing segment order, so the
  * search resumes there instead of at the first segment. */
-static uint32_t seg_get(tly_store_t *store, ent_t **entp, uint32_t sid, uint32_t init_len,
-                        uint32_t *hint)
+static inline uint32_t seg_get(tly_store_t *store, ent_t **entp, uint32_t sid, uint32_t init_len,
+                               uint32_t *hint)
 {
     ent_t *e = *entp;
     bool found;
@@ -129,11 +132,16 @@ static uint32_t seg_get(tly_store_t *store, ent_t **entp, uint32_t sid, uint32_t
     uint32_t start = *hint < used && SEG_ID(ld(e, *hint)) <= sid ? *hint : 1;
     uint32_t off = seg_find_from(e, used, sid, start, &found);
     *hint = off;
-    if (!found) {
-        words_reserve(store, entp, 1 + init_len); /* offsets survive a regrow */
-        words_open(*entp, off, 1 + init_len);
-        st(*entp, off, SEG_HDR(sid, init_len));
-    }
+    return found ? off : seg_add(store, entp, sid, init_len, off);
+}
+
+/* seg_get's rarer half, out of line: inserts segment sid at off. */
+static __attribute__((noinline)) uint32_t seg_add(tly_store_t *store, ent_t **entp, uint32_t sid,
+                                                  uint32_t init_len, uint32_t off)
+{
+    words_reserve(store, entp, 1 + init_len); /* offsets survive a regrow */
+    words_open(*entp, off, 1 + init_len);
+    st(*entp, off, SEG_HDR(sid, init_len));
     return off;
 }
 
