@@ -184,6 +184,15 @@ static inline void st(ent_t *e, uint32_t i, uint64_t v)
     __atomic_store_n(&ent_words(e)[i], v, __ATOMIC_RELAXED);
 }
 
+/* Word i through the record's words pointer (ent_words(e); stale once the
+ * record regrows). For loops that store: after each atomic store through
+ * st() the compiler loads the record's idlen and works out ent_words(e)
+ * again for the next. */
+static inline void wst(uint64_t *w, uint32_t i, uint64_t v)
+{
+    __atomic_store_n(&w[i], v, __ATOMIC_RELAXED);
+}
+
 static inline uint32_t used_of(const ent_t *e)
 {
     uint32_t u = atomic_load_explicit(&e->used, memory_order_relaxed);

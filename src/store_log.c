@@ -367,11 +367,12 @@ static void log_append(ent_t *e, uint32_t at, const uint8_t *bytes, size_t n)
      * by the partly filled word's bytes, the bytes it pushes out carried
      * into the next word */
     uint32_t off = at % 8, words = (uint32_t)((off + n + 7) / 8);
+    uint64_t *dst = ent_words(e) + w;
     if (off == 0) {
         for (uint32_t i = 0; i < words; i++) {
             uint64_t x;
             memcpy(&x, bytes + 8 * i, 8);
-            st(e, w + i, x);
+            wst(dst, i, x);
         }
     } else {
         uint32_t sh = 8 * off;
@@ -379,7 +380,7 @@ static void log_append(ent_t *e, uint32_t at, const uint8_t *bytes, size_t n)
         for (uint32_t i = 0; i < words; i++) {
             uint64_t x;
             memcpy(&x, bytes + 8 * i, 8);
-            st(e, w + i, carry | x << sh);
+            wst(dst, i, carry | x << sh);
             carry = x >> (64 - sh);
         }
     }
