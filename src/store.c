@@ -498,20 +498,23 @@ tly_err_t tly_store_apply(tly_store_t *store, const tly_event_t *ev, int32_t par
     plan_t *plans = apply_scratch.plans;
     uint32_t *matched = apply_scratch.feats;
     size_t nplans = 0, nmatched = 0;
+    /* locals, not loads from fs and ev per feature: the stores into the
+     * plans below could alias them for all the compiler knows */
+    const bool masks = fs->match_masks, replayed = ev->replayed;
     /* each distinct `where` condition tested once, not once per feature */
-    uint64_t held = fs->match_masks ? tly_featset_match(fs, ev) : 0;
+    uint64_t held = masks ? tly_featset_match(fs, ev) : 0;
     for (uint32_t e = 0; e < fs->nentities; e++) {
         const tly_entity_t *et = &fs->entities[e];
         plan_t *pl = NULL;
         if (ev->skip_entities >> e & 1)
             continue;
         const pfeat_t *pf = &store->pfeats[store->pfirst[e]];
-        for (size_t i = 0; i < et->nfeats; i++, pf++) {
-            if (ev->replayed && store->restored[pf->id])
-                continue; /* already in the state a snapshot restored */
-            if (fs->match_masks ? (pf->conds & ~held) != 0
-                                : !tly_feat_match(&fs->feats[pf->id], ev))
+        for (size_t i = 0, nfeats = et->nfeats; i < nfeats; i++, pf++) {
+            /* the cheapest test first: most features fail their `where` */
+            if (masks ? (pf->conds & ~held) != 0 : !tly_feat_match(&fs->feats[pf->id], ev))
                 continue;
+            if (replayed && store->restored[pf->id])
+                continue; /* already in the state a snapshot restored */
             if (pf->kind == PF_NUMERIC) {
                 const tly_value_t *v = &ev->vals[pf->value];
                 if (v->type == TLY_V_NIL)

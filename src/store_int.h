@@ -184,6 +184,15 @@ static inline void st(ent_t *e, uint32_t i, uint64_t v)
     __atomic_store_n(&ent_words(e)[i], v, __ATOMIC_RELAXED);
 }
 
+/* Word i through the record's words pointer (ent_words(e); stale once the
+ * record regrows). For loops that store: after each atomic store through
+ * st() the compiler loads the record's idlen and works out ent_words(e)
+ * again for the next. */
+static inline void wst(uint64_t *w, uint32_t i, uint64_t v)
+{
+    __atomic_store_n(&w[i], v, __ATOMIC_RELAXED);
+}
+
 static inline uint32_t used_of(const ent_t *e)
 {
     uint32_t u = atomic_load_explicit(&e->used, memory_order_relaxed);
@@ -349,8 +358,9 @@ void store_compact_apply(tly_store_t *store, ent_t **entp, const tly_entity_t *e
  * a log. Writers (may intern ev's strings). */
 size_t store_compact_first(tly_store_t *store, const etype_t *et, const tly_event_t *ev,
                            uint64_t mask, uint8_t *rec, uint32_t *words);
-/* Appends an encoded record (store_compact_first's) to a locked compact
- * record that has room for it. */
+/* Appends an encoded record (store_compact_first's, in the REC_BUF buffer
+ * it was encoded into: the append reads whole words past its end) to a
+ * locked compact record that has room for it. */
 void store_compact_append(ent_t *e, const uint8_t *rec, size_t n);
 size_t store_log_recent(const log_t *lg, uint32_t slot, uint32_t k, int64_t since_ms,
                         int64_t asof_ms, size_t cap, uint32_t *idx);

@@ -56,7 +56,7 @@ static int64_t unzigzag(uint64_t v)
 
 /* Whether a[0..n) equals b[0..n): short strings (most interned ones) by
  * word loads, not a memcmp call. */
-static bool bytes_eq(const char *a, const char *b, size_t n)
+static inline bool bytes_eq(const char *a, const char *b, size_t n)
 {
     if (n < 8)
         return tail_bytes(a, n) == tail_bytes(b, n);
@@ -72,18 +72,51 @@ static bool bytes_eq(const char *a, const char *b, size_t n)
 
 static int intern_insert(tly_store_t *store, const char *s, uint32_t len, uint32_t h);
 
+/* The strings a thread interned last, by a few bits of their length and
+ * first byte: an event stream repeats a handful of short strings (actions,
+ * categories), and a hit compares the bytes once instead of hashing and
+ * probing. Keyed by the store's generation, never its address; interned
+ * strings live as long as their store. */
+#define IMEMO_SLOTS 8
+static _Thread_local struct {
+    uint64_t gen;
+    const istr_t *is;
+    int id;
+} imemo[IMEMO_SLOTS];
+
+static size_t imemo_slot(const char *s, uint32_t len)
+{
+    return (len ^ (uint32_t)(len ? (unsigned char)s[0] : 0) * 3u) & (IMEMO_SLOTS - 1);
+}
+
+static int intern_find(tly_store_t *store, const char *s, uint32_t len, size_t m);
+
 /* Returns the intern id of s[0..len), inserting it if there is room, or -1. */
 int store_intern_get(tly_store_t *store, const char *s, uint32_t len)
 {
     if (len > INTERN_MAXLEN)
         return -1;
+    size_t m = imemo_slot(s, len);
+    if (imemo[m].gen == store->gen && imemo[m].is->len == len && bytes_eq(imemo[m].is->s, s, len))
+        return imemo[m].id;
+    return intern_find(store, s, len, m);
+}
+
+/* store_intern_get past its thread's memo (slot m). */
+static __attribute__((noinline)) int intern_find(tly_store_t *store, const char *s, uint32_t len,
+                                                 size_t m)
+{
     uint32_t h = (uint32_t)hash_bytes(0x51ed27, s, len) & (INTERN_SLOTS - 1);
     for (uint32_t probe = 0; probe < INTERN_SLOTS; probe++, h = (h + 1) & (INTERN_SLOTS - 1)) {
         istr_t *cur = atomic_load_explicit(&store->intern[h], memory_order_acquire);
         if (!cur)
             return intern_insert(store, s, len, h);
-        if (cur->len == len && bytes_eq(cur->s, s, len))
+        if (cur->len == len && bytes_eq(cur->s, s, len)) {
+            imemo[m].gen = store->gen;
+            imemo[m].is = cur;
+            imemo[m].id = (int)h;
             return (int)h;
+        }
     }
     return -1;
 }
@@ -214,22 +247,27 @@ bool store_log_decode(const tly_store_t *store, const etype_t *et, log_t *lg)
 }
 
 /* Encodes one event for entity type et with feature mask into buf
- * (REC_BUF bytes, written past cap as scratch). Returns the length, or 0
- * when it takes more than cap bytes. */
+ * (REC_BUF bytes, written past cap as scratch), followed by eight zero
+ * bytes. Returns the length, or 0 when it takes more than cap bytes. */
 static size_t rec_encode(tly_store_t *store, const etype_t *et, const tly_event_t *ev,
                          int64_t base_t, uint64_t mask, uint8_t *buf, size_t cap)
 {
     _Static_assert(REC_BUF >= COMPACT_MAX_BYTES + 32, "room for one value past the cap");
+    _Static_assert(TLY_MAX_ITEM_VALUES <= 16, "the tags fit a 32-bit word");
+    /* locals, not et's and ev's fields: every byte stored into buf could
+     * alias them, and the compiler would load them again after each */
+    const uint32_t nvf = et->nvf;
+    const uint32_t *vf = et->vf;
+    const tly_value_t *vals = ev->vals;
+    uint32_t tags = 0;
     size_t n = 0;
     n += put_varint(buf + n, zigzag(ev->time_ms - base_t));
     n += put_varint(buf + n, mask);
-    size_t tagat = n, tagbytes = (et->nvf + 3) / 4;
-    for (size_t b = 0; b < tagbytes; b++)
-        buf[n + b] = 0;
+    size_t tagat = n, tagbytes = (nvf + 3) / 4;
     n += tagbytes;
-    for (uint32_t j = 0; j < et->nvf; j++) {
-        const tly_value_t *v = &ev->vals[et->vf[j]];
-        unsigned tag = TAG_NIL;
+    for (uint32_t j = 0; j < nvf; j++) {
+        const tly_value_t *v = &vals[vf[j]];
+        uint32_t tag = TAG_NIL;
         if (n + 16 > REC_BUF)
             return 0;
         switch (v->type) {
@@ -260,9 +298,16 @@ static size_t rec_encode(tly_store_t *store, const etype_t *et, const tly_event_
         default:
             break;
         }
-        buf[tagat + j / 4] |= (uint8_t)(tag << (2 * (j % 4)));
+        tags |= tag << (2 * j);
     }
-    return n > cap ? 0 : n;
+    /* the tag bytes, written once: no clearing before and no
+     * read-modify-write of a byte per value */
+    for (size_t b = 0; b < tagbytes; b++)
+        buf[tagat + b] = (uint8_t)(tags >> (8 * b));
+    if (n > cap)
+        return 0;
+    memset(buf + n, 0, 8); /* log_append appends whole words */
+    return n;
 }
 
 static void ev_from_rec(const tly_featset_t *fs, const etype_t *et, const rec_t *r, tly_event_t *ev)
@@ -310,23 +355,34 @@ static uint32_t grow_words(size_t need)
 }
 
 /* Appends bytes[0..n) at byte offset `at` of the record's log: whole words
- * stored atomically, the partly filled last word merged with its bytes. */
+ * stored atomically, the partly filled last word merged with its bytes.
+ * bytes is a REC_BUF buffer from rec_encode: it reads up to 16 bytes past
+ * n, of which the first eight are zero (the log's tail after `used`). */
 static void log_append(ent_t *e, uint32_t at, const uint8_t *bytes, size_t n)
 {
+    _Static_assert(REC_BUF >= COMPACT_MAX_BYTES + 16, "room to read whole words past a record");
     uint32_t w = at / 8;
 #if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
-    /* the words as they will be, staged in bytes (the log's byte order is
-     * the host's): the kept head of the partly filled word, the new bytes,
-     * zeros after them */
-    uint8_t stage[COMPACT_MAX_BYTES + 16];
-    uint32_t off = at % 8;
-    uint64_t v = off ? ld(e, w) : 0;
-    memcpy(stage, &v, 8);
-    memcpy(stage + off, bytes, n);
-    memset(stage + off + n, 0, 8);
-    for (uint32_t i = 0; i * 8 < off + n; i++) {
-        memcpy(&v, stage + 8 * i, 8);
-        st(e, w + i, v);
+    /* the log's byte order is the host's: word i of the record, shifted up
+     * by the partly filled word's bytes, the bytes it pushes out carried
+     * into the next word */
+    uint32_t off = at % 8, words = (uint32_t)((off + n + 7) / 8);
+    uint64_t *dst = ent_words(e) + w;
+    if (off == 0) {
+        for (uint32_t i = 0; i < words; i++) {
+            uint64_t x;
+            memcpy(&x, bytes + 8 * i, 8);
+            wst(dst, i, x);
+        }
+    } else {
+        uint32_t sh = 8 * off;
+        uint64_t carry = ld(e, w) & ((UINT64_C(1) << sh) - 1);
+        for (uint32_t i = 0; i < words; i++) {
+            uint64_t x;
+            memcpy(&x, bytes + 8 * i, 8);
+            wst(dst, i, carry | x << sh);
+            carry = x >> (64 - sh);
+        }
     }
 #else
     uint64_t v = at % 8 ? ld(e, w) : 0;

@@ -74,8 +74,9 @@ static void words_open(ent_t *e, uint32_t pos, uint32_t n)
 {
     uint32_t used = atomic_load_explicit(&e->used, memory_order_relaxed);
     words_move(e, pos + n, pos, used - pos);
+    uint64_t *w = ent_words(e);
     for (uint32_t i = 0; i < n; i++)
-        st(e, pos + i, 0);
+        wst(w, pos + i, 0);
     atomic_store_explicit(&e->used, used + n, memory_order_relaxed);
 }
 
@@ -116,12 +117,15 @@ uint32_t store_seg_find(const ent_t *e, uint32_t used, uint32_t sid, bool *found
     return seg_find_from(e, used, sid, 1, found);
 }
 
+static uint32_t seg_add(tly_store_t *store, ent_t **entp, uint32_t sid, uint32_t init_len,
+                        uint32_t off);
+
 /* Header offset of segment sid, created with init_len zero words if absent.
  * *hint is where the caller's previous segment of this event starts (or 1):
  * one event's features are applied in increasing segment order, so the
  * search resumes there instead of at the first segment. */
-static uint32_t seg_get(tly_store_t *store, ent_t **entp, uint32_t sid, uint32_t init_len,
-                        uint32_t *hint)
+static inline uint32_t seg_get(tly_store_t *store, ent_t **entp, uint32_t sid, uint32_t init_len,
+                               uint32_t *hint)
 {
     ent_t *e = *entp;
     bool found;
@@ -129,17 +133,23 @@ static uint32_t seg_get(tly_store_t *store, ent_t **entp, uint32_t sid, uint32_t
     uint32_t start = *hint < used && SEG_ID(ld(e, *hint)) <= sid ? *hint : 1;
     uint32_t off = seg_find_from(e, used, sid, start, &found);
     *hint = off;
-    if (!found) {
-        words_reserve(store, entp, 1 + init_len); /* offsets survive a regrow */
-        words_open(*entp, off, 1 + init_len);
-        st(*entp, off, SEG_HDR(sid, init_len));
-    }
+    return found ? off : seg_add(store, entp, sid, init_len, off);
+}
+
+/* seg_get's rarer half, out of line: inserts segment sid at off. */
+static __attribute__((noinline)) uint32_t seg_add(tly_store_t *store, ent_t **entp, uint32_t sid,
+                                                  uint32_t init_len, uint32_t off)
+{
+    words_reserve(store, entp, 1 + init_len); /* offsets survive a regrow */
+    words_open(*entp, off, 1 + init_len);
+    st(*entp, off, SEG_HDR(sid, init_len));
     return off;
 }
 
 static void seg_set_len(ent_t *e, uint32_t off, uint32_t len)
 {
-    st(e, off, SEG_HDR(SEG_ID(ld(e, off)), len));
+    uint64_t *w = ent_words(e);
+    wst(w, off, SEG_HDR(SEG_ID(__atomic_load_n(&w[off], __ATOMIC_RELAXED)), len));
 }
 
 static uint32_t stride_of(tly_agg_kind_t kind)
@@ -164,14 +174,15 @@ static void cell_load(const ent_t *e, uint32_t at, tly_agg_kind_t kind, tly_cell
 static void cell_store(ent_t *e, uint32_t at, uint32_t bucket, tly_agg_kind_t kind,
                        const tly_cell_t *c)
 {
+    uint64_t *w = ent_words(e);
     if (kind == TLY_AGG_COUNT) {
-        st(e, at, (uint64_t)bucket << 32 | c->n);
+        wst(w, at, (uint64_t)bucket << 32 | c->n);
         return;
     }
     uint32_t n = c->n > N_MASK ? N_MASK : c->n;
     uint32_t fl = (c->flags & TLY_CELL_FLOAT) ? FLOAT_BIT : 0;
-    st(e, at, (uint64_t)bucket << 32 | fl | n);
-    st(e, at + 1, (uint64_t)c->bits);
+    wst(w, at, (uint64_t)bucket << 32 | fl | n);
+    wst(w, at + 1, (uint64_t)c->bits);
 }
 
 /* Adds v at `bucket` to segment sid, pruning buckets below keep_lo. */
@@ -197,10 +208,17 @@ static void win_update(tly_store_t *store, ent_t **entp, uint32_t sid, tly_agg_k
     while (i >= sw) {
         uint32_t eb = (uint32_t)(ld(e, p + i - sw) >> 32);
         if (eb == bucket) {
-            tly_cell_t c;
-            cell_load(e, p + i - sw, kind, &c);
-            tly_agg_cell_add(kind, &c, v);
-            cell_store(e, p + i - sw, bucket, kind, &c);
+            if (kind == TLY_AGG_COUNT) {
+                /* the bucket's one word: its count plus one, saturating at
+                 * UINT32_MAX as tly_agg_cell_add does */
+                uint64_t w = ld(e, p + i - 1);
+                st(e, p + i - 1, w + ((uint32_t)w != UINT32_MAX));
+            } else {
+                tly_cell_t c;
+                cell_load(e, p + i - sw, kind, &c);
+                tly_agg_cell_add(kind, &c, v);
+                cell_store(e, p + i - sw, bucket, kind, &c);
+            }
             if (drop)
                 words_maybe_shrink(store, entp);
             return;
@@ -237,43 +255,46 @@ static uint32_t value_words(const tly_value_t *v, int id)
 static void item_write(ent_t *e, uint32_t at, const tly_feat_t *feat, const tly_event_t *ev,
                        const int *ids, uint32_t words)
 {
-    st(e, at, words | (uint64_t)feat->nvalues << 32);
+    uint64_t *w = ent_words(e);
+    const size_t nvalues = feat->nvalues;
+    const uint32_t *values = feat->values;
+    wst(w, at, words | (uint64_t)nvalues << 32);
     uint32_t q = at + 1;
-    for (size_t i = 0; i < feat->nvalues; i++) {
-        const tly_value_t *v = &ev->vals[feat->values[i]];
+    for (size_t i = 0; i < nvalues; i++) {
+        const tly_value_t *v = &ev->vals[values[i]];
         switch (v->type) {
         case TLY_V_INT:
         case TLY_V_BOOL:
-            st(e, q++, TAG(v->type, 0));
-            st(e, q++, (uint64_t)v->u.i);
+            wst(w, q++, TAG(v->type, 0));
+            wst(w, q++, (uint64_t)v->u.i);
             break;
         case TLY_V_DOUBLE: {
             uint64_t bits;
             memcpy(&bits, &v->u.d, 8);
-            st(e, q++, TAG(v->type, 0));
-            st(e, q++, bits);
+            wst(w, q++, TAG(v->type, 0));
+            wst(w, q++, bits);
             break;
         }
         case TLY_V_STR:
             if (ids[i] >= 0) {
-                st(e, q++, TAG(TAG_ISTR, 0));
-                st(e, q++, (uint64_t)ids[i]);
+                wst(w, q++, TAG(TAG_ISTR, 0));
+                wst(w, q++, (uint64_t)ids[i]);
                 break;
             }
-            st(e, q++, TAG(v->type, v->len));
+            wst(w, q++, TAG(v->type, v->len));
             for (uint32_t o = 0; o < v->len; o += 8) {
-                uint64_t w = 0;
-                memcpy(&w, v->u.s + o, v->len - o < 8 ? v->len - o : 8);
-                st(e, q++, w);
+                uint64_t x = 0;
+                memcpy(&x, v->u.s + o, v->len - o < 8 ? v->len - o : 8);
+                wst(w, q++, x);
             }
             break;
         default:
-            st(e, q++, TAG(TLY_V_NIL, 0));
+            wst(w, q++, TAG(TLY_V_NIL, 0));
             break;
         }
     }
-    st(e, q, (uint64_t)ev->time_ms);
-    st(e, q + 1, words);
+    wst(w, q, (uint64_t)ev->time_ms);
+    wst(w, q + 1, words);
 }
 
 /* The intern id of the string an event value last asked for: the item

@@ -1091,6 +1091,69 @@ static void test_concurrent_writers_on_shared_entities_lose_nothing(void **state
     assert_int_equal(impressions, 2 * (CONC_EVENTS - 13334));
 }
 
+/* A word-encoded count bucket at UINT32_MAX - 1 (restored from a state
+ * block: four billion events are too many for a test) reaches UINT32_MAX
+ * with one more event and stays there, its bucket untouched. */
+static void test_word_encoded_count_bucket_saturates(void **state)
+{
+    fx_t *fx = *state;
+    uint32_t f;
+    int win;
+    assert_int_equal(tly_featset_resolve(fx->fs, fx->user, "clicks", 6, &f, &win), TLY_OK);
+    int64_t t = T - SEC;
+    uint64_t words[3] = {
+        (uint64_t)t,                                                  /* newest event time */
+        (uint64_t)fx->fs->feats[f].slot * TLY_MAX_WINDOWS | 1u << 16, /* clicks:5m, one word */
+        (uint64_t)(t / (10 * SEC)) << 32 | (UINT32_MAX - 1),          /* its 10 s bucket */
+    };
+    uint8_t item[1 + 4 + 8 + 1 + sizeof words] = {
+        2,  (uint8_t)fx->user, (uint8_t)(fx->user >> 8), 1, 2 /* words */, 3, 0, 0, 0, 3, 0, 0, 0,
+        '9'};
+    for (size_t i = 0; i < 3 * 8; i++)
+        item[14 + i] = (uint8_t)(words[i / 8] >> (8 * (i % 8)));
+    char err[128];
+    assert_int_equal(tly_store_load(fx->store, item, sizeof item, NULL, err, sizeof err), TLY_OK);
+    assert_int_equal(count(fx, "9", "clicks", 0, T), UINT32_MAX - 1);
+    assert_int_equal(put(fx, T, t, 9, NULL, "click", -1), TLY_OK);
+    assert_int_equal(count(fx, "9", "clicks", 0, T), UINT32_MAX);
+    assert_int_equal(put(fx, T, t, 9, NULL, "click", -1), TLY_OK);
+    assert_int_equal(count(fx, "9", "clicks", 0, T), UINT32_MAX);
+    assert_int_equal(count(fx, "9", "clicks", 1, T), 2); /* 1h: a new segment */
+}
+
+/* Expects user id's last_action to be the string want. */
+static void assert_last_action(fx_t *fx, const char *id, const char *want)
+{
+    tly_value_t v = get(fx, fx->user, id, "last_action", 0, T);
+    assert_int_equal(v.type, TLY_V_STR);
+    assert_int_equal(v.len, strlen(want));
+    assert_memory_equal(v.u.s, want, v.len);
+}
+
+/* A thread remembers the strings it interned last: strings of one length
+ * and first letter ("save", "sale") keep their own ids, and a second store
+ * on the same thread interns a string the first one already had instead of
+ * taking the first store's id for it. */
+static void test_interned_strings_keep_their_own_ids_per_store(void **state)
+{
+    fx_t *fx = *state;
+    static const char *const acts[] = {"save", "sale", "save", "sale", "save"};
+    for (int i = 0; i < 5; i++)
+        assert_int_equal(put(fx, T, T - (10 - i) * SEC, 1 + i % 2, "p", acts[i], -1), TLY_OK);
+    assert_last_action(fx, "1", "save");
+    assert_last_action(fx, "2", "sale");
+
+    tly_store_t *first = fx->store;
+    fx->store = tly_store_new(fx->fs);
+    assert_int_equal(put(fx, T, T - 3 * SEC, 3, "p", "sale", -1), TLY_OK);
+    assert_int_equal(put(fx, T, T - 2 * SEC, 4, "p", "save", -1), TLY_OK);
+    assert_last_action(fx, "3", "sale");
+    assert_last_action(fx, "4", "save");
+    tly_store_free(fx->store);
+    fx->store = first;
+    assert_last_action(fx, "1", "save");
+}
+
 /* A compact record whose events carry values of every encoding — strings
  * too long to intern (stored in the log), doubles, absent values — read
  * with counts only (the read then decodes times and masks and skips the
@@ -1170,6 +1233,9 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup_teardown(test_window_edges_at_aligned_now, setup, teardown),
         cmocka_unit_test(test_counts_over_a_log_with_inline_strings_and_doubles),
+        cmocka_unit_test_setup_teardown(test_word_encoded_count_bucket_saturates, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_interned_strings_keep_their_own_ids_per_store, setup,
+                                        teardown),
         cmocka_unit_test_setup_teardown(test_window_edges_at_unaligned_now, setup, teardown),
         cmocka_unit_test_setup_teardown(test_out_of_order_events_land_in_their_buckets, setup,
                                         teardown),
