@@ -297,31 +297,10 @@ static void item_write(ent_t *e, uint32_t at, const tly_feat_t *feat, const tly_
     wst(w, q + 1, words);
 }
 
-/* The intern id of the string an event value last asked for: the item
- * lists of one event (recent, last_action …) often name the same field. */
-typedef struct {
-    bool set;
-    const char *s;
-    uint32_t len;
-    int id;
-} imemo_t;
-
-static int intern_memo(tly_store_t *store, const tly_value_t *v, imemo_t *memo)
-{
-    /* the same address and length in one event: the same bytes */
-    if (!memo->set || memo->s != v->u.s || memo->len != v->len) {
-        memo->id = store_intern_get(store, v->u.s, v->len);
-        memo->set = true;
-        memo->s = v->u.s;
-        memo->len = v->len;
-    }
-    return memo->id;
-}
-
 /* Inserts the event as an item of last/last_k feature feat, ordered by time
  * (equal times keep arrival order), keeping at most k (+ slack) items. */
 static void lastk_update(tly_store_t *store, ent_t **entp, uint32_t sid, const tly_feat_t *feat,
-                         const tly_event_t *ev, uint32_t *hint, imemo_t *memo)
+                         const tly_event_t *ev, uint32_t *hint)
 {
     uint32_t off = seg_get(store, entp, sid, 1, hint);
     ent_t *e = *entp;
@@ -335,7 +314,9 @@ static void lastk_update(tly_store_t *store, ent_t **entp, uint32_t sid, const t
     uint32_t words = 3;
     for (size_t i = 0; i < feat->nvalues; i++) {
         const tly_value_t *v = &ev->vals[feat->values[i]];
-        ids[i] = v->type == TLY_V_STR ? intern_memo(store, v, memo) : -1;
+        /* store_intern_get answers a repeat (the item lists of one event
+         * often name the same field) from its thread's memo */
+        ids[i] = v->type == TLY_V_STR ? store_intern_get(store, v->u.s, v->len) : -1;
         words += value_words(v, ids[i]);
     }
 
@@ -408,7 +389,6 @@ void store_words_apply(tly_store_t *store, ent_t **entp, const tly_entity_t *ety
 {
     const tly_featset_t *fs = store->fs;
     uint32_t hint = 1;
-    imemo_t memo = {.set = false};
     {
         /* The segment walk loads one header after another; start loading
          * the lines it will pass (the windowed segments first, the item
@@ -428,7 +408,7 @@ void store_words_apply(tly_store_t *store, ent_t **entp, const tly_entity_t *ety
         if (!feats && !(mask & (UINT64_C(1) << feat->slot)))
             continue;
         if (!tly_agg_windowed(feat->agg)) {
-            lastk_update(store, entp, SID_ITEMS(feat->slot), feat, ev, &hint, &memo);
+            lastk_update(store, entp, SID_ITEMS(feat->slot), feat, ev, &hint);
             continue;
         }
         const tly_value_t *v = feat->nvalues ? &ev->vals[feat->values[0]] : NULL;
