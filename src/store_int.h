@@ -179,11 +179,6 @@ static inline uint64_t ld(const ent_t *e, uint32_t i)
     return __atomic_load_n(&ent_words(e)[i], __ATOMIC_RELAXED);
 }
 
-static inline void st(ent_t *e, uint32_t i, uint64_t v)
-{
-    __atomic_store_n(&ent_words(e)[i], v, __ATOMIC_RELAXED);
-}
-
 /* Word i through the record's words pointer (ent_words(e); stale once the
  * record regrows). For loops that store: after each atomic store through
  * st() the compiler loads the record's idlen and works out ent_words(e)
@@ -191,6 +186,11 @@ static inline void st(ent_t *e, uint32_t i, uint64_t v)
 static inline void wst(uint64_t *w, uint32_t i, uint64_t v)
 {
     __atomic_store_n(&w[i], v, __ATOMIC_RELAXED);
+}
+
+static inline void st(ent_t *e, uint32_t i, uint64_t v)
+{
+    wst(ent_words(e), i, v);
 }
 
 static inline uint32_t used_of(const ent_t *e)
