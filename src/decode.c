@@ -1,17 +1,19 @@
 /*
  * decode.c — JSON event payloads → tly_event_t (see decode.h).
  *
- * jsmn tokenises the payload. jsmn is lenient: it accepts `{"a" 1}`, `[1,,2]`,
- * bare words, raw control characters in strings and several top-level values.
- * So a second pass walks jsmn's token tree and checks every byte of the
- * payload against the JSON grammar (RFC 8259): the separators between tokens,
- * number and literal syntax, string escapes and UTF-8. The same walk extracts
- * the top-level members whose key is a referenced field.
+ * One pass over the payload checks it against the JSON grammar (RFC 8259):
+ * structure, separators, number and literal syntax, string escapes and
+ * UTF-8. The same pass extracts the top-level members whose key is a
+ * referenced field. (It replaced jsmn plus a second walk over jsmn's tokens:
+ * jsmn is lenient, so every byte had to be checked again; one pass costs
+ * less than jsmn alone. bench/README.md has both figures.)
  *
  * Rejection precedence, so that each payload has exactly one reason:
- * EV_TOO_LARGE, EV_TOO_COMPLEX, EV_BAD_JSON, EV_NOT_OBJECT, then the first
- * field error in document order (EV_WRONG_TYPE, EV_VALUE_TOO_LONG, or
- * EV_BAD_TIME for the time field), then EV_MISSING_TIME / EV_BAD_TIME.
+ * EV_TOO_LARGE, then the first of EV_TOO_COMPLEX (the 257th token: each
+ * object, array, key and value is one) and EV_BAD_JSON (a grammar error) met
+ * reading left to right, then EV_NOT_OBJECT, then the first field error in
+ * document order (EV_WRONG_TYPE, EV_VALUE_TOO_LONG, or EV_BAD_TIME for the
+ * time field), then EV_MISSING_TIME / EV_BAD_TIME.
  *
  * Decisions (README material):
  *  - Strings must be valid UTF-8 (no overlongs, no surrogates, ≤ U+10FFFF);
@@ -32,8 +34,8 @@
  *  - Doubles are parsed with strtod, which follows LC_NUMERIC: the daemon must
  *    keep the "C" numeric locale.
  *
- * Threads: a decoder is used by one thread at a time (its tokens and scratch
- * are per call); the featset it borrows is read only.
+ * Threads: a decoder is used by one thread at a time (its scratch is per
+ * call); the featset it borrows is read only.
  *
  * Memory invariant: the scratch buffer holds at least len + 1 bytes for a
  * payload of len bytes. Decoded strings are never longer than their raw text
@@ -51,15 +53,10 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* Parent links make closing brackets O(depth) instead of O(tokens). */
-#define JSMN_STATIC
-#define JSMN_PARENT_LINKS
-#include <jsmn.h>
-
 /* 2101-01-01T00:00:00Z: 131 years after 1970, 32 of them leap (1972…2096). */
 #define TIME_MAX_MS (INT64_C(47847) * 86400000)
 
-/* jsmn keeps positions in int. */
+/* A value's length is kept in 32 bits (tly_value_t.len). */
 #define DECODE_MAX_LEN ((size_t)INT_MAX - 1)
 
 /* Open-addressing table of field ids by key name; at most 64 fields, so a
@@ -75,22 +72,33 @@ struct tly_decoder {
     char *scratch;             /* decoded strings; see the memory invariant */
     size_t cap;
     size_t used;
-    jsmntok_t toks[TLY_DECODE_MAX_TOKENS];
 };
 
-/* One decode call: the payload, its tokens, and what extraction found. */
+/* What the scan learnt about one value. */
+typedef enum { V_STR, V_NUM, V_TRUE, V_FALSE, V_NULL, V_OBJECT, V_ARRAY } vkind_t;
+
+typedef struct {
+    vkind_t kind;
+    const char *p; /* a string's body (between the quotes) or a number's text */
+    size_t n;
+    bool escaped; /* a string holding a backslash escape */
+    bool is_int;  /* a number with neither fraction nor exponent */
+    bool small;   /* ... of at most 18 digits, whose magnitude is `mag` */
+    uint64_t mag;
+} val_t;
+
+/* One decode call: the payload, where the scan is, and what it extracted. */
 typedef struct {
     tly_decoder_t *dec;
     const char *js;
     size_t len;
-    int ntok;
+    size_t pos;   /* next byte to read */
+    int ntok;     /* tokens met so far */
+    bool complex; /* the scan stopped at token TLY_DECODE_MAX_TOKENS + 1 */
     tly_event_t *ev;
-    tly_err_t err; /* first field error, in document order */
-    int time_tok;  /* value token of the last time-field member, or -1 */
-    bool escaped;  /* the last string checked holds a backslash escape */
-    bool is_int;   /* the last primitive checked is an integer */
-    bool small;    /* ... of at most 18 digits, whose magnitude is `mag` */
-    uint64_t mag;
+    tly_err_t err;      /* first field error, in document order */
+    const char *time_p; /* text of the last time-field value extracted, or NULL */
+    size_t time_n;
 } walk_t;
 
 /* The first eight bytes of a key s[0..n) as a word, zero-padded when n < 8.
@@ -198,97 +206,91 @@ static size_t skip_ws(const char *js, size_t pos, size_t len)
     return pos;
 }
 
-/* True when js[p..next) is whitespace around one `sep` (or only whitespace
- * when sep is 0). The usual forms ("", ":", ": ", ",", ", ") are told at a
- * glance; anything else is walked byte by byte. */
-static bool json_gap(const char *js, size_t p, size_t next, char sep)
+/* Reads the run of decimal digits that begins p[0..8) (eight bytes may be
+ * read) and folds it into *acc: *acc * 10^k + their value. Returns k, the
+ * run's length (0…8). A byte is a digit when its high nibble is 3 and adding
+ * 6 keeps it so; a carry out of a byte comes only from a byte >= 0xFA, a
+ * non-digit, so the lowest non-digit byte is found exactly. The digits are
+ * then moved to the top of the word (as if led by zeros) and combined in
+ * pairs, fours and eights. */
+static size_t digits8(const char *p, uint64_t *acc)
 {
-    if (next < p)
-        return false;
-    size_t n = next - p;
-    if (sep == 0 ? n == 0 : n >= 1 && n <= 2 && js[p] == sep && (n == 1 || js[p + 1] == ' '))
-        return true;
-    size_t q = skip_ws(js, p, next);
-    if (sep != 0) {
-        if (q >= next || js[q] != sep)
-            return false;
-        q = skip_ws(js, q + 1, next);
-    }
-    return q == next;
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    static const uint64_t pow10[9] = {1,      10,      100,      1000,     10000,
+                                      100000, 1000000, 10000000, 100000000};
+    const uint64_t hi = UINT64_C(0xF0F0F0F0F0F0F0F0), threes = UINT64_C(0x3030303030303030);
+    uint64_t x;
+    memcpy(&x, p, 8);
+    uint64_t bad = ((x & hi) ^ threes) | (((x + UINT64_C(0x0606060606060606)) & hi) ^ threes);
+    size_t k = bad == 0 ? 8 : (size_t)__builtin_ctzll(bad) / 8;
+    if (k == 0)
+        return 0;
+    uint64_t d = (x - threes) << (8 * (8 - k)); /* k < 8: the non-digits shift out */
+    if (k == 8)
+        d = x - threes;
+    d = (d * 10 + (d >> 8)) & UINT64_C(0x00FF00FF00FF00FF);
+    d = (d * 100 + (d >> 16)) & UINT64_C(0x0000FFFF0000FFFF);
+    d = (d * 10000 + (d >> 32)) & UINT64_C(0x00000000FFFFFFFF);
+    *acc = *acc * pow10[k] + d;
+    return k;
+#else
+    (void)p;
+    (void)acc;
+    return 0;
+#endif
 }
 
-/* Where token t's text begins: the opening quote of a string. Negative
- * for a token jsmn left without a position. */
-static ptrdiff_t tok_begin(const jsmntok_t *t)
-{
-    return t->type == JSMN_STRING ? (ptrdiff_t)t->start - 1 : (ptrdiff_t)t->start;
-}
-
-/* True when p[0..n) is a JSON number; *is_int when it has neither fraction
- * nor exponent. The integer part's digits are summed on the way: *small
- * when there are at most 18 of them (below 10^18, so the sum cannot
- * overflow), and then *mag is their value. */
-static bool json_number(const char *p, size_t n, bool *is_int, bool *small, uint64_t *mag)
+/* Scans the number at p[0..n) (it begins with '-' or a digit, or is not a
+ * number) and returns its length, or 0 when it is malformed. The number
+ * ends at the first byte that cannot continue it; what follows is the
+ * caller's to check. The integer part's digits are summed on the way:
+ * v->small when there are at most 18 of them (below 10^18, so the sum
+ * cannot overflow), and then v->mag is their value. */
+static size_t json_number(const char *p, size_t n, val_t *v)
 {
     size_t i = 0;
-    if (i < n && p[i] == '-')
+    if (p[0] == '-')
         i++;
     if (i >= n)
-        return false;
+        return 0;
     size_t first = i;
     uint64_t acc = 0; /* wraps harmlessly beyond 19 digits: then unused */
     if (p[i] == '0') {
         i++;
     } else if (p[i] >= '1' && p[i] <= '9') {
+        size_t k;
+        while (n - i >= 8 && (k = digits8(p + i, &acc)) > 0) {
+            i += k;
+            if (k < 8)
+                break;
+        }
         while (i < n && is_digit(p[i]))
             acc = acc * 10 + (unsigned)(p[i++] - '0');
     } else {
-        return false;
+        return 0;
     }
-    *small = i - first <= 18;
-    *mag = acc;
-    *is_int = true;
+    v->small = i - first <= 18;
+    v->mag = acc;
+    v->is_int = true;
     if (i < n && p[i] == '.') {
         i++;
-        *is_int = false;
+        v->is_int = false;
         if (i >= n || !is_digit(p[i]))
-            return false;
+            return 0;
         while (i < n && is_digit(p[i]))
             i++;
     }
     if (i < n && (p[i] == 'e' || p[i] == 'E')) {
         i++;
-        *is_int = false;
+        v->is_int = false;
         if (i < n && (p[i] == '+' || p[i] == '-'))
             i++;
         if (i >= n || !is_digit(p[i]))
-            return false;
+            return 0;
         while (i < n && is_digit(p[i]))
             i++;
     }
-    return i == n;
-}
-
-static bool literal_is(const char *p, size_t n, const char *lit, size_t litlen)
-{
-    return n == litlen && memcmp(p, lit, n) == 0;
-}
-
-/* True when p[0..n) is a valid JSON primitive (true, false, null, number);
- * the number's facts go to w (see json_number). */
-static bool json_primitive(const char *p, size_t n, walk_t *w)
-{
-    w->is_int = false;
-    switch (p[0]) {
-    case 't':
-        return literal_is(p, n, "true", 4);
-    case 'f':
-        return literal_is(p, n, "false", 5);
-    case 'n':
-        return literal_is(p, n, "null", 4);
-    default:
-        return json_number(p, n, &w->is_int, &w->small, &w->mag);
-    }
+    return i;
 }
 
 static bool utf8_cont(unsigned char c)
@@ -366,23 +368,31 @@ static size_t put_utf8(char *dst, unsigned cp)
 }
 
 /* Length of the prefix of s[0..n) made of bytes that stand for themselves in
- * a JSON string: printable ASCII other than the backslash. Tests eight bytes
- * at a time (each test is exact: any byte >= 0x80, < 0x20 or == '\\' stops
- * it), then byte by byte. */
-static size_t plain_prefix(const char *s, size_t n)
+ * a JSON string: printable ASCII other than the quote and the backslash.
+ * Tests eight bytes at a time: each byte's flag is exact up to and
+ * including the first byte that is >= 0x80, < 0x20, '"' or '\\' (the
+ * subtractions borrow only out of a flagged byte), so on a little-endian
+ * machine the lowest flag is where the prefix ends. */
+static size_t string_run(const char *s, size_t n)
 {
     const uint64_t ones = UINT64_C(0x0101010101010101), high = ones * 0x80;
     size_t i = 0;
     for (; n - i >= 8; i += 8) {
         uint64_t x;
         memcpy(&x, s + i, 8);
-        uint64_t bs = x ^ (ones * '\\');
-        if (((x | ((x - ones * 0x20) & ~x) | ((bs - ones) & ~bs)) & high) != 0)
+        uint64_t q = x ^ (ones * '"'), b = x ^ (ones * '\\');
+        uint64_t m = (x | ((x - ones * 0x20) & ~x) | ((q - ones) & ~q) | ((b - ones) & ~b)) & high;
+        if (m != 0) {
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+            return i + (size_t)__builtin_ctzll(m) / 8;
+#else
             break;
+#endif
+        }
     }
     while (i < n) {
         unsigned char c = (unsigned char)s[i];
-        if (c < 0x20 || c >= 0x80 || c == '\\')
+        if (c < 0x20 || c >= 0x80 || c == '"' || c == '\\')
             break;
         i++;
     }
@@ -661,19 +671,17 @@ static void field_error(walk_t *w, int fid, tly_err_t e)
         w->err = fid == w->dec->rules.time_field ? TLY_E_EV_BAD_TIME : e;
 }
 
-/* Converts value token vi, just checked by check_value (w->escaped, w->is_int,
- * w->small and w->mag describe it), into ev->vals[fid]. */
-static void extract(walk_t *w, int fid, int vi)
+/* Converts value v, just scanned, into ev->vals[fid]. */
+static void extract(walk_t *w, int fid, const val_t *v)
 {
     tly_decoder_t *dec = w->dec;
-    const jsmntok_t *t = &dec->toks[vi];
-    const char *p = w->js + t->start;
-    size_t n = (size_t)(t->end - t->start);
-    tly_value_t v = {.type = TLY_V_NIL};
+    const char *p = v->p;
+    size_t n = v->n;
+    tly_value_t out = {.type = TLY_V_NIL};
 
-    switch (t->type) {
-    case JSMN_STRING:
-        if (w->escaped) {
+    switch (v->kind) {
+    case V_STR:
+        if (v->escaped) {
             char *dst = scratch_at(dec, n);
             ptrdiff_t dn = dst != NULL ? json_string(p, n, dst) : -1;
             if (dn < 0) {
@@ -688,161 +696,225 @@ static void extract(walk_t *w, int fid, int vi)
             field_error(w, fid, TLY_E_EV_VALUE_TOO_LONG);
             return;
         }
-        v.type = TLY_V_STR;
-        v.len = (uint32_t)n;
-        v.u.s = p;
+        out.type = TLY_V_STR;
+        out.len = (uint32_t)n;
+        out.u.s = p;
         break;
-    case JSMN_PRIMITIVE:
-        if (p[0] == 't' || p[0] == 'f') {
-            v.type = TLY_V_BOOL;
-            v.u.i = p[0] == 't';
-        } else if (p[0] == 'n') {
-            v.type = TLY_V_NIL;
+    case V_TRUE:
+    case V_FALSE:
+        out.type = TLY_V_BOOL;
+        out.u.i = v->kind == V_TRUE;
+        break;
+    case V_NULL:
+        break;
+    case V_NUM:
+        if (v->is_int && v->small) {
+            out.type = TLY_V_INT;
+            out.u.i = p[0] == '-' ? -(int64_t)v->mag : (int64_t)v->mag;
+        } else if (v->is_int && parse_int64(p, n, &out.u.i)) {
+            out.type = TLY_V_INT;
         } else {
-            if (w->is_int && w->small) {
-                v.type = TLY_V_INT;
-                v.u.i = p[0] == '-' ? -(int64_t)w->mag : (int64_t)w->mag;
-            } else if (w->is_int && parse_int64(p, n, &v.u.i)) {
-                v.type = TLY_V_INT;
-            } else {
-                /* strtod needs a terminator: parse a copy. */
-                char *num = scratch_at(dec, n + 1);
-                if (num == NULL) {
-                    field_error(w, fid, TLY_E_EV_BAD_JSON);
-                    return;
-                }
-                memcpy(num, p, n);
-                num[n] = '\0';
-                double d = strtod(num, NULL);
-                if (!isfinite(d)) {
-                    field_error(w, fid, TLY_E_EV_WRONG_TYPE);
-                    return;
-                }
-                v.type = TLY_V_DOUBLE;
-                v.u.d = d;
+            /* strtod needs a terminator: parse a copy. */
+            char *num = scratch_at(dec, n + 1);
+            if (num == NULL) {
+                field_error(w, fid, TLY_E_EV_BAD_JSON);
+                return;
             }
+            memcpy(num, p, n);
+            num[n] = '\0';
+            double d = strtod(num, NULL);
+            if (!isfinite(d)) {
+                field_error(w, fid, TLY_E_EV_WRONG_TYPE);
+                return;
+            }
+            out.type = TLY_V_DOUBLE;
+            out.u.d = d;
         }
         break;
     default: /* object or array */
         field_error(w, fid, TLY_E_EV_WRONG_TYPE);
         return;
     }
-    w->ev->vals[fid] = v;
-    if (fid == dec->rules.time_field)
-        w->time_tok = vi;
+    w->ev->vals[fid] = out;
+    if (fid == dec->rules.time_field) {
+        w->time_p = v->p;
+        w->time_n = v->n;
+    }
 }
 
-/* Looks up the field a key token names, decoding escapes if it has any. */
-static int key_field(walk_t *w, const jsmntok_t *t, bool escaped)
+/* Looks up the field a key names, decoding escapes if it has any. */
+static int key_field(walk_t *w, const val_t *key)
 {
-    const char *p = w->js + t->start;
-    size_t n = (size_t)(t->end - t->start);
-    if (!escaped) /* the closing quote and more follow: len - start > n */
-        return lookup_field(w->dec, p, n, w->len - (size_t)t->start);
-    char *tmp = scratch_at(w->dec, n); /* temporary: not committed */
-    ptrdiff_t dn = tmp != NULL ? json_string(p, n, tmp) : -1;
+    if (!key->escaped) /* the closing quote and more follow: avail > n */
+        return lookup_field(w->dec, key->p, key->n, w->len - (size_t)(key->p - w->js));
+    char *tmp = scratch_at(w->dec, key->n); /* temporary: not committed */
+    ptrdiff_t dn = tmp != NULL ? json_string(key->p, key->n, tmp) : -1;
     return dn < 0 ? -1 : lookup_field(w->dec, tmp, (size_t)dn, (size_t)dn);
 }
 
-static int check_value(walk_t *w, int i, size_t *pos, bool top);
-
-/* Checks string token i, which must open at *pos; sets w->escaped. Returns
- * i + 1 or -1. */
-static int check_string(walk_t *w, int i, size_t *pos)
+/* Counts one more token; false (and w->complex) past the cap. */
+static bool count_token(walk_t *w)
 {
-    const jsmntok_t *t = &w->dec->toks[i];
-    if (t->type != JSMN_STRING || t->start < 1 || t->end < t->start || (size_t)t->end >= w->len ||
-        *pos != (size_t)t->start - 1)
-        return -1;
-    if (w->js[t->start - 1] != '"' || w->js[t->end] != '"')
-        return -1;
-    const char *s = w->js + t->start;
-    size_t n = (size_t)(t->end - t->start), k = plain_prefix(s, n);
-    w->escaped = false;
-    if (k < n) {
-        if (json_string(s + k, n - k, NULL) < 0)
-            return -1;
-        w->escaped = memchr(s + k, '\\', n - k) != NULL;
-    }
-    *pos = (size_t)t->end + 1;
-    return i + 1;
+    if (++w->ntok <= TLY_DECODE_MAX_TOKENS)
+        return true;
+    w->complex = true;
+    return false;
 }
 
-/* Checks object or array token i at *pos and its subtree; with top, extracts
- * the object's referenced members. Returns the index after the subtree or -1. */
-static int check_container(walk_t *w, int i, size_t *pos, bool top)
+static void skip_gap(walk_t *w)
 {
-    const jsmntok_t *t = &w->dec->toks[i];
-    bool object = t->type == JSMN_OBJECT;
-    char close = object ? '}' : ']';
-    size_t p = *pos;
-    int j = i + 1;
+    w->pos = skip_ws(w->js, w->pos, w->len);
+}
 
-    if (t->start < 0 || (size_t)t->start != p || t->end <= t->start || (size_t)t->end > w->len)
-        return -1;
-    if (w->js[p] != (object ? '{' : '['))
-        return -1;
+/* Skips whitespace, the byte c, and whitespace again; false when c is not
+ * there. The usual forms (c alone, or followed by one space) take the
+ * first tests. */
+static inline bool skip_sep(walk_t *w, char c)
+{
+    const char *js = w->js;
+    size_t p = w->pos, len = w->len;
+    if (p >= len || js[p] != c) {
+        p = skip_ws(js, p, len);
+        if (p >= len || js[p] != c)
+            return false;
+    }
     p++;
-    /* Each member or element begins where its first token's text does:
-     * the bytes before it must be the separator and whitespace. */
-    for (int k = 0; k < t->size; k++) {
-        if (j >= w->ntok)
-            return -1;
-        ptrdiff_t at = tok_begin(&w->dec->toks[j]);
-        if (at < 0 || (size_t)at > w->len || !json_gap(w->js, p, (size_t)at, k > 0 ? ',' : 0))
-            return -1;
-        p = (size_t)at;
-        if (object) {
-            int key = j;
-            if ((j = check_string(w, j, &p)) < 0)
-                return -1;
-            bool key_escaped = w->escaped;
-            if (j >= w->ntok)
-                return -1;
-            at = tok_begin(&w->dec->toks[j]);
-            if (at < 0 || (size_t)at > w->len || !json_gap(w->js, p, (size_t)at, ':'))
-                return -1;
-            p = (size_t)at;
-            int vi = j;
-            if ((j = check_value(w, j, &p, false)) < 0)
-                return -1;
-            if (top && w->err == TLY_OK) {
-                int fid = key_field(w, &w->dec->toks[key], key_escaped);
-                if (fid >= 0)
-                    extract(w, fid, vi);
-            }
-        } else if ((j = check_value(w, j, &p, false)) < 0) {
-            return -1;
+    if (p < len && js[p] == ' ')
+        p++;
+    if (p < len && (unsigned char)js[p] <= ' ')
+        p = skip_ws(js, p, len);
+    w->pos = p;
+    return true;
+}
+
+/* Scans the string whose opening quote is at w->pos, checking its body:
+ * escapes, UTF-8, no raw control bytes. */
+static bool scan_string(walk_t *w, val_t *v)
+{
+    const char *js = w->js;
+    size_t len = w->len, body = w->pos + 1, i = body, odd = len;
+    bool escaped = false;
+    for (;;) {
+        i += string_run(js + i, len - i);
+        if (i >= len)
+            return false;
+        unsigned char c = (unsigned char)js[i];
+        if (c == '"')
+            break;
+        if (c < 0x20)
+            return false;
+        if (odd == len)
+            odd = i;
+        if (c == '\\') {
+            /* The escaped byte cannot end the string; json_string checks
+             * the escape below. */
+            if (len - i < 2)
+                return false;
+            escaped = true;
+            i += 2;
+        } else {
+            i++; /* UTF-8, checked below */
         }
     }
-    p = skip_ws(w->js, p, w->len);
-    if (p >= w->len || w->js[p] != close || p + 1 != (size_t)t->end)
-        return -1;
-    *pos = p + 1;
-    return j;
+    if (odd < i && json_string(js + odd, i - odd, NULL) < 0)
+        return false;
+    v->kind = V_STR;
+    v->p = js + body;
+    v->n = i - body;
+    v->escaped = escaped;
+    w->pos = i + 1;
+    return true;
 }
 
-/* Checks the value whose first token is i and which must begin at *pos.
- * Recursion depth is bounded by TLY_DECODE_MAX_TOKENS. */
-static int check_value(walk_t *w, int i, size_t *pos, bool top)
+static bool scan_value(walk_t *w, val_t *v, bool top);
+
+/* Scans the object or array opening at w->pos and everything in it; with
+ * top, extracts the object's referenced members. */
+static bool scan_container(walk_t *w, val_t *v, bool top)
 {
-    const jsmntok_t *t = &w->dec->toks[i];
-    switch (t->type) {
-    case JSMN_STRING:
-        return check_string(w, i, pos);
-    case JSMN_PRIMITIVE:
-        if (t->start < 0 || (size_t)t->start != *pos || t->end <= t->start ||
-            (size_t)t->end > w->len ||
-            !json_primitive(w->js + t->start, (size_t)(t->end - t->start), w))
-            return -1;
-        *pos = (size_t)t->end;
-        return i + 1;
-    case JSMN_OBJECT:
-    case JSMN_ARRAY:
-        return check_container(w, i, pos, top);
-    default:
-        return -1;
+    const char *js = w->js;
+    bool object = js[w->pos] == '{';
+    char close = object ? '}' : ']';
+    w->pos++;
+    skip_gap(w);
+    if (w->pos < w->len && js[w->pos] == close) {
+        w->pos++;
+        v->kind = object ? V_OBJECT : V_ARRAY;
+        return true;
     }
+    for (;;) {
+        val_t key, val;
+        /* A key is a string: any other byte is a grammar error. */
+        if (object && (w->pos >= w->len || js[w->pos] != '"' || !count_token(w) ||
+                       !scan_string(w, &key) || !skip_sep(w, ':')))
+            return false;
+        if (!scan_value(w, &val, false))
+            return false;
+        if (object && top && w->err == TLY_OK) {
+            int fid = key_field(w, &key);
+            if (fid >= 0)
+                extract(w, fid, &val);
+        }
+        if (w->pos < w->len && js[w->pos] == close) {
+            w->pos++;
+            break;
+        }
+        if (!skip_sep(w, ',')) {
+            skip_gap(w);
+            if (w->pos >= w->len || js[w->pos] != close)
+                return false;
+            w->pos++;
+            break;
+        }
+    }
+    v->kind = object ? V_OBJECT : V_ARRAY;
+    return true;
+}
+
+/* Scans the value that must begin at w->pos. A byte that can begin a value
+ * begins a token, counted before anything else about it is checked (so the
+ * 257th token is EV_TOO_COMPLEX even when malformed); any other byte is a
+ * grammar error. Recursion depth is bounded by TLY_DECODE_MAX_TOKENS: each
+ * level is a token. */
+static bool scan_value(walk_t *w, val_t *v, bool top)
+{
+    if (w->pos >= w->len)
+        return false;
+    const char *p = w->js + w->pos;
+    size_t n = w->len - w->pos, k;
+    switch (p[0]) {
+    case '"':
+        return count_token(w) && scan_string(w, v);
+    case '{':
+    case '[':
+        return count_token(w) && scan_container(w, v, top);
+    case 't':
+        v->kind = V_TRUE;
+        k = n >= 4 && memcmp(p, "true", 4) == 0 ? 4 : 0;
+        break;
+    case 'f':
+        v->kind = V_FALSE;
+        k = n >= 5 && memcmp(p, "false", 5) == 0 ? 5 : 0;
+        break;
+    case 'n':
+        v->kind = V_NULL;
+        k = n >= 4 && memcmp(p, "null", 4) == 0 ? 4 : 0;
+        break;
+    default:
+        if (p[0] != '-' && !is_digit(p[0]))
+            return false;
+        v->kind = V_NUM;
+        k = json_number(p, n, v);
+        break;
+    }
+    /* What follows (a separator, whitespace, a closing bracket or the end)
+     * is the caller's to check: "12ab" and "truex" fail there. */
+    if (!count_token(w) || k == 0)
+        return false;
+    v->p = p;
+    v->n = k;
+    w->pos += k;
+    return true;
 }
 
 /* Ensures scratch holds at least n bytes (the memory invariant). */
@@ -871,7 +943,7 @@ static tly_err_t event_time(const walk_t *w, int64_t kafka_ts_ms)
         return TLY_OK;
     }
     const tly_value_t *v = &ev->vals[rules->time_field];
-    if (v->type == TLY_V_NIL || w->time_tok < 0)
+    if (v->type == TLY_V_NIL || w->time_p == NULL)
         return TLY_E_EV_MISSING_TIME;
 
     int64_t t;
@@ -888,8 +960,7 @@ static tly_err_t event_time(const walk_t *w, int64_t kafka_ts_ms)
             t = s ? v->u.i * 1000 : v->u.i;
             break;
         }
-        const jsmntok_t *tok = &w->dec->toks[w->time_tok];
-        if (!number_to_ms(w->js + tok->start, (size_t)(tok->end - tok->start), s ? 3 : 0, !s, &t))
+        if (!number_to_ms(w->time_p, w->time_n, s ? 3 : 0, !s, &t))
             return TLY_E_EV_BAD_TIME;
         break;
     }
@@ -908,24 +979,11 @@ tly_err_t tly_decode_json(tly_decoder_t *dec, const char *payload, size_t len, i
                           tly_event_t *ev)
 {
     const tly_featset_t *fs = dec->fs;
-    jsmn_parser parser;
 
     if (payload == NULL)
         len = 0;
     if ((dec->rules.max_bytes > 0 && len > (uint64_t)dec->rules.max_bytes) || len > DECODE_MAX_LEN)
         return TLY_E_EV_TOO_LARGE;
-    /* jsmn stops at a NUL byte (JSON never holds a raw one); the walk below
-     * checks every byte, so a NUL anywhere is rejected there, or by jsmn
-     * itself inside a string or an unclosed container. */
-    if (len == 0)
-        return TLY_E_EV_BAD_JSON;
-
-    jsmn_init(&parser);
-    int ntok = jsmn_parse(&parser, payload, len, dec->toks, TLY_DECODE_MAX_TOKENS);
-    if (ntok == JSMN_ERROR_NOMEM)
-        return TLY_E_EV_TOO_COMPLEX;
-    if (ntok <= 0)
-        return TLY_E_EV_BAD_JSON;
 
     scratch_reserve(dec, len + 1);
     dec->used = 0;
@@ -936,19 +994,17 @@ tly_err_t tly_decode_json(tly_decoder_t *dec, const char *payload, size_t len, i
     for (size_t i = 0; i < fs->nfields; i++)
         ev->vals[i] = (tly_value_t){.type = TLY_V_NIL};
 
-    walk_t w = {.dec = dec,
-                .js = payload,
-                .len = len,
-                .ntok = ntok,
-                .ev = ev,
-                .err = TLY_OK,
-                .time_tok = -1};
-    size_t pos = skip_ws(payload, 0, len);
-    bool object = dec->toks[0].type == JSMN_OBJECT;
-    int next = check_value(&w, 0, &pos, object);
-    if (next != ntok || skip_ws(payload, pos, len) != len)
-        return TLY_E_EV_BAD_JSON;
-    if (!object)
+    walk_t w = {.dec = dec, .js = payload, .len = len, .ev = ev, .err = TLY_OK};
+    val_t top;
+    skip_gap(&w);
+    bool ok = scan_value(&w, &top, true);
+    if (ok) {
+        skip_gap(&w);
+        ok = w.pos == len;
+    }
+    if (!ok)
+        return w.complex ? TLY_E_EV_TOO_COMPLEX : TLY_E_EV_BAD_JSON;
+    if (top.kind != V_OBJECT)
         return TLY_E_EV_NOT_OBJECT;
     if (w.err != TLY_OK)
         return w.err;

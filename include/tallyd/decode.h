@@ -1,9 +1,9 @@
 /*
  * decode.h — event payload → tly_event_t.
  *
- * JSON objects are tokenised with jsmn (Debian libjsmn-dev); only top-level
- * keys that some feature references are extracted (nested objects and arrays
- * are skipped whole). Integers become TLY_V_INT (int64; an integer that does
+ * JSON objects are checked against the JSON grammar in one pass that also
+ * extracts the top-level keys some feature references (nested objects and
+ * arrays are checked, not extracted). Integers become TLY_V_INT (int64; an integer that does
  * not fit is a double), numbers with a fraction or exponent TLY_V_DOUBLE,
  * strings TLY_V_STR (escapes decoded into the decoder's scratch), true/false
  * TLY_V_BOOL, null TLY_V_NIL. When a key repeats, the last one wins.
@@ -16,8 +16,8 @@
  * A rejected payload leaves nothing behind: the caller applies only events
  * for which decode returned TLY_OK.
  *
- * A decoder is used by one thread at a time (it owns token and scratch
- * buffers); make one per source thread.
+ * A decoder is used by one thread at a time (it owns a scratch buffer);
+ * make one per source thread.
  */
 #ifndef TALLYD_DECODE_H
 #define TALLYD_DECODE_H
@@ -31,7 +31,8 @@
 typedef struct tly_decoder tly_decoder_t;
 
 /* Most JSON tokens one payload may hold (each object, array, key and value is
- * one token); a payload with more is rejected with EV_TOO_COMPLEX. */
+ * one token); a payload with more is rejected with EV_TOO_COMPLEX, unless a
+ * grammar error (EV_BAD_JSON) comes before the first token too many. */
 #define TLY_DECODE_MAX_TOKENS 256
 
 /* Returns a new decoder for fs (borrowed; must outlive it) reading events

@@ -625,6 +625,108 @@ static void decode_rejects_more_tokens_than_the_cap(void **state)
     free(p);
 }
 
+/* {"ts":1,"m":[0,…,0 (251 zeros: 256 tokens so far), then `tail`. */
+static char *cap_payload(const char *tail)
+{
+    char *p = tokens_payload(TLY_DECODE_MAX_TOKENS - 5);
+    size_t len = strlen(p) - 2; /* drop "]}" */
+    char *q = malloc(len + strlen(tail) + 1);
+    assert_non_null(q);
+    memcpy(q, p, len);
+    strcpy(q + len, tail);
+    free(p);
+    return q;
+}
+
+/* The first problem met reading left to right decides between a 257th
+ * token and a grammar error; a malformed 257th token is still one. */
+static void decode_tells_too_complex_from_bad_json_left_to_right(void **state)
+{
+    fixture_t *f = *state;
+    static const struct {
+        const char *tail;
+        tly_err_t want;
+    } cases[] = {
+        {"]}", TLY_OK},                         /* 256 tokens */
+        {",0]}", TLY_E_EV_TOO_COMPLEX},         /* a 257th */
+        {",\"\\uZZ\"]}", TLY_E_EV_TOO_COMPLEX}, /* a 257th, a bad escape in it */
+        {",0\xb6]}", TLY_E_EV_TOO_COMPLEX},     /* a 257th, a stray byte after it */
+        {",tru]}", TLY_E_EV_TOO_COMPLEX},       /* a 257th, a misspelt literal */
+        {",]}", TLY_E_EV_BAD_JSON},             /* a trailing comma is no token */
+        {",}", TLY_E_EV_BAD_JSON},
+        {"],x:1}", TLY_E_EV_BAD_JSON},        /* a key must be a string */
+        {"],\"k\":1}", TLY_E_EV_TOO_COMPLEX}, /* a key is a token */
+    };
+    for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
+        char *p = cap_payload(cases[c].tail);
+        if (decode(f, p) != cases[c].want)
+            fail_msg("tail %s: got %d, want %d", cases[c].tail, decode(f, p), cases[c].want);
+        free(p);
+    }
+    /* A grammar error before the 257th token wins, however many follow. */
+    char *p = tokens_payload(300);
+    p[14] = '0'; /* {"ts":1,"m":[0,0… → [00,0…: a leading zero */
+    assert_int_equal(decode(f, p), TLY_E_EV_BAD_JSON);
+    free(p);
+}
+
+/* Integers of 1 to 18 digits, read eight digits at a time where eight
+ * bytes remain, against strtoll on the same text: each length, several
+ * digit patterns, and what may follow a number in JSON. */
+static void decode_reads_integers_of_every_length(void **state)
+{
+    fixture_t *f = *state;
+    static const char *const after[] = {"}", " }", ",\"flag\":true}", "\n}", "]}"};
+    uint64_t r = 0x9E3779B97F4A7C15u;
+    for (int nd = 1; nd <= 18; nd++) {
+        for (int pat = 0; pat < 6; pat++) {
+            char digits[32];
+            for (int i = 0; i < nd; i++) {
+                r = r * 6364136223846793005u + 1442695040888963407u;
+                int d = pat == 0 ? 9 : pat == 1 ? (i == 0 ? 1 : 0) : (int)(r >> 60) % 10;
+                digits[i] = (char)('0' + (i == 0 && d == 0 ? 7 : d));
+            }
+            digits[nd] = '\0';
+            for (size_t a = 0; a < sizeof after / sizeof after[0]; a++) {
+                for (int neg = 0; neg <= 1; neg++) {
+                    char p[128], text[40];
+                    snprintf(text, sizeof text, "%s%s", neg ? "-" : "", digits);
+                    bool arr = after[a][0] == ']';
+                    snprintf(p, sizeof p, "{\"ts\":1,\"dwell\":%s%s%s", arr ? "[" : "", text,
+                             after[a]);
+                    if (arr) {
+                        assert_int_equal(decode(f, p), TLY_E_EV_WRONG_TYPE);
+                        continue;
+                    }
+                    assert_int_equal(decode(f, p), TLY_OK);
+                    assert_int_value(val(f, "dwell"), strtoll(text, NULL, 10));
+                }
+            }
+            /* and with a fraction: a double, as strtod reads it */
+            char p[128], text[40];
+            snprintf(text, sizeof text, "%s.25", digits);
+            snprintf(p, sizeof p, "{\"ts\":1,\"dwell\":%s}", text);
+            assert_int_equal(decode(f, p), TLY_OK);
+            assert_double_value(val(f, "dwell"), strtod(text, NULL));
+        }
+    }
+    /* bytes next to the digits in ASCII, and bytes that carry when 6 is
+     * added, end a number where they stand */
+    static const char *const bad[] = {"12:3",
+                                      "12/3",
+                                      "1234567:",
+                                      "12345678/9",
+                                      "1\xfa"
+                                      "2",
+                                      "1234567\xff",
+                                      "123456789\xfa"};
+    for (size_t b = 0; b < sizeof bad / sizeof bad[0]; b++) {
+        char p[128];
+        snprintf(p, sizeof p, "{\"ts\":1,\"dwell\":%s}", bad[b]);
+        assert_int_equal(decode(f, p), TLY_E_EV_BAD_JSON);
+    }
+}
+
 static void decode_rejects_object_or_array_under_a_referenced_key(void **state)
 {
     fixture_t *f = *state;
@@ -1007,6 +1109,7 @@ int main(void)
         FIXTURE_TEST(decode_last_duplicate_key_wins, setup_ms),
         FIXTURE_TEST(decode_skips_nested_values_under_unreferenced_keys, setup_ms),
         FIXTURE_TEST(decode_types_integers_and_doubles, setup_ms),
+        FIXTURE_TEST(decode_reads_integers_of_every_length, setup_ms),
         FIXTURE_TEST(decode_rejects_number_beyond_double_range_as_wrong_type, setup_ms),
         FIXTURE_TEST(decode_decodes_simple_escapes, setup_ms),
         FIXTURE_TEST(decode_decodes_unicode_escapes_to_utf8, setup_ms),
@@ -1019,6 +1122,7 @@ int main(void)
         FIXTURE_TEST(decode_rejects_invalid_json, setup_ms),
         FIXTURE_TEST(decode_rejects_top_level_non_objects, setup_ms),
         FIXTURE_TEST(decode_rejects_more_tokens_than_the_cap, setup_ms),
+        FIXTURE_TEST(decode_tells_too_complex_from_bad_json_left_to_right, setup_ms),
         FIXTURE_TEST(decode_rejects_object_or_array_under_a_referenced_key, setup_ms),
         FIXTURE_TEST(decode_rejects_strings_longer_than_max_string, setup_ms),
         FIXTURE_TEST(decode_time_ms_accepts_integral_numbers_only, setup_ms),
