@@ -70,6 +70,8 @@ char tly_rcu_tsan_sync, tly_table_tsan_sync;
  * RETIRE_BATCH retirements, not one per record. */
 typedef struct retired {
     struct rcu_head rcu;
+    tstats_t *home;       /* the retiring thread's counters: ready goes there */
+    struct retired *next; /* in home->ready */
     uint32_t n;
     void *ptr[RETIRE_BATCH];
 } retired_t;
@@ -98,6 +100,7 @@ tstats_t *store_thread_stats(tly_store_t *store)
         return tls.st;
     tstats_t *st = store_xmalloc(sizeof *st);
     memset(st, 0, sizeof *st);
+    atomic_init(&st->ready, NULL);
     pthread_mutex_lock(&store->mu);
     st->next = atomic_load_explicit(&store->stats, memory_order_relaxed);
     atomic_store_explicit(&store->stats, st, memory_order_release);
@@ -141,28 +144,52 @@ static ent_t *ent_alloc(tly_store_t *store, uint32_t type, const char *id, size_
     return e;
 }
 
-static void retired_free_cb(struct rcu_head *head)
+/* After the grace period (call_rcu thread): hands the batch back to the
+ * thread that retired it. Freeing it there keeps the records in that
+ * thread's allocator caches, where its next records come from; a free from
+ * this thread would go through the arena's lock and bins instead. */
+static void retired_ready_cb(struct rcu_head *head)
 {
     tly_rcu_tsan_acquire();
     retired_t *r = caa_container_of(head, retired_t, rcu);
-    for (uint32_t i = 0; i < r->n; i++)
-        free(r->ptr[i]);
-    free(r);
+    tstats_t *home = r->home;
+    r->next = atomic_load_explicit(&home->ready, memory_order_relaxed);
+    while (!atomic_compare_exchange_weak_explicit(&home->ready, &r->next, r, memory_order_release,
+                                                  memory_order_relaxed))
+        ;
 }
 
-/* Hands the thread's pending retirements to call_rcu. */
+/* Frees the batches in ts->ready (the owner thread, or tly_store_free). */
+static void retire_reap(tstats_t *ts)
+{
+    retired_t *r = atomic_exchange_explicit(&ts->ready, NULL, memory_order_acquire);
+    while (r) {
+        retired_t *next = r->next;
+        for (uint32_t i = 0; i < r->n; i++)
+            free(r->ptr[i]);
+        free(r);
+        r = next;
+    }
+}
+
+/* Frees what earlier batches made ready, and hands the thread's pending
+ * retirements to call_rcu. */
 static void retire_flush(tstats_t *ts)
 {
+    if (atomic_load_explicit(&ts->ready, memory_order_relaxed))
+        retire_reap(ts);
     retired_t *r = ts->retired;
     if (r && r->n) {
         ts->retired = NULL;
-        tly_call_rcu(&r->rcu, retired_free_cb);
+        r->home = ts;
+        tly_call_rcu(&r->rcu, retired_ready_cb);
     }
 }
 
 /* Frees ent after a grace period; its bytes leave the count now. A thread
  * batches its retirements, so up to RETIRE_BATCH - 1 retired records wait
- * for the thread's next retirement, sweep, or tly_store_free(). */
+ * for the thread's next retirement, sweep, or tly_store_free(), and batches
+ * past their grace period wait for the thread's next flush. */
 static void ent_retire(tly_store_t *store, ent_t *ent)
 {
     tstats_t *ts = store_thread_stats(store);
@@ -384,7 +411,10 @@ void tly_store_free(tly_store_t *store)
             free(e);
         tbl_destroy(sh);
     }
-    tly_rcu_barrier(); /* pending deferred frees */
+    tly_rcu_barrier(); /* every batch is now ready */
+    for (tstats_t *ts = atomic_load_explicit(&store->stats, memory_order_acquire); ts;
+         ts = ts->next)
+        retire_reap(ts);
     free(store->shards);
     for (size_t i = 0; i < INTERN_SLOTS; i++)
         free(atomic_load_explicit(&store->intern[i], memory_order_relaxed));

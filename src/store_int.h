@@ -65,6 +65,10 @@ typedef struct ent {
 typedef struct tstats {
     struct tstats *next;     /* list of the store's per-thread counters */
     struct retired *retired; /* owner thread only (and tly_store_free) */
+    /* Batches past their grace period, pushed by the call_rcu thread and
+     * freed by the owner thread (retire_flush), so that records go back to
+     * the allocator of the thread that allocates them. */
+    _Atomic(struct retired *) ready;
     /* Written by the owning thread with relaxed stores; summed by any. */
     _Atomic int64_t entities, bytes, applied, updates, expired, dropped_entities, interned_bytes;
     _Atomic uint64_t dropped[TLY_E__COUNT];
