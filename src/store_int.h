@@ -275,8 +275,8 @@ void tbl_init(shard_t *sh);
 void tbl_destroy(shard_t *sh); /* frees the array, not the records */
 ent_t *tbl_get(const shard_t *sh, unsigned long h, uint32_t type, const char *id, size_t len);
 void tbl_prefetch(const shard_t *sh, unsigned long h);     /* the key's first slot */
-void tbl_prefetch_ent(const shard_t *sh,
-                      unsigned long h); /* the record its tag names: its first lines */
+/* the first lines of the record the key's tag names */
+void tbl_prefetch_ent(const shard_t *sh, unsigned long h);
 bool tbl_insert(shard_t *sh, unsigned long h, ent_t *e);   /* false: the key is there */
 bool tbl_replace(shard_t *sh, unsigned long h, const ent_t *old, ent_t *e);
 bool tbl_remove(shard_t *sh, unsigned long h, const ent_t *e);
