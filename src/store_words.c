@@ -33,7 +33,7 @@ static void words_reserve(tly_store_t *store, ent_t **entp, uint32_t extra)
         return;
     uint32_t cap = e->cap < 4 ? 4 : e->cap;
     while (cap < used + extra)
-        cap = cap < 64 ? cap * 2 : cap + cap / 2;
+        cap = cap < 256 ? cap * 2 : cap + cap / 2;
     store_regrow(store, entp, F_WORDS, cap, used);
 }
 
