@@ -259,9 +259,7 @@ void store_regrow(tly_store_t *store, ent_t **entp, uint8_t mode, uint32_t words
     unsigned long h = hash_id(old->type, ent_id(old), old->idlen);
     shard_t *sh = shard_of(store, h);
     tly_tsan_publish();
-    pthread_mutex_lock(&sh->mu);
-    bool ok = tbl_replace(sh, h, old, e);
-    pthread_mutex_unlock(&sh->mu);
+    bool ok = tbl_replace(sh, h, old, e); /* takes sh->mu only if a rebuild got in the way */
     if (!ok) {
         /* Only the lock holder can unlink a live record. */
         fprintf(stderr, "tallyd: entity table invariant broken in replace\n");

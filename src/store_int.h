@@ -117,15 +117,17 @@ typedef struct {
  * bits of its hash. Replaced arrays are freed after a grace period. */
 typedef struct {
     struct rcu_head rcu;
-    uint64_t mask; /* slots - 1; immutable */
+    uint64_t mask;       /* slots - 1; immutable */
+    _Atomic bool frozen; /* set before a rebuild copies it (see tbl_replace) */
     _Atomic uint64_t slot[];
 } tslots_t;
 
 /* One shard of the entity table: an open-addressed slot array written by
  * one thread at a time and probed by readers without locks (under
  * rcu_read_lock: replaced slot arrays and records are freed after a grace
- * period); writers that add, replace or remove a record take `mu`, always
- * after the record's own lock, never before. */
+ * period); writers that add or remove a record take `mu`, always after the
+ * record's own lock, never before; replacing a record needs only its lock
+ * (tbl_replace takes `mu` itself when a rebuild got in the way). */
 typedef struct {
     /* Read on every lookup by every thread: alone on its cache line, so a
      * writer taking `mu` or counting an insert does not evict it from the
@@ -270,7 +272,8 @@ static inline unsigned long hash_id(uint32_t type, const char *s, size_t n)
 /* store_table.c: the shard's table. tbl_get, tbl_prefetch and
  * tbl_prefetch_ent are for readers (under rcu_read_lock); tbl_next needs mu
  * or no writer at all (a rebuild between two calls would move what *pos
- * counts); the others need mu. h is hash_id of the record's key. */
+ * counts); tbl_replace needs old's record lock and not mu (it may take mu);
+ * the others need mu. h is hash_id of the record's key. */
 void tbl_init(shard_t *sh);
 void tbl_destroy(shard_t *sh); /* frees the array, not the records */
 ent_t *tbl_get(const shard_t *sh, unsigned long h, uint32_t type, const char *id, size_t len);

@@ -76,6 +76,7 @@ static tslots_t *slots_new(size_t n)
 {
     tslots_t *a = store_xmalloc(sizeof *a + n * sizeof a->slot[0]);
     a->mask = n - 1;
+    atomic_init(&a->frozen, false);
     for (size_t i = 0; i < n; i++)
         atomic_init(&a->slot[i], 0);
     return a;
@@ -152,12 +153,17 @@ void tbl_prefetch_ent(const shard_t *sh, unsigned long h)
 static void tbl_rebuild(shard_t *sh)
 {
     tslots_t *old = atomic_load_explicit(&sh->arr, memory_order_relaxed);
+    /* Frozen before any slot is read: a replacer that finds it unfrozen
+     * after its swap knows this copy sees the swap (tbl_replace). */
+    atomic_store_explicit(&old->frozen, true, memory_order_seq_cst);
+    atomic_thread_fence(memory_order_seq_cst);
     size_t n = MIN_SLOTS;
     while (n <= 2 * (sh->live + 1))
         n *= 2;
     tslots_t *a = slots_new(n);
     for (size_t i = 0; i <= old->mask; i++) {
-        uint64_t s = atomic_load_explicit(&old->slot[i], memory_order_relaxed);
+        /* acquire: a replacement publishes its record without the mutex */
+        uint64_t s = atomic_load_explicit(&old->slot[i], memory_order_acquire);
         if (s == 0 || s == TOMB)
             continue;
         const ent_t *e = slot_ent(s);
@@ -183,7 +189,7 @@ bool tbl_insert(shard_t *sh, unsigned long h, ent_t *e)
     uint64_t tag = tag_of(h);
     size_t tomb = SIZE_MAX;
     for (size_t i = h & a->mask;; i = (i + 1) & a->mask) {
-        uint64_t s = atomic_load_explicit(&a->slot[i], memory_order_relaxed);
+        uint64_t s = atomic_load_explicit(&a->slot[i], memory_order_acquire); /* see rebuild */
         if (s == TOMB) {
             if (tomb == SIZE_MAX)
                 tomb = i;
@@ -204,11 +210,9 @@ bool tbl_insert(shard_t *sh, unsigned long h, ent_t *e)
     return true;
 }
 
-/* The slot holding `e` in the current array, or NULL. Under the mutex. */
-static _Atomic uint64_t *slot_of(shard_t *sh, unsigned long h, const ent_t *e)
+/* The slot of array a holding the slot word `want` (hash h), or NULL. */
+static _Atomic uint64_t *slot_in(tslots_t *a, unsigned long h, uint64_t want)
 {
-    tslots_t *a = atomic_load_explicit(&sh->arr, memory_order_relaxed);
-    uint64_t want = tag_of(h) | (uint64_t)(uintptr_t)e;
     for (size_t i = h & a->mask;; i = (i + 1) & a->mask) {
         uint64_t s = atomic_load_explicit(&a->slot[i], memory_order_relaxed);
         if (s == 0)
@@ -218,14 +222,43 @@ static _Atomic uint64_t *slot_of(shard_t *sh, unsigned long h, const ent_t *e)
     }
 }
 
+/* The slot holding `e` in the current array, or NULL. Under the mutex. */
+static _Atomic uint64_t *slot_of(shard_t *sh, unsigned long h, const ent_t *e)
+{
+    return slot_in(atomic_load_explicit(&sh->arr, memory_order_relaxed), h,
+                   tag_of(h) | (uint64_t)(uintptr_t)e);
+}
+
+/* Without the mutex: nothing but the holder of old's lock changes old's
+ * slot, and inserts and removals leave other records' slots alone. Only a
+ * rebuild (another writer, under the mutex) can copy the slot before the
+ * swap into an array that replaces this one. A rebuild freezes the array
+ * (seq_cst store and fence) before reading any slot; the swap is a seq_cst
+ * RMW followed by a seq_cst load of the flag. If that load finds the array
+ * unfrozen, it precedes the freeze in the single total order, so the
+ * rebuild's fence follows the swap and its copy reads the new word. If it
+ * finds it frozen, the swap may be lost in the copy: under the mutex
+ * (after the rebuild published) the current array gets it. */
 bool tbl_replace(shard_t *sh, unsigned long h, const ent_t *old, ent_t *e)
 {
     check_addr(e);
-    _Atomic uint64_t *slot = slot_of(sh, h, old);
-    if (!slot)
-        return false;
-    atomic_store_explicit(slot, tag_of(h) | (uint64_t)(uintptr_t)e, memory_order_release);
-    return true;
+    uint64_t from = tag_of(h) | (uint64_t)(uintptr_t)old, to = tag_of(h) | (uint64_t)(uintptr_t)e;
+    tslots_t *a = atomic_load_explicit(&sh->arr, memory_order_acquire);
+    _Atomic uint64_t *slot = slot_in(a, h, from);
+    uint64_t seen = from;
+    if (slot != NULL &&
+        atomic_compare_exchange_strong_explicit(slot, &seen, to, memory_order_seq_cst,
+                                                memory_order_relaxed) &&
+        !atomic_load_explicit(&a->frozen, memory_order_seq_cst))
+        return true;
+    pthread_mutex_lock(&sh->mu);
+    tslots_t *cur = atomic_load_explicit(&sh->arr, memory_order_relaxed);
+    slot = slot_in(cur, h, from);
+    if (slot != NULL)
+        atomic_store_explicit(slot, to, memory_order_release);
+    bool ok = slot != NULL || slot_in(cur, h, to) != NULL;
+    pthread_mutex_unlock(&sh->mu);
+    return ok;
 }
 
 bool tbl_remove(shard_t *sh, unsigned long h, const ent_t *e)

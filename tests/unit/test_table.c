@@ -317,9 +317,7 @@ static void test_readers_always_find_stable_keys_while_the_writer_churns(void **
         for (int i = 0; i < STABLE; i++) {
             snprintf(id, sizeof id, "s%d", i);
             ent_t *e = rec_new(0, id);
-            pthread_mutex_lock(&c.sh.mu);
-            assert_true(tbl_replace(&c.sh, h_of(e), stable[i], e));
-            pthread_mutex_unlock(&c.sh.mu);
+            assert_true(tbl_replace(&c.sh, h_of(e), stable[i], e)); /* takes mu if it must */
             rec_retire(stable[i]);
             stable[i] = e;
         }
@@ -348,12 +346,125 @@ static void test_readers_always_find_stable_keys_while_the_writer_churns(void **
     tly_rcu_thread_offline();
 }
 
+/* ---- replacements during another writer's rebuilds --------------------- */
+
+#define KEPT 64
+
+typedef struct {
+    shard_t sh;
+    _Atomic bool done;
+    ent_t *kept[KEPT]; /* the latest record of each kept key; the replacer's */
+    ent_t **old;       /* every replaced record, freed at the end (never
+                        * earlier: a lost replacement must leave the table
+                        * pointing at a live record the check can read) */
+    size_t nold, capold;
+    long replaced, refused;
+} repl_t;
+
+/* Replaces the kept keys' records over and over, without the shard's mutex
+ * (each record's lock is implied: this thread alone replaces them). */
+static void *replacer_main(void *arg)
+{
+    repl_t *c = arg;
+    tly_rcu_thread_online();
+    while (!atomic_load_explicit(&c->done, memory_order_acquire)) {
+        for (int i = 0; i < KEPT; i++) {
+            ent_t *e = rec_new(0, ent_id(c->kept[i]));
+            tly_rcu_read_lock();
+            bool ok = tbl_replace(&c->sh, h_of(e), c->kept[i], e);
+            tly_rcu_read_unlock();
+            if (!ok) {
+                c->refused++;
+                free(e);
+                continue;
+            }
+            if (c->nold == c->capold) {
+                c->capold = c->capold ? 2 * c->capold : 1024;
+                c->old = realloc(c->old, c->capold * sizeof *c->old);
+                assert_non_null(c->old);
+            }
+            c->old[c->nold++] = c->kept[i];
+            c->kept[i] = e;
+            c->replaced++;
+        }
+    }
+    tly_rcu_thread_offline();
+    return NULL;
+}
+
+/* One writer replaces records without the mutex while another, under it,
+ * inserts and removes enough keys to rebuild the array again and again (a
+ * rebuild may copy a slot just before the replacement swaps it). Afterwards
+ * every kept key must name the record its last replacement put in. */
+static void test_replacements_survive_another_writers_rebuilds(void **state)
+{
+    (void)state;
+    static repl_t c;
+    const char *scale = getenv("TLY_TEST_SCALE");
+    int rounds = scale && strcmp(scale, "small") == 0 ? 40 : 300;
+    tbl_init(&c.sh);
+    atomic_init(&c.done, false);
+    tly_rcu_thread_online();
+    char id[32];
+    for (int i = 0; i < KEPT; i++) {
+        snprintf(id, sizeof id, "k%d", i);
+        c.kept[i] = rec_new(0, id);
+        pthread_mutex_lock(&c.sh.mu);
+        assert_true(tbl_insert(&c.sh, h_of(c.kept[i]), c.kept[i]));
+        pthread_mutex_unlock(&c.sh.mu);
+    }
+    pthread_t rp;
+    assert_int_equal(pthread_create(&rp, NULL, replacer_main, &c), 0);
+    static ent_t *churn[4096];
+    long rebuilds = 0;
+    for (int round = 0; round < rounds; round++) {
+        for (int i = 0; i < 4096; i++) { /* grows 64 → 16384 slots */
+            snprintf(id, sizeof id, "c%d", i);
+            churn[i] = rec_new(0, id);
+            pthread_mutex_lock(&c.sh.mu);
+            const tslots_t *before = atomic_load_explicit(&c.sh.arr, memory_order_relaxed);
+            assert_true(tbl_insert(&c.sh, h_of(churn[i]), churn[i]));
+            rebuilds += atomic_load_explicit(&c.sh.arr, memory_order_relaxed) != before;
+            pthread_mutex_unlock(&c.sh.mu);
+        }
+        for (int i = 0; i < 4096; i++) { /* and shrinks back */
+            pthread_mutex_lock(&c.sh.mu);
+            const tslots_t *before = atomic_load_explicit(&c.sh.arr, memory_order_relaxed);
+            assert_true(tbl_remove(&c.sh, h_of(churn[i]), churn[i]));
+            rebuilds += atomic_load_explicit(&c.sh.arr, memory_order_relaxed) != before;
+            pthread_mutex_unlock(&c.sh.mu);
+            rec_retire(churn[i]);
+        }
+    }
+    atomic_store_explicit(&c.done, true, memory_order_release);
+    pthread_join(rp, NULL);
+    printf("# %ld replacements (%ld refused) during %ld rebuilds\n", c.replaced, c.refused,
+           rebuilds);
+    assert_int_equal(c.refused, 0);
+    assert_true(c.replaced > 0);
+    assert_true(rebuilds >= 2L * rounds);
+    tly_rcu_read_lock();
+    for (int i = 0; i < KEPT; i++)
+        assert_ptr_equal(get(&c.sh, 0, ent_id(c.kept[i])), c.kept[i]);
+    tly_rcu_read_unlock();
+    assert_int_equal(c.sh.live, KEPT);
+    for (int i = 0; i < KEPT; i++)
+        free(c.kept[i]);
+    for (size_t i = 0; i < c.nold; i++)
+        free(c.old[i]);
+    free(c.old);
+    tly_rcu_barrier();
+    tbl_destroy(&c.sh);
+    tly_rcu_thread_offline();
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_insert_find_replace_remove_against_a_list),
         cmocka_unit_test(test_keys_sharing_slot_and_tag_are_told_apart_by_id),
         cmocka_unit_test(test_readers_always_find_stable_keys_while_the_writer_churns),
+        cmocka_unit_test(test_replacements_survive_another_writers_rebuilds),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
