@@ -240,22 +240,10 @@ static bool ent_dead(const ent_t *ent)
     return (atomic_load_explicit(&ent->seq, memory_order_relaxed) & SEQ_DEAD) != 0;
 }
 
-/*
- * Replaces *entp (locked by the caller, in the table) with a copy in the
- * given encoding with room for `words` state words; copies `copy` words of
- * state when the encoding is unchanged. The old record is marked DEAD,
- * unlocked and retired; *entp becomes the new record, locked.
- */
-void store_regrow(tly_store_t *store, ent_t **entp, uint8_t mode, uint32_t words, uint32_t copy)
+/* Puts e (locked) in the table in place of old (locked, in the table):
+ * old is marked DEAD, unlocked and retired. */
+static void ent_replace(tly_store_t *store, ent_t *old, ent_t *e)
 {
-    ent_t *old = *entp;
-    ent_t *e = ent_alloc(store, old->type, ent_id(old), old->idlen, mode, words);
-    /* plain copy: e is not published yet, and old is only read (its writer
-     * is us, under its lock) */
-    memcpy(ent_words(e), ent_words(old), 8 * (size_t)copy);
-    atomic_store_explicit(&e->used,
-                          copy ? atomic_load_explicit(&old->used, memory_order_relaxed) : 0,
-                          memory_order_relaxed);
     unsigned long h = hash_id(old->type, ent_id(old), old->idlen);
     shard_t *sh = shard_of(store, h);
     tly_tsan_publish();
@@ -268,7 +256,46 @@ void store_regrow(tly_store_t *store, ent_t **entp, uint8_t mode, uint32_t words
     ent_mark_dead(old);
     ent_unlock(old);
     ent_retire(store, old);
+}
+
+/*
+ * Replaces *entp (locked by the caller, in the table) with a copy in the
+ * given encoding with room for `words` state words; copies `copy` words of
+ * state when the encoding is unchanged. The old record is marked DEAD,
+ * unlocked and retired; *entp becomes the new record, locked. A record
+ * being built (F_BUILD) is copied without the table and freed at once: no
+ * other thread has seen it.
+ */
+void store_regrow(tly_store_t *store, ent_t **entp, uint8_t mode, uint32_t words, uint32_t copy)
+{
+    ent_t *old = *entp;
+    bool build = (old->mode & F_BUILD) != 0;
+    ent_t *e = ent_alloc(store, old->type, ent_id(old), old->idlen,
+                         (uint8_t)(mode | (build ? F_BUILD : 0)), words);
+    /* plain copy: e is not published yet, and old is only read (its writer
+     * is us, under its lock) */
+    memcpy(ent_words(e), ent_words(old), 8 * (size_t)copy);
+    atomic_store_explicit(&e->used,
+                          copy ? atomic_load_explicit(&old->used, memory_order_relaxed) : 0,
+                          memory_order_relaxed);
+    if (build) {
+        stat_add(&store_thread_stats(store)->bytes, -(int64_t)malloc_usable_size(old));
+        free(old);
+    } else {
+        ent_replace(store, old, e);
+    }
     *entp = e;
+}
+
+ent_t *store_build(tly_store_t *store, const ent_t *old, uint8_t mode, uint32_t words)
+{
+    return ent_alloc(store, old->type, ent_id(old), old->idlen, (uint8_t)(mode | F_BUILD), words);
+}
+
+void store_publish(tly_store_t *store, ent_t *old, ent_t *e)
+{
+    e->mode &= (uint8_t)~F_BUILD; /* before the table's release store publishes it */
+    ent_replace(store, old, e);
 }
 
 /* Finds or inserts the record (type, id) and returns it locked and live.

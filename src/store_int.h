@@ -33,6 +33,7 @@
 #endif
 
 #define F_WORDS  0x2u        /* ent_t.mode: word encoding (else compact) */
+#define F_BUILD  0x4u        /* ent_t.mode: being built, not in the table yet */
 #define SEQ_DEAD 0x80000000u /* in ent_t.seq: replaced or expired */
 
 #define COMPACT_MAX_BYTES   192                     /* a larger log is replayed into words */
@@ -332,6 +333,12 @@ typedef struct {
 void *store_xmalloc(size_t n);
 tstats_t *store_thread_stats(tly_store_t *store);
 void store_regrow(tly_store_t *store, ent_t **entp, uint8_t mode, uint32_t words, uint32_t copy);
+/* A record with old's key, locked and empty, that no other thread can see
+ * (F_BUILD): while it is built, store_regrow resizes it in place of going
+ * through the table. store_publish puts it in old's place (old: locked,
+ * in the table; it is retired) and clears F_BUILD. */
+ent_t *store_build(tly_store_t *store, const ent_t *old, uint8_t mode, uint32_t words);
+void store_publish(tly_store_t *store, ent_t *old, ent_t *e);
 
 /* store_words.c */
 uint32_t store_seg_find(const ent_t *e, uint32_t used, uint32_t sid, bool *found);

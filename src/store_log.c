@@ -332,17 +332,20 @@ static void compact_to_words(tly_store_t *store, ent_t **entp, int64_t now_ms)
         fprintf(stderr, "tallyd: corrupt compact entity state\n");
         abort();
     }
-    /* Strings may point into lg.bytes: keep lg intact while replaying. */
-    store_regrow(store, entp, F_WORDS, 16, 0);
-    ent_t *e = *entp;
+    /* Strings may point into lg.bytes: keep lg intact while replaying. The
+     * word record is built out of sight (its regrows skip the table and
+     * the grace period) and replaces the compact one once, at the end. */
+    ent_t *e = store_build(store, old, F_WORDS, 16);
     st(e, 0, (uint64_t)INT64_MIN);
     atomic_store_explicit(&e->used, 1, memory_order_relaxed);
     tly_event_t ev;
     for (size_t i = 0; i < lg.nrecs; i++) {
         ev_from_rec(fs, et, &lg.recs[i], &ev);
-        store_words_apply(store, entp, etype, lg.recs[i].mask, NULL, (uint32_t)etype->nfeats, &ev,
+        store_words_apply(store, &e, etype, lg.recs[i].mask, NULL, (uint32_t)etype->nfeats, &ev,
                           now_ms);
     }
+    store_publish(store, old, e);
+    *entp = e;
 }
 
 /* Words of state for a log of `need` bytes when the record (re)grows: one
