@@ -394,6 +394,7 @@ tly_store_t *tly_store_new(const tly_featset_t *fs)
         const tly_entity_t *ent = &fs->entities[e];
         et->nvf = 0;
         et->compact = ent->nfeats <= COMPACT_MAX_SLOTS;
+        atomic_init(&et->conv_words, 0);
         for (size_t i = 0; i < ent->nfeats; i++) {
             const tly_feat_t *feat = &fs->feats[ent->feats[i]];
             for (size_t v = 0; v < feat->nvalues; v++) {

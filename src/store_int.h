@@ -85,6 +85,9 @@ typedef struct {
     uint32_t nvf;
     uint32_t vf[TLY_MAX_ITEM_VALUES]; /* field ids */
     bool compact;                     /* may use the compact encoding */
+    /* Words the last compact record of this type turned into (a hint, any
+     * thread): the next conversion starts that large. */
+    _Atomic uint32_t conv_words;
 } etype_t;
 
 /* What tly_store_apply reads of a feature for every event, packed small

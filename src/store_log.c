@@ -335,7 +335,8 @@ static void compact_to_words(tly_store_t *store, ent_t **entp, int64_t now_ms)
     /* Strings may point into lg.bytes: keep lg intact while replaying. The
      * word record is built out of sight (its regrows skip the table and
      * the grace period) and replaces the compact one once, at the end. */
-    ent_t *e = store_build(store, old, F_WORDS, 16);
+    uint32_t guess = atomic_load_explicit(&((etype_t *)et)->conv_words, memory_order_relaxed);
+    ent_t *e = store_build(store, old, F_WORDS, guess > 16 ? guess : 16);
     st(e, 0, (uint64_t)INT64_MIN);
     atomic_store_explicit(&e->used, 1, memory_order_relaxed);
     tly_event_t ev;
@@ -344,6 +345,9 @@ static void compact_to_words(tly_store_t *store, ent_t **entp, int64_t now_ms)
         store_words_apply(store, &e, etype, lg.recs[i].mask, NULL, (uint32_t)etype->nfeats, &ev,
                           now_ms);
     }
+    atomic_store_explicit(&((etype_t *)et)->conv_words,
+                          atomic_load_explicit(&e->used, memory_order_relaxed),
+                          memory_order_relaxed);
     store_publish(store, old, e);
     *entp = e;
 }
