@@ -149,7 +149,7 @@ struct tly_store {
     uint64_t gen;                         /* unique per store, keys the thread cache */
     pthread_mutex_t mu;                   /* guards `stats` list insertion */
     tstats_t *_Atomic stats;              /* per-thread counters (push-only list) */
-    etype_t *etypes;                      /* by entity index; immutable */
+    etype_t *etypes;                      /* by entity index; immutable but conv_words */
     uint8_t (*vidx)[TLY_MAX_ITEM_VALUES]; /* by feature: value → vf index */
     pfeat_t *pfeats;                      /* every feature; immutable */
     uint32_t *pfirst;                     /* by entity index: its first in pfeats */

@@ -324,7 +324,7 @@ static void compact_to_words(tly_store_t *store, ent_t **entp, int64_t now_ms)
 {
     const tly_featset_t *fs = store->fs;
     ent_t *old = *entp;
-    const etype_t *et = &store->etypes[old->type];
+    etype_t *et = &store->etypes[old->type];
     const tly_entity_t *etype = &fs->entities[old->type];
     static _Thread_local log_t lg;
     store_log_copy(old, &lg);
@@ -335,7 +335,7 @@ static void compact_to_words(tly_store_t *store, ent_t **entp, int64_t now_ms)
     /* Strings may point into lg.bytes: keep lg intact while replaying. The
      * word record is built out of sight (its regrows skip the table and
      * the grace period) and replaces the compact one once, at the end. */
-    uint32_t guess = atomic_load_explicit(&((etype_t *)et)->conv_words, memory_order_relaxed);
+    uint32_t guess = atomic_load_explicit(&et->conv_words, memory_order_relaxed);
     ent_t *e = store_build(store, old, F_WORDS, guess > 16 ? guess : 16);
     st(e, 0, (uint64_t)INT64_MIN);
     atomic_store_explicit(&e->used, 1, memory_order_relaxed);
@@ -345,8 +345,7 @@ static void compact_to_words(tly_store_t *store, ent_t **entp, int64_t now_ms)
         store_words_apply(store, &e, etype, lg.recs[i].mask, NULL, (uint32_t)etype->nfeats, &ev,
                           now_ms);
     }
-    atomic_store_explicit(&((etype_t *)et)->conv_words,
-                          atomic_load_explicit(&e->used, memory_order_relaxed),
+    atomic_store_explicit(&et->conv_words, atomic_load_explicit(&e->used, memory_order_relaxed),
                           memory_order_relaxed);
     store_publish(store, old, e);
     *entp = e;
