@@ -566,27 +566,22 @@ static int64_t run_lookup(tly_store_t *store, const ids_t *ids, size_t n, const 
     int64_t last;
     tly_prefetch_t pf[AHEAD + 1][2];
     int64_t t0 = mono_ns();
-    for (size_t k = 0; k < n + (hinted ? AHEAD : 0); k++) {
-        if (!hinted) {
-            if (k >= n)
-                break;
-        } else {
-            if (k < n) {
-                int r = (int)(k % (AHEAD + 1));
-                tly_store_prefetch_id(store, (uint32_t)ft->user_ent, ids[k].user, ids[k].ulen,
-                                      &pf[r][0]);
-                tly_store_prefetch_id(store, (uint32_t)ft->pin_ent, ids[k].pin, ids[k].plen,
-                                      &pf[r][1]);
-            }
-            if (k >= 1 && k - 1 < n) {
-                int r = (int)((k - 1) % (AHEAD + 1));
-                tly_store_prefetch_records(store, &pf[r][0]);
-                tly_store_prefetch_records(store, &pf[r][1]);
-            }
-            if (k < AHEAD)
-                continue;
+    size_t ahead = hinted ? AHEAD : 0;
+    for (size_t k = 0; k < n + ahead; k++) {
+        if (hinted && k < n) {
+            int r = (int)(k % (AHEAD + 1));
+            tly_store_prefetch_id(store, (uint32_t)ft->user_ent, ids[k].user, ids[k].ulen,
+                                  &pf[r][0]);
+            tly_store_prefetch_id(store, (uint32_t)ft->pin_ent, ids[k].pin, ids[k].plen, &pf[r][1]);
         }
-        size_t i = hinted ? k - AHEAD : k;
+        if (hinted && k >= 1 && k - 1 < n) {
+            int r = (int)((k - 1) % (AHEAD + 1));
+            tly_store_prefetch_records(store, &pf[r][0]);
+            tly_store_prefetch_records(store, &pf[r][1]);
+        }
+        if (k < ahead)
+            continue;
+        size_t i = k - ahead;
         tly_store_read(store, (uint32_t)ft->user_ent, ids[i].user, ids[i].ulen, NULL, 0, now_ms,
                        NULL, &last, NULL, 0);
         miss += last < 0;

@@ -184,18 +184,23 @@ static inline uint64_t *ent_words(const ent_t *e)
     return (uint64_t *)((char *)(uintptr_t)(e + 1) + 8 * id_words(e->idlen));
 }
 
-static inline uint64_t ld(const ent_t *e, uint32_t i)
-{
-    return __atomic_load_n(&ent_words(e)[i], __ATOMIC_RELAXED);
-}
-
 /* Word i through the record's words pointer (ent_words(e); stale once the
  * record regrows). For loops that store: after each atomic store through
  * st() the compiler loads the record's idlen and works out ent_words(e)
  * again for the next. */
+static inline uint64_t wld(const uint64_t *w, uint32_t i)
+{
+    return __atomic_load_n(&w[i], __ATOMIC_RELAXED);
+}
+
 static inline void wst(uint64_t *w, uint32_t i, uint64_t v)
 {
     __atomic_store_n(&w[i], v, __ATOMIC_RELAXED);
+}
+
+static inline uint64_t ld(const ent_t *e, uint32_t i)
+{
+    return wld(ent_words(e), i);
 }
 
 static inline void st(ent_t *e, uint32_t i, uint64_t v)
@@ -337,9 +342,9 @@ void *store_xmalloc(size_t n);
 tstats_t *store_thread_stats(tly_store_t *store);
 void store_regrow(tly_store_t *store, ent_t **entp, uint8_t mode, uint32_t words, uint32_t copy);
 /* A record with old's key, locked and empty, that no other thread can see
- * (F_BUILD): while it is built, store_regrow resizes it in place of going
- * through the table. store_publish puts it in old's place (old: locked,
- * in the table; it is retired) and clears F_BUILD. */
+ * (F_BUILD): while it is built, store_regrow swaps it for a larger copy
+ * without the table or a grace period. store_publish puts it in old's
+ * place (old: locked, in the table; it is retired) and clears F_BUILD. */
 ent_t *store_build(tly_store_t *store, const ent_t *old, uint8_t mode, uint32_t words);
 void store_publish(tly_store_t *store, ent_t *old, ent_t *e);
 

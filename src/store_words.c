@@ -149,7 +149,7 @@ static __attribute__((noinline)) uint32_t seg_add(tly_store_t *store, ent_t **en
 static void seg_set_len(ent_t *e, uint32_t off, uint32_t len)
 {
     uint64_t *w = ent_words(e);
-    wst(w, off, SEG_HDR(SEG_ID(__atomic_load_n(&w[off], __ATOMIC_RELAXED)), len));
+    wst(w, off, SEG_HDR(SEG_ID(wld(w, off)), len));
 }
 
 static uint32_t stride_of(tly_agg_kind_t kind)
