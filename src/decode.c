@@ -126,10 +126,9 @@ static uint32_t hash_name(uint64_t head, size_t n)
     return (uint32_t)(((head ^ n) * UINT64_C(0x9E3779B97F4A7C15)) >> 40);
 }
 
-/* Returns the field id named s[0..n), or -1; avail as for head_word(). */
-static int lookup_field(const tly_decoder_t *dec, const char *s, size_t n, size_t avail)
+/* Returns the field id named s[0..n), whose head_word() is head, or -1. */
+static inline int lookup_head(const tly_decoder_t *dec, const char *s, size_t n, uint64_t head)
 {
-    uint64_t head = head_word(s, n, avail);
     uint32_t i = hash_name(head, n) & (FIELD_SLOTS - 1);
     for (;;) {
         unsigned id = dec->slot[i];
@@ -141,6 +140,12 @@ static int lookup_field(const tly_decoder_t *dec, const char *s, size_t n, size_
             return (int)id;
         i = (i + 1) & (FIELD_SLOTS - 1);
     }
+}
+
+/* Returns the field id named s[0..n), or -1; avail as for head_word(). */
+static int lookup_field(const tly_decoder_t *dec, const char *s, size_t n, size_t avail)
+{
+    return lookup_head(dec, s, n, head_word(s, n, avail));
 }
 
 tly_decoder_t *tly_decoder_new(const tly_featset_t *fs)
@@ -258,14 +263,14 @@ static size_t json_number(const char *p, size_t n, val_t *v)
     if (p[i] == '0') {
         i++;
     } else if (p[i] >= '1' && p[i] <= '9') {
-        size_t k;
-        while (n - i >= 8 && (k = digits8(p + i, &acc)) > 0) {
+        size_t k = 8;
+        while (n - i >= 8 && k == 8) {
+            k = digits8(p + i, &acc);
             i += k;
-            if (k < 8)
-                break;
         }
-        while (i < n && is_digit(p[i]))
-            acc = acc * 10 + (unsigned)(p[i++] - '0');
+        if (k == 8) /* fewer than eight bytes were left */
+            while (i < n && is_digit(p[i]))
+                acc = acc * 10 + (unsigned)(p[i++] - '0');
     } else {
         return 0;
     }
@@ -367,21 +372,28 @@ static size_t put_utf8(char *dst, unsigned cp)
     return n;
 }
 
-/* Length of the prefix of s[0..n) made of bytes that stand for themselves in
- * a JSON string: printable ASCII other than the quote and the backslash.
- * Tests eight bytes at a time: each byte's flag is exact up to and
- * including the first byte that is >= 0x80, < 0x20, '"' or '\\' (the
- * subtractions borrow only out of a flagged byte), so on a little-endian
- * machine the lowest flag is where the prefix ends. */
-static size_t string_run(const char *s, size_t n)
+/* The high bit of each byte of x that is >= 0x80, < 0x20, '"' or '\\': a
+ * byte that does not stand for itself in a JSON string. Exact up to and
+ * including the lowest such byte (the subtractions borrow only out of a
+ * flagged byte), so on a little-endian machine the lowest flag marks the
+ * first of them. */
+static uint64_t run_flags(uint64_t x)
 {
     const uint64_t ones = UINT64_C(0x0101010101010101), high = ones * 0x80;
+    uint64_t q = x ^ (ones * '"'), b = x ^ (ones * '\\');
+    return (x | ((x - ones * 0x20) & ~x) | ((q - ones) & ~q) | ((b - ones) & ~b)) & high;
+}
+
+/* Length of the prefix of s[0..n) made of bytes that stand for themselves in
+ * a JSON string: printable ASCII other than the quote and the backslash.
+ * Tests eight bytes at a time. */
+static size_t string_run(const char *s, size_t n)
+{
     size_t i = 0;
     for (; n - i >= 8; i += 8) {
         uint64_t x;
         memcpy(&x, s + i, 8);
-        uint64_t q = x ^ (ones * '"'), b = x ^ (ones * '\\');
-        uint64_t m = (x | ((x - ones * 0x20) & ~x) | ((q - ones) & ~q) | ((b - ones) & ~b)) & high;
+        uint64_t m = run_flags(x);
         if (m != 0) {
 #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
             return i + (size_t)__builtin_ctzll(m) / 8;
@@ -826,6 +838,56 @@ static bool scan_string(walk_t *w, val_t *v)
     return true;
 }
 
+/* Reads the string whose opening quote is at w->pos when it is plain (no
+ * escape, control or non-ASCII byte) and at most fifteen bytes long, the
+ * usual kind of key and enumerated value, with one or two loads; sets
+ * *head to its head_word(). Returns false, having changed nothing, for any
+ * other string: scan_string reads those. */
+static inline bool short_string(walk_t *w, val_t *v, uint64_t *head)
+{
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    if (w->len - w->pos < 9)
+        return false;
+    const char *s = w->js + w->pos + 1;
+    uint64_t x;
+    memcpy(&x, s, 8);
+    uint64_t m = run_flags(x);
+    size_t k = m != 0 ? (size_t)__builtin_ctzll(m) / 8 : 8;
+    if (k == 8) {
+        k = 16; /* unless the second word holds the flag */
+        if (w->len - w->pos >= 17) {
+            uint64_t x2;
+            memcpy(&x2, s + 8, 8);
+            m = run_flags(x2);
+            if (m != 0)
+                k = 8 + (size_t)__builtin_ctzll(m) / 8;
+        }
+    }
+    if (k >= 16 || s[k] != '"')
+        return false;
+    v->kind = V_STR;
+    v->p = s;
+    v->n = k;
+    v->escaped = false;
+    *head = k >= 8 ? x : x & ((UINT64_C(1) << (8 * k)) - 1);
+    w->pos += k + 2;
+    return true;
+#else
+    (void)w;
+    (void)v;
+    (void)head;
+    return false;
+#endif
+}
+
+/* Scans the key whose opening quote is at w->pos; *headed tells whether
+ * *head, its head_word(), was set on the way. */
+static inline bool scan_key(walk_t *w, val_t *key, uint64_t *head, bool *headed)
+{
+    *headed = short_string(w, key, head);
+    return *headed || scan_string(w, key);
+}
+
 static bool scan_value(walk_t *w, val_t *v, bool top);
 
 /* Scans the object or array opening at w->pos and everything in it; with
@@ -844,14 +906,16 @@ static bool scan_container(walk_t *w, val_t *v, bool top)
     }
     for (;;) {
         val_t key, val;
+        uint64_t head = 0;
+        bool headed = false;
         /* A key is a string: any other byte is a grammar error. */
         if (object && (w->pos >= w->len || js[w->pos] != '"' || !count_token(w) ||
-                       !scan_string(w, &key) || !skip_sep(w, ':')))
+                       !scan_key(w, &key, &head, &headed) || !skip_sep(w, ':')))
             return false;
         if (!scan_value(w, &val, false))
             return false;
         if (object && top && w->err == TLY_OK) {
-            int fid = key_field(w, &key);
+            int fid = headed ? lookup_head(w->dec, key.p, key.n, head) : key_field(w, &key);
             if (fid >= 0)
                 extract(w, fid, &val);
         }
@@ -883,8 +947,10 @@ static bool scan_value(walk_t *w, val_t *v, bool top)
     const char *p = w->js + w->pos;
     size_t n = w->len - w->pos, k;
     switch (p[0]) {
-    case '"':
-        return count_token(w) && scan_string(w, v);
+    case '"': {
+        uint64_t head;
+        return count_token(w) && (short_string(w, v, &head) || scan_string(w, v));
+    }
     case '{':
     case '[':
         return count_token(w) && scan_container(w, v, top);

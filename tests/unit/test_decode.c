@@ -20,6 +20,8 @@
 #include <cmocka.h>
 #include <dirent.h>
 #include <sys/stat.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 #include "tallyd/config.h"
 #include "tallyd/decode.h"
@@ -368,6 +370,54 @@ static void decode_checks_every_byte_position_of_strings(void **state)
                 snprintf(payload, sizeof payload, "{\"%s\":1,\"ts\":1}", body);
                 assert_int_equal(decode(f, payload), cases[c].want);
             }
+        }
+    }
+}
+
+/* A copy of payload[0..n) that ends where an unreadable page begins, so
+ * that reading a byte past it faults, with or without a sanitizer. */
+static char *guarded_copy(const char *payload, size_t n, void **map, size_t *maplen)
+{
+    size_t page = (size_t)sysconf(_SC_PAGESIZE);
+    assert_true(n <= page);
+    *maplen = 2 * page;
+    *map = mmap(NULL, *maplen, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    assert_true(*map != MAP_FAILED);
+    char *guard = (char *)*map + page;
+    assert_int_equal(mprotect(guard, page, PROT_NONE), 0);
+    memcpy(guard - n, payload, n);
+    return guard - n;
+}
+
+/* A plain string is read a word or two at a time when that many bytes are
+ * left in the payload, else byte by byte: every length from 0 to 20, as a
+ * value and as a key, with 0 to 9 spaces before the closing brace, each
+ * payload just before an unreadable page. */
+static void decode_reads_plain_strings_of_every_length_near_the_end(void **state)
+{
+    fixture_t *f = *state;
+    for (size_t len = 0; len <= 20; len++) {
+        char body[32];
+        for (size_t i = 0; i < len; i++)
+            body[i] = (char)('b' + i % 24);
+        body[len] = '\0';
+        for (int pad = 0; pad <= 9; pad++) {
+            char payload[96];
+            void *map;
+            size_t maplen;
+            int n =
+                snprintf(payload, sizeof payload, "{\"ts\":1,\"action\":\"%s\"%*s}", body, pad, "");
+            const char *p = guarded_copy(payload, (size_t)n, &map, &maplen);
+            assert_int_equal(decode_n(f, p, (size_t)n), TLY_OK);
+            assert_str_n(val(f, "action"), body, len);
+            munmap(map, maplen);
+
+            n = snprintf(payload, sizeof payload, "{\"ts\":1,\"dwell\":%zu,\"%s\":\"x\"%*s}", len,
+                         body, pad, "");
+            p = guarded_copy(payload, (size_t)n, &map, &maplen);
+            assert_int_equal(decode_n(f, p, (size_t)n), TLY_OK);
+            assert_int_value(val(f, "dwell"), (int64_t)len);
+            munmap(map, maplen);
         }
     }
 }
@@ -1114,6 +1164,7 @@ int main(void)
         FIXTURE_TEST(decode_decodes_simple_escapes, setup_ms),
         FIXTURE_TEST(decode_decodes_unicode_escapes_to_utf8, setup_ms),
         FIXTURE_TEST(decode_checks_every_byte_position_of_strings, setup_ms),
+        FIXTURE_TEST(decode_reads_plain_strings_of_every_length_near_the_end, setup_ms),
         cmocka_unit_test(decode_tells_apart_keys_sharing_their_first_eight_bytes),
         FIXTURE_TEST(decode_passes_raw_utf8_through, setup_ms),
         FIXTURE_TEST(decode_matches_keys_written_with_escapes, setup_ms),
