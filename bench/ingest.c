@@ -444,7 +444,8 @@ static void writer_loop(writer_t *w)
             if (!ok[r])
                 continue;
             int32_t part = w->partition >= 0 ? w->partition : (int32_t)(sm->user[i] & 1);
-            bad_apply += tly_store_apply(w->store, &ev[r], part, (int64_t)i, w->now_ms) != TLY_OK;
+            bad_apply += tly_store_apply_hinted(w->store, &ev[r], &pf[r], part, (int64_t)i,
+                                                w->now_ms) != TLY_OK;
         }
     }
     tly_rcu_read_unlock();

@@ -900,8 +900,8 @@ static void apply_list(tly_source_t *src, applier_t *a)
             size_t r = (k - AHEAD) % (AHEAD + 1);
             item_t *it = &src->batch[a->idx[k - AHEAD]];
             if (err[r] == TLY_OK) {
-                tly_store_apply(src->store, &ev[r], it->m->partition, it->m->offset,
-                                src->batch_now_ms);
+                tly_store_apply_hinted(src->store, &ev[r], &pf[r], it->m->partition, it->m->offset,
+                                       src->batch_now_ms);
                 it->time_ms = ev[r].time_ms;
             }
             it->err = err[r];

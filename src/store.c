@@ -305,10 +305,10 @@ void store_publish(tly_store_t *store, ent_t *old, ent_t *e)
  * append (store_compact_append); else *nfirst is 0 and the caller applies
  * ev as usual. Caller holds rcu_read_lock. */
 static ent_t *ent_get_locked(tly_store_t *store, uint32_t type, const char *id, size_t len,
-                             const tly_event_t *ev, uint64_t mask, uint8_t *first, size_t *nfirst)
+                             unsigned long h, const tly_event_t *ev, uint64_t mask, uint8_t *first,
+                             size_t *nfirst)
 {
     *nfirst = 0;
-    unsigned long h = hash_id(type, id, len);
     shard_t *sh = shard_of(store, h);
     for (;;) {
         ent_t *ent = tbl_get(sh, h, type, id, len);
@@ -470,6 +470,7 @@ typedef struct {
     uint32_t entity;
     uint32_t first, nfeats;
     uint64_t mask; /* feature slots, for the compact log */
+    unsigned long h; /* hash_id of the id */
     size_t idlen;
     char id[TLY_MAX_ID];
 } plan_t;
@@ -499,17 +500,23 @@ static int64_t feat_earliest(const tly_feat_t *feat, int64_t now_ms)
 void tly_store_prefetch(tly_store_t *store, const tly_event_t *ev, tly_prefetch_t *pf)
 {
     const tly_featset_t *fs = store->fs;
-    char id[TLY_MAX_ID];
     size_t len;
     pf->n = 0;
+    pf->ids = true;
     tly_rcu_read_lock();
-    for (uint32_t e = 0; e < fs->nentities && pf->n < TLY_PREFETCH_MAX; e++)
+    for (uint32_t e = 0; e < fs->nentities && pf->n < TLY_PREFETCH_MAX; e++) {
+        char *id = pf->id[pf->n];
+        /* an id too long for the hint is left to the apply, which rejects
+         * it (plans take at most UINT8_MAX bytes) */
         if (!(ev->skip_entities >> e & 1) &&
-            tly_entity_id(fs, e, ev, id, sizeof id, &len) == TLY_OK && len <= UINT8_MAX) {
+            tly_entity_id(fs, e, ev, id, sizeof pf->id[0], &len) == TLY_OK) {
             unsigned long h = hash_id(e, id, len);
             tbl_prefetch(shard_of(store, h), h);
+            pf->entity[pf->n] = e;
+            pf->idlen[pf->n] = (uint8_t)len;
             pf->h[pf->n++] = h;
         }
+    }
     tly_rcu_read_unlock();
 }
 
@@ -522,6 +529,7 @@ void tly_store_prefetch_id(tly_store_t *store, uint32_t entity, const char *id, 
     tly_rcu_read_unlock();
     pf->n = 1;
     pf->h[0] = h;
+    pf->ids = false;
 }
 
 void tly_store_prefetch_records(tly_store_t *store, const tly_prefetch_t *pf)
@@ -532,8 +540,8 @@ void tly_store_prefetch_records(tly_store_t *store, const tly_prefetch_t *pf)
     tly_rcu_read_unlock();
 }
 
-tly_err_t tly_store_apply(tly_store_t *store, const tly_event_t *ev, int32_t partition,
-                          int64_t offset, int64_t now_ms)
+static tly_err_t apply_event(tly_store_t *store, const tly_event_t *ev, const tly_prefetch_t *hint,
+                             int32_t partition, int64_t offset, int64_t now_ms)
 {
     const tly_featset_t *fs = store->fs;
     (void)offset;
@@ -604,12 +612,22 @@ tly_err_t tly_store_apply(tly_store_t *store, const tly_event_t *ev, int32_t par
                 pl->first = (uint32_t)nmatched;
                 pl->nfeats = 0;
                 pl->mask = 0;
-                tly_err_t err = tly_entity_id(fs, e, ev, pl->id, sizeof pl->id, &pl->idlen);
-                if (err == TLY_OK && pl->idlen > UINT8_MAX)
-                    err = TLY_E_EV_VALUE_TOO_LONG;
-                if (err != TLY_OK) {
-                    stat_drop(store, err);
-                    return err;
+                uint32_t k = 0;
+                while (hint && k < hint->n && hint->entity[k] != e)
+                    k++;
+                if (hint && k < hint->n) { /* rendered and hashed by the prefetch */
+                    memcpy(pl->id, hint->id[k], hint->idlen[k]);
+                    pl->idlen = hint->idlen[k];
+                    pl->h = hint->h[k];
+                } else {
+                    tly_err_t err = tly_entity_id(fs, e, ev, pl->id, sizeof pl->id, &pl->idlen);
+                    if (err == TLY_OK && pl->idlen > UINT8_MAX)
+                        err = TLY_E_EV_VALUE_TOO_LONG;
+                    if (err != TLY_OK) {
+                        stat_drop(store, err);
+                        return err;
+                    }
+                    pl->h = hash_id(e, pl->id, pl->idlen);
                 }
                 nplans++;
             }
@@ -625,7 +643,7 @@ tly_err_t tly_store_apply(tly_store_t *store, const tly_event_t *ev, int32_t par
     for (size_t pi = 0; pi < nplans; pi++) {
         plan_t *pl = &plans[pi];
         size_t nfirst;
-        ent_t *ent = ent_get_locked(store, pl->entity, pl->id, pl->idlen, ev, pl->mask,
+        ent_t *ent = ent_get_locked(store, pl->entity, pl->id, pl->idlen, pl->h, ev, pl->mask,
                                     apply_scratch.first, &nfirst);
         const tly_entity_t *etype = &fs->entities[pl->entity];
         if (nfirst)
@@ -643,6 +661,19 @@ tly_err_t tly_store_apply(tly_store_t *store, const tly_event_t *ev, int32_t par
     if (nplans)
         stat_add(&ts->applied, 1);
     return nplans ? TLY_OK : first_drop;
+}
+
+tly_err_t tly_store_apply(tly_store_t *store, const tly_event_t *ev, int32_t partition,
+                          int64_t offset, int64_t now_ms)
+{
+    return apply_event(store, ev, NULL, partition, offset, now_ms);
+}
+
+tly_err_t tly_store_apply_hinted(tly_store_t *store, const tly_event_t *ev,
+                                 const tly_prefetch_t *pf, int32_t partition, int64_t offset,
+                                 int64_t now_ms)
+{
+    return apply_event(store, ev, pf->ids ? pf : NULL, partition, offset, now_ms);
 }
 
 /* ---- reads -------------------------------------------------------------- */
@@ -1389,7 +1420,8 @@ static tly_err_t load_log_remap(tly_store_t *store, const lmap_t *m, const char 
      * `now` keeps. */
     tly_rcu_read_lock();
     size_t nfirst;
-    ent_t *e = ent_get_locked(store, (uint32_t)m->type, id, idlen, NULL, 0, NULL, &nfirst);
+    ent_t *e = ent_get_locked(store, (uint32_t)m->type, id, idlen,
+                              hash_id((uint32_t)m->type, id, idlen), NULL, 0, NULL, &nfirst);
     for (size_t r = 0; r < lg.nrecs; r++) {
         const rec_t *rec = &lg.recs[r];
         uint64_t mask = 0;

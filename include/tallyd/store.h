@@ -89,11 +89,17 @@ void tly_store_free(tly_store_t *store);
 tly_err_t tly_store_apply(tly_store_t *store, const tly_event_t *ev, int32_t partition,
                           int64_t offset, int64_t now_ms);
 
-/* What a prefetch hint found out, for its second step. */
+/* What a prefetch hint found out, for its second step and the apply. */
 #define TLY_PREFETCH_MAX 4 /* entity types hinted per event */
 typedef struct {
     uint32_t n;
     unsigned long h[TLY_PREFETCH_MAX];
+    /* tly_store_prefetch only: the entity type and rendered id behind each
+     * hash, which tly_store_apply_hinted takes instead of rendering again */
+    bool ids;
+    uint32_t entity[TLY_PREFETCH_MAX];
+    uint8_t idlen[TLY_PREFETCH_MAX];
+    char id[TLY_PREFETCH_MAX][UINT8_MAX];
 } tly_prefetch_t;
 
 /*
@@ -115,6 +121,13 @@ void tly_store_prefetch_id(tly_store_t *store, uint32_t entity, const char *id, 
 
 /* The second step: the records of what *pf names. */
 void tly_store_prefetch_records(tly_store_t *store, const tly_prefetch_t *pf);
+
+/* tly_store_apply of the event that tly_store_prefetch filled *pf for,
+ * unchanged since: the same result, without rendering and hashing the ids
+ * again. */
+tly_err_t tly_store_apply_hinted(tly_store_t *store, const tly_event_t *ev,
+                                 const tly_prefetch_t *pf, int32_t partition, int64_t offset,
+                                 int64_t now_ms);
 
 /*
  * Reads n windowed values of one entity at now_ms into out[0..n). Windowed

@@ -327,34 +327,53 @@ static void test_last_k_orders_by_time_keeps_k_and_ties_keep_arrival(void **stat
         TLY_E_FULL);
 }
 
+/* tly_store_apply, or with hinted, tly_store_prefetch then
+ * tly_store_apply_hinted, as the Kafka source applies. */
+static tly_err_t apply_as(fx_t *fx, const tly_event_t *e, int64_t now, bool hinted)
+{
+    if (!hinted)
+        return tly_store_apply(fx->store, e, 0, 0, now);
+    tly_prefetch_t pf;
+    tly_store_prefetch(fx->store, e, &pf);
+    return tly_store_apply_hinted(fx->store, e, &pf, 0, 0, now);
+}
+
 static void test_rejected_event_changes_nothing(void **state)
 {
     fx_t *fx = *state;
-    /* a click with a string dwell: clicks would match, dwell cannot */
-    tly_event_t e = ev(fx, T, 6, "p1", "click", -1);
-    e.vals[fx->f_dwell] = (tly_value_t){.type = TLY_V_STR, .len = 3, .u.s = "abc"};
-    assert_int_equal(tly_store_apply(fx->store, &e, 0, 0, T), TLY_E_EV_WRONG_TYPE);
-    /* an impression without pin_id: the pin's key is missing */
-    e = ev(fx, T, 6, NULL, "impression", 5);
-    assert_int_equal(tly_store_apply(fx->store, &e, 0, 0, T), TLY_E_EV_MISSING_KEY);
-    /* a last_k string longer than events.max_string (16) */
-    e = ev(fx, T, 6, "p123456789012345678", "click", -1);
-    assert_int_equal(tly_store_apply(fx->store, &e, 0, 0, T), TLY_E_EV_VALUE_TOO_LONG);
-    tly_store_stats_t st;
-    tly_store_stats(fx->store, &st);
-    assert_int_equal(st.entities, 0);
-    assert_int_equal(st.events_applied, 0);
-    assert_int_equal(st.dropped[TLY_E_EV_WRONG_TYPE], 1);
-    assert_int_equal(st.dropped[TLY_E_EV_MISSING_KEY], 1);
-    assert_int_equal(st.dropped[TLY_E_EV_VALUE_TOO_LONG], 1);
-    assert_int_equal(count(fx, "6", "clicks", 0, T), 0);
+    for (int hinted = 0; hinted <= 1; hinted++) {
+        /* a click with a string dwell: clicks would match, dwell cannot */
+        tly_event_t e = ev(fx, T, 6, "p1", "click", -1);
+        e.vals[fx->f_dwell] = (tly_value_t){.type = TLY_V_STR, .len = 3, .u.s = "abc"};
+        assert_int_equal(apply_as(fx, &e, T, hinted), TLY_E_EV_WRONG_TYPE);
+        /* an impression without pin_id: the pin's key is missing */
+        e = ev(fx, T, 6, NULL, "impression", 5);
+        assert_int_equal(apply_as(fx, &e, T, hinted), TLY_E_EV_MISSING_KEY);
+        /* a last_k string longer than events.max_string (16) */
+        e = ev(fx, T, 6, "p123456789012345678", "click", -1);
+        assert_int_equal(apply_as(fx, &e, T, hinted), TLY_E_EV_VALUE_TOO_LONG);
+        /* an impression whose pin id is longer than an id may be (255) */
+        static char longpin[300];
+        memset(longpin, 'q', sizeof longpin - 1);
+        e = ev(fx, T, 6, longpin, "impression", 5);
+        assert_int_equal(apply_as(fx, &e, T, hinted), TLY_E_EV_VALUE_TOO_LONG);
+        tly_store_stats_t st;
+        tly_store_stats(fx->store, &st);
+        assert_int_equal(st.entities, 0);
+        assert_int_equal(st.events_applied, 0);
+        assert_int_equal(st.dropped[TLY_E_EV_WRONG_TYPE], 1 + hinted);
+        assert_int_equal(st.dropped[TLY_E_EV_MISSING_KEY], 1 + hinted);
+        assert_int_equal(st.dropped[TLY_E_EV_VALUE_TOO_LONG], 2 * (1 + hinted));
+        assert_int_equal(count(fx, "6", "clicks", 0, T), 0);
+    }
 }
 
 static void test_two_entity_types_from_one_event(void **state)
 {
     fx_t *fx = *state;
     assert_int_equal(put(fx, T, T - SEC, 7, "p9", "impression", 100), TLY_OK);
-    assert_int_equal(put(fx, T, T - SEC, 8, "p9", "impression", 300), TLY_OK);
+    tly_event_t e = ev(fx, T - SEC, 8, "p9", "impression", 300);
+    assert_int_equal(apply_as(fx, &e, T, true), TLY_OK);
     assert_int_equal(get(fx, fx->pin, "p9", "impressions", 0, T).u.i, 2);
     assert_int_equal(count(fx, "7", "dwell", 0, T), 100);
     assert_int_equal(count(fx, "8", "dwell", 0, T), 300);
