@@ -6,7 +6,9 @@
  * UTF-8. The same pass extracts the top-level members whose key is a
  * referenced field. (It replaced jsmn plus a second walk over jsmn's tokens:
  * jsmn is lenient, so every byte had to be checked again; one pass costs
- * less than jsmn alone. bench/README.md has both figures.)
+ * less than jsmn alone. bench/README.md has both figures.) Plain keys and
+ * string values of at most fifteen bytes, the usual kind, are read a word
+ * or two at a time.
  *
  * Rejection precedence, so that each payload has exactly one reason:
  * EV_TOO_LARGE, then the first of EV_TOO_COMPLEX (the 257th token: each
