@@ -568,7 +568,12 @@ static int64_t run_lookup(tly_store_t *store, const ids_t *ids, size_t n, const 
     tly_prefetch_t pf[AHEAD + 1][2];
     int64_t t0 = mono_ns();
     size_t ahead = hinted ? AHEAD : 0;
+    tly_rcu_read_lock(); /* the hints run inside one, renewed as the writer loop does */
     for (size_t k = 0; k < n + ahead; k++) {
+        if (k % BATCH == BATCH - 1) {
+            tly_rcu_read_unlock();
+            tly_rcu_read_lock();
+        }
         if (hinted && k < n) {
             int r = (int)(k % (AHEAD + 1));
             tly_store_prefetch_id(store, (uint32_t)ft->user_ent, ids[k].user, ids[k].ulen,
@@ -590,6 +595,7 @@ static int64_t run_lookup(tly_store_t *store, const ids_t *ids, size_t n, const 
                        &last, NULL, 0);
         miss += last < 0;
     }
+    tly_rcu_read_unlock();
     int64_t dt = mono_ns() - t0;
     *misses = miss;
     return dt;

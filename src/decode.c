@@ -892,6 +892,31 @@ static inline bool scan_key(walk_t *w, val_t *key, uint64_t *head, bool *headed)
 
 static bool scan_value(walk_t *w, val_t *v, bool top);
 
+/* scan_value for a member or element, with the usual values (strings and
+ * numbers) read here rather than through a call; the same checks, in the
+ * same order. */
+static inline bool scan_inner(walk_t *w, val_t *v)
+{
+    if (w->pos < w->len) {
+        const char *p = w->js + w->pos;
+        if (p[0] == '"') {
+            uint64_t head;
+            return count_token(w) && (short_string(w, v, &head) || scan_string(w, v));
+        }
+        if (p[0] == '-' || is_digit(p[0])) {
+            size_t k = json_number(p, w->len - w->pos, v);
+            if (!count_token(w) || k == 0)
+                return false;
+            v->kind = V_NUM;
+            v->p = p;
+            v->n = k;
+            w->pos += k;
+            return true;
+        }
+    }
+    return scan_value(w, v, false);
+}
+
 /* Scans the object or array opening at w->pos and everything in it; with
  * top, extracts the object's referenced members. */
 static bool scan_container(walk_t *w, val_t *v, bool top)
@@ -914,7 +939,7 @@ static bool scan_container(walk_t *w, val_t *v, bool top)
         if (object && (w->pos >= w->len || js[w->pos] != '"' || !count_token(w) ||
                        !scan_key(w, &key, &head, &headed) || !skip_sep(w, ':')))
             return false;
-        if (!scan_value(w, &val, false))
+        if (!scan_inner(w, &val))
             return false;
         if (object && top && w->err == TLY_OK) {
             int fid = headed ? lookup_head(w->dec, key.p, key.n, head) : key_field(w, &key);

@@ -503,7 +503,6 @@ void tly_store_prefetch(tly_store_t *store, const tly_event_t *ev, tly_prefetch_
     size_t len;
     pf->n = 0;
     pf->ids = true;
-    tly_rcu_read_lock();
     for (uint32_t e = 0; e < fs->nentities && pf->n < TLY_PREFETCH_MAX; e++) {
         char *id = pf->id[pf->n];
         /* an id too long for the hint is left to the apply, which rejects
@@ -517,16 +516,13 @@ void tly_store_prefetch(tly_store_t *store, const tly_event_t *ev, tly_prefetch_
             pf->h[pf->n++] = h;
         }
     }
-    tly_rcu_read_unlock();
 }
 
 void tly_store_prefetch_id(tly_store_t *store, uint32_t entity, const char *id, size_t idlen,
                            tly_prefetch_t *pf)
 {
     unsigned long h = hash_id(entity, id, idlen);
-    tly_rcu_read_lock();
     tbl_prefetch(shard_of(store, h), h);
-    tly_rcu_read_unlock();
     pf->n = 1;
     pf->h[0] = h;
     pf->ids = false;
@@ -534,10 +530,8 @@ void tly_store_prefetch_id(tly_store_t *store, uint32_t entity, const char *id, 
 
 void tly_store_prefetch_records(tly_store_t *store, const tly_prefetch_t *pf)
 {
-    tly_rcu_read_lock();
     for (uint32_t i = 0; i < pf->n; i++)
         tbl_prefetch_ent(shard_of(store, pf->h[i]), pf->h[i]);
-    tly_rcu_read_unlock();
 }
 
 static tly_err_t apply_event(tly_store_t *store, const tly_event_t *ev, const tly_prefetch_t *hint,

@@ -415,7 +415,7 @@ void store_words_apply(tly_store_t *store, ent_t **entp, const tly_entity_t *ety
         for (size_t w = 0; w < feat->nwindows; w++) {
             const tly_window_t *win = &feat->windows[w];
             int64_t lo, hi;
-            tly_window_range(now_ms, win->len_ms, win->hop_ms, &lo, &hi);
+            store_window_range(win, now_ms, &lo, &hi);
             int64_t bk = tly_window_bucket(ev->time_ms, win->hop_ms);
             if (bk < lo || bk < 0 || bk > UINT32_MAX)
                 continue; /* outside this window; longer ones take it */

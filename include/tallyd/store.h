@@ -110,7 +110,9 @@ typedef struct {
  * arrived, starts loading the records they name. A writer that decodes a
  * few events ahead and hints them overlaps those cache misses with the
  * apply of the events before (the table and the records are far larger than
- * the cache). RCU-registered threads.
+ * the cache). These three hint functions run inside the caller's RCU
+ * read-side section (tly_rcu_read_lock): a writer or a query takes one
+ * around many hints.
  */
 void tly_store_prefetch(tly_store_t *store, const tly_event_t *ev, tly_prefetch_t *pf);
 

@@ -369,7 +369,9 @@ static void *writer_main(void *arg)
         to_event(c, e, &ev, pinbuf);
         if (i % 2) { /* every other event the way the Kafka source applies: hinted */
             tly_prefetch_t pf;
+            tly_rcu_read_lock();
             tly_store_prefetch(c->store, &ev, &pf);
+            tly_rcu_read_unlock();
             (void)tly_store_apply_hinted(c->store, &ev, &pf, (int32_t)ta->id, (int64_t)i, e->clock);
         } else {
             (void)tly_store_apply(c->store, &ev, (int32_t)ta->id, (int64_t)i, e->clock);

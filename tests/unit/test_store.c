@@ -334,7 +334,9 @@ static tly_err_t apply_as(fx_t *fx, const tly_event_t *e, int64_t now, bool hint
     if (!hinted)
         return tly_store_apply(fx->store, e, 0, 0, now);
     tly_prefetch_t pf;
+    tly_rcu_read_lock();
     tly_store_prefetch(fx->store, e, &pf);
+    tly_rcu_read_unlock();
     return tly_store_apply_hinted(fx->store, e, &pf, 0, 0, now);
 }
 
