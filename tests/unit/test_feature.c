@@ -843,6 +843,24 @@ static void entity_id_renders_integers_in_decimal(void **state)
                 ev.vals[uid] = int_value(v);
                 assert_id(l.fs, "user", &ev, want);
             }
+    /* digits are made eight at a time: every value below 10^5, and values
+     * of every magnitude with every digit in every place (a fixed
+     * xorshift sequence, shifted down to each length), both signs */
+    uint64_t r = UINT64_C(88172645463325252);
+    for (int64_t i = 0; i < 100000 + 64 * 40; i++) {
+        int64_t v = i;
+        if (i >= 100000) {
+            r ^= r << 13;
+            r ^= r >> 7;
+            r ^= r << 17;
+            v = (int64_t)(r >> (i % 64 | 1));
+            v = i % 2 ? -v : v;
+        }
+        char want[32];
+        snprintf(want, sizeof want, "%" PRId64, v);
+        ev.vals[uid] = int_value(v);
+        assert_id(l.fs, "user", &ev, want);
+    }
     unload(&l);
 }
 
