@@ -892,27 +892,38 @@ static inline bool scan_key(walk_t *w, val_t *key, uint64_t *head, bool *headed)
 
 static bool scan_value(walk_t *w, val_t *v, bool top);
 
+/* The string value whose opening quote is at w->pos: one token. */
+static inline bool scan_string_value(walk_t *w, val_t *v)
+{
+    uint64_t head;
+    return count_token(w) && (short_string(w, v, &head) || scan_string(w, v));
+}
+
+/* The number value that begins at w->pos ('-' or a digit): one token,
+ * counted before its syntax decides anything. */
+static inline bool scan_number_value(walk_t *w, val_t *v)
+{
+    const char *p = w->js + w->pos;
+    size_t k = json_number(p, w->len - w->pos, v);
+    if (!count_token(w) || k == 0)
+        return false;
+    v->kind = V_NUM;
+    v->p = p;
+    v->n = k;
+    w->pos += k;
+    return true;
+}
+
 /* scan_value for a member or element, with the usual values (strings and
- * numbers) read here rather than through a call; the same checks, in the
- * same order. */
+ * numbers) read without a call. */
 static inline bool scan_inner(walk_t *w, val_t *v)
 {
     if (w->pos < w->len) {
-        const char *p = w->js + w->pos;
-        if (p[0] == '"') {
-            uint64_t head;
-            return count_token(w) && (short_string(w, v, &head) || scan_string(w, v));
-        }
-        if (p[0] == '-' || is_digit(p[0])) {
-            size_t k = json_number(p, w->len - w->pos, v);
-            if (!count_token(w) || k == 0)
-                return false;
-            v->kind = V_NUM;
-            v->p = p;
-            v->n = k;
-            w->pos += k;
-            return true;
-        }
+        char c = w->js[w->pos];
+        if (c == '"')
+            return scan_string_value(w, v);
+        if (c == '-' || is_digit(c))
+            return scan_number_value(w, v);
     }
     return scan_value(w, v, false);
 }
@@ -974,10 +985,8 @@ static bool scan_value(walk_t *w, val_t *v, bool top)
     const char *p = w->js + w->pos;
     size_t n = w->len - w->pos, k;
     switch (p[0]) {
-    case '"': {
-        uint64_t head;
-        return count_token(w) && (short_string(w, v, &head) || scan_string(w, v));
-    }
+    case '"':
+        return scan_string_value(w, v);
     case '{':
     case '[':
         return count_token(w) && scan_container(w, v, top);
@@ -996,9 +1005,7 @@ static bool scan_value(walk_t *w, val_t *v, bool top)
     default:
         if (p[0] != '-' && !is_digit(p[0]))
             return false;
-        v->kind = V_NUM;
-        k = json_number(p, n, v);
-        break;
+        return scan_number_value(w, v);
     }
     /* What follows (a separator, whitespace, a closing bracket or the end)
      * is the caller's to check: "12ab" and "truex" fail there. */
