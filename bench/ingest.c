@@ -10,8 +10,8 @@
  *   a. jsmn_parse alone (a JSON tokeniser library: token boundaries only, no
  *      grammar check, no values), with decode's token cap, for reference;
  *   b. tly_decode_json (grammar check, extraction, event time);
- *   c. tly_decode_json + tly_store_apply on one RCU-registered writer thread,
- *      into a fresh store per run;
+ *   c. tly_decode_json + tly_store_apply_hinted on one RCU-registered writer
+ *      thread, into a fresh store per run;
  *   d. the same on two writer threads sharing one store, events split by
  *      user_id parity as a user-keyed topic's partitions would split them;
  *      events/s = N / wall time of the slower thread;
