@@ -100,7 +100,10 @@ def observe_loading(r):
             obs.append((ia.get("loading"), reply, ib.get("loading"), ib))
             consumed = int(ib.get("messages_consumed", "0"))
             done = int(ib.get("events_applied", "0")) + int(ib.get("events_rejected", "0"))
-            if ib.get("loading") in (None, "0") and consumed >= r.expected and done >= r.expected:
+            # stop after a whole observation past catch-up (both INFOs say
+            # loading:0), not at the one that straddles the transition
+            if (ia.get("loading") in (None, "0") and ib.get("loading") in (None, "0")
+                    and consumed >= r.expected and done >= r.expected):
                 break
             if r.tallyd.proc.poll() is not None:
                 break
