@@ -352,6 +352,16 @@ static void lastk_update(tly_store_t *store, ent_t **entp, uint32_t sid, const t
         item_write(e, p + 1, feat, ev, ids, words);
         return;
     }
+    if (count >= feat->k && uw == words && (uint64_t)count * uw == len - 1 &&
+        at - (p + 1) < p + len - at) {
+        /* Full, and the item lands among the older half: drop the oldest
+         * and move the items older than it down one place, fewer words
+         * than opening a place would move; the k newest kept are the same
+         * either way. */
+        words_move(e, p + 1, p + 1 + uw, at - (p + 1) - uw);
+        item_write(e, at - uw, feat, ev, ids, words);
+        return;
+    }
     uw = count == 0 ? words : uw == words ? uw : UW_MIXED;
 
     words_reserve(store, entp, words); /* offsets survive a regrow */

@@ -60,11 +60,15 @@ typedef struct {
     uint32_t user, pin;
 } fx_t;
 
-static int setup(void **state)
+/* A last_k long enough for items to move several places. */
+static const char *yaml_k20 = YAML_HEAD "  - { name: recent, entity: user, key: user_id, agg: "
+                                        "last_k, k: 20, value: [pin_id, action] }\n";
+
+static int setup_yaml(void **state, const char *text)
 {
     fx_t *fx = calloc(1, sizeof *fx);
     char err[256];
-    if (tly_config_load_string(yaml, "store.yaml", &fx->cfg, err, sizeof err) != TLY_OK ||
+    if (tly_config_load_string(text, "store.yaml", &fx->cfg, err, sizeof err) != TLY_OK ||
         tly_featset_compile(fx->cfg, &fx->fs, err, sizeof err) != TLY_OK) {
         fprintf(stderr, "%s\n", err);
         return -1;
@@ -79,6 +83,16 @@ static int setup(void **state)
     fx->store = tly_store_new(fx->fs);
     *state = fx;
     return 0;
+}
+
+static int setup(void **state)
+{
+    return setup_yaml(state, yaml);
+}
+
+static int setup_k20(void **state)
+{
+    return setup_yaml(state, yaml_k20);
 }
 
 static int teardown(void **state)
@@ -269,6 +283,56 @@ static void test_last_k_count_at_and_before_now_and_past_the_horizon(void **stat
     assert_int_equal(put(fx, T, T - 30 * SEC, 8, "a-pin-name-of-16", "click", 1), TLY_OK);
     assert_int_equal(get(fx, fx->user, "8", "recent", 0, T).u.i, 3);
     assert_int_equal(get(fx, fx->user, "8", "recent", 0, T - 45 * SEC).u.i, 1);
+}
+
+/* The k newest items (time, then arrival) of a last_k of 20 after every
+ * one of many events whose times arrive shuffled, with ties, against a
+ * sort of all the events so far: a full list takes an item in its older
+ * half by dropping the oldest and moving the older items down, in its
+ * newer half by opening a place and trimming later. */
+static void test_last_k_keeps_the_k_newest_under_shuffled_arrivals(void **state)
+{
+    fx_t *fx = *state;
+    uint32_t feat;
+    int win;
+    assert_int_equal(tly_featset_resolve(fx->fs, fx->user, "recent", 6, &feat, &win), TLY_OK);
+    enum { NEV = 400, K = 20 }; /* k of `recent` in this fixture */
+    static char pins[NEV][8];
+    int64_t times[NEV];
+    uint64_t r = 12345;
+    for (int i = 0; i < NEV; i++) {
+        r = r * 6364136223846793005u + 1442695040888963407u;
+        times[i] = T - (int64_t)(r >> 33) % 200 * SEC; /* 200 distinct times: ties */
+        snprintf(pins[i], sizeof pins[i], "q%d", i);
+        assert_int_equal(put(fx, T, times[i], 9, pins[i], "click", -1), TLY_OK);
+        /* expected: the K greatest of (time, arrival) among events 0..i */
+        int want[K], nw = 0;
+        for (int j = 0; j <= i; j++) {
+            int at = nw;
+            while (at > 0 && (times[want[at - 1]] < times[j] ||
+                              (times[want[at - 1]] == times[j] && want[at - 1] < j)))
+                at--;
+            if (at >= K)
+                continue;
+            for (int q = (nw < K ? nw : K - 1); q > at; q--)
+                want[q] = want[q - 1];
+            want[at] = j;
+            if (nw < K)
+                nw++;
+        }
+        tly_item_t it[K + 4];
+        char sbuf[2048];
+        size_t n = 0;
+        assert_int_equal(tly_store_recent(fx->store, fx->user, "9", 1, feat, INT64_MIN, T, it,
+                                          K + 4, &n, sbuf, sizeof sbuf),
+                         TLY_OK);
+        assert_int_equal(n, (size_t)nw);
+        for (int q = 0; q < nw; q++) {
+            assert_int_equal(it[q].time_ms, times[want[q]]);
+            assert_int_equal(it[q].vals[0].len, strlen(pins[want[q]]));
+            assert_memory_equal(it[q].vals[0].u.s, pins[want[q]], strlen(pins[want[q]]));
+        }
+    }
 }
 
 static void test_last_k_orders_by_time_keeps_k_and_ties_keep_arrival(void **state)
@@ -1270,6 +1334,8 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_unknown_id_reads_empty_answers, setup, teardown),
         cmocka_unit_test_setup_teardown(test_last_k_count_at_and_before_now_and_past_the_horizon,
                                         setup, teardown),
+        cmocka_unit_test_setup_teardown(test_last_k_keeps_the_k_newest_under_shuffled_arrivals,
+                                        setup_k20, teardown),
         cmocka_unit_test_setup_teardown(test_last_k_orders_by_time_keeps_k_and_ties_keep_arrival,
                                         setup, teardown),
         cmocka_unit_test_setup_teardown(test_rejected_event_changes_nothing, setup, teardown),
