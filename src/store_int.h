@@ -296,7 +296,8 @@ ent_t *tbl_next(const shard_t *sh, size_t *pos); /* from *pos = 0; NULL at the e
 
 /* tly_window_range of win at now_ms, remembered per thread: a query reads
  * the same few windows at the same now for many entities (MFEATURES: 500
- * ids), and the range costs three 64-bit divisions. Four entries, keyed by
+ * ids), a writer applies a batch at one now, and the range costs three
+ * 64-bit divisions. Four entries, keyed by
  * everything the range depends on (length, hop, now), never by address: a
  * featset freed and another compiled may reuse the windows' memory. */
 static inline void store_window_range(const tly_window_t *win, int64_t now_ms, int64_t *lo,

@@ -324,7 +324,9 @@ static void lastk_update(tly_store_t *store, ent_t **entp, uint32_t sid, const t
      * one width (the usual case: numbers and interned strings), a binary
      * search; otherwise a walk back from the newest. */
     uint32_t at = p + len;
-    if (count && uw == words && (uint64_t)count * uw == len - 1) {
+    /* every kept item, and this one, as wide as the count word says */
+    const bool uniform = count && uw == words && (uint64_t)count * uw == len - 1;
+    if (uniform) {
         uint64_t lo = 0, hi = count;
         while (lo < hi) {
             uint64_t mid = lo + (hi - lo) / 2;
@@ -352,8 +354,7 @@ static void lastk_update(tly_store_t *store, ent_t **entp, uint32_t sid, const t
         item_write(e, p + 1, feat, ev, ids, words);
         return;
     }
-    if (count >= feat->k && uw == words && (uint64_t)count * uw == len - 1 &&
-        at - (p + 1) < p + len - at) {
+    if (uniform && count >= feat->k && at - (p + 1) < p + len - at) {
         /* Full, and the item lands among the older half: drop the oldest
          * and move the items older than it down one place, fewer words
          * than opening a place would move; the k newest kept are the same
