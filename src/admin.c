@@ -225,6 +225,9 @@ static void metrics_source(tly_daemon_t *d, tly_buf_t *b)
     counter(b, "tallyd_kafka_offset_reset_skipped_messages_total",
             "Messages offset resets skipped that Kafka had deleted before they were applied.",
             st.gap_messages);
+    counter(b, "tallyd_kafka_fetch_nudges_total",
+            "End-offset requests sent to wake librdkafka's fetcher after its queue was full.",
+            st.fetch_nudges);
 
     /* Unknown values (no high watermark yet, no event yet) have no sample
      * rather than a made-up number. */

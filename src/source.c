@@ -38,7 +38,9 @@
  * worker threads only decode and apply the batch items handed to them
  * (between the start and the end of a flush, under pool.mu's handshake);
  * tly_kafka_close in stop runs the final revocation on the main thread
- * after the poll thread was joined. The log callback runs on
+ * after the poll thread was joined. The nudger thread only sends the
+ * end-offset requests the poll thread hands it (see "fetch nudges"); it is
+ * joined after the poll thread. The log callback runs on
  * librdkafka's own threads and only calls tly_log. tly_source_stats and
  * tly_source_fatal on any thread.
  *
@@ -85,6 +87,9 @@
 #define BATCH_MAX           4096 /* messages collected before they are applied */
 #define BATCH_SPREAD_MIN    64   /* smaller batches are applied by the poll thread alone */
 #define MAX_APPLIERS        64 /* kafka.threads' upper bound */
+#define NUDGE_TIMEOUT_MS    500  /* longest wait for a nudge's answers */
+#define STARVED_NUDGE_MS    100  /* first pause between nudges of an empty poll while behind */
+#define STARVED_NUDGE_MAX   5000 /* longest pause: the pause doubles until a message arrives */
 
 /* One partition this process has been assigned (or was told to resume). */
 typedef struct {
@@ -200,6 +205,26 @@ struct tly_source {
      * assigned partition caught up) and assign (false); read by any thread
      * with acquire, once per query */
     atomic_bool ready;
+
+    /* Fetch nudges ("fetch nudges" below). qmin, qbytes: set in new; cq:
+     * in start, destroyed in stop; msg_bytes, polled, queue_full,
+     * last_nudge_ms, starved_ms: poll thread only; nudge_parts, nudge_quit: under
+     * nudge_mu. */
+    rd_kafka_queue_t *cq; /* the consumer queue, for its length */
+    uint64_t qmin;        /* queued.min.messages */
+    uint64_t qbytes;      /* queued.max.messages.kbytes, in bytes */
+    uint64_t msg_bytes;   /* running mean payload of the messages polled */
+    uint64_t polled;      /* messages polled since the last nudge_check */
+    bool queue_full;      /* librdkafka may have stopped fetching since */
+    int64_t last_nudge_ms;
+    int64_t starved_ms; /* pause before the next nudge of an empty poll */
+    pthread_t nudger;
+    bool nudger_started; /* main thread */
+    pthread_mutex_t nudge_mu;
+    pthread_cond_t nudge_cv;
+    rd_kafka_topic_partition_list_t *nudge_parts; /* handed over, under nudge_mu */
+    bool nudge_quit;                              /* under nudge_mu */
+    atomic_uint_fast64_t nudges;
 
     /* published table: written by the consumer-queue thread under mu */
     pthread_mutex_t mu;
@@ -798,6 +823,7 @@ static tly_err_t check_route(const tly_source_t *src, const tly_event_rules_t *r
 static void collect(tly_source_t *src, rd_kafka_message_t *m, int64_t now_ms)
 {
     uint64_t held;
+    src->polled++;
     if (m->err) {
         if (m->err == RD_KAFKA_RESP_ERR__PARTITION_EOF) {
             rd_kafka_message_destroy(m);
@@ -823,6 +849,9 @@ static void collect(tly_source_t *src, rd_kafka_message_t *m, int64_t now_ms)
         return;
     }
     atomic_fetch_add_explicit(&src->messages, 1, memory_order_relaxed);
+    src->starved_ms = STARVED_NUDGE_MS;
+    int64_t d = (int64_t)m->len - (int64_t)src->msg_bytes;
+    src->msg_bytes = src->msg_bytes == 0 ? m->len : (uint64_t)((int64_t)src->msg_bytes + d / 16);
     part_t *p = part_get(src, rd_kafka_topic_name(m->rkt), m->partition);
     check_continuity(src, p, m);
     p->from_end = false;
@@ -1095,6 +1124,145 @@ static bool assign_all(tly_source_t *src)
     return false;
 }
 
+/* ---- fetch nudges -------------------------------------------------------------
+ *
+ * librdkafka 2.0.2 stops fetching a partition while the consumer queue holds
+ * queued.min.messages messages or queued.max.messages.kbytes of them, and its
+ * broker thread decides again only when something wakes it: a request to
+ * send, an answer on its connection, or its one-second wait running out
+ * (librdkafka issue #2879; later releases bound that wait with
+ * fetch.queue.backoff.ms). Taking messages off the queue wakes nothing, so a
+ * consumer slower than its fetcher (tallyd catching up) would idle for most
+ * of each second once its queue had filled. So after each batch the poll
+ * thread reads the queue's length, and when the queue may have reached the
+ * cap since the last look and is now below it, the nudger thread asks the
+ * leaders of the assigned partitions for their end offsets
+ * (rd_kafka_offsets_for_times with "latest": one small ListOffsets request
+ * per leader); the answer wakes each leader's broker thread, which finds its
+ * partitions fetchable again. The byte cap is judged from the mean payload
+ * polled; an empty poll while a partition is known to be behind (whatever
+ * stopped the fetcher) nudges too: STARVED_NUDGE_MS after the last nudge,
+ * twice that after a nudge that brought nothing, and so on up to
+ * STARVED_NUDGE_MAX (a high watermark that no message reaches, such as a
+ * transaction marker's, is not worth more). */
+
+/* The messages the queue holds when librdkafka stops fetching. */
+static uint64_t queue_cap(const tly_source_t *src)
+{
+    uint64_t cap = src->qmin;
+    if (src->msg_bytes > 0 && src->qbytes / src->msg_bytes < cap)
+        cap = src->qbytes / src->msg_bytes;
+    return cap > 0 ? cap : 1;
+}
+
+/* Poll thread: hands the nudger the assigned partitions, unless it still has
+ * a list to send (nudges coalesce). */
+static void nudge(tly_source_t *src, int64_t now_ms)
+{
+    src->last_nudge_ms = now_ms;
+    if (!src->nudger_started)
+        return;
+    pthread_mutex_lock(&src->nudge_mu);
+    bool pending = src->nudge_parts != NULL;
+    pthread_mutex_unlock(&src->nudge_mu);
+    if (pending)
+        return;
+    rd_kafka_topic_partition_list_t *list =
+        rd_kafka_topic_partition_list_new((int)(src->nparts > 0 ? src->nparts : 1));
+    for (size_t i = 0; i < src->nparts; i++)
+        if (src->parts[i].assigned) /* the offset field carries the time: latest */
+            rd_kafka_topic_partition_list_add(list, src->parts[i].topic, src->parts[i].partition)
+                ->offset = RD_KAFKA_OFFSET_END;
+    if (list->cnt == 0) {
+        rd_kafka_topic_partition_list_destroy(list);
+        return;
+    }
+    pthread_mutex_lock(&src->nudge_mu);
+    if (src->nudge_parts == NULL) {
+        src->nudge_parts = list;
+        list = NULL;
+        pthread_cond_signal(&src->nudge_cv);
+    }
+    pthread_mutex_unlock(&src->nudge_mu);
+    if (list != NULL)
+        rd_kafka_topic_partition_list_destroy(list);
+}
+
+/* Poll thread, after each batch. The fetcher decides on the queue's length
+ * at moments this thread does not see, but in between the length only drops
+ * by what this thread polled: so if it reached the cap since the last look,
+ * the length now plus what was polled since is at least the cap. */
+static void nudge_check(tly_source_t *src, int64_t now_ms)
+{
+    if (src->cq == NULL)
+        return;
+    uint64_t len = (uint64_t)rd_kafka_queue_length(src->cq);
+    uint64_t cap = queue_cap(src);
+    if (len + src->polled >= cap)
+        src->queue_full = true;
+    src->polled = 0;
+    if (src->queue_full && len < cap) {
+        src->queue_full = false;
+        nudge(src, now_ms);
+    }
+}
+
+/* Poll thread, after a poll that found nothing: nudges when a partition is
+ * known to hold messages past its position. */
+static void nudge_if_starved(tly_source_t *src, int64_t now_ms)
+{
+    src->polled = 0;
+    if (src->cq == NULL || now_ms - src->last_nudge_ms < src->starved_ms)
+        return;
+    for (size_t i = 0; i < src->nparts; i++) {
+        const part_t *p = &src->parts[i];
+        if (p->assigned && p->position >= 0 && p->high > p->position) {
+            nudge(src, now_ms);
+            src->starved_ms =
+                src->starved_ms * 2 < STARVED_NUDGE_MAX ? src->starved_ms * 2 : STARVED_NUDGE_MAX;
+            return;
+        }
+    }
+}
+
+static void *nudger_main(void *arg)
+{
+    tly_source_t *src = arg;
+    (void)pthread_setname_np(pthread_self(), "tly-nudge");
+    pthread_mutex_lock(&src->nudge_mu);
+    for (;;) {
+        while (src->nudge_parts == NULL && !src->nudge_quit)
+            pthread_cond_wait(&src->nudge_cv, &src->nudge_mu);
+        if (src->nudge_quit)
+            break;
+        rd_kafka_topic_partition_list_t *list = src->nudge_parts;
+        pthread_mutex_unlock(&src->nudge_mu);
+        /* Only the asking matters; the answer (or its error) is not used. */
+        (void)rd_kafka_offsets_for_times(src->rk, list, NUDGE_TIMEOUT_MS);
+        atomic_fetch_add_explicit(&src->nudges, 1, memory_order_relaxed);
+        rd_kafka_topic_partition_list_destroy(list);
+        pthread_mutex_lock(&src->nudge_mu);
+        src->nudge_parts = NULL;
+    }
+    pthread_mutex_unlock(&src->nudge_mu);
+    return NULL;
+}
+
+static void stop_nudger(tly_source_t *src)
+{
+    if (!src->nudger_started)
+        return;
+    pthread_mutex_lock(&src->nudge_mu);
+    src->nudge_quit = true;
+    pthread_cond_signal(&src->nudge_cv);
+    pthread_mutex_unlock(&src->nudge_mu);
+    pthread_join(src->nudger, NULL);
+    src->nudger_started = false;
+    if (src->nudge_parts != NULL)
+        rd_kafka_topic_partition_list_destroy(src->nudge_parts);
+    src->nudge_parts = NULL;
+}
+
 static void *poll_main(void *arg)
 {
     tly_source_t *src = arg;
@@ -1114,6 +1282,7 @@ static void *poll_main(void *arg)
         if (m == NULL) {
             if (src->dirty || now - src->last_publish_ms >= every)
                 publish(src, now);
+            nudge_if_starved(src, now);
             continue;
         }
         /* The batch: whatever else the consumer queue holds right now. A
@@ -1124,6 +1293,7 @@ static void *poll_main(void *arg)
                (m = rd_kafka_consumer_poll(src->rk, 0)) != NULL)
             collect(src, m, now);
         flush(src);
+        nudge_check(src, now);
         if (now - src->last_publish_ms >= every)
             publish(src, now);
     }
@@ -1264,13 +1434,6 @@ static rd_kafka_conf_t *consumer_conf(tly_source_t *src, char *errbuf, size_t er
      * broker answers at once; in-process, short polls cost nothing. */
     if (src->embedded && !conf_set(conf, "fetch.wait.max.ms", "5", false, errbuf, errlen))
         goto fail;
-    /* Prefetch deeper than librdkafka's default (100,000 messages): with it
-     * the poll thread sat idle about half the time while catching up, and
-     * 1,000,000 made catching up 1.3x-2.1x faster (bench/README.md, "Kafka").
-     * queued.max.messages.kbytes (64 MiB) still bounds the memory it takes.
-     * kafka.properties may set either. */
-    if (!conf_set(conf, "queued.min.messages", "1000000", false, errbuf, errlen))
-        goto fail;
     for (size_t i = 0; i < cfg->kafka.nproperties; i++) {
         const tly_kv_t *kv = &cfg->kafka.properties[i];
         if (!property_allowed(kv->key, kv->value, cfg->kafka.mode == TLY_MODE_SHARD, errbuf,
@@ -1278,6 +1441,15 @@ static rd_kafka_conf_t *consumer_conf(tly_source_t *src, char *errbuf, size_t er
             !conf_set(conf, kv->key, kv->value, true, errbuf, errlen))
             goto fail;
     }
+    /* The caps the fetch nudges watch (librdkafka's defaults unless
+     * kafka.properties set them). */
+    char val[32];
+    size_t vlen = sizeof val;
+    if (rd_kafka_conf_get(conf, "queued.min.messages", val, &vlen) == RD_KAFKA_CONF_OK)
+        src->qmin = strtoull(val, NULL, 10);
+    vlen = sizeof val;
+    if (rd_kafka_conf_get(conf, "queued.max.messages.kbytes", val, &vlen) == RD_KAFKA_CONF_OK)
+        src->qbytes = strtoull(val, NULL, 10) * 1024;
     return conf;
 fail:
     rd_kafka_conf_destroy(conf);
@@ -1321,6 +1493,10 @@ tly_source_t *tly_source_new(const tly_config_t *cfg, const tly_featset_t *fs, t
     pthread_mutex_init(&src->pool_mu, NULL);
     pthread_cond_init(&src->pool_go, NULL);
     pthread_cond_init(&src->pool_done, NULL);
+    pthread_mutex_init(&src->nudge_mu, NULL);
+    pthread_cond_init(&src->nudge_cv, NULL);
+    atomic_init(&src->nudges, 0);
+    src->starved_ms = STARVED_NUDGE_MS;
     for (size_t i = 0; i < fs->nentities; i++)
         if (fs->entities[i].horizon_ms > src->horizon_ms)
             src->horizon_ms = fs->entities[i].horizon_ms;
@@ -1443,11 +1619,22 @@ tly_err_t tly_source_start(tly_source_t *src, char *errbuf, size_t errlen)
         }
         src->nworkers_started++;
     }
+    src->cq = rd_kafka_queue_get_consumer(src->rk);
+    if (src->cq != NULL) {
+        int rc = pthread_create(&src->nudger, NULL, nudger_main, src);
+        if (rc == 0)
+            src->nudger_started = true;
+        else
+            tly_warn("source: cannot start the fetch nudge thread (%s); a full fetch queue "
+                     "will wait up to a second for librdkafka to fetch again",
+                     strerror(rc));
+    }
     atomic_store(&src->running, true);
     int rc = pthread_create(&src->thread, NULL, poll_main, src);
     if (rc != 0) {
         atomic_store(&src->running, false);
         stop_workers(src);
+        stop_nudger(src);
         fmt_err(errbuf, errlen, "cannot start the Kafka poll thread: %s", strerror(rc));
         return TLY_E_IO;
     }
@@ -1467,6 +1654,7 @@ void tly_source_halt(tly_source_t *src)
         atomic_store(&src->stop, true);
         pthread_join(src->thread, NULL);
         stop_workers(src);
+        stop_nudger(src);
     }
 }
 
@@ -1632,6 +1820,9 @@ void tly_source_stop(tly_source_t *src)
         return;
     src->stopped = true;
     tly_source_halt(src);
+    if (src->cq != NULL)
+        rd_kafka_queue_destroy(src->cq);
+    src->cq = NULL;
     /* From here the main thread serves the consumer queue (close runs the
      * final revocation). */
     tly_kafka_close(src->rk, src->started && src->checkpoint == NULL, TLY_KAFKA_CLOSE_TIMEOUT_MS,
@@ -1716,6 +1907,7 @@ void tly_source_stats(tly_source_t *src, tly_source_stats_t *st, tly_partition_s
     st->rebalances = atomic_load_explicit(&src->rebalances, memory_order_relaxed);
     st->gaps = atomic_load_explicit(&src->gaps, memory_order_relaxed);
     st->gap_messages = atomic_load_explicit(&src->gap_messages, memory_order_relaxed);
+    st->fetch_nudges = atomic_load_explicit(&src->nudges, memory_order_relaxed);
     st->dropped_entities = atomic_load_explicit(&src->dropped_entities, memory_order_relaxed);
     st->ready = atomic_load_explicit(&src->ready, memory_order_acquire);
     st->watermark_ms = atomic_load_explicit(&src->watermark_ms, memory_order_relaxed);

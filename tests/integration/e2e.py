@@ -148,6 +148,8 @@ class Model:
             for fi, f in enumerate(self.feats):
                 if not f.matches(ev) or any(k not in ev for k in f.key):
                     continue
+                if f.agg not in ("count", "last", "last_k") and f.value[0] not in ev:
+                    continue  # a numeric aggregation takes only events with its value
                 if ev["ts"] < t0 - f.horizon - f.slack - 1000:
                     continue  # surely late at any ingest clock >= t0
                 eid = f.entity_id(ev)

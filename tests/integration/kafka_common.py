@@ -106,8 +106,9 @@ def create_topic(bootstrap, topic, partitions=8):
         time.sleep(0.1)  # poll interval of a deadline-bounded wait
 
 
-def produce(bootstrap, topic, records, on_delivered=None):
-    """Produces records, a list of (key, payload, timestamp_ms), in order.
+def produce(bootstrap, topic, records, on_delivered=None, batch=10000):
+    """Produces records, a list of (key, payload, timestamp_ms), in order,
+    in batches of at most `batch` messages.
     Returns the number of messages per partition (from the delivery
     reports); on_delivered(msg), when given, sees every delivered message.
     Raises RuntimeError when any message fails."""
@@ -116,7 +117,7 @@ def produce(bootstrap, topic, records, on_delivered=None):
         "enable.idempotence": True,
         "partitioner": "murmur2_random",
         "linger.ms": 20,
-        "batch.num.messages": 10000,
+        "batch.num.messages": batch,
         "compression.type": "lz4",
         "queue.buffering.max.messages": 200000,
         "log_level": 3,  # errors only: retries while the broker warms up are normal
