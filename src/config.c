@@ -161,10 +161,11 @@ const key_def_t tly_config_keys[] = {
     KEY("kafka.properties", K_MAP, NULL, 0, 0, 0, NULL,
         CFGLIST(kafka.nproperties, kafka.properties),
         "librdkafka properties passed through verbatim (security.protocol, sasl.*, ssl.* ...), "
-        "name: value. librdkafka stops fetching while its local queue holds queued.min.messages "
-        "(default 100000) or queued.max.messages.kbytes; tallyd then asks the partition leaders "
-        "for their end offsets as the queue drains (INFO fetch_nudges), which wakes the fetcher "
-        "at once where librdkafka 2.0.2 would wait up to a second."),
+        "name: value. tallyd's own default queued.min.messages is 1000000 (librdkafka's is "
+        "100000). librdkafka stops fetching while its local queue holds that many messages or "
+        "queued.max.messages.kbytes of them; tallyd then asks the partition leaders for their "
+        "end offsets as the queue drains (INFO fetch_nudges), which wakes the fetcher at once "
+        "where librdkafka 2.0.2 would wait up to a second."),
     KEY("kafka.endpoints_topic", K_STRING, "tallyd.endpoints", 0, 0, F_NONEMPTY, NULL,
         CFG(kafka.endpoints_topic),
         "Shard mode: compacted topic where each instance publishes server.advertise for the "
