@@ -49,10 +49,6 @@ GAP_AFTER_MS = 15 * E.MIN   # bound on (assignment wall time - T0)
 OLDEST_MS = 10 * E.DAY      # the oldest events are this old at T0
 
 
-class Run:
-    pass
-
-
 def remap(ts, lo, hi, lo2, hi2):
     """ts in [lo, hi] moved linearly to [lo2, hi2]: monotone, so order and
     ties (equal times) are kept."""
@@ -114,14 +110,7 @@ def observe_loading(r):
 
 
 def setup():
-    H.check_binaries(H.TALLYD)
-    r = Run()
-    r.t0 = int(time.time() * 1000)
-    r.asof = (r.t0 + LEAD_MS) // 1000 * 1000
-    r.tmp = H.make_tmpdir("tly-kafka-bootstrap-")
-    r.bootstrap = K.broker()
-    r.topic = K.topic_name("tly-bootstrap")
-    K.create_topic(r.bootstrap, r.topic, PARTITIONS)
+    r = K.new_run("bootstrap", LEAD_MS, PARTITIONS)
     port = H.free_port()
     path, cfg = K.write_config(r.tmp, r.bootstrap, port, r.topic, "replica", "window", K.FEATURES)
     r.cfg, r.path, r.port = cfg, path, port

@@ -106,6 +106,26 @@ def create_topic(bootstrap, topic, partitions=8):
         time.sleep(0.1)  # poll interval of a deadline-bounded wait
 
 
+class Run:
+    """What a test's setup gathers (see new_run)."""
+
+
+def new_run(name, lead_ms, partitions=8):
+    """A Run for test `name` with t0 (now, ms), asof (t0 + lead_ms, to the
+    second), tmp (a new temporary directory), bootstrap (the broker) and a
+    new topic of `partitions` partitions, after checking that tallyd is
+    built."""
+    H.check_binaries(H.TALLYD)
+    r = Run()
+    r.t0 = int(time.time() * 1000)
+    r.asof = (r.t0 + lead_ms) // 1000 * 1000
+    r.tmp = H.make_tmpdir(f"tly-kafka-{name}-")
+    r.bootstrap = broker()
+    r.topic = topic_name(f"tly-{name}")
+    create_topic(r.bootstrap, r.topic, partitions)
+    return r
+
+
 def produce(bootstrap, topic, records, on_delivered=None, batch=10000):
     """Produces records, a list of (key, payload, timestamp_ms), in order,
     in batches of at most `batch` messages.

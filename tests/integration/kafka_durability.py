@@ -78,10 +78,6 @@ SNAPSHOT = {"every": "1s", "keep": 3}
 STOP_WAIT_S = 15           # SIGTERM to exit
 
 
-class Run:
-    pass
-
-
 # ------------------------------------------------------------ files and processes
 
 def temp_files(d):
@@ -331,14 +327,7 @@ def meta_pairs(model, fed, entity, i):
 
 
 def setup():
-    H.check_binaries(H.TALLYD)
-    r = Run()
-    r.t0 = int(time.time() * 1000)
-    r.asof = (r.t0 + LEAD_MS) // 1000 * 1000
-    r.tmp = H.make_tmpdir("tly-kafka-durability-")
-    r.bootstrap = K.broker()
-    r.topic = K.topic_name("tly-durability")
-    K.create_topic(r.bootstrap, r.topic, PARTITIONS)
+    r = K.new_run("durability", LEAD_MS, PARTITIONS)
     events, lines, users, pins = E.generate(r.asof, nevents=NEVENTS, seed=SEED)
     r.records = K.records(events, lines, r.asof - E.HOUR)
     r.produced = len(r.records)

@@ -34,19 +34,8 @@ LEAD_MS = 240_000
 CATCH_UP_S = 40
 
 
-class Run:
-    pass
-
-
 def setup():
-    H.check_binaries(H.TALLYD)
-    r = Run()
-    r.t0 = int(time.time() * 1000)
-    r.asof = (r.t0 + LEAD_MS) // 1000 * 1000
-    r.tmp = H.make_tmpdir("tly-kafka-fetch-")
-    r.bootstrap = K.broker()
-    r.topic = K.topic_name("tly-fetch")
-    K.create_topic(r.bootstrap, r.topic, PARTITIONS)
+    r = K.new_run("fetch", LEAD_MS, PARTITIONS)
     ev, lines, r.users, r.pins = E.generate(r.asof, nevents=NEVENTS, seed=E.SEED + 303)
     r.per_part = K.produce(r.bootstrap, r.topic, K.records(ev, lines, r.asof - E.HOUR),
                            batch=BATCH)

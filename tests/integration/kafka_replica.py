@@ -33,19 +33,8 @@ PARTITIONS = 8
 LEAD_MS = 240_000
 
 
-class Run:
-    pass
-
-
 def setup():
-    H.check_binaries(H.TALLYD)
-    r = Run()
-    r.t0 = int(time.time() * 1000)
-    r.asof = (r.t0 + LEAD_MS) // 1000 * 1000
-    r.tmp = H.make_tmpdir("tly-kafka-replica-")
-    r.bootstrap = K.broker()
-    r.topic = K.topic_name("tly-replica")
-    K.create_topic(r.bootstrap, r.topic, PARTITIONS)
+    r = K.new_run("replica", LEAD_MS, PARTITIONS)
     ev1, lines1, r.users, r.pins = E.generate(r.asof, nevents=NBATCH1, seed=E.SEED + 101)
     ev2, lines2, _, _ = E.generate(r.asof, nevents=NBATCH2, seed=E.SEED + 202)
     r.per_part = K.produce(r.bootstrap, r.topic, K.records(ev1, lines1, r.asof - E.HOUR))
