@@ -849,7 +849,6 @@ static void collect(tly_source_t *src, rd_kafka_message_t *m, int64_t now_ms)
         return;
     }
     atomic_fetch_add_explicit(&src->messages, 1, memory_order_relaxed);
-    src->starved_ms = STARVED_NUDGE_MS;
     int64_t d = (int64_t)m->len - (int64_t)src->msg_bytes;
     src->msg_bytes = src->msg_bytes == 0 ? m->len : (uint64_t)((int64_t)src->msg_bytes + d / 16);
     part_t *p = part_get(src, rd_kafka_topic_name(m->rkt), m->partition);
@@ -1196,6 +1195,7 @@ static void nudge_check(tly_source_t *src, int64_t now_ms)
 {
     if (src->cq == NULL)
         return;
+    src->starved_ms = STARVED_NUDGE_MS; /* messages arrived */
     uint64_t len = (uint64_t)rd_kafka_queue_length(src->cq);
     uint64_t cap = queue_cap(src);
     if (len + src->polled >= cap)
