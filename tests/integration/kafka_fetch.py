@@ -3,16 +3,21 @@
 with a real Apache Kafka broker (scripts/kafka.sh) must keep consuming.
 
 librdkafka 2.0.2 stops fetching a partition while the consumer queue holds
-queued.min.messages messages, and decides again only when something wakes
-its broker thread, or after a second. tallyd nudges it as the queue drains
-(INFO fetch_nudges). Here the queue holds 300 messages and a fetch brings at
-most 4 KiB per partition, about one producer batch of 40 events (the
-broker returns whole batches), so the fetcher stops every fetch or two: the
-40,000 events below would take over a minute of one-second waits without
-the nudges. The test wants them all consumed, the malformed ones rejected,
-every partition at its end, within 40 s (stretched by TLY_TEST_TIMEOUT_MULT),
-and at least one nudge counted; then every user's and pin's values equal
-the ground truth (e2e.py's model).
+queued.min.messages messages or queued.max.messages.kbytes of them, and
+decides again only when something wakes its broker thread, or after a
+second. tallyd nudges it as the queue drains (INFO fetch_nudges). Two
+instances read the same topic of 40,000 events in producer batches of 40,
+with fetches of at most 4 KiB per partition (about one batch: the broker
+returns whole batches):
+  - count: a queue of 300 messages;
+  - bytes: a queue of 16 KiB (about 170 of these events), which tallyd
+    judges from the mean payload it polls.
+Either way the fetcher stops every fetch or two: the 40,000 events would
+take over a minute of one-second waits without the nudges. Each instance
+must consume them all within 40 s (stretched by TLY_TEST_TIMEOUT_MULT),
+reject the malformed ones, end every partition at lag 0 and count at least
+one nudge; then every user's and pin's values on each equal the ground truth
+(e2e.py's model).
 
 Run: build/venv/bin/python tests/integration/kafka_fetch.py (a broker from
 TLY_KAFKA_BOOTSTRAP, else one started for this run; see kafka_common.py).
@@ -32,6 +37,10 @@ PARTITIONS = 8
 BATCH = 40
 LEAD_MS = 240_000
 CATCH_UP_S = 40
+CASES = [
+    ("count", {"queued.min.messages": "300", "max.partition.fetch.bytes": "4096"}),
+    ("bytes", {"queued.max.messages.kbytes": "16", "max.partition.fetch.bytes": "4096"}),
+]
 
 
 def setup():
@@ -40,32 +49,38 @@ def setup():
     r.per_part = K.produce(r.bootstrap, r.topic, K.records(ev, lines, r.asof - E.HOUR),
                            batch=BATCH)
     r.produced = len(lines)
-    port = H.free_port()
-    path, cfg = K.write_config(r.tmp, r.bootstrap, port, r.topic, "replica", "earliest",
-                               K.FEATURES)
-    cfg["kafka"]["properties"] = {"queued.min.messages": "300",
-                                  "max.partition.fetch.bytes": "4096"}
-    with open(path, "w") as f:
-        K.yaml.safe_dump(cfg, f, sort_keys=False)
-    r.model = E.Model(cfg, ev, r.asof, r.t0)
-    t = K.Tallyd(path, port, r.tmp)
-    r.info = K.wait_caught_up(t, r.produced, seconds=CATCH_UP_S)
-    r.c = K.ctx(t, cfg, path, r.model, r.asof, r.users, r.pins, r.produced,
-                int(time.time() * 1000), r.tmp)
-    print(f"# broker {r.bootstrap}, topic {r.topic}: {r.produced} messages in batches of "
-          f"{BATCH}; fetch_nudges {r.info.get('fetch_nudges')}", flush=True)
+    runs = []
+    for name, props in CASES:
+        port = H.free_port()
+        path, cfg = K.write_config(r.tmp, r.bootstrap, port, r.topic, "replica", "earliest",
+                                   K.FEATURES, name=f"tallyd-{name}")
+        cfg["kafka"]["properties"] = props
+        with open(path, "w") as f:
+            K.yaml.safe_dump(cfg, f, sort_keys=False)
+        runs.append((name, props, port, path, cfg))
+    r.model = E.Model(runs[0][4], ev, r.asof, r.t0)  # the same features for both
+    r.ctxs = []
+    for name, props, port, path, cfg in runs:
+        t = K.Tallyd(path, port, r.tmp, name=f"tallyd-{name}")
+        info = K.wait_caught_up(t, r.produced, seconds=CATCH_UP_S)
+        c = K.ctx(t, cfg, path, r.model, r.asof, r.users, r.pins, r.produced,
+                  int(time.time() * 1000), r.tmp)
+        c.info, c.props = info, props
+        r.ctxs.append((name, c))
+        print(f"# {name}: {r.produced} messages in batches of {BATCH}, {props}: "
+              f"fetch_nudges {info.get('fetch_nudges')}", flush=True)
     return r
 
 
-def t_ingest(r):
-    K.check_ingest(r.c, r.info, r.produced, r.per_part, r.topic, E.BAD_JSON + E.MISSING_TIME)
+def t_ingest(r, c):
+    K.check_ingest(c, c.info, r.produced, r.per_part, r.topic, E.BAD_JSON + E.MISSING_TIME)
 
 
-def t_nudged(r):
-    n = int(r.info.get("fetch_nudges", "0"))
+def t_nudged(r, c):
+    n = int(c.info.get("fetch_nudges", "0"))
     if n < 1:
         raise H.Failure(f"INFO fetch_nudges {n}: the fetcher was never nudged, yet its queue "
-                        f"of 300 filled while {r.produced} messages were read")
+                        f"({c.props}) filled while {r.produced} messages were read")
 
 
 def main():
@@ -73,18 +88,20 @@ def main():
     try:
         r = setup()
     except Exception as e:
-        suite.fail_setup("kafka_fetch_setup_catches_up_with_a_small_fetch_queue", e)
+        suite.fail_setup("kafka_fetch_setup_catches_up_with_small_fetch_queues", e)
         return suite.finish()
-    suite.run("fetch_small_queue_consumes_every_partition_and_message_once", t_ingest, r)
-    suite.run("fetch_small_queue_counts_its_nudges", t_nudged, r)
-    K.run_truth_checks(suite, r.c, prefix="fetch_")
-    r.c.cli.close()
-    alive = r.c.tallyd.proc.poll() is None
-    rc = r.c.tallyd.close()
-    if not alive or rc != 0:
-        suite.fail_setup("tallyd_stays_up_and_exits_0_on_sigterm",
-                         f"tallyd {'died during the run' if not alive else 'exited'} with {rc}:\n"
-                         + r.c.tallyd.log_tail())
+    for name, c in r.ctxs:
+        suite.run(f"fetch_{name}_cap_consumes_every_partition_and_message_once", t_ingest, r, c)
+        suite.run(f"fetch_{name}_cap_counts_its_nudges", t_nudged, r, c)
+        K.run_truth_checks(suite, c, prefix=f"fetch_{name}_")
+    for name, c in r.ctxs:
+        c.cli.close()
+        alive = c.tallyd.proc.poll() is None
+        rc = c.tallyd.close()
+        if not alive or rc != 0:
+            suite.fail_setup(f"tallyd_{name}_stays_up_and_exits_0_on_sigterm",
+                             f"tallyd {name} {'died during the run' if not alive else 'exited'} "
+                             f"with {rc}:\n" + c.tallyd.log_tail())
     return H.finish(suite, r.tmp)
 
 
