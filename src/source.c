@@ -1552,6 +1552,8 @@ fail:
     pthread_mutex_destroy(&src->pool_mu);
     pthread_cond_destroy(&src->pool_go);
     pthread_cond_destroy(&src->pool_done);
+    pthread_mutex_destroy(&src->nudge_mu);
+    pthread_cond_destroy(&src->nudge_cv);
     free(src);
     return NULL;
 }
@@ -1869,6 +1871,8 @@ void tly_source_free(tly_source_t *src)
     pthread_mutex_destroy(&src->pool_mu);
     pthread_cond_destroy(&src->pool_go);
     pthread_cond_destroy(&src->pool_done);
+    pthread_mutex_destroy(&src->nudge_mu);
+    pthread_cond_destroy(&src->nudge_cv);
     free(src);
 }
 
