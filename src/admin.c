@@ -228,6 +228,9 @@ static void metrics_source(tly_daemon_t *d, tly_buf_t *b)
     counter(b, "tallyd_kafka_fetch_nudges_total",
             "End-offset requests sent to wake librdkafka's fetcher after its queue was full.",
             st.fetch_nudges);
+    counter(b, "tallyd_kafka_fetch_idle_nudges_total",
+            "Of those, the ones sent after an empty poll while a partition was behind.",
+            st.fetch_idle_nudges);
 
     /* Unknown values (no high watermark yet, no event yet) have no sample
      * rather than a made-up number. */

@@ -207,15 +207,16 @@ struct tly_source {
     atomic_bool ready;
 
     /* Fetch nudges ("fetch nudges" below). qmin, qbytes: set in new; cq:
-     * in start, destroyed in stop; msg_bytes, polled, queue_full,
-     * last_nudge_ms, starved_ms: poll thread only; nudge_parts, nudge_quit: under
-     * nudge_mu. */
+     * in start, destroyed in stop; msg_bytes16, polled, last_len,
+     * queue_full, last_nudge_ms, starved_ms: poll thread only;
+     * nudge_parts, nudge_quit: under nudge_mu. */
     rd_kafka_queue_t *cq; /* the consumer queue, for its length */
     uint64_t qmin;        /* queued.min.messages */
     uint64_t qbytes;      /* queued.max.messages.kbytes, in bytes */
-    uint64_t msg_bytes;   /* running mean payload of the messages polled */
+    uint64_t msg_bytes16; /* running mean payload of the messages polled, x16 */
     uint64_t polled;      /* messages polled since the last nudge_check */
-    bool queue_full;      /* librdkafka may have stopped fetching since */
+    uint64_t last_len;    /* the queue's length at the last nudge_check */
+    bool queue_full;      /* librdkafka may have stopped fetching, not resumed */
     int64_t last_nudge_ms;
     int64_t starved_ms; /* pause before the next nudge of an empty poll */
     pthread_t nudger;
@@ -224,7 +225,7 @@ struct tly_source {
     pthread_cond_t nudge_cv;
     rd_kafka_topic_partition_list_t *nudge_parts; /* handed over, under nudge_mu */
     bool nudge_quit;                              /* under nudge_mu */
-    atomic_uint_fast64_t nudges;
+    atomic_uint_fast64_t nudges, idle_nudges;     /* all; those after an empty poll */
 
     /* published table: written by the consumer-queue thread under mu */
     pthread_mutex_t mu;
@@ -849,8 +850,8 @@ static void collect(tly_source_t *src, rd_kafka_message_t *m, int64_t now_ms)
         return;
     }
     atomic_fetch_add_explicit(&src->messages, 1, memory_order_relaxed);
-    int64_t d = (int64_t)m->len - (int64_t)src->msg_bytes;
-    src->msg_bytes = src->msg_bytes == 0 ? m->len : (uint64_t)((int64_t)src->msg_bytes + d / 16);
+    src->msg_bytes16 = src->msg_bytes16 == 0 ? 16 * (uint64_t)m->len
+                                             : src->msg_bytes16 - src->msg_bytes16 / 16 + m->len;
     part_t *p = part_get(src, rd_kafka_topic_name(m->rkt), m->partition);
     check_continuity(src, p, m);
     p->from_end = false;
@@ -1133,14 +1134,16 @@ static bool assign_all(tly_source_t *src)
  * fetch.queue.backoff.ms). Taking messages off the queue wakes nothing, so a
  * consumer slower than its fetcher (tallyd catching up) would idle for most
  * of each second once its queue had filled. So after each batch the poll
- * thread reads the queue's length, and when the queue may have reached the
- * cap since the last look and is now below it, the nudger thread asks the
+ * thread reads the queue's length, and once the queue may have reached the
+ * cap, each batch that finds it below the cap has the nudger thread ask the
  * leaders of the assigned partitions for their end offsets
  * (rd_kafka_offsets_for_times with "latest": one small ListOffsets request
- * per leader); the answer wakes each leader's broker thread, which finds its
- * partitions fetchable again. The byte cap is judged from the mean payload
- * polled; an empty poll while a partition is known to be behind (whatever
- * stopped the fetcher) nudges too: STARVED_NUDGE_MS after the last nudge,
+ * per leader), until the queue is seen to grow again; the answer wakes each
+ * leader's broker thread, which finds its partitions fetchable again. The
+ * byte cap is judged from the mean payload polled (librdkafka 2.0.2 counts
+ * queued.max.messages.kbytes in thousands of bytes). An empty poll while a
+ * partition is known to be behind (whatever stopped the fetcher) nudges too
+ * (an idle nudge): STARVED_NUDGE_MS after the last nudge,
  * twice that after a nudge that brought nothing, and so on up to
  * STARVED_NUDGE_MAX (a high watermark that no message reaches, such as a
  * transaction marker's, is not worth more). */
@@ -1149,14 +1152,14 @@ static bool assign_all(tly_source_t *src)
 static uint64_t queue_cap(const tly_source_t *src)
 {
     uint64_t cap = src->qmin;
-    if (src->msg_bytes > 0 && src->qbytes / src->msg_bytes < cap)
-        cap = src->qbytes / src->msg_bytes;
+    if (src->msg_bytes16 > 0 && 16 * src->qbytes / src->msg_bytes16 < cap)
+        cap = 16 * src->qbytes / src->msg_bytes16;
     return cap > 0 ? cap : 1;
 }
 
 /* Poll thread: hands the nudger the assigned partitions, unless it still has
  * a list to send (nudges coalesce). */
-static void nudge(tly_source_t *src, int64_t now_ms)
+static void nudge(tly_source_t *src, int64_t now_ms, bool idle)
 {
     src->last_nudge_ms = now_ms;
     if (!src->nudger_started)
@@ -1183,14 +1186,23 @@ static void nudge(tly_source_t *src, int64_t now_ms)
         pthread_cond_signal(&src->nudge_cv);
     }
     pthread_mutex_unlock(&src->nudge_mu);
-    if (list != NULL)
+    if (list != NULL) {
         rd_kafka_topic_partition_list_destroy(list);
+        return;
+    }
+    atomic_fetch_add_explicit(&src->nudges, 1, memory_order_relaxed);
+    if (idle)
+        atomic_fetch_add_explicit(&src->idle_nudges, 1, memory_order_relaxed);
 }
 
 /* Poll thread, after each batch. The fetcher decides on the queue's length
  * at moments this thread does not see, but in between the length only drops
- * by what this thread polled: so if it reached the cap since the last look,
- * the length now plus what was polled since is at least the cap. */
+ * by what this thread took: so if it reached the cap since the last look,
+ * the length now plus what was taken since is at least the cap. What was
+ * taken is counted twice over, as the queue also holds items that never
+ * become messages here (transaction markers, callbacks). Growth beyond
+ * what was taken means something was fetched while below the cap: the
+ * fetcher runs again. */
 static void nudge_check(tly_source_t *src, int64_t now_ms)
 {
     if (src->cq == NULL)
@@ -1198,13 +1210,14 @@ static void nudge_check(tly_source_t *src, int64_t now_ms)
     src->starved_ms = STARVED_NUDGE_MS; /* messages arrived */
     uint64_t len = (uint64_t)rd_kafka_queue_length(src->cq);
     uint64_t cap = queue_cap(src);
-    if (len + src->polled >= cap)
+    if (len + 2 * src->polled >= cap)
         src->queue_full = true;
-    src->polled = 0;
-    if (src->queue_full && len < cap) {
+    else if (len + src->polled > src->last_len)
         src->queue_full = false;
-        nudge(src, now_ms);
-    }
+    src->polled = 0;
+    src->last_len = len;
+    if (src->queue_full && len < cap)
+        nudge(src, now_ms, false);
 }
 
 /* Poll thread, after a poll that found nothing: nudges when a partition is
@@ -1217,7 +1230,7 @@ static void nudge_if_starved(tly_source_t *src, int64_t now_ms)
     for (size_t i = 0; i < src->nparts; i++) {
         const part_t *p = &src->parts[i];
         if (p->assigned && p->position >= 0 && p->high > p->position) {
-            nudge(src, now_ms);
+            nudge(src, now_ms, true);
             src->starved_ms =
                 src->starved_ms * 2 < STARVED_NUDGE_MAX ? src->starved_ms * 2 : STARVED_NUDGE_MAX;
             return;
@@ -1239,7 +1252,6 @@ static void *nudger_main(void *arg)
         pthread_mutex_unlock(&src->nudge_mu);
         /* Only the asking matters; the answer (or its error) is not used. */
         (void)rd_kafka_offsets_for_times(src->rk, list, NUDGE_TIMEOUT_MS);
-        atomic_fetch_add_explicit(&src->nudges, 1, memory_order_relaxed);
         rd_kafka_topic_partition_list_destroy(list);
         pthread_mutex_lock(&src->nudge_mu);
         src->nudge_parts = NULL;
@@ -1438,7 +1450,8 @@ static rd_kafka_conf_t *consumer_conf(tly_source_t *src, char *errbuf, size_t er
      * fetch nudges below both catch up as fast from a real broker, but from
      * the mock cluster (the demo, the tests) 100,000 made catching up
      * 1.5x-2x slower (bench/README.md, "Kafka").
-     * queued.max.messages.kbytes (64 MiB) still bounds the memory it takes.
+     * queued.max.messages.kbytes (65,536,000 bytes) still bounds the memory
+     * it takes.
      * kafka.properties may set either. */
     if (!conf_set(conf, "queued.min.messages", "1000000", false, errbuf, errlen))
         goto fail;
@@ -1457,7 +1470,7 @@ static rd_kafka_conf_t *consumer_conf(tly_source_t *src, char *errbuf, size_t er
         src->qmin = strtoull(val, NULL, 10);
     vlen = sizeof val;
     if (rd_kafka_conf_get(conf, "queued.max.messages.kbytes", val, &vlen) == RD_KAFKA_CONF_OK)
-        src->qbytes = strtoull(val, NULL, 10) * 1024;
+        src->qbytes = strtoull(val, NULL, 10) * 1000; /* as librdkafka 2.0.2 counts it */
     return conf;
 fail:
     rd_kafka_conf_destroy(conf);
@@ -1504,6 +1517,7 @@ tly_source_t *tly_source_new(const tly_config_t *cfg, const tly_featset_t *fs, t
     pthread_mutex_init(&src->nudge_mu, NULL);
     pthread_cond_init(&src->nudge_cv, NULL);
     atomic_init(&src->nudges, 0);
+    atomic_init(&src->idle_nudges, 0);
     src->starved_ms = STARVED_NUDGE_MS;
     for (size_t i = 0; i < fs->nentities; i++)
         if (fs->entities[i].horizon_ms > src->horizon_ms)
@@ -1920,6 +1934,7 @@ void tly_source_stats(tly_source_t *src, tly_source_stats_t *st, tly_partition_s
     st->gaps = atomic_load_explicit(&src->gaps, memory_order_relaxed);
     st->gap_messages = atomic_load_explicit(&src->gap_messages, memory_order_relaxed);
     st->fetch_nudges = atomic_load_explicit(&src->nudges, memory_order_relaxed);
+    st->fetch_idle_nudges = atomic_load_explicit(&src->idle_nudges, memory_order_relaxed);
     st->dropped_entities = atomic_load_explicit(&src->dropped_entities, memory_order_relaxed);
     st->ready = atomic_load_explicit(&src->ready, memory_order_acquire);
     st->watermark_ms = atomic_load_explicit(&src->watermark_ms, memory_order_relaxed);
