@@ -208,9 +208,10 @@ def tallyd_knows(key):
 
 
 def write_config(tmpdir, bootstrap, port, topic, mode, start, features, name="tallyd",
-                 group=None):
+                 group=None, properties=None):
     """config/demo.yaml's events with the given features, pointing at the
-    broker (kafka.mode, kafka.start as given; a fresh group id unless given).
+    broker (kafka.mode, kafka.start as given; a fresh group id unless given;
+    kafka.properties when given).
     Where tallyd has kafka.ready_lag, it is 0: queries answer -LOADING
     until every message that existed at assignment is applied. Returns
     (path, config dict)."""
@@ -220,6 +221,8 @@ def write_config(tmpdir, bootstrap, port, topic, mode, start, features, name="ta
     cfg["kafka"]["group"] = group or f"tly-{name}-{RUN_ID}-{port}"
     if tallyd_knows("kafka.ready_lag"):
         cfg["kafka"]["ready_lag"] = 0
+    if properties:
+        cfg["kafka"]["properties"] = properties
     path = Path(tmpdir) / f"{name}.yaml"
     with open(path, "w") as f:
         yaml.safe_dump(cfg, f, sort_keys=False)
@@ -304,6 +307,19 @@ def run_truth_checks(suite, c, prefix=""):
             suite.run(name, fn, c, args[0], ids, args[1])
         else:
             suite.run(name, fn, c, *args)
+
+
+def close_ctxs(suite, ctxs):
+    """Closes each (name, ctx)'s client and stops its tallyd; a tallyd that
+    died during the run or did not exit 0 on SIGTERM fails the suite."""
+    for name, c in ctxs:
+        c.cli.close()
+        alive = c.tallyd.proc.poll() is None
+        rc = c.tallyd.close()
+        if not alive or rc != 0:
+            suite.fail_setup(f"tallyd_{name}_stays_up_and_exits_0_on_sigterm",
+                             f"tallyd {name} {'died during the run' if not alive else 'exited'} "
+                             f"with {rc}:\n" + c.tallyd.log_tail())
 
 
 def check_ingest(c, info, produced, per_part, topic, bad):

@@ -55,10 +55,7 @@ def setup():
     for name, props in CASES:
         port = H.free_port()
         path, cfg = K.write_config(r.tmp, r.bootstrap, port, r.topic, "replica", "earliest",
-                                   K.FEATURES, name=f"tallyd-{name}")
-        cfg["kafka"]["properties"] = props
-        with open(path, "w") as f:
-            K.yaml.safe_dump(cfg, f, sort_keys=False)
+                                   K.FEATURES, name=f"tallyd-{name}", properties=props)
         runs.append((name, props, port, path, cfg))
     r.model = E.Model(runs[0][4], ev, r.asof, r.t0)  # the same features for both
     r.ctxs = []
@@ -99,14 +96,7 @@ def main():
         suite.run(f"fetch_{name}_cap_consumes_every_partition_and_message_once", t_ingest, r, c)
         suite.run(f"fetch_{name}_cap_counts_its_nudges", t_nudged, r, c)
         K.run_truth_checks(suite, c, prefix=f"fetch_{name}_")
-    for name, c in r.ctxs:
-        c.cli.close()
-        alive = c.tallyd.proc.poll() is None
-        rc = c.tallyd.close()
-        if not alive or rc != 0:
-            suite.fail_setup(f"tallyd_{name}_stays_up_and_exits_0_on_sigterm",
-                             f"tallyd {name} {'died during the run' if not alive else 'exited'} "
-                             f"with {rc}:\n" + c.tallyd.log_tail())
+    K.close_ctxs(suite, r.ctxs)
     return H.finish(suite, r.tmp)
 
 

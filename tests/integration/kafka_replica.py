@@ -96,14 +96,7 @@ def main():
     for name, c in r.ctxs:
         K.run_truth_checks(suite, c, prefix=f"replica_{name}_")
     suite.run("replica_both_commit_offsets_under_the_shared_group", t_committed_offsets, r)
-    for name, c in r.ctxs:
-        c.cli.close()
-        alive = c.tallyd.proc.poll() is None
-        rc = c.tallyd.close()
-        if not alive or rc != 0:
-            suite.fail_setup(f"tallyd_{name}_stays_up_and_exits_0_on_sigterm",
-                             f"tallyd {name} {'died during the run' if not alive else 'exited'} "
-                             f"with {rc}:\n" + c.tallyd.log_tail())
+    K.close_ctxs(suite, r.ctxs)
     return H.finish(suite, r.tmp)
 
 
