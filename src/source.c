@@ -455,7 +455,9 @@ static void publish(tly_source_t *src, int64_t now_ms)
 }
 
 /* Writes the start offset of every partition in parts: the position this
- * process reached (or was told to resume at), else kafka.start's. */
+ * process reached (or was told to resume at), else kafka.start's. A
+ * partition partly restored (tly_source_catch_up) whose start is its
+ * restored position has nothing to replay: it is at that position now. */
 static void choose_offsets(tly_source_t *src, rd_kafka_topic_partition_list_t *parts)
 {
     tly_kafka_start_t start = src->cfg->kafka.start;
@@ -522,11 +524,15 @@ static void choose_offsets(tly_source_t *src, rd_kafka_topic_partition_list_t *p
      * restored position: the restored features need every event from there. */
     for (int i = 0; i < parts->cnt; i++) {
         rd_kafka_topic_partition_t *tp = &parts->elems[i];
-        const part_t *p = part_find(src, tp->topic, tp->partition);
+        part_t *p = part_find(src, tp->topic, tp->partition);
         if (p == NULL || p->catchup_until <= 0 || p->position >= 0)
             continue;
         if (tp->offset == RD_KAFKA_OFFSET_END || tp->offset > p->catchup_until)
             tp->offset = p->catchup_until;
+        if (tp->offset == p->catchup_until) { /* nothing to replay */
+            p->position = p->catchup_until;
+            p->catchup_until = 0;
+        }
     }
 }
 
@@ -855,14 +861,11 @@ static void collect(tly_source_t *src, rd_kafka_message_t *m, int64_t now_ms)
     part_t *p = part_get(src, rd_kafka_topic_name(m->rkt), m->partition);
     check_continuity(src, p, m);
     p->from_end = false;
-    bool replayed = false;
-    if (p->catchup_until > 0) {
-        if (m->offset < p->catchup_until)
-            replayed = true; /* feeds only the features not restored */
-        else
-            p->catchup_until = 0;
-    }
+    /* below the restored position, it feeds only the features not restored */
+    bool replayed = p->catchup_until > 0 && m->offset < p->catchup_until;
     p->position = m->offset + 1;
+    if (p->catchup_until > 0 && p->position >= p->catchup_until)
+        p->catchup_until = 0; /* the replay reached it, whether more comes or not */
     /* parts may move when part_get grows it: items name their partition by
      * index */
     src->batch[src->nbatch++] = (item_t){

@@ -519,6 +519,56 @@ static void test_replica_mode_assigns_all_partitions_and_resumes_at_given_offset
     tly_rcu_thread_offline();
 }
 
+/* A partly restored partition (tly_source_catch_up) replays up to its
+ * restored position; once the replay reaches it, the catch-up is over even
+ * if nothing more arrives, so snapshots resume. */
+static void test_catch_up_ends_when_the_replay_reaches_the_position(void **state)
+{
+    (void)state;
+    SKIP_UNDER_TSAN();
+    enum { N = 40 };
+    fixture_t fx;
+    fixture_init(&fx, "test-catchup", "replica", "earliest", "");
+    tly_rcu_thread_online();
+    int64_t t0 = wall_ms();
+    uint64_t lcg = 4242;
+    rd_kafka_t *prod = producer_new(tly_source_bootstrap(fx.src));
+    for (int i = 0; i < N; i++) {
+        event_t e = event_at(&lcg, i, t0);
+        char json[160];
+        int len = snprintf(json, sizeof json, "{\"user_id\": %" PRIu64 ", \"ts\": %" PRId64 "}",
+                           e.user, e.ts);
+        produce(prod, e.user, json, (size_t)len);
+    }
+    flush_producer(prod);
+    int64_t hi[NPARTS];
+    assert_int_equal(end_offsets(prod, hi), N);
+    for (int p = 0; p < NPARTS; p++)
+        if (hi[p] > 0)
+            assert_int_equal(tly_source_catch_up(fx.src, TOPIC, p, hi[p], -1), TLY_OK);
+    assert_true(tly_source_catching_up(fx.src));
+    start_source(&fx);
+
+    tly_source_stats_t st;
+    tly_partition_stat_t parts[NPARTS];
+    await_caught_up(&fx, N, hi, &st, parts);
+    assert_int_equal(st.applied, N);
+    tly_source_halt(fx.src);
+    assert_false(tly_source_catching_up(fx.src));
+    tly_position_t pos[NPARTS];
+    size_t npos = tly_source_positions(fx.src, pos, NPARTS);
+    size_t want = 0;
+    for (int p = 0; p < NPARTS; p++)
+        want += hi[p] > 0;
+    assert_int_equal(npos, want);
+    for (size_t i = 0; i < npos; i++)
+        assert_int_equal(pos[i].offset, hi[pos[i].partition]);
+
+    rd_kafka_destroy(prod);
+    fixture_fini(&fx);
+    tly_rcu_thread_offline();
+}
+
 /* A source pointed at a cluster by address (not "embedded") with start
  * window asks the brokers for the offsets at now - horizon. The mock
  * cluster has no offsets by time and answers "none", which means "no
@@ -1167,6 +1217,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_every_event_applied_once_and_offsets_committed),
         cmocka_unit_test(test_replica_mode_assigns_all_partitions_and_resumes_at_given_offsets),
+        cmocka_unit_test(test_catch_up_ends_when_the_replay_reaches_the_position),
         cmocka_unit_test(test_window_start_without_an_offset_for_the_time_begins_at_the_end),
         cmocka_unit_test(test_bad_kafka_property_fails_naming_it),
         cmocka_unit_test(test_demo_stream_arrives_whole),
