@@ -932,9 +932,16 @@ static void apply_list(tly_source_t *src, applier_t *a)
             size_t r = (k - AHEAD) % (AHEAD + 1);
             item_t *it = &src->batch[a->idx[k - AHEAD]];
             if (err[r] == TLY_OK) {
-                tly_store_apply_hinted(src->store, &ev[r], &pf[r], it->m->partition, it->m->offset,
-                                       src->batch_now_ms);
-                it->time_ms = ev[r].time_ms;
+                /* the store's verdict: rejected whole (a future time, a
+                 * missing key, ...), or taken, though maybe late for every
+                 * feature (counted by the store per feature) */
+                tly_err_t aerr = tly_store_apply_hinted(src->store, &ev[r], &pf[r],
+                                                        it->m->partition, it->m->offset,
+                                                        src->batch_now_ms);
+                if (aerr == TLY_OK)
+                    it->time_ms = ev[r].time_ms;
+                else if (aerr != TLY_E_EV_LATE)
+                    err[r] = aerr;
             }
             it->err = err[r];
         }

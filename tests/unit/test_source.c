@@ -487,8 +487,9 @@ static void test_replica_mode_assigns_all_partitions_and_resumes_at_given_offset
         event_t e = event_at(&lcg, i, t0);
         char json[160];
         int len = snprintf(json, sizeof json,
-                           "{\"user_id\": %" PRIu64 ", \"action\": \"%s\", \"ts\": %" PRId64 "}",
-                           e.user, actions[e.action], e.ts);
+                           "{\"user_id\": %" PRIu64 ", \"pin_id\": %" PRIu64
+                           ", \"action\": \"%s\", \"ts\": %" PRId64 "}",
+                           e.user, e.pin, actions[e.action], e.ts);
         produce(prod, e.user, json, (size_t)len);
     }
     flush_producer(prod);
@@ -990,14 +991,24 @@ static void test_each_topic_reads_its_own_time_field_and_limits(void **state)
     model_add(&users[4], 3, t0 - 3000);
     if (t0 - 3000 > max_ts)
         max_ts = t0 - 3000;
+    /* Rejected whole by the store: a time a year ahead (past the default
+     * max_future_skew of 1m), and no key. Neither is applied nor moves the
+     * watermark. */
+    len = snprintf(json, sizeof json, "{\"user_id\": 5, \"action\": \"click\", \"ts\": %" PRId64 "}",
+                   (int64_t)(t0 + INT64_C(365) * 86400000));
+    produce_at(prod, "ta", 5, json, (size_t)len, 0);
+    len = snprintf(json, sizeof json, "{\"action\": \"click\", \"ts\": %" PRId64 "}", t0 - 500);
+    produce_at(prod, "ta", 6, json, (size_t)len, 0);
     flush_producer(prod);
 
     tly_source_stats_t st;
-    await_total(&fx, N + 4, 2 * NPARTS, &st);
+    await_total(&fx, N + 6, 2 * NPARTS, &st);
     assert_int_equal(st.applied, N + 1);
-    assert_int_equal(st.rejected, 3);
+    assert_int_equal(st.rejected, 5);
     assert_int_equal(st.rejected_by[TLY_E_EV_MISSING_TIME], 2);
     assert_int_equal(st.rejected_by[TLY_E_EV_TOO_LARGE], 1);
+    assert_int_equal(st.rejected_by[TLY_E_EV_FUTURE], 1);
+    assert_int_equal(st.rejected_by[TLY_E_EV_MISSING_KEY], 1);
     assert_int_equal(st.watermark_ms, max_ts);
     assert_users(&fx, users);
 
