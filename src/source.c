@@ -6,9 +6,10 @@
  * batch — whatever the consumer queue holds, up to BATCH_MAX messages —
  * then decode → tly_store_apply for the whole batch, spread over
  * kafka.threads appliers (the poll thread and kafka.threads − 1 workers):
- * the messages of one key (of one partition, for messages without a key)
- * go to one applier, which applies them in offset order — the order Kafka
- * itself guarantees — and the poll thread waits for all of them (flush).
+ * each decodes every message and applies the entities whose ids hash to it,
+ * so every entity's events are applied by one applier in offset order — the
+ * order Kafka itself guarantees — and the poll thread waits for all of them
+ * (flush).
  * Only then does the bookkeeping run, in message order: counters, rejection
  * logs, rd_kafka_offset_store (once per partition). Between batches the
  * store is as if every message had been applied one by one on the poll
@@ -111,20 +112,24 @@ typedef struct {
     rd_kafka_message_t *m;
     size_t part; /* index in src->parts */
     bool replayed;
+    uint8_t applier; /* spread_by_partition's choice */
     tly_err_t err;   /* written by the applier */
     int64_t time_ms; /* event time, when applied */
 } item_t;
 
 #define AHEAD 2 /* items an applier decodes ahead of the one it applies */
 
-/* One applier: its own decoders (they keep scratch state) and, during a
- * flush, the indices of the batch items it applies, in batch order. */
+/* One applier: its own decoders (they keep scratch state) and what it
+ * applies of the batch (apply_list), set by flush: the items idx[0..nidx)
+ * whole (bypart), or its share of the entities of every item. */
 typedef struct {
     tly_source_t *src;
     pthread_t thread; /* workers only (applier 0 is the poll thread) */
     tly_decoder_t **decs; /* [(AHEAD + 1) * ndecs], see tly_source.decs */
-    uint32_t *idx;
-    size_t nidx, idxcap;
+    bool bypart;
+    uint32_t *idx; /* [BATCH_MAX] */
+    size_t nidx;
+    uint32_t share, nshares;
 } applier_t;
 
 /* At most one log line per period; the rest are counted and reported in
@@ -899,12 +904,19 @@ static tly_err_t decode_item(const tly_source_t *src, const applier_t *a, size_t
 }
 
 /*
- * An applier: decodes and applies its items in order, writing only them.
- * It decodes AHEAD items ahead of the one it applies and hints the store
- * about them (tly_store_prefetch: the item two ahead its table slots, the
- * next one its records), so that the cache misses of finding their entities
- * overlap the apply before. Decoding does not depend on the store, so the
- * order of applies, and per key the offset order, is unchanged.
+ * An applier. With bypart, it applies the items of its partitions whole,
+ * in batch order. Otherwise it is share `a->share` of `a->nshares`: it
+ * decodes every item of the batch, in order, and applies the entities of
+ * each event that fall to it (tly_store_prefetch_share). Either way every
+ * entity's events from one partition are applied by one applier in offset
+ * order, whatever keys the messages carry. Sharing, each applier decides
+ * alike whether an event is rejected; share 0 alone writes the items'
+ * verdicts. It decodes AHEAD
+ * items ahead of the one it applies and hints the store about them (the
+ * item two ahead its table slots, the next one its records), so that the
+ * cache misses of finding their entities overlap the apply before.
+ * Decoding does not depend on the store, so the order of applies is
+ * unchanged.
  */
 static void apply_list(tly_source_t *src, applier_t *a)
 {
@@ -913,7 +925,10 @@ static void apply_list(tly_source_t *src, applier_t *a)
     tly_err_t err[AHEAD + 1];
     for (size_t r = 0; r <= AHEAD; r++)
         err[r] = TLY_E_EV_BAD_JSON; /* each is set before it is read */
-    size_t n = a->nidx;
+    size_t n = a->bypart ? a->nidx : src->nbatch;
+    const uint32_t *idx = a->bypart ? a->idx : NULL;
+    const uint32_t share = a->bypart ? 0 : a->share, nshares = a->bypart ? 1 : a->nshares;
+    const bool verdicts = share == 0;
     /* One read-side section for the whole list (at most BATCH_MAX items, a
      * few ms): the store's own lock and unlock for each hint and apply then
      * nest, which skips their memory barriers. Nothing here waits for a
@@ -922,15 +937,15 @@ static void apply_list(tly_source_t *src, applier_t *a)
     for (size_t k = 0; k < n + AHEAD; k++) {
         if (k < n) {
             size_t r = k % (AHEAD + 1);
-            err[r] = decode_item(src, a, r, &src->batch[a->idx[k]], &ev[r]);
+            err[r] = decode_item(src, a, r, &src->batch[idx ? idx[k] : k], &ev[r]);
             if (err[r] == TLY_OK)
-                tly_store_prefetch(src->store, &ev[r], &pf[r]);
+                tly_store_prefetch_share(src->store, &ev[r], share, nshares, &pf[r]);
         }
         if (k >= 1 && k - 1 < n && err[(k - 1) % (AHEAD + 1)] == TLY_OK)
             tly_store_prefetch_records(src->store, &pf[(k - 1) % (AHEAD + 1)]);
         if (k >= AHEAD) {
             size_t r = (k - AHEAD) % (AHEAD + 1);
-            item_t *it = &src->batch[a->idx[k - AHEAD]];
+            item_t *it = &src->batch[idx ? idx[k - AHEAD] : k - AHEAD];
             if (err[r] == TLY_OK) {
                 /* the store's verdict: rejected whole (a future time, a
                  * missing key, ...), or taken, though maybe late for every
@@ -938,12 +953,13 @@ static void apply_list(tly_source_t *src, applier_t *a)
                 tly_err_t aerr = tly_store_apply_hinted(src->store, &ev[r], &pf[r],
                                                         it->m->partition, it->m->offset,
                                                         src->batch_now_ms);
-                if (aerr == TLY_OK)
+                if (aerr == TLY_OK && verdicts)
                     it->time_ms = ev[r].time_ms;
-                else if (aerr != TLY_E_EV_LATE)
+                else if (aerr != TLY_OK && aerr != TLY_E_EV_LATE)
                     err[r] = aerr;
             }
-            it->err = err[r];
+            if (verdicts)
+                it->err = err[r];
         }
     }
     tly_rcu_read_unlock();
@@ -974,36 +990,6 @@ static void *worker_main(void *arg)
     pthread_mutex_unlock(&src->pool_mu);
     tly_rcu_thread_offline();
     return NULL;
-}
-
-/* FNV-1a: spreads message keys over appliers independently of the
- * producer's partitioner (murmur2 modulo the applier count would follow the
- * partition number). */
-static uint64_t key_hash(const void *key, size_t len)
-{
-    const unsigned char *k = key;
-    uint64_t h = UINT64_C(0xcbf29ce484222325);
-    for (size_t i = 0; i < len; i++)
-        h = (h ^ k[i]) * UINT64_C(0x100000001b3);
-    return h ^ h >> 32;
-}
-
-/* Lists each applier's items in batch order. Messages with the same key
- * go to the same applier, so a key's events keep their offset order (the
- * order Kafka guarantees: per key within a partition); messages without a
- * key go by partition. */
-static void spread(tly_source_t *src)
-{
-    size_t na = src->nworkers_started + 1;
-    for (size_t k = 0; k < na; k++)
-        src->appliers[k].nidx = 0;
-    for (size_t i = 0; i < src->nbatch; i++) {
-        const rd_kafka_message_t *m = src->batch[i].m;
-        uint64_t h = m->key_len > 0 ? key_hash(m->key, m->key_len)
-                                    : (uint64_t)src->batch[i].part * UINT64_C(0x9e3779b97f4a7c15);
-        applier_t *a = &src->appliers[(h >> 33) % na];
-        a->idx[a->nidx++] = (uint32_t)i;
-    }
 }
 
 /* After the batch was applied, in message order: counters, rejection
@@ -1051,6 +1037,34 @@ static void settle(tly_source_t *src)
     src->dirty = true;
 }
 
+/* Lists each applier's items by partition, in batch order, when that
+ * spreads them evenly enough (no applier more than a quarter over its
+ * share): each item is then decoded once. A batch from a few partitions
+ * (librdkafka queues a fetch's messages partition by partition) is shared
+ * by entity instead, every applier decoding every item. */
+static bool spread_by_partition(tly_source_t *src, size_t na)
+{
+    size_t count[MAX_APPLIERS] = {0}, most = 0;
+    for (size_t i = 0; i < src->nbatch; i++) {
+        uint64_t h = (uint64_t)src->batch[i].part * UINT64_C(0x9e3779b97f4a7c15);
+        size_t k = (size_t)(h >> 33) % na;
+        src->batch[i].applier = (uint8_t)k;
+        if (++count[k] > most)
+            most = count[k];
+    }
+    if (most * na * 4 > src->nbatch * 5)
+        return false;
+    for (size_t k = 0; k < na; k++) {
+        src->appliers[k].bypart = true;
+        src->appliers[k].nidx = 0;
+    }
+    for (size_t i = 0; i < src->nbatch; i++) {
+        applier_t *a = &src->appliers[src->batch[i].applier];
+        a->idx[a->nidx++] = (uint32_t)i;
+    }
+    return true;
+}
+
 /* Poll thread: applies the collected batch and waits for it. Small batches
  * (a trickle of live traffic) are applied here: waking a worker costs more
  * than it saves. */
@@ -1060,12 +1074,16 @@ static void flush(tly_source_t *src)
         return;
     applier_t *self = &src->appliers[0];
     if (src->nworkers_started == 0 || src->nbatch < BATCH_SPREAD_MIN) {
-        for (size_t i = 0; i < src->nbatch; i++)
-            self->idx[i] = (uint32_t)i;
-        self->nidx = src->nbatch;
+        self->bypart = false;
+        self->nshares = 1;
         apply_list(src, self);
     } else {
-        spread(src);
+        size_t na = src->nworkers_started + 1;
+        if (!spread_by_partition(src, na))
+            for (size_t k = 0; k < na; k++) {
+                src->appliers[k].bypart = false;
+                src->appliers[k].nshares = (uint32_t)na;
+            }
         pthread_mutex_lock(&src->pool_mu);
         src->pool_gen++;
         src->pool_busy = src->nworkers_started;
@@ -1556,7 +1574,8 @@ tly_source_t *tly_source_new(const tly_config_t *cfg, const tly_featset_t *fs, t
     src->appliers = xrealloc(NULL, src->nappliers * sizeof *src->appliers);
     for (size_t k = 0; k < src->nappliers; k++) {
         applier_t *a = &src->appliers[k];
-        *a = (applier_t){.src = src};
+        *a = (applier_t){.src = src, .share = (uint32_t)k, .nshares = 1};
+        a->idx = xrealloc(NULL, BATCH_MAX * sizeof *a->idx);
         a->decs = xrealloc(NULL, (AHEAD + 1) * src->ndecs * sizeof *a->decs);
         for (size_t r = 0; r <= AHEAD; r++) {
             tly_decoder_t **set = &a->decs[r * src->ndecs];
@@ -1564,7 +1583,6 @@ tly_source_t *tly_source_new(const tly_config_t *cfg, const tly_featset_t *fs, t
                 set[t] = tly_decoder_new_rules(fs, &fs->topics[t]);
             set[fs->ntopics] = tly_decoder_new(fs);
         }
-        a->idx = xrealloc(NULL, BATCH_MAX * sizeof *a->idx);
     }
     src->batch = xrealloc(NULL, BATCH_MAX * sizeof *src->batch);
     src->shard = tly_shard_new(cfg, fs);

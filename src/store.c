@@ -497,12 +497,27 @@ static int64_t feat_earliest(const tly_feat_t *feat, int64_t now_ms)
     return earliest;
 }
 
+/* Whether the entity of hash h falls to applier `share` of `nshares`:
+ * bits that neither the shard (the top six) nor a slot index uses. */
+static bool share_owns(unsigned long h, uint32_t share, uint32_t nshares)
+{
+    return nshares <= 1 || (uint32_t)((uint64_t)h >> 26 & 0xffff) % nshares == share;
+}
+
 void tly_store_prefetch(tly_store_t *store, const tly_event_t *ev, tly_prefetch_t *pf)
+{
+    tly_store_prefetch_share(store, ev, 0, 1, pf);
+}
+
+void tly_store_prefetch_share(tly_store_t *store, const tly_event_t *ev, uint32_t share,
+                              uint32_t nshares, tly_prefetch_t *pf)
 {
     const tly_featset_t *fs = store->fs;
     size_t len;
     pf->n = 0;
     pf->ids = true;
+    pf->share = share;
+    pf->nshares = nshares;
     for (uint32_t e = 0; e < fs->nentities && pf->n < TLY_PREFETCH_MAX; e++) {
         char *id = pf->id[pf->n];
         /* an id too long for the hint is left to the apply, which rejects
@@ -510,7 +525,8 @@ void tly_store_prefetch(tly_store_t *store, const tly_event_t *ev, tly_prefetch_
         if (!(ev->skip_entities >> e & 1) &&
             tly_entity_id(fs, e, ev, id, sizeof pf->id[0], &len) == TLY_OK) {
             unsigned long h = hash_id(e, id, len);
-            tbl_prefetch(shard_of(store, h), h);
+            if (share_owns(h, share, nshares))
+                tbl_prefetch(shard_of(store, h), h);
             pf->entity[pf->n] = e;
             pf->idlen[pf->n] = (uint8_t)len;
             pf->h[pf->n++] = h;
@@ -524,6 +540,8 @@ void tly_store_prefetch_id(tly_store_t *store, uint32_t entity, const char *id, 
     unsigned long h = hash_id(entity, id, idlen);
     tbl_prefetch(shard_of(store, h), h);
     pf->n = 1;
+    pf->share = 0;
+    pf->nshares = 1;
     pf->h[0] = h;
     pf->ids = false;
 }
@@ -531,23 +549,29 @@ void tly_store_prefetch_id(tly_store_t *store, uint32_t entity, const char *id, 
 void tly_store_prefetch_records(tly_store_t *store, const tly_prefetch_t *pf)
 {
     for (uint32_t i = 0; i < pf->n; i++)
-        tbl_prefetch_ent(shard_of(store, pf->h[i]), pf->h[i]);
+        if (share_owns(pf->h[i], pf->share, pf->nshares))
+            tbl_prefetch_ent(shard_of(store, pf->h[i]), pf->h[i]);
 }
 
+/* Applies ev's entities that fall to applier `share` of `nshares` (see
+ * tly_store_prefetch_share). Phase 1 runs whole in every share, so each
+ * decides alike, and share 0 alone counts the event: its drops (`counts`)
+ * and its apply. */
 static tly_err_t apply_event(tly_store_t *store, const tly_event_t *ev, const tly_prefetch_t *hint,
-                             int32_t partition, int64_t offset, int64_t now_ms)
+                             uint32_t share, uint32_t nshares, int64_t now_ms)
 {
     const tly_featset_t *fs = store->fs;
-    (void)offset;
-    (void)partition;
     tly_err_t first_drop = TLY_OK;
+    const bool counts = share == 0;
 
     if (ev->time_ms > now_ms + fs->max_future_skew_ms) {
-        stat_drop(store, TLY_E_EV_FUTURE);
+        if (counts)
+            stat_drop(store, TLY_E_EV_FUTURE);
         return TLY_E_EV_FUTURE;
     }
     if (ev->time_ms < 0) {
-        stat_drop(store, TLY_E_EV_BAD_TIME);
+        if (counts)
+            stat_drop(store, TLY_E_EV_BAD_TIME);
         return TLY_E_EV_BAD_TIME;
     }
 
@@ -578,7 +602,8 @@ static tly_err_t apply_event(tly_store_t *store, const tly_event_t *ev, const tl
                 if (v->type == TLY_V_NIL)
                     continue; /* numeric aggregations count events carrying the value */
                 if (v->type != TLY_V_INT && v->type != TLY_V_DOUBLE) {
-                    stat_drop(store, TLY_E_EV_WRONG_TYPE);
+                    if (counts)
+                        stat_drop(store, TLY_E_EV_WRONG_TYPE);
                     return TLY_E_EV_WRONG_TYPE;
                 }
             } else if (pf->kind == PF_ITEMS) {
@@ -586,7 +611,8 @@ static tly_err_t apply_event(tly_store_t *store, const tly_event_t *ev, const tl
                 for (size_t j = 0; j < feat->nvalues; j++) {
                     const tly_value_t *v = &ev->vals[feat->values[j]];
                     if (v->type == TLY_V_STR && v->len > fs->max_string) {
-                        stat_drop(store, TLY_E_EV_VALUE_TOO_LONG);
+                        if (counts)
+                            stat_drop(store, TLY_E_EV_VALUE_TOO_LONG);
                         return TLY_E_EV_VALUE_TOO_LONG;
                     }
                 }
@@ -595,7 +621,8 @@ static tly_err_t apply_event(tly_store_t *store, const tly_event_t *ev, const tl
              * within the horizon (the longest) is never late */
             if (ev->time_ms < now_ms - pf->horizon_ms &&
                 ev->time_ms < feat_earliest(&fs->feats[pf->id], now_ms)) {
-                stat_drop(store, TLY_E_EV_LATE);
+                if (counts)
+                    stat_drop(store, TLY_E_EV_LATE);
                 if (first_drop == TLY_OK)
                     first_drop = TLY_E_EV_LATE;
                 continue;
@@ -618,7 +645,8 @@ static tly_err_t apply_event(tly_store_t *store, const tly_event_t *ev, const tl
                     if (err == TLY_OK && pl->idlen > UINT8_MAX)
                         err = TLY_E_EV_VALUE_TOO_LONG;
                     if (err != TLY_OK) {
-                        stat_drop(store, err);
+                        if (counts)
+                            stat_drop(store, err);
                         return err;
                     }
                     pl->h = hash_id(e, pl->id, pl->idlen);
@@ -636,6 +664,8 @@ static tly_err_t apply_event(tly_store_t *store, const tly_event_t *ev, const tl
     tly_rcu_read_lock();
     for (size_t pi = 0; pi < nplans; pi++) {
         plan_t *pl = &plans[pi];
+        if (!share_owns(pl->h, share, nshares))
+            continue;
         size_t nfirst;
         ent_t *ent = ent_get_locked(store, pl->entity, pl->id, pl->idlen, pl->h, ev, pl->mask,
                                     apply_scratch.first, &nfirst);
@@ -652,7 +682,7 @@ static tly_err_t apply_event(tly_store_t *store, const tly_event_t *ev, const tl
         stat_add(&ts->updates, pl->nfeats);
     }
     tly_rcu_read_unlock();
-    if (nplans)
+    if (nplans && counts)
         stat_add(&ts->applied, 1);
     return nplans ? TLY_OK : first_drop;
 }
@@ -660,14 +690,18 @@ static tly_err_t apply_event(tly_store_t *store, const tly_event_t *ev, const tl
 tly_err_t tly_store_apply(tly_store_t *store, const tly_event_t *ev, int32_t partition,
                           int64_t offset, int64_t now_ms)
 {
-    return apply_event(store, ev, NULL, partition, offset, now_ms);
+    (void)partition;
+    (void)offset;
+    return apply_event(store, ev, NULL, 0, 1, now_ms);
 }
 
 tly_err_t tly_store_apply_hinted(tly_store_t *store, const tly_event_t *ev,
                                  const tly_prefetch_t *pf, int32_t partition, int64_t offset,
                                  int64_t now_ms)
 {
-    return apply_event(store, ev, pf->ids ? pf : NULL, partition, offset, now_ms);
+    (void)partition;
+    (void)offset;
+    return apply_event(store, ev, pf->ids ? pf : NULL, pf->share, pf->nshares, now_ms);
 }
 
 /* ---- reads -------------------------------------------------------------- */

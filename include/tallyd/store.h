@@ -93,6 +93,7 @@ tly_err_t tly_store_apply(tly_store_t *store, const tly_event_t *ev, int32_t par
 #define TLY_PREFETCH_MAX 4 /* entity types hinted per event */
 typedef struct {
     uint32_t n;
+    uint32_t share, nshares; /* tly_store_prefetch_share's; 0 of 1 otherwise */
     unsigned long h[TLY_PREFETCH_MAX];
     /* tly_store_prefetch only: the entity type and rendered id behind each
      * hash, which tly_store_apply_hinted takes instead of rendering again */
@@ -116,6 +117,18 @@ typedef struct {
  */
 void tly_store_prefetch(tly_store_t *store, const tly_event_t *ev, tly_prefetch_t *pf);
 
+/*
+ * tly_store_prefetch for applier `share` of `nshares` that all see the same
+ * events, each applying its share of the entities: the entities whose id
+ * hashes to it (tly_store_apply_hinted then applies only those, and so
+ * every entity's events are applied by one applier, in the order given).
+ * Each applier decides alike whether the event is rejected; only share 0
+ * counts the event (applied, dropped) and only its verdict need be kept.
+ * Hints only its own entities.
+ */
+void tly_store_prefetch_share(tly_store_t *store, const tly_event_t *ev, uint32_t share,
+                              uint32_t nshares, tly_prefetch_t *pf);
+
 /* The first step for one entity that a read will ask for soon (MFEATURES
  * hints the ids after the one it reads). */
 void tly_store_prefetch_id(tly_store_t *store, uint32_t entity, const char *id, size_t idlen,
@@ -126,7 +139,7 @@ void tly_store_prefetch_records(tly_store_t *store, const tly_prefetch_t *pf);
 
 /* tly_store_apply of the event that tly_store_prefetch filled *pf for,
  * unchanged since: the same result, without rendering and hashing the ids
- * again. */
+ * again (for tly_store_prefetch_share: of pf's share of its entities). */
 tly_err_t tly_store_apply_hinted(tly_store_t *store, const tly_event_t *ev,
                                  const tly_prefetch_t *pf, int32_t partition, int64_t offset,
                                  int64_t now_ms);

@@ -792,51 +792,111 @@ static void model_add(user_model_t *m, int action, int64_t ts)
     }
 }
 
-/* kafka.threads: 4 appliers. Every user's events carry the same time, so
- * only the order they are applied in decides RECENT's order (equal times
- * keep arrival order, newest first) and last's value: both must follow the
- * offsets of the user's key. The whole stream is produced before the source
- * starts, so the consumer queue holds thousands of messages and the batches
- * are spread over the appliers. */
+/* Several appliers. Every user's and every pin's events carry the same
+ * time, so only the order they are applied in decides RECENT's order
+ * (equal times keep arrival order, newest first) and last's value: both
+ * must follow the offsets. A user's events share its message key; a pin's
+ * are all in one partition but each under another key (another user's),
+ * as pins are fed by user-keyed events. The whole stream is produced
+ * before the source starts, so the consumer queue holds thousands of
+ * messages and the batches are spread over the appliers: by partition when
+ * a batch spans enough of them, else by entity. */
 #define ORD_USERS 120
+#define ORD_PINS  96
 #define ORD_EACH  60
 #define ORD_K     40
-static void test_appliers_keep_each_keys_offset_order(void **state)
+static void check_order(fixture_t *fx, const char *entity, uint64_t id, int64_t time_ms,
+                        int64_t count)
 {
-    (void)state;
-    SKIP_UNDER_TSAN();
+    int ent = tly_featset_entity(fx->fs, entity, strlen(entity));
+    uint32_t feat;
+    int win;
+    assert_int_equal(tly_featset_resolve(fx->fs, (uint32_t)ent, "recent", 6, &feat, &win), TLY_OK);
+    assert_int_equal(read_int(fx, entity, id, "n:1h"), count);
+    assert_int_equal(read_int(fx, entity, id, "seq"), (int64_t)(id * 1000 + ORD_EACH - 1));
+    char idbuf[24], sbuf[64];
+    int len = snprintf(idbuf, sizeof idbuf, "%" PRIu64, id);
+    tly_item_t it[ORD_K];
+    size_t n = 0;
+    assert_int_equal(tly_store_recent(fx->store, (uint32_t)ent, idbuf, (size_t)len, feat, INT64_MIN,
+                                      wall_ms(), it, ORD_K, &n, sbuf, sizeof sbuf),
+                     TLY_OK);
+    assert_int_equal(n, ORD_K);
+    for (size_t i = 0; i < n; i++) {
+        assert_int_equal(it[i].time_ms, time_ms);
+        assert_int_equal(it[i].vals[0].type, TLY_V_INT);
+        assert_int_equal(it[i].vals[0].u.i, (int64_t)(id * 1000 + ORD_EACH - 1 - i));
+    }
+}
+
+static void produce_to(rd_kafka_t *rk, int32_t partition, const char *key, const char *payload,
+                       size_t len)
+{
+    for (;;) {
+        rd_kafka_resp_err_t e = rd_kafka_producev(
+            rk, RD_KAFKA_V_TOPIC(TOPIC), RD_KAFKA_V_PARTITION(partition),
+            RD_KAFKA_V_KEY(key, strlen(key)), RD_KAFKA_V_VALUE((void *)payload, len),
+            RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY), RD_KAFKA_V_END);
+        if (e == RD_KAFKA_RESP_ERR_NO_ERROR)
+            return;
+        if (e != RD_KAFKA_RESP_ERR__QUEUE_FULL)
+            fail_msg("produce: %s", rd_kafka_err2str(e));
+        rd_kafka_poll(rk, 10);
+    }
+}
+
+static void appliers_keep_offset_order(int threads)
+{
     fixture_t fx;
     char yaml[4096];
     snprintf(yaml, sizeof yaml,
-             "kafka:\n  brokers: embedded\n  group: test-order\n  topics: [" TOPIC "]\n"
-             "  mode: replica\n  start: earliest\n  threads: 4\n"
+             "kafka:\n  brokers: embedded\n  group: test-order-%d\n  topics: [" TOPIC "]\n"
+             "  mode: replica\n  start: earliest\n  threads: %d\n"
              "events:\n  time: { field: ts, unit: ms }\n"
              "features:\n"
              "  - { name: n, entity: user, key: user_id, agg: count, windows: [1h] }\n"
              "  - { name: seq, entity: user, key: user_id, agg: last, value: seq }\n"
              "  - { name: recent, entity: user, key: user_id, agg: last_k, k: %d, "
-             "value: [seq] }\n",
-             ORD_K);
+             "value: [seq] }\n"
+             "  - { name: n, entity: pin, key: pin_id, agg: count, windows: [1h] }\n"
+             "  - { name: seq, entity: pin, key: pin_id, agg: last, value: pseq }\n"
+             "  - { name: recent, entity: pin, key: pin_id, agg: last_k, k: %d, "
+             "value: [pseq] }\n",
+             threads, threads, ORD_K, ORD_K);
     fixture_init_yaml(&fx, yaml);
-    assert_int_equal(fx.cfg->kafka.threads, 4);
+    assert_int_equal(fx.cfg->kafka.threads, threads);
     tly_rcu_thread_online();
 
-    /* Users interleaved round-robin; user u's j-th event has seq u*1000+j
-     * and the user's one time. */
+    /* Users and pins interleaved round-robin; user u's j-th event has seq
+     * u*1000+j, the user's one time and a pin of its own (ids above
+     * 100000); pin q's j-th event goes to
+     * partition q mod NPARTS under key "q-j", has pseq q*1000+j, the pin's
+     * one time and a user of its own (ids above ORD_USERS). */
     int64_t t0 = wall_ms() - 60 * 1000;
     rd_kafka_t *prod = producer_new(tly_source_bootstrap(fx.src));
-    for (int j = 0; j < ORD_EACH; j++)
+    for (int j = 0; j < ORD_EACH; j++) {
         for (uint64_t u = 1; u <= ORD_USERS; u++) {
             char json[128];
             int len = snprintf(json, sizeof json,
                                "{\"user_id\": %" PRIu64 ", \"seq\": %" PRIu64
-                               ", \"ts\": %" PRId64 "}",
-                               u, u * 1000 + (uint64_t)j, t0 - (int64_t)u);
+                               ", \"pin_id\": %" PRIu64 ", \"pseq\": 0, \"ts\": %" PRId64 "}",
+                               u, u * 1000 + (uint64_t)j, 100000 + u, t0 - (int64_t)u);
             produce(prod, u, json, (size_t)len);
         }
+        for (uint64_t q = 1; q <= ORD_PINS; q++) {
+            char json[160], key[32];
+            uint64_t user = 1000 + q * ORD_EACH + (uint64_t)j;
+            int len = snprintf(json, sizeof json,
+                               "{\"user_id\": %" PRIu64 ", \"seq\": 0, \"pin_id\": %" PRIu64
+                               ", \"pseq\": %" PRIu64 ", \"ts\": %" PRId64 "}",
+                               user, q, q * 1000 + (uint64_t)j, t0 - 500 - (int64_t)q);
+            snprintf(key, sizeof key, "%" PRIu64 "-%d", q, j);
+            produce_to(prod, (int32_t)(q % NPARTS), key, json, (size_t)len);
+        }
+    }
     flush_producer(prod);
     int64_t hi[NPARTS];
-    const uint64_t total = (uint64_t)ORD_USERS * ORD_EACH;
+    const uint64_t total = (uint64_t)(ORD_USERS + ORD_PINS) * ORD_EACH;
     assert_int_equal(end_offsets(prod, hi), total);
     start_source(&fx);
     tly_source_stats_t st;
@@ -845,30 +905,21 @@ static void test_appliers_keep_each_keys_offset_order(void **state)
     assert_int_equal(st.applied, total);
     assert_int_equal(st.rejected, 0);
 
-    int ent = tly_featset_entity(fx.fs, "user", 4);
-    uint32_t feat;
-    int win;
-    assert_int_equal(tly_featset_resolve(fx.fs, (uint32_t)ent, "recent", 6, &feat, &win), TLY_OK);
-    for (uint64_t u = 1; u <= ORD_USERS; u++) {
-        assert_int_equal(read_int(&fx, "user", u, "n:1h"), ORD_EACH);
-        assert_int_equal(read_int(&fx, "user", u, "seq"), (int64_t)(u * 1000 + ORD_EACH - 1));
-        char id[24], sbuf[64];
-        int len = snprintf(id, sizeof id, "%" PRIu64, u);
-        tly_item_t it[ORD_K];
-        size_t n = 0;
-        assert_int_equal(tly_store_recent(fx.store, (uint32_t)ent, id, (size_t)len, feat,
-                                          INT64_MIN, wall_ms(), it, ORD_K, &n, sbuf, sizeof sbuf),
-                         TLY_OK);
-        assert_int_equal(n, ORD_K);
-        for (size_t i = 0; i < n; i++) {
-            assert_int_equal(it[i].time_ms, t0 - (int64_t)u);
-            assert_int_equal(it[i].vals[0].type, TLY_V_INT);
-            assert_int_equal(it[i].vals[0].u.i, (int64_t)(u * 1000 + ORD_EACH - 1 - i));
-        }
-    }
+    for (uint64_t u = 1; u <= ORD_USERS; u++)
+        check_order(&fx, "user", u, t0 - (int64_t)u, ORD_EACH);
+    for (uint64_t q = 1; q <= ORD_PINS; q++)
+        check_order(&fx, "pin", q, t0 - 500 - (int64_t)q, ORD_EACH);
     rd_kafka_destroy(prod);
     fixture_fini(&fx);
     tly_rcu_thread_offline();
+}
+
+static void test_appliers_keep_each_entitys_offset_order(void **state)
+{
+    (void)state;
+    SKIP_UNDER_TSAN();
+    appliers_keep_offset_order(2);
+    appliers_keep_offset_order(4);
 }
 
 static void test_kafka_timestamp_is_the_event_time_without_events_time(void **state)
@@ -1232,7 +1283,7 @@ int main(void)
         cmocka_unit_test(test_window_start_without_an_offset_for_the_time_begins_at_the_end),
         cmocka_unit_test(test_bad_kafka_property_fails_naming_it),
         cmocka_unit_test(test_demo_stream_arrives_whole),
-        cmocka_unit_test(test_appliers_keep_each_keys_offset_order),
+        cmocka_unit_test(test_appliers_keep_each_entitys_offset_order),
         cmocka_unit_test(test_kafka_timestamp_is_the_event_time_without_events_time),
         cmocka_unit_test(test_each_topic_reads_its_own_time_field_and_limits),
         cmocka_unit_test(test_out_of_range_position_is_reset_counted_and_nothing_is_lost),

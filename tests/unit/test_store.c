@@ -437,6 +437,52 @@ static void test_rejected_event_changes_nothing(void **state)
     }
 }
 
+/* Two appliers sharing the events (tly_store_prefetch_share): each applies
+ * the entities that hash to it, so together every entity once; each decides
+ * alike whether an event is rejected, and only share 0 counts the event. */
+static void test_shares_apply_each_entity_once(void **state)
+{
+    fx_t *fx = *state;
+    enum { N = 200 };
+    int users_after_share0 = 0, pins_after_share0 = 0;
+    for (int i = 0; i < N; i++) {
+        char pin[16], user[16];
+        snprintf(pin, sizeof pin, "p%d", i);
+        snprintf(user, sizeof user, "%d", 1000 + i);
+        tly_event_t e = ev(fx, T - SEC, 1000 + i, pin, "impression", 10);
+        for (uint32_t k = 0; k < 2; k++) {
+            tly_prefetch_t pf;
+            tly_rcu_read_lock();
+            tly_store_prefetch_share(fx->store, &e, k, 2, &pf);
+            tly_rcu_read_unlock();
+            assert_int_equal(tly_store_apply_hinted(fx->store, &e, &pf, 0, 0, T), TLY_OK);
+            if (k == 0) {
+                users_after_share0 += count(fx, user, "dwell", 0, T) == 10;
+                pins_after_share0 += get(fx, fx->pin, pin, "impressions", 0, T).u.i == 1;
+            }
+        }
+        assert_int_equal(count(fx, user, "dwell", 0, T), 10);
+        assert_int_equal(get(fx, fx->pin, pin, "impressions", 0, T).u.i, 1);
+    }
+    /* both shares own some of each type */
+    assert_true(users_after_share0 > 0 && users_after_share0 < N);
+    assert_true(pins_after_share0 > 0 && pins_after_share0 < N);
+    /* an impression without pin_id: rejected by both, counted once */
+    tly_event_t e = ev(fx, T, 6, NULL, "impression", 5);
+    for (uint32_t k = 0; k < 2; k++) {
+        tly_prefetch_t pf;
+        tly_rcu_read_lock();
+        tly_store_prefetch_share(fx->store, &e, k, 2, &pf);
+        tly_rcu_read_unlock();
+        assert_int_equal(tly_store_apply_hinted(fx->store, &e, &pf, 0, 0, T), TLY_E_EV_MISSING_KEY);
+    }
+    tly_store_stats_t st;
+    tly_store_stats(fx->store, &st);
+    assert_int_equal(st.events_applied, N);
+    assert_int_equal(st.entities, 2 * N);
+    assert_int_equal(st.dropped[TLY_E_EV_MISSING_KEY], 1);
+}
+
 static void test_two_entity_types_from_one_event(void **state)
 {
     fx_t *fx = *state;
@@ -1339,6 +1385,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_last_k_orders_by_time_keeps_k_and_ties_keep_arrival,
                                         setup, teardown),
         cmocka_unit_test_setup_teardown(test_rejected_event_changes_nothing, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_shares_apply_each_entity_once, setup, teardown),
         cmocka_unit_test_setup_teardown(test_two_entity_types_from_one_event, setup, teardown),
         cmocka_unit_test_setup_teardown(test_dump_and_load_round_trip, setup, teardown),
         cmocka_unit_test_setup_teardown(
