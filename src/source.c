@@ -101,6 +101,7 @@ typedef struct {
     bool from_end;         /* assigned at the logical end, no message since */
     int64_t position;      /* next offset to apply, -1 unknown */
     int64_t high;          /* cached high watermark, -1 unknown */
+    int64_t high_min;      /* the end learn_ends found at the assignment, -1 none */
     int64_t low;           /* cached log start offset, -1 unknown */
     int64_t last_event_ms; /* newest event time applied, -1 none */
     int64_t catchup_until; /* > 0: below this offset, events are marked replayed */
@@ -371,6 +372,7 @@ static part_t *part_get(tly_source_t *src, const char *topic, int32_t partition)
                   .topic_index = index,
                   .position = -1,
                   .high = -1,
+                  .high_min = -1,
                   .low = -1,
                   .last_event_ms = -1};
     return p;
@@ -391,7 +393,11 @@ static bool part_caught_up(const tly_source_t *src, const part_t *p)
 }
 
 /* Copies the assigned partitions into the published table, refreshing each
- * high watermark from librdkafka's cache (no network). */
+ * high watermark from librdkafka's cache (no network). The cache of a
+ * partition assigned again still holds the end seen when it was last
+ * consumed here, until the first fetch: until a message arrives, it is not
+ * taken while below the end learn_ends found at the assignment, or a
+ * partition away for a while would look caught up at once. */
 static void publish(tly_source_t *src, int64_t now_ms)
 {
     size_t n = 0;
@@ -402,7 +408,7 @@ static void publish(tly_source_t *src, int64_t now_ms)
         int64_t lo = -1, hi = -1;
         if (src->rk != NULL && rd_kafka_get_watermark_offsets(src->rk, p->topic, p->partition, &lo,
                                                               &hi) == RD_KAFKA_RESP_ERR_NO_ERROR) {
-            if (hi >= 0)
+            if (hi >= 0 && hi >= p->high_min)
                 p->high = hi;
             if (lo >= 0)
                 p->low = lo;
@@ -674,8 +680,11 @@ static void learn_ends(tly_source_t *src, const rd_kafka_topic_partition_list_t 
         RD_KAFKA_RESP_ERR_NO_ERROR)
         for (int i = 0; i < ends->cnt; i++) {
             const rd_kafka_topic_partition_t *e = &ends->elems[i];
-            if (e->err == RD_KAFKA_RESP_ERR_NO_ERROR && e->offset >= 0)
-                part_get(src, e->topic, e->partition)->high = e->offset;
+            if (e->err == RD_KAFKA_RESP_ERR_NO_ERROR && e->offset >= 0) {
+                part_t *p = part_get(src, e->topic, e->partition);
+                p->high = e->offset;
+                p->high_min = e->offset;
+            }
         }
     rd_kafka_topic_partition_list_destroy(ends);
 }
@@ -712,6 +721,7 @@ static void assign(tly_source_t *src, rd_kafka_topic_partition_list_t *parts)
         const rd_kafka_topic_partition_t *tp = &parts->elems[i];
         part_t *p = part_get(src, tp->topic, tp->partition);
         p->assigned = true;
+        p->high_min = -1; /* learn_ends below */
         p->from_end = tp->offset == RD_KAFKA_OFFSET_END && p->position < 0;
         if (tp->offset >= 0)
             p->position = tp->offset;
@@ -866,6 +876,7 @@ static void collect(tly_source_t *src, rd_kafka_message_t *m, int64_t now_ms)
     part_t *p = part_get(src, rd_kafka_topic_name(m->rkt), m->partition);
     check_continuity(src, p, m);
     p->from_end = false;
+    p->high_min = -1; /* the fetch that brought m refreshed the cached end */
     /* below the restored position, it feeds only the features not restored */
     bool replayed = p->catchup_until > 0 && m->offset < p->catchup_until;
     p->position = m->offset + 1;
