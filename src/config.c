@@ -24,6 +24,7 @@
  */
 #include "tallyd/config.h"
 
+#include <arpa/inet.h>
 #include <ctype.h>
 #include <errno.h>
 #include <inttypes.h>
@@ -87,9 +88,10 @@ const key_def_t tly_config_keys[] = {
         "Address other instances and clients reach this one at, host:port, named in -MOVED "
         "replies (shard mode); \"\": server.listen's host (this host's name when it is a "
         "wildcard) with the port actually bound."),
-    KEY("server.requirepass", K_STRING, "", 0, 0, 0, NULL, CFG(server.requirepass),
+    KEY("server.requirepass", K_STRING, "", 0, 512, 0, NULL, CFG(server.requirepass),
         "Password clients send with AUTH; \"\" means no authentication (allowed only on a "
-        "loopback listen address)."),
+        "loopback listen address). At most 512 bytes: it must fit the request limits of "
+        "clients not yet authenticated."),
     KEY("server.max_clients", K_INT, "10000", 1, 1000000, 0, NULL, CFG(server.max_clients),
         "Most client connections open at once; further connections are refused."),
     KEY("server.threads", K_INT, "1", 1, 64, 0, NULL, CFG(server.threads),
@@ -395,8 +397,18 @@ static bool addr_is_loopback(const char *s)
     size_t hlen;
     if (!addr_split(s, &port, &hlen))
         return false;
-    return (hlen == 9 && strncmp(s, "localhost", 9) == 0) ||
-           (hlen == 5 && strncmp(s, "[::1]", 5) == 0) || strncmp(s, "127.", 4) == 0;
+    if ((hlen == 9 && strncmp(s, "localhost", 9) == 0) ||
+        (hlen == 5 && strncmp(s, "[::1]", 5) == 0))
+        return true;
+    /* 127.0.0.0/8 as a numeric address only: a host name starting "127."
+     * resolves to whatever its DNS says */
+    char host[INET_ADDRSTRLEN];
+    struct in_addr a;
+    if (hlen >= sizeof host)
+        return false;
+    memcpy(host, s, hlen);
+    host[hlen] = '\0';
+    return inet_pton(AF_INET, host, &a) == 1 && ntohl(a.s_addr) >> 24 == 127;
 }
 
 /* ---------------------------------------------------------------------------
@@ -499,6 +511,8 @@ void tly_config_range_text(const key_def_t *def, char *buf, size_t cap)
     if (def->type == K_DURATION || def->type == K_DURATIONS)
         snprintf(buf, cap, "%s..%s", tly_duration_format(def->min, lo, sizeof lo),
                  tly_duration_format(def->max, hi, sizeof hi));
+    else if (def->type == K_STRING)
+        snprintf(buf, cap, "%" PRId64 "..%" PRId64 " bytes", def->min, def->max);
     else
         snprintf(buf, cap, "%" PRId64 "..%" PRId64, def->min, def->max);
 }
@@ -683,6 +697,9 @@ static tly_err_t check_string(parse_t *p, const key_def_t *def, const char *text
     char choices[TEXT_CAP];
     if (text[0] == '\0' && (def->flags & F_NONEMPTY || def->type == K_STRINGS))
         return fail(p, node, path, "must not be empty");
+    if (def->type == K_STRING && def->max > def->min && strlen(text) > (size_t)def->max)
+        return fail(p, node, path, "is %zu bytes long; at most %" PRId64 " are allowed",
+                    strlen(text), def->max);
     if (def->flags & F_IDENT && !is_ident(text))
         return fail(p, node, path, "\"%s\" may use only letters, digits and _", text);
     if (def->flags & F_ADDR && text[0] != '\0') {

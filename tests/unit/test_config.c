@@ -814,6 +814,30 @@ static void test_same_feature_name_in_two_entities_is_allowed(void **state)
     tly_config_free(cfg);
 }
 
+/* A host name that merely starts like a loopback address resolves to
+ * whatever its DNS says: it is not loopback. A password must fit the
+ * request limits of clients not yet authenticated. */
+static void test_loopback_lookalike_and_overlong_password_are_errors(void **state)
+{
+    (void)state;
+    char yaml[2048], err[512];
+    tly_config_t *cfg = NULL;
+    snprintf(yaml, sizeof yaml, "server: { listen: \"127.example.com:7379\" }\n%s", ONE_FEATURE);
+    assert_int_equal(tly_config_load_string(yaml, "t.yaml", &cfg, err, sizeof err), TLY_E_CONFIG);
+    assert_string_equal(err, "t.yaml:1: server.listen: 127.example.com:7379 accepts clients from "
+                             "other hosts; set server.requirepass, or listen on 127.0.0.1");
+    char pw[600];
+    memset(pw, 'p', 513);
+    pw[513] = '\0';
+    snprintf(yaml, sizeof yaml, "server: { requirepass: %s }\n%s", pw, ONE_FEATURE);
+    assert_int_equal(tly_config_load_string(yaml, "t.yaml", &cfg, err, sizeof err), TLY_E_CONFIG);
+    assert_string_equal(err, "t.yaml:1: server.requirepass: is 513 bytes long; at most 512 are "
+                             "allowed");
+    pw[512] = '\0';
+    snprintf(yaml, sizeof yaml, "server: { requirepass: %s }\n%s", pw, ONE_FEATURE);
+    tly_config_free(load_string_ok(yaml));
+}
+
 static void test_loopback_and_password_protected_listen_are_accepted(void **state)
 {
     (void)state;
@@ -821,6 +845,7 @@ static void test_loopback_and_password_protected_listen_are_accepted(void **stat
         "server: { listen: \"localhost:7379\" }\n",
         "server: { listen: \"[::1]:7379\" }\n",
         "server: { listen: \"127.0.0.2:1\" }\n",
+        "server: { listen: \"127.255.0.9:1\" }\n",
         "server: { listen: \"0.0.0.0:7379\", requirepass: pw }\n",
         "server: { listen: \"[::]:7379\", requirepass: pw }\n",
     };
@@ -1147,6 +1172,7 @@ int main(void)
         cmocka_unit_test(test_where_keeps_fields_values_and_lines),
         cmocka_unit_test(test_same_feature_name_in_two_entities_is_allowed),
         cmocka_unit_test(test_loopback_and_password_protected_listen_are_accepted),
+        cmocka_unit_test(test_loopback_lookalike_and_overlong_password_are_errors),
         cmocka_unit_test(test_duration_parse_accepts_every_unit),
         cmocka_unit_test(test_duration_parse_rejects_malformed_text_without_writing),
         cmocka_unit_test(test_duration_parse_reports_overflow_as_range),
