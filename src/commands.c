@@ -689,12 +689,17 @@ static bool password_ok(const tly_daemon_t *d, const tly_arg_t *user, const tly_
 /* Returns true on success, else writes the error. */
 static bool do_auth(cmd_ctx_t *c, const tly_arg_t *user, const tly_arg_t *pass)
 {
-    if (c->d->cfg->server.requirepass[0] == '\0') {
+    bool open = c->d->cfg->server.requirepass[0] == '\0';
+    if (open && user == NULL) {
         tly_resp_error(c->out, "ERR AUTH <password> called without any password configured for "
                                "the default user. Are you sure your configuration is correct?");
         return false;
     }
-    if (!password_ok(c->d, user, pass)) {
+    /* Without a password, as in Redis, user "default" takes any password
+     * (clients configured with credentials still connect). */
+    bool ok = open ? user->len == 7 && memcmp(user->ptr, "default", 7) == 0
+                   : password_ok(c->d, user, pass);
+    if (!ok) {
         atomic_fetch_add_explicit(&c->d->server.auth_failures, 1, memory_order_relaxed);
         tly_resp_error(c->out, "WRONGPASS invalid username-password pair or user is disabled.");
         return false;

@@ -376,6 +376,13 @@ static void test_client_and_hello_commands(void **state)
     assert_string_equal(run(fx, "AUTH pw"),
                         "-ERR AUTH <password> called without any password configured for the "
                         "default user. Are you sure your configuration is correct?\r\n");
+    /* as Redis's passwordless default user: any password, user default only */
+    assert_string_equal(run(fx, "AUTH default pw"), "+OK\r\n");
+    assert_string_equal(run(fx, "AUTH other pw"),
+                        "-WRONGPASS invalid username-password pair or user is disabled.\r\n");
+    assert_string_equal(run(fx, "HELLO 2 AUTH other pw"),
+                        "-WRONGPASS invalid username-password pair or user is disabled.\r\n");
+    assert_non_null(strstr(run(fx, "HELLO 2 AUTH default pw"), "$6\r\nserver\r\n$6\r\ntallyd"));
     assert_string_equal(run(fx, "COMMAND COUNT"), ":14\r\n");
     assert_string_equal(run(fx, "QUIT"), "+OK\r\n");
     assert_true(fx->s.close_after);
