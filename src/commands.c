@@ -912,12 +912,22 @@ static void textf(tly_buf_t *t, const char *fmt, ...) __attribute__((format(prin
 static void textf(tly_buf_t *t, const char *fmt, ...)
 {
     char line[512];
-    va_list ap;
+    va_list ap, again;
     va_start(ap, fmt);
+    va_copy(again, ap);
     int n = vsnprintf(line, sizeof line, fmt, ap);
     va_end(ap);
-    if (n > 0)
-        tly_buf_append(t, line, (size_t)n < sizeof line ? (size_t)n : sizeof line - 1);
+    if (n > 0 && (size_t)n < sizeof line) {
+        tly_buf_append(t, line, (size_t)n);
+    } else if (n > 0) { /* a long path or broker list: the whole line, CRLF included */
+        char *big = malloc((size_t)n + 1);
+        if (big != NULL) {
+            vsnprintf(big, (size_t)n + 1, fmt, again);
+            tly_buf_append(t, big, (size_t)n);
+            free(big);
+        }
+    }
+    va_end(again);
 }
 
 static uint64_t load(atomic_uint_fast64_t *v)

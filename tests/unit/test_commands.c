@@ -431,13 +431,37 @@ static void test_info_has_every_section(void **state)
     assert_string_equal(run(fx, "INFO nosuchsection"), "$0\r\n\r\n");
 }
 
+/* 40 brokers: a 1,300-byte line of INFO source. */
+static char long_brokers[2048];
+static int setup_long_brokers(void **state)
+{
+    size_t n = 0;
+    for (int i = 0; i < 40; i++)
+        n += (size_t)snprintf(long_brokers + n, sizeof long_brokers - n,
+                              "%sbroker-%02d.example.internal:9092", i ? "," : "", i);
+    static char extra[2200];
+    snprintf(extra, sizeof extra, "kafka:\n  brokers: \"%s\"\n", long_brokers);
+    return setup_with(state, extra);
+}
+
+static void test_info_long_line_is_whole(void **state)
+{
+    fx_t *fx = *state;
+    assert_true(strlen(long_brokers) > 1000);
+    char want[2200];
+    snprintf(want, sizeof want, "\r\nbrokers:%s\r\ntopics:", long_brokers);
+    const char *r = run(fx, "INFO source");
+    if (strstr(r, want) == NULL)
+        fail_msg("INFO source lacks the whole brokers line:\n%s", r);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup_teardown(test_ping_echo_and_unknown_command, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_info_long_line_is_whole, setup_long_brokers, teardown),
         cmocka_unit_test_setup_teardown(test_features_all_resp2_flat_pairs, setup, teardown),
-        cmocka_unit_test_setup_teardown(test_features_resp3_is_a_map_with_doubles, setup,
-                                        teardown),
+        cmocka_unit_test_setup_teardown(test_features_resp3_is_a_map_with_doubles, setup, teardown),
         cmocka_unit_test_setup_teardown(test_features_asof_moves_the_windows, setup, teardown),
         cmocka_unit_test_setup_teardown(test_features_meta_without_source, setup, teardown),
         cmocka_unit_test_setup_teardown(test_features_errors_name_entity_and_feature, setup,
@@ -445,13 +469,12 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_mfeatures_aligns_ids_and_names, setup, teardown),
         cmocka_unit_test_setup_teardown(test_recent_items_newest_first_with_options, setup,
                                         teardown),
-        cmocka_unit_test_setup_teardown(test_catalog_lists_entities_and_features, setup,
-                                        teardown),
+        cmocka_unit_test_setup_teardown(test_catalog_lists_entities_and_features, setup, teardown),
         cmocka_unit_test_setup_teardown(test_client_and_hello_commands, setup, teardown),
         cmocka_unit_test_setup_teardown(test_noauth_until_auth, setup_auth, teardown),
         cmocka_unit_test_setup_teardown(test_info_has_every_section, setup, teardown),
-        cmocka_unit_test_setup_teardown(test_recent_where_compares_doubles_as_numbers,
-                                        setup_scores, teardown),
+        cmocka_unit_test_setup_teardown(test_recent_where_compares_doubles_as_numbers, setup_scores,
+                                        teardown),
         cmocka_unit_test_setup_teardown(test_reply_larger_than_max_reply_values_is_refused,
                                         setup_scores, teardown),
     };
