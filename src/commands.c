@@ -44,6 +44,8 @@
 struct tly_cmd_scratch {
     tly_featwin_t *req; /* requested (feature, window) pairs */
     size_t reqcap;
+    uint16_t *asked; /* per feature, the windows already in req (a bit each) */
+    size_t askedcap;
     tly_value_t *vals;
     size_t valcap;
     char *strbuf; /* strings of `last` values and items */
@@ -109,6 +111,7 @@ void tly_cmd_scratch_free(tly_cmd_scratch_t *sc)
     if (sc == NULL)
         return;
     free(sc->req);
+    free(sc->asked);
     free(sc->vals);
     free(sc->strbuf);
     free(sc->items);
@@ -226,9 +229,13 @@ static int resolve_entity(cmd_ctx_t *c, size_t i)
     return -1;
 }
 
-/* Appends the (feature, window) pairs named by spec to sc->req at *n.
- * Returns false (and writes -NOFEATURE) when the spec names nothing. */
-static bool add_spec(cmd_ctx_t *c, uint32_t entity, const tly_arg_t *spec, size_t *n)
+/* Appends the (feature, window) pairs named by spec to sc->req at *n;
+ * with once, each pair once per request (FEATURES: a RESP3 reply is a map,
+ * where a repeated name would be a repeated key; MFEATURES replies values
+ * in the order asked, repeats included), and parse_names clears sc->asked
+ * after, whatever the outcome. Returns false (and
+ * writes -NOFEATURE) when the spec names nothing. */
+static bool add_spec(cmd_ctx_t *c, uint32_t entity, const tly_arg_t *spec, bool once, size_t *n)
 {
     const tly_featset_t *fs = c->d->fs;
     uint32_t feat;
@@ -241,12 +248,21 @@ static bool add_spec(cmd_ctx_t *c, uint32_t entity, const tly_arg_t *spec, size_
     }
     const tly_feat_t *f = &fs->feats[feat];
     size_t nw = f->nwindows == 0 ? 1 : (window >= 0 ? 1 : f->nwindows);
-    reserve_req(c->scratch, *n + nw);
-    if (f->nwindows == 0 || window >= 0) {
-        c->scratch->req[(*n)++] = (tly_featwin_t){feat, window >= 0 ? (uint32_t)window : 0};
-    } else {
-        for (size_t w = 0; w < f->nwindows; w++)
-            c->scratch->req[(*n)++] = (tly_featwin_t){feat, (uint32_t)w};
+    tly_cmd_scratch_t *sc = c->scratch;
+    reserve_req(sc, *n + nw);
+    if (sc->askedcap < fs->nfeats) {
+        sc->asked = xrealloc(sc->asked, fs->nfeats * sizeof *sc->asked);
+        memset(sc->asked, 0, fs->nfeats * sizeof *sc->asked);
+        sc->askedcap = fs->nfeats;
+    }
+    _Static_assert(TLY_MAX_WINDOWS <= 16, "a window is a bit of asked[]");
+    size_t w0 = f->nwindows == 0 ? 0 : window >= 0 ? (size_t)window : 0;
+    for (size_t w = w0; w < w0 + nw; w++) {
+        uint16_t bit = (uint16_t)(1u << w);
+        if (once && sc->asked[feat] & bit)
+            continue;
+        sc->asked[feat] |= bit;
+        sc->req[(*n)++] = (tly_featwin_t){feat, (uint32_t)w};
     }
     return true;
 }
@@ -278,10 +294,11 @@ static void put_name(cmd_ctx_t *c, const tly_featwin_t *r)
 }
 
 /* Parses the trailing options of FEATURES/MFEATURES from argv[i..): names
- * up to the first keyword, then ASOF <ms> / META. Fills sc->req (*n pairs;
- * all features when no names). Returns false after writing an error. */
-static bool parse_names(cmd_ctx_t *c, uint32_t entity, size_t i, bool allow_meta, int64_t *asof,
-                        bool *meta, size_t *n)
+ * up to the first keyword, then ASOF <ms> / META (allow_meta: FEATURES,
+ * whose names are each taken once). Fills sc->req (*n pairs; all features
+ * when no names). Returns false after writing an error. */
+static bool parse_names_once(cmd_ctx_t *c, uint32_t entity, size_t i, bool allow_meta,
+                             int64_t *asof, bool *meta, size_t *n)
 {
     bool seen_asof = false;
     *n = 0;
@@ -308,7 +325,7 @@ static bool parse_names(cmd_ctx_t *c, uint32_t entity, size_t i, bool allow_meta
             syntax_error(c, "feature names come before ASOF and META", a);
             return false;
         } else {
-            if (!add_spec(c, entity, a, n))
+            if (!add_spec(c, entity, a, allow_meta, n))
                 return false;
             named = true;
         }
@@ -316,6 +333,16 @@ static bool parse_names(cmd_ctx_t *c, uint32_t entity, size_t i, bool allow_meta
     if (!named)
         *n = add_all(c, entity);
     return true;
+}
+
+static bool parse_names(cmd_ctx_t *c, uint32_t entity, size_t i, bool allow_meta, int64_t *asof,
+                        bool *meta, size_t *n)
+{
+    bool ok = parse_names_once(c, entity, i, allow_meta, asof, meta, n);
+    if (c->scratch->asked != NULL) /* add_spec's marks, ready for the next request */
+        for (size_t k = 0; k < *n; k++)
+            c->scratch->asked[c->scratch->req[k].feat] = 0;
+    return ok;
 }
 
 /* Reads n requested values of one id into sc->vals, growing the string
