@@ -26,6 +26,7 @@
 
 #include <ctype.h>
 #include <errno.h>
+#include <fnmatch.h>
 #include <inttypes.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -900,6 +901,10 @@ static void cmd_config(cmd_ctx_t *c)
                                "supported");
         return;
     }
+    if (c->argc < 3) {
+        tly_resp_error(c->out, "ERR wrong number of arguments for 'config|get' command");
+        return;
+    }
     const tly_config_t *cfg = c->d->cfg;
     char maxclients[24], timeout[24];
     snprintf(maxclients, sizeof maxclients, "%" PRId64, cfg->server.max_clients);
@@ -913,12 +918,13 @@ static void cmd_config(cmd_ctx_t *c)
     bool match[sizeof pairs / sizeof pairs[0]] = {false};
     size_t nmatch = 0;
     for (size_t i = 2; i < c->argc; i++) {
-        char pat[128];
-        size_t len = c->argv[i].len < sizeof pat - 1 ? c->argv[i].len : sizeof pat - 1;
-        memcpy(pat, c->argv[i].ptr, len);
-        pat[len] = '\0';
-        for (size_t k = 0; k < np; k++) {
-            if (!match[k] && (strcasecmp(pat, pairs[k][0]) == 0 || strcmp(pat, "*") == 0)) {
+        char pat[128]; /* longer patterns match none of these names */
+        if (c->argv[i].len >= sizeof pat || memchr(c->argv[i].ptr, '\0', c->argv[i].len))
+            continue;
+        memcpy(pat, c->argv[i].ptr, c->argv[i].len);
+        pat[c->argv[i].len] = '\0';
+        for (size_t k = 0; k < np; k++) { /* glob patterns, as Redis takes them */
+            if (!match[k] && fnmatch(pat, pairs[k][0], FNM_CASEFOLD) == 0) {
                 match[k] = true;
                 nmatch++;
             }

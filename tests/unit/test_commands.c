@@ -195,6 +195,22 @@ static void test_reply_larger_than_max_reply_values_is_refused(void **state)
     assert_string_equal(run(fx, line), "*4\r\n$4\r\nn:1m\r\n:2\r\n$4\r\nn:1h\r\n:2\r\n");
 }
 
+/* What redis-benchmark and clients ask: glob patterns, as Redis takes. */
+static void test_config_get_globs_and_arity(void **state)
+{
+    fx_t *fx = *state;
+    assert_string_equal(run(fx, "CONFIG GET"),
+                        "-ERR wrong number of arguments for 'config|get' command\r\n");
+    assert_string_equal(run(fx, "CONFIG GET maxclients"),
+                        "*2\r\n$10\r\nmaxclients\r\n$5\r\n10000\r\n");
+    assert_string_equal(run(fx, "CONFIG GET MAX*"), "*2\r\n$10\r\nmaxclients\r\n$5\r\n10000\r\n");
+    assert_string_equal(run(fx, "CONFIG GET *a?e* nosuch"),
+                        "*4\r\n$4\r\nsave\r\n$0\r\n\r\n$9\r\ndatabases\r\n$1\r\n1\r\n");
+    assert_memory_equal(run(fx, "CONFIG GET *"), "*10\r\n", 5);
+    assert_string_equal(run(fx, "CONFIG GET nosuch"), "*0\r\n");
+    assert_memory_equal(run(fx, "CONFIG SET timeout 0"), "-ERR tallyd is configured", 25);
+}
+
 static void test_ping_echo_and_unknown_command(void **state)
 {
     fx_t *fx = *state;
@@ -470,6 +486,7 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup_teardown(test_ping_echo_and_unknown_command, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_config_get_globs_and_arity, setup, teardown),
         cmocka_unit_test_setup_teardown(test_info_long_line_is_whole, setup_long_brokers, teardown),
         cmocka_unit_test_setup_teardown(test_features_all_resp2_flat_pairs, setup, teardown),
         cmocka_unit_test_setup_teardown(test_features_resp3_is_a_map_with_doubles, setup, teardown),
