@@ -1,7 +1,7 @@
 /*
  * commands.c — the command table and every handler.
  *
- * commands[] is data: {name, arity, flags, handler, group, summary, syntax}.
+ * commands[] is data: {name, arity, flags, handler, group, summary, args}.
  * tly_command_exec() looks the name up, checks arity (Redis's convention:
  * n > 0 exactly n arguments with the name, n < 0 at least −n) and
  * authentication in one place, then calls the handler, which appends
@@ -75,6 +75,20 @@ enum {
     CMD_STALE = 1u << 3,    /* runs while the source is loading (others get -LOADING) */
 };
 
+/* One argument in COMMAND DOCS, as Redis 7 describes its own (redis-cli
+ * builds its hints from these): a type of Redis's (string, integer,
+ * pure-token, block), an optional token before it, flags. A block's
+ * arguments are `sub`, ended by a NULL name. */
+#define ARG_OPTIONAL 1u
+#define ARG_MULTIPLE 2u
+typedef struct cmd_arg {
+    const char *name;
+    const char *type;
+    const char *token;
+    unsigned flags;
+    const struct cmd_arg *sub;
+} cmd_arg_t;
+
 typedef struct {
     const char *name; /* lower case */
     int arity;
@@ -82,7 +96,7 @@ typedef struct {
     cmd_handler_fn handler;
     const char *group;
     const char *summary;
-    const char *syntax; /* arguments after the name, for COMMAND DOCS */
+    const cmd_arg_t *args; /* for COMMAND DOCS; NULL name ends them */
 } command_t;
 
 static void *xrealloc(void *p, size_t n)
@@ -1202,40 +1216,90 @@ static void cmd_info(cmd_ctx_t *c)
 
 static void cmd_command(cmd_ctx_t *c);
 
+/* The arguments of each command, for COMMAND DOCS. */
+#define ARGS_END                                                                                   \
+    {                                                                                              \
+        NULL, NULL, NULL, 0, NULL                                                                  \
+    }
+static const cmd_arg_t args_features[] = {
+    {"entity", "string", NULL, 0, NULL},
+    {"id", "string", NULL, 0, NULL},
+    {"name[:window]", "string", NULL, ARG_OPTIONAL | ARG_MULTIPLE, NULL},
+    {"ms", "integer", "ASOF", ARG_OPTIONAL, NULL},
+    {"meta", "pure-token", "META", ARG_OPTIONAL, NULL},
+    ARGS_END};
+static const cmd_arg_t args_mfeatures[] = {
+    {"entity", "string", NULL, 0, NULL},
+    {"numids", "integer", NULL, 0, NULL},
+    {"id", "string", NULL, ARG_MULTIPLE, NULL},
+    {"name[:window]", "string", NULL, ARG_OPTIONAL | ARG_MULTIPLE, NULL},
+    {"ms", "integer", "ASOF", ARG_OPTIONAL, NULL},
+    ARGS_END};
+static const cmd_arg_t args_recent[] = {{"entity", "string", NULL, 0, NULL},
+                                        {"id", "string", NULL, 0, NULL},
+                                        {"name", "string", NULL, 0, NULL},
+                                        {"n", "integer", "COUNT", ARG_OPTIONAL, NULL},
+                                        {"since-ms", "integer", "SINCE", ARG_OPTIONAL, NULL},
+                                        {"asof-ms", "integer", "ASOF", ARG_OPTIONAL, NULL},
+                                        {"value", "string", "WHERE", ARG_OPTIONAL, NULL},
+                                        ARGS_END};
+static const cmd_arg_t args_none[] = {ARGS_END};
+static const cmd_arg_t args_ping[] = {{"message", "string", NULL, ARG_OPTIONAL, NULL}, ARGS_END};
+static const cmd_arg_t args_echo[] = {{"message", "string", NULL, 0, NULL}, ARGS_END};
+static const cmd_arg_t args_hello_auth[] = {
+    {"username", "string", NULL, 0, NULL}, {"password", "string", NULL, 0, NULL}, ARGS_END};
+static const cmd_arg_t args_hello_opts[] = {
+    {"protover", "integer", NULL, 0, NULL},
+    {"auth", "block", "AUTH", ARG_OPTIONAL, args_hello_auth},
+    {"clientname", "string", "SETNAME", ARG_OPTIONAL, NULL},
+    ARGS_END};
+static const cmd_arg_t args_hello[] = {{"arguments", "block", NULL, ARG_OPTIONAL, args_hello_opts},
+                                       ARGS_END};
+static const cmd_arg_t args_auth[] = {{"username", "string", NULL, ARG_OPTIONAL, NULL},
+                                      {"password", "string", NULL, 0, NULL},
+                                      ARGS_END};
+static const cmd_arg_t args_client[] = {{"subcommand", "string", NULL, 0, NULL},
+                                        {"arg", "string", NULL, ARG_OPTIONAL | ARG_MULTIPLE, NULL},
+                                        ARGS_END};
+static const cmd_arg_t args_select[] = {{"index", "integer", NULL, 0, NULL}, ARGS_END};
+static const cmd_arg_t args_info[] = {
+    {"section", "string", NULL, ARG_OPTIONAL | ARG_MULTIPLE, NULL}, ARGS_END};
+static const cmd_arg_t args_command[] = {
+    {"subcommand", "string", NULL, ARG_OPTIONAL, NULL},
+    {"name", "string", NULL, ARG_OPTIONAL | ARG_MULTIPLE, NULL},
+    ARGS_END};
+static const cmd_arg_t args_config[] = {{"get", "pure-token", "GET", 0, NULL},
+                                        {"parameter", "string", NULL, ARG_MULTIPLE, NULL},
+                                        ARGS_END};
+
 /* The table. Most frequent first: lookup is a linear scan. */
 static const command_t commands[] = {
     {"features", -3, CMD_READONLY | CMD_FAST, cmd_features, "tallyd",
-     "Windowed feature values of one entity.",
-     "entity id [name[:window] ...] [ASOF ms] [META]"},
+     "Windowed feature values of one entity.", args_features},
     {"mfeatures", -4, CMD_READONLY, cmd_mfeatures, "tallyd",
-     "Feature values of many entities of one type.",
-     "entity numids id [id ...] [name[:window] ...] [ASOF ms]"},
+     "Feature values of many entities of one type.", args_mfeatures},
     {"recent", -4, CMD_READONLY, cmd_recent, "tallyd",
-     "The newest items of a last/last_k feature, newest first.",
-     "entity id name [COUNT n] [SINCE ms] [ASOF ms] [WHERE value]"},
+     "The newest items of a last/last_k feature, newest first.", args_recent},
     {"catalog", 1, CMD_READONLY | CMD_STALE, cmd_catalog, "tallyd",
-     "Entities, features, aggregations, windows and hops.", ""},
+     "Entities, features, aggregations, windows and hops.", args_none},
     {"ping", -1, CMD_NOAUTH | CMD_FAST | CMD_STALE, cmd_ping, "connection", "Ping the server.",
-     "[message]"},
-    {"echo", 2, CMD_FAST | CMD_STALE, cmd_echo, "connection", "Echo the given string.",
-     "message"},
+     args_ping},
+    {"echo", 2, CMD_FAST | CMD_STALE, cmd_echo, "connection", "Echo the given string.", args_echo},
     {"hello", -1, CMD_NOAUTH | CMD_FAST | CMD_STALE, cmd_hello, "connection",
-     "Handshake: protocol version, authentication, client name.",
-     "[protover [AUTH username password] [SETNAME clientname]]"},
+     "Handshake: protocol version, authentication, client name.", args_hello},
     {"auth", -2, CMD_NOAUTH | CMD_FAST | CMD_STALE, cmd_auth, "connection",
-     "Authenticate to the server.", "[username] password"},
-    {"client", -2, CMD_STALE, cmd_client, "connection",
-     "Connection name, id and information.", "subcommand [arg ...]"},
+     "Authenticate to the server.", args_auth},
+    {"client", -2, CMD_STALE, cmd_client, "connection", "Connection name, id and information.",
+     args_client},
     {"select", 2, CMD_FAST | CMD_STALE, cmd_select, "connection",
-     "Select database 0 (the only one).", "index"},
-    {"quit", -1, CMD_NOAUTH | CMD_FAST | CMD_STALE, cmd_quit, "connection",
-     "Close the connection.", ""},
+     "Select database 0 (the only one).", args_select},
+    {"quit", -1, CMD_NOAUTH | CMD_FAST | CMD_STALE, cmd_quit, "connection", "Close the connection.",
+     args_none},
     {"info", -1, CMD_STALE, cmd_info, "server", "Information and statistics about tallyd.",
-     "[section ...]"},
-    {"command", -1, CMD_STALE, cmd_command, "server", "Details about the commands.",
-     "[COUNT | DOCS [name ...] | INFO [name ...] | LIST]"},
+     args_info},
+    {"command", -1, CMD_STALE, cmd_command, "server", "Details about the commands.", args_command},
     {"config", -2, CMD_STALE, cmd_config, "server",
-     "Read a few settings (CONFIG GET); tallyd is configured by its file.", "GET parameter"},
+     "Read a few settings (CONFIG GET); tallyd is configured by its file.", args_config},
 };
 
 #define NCOMMANDS (sizeof commands / sizeof commands[0])
@@ -1282,18 +1346,61 @@ static void command_info(cmd_ctx_t *c, const command_t *cmd)
     tly_resp_array(c->out, 0);
 }
 
+static size_t count_args(const cmd_arg_t *args)
+{
+    size_t n = 0;
+    while (args[n].name != NULL)
+        n++;
+    return n;
+}
+
+/* The "arguments" array of COMMAND DOCS: a map per argument. */
+static void docs_args(cmd_ctx_t *c, const cmd_arg_t *args)
+{
+    size_t n = count_args(args);
+    tly_resp_array(c->out, n);
+    for (size_t i = 0; i < n; i++) {
+        const cmd_arg_t *a = &args[i];
+        size_t nflags = !!(a->flags & ARG_OPTIONAL) + !!(a->flags & ARG_MULTIPLE);
+        tly_resp_map(c->out, c->s->proto, 2 + (a->token != NULL) + (nflags > 0) + (a->sub != NULL));
+        tly_resp_bulkstr(c->out, "name");
+        tly_resp_bulkstr(c->out, a->name);
+        tly_resp_bulkstr(c->out, "type");
+        tly_resp_bulkstr(c->out, a->type);
+        if (a->token != NULL) {
+            tly_resp_bulkstr(c->out, "token");
+            tly_resp_bulkstr(c->out, a->token);
+        }
+        if (nflags > 0) {
+            tly_resp_bulkstr(c->out, "flags");
+            tly_resp_set(c->out, c->s->proto, nflags);
+            if (a->flags & ARG_OPTIONAL)
+                tly_resp_simple(c->out, "optional");
+            if (a->flags & ARG_MULTIPLE)
+                tly_resp_simple(c->out, "multiple");
+        }
+        if (a->sub != NULL) {
+            tly_resp_bulkstr(c->out, "arguments");
+            docs_args(c, a->sub);
+        }
+    }
+}
+
 static void command_docs(cmd_ctx_t *c, const command_t *cmd)
 {
+    bool any = count_args(cmd->args) > 0;
     tly_resp_bulkstr(c->out, cmd->name);
-    tly_resp_map(c->out, c->s->proto, 4);
+    tly_resp_map(c->out, c->s->proto, 3 + any);
     tly_resp_bulkstr(c->out, "summary");
     tly_resp_bulkstr(c->out, cmd->summary);
     tly_resp_bulkstr(c->out, "since");
     tly_resp_bulkstr(c->out, "0.1.0");
     tly_resp_bulkstr(c->out, "group");
     tly_resp_bulkstr(c->out, cmd->group);
-    tly_resp_bulkstr(c->out, "syntax");
-    tly_resp_bulkstr(c->out, cmd->syntax);
+    if (any) {
+        tly_resp_bulkstr(c->out, "arguments");
+        docs_args(c, cmd->args);
+    }
 }
 
 static void cmd_command(cmd_ctx_t *c)

@@ -211,6 +211,30 @@ static void test_config_get_globs_and_arity(void **state)
     assert_memory_equal(run(fx, "CONFIG SET timeout 0"), "-ERR tallyd is configured", 25);
 }
 
+/* COMMAND DOCS describes arguments as Redis 7 does, which redis-cli turns
+ * into its hints ("RECENT entity id name [COUNT n] ..."). */
+static void test_command_docs_describe_arguments(void **state)
+{
+    fx_t *fx = *state;
+    const char *r = run(fx, "COMMAND DOCS recent");
+    assert_memory_equal(r, "*2\r\n$6\r\nrecent\r\n*8\r\n$7\r\nsummary\r\n", 31);
+    static const char *const want[] = {
+        "$9\r\narguments\r\n*7\r\n*4\r\n$4\r\nname\r\n$6\r\nentity\r\n$4\r\ntype\r\n$"
+        "6\r\nstring\r\n",
+        "*8\r\n$4\r\nname\r\n$1\r\nn\r\n$4\r\ntype\r\n$7\r\ninteger\r\n$5\r\ntoken\r\n$"
+        "5\r\nCOUNT\r\n"
+        "$5\r\nflags\r\n*1\r\n+optional\r\n",
+    };
+    for (size_t i = 0; i < sizeof want / sizeof want[0]; i++)
+        if (strstr(r, want[i]) == NULL)
+            fail_msg("COMMAND DOCS recent lacks \"%s\":\n%s", want[i], r);
+    /* a block (HELLO's AUTH) nests its own arguments; no arguments, no key */
+    assert_non_null(strstr(run(fx, "COMMAND DOCS hello"),
+                           "$5\r\ntoken\r\n$4\r\nAUTH\r\n$5\r\nflags\r\n*1\r\n+optional\r\n"
+                           "$9\r\narguments\r\n*2\r\n*4\r\n$4\r\nname\r\n$8\r\nusername\r\n"));
+    assert_null(strstr(run(fx, "COMMAND DOCS catalog"), "arguments"));
+}
+
 static void test_ping_echo_and_unknown_command(void **state)
 {
     fx_t *fx = *state;
@@ -486,6 +510,7 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup_teardown(test_ping_echo_and_unknown_command, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_command_docs_describe_arguments, setup, teardown),
         cmocka_unit_test_setup_teardown(test_config_get_globs_and_arity, setup, teardown),
         cmocka_unit_test_setup_teardown(test_info_long_line_is_whole, setup_long_brokers, teardown),
         cmocka_unit_test_setup_teardown(test_features_all_resp2_flat_pairs, setup, teardown),
