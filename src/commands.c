@@ -482,10 +482,17 @@ static void cmd_mfeatures(cmd_ctx_t *c)
     tly_prefetch_t pf[3];
     /* One read-side section around every id's read: each read's own lock
      * and unlock then nest, which skips their memory barriers. */
+    /* Past the output-buffer cap the server disconnects this client once
+     * the command returns: stop building the reply there instead of holding
+     * all of it (string values can make one reply hundreds of MB). */
+    const size_t start = c->out->len;
+    const uint64_t cap = (uint64_t)c->d->cfg->server.max_output_buffer;
     tly_rcu_read_lock();
     for (size_t k = 0; k < 2 && k < (size_t)numids; k++)
         tly_store_prefetch_id(c->d->store, (uint32_t)entity, ids[k].ptr, ids[k].len, &pf[k]);
     for (size_t k = 0; k < (size_t)numids; k++) {
+        if ((uint64_t)c->s->obuf + (c->out->len - start) > cap)
+            break;
         if (k + 2 < (size_t)numids)
             tly_store_prefetch_id(c->d->store, (uint32_t)entity, ids[k + 2].ptr, ids[k + 2].len,
                                   &pf[(k + 2) % 3]);

@@ -235,6 +235,29 @@ static void test_command_docs_describe_arguments(void **state)
     assert_null(strstr(run(fx, "COMMAND DOCS catalog"), "arguments"));
 }
 
+static int setup_small_output(void **state)
+{
+    return setup_with(state, "server:\n  max_output_buffer: 65536\n  output_soft_limit: 4096\n");
+}
+
+/* MFEATURES stops building its reply once the client's queued output passes
+ * server.max_output_buffer (the server then disconnects it), instead of
+ * holding the whole reply first. */
+static void test_mfeatures_stops_at_the_output_cap(void **state)
+{
+    fx_t *fx = *state;
+    char line[4096];
+    size_t used = (size_t)snprintf(line, sizeof line, "MFEATURES user 500");
+    for (int i = 0; i < 500; i++)
+        used += (size_t)snprintf(line + used, sizeof line - used, " %d", 7 + i % 2);
+    fx->s.obuf = 0;
+    size_t whole = strlen(run(fx, line));
+    assert_true(whole > 15000 && whole < 65536);
+    fx->s.obuf = 65536 - 4000; /* already queued before the command */
+    size_t cut = strlen(run(fx, line));
+    assert_true(cut > 4000 && cut < 4000 + 200); /* one id's values past the cap at most */
+}
+
 static void test_ping_echo_and_unknown_command(void **state)
 {
     fx_t *fx = *state;
@@ -510,6 +533,8 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup_teardown(test_ping_echo_and_unknown_command, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_mfeatures_stops_at_the_output_cap, setup_small_output,
+                                        teardown),
         cmocka_unit_test_setup_teardown(test_command_docs_describe_arguments, setup, teardown),
         cmocka_unit_test_setup_teardown(test_config_get_globs_and_arity, setup, teardown),
         cmocka_unit_test_setup_teardown(test_info_long_line_is_whole, setup_long_brokers, teardown),
