@@ -1775,9 +1775,19 @@ void tly_source_commit(tly_source_t *src, const tly_position_t *pos, size_t n)
     if (src->rk == NULL || n == 0)
         return;
     rd_kafka_topic_partition_list_t *list = rd_kafka_topic_partition_list_new((int)n);
-    for (size_t i = 0; i < n; i++)
-        rd_kafka_topic_partition_list_add(list, pos[i].topic, pos[i].partition)->offset =
-            pos[i].offset;
+    for (size_t i = 0; i < n; i++) {
+        /* Only partitions assigned here now: one revoked since the snapshot
+         * was taken belongs to another member, whose commits must not be
+         * moved back. */
+        const part_t *p = part_find(src, pos[i].topic, pos[i].partition);
+        if (p != NULL && p->assigned)
+            rd_kafka_topic_partition_list_add(list, pos[i].topic, pos[i].partition)->offset =
+                pos[i].offset;
+    }
+    if (list->cnt == 0) {
+        rd_kafka_topic_partition_list_destroy(list);
+        return;
+    }
     /* Asynchronous: errors (a partition revoked meanwhile) reach the log
      * through the consumer's callbacks; the snapshot stays the truth. */
     rd_kafka_resp_err_t err = rd_kafka_commit(src->rk, list, 1);

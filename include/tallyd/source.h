@@ -166,7 +166,8 @@ void tly_source_set_checkpoint(tly_source_t *src, tly_checkpoint_fn fn, void *ct
  * or restored and not assigned yet) into out (at most cap); returns how
  * many there are. Poll thread (from the hook), or main after halt. */
 size_t tly_source_positions(const tly_source_t *src, tly_position_t *out, size_t cap);
-/* Commits pos to the group, asynchronously. Same threads as positions. */
+/* Commits to the group, asynchronously, the positions in pos of the
+ * partitions assigned here now. Same threads as positions. */
 void tly_source_commit(tly_source_t *src, const tly_position_t *pos, size_t n);
 /* Stops if needed and frees everything (and the mock cluster: librdkafka
  * 2.0.2 takes about a second to stop its thread). NULL ok. Main thread. */
