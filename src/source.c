@@ -642,7 +642,10 @@ static void shard_reassign(tly_source_t *src, const rd_kafka_topic_partition_lis
     for (size_t w = 0; w < TLY_SHARD_MAX_PARTITIONS / 64; w++) {
         lost[w] = src->held[w] & ~now_held[w];
         any = any || lost[w] != 0;
-        src->held[w] = now_held[w];
+        /* Without the partition count (no metadata), entities cannot be
+         * told apart by partition: the lost stay in `held`, to be dropped
+         * at the next assignment that knows it, unless held again by then. */
+        src->held[w] = nparts > 0 ? now_held[w] : now_held[w] | lost[w];
     }
     if (any && nparts > 0) {
         for (size_t i = 0; i < src->nparts; i++) {
