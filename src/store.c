@@ -1234,22 +1234,12 @@ static uint64_t le64(const uint8_t *p)
  * decodes, or word segments in ascending order that end exactly at used. */
 static bool snap_state_ok(const tly_store_t *store, const ent_t *e)
 {
-    uint32_t used = atomic_load_explicit(&e->used, memory_order_relaxed);
     if (!(e->mode & F_WORDS)) {
         static _Thread_local log_t lg;
         store_log_copy(e, &lg);
         return store_log_decode(store, &store->etypes[e->type], &lg);
     }
-    uint64_t off = 1;
-    int64_t prev = -1;
-    while (off < used) {
-        uint64_t h = ld(e, (uint32_t)off);
-        if ((int64_t)(h & 0xffffu) <= prev)
-            return false;
-        prev = (int64_t)(h & 0xffffu);
-        off += 1 + ((h >> 16) & 0xffffffffu);
-    }
-    return off == used;
+    return store_words_valid(store, e);
 }
 
 static tly_err_t snap_fail(char *err, size_t errlen, const char *what, size_t at)
@@ -1406,6 +1396,12 @@ static tly_err_t load_words_remap(tly_store_t *store, const lmap_t *m, const cha
             st(e, at++, w[segs[i].off + 1 + k]);
     }
     atomic_store_explicit(&e->used, at, memory_order_relaxed);
+    if (!store_words_valid(store, e)) {
+        stat_add(&store_thread_stats(store)->bytes, -(int64_t)malloc_usable_size(e));
+        free(e);
+        rc = snap_fail(err, errlen, "malformed entity state", item);
+        goto out;
+    }
     rc = load_insert(store, e, err, errlen, item);
 out:
     free(segs);

@@ -351,6 +351,11 @@ void store_publish(tly_store_t *store, ent_t *old, ent_t *e);
 
 /* store_words.c */
 uint32_t store_seg_find(const ent_t *e, uint32_t used, uint32_t sid, bool *found);
+/* Whether a word-encoded record read from a snapshot is one the writer can
+ * take: segments in increasing id order, each of a feature of the record's
+ * type (a window it has, whole buckets of its aggregation in increasing
+ * order; or a well-formed item list), nothing past `used`. */
+bool store_words_valid(const tly_store_t *store, const ent_t *e);
 void store_words_apply(tly_store_t *store, ent_t **entp, const tly_entity_t *etype, uint64_t mask,
                        const uint32_t *feats, uint32_t nfeats, const tly_event_t *ev,
                        int64_t now_ms);

@@ -634,3 +634,96 @@ tly_value_t store_words_value(const ent_t *e, uint32_t used, const tly_feat_t *f
     }
     return tly_agg_result(feat->agg, &acc);
 }
+
+/* The feature of entity type `type` in slot `slot`, or NULL. */
+static const tly_feat_t *slot_feat(const tly_featset_t *fs, uint32_t type, uint32_t slot)
+{
+    const tly_entity_t *et = &fs->entities[type];
+    for (size_t i = 0; i < et->nfeats; i++)
+        if (fs->feats[et->feats[i]].slot == slot)
+            return &fs->feats[et->feats[i]];
+    return NULL;
+}
+
+/* An item list: the count word, then items whose widths add up to the
+ * segment, as many as counted, each as wide as the count word says when it
+ * names one width, values tagged with their payload inside the item, in
+ * time order. */
+static bool items_valid(const ent_t *e, uint32_t p, uint32_t len, const tly_feat_t *feat)
+{
+    if (len < 1)
+        return false;
+    uint64_t cw = ld(e, p);
+    uint64_t count = cw & 0xffffffffu;
+    uint32_t uw = (uint32_t)(cw >> 32) & 0xffffu;
+    if (cw >> 48 != 0)
+        return false;
+    uint32_t q = p + 1, end = p + len;
+    uint64_t seen = 0;
+    int64_t prev = INT64_MIN;
+    while (q < end) {
+        uint64_t h = ld(e, q);
+        uint32_t words = (uint32_t)h, nv = (uint32_t)(h >> 32);
+        if (words < 3 || words > end - q || nv != feat->nvalues || ld(e, q + words - 1) != words ||
+            (uw != UW_MIXED && words != uw))
+            return false;
+        uint64_t r = q + 1, stop = q + words - 2; /* 64-bit: a string length must not wrap r */
+        for (uint32_t i = 0; i < nv; i++) {
+            if (r >= stop)
+                return false;
+            uint64_t tag = ld(e, (uint32_t)r++);
+            unsigned tt = (unsigned)(tag & 0xff);
+            if (tt == TLY_V_INT || tt == TLY_V_BOOL || tt == TLY_V_DOUBLE || tt == TAG_ISTR)
+                r++;
+            else if (tt == TLY_V_STR)
+                r += (TAG_LEN(tag) + 7) / 8;
+            else if (tt != TLY_V_NIL)
+                return false;
+        }
+        if (r != stop)
+            return false;
+        int64_t t = (int64_t)ld(e, q + words - 2);
+        if (t < prev)
+            return false;
+        prev = t;
+        seen++;
+        q += words;
+    }
+    return seen == count && (uw == UW_MIXED || (uint64_t)count * uw == len - 1);
+}
+
+bool store_words_valid(const tly_store_t *store, const ent_t *e)
+{
+    const tly_featset_t *fs = store->fs;
+    uint32_t used = atomic_load_explicit(&e->used, memory_order_relaxed);
+    if (used < 1 || used > e->cap || e->type >= fs->nentities)
+        return false;
+    uint64_t off = 1;
+    int64_t prev = -1;
+    while (off < used) {
+        uint64_t h = ld(e, (uint32_t)off);
+        uint32_t sid = SEG_ID(h), len = SEG_LEN(h);
+        if ((int64_t)sid <= prev || len > used - off - 1)
+            return false;
+        prev = sid;
+        bool items = sid >= SID_ITEMS(0);
+        uint32_t slot = items ? sid - SID_ITEMS(0) : sid / TLY_MAX_WINDOWS;
+        const tly_feat_t *feat = slot_feat(fs, e->type, slot);
+        if (feat == NULL || items == tly_agg_windowed(feat->agg))
+            return false;
+        uint32_t p = (uint32_t)off + 1;
+        if (items) {
+            if (!items_valid(e, p, len, feat))
+                return false;
+        } else {
+            uint32_t sw = stride_of(feat->agg);
+            if (sid % TLY_MAX_WINDOWS >= feat->nwindows || len % sw != 0)
+                return false;
+            for (uint32_t i = sw; i < len; i += sw) /* buckets in increasing order */
+                if (ld(e, p + i) >> 32 <= ld(e, p + i - sw) >> 32)
+                    return false;
+        }
+        off += 1 + (uint64_t)len;
+    }
+    return true;
+}

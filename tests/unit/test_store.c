@@ -695,13 +695,146 @@ static void test_dump_and_load_round_trip(void **state)
         const uint64_t *as[3] = {NULL, hash, hash3};
         tly_store_t *s2 = tly_store_new(fx->fs);
         err[0] = '\0';
-        if (tly_store_load(s2, bad, len, as[round % 3], err, sizeof err) != TLY_OK)
+        if (tly_store_load(s2, bad, len, as[round % 3], err, sizeof err) != TLY_OK) {
             assert_true(strstr(err, "at byte") != NULL);
+        } else { /* what loaded takes events and reads (ASan watches) */
+            for (int i = 0; i < 40; i++) {
+                snprintf(pin, sizeof pin, "p%d", i % 90);
+                tly_event_t e = ev(fx, T - i * SEC, i % 2 ? 1 : 100 + i, pin, actions[i % 4], i);
+                tly_store_apply(s2, &e, 0, 0, T);
+            }
+            for (int u = 0; u < 700; u += 13) {
+                snprintf(id, sizeof id, "%d", u);
+                read_all(fx, s2, fx->user, id, vb, &nb, sb, sizeof sb);
+            }
+        }
         tly_store_free(s2);
         free(bad);
     }
     for (size_t b = 0; b < d.n; b++)
         free(d.blocks[b]);
+}
+
+/* The word of a dumped words record at index `word` of the record of user
+ * `uid`, or NULL: walks the block's items. */
+static uint8_t *dumped_word(uint8_t *p, size_t n, uint32_t user_type, const char *uid,
+                            bool (*pick)(const uint8_t *words, uint32_t used, uint32_t *at))
+{
+    size_t at = 0;
+    while (at < n) {
+        uint8_t kind = p[at++];
+        if (kind == 3) { /* layout */
+            uint32_t nl = p[at + 2] | p[at + 3] << 8;
+            at += 4 + nl;
+            uint32_t nslots = p[at] | p[at + 1] << 8 | p[at + 2] << 16 | (uint32_t)p[at + 3] << 24;
+            at += 4 + 8 * (size_t)nslots;
+            uint8_t nvf = p[at++];
+            for (uint32_t j = 0; j < nvf; j++)
+                at += 2 + (size_t)(p[at] | p[at + 1] << 8);
+        } else if (kind == 1) { /* intern */
+            uint32_t len = p[at + 4] | p[at + 5] << 8 | p[at + 6] << 16 | (uint32_t)p[at + 7] << 24;
+            at += 8 + len;
+        } else if (kind == 2) {
+            uint32_t type = p[at] | p[at + 1] << 8;
+            uint8_t idlen = p[at + 2], mode = p[at + 3];
+            uint32_t used =
+                p[at + 4] | p[at + 5] << 8 | p[at + 6] << 16 | (uint32_t)p[at + 7] << 24;
+            uint32_t nwords =
+                p[at + 8] | p[at + 9] << 8 | p[at + 10] << 16 | (uint32_t)p[at + 11] << 24;
+            at += 12;
+            uint8_t *words = p + at + idlen;
+            uint32_t w;
+            if (type == user_type && idlen == strlen(uid) && memcmp(p + at, uid, idlen) == 0 &&
+                (mode & 2) && pick(words, used, &w))
+                return words + 8 * (size_t)w;
+            at += idlen + 8 * (size_t)nwords;
+        } else {
+            return NULL;
+        }
+    }
+    return NULL;
+}
+
+static uint64_t word_at(const uint8_t *words, uint32_t i)
+{
+    uint64_t v;
+    memcpy(&v, words + 8 * (size_t)i, 8);
+    return v;
+}
+
+/* The count word of the first item list (segment ids 0x8000 and up). */
+static bool pick_items_count(const uint8_t *words, uint32_t used, uint32_t *at)
+{
+    for (uint32_t off = 1; off < used; off += 1 + (uint32_t)(word_at(words, off) >> 16)) {
+        if ((word_at(words, off) & 0xffff) >= 0x8000) {
+            *at = off + 1;
+            return true;
+        }
+    }
+    return false;
+}
+
+/* The header of windowed segment pick_sid (set by the test). */
+static uint32_t pick_sid;
+static bool pick_segment(const uint8_t *words, uint32_t used, uint32_t *at)
+{
+    for (uint32_t off = 1; off < used; off += 1 + (uint32_t)(word_at(words, off) >> 16)) {
+        if ((word_at(words, off) & 0xffff) == pick_sid) {
+            *at = off;
+            return true;
+        }
+    }
+    return false;
+}
+
+/* A snapshot whose checksums hold but whose state the writer could not
+ * take (an item list whose count disagrees with its items, a windowed
+ * segment of a partial bucket) is refused at load, not left to corrupt
+ * memory at the entity's next event. */
+static void test_load_refuses_state_the_writer_cannot_take(void **state)
+{
+    fx_t *fx = *state;
+    for (int i = 0; i < 60; i++) /* user 1: a words record with a full last_k */
+        assert_int_equal(put(fx, T, T - i * SEC, 1, "p1", "click", 10 + i), TLY_OK);
+    dump_t d = {.n = 0};
+    uint64_t hash[8] = {11, 12, 13, 14, 15, 16, 17, 18};
+    assert_int_equal(tly_store_dump(fx->store, hash, keep_block, &d), TLY_OK);
+    assert_int_equal(d.n, 1);
+    uint32_t dwell;
+    int win;
+    assert_int_equal(tly_featset_resolve(fx->fs, fx->user, "dwell", 5, &dwell, &win), TLY_OK);
+    pick_sid = fx->fs->feats[dwell].slot * TLY_MAX_WINDOWS; /* a sum: two words a bucket */
+    bool (*picks[2])(const uint8_t *, uint32_t, uint32_t *) = {pick_items_count, pick_segment};
+    for (int k = 0; k < 2; k++) {
+        uint8_t *copy = malloc(d.lens[0]);
+        memcpy(copy, d.blocks[0], d.lens[0]);
+        uint8_t *w = dumped_word(copy, d.lens[0], fx->user, "1", picks[k]);
+        assert_non_null(w);
+        if (k == 0) {
+            w[0] += 0x3b; /* the item count */
+        } else {
+            uint64_t h;
+            memcpy(&h, w, 8);
+            assert_true((h >> 16) >= 2);
+            h -= (uint64_t)1 << 16; /* a segment one word shorter: half a bucket */
+            memcpy(w, &h, 8);
+        }
+        char err[256] = "";
+        tly_store_t *s2 = tly_store_new(fx->fs);
+        tly_err_t rc = tly_store_load(s2, copy, d.lens[0], NULL, err, sizeof err);
+        assert_int_equal(rc, TLY_E_INVAL);
+        if (strstr(err, "malformed entity") == NULL)
+            fail_msg("unexpected reason: %s", err);
+        tly_store_free(s2);
+        free(copy);
+    }
+    /* unharmed, it loads */
+    tly_store_t *s2 = tly_store_new(fx->fs);
+    char err[256];
+    if (tly_store_load(s2, d.blocks[0], d.lens[0], NULL, err, sizeof err) != TLY_OK)
+        fail_msg("load: %s", err);
+    tly_store_free(s2);
+    free(d.blocks[0]);
 }
 
 /* fx's features redefined: `saves` (new) comes first and shifts every
@@ -1386,6 +1519,8 @@ int main(void)
                                         setup, teardown),
         cmocka_unit_test_setup_teardown(test_rejected_event_changes_nothing, setup, teardown),
         cmocka_unit_test_setup_teardown(test_shares_apply_each_entity_once, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_load_refuses_state_the_writer_cannot_take, setup,
+                                        teardown),
         cmocka_unit_test_setup_teardown(test_two_entity_types_from_one_event, setup, teardown),
         cmocka_unit_test_setup_teardown(test_dump_and_load_round_trip, setup, teardown),
         cmocka_unit_test_setup_teardown(
