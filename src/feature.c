@@ -190,6 +190,11 @@ static tly_err_t compile_entity(compile_t *c, size_t i)
             break;
 
     if (e == fs->nentities) {
+        if (fs->nentities == TLY_MAX_ENTITIES)
+            return config_error(c->cfg, fc->line, c->errbuf, c->errlen,
+                                "features[%zu].entity: \"%s\" would be entity type %d; at most "
+                                "%d are supported",
+                                i, fc->entity, TLY_MAX_ENTITIES + 1, TLY_MAX_ENTITIES);
         tly_entity_t *ent = &fs->entities[fs->nentities++];
         ent->name = fc->entity;
         ent->keys = xcalloc(fc->nkeys, sizeof *ent->keys);
@@ -283,6 +288,10 @@ static tly_err_t compile_values(compile_t *c, size_t i)
                             : tly_agg_numeric(fc->agg) ? "exactly one value field"
                                                        : "one or more value fields",
                             fc->nvalues);
+    if (fc->nvalues > TLY_MAX_ITEM_VALUES)
+        return config_error(c->cfg, fc->line, c->errbuf, c->errlen,
+                            "features[%zu].value: %zu value fields; %s takes at most %d", i,
+                            fc->nvalues, agg, TLY_MAX_ITEM_VALUES);
     if (fc->nvalues == 0)
         return TLY_OK;
     feat->values = xcalloc(fc->nvalues, sizeof *feat->values);

@@ -40,6 +40,7 @@
 #define TLY_MAX_WINDOWS  16   /* windows of one feature */
 #define TLY_MAX_ID       512  /* bytes of an entity id (composite included) */
 #define TLY_MAX_ENTITIES 64   /* entity types in one config */
+#define TLY_MAX_ITEM_VALUES 8    /* value fields of one last/last_k feature */
 
 /* One event as the features see it: the referenced fields by field id, and
  * the event time. Strings borrow from the payload or the decoder's scratch. */

@@ -33,8 +33,6 @@
 #include "tallyd/feature.h"
 #include "tallyd/value.h"
 
-#define TLY_MAX_ITEM_VALUES 8 /* value fields of one last/last_k feature */
-
 typedef struct tly_store tly_store_t;
 
 /* One value request: a feature and one of its windows (ignored for

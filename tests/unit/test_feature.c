@@ -432,17 +432,22 @@ static void compile_accepts_max_windows(void **state)
 }
 
 /* A last_k feature keyed by uid whose values are v1..v<nvalues>. */
+/* last_k features r0, r1, ... reading v1..v<nvalues>, eight each (a
+ * feature's most), one feature a line. */
 static char *many_fields_yaml(int nvalues, bool time)
 {
-    size_t cap = 64 + 8 * (size_t)nvalues + 128;
+    size_t cap = 64 + 8 * (size_t)nvalues + 80 * (size_t)(nvalues / 8 + 1);
     char *yaml = malloc(cap);
     assert_non_null(yaml);
-    int n = snprintf(yaml, cap,
-                     "%sfeatures:\n  - { name: r, entity: user, key: uid, "
-                     "agg: last_k, k: 5, value: [",
-                     time ? "events: { time: { field: ts } }\n" : "");
-    for (int i = 1; i <= nvalues; i++)
-        n += snprintf(yaml + n, cap - (size_t)n, "%sv%d", i > 1 ? ", " : "", i);
+    int n = snprintf(yaml, cap, "%sfeatures:\n", time ? "events: { time: { field: ts } }\n" : "");
+    for (int i = 1; i <= nvalues; i++) {
+        if (i % TLY_MAX_ITEM_VALUES == 1)
+            n += snprintf(yaml + n, cap - (size_t)n,
+                          "%s  - { name: r%d, entity: user, key: uid, agg: last_k, k: 5, value: [",
+                          i > 1 ? "] }\n" : "", i / TLY_MAX_ITEM_VALUES);
+        n += snprintf(yaml + n, cap - (size_t)n, "%sv%d", i % TLY_MAX_ITEM_VALUES == 1 ? "" : ", ",
+                      i);
+    }
     snprintf(yaml + n, cap - (size_t)n, "] }\n");
     return yaml;
 }
@@ -462,7 +467,7 @@ static void compile_rejects_more_than_max_fields(void **state)
 {
     (void)state;
     char *yaml = many_fields_yaml(TLY_MAX_FIELDS, false);
-    compile_fails_with(yaml, "test.yaml:2: features[0].value: more than 64 distinct event "
+    compile_fails_with(yaml, "test.yaml:9: features[7].value: more than 64 distinct event "
                              "fields are referenced; tallyd extracts at most 64");
     free(yaml);
 }
@@ -473,6 +478,30 @@ static void compile_counts_the_time_field_against_max_fields(void **state)
     char *yaml = many_fields_yaml(TLY_MAX_FIELDS - 1, true);
     compile_fails_with(yaml, "test.yaml: events.time.field: more than 64 distinct event fields "
                              "are referenced; tallyd extracts at most 64");
+    free(yaml);
+}
+
+/* An item holds at most TLY_MAX_ITEM_VALUES values; a config may have at
+ * most TLY_MAX_ENTITIES entity types. */
+static void compile_rejects_too_many_item_values_and_entity_types(void **state)
+{
+    (void)state;
+    compile_fails_with("features:\n"
+                       "  - { name: r, entity: user, key: uid, agg: last_k, k: 5,\n"
+                       "      value: [a, b, c, d, e, f, g, h, i] }\n",
+                       "test.yaml:2: features[0].value: 9 value fields; last_k takes at most 8");
+    char *yaml = malloc(80 * 70);
+    assert_non_null(yaml);
+    int n = snprintf(yaml, 80 * 70, "features:\n");
+    for (int i = 0; i < 65; i++)
+        n += snprintf(yaml + (size_t)n, 80 * 70 - (size_t)n,
+                      "  - { name: c, entity: e%d, key: id, agg: count, windows: [1h] }\n", i);
+    compile_fails_with(yaml, "test.yaml:66: features[64].entity: \"e64\" would be entity type 65; "
+                             "at most 64 are supported");
+    yaml[strlen(yaml) - 66] = '\0'; /* without the 65th: accepted */
+    loaded_t l = compile_ok(yaml);
+    assert_int_equal(l.fs->nentities, 64);
+    unload(&l);
     free(yaml);
 }
 
@@ -1026,6 +1055,7 @@ int main(void)
         cmocka_unit_test(compile_rejects_more_than_max_fields),
         cmocka_unit_test(compile_counts_the_time_field_against_max_fields),
         cmocka_unit_test(compile_rejects_more_than_max_features),
+        cmocka_unit_test(compile_rejects_too_many_item_values_and_entity_types),
         cmocka_unit_test(compile_preparses_where_values),
         cmocka_unit_test(resolve_name_alone_means_all_windows),
         cmocka_unit_test(resolve_name_with_window_label),
