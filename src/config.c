@@ -245,7 +245,7 @@ const key_def_t tly_config_keys[] = {
         "values. A missing field fails its condition."),
     KEY("features[].agg", K_AGG, NULL, 0, 0, F_REQUIRED, NULL, FEAT(agg), "Aggregation."),
     KEY("features[].value", K_STRINGS, NULL, 0, 0, 0, NULL, FEATLIST(nvalues, values),
-        "Event field(s) aggregated: exactly one numeric field for sum/min/max/avg, one or more "
+        "Event field(s) aggregated: exactly one numeric field for sum/min/max/avg, one to eight "
         "for last/last_k, none for count."),
     KEY("features[].windows", K_DURATIONS, NULL, SEC(1), DAY(365), F_SECONDS | F_INCREASING, NULL,
         FEATLIST(nwindows, windows_ms),
