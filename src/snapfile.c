@@ -568,14 +568,17 @@ void tly_snap_list_free(char **paths)
     free(paths);
 }
 
-size_t tly_snap_prune(const char *dir, size_t keep)
+size_t tly_snap_prune(const char *dir, size_t keep, int64_t upto_ms)
 {
     size_t deleted = 0;
     snap_entry_t *v;
     size_t n = scan_snapshots(dir, &v);
-    int64_t newest = n > 0 ? v[0].ms : INT64_MIN;
+    size_t first = 0; /* v is newest first: skip the names after upto_ms */
+    while (first < n && v[first].ms > upto_ms)
+        first++;
+    int64_t newest = first < n ? v[first].ms : INT64_MIN;
     for (size_t i = 0; i < n; i++) {
-        if (i >= keep) {
+        if (i >= first + keep) {
             char *p = path_join_fmt(dir, "%s", v[i].name);
             if (unlink(p) == 0)
                 deleted++;

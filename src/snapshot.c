@@ -457,7 +457,7 @@ static void reap(tly_snapshotter_t *sn, tly_source_t *src, bool wait)
         note_written(sn, sn->child_created_ms, wall_ms() - sn->child_started_ms,
                      stat(path, &sb) == 0 ? (uint64_t)sb.st_size : 0, path, sn->last_rebalances);
         tly_source_commit(src, sn->pending, sn->npending);
-        tly_snap_prune(sn->cfg->snapshot.dir, (size_t)sn->cfg->snapshot.keep);
+        tly_snap_prune(sn->cfg->snapshot.dir, (size_t)sn->cfg->snapshot.keep, sn->child_created_ms);
         return;
     }
     char why[ERR_CAP + 32];
@@ -806,7 +806,7 @@ tly_err_t tly_snapshot_final(tly_snapshotter_t *sn, tly_source_t *src)
                  "in %" PRId64 " ms",
                  path, n, (double)bytes / 1e6, took);
         tly_source_commit(src, pos, n);
-        tly_snap_prune(sn->cfg->snapshot.dir, (size_t)sn->cfg->snapshot.keep);
+        tly_snap_prune(sn->cfg->snapshot.dir, (size_t)sn->cfg->snapshot.keep, created);
     } else {
         note_failed(sn, err);
     }

@@ -77,13 +77,16 @@ tly_err_t tly_snapw_commit(tly_snapw_t *w, char *path_out, size_t cap, char *err
 /* Closes and removes the temp file and frees w. w may be NULL. */
 void tly_snapw_abort(tly_snapw_t *w);
 
-/* Deletes all but the newest `keep` snapshot files in dir, and the temp files
- * (.tmp-<ms>-<pid>.tly) whose ms is older than the newest snapshot or whose
- * writer pid is gone (kill(pid, 0) fails with ESRCH). Other files are left
- * alone. Returns the number of files deleted (0 when dir is missing). Must
- * not run while this process has a writer open on dir whose created_ms is
- * older than dir's newest snapshot. */
-size_t tly_snap_prune(const char *dir, size_t keep);
+/* Deletes all but the newest `keep` snapshot files in dir named at or
+ * before upto_ms (the snapshot just written: a file named later, from a
+ * clock that ran ahead or put there by hand, would otherwise count among
+ * the newest and get that one deleted; such files are left alone), and the
+ * temp files (.tmp-<ms>-<pid>.tly) whose ms is older than the newest
+ * snapshot kept or whose writer pid is gone (kill(pid, 0) fails with
+ * ESRCH). Other files are left alone. Returns the number of files deleted
+ * (0 when dir is missing). Must not run while this process has a writer open
+ * on dir whose created_ms is older than dir's newest snapshot. */
+size_t tly_snap_prune(const char *dir, size_t keep, int64_t upto_ms);
 
 /* Lists dir's snapshot files, newest first, as "dir/snapshot-<ms>.tly" paths.
  * Sets *paths to a NULL-terminated malloc'd array of malloc'd strings that

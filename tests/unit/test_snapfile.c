@@ -726,7 +726,7 @@ static void test_prune_keeps_newest_and_drops_stale_temps_list_is_newest_first(v
     touch(dir, "snapshot-abc.tly");
     touch(dir, ".tmp-1-0.tly"); /* pid 0 is not a writer: left alone */
 
-    assert_int_equal(tly_snap_prune(dir, 3), 4);
+    assert_int_equal(tly_snap_prune(dir, 3, INT64_MAX), 4);
     assert_false(exists(dir, name));
     assert_false(exists(dir, live_old));
     assert_true(exists(dir, live_new));
@@ -753,15 +753,26 @@ static void test_prune_keeps_newest_and_drops_stale_temps_list_is_newest_first(v
     assert_string_equal(names, expect);
     free(names);
 
-    /* nothing more to do; keep 0 deletes every snapshot */
-    assert_int_equal(tly_snap_prune(dir, 3), 0);
-    assert_int_equal(tly_snap_prune(dir, 0), 3);
+    /* nothing more to do */
+    assert_int_equal(tly_snap_prune(dir, 3, INT64_MAX), 0);
+    /* a file named later than the snapshot just written (4000 here) is
+     * neither kept in its place nor deleted */
+    touch(dir, "snapshot-9999999999999.tly");
+    assert_int_equal(tly_snap_prune(dir, 1, 4000), 1); /* 3000 */
+    assert_true(exists(dir, "snapshot-0000000004000.tly"));
+    assert_true(exists(dir, "snapshot-0000000005000.tly"));
+    assert_true(exists(dir, "snapshot-9999999999999.tly"));
+    assert_false(exists(dir, "snapshot-0000000003000.tly"));
+    /* keep 0 deletes every snapshot, and the live writer's temp file now
+     * older than the newest snapshot seen (9999999999999) */
+    assert_int_equal(tly_snap_prune(dir, 0, INT64_MAX), 4);
+    assert_false(exists(dir, live_new));
     assert_int_equal(tly_snap_list(dir, &paths), 0);
     assert_null(paths[0]);
     tly_snap_list_free(paths);
 
     char *missing = path_in(dir, "missing");
-    assert_int_equal(tly_snap_prune(missing, 1), 0);
+    assert_int_equal(tly_snap_prune(missing, 1, INT64_MAX), 0);
     assert_int_equal(tly_snap_list(missing, &paths), 0);
     assert_null(paths[0]);
     tly_snap_list_free(paths);
