@@ -634,19 +634,29 @@ struct tly_snapr {
 
 tly_snapr_t *tly_snapr_open(const char *path, char *err, size_t errlen)
 {
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    /* O_NONBLOCK: a FIFO (or device) of that name must not block the open;
+     * only a regular file is read */
+    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
     if (fd < 0) {
         set_err(err, errlen, "cannot open snapshot %s: %s", path, strerror(errno));
         return NULL;
     }
     struct stat st;
     uint8_t h[TLY_SNAP_HEADER_SIZE];
-    ssize_t got = fstat(fd, &st) == 0 ? read_full(fd, h, sizeof h) : -1;
+    if (fstat(fd, &st) != 0) {
+        set_err(err, errlen, "cannot read snapshot %s: %s", path, strerror(errno));
+        goto fail;
+    }
+    if (!S_ISREG(st.st_mode)) {
+        set_err(err, errlen, "%s: not a regular file", path);
+        goto fail;
+    }
+    ssize_t got = read_full(fd, h, sizeof h);
     if (got < 0) {
         set_err(err, errlen, "cannot read snapshot %s: %s", path, strerror(errno));
         goto fail;
     }
-    if (memcmp(h, magic, (size_t)got < 8 ? (size_t)got : 8) != 0 || !S_ISREG(st.st_mode)) {
+    if (memcmp(h, magic, (size_t)got < 8 ? (size_t)got : 8) != 0) {
         set_err(err, errlen, "%s: not a tallyd snapshot", path);
         goto fail;
     }

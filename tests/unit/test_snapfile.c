@@ -602,6 +602,13 @@ static void test_crafted_files_with_valid_crcs_are_rejected(void **state)
     spill(path, "", 0);
     snprintf(want, sizeof want, "%s: truncated header", path);
     expect_error(path, want, &ok, 1);
+    /* a FIFO of a snapshot's name: refused at once, not waited on */
+    char *fifo = path_in(dir, "snapshot-9999999999999.tly");
+    assert_int_equal(mkfifo(fifo, 0600), 0);
+    snprintf(want, sizeof want, "%s: not a regular file", fifo);
+    expect_error(fifo, want, &ok, 1);
+    assert_int_equal(unlink(fifo), 0);
+    free(fifo);
     enc_header(f, 7, 0, 0);
     spill(path, f, 32);
     snprintf(want, sizeof want, "%s: format version 7, this tallyd reads 1", path);
