@@ -470,6 +470,7 @@ static void reap(tly_snapshotter_t *sn, tly_source_t *src, bool wait)
     else
         snprintf(why, sizeof why, "the writer failed (exit %d)", WEXITSTATUS(status));
     note_failed(sn, why);
+    sn->last_messages = UINT64_MAX; /* the next period tries again, new messages or not */
 }
 
 /* The poll thread's hook: reaps a finished writer, starts a due one. */

@@ -507,8 +507,9 @@ def final_fails(r):
 
 
 def recover(r):
-    """strace detaches; tallyd runs on and serves; batch 4 arrives; a
-    snapshot is written."""
+    """strace detaches; tallyd runs on and serves; with nothing new to
+    consume, the next period writes the snapshot that failed (a failed one is
+    not "nothing new since the last"); batch 4 arrives."""
     t = r.tallyd
     t.detach()
     if t.proc.poll() is not None:
@@ -521,14 +522,15 @@ def recover(r):
         c.close()
     if pong != "PONG":
         raise Failure(f"PING after strace detached: {pong!r}")
+    # Writers run one at a time, each reaped (and a failure counted) before
+    # the next starts: once one succeeded, every failure before it is counted.
+    i = wait_info(t, lambda i: num(i, "snapshots_written") >= 1,
+                  "a snapshot to be written with no new message since the failed ones")
+    r.rec_failed = num(i, "snapshots_failed")
     produce_batch(r, 3)
     r.rec_consumed = r.nproduced - r.bounds[1]
     r.rec_info_ingested = wait_ingested(r, t, r.rec_consumed)
     r.rec_ingested_ms = int(time.time() * 1000)
-    # Writers run one at a time, each reaped (and a failure counted) before
-    # the next starts: once one succeeded, every failure before it is counted.
-    i = wait_info(t, lambda i: num(i, "snapshots_written") >= 1, "a snapshot to be written")
-    r.rec_failed = num(i, "snapshots_failed")
     print(f"  # strace detached; {r.rec_consumed} messages consumed since the restore; "
           f"INFO: {persistence(i)}", flush=True)
 
@@ -570,6 +572,33 @@ def check_recovered_exact(r):
     m.done()
     n = compare_values(r, r.tallyd, r.nproduced)
     print(f"  # {n} queries exact over {r.nproduced} lines", flush=True)
+
+
+def failed_snapshot_retried(r):
+    """After snapshots succeeded, one that fails (its directory replaced by a
+    file) is tried again at the next period although nothing new arrived
+    since: a failure is not "nothing new since the last snapshot". The
+    messages that make it due are rejected ones (not JSON), so the values
+    the later steps check stay the stream's."""
+    t = r.tallyd
+    i = info(t)
+    written, failed = num(i, "snapshots_written"), num(i, "snapshots_failed")
+    aside = r.snapdir.with_name(r.snapdir.name + ".aside")
+    r.snapdir.rename(aside)
+    try:
+        r.snapdir.write_text("not a directory\n")
+        recs = [(f"retry-{k}", f"not json {k}", r.asof - E.HOUR) for k in range(8)]
+        for p, n in K.produce(r.bootstrap, r.topic, recs).items():
+            r.per_part[p] = r.per_part.get(p, 0) + n
+        wait_info(t, lambda i: num(i, "snapshots_failed") > failed,
+                  "a snapshot to fail with its directory gone")
+    finally:
+        if r.snapdir.is_file():
+            r.snapdir.unlink()
+        aside.rename(r.snapdir)
+    wait_info(t, lambda i: num(i, "snapshots_written") > written,
+              "the failed snapshot to be tried again with no new message since")
+    check_recovered_committed(r)
 
 
 def crash_and_restore(r):
@@ -634,6 +663,8 @@ def steps():
         ("space_returns_new_snapshot_newer_durable_temp_files_pruned",
          check_recovered_snapshot, False),
         ("space_returns_values_exact", check_recovered_exact, False),
+        ("failed_snapshot_retried_at_the_next_period_without_new_messages",
+         failed_snapshot_retried, False),
         ("space_returns_snapshot_restores_exactly_after_sigkill", crash_and_restore, False),
     ]
 
