@@ -897,6 +897,7 @@ static tly_err_t parse_map(parse_t *p, const key_def_t *def, yaml_node_t *node, 
         if ((rc = dup_into(p, &kvs[i].key, name)) != TLY_OK ||
             (rc = dup_into(p, &kvs[i].value, text)) != TLY_OK)
             return rc;
+        kvs[i].line = line_of(key);
     }
     return TLY_OK;
 }

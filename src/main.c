@@ -77,6 +77,8 @@ static tly_err_t load(const char *path, tly_config_t **cfg, tly_featset_t **fs)
     tly_err_t rc = tly_config_load(path, &loaded, err, sizeof err);
     if (rc == TLY_OK)
         rc = tly_featset_compile(loaded, &compiled, err, sizeof err);
+    if (rc == TLY_OK)
+        rc = tly_source_check_properties(loaded, err, sizeof err);
     if (rc != TLY_OK) {
         fprintf(stderr, "%s\n", err);
         tly_config_free(loaded);

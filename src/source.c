@@ -1401,6 +1401,25 @@ static bool property_allowed(const char *name, const char *value, bool shard, ch
     return true;
 }
 
+tly_err_t tly_source_check_properties(const tly_config_t *cfg, char *errbuf, size_t errlen)
+{
+    rd_kafka_conf_t *conf = rd_kafka_conf_new();
+    tly_err_t rc = TLY_OK;
+    for (size_t i = 0; i < cfg->kafka.nproperties && rc == TLY_OK; i++) {
+        const tly_kv_t *kv = &cfg->kafka.properties[i];
+        char why[512] = "";
+        if (!property_allowed(kv->key, kv->value, cfg->kafka.mode == TLY_MODE_SHARD, why,
+                              sizeof why) ||
+            !conf_set(conf, kv->key, kv->value, true, why, sizeof why)) {
+            snprintf(errbuf, errlen, "%s:%d: %s", cfg->path ? cfg->path : "<config>", kv->line,
+                     why);
+            rc = TLY_E_CONFIG;
+        }
+    }
+    rd_kafka_conf_destroy(conf);
+    return rc;
+}
+
 static bool start_mock(tly_source_t *src, char *errbuf, size_t errlen)
 {
     char why[256];

@@ -63,6 +63,7 @@ typedef struct {
 typedef struct {
     char *key;
     char *value;
+    int line; /* of the key in the file */
 } tly_kv_t;
 
 /* One kafka.topics entry: the topic and how its events are read. An entry

@@ -127,6 +127,12 @@ typedef struct {
  * where the store holds exactly the messages before tly_source_positions(). */
 typedef void (*tly_checkpoint_fn)(void *ctx, tly_source_t *src);
 
+/* Checks cfg's kafka.properties as tly_source_new would take them (the ones
+ * tallyd sets or cannot work with, and librdkafka's own checks of name and
+ * value): TLY_OK, or TLY_E_CONFIG with "FILE:LINE: kafka.properties.X: why"
+ * in errbuf. Any thread. */
+tly_err_t tly_source_check_properties(const tly_config_t *cfg, char *errbuf, size_t errlen);
+
 tly_source_t *tly_source_new(const tly_config_t *cfg, const tly_featset_t *fs, tly_store_t *store,
                              char *errbuf, size_t errlen);
 /* Starts the poll thread (subscribe and consume). Returns TLY_OK, TLY_E_IO

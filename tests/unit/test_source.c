@@ -676,6 +676,13 @@ static void expect_property_error(const char *props, const char *needle)
         fail_msg("config: %s", err);
     if (tly_featset_compile(cfg, &fs, err, sizeof err) != TLY_OK)
         fail_msg("featset: %s", err);
+    /* as --check-config sees it: with the file and the key's line (the
+     * properties line, 7th of make_yaml's) */
+    char want[256];
+    snprintf(want, sizeof want, "test.yaml:7: %s", needle);
+    assert_int_equal(tly_source_check_properties(cfg, err, sizeof err), TLY_E_CONFIG);
+    if (strncmp(err, want, strlen(want)) != 0)
+        fail_msg("check error \"%s\" does not start \"%s\"", err, want);
     tly_store_t *store = tly_store_new(fs);
     tly_source_t *src = tly_source_new(cfg, fs, store, err, sizeof err);
     assert_null(src);
@@ -698,6 +705,15 @@ static void test_bad_kafka_property_fails_naming_it(void **state)
                           "kafka.properties.partition.assignment.strategy: ");
     expect_property_error("  properties: { enable.auto.offset.store: \"true\" }\n",
                           "kafka.properties.enable.auto.offset.store: ");
+    /* good ones pass the check */
+    char yaml[4096], err[512] = "";
+    tly_config_t *cfg = NULL;
+    make_yaml(yaml, sizeof yaml, "g", "shard", "earliest",
+              "  properties: { fetch.wait.max.ms: 100, partition.assignment.strategy: range }\n",
+              "");
+    assert_int_equal(tly_config_load_string(yaml, "test.yaml", &cfg, err, sizeof err), TLY_OK);
+    assert_int_equal(tly_source_check_properties(cfg, err, sizeof err), TLY_OK);
+    tly_config_free(cfg);
     tly_rcu_thread_offline();
 }
 
