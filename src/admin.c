@@ -11,8 +11,12 @@
  * atomic), tly_source_stats (copies the published partition table under a
  * mutex the poll thread takes about once a second, never per message) and
  * tly_shard_stats. So a scrape never holds up ingest or queries, and a
- * stuck scraper holds up only other scrapers: MHD's connection limit and
- * timeout bound what it can take.
+ * stuck scraper holds up only other scrapers: MHD's connection limits (in
+ * all, and per client address, so one host cannot take every slot) and its
+ * idle timeout bound what it can take. A client that sends a byte every few
+ * seconds on every slot its address may hold keeps other clients from that
+ * same address out until the idle timeout; refusals are counted
+ * (tallyd_admin_connections_refused_total).
  *
  * Invariants: every /metrics family is written as "# HELP", "# TYPE", then
  * its samples, each family once; names start with tallyd_; counters end in
@@ -46,10 +50,15 @@
 #include "tallyd/shard.h"
 #include "tallyd/version.h"
 
-#define ADMIN_MAX_CONNECTIONS 16u /* scrapers and probes; more are refused */
+#define ADMIN_MAX_CONNECTIONS 64u /* scrapers and probes; more are refused */
+#define ADMIN_PER_IP          8u  /* of them from one address: one host cannot take all */
 #define ADMIN_TIMEOUT_S       10u /* an idle or slow connection is closed */
 #define ADMIN_BACKLOG         16
 #define ADMIN_PARTS_FIRST     64 /* first guess of the partition count */
+
+/* Process-wide (one admin server per daemon): connections refused at the
+ * limits, and requests answered 4xx. */
+static atomic_uint_fast64_t admin_refused, admin_bad_requests;
 
 struct tly_admin {
     tly_daemon_t *d;        /* borrowed */
@@ -344,6 +353,12 @@ void tly_admin_metrics(tly_daemon_t *d, int64_t now_ms, tly_buf_t *out)
     metrics_source(d, out);
     metrics_store(d, out);
     metrics_server(d, out);
+    counter(out, "tallyd_admin_connections_refused_total",
+            "Admin HTTP connections refused at the connection limits (in all, per address).",
+            load(&admin_refused));
+    counter(out, "tallyd_admin_bad_requests_total",
+            "Admin HTTP requests answered 4xx (unknown path, method not allowed).",
+            load(&admin_bad_requests));
 }
 
 /* ---- HTTP --------------------------------------------------------------- */
@@ -372,6 +387,8 @@ static enum MHD_Result reply(struct MHD_Connection *conn, unsigned status, const
 
 static enum MHD_Result reply_text(struct MHD_Connection *conn, unsigned status, const char *text)
 {
+    if (status >= 400 && status < 500)
+        atomic_fetch_add_explicit(&admin_bad_requests, 1, memory_order_relaxed);
     return reply(conn, status, "text/plain; charset=utf-8", (char *)text, strlen(text),
                  MHD_RESPMEM_MUST_COPY);
 }
@@ -472,6 +489,10 @@ static void mhd_log(void *cls, const char *fmt, va_list ap)
     size_t n = strlen(line);
     while (n > 0 && (line[n - 1] == '\n' || line[n - 1] == '\r'))
         line[--n] = '\0';
+    /* MHD refuses over-limit connections itself (total or per address)
+     * and says only this */
+    if (strstr(line, "connection limit") != NULL)
+        atomic_fetch_add_explicit(&admin_refused, 1, memory_order_relaxed);
     tly_log(atomic_load(&a->starting) ? TLY_LOG_WARN : TLY_LOG_DEBUG, "admin: %s", line);
 }
 
@@ -552,12 +573,12 @@ tly_admin_t *tly_admin_start(tly_daemon_t *d, char *err, size_t errlen)
         snprintf(err, errlen, "server.admin %s: %s", addr, strerror(errno));
         goto fail;
     }
-    a->mhd =
-        MHD_start_daemon(MHD_USE_AUTO_INTERNAL_THREAD | MHD_USE_ERROR_LOG, 0, NULL, NULL, answer,
-                         a, /* the logger first, or MHD logs to stderr */
-                         MHD_OPTION_EXTERNAL_LOGGER, mhd_log, a, MHD_OPTION_LISTEN_SOCKET,
-                         (MHD_socket)mhd_fd, MHD_OPTION_CONNECTION_LIMIT, ADMIN_MAX_CONNECTIONS,
-                         MHD_OPTION_CONNECTION_TIMEOUT, ADMIN_TIMEOUT_S, MHD_OPTION_END);
+    a->mhd = MHD_start_daemon(
+        MHD_USE_AUTO_INTERNAL_THREAD | MHD_USE_ERROR_LOG, 0, NULL, NULL, answer,
+        a, /* the logger first, or MHD logs to stderr */
+        MHD_OPTION_EXTERNAL_LOGGER, mhd_log, a, MHD_OPTION_LISTEN_SOCKET, (MHD_socket)mhd_fd,
+        MHD_OPTION_CONNECTION_LIMIT, ADMIN_MAX_CONNECTIONS, MHD_OPTION_PER_IP_CONNECTION_LIMIT,
+        ADMIN_PER_IP, MHD_OPTION_CONNECTION_TIMEOUT, ADMIN_TIMEOUT_S, MHD_OPTION_END);
     if (a->mhd == NULL) {
         snprintf(err, errlen,
                  "server.admin %s: the HTTP server (libmicrohttpd) did not start; see the log",

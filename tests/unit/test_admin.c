@@ -729,6 +729,60 @@ static void test_unknown_paths_get_404(void **state)
     fx_free(fx);
 }
 
+static double admin_counter(int port, const char *name)
+{
+    http_resp_t r = http(port, "GET", "/metrics");
+    assert_int_equal(r.status, 200);
+    metrics_t *m = malloc(sizeof *m);
+    assert_non_null(m);
+    parse_metrics(r.body, m);
+    double v = metric(m, name, "");
+    free(m);
+    resp_free(&r);
+    return v;
+}
+
+/* One address holds at most 8 connections; the 9th is refused and counted,
+ * and 4xx answers are counted. */
+static void test_per_address_limit_refuses_and_counts(void **state)
+{
+    (void)state;
+    fx_t *fx = fx_new("127.0.0.1:0", true);
+    double refused = admin_counter(fx->port, "tallyd_admin_connections_refused_total");
+    double bad = admin_counter(fx->port, "tallyd_admin_bad_requests_total");
+    http_resp_t nf = http(fx->port, "GET", "/nope");
+    assert_int_equal(nf.status, 404);
+    resp_free(&nf);
+    assert_true(admin_counter(fx->port, "tallyd_admin_bad_requests_total") == bad + 1);
+
+    int held[8];
+    static const char partial[] = "GET /healthz HTTP/1.1\r\n"; /* no end of headers */
+    for (int i = 0; i < 8; i++) {
+        held[i] = connect_port(fx->port);
+        send_all(held[i], partial, sizeof partial - 1);
+    }
+    /* the 9th from the same address: accepted by the kernel, closed by
+     * the server without an answer */
+    int fd = connect_port(fx->port);
+    static const char req[] = "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n";
+    send_all(fd, req, sizeof req - 1);
+    struct timeval tv = {.tv_sec = 5};
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    char buf[64];
+    ssize_t got = recv(fd, buf, sizeof buf, 0);
+    assert_true(got == 0 || (got < 0 && errno == ECONNRESET));
+    close(fd);
+    for (int i = 0; i < 8; i++)
+        close(held[i]);
+    int64_t deadline = deadline_in(5000);
+    while (admin_counter(fx->port, "tallyd_admin_connections_refused_total") < refused + 1) {
+        if (mono_ms() > deadline)
+            fail_msg("the refused connection was not counted");
+        usleep(10000);
+    }
+    fx_free(fx);
+}
+
 /* Two requests on one kept-alive connection. */
 static void test_keep_alive_serves_a_second_request(void **state)
 {
@@ -957,6 +1011,7 @@ int main(void)
         cmocka_unit_test(test_other_methods_get_405_with_allow),
         cmocka_unit_test(test_unknown_paths_get_404),
         cmocka_unit_test(test_keep_alive_serves_a_second_request),
+        cmocka_unit_test(test_per_address_limit_refuses_and_counts),
         cmocka_unit_test(test_port_in_use_fails_naming_the_address),
         cmocka_unit_test(test_unassignable_address_fails_naming_it),
         cmocka_unit_test(test_empty_address_disables_without_error),
