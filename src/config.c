@@ -727,8 +727,18 @@ static tly_err_t check_duration(parse_t *p, const key_def_t *def, const char *te
     int64_t v = 0;
     tly_err_t rc = tly_duration_parse(text, &v);
     tly_config_range_text(def, range, sizeof range);
-    if (rc == TLY_E_INVAL)
+    if (rc == TLY_E_INVAL) {
+        /* a zero with a unit ("0s") is a duration, just not a positive one */
+        size_t z = strspn(text, "0");
+        char one[32];
+        int64_t unused;
+        if (z > 0 && text[z] != '\0' && !isdigit((unsigned char)text[z]) &&
+            snprintf(one, sizeof one, "1%s", text + z) < (int)sizeof one &&
+            tly_duration_parse(one, &unused) == TLY_OK)
+            return range[0] ? fail(p, node, path, "%s is out of range (%s)", text, range)
+                            : fail(p, node, path, "%s: a duration must be positive", text);
         return fail(p, node, path, "\"%s\" is not a duration (use <n>ms|s|m|h|d)", text);
+    }
     if (def->flags & F_SECONDS && rc == TLY_OK && v % TLY_MS_SECOND != 0)
         return fail(p, node, path,
                     "\"%s\" is not a whole number of seconds (windows and hops are whole "

@@ -439,9 +439,9 @@ static const bad_string_t bad_strings[] = {
     {"test_window_longer_than_a_year_is_out_of_range",
      "features:\n  - { name: c, entity: u, key: u, agg: count, windows: [1d, 366d] }\n",
      "t.yaml:2: features[0].windows[1]: 366d is out of range (1s..365d)"},
-    {"test_zero_window_is_not_a_duration",
+    {"test_zero_window_is_out_of_range",
      "features:\n  - { name: c, entity: u, key: u, agg: count, windows: [0s] }\n",
-     "t.yaml:2: features[0].windows[0]: \"0s\" is not a duration (use <n>ms|s|m|h|d)"},
+     "t.yaml:2: features[0].windows[0]: 0s is out of range (1s..365d)"},
     {"test_subsecond_window_is_error",
      "features:\n  - { name: c, entity: u, key: u, agg: count, windows: [1500ms] }\n",
      "t.yaml:2: features[0].windows[0]: \"1500ms\" is not a whole number of seconds (windows and "
@@ -814,6 +814,21 @@ static void test_same_feature_name_in_two_entities_is_allowed(void **state)
     tly_config_free(cfg);
 }
 
+/* A zero duration is a duration out of range, not "not a duration". */
+static void test_zero_duration_is_out_of_range(void **state)
+{
+    (void)state;
+    char yaml[512], err[512];
+    tly_config_t *cfg = NULL;
+    snprintf(yaml, sizeof yaml, "events: { max_future_skew: 0s }\n%s", ONE_FEATURE);
+    assert_int_equal(tly_config_load_string(yaml, "t.yaml", &cfg, err, sizeof err), TLY_E_CONFIG);
+    assert_string_equal(err, "t.yaml:1: events.max_future_skew: 0s is out of range (1ms..1d)");
+    snprintf(yaml, sizeof yaml, "events: { max_future_skew: 0x }\n%s", ONE_FEATURE);
+    assert_int_equal(tly_config_load_string(yaml, "t.yaml", &cfg, err, sizeof err), TLY_E_CONFIG);
+    assert_string_equal(err, "t.yaml:1: events.max_future_skew: \"0x\" is not a duration (use "
+                             "<n>ms|s|m|h|d)");
+}
+
 /* A host name that merely starts like a loopback address resolves to
  * whatever its DNS says: it is not loopback. A password must fit the
  * request limits of clients not yet authenticated. */
@@ -1173,6 +1188,7 @@ int main(void)
         cmocka_unit_test(test_same_feature_name_in_two_entities_is_allowed),
         cmocka_unit_test(test_loopback_and_password_protected_listen_are_accepted),
         cmocka_unit_test(test_loopback_lookalike_and_overlong_password_are_errors),
+        cmocka_unit_test(test_zero_duration_is_out_of_range),
         cmocka_unit_test(test_duration_parse_accepts_every_unit),
         cmocka_unit_test(test_duration_parse_rejects_malformed_text_without_writing),
         cmocka_unit_test(test_duration_parse_reports_overflow_as_range),
