@@ -48,6 +48,7 @@
 #include "tallyd/log.h"
 #include "tallyd/server.h"
 #include "tallyd/shard.h"
+#include "tallyd/snapshot.h"
 #include "tallyd/version.h"
 
 #define ADMIN_MAX_CONNECTIONS 64u /* scrapers and probes; more are refused */
@@ -353,6 +354,22 @@ void tly_admin_metrics(tly_daemon_t *d, int64_t now_ms, tly_buf_t *out)
     metrics_source(d, out);
     metrics_store(d, out);
     metrics_server(d, out);
+    if (d->snapshot != NULL) {
+        tly_snapshot_stats_t ss;
+        tly_snapshot_stats(d->snapshot, &ss);
+        counter(out, "tallyd_snapshots_written_total", "Snapshots made durable.", ss.written);
+        counter(out, "tallyd_snapshots_failed_total",
+                "Snapshot attempts that failed (disk full, I/O error, ...).", ss.failed);
+        counter(out, "tallyd_snapshots_rejected_total",
+                "Snapshots found unusable at start-up (corrupt, truncated, other format).",
+                ss.rejected);
+        gauge(out, "tallyd_snapshot_in_progress", "1 while a snapshot writer runs.",
+              ss.in_progress ? 1 : 0);
+        family(out, "tallyd_last_snapshot_timestamp_seconds", "gauge",
+               "Creation time of the newest durable snapshot, seconds since the epoch; -1 none.");
+        put(out, "tallyd_last_snapshot_timestamp_seconds %.3f\n",
+            ss.last_ms < 0 ? -1.0 : (double)ss.last_ms / 1000.0);
+    }
     counter(out, "tallyd_admin_connections_refused_total",
             "Admin HTTP connections refused at the connection limits (in all, per address).",
             load(&admin_refused));

@@ -32,6 +32,7 @@
 #include <unistd.h>
 
 #include "tallyd/admin.h"
+#include "tallyd/snapshot.h"
 #include "tallyd/decode.h"
 #include "tallyd/log.h"
 #include "tallyd/rcu.h"
@@ -783,6 +784,31 @@ static void test_per_address_limit_refuses_and_counts(void **state)
     fx_free(fx);
 }
 
+/* With snapshots on, their counters are in /metrics (none written yet). */
+static void test_snapshot_counters_in_metrics(void **state)
+{
+    (void)state;
+    fx_t *fx = fx_new("127.0.0.1:0", false);
+    fx->d.snapshot = tly_snapshot_new(fx->cfg); /* the default directory; nothing written */
+    assert_non_null(fx->d.snapshot);
+    tly_buf_t body = {0};
+    tly_admin_metrics(&fx->d, T, &body);
+    tly_buf_append(&body, "", 1);
+    metrics_t *m = malloc(sizeof *m);
+    assert_non_null(m);
+    parse_metrics(body.data, m);
+    assert_true(metric(m, "tallyd_snapshots_written_total", "") == 0);
+    assert_true(metric(m, "tallyd_snapshots_failed_total", "") == 0);
+    assert_true(metric(m, "tallyd_snapshots_rejected_total", "") == 0);
+    assert_true(metric(m, "tallyd_snapshot_in_progress", "") == 0);
+    assert_true(metric(m, "tallyd_last_snapshot_timestamp_seconds", "") == -1);
+    free(m);
+    tly_buf_fini(&body);
+    tly_snapshot_free(fx->d.snapshot);
+    fx->d.snapshot = NULL;
+    fx_free(fx);
+}
+
 /* Two requests on one kept-alive connection. */
 static void test_keep_alive_serves_a_second_request(void **state)
 {
@@ -1011,6 +1037,7 @@ int main(void)
         cmocka_unit_test(test_other_methods_get_405_with_allow),
         cmocka_unit_test(test_unknown_paths_get_404),
         cmocka_unit_test(test_keep_alive_serves_a_second_request),
+        cmocka_unit_test(test_snapshot_counters_in_metrics),
         cmocka_unit_test(test_per_address_limit_refuses_and_counts),
         cmocka_unit_test(test_port_in_use_fails_naming_the_address),
         cmocka_unit_test(test_unassignable_address_fails_naming_it),
