@@ -863,7 +863,7 @@ static void entity_id_renders_integers_in_decimal(void **state)
     /* every digit count, at and around each power of ten, both signs,
      * against the C library's rendering */
     int64_t p10 = 1;
-    for (int k = 0; k <= 18; k++, p10 *= 10)
+    for (int k = 0; k <= 18; k++, p10 = k <= 18 ? p10 * 10 : p10) /* no 10^19 */
         for (int64_t d = -1; d <= 1; d++)
             for (int sign = -1; sign <= 1; sign += 2) {
                 int64_t v = sign * (p10 + d);
