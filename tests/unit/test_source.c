@@ -520,6 +520,22 @@ static void test_replica_mode_assigns_all_partitions_and_resumes_at_given_offset
     tly_rcu_thread_offline();
 }
 
+/* Produces n events {user_id, ts} of event_at (seed lcg, times from now)
+ * and writes each partition's end into hi. */
+static void produce_users(rd_kafka_t *prod, int n, uint64_t lcg, int64_t hi[NPARTS])
+{
+    int64_t t0 = wall_ms();
+    for (int i = 0; i < n; i++) {
+        event_t e = event_at(&lcg, i, t0);
+        char json[160];
+        int len = snprintf(json, sizeof json, "{\"user_id\": %" PRIu64 ", \"ts\": %" PRId64 "}",
+                           e.user, e.ts);
+        produce(prod, e.user, json, (size_t)len);
+    }
+    flush_producer(prod);
+    assert_int_equal(end_offsets(prod, hi), n);
+}
+
 /* A partly restored partition (tly_source_catch_up) replays up to its
  * restored position; once the replay reaches it, the catch-up is over even
  * if nothing more arrives, so snapshots resume. */
@@ -531,19 +547,9 @@ static void test_catch_up_ends_when_the_replay_reaches_the_position(void **state
     fixture_t fx;
     fixture_init(&fx, "test-catchup", "replica", "earliest", "");
     tly_rcu_thread_online();
-    int64_t t0 = wall_ms();
-    uint64_t lcg = 4242;
     rd_kafka_t *prod = producer_new(tly_source_bootstrap(fx.src));
-    for (int i = 0; i < N; i++) {
-        event_t e = event_at(&lcg, i, t0);
-        char json[160];
-        int len = snprintf(json, sizeof json, "{\"user_id\": %" PRIu64 ", \"ts\": %" PRId64 "}",
-                           e.user, e.ts);
-        produce(prod, e.user, json, (size_t)len);
-    }
-    flush_producer(prod);
     int64_t hi[NPARTS];
-    assert_int_equal(end_offsets(prod, hi), N);
+    produce_users(prod, N, 4242, hi);
     for (int p = 0; p < NPARTS; p++)
         if (hi[p] > 0)
             assert_int_equal(tly_source_catch_up(fx.src, TOPIC, p, hi[p], -1), TLY_OK);
@@ -1092,19 +1098,9 @@ static void test_out_of_range_position_is_reset_counted_and_nothing_is_lost(void
     fixture_t fx;
     fixture_init(&fx, "test-gap", "replica", "earliest", "");
     tly_rcu_thread_online();
-    int64_t t0 = wall_ms();
-    uint64_t lcg = 555;
     rd_kafka_t *prod = producer_new(tly_source_bootstrap(fx.src));
-    for (int i = 0; i < N; i++) {
-        event_t e = event_at(&lcg, i, t0);
-        char json[160];
-        int len = snprintf(json, sizeof json, "{\"user_id\": %" PRIu64 ", \"ts\": %" PRId64 "}",
-                           e.user, e.ts);
-        produce(prod, e.user, json, (size_t)len);
-    }
-    flush_producer(prod);
     int64_t hi[NPARTS];
-    assert_int_equal(end_offsets(prod, hi), N);
+    produce_users(prod, N, 555, hi);
     /* Positions past the end (a snapshot of a topic since recreated): Kafka
      * answers out of range, auto.offset.reset (earliest) moves each
      * partition back to its beginning. */
