@@ -6,10 +6,11 @@
  * batch — whatever the consumer queue holds, up to BATCH_MAX messages —
  * then decode → tly_store_apply for the whole batch, spread over
  * kafka.threads appliers (the poll thread and kafka.threads − 1 workers):
- * each decodes every message and applies the entities whose ids hash to it,
- * so every entity's events are applied by one applier in offset order — the
- * order Kafka itself guarantees — and the poll thread waits for all of them
- * (flush).
+ * by partition when the batch spans enough partitions, else each applier
+ * decodes every message and applies the entities whose ids hash to it
+ * (apply_list), so every entity's events from one partition are applied by
+ * one applier in offset order — the order Kafka itself guarantees — and the
+ * poll thread waits for all of them (flush).
  * Only then does the bookkeeping run, in message order: counters, rejection
  * logs, rd_kafka_offset_store (once per partition). Between batches the
  * store is as if every message had been applied one by one on the poll
