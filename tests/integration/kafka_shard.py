@@ -720,17 +720,7 @@ def entities_in(r, parts, sure):
 
 
 def close_all(suite, nodes):
-    for inst in nodes:
-        try:
-            inst.cli.close()
-        except OSError:
-            pass
-        alive = inst.tallyd.proc.poll() is None
-        rc = inst.tallyd.close()
-        if not alive or rc != 0:
-            suite.fail_setup(f"tallyd_{inst.name}_stays_up_and_exits_0_on_sigterm",
-                             f"tallyd {inst.name} {'died during the run' if not alive else 'exited'}"
-                             f" with {rc}:\n" + inst.tallyd.log_tail())
+    K.close_ctxs(suite, [(inst.name, inst) for inst in nodes])
 
 
 def main():
