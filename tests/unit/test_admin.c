@@ -775,7 +775,22 @@ static void test_per_address_limit_refuses_and_counts(void **state)
     close(fd);
     for (int i = 0; i < 8; i++)
         close(held[i]);
-    int64_t deadline = deadline_in(5000);
+    /* until the server has seen those 8 close, a new connection from this
+     * address may still be refused: wait until one is answered (on a loaded
+     * host libmicrohttpd may hold the slots until its 10 s idle timeout) */
+    int64_t deadline = deadline_in(20000);
+    for (;;) {
+        int probe = connect_port(fx->port);
+        send_all(probe, req, sizeof req - 1);
+        setsockopt(probe, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+        got = recv(probe, buf, sizeof buf, 0);
+        close(probe);
+        if (got > 0)
+            break;
+        if (mono_ms() > deadline)
+            fail_msg("no connection answered after the held ones closed");
+        usleep(100000);
+    }
     while (admin_counter(fx->port, "tallyd_admin_connections_refused_total") < refused + 1) {
         if (mono_ms() > deadline)
             fail_msg("the refused connection was not counted");
