@@ -39,6 +39,11 @@
 #include "config_int.h"
 
 #define CONFIG_MAX_BYTES (4u << 20) /* a config file larger than this is refused */
+/* Collections nested deeper than this are refused before the file is
+ * loaded: tallyd's own keys nest at most six deep (kafka.topics[].events.time), and libyaml's
+ * scanner takes time quadratic in the depth (100,000 '[' took 30 s), so without a bound a broken
+ * file could stall start-up instead of failing it. */
+#define CONFIG_MAX_DEPTH 32
 
 /* The enum fields are stored through an int (memcpy), so they must be one. */
 _Static_assert(sizeof(tly_kafka_mode_t) == sizeof(int), "enum size");
@@ -1317,6 +1322,43 @@ static tly_err_t syntax_error(parse_t *p, const yaml_parser_t *parser, const cha
     return TLY_E_CONFIG;
 }
 
+/* Walks yaml[0..len)'s events and fails when collections nest deeper than
+ * CONFIG_MAX_DEPTH, naming the line of the first one too deep. A syntax
+ * error ends the walk without a message: the load that follows reports it. */
+static tly_err_t check_depth(parse_t *p, const char *yaml, size_t len)
+{
+    yaml_parser_t parser;
+    if (!yaml_parser_initialize(&parser))
+        return nomem(p);
+    yaml_parser_set_input_string(&parser, (const unsigned char *)yaml, len);
+    tly_err_t rc = TLY_OK;
+    int depth = 0;
+    for (;;) {
+        yaml_event_t ev;
+        if (!yaml_parser_parse(&parser, &ev))
+            break;
+        yaml_event_type_t type = ev.type;
+        size_t line = ev.start_mark.line + 1;
+        yaml_event_delete(&ev);
+        if (type == YAML_STREAM_END_EVENT)
+            break;
+        if (type == YAML_SEQUENCE_START_EVENT || type == YAML_MAPPING_START_EVENT) {
+            if (++depth > CONFIG_MAX_DEPTH) {
+                snprintf(p->errbuf, p->errlen,
+                         "%s:%zu: lists and mappings nest deeper than %d levels; tallyd's "
+                         "keys nest at most six",
+                         p->name, line, CONFIG_MAX_DEPTH);
+                rc = TLY_E_CONFIG;
+                break;
+            }
+        } else if (type == YAML_SEQUENCE_END_EVENT || type == YAML_MAPPING_END_EVENT) {
+            depth--;
+        }
+    }
+    yaml_parser_delete(&parser);
+    return rc;
+}
+
 /* Loads yaml[0..len) (name for messages). The one place a config is built. */
 static tly_err_t load_buffer(const char *yaml, size_t len, const char *name, tly_config_t **out,
                              char *errbuf, size_t errlen)
@@ -1335,6 +1377,8 @@ static tly_err_t load_buffer(const char *yaml, size_t len, const char *name, tly
         goto out;
     }
     have_parser = true;
+    if ((rc = check_depth(&p, yaml, len)) != TLY_OK)
+        goto out;
     yaml_parser_set_input_string(&parser, (const unsigned char *)yaml, len);
     if (!yaml_parser_load(&parser, &doc)) {
         rc = syntax_error(&p, &parser, yaml, len);

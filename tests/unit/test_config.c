@@ -1159,6 +1159,45 @@ static void test_summary_shows_explicit_hop_and_kafka_time(void **state)
     tly_config_free(cfg);
 }
 
+/* "features:\n  - { ..., key: " then `depth` '[' (unclosed): the root
+ * mapping, the feature list and the feature's mapping nest three deep
+ * before the first '['. Caller frees. */
+static char *nested_key(size_t depth)
+{
+    const char *head = "features:\n  - { name: c, entity: user, agg: count, windows: [1h], key: ";
+    size_t hl = strlen(head);
+    char *yaml = malloc(hl + depth + 2);
+    assert_non_null(yaml);
+    memcpy(yaml, head, hl);
+    memset(yaml + hl, '[', depth);
+    memcpy(yaml + hl + depth, "\n", 2);
+    return yaml;
+}
+
+static void test_collections_nested_past_32_levels_are_refused_at_once(void **state)
+{
+    (void)state;
+    char err[ERR_CAP] = "";
+    tly_config_t *cfg = NULL;
+    /* 100,000 levels: libyaml alone would scan them for about half a
+     * minute; the refusal comes from the 33rd */
+    for (size_t depth = 30; depth <= 100000; depth = depth == 30 ? 100000 : depth + 1) {
+        char *yaml = nested_key(depth);
+        assert_int_equal(tly_config_load_string(yaml, "t.yaml", &cfg, err, sizeof err),
+                         TLY_E_CONFIG);
+        assert_null(cfg);
+        assert_string_equal(err, "t.yaml:2: lists and mappings nest deeper than 32 levels; "
+                                 "tallyd's keys nest at most six");
+        free(yaml);
+    }
+    /* 29 + 3 = 32 levels pass the depth check and meet the YAML error of
+     * the unclosed lists */
+    char *yaml = nested_key(29);
+    assert_int_equal(tly_config_load_string(yaml, "t.yaml", &cfg, err, sizeof err), TLY_E_CONFIG);
+    assert_non_null(strstr(err, "YAML syntax error"));
+    free(yaml);
+}
+
 static void test_free_accepts_null(void **state)
 {
     (void)state;
@@ -1200,6 +1239,7 @@ int main(void)
         cmocka_unit_test(test_bulk_larger_than_query_buffer_is_error),
         cmocka_unit_test(test_summary_lists_source_time_and_features_with_hops),
         cmocka_unit_test(test_summary_shows_explicit_hop_and_kafka_time),
+        cmocka_unit_test(test_collections_nested_past_32_levels_are_refused_at_once),
         cmocka_unit_test(test_free_accepts_null),
     };
     /* The table-driven error cases become one named test each. */
