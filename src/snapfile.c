@@ -14,7 +14,8 @@
  *   covers its type and lengths) and its decompressed size have been checked.
  *
  * Threads: any, one thread per writer or reader at a time. The write hook
- * (snapfile_int.h) is the file's only mutable static and is for tests.
+ * and the fsync hook (snapfile_int.h) are the file's only mutable statics and are for
+ * tests.
  */
 #include "tallyd/snapfile.h"
 
@@ -101,10 +102,16 @@ uint32_t tly_crc32c(uint32_t crc, const void *p, size_t n)
 /* --------------------------------------------------------------- helpers */
 
 static ssize_t (*write_fn)(int, const void *, size_t) = write;
+static int (*fsync_fn)(int) = fsync;
 
 void snapfile_set_write_hook(snapfile_write_cb fn)
 {
     write_fn = fn != NULL ? fn : write;
+}
+
+void snapfile_set_fsync_hook(snapfile_fsync_cb fn)
+{
+    fsync_fn = fn != NULL ? fn : fsync;
 }
 
 static void put32(uint8_t *p, uint32_t v)
@@ -200,8 +207,23 @@ static ssize_t read_full(int fd, void *p, size_t n)
     return (ssize_t)got;
 }
 
-/* mkdir -p: creates dir and its missing parents (mode 0755). Returns 0 or -1
- * with a sentence. */
+/* fsyncs the directory so a rename, unlink or mkdir in it is durable. */
+static int sync_dir(const char *dir)
+{
+    int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (fd < 0)
+        return -1;
+    int rc = fsync_fn(fd);
+    int saved = errno;
+    close(fd);
+    errno = saved;
+    return rc;
+}
+
+/* mkdir -p: creates dir and its missing parents (mode 0755), and syncs the
+ * parent of each one it creates, so that a snapshot written into a new
+ * directory does not vanish with its directory's entry after a power loss.
+ * Returns 0 or -1 with a sentence. */
 static int make_dirs(const char *dir, char *err, size_t errlen)
 {
     if (dir[0] == '\0') {
@@ -215,7 +237,23 @@ static int make_dirs(const char *dir, char *err, size_t errlen)
             continue;
         char c = *p;
         *p = '\0';
-        if (mkdir(path, 0755) != 0 && errno != EEXIST) {
+        if (mkdir(path, 0755) == 0) {
+            /* the parent: the path up to its last '/', "/" or "." */
+            char *slash = strrchr(path, '/');
+            const char *parent = slash == NULL ? "." : slash == path ? "/" : path;
+            if (slash != NULL && slash != path)
+                *slash = '\0';
+            int synced = sync_dir(parent);
+            if (slash != NULL && slash != path)
+                *slash = '/';
+            if (synced != 0) {
+                set_err(err, errlen, "cannot sync the directory holding %s: %s", path,
+                        strerror(errno));
+                rmdir(path); /* so that the next attempt creates and syncs it again */
+                rc = -1;
+                break;
+            }
+        } else if (errno != EEXIST) {
             set_err(err, errlen, "cannot create snapshot directory %s: %s", path, strerror(errno));
             rc = -1;
             break;
@@ -237,19 +275,6 @@ static int make_dirs(const char *dir, char *err, size_t errlen)
         return -1;
     }
     return 0;
-}
-
-/* fsyncs the directory so a rename or unlink in it is durable. */
-static int sync_dir(const char *dir)
-{
-    int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (fd < 0)
-        return -1;
-    int rc = fsync(fd);
-    int saved = errno;
-    close(fd);
-    errno = saved;
-    return rc;
 }
 
 /* Parses s[0..n) as a decimal number without sign or leading junk. */
@@ -456,7 +481,7 @@ tly_err_t tly_snapw_commit(tly_snapw_t *w, char *path_out, size_t cap, char *err
         set_err(err, errlen, "cannot write snapshot file %s: %s", w->tmp_path, strerror(errno));
         goto out;
     }
-    if (fsync(w->fd) != 0) {
+    if (fsync_fn(w->fd) != 0) {
         set_err(err, errlen, "cannot sync snapshot file %s: %s", w->tmp_path, strerror(errno));
         goto out;
     }

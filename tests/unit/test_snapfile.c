@@ -64,6 +64,7 @@ static int teardown_dir(void **state)
     int rc = nftw(dir, rm_entry, 16, FTW_DEPTH | FTW_PHYS);
     free(dir);
     snapfile_set_write_hook(NULL);
+    snapfile_set_fsync_hook(NULL);
     return rc;
 }
 
@@ -951,6 +952,72 @@ static void test_eio_on_the_end_block_fails_commit_and_removes_the_temp(void **s
     free(prev);
 }
 
+/* The fsync hook: records the path of every directory it is asked to sync
+ * (from /proc/self/fd), fails the sync of fail_dir with EIO, and syncs the
+ * rest. */
+static char synced_dirs[8][4096];
+static size_t nsynced;
+static const char *fail_dir;
+
+static int record_fsync(int fd)
+{
+    char link[64], target[4096];
+    snprintf(link, sizeof link, "/proc/self/fd/%d", fd);
+    ssize_t n = readlink(link, target, sizeof target - 1);
+    struct stat st;
+    if (n > 0 && fstat(fd, &st) == 0 && S_ISDIR(st.st_mode)) {
+        target[n] = '\0';
+        if (fail_dir != NULL && strcmp(target, fail_dir) == 0) {
+            errno = EIO;
+            return -1;
+        }
+        if (nsynced < 8)
+            snprintf(synced_dirs[nsynced], sizeof synced_dirs[0], "%s", target);
+        nsynced++;
+    }
+    return fsync(fd);
+}
+
+static void test_new_directories_are_synced_in_their_parents(void **state)
+{
+    char *top = realpath(*state, NULL); /* the names /proc reports */
+    assert_non_null(top);
+    char *n1 = path_in(top, "n1"), *n2 = path_in(top, "n1/n2");
+    uint8_t data[16] = {7};
+    block_t b = {1, sizeof data, data};
+    char err[512] = "";
+
+    /* the parent of n1 fails to sync: no snapshot, a sentence naming both */
+    fail_dir = top;
+    nsynced = 0;
+    snapfile_set_fsync_hook(record_fsync);
+    assert_null(tly_snapw_open(n2, 100, 1, err, sizeof err));
+    char want[8192];
+    snprintf(want, sizeof want, "cannot sync the directory holding %s: Input/output error", n1);
+    assert_string_equal(err, want);
+    struct stat st;
+    assert_int_equal(stat(n1, &st), -1); /* removed, to be made again */
+
+    /* creating n1 and n2 syncs their parents; the rename syncs n2 */
+    fail_dir = NULL;
+    nsynced = 0;
+    free(write_snapshot(n2, 100, 1, &b, 1));
+    assert_int_equal(nsynced, 3);
+    assert_string_equal(synced_dirs[0], top);
+    assert_string_equal(synced_dirs[1], n1);
+    assert_string_equal(synced_dirs[2], n2);
+
+    /* into the existing directory: only the rename's sync */
+    nsynced = 0;
+    free(write_snapshot(n2, 200, 1, &b, 1));
+    assert_int_equal(nsynced, 1);
+    assert_string_equal(synced_dirs[0], n2);
+    snapfile_set_fsync_hook(NULL);
+    free(n1);
+    free(n2);
+    free(top);
+}
+
 static ssize_t write_nothing(int fd, const void *buf, size_t n)
 {
     (void)fd;
@@ -1004,6 +1071,7 @@ int main(void)
         T(test_enospc_on_a_block_write_then_abort_keeps_previous_and_next_succeeds),
         T(test_eio_on_the_end_block_fails_commit_and_removes_the_temp),
         T(test_short_interrupted_and_zero_writes),
+        T(test_new_directories_are_synced_in_their_parents),
     };
 #undef T
     return cmocka_run_group_tests(tests, NULL, NULL);
