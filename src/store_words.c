@@ -363,7 +363,9 @@ static void lastk_update(tly_store_t *store, ent_t **entp, uint32_t sid, const t
         item_write(e, at - uw, feat, ev, ids, words);
         return;
     }
-    uw = count == 0 ? words : uw == words ? uw : UW_MIXED;
+    /* a width that does not fit the count word's 16 bits (an item of
+     * several long strings) is stored as mixed */
+    uw = words >= UW_MIXED ? UW_MIXED : count == 0 ? words : uw == words ? uw : UW_MIXED;
 
     words_reserve(store, entp, words); /* offsets survive a regrow */
     e = *entp;

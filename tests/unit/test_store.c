@@ -1158,6 +1158,80 @@ static void test_word_encoded_sum_past_int64_turns_double(void **state)
     assert_int_equal(v.u.i, big);
 }
 
+/* Items of eight 65,536-byte strings are 65,547 words wide, more than the
+ * 16 bits the list's count word keeps for a width: the list is stored as
+ * one of mixed widths, reads every item back, and a snapshot of it loads
+ * (it was refused as malformed). */
+static void test_items_wider_than_the_width_field_read_and_round_trip(void **state)
+{
+    (void)state;
+    static const char *cfg_yaml = "events:\n"
+                                  "  time: { field: ts, unit: ms }\n"
+                                  "  max_string: 65536\n"
+                                  "features:\n"
+                                  "  - { name: wide, entity: user, key: user_id, agg: last_k, k: 2,"
+                                  " value: [a, b, c, d, e, f, g, h] }\n";
+    tly_config_t *cfg;
+    tly_featset_t *fs;
+    char err[256];
+    assert_int_equal(tly_config_load_string(cfg_yaml, "wide.yaml", &cfg, err, sizeof err), TLY_OK);
+    assert_int_equal(tly_featset_compile(cfg, &fs, err, sizeof err), TLY_OK);
+    tly_store_t *store = tly_store_new(fs);
+    enum { LEN = 65536, NV = 8 };
+    char *text = malloc(3 * NV * (size_t)LEN);
+    assert_non_null(text);
+    static const char *const names[NV] = {"a", "b", "c", "d", "e", "f", "g", "h"};
+    for (int n = 0; n < 3; n++) { /* two wide items, then a narrow one */
+        tly_event_t e;
+        memset(&e, 0, sizeof e);
+        e.nfields = (uint32_t)fs->nfields;
+        e.time_ms = T - (3 - n) * SEC;
+        e.vals[tly_featset_field(fs, "user_id", 7)] = (tly_value_t){.type = TLY_V_INT, .u.i = 1};
+        for (int v = 0; v < NV; v++) {
+            char *str = text + ((size_t)n * NV + (size_t)v) * LEN;
+            memset(str, 'a' + n * NV + v, LEN);
+            e.vals[tly_featset_field(fs, names[v], 1)] =
+                (tly_value_t){.type = TLY_V_STR, .len = n < 2 ? LEN : 1, .u.s = str};
+        }
+        assert_int_equal(tly_store_apply(store, &e, 0, n, T), TLY_OK);
+    }
+    dump_t d = {.n = 0};
+    assert_int_equal(tly_store_dump(store, NULL, keep_block, &d), TLY_OK);
+    tly_store_t *copy = tly_store_new(fs);
+    for (size_t b = 0; b < d.n; b++)
+        if (tly_store_load(copy, d.blocks[b], d.lens[b], NULL, err, sizeof err) != TLY_OK)
+            fail_msg("load: %s", err);
+    size_t scap = 2 * NV * (size_t)LEN + 64;
+    char *sbuf = malloc(scap);
+    assert_non_null(sbuf);
+    tly_store_t *both[2] = {store, copy};
+    for (int s = 0; s < 2; s++) {
+        tly_item_t it[4];
+        size_t n = 0;
+        assert_int_equal(
+            tly_store_recent(both[s], 0, "1", 1, 0, INT64_MIN, T, it, 4, &n, sbuf, scap), TLY_OK);
+        assert_int_equal(n, 2); /* k: the narrow one, then the second wide one */
+        for (size_t i = 0; i < n; i++) {
+            int ev = 2 - (int)i;
+            assert_int_equal(it[i].time_ms, T - (3 - ev) * SEC);
+            assert_int_equal(it[i].nvals, NV);
+            for (int v = 0; v < NV; v++) {
+                assert_int_equal(it[i].vals[v].len, ev < 2 ? LEN : 1);
+                assert_memory_equal(it[i].vals[v].u.s, text + ((size_t)ev * NV + (size_t)v) * LEN,
+                                    it[i].vals[v].len);
+            }
+        }
+    }
+    for (size_t b = 0; b < d.n; b++)
+        free(d.blocks[b]);
+    free(sbuf);
+    free(text);
+    tly_store_free(copy);
+    tly_store_free(store);
+    tly_featset_free(fs);
+    tly_config_free(cfg);
+}
+
 static void test_item_feature_before_windowed_ones_in_word_encoding(void **state)
 {
     (void)state;
@@ -1530,6 +1604,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_budgeted_sweeps_expire_in_steps, setup, teardown),
         cmocka_unit_test_setup_teardown(test_idle_entities_expire_and_memory_returns, setup,
                                         teardown),
+        cmocka_unit_test(test_items_wider_than_the_width_field_read_and_round_trip),
         cmocka_unit_test(test_item_feature_before_windowed_ones_in_word_encoding),
         cmocka_unit_test_setup_teardown(test_word_encoded_sum_past_int64_turns_double, setup,
                                         teardown),
