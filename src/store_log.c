@@ -557,13 +557,35 @@ tly_value_t store_log_value(const tly_store_t *store, const log_t *lg, const tly
         }
         return tly_agg_result(feat->agg, &acc);
     }
+    /* Folded as the word encoding folds the same events: each bucket's in
+     * arrival order into a cell, the cells merged in bucket order. Double
+     * rounding, an integer sum's overflow into a double and min/max ties
+     * between an integer and a double depend on that order, and a record's
+     * answer must not change when it is replayed into words. */
+    uint32_t idx[COMPACT_MAX_EVENTS];
+    int64_t bucket[COMPACT_MAX_EVENTS];
+    size_t m = 0;
     for (size_t i = 0; i < lg->nrecs; i++) {
         const rec_t *r = &lg->recs[i];
         if (!(r->mask & bit) || r->t < t_lo || r->t >= t_end)
             continue;
+        int64_t b = tly_window_bucket(r->t, win->hop_ms);
+        size_t at = m++; /* after every earlier record of the same or an older bucket */
+        while (at > 0 && bucket[at - 1] > b) {
+            bucket[at] = bucket[at - 1];
+            idx[at] = idx[at - 1];
+            at--;
+        }
+        bucket[at] = b;
+        idx[at] = (uint32_t)i;
+    }
+    for (size_t q = 0; q < m;) {
         tly_cell_t c = TLY_CELL_INIT;
-        tly_agg_cell_add(feat->agg, &c, feat->nvalues ? &r->vals[vi] : NULL);
+        size_t end = q;
+        for (; end < m && bucket[end] == bucket[q]; end++)
+            tly_agg_cell_add(feat->agg, &c, feat->nvalues ? &lg->recs[idx[end]].vals[vi] : NULL);
         tly_agg_cell_merge(feat->agg, &acc, &c);
+        q = end;
     }
     return tly_agg_result(feat->agg, &acc);
 }

@@ -1239,6 +1239,100 @@ static void test_items_wider_than_the_width_field_read_and_round_trip(void **sta
     tly_config_free(cfg);
 }
 
+/* A sum and a min whose answers depend on the order values are folded in:
+ * the compact log folds as the word encoding does (each bucket's values in
+ * arrival order, then the buckets oldest first), so a record answers the
+ * same before and after it is replayed into words. */
+static void test_compact_and_word_folds_agree_where_order_matters(void **state)
+{
+    (void)state;
+    static const char *cfg_yaml =
+        "events:\n"
+        "  time: { field: ts, unit: ms }\n"
+        "features:\n"
+        "  - { name: s, entity: user, key: user_id, where: { action: x }, agg: sum, value: v,"
+        " windows: [1h] }\n"
+        "  - { name: mn, entity: user, key: user_id, where: { action: x }, agg: min, value: v,"
+        " windows: [1h] }\n"
+        "  - { name: pad, entity: user, key: user_id, where: { action: pad }, agg: count,"
+        " windows: [1h] }\n";
+    tly_config_t *cfg;
+    tly_featset_t *fs;
+    char err[256];
+    assert_int_equal(tly_config_load_string(cfg_yaml, "fold.yaml", &cfg, err, sizeof err), TLY_OK);
+    assert_int_equal(tly_featset_compile(cfg, &fs, err, sizeof err), TLY_OK);
+    tly_store_t *store = tly_store_new(fs);
+    int f_user = tly_featset_field(fs, "user_id", 7), f_action = tly_featset_field(fs, "action", 6),
+        f_v = tly_featset_field(fs, "v", 1);
+    /* per user: (minutes before T, value); the 1h window's hop is 1m, so
+     * T - 10m and T - 20m are two buckets, the newer one first to arrive */
+    static const struct {
+        int user, ago;
+        tly_value_t v;
+    } evs[] = {
+        {1, 10, {.type = TLY_V_DOUBLE, .u.d = 1e16}},
+        {1, 20, {.type = TLY_V_DOUBLE, .u.d = 1.0}},
+        {1, 10, {.type = TLY_V_DOUBLE, .u.d = -1e16}},
+        {2, 10, {.type = TLY_V_INT, .u.i = INT64_MAX}},
+        {2, 20, {.type = TLY_V_INT, .u.i = 1}},
+        {2, 10, {.type = TLY_V_INT, .u.i = -1}},
+        {3, 10, {.type = TLY_V_DOUBLE, .u.d = 1.0}},
+        {3, 20, {.type = TLY_V_INT, .u.i = 1}},
+    };
+    for (size_t i = 0; i < sizeof evs / sizeof evs[0]; i++) {
+        tly_event_t e;
+        memset(&e, 0, sizeof e);
+        e.nfields = (uint32_t)fs->nfields;
+        e.time_ms = T - evs[i].ago * MIN;
+        e.vals[f_user] = (tly_value_t){.type = TLY_V_INT, .u.i = evs[i].user};
+        e.vals[f_action] = (tly_value_t){.type = TLY_V_STR, .len = 1, .u.s = "x"};
+        e.vals[f_v] = evs[i].v;
+        assert_int_equal(tly_store_apply(store, &e, 0, (int64_t)i, T), TLY_OK);
+    }
+    uint32_t sum, mn;
+    int win;
+    assert_int_equal(tly_featset_resolve(fs, 0, "s", 1, &sum, &win), TLY_OK);
+    assert_int_equal(tly_featset_resolve(fs, 0, "mn", 2, &mn, &win), TLY_OK);
+    for (int pass = 0; pass < 2; pass++) { /* the compact log, then words */
+        tly_featwin_t req[2] = {{sum, 0}, {mn, 0}};
+        tly_value_t out[2];
+        char sbuf[64];
+        /* user 1: 1.0 + (1e16 + -1e16) = 1.0; summed in arrival order the
+         * 1.0 is lost in 1e16's rounding and the answer is 0 */
+        assert_int_equal(tly_store_read(store, 0, "1", 1, req, 1, T, out, NULL, sbuf, sizeof sbuf),
+                         TLY_OK);
+        assert_int_equal(out[0].type, TLY_V_DOUBLE);
+        assert_true(out[0].u.d == 1.0);
+        /* user 2: 1 + (INT64_MAX - 1) = INT64_MAX, an integer; in arrival
+         * order INT64_MAX + 1 overflows into a double */
+        assert_int_equal(tly_store_read(store, 0, "2", 1, req, 1, T, out, NULL, sbuf, sizeof sbuf),
+                         TLY_OK);
+        assert_int_equal(out[0].type, TLY_V_INT);
+        assert_true(out[0].u.i == INT64_MAX);
+        /* user 3: min of the integer 1 (the older bucket) and the double 1.0:
+         * the tie keeps the value folded first, the integer */
+        assert_int_equal(tly_store_read(store, 0, "3", 1, req, 2, T, out, NULL, sbuf, sizeof sbuf),
+                         TLY_OK);
+        assert_int_equal(out[1].type, TLY_V_INT);
+        assert_int_equal(out[1].u.i, 1);
+        /* 40 more events each (another feature's): past the compact log's
+         * size, into the word encoding */
+        for (int u = 1; pass == 0 && u <= 3; u++)
+            for (int i = 0; i < 40; i++) {
+                tly_event_t e;
+                memset(&e, 0, sizeof e);
+                e.nfields = (uint32_t)fs->nfields;
+                e.time_ms = T - 5 * MIN;
+                e.vals[f_user] = (tly_value_t){.type = TLY_V_INT, .u.i = u};
+                e.vals[f_action] = (tly_value_t){.type = TLY_V_STR, .len = 3, .u.s = "pad"};
+                assert_int_equal(tly_store_apply(store, &e, 0, 100 + i, T), TLY_OK);
+            }
+    }
+    tly_store_free(store);
+    tly_featset_free(fs);
+    tly_config_free(cfg);
+}
+
 static void test_item_feature_before_windowed_ones_in_word_encoding(void **state)
 {
     (void)state;
@@ -1612,6 +1706,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_idle_entities_expire_and_memory_returns, setup,
                                         teardown),
         cmocka_unit_test(test_items_wider_than_the_width_field_read_and_round_trip),
+        cmocka_unit_test(test_compact_and_word_folds_agree_where_order_matters),
         cmocka_unit_test(test_item_feature_before_windowed_ones_in_word_encoding),
         cmocka_unit_test_setup_teardown(test_word_encoded_sum_past_int64_turns_double, setup,
                                         teardown),
