@@ -58,6 +58,8 @@
 #include <malloc.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <sys/random.h>
+#include <time.h>
 
 #include "store_int.h"
 #include "tallyd/window.h"
@@ -244,7 +246,7 @@ static bool ent_dead(const ent_t *ent)
  * old is marked DEAD, unlocked and retired. */
 static void ent_replace(tly_store_t *store, ent_t *old, ent_t *e)
 {
-    unsigned long h = hash_id(old->type, ent_id(old), old->idlen);
+    unsigned long h = hash_id(store->seed, old->type, ent_id(old), old->idlen);
     shard_t *sh = shard_of(store, h);
     tly_tsan_publish();
     bool ok = tbl_replace(sh, h, old, e); /* takes sh->mu only if a rebuild got in the way */
@@ -345,7 +347,7 @@ static ent_t *ent_get_locked(tly_store_t *store, uint32_t type, const char *id, 
 
 static ent_t *ent_find(tly_store_t *store, uint32_t type, const char *id, size_t len)
 {
-    unsigned long h = hash_id(type, id, len);
+    unsigned long h = hash_id(store->seed, type, id, len);
     ent_t *ent = tbl_get(shard_of(store, h), h, type, id, len);
     if (ent)
         tly_tsan_subscribe();
@@ -353,6 +355,20 @@ static ent_t *ent_find(tly_store_t *store, uint32_t type, const char *id, size_t
 }
 
 /* ---- public API --------------------------------------------------------- */
+
+/* A seed for hash_id from the kernel's random source; should it fail (no
+ * getrandom), the clock and an address, still unknown to a producer. */
+static uint64_t random_seed(void)
+{
+    uint64_t seed = 0;
+    if (getrandom(&seed, sizeof seed, GRND_NONBLOCK) != (ssize_t)sizeof seed) {
+        struct timespec ts;
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        seed = (uint64_t)ts.tv_nsec * UINT64_C(0x9e3779b97f4a7c15) ^ (uint64_t)ts.tv_sec ^
+               (uint64_t)(uintptr_t)&seed;
+    }
+    return seed;
+}
 
 tly_store_t *tly_store_new(const tly_featset_t *fs)
 {
@@ -417,8 +433,9 @@ tly_store_t *tly_store_new(const tly_featset_t *fs)
         fprintf(stderr, "tallyd: cannot allocate the entity table\n");
         abort();
     }
+    store->seed = random_seed();
     for (size_t i = 0; i < TLY_STORE_SHARDS; i++)
-        tbl_init(&store->shards[i]);
+        tbl_init(&store->shards[i], store->seed);
     return store;
 }
 
@@ -524,7 +541,7 @@ void tly_store_prefetch_share(tly_store_t *store, const tly_event_t *ev, uint32_
          * it (plans take at most UINT8_MAX bytes) */
         if (!(ev->skip_entities >> e & 1) &&
             tly_entity_id(fs, e, ev, id, sizeof pf->id[0], &len) == TLY_OK) {
-            unsigned long h = hash_id(e, id, len);
+            unsigned long h = hash_id(store->seed, e, id, len);
             if (share_owns(h, share, nshares))
                 tbl_prefetch(shard_of(store, h), h);
             pf->entity[pf->n] = e;
@@ -537,7 +554,7 @@ void tly_store_prefetch_share(tly_store_t *store, const tly_event_t *ev, uint32_
 void tly_store_prefetch_id(tly_store_t *store, uint32_t entity, const char *id, size_t idlen,
                            tly_prefetch_t *pf)
 {
-    unsigned long h = hash_id(entity, id, idlen);
+    unsigned long h = hash_id(store->seed, entity, id, idlen);
     tbl_prefetch(shard_of(store, h), h);
     pf->n = 1;
     pf->share = 0;
@@ -649,7 +666,7 @@ static tly_err_t apply_event(tly_store_t *store, const tly_event_t *ev, const tl
                             stat_drop(store, err);
                         return err;
                     }
-                    pl->h = hash_id(e, pl->id, pl->idlen);
+                    pl->h = hash_id(store->seed, e, pl->id, pl->idlen);
                 }
                 nplans++;
             }
@@ -959,7 +976,7 @@ static size_t remove_cands(tly_store_t *store, shard_t *sh, cull_t *cu, ent_t **
             continue;
         }
         pthread_mutex_lock(&sh->mu);
-        bool gone = tbl_remove(sh, hash_id(ent->type, ent_id(ent), ent->idlen), ent);
+        bool gone = tbl_remove(sh, hash_id(store->seed, ent->type, ent_id(ent), ent->idlen), ent);
         pthread_mutex_unlock(&sh->mu);
         if (!gone) {
             fprintf(stderr, "tallyd: entity table invariant broken in sweep\n");
@@ -1317,7 +1334,7 @@ static tly_err_t load_insert(tly_store_t *store, ent_t *e, char *err, size_t err
 {
     tstats_t *ts = store_thread_stats(store);
     ent_unlock(e);
-    unsigned long h = hash_id(e->type, ent_id(e), e->idlen);
+    unsigned long h = hash_id(store->seed, e->type, ent_id(e), e->idlen);
     shard_t *sh = shard_of(store, h);
     tly_tsan_publish();
     pthread_mutex_lock(&sh->mu);
@@ -1444,8 +1461,9 @@ static tly_err_t load_log_remap(tly_store_t *store, const lmap_t *m, const char 
      * `now` keeps. */
     tly_rcu_read_lock();
     size_t nfirst;
-    ent_t *e = ent_get_locked(store, (uint32_t)m->type, id, idlen,
-                              hash_id((uint32_t)m->type, id, idlen), NULL, 0, NULL, &nfirst);
+    ent_t *e =
+        ent_get_locked(store, (uint32_t)m->type, id, idlen,
+                       hash_id(store->seed, (uint32_t)m->type, id, idlen), NULL, 0, NULL, &nfirst);
     for (size_t r = 0; r < lg.nrecs; r++) {
         const rec_t *rec = &lg.recs[r];
         uint64_t mask = 0;

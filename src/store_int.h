@@ -140,6 +140,7 @@ typedef struct {
     _Alignas(64) size_t used; /* records + tombstones in arr; under mu */
     size_t live;           /* records in arr; under mu */
     _Atomic int64_t bytes; /* arr's size, for the store's memory count */
+    uint64_t seed;         /* the store's hash_id seed; immutable */
     pthread_mutex_t mu;
 } shard_t;
 
@@ -147,6 +148,7 @@ struct tly_store {
     const tly_featset_t *fs;
     shard_t *shards;                      /* TLY_STORE_SHARDS, immutable pointer */
     uint64_t gen;                         /* unique per store, keys the thread cache */
+    uint64_t seed;                        /* hash_id's seed, random; immutable */
     pthread_mutex_t mu;                   /* guards `stats` list insertion */
     tstats_t *_Atomic stats;              /* per-thread counters (push-only list) */
     etype_t *etypes;                      /* by entity index; immutable but conv_words */
@@ -273,9 +275,12 @@ static inline uint64_t hash_bytes(uint64_t seed, const char *s, size_t n)
 
 _Static_assert(sizeof(unsigned long) == 8, "shards, slots and tags take bits of a 64-bit hash");
 
-static inline unsigned long hash_id(uint32_t type, const char *s, size_t n)
+/* The table's hash of an entity key. seed is the store's, random per
+ * process (tly_store_new), so that ids from a topic cannot be chosen
+ * offline to fall into one probe run of the linear-probing table. */
+static inline unsigned long hash_id(uint64_t seed, uint32_t type, const char *s, size_t n)
 {
-    return (unsigned long)hash_bytes(UINT64_C(0x9e3779b97f4a7c15) * (type + 1), s, n);
+    return (unsigned long)hash_bytes(seed ^ UINT64_C(0x9e3779b97f4a7c15) * (type + 1), s, n);
 }
 
 /* store_table.c: the shard's table. tbl_get, tbl_prefetch and
@@ -283,7 +288,7 @@ static inline unsigned long hash_id(uint32_t type, const char *s, size_t n)
  * or no writer at all (a rebuild between two calls would move what *pos
  * counts); tbl_replace needs old's record lock and not mu (it may take mu);
  * the others need mu. h is hash_id of the record's key. */
-void tbl_init(shard_t *sh);
+void tbl_init(shard_t *sh, uint64_t seed); /* seed: the store's hash_id seed */
 void tbl_destroy(shard_t *sh); /* frees the array, not the records */
 ent_t *tbl_get(const shard_t *sh, unsigned long h, uint32_t type, const char *id, size_t len);
 void tbl_prefetch(const shard_t *sh, unsigned long h);     /* the key's first slot */

@@ -89,13 +89,14 @@ static void deferred_free_cb(struct rcu_head *head)
     free(a);
 }
 
-void tbl_init(shard_t *sh)
+void tbl_init(shard_t *sh, uint64_t seed)
 {
     tslots_t *a = slots_new(MIN_SLOTS);
     check_addr(a);
     atomic_init(&sh->arr, a);
     sh->used = 0;
     sh->live = 0;
+    sh->seed = seed;
     atomic_init(&sh->bytes, (int64_t)(sizeof(tslots_t) + MIN_SLOTS * sizeof(uint64_t)));
     pthread_mutex_init(&sh->mu, NULL);
 }
@@ -167,7 +168,7 @@ static void tbl_rebuild(shard_t *sh)
         if (s == 0 || s == TOMB)
             continue;
         const ent_t *e = slot_ent(s);
-        size_t j = hash_id(e->type, ent_id(e), e->idlen) & a->mask;
+        size_t j = hash_id(sh->seed, e->type, ent_id(e), e->idlen) & a->mask;
         while (atomic_load_explicit(&a->slot[j], memory_order_relaxed) != 0)
             j = (j + 1) & a->mask;
         atomic_store_explicit(&a->slot[j], s, memory_order_relaxed);

@@ -15,6 +15,8 @@
 #include <cmocka.h>
 
 #include "store_int.h"
+#include "tallyd/config.h"
+#include "tallyd/feature.h"
 
 static ent_t *rec_new(uint32_t type, const char *id)
 {
@@ -29,13 +31,13 @@ static ent_t *rec_new(uint32_t type, const char *id)
 
 static unsigned long h_of(const ent_t *e)
 {
-    return hash_id(e->type, ent_id(e), e->idlen);
+    return hash_id(0, e->type, ent_id(e), e->idlen);
 }
 
 static ent_t *get(const shard_t *sh, uint32_t type, const char *id)
 {
     size_t len = strlen(id);
-    return tbl_get(sh, hash_id(type, id, len), type, id, len);
+    return tbl_get(sh, hash_id(0, type, id, len), type, id, len);
 }
 
 static int64_t bytes_of(const shard_t *sh)
@@ -72,7 +74,7 @@ static void test_insert_find_replace_remove_against_a_list(void **state)
     (void)state;
     tly_rcu_thread_online();
     shard_t sh;
-    tbl_init(&sh);
+    tbl_init(&sh, 0);
     int64_t empty_bytes = bytes_of(&sh);
     static ent_t *recs[2][N];
     char id[32];
@@ -167,6 +169,52 @@ static void test_insert_find_replace_remove_against_a_list(void **state)
     tly_rcu_thread_offline();
 }
 
+/* Ids searched offline so that under one seed they all fall into one shard
+ * and one home slot of a 64-slot array (what a producer could look for
+ * were the hash fixed) scatter under a store's own seed; two stores draw
+ * different seeds. */
+static void test_ids_crafted_against_one_seed_scatter_under_a_stores_seed(void **state)
+{
+    (void)state;
+    enum { K = 200 };
+    static char ids[K][32];
+    int found = 0;
+    for (long n = 0; found < K && n < 100000000L; n++) {
+        char id[32];
+        int len = snprintf(id, sizeof id, "%ld", n);
+        unsigned long h = hash_id(0, 0, id, (size_t)len);
+        if ((h >> 58) == 0 && (h & 63) == 0)
+            memcpy(ids[found++], id, (size_t)len + 1);
+    }
+    assert_int_equal(found, K);
+    tly_config_t *cfg;
+    tly_featset_t *fs;
+    char err[256];
+    assert_int_equal(
+        tly_config_load_string("features:\n  - { name: c, entity: user, key: user_id, agg: count,"
+                               " windows: [1h] }\n",
+                               "seed.yaml", &cfg, err, sizeof err),
+        TLY_OK);
+    assert_int_equal(tly_featset_compile(cfg, &fs, err, sizeof err), TLY_OK);
+    tly_store_t *a = tly_store_new(fs), *b = tly_store_new(fs);
+    assert_true(a->seed != b->seed);
+    /* under a's seed: how many share the most common (shard, home slot) of
+     * 64 x 64; K / 4096 on average */
+    static unsigned char per[64 * 64];
+    memset(per, 0, sizeof per);
+    int most = 0;
+    for (int i = 0; i < K; i++) {
+        unsigned long h = hash_id(a->seed, 0, ids[i], strlen(ids[i]));
+        int c = ++per[(h >> 58) << 6 | (h & 63)];
+        most = c > most ? c : most;
+    }
+    assert_in_range(most, 1, 6);
+    tly_store_free(a);
+    tly_store_free(b);
+    tly_featset_free(fs);
+    tly_config_free(cfg);
+}
+
 /* Keys whose hashes share the first slot (of 64) and the 16 bits the slot
  * keeps: only their ids tell them apart. Found by search. */
 static void test_keys_sharing_slot_and_tag_are_told_apart_by_id(void **state)
@@ -180,7 +228,7 @@ static void test_keys_sharing_slot_and_tag_are_told_apart_by_id(void **state)
     for (long n = 0; found < K && n < 400000000L; n++) {
         char id[32];
         int len = snprintf(id, sizeof id, "c%ld", n);
-        unsigned long h = hash_id(0, id, (size_t)len);
+        unsigned long h = hash_id(0, 0, id, (size_t)len);
         unsigned long key = (h & 63) | (h >> 42 & 0xffff) << 6;
         if (found == 0)
             want = key;
@@ -189,7 +237,7 @@ static void test_keys_sharing_slot_and_tag_are_told_apart_by_id(void **state)
     }
     assert_int_equal(found, K);
     shard_t sh;
-    tbl_init(&sh); /* 64 slots: all four start at the same slot */
+    tbl_init(&sh, 0); /* 64 slots: all four start at the same slot */
     ent_t *r[K];
     for (int i = 0; i < K; i++) {
         r[i] = rec_new(0, ids[i]);
@@ -266,7 +314,7 @@ static void *reader_main(void *arg)
             seed = seed * 1103515245u + 12345u;
             int i = (int)(seed >> 8) % STABLE;
             int len = snprintf(id, sizeof id, "s%d", i);
-            ent_t *e = tbl_get(&c->sh, hash_id(0, id, (size_t)len), 0, id, (size_t)len);
+            ent_t *e = tbl_get(&c->sh, hash_id(0, 0, id, (size_t)len), 0, id, (size_t)len);
             lookups++;
             if (!e)
                 misses++; /* a stable key is always in the table */
@@ -287,7 +335,7 @@ static void test_readers_always_find_stable_keys_while_the_writer_churns(void **
 {
     (void)state;
     static conc_t c;
-    tbl_init(&c.sh);
+    tbl_init(&c.sh, 0);
     atomic_init(&c.done, false);
     tly_rcu_thread_online();
     static ent_t *stable[STABLE];
@@ -402,7 +450,7 @@ static void test_replacements_survive_another_writers_rebuilds(void **state)
     static repl_t c;
     const char *scale = getenv("TLY_TEST_SCALE");
     int rounds = scale && strcmp(scale, "small") == 0 ? 40 : 300;
-    tbl_init(&c.sh);
+    tbl_init(&c.sh, 0);
     atomic_init(&c.done, false);
     tly_rcu_thread_online();
     char id[32];
@@ -463,6 +511,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_insert_find_replace_remove_against_a_list),
         cmocka_unit_test(test_keys_sharing_slot_and_tag_are_told_apart_by_id),
+        cmocka_unit_test(test_ids_crafted_against_one_seed_scatter_under_a_stores_seed),
         cmocka_unit_test(test_readers_always_find_stable_keys_while_the_writer_churns),
         cmocka_unit_test(test_replacements_survive_another_writers_rebuilds),
     };
