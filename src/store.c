@@ -434,6 +434,7 @@ tly_store_t *tly_store_new(const tly_featset_t *fs)
         abort();
     }
     store->seed = random_seed();
+    atomic_init(&store->clock_ms, INT64_MIN);
     for (size_t i = 0; i < TLY_STORE_SHARDS; i++)
         tbl_init(&store->shards[i], store->seed);
     return store;
@@ -581,6 +582,13 @@ static tly_err_t apply_event(tly_store_t *store, const tly_event_t *ev, const tl
     tly_err_t first_drop = TLY_OK;
     const bool counts = share == 0;
 
+    /* Before any record is written at this now: a reader that sees the
+     * write (through the record's sequence lock) sees the clock too. */
+    int64_t clock = atomic_load_explicit(&store->clock_ms, memory_order_relaxed);
+    while (clock < now_ms &&
+           !atomic_compare_exchange_weak_explicit(&store->clock_ms, &clock, now_ms,
+                                                  memory_order_relaxed, memory_order_relaxed)) {
+    }
     if (ev->time_ms > now_ms + fs->max_future_skew_ms) {
         if (counts)
             stat_drop(store, TLY_E_EV_FUTURE);
@@ -723,6 +731,17 @@ tly_err_t tly_store_apply_hinted(tly_store_t *store, const tly_event_t *ev,
 
 /* ---- reads -------------------------------------------------------------- */
 
+/* Whether a read at t (not an ASOF read) is at the clock: at or after
+ * every now an apply was given, so that an item after t is one accepted
+ * ahead of the clock (see store_words_recent). A read in the past (an
+ * ASOF, or racing a writer whose now is newer) answers from the k newest
+ * items kept. */
+static bool store_at_clock(const tly_store_t *store, int64_t t)
+{
+    return t >=
+           atomic_load_explicit(&((tly_store_t *)(uintptr_t)store)->clock_ms, memory_order_relaxed);
+}
+
 /* Begins a consistent read of the live record for (type, id): returns it
  * with *s0 (even), or NULL when the id is unknown. Caller holds
  * rcu_read_lock; `ent` is the previous attempt's record or NULL. */
@@ -755,9 +774,10 @@ static bool read_valid(const ent_t *ent, uint32_t s0)
     return atomic_load_explicit(&ent->seq, memory_order_relaxed) == s0;
 }
 
-tly_err_t tly_store_read(tly_store_t *store, uint32_t entity, const char *id, size_t idlen,
-                         const tly_featwin_t *req, size_t n, int64_t now_ms, tly_value_t *out,
-                         int64_t *last_ms, char *strbuf, size_t strcap)
+/* tly_store_read and tly_store_read_asof (past: an ASOF read). */
+static tly_err_t store_read(tly_store_t *store, uint32_t entity, const char *id, size_t idlen,
+                            const tly_featwin_t *req, size_t n, int64_t now_ms, bool past,
+                            tly_value_t *out, int64_t *last_ms, char *strbuf, size_t strcap)
 {
     const tly_featset_t *fs = store->fs;
     static _Thread_local log_t lg;
@@ -767,6 +787,8 @@ tly_err_t tly_store_read(tly_store_t *store, uint32_t entity, const char *id, si
     for (;;) {
         uint32_t s0 = 0;
         ent = read_begin(store, ent, entity, id, idlen, &s0);
+        /* after read_begin's acquire: the clock of the writes it sees */
+        const bool at_clock = !past && store_at_clock(store, now_ms);
         bool bad = false, full = false, words = ent && is_words(ent);
         uint32_t used = ent ? used_of(ent) : 0;
         size_t sused = 0;
@@ -805,7 +827,7 @@ tly_err_t tly_store_read(tly_store_t *store, uint32_t entity, const char *id, si
             size_t got = 0;
             if (ent && !words) {
                 uint32_t idx[COMPACT_MAX_EVENTS];
-                got = store_log_recent(&lg, feat->slot, k, since, now_ms, k, idx);
+                got = store_log_recent(&lg, feat->slot, k, since, now_ms, at_clock, k, idx);
                 if (got && feat->agg == TLY_AGG_LAST &&
                     !store_item_from_rec(store, feat, &lg.recs[idx[0]], &it, strbuf, strcap,
                                          &sused))
@@ -814,7 +836,7 @@ tly_err_t tly_store_read(tly_store_t *store, uint32_t entity, const char *id, si
                 bool found;
                 uint32_t off = store_seg_find(ent, used, SID_ITEMS(feat->slot), &found);
                 if (found)
-                    got = store_words_recent(store, ent, off, used, k, since, now_ms,
+                    got = store_words_recent(store, ent, off, used, k, since, now_ms, at_clock,
                                              feat->agg == TLY_AGG_LAST ? &it : NULL, k, strbuf,
                                              strcap, &sused, &bad, &full);
             }
@@ -848,9 +870,26 @@ tly_err_t tly_store_read(tly_store_t *store, uint32_t entity, const char *id, si
     return err;
 }
 
-tly_err_t tly_store_recent(tly_store_t *store, uint32_t entity, const char *id, size_t idlen,
-                           uint32_t feat_id, int64_t since_ms, int64_t asof_ms, tly_item_t *items,
-                           size_t cap, size_t *n, char *strbuf, size_t strcap)
+tly_err_t tly_store_read(tly_store_t *store, uint32_t entity, const char *id, size_t idlen,
+                         const tly_featwin_t *req, size_t n, int64_t now_ms, tly_value_t *out,
+                         int64_t *last_ms, char *strbuf, size_t strcap)
+{
+    return store_read(store, entity, id, idlen, req, n, now_ms, false, out, last_ms, strbuf,
+                      strcap);
+}
+
+tly_err_t tly_store_read_asof(tly_store_t *store, uint32_t entity, const char *id, size_t idlen,
+                              const tly_featwin_t *req, size_t n, int64_t asof_ms, tly_value_t *out,
+                              int64_t *last_ms, char *strbuf, size_t strcap)
+{
+    return store_read(store, entity, id, idlen, req, n, asof_ms, true, out, last_ms, strbuf,
+                      strcap);
+}
+
+/* tly_store_recent and tly_store_recent_asof (past: an ASOF read). */
+static tly_err_t store_recent(tly_store_t *store, uint32_t entity, const char *id, size_t idlen,
+                              uint32_t feat_id, int64_t since_ms, int64_t asof_ms, bool past,
+                              tly_item_t *items, size_t cap, size_t *n, char *strbuf, size_t strcap)
 {
     const tly_featset_t *fs = store->fs;
     if (feat_id >= fs->nfeats)
@@ -864,6 +903,7 @@ tly_err_t tly_store_recent(tly_store_t *store, uint32_t entity, const char *id, 
     int64_t floor_ms = asof_ms - feat->horizon_ms;
     if (since_ms < floor_ms)
         since_ms = floor_ms;
+
     ent_t *ent = NULL;
     tly_rcu_read_lock();
     for (;;) {
@@ -873,6 +913,7 @@ tly_err_t tly_store_recent(tly_store_t *store, uint32_t entity, const char *id, 
             got = 0;
             break;
         }
+        const bool at_clock = !past && store_at_clock(store, asof_ms); /* see store_read */
         bool bad = false, full = false;
         size_t sused = 0;
         uint32_t used = used_of(ent);
@@ -881,8 +922,9 @@ tly_err_t tly_store_recent(tly_store_t *store, uint32_t entity, const char *id, 
             uint32_t idx[COMPACT_MAX_EVENTS];
             store_log_copy(ent, &lg);
             bad = !store_log_decode(store, &store->etypes[entity], &lg);
-            size_t m =
-                bad ? 0 : store_log_recent(&lg, feat->slot, feat->k, since_ms, asof_ms, cap, idx);
+            size_t m = bad ? 0
+                           : store_log_recent(&lg, feat->slot, feat->k, since_ms, asof_ms, at_clock,
+                                              cap, idx);
             for (size_t q = 0; q < m && !full; q++) {
                 if (store_item_from_rec(store, feat, &lg.recs[idx[q]], &items[got], strbuf, strcap,
                                         &sused))
@@ -894,8 +936,8 @@ tly_err_t tly_store_recent(tly_store_t *store, uint32_t entity, const char *id, 
             bool found;
             uint32_t off = store_seg_find(ent, used, SID_ITEMS(feat->slot), &found);
             if (found)
-                got = store_words_recent(store, ent, off, used, feat->k, since_ms, asof_ms, items,
-                                         cap, strbuf, strcap, &sused, &bad, &full);
+                got = store_words_recent(store, ent, off, used, feat->k, since_ms, asof_ms,
+                                         at_clock, items, cap, strbuf, strcap, &sused, &bad, &full);
         }
         if (read_valid(ent, s0)) {
             if (bad) { /* malformed (see tly_store_read): no items */
@@ -910,6 +952,23 @@ tly_err_t tly_store_recent(tly_store_t *store, uint32_t entity, const char *id, 
     tly_rcu_read_unlock();
     *n = got;
     return err;
+}
+
+tly_err_t tly_store_recent(tly_store_t *store, uint32_t entity, const char *id, size_t idlen,
+                           uint32_t feat_id, int64_t since_ms, int64_t asof_ms, tly_item_t *items,
+                           size_t cap, size_t *n, char *strbuf, size_t strcap)
+{
+    return store_recent(store, entity, id, idlen, feat_id, since_ms, asof_ms, false, items, cap, n,
+                        strbuf, strcap);
+}
+
+tly_err_t tly_store_recent_asof(tly_store_t *store, uint32_t entity, const char *id, size_t idlen,
+                                uint32_t feat_id, int64_t since_ms, int64_t asof_ms,
+                                tly_item_t *items, size_t cap, size_t *n, char *strbuf,
+                                size_t strcap)
+{
+    return store_recent(store, entity, id, idlen, feat_id, since_ms, asof_ms, true, items, cap, n,
+                        strbuf, strcap);
 }
 
 /* ---- expiry and counters ------------------------------------------------- */

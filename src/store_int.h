@@ -149,6 +149,10 @@ struct tly_store {
     shard_t *shards;                      /* TLY_STORE_SHARDS, immutable pointer */
     uint64_t gen;                         /* unique per store, keys the thread cache */
     uint64_t seed;                        /* hash_id's seed, random; immutable */
+    /* The latest now_ms any apply was given (INT64_MIN: none yet): raised
+     * by writers, read by last/last_k reads (see store_words_recent). On
+     * its own line: written about once a millisecond, read by every apply. */
+    _Alignas(64) _Atomic int64_t clock_ms;
     pthread_mutex_t mu;                   /* guards `stats` list insertion */
     tstats_t *_Atomic stats;              /* per-thread counters (push-only list) */
     etype_t *etypes;                      /* by entity index; immutable but conv_words */
@@ -364,10 +368,15 @@ bool store_words_valid(const tly_store_t *store, const ent_t *e);
 void store_words_apply(tly_store_t *store, ent_t **entp, const tly_entity_t *etype, uint64_t mask,
                        const uint32_t *feats, uint32_t nfeats, const tly_event_t *ev,
                        int64_t now_ms);
+/* The newest items of the list at off, newest first, at most k and cap,
+ * with since_ms <= time <= asof_ms. at_clock (asof_ms at or after every
+ * writer's now): the k newest at or before asof_ms; otherwise (a read in
+ * the past) those at or before asof_ms among the k newest kept. The two
+ * agree with store_log_recent's for the same events. */
 size_t store_words_recent(const tly_store_t *store, const ent_t *e, uint32_t off, uint32_t used,
-                          uint32_t k, int64_t since_ms, int64_t asof_ms, tly_item_t *items,
-                          size_t cap, char *strbuf, size_t strcap, size_t *sused, bool *bad,
-                          bool *full);
+                          uint32_t k, int64_t since_ms, int64_t asof_ms, bool at_clock,
+                          tly_item_t *items, size_t cap, char *strbuf, size_t strcap, size_t *sused,
+                          bool *bad, bool *full);
 /* hint: a segment cursor, 1 at first, kept across one record's reads */
 tly_value_t store_words_value(const ent_t *e, uint32_t used, const tly_feat_t *feat,
                               uint32_t window, int64_t now_ms, uint32_t *hint, bool *bad);
@@ -397,7 +406,7 @@ size_t store_compact_first(tly_store_t *store, const etype_t *et, const tly_even
  * locked compact record that has room for it. */
 void store_compact_append(ent_t *e, const uint8_t *rec, size_t n);
 size_t store_log_recent(const log_t *lg, uint32_t slot, uint32_t k, int64_t since_ms,
-                        int64_t asof_ms, size_t cap, uint32_t *idx);
+                        int64_t asof_ms, bool at_clock, size_t cap, uint32_t *idx);
 bool store_item_from_rec(const tly_store_t *store, const tly_feat_t *feat, const rec_t *r,
                          tly_item_t *it, char *strbuf, size_t strcap, size_t *sused);
 tly_value_t store_log_value(const tly_store_t *store, const log_t *lg, const tly_feat_t *feat,

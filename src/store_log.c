@@ -480,16 +480,19 @@ static bool keep_str(const char *s, uint32_t len, char *strbuf, size_t strcap, s
     return true;
 }
 
-/* The k newest records of lg that slot takes, newest first (time, then
- * arrival), filtered to [since_ms, asof_ms]. Returns how many, in idx. */
+/* The records of lg that slot takes, newest first (time, then arrival),
+ * as store_words_recent answers from the list the writer keeps: at_clock,
+ * the k newest at or before asof_ms; otherwise those at or before asof_ms
+ * among the k newest. Of those the ones at or after since_ms. Returns how
+ * many, in idx. */
 size_t store_log_recent(const log_t *lg, uint32_t slot, uint32_t k, int64_t since_ms,
-                        int64_t asof_ms, size_t cap, uint32_t *idx)
+                        int64_t asof_ms, bool at_clock, size_t cap, uint32_t *idx)
 {
     uint32_t top[COMPACT_MAX_EVENTS] = {0};
     size_t ntop = 0;
     for (size_t i = 0; i < lg->nrecs; i++) {
         const rec_t *r = &lg->recs[i];
-        if (slot >= 64 || !(r->mask & (UINT64_C(1) << slot)))
+        if (slot >= 64 || !(r->mask & (UINT64_C(1) << slot)) || (at_clock && r->t > asof_ms))
             continue;
         size_t pos = ntop;
         while (pos > 0 && lg->recs[top[pos - 1]].t <= r->t)

@@ -23,6 +23,7 @@
 #define TAG_LEN(w)       ((uint32_t)((w) >> 8))
 #define TAG_ISTR         0x83    /* an interned string: the payload word is its id */
 #define UW_MIXED         0xffffu /* item list whose items differ in width */
+#define AHEAD_ITEMS_MIN  8u      /* items after the writer's now kept, at least */
 
 /* Makes room for `extra` more words (may replace *entp). */
 static void words_reserve(tly_store_t *store, ent_t **entp, uint32_t extra)
@@ -297,10 +298,30 @@ static void item_write(ent_t *e, uint32_t at, const tly_feat_t *feat, const tly_
     wst(w, q + 1, words);
 }
 
+/* How many of the newest items of the list at p (segment length len,
+ * count items) are newer than now_ms, up to max: items accepted within
+ * max_future_skew. */
+static uint32_t items_after(const ent_t *e, uint32_t p, uint32_t len, uint64_t count,
+                            int64_t now_ms, uint32_t max)
+{
+    uint32_t n = 0, at = p + len;
+    while (n < max && n < count && at > p + 1) {
+        uint32_t iw = (uint32_t)ld(e, at - 1);
+        if (iw < 3 || iw > at - (p + 1) || (int64_t)ld(e, at - 2) <= now_ms)
+            break;
+        at -= iw;
+        n++;
+    }
+    return n;
+}
+
 /* Inserts the event as an item of last/last_k feature feat, ordered by time
- * (equal times keep arrival order), keeping at most k (+ slack) items. */
+ * (equal times keep arrival order), keeping at most k (+ slack) items at or
+ * before now_ms and, on top of them, up to max(k, AHEAD_ITEMS_MIN) items
+ * after it (accepted within max_future_skew): a read at now_ms skips those
+ * and still finds the k before it. */
 static void lastk_update(tly_store_t *store, ent_t **entp, uint32_t sid, const tly_feat_t *feat,
-                         const tly_event_t *ev, uint32_t *hint)
+                         const tly_event_t *ev, int64_t now_ms, uint32_t *hint)
 {
     uint32_t off = seg_get(store, entp, sid, 1, hint);
     ent_t *e = *entp;
@@ -346,15 +367,24 @@ static void lastk_update(tly_store_t *store, ent_t **entp, uint32_t sid, const t
             at -= iw;
         }
     }
-    if (count >= feat->k && at == p + 1)
+    /* the items to keep: k, and those after now_ms (usually none: one
+     * load, of the newest item's time) */
+    const uint32_t ahead_max = feat->k > AHEAD_ITEMS_MIN ? feat->k : AHEAD_ITEMS_MIN;
+    uint32_t ahead = 0;
+    if (count > 0 && (int64_t)ld(e, p + len - 2) > now_ms)
+        ahead = items_after(e, p, len, count, now_ms, ahead_max);
+    const uint64_t keep = (uint64_t)feat->k + ahead;
+    if (count >= keep && at == p + 1)
         return; /* older than all k kept items: it would be trimmed at once */
-    if (feat->k == 1 && count == 1 && uw == words && at == p + 1 + words) {
-        /* last: the one item, newer and as wide, would be inserted after
-         * it and trimmed at once (slack 1): write it in its place */
+    if (feat->k == 1 && count == 1 && uw == words && at == p + 1 + words && ev->time_ms <= now_ms) {
+        /* last: the one item, older and as wide, would be trimmed at once
+         * (slack 1) after this one is inserted after it: write it in its
+         * place (not when this one is after now_ms: the older stays the
+         * answer until then) */
         item_write(e, p + 1, feat, ev, ids, words);
         return;
     }
-    if (uniform && count >= feat->k && at - (p + 1) < p + len - at) {
+    if (uniform && count >= keep && ev->time_ms <= now_ms && at - (p + 1) < p + len - at) {
         /* Full, and the item lands among the older half: drop the oldest
          * and move the items older than it down one place, fewer words
          * than opening a place would move; the k newest kept are the same
@@ -375,8 +405,9 @@ static void lastk_update(tly_store_t *store, ent_t **entp, uint32_t sid, const t
     count++;
 
     uint32_t slack = feat->k / 8 + 1;
-    if (count >= (uint64_t)feat->k + slack) {
-        uint64_t trim = count - feat->k;
+    uint64_t keep_now = keep + (ev->time_ms > now_ms && ahead < ahead_max);
+    if (count >= keep_now + slack) {
+        uint64_t trim = count - keep_now;
         uint32_t q = p + 1, tw = 0;
         for (uint64_t t = 0; t < trim; t++) {
             uint32_t iw = (uint32_t)ld(e, q);
@@ -421,7 +452,7 @@ void store_words_apply(tly_store_t *store, ent_t **entp, const tly_entity_t *ety
         if (!feats && !(mask & (UINT64_C(1) << feat->slot)))
             continue;
         if (!tly_agg_windowed(feat->agg)) {
-            lastk_update(store, entp, SID_ITEMS(feat->slot), feat, ev, &hint);
+            lastk_update(store, entp, SID_ITEMS(feat->slot), feat, ev, now_ms, &hint);
             continue;
         }
         const tly_value_t *v = feat->nvalues ? &ev->vals[feat->values[0]] : NULL;
@@ -520,9 +551,9 @@ static bool item_read(const tly_store_t *store, const ent_t *e, uint32_t q, uint
  * newest first, keeping those in [since_ms, asof_ms]; items == NULL only
  * counts. Sets *bad on torn data, *full when strbuf overflowed. */
 size_t store_words_recent(const tly_store_t *store, const ent_t *e, uint32_t off, uint32_t used,
-                          uint32_t k, int64_t since_ms, int64_t asof_ms, tly_item_t *items,
-                          size_t cap, char *strbuf, size_t strcap, size_t *sused, bool *bad,
-                          bool *full)
+                          uint32_t k, int64_t since_ms, int64_t asof_ms, bool at_clock,
+                          tly_item_t *items, size_t cap, char *strbuf, size_t strcap, size_t *sused,
+                          bool *bad, bool *full)
 {
     uint32_t len = SEG_LEN(ld(e, off));
     uint32_t p = off + 1;
@@ -554,9 +585,14 @@ size_t store_words_recent(const tly_store_t *store, const ent_t *e, uint32_t off
         }
         int64_t t = (int64_t)ld(e, at - 2);
         at -= iw;
-        seen++;
-        if (t > asof_ms)
+        /* At the clock, an item after asof_ms is one accepted ahead of
+         * it, not yet one of the k (the writer kept k before its now on top
+         * of those). In the past, the k newest kept are the ones there are. */
+        if (t > asof_ms) {
+            seen += !at_clock;
             continue;
+        }
+        seen++;
         if (t < since_ms)
             break;
         if (items && !item_read(store, e, at, at + iw, &items[n], strbuf, strcap, sused, full)) {

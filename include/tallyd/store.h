@@ -159,6 +159,18 @@ tly_err_t tly_store_read(tly_store_t *store, uint32_t entity, const char *id, si
                          int64_t *last_ms, char *strbuf, size_t strcap);
 
 /*
+ * tly_store_read at a time given by the caller (an ASOF): windows alike;
+ * last/last_k answer from the k newest items kept, those at or before
+ * asof_ms. tly_store_read, a read at the clock, answers the k newest at or
+ * before now_ms, not counting items accepted ahead of the clock (within
+ * max_future_skew), which the writers keep on top of the k — unless an
+ * apply was given a later now, when it answers as this does.
+ */
+tly_err_t tly_store_read_asof(tly_store_t *store, uint32_t entity, const char *id, size_t idlen,
+                              const tly_featwin_t *req, size_t n, int64_t asof_ms, tly_value_t *out,
+                              int64_t *last_ms, char *strbuf, size_t strcap);
+
+/*
  * Reads the newest items (newest first) of last/last_k feature `feat` for
  * one entity: at most cap (and at most k) items with since_ms <= time <=
  * asof_ms. Items older than the feature's horizon (store.idle_ttl) at
@@ -171,6 +183,12 @@ tly_err_t tly_store_read(tly_store_t *store, uint32_t entity, const char *id, si
 tly_err_t tly_store_recent(tly_store_t *store, uint32_t entity, const char *id, size_t idlen,
                            uint32_t feat, int64_t since_ms, int64_t asof_ms, tly_item_t *items,
                            size_t cap, size_t *n, char *strbuf, size_t strcap);
+
+/* tly_store_recent at a time given by the caller (an ASOF): the items at
+ * or before asof_ms among the k newest kept (see tly_store_read_asof). */
+tly_err_t tly_store_recent_asof(tly_store_t *store, uint32_t entity, const char *id, size_t idlen,
+                                uint32_t feat, int64_t since_ms, int64_t asof_ms, tly_item_t *items,
+                                size_t cap, size_t *n, char *strbuf, size_t strcap);
 
 /*
  * Expires records whose newest event is older than their entity's horizon at

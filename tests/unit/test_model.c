@@ -15,8 +15,9 @@
  * length W and hop h at `now` when floor(t/h) lies in
  * [floor(now/h) − W/h, floor(now/h)] (DESIGN §3); a feature drops an event
  * that lies before all its windows at the writer's clock, or after
- * clock + max_future_skew; last/last_k hold the k newest applied events
- * (time, then arrival order) and answer those within idle_ttl of `now`.
+ * clock + max_future_skew; last/last_k answer the k newest applied events
+ * at or before `now` (time, then arrival order) that are within idle_ttl
+ * of it.
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -293,7 +294,7 @@ static size_t model_recent(const stream_t *S, const mfeat_t *f, const uint32_t *
     int ntop = 0;
     for (size_t j = 0; j < n; j++) { /* idx is in arrival order */
         const gev_t *e = &S->ev[idx[j]];
-        if (!model_takes(f, e))
+        if (!model_takes(f, e) || e->t > now) /* after now: not yet one of the k */
             continue;
         /* insert keeping top sorted newest first; ties: later arrival first */
         int pos = ntop;
@@ -311,7 +312,7 @@ static size_t model_recent(const stream_t *S, const mfeat_t *f, const uint32_t *
     size_t m = 0;
     for (int q = 0; q < ntop; q++) {
         int64_t t = S->ev[top[q]].t;
-        if (t <= now && t >= now - IDLE_TTL)
+        if (t >= now - IDLE_TTL)
             out[m++] = top[q];
     }
     return m;

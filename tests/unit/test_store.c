@@ -285,6 +285,91 @@ static void test_last_k_count_at_and_before_now_and_past_the_horizon(void **stat
     assert_int_equal(get(fx, fx->user, "8", "recent", 0, T - 45 * SEC).u.i, 1);
 }
 
+/* Newest first, the times of `recent`'s items of user id at asof, read at
+ * the clock or (past) as an ASOF read. */
+static size_t recent_times_as(fx_t *fx, const char *id, int64_t asof, bool past, int64_t *times,
+                              size_t cap)
+{
+    uint32_t feat;
+    int win;
+    assert_int_equal(tly_featset_resolve(fx->fs, fx->user, "recent", 6, &feat, &win), TLY_OK);
+    tly_item_t it[8];
+    char sbuf[512];
+    size_t n = 0;
+    assert_true(cap <= 8);
+    assert_int_equal((past ? tly_store_recent_asof
+                           : tly_store_recent)(fx->store, fx->user, id, strlen(id), feat, INT64_MIN,
+                                               asof, it, cap, &n, sbuf, sizeof sbuf),
+                     TLY_OK);
+    for (size_t i = 0; i < n; i++)
+        times[i] = it[i].time_ms;
+    return n;
+}
+
+static size_t recent_times(fx_t *fx, const char *id, int64_t asof, int64_t *times, size_t cap)
+{
+    return recent_times_as(fx, id, asof, false, times, cap);
+}
+
+/* Events accepted ahead of now (within max_future_skew: a producer's clock
+ * a little fast) are not yet visible at now, and they do not push out the
+ * items before now: `last` keeps answering the newest event before now and
+ * `recent` (k = 3) its three newest, in the compact log (user 5: a few
+ * events) and in the word encoding (user 6: 40 earlier events first). */
+static void test_items_after_now_leave_last_and_last_k_before_now_intact(void **state)
+{
+    fx_t *fx = *state;
+    for (int i = 0; i < 40; i++) /* user 6: T - 50m .. T - 11m */
+        assert_int_equal(put(fx, T, T - (50 - i) * MIN, 6, "p", "view", -1), TLY_OK);
+    static const char *const ids[] = {"5", "6"};
+    for (int u = 0; u < 2; u++) {
+        int64_t user = u == 0 ? 5 : 6;
+        const char *id = ids[u];
+        /* user 6's clock starts past user 5's last one: a read is at the
+         * clock when no apply was given a later now */
+        const int64_t B = T + u * 10 * SEC;
+        assert_int_equal(put(fx, B, B - 3 * MIN, user, "p", "view", -1), TLY_OK);
+        assert_int_equal(put(fx, B, B - 2 * MIN, user, "p", "save", -1), TLY_OK);
+        assert_int_equal(put(fx, B, B - 1 * MIN, user, "p", "click", -1), TLY_OK);
+        /* two events 100 and 200 ms ahead of the writer's now B */
+        assert_int_equal(put(fx, B, B + 200, user, "p", "hide", -1), TLY_OK);
+        assert_int_equal(put(fx, B, B + 100, user, "p", "closeup", -1), TLY_OK);
+        int64_t t[8];
+        tly_value_t v = get(fx, fx->user, id, "last_action", 0, B);
+        assert_int_equal(v.type, TLY_V_STR);
+        assert_memory_equal(v.u.s, "click", 5);
+        assert_int_equal(get(fx, fx->user, id, "recent", 0, B).u.i, 3);
+        assert_int_equal(recent_times(fx, id, B, t, 8), 3);
+        assert_true(t[0] == B - 1 * MIN && t[1] == B - 2 * MIN && t[2] == B - 3 * MIN);
+        /* an ASOF read at the same time answers from the k kept (the two
+         * ahead among them): those at or before B */
+        assert_int_equal(recent_times_as(fx, id, B, true, t, 8), 1);
+        assert_true(t[0] == B - 1 * MIN);
+        /* once their times come, they are the newest */
+        v = get(fx, fx->user, id, "last_action", 0, B + 150);
+        assert_int_equal(v.type, TLY_V_STR);
+        assert_memory_equal(v.u.s, "closeup", 7);
+        assert_int_equal(recent_times(fx, id, B + 150, t, 8), 3);
+        assert_true(t[0] == B + 100 && t[1] == B - 1 * MIN && t[2] == B - 2 * MIN);
+        v = get(fx, fx->user, id, "last_action", 0, B + 200);
+        assert_int_equal(v.type, TLY_V_STR);
+        assert_memory_equal(v.u.s, "hide", 4);
+        assert_int_equal(recent_times(fx, id, B + 200, t, 8), 3);
+        assert_true(t[0] == B + 200 && t[1] == B + 100 && t[2] == B - 1 * MIN);
+        /* a later event, applied at B + 1s, trims to the k before its now */
+        assert_int_equal(put(fx, B + SEC, B + 500, user, "p", "view", -1), TLY_OK);
+        assert_int_equal(recent_times(fx, id, B + SEC, t, 8), 3);
+        assert_true(t[0] == B + 500 && t[1] == B + 200 && t[2] == B + 100);
+        v = get(fx, fx->user, id, "last_action", 0, B + SEC);
+        assert_int_equal(v.type, TLY_V_STR);
+        assert_memory_equal(v.u.s, "view", 4);
+        /* a read in the past (before the clock) answers from the k kept,
+         * all after it here, in either encoding */
+        assert_int_equal(recent_times(fx, id, B - 90 * SEC, t, 8), 0);
+        assert_int_equal(get(fx, fx->user, id, "recent", 0, B - 90 * SEC).u.i, 0);
+    }
+}
+
 /* The k newest items (time, then arrival) of a last_k of 20 after every
  * one of many events whose times arrive shuffled, with ties, against a
  * sort of all the events so far: a full list takes an item in its older
@@ -1688,6 +1773,8 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_unknown_id_reads_empty_answers, setup, teardown),
         cmocka_unit_test_setup_teardown(test_last_k_count_at_and_before_now_and_past_the_horizon,
                                         setup, teardown),
+        cmocka_unit_test_setup_teardown(
+            test_items_after_now_leave_last_and_last_k_before_now_intact, setup, teardown),
         cmocka_unit_test_setup_teardown(test_last_k_keeps_the_k_newest_under_shuffled_arrivals,
                                         setup_k20, teardown),
         cmocka_unit_test_setup_teardown(test_last_k_orders_by_time_keeps_k_and_ties_keep_arrival,
