@@ -1030,7 +1030,22 @@ static size_t remove_cands(tly_store_t *store, shard_t *sh, cull_t *cu, ent_t **
     for (size_t c = 0; c < n; c++) {
         ent_t *ent = cand[c];
         ent_lock(ent);
-        if (ent_dead(ent) || !culled(cu, ent, lg)) {
+        while (ent_dead(ent)) {
+            /* Replaced since it was collected (a writer regrew it), or
+             * removed: the table holds its successor under the same key,
+             * or nothing. (Under rcu_read_lock: a dead record's key stays
+             * readable.) */
+            ent_t *next = tbl_get(sh, hash_id(store->seed, ent->type, ent_id(ent), ent->idlen),
+                                  ent->type, ent_id(ent), ent->idlen);
+            ent_unlock(ent);
+            ent = next;
+            if (ent == NULL)
+                break;
+            ent_lock(ent);
+        }
+        if (ent == NULL)
+            continue;
+        if (!culled(cu, ent, lg)) {
             ent_unlock(ent);
             continue;
         }

@@ -589,6 +589,52 @@ static bool doomed_odd_user(uint32_t type, const char *id, size_t len, void *ctx
     return type == fx->user && len > 0 && (id[len - 1] - '0') % 2 == 1;
 }
 
+/* For the drop below: the first time it is asked, a writer applies 30
+ * events to user 42 (enough to regrow its record) and finishes; every user
+ * is doomed. */
+typedef struct {
+    fx_t *fx;
+    int calls;
+} regrow_ctx_t;
+
+static void *regrow_user_42(void *arg)
+{
+    fx_t *fx = arg;
+    tly_rcu_thread_online();
+    for (int i = 0; i < 30; i++)
+        assert_int_equal(put(fx, T, T - SEC, 42, NULL, "click", 10), TLY_OK);
+    tly_rcu_thread_offline();
+    return NULL;
+}
+
+static bool doomed_after_a_regrow(uint32_t type, const char *id, size_t len, void *ctx)
+{
+    (void)id;
+    (void)len;
+    regrow_ctx_t *rc = ctx;
+    if (rc->calls++ == 0) {
+        pthread_t th;
+        assert_int_equal(pthread_create(&th, NULL, regrow_user_42, rc->fx), 0);
+        assert_int_equal(pthread_join(th, NULL), 0);
+    }
+    return type == rc->fx->user;
+}
+
+/* A record a writer replaces (regrows) while tly_store_drop runs is still
+ * dropped when doomed: the drop goes on to the record that replaced it. */
+static void test_drop_removes_a_doomed_record_regrown_meanwhile(void **state)
+{
+    fx_t *fx = *state;
+    assert_int_equal(put(fx, T, T - SEC, 42, NULL, "click", 10), TLY_OK);
+    regrow_ctx_t rc = {fx, 0};
+    assert_int_equal(tly_store_drop(fx->store, doomed_after_a_regrow, &rc), 1);
+    assert_int_equal(count(fx, "42", "clicks", 0, T), 0);
+    tly_store_stats_t st;
+    tly_store_stats(fx->store, &st);
+    assert_int_equal(st.entities, 0);
+    assert_int_equal(st.dropped_entities, 1);
+}
+
 static void test_skipped_entity_types_are_not_fed_and_drop_removes_doomed(void **state)
 {
     fx_t *fx = *state;
@@ -1787,6 +1833,8 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_dump_and_load_round_trip, setup, teardown),
         cmocka_unit_test_setup_teardown(
             test_skipped_entity_types_are_not_fed_and_drop_removes_doomed, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_drop_removes_a_doomed_record_regrown_meanwhile, setup,
+                                        teardown),
         cmocka_unit_test_setup_teardown(test_load_restores_unchanged_features_under_new_definitions,
                                         setup, teardown),
         cmocka_unit_test_setup_teardown(test_budgeted_sweeps_expire_in_steps, setup, teardown),
