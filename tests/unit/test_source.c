@@ -99,7 +99,7 @@ typedef struct {
 /* Shard mode needs every topic keyed by an entity type and every entity
  * type keyed by a topic: its config has the user features only. */
 static const char *const base_yaml = "kafka:\n"
-                                     "  brokers: embedded\n"
+                                     "  brokers: \"%s\"\n"
                                      "  group: %s\n"
                                      "  topics: [%s]\n"
                                      "  mode: %s\n"
@@ -120,17 +120,26 @@ static const char *const base_yaml = "kafka:\n"
                                      "%s"  /* the pin feature (replica mode) */
                                      "%s"; /* more sections */
 
-/* base_yaml for group, mode, start, more kafka keys and more sections. */
-static void make_yaml(char *buf, size_t cap, const char *group, const char *mode,
-                      const char *start, const char *kafka_extra, const char *extra)
+/* base_yaml for the brokers, group, mode, start, more kafka keys and more
+ * sections. */
+static void make_yaml_at(char *buf, size_t cap, const char *brokers, const char *group,
+                         const char *mode, const char *start, const char *kafka_extra,
+                         const char *extra)
 {
     bool shard = strcmp(mode, "shard") == 0;
-    snprintf(buf, cap, base_yaml, group, shard ? "{name: " TOPIC ", key: user}" : TOPIC, mode,
-             start, kafka_extra,
+    snprintf(buf, cap, base_yaml, brokers, group, shard ? "{name: " TOPIC ", key: user}" : TOPIC,
+             mode, start, kafka_extra,
              shard ? ""
                    : "  - { name: impressions, entity: pin, key: pin_id, "
                      "where: { action: impression }, agg: count, windows: [1h] }\n",
              extra);
+}
+
+/* make_yaml_at with the embedded cluster. */
+static void make_yaml(char *buf, size_t cap, const char *group, const char *mode, const char *start,
+                      const char *kafka_extra, const char *extra)
+{
+    make_yaml_at(buf, cap, "embedded", group, mode, start, kafka_extra, extra);
 }
 
 static void fixture_init(fixture_t *fx, const char *group, const char *mode, const char *start,
@@ -524,6 +533,7 @@ static void test_replica_mode_assigns_all_partitions_and_resumes_at_given_offset
  * and writes each partition's end into hi. */
 static void produce_users(rd_kafka_t *prod, int n, uint64_t lcg, int64_t hi[NPARTS])
 {
+    int64_t before = end_offsets(prod, hi);
     int64_t t0 = wall_ms();
     for (int i = 0; i < n; i++) {
         event_t e = event_at(&lcg, i, t0);
@@ -533,7 +543,7 @@ static void produce_users(rd_kafka_t *prod, int n, uint64_t lcg, int64_t hi[NPAR
         produce(prod, e.user, json, (size_t)len);
     }
     flush_producer(prod);
-    assert_int_equal(end_offsets(prod, hi), n);
+    assert_int_equal(end_offsets(prod, hi), before + n);
 }
 
 /* A partly restored partition (tly_source_catch_up) replays up to its
@@ -604,25 +614,10 @@ static void test_window_start_without_an_offset_for_the_time_begins_at_the_end(v
     int64_t old_hi[NPARTS];
     assert_int_equal(end_offsets(prod, old_hi), OLD);
 
-    char yaml[4096], err[512] = "", brokers[512];
-    snprintf(brokers, sizeof brokers, "  brokers: \"%s\"\n", bootstrap);
-    make_yaml(yaml, sizeof yaml, "test-window", "replica", "window", "", "");
-    /* the second brokers key replaces "embedded": rebuild the kafka section */
-    char *embedded = strstr(yaml, "  brokers: embedded\n");
-    assert_non_null(embedded);
-    char rest[4096];
-    snprintf(rest, sizeof rest, "%s", embedded + strlen("  brokers: embedded\n"));
-    snprintf(embedded, sizeof yaml - (size_t)(embedded - yaml), "%s%s", brokers, rest);
+    char yaml[4096];
+    make_yaml_at(yaml, sizeof yaml, bootstrap, "test-window", "replica", "window", "", "");
     fixture_t fx;
-    memset(&fx, 0, sizeof fx);
-    if (tly_config_load_string(yaml, "test.yaml", &fx.cfg, err, sizeof err) != TLY_OK)
-        fail_msg("config: %s", err);
-    if (tly_featset_compile(fx.cfg, &fx.fs, err, sizeof err) != TLY_OK)
-        fail_msg("featset: %s", err);
-    fx.store = tly_store_new(fx.fs);
-    fx.src = tly_source_new(fx.cfg, fx.fs, fx.store, err, sizeof err);
-    if (fx.src == NULL)
-        fail_msg("source: %s", err);
+    fixture_init_yaml(&fx, yaml);
     assert_string_equal(tly_source_bootstrap(fx.src), bootstrap);
     start_source(&fx);
 
@@ -1257,13 +1252,8 @@ static void test_rebalance_drops_revoked_partitions_from_the_stats(void **state)
     uint64_t rebalances = st.rebalances;
 
     /* A second member of the group, on the first one's cluster. */
-    char brokers[512];
-    snprintf(brokers, sizeof brokers, "  brokers: \"%s\"\n", tly_source_bootstrap(a.src));
-    char *embedded = strstr(yaml, "  brokers: embedded\n");
-    assert_non_null(embedded);
-    char rest[4096];
-    snprintf(rest, sizeof rest, "%s", embedded + strlen("  brokers: embedded\n"));
-    snprintf(embedded, sizeof yaml - (size_t)(embedded - yaml), "%s%s", brokers, rest);
+    make_yaml_at(yaml, sizeof yaml, tly_source_bootstrap(a.src), "test-rebalance", "shard",
+                 "earliest", fast, "");
     fixture_t b;
     fixture_init_yaml(&b, yaml);
     start_source(&b);
