@@ -12,10 +12,14 @@
  * the same features; a resume position out of range is reset, counted as a
  * gap and everything is still applied; queries get -LOADING until the first
  * assignment caught up (unless CLIENT STALE ON); a rebalance drops revoked
- * partitions from the stats.
+ * partitions from the stats. On a mock cluster the test makes itself (to
+ * inject faults: delayed fetches, a forced rebalance): a partition assigned
+ * again is behind, not ready, until what arrived while it was away is
+ * applied, whatever librdkafka's cached end offset says.
  *
  * Waits poll tly_source_stats with a deadline (TLY_TEST_TIMEOUT_MULT
- * stretches it under sanitizers); the only sleep is the 10 ms between polls.
+ * stretches it under sanitizers, and the injected delays with it); the only
+ * sleep is the 10 ms between polls.
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -30,6 +34,7 @@
 #include <time.h>
 
 #include <librdkafka/rdkafka.h>
+#include <librdkafka/rdkafka_mock.h>
 
 #include "tallyd/commands.h"
 #include "tallyd/config.h"
@@ -1276,6 +1281,162 @@ static void test_rebalance_drops_revoked_partitions_from_the_stats(void **state)
     tly_rcu_thread_offline();
 }
 
+/* ---- a cluster of the test's own ---------------------------------------------- */
+
+/* Kafka protocol request types (ApiKey), for the mock's fault injection. */
+#define API_FETCH     1
+#define API_HEARTBEAT 12
+
+/* librdkafka's mock cluster made here rather than by a source
+ * ("embedded"), so a test can reach into it; the sources reach it by
+ * address, as a real cluster (and so ask it for end offsets at each
+ * assignment, which they skip with "embedded"). TOPIC has NPARTS
+ * partitions. */
+typedef struct {
+    rd_kafka_t *host;
+    rd_kafka_mock_cluster_t *mock;
+    const char *bootstrap; /* the mock's */
+} cluster_t;
+
+static void cluster_init(cluster_t *c)
+{
+    char err[256];
+    rd_kafka_conf_t *conf = rd_kafka_conf_new();
+    conf_set(conf, "log_level", "3"); /* the host handle has no brokers of its own */
+    c->host = rd_kafka_new(RD_KAFKA_PRODUCER, conf, err, sizeof err);
+    if (c->host == NULL)
+        fail_msg("mock host: %s", err);
+    c->mock = rd_kafka_mock_cluster_new(c->host, 3);
+    assert_non_null(c->mock);
+    assert_int_equal(rd_kafka_mock_topic_create(c->mock, TOPIC, NPARTS, 1),
+                     RD_KAFKA_RESP_ERR_NO_ERROR);
+    c->bootstrap = rd_kafka_mock_cluster_bootstraps(c->mock);
+}
+
+static void cluster_fini(cluster_t *c)
+{
+    rd_kafka_mock_cluster_destroy(c->mock);
+    rd_kafka_destroy(c->host);
+}
+
+/* Properties for a group that rebalances within a few seconds on the mock.
+ * Its coordinator waits session.timeout.ms - 1 s for the members to join
+ * again, and 3 s before the first assignment, during which a member must
+ * not time out. */
+#define QUICK_GROUP "  properties: { heartbeat.interval.ms: 100, session.timeout.ms: 4000 }\n"
+
+/* Waits until src went through `more` more rebalance callbacks than
+ * `since` counted and has `want` partitions; fills *st and parts (NULL:
+ * not wanted). */
+static void await_rebalanced(tly_source_t *src, uint64_t since, uint64_t more, size_t want,
+                             tly_source_stats_t *st, tly_partition_stat_t parts[NPARTS])
+{
+    int64_t deadline = deadline_after(3 * DEADLINE_S);
+    for (;;) {
+        tly_source_stats(src, st, parts, parts != NULL ? NPARTS : 0);
+        if (st->rebalances >= since + more && st->npartitions == want)
+            return;
+        if (mono_ms() > deadline)
+            fail_msg("%" PRIu64 " rebalances since, want %" PRIu64 "; %zu partitions, want %zu",
+                     st->rebalances - since, more, st->npartitions, want);
+        pause_10ms();
+    }
+}
+
+/* A partition assigned again, which received messages while it was away,
+ * is behind until they are applied, even while librdkafka's cached end
+ * offset (from its last fetch here) still says it is at the end: queries
+ * get -LOADING. The consumer fetches from a follower (KIP-392) whose
+ * answers the mock delays, while the leader answers the source's end
+ * offset lookup at the assignment at once. */
+static void
+test_partition_assigned_again_is_behind_until_what_arrived_meanwhile_is_applied(void **state)
+{
+    (void)state;
+    SKIP_UNDER_TSAN();
+    enum { OLD = 400, NEW = 200, LEADER = 1, FOLLOWER = 2 };
+    const char *m = getenv("TLY_TEST_TIMEOUT_MULT");
+    const int fetch_delay_ms = 1000 * (m != NULL && atoi(m) > 0 ? atoi(m) : 1);
+    cluster_t c;
+    cluster_init(&c);
+    for (int p = 0; p < NPARTS; p++) {
+        assert_int_equal(rd_kafka_mock_partition_set_leader(c.mock, TOPIC, p, LEADER),
+                         RD_KAFKA_RESP_ERR_NO_ERROR);
+        assert_int_equal(rd_kafka_mock_partition_set_follower(c.mock, TOPIC, p, FOLLOWER),
+                         RD_KAFKA_RESP_ERR_NO_ERROR);
+    }
+    rd_kafka_t *prod = producer_new(c.bootstrap);
+    int64_t old_hi[NPARTS], hi[NPARTS];
+    produce_users(prod, OLD, 1717, old_hi);
+
+    char yaml[4096];
+    make_yaml_at(yaml, sizeof yaml, c.bootstrap, "test-again", "shard", "earliest",
+                 "  ready_lag: 0\n" QUICK_GROUP, "");
+    fixture_t fx;
+    fixture_init_yaml(&fx, yaml);
+    tly_rcu_thread_online();
+    start_source(&fx);
+    tly_source_stats_t st;
+    tly_partition_stat_t parts[NPARTS];
+    await_caught_up(&fx, OLD, old_hi, &st, parts);
+
+    /* A rebalance (the coordinator answers a heartbeat "rebalance in
+     * progress") revokes every partition and, seconds later, assigns them
+     * again. Meanwhile more events arrive, some in every partition, and the
+     * follower's next answers to fetches are delayed. */
+    uint64_t since = st.rebalances;
+    rd_kafka_mock_push_request_errors(c.mock, API_HEARTBEAT, 1,
+                                      RD_KAFKA_RESP_ERR_REBALANCE_IN_PROGRESS);
+    await_rebalanced(fx.src, since, 1, 0, &st, NULL);
+    assert_int_equal(rd_kafka_mock_broker_push_request_error_rtts(
+                         c.mock, FOLLOWER, API_FETCH, 2, RD_KAFKA_RESP_ERR_NO_ERROR, fetch_delay_ms,
+                         RD_KAFKA_RESP_ERR_NO_ERROR, fetch_delay_ms),
+                     RD_KAFKA_RESP_ERR_NO_ERROR);
+    produce_users(prod, NEW, 2929, hi);
+    for (int p = 0; p < NPARTS; p++)
+        assert_true(hi[p] > old_hi[p]);
+    tly_source_stats(fx.src, &st, NULL, 0);
+    if (st.rebalances != since + 1)
+        fail_msg("assigned again before the new events were produced");
+
+    /* Assigned again: behind, though the first fetch has not answered. */
+    await_rebalanced(fx.src, since, 2, NPARTS, &st, parts);
+    tly_source_stats_t now;
+    tly_source_stats(fx.src, &now, NULL, 0);
+    if (now.applied != OLD)
+        fail_msg("the first fetch (delayed %d ms) answered before the assignment was seen",
+                 fetch_delay_ms);
+    assert_false(st.ready);
+    assert_int_equal(st.lag, NEW);
+    for (size_t i = 0; i < NPARTS; i++) {
+        int32_t p = parts[i].partition;
+        assert_int_equal(parts[i].position, old_hi[p]);
+        assert_int_equal(parts[i].high, hi[p]);
+        assert_int_equal(parts[i].lag, hi[p] - old_hi[p]);
+    }
+
+    /* Ready only once everything that arrived meanwhile is applied. */
+    int64_t deadline = deadline_after(DEADLINE_S);
+    for (;;) {
+        bool ready = tly_source_ready(fx.src);
+        tly_source_stats(fx.src, &now, NULL, 0);
+        if (ready && now.applied != OLD + NEW)
+            fail_msg("ready with %" PRIu64 " of %d events applied", now.applied, OLD + NEW);
+        if (ready)
+            break;
+        if (mono_ms() > deadline)
+            fail_msg("never ready: applied %" PRIu64 ", lag %" PRId64, now.applied, now.lag);
+        pause_10ms();
+    }
+    await_caught_up(&fx, OLD + NEW, hi, &st, parts);
+    assert_int_equal(st.applied, OLD + NEW);
+
+    rd_kafka_destroy(prod);
+    fixture_fini(&fx);
+    cluster_fini(&c);
+    tly_rcu_thread_offline();
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -1291,6 +1452,8 @@ int main(void)
         cmocka_unit_test(test_out_of_range_position_is_reset_counted_and_nothing_is_lost),
         cmocka_unit_test(test_queries_get_loading_until_caught_up_unless_stale_is_on),
         cmocka_unit_test(test_rebalance_drops_revoked_partitions_from_the_stats),
+        cmocka_unit_test(
+            test_partition_assigned_again_is_behind_until_what_arrived_meanwhile_is_applied),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
