@@ -15,7 +15,9 @@
  * partitions from the stats. On a mock cluster the test makes itself (to
  * inject faults: delayed fetches, a forced rebalance): a partition assigned
  * again is behind, not ready, until what arrived while it was away is
- * applied, whatever librdkafka's cached end offset says.
+ * applied, whatever librdkafka's cached end offset says; a snapshot's
+ * offsets are committed only for the partitions still assigned, so one
+ * revoked meanwhile keeps its new owner's commit.
  *
  * Waits poll tly_source_stats with a deadline (TLY_TEST_TIMEOUT_MULT
  * stretches it under sanitizers, and the injected delays with it); the only
@@ -23,6 +25,7 @@
  */
 #include <setjmp.h>
 #include <stdarg.h>
+#include <stdatomic.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -1319,11 +1322,11 @@ static void cluster_fini(cluster_t *c)
     rd_kafka_destroy(c->host);
 }
 
-/* Properties for a group that rebalances within a few seconds on the mock.
- * Its coordinator waits session.timeout.ms - 1 s for the members to join
- * again, and 3 s before the first assignment, during which a member must
- * not time out. */
-#define QUICK_GROUP "  properties: { heartbeat.interval.ms: 100, session.timeout.ms: 4000 }\n"
+/* kafka.properties entries for a group that rebalances within a few seconds
+ * on the mock. Its coordinator waits session.timeout.ms - 1 s for the
+ * members to join again, and 3 s before the first assignment, during which
+ * a member must not time out. */
+#define QUICK_GROUP "heartbeat.interval.ms: 100, session.timeout.ms: 4000"
 
 /* Waits until src went through `more` more rebalance callbacks than
  * `since` counted and has `want` partitions; fills *st and parts (NULL:
@@ -1371,7 +1374,7 @@ test_partition_assigned_again_is_behind_until_what_arrived_meanwhile_is_applied(
 
     char yaml[4096];
     make_yaml_at(yaml, sizeof yaml, c.bootstrap, "test-again", "shard", "earliest",
-                 "  ready_lag: 0\n" QUICK_GROUP, "");
+                 "  ready_lag: 0\n  properties: { " QUICK_GROUP " }\n", "");
     fixture_t fx;
     fixture_init_yaml(&fx, yaml);
     tly_rcu_thread_online();
@@ -1437,6 +1440,164 @@ test_partition_assigned_again_is_behind_until_what_arrived_meanwhile_is_applied(
     tly_rcu_thread_offline();
 }
 
+/* A checkpoint hook that does what snapshot.c does, on the test's cue:
+ * takes the positions (a snapshot begins), and later commits them (the
+ * snapshot was written). Runs on the poll thread; the cue orders it with
+ * the test's thread. */
+enum { HOOK_IDLE, HOOK_TAKE, HOOK_TAKEN, HOOK_COMMIT, HOOK_COMMITTED };
+typedef struct {
+    atomic_int cue;
+    tly_position_t pos[NPARTS]; /* written before TAKEN */
+    size_t npos;
+} snapshot_hook_t;
+
+static void snapshot_hook_cb(void *ctx, tly_source_t *src)
+{
+    snapshot_hook_t *h = ctx;
+    int cue = atomic_load(&h->cue);
+    if (cue == HOOK_TAKE) {
+        h->npos = tly_source_positions(src, h->pos, NPARTS);
+        atomic_store(&h->cue, HOOK_TAKEN);
+    } else if (cue == HOOK_COMMIT) {
+        tly_source_commit(src, h->pos, h->npos);
+        atomic_store(&h->cue, HOOK_COMMITTED);
+    }
+}
+
+/* Gives the hook its cue and waits until it answers `done`. */
+static void hook_cue(snapshot_hook_t *h, int cue, int done)
+{
+    atomic_store(&h->cue, cue);
+    int64_t deadline = deadline_after(DEADLINE_S);
+    while (atomic_load(&h->cue) != done) {
+        if (mono_ms() > deadline)
+            fail_msg("the checkpoint hook did not answer cue %d", cue);
+        pause_10ms();
+    }
+}
+
+/* A consumer that only reads group's committed offsets (it never joins). */
+static rd_kafka_t *offsets_reader_new(const char *bootstrap, const char *group)
+{
+    char err[256];
+    rd_kafka_conf_t *conf = rd_kafka_conf_new();
+    conf_set(conf, "bootstrap.servers", bootstrap);
+    conf_set(conf, "group.id", group);
+    rd_kafka_t *rk = rd_kafka_new(RD_KAFKA_CONSUMER, conf, err, sizeof err);
+    if (rk == NULL)
+        fail_msg("consumer: %s", err);
+    return rk;
+}
+
+/* Waits until the committed offset of each partition p of TOPIC with
+ * which[p] is want[p]; fills off with the last offsets read (-1001: none). */
+static void await_committed(rd_kafka_t *reader, const bool which[NPARTS],
+                            const int64_t want[NPARTS], int64_t off[NPARTS])
+{
+    int64_t deadline = deadline_after(DEADLINE_S);
+    for (;;) {
+        rd_kafka_topic_partition_list_t *list = rd_kafka_topic_partition_list_new(NPARTS);
+        for (int p = 0; p < NPARTS; p++)
+            rd_kafka_topic_partition_list_add(list, TOPIC, p);
+        assert_int_equal(rd_kafka_committed(reader, list, 10000), RD_KAFKA_RESP_ERR_NO_ERROR);
+        bool done = true;
+        for (int i = 0; i < list->cnt; i++) {
+            int32_t p = list->elems[i].partition;
+            assert_int_equal(list->elems[i].err, RD_KAFKA_RESP_ERR_NO_ERROR);
+            off[p] = list->elems[i].offset;
+            done = done && (!which[p] || off[p] == want[p]);
+        }
+        rd_kafka_topic_partition_list_destroy(list);
+        if (done)
+            return;
+        if (mono_ms() > deadline)
+            fail_msg("committed offsets not as expected");
+        pause_10ms();
+    }
+}
+
+/* A snapshot's positions, taken while the source held every partition,
+ * are committed once it was written, by then after a rebalance gave half
+ * the partitions to another member, which committed its own progress
+ * there: only the partitions still assigned here get the snapshot's
+ * offsets; the others keep their new owner's. */
+static void
+test_snapshot_commit_leaves_partitions_revoked_meanwhile_to_their_new_owner(void **state)
+{
+    (void)state;
+    SKIP_UNDER_TSAN();
+    enum { OLD = 400, NEW = 200 };
+    static const char *const group = "test-commit";
+    cluster_t c;
+    cluster_init(&c);
+    rd_kafka_t *prod = producer_new(c.bootstrap);
+    int64_t old_hi[NPARTS], hi[NPARTS];
+    produce_users(prod, OLD, 3131, old_hi);
+
+    /* A commits only through its hook (snapshot mode); B commits what it
+     * applied every 100 ms. */
+    char yaml[4096];
+    make_yaml_at(yaml, sizeof yaml, c.bootstrap, group, "shard", "earliest",
+                 "  properties: { " QUICK_GROUP ", auto.commit.interval.ms: 100 }\n", "");
+    fixture_t a, b;
+    fixture_init_yaml(&a, yaml);
+    static snapshot_hook_t hook;
+    atomic_init(&hook.cue, HOOK_IDLE);
+    tly_source_set_checkpoint(a.src, snapshot_hook_cb, &hook);
+    tly_rcu_thread_online();
+    start_source(&a);
+    tly_source_stats_t st;
+    tly_partition_stat_t pa[NPARTS], pb[NPARTS];
+    await_caught_up(&a, OLD, old_hi, &st, pa);
+    hook_cue(&hook, HOOK_TAKE, HOOK_TAKEN);
+    assert_int_equal(hook.npos, NPARTS);
+    for (size_t i = 0; i < NPARTS; i++) {
+        assert_string_equal(hook.pos[i].topic, TOPIC);
+        assert_int_equal(hook.pos[i].offset, old_hi[hook.pos[i].partition]);
+    }
+
+    /* B joins: each gets half. B applies what arrives next and commits it;
+     * A has committed nothing. */
+    fixture_init_yaml(&b, yaml);
+    start_source(&b);
+    await_assigned(b.src, NPARTS / 2, pb, &st);
+    await_assigned(a.src, NPARTS / 2, pa, &st);
+    bool of_a[NPARTS] = {false}, of_b[NPARTS] = {false};
+    for (size_t i = 0; i < NPARTS / 2; i++) {
+        of_a[pa[i].partition] = true;
+        of_b[pb[i].partition] = true;
+    }
+    for (int p = 0; p < NPARTS; p++)
+        assert_true(of_a[p] != of_b[p]);
+    produce_users(prod, NEW, 4141, hi);
+    for (int p = 0; p < NPARTS; p++)
+        assert_true(hi[p] > old_hi[p]);
+    rd_kafka_t *reader = offsets_reader_new(c.bootstrap, group);
+    int64_t off[NPARTS];
+    await_committed(reader, of_b, hi, off);
+    for (int p = 0; p < NPARTS; p++)
+        if (of_a[p])
+            assert_int_equal(off[p], RD_KAFKA_OFFSET_INVALID);
+
+    /* The snapshot was written: A commits its positions. */
+    hook_cue(&hook, HOOK_COMMIT, HOOK_COMMITTED);
+    await_committed(reader, of_a, old_hi, off);
+    for (int p = 0; p < NPARTS; p++)
+        if (of_b[p] && off[p] != hi[p])
+            fail_msg("partition %d, B's: committed %" PRId64 ", not B's %" PRId64, p, off[p],
+                     hi[p]);
+
+    rd_kafka_destroy(reader);
+    rd_kafka_destroy(prod);
+    /* A halted first does not join again when B leaves, which would hold
+     * its close for the coordinator's wait. */
+    tly_source_halt(a.src);
+    fixture_fini(&b);
+    fixture_fini(&a);
+    cluster_fini(&c);
+    tly_rcu_thread_offline();
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -1454,6 +1615,8 @@ int main(void)
         cmocka_unit_test(test_rebalance_drops_revoked_partitions_from_the_stats),
         cmocka_unit_test(
             test_partition_assigned_again_is_behind_until_what_arrived_meanwhile_is_applied),
+        cmocka_unit_test(
+            test_snapshot_commit_leaves_partitions_revoked_meanwhile_to_their_new_owner),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
