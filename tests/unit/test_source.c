@@ -17,7 +17,9 @@
  * again is behind, not ready, until what arrived while it was away is
  * applied, whatever librdkafka's cached end offset says; a snapshot's
  * offsets are committed only for the partitions still assigned, so one
- * revoked meanwhile keeps its new owner's commit.
+ * revoked meanwhile keeps its new owner's commit; partitions lost while
+ * the topic's partition count was unknown (its metadata failing) have
+ * their entities and positions dropped once an assignment knows it.
  *
  * Waits poll tly_source_stats with a deadline (TLY_TEST_TIMEOUT_MULT
  * stretches it under sanitizers, and the injected delays with it); the only
@@ -45,6 +47,7 @@
 #include "tallyd/demo.h"
 #include "tallyd/feature.h"
 #include "tallyd/rcu.h"
+#include "tallyd/shard.h"
 #include "tallyd/source.h"
 #include "tallyd/store.h"
 
@@ -1598,6 +1601,123 @@ test_snapshot_commit_leaves_partitions_revoked_meanwhile_to_their_new_owner(void
     tly_rcu_thread_offline();
 }
 
+/* Waits until the shard router of src knows `nparts` partitions per topic
+ * (0: unknown) and owns `want` partitions, listed in owned. The router
+ * learns the assignment before the source asks the brokers for the end
+ * offsets, which cannot be answered while the topic's metadata fails. */
+static void await_owned(tly_source_t *src, int32_t nparts, size_t want, bool owned[NPARTS])
+{
+    int64_t deadline = deadline_after(3 * DEADLINE_S);
+    for (;;) {
+        tly_shard_stats_t sh;
+        tly_shard_stats(tly_source_shard(src), &sh);
+        if (sh.nparts == nparts && sh.nowned == want)
+            break;
+        if (mono_ms() > deadline)
+            fail_msg("%" PRId32 " partitions known, want %" PRId32 "; %zu owned, want %zu",
+                     sh.nparts, nparts, sh.nowned, want);
+        pause_10ms();
+    }
+    int32_t list[NPARTS];
+    size_t n = tly_shard_owned(tly_source_shard(src), list, NPARTS);
+    assert_int_equal(n, want);
+    for (int p = 0; p < NPARTS; p++)
+        owned[p] = false;
+    for (size_t i = 0; i < n; i++)
+        owned[list[i]] = true;
+}
+
+/* Shard mode: partitions lost at an assignment made while the topic's
+ * partition count was unknown (its metadata failed) are dropped, entities
+ * and positions, at the next assignment that knows the count. */
+static void
+test_partitions_lost_while_the_count_is_unknown_are_dropped_once_it_is_known(void **state)
+{
+    (void)state;
+    SKIP_UNDER_TSAN();
+    enum { N = 400 };
+    const uint64_t seed = 5151;
+    cluster_t c;
+    cluster_init(&c);
+    rd_kafka_t *prod = producer_new(c.bootstrap);
+    int64_t hi[NPARTS];
+    produce_users(prod, N, seed, hi);
+    /* The model: each user's events and partition (librdkafka's
+     * partitioner placed them, as produce() keys them). */
+    static int64_t events_of[N_USERS + 1];
+    static int32_t partition_of[N_USERS + 1];
+    memset(events_of, 0, sizeof events_of);
+    uint64_t lcg = seed;
+    for (int i = 0; i < N; i++)
+        events_of[event_at(&lcg, i, 0).user]++;
+    rd_kafka_topic_t *rkt = rd_kafka_topic_new(prod, TOPIC, NULL);
+    for (uint64_t u = 1; u <= N_USERS; u++) {
+        char key[24];
+        int klen = snprintf(key, sizeof key, "%" PRIu64, u);
+        partition_of[u] =
+            rd_kafka_msg_partitioner_murmur2_random(rkt, key, (size_t)klen, NPARTS, NULL, NULL);
+    }
+    rd_kafka_topic_destroy(rkt);
+
+    char yaml[4096];
+    make_yaml_at(yaml, sizeof yaml, c.bootstrap, "test-unknown", "shard", "earliest",
+                 "  properties: { " QUICK_GROUP " }\n", "");
+    fixture_t a, b;
+    fixture_init_yaml(&a, yaml);
+    tly_rcu_thread_online();
+    start_source(&a);
+    tly_source_stats_t st;
+    tly_partition_stat_t pa[NPARTS];
+    await_caught_up(&a, N, hi, &st, pa);
+
+    /* B joins. While the coordinator waits for A to join again, the
+     * topic's metadata starts failing: A gets half the partitions (the
+     * group's assignor still knows the topic) without knowing how many
+     * there are, and loses the other half. */
+    uint64_t since = st.rebalances;
+    fixture_init_yaml(&b, yaml);
+    start_source(&b);
+    await_rebalanced(a.src, since, 1, 0, &st, NULL);
+    rd_kafka_mock_topic_set_error(c.mock, TOPIC, RD_KAFKA_RESP_ERR_LEADER_NOT_AVAILABLE);
+    bool held_unknown[NPARTS], held[NPARTS];
+    await_owned(a.src, 0, NPARTS / 2, held_unknown);
+    tly_source_stats(a.src, &st, NULL, 0);
+    assert_int_equal(st.dropped_entities, 0);
+
+    /* The metadata is back; a rebalance (a heartbeat answered "rebalance in
+     * progress") gives A the same half, now knowing the count: the
+     * partitions it lost while the count was unknown are dropped. */
+    rd_kafka_mock_topic_set_error(c.mock, TOPIC, RD_KAFKA_RESP_ERR_NO_ERROR);
+    rd_kafka_mock_push_request_errors(c.mock, API_HEARTBEAT, 1,
+                                      RD_KAFKA_RESP_ERR_REBALANCE_IN_PROGRESS);
+    await_owned(a.src, NPARTS, NPARTS / 2, held);
+    await_assigned(a.src, NPARTS / 2, pa, &st);
+    for (int p = 0; p < NPARTS; p++)
+        assert_int_equal(held[p], held_unknown[p]);
+    uint64_t dropped = 0;
+    for (uint64_t u = 1; u <= N_USERS; u++)
+        dropped += events_of[u] > 0 && !held[partition_of[u]];
+    assert_true(dropped > 0);
+    assert_int_equal(st.dropped_entities, dropped);
+    tly_source_halt(a.src);
+    for (uint64_t u = 1; u <= N_USERS; u++)
+        assert_int_equal(read_int(&a, "user", u, "events:1h"),
+                         held[partition_of[u]] ? events_of[u] : 0);
+    tly_position_t pos[NPARTS];
+    size_t npos = tly_source_positions(a.src, pos, NPARTS);
+    assert_int_equal(npos, NPARTS / 2);
+    for (size_t i = 0; i < npos; i++) {
+        assert_true(held[pos[i].partition]);
+        assert_int_equal(pos[i].offset, hi[pos[i].partition]);
+    }
+
+    rd_kafka_destroy(prod);
+    fixture_fini(&b);
+    fixture_fini(&a);
+    cluster_fini(&c);
+    tly_rcu_thread_offline();
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -1617,6 +1737,8 @@ int main(void)
             test_partition_assigned_again_is_behind_until_what_arrived_meanwhile_is_applied),
         cmocka_unit_test(
             test_snapshot_commit_leaves_partitions_revoked_meanwhile_to_their_new_owner),
+        cmocka_unit_test(
+            test_partitions_lost_while_the_count_is_unknown_are_dropped_once_it_is_known),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
