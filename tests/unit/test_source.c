@@ -13,13 +13,14 @@
  * gap and everything is still applied; queries get -LOADING until the first
  * assignment caught up (unless CLIENT STALE ON); a rebalance drops revoked
  * partitions from the stats. On a mock cluster the test makes itself (to
- * inject faults: delayed fetches, a forced rebalance): a partition assigned
- * again is behind, not ready, until what arrived while it was away is
- * applied, whatever librdkafka's cached end offset says; a snapshot's
- * offsets are committed only for the partitions still assigned, so one
- * revoked meanwhile keeps its new owner's commit; partitions lost while
- * the topic's partition count was unknown (its metadata failing) have
- * their entities and positions dropped once an assignment knows it.
+ * inject faults: delayed fetches, forced rebalances, failing metadata): a
+ * partition assigned again is behind, not ready, until what arrived while
+ * it was away is applied, whatever librdkafka's cached end offset says; a
+ * snapshot's offsets are committed only for the partitions still
+ * assigned, so one revoked meanwhile keeps its new owner's commit;
+ * partitions lost while the topic's partition count was unknown (its
+ * metadata failing) have their entities and positions dropped once an
+ * assignment knows it.
  *
  * Waits poll tly_source_stats with a deadline (TLY_TEST_TIMEOUT_MULT
  * stretches it under sanitizers, and the injected delays with it); the only
@@ -74,11 +75,16 @@ static int64_t mono_ms(void)
     return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
-static int64_t deadline_after(int64_t seconds)
+/* What TLY_TEST_TIMEOUT_MULT stretches waits (and injected delays) by. */
+static int timeout_mult(void)
 {
     const char *m = getenv("TLY_TEST_TIMEOUT_MULT");
-    int64_t mult = m != NULL && atoi(m) > 0 ? atoi(m) : 1;
-    return mono_ms() + seconds * 1000 * mult;
+    return m != NULL && atoi(m) > 0 ? atoi(m) : 1;
+}
+
+static int64_t deadline_after(int64_t seconds)
+{
+    return mono_ms() + seconds * 1000 * timeout_mult();
 }
 
 static void pause_10ms(void)
@@ -1362,8 +1368,7 @@ test_partition_assigned_again_is_behind_until_what_arrived_meanwhile_is_applied(
     (void)state;
     SKIP_UNDER_TSAN();
     enum { OLD = 400, NEW = 200, LEADER = 1, FOLLOWER = 2 };
-    const char *m = getenv("TLY_TEST_TIMEOUT_MULT");
-    const int fetch_delay_ms = 1000 * (m != NULL && atoi(m) > 0 ? atoi(m) : 1);
+    const int fetch_delay_ms = 1000 * timeout_mult();
     cluster_t c;
     cluster_init(&c);
     /* FOLLOWER leads nothing (each change is a round trip to the mock's
@@ -1527,7 +1532,10 @@ static void await_committed(rd_kafka_t *reader, const bool which[NPARTS],
         if (done)
             return;
         if (mono_ms() > deadline)
-            fail_msg("committed offsets not as expected");
+            for (int p = 0; p < NPARTS; p++)
+                if (which[p] && off[p] != want[p])
+                    fail_msg("partition %d: committed %" PRId64 ", want %" PRId64, p, off[p],
+                             want[p]);
         pause_10ms();
     }
 }
