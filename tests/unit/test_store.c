@@ -2,8 +2,10 @@
  * test_store.c — the entity store on small, hand-computed cases: window
  * edges at aligned and unaligned `now`, out-of-order and late and future
  * events, unknown ids, last/last_k ordering and limits, all-or-nothing
- * rejection, expiry and memory accounting, and a short concurrent run (the
- * part ThreadSanitizer checks in `make test`).
+ * rejection, expiry and memory accounting, snapshot dump and load, and a
+ * short concurrent run (the part ThreadSanitizer checks in `make test`);
+ * and a replay of fuzz_store_load's corpus (tests/fuzz/corpus/store_load/,
+ * read relative to the repository root) through the fuzz target's checks.
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -12,16 +14,25 @@
 
 #include <cmocka.h>
 
+#include <dirent.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #include "tallyd/config.h"
 #include "tallyd/feature.h"
 #include "tallyd/rcu.h"
 #include "tallyd/store.h"
+
+/* The fuzz target's checks, failing the test instead of aborting. */
+#define TLY_FUZZ_STORE_LOAD_NO_ENTRY
+#define STORE_LOAD_CHECK_FAIL(what) fail_msg("fuzz check: %s", what)
+#include "../fuzz/fuzz_store_load.c"
+
+#define CORPUS_DIR "tests/fuzz/corpus/store_load"
 
 #define SEC  INT64_C(1000)
 #define MIN  (60 * SEC)
@@ -1800,6 +1811,40 @@ static void test_counts_over_a_log_with_inline_strings_and_doubles(void **state)
     tly_config_free(cfg);
 }
 
+/* Every input of fuzz_store_load's corpus passes the fuzz target's checks:
+ * refused with a sentence, or loaded into state that reads, takes events,
+ * dumps and loads again the same. */
+static void test_load_replays_fuzz_corpus_through_the_fuzz_checks(void **state)
+{
+    (void)state;
+    store_load_fuzz_init();
+    DIR *dir = opendir(CORPUS_DIR);
+    if (dir == NULL)
+        fail_msg("cannot open %s (run from the repository root)", CORPUS_DIR);
+    int files = 0;
+    struct dirent *de;
+    while ((de = readdir(dir)) != NULL) {
+        char path[512];
+        struct stat st;
+        snprintf(path, sizeof path, "%s/%s", CORPUS_DIR, de->d_name);
+        if (stat(path, &st) != 0 || !S_ISREG(st.st_mode))
+            continue;
+        FILE *fp = fopen(path, "rb");
+        assert_non_null(fp);
+        size_t cap = (size_t)st.st_size + 1;
+        uint8_t *buf = malloc(cap);
+        assert_non_null(buf);
+        size_t len = fread(buf, 1, cap, fp);
+        fclose(fp);
+        store_load_check_input(buf, len);
+        free(buf);
+        files++;
+    }
+    closedir(dir);
+    store_load_fuzz_fini();
+    assert_true(files >= 18);
+}
+
 int main(void)
 {
     tly_rcu_thread_online();
@@ -1849,6 +1894,7 @@ int main(void)
                                         teardown),
         cmocka_unit_test_setup_teardown(test_concurrent_writers_on_shared_entities_lose_nothing,
                                         setup, teardown),
+        cmocka_unit_test(test_load_replays_fuzz_corpus_through_the_fuzz_checks),
     };
     int rc = cmocka_run_group_tests(tests, NULL, NULL);
     tly_rcu_thread_offline();
