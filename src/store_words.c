@@ -685,9 +685,10 @@ static const tly_feat_t *slot_feat(const tly_featset_t *fs, uint32_t type, uint3
 
 /* An item list: the count word, then items whose widths add up to the
  * segment, as many as counted, each as wide as the count word says when it
- * names one width, values tagged with their payload inside the item, in
- * time order. */
-static bool items_valid(const ent_t *e, uint32_t p, uint32_t len, const tly_feat_t *feat)
+ * names one width, values tagged with their payload inside the item (an
+ * interned string's id one the intern table holds), in time order. */
+static bool items_valid(const tly_store_t *store, const ent_t *e, uint32_t p, uint32_t len,
+                        const tly_feat_t *feat)
 {
     if (len < 1)
         return false;
@@ -711,6 +712,8 @@ static bool items_valid(const ent_t *e, uint32_t p, uint32_t len, const tly_feat
                 return false;
             uint64_t tag = ld(e, (uint32_t)r++);
             unsigned tt = (unsigned)(tag & 0xff);
+            if (tt == TAG_ISTR && (r >= stop || !store_intern_str(store, ld(e, (uint32_t)r))))
+                return false; /* item_read could not read it back */
             if (tt == TLY_V_INT || tt == TLY_V_BOOL || tt == TLY_V_DOUBLE || tt == TAG_ISTR)
                 r++;
             else if (tt == TLY_V_STR)
@@ -751,7 +754,7 @@ bool store_words_valid(const tly_store_t *store, const ent_t *e)
             return false;
         uint32_t p = (uint32_t)off + 1;
         if (items) {
-            if (!items_valid(e, p, len, feat))
+            if (!items_valid(store, e, p, len, feat))
                 return false;
         } else {
             uint32_t sw = stride_of(feat->agg);

@@ -979,6 +979,53 @@ static void test_load_refuses_state_the_writer_cannot_take(void **state)
     free(d.blocks[0]);
 }
 
+/* An intern id no intern item of the block (kind 1, they come first)
+ * names. */
+static uint64_t unused_intern_id(const uint8_t *p, size_t n)
+{
+    static bool used[65536];
+    memset(used, 0, sizeof used);
+    for (size_t at = 0; at + 9 <= n && p[at] == 1;) {
+        uint32_t slot = p[at + 1] | p[at + 2] << 8 | p[at + 3] << 16 | (uint32_t)p[at + 4] << 24;
+        uint32_t len = p[at + 5] | p[at + 6] << 8 | p[at + 7] << 16 | (uint32_t)p[at + 8] << 24;
+        used[slot & 0xffff] = true;
+        at += 9 + (size_t)len;
+    }
+    uint64_t id = 0;
+    while (used[id])
+        id++;
+    return id;
+}
+
+/* A word-encoded item whose string is an intern id the snapshot's intern
+ * table does not hold is refused at load; it loaded, and every read of the
+ * entity then failed with TLY_E_IO (found by fuzz_store_load). */
+static void test_load_refuses_an_item_naming_a_string_not_interned(void **state)
+{
+    fx_t *fx = *state;
+    for (int i = 0; i < 60; i++) /* user 1: a words record, its items' pins interned */
+        assert_int_equal(put(fx, T, T - i * SEC, 1, "p1", "click", 10 + i), TLY_OK);
+    dump_t d = {.n = 0};
+    assert_int_equal(tly_store_dump(fx->store, NULL, keep_block, &d), TLY_OK);
+    assert_int_equal(d.n, 1);
+    /* the count word of `recent`, then its oldest item: header, the pin's
+     * tag and its payload, the intern id */
+    uint8_t *w = dumped_word(d.blocks[0], d.lens[0], fx->user, "1", pick_items_count);
+    assert_non_null(w);
+    assert_int_equal(word_at(w, 2), 0x83); /* an interned string */
+    uint64_t id = unused_intern_id(d.blocks[0], d.lens[0]);
+    memcpy(w + 8 * 3, &id, 8);
+
+    char err[256] = "";
+    tly_store_t *s2 = tly_store_new(fx->fs);
+    assert_int_equal(tly_store_load(s2, d.blocks[0], d.lens[0], NULL, err, sizeof err),
+                     TLY_E_INVAL);
+    if (strstr(err, "malformed entity state") == NULL)
+        fail_msg("unexpected reason: %s", err);
+    tly_store_free(s2);
+    free(d.blocks[0]);
+}
+
 /* fx's features redefined: `saves` (new) comes first and shifts every
  * slot, `clicks` gets other windows (changed), `dmin` is gone, `recent`
  * moves before `dwell` (the value fields change order), the pins gain a
@@ -1874,6 +1921,8 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_shares_apply_each_entity_once, setup, teardown),
         cmocka_unit_test_setup_teardown(test_load_refuses_state_the_writer_cannot_take, setup,
                                         teardown),
+        cmocka_unit_test_setup_teardown(test_load_refuses_an_item_naming_a_string_not_interned,
+                                        setup, teardown),
         cmocka_unit_test_setup_teardown(test_two_entity_types_from_one_event, setup, teardown),
         cmocka_unit_test_setup_teardown(test_dump_and_load_round_trip, setup, teardown),
         cmocka_unit_test_setup_teardown(
