@@ -187,8 +187,15 @@ bool store_log_decode(const tly_store_t *store, const etype_t *et, log_t *lg)
         uint64_t v;
         if (!get_varint(lg->bytes, lg->nbytes, &at, &v))
             return false;
-        /* the first record's time is absolute, the others relative to it */
-        r->t = lg->nrecs == 0 ? unzigzag(v) : t + unzigzag(v);
+        /* the first record's time is absolute, the others relative to it;
+         * none is negative (tly_store_apply refuses such events), so the
+         * difference to a new event's time cannot overflow either */
+        if (lg->nrecs == 0)
+            r->t = unzigzag(v);
+        else if (__builtin_add_overflow(t, unzigzag(v), &r->t))
+            return false;
+        if (r->t < 0)
+            return false;
         if (lg->nrecs == 0)
             t = r->t;
         r->pos = (uint32_t)lg->nrecs;

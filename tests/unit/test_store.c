@@ -1026,6 +1026,80 @@ static void test_load_refuses_an_item_naming_a_string_not_interned(void **state)
     free(d.blocks[0]);
 }
 
+/* An entity item of a state block (the layout tly_store_dump writes):
+ * type, id, mode (0: compact, 2: words), `used` (log bytes or words) and
+ * the state, n bytes padded to whole words. Returns its length. */
+static size_t entity_item(uint8_t *out, uint32_t type, const char *id, uint8_t mode, uint32_t used,
+                          const void *state, size_t n)
+{
+    size_t idlen = strlen(id), nwords = (n + 7) / 8;
+    out[0] = 2; /* an entity */
+    out[1] = (uint8_t)type;
+    out[2] = (uint8_t)(type >> 8);
+    out[3] = (uint8_t)idlen;
+    out[4] = mode;
+    for (int b = 0; b < 4; b++) {
+        out[5 + b] = (uint8_t)(used >> (8 * b));
+        out[9 + b] = (uint8_t)(nwords >> (8 * b));
+    }
+    memcpy(out + 13, id, idlen);
+    memset(out + 13 + idlen, 0, 8 * nwords);
+    memcpy(out + 13 + idlen, state, n);
+    return 13 + idlen + 8 * nwords;
+}
+
+/* A compact log whose times a writer cannot have logged — a negative
+ * one, or one past INT64_MAX from the first record's — is refused at
+ * load; it loaded, and computing with it overflowed (signed, UBSan) when
+ * the log was read and when the entity's next event was logged. */
+static void test_load_refuses_compact_logs_with_negative_or_overflowing_times(void **state)
+{
+    fx_t *fx = *state;
+    /* fx's users log three value fields: one tag byte. Each record:
+     * zigzag varint time (or delta), varint mask, tags (all nil). */
+    static const uint8_t at_5[] = {0x0a, 0x01, 0x00};
+    static const uint8_t negative[] = {0x01, 0x01, 0x00}; /* time -1 */
+    static const uint8_t overflowing[] = {
+        0xfe, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01, 0x01, 0x00, /* INT64_MAX */
+        0x02, 0x01, 0x00,                                                       /* then +1 */
+    };
+    const struct {
+        const uint8_t *log;
+        size_t n;
+        tly_err_t want;
+    } cases[] = {
+        {at_5, sizeof at_5, TLY_OK},
+        {negative, sizeof negative, TLY_E_INVAL},
+        {overflowing, sizeof overflowing, TLY_E_INVAL},
+    };
+    for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
+        uint8_t block[64];
+        size_t n =
+            entity_item(block, fx->user, "1", 0, (uint32_t)cases[c].n, cases[c].log, cases[c].n);
+        char err[256] = "";
+        tly_store_t *s2 = tly_store_new(fx->fs);
+        tly_err_t rc = tly_store_load(s2, block, n, NULL, err, sizeof err);
+        if (rc != cases[c].want)
+            fail_msg("case %zu: %s, want %s (%s)", c, tly_strerror(rc), tly_strerror(cases[c].want),
+                     err);
+        if (rc != TLY_OK && strstr(err, "malformed entity state") == NULL)
+            fail_msg("case %zu: unexpected reason: %s", c, err);
+        if (rc == TLY_OK) { /* the loaded entity's last event time, and a new event */
+            int64_t last = 0;
+            tly_featwin_t req = {0, 0};
+            tly_value_t v;
+            char sbuf[64];
+            assert_int_equal(
+                tly_store_read(s2, fx->user, "1", 1, &req, 1, T, &v, &last, sbuf, sizeof sbuf),
+                TLY_OK);
+            assert_int_equal(last, 5);
+            tly_event_t e = ev(fx, T - SEC, 1, "p1", "click", 3);
+            assert_int_equal(tly_store_apply(s2, &e, 0, 0, T), TLY_OK);
+        }
+        tly_store_free(s2);
+    }
+}
+
 /* fx's features redefined: `saves` (new) comes first and shifts every
  * slot, `clicks` gets other windows (changed), `dmin` is gone, `recent`
  * moves before `dwell` (the value fields change order), the pins gain a
@@ -1923,6 +1997,8 @@ int main(void)
                                         teardown),
         cmocka_unit_test_setup_teardown(test_load_refuses_an_item_naming_a_string_not_interned,
                                         setup, teardown),
+        cmocka_unit_test_setup_teardown(
+            test_load_refuses_compact_logs_with_negative_or_overflowing_times, setup, teardown),
         cmocka_unit_test_setup_teardown(test_two_entity_types_from_one_event, setup, teardown),
         cmocka_unit_test_setup_teardown(test_dump_and_load_round_trip, setup, teardown),
         cmocka_unit_test_setup_teardown(
