@@ -522,7 +522,7 @@ static bool item_read(const tly_store_t *store, const ent_t *e, uint32_t q, uint
         }
         case TLY_V_STR: {
             uint32_t len = TAG_LEN(tag);
-            if ((uint64_t)r + (len + 7) / 8 > stop)
+            if ((uint64_t)r + ((uint64_t)len + 7) / 8 > stop)
                 return false;
             if (*sused + len > strcap) {
                 *full = true;
@@ -717,7 +717,7 @@ static bool items_valid(const tly_store_t *store, const ent_t *e, uint32_t p, ui
             if (tt == TLY_V_INT || tt == TLY_V_BOOL || tt == TLY_V_DOUBLE || tt == TAG_ISTR)
                 r++;
             else if (tt == TLY_V_STR)
-                r += (TAG_LEN(tag) + 7) / 8;
+                r += ((uint64_t)TAG_LEN(tag) + 7) / 8; /* no wrap to 0 near 2^32 */
             else if (tt != TLY_V_NIL)
                 return false;
         }

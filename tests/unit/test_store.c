@@ -1100,6 +1100,68 @@ static void test_load_refuses_compact_logs_with_negative_or_overflowing_times(vo
     }
 }
 
+/* A word-encoded item whose string claims more bytes than the item holds
+ * is refused at load, also a length near 2^32 (it wrapped to no words at
+ * all, loaded, and every read of the entity then failed with TLY_E_FULL
+ * whatever the buffer); the same item with a string that fits loads. */
+static void test_load_refuses_an_item_string_longer_than_its_item(void **state)
+{
+    fx_t *fx = *state;
+    uint32_t feat;
+    int win;
+    assert_int_equal(tly_featset_resolve(fx->fs, fx->user, "last_action", 11, &feat, &win), TLY_OK);
+    uint64_t sid = 0x8000u + fx->fs->feats[feat].slot; /* its item list */
+    uint64_t hello = 0;
+    memcpy(&hello, "hello", 5);
+    const struct {
+        uint64_t len;    /* the string's length as its tag says */
+        uint32_t nbytes; /* the words of string the item holds */
+        tly_err_t want;
+    } cases[] = {
+        {5, 1, TLY_OK},
+        {9, 1, TLY_E_INVAL},
+        {UINT32_MAX, 0, TLY_E_INVAL}, /* 2^32 - 1 + 7 wrapped to 6: no words */
+        {UINT32_MAX - 6, 0, TLY_E_INVAL},
+    };
+    for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
+        /* newest time; header; count 1 and the items' width; the item:
+         * header (width, 1 value), tag, the string's words, time, width */
+        uint32_t iw = 4 + cases[c].nbytes, used = 0;
+        uint64_t w[8];
+        w[used++] = (uint64_t)T;
+        w[used++] = sid | (uint64_t)(1 + iw) << 16;
+        w[used++] = 1 | (uint64_t)iw << 32;
+        w[used++] = iw | (uint64_t)1 << 32;
+        w[used++] = TLY_V_STR | cases[c].len << 8;
+        if (cases[c].nbytes)
+            w[used++] = hello;
+        w[used++] = (uint64_t)T;
+        w[used++] = iw;
+        uint8_t block[128];
+        size_t n = entity_item(block, fx->user, "1", 2, used, w, 8 * (size_t)used);
+        char err[256] = "";
+        tly_store_t *s2 = tly_store_new(fx->fs);
+        tly_err_t rc = tly_store_load(s2, block, n, NULL, err, sizeof err);
+        if (rc != cases[c].want)
+            fail_msg("case %zu: %s, want %s (%s)", c, tly_strerror(rc), tly_strerror(cases[c].want),
+                     err);
+        if (rc != TLY_OK && strstr(err, "malformed entity state") == NULL)
+            fail_msg("case %zu: unexpected reason: %s", c, err);
+        if (rc == TLY_OK) {
+            tly_featwin_t req = {feat, 0};
+            tly_value_t v;
+            char sbuf[64];
+            assert_int_equal(
+                tly_store_read(s2, fx->user, "1", 1, &req, 1, T, &v, NULL, sbuf, sizeof sbuf),
+                TLY_OK);
+            assert_int_equal(v.type, TLY_V_STR);
+            assert_int_equal(v.len, 5);
+            assert_memory_equal(v.u.s, "hello", 5);
+        }
+        tly_store_free(s2);
+    }
+}
+
 /* fx's features redefined: `saves` (new) comes first and shifts every
  * slot, `clicks` gets other windows (changed), `dmin` is gone, `recent`
  * moves before `dwell` (the value fields change order), the pins gain a
@@ -1999,6 +2061,8 @@ int main(void)
                                         setup, teardown),
         cmocka_unit_test_setup_teardown(
             test_load_refuses_compact_logs_with_negative_or_overflowing_times, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_load_refuses_an_item_string_longer_than_its_item,
+                                        setup, teardown),
         cmocka_unit_test_setup_teardown(test_two_entity_types_from_one_event, setup, teardown),
         cmocka_unit_test_setup_teardown(test_dump_and_load_round_trip, setup, teardown),
         cmocka_unit_test_setup_teardown(
