@@ -18,8 +18,8 @@
 #include <string.h>
 
 #include <cmocka.h>
-#include <dirent.h>
-#include <sys/stat.h>
+
+#include "corpus.h"
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -1110,39 +1110,24 @@ static bool is_decode_result(tly_err_t rc)
     }
 }
 
+/* Each corpus file decoded under the four time rules (ctx: the fixtures). */
+static void decode_corpus_check(void *ctx, const char *path, const uint8_t *buf, size_t len)
+{
+    fixture_t **fx = ctx;
+    for (int k = 0; k < 4; k++) {
+        tly_err_t rc =
+            tly_decode_json(fx[k]->dec, (const char *)buf, len, 1700000000000, &fx[k]->ev);
+        if (!is_decode_result(rc))
+            fail_msg("%s: unexpected result %d", path, (int)rc);
+    }
+}
+
 static void decode_replays_fuzz_corpus_without_crashing(void **state)
 {
     (void)state;
     fixture_t *fx[4] = {fixture_new(ms_time), fixture_new(s_time), fixture_new(iso_time),
                         fixture_new(kafka_time)};
-    DIR *dir = opendir(CORPUS_DIR);
-    if (dir == NULL)
-        fail_msg("cannot open %s (run from the repository root)", CORPUS_DIR);
-    int files = 0;
-    struct dirent *de;
-    while ((de = readdir(dir)) != NULL) {
-        char path[512];
-        struct stat st;
-        snprintf(path, sizeof path, "%s/%s", CORPUS_DIR, de->d_name);
-        if (stat(path, &st) != 0 || !S_ISREG(st.st_mode))
-            continue;
-        FILE *fp = fopen(path, "rb");
-        assert_non_null(fp);
-        size_t cap = (size_t)st.st_size + 1;
-        char *buf = malloc(cap);
-        assert_non_null(buf);
-        size_t len = fread(buf, 1, cap, fp);
-        fclose(fp);
-        for (int k = 0; k < 4; k++) {
-            tly_err_t rc = tly_decode_json(fx[k]->dec, buf, len, 1700000000000, &fx[k]->ev);
-            if (!is_decode_result(rc))
-                fail_msg("%s: unexpected result %d", path, (int)rc);
-        }
-        free(buf);
-        files++;
-    }
-    closedir(dir);
-    assert_true(files >= 10);
+    assert_true(corpus_replay(CORPUS_DIR, decode_corpus_check, fx) >= 10);
     for (int k = 0; k < 4; k++)
         fixture_free(fx[k]);
 }

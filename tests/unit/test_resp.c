@@ -19,9 +19,9 @@
 #include <string.h>
 
 #include <cmocka.h>
-#include <dirent.h>
+
+#include "corpus.h"
 #include <math.h>
-#include <sys/stat.h>
 
 #include "tallyd/resp.h"
 
@@ -1031,33 +1031,17 @@ static void fuzz_checks_hold_for_every_split_and_limit_set(void **state)
     }
 }
 
+static void resp_corpus_check(void *ctx, const char *path, const uint8_t *buf, size_t len)
+{
+    (void)ctx;
+    (void)path;
+    resp_check_input(buf, len);
+}
+
 static void parser_replays_fuzz_corpus_through_the_fuzz_checks(void **state)
 {
     (void)state;
-    DIR *dir = opendir(CORPUS_DIR);
-    if (dir == NULL)
-        fail_msg("cannot open %s (run from the repository root)", CORPUS_DIR);
-    int files = 0;
-    struct dirent *de;
-    while ((de = readdir(dir)) != NULL) {
-        char path[512];
-        struct stat st;
-        snprintf(path, sizeof path, "%s/%s", CORPUS_DIR, de->d_name);
-        if (stat(path, &st) != 0 || !S_ISREG(st.st_mode))
-            continue;
-        FILE *fp = fopen(path, "rb");
-        assert_non_null(fp);
-        size_t cap = (size_t)st.st_size + 1;
-        uint8_t *buf = malloc(cap);
-        assert_non_null(buf);
-        size_t len = fread(buf, 1, cap, fp);
-        fclose(fp);
-        resp_check_input(buf, len);
-        free(buf);
-        files++;
-    }
-    closedir(dir);
-    assert_true(files >= 20);
+    assert_true(corpus_replay(CORPUS_DIR, resp_corpus_check, NULL) >= 20);
 }
 
 int main(void)

@@ -14,13 +14,13 @@
 
 #include <cmocka.h>
 
-#include <dirent.h>
+#include "corpus.h"
+
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
 
 #include "tallyd/config.h"
 #include "tallyd/feature.h"
@@ -1997,33 +1997,18 @@ static void test_counts_over_a_log_with_inline_strings_and_doubles(void **state)
 /* Every input of fuzz_store_load's corpus passes the fuzz target's checks:
  * refused with a sentence, or loaded into state that reads, takes events,
  * dumps and loads again the same. */
+static void store_corpus_check(void *ctx, const char *path, const uint8_t *buf, size_t len)
+{
+    (void)ctx;
+    (void)path;
+    store_load_check_input(buf, len);
+}
+
 static void test_load_replays_fuzz_corpus_through_the_fuzz_checks(void **state)
 {
     (void)state;
     store_load_fuzz_init();
-    DIR *dir = opendir(CORPUS_DIR);
-    if (dir == NULL)
-        fail_msg("cannot open %s (run from the repository root)", CORPUS_DIR);
-    int files = 0;
-    struct dirent *de;
-    while ((de = readdir(dir)) != NULL) {
-        char path[512];
-        struct stat st;
-        snprintf(path, sizeof path, "%s/%s", CORPUS_DIR, de->d_name);
-        if (stat(path, &st) != 0 || !S_ISREG(st.st_mode))
-            continue;
-        FILE *fp = fopen(path, "rb");
-        assert_non_null(fp);
-        size_t cap = (size_t)st.st_size + 1;
-        uint8_t *buf = malloc(cap);
-        assert_non_null(buf);
-        size_t len = fread(buf, 1, cap, fp);
-        fclose(fp);
-        store_load_check_input(buf, len);
-        free(buf);
-        files++;
-    }
-    closedir(dir);
+    int files = corpus_replay(CORPUS_DIR, store_corpus_check, NULL);
     store_load_fuzz_fini();
     assert_true(files >= 18);
 }
