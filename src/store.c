@@ -434,7 +434,6 @@ tly_store_t *tly_store_new(const tly_featset_t *fs)
         abort();
     }
     store->seed = random_seed();
-    atomic_init(&store->clock_ms, INT64_MIN);
     for (size_t i = 0; i < TLY_STORE_SHARDS; i++)
         tbl_init(&store->shards[i], store->seed);
     return store;
@@ -582,13 +581,6 @@ static tly_err_t apply_event(tly_store_t *store, const tly_event_t *ev, const tl
     tly_err_t first_drop = TLY_OK;
     const bool counts = share == 0;
 
-    /* Before any record is written at this now: a reader that sees the
-     * write (through the record's sequence lock) sees the clock too. */
-    int64_t clock = atomic_load_explicit(&store->clock_ms, memory_order_relaxed);
-    while (clock < now_ms &&
-           !atomic_compare_exchange_weak_explicit(&store->clock_ms, &clock, now_ms,
-                                                  memory_order_relaxed, memory_order_relaxed)) {
-    }
     if (ev->time_ms > now_ms + fs->max_future_skew_ms) {
         if (counts)
             stat_drop(store, TLY_E_EV_FUTURE);
@@ -731,17 +723,6 @@ tly_err_t tly_store_apply_hinted(tly_store_t *store, const tly_event_t *ev,
 
 /* ---- reads -------------------------------------------------------------- */
 
-/* Whether a read at t (not an ASOF read) is at the clock: at or after
- * every now an apply was given, so that an item after t is one accepted
- * ahead of the clock (see store_words_recent). A read in the past (an
- * ASOF, or racing a writer whose now is newer) answers from the k newest
- * items kept. */
-static bool store_at_clock(const tly_store_t *store, int64_t t)
-{
-    return t >=
-           atomic_load_explicit(&((tly_store_t *)(uintptr_t)store)->clock_ms, memory_order_relaxed);
-}
-
 /* Begins a consistent read of the live record for (type, id): returns it
  * with *s0 (even), or NULL when the id is unknown. Caller holds
  * rcu_read_lock; `ent` is the previous attempt's record or NULL. */
@@ -787,8 +768,8 @@ static tly_err_t store_read(tly_store_t *store, uint32_t entity, const char *id,
     for (;;) {
         uint32_t s0 = 0;
         ent = read_begin(store, ent, entity, id, idlen, &s0);
-        /* after read_begin's acquire: the clock of the writes it sees */
-        const bool at_clock = !past && store_at_clock(store, now_ms);
+        /* at the clock (not an ASOF read): see store_words_recent */
+        const bool at_clock = !past;
         bool bad = false, full = false, words = ent && is_words(ent);
         uint32_t used = ent ? used_of(ent) : 0;
         size_t sused = 0;
@@ -913,7 +894,7 @@ static tly_err_t store_recent(tly_store_t *store, uint32_t entity, const char *i
             got = 0;
             break;
         }
-        const bool at_clock = !past && store_at_clock(store, asof_ms); /* see store_read */
+        const bool at_clock = !past; /* see store_read */
         bool bad = false, full = false;
         size_t sused = 0;
         uint32_t used = used_of(ent);

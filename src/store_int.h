@@ -149,10 +149,6 @@ struct tly_store {
     shard_t *shards;                      /* TLY_STORE_SHARDS, immutable pointer */
     uint64_t gen;                         /* unique per store, keys the thread cache */
     uint64_t seed;                        /* hash_id's seed, random; immutable */
-    /* The latest now_ms any apply was given (INT64_MIN: none yet): raised
-     * by writers, read by last/last_k reads (see store_words_recent). On
-     * its own line: written about once a millisecond, read by every apply. */
-    _Alignas(64) _Atomic int64_t clock_ms;
     pthread_mutex_t mu;                   /* guards `stats` list insertion */
     tstats_t *_Atomic stats;              /* per-thread counters (push-only list) */
     etype_t *etypes;                      /* by entity index; immutable but conv_words */
@@ -369,10 +365,12 @@ void store_words_apply(tly_store_t *store, ent_t **entp, const tly_entity_t *ety
                        const uint32_t *feats, uint32_t nfeats, const tly_event_t *ev,
                        int64_t now_ms);
 /* The newest items of the list at off, newest first, at most k and cap,
- * with since_ms <= time <= asof_ms. at_clock (asof_ms at or after every
- * writer's now): the k newest at or before asof_ms; otherwise (a read in
- * the past) those at or before asof_ms among the k newest kept. The two
- * agree with store_log_recent's for the same events. */
+ * with since_ms <= time <= asof_ms. at_clock (a read at the clock, not an
+ * ASOF): the k newest at or before asof_ms; otherwise those at or before
+ * asof_ms among the k newest kept. Both agree with store_log_recent's for
+ * the same events, at the clock when asof_ms is at or after the now of the
+ * record's last apply and at most max(k, AHEAD_ITEMS_MIN) of its items
+ * were after that now. */
 size_t store_words_recent(const tly_store_t *store, const ent_t *e, uint32_t off, uint32_t used,
                           uint32_t k, int64_t since_ms, int64_t asof_ms, bool at_clock,
                           tly_item_t *items, size_t cap, char *strbuf, size_t strcap, size_t *sused,

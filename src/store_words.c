@@ -23,7 +23,7 @@
 #define TAG_LEN(w)       ((uint32_t)((w) >> 8))
 #define TAG_ISTR         0x83    /* an interned string: the payload word is its id */
 #define UW_MIXED         0xffffu /* item list whose items differ in width */
-#define AHEAD_ITEMS_MIN  8u      /* items after the writer's now kept, at least */
+#define AHEAD_ITEMS_MIN  64u     /* items after the writer's now kept, at least */
 
 /* Makes room for `extra` more words (may replace *entp). */
 static void words_reserve(tly_store_t *store, ent_t **entp, uint32_t extra)

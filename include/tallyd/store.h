@@ -163,8 +163,10 @@ tly_err_t tly_store_read(tly_store_t *store, uint32_t entity, const char *id, si
  * last/last_k answer from the k newest items kept, those at or before
  * asof_ms. tly_store_read, a read at the clock, answers the k newest at or
  * before now_ms, not counting items accepted ahead of the clock (within
- * max_future_skew), which the writers keep on top of the k — unless an
- * apply was given a later now, when it answers as this does.
+ * max_future_skew), which the writers keep on top of the k, up to
+ * max(k, 64) of them per list. Its now_ms is meant to be at or after the
+ * now of every apply it follows: a read at an earlier time may find fewer
+ * items in a word-encoded record than in a compact one.
  */
 tly_err_t tly_store_read_asof(tly_store_t *store, uint32_t entity, const char *id, size_t idlen,
                               const tly_featwin_t *req, size_t n, int64_t asof_ms, tly_value_t *out,

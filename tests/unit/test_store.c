@@ -342,7 +342,10 @@ static void test_items_after_now_leave_last_and_last_k_before_now_intact(void **
         assert_int_equal(put(fx, B, B - 3 * MIN, user, "p", "view", -1), TLY_OK);
         assert_int_equal(put(fx, B, B - 2 * MIN, user, "p", "save", -1), TLY_OK);
         assert_int_equal(put(fx, B, B - 1 * MIN, user, "p", "click", -1), TLY_OK);
-        /* two events 100 and 200 ms ahead of the writer's now B */
+        /* ten events ahead of the writer's now B: at B + 100 and B + 200
+         * ms, and eight more 2 to 9 s ahead */
+        for (int j = 9; j >= 2; j--)
+            assert_int_equal(put(fx, B, B + j * SEC, user, "p", "view", -1), TLY_OK);
         assert_int_equal(put(fx, B, B + 200, user, "p", "hide", -1), TLY_OK);
         assert_int_equal(put(fx, B, B + 100, user, "p", "closeup", -1), TLY_OK);
         int64_t t[8];
@@ -352,10 +355,9 @@ static void test_items_after_now_leave_last_and_last_k_before_now_intact(void **
         assert_int_equal(get(fx, fx->user, id, "recent", 0, B).u.i, 3);
         assert_int_equal(recent_times(fx, id, B, t, 8), 3);
         assert_true(t[0] == B - 1 * MIN && t[1] == B - 2 * MIN && t[2] == B - 3 * MIN);
-        /* an ASOF read at the same time answers from the k kept (the two
-         * ahead among them): those at or before B */
-        assert_int_equal(recent_times_as(fx, id, B, true, t, 8), 1);
-        assert_true(t[0] == B - 1 * MIN);
+        /* an ASOF read at the same time answers from the k newest kept, all
+         * ahead of B: none */
+        assert_int_equal(recent_times_as(fx, id, B, true, t, 8), 0);
         /* once their times come, they are the newest */
         v = get(fx, fx->user, id, "last_action", 0, B + 150);
         assert_int_equal(v.type, TLY_V_STR);
@@ -374,10 +376,18 @@ static void test_items_after_now_leave_last_and_last_k_before_now_intact(void **
         v = get(fx, fx->user, id, "last_action", 0, B + SEC);
         assert_int_equal(v.type, TLY_V_STR);
         assert_memory_equal(v.u.s, "view", 4);
-        /* a read in the past (before the clock) answers from the k kept,
-         * all after it here, in either encoding */
-        assert_int_equal(recent_times(fx, id, B - 90 * SEC, t, 8), 0);
-        assert_int_equal(get(fx, fx->user, id, "recent", 0, B - 90 * SEC).u.i, 0);
+        /* an ASOF read in the past answers from the k newest kept (B + 9 s,
+         * 8 s, 7 s), none of them before it, in either encoding */
+        assert_int_equal(recent_times_as(fx, id, B - 90 * SEC, true, t, 8), 0);
+        uint32_t feat;
+        int win;
+        assert_int_equal(tly_featset_resolve(fx->fs, fx->user, "recent", 6, &feat, &win), TLY_OK);
+        tly_featwin_t req = {feat, 0};
+        char sbuf[64];
+        assert_int_equal(tly_store_read_asof(fx->store, fx->user, id, 1, &req, 1, B - 90 * SEC, &v,
+                                             NULL, sbuf, sizeof sbuf),
+                         TLY_OK);
+        assert_int_equal(v.u.i, 0);
     }
 }
 
