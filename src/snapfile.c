@@ -244,6 +244,11 @@ static int make_dirs(const char *dir, char *err, size_t errlen)
             if (slash != NULL && slash != path)
                 *slash = '\0';
             int synced = sync_dir(parent);
+            /* a parent this user may write in but not read (mode 0733)
+             * cannot be opened to sync: its new entry is left to the
+             * file system, as before */
+            if (synced != 0 && (errno == EACCES || errno == EPERM))
+                synced = 0;
             if (slash != NULL && slash != path)
                 *slash = '/';
             if (synced != 0) {
