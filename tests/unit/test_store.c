@@ -1506,12 +1506,12 @@ static void test_items_wider_than_the_width_field_read_and_round_trip(void **sta
                                   "features:\n"
                                   "  - { name: wide, entity: user, key: user_id, agg: last_k, k: 2,"
                                   " value: [a, b, c, d, e, f, g, h] }\n";
-    tly_config_t *cfg;
-    tly_featset_t *fs;
+    void *fxp = NULL;
+    assert_int_equal(setup_yaml(&fxp, cfg_yaml), 0);
+    fx_t *fx = fxp;
+    const tly_featset_t *fs = fx->fs;
+    tly_store_t *store = fx->store;
     char err[256];
-    assert_int_equal(tly_config_load_string(cfg_yaml, "wide.yaml", &cfg, err, sizeof err), TLY_OK);
-    assert_int_equal(tly_featset_compile(cfg, &fs, err, sizeof err), TLY_OK);
-    tly_store_t *store = tly_store_new(fs);
     enum { LEN = 65536, NV = 8 };
     char *text = malloc(3 * NV * (size_t)LEN);
     size_t scap = 2 * NV * (size_t)LEN + 64;
@@ -1569,9 +1569,7 @@ static void test_items_wider_than_the_width_field_read_and_round_trip(void **sta
     free(sbuf);
     free(text);
     tly_store_free(copy);
-    tly_store_free(store);
-    tly_featset_free(fs);
-    tly_config_free(cfg);
+    teardown(&fxp);
 }
 
 /* A sum and a min whose answers depend on the order values are folded in:
@@ -1591,12 +1589,11 @@ static void test_compact_and_word_folds_agree_where_order_matters(void **state)
         " windows: [1h] }\n"
         "  - { name: pad, entity: user, key: user_id, where: { action: pad }, agg: count,"
         " windows: [1h] }\n";
-    tly_config_t *cfg;
-    tly_featset_t *fs;
-    char err[256];
-    assert_int_equal(tly_config_load_string(cfg_yaml, "fold.yaml", &cfg, err, sizeof err), TLY_OK);
-    assert_int_equal(tly_featset_compile(cfg, &fs, err, sizeof err), TLY_OK);
-    tly_store_t *store = tly_store_new(fs);
+    void *fxp = NULL;
+    assert_int_equal(setup_yaml(&fxp, cfg_yaml), 0);
+    fx_t *fx = fxp;
+    const tly_featset_t *fs = fx->fs;
+    tly_store_t *store = fx->store;
     int f_user = tly_featset_field(fs, "user_id", 7), f_action = tly_featset_field(fs, "action", 6),
         f_v = tly_featset_field(fs, "v", 1);
     /* per user: (minutes before T, value); the 1h window's hop is 1m, so
@@ -1663,9 +1660,7 @@ static void test_compact_and_word_folds_agree_where_order_matters(void **state)
                 assert_int_equal(tly_store_apply(store, &e, 0, 100 + i, T), TLY_OK);
             }
     }
-    tly_store_free(store);
-    tly_featset_free(fs);
-    tly_config_free(cfg);
+    teardown(&fxp);
 }
 
 static void test_item_feature_before_windowed_ones_in_word_encoding(void **state)
