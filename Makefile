@@ -92,7 +92,8 @@ test: deps
 
 asan: deps
 	@$(MAKE) --no-print-directory BUILD=build/asan SAN="-fsanitize=address,undefined -fno-omit-frame-pointer" OPT=-O1 unit-bins
-	@TLY_TEST_VARIANT=asan bash scripts/run-tests.sh build/asan
+	@UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 TLY_TEST_VARIANT=asan \
+	  bash scripts/run-tests.sh build/asan
 
 tsan: deps
 	@$(MAKE) --no-print-directory BUILD=build/tsan SAN=-fsanitize=thread OPT=-O1 unit-bins
