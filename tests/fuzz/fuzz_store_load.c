@@ -47,6 +47,7 @@
 #include "tallyd/feature.h"
 #include "tallyd/rcu.h"
 #include "tallyd/store.h"
+#include "store_int.h" /* mix64, to spread the seeds */
 
 #ifndef STORE_LOAD_CHECK_FAIL
 #define STORE_LOAD_CHECK_FAIL(what)                                                                \
@@ -403,16 +404,6 @@ static void sl_read(tly_store_t *store, const tly_featset_t *fs, const sl_ent_t 
 
 /* ---- events -------------------------------------------------------------- */
 
-static uint64_t sl_mix(uint64_t x)
-{
-    x ^= x >> 33;
-    x *= UINT64_C(0xff51afd7ed558ccd);
-    x ^= x >> 33;
-    x *= UINT64_C(0xc4ceb9fe1a85ec53);
-    x ^= x >> 33;
-    return x;
-}
-
 static const char sl_text[] = "the quick brown fox jumps over the lazy dog, twice: the quick b";
 
 /* Event j for entity e: its id as the key, the other keys and values picked
@@ -423,7 +414,7 @@ static void sl_event(const sl_set_t *set, const sl_ent_t *e, int j, uint64_t see
     static const char *const actions[] = {"click", "impression", "save",
                                           "an action far too long to intern"};
     const tly_featset_t *fs = set->fs;
-    uint64_t r = sl_mix(seed + (uint64_t)j * UINT64_C(0x9e3779b97f4a7c15));
+    uint64_t r = mix64(seed + (uint64_t)j * UINT64_C(0x9e3779b97f4a7c15));
     memset(ev, 0, sizeof *ev);
     ev->nfields = (uint32_t)fs->nfields;
     ev->time_ms = SL_NOW - j * 10 * SL_SEC - (int64_t)(r % 7) * SL_SEC;
