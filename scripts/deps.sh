@@ -7,7 +7,7 @@ set -euo pipefail
 PKGS=(
   build-essential pkg-config
   librdkafka-dev libuv1-dev liburcu-dev libcmocka-dev
-  libyaml-dev libjsmn-dev libhiredis-dev libzstd-dev libmicrohttpd-dev
+  libyaml-dev libjsmn-dev libhiredis-dev libzstd-dev libmicrohttpd-dev libmimalloc-dev
   redis-server redis-tools kcat
   openjdk-17-jre-headless maven
   python3 python3-venv python3-redis python3-confluent-kafka

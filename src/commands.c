@@ -1052,6 +1052,9 @@ static void info_memory(cmd_ctx_t *c, tly_buf_t *t)
     textf(t, "interned_strings:%" PRIu64 "\r\n", st.interned);
     textf(t, "interned_bytes:%" PRIu64 "\r\n", st.interned_bytes);
     textf(t, "table_bytes:%" PRIu64 "\r\n", st.table_bytes);
+    char alloc[32];
+    tly_store_allocator(alloc, sizeof alloc);
+    textf(t, "mem_allocator:%s\r\n", alloc);
 }
 
 #define INFO_PARTITIONS 1024

@@ -64,6 +64,10 @@
 #include "store_int.h"
 #include "tallyd/window.h"
 
+#ifdef TLY_MIMALLOC
+#include <mimalloc.h>
+#endif
+
 #if defined(__SANITIZE_THREAD__)
 char tly_rcu_tsan_sync, tly_table_tsan_sync;
 #endif
@@ -1654,6 +1658,22 @@ tly_err_t tly_store_load(tly_store_t *store, const void *data, size_t n, const u
 bool tly_store_restored(const tly_store_t *store, uint32_t feat)
 {
     return feat < store->fs->nfeats && store->restored[feat] != 0;
+}
+
+void tly_store_allocator(char *buf, size_t cap)
+{
+#ifdef TLY_MIMALLOC
+    /* linked is not enough: a libc found first would still serve malloc */
+    void *p = calloc(1, 1); /* calloc: the check reads no unset byte */
+    bool mi = p != NULL && mi_is_in_heap_region(p);
+    free(p);
+    if (mi) {
+        int v = mi_version();
+        snprintf(buf, cap, "mimalloc-%d.%d.%d", v / 100, v / 10 % 10, v % 10);
+        return;
+    }
+#endif
+    snprintf(buf, cap, "libc");
 }
 
 void tly_store_stats(const tly_store_t *store, tly_store_stats_t *out)

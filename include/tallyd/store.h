@@ -259,4 +259,9 @@ bool tly_store_restored(const tly_store_t *store, uint32_t feat);
 /* Fills *st with the current counters. Any thread. */
 void tly_store_stats(const tly_store_t *store, tly_store_stats_t *st);
 
+/* Writes the allocator that serves this process's malloc, the one used_memory
+ * is counted in (malloc_usable_size), into buf[0..cap): "mimalloc-2.0.9"
+ * when release builds' mimalloc replaced malloc, else "libc". Any thread. */
+void tly_store_allocator(char *buf, size_t cap);
+
 #endif

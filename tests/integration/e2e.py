@@ -529,11 +529,22 @@ INFO_FIELDS = {
     "Stats": ["total_connections_received", "total_commands_processed", "rejected_connections",
               "protocol_errors", "output_buffer_disconnects", "timeout_disconnects",
               "total_net_input_bytes", "total_net_output_bytes"],
-    "Memory": ["used_memory", "entities", "interned_strings"],
+    "Memory": ["used_memory", "entities", "interned_strings", "mem_allocator"],
     "Source": ["brokers", "topics", "partitions", "messages_consumed", "events_applied",
                "events_rejected", "consumer_errors", "watermark_ms", "lag"],
     "Features": ["updates", "events_updated", "expired_entities"],
 }
+
+
+def expected_allocator(pid):
+    """What INFO mem_allocator should say, from outside the process: release
+    builds map Debian's libmimalloc (its version from dpkg), others none."""
+    with open(f"/proc/{pid}/maps") as f:
+        if "libmimalloc" not in f.read():
+            return "libc"
+    out = subprocess.run(["dpkg-query", "-W", "-f=${Version}", "libmimalloc2.0"],
+                         capture_output=True, text=True, check=False).stdout
+    return "mimalloc-" + out.split("+")[0].split("-")[0]
 
 
 def t_info(c):
@@ -568,6 +579,7 @@ def t_info(c):
     m.eq(info.get("partitions"), str(PARTITIONS), "partitions")
     m.eq(info.get("messages_consumed"), str(c.kafka.produced), "messages_consumed")
     m.check(int(info.get("entities", "0")) > 0, f"entities {info.get('entities')}")
+    m.eq(info.get("mem_allocator"), expected_allocator(c.tallyd.pid), "mem_allocator")
     highs = 0
     for n in range(PARTITIONS):
         v = info.get(f"partition_{TOPIC}_{n}")
