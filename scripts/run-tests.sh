@@ -71,6 +71,10 @@ else
     run_one "tsan/$name" "$t" TLY_TEST_SCALE=small \
       TSAN_OPTIONS="halt_on_error=1 exitcode=66 suppressions=$PWD/tests/tsan.supp"
   done
+  # decode.c and feature.c with the byte-at-a-time readers big-endian hosts
+  # use (make test builds it with PORTABLE=1).
+  t=build/portable/tests/test_decode
+  [ -x "$t" ] && run_one "portable/test_decode" "$t"
   # Integration: a real tallyd fed through a Kafka mock cluster, queried with
   # redis-cli, hiredis and redis-py. The Python environment (redis-py 5 for
   # RESP3) comes from scripts/pydeps.sh. Each script stays far below its

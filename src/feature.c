@@ -49,6 +49,14 @@
 
 #include "tallyd/window.h"
 
+/* render_int's eight-digits-at-a-time path needs a little-endian host;
+ * TLY_PORTABLE builds the portable one on any host (see decode.c). */
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__ && !defined(TLY_PORTABLE)
+#define FEATURE_WORDS 1
+#else
+#define FEATURE_WORDS 0
+#endif
+
 static void *xcalloc(size_t n, size_t size)
 {
     void *p = calloc(n ? n : 1, size ? size : 1);
@@ -860,7 +868,7 @@ static size_t int_len(int64_t v)
     return t + (u >= p10[t]) + (v < 0);
 }
 
-#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+#if FEATURE_WORDS
 /* The eight decimal digits of u < 10^8, leading zeros included, as bytes
  * 0..9 with the most significant first in memory (little-endian): the
  * halves of four digits, then pairs, then single digits split in every lane
@@ -884,7 +892,7 @@ static char *render_int(int64_t v, char *end)
     /* Work in unsigned so that INT64_MIN negates without overflow. */
     uint64_t u = v < 0 ? (uint64_t)0 - (uint64_t)v : (uint64_t)v;
     char *p = end;
-#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+#if FEATURE_WORDS
     const uint64_t zeros = UINT64_C(0x3030303030303030);
     while (u >= 100000000) { /* eight digits at a time from the right */
         uint64_t x = digit_bytes8(u % 100000000) | zeros;
