@@ -21,9 +21,12 @@
  *  - Strings must be valid UTF-8 (no overlongs, no surrogates, ≤ U+10FFFF);
  *    \uXXXX escapes decode to UTF-8, a lone surrogate escape is invalid.
  *  - A JSON null is an absent field (TLY_V_NIL); a null time is missing.
- *  - A referenced key whose value is an object or array rejects the event
- *    with EV_WRONG_TYPE (EV_BAD_TIME for the time field), even if a later
- *    duplicate of the key would be fine; otherwise the last duplicate wins.
+ *  - A referenced key whose value is wrong in itself (an object or array,
+ *    EV_WRONG_TYPE; a string over max_string, EV_VALUE_TOO_LONG; a number
+ *    beyond double range, EV_WRONG_TYPE; EV_BAD_TIME for each when it is the
+ *    time field) rejects the event even if a later duplicate of the key would
+ *    be fine; otherwise the last duplicate wins, and the time unit's rules
+ *    (below) judge only the last time value.
  *  - A number that overflows a double (1e999) in a referenced field is
  *    EV_WRONG_TYPE: it has no finite value to count.
  *  - events.max_string counts decoded bytes. A key written with escapes

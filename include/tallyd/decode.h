@@ -6,7 +6,9 @@
  * arrays are checked, not extracted). Integers become TLY_V_INT (int64; an integer that does
  * not fit is a double), numbers with a fraction or exponent TLY_V_DOUBLE,
  * strings TLY_V_STR (escapes decoded into the decoder's scratch), true/false
- * TLY_V_BOOL, null TLY_V_NIL. When a key repeats, the last one wins.
+ * TLY_V_BOOL, null TLY_V_NIL. When a key repeats, the last one wins, unless
+ * an earlier value is one that rejects the event (an object or array, a
+ * string over max_string, a number beyond double range): see decode.c.
  *
  * Event time comes from the configured field (ms, s or ISO 8601) or, with no
  * time field, from the Kafka message timestamp passed in. Each decoder reads

@@ -233,6 +233,30 @@ static void decode_last_duplicate_key_wins(void **state)
     assert_int_equal(val(f, "action")->type, TLY_V_NIL);
 }
 
+/* A value that is wrong in itself (object or array, a string over
+ * max_string = 32 bytes, a number beyond double range) rejects the event
+ * even when a later duplicate of its key is fine; the time field's unit is
+ * judged on the last duplicate only. */
+static void decode_bad_value_of_a_repeated_key_rejects_even_if_the_last_is_fine(void **state)
+{
+    fixture_t *f = *state;
+    assert_int_equal(decode(f, "{\"ts\":1,\"action\":\"xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx\","
+                               "\"action\":\"click\"}"),
+                     TLY_E_EV_VALUE_TOO_LONG);
+    assert_int_equal(decode(f, "{\"ts\":1,\"score\":1e999,\"score\":2.5}"), TLY_E_EV_WRONG_TYPE);
+    assert_int_equal(decode(f, "{\"ts\":1,\"score\":[],\"score\":2.5}"), TLY_E_EV_WRONG_TYPE);
+    assert_int_equal(decode(f, "{\"ts\":\"xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx\",\"ts\":7}"),
+                     TLY_E_EV_BAD_TIME);
+    /* a string or a fraction is wrong only as a time in ms: the last wins */
+    assert_int_equal(decode(f, "{\"ts\":\"x\",\"ts\":1.5,\"ts\":7}"), TLY_OK);
+    assert_int_equal(f->ev.time_ms, 7);
+    /* a string of exactly 32 bytes is fine, and the last one wins */
+    assert_int_equal(decode(f, "{\"ts\":1,\"action\":\"xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx\","
+                               "\"action\":\"click\"}"),
+                     TLY_OK);
+    assert_str(val(f, "action"), "click");
+}
+
 static void decode_skips_nested_values_under_unreferenced_keys(void **state)
 {
     fixture_t *f = *state;
@@ -1142,6 +1166,7 @@ int main(void)
         FIXTURE_TEST(decode_borrows_unescaped_strings_from_the_payload, setup_ms),
         FIXTURE_TEST(decode_accepts_whitespace_between_tokens, setup_ms),
         FIXTURE_TEST(decode_last_duplicate_key_wins, setup_ms),
+        FIXTURE_TEST(decode_bad_value_of_a_repeated_key_rejects_even_if_the_last_is_fine, setup_ms),
         FIXTURE_TEST(decode_skips_nested_values_under_unreferenced_keys, setup_ms),
         FIXTURE_TEST(decode_types_integers_and_doubles, setup_ms),
         FIXTURE_TEST(decode_reads_integers_of_every_length, setup_ms),
