@@ -559,7 +559,9 @@ static bool number_to_ms(const char *p, size_t n, int scale, bool whole_only, in
         if (i < n && (p[i] == '+' || p[i] == '-'))
             eneg = p[i++] == '-';
         for (; i < n; i++)
-            if (exp < 1000000) /* far beyond any plausible time either way */
+            /* Digits can offset an exponent as large as the payload is
+             * long (up to 2^31 bytes): stop only far beyond that. */
+            if (exp < (INT64_C(1) << 40))
                 exp = exp * 10 + (p[i] - '0');
         if (eneg)
             exp = -exp;

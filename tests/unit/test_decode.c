@@ -919,6 +919,52 @@ static void decode_time_seconds_convert_exactly_rounding_down(void **state)
     }
 }
 
+/* A payload of up to max_bytes = 16 MiB can hold ten million digits that
+ * an exponent of over ten million offsets: 0.<10^7 zeros>17e10000010 s is
+ * 17 × 10^-(10^7 + 2) × 10^(10^7 + 10) = 17 × 10^8 s, and
+ * 1700000000000<10^7 zeros>e-10000000 ms is 1700000000000 ms. */
+static void decode_time_offsets_exponents_beyond_a_million_exactly(void **state)
+{
+    (void)state;
+    static const struct {
+        const char *unit, *head, *tail;
+    } cases[] = {
+        {"s", "0.", "17e10000010"},
+        {"ms", "1700000000000", "e-10000000"},
+    };
+    const size_t nzeros = 10000000;
+    for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
+        char yaml[512], err[512] = "";
+        snprintf(yaml, sizeof yaml,
+                 "events:\n"
+                 "  time: { field: ts, unit: %s }\n"
+                 "  max_bytes: 16777216\n"
+                 "features:\n"
+                 "  - { name: clicks, entity: user, key: user_id, agg: count, windows: [1h] }\n",
+                 cases[c].unit);
+        tly_config_t *cfg = NULL;
+        tly_featset_t *fs = NULL;
+        if (tly_config_load_string(yaml, "test.yaml", &cfg, err, sizeof err) != TLY_OK ||
+            tly_featset_compile(cfg, &fs, err, sizeof err) != TLY_OK)
+            fail_msg("config: %s", err);
+        tly_decoder_t *dec = tly_decoder_new(fs);
+        size_t cap = nzeros + 64, n = 0;
+        char *p = malloc(cap);
+        assert_non_null(p);
+        n += (size_t)snprintf(p, cap, "{\"ts\":%s", cases[c].head);
+        memset(p + n, '0', nzeros);
+        n += nzeros;
+        n += (size_t)snprintf(p + n, cap - n, "%s}", cases[c].tail);
+        tly_event_t ev;
+        assert_int_equal(tly_decode_json(dec, p, n, -1, &ev), TLY_OK);
+        assert_int_equal(ev.time_ms, INT64_C(1700000000000));
+        free(p);
+        tly_decoder_free(dec);
+        tly_featset_free(fs);
+        tly_config_free(cfg);
+    }
+}
+
 static void decode_time_iso8601_field_reads_strings(void **state)
 {
     fixture_t *f = *state;
@@ -1189,6 +1235,7 @@ int main(void)
         FIXTURE_TEST(decode_time_ms_accepts_integral_numbers_only, setup_ms),
         FIXTURE_TEST(decode_time_missing_or_null_is_missing_time, setup_ms),
         FIXTURE_TEST(decode_time_seconds_convert_exactly_rounding_down, setup_s),
+        cmocka_unit_test(decode_time_offsets_exponents_beyond_a_million_exactly),
         FIXTURE_TEST(decode_time_iso8601_field_reads_strings, setup_iso),
         cmocka_unit_test(iso8601_parses_zulu_offsets_and_fractions),
         cmocka_unit_test(iso8601_validates_calendar_dates_and_leap_years),
