@@ -34,8 +34,9 @@
  * tly_featset_match() tests one string field once per event.
  *
  * `where` values are pre-parsed once: has_int when the whole text is a base-10
- * int64 (strtoll), has_double when it is a finite decimal number (strtod;
- * hex, inf and nan are not numbers here), has_bool for the YAML 1.2 core
+ * int64 (strtoll), has_double when it is a finite decimal number (strtod, as
+ * decode reads an event's number, so 4.9e-324 is the least subnormal and
+ * 1e-400 is 0; hex, inf and nan are not numbers here), has_bool for the YAML 1.2 core
  * spellings true/True/TRUE and false/False/FALSE.
  */
 #include "tallyd/feature.h"
@@ -144,9 +145,11 @@ static void parse_match_value(tly_match_value_t *mv, const char *text)
             mv->has_int = true;
             mv->i = (int64_t)ll;
         }
-        errno = 0;
+        /* No errno test: an underflow (ERANGE) still gives the double an
+         * event's number of the same text decodes to (decode.c ignores it
+         * too), subnormal or zero; an overflow is not finite. */
         double d = strtod(text, &end);
-        if (errno == 0 && end != text && *end == '\0' && isfinite(d)) {
+        if (end != text && *end == '\0' && isfinite(d)) {
             mv->has_double = true;
             mv->d = d;
         }

@@ -746,6 +746,24 @@ static void match_double_field_compares_as_double(void **state)
     unload(&l);
 }
 
+/* A where value that underflows is the double strtod gives, as an event's
+ * number is (decode ignores ERANGE): 4.9e-324 is 2^-1074, the least
+ * subnormal, and 1e-400 rounds to 0. */
+static void match_double_field_reads_underflowing_values_as_decode_does(void **state)
+{
+    (void)state;
+    loaded_t l = compile_ok("features:\n"
+                            "  - { name: tiny, entity: user, key: uid, where: { x: 4.9e-324 }, "
+                            "agg: count, windows: [1h] }\n"
+                            "  - { name: zero, entity: user, key: uid, where: { x: 1e-400 }, "
+                            "agg: count, windows: [1h] }\n");
+    assert_true(match_one(l.fs, 0, "x", double_value(0x1p-1074)));
+    assert_false(match_one(l.fs, 0, "x", double_value(0x1p-1073)));
+    assert_true(match_one(l.fs, 1, "x", double_value(0.0)));
+    assert_false(match_one(l.fs, 1, "x", double_value(0x1p-1074)));
+    unload(&l);
+}
+
 static void match_bool_field_compares_true_false(void **state)
 {
     (void)state;
@@ -1066,6 +1084,7 @@ int main(void)
         cmocka_unit_test(match_list_holds_when_any_value_equals),
         cmocka_unit_test(match_int_field_compares_as_int64),
         cmocka_unit_test(match_double_field_compares_as_double),
+        cmocka_unit_test(match_double_field_reads_underflowing_values_as_decode_does),
         cmocka_unit_test(match_bool_field_compares_true_false),
         cmocka_unit_test(match_fails_on_missing_or_null_field),
         cmocka_unit_test(match_masks_name_each_distinct_condition_once),
