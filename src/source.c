@@ -1750,7 +1750,14 @@ tly_err_t tly_source_catch_up(tly_source_t *src, const char *topic, int32_t part
     part_t *p = part_restored(src, topic, partition, offset, last_event_ms);
     if (p == NULL)
         return TLY_E_INVAL;
-    p->catchup_until = offset;
+    /* A topic kafka.topics no longer lists is never consumed, so nothing
+     * of it would ever be replayed and the source would stay "catching
+     * up" (no snapshot) for good: it resumes at its position instead, as
+     * its events are in the restored features. */
+    if (p->topic_index < 0)
+        p->position = offset;
+    else
+        p->catchup_until = offset;
     return TLY_OK;
 }
 

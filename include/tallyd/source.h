@@ -151,8 +151,9 @@ tly_err_t tly_source_resume_at(tly_source_t *src, const char *topic, int32_t par
  * others are new or changed): topic/partition starts where kafka.start
  * says, but no later than offset; its events below offset are marked
  * `replayed`, so they feed only the features the store did not restore
- * (tly_store_restored), whose state is rebuilt. last_event_ms as for
- * resume_at. Main thread. */
+ * (tly_store_restored), whose state is rebuilt. A topic not in
+ * kafka.topics (never consumed, so never replayed) is taken as by
+ * resume_at. last_event_ms as for resume_at. Main thread. */
 tly_err_t tly_source_catch_up(tly_source_t *src, const char *topic, int32_t partition,
                               int64_t offset, int64_t last_event_ms);
 /* True while some partition is still below the offset given to

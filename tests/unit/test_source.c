@@ -603,6 +603,59 @@ static void test_catch_up_ends_when_the_replay_reaches_the_position(void **state
     tly_rcu_thread_offline();
 }
 
+/* A snapshot restored in part (features changed) also held a topic that
+ * kafka.topics no longer lists: nothing of it is ever consumed again, so
+ * nothing of it is replayed, and its partition must not keep the source
+ * "catching up" (which holds back every snapshot) once the consumed
+ * partitions' replays reached their restored positions. Its events stay in
+ * the store's restored features, so its position stays too. */
+static void test_catch_up_of_a_topic_no_longer_consumed_does_not_hold_snapshots(void **state)
+{
+    (void)state;
+    SKIP_UNDER_TSAN();
+    enum { N = 40, GONE_OFFSET = 77 };
+    fixture_t fx;
+    fixture_init(&fx, "test-catchup-gone", "replica", "earliest", "");
+    tly_rcu_thread_online();
+    rd_kafka_t *prod = producer_new(tly_source_bootstrap(fx.src));
+    int64_t hi[NPARTS];
+    produce_users(prod, N, 4343, hi);
+    for (int p = 0; p < NPARTS; p++)
+        if (hi[p] > 0)
+            assert_int_equal(tly_source_catch_up(fx.src, TOPIC, p, hi[p], -1), TLY_OK);
+    assert_int_equal(tly_source_catch_up(fx.src, "removed-topic", 0, GONE_OFFSET, -1), TLY_OK);
+    start_source(&fx);
+
+    tly_source_stats_t st;
+    tly_partition_stat_t parts[NPARTS];
+    await_caught_up(&fx, N, hi, &st, parts);
+    assert_int_equal(st.applied, N);
+    tly_source_halt(fx.src);
+    assert_false(tly_source_catching_up(fx.src));
+    tly_position_t pos[NPARTS + 1];
+    size_t npos = tly_source_positions(fx.src, pos, NPARTS + 1);
+    size_t want = 1;
+    for (int p = 0; p < NPARTS; p++)
+        want += hi[p] > 0;
+    assert_int_equal(npos, want);
+    bool gone_seen = false;
+    for (size_t i = 0; i < npos; i++) {
+        if (strcmp(pos[i].topic, "removed-topic") == 0) {
+            assert_int_equal(pos[i].partition, 0);
+            assert_int_equal(pos[i].offset, GONE_OFFSET);
+            gone_seen = true;
+        } else {
+            assert_string_equal(pos[i].topic, TOPIC);
+            assert_int_equal(pos[i].offset, hi[pos[i].partition]);
+        }
+    }
+    assert_true(gone_seen);
+
+    rd_kafka_destroy(prod);
+    fixture_fini(&fx);
+    tly_rcu_thread_offline();
+}
+
 /* A source pointed at a cluster by address (not "embedded") with start
  * window asks the brokers for the offsets at now - horizon. The mock
  * cluster has no offsets by time and answers "none", which means "no
@@ -1748,6 +1801,7 @@ int main(void)
         cmocka_unit_test(test_every_event_applied_once_and_offsets_committed),
         cmocka_unit_test(test_replica_mode_assigns_all_partitions_and_resumes_at_given_offsets),
         cmocka_unit_test(test_catch_up_ends_when_the_replay_reaches_the_position),
+        cmocka_unit_test(test_catch_up_of_a_topic_no_longer_consumed_does_not_hold_snapshots),
         cmocka_unit_test(test_window_start_without_an_offset_for_the_time_begins_at_the_end),
         cmocka_unit_test(test_bad_kafka_property_fails_naming_it),
         cmocka_unit_test(test_demo_stream_arrives_whole),
