@@ -202,7 +202,8 @@ struct tly_source {
     size_t nparts, partcap;
     size_t hint;        /* index of the last partition a message came from */
     bool dirty;         /* applied something since the last publish */
-    bool assigned_once; /* an assignment (possibly empty) was received */
+    bool assigned_once; /* an assignment (possibly empty) was received and,
+                           shard mode, not revoked since */
     /* shard mode: partition numbers held before the last revocation */
     uint64_t held[TLY_SHARD_MAX_PARTITIONS / 64];
     int64_t last_publish_ms;
@@ -746,8 +747,11 @@ static void unassign(tly_source_t *src, int count)
     for (size_t i = 0; i < src->nparts; i++)
         src->parts[i].assigned = false;
     if (src->shard != NULL) {
-        /* Until the next assignment nothing is owned, and queries wait. */
+        /* Until the next assignment nothing is owned, and queries wait:
+         * no assignment to judge readiness by (publish would find the
+         * empty one caught up at once). */
         tly_shard_revoked(src->shard);
+        src->assigned_once = false;
         if (atomic_exchange(&src->ready, false))
             tly_info("source: rebalancing; queries get -LOADING until the new assignment "
                      "caught up");

@@ -1514,6 +1514,66 @@ test_partition_assigned_again_is_behind_until_what_arrived_meanwhile_is_applied(
     tly_rcu_thread_offline();
 }
 
+/* Shard mode: between a revocation and the next assignment this instance
+ * owns nothing, so queries get -LOADING (tly_source_ready false) until the
+ * new assignment caught up; an empty "current assignment" is not caught
+ * up. The mock's coordinator waits session.timeout.ms - 1 s (2.5 s) for
+ * the member to join again, so the revoked state lasts that long. */
+static void test_shard_mode_is_not_ready_between_revocation_and_assignment(void **state)
+{
+    (void)state;
+    SKIP_UNDER_TSAN();
+    enum { N = 200 };
+    cluster_t c;
+    cluster_init(&c);
+    rd_kafka_t *prod = producer_new(c.bootstrap);
+    int64_t hi[NPARTS];
+    produce_users(prod, N, 6161, hi);
+    char yaml[4096];
+    make_yaml_at(yaml, sizeof yaml, c.bootstrap, "test-revoked", "shard", "earliest",
+                 "  properties: { " QUICK_GROUP " }\n", "");
+    fixture_t fx;
+    fixture_init_yaml(&fx, yaml);
+    tly_rcu_thread_online();
+    start_source(&fx);
+    tly_source_stats_t st;
+    tly_partition_stat_t parts[NPARTS];
+    await_caught_up(&fx, N, hi, &st, parts);
+    int64_t deadline = deadline_after(DEADLINE_S);
+    while (!tly_source_ready(fx.src)) {
+        if (mono_ms() > deadline)
+            fail_msg("never ready after catching up");
+        pause_10ms();
+    }
+
+    uint64_t since = st.rebalances;
+    rd_kafka_mock_push_request_errors(c.mock, API_HEARTBEAT, 1,
+                                      RD_KAFKA_RESP_ERR_REBALANCE_IN_PROGRESS);
+    await_rebalanced(fx.src, since, 1, 0, &st, NULL);
+    bool ready = tly_source_ready(fx.src);
+    tly_source_stats(fx.src, &st, NULL, 0);
+    if (st.rebalances != since + 1)
+        fail_msg("assigned again before readiness was looked at");
+    assert_false(ready);
+    assert_false(st.ready);
+
+    /* Assigned again (nothing new arrived): ready once it caught up. */
+    await_rebalanced(fx.src, since, 2, NPARTS, &st, NULL);
+    deadline = deadline_after(DEADLINE_S);
+    while (!tly_source_ready(fx.src)) {
+        if (mono_ms() > deadline)
+            fail_msg("never ready after the assignment");
+        pause_10ms();
+    }
+    tly_source_stats(fx.src, &st, NULL, 0);
+    assert_int_equal(st.applied, N);
+
+    rd_kafka_destroy(prod);
+    fixture_fini(&fx);
+    cluster_fini(&c);
+    tly_rcu_thread_offline();
+}
+
 /* A checkpoint hook that does what snapshot.c does, on the test's cue:
  * takes the positions (a snapshot begins), and later commits them (the
  * snapshot was written). Runs on the poll thread; the cue orders it with
@@ -1815,6 +1875,7 @@ int main(void)
             test_partition_assigned_again_is_behind_until_what_arrived_meanwhile_is_applied),
         cmocka_unit_test(
             test_snapshot_commit_leaves_partitions_revoked_meanwhile_to_their_new_owner),
+        cmocka_unit_test(test_shard_mode_is_not_ready_between_revocation_and_assignment),
         cmocka_unit_test(
             test_partitions_lost_while_the_count_is_unknown_are_dropped_once_it_is_known),
     };
