@@ -77,12 +77,14 @@
 #include "tallyd/store.h"
 
 #define TLY_SOURCE_EMBEDDED_PARTITIONS 8
+/* Bytes of a topic name with its NUL: Kafka's names run to 249 bytes. */
+#define TLY_SOURCE_TOPIC_MAX 250
 
 typedef struct tly_source tly_source_t;
 
 /* One assigned partition as the source last saw it. */
 typedef struct {
-    char topic[128];
+    char topic[TLY_SOURCE_TOPIC_MAX];
     int32_t partition;
     int64_t position;      /* offset of the next message to apply, -1 unknown */
     int64_t high;          /* high watermark (end offset), -1 unknown */
@@ -117,7 +119,7 @@ typedef struct {
  */
 /* A partition's position: the offset of the next message to apply. */
 typedef struct {
-    char topic[128];
+    char topic[TLY_SOURCE_TOPIC_MAX];
     int32_t partition;
     int64_t offset;
     int64_t last_event_ms; /* newest event time applied from it, -1 none */

@@ -656,6 +656,87 @@ static void test_catch_up_of_a_topic_no_longer_consumed_does_not_hold_snapshots(
     tly_rcu_thread_offline();
 }
 
+/* Kafka topic names run to 249 bytes. A snapshot's positions and the
+ * stats name the partitions by the whole name: a position cut short names
+ * no partition, so a restart would resume nothing there and start it by
+ * kafka.start again (the snapshot's events applied twice), and the
+ * position's commit would find no assigned partition. */
+static void test_positions_and_stats_keep_a_topic_name_of_kafkas_longest(void **state)
+{
+    (void)state;
+    SKIP_UNDER_TSAN();
+    enum { N = 30 };
+    char topic[250];
+    for (size_t i = 0; i < sizeof topic - 1; i++)
+        topic[i] = (char)('a' + i % 26);
+    topic[sizeof topic - 1] = '\0';
+    char yaml[4096];
+    snprintf(yaml, sizeof yaml,
+             "kafka:\n"
+             "  brokers: embedded\n"
+             "  group: test-long-topic\n"
+             "  topics: [%s]\n"
+             "  mode: replica\n"
+             "  start: earliest\n"
+             "events:\n"
+             "  time: { field: ts, unit: ms }\n"
+             "features:\n"
+             "  - { name: events, entity: user, key: user_id, agg: count, windows: [1h] }\n",
+             topic);
+    fixture_t fx;
+    fixture_init_yaml(&fx, yaml);
+    tly_rcu_thread_online();
+    start_source(&fx);
+    rd_kafka_t *prod = producer_new(tly_source_bootstrap(fx.src));
+    int64_t now = wall_ms();
+    for (int i = 0; i < N; i++) {
+        char json[96];
+        int len = snprintf(json, sizeof json, "{\"user_id\": %d, \"ts\": %" PRId64 "}", i, now);
+        produce_at(prod, topic, (uint64_t)i, json, (size_t)len, 0);
+    }
+    flush_producer(prod);
+    int64_t hi[NPARTS], total = 0;
+    for (int p = 0; p < NPARTS; p++) {
+        int64_t lo;
+        assert_int_equal(rd_kafka_query_watermark_offsets(prod, topic, p, &lo, &hi[p], 10000),
+                         RD_KAFKA_RESP_ERR_NO_ERROR);
+        total += hi[p];
+    }
+    assert_int_equal(total, N);
+
+    tly_source_stats_t st;
+    tly_partition_stat_t parts[NPARTS];
+    int64_t deadline = deadline_after(DEADLINE_S);
+    for (;;) {
+        tly_source_stats(fx.src, &st, parts, NPARTS);
+        bool done = st.applied == N && st.npartitions == NPARTS;
+        for (size_t i = 0; done && i < NPARTS; i++)
+            done = parts[i].position == hi[parts[i].partition];
+        if (done)
+            break;
+        if (mono_ms() > deadline)
+            fail_msg("not caught up: applied %" PRIu64 " of %d", st.applied, N);
+        pause_10ms();
+    }
+    for (size_t i = 0; i < NPARTS; i++)
+        assert_string_equal(parts[i].topic, topic);
+    tly_source_halt(fx.src);
+    tly_position_t pos[NPARTS];
+    size_t npos = tly_source_positions(fx.src, pos, NPARTS);
+    size_t want = 0;
+    for (int p = 0; p < NPARTS; p++)
+        want += hi[p] > 0;
+    assert_int_equal(npos, want);
+    for (size_t i = 0; i < npos; i++) {
+        assert_string_equal(pos[i].topic, topic);
+        assert_int_equal(pos[i].offset, hi[pos[i].partition]);
+    }
+
+    rd_kafka_destroy(prod);
+    fixture_fini(&fx);
+    tly_rcu_thread_offline();
+}
+
 /* A source pointed at a cluster by address (not "embedded") with start
  * window asks the brokers for the offsets at now - horizon. The mock
  * cluster has no offsets by time and answers "none", which means "no
@@ -1862,6 +1943,7 @@ int main(void)
         cmocka_unit_test(test_replica_mode_assigns_all_partitions_and_resumes_at_given_offsets),
         cmocka_unit_test(test_catch_up_ends_when_the_replay_reaches_the_position),
         cmocka_unit_test(test_catch_up_of_a_topic_no_longer_consumed_does_not_hold_snapshots),
+        cmocka_unit_test(test_positions_and_stats_keep_a_topic_name_of_kafkas_longest),
         cmocka_unit_test(test_window_start_without_an_offset_for_the_time_begins_at_the_end),
         cmocka_unit_test(test_bad_kafka_property_fails_naming_it),
         cmocka_unit_test(test_demo_stream_arrives_whole),
