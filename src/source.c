@@ -1757,8 +1757,11 @@ tly_err_t tly_source_catch_up(tly_source_t *src, const char *topic, int32_t part
     /* A topic kafka.topics no longer lists is never consumed, so nothing
      * of it would ever be replayed and the source would stay "catching
      * up" (no snapshot) for good: it resumes at its position instead, as
-     * its events are in the restored features. */
-    if (p->topic_index < 0)
+     * its events are in the restored features. At offset 0 there is
+     * nothing to replay either, and "no later than 0" is 0 (catchup_until
+     * 0 means none: kafka.start alone would decide, latest skipping what
+     * arrived since the snapshot). */
+    if (p->topic_index < 0 || offset == 0)
         p->position = offset;
     else
         p->catchup_until = offset;

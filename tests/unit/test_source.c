@@ -656,6 +656,45 @@ static void test_catch_up_of_a_topic_no_longer_consumed_does_not_hold_snapshots(
     tly_rcu_thread_offline();
 }
 
+/* A snapshot restored in part may hold a partition at offset 0 (it was
+ * empty then). Its catch-up starts where kafka.start says but no later
+ * than 0: at 0, so with start latest the events that arrived meanwhile are
+ * all applied (none is below 0, so none is a replay), as a resume at 0
+ * would. */
+static void test_catch_up_to_offset_zero_starts_at_zero(void **state)
+{
+    (void)state;
+    SKIP_UNDER_TSAN();
+    enum { N = 40 };
+    fixture_t fx;
+    fixture_init(&fx, "test-catchup-zero", "replica", "latest", "");
+    tly_rcu_thread_online();
+    rd_kafka_t *prod = producer_new(tly_source_bootstrap(fx.src));
+    int64_t hi[NPARTS];
+    produce_users(prod, N, 4545, hi);
+    static int64_t events_of[N_USERS + 1];
+    memset(events_of, 0, sizeof events_of);
+    uint64_t lcg = 4545;
+    for (int i = 0; i < N; i++)
+        events_of[event_at(&lcg, i, 0).user]++;
+    for (int p = 0; p < NPARTS; p++)
+        assert_int_equal(tly_source_catch_up(fx.src, TOPIC, p, 0, -1), TLY_OK);
+    start_source(&fx);
+
+    tly_source_stats_t st;
+    tly_partition_stat_t parts[NPARTS];
+    await_caught_up(&fx, N, hi, &st, parts);
+    assert_int_equal(st.applied, N);
+    tly_source_halt(fx.src);
+    assert_false(tly_source_catching_up(fx.src));
+    for (uint64_t u = 1; u <= N_USERS; u++)
+        assert_int_equal(read_int(&fx, "user", u, "events:1h"), events_of[u]);
+
+    rd_kafka_destroy(prod);
+    fixture_fini(&fx);
+    tly_rcu_thread_offline();
+}
+
 /* Kafka topic names run to 249 bytes. A snapshot's positions and the
  * stats name the partitions by the whole name: a position cut short names
  * no partition, so a restart would resume nothing there and start it by
@@ -1943,6 +1982,7 @@ int main(void)
         cmocka_unit_test(test_replica_mode_assigns_all_partitions_and_resumes_at_given_offsets),
         cmocka_unit_test(test_catch_up_ends_when_the_replay_reaches_the_position),
         cmocka_unit_test(test_catch_up_of_a_topic_no_longer_consumed_does_not_hold_snapshots),
+        cmocka_unit_test(test_catch_up_to_offset_zero_starts_at_zero),
         cmocka_unit_test(test_positions_and_stats_keep_a_topic_name_of_kafkas_longest),
         cmocka_unit_test(test_window_start_without_an_offset_for_the_time_begins_at_the_end),
         cmocka_unit_test(test_bad_kafka_property_fails_naming_it),
