@@ -222,9 +222,7 @@ static int run(const tly_config_t *cfg, const tly_featset_t *fs)
         goto fail;
     admin = tly_admin_start(&d, err, sizeof err);
     if (admin == NULL && err[0] != '\0')
-        goto fail;
-    if (admin != NULL)
-        tly_info("admin HTTP on port %d (/metrics /healthz /readyz)", tly_admin_port(admin));
+        goto fail; /* tly_admin_start logged its address when it started */
     if (embedded)
         print_demo_banner(&d);
 
