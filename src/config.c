@@ -172,7 +172,8 @@ const key_def_t tly_config_keys[] = {
         "100000). librdkafka stops fetching while its local queue holds that many messages or "
         "queued.max.messages.kbytes of them; tallyd then asks the partition leaders for their "
         "end offsets as the queue drains (INFO fetch_nudges), which wakes the fetcher at once "
-        "where librdkafka 2.0.2 would wait up to a second."),
+        "where librdkafka 2.0.2 would wait up to a second. enable.partition.eof is tallyd's "
+        "(true): the end-of-partition events move positions past transaction markers."),
     KEY("kafka.endpoints_topic", K_STRING, "tallyd.endpoints", 0, 0, F_NONEMPTY, NULL,
         CFG(kafka.endpoints_topic),
         "Shard mode: compacted topic where each instance publishes server.advertise for the "

@@ -20,6 +20,21 @@
  * librdkafka commits the stored offsets in the background
  * (enable.auto.commit=true), on revocation and in tly_source_stop.
  *
+ * Positions past what never becomes a message. A transactional producer's
+ * commit or abort leaves a control record (a marker) in the log, and an
+ * aborted transaction's records are skipped by the consumer
+ * (isolation.level read_committed): neither reaches the application, so a
+ * partition whose log ends with one would stay one (or more) offsets below
+ * its high watermark forever if its position were only "last message + 1"
+ * — lag never 0, never ready with kafka.ready_lag 0. tallyd therefore has
+ * librdkafka emit end-of-partition events (enable.partition.eof=true, which
+ * kafka.properties may not turn off): such an event comes when a fetch
+ * finds the consumer at the partition's end (for read_committed, the end of
+ * what is readable) and carries that offset, the next one it fetches;
+ * reach_end moves the partition's position forward to it (never back). Every message before it was
+ * queued before it, so nothing is skipped. The position is stored like a message's offset (after
+ * the batch is applied) so committed offsets reach the end too.
+ *
  * Where a partition starts. The store is in-process state: a fresh process
  * holds nothing, so the offsets a previous process committed describe state
  * that no longer exists. Committed offsets therefore serve lag monitoring
@@ -107,6 +122,7 @@ typedef struct {
     int64_t last_event_ms; /* newest event time applied, -1 none */
     int64_t catchup_until; /* > 0: below this offset, events are marked replayed */
     size_t batch_last;     /* settle(): index of this partition's last message in the batch */
+    bool store_end;        /* reach_end moved position: store it once the batch is applied */
 } part_t;
 
 /* One collected message, and what applying it gave. */
@@ -201,7 +217,8 @@ struct tly_source {
     part_t *parts;
     size_t nparts, partcap;
     size_t hint;        /* index of the last partition a message came from */
-    bool dirty;         /* applied something since the last publish */
+    bool dirty;         /* applied something (or moved a position) since the last publish */
+    bool ends_to_store; /* some partition's store_end is set */
     bool assigned_once; /* an assignment (possibly empty) was received and,
                            shard mode, not revoked since */
     /* shard mode: partition numbers held before the last revocation */
@@ -846,6 +863,36 @@ static tly_err_t check_route(const tly_source_t *src, const tly_event_rules_t *r
 
 /* ---- the batch: collect on the poll thread, apply on the appliers ---------- */
 
+/* Poll thread, for an end-of-partition event m: the consumer read all that
+ * is readable of m's partition and fetches next at m->offset, which lies
+ * past any transaction marker (or aborted transaction) that ended the log
+ * (see "Positions past what never becomes a message"). Moves the position
+ * there when that is ahead of it: never back, and only for a partition
+ * assigned now (an event queued before a revocation names an old
+ * assignment). A partly restored partition whose replay reaches its
+ * restored position by this is caught up, as collect would find. With no
+ * checkpoint hook the new position is stored (store_ends) once the
+ * messages collected before it are applied; with one, snapshots carry it
+ * and tly_source_commit commits it. */
+static void reach_end(tly_source_t *src, const rd_kafka_message_t *m)
+{
+    if (m->rkt == NULL || m->offset < 0)
+        return;
+    part_t *p = part_find(src, rd_kafka_topic_name(m->rkt), m->partition);
+    if (p == NULL || !p->assigned || m->offset <= p->position)
+        return;
+    p->position = m->offset;
+    p->from_end = false;
+    p->high_min = -1; /* the fetch that found the end refreshed the cached one */
+    if (p->catchup_until > 0 && p->position >= p->catchup_until)
+        p->catchup_until = 0;
+    if (src->checkpoint == NULL) {
+        p->store_end = true;
+        src->ends_to_store = true;
+    }
+    src->dirty = true; /* the next empty poll publishes the new lag */
+}
+
 /* Poll thread: takes m into the batch (or, for an error or end-of-partition
  * event, handles and frees it at once). The partition's position moves at
  * collection, so continuity is checked message by message; nothing reads
@@ -853,12 +900,14 @@ static tly_err_t check_route(const tly_source_t *src, const tly_event_rules_t *r
 static void collect(tly_source_t *src, rd_kafka_message_t *m, int64_t now_ms)
 {
     uint64_t held;
+    if (m->err == RD_KAFKA_RESP_ERR__PARTITION_EOF) {
+        /* not a message: counted nowhere (messages_consumed, polled) */
+        reach_end(src, m);
+        rd_kafka_message_destroy(m);
+        return;
+    }
     src->polled++;
     if (m->err) {
-        if (m->err == RD_KAFKA_RESP_ERR__PARTITION_EOF) {
-            rd_kafka_message_destroy(m);
-            return;
-        }
         if (m->err == RD_KAFKA_RESP_ERR__AUTO_OFFSET_RESET) {
             /* auto.offset.reset=error (a kafka.properties choice): the
              * partition stops until restarted; nothing is skipped. */
@@ -1056,6 +1105,30 @@ static void settle(tly_source_t *src)
     src->dirty = true;
 }
 
+/* Poll thread, after settle (or with an empty batch): stores the positions
+ * reach_end moved. After settle, so a message's offset stored for the same
+ * batch does not overwrite the later end; p->position is then the next
+ * offset after everything collected, all of it applied. Fails with __STATE
+ * only for a partition revoked meanwhile, as in settle. */
+static void store_ends(tly_source_t *src)
+{
+    if (!src->ends_to_store)
+        return;
+    src->ends_to_store = false;
+    rd_kafka_topic_partition_list_t *list = rd_kafka_topic_partition_list_new(4);
+    for (size_t i = 0; i < src->nparts; i++) {
+        part_t *p = &src->parts[i];
+        if (!p->store_end)
+            continue;
+        p->store_end = false;
+        if (p->assigned && p->position >= 0)
+            rd_kafka_topic_partition_list_add(list, p->topic, p->partition)->offset = p->position;
+    }
+    if (list->cnt > 0)
+        (void)rd_kafka_offsets_store(src->rk, list);
+    rd_kafka_topic_partition_list_destroy(list);
+}
+
 /* Lists each applier's items by partition, in batch order, when that
  * spreads them evenly enough (no applier more than a quarter over its
  * share): each item is then decoded once. A batch from a few partitions
@@ -1089,8 +1162,10 @@ static bool spread_by_partition(tly_source_t *src, size_t na)
  * than it saves. */
 static void flush(tly_source_t *src)
 {
-    if (src->nbatch == 0)
+    if (src->nbatch == 0) {
+        store_ends(src);
         return;
+    }
     applier_t *self = &src->appliers[0];
     if (src->nworkers_started == 0 || src->nbatch < BATCH_SPREAD_MIN) {
         self->bypart = false;
@@ -1115,6 +1190,7 @@ static void flush(tly_source_t *src)
         pthread_mutex_unlock(&src->pool_mu);
     }
     settle(src);
+    store_ends(src);
 }
 
 /* Replica mode: every partition of every topic, no group membership.
@@ -1193,7 +1269,8 @@ static bool assign_all(tly_source_t *src)
  * (an idle nudge): STARVED_NUDGE_MS after the last nudge,
  * twice that after a nudge that brought nothing, and so on up to
  * STARVED_NUDGE_MAX (a high watermark that no message reaches, such as a
- * transaction marker's, is not worth more). */
+ * transaction marker's until its end-of-partition event arrives, is not
+ * worth more). */
 
 /* The messages the queue holds when librdkafka stops fetching. */
 static uint64_t queue_cap(const tly_source_t *src)
@@ -1389,6 +1466,14 @@ static bool property_allowed(const char *name, const char *value, bool shard, ch
                 name);
         return false;
     }
+    if (strcmp(name, "enable.partition.eof") == 0 && strcmp(value, "true") != 0) {
+        fmt_err(errbuf, errlen,
+                "kafka.properties.%s: tallyd needs end-of-partition events (they move a "
+                "partition's position past transaction markers, so its lag reaches 0) and "
+                "turns them on itself; remove this property",
+                name);
+        return false;
+    }
     if (strcmp(name, "partition.assignment.strategy") == 0 && shard && strcmp(value, "range") != 0) {
         fmt_err(errbuf, errlen,
                 "kafka.properties.%s: shard mode needs the range assignor (it gives one "
@@ -1497,11 +1582,12 @@ static rd_kafka_conf_t *consumer_conf(tly_source_t *src, char *errbuf, size_t er
         rd_kafka_conf_set_rebalance_cb(conf, rebalance_cb);
     /* auto.offset.reset matters only when a chosen offset is out of range
      * (retention deleted it): `window` and `earliest` then take what is
-     * left. */
+     * left. enable.partition.eof: see reach_end. */
     if (!conf_set(conf, "group.id", cfg->kafka.group, false, errbuf, errlen) ||
         !conf_set(conf, "client.id", "tallyd", false, errbuf, errlen) ||
         !conf_set(conf, "enable.auto.offset.store", "false", false, errbuf, errlen) ||
         !conf_set(conf, "enable.auto.commit", "true", false, errbuf, errlen) ||
+        !conf_set(conf, "enable.partition.eof", "true", false, errbuf, errlen) ||
         !conf_set(conf, "partition.assignment.strategy",
                   cfg->kafka.mode == TLY_MODE_SHARD ? "range" : "range,roundrobin", false, errbuf,
                   errlen) ||

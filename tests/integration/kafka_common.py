@@ -168,6 +168,56 @@ def produce(bootstrap, topic, records, on_delivered=None, batch=10000):
     return per_part
 
 
+def produce_transactions(bootstrap, topic, txns):
+    """Produces txns, a list of (records, commit) with records as produce()
+    takes them, each as one transaction of one transactional producer (keyed
+    and partitioned as produce() does), committed or aborted as `commit`
+    says. An aborted transaction's records are flushed to the broker before
+    the abort, so they and their abort marker occupy offsets in the log as
+    the committed ones and their commit markers do.
+    Returns the committed messages per partition (from the delivery
+    reports). Raises RuntimeError when any message fails."""
+    prod = Producer({
+        "bootstrap.servers": bootstrap,
+        "transactional.id": f"tly-txn-{RUN_ID}-{topic}",
+        "partitioner": "murmur2_random",
+        "linger.ms": 20,
+        "log_level": 3,
+    })
+    timeout = 60 * H.MULT
+    prod.init_transactions(timeout)
+    per_part, errors = {}, []
+    for records, commit in txns:
+        got = {}
+
+        def report(err, msg, got=got):
+            if err is not None:
+                errors.append(str(err))
+            else:
+                got[msg.partition()] = got.get(msg.partition(), 0) + 1
+
+        prod.begin_transaction()
+        for key, payload, ts in records:
+            while True:
+                try:
+                    prod.produce(topic, value=payload, key=key, timestamp=ts, on_delivery=report)
+                    break
+                except BufferError:
+                    prod.poll(0.05)  # the local queue is full: serve delivery reports
+            prod.poll(0)
+        left = prod.flush(timeout)
+        if left or errors:
+            raise RuntimeError(f"producing to {topic} in a transaction: {left} message(s) "
+                               f"undelivered, {len(errors)} failed (first: {errors[:3]})")
+        if commit:
+            prod.commit_transaction(timeout)
+            for p, n in got.items():
+                per_part[p] = per_part.get(p, 0) + n
+        else:
+            prod.abort_transaction(timeout)
+    return per_part
+
+
 def end_offsets(bootstrap, topic, partitions=8):
     """{partition: high watermark} as the broker reports it."""
     c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"tly-probe-{RUN_ID}",

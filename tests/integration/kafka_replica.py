@@ -14,10 +14,24 @@ both INFOs show all 8 partitions at their ends with every message consumed
 once, and every value of every user and pin on each instance equals the
 ground truth of both batches (e2e.py's model).
 
+Transactions: a topic of 3 partitions written by a transactional producer
+(kafka_common.produce_transactions): a committed transaction, an aborted one,
+a committed one, so every partition's log ends with a commit marker (a
+control record no consumer receives) and holds aborted records and their
+marker in between. Instance T (no snapshots, kafka.ready_lag 0) must apply
+exactly the committed events (every value equal to the model of those
+alone), and its position must reach past the final markers: INFO lag 0,
+every partition line position == high == the broker's high watermark,
+loading 0, META's lag 0, and the group's committed offsets at the ends too.
+Instance S (snapshots on) catches up and stops with SIGTERM; its restart
+resumes every partition at that end from the final snapshot, consumes
+nothing and is ready.
+
 Run: build/venv/bin/python tests/integration/kafka_replica.py (a broker from
 TLY_KAFKA_BOOTSTRAP, else one started for this run; see kafka_common.py).
 """
 
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -31,6 +45,8 @@ NBATCH1 = 60_000
 NBATCH2 = 20_000
 PARTITIONS = 8
 LEAD_MS = 240_000
+TXN_EVENTS = 3_000
+TXN_PARTITIONS = 3
 
 
 def setup():
@@ -84,20 +100,219 @@ def t_committed_offsets(r):
         time.sleep(0.2)  # commits are periodic; poll with a deadline
 
 
+# ------------------------------------------------------------ transactions
+
+def txn_config(x, name, snapshots):
+    """A replica config for the transactional topic (kafka.ready_lag 0);
+    snapshots off unless asked for. Returns (path, cfg, port)."""
+    port = H.free_port()
+    path, cfg = K.write_config(x.tmp, x.bootstrap, port, x.topic, "replica", "earliest",
+                               K.FEATURES, name=name)
+    if not snapshots:
+        cfg["snapshot"] = {"dir": ""}
+        with open(path, "w") as f:
+            K.yaml.safe_dump(cfg, f, sort_keys=False)
+    return path, cfg, port
+
+
+def wait_consumed(t, want, seconds=60):
+    """Polls INFO until want messages are consumed and applied or rejected
+    (readiness is not waited for: the tests judge it). Returns INFO."""
+    cli = t.client()
+    end = H.deadline(seconds)
+    try:
+        while True:
+            if t.proc.poll() is not None:
+                raise RuntimeError(f"tallyd exited with {t.proc.returncode}:\n" + t.log_tail())
+            info = cli.info()
+            done = int(info.get("events_applied", "0")) + int(info.get("events_rejected", "0"))
+            if int(info.get("messages_consumed", "0")) >= want and done >= want:
+                return info
+            if time.monotonic() > end:
+                raise RuntimeError(f"tallyd consumed {info.get('messages_consumed')} of {want} "
+                                   f"messages within {seconds * H.MULT:.0f} s:\n" + t.log_tail())
+            time.sleep(0.05)  # poll interval of a deadline-bounded wait
+    finally:
+        cli.close()
+
+
+def setup_txn():
+    x = K.new_run("txn", LEAD_MS, TXN_PARTITIONS)
+    ev, lines, x.users, x.pins = E.generate(x.asof, nevents=TXN_EVENTS, seed=E.SEED + 404)
+    recs = K.records(ev, lines, x.asof - E.HOUR)
+    a, b = len(recs) * 2 // 5, len(recs) * 3 // 5
+    x.per_part = K.produce_transactions(x.bootstrap, x.topic,
+                                        [(recs[:a], True), (recs[a:b], False), (recs[b:], True)])
+    kept = ev[:a] + ev[b:]
+    x.produced = len(kept)
+    x.bad = sum(1 for e in kept if e is None)
+    x.aborted = b - a
+    x.highs = K.end_offsets(x.bootstrap, x.topic, TXN_PARTITIONS)
+    # The premise: markers (and the aborted records) lie between the
+    # committed messages and every partition's end.
+    if (sorted(x.per_part) != list(range(TXN_PARTITIONS))
+            or sum(x.per_part.values()) != x.produced
+            or any(x.highs[p] <= x.per_part[p] for p in x.per_part)):
+        raise RuntimeError(f"committed messages per partition {x.per_part} (of {x.produced}), "
+                           f"high watermarks {x.highs}: want markers after every partition's "
+                           f"messages")
+    x.group = f"tly-txn-{K.RUN_ID}"
+    path, cfg, port = txn_config(x, "tallyd-txn", snapshots=False)
+    cfg["kafka"]["group"] = x.group
+    with open(path, "w") as f:
+        K.yaml.safe_dump(cfg, f, sort_keys=False)
+    t = K.Tallyd(path, port, x.tmp, name="tallyd-txn")
+    x.model = E.Model(cfg, kept, x.asof, x.t0)  # while tallyd ingests
+    try:
+        info = wait_consumed(t, x.produced)
+    except Exception:
+        t.close()
+        raise
+    x.c = K.ctx(t, cfg, path, x.model, x.asof, x.users, x.pins, x.produced,
+                int(time.time() * 1000), x.tmp)
+    x.c.info = info
+    print(f"# broker {x.bootstrap}, topic {x.topic}: transactions of {a} (committed), "
+          f"{x.aborted} (aborted), {len(recs) - b} (committed) messages; committed per "
+          f"partition {sorted(x.per_part.items())}, high watermarks {sorted(x.highs.items())}",
+          flush=True)
+    return x
+
+
+def partition_lines(info, topic):
+    return {int(k.rsplit("_", 1)[1]): dict(kv.split("=", 1) for kv in v.split(","))
+            for k, v in info.items() if k.startswith(f"partition_{topic}_")}
+
+
+def wait_at_ends(x, t):
+    """Polls INFO until lag is 0, not loading, and every partition's
+    position and high are the broker's high watermark; the last INFO and
+    whether that happened (within 30 s: an end-of-partition event follows
+    the last fetch within fetch.wait.max.ms)."""
+    want = {p: {"position": str(h), "high": str(h), "lag": "0"} for p, h in x.highs.items()}
+    cli = t.client()
+    end = H.deadline(30)
+    try:
+        while True:
+            info = cli.info()
+            if (info.get("lag") == "0" and info.get("loading") == "0"
+                    and partition_lines(info, x.topic) == want):
+                return info, True
+            if time.monotonic() > end:
+                return info, False
+            time.sleep(0.1)  # poll interval of a deadline-bounded wait
+    finally:
+        cli.close()
+
+
+def describe_position(info, x):
+    return (f"INFO lag={info.get('lag')}, loading={info.get('loading')}, partitions "
+            f"{partition_lines(info, x.topic)}; broker high watermarks {x.highs}")
+
+
+def t_txn_reaches_end(x):
+    """Positions move past the final commit markers: lag 0, position ==
+    high == the broker's end on every partition, ready with ready_lag 0."""
+    info, ok = wait_at_ends(x, x.c.tallyd)
+    if not ok:
+        raise H.Failure("positions did not reach the ends past the transaction markers: "
+                        + describe_position(info, x))
+
+
+def t_txn_applies_committed_only(x):
+    info = x.c.cli.info()
+    m = H.Mismatches()
+    m.eq(int(info.get("messages_consumed", -1)), x.produced, "INFO messages_consumed")
+    m.eq(int(info.get("events_rejected", -1)), x.bad, "INFO events_rejected")
+    m.eq(int(info.get("events_applied", -1)), x.produced - x.bad, "INFO events_applied")
+    m.eq(info.get("offset_resets"), "0", "INFO offset_resets")
+    m.eq(info.get("consumer_errors"), "0", "INFO consumer_errors")
+    m.eq(info.get("watermark_ms"), str(x.model.watermark), "INFO watermark_ms")
+    m.done()
+
+
+def t_txn_commits_ends(x):
+    """The group's committed offsets (for lag tools) reach the ends past the
+    markers too, not the last message + 1."""
+    keys = [(x.topic, p) for p in range(TXN_PARTITIONS)]
+    end = H.deadline(30)
+    while True:
+        offs = {p: off for (_, p), off in K.committed(x.bootstrap, x.group, keys).items()}
+        if offs == x.highs:
+            return
+        if time.monotonic() > end:
+            raise H.Failure(f"committed offsets of group {x.group}: {offs}, want the ends "
+                            f"{x.highs} (committed messages per partition: {x.per_part})")
+        time.sleep(0.2)  # commits are periodic; poll with a deadline
+
+
+def t_txn_resumes_at_ends_from_snapshot(x):
+    """A snapshot taken at the ends resumes there: the restart consumes
+    nothing and is ready at once, every partition at its end."""
+    path, cfg, port = txn_config(x, "tallyd-txn-snap", snapshots=True)
+    t = K.Tallyd(path, port, x.tmp, name="tallyd-txn-snap")
+    try:
+        wait_consumed(t, x.produced)
+        info, ok = wait_at_ends(x, t)
+        if not ok:
+            raise H.Failure("before the restart: " + describe_position(info, x))
+    finally:
+        rc = t.close()
+    if rc != 0:
+        raise H.Failure(f"tallyd exited {rc} on SIGTERM:\n" + t.log_tail())
+    t = K.Tallyd(path, port, x.tmp, name="tallyd-txn-snap2")
+    try:
+        info, ok = wait_at_ends(x, t)
+        m = H.Mismatches()
+        m.check(ok, "after the restart: " + describe_position(info, x))
+        m.eq(info.get("messages_consumed"), "0", "INFO messages_consumed after the restart")
+        m.check(int(info.get("restored_snapshot_ms", "-1")) > 0,
+                f"INFO restored_snapshot_ms={info.get('restored_snapshot_ms')}: no snapshot "
+                f"was restored")
+        m.done()
+    finally:
+        t.close()
+
+
+def run_txn(suite):
+    try:
+        x = setup_txn()
+    except Exception as e:
+        suite.fail_setup("txn_setup_produces_transactions_and_tallyd_consumes_them", e)
+        return None
+    suite.run("txn_positions_reach_the_ends_past_commit_markers_and_ready", t_txn_reaches_end, x)
+    suite.run("txn_applies_exactly_the_committed_events", t_txn_applies_committed_only, x)
+    K.run_truth_checks(suite, x.c, prefix="txn_")
+    suite.run("txn_committed_offsets_reach_the_ends", t_txn_commits_ends, x)
+    K.close_ctxs(suite, [("txn", x.c)])
+    suite.run("txn_restart_from_snapshot_resumes_at_the_ends", t_txn_resumes_at_ends_from_snapshot,
+              x)
+    return x
+
+
 def main():
     suite = H.Suite("kafka_replica")
     try:
         r = setup()
     except Exception as e:
         suite.fail_setup("kafka_replica_setup_two_instances_catch_up", e)
-        return suite.finish()
-    for name, c in r.ctxs:
-        suite.run(f"replica_{name}_consumes_every_partition_and_message_once", t_ingest, r, c)
-    for name, c in r.ctxs:
-        K.run_truth_checks(suite, c, prefix=f"replica_{name}_")
-    suite.run("replica_both_commit_offsets_under_the_shared_group", t_committed_offsets, r)
-    K.close_ctxs(suite, r.ctxs)
-    return H.finish(suite, r.tmp)
+        r = None
+    if r is not None:
+        for name, c in r.ctxs:
+            suite.run(f"replica_{name}_consumes_every_partition_and_message_once", t_ingest, r, c)
+        for name, c in r.ctxs:
+            K.run_truth_checks(suite, c, prefix=f"replica_{name}_")
+        suite.run("replica_both_commit_offsets_under_the_shared_group", t_committed_offsets, r)
+        K.close_ctxs(suite, r.ctxs)
+    x = run_txn(suite)
+    rc = suite.finish()
+    for run in (r, x):
+        if run is None:
+            continue
+        if rc == 0:
+            shutil.rmtree(run.tmp, ignore_errors=True)
+        else:
+            print(f"# logs and config kept in {run.tmp}", flush=True)
+    return rc
 
 
 if __name__ == "__main__":

@@ -896,11 +896,15 @@ static void test_bad_kafka_property_fails_naming_it(void **state)
                           "kafka.properties.partition.assignment.strategy: ");
     expect_property_error("  properties: { enable.auto.offset.store: \"true\" }\n",
                           "kafka.properties.enable.auto.offset.store: ");
-    /* good ones pass the check */
+    /* end-of-partition events move positions past transaction markers */
+    expect_property_error("  properties: { enable.partition.eof: false }\n",
+                          "kafka.properties.enable.partition.eof: ");
+    /* good ones pass the check (enable.partition.eof true is tallyd's own) */
     char yaml[4096], err[512] = "";
     tly_config_t *cfg = NULL;
     make_yaml(yaml, sizeof yaml, "g", "shard", "earliest",
-              "  properties: { fetch.wait.max.ms: 100, partition.assignment.strategy: range }\n",
+              "  properties: { fetch.wait.max.ms: 100, partition.assignment.strategy: range, "
+              "enable.partition.eof: true }\n",
               "");
     assert_int_equal(tly_config_load_string(yaml, "test.yaml", &cfg, err, sizeof err), TLY_OK);
     assert_int_equal(tly_source_check_properties(cfg, err, sizeof err), TLY_OK);
