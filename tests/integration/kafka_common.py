@@ -126,6 +126,20 @@ def new_run(name, lead_ms, partitions=8):
     return r
 
 
+def send(prod, topic, records, report):
+    """Hands records, a list of (key, payload, timestamp_ms), to producer
+    prod in order, serving delivery reports (to report) while its local
+    queue is full."""
+    for key, payload, ts in records:
+        while True:
+            try:
+                prod.produce(topic, value=payload, key=key, timestamp=ts, on_delivery=report)
+                break
+            except BufferError:
+                prod.poll(0.05)  # the local queue is full: serve delivery reports
+        prod.poll(0)
+
+
 def produce(bootstrap, topic, records, on_delivered=None, batch=10000):
     """Produces records, a list of (key, payload, timestamp_ms), in order,
     in batches of at most `batch` messages.
@@ -153,14 +167,7 @@ def produce(bootstrap, topic, records, on_delivered=None, batch=10000):
             if on_delivered is not None:
                 on_delivered(msg)
 
-    for key, payload, ts in records:
-        while True:
-            try:
-                prod.produce(topic, value=payload, key=key, timestamp=ts, on_delivery=report)
-                break
-            except BufferError:
-                prod.poll(0.05)  # the local queue is full: serve delivery reports
-        prod.poll(0)
+    send(prod, topic, records, report)
     left = prod.flush(120 * H.MULT)
     if left or errors:
         raise RuntimeError(f"producing to {topic}: {left} message(s) undelivered, "
@@ -197,14 +204,7 @@ def produce_transactions(bootstrap, topic, txns):
                 got[msg.partition()] = got.get(msg.partition(), 0) + 1
 
         prod.begin_transaction()
-        for key, payload, ts in records:
-            while True:
-                try:
-                    prod.produce(topic, value=payload, key=key, timestamp=ts, on_delivery=report)
-                    break
-                except BufferError:
-                    prod.poll(0.05)  # the local queue is full: serve delivery reports
-            prod.poll(0)
+        send(prod, topic, records, report)
         left = prod.flush(timeout)
         if left or errors:
             raise RuntimeError(f"producing to {topic} in a transaction: {left} message(s) "
