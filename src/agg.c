@@ -75,6 +75,22 @@ static uint32_t sat_add(uint32_t a, uint32_t b)
     return (a > UINT32_MAX - b) ? UINT32_MAX : a + b;
 }
 
+/* Compares int64 i with double d exactly (<0, 0, >0): converting i to a
+ * double rounds it past 2^53, which made 2^53 + 1 equal to 2^53. d is
+ * finite (JSON has no NaN or infinity). */
+static int cmp_int_double(int64_t i, double d)
+{
+    if (d >= 9223372036854775808.0) /* 2^63: above every int64 */
+        return -1;
+    if (d < -9223372036854775808.0)
+        return 1;
+    int64_t whole = (int64_t)d; /* exact: |d| < 2^63, truncated toward 0 */
+    if (i != whole)
+        return i < whole ? -1 : 1;
+    double frac = d - (double)whole; /* exact */
+    return (frac < 0) - (frac > 0);
+}
+
 /* Folds a numeric operand (is_float, i or d) into a non-count cell whose
  * operand count is n_add (>= 1). */
 static void fold(tly_agg_kind_t kind, tly_cell_t *c, bool is_float, int64_t i, double d,
@@ -102,13 +118,18 @@ static void fold(tly_agg_kind_t kind, tly_cell_t *c, bool is_float, int64_t i, d
             c->bits = is_float ? double_to_bits(d) : i;
             return;
         }
-        bool better;
-        if (!is_float && !(c->flags & TLY_CELL_FLOAT))
-            better = want_min ? i < c->bits : i > c->bits;
-        else {
-            double cur = cell_as_double(c), v = is_float ? d : (double)i;
-            better = want_min ? v < cur : v > cur;
-        }
+        bool cur_float = (c->flags & TLY_CELL_FLOAT) != 0;
+        int cmp; /* the operand against the cell's value: <0, 0, >0 */
+        if (!is_float && !cur_float)
+            cmp = (i > c->bits) - (i < c->bits);
+        else if (is_float && cur_float) {
+            double cur = bits_to_double(c->bits);
+            cmp = (d > cur) - (d < cur);
+        } else if (is_float)
+            cmp = -cmp_int_double(c->bits, d);
+        else
+            cmp = cmp_int_double(i, bits_to_double(c->bits));
+        bool better = want_min ? cmp < 0 : cmp > 0;
         if (better) {
             c->flags = is_float ? TLY_CELL_FLOAT : 0;
             c->bits = is_float ? double_to_bits(d) : i;

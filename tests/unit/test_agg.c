@@ -89,6 +89,51 @@ static void test_min_max_mix_int_and_double(void **state)
     assert_int_equal(mx.u.i, 7);
 }
 
+/* Past 2^53 an int64 and a double are compared as the numbers they are,
+ * not after the int is rounded to a double: 2^53 + 1 rounds to 2^53, so
+ * the double 2^53 looked as small as it (min kept 2^53 + 1) and the int
+ * 2^53 + 1 no larger than it (max kept 2^53), whichever came first. */
+static void test_min_max_compare_int_and_double_exactly_past_2_53(void **state)
+{
+    (void)state;
+    const int64_t big = INT64_C(9007199254740993); /* 2^53 + 1 */
+    const double d = 9007199254740992.0;           /* 2^53 */
+    tly_value_t v[] = {vi(big), vd(d)};
+    tly_value_t w[] = {vd(d), vi(big)};
+    for (int split = 0; split <= 2; split++) {
+        tly_value_t mn = run(TLY_AGG_MIN, v, 2, split);
+        assert_int_equal(mn.type, TLY_V_DOUBLE);
+        assert_true(mn.u.d == d);
+        mn = run(TLY_AGG_MIN, w, 2, split);
+        assert_int_equal(mn.type, TLY_V_DOUBLE);
+        assert_true(mn.u.d == d);
+        tly_value_t mx = run(TLY_AGG_MAX, v, 2, split);
+        assert_int_equal(mx.type, TLY_V_INT);
+        assert_int_equal(mx.u.i, big);
+        mx = run(TLY_AGG_MAX, w, 2, split);
+        assert_int_equal(mx.type, TLY_V_INT);
+        assert_int_equal(mx.u.i, big);
+    }
+    /* at the ends of int64: 2^63 (a double) is above INT64_MAX, whose
+     * double rounds to 2^63; -2^63 is INT64_MIN exactly (a tie keeps the
+     * first); a fraction decides against the int it truncates to */
+    tly_value_t e[] = {vi(INT64_MAX), vd(9223372036854775808.0), vi(INT64_MIN),
+                       vd(-9223372036854775808.0)};
+    tly_value_t mx = run(TLY_AGG_MAX, e, 4, 2);
+    assert_int_equal(mx.type, TLY_V_DOUBLE);
+    assert_true(mx.u.d == 9223372036854775808.0);
+    tly_value_t mn = run(TLY_AGG_MIN, e, 4, 2);
+    assert_int_equal(mn.type, TLY_V_INT);
+    assert_int_equal(mn.u.i, INT64_MIN);
+    tly_value_t f[] = {vi(-3), vd(-3.5), vi(4), vd(4.25)};
+    mn = run(TLY_AGG_MIN, f, 4, 1);
+    assert_int_equal(mn.type, TLY_V_DOUBLE);
+    assert_true(mn.u.d == -3.5);
+    mx = run(TLY_AGG_MAX, f, 4, 3);
+    assert_int_equal(mx.type, TLY_V_DOUBLE);
+    assert_true(mx.u.d == 4.25);
+}
+
 static void test_avg_is_total_over_count(void **state)
 {
     (void)state;
@@ -152,6 +197,7 @@ int main(void)
         cmocka_unit_test(test_sum_with_a_double_becomes_double),
         cmocka_unit_test(test_sum_overflow_promotes_to_double),
         cmocka_unit_test(test_min_max_mix_int_and_double),
+        cmocka_unit_test(test_min_max_compare_int_and_double_exactly_past_2_53),
         cmocka_unit_test(test_avg_is_total_over_count),
         cmocka_unit_test(test_empty_window_results),
         cmocka_unit_test(test_count_saturates),
