@@ -336,6 +336,12 @@ static bool parse_names_once(cmd_ctx_t *c, uint32_t entity, size_t i, bool allow
             i++;
         } else if (allow_meta && arg_is(a, "meta")) {
             *meta = true;
+        } else if (!allow_meta && arg_is(a, "meta") &&
+                   tly_featset_resolve(c->d->fs, entity, a->ptr, a->len, &(uint32_t){0},
+                                       &(int){0}) != TLY_OK) {
+            /* not a feature called meta: the FEATURES keyword, asked of MFEATURES */
+            syntax_error(c, "MFEATURES takes no META (FEATURES does)", a);
+            return false;
         } else if (seen_asof || *meta) {
             syntax_error(c, "feature names come before ASOF and META", a);
             return false;

@@ -368,6 +368,13 @@ static void test_mfeatures_aligns_ids_and_names(void **state)
                         "-ERR syntax error: fewer ids than numids\r\n");
     assert_string_equal(run(fx, "MFEATURES pin 0 100"),
                         "-ERR syntax error: numids must be a positive integer, got '0'\r\n");
+    /* META is FEATURES's: MFEATURES says so wherever it stands, rather
+     * than looking for a feature called META or asking for it before ASOF */
+    const char *no_meta = "-ERR syntax error: MFEATURES takes no META (FEATURES does), got "
+                          "'META'\r\n";
+    assert_string_equal(run(fx, "MFEATURES user 1 7 META"), no_meta);
+    assert_string_equal(run(fx, "MFEATURES user 1 7 clicks:1h META"), no_meta);
+    assert_string_equal(run(fx, "MFEATURES user 1 7 ASOF 5 META"), no_meta);
     /* 500 ids, as a ranker asks for its candidates */
     char line[4096];
     size_t used = (size_t)snprintf(line, sizeof line, "MFEATURES pin 500");
