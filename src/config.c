@@ -183,7 +183,9 @@ const key_def_t tly_config_keys[] = {
         "batch that spans enough partitions is split by partition; otherwise each thread "
         "decodes every event and applies the entities whose ids hash to it. Either way an "
         "entity's events from one partition are applied in offset order by one thread, "
-        "whatever the message keys; 1 applies everything on the poll thread."),
+        "whatever the message keys; 1 applies everything on the poll thread, and can be the "
+        "faster choice when a few partitions feed tallyd and its CPUs are busy with other "
+        "work (the second decode then costs more than the second thread gives)."),
     KEY("kafka.ready_lag", K_INT, "1000", 0, 1000000000, 0, NULL, CFG(kafka.ready_lag),
         "After an assignment, queries get -LOADING until every assigned partition is at most "
         "this many messages behind its end (clients may opt into stale reads with CLIENT "
