@@ -647,7 +647,12 @@ static void shard_reassign(tly_source_t *src, const rd_kafka_topic_partition_lis
     int32_t nparts = shard_partition_count(src);
     if (nparts < 0)
         return;
-    tly_shard_set_partitions(src->shard, nparts);
+    /* Without metadata the router keeps the count it knew: a count of 0
+     * would have every id answered here, those of the partitions just lost
+     * too, from entities that stay held (below) but no longer follow their
+     * partitions. (Counts only grow, and differing ones stop the source.) */
+    if (nparts > 0)
+        tly_shard_set_partitions(src->shard, nparts);
     uint64_t now_held[TLY_SHARD_MAX_PARTITIONS / 64] = {0};
     int32_t *owned = xrealloc(NULL, (size_t)(parts->cnt + 1) * sizeof *owned);
     for (int i = 0; i < parts->cnt; i++) {
