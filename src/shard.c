@@ -32,7 +32,6 @@
 #define ENDPOINTS_POLL_MS   100
 #define ENDPOINTS_RETRY_MS  2000
 #define ADMIN_TIMEOUT_MS    5000
-#define ENDPOINT_KEY_MAX    (TLY_SHARD_ADDR_MAX + 32)
 
 struct tly_shard {
     const tly_config_t *cfg;
@@ -105,14 +104,20 @@ static void publish_endpoint(tly_shard_t *sh, int32_t p)
 {
     if (sh->writer == NULL || sh->advertise[0] == '\0')
         return;
-    char key[ENDPOINT_KEY_MAX];
-    int klen = snprintf(key, sizeof key, "%s/%" PRId32, sh->cfg->kafka.group, p);
-    if (klen < 0 || (size_t)klen >= sizeof key)
-        return;
+    /* The group's name has no length limit of its own (Kafka's is 32,767
+     * bytes): the key is sized for it, never cut or skipped. */
+    size_t cap = strlen(sh->cfg->kafka.group) + 16;
+    char *key = malloc(cap);
+    if (key == NULL) {
+        fputs("tallyd: out of memory\n", stderr);
+        abort();
+    }
+    int klen = snprintf(key, cap, "%s/%" PRId32, sh->cfg->kafka.group, p);
     rd_kafka_resp_err_t err = rd_kafka_producev(
         sh->writer, RD_KAFKA_V_TOPIC(sh->cfg->kafka.endpoints_topic),
         RD_KAFKA_V_KEY(key, (size_t)klen), RD_KAFKA_V_VALUE(sh->advertise, strlen(sh->advertise)),
         RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY), RD_KAFKA_V_END);
+    free(key);
     if (err != RD_KAFKA_RESP_ERR_NO_ERROR) {
         atomic_fetch_add_explicit(&sh->endpoint_errors, 1, memory_order_relaxed);
         tly_warn("shard: publishing the owner of partition %" PRId32 " failed: %s", p,

@@ -6,14 +6,20 @@
  * computed here from them the way the Java partitioner does:
  * (hash & 0x7fffffff) % partitions.
  */
+#include <inttypes.h>
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include <cmocka.h>
+
+#include <librdkafka/rdkafka.h>
+#include <librdkafka/rdkafka_mock.h>
 
 #include "tallyd/config.h"
 #include "tallyd/shard.h"
@@ -116,12 +122,131 @@ static void replica_mode_has_no_router(void **state)
     tly_config_free(cfg);
 }
 
+/* ---- owner addresses through the endpoints topic (librdkafka's mock) -------- */
+
+#define ENDPOINTS "test.endpoints"
+
+static int64_t mono_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* Deadlines for conditions awaited; TLY_TEST_TIMEOUT_MULT stretches them. */
+static int64_t deadline_after(int64_t seconds)
+{
+    const char *m = getenv("TLY_TEST_TIMEOUT_MULT");
+    return mono_ms() + seconds * 1000 * (m != NULL && atoi(m) > 0 ? atoi(m) : 1);
+}
+
+typedef struct {
+    rd_kafka_t *host;
+    rd_kafka_mock_cluster_t *mock;
+    const char *bootstrap;
+} mock_t;
+
+static void mock_init(mock_t *mk)
+{
+    char err[256];
+    rd_kafka_conf_t *conf = rd_kafka_conf_new();
+    rd_kafka_conf_set(conf, "log_level", "0", err, sizeof err);
+    mk->host = rd_kafka_new(RD_KAFKA_PRODUCER, conf, err, sizeof err);
+    assert_non_null(mk->host);
+    mk->mock = rd_kafka_mock_cluster_new(mk->host, 1);
+    assert_non_null(mk->mock);
+    assert_int_equal(rd_kafka_mock_topic_create(mk->mock, ENDPOINTS, 1, 1),
+                     RD_KAFKA_RESP_ERR_NO_ERROR);
+    mk->bootstrap = rd_kafka_mock_cluster_bootstraps(mk->mock);
+}
+
+static void mock_fini(mock_t *mk)
+{
+    rd_kafka_mock_cluster_destroy(mk->mock);
+    rd_kafka_destroy(mk->host);
+}
+
+static tly_config_t *shard_config_group(const char *group)
+{
+    char err[512] = "";
+    char yaml[2048];
+    snprintf(yaml, sizeof yaml,
+             "kafka: { mode: shard, group: \"%s\", endpoints_topic: " ENDPOINTS ",\n"
+             "         topics: [{name: t, key: user}] }\n"
+             "features:\n"
+             "  - { name: c, entity: user, key: user_id, agg: count, windows: [1h] }\n",
+             group);
+    tly_config_t *cfg = NULL;
+    if (tly_config_load_string(yaml, "t.yaml", &cfg, err, sizeof err) != TLY_OK)
+        fail_msg("config: %s", err);
+    return cfg;
+}
+
+static tly_shard_t *shard_started(const tly_config_t *cfg, const mock_t *mk, const char *advertise)
+{
+    char err[512] = "";
+    tly_shard_t *sh = tly_shard_new(cfg, NULL);
+    assert_non_null(sh);
+    if (!tly_shard_start(sh, mk->bootstrap, true, advertise, err, sizeof err))
+        fail_msg("start: %s", err);
+    return sh;
+}
+
+/* Waits until sh routes id to partition `part` with owner `want`; fails
+ * naming what it saw at the deadline. */
+static void await_owner(tly_shard_t *sh, const char *id, int32_t part, const char *want)
+{
+    int64_t deadline = deadline_after(5);
+    char owner[TLY_SHARD_ADDR_MAX] = "";
+    int32_t got = -2;
+    while (mono_ms() < deadline) {
+        got = tly_shard_route(sh, id, strlen(id), owner, sizeof owner);
+        if (got == part && strcmp(owner, want) == 0)
+            return;
+        struct timespec ts = {0, 10000000};
+        nanosleep(&ts, NULL);
+    }
+    tly_shard_stats_t st;
+    tly_shard_stats(sh, &st);
+    fail_msg("id %s: partition %d owner \"%s\", want %d \"%s\" (published %" PRIu64
+             ", endpoint errors %" PRIu64 ")",
+             id, got, owner, part, want, st.published, st.endpoint_errors);
+}
+
+/* An owner's address reaches the other instances of its group, whatever
+ * the length of the group's name (Kafka bounds a group id only by its
+ * protocol's 32,767 bytes): the key "G/p" is not cut to a fixed buffer. */
+static void owner_address_reaches_the_group_for_any_group_name_length(void **state)
+{
+    (void)state;
+    mock_t mk;
+    mock_init(&mk);
+    static char long_group[601];
+    memset(long_group, 'g', sizeof long_group - 1);
+    const char *groups[] = {"g", long_group};
+    int32_t p21 = java_partition(-973932308, 8);
+    for (size_t i = 0; i < 2; i++) {
+        tly_config_t *cfg = shard_config_group(groups[i]);
+        tly_shard_t *a = shard_started(cfg, &mk, "127.0.0.1:7001");
+        tly_shard_t *b = shard_started(cfg, &mk, "127.0.0.1:7002");
+        tly_shard_set_partitions(a, 8);
+        tly_shard_set_partitions(b, 8);
+        tly_shard_assigned(a, &p21, 1);
+        await_owner(b, "21", p21, "127.0.0.1:7001");
+        tly_shard_free(b);
+        tly_shard_free(a);
+        tly_config_free(cfg);
+    }
+    mock_fini(&mk);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(partition_of_matches_the_java_client),
         cmocka_unit_test(router_answers_owned_ids_and_moves_the_others),
         cmocka_unit_test(replica_mode_has_no_router),
+        cmocka_unit_test(owner_address_reaches_the_group_for_any_group_name_length),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
