@@ -13,6 +13,16 @@
  * and one producer (idempotent, acks all) that publishes "G/p" → advertise
  * for each partition this instance is assigned. Records of other groups are
  * ignored; a record with an empty value clears the address.
+ *
+ * The last record of a key wins, and records from different instances land
+ * in the order their producers get through, not in the order of the
+ * rebalances: a previous owner's record delayed by retries can land after
+ * the new owner's, and a record the brokers refused never lands. Either
+ * way the others would name the wrong instance until the next rebalance.
+ * So the endpoints thread checks every ENDPOINTS_RETRY_MS that the topic
+ * names this instance for each partition it owns, and publishes again
+ * those it did not name in two checks running (one check could fall
+ * between a publication and its reading back).
  */
 #include "tallyd/shard.h"
 
@@ -22,6 +32,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include <librdkafka/rdkafka.h>
 
@@ -40,6 +51,9 @@ struct tly_shard {
     _Atomic int32_t nparts;
     _Atomic uint64_t owned[OWNED_WORDS];
     _Atomic uint64_t moved, published, endpoint_errors;
+    /* rd_kafka_resp_err_t of the latest failed delivery: the delivery
+     * callback writes, the endpoints thread reads (relaxed) */
+    _Atomic int last_delivery_err;
 
     /* owner addresses: endpoints thread writes, any thread copies; under mu */
     pthread_mutex_t mu;
@@ -259,6 +273,45 @@ static bool assign_reader(tly_shard_t *sh)
 
 static void create_topic(tly_shard_t *sh);
 
+static int64_t mono_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* Endpoints thread, once the reader reads the topic: publishes again the
+ * address of each partition owned here that the topic named for another
+ * instance, or for none, at this check and at the previous one (`suspect`,
+ * this thread's). */
+static void republish_owned(tly_shard_t *sh, uint64_t suspect[OWNED_WORDS])
+{
+    int32_t again[TLY_SHARD_MAX_PARTITIONS];
+    size_t n = 0;
+    pthread_mutex_lock(&sh->mu);
+    for (int32_t p = 0; p < TLY_SHARD_MAX_PARTITIONS; p++) {
+        uint64_t bit = UINT64_C(1) << (p % 64);
+        if (!tly_shard_owns(sh, p) || strcmp(sh->addr[p], sh->advertise) == 0) {
+            suspect[p / 64] &= ~bit;
+        } else if (suspect[p / 64] & bit) {
+            again[n++] = p;
+            suspect[p / 64] &= ~bit;
+        } else {
+            suspect[p / 64] |= bit;
+        }
+    }
+    pthread_mutex_unlock(&sh->mu);
+    for (size_t i = 0; i < n; i++)
+        publish_endpoint(sh, again[i]);
+    if (n > 0) {
+        int err = atomic_load_explicit(&sh->last_delivery_err, memory_order_relaxed);
+        tly_warn("shard: %s names another owner, or none, for %zu partitions owned here; "
+                 "publishing them again%s%s",
+                 sh->cfg->kafka.endpoints_topic, n, err ? "; last delivery error: " : "",
+                 err ? rd_kafka_err2str((rd_kafka_resp_err_t)err) : "");
+    }
+}
+
 static void *endpoints_main(void *arg)
 {
     tly_shard_t *sh = arg;
@@ -266,7 +319,14 @@ static void *endpoints_main(void *arg)
     unsigned attempts = 0;
     if (sh->create)
         create_topic(sh);
+    uint64_t suspect[OWNED_WORDS] = {0};
+    int64_t next_check = mono_ms() + ENDPOINTS_RETRY_MS;
     while (!atomic_load_explicit(&sh->stop, memory_order_relaxed)) {
+        int64_t now = mono_ms();
+        if (assigned && now >= next_check) {
+            republish_owned(sh, suspect);
+            next_check = now + ENDPOINTS_RETRY_MS;
+        }
         if (!assigned) {
             assigned = assign_reader(sh);
             if (!assigned && attempts++ % 10 == 0)
@@ -291,8 +351,9 @@ static void delivery_cb(rd_kafka_t *rk, const rd_kafka_message_t *m, void *opaqu
     (void)rk;
     tly_shard_t *sh = opaque;
     if (m->err != RD_KAFKA_RESP_ERR_NO_ERROR) {
+        /* logged when published again (republish_owned), once a check */
         atomic_fetch_add_explicit(&sh->endpoint_errors, 1, memory_order_relaxed);
-        tly_warn("shard: an endpoint record was not delivered: %s", rd_kafka_err2str(m->err));
+        atomic_store_explicit(&sh->last_delivery_err, (int)m->err, memory_order_relaxed);
     }
 }
 

@@ -196,7 +196,7 @@ static tly_shard_t *shard_started(const tly_config_t *cfg, const mock_t *mk, con
  * naming what it saw at the deadline. */
 static void await_owner(tly_shard_t *sh, const char *id, int32_t part, const char *want)
 {
-    int64_t deadline = deadline_after(5);
+    int64_t deadline = deadline_after(10);
     char owner[TLY_SHARD_ADDR_MAX] = "";
     int32_t got = -2;
     while (mono_ms() < deadline) {
@@ -240,6 +240,98 @@ static void owner_address_reaches_the_group_for_any_group_name_length(void **sta
     mock_fini(&mk);
 }
 
+/* A new owner whose record is refused by the broker publishes it again
+ * (while it still owns the partition): the others learn the new owner
+ * instead of sending clients to the old one until the next rebalance. */
+static void new_owner_is_published_again_after_a_failed_delivery(void **state)
+{
+    (void)state;
+    mock_t mk;
+    mock_init(&mk);
+    tly_config_t *cfg = shard_config_group("g");
+    tly_shard_t *a = shard_started(cfg, &mk, "127.0.0.1:7001");
+    tly_shard_t *b = shard_started(cfg, &mk, "127.0.0.1:7002");
+    tly_shard_t *c = shard_started(cfg, &mk, "127.0.0.1:7003");
+    tly_shard_set_partitions(a, 8);
+    tly_shard_set_partitions(b, 8);
+    tly_shard_set_partitions(c, 8);
+    int32_t p21 = java_partition(-973932308, 8);
+    tly_shard_assigned(a, &p21, 1);
+    await_owner(b, "21", p21, "127.0.0.1:7001");
+
+    /* The rebalance moves the partition to c; the broker refuses c's
+     * first record. */
+    rd_kafka_mock_push_request_errors(mk.mock, 0 /* Produce */, 1,
+                                      RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED);
+    tly_shard_revoked(a);
+    tly_shard_assigned(c, &p21, 1);
+    await_owner(b, "21", p21, "127.0.0.1:7003");
+    tly_shard_stats_t st;
+    tly_shard_stats(c, &st);
+    assert_true(st.endpoint_errors >= 1);
+
+    tly_shard_free(c);
+    tly_shard_free(b);
+    tly_shard_free(a);
+    tly_config_free(cfg);
+    mock_fini(&mk);
+}
+
+/* Produces key → value to the endpoints topic as any client could (value
+ * NULL: a tombstone), and waits for its delivery. */
+static void produce_endpoint(const mock_t *mk, const char *key, const char *value)
+{
+    char err[256];
+    rd_kafka_conf_t *conf = rd_kafka_conf_new();
+    rd_kafka_conf_set(conf, "bootstrap.servers", mk->bootstrap, err, sizeof err);
+    rd_kafka_t *rk = rd_kafka_new(RD_KAFKA_PRODUCER, conf, err, sizeof err);
+    assert_non_null(rk);
+    assert_int_equal(rd_kafka_producev(rk, RD_KAFKA_V_TOPIC(ENDPOINTS),
+                                       RD_KAFKA_V_KEY(key, strlen(key)),
+                                       RD_KAFKA_V_VALUE((void *)value, value ? strlen(value) : 0),
+                                       RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY), RD_KAFKA_V_END),
+                     RD_KAFKA_RESP_ERR_NO_ERROR);
+    assert_int_equal(rd_kafka_flush(rk, 10000), RD_KAFKA_RESP_ERR_NO_ERROR);
+    rd_kafka_destroy(rk);
+}
+
+/* Records of one partition's owners from different instances land in the
+ * order their producers got through, not the order of the rebalances: the
+ * previous owner's record, delayed (retries through a broker restart, say),
+ * can land after the new owner's. The owner that reads a record naming
+ * another for a partition it owns publishes its own again, so the others
+ * do not keep sending clients to the previous owner. */
+static void owner_publishes_again_over_a_late_record_of_the_previous_owner(void **state)
+{
+    (void)state;
+    mock_t mk;
+    mock_init(&mk);
+    tly_config_t *cfg = shard_config_group("g");
+    tly_shard_t *b = shard_started(cfg, &mk, "127.0.0.1:7002");
+    tly_shard_t *c = shard_started(cfg, &mk, "127.0.0.1:7003");
+    tly_shard_set_partitions(b, 8);
+    tly_shard_set_partitions(c, 8);
+    int32_t p21 = java_partition(-973932308, 8), pfoo = java_partition(-790332482, 8);
+    assert_true(p21 != pfoo);
+    tly_shard_assigned(c, &p21, 1);
+    await_owner(b, "21", p21, "127.0.0.1:7003");
+
+    /* the previous owner's record lands now, then a marker record of
+     * another partition: once b read the marker it read the late record */
+    char key[32];
+    snprintf(key, sizeof key, "g/%d", p21);
+    produce_endpoint(&mk, key, "127.0.0.1:7001");
+    snprintf(key, sizeof key, "g/%d", pfoo);
+    produce_endpoint(&mk, key, "marker:1");
+    await_owner(b, "foobar", pfoo, "marker:1");
+    await_owner(b, "21", p21, "127.0.0.1:7003");
+
+    tly_shard_free(c);
+    tly_shard_free(b);
+    tly_config_free(cfg);
+    mock_fini(&mk);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -247,6 +339,8 @@ int main(void)
         cmocka_unit_test(router_answers_owned_ids_and_moves_the_others),
         cmocka_unit_test(replica_mode_has_no_router),
         cmocka_unit_test(owner_address_reaches_the_group_for_any_group_name_length),
+        cmocka_unit_test(new_owner_is_published_again_after_a_failed_delivery),
+        cmocka_unit_test(owner_publishes_again_over_a_late_record_of_the_previous_owner),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
