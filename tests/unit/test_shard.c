@@ -58,6 +58,82 @@ static void partition_of_matches_the_java_client(void **state)
     assert_int_equal(tly_partition_of("foobar", 6, 50), 16);
 }
 
+/* Kafka's Utils.murmur2 as the Java source defines it (seed 0x9747b28c,
+ * m 0x5bd1e995, r 24; bytes read as unsigned, & 0xff), in Java's int
+ * arithmetic: the judge for keys the vectors above do not cover. */
+static int32_t java_murmur2(const unsigned char *data, size_t length)
+{
+    const uint32_t seed = 0x9747b28cu, m = 0x5bd1e995u;
+    uint32_t h = seed ^ (uint32_t)length;
+    size_t length4 = length / 4;
+    for (size_t i = 0; i < length4; i++) {
+        size_t i4 = i * 4;
+        uint32_t k = (uint32_t)(data[i4 + 0] & 0xff) + ((uint32_t)(data[i4 + 1] & 0xff) << 8) +
+                     ((uint32_t)(data[i4 + 2] & 0xff) << 16) +
+                     ((uint32_t)(data[i4 + 3] & 0xff) << 24);
+        k *= m;
+        k ^= k >> 24;
+        k *= m;
+        h *= m;
+        h ^= k;
+    }
+    switch (length % 4) {
+    case 3:
+        h ^= (uint32_t)(data[(length & ~(size_t)3) + 2] & 0xff) << 16;
+        /* fall through */
+    case 2:
+        h ^= (uint32_t)(data[(length & ~(size_t)3) + 1] & 0xff) << 8;
+        /* fall through */
+    case 1:
+        h ^= (uint32_t)(data[length & ~(size_t)3] & 0xff);
+        h *= m;
+    }
+    h ^= h >> 13;
+    h *= m;
+    h ^= h >> 15;
+    return (int32_t)h;
+}
+
+/* The empty id, bytes of 0x80 and above (UTF-8 ids), every length modulo
+ * 4, keys at every alignment, and hashes with the sign bit set all land
+ * where the Java client puts them. */
+static void partition_of_matches_java_for_empty_high_byte_and_unaligned_keys(void **state)
+{
+    (void)state;
+    for (size_t i = 0; i < sizeof kafka_vectors / sizeof kafka_vectors[0]; i++) {
+        const char *k = kafka_vectors[i].key;
+        assert_int_equal(java_murmur2((const unsigned char *)k, strlen(k)),
+                         kafka_vectors[i].java_hash);
+    }
+    static const int32_t counts[] = {1, 3, 8, 12, 1000, 1024};
+    static unsigned char buf[64 + 8];
+    uint64_t x = 0x243f6a8885a308d3u;
+    int negative = 0;
+    for (int round = 0; round < 4000; round++) {
+        size_t len = (size_t)round % 40, off = (size_t)round / 40 % 8;
+        for (size_t i = 0; i < len; i++) {
+            x = x * 6364136223846793005u + 1442695040888963407u;
+            buf[off + i] = (unsigned char)(x >> 56) | (round % 2 ? 0x80 : 0);
+        }
+        int32_t hash = java_murmur2(buf + off, len);
+        negative += hash < 0;
+        for (size_t c = 0; c < sizeof counts / sizeof counts[0]; c++) {
+            int32_t want = java_partition(hash, counts[c]);
+            int32_t got = tly_partition_of(buf + off, len, counts[c]);
+            if (got != want)
+                fail_msg("%zu bytes at offset %zu over %d partitions: %d, Java says %d", len, off,
+                         counts[c], got, want);
+        }
+    }
+    assert_true(negative > 1000); /* the sign bit was exercised */
+    /* the empty id: Java hashes the empty array (a String key "" is not
+     * null), 0x106e08d9 by the definition above (and by a Python
+     * rendering of it) */
+    assert_int_equal(java_murmur2((const unsigned char *)"", 0), 275646681);
+    assert_int_equal(tly_partition_of("", 0, 1000), 275646681 % 1000);
+    assert_int_equal(tly_partition_of(NULL, 0, 1000), 275646681 % 1000);
+}
+
 static tly_config_t *shard_config(void)
 {
     char err[512] = "";
@@ -336,6 +412,7 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(partition_of_matches_the_java_client),
+        cmocka_unit_test(partition_of_matches_java_for_empty_high_byte_and_unaligned_keys),
         cmocka_unit_test(router_answers_owned_ids_and_moves_the_others),
         cmocka_unit_test(replica_mode_has_no_router),
         cmocka_unit_test(owner_address_reaches_the_group_for_any_group_name_length),
