@@ -533,21 +533,41 @@ static void choose_offsets(tly_source_t *src, rd_kafka_topic_partition_list_t *p
 
     /* "The end" means the end now, as assignment is logged and published:
      * left logical, librdkafka would resolve it at its first fetch, and
-     * events produced in between would be skipped. */
-    for (int i = 0; i < parts->cnt; i++) {
-        rd_kafka_topic_partition_t *tp = &parts->elems[i];
-        if (tp->offset != RD_KAFKA_OFFSET_END)
-            continue;
-        int64_t lo = -1, hi = -1;
-        rd_kafka_resp_err_t err = rd_kafka_query_watermark_offsets(
-            src->rk, tp->topic, tp->partition, &lo, &hi, BROKER_TIMEOUT_MS);
-        if (err == RD_KAFKA_RESP_ERR_NO_ERROR && hi >= 0)
-            tp->offset = hi;
+     * events produced in between would be skipped. One lookup for all of
+     * them (a request per leader, one timeout in all: this runs inside the
+     * rebalance callback); partition by partition only where it answered
+     * with a logical offset, as the 2.0.2 mock cluster does. */
+    rd_kafka_topic_partition_list_t *ends = rd_kafka_topic_partition_list_new(parts->cnt);
+    for (int i = 0; i < parts->cnt; i++)
+        if (parts->elems[i].offset == RD_KAFKA_OFFSET_END) /* as a time: the latest */
+            rd_kafka_topic_partition_list_add(ends, parts->elems[i].topic,
+                                              parts->elems[i].partition)
+                ->offset = RD_KAFKA_OFFSET_END;
+    rd_kafka_resp_err_t eerr = ends->cnt > 0
+                                   ? rd_kafka_offsets_for_times(src->rk, ends, BROKER_TIMEOUT_MS)
+                                   : RD_KAFKA_RESP_ERR_NO_ERROR;
+    for (int i = 0; i < ends->cnt; i++) {
+        const rd_kafka_topic_partition_t *e = &ends->elems[i];
+        /* an answer that came counts even if another leader's did not */
+        int64_t end = e->err == RD_KAFKA_RESP_ERR_NO_ERROR ? e->offset : -1;
+        rd_kafka_resp_err_t err = end >= 0                             ? RD_KAFKA_RESP_ERR_NO_ERROR
+                                  : eerr != RD_KAFKA_RESP_ERR_NO_ERROR ? eerr
+                                                                       : e->err;
+        if (err == RD_KAFKA_RESP_ERR_NO_ERROR && end < 0) {
+            int64_t lo = -1;
+            err = rd_kafka_query_watermark_offsets(src->rk, e->topic, e->partition, &lo, &end,
+                                                   BROKER_TIMEOUT_MS);
+        }
+        rd_kafka_topic_partition_t *tp =
+            rd_kafka_topic_partition_list_find(parts, e->topic, e->partition);
+        if (err == RD_KAFKA_RESP_ERR_NO_ERROR && end >= 0 && tp != NULL)
+            tp->offset = end;
         else
             tly_warn("source: %s[%" PRId32 "]: looking up the end offset failed (%s); "
                      "librdkafka resolves it at the first fetch",
-                     tp->topic, tp->partition, rd_kafka_err2str(err));
+                     e->topic, e->partition, rd_kafka_err2str(err));
     }
+    rd_kafka_topic_partition_list_destroy(ends);
 
     /* A partition whose state is partly restored (tly_source_catch_up)
      * starts where the rebuilt features need it, but no later than the

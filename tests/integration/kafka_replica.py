@@ -9,7 +9,10 @@ fresh process starts.
 Sequence: a first batch of seeded events (e2e.py's stream) is produced;
 instance A starts (kafka.start earliest), catches up and commits offsets;
 instance B then starts with the same group and must still read everything
-from the beginning; a second batch is produced while both run. Afterwards
+from the beginning; instance C (kafka.start latest, its own group) starts
+next and must be assigned every partition at the first batch's end, as
+offsets; a second batch is produced while all three run, and C must read
+it alone, to the new ends. Afterwards
 both INFOs show all 8 partitions at their ends with every message consumed
 once, and every value of every user and pin on each instance equals the
 ground truth of both batches (e2e.py's model).
@@ -64,10 +67,21 @@ def setup():
         r.nodes.append((name, t, path, cfg, port))
         # B starts once A has caught up (and committed offsets under the group).
         K.wait_caught_up(t, len(lines1))
-    # The second batch arrives while both run.
+    # C starts at the end (kafka.start latest) once the first batch is in:
+    # its partitions must be assigned at those ends as offsets, and it must
+    # read exactly the second batch.
+    r.ends1 = dict(r.per_part)
+    port = H.free_port()
+    path, _ = K.write_config(r.tmp, r.bootstrap, port, r.topic, "replica", "latest",
+                             K.FEATURES, name="tallyd-c")
+    r.latest = K.Tallyd(path, port, r.tmp, name="tallyd-c")
+    K.wait_caught_up(r.latest, 0)
+    # The second batch arrives while all three run.
     for p, n in K.produce(r.bootstrap, r.topic, K.records(ev2, lines2, r.asof - E.HOUR)).items():
         r.per_part[p] = r.per_part.get(p, 0) + n
     r.produced = len(lines1) + len(lines2)
+    K.wait_caught_up(r.latest, len(lines2))
+    r.latest_info = wait_positions(r.latest, r.topic, r.per_part)
     r.model = E.Model(r.nodes[0][3], ev1 + ev2, r.asof, r.t0)
     r.ctxs = []
     for name, t, path, cfg, port in r.nodes:
@@ -83,6 +97,47 @@ def setup():
 
 def t_ingest(r, c):
     K.check_ingest(c, c.info, r.produced, r.per_part, r.topic, 2 * (E.BAD_JSON + E.MISSING_TIME))
+
+
+def wait_positions(t, topic, want, seconds=30):
+    """Polls INFO until every partition line of topic shows the position in
+    want (partition lines are published once a second, so a count that is
+    already final can come with lines from before it). Returns the last
+    INFO; the test judges it."""
+    cli = t.client()
+    end = H.deadline(seconds)
+    try:
+        while True:
+            info = cli.info()
+            lines = {p: info.get(f"partition_{topic}_{p}", "") for p in want}
+            if all(f"position={n}," in lines[p] for p, n in want.items()):
+                return info
+            if time.monotonic() > end:
+                return info
+            time.sleep(0.1)  # poll interval of a deadline-bounded wait
+    finally:
+        cli.close()
+
+
+def t_latest_starts_at_the_ends(r):
+    """C (kafka.start latest, started between the batches) was assigned every
+    partition at the first batch's end, as a number in its log, and read the
+    second batch alone, to the new ends."""
+    m = H.Mismatches()
+    log = r.latest.log_path.read_text()
+    line = next((x for x in log.splitlines() if "source: assigned" in x), "")
+    want = " ".join(f"{r.topic}[{p}]@{r.ends1.get(p, 0)}" for p in range(PARTITIONS))
+    m.check(line.endswith(want), f"assignment log line {line!r}, want it to end with {want!r}")
+    info = r.latest_info
+    m.eq(int(info.get("messages_consumed", -1)), r.produced - sum(r.ends1.values()),
+         "C's INFO messages_consumed (the second batch)")
+    for p in range(PARTITIONS):
+        n = r.per_part.get(p, 0)
+        v = info.get(f"partition_{r.topic}_{p}")
+        parts = dict(x.split("=", 1) for x in v.split(",")) if v else {}
+        m.eq(parts, {"position": str(n), "high": str(n), "lag": "0"},
+             f"C's INFO partition_{r.topic}_{p}")
+    m.done()
 
 
 def t_committed_offsets(r):
@@ -302,7 +357,10 @@ def main():
         for name, c in r.ctxs:
             K.run_truth_checks(suite, c, prefix=f"replica_{name}_")
         suite.run("replica_both_commit_offsets_under_the_shared_group", t_committed_offsets, r)
+        suite.run("replica_start_latest_assigns_the_ends_and_reads_only_what_follows",
+                  t_latest_starts_at_the_ends, r)
         K.close_ctxs(suite, r.ctxs)
+        r.latest.close()
     x = run_txn(suite)
     rc = suite.finish()
     for run in (r, x):
