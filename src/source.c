@@ -484,11 +484,31 @@ static void publish(tly_source_t *src, int64_t now_ms)
     src->last_publish_ms = now_ms;
 }
 
+/* The end offset of every partition of parts, from one offsets-for-times
+ * lookup (a ListOffsets request per leader, one timeout in all), as a new
+ * list; *err is the lookup's own result. An element has no end where its
+ * err is set or its offset is negative (a logical answer: the 2.0.2 mock
+ * cluster answers "end", so an embedded source does not ask). */
+static rd_kafka_topic_partition_list_t *lookup_ends(tly_source_t *src,
+                                                    const rd_kafka_topic_partition_list_t *parts,
+                                                    rd_kafka_resp_err_t *err)
+{
+    rd_kafka_topic_partition_list_t *ends = rd_kafka_topic_partition_list_new(parts->cnt);
+    for (int i = 0; i < parts->cnt; i++)
+        rd_kafka_topic_partition_list_add(ends, parts->elems[i].topic, parts->elems[i].partition)
+            ->offset = RD_KAFKA_OFFSET_END; /* as a time: the latest offset */
+    *err = ends->cnt > 0 ? rd_kafka_offsets_for_times(src->rk, ends, BROKER_TIMEOUT_MS)
+                         : RD_KAFKA_RESP_ERR_NO_ERROR;
+    return ends;
+}
+
 /* Writes the start offset of every partition in parts: the position this
  * process reached (or was told to resume at), else kafka.start's. A
  * partition partly restored (tly_source_catch_up) whose start is its
- * restored position has nothing to replay: it is at that position now. */
-static void choose_offsets(tly_source_t *src, rd_kafka_topic_partition_list_t *parts)
+ * restored position has nothing to replay: it is at that position now.
+ * ends: lookup_ends' answer for parts (eerr its result), or NULL. */
+static void choose_offsets(tly_source_t *src, rd_kafka_topic_partition_list_t *parts,
+                           const rd_kafka_topic_partition_list_t *ends, rd_kafka_resp_err_t eerr)
 {
     tly_kafka_start_t start = src->cfg->kafka.start;
     if (start == TLY_START_WINDOW && src->embedded)
@@ -533,41 +553,34 @@ static void choose_offsets(tly_source_t *src, rd_kafka_topic_partition_list_t *p
 
     /* "The end" means the end now, as assignment is logged and published:
      * left logical, librdkafka would resolve it at its first fetch, and
-     * events produced in between would be skipped. One lookup for all of
-     * them (a request per leader, one timeout in all: this runs inside the
-     * rebalance callback); partition by partition only where it answered
-     * with a logical offset, as the 2.0.2 mock cluster does. */
-    rd_kafka_topic_partition_list_t *ends = rd_kafka_topic_partition_list_new(parts->cnt);
-    for (int i = 0; i < parts->cnt; i++)
-        if (parts->elems[i].offset == RD_KAFKA_OFFSET_END) /* as a time: the latest */
-            rd_kafka_topic_partition_list_add(ends, parts->elems[i].topic,
-                                              parts->elems[i].partition)
-                ->offset = RD_KAFKA_OFFSET_END;
-    rd_kafka_resp_err_t eerr = ends->cnt > 0
-                                   ? rd_kafka_offsets_for_times(src->rk, ends, BROKER_TIMEOUT_MS)
-                                   : RD_KAFKA_RESP_ERR_NO_ERROR;
-    for (int i = 0; i < ends->cnt; i++) {
-        const rd_kafka_topic_partition_t *e = &ends->elems[i];
+     * events produced in between would be skipped. The ends come from
+     * assign's one lookup for all partitions (this runs inside the
+     * rebalance callback: not a query and a timeout per partition);
+     * partition by partition only where that lookup was not made or
+     * answered with a logical offset. */
+    for (int i = 0; i < parts->cnt; i++) {
+        rd_kafka_topic_partition_t *tp = &parts->elems[i];
+        if (tp->offset != RD_KAFKA_OFFSET_END)
+            continue;
+        const rd_kafka_topic_partition_t *e =
+            ends ? rd_kafka_topic_partition_list_find(ends, tp->topic, tp->partition) : NULL;
         /* an answer that came counts even if another leader's did not */
-        int64_t end = e->err == RD_KAFKA_RESP_ERR_NO_ERROR ? e->offset : -1;
-        rd_kafka_resp_err_t err = end >= 0                             ? RD_KAFKA_RESP_ERR_NO_ERROR
+        int64_t end = e != NULL && e->err == RD_KAFKA_RESP_ERR_NO_ERROR ? e->offset : -1;
+        rd_kafka_resp_err_t err = end >= 0 || e == NULL                ? RD_KAFKA_RESP_ERR_NO_ERROR
                                   : eerr != RD_KAFKA_RESP_ERR_NO_ERROR ? eerr
                                                                        : e->err;
         if (err == RD_KAFKA_RESP_ERR_NO_ERROR && end < 0) {
             int64_t lo = -1;
-            err = rd_kafka_query_watermark_offsets(src->rk, e->topic, e->partition, &lo, &end,
+            err = rd_kafka_query_watermark_offsets(src->rk, tp->topic, tp->partition, &lo, &end,
                                                    BROKER_TIMEOUT_MS);
         }
-        rd_kafka_topic_partition_t *tp =
-            rd_kafka_topic_partition_list_find(parts, e->topic, e->partition);
-        if (err == RD_KAFKA_RESP_ERR_NO_ERROR && end >= 0 && tp != NULL)
+        if (err == RD_KAFKA_RESP_ERR_NO_ERROR && end >= 0)
             tp->offset = end;
         else
             tly_warn("source: %s[%" PRId32 "]: looking up the end offset failed (%s); "
                      "librdkafka resolves it at the first fetch",
-                     e->topic, e->partition, rd_kafka_err2str(err));
+                     tp->topic, tp->partition, rd_kafka_err2str(err));
     }
-    rd_kafka_topic_partition_list_destroy(ends);
 
     /* A partition whose state is partly restored (tly_source_catch_up)
      * starts where the rebuilt features need it, but no later than the
@@ -709,38 +722,36 @@ static void shard_reassign(tly_source_t *src, const rd_kafka_topic_partition_lis
     free(owned);
 }
 
-/* Assigns parts (offsets chosen here) and records them in the table. */
-/* Asks the brokers for the end offsets of parts (one ListOffsets request
- * per broker), so readiness is known at once: a partition resumed at its
- * end (a restart from a snapshot) need not wait for a fetch reply, which
- * the broker may hold for fetch.wait.max.ms, to learn its high watermark.
- * Failures are harmless: the fetches report the ends later. */
-static void learn_ends(tly_source_t *src, const rd_kafka_topic_partition_list_t *parts)
+/* Records the end offsets lookup_ends found (ends, NULL when it was not
+ * asked; eerr its result), so readiness is known at once: a partition
+ * resumed at its end (a restart from a snapshot) need not wait for a fetch
+ * reply, which the broker may hold for fetch.wait.max.ms, to learn its high
+ * watermark. Failures are harmless: the fetches report the ends later. */
+static void learn_ends(tly_source_t *src, const rd_kafka_topic_partition_list_t *ends,
+                       rd_kafka_resp_err_t eerr)
 {
-    if (parts->cnt == 0 || src->embedded) /* the 2.0.2 mock answers "end" */
+    if (ends == NULL || eerr != RD_KAFKA_RESP_ERR_NO_ERROR)
         return;
-    rd_kafka_topic_partition_list_t *ends = rd_kafka_topic_partition_list_new(parts->cnt);
-    for (int i = 0; i < parts->cnt; i++)
-        rd_kafka_topic_partition_list_add(ends, parts->elems[i].topic, parts->elems[i].partition)
-            ->offset = RD_KAFKA_OFFSET_END; /* as a timestamp: the latest offset */
-    if (rd_kafka_offsets_for_times(src->rk, ends, BROKER_TIMEOUT_MS) ==
-        RD_KAFKA_RESP_ERR_NO_ERROR)
-        for (int i = 0; i < ends->cnt; i++) {
-            const rd_kafka_topic_partition_t *e = &ends->elems[i];
-            if (e->err == RD_KAFKA_RESP_ERR_NO_ERROR && e->offset >= 0) {
-                part_t *p = part_get(src, e->topic, e->partition);
-                p->high = e->offset;
-                p->high_min = e->offset;
-            }
+    for (int i = 0; i < ends->cnt; i++) {
+        const rd_kafka_topic_partition_t *e = &ends->elems[i];
+        if (e->err == RD_KAFKA_RESP_ERR_NO_ERROR && e->offset >= 0) {
+            part_t *p = part_get(src, e->topic, e->partition);
+            p->high = e->offset;
+            p->high_min = e->offset;
         }
-    rd_kafka_topic_partition_list_destroy(ends);
+    }
 }
+
+/* Assigns parts (offsets chosen here) and records them in the table. */
 
 static void assign(tly_source_t *src, rd_kafka_topic_partition_list_t *parts)
 {
     if (src->shard != NULL)
         shard_reassign(src, parts);
-    choose_offsets(src, parts);
+    rd_kafka_resp_err_t eerr = RD_KAFKA_RESP_ERR_NO_ERROR;
+    rd_kafka_topic_partition_list_t *ends =
+        parts->cnt > 0 && !src->embedded ? lookup_ends(src, parts, &eerr) : NULL;
+    choose_offsets(src, parts, ends, eerr);
     char line[ASSIGN_LOG_CAP];
     size_t used = 0;
     line[0] = '\0';
@@ -758,6 +769,8 @@ static void assign(tly_source_t *src, rd_kafka_topic_partition_list_t *parts)
     if (err != RD_KAFKA_RESP_ERR_NO_ERROR) {
         atomic_fetch_add_explicit(&src->errors, 1, memory_order_relaxed);
         tly_error("source: assigning %d partitions failed: %s", parts->cnt, rd_kafka_err2str(err));
+        if (ends != NULL)
+            rd_kafka_topic_partition_list_destroy(ends);
         return;
     }
     tly_info("source: assigned %d partitions: %s%s", parts->cnt, line,
@@ -773,7 +786,9 @@ static void assign(tly_source_t *src, rd_kafka_topic_partition_list_t *parts)
         if (tp->offset >= 0)
             p->position = tp->offset;
     }
-    learn_ends(src, parts);
+    learn_ends(src, ends, eerr);
+    if (ends != NULL)
+        rd_kafka_topic_partition_list_destroy(ends);
     /* Queries wait (-LOADING) until the new partitions catch up. */
     if (atomic_exchange(&src->ready, false))
         tly_info("source: new assignment; queries get -LOADING until it caught up");
