@@ -47,6 +47,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 #include "tallyd/window.h"
 
@@ -409,6 +410,15 @@ static tly_err_t compile_feature(compile_t *c, size_t i)
         win->qname[feat->name_len] = ':';
         memcpy(win->qname + feat->name_len + 1, win->label, llen);
     }
+    /* ASOF and META are query keywords where a name may stand; a windowed
+     * feature so named is asked for with its window, one without windows
+     * could not be asked for at all */
+    if (feat->nwindows == 0 &&
+        (strcasecmp(feat->name, "asof") == 0 || strcasecmp(feat->name, "meta") == 0))
+        return config_error(c->cfg, fc->line, c->errbuf, c->errlen,
+                            "features[%zu].name: \"%s\" is a query keyword (ASOF, META): a "
+                            "%s feature so named could not be asked for; rename it",
+                            i, feat->name, tly_agg_name(feat->agg));
     if (fc->agg == TLY_AGG_LAST) {
         feat->k = 1;
     } else if (fc->agg == TLY_AGG_LAST_K) {

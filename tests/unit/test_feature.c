@@ -385,6 +385,36 @@ static void compile_rejects_composite_key_with_a_missing_part(void **state)
         "features[0]; every feature of an entity must use the same key");
 }
 
+static void compile_rejects_an_unwindowed_feature_named_like_a_query_keyword(void **state)
+{
+    (void)state;
+    compile_fails_with(
+        "features:\n"
+        "  - { name: clicks, entity: user, key: user_id, agg: count, windows: [1h] }\n"
+        "  - { name: Meta, entity: user, key: user_id, agg: last, value: action }\n",
+        "test.yaml:3: features[1].name: \"Meta\" is a query keyword (ASOF, META): a last "
+        "feature so named could not be asked for; rename it");
+    compile_fails_with(
+        "features:\n"
+        "  - { name: asof, entity: user, key: user_id, agg: last_k, k: 5, value: action }\n",
+        "test.yaml:2: features[0].name: \"asof\" is a query keyword (ASOF, META): a last_k "
+        "feature so named could not be asked for; rename it");
+}
+
+static void compile_accepts_a_windowed_feature_named_like_a_query_keyword(void **state)
+{
+    (void)state;
+    loaded_t l =
+        compile_ok("features:\n"
+                   "  - { name: meta, entity: user, key: user_id, agg: count, windows: [1h] }\n");
+    uint32_t feat = 99;
+    int window = 99;
+    assert_int_equal(tly_featset_resolve(l.fs, 0, "meta:1h", 7, &feat, &window), TLY_OK);
+    assert_int_equal(feat, 0);
+    assert_int_equal(window, 0);
+    unload(&l);
+}
+
 static void compile_accepts_the_same_name_under_different_entities(void **state)
 {
     (void)state;
@@ -1066,6 +1096,8 @@ int main(void)
         cmocka_unit_test(compile_rejects_entity_keyed_differently),
         cmocka_unit_test(compile_rejects_composite_key_in_another_order),
         cmocka_unit_test(compile_rejects_composite_key_with_a_missing_part),
+        cmocka_unit_test(compile_rejects_an_unwindowed_feature_named_like_a_query_keyword),
+        cmocka_unit_test(compile_accepts_a_windowed_feature_named_like_a_query_keyword),
         cmocka_unit_test(compile_accepts_the_same_name_under_different_entities),
         cmocka_unit_test(compile_rejects_more_than_max_windows),
         cmocka_unit_test(compile_accepts_max_windows),
