@@ -335,6 +335,10 @@ static bool parse_names_once(cmd_ctx_t *c, uint32_t entity, size_t i, bool allow
             seen_asof = true;
             i++;
         } else if (allow_meta && arg_is(a, "meta")) {
+            if (*meta) {
+                syntax_error(c, "META given twice", NULL);
+                return false;
+            }
             *meta = true;
         } else if (!allow_meta && arg_is(a, "meta") &&
                    tly_featset_resolve(c->d->fs, entity, a->ptr, a->len, &(uint32_t){0},
@@ -539,12 +543,16 @@ static bool item_matches(const tly_item_t *it, const tly_arg_t *where)
             len = (size_t)snprintf(buf, sizeof buf, "%s", val->u.i ? "true" : "false");
             break;
         case TLY_V_DOUBLE: {
-            /* compared as numbers: the reply prints the shortest form */
+            /* compared as numbers: the reply prints the shortest form; only
+             * decimal text is a number here, as in events (not "0x10",
+             * "inf" or "nan", which strtod also reads) */
             char tmp[64], *end;
             if (where->len == 0 || where->len >= sizeof tmp)
                 continue;
             memcpy(tmp, where->ptr, where->len);
             tmp[where->len] = '\0';
+            if (strspn(tmp, "0123456789+-.eE") < where->len)
+                continue;
             double w = strtod(tmp, &end);
             if (*end == '\0' && w == val->u.d)
                 return true;

@@ -167,6 +167,11 @@ static void test_recent_where_compares_doubles_as_numbers(void **state)
     assert_string_equal(run(fx, "RECENT user 1 scores WHERE 2.50"),
                         "*1\r\n*2\r\n:1699919995000\r\n$3\r\n2.5\r\n");
     assert_string_equal(run(fx, "RECENT user 1 scores WHERE 0.2"), "*0\r\n");
+    /* 2.5 in C's hexadecimal, infinity and NaN spellings: not numbers here */
+    assert_string_equal(run(fx, "RECENT user 1 scores WHERE 0x1.4p+1"), "*0\r\n");
+    assert_string_equal(run(fx, "RECENT user 1 scores WHERE 0X1.4P1"), "*0\r\n");
+    assert_string_equal(run(fx, "RECENT user 1 scores WHERE 25e-1"),
+                        "*1\r\n*2\r\n:1699919995000\r\n$3\r\n2.5\r\n");
 }
 
 /* user 1's two events lie in both windows of n. 2 windows × 500 names × 1
@@ -326,6 +331,10 @@ static void test_features_asof_moves_the_windows(void **state)
     assert_string_equal(run(fx, "FEATURES user 7 ASOF 1 clicks"),
                         "-ERR syntax error: feature names come before ASOF and META, got "
                         "'clicks'\r\n");
+    assert_string_equal(run(fx, "FEATURES user 7 ASOF 1 ASOF 2"),
+                        "-ERR syntax error: ASOF given twice\r\n");
+    assert_string_equal(run(fx, "FEATURES user 7 META meta"),
+                        "-ERR syntax error: META given twice\r\n");
 }
 
 static void test_features_meta_without_source(void **state)
