@@ -36,6 +36,8 @@
  *    floating point, so 1700000000.123 s is 1700000000123 ms; seconds round
  *    down to the millisecond; milliseconds must be whole (1.7e12 is fine,
  *    1.5 is not). Plausible times are [1970-01-01, 2101-01-01) UTC.
+ *  - A UTF-8 byte-order mark that opens the payload is skipped (RFC 8259
+ *    §8.1 lets a parser ignore it); anywhere else it is an error.
  *  - Doubles are parsed with strtod, which follows LC_NUMERIC: the daemon must
  *    keep the "C" numeric locale.
  *
@@ -1111,6 +1113,8 @@ tly_err_t tly_decode_json(tly_decoder_t *dec, const char *payload, size_t len, i
         ev->vals[i] = (tly_value_t){.type = TLY_V_NIL};
 
     walk_t w = {.dec = dec, .js = payload, .len = len, .ev = ev, .err = TLY_OK};
+    if (len >= 3 && memcmp(payload, "\xEF\xBB\xBF", 3) == 0)
+        w.pos = 3; /* a leading byte-order mark, which RFC 8259 lets a parser ignore */
     val_t top;
     skip_gap(&w);
     bool ok = scan_value(&w, &top, true);

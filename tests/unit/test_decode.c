@@ -171,6 +171,21 @@ static void decode_extracts_referenced_fields_and_time(void **state)
     assert_int_value(val(f, "ts"), INT64_C(1700000000123));
 }
 
+static void decode_skips_a_leading_byte_order_mark_only(void **state)
+{
+    fixture_t *f = *state;
+    assert_int_equal(decode(f, "\xEF\xBB\xBF{\"ts\":7,\"action\":\"x\"}"), TLY_OK);
+    assert_int_equal(f->ev.time_ms, 7);
+    assert_str(val(f, "action"), "x");
+    assert_int_equal(decode(f, "\xEF\xBB\xBF {\"ts\":7}"), TLY_OK);
+    /* a mark after whitespace, a second one, or half of one is not JSON */
+    assert_int_equal(decode(f, " \xEF\xBB\xBF{\"ts\":7}"), TLY_E_EV_BAD_JSON);
+    assert_int_equal(decode(f, "\xEF\xBB\xBF\xEF\xBB\xBF{\"ts\":7}"), TLY_E_EV_BAD_JSON);
+    assert_int_equal(decode(f, "\xEF\xBB{\"ts\":7}"), TLY_E_EV_BAD_JSON);
+    assert_int_equal(decode(f, "\xEF\xBB\xBF"), TLY_E_EV_BAD_JSON);
+    assert_int_equal(decode(f, "{\"ts\":7}\xEF\xBB\xBF"), TLY_E_EV_BAD_JSON);
+}
+
 static void decode_leaves_absent_fields_nil_across_calls(void **state)
 {
     fixture_t *f = *state;
@@ -1208,6 +1223,7 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         FIXTURE_TEST(decode_extracts_referenced_fields_and_time, setup_ms),
+        FIXTURE_TEST(decode_skips_a_leading_byte_order_mark_only, setup_ms),
         FIXTURE_TEST(decode_leaves_absent_fields_nil_across_calls, setup_ms),
         FIXTURE_TEST(decode_borrows_unescaped_strings_from_the_payload, setup_ms),
         FIXTURE_TEST(decode_accepts_whitespace_between_tokens, setup_ms),
