@@ -399,6 +399,13 @@ static bool addr_split(const char *s, const char **port, size_t *hostlen)
     return true;
 }
 
+bool tly_config_addr_ok(const char *s)
+{
+    const char *port;
+    size_t hostlen;
+    return addr_split(s, &port, &hostlen);
+}
+
 static bool addr_is_loopback(const char *s)
 {
     const char *port;

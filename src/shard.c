@@ -66,6 +66,11 @@ struct tly_shard {
     pthread_t thread;
     bool running;
     atomic_bool stop;
+
+    /* endpoints thread only: records naming no address, and when the
+     * last was logged */
+    uint64_t bad_records;
+    int64_t bad_logged_ms;
 };
 
 int32_t tly_partition_of(const void *key, size_t len, int32_t nparts)
@@ -90,6 +95,7 @@ tly_shard_t *tly_shard_new(const tly_config_t *cfg, const tly_featset_t *fs)
     }
     sh->cfg = cfg;
     sh->addr = addr;
+    sh->bad_logged_ms = INT64_MIN / 2;
     pthread_mutex_init(&sh->mu, NULL);
     atomic_init(&sh->stop, false);
     return sh;
@@ -217,7 +223,32 @@ void tly_shard_stats(tly_shard_t *sh, tly_shard_stats_t *st)
 
 /* ---- the endpoints thread ---------------------------------------------------- */
 
-/* A record "G/p" → "host:port" read from the endpoints topic. */
+static int64_t mono_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* An owner address as a record carries it: host:port in printable ASCII
+ * without spaces, shorter than TLY_SHARD_ADDR_MAX. */
+static bool record_addr_ok(const char *v, size_t n, char *out)
+{
+    if (n == 0 || n >= TLY_SHARD_ADDR_MAX)
+        return false;
+    for (size_t i = 0; i < n; i++)
+        if (v[i] <= ' ' || v[i] > '~')
+            return false;
+    memcpy(out, v, n);
+    out[n] = '\0';
+    return tly_config_addr_ok(out);
+}
+
+/* A record "G/p" → "host:port" read from the endpoints topic. A value that
+ * is not an address (written by something other than a tallyd) makes the
+ * owner of p unknown: counted, logged at most every ENDPOINTS_RETRY_MS,
+ * never repeated to clients. A tombstone (no value) does the same,
+ * uncounted. Endpoints thread. */
 static void take_record(tly_shard_t *sh, const rd_kafka_message_t *m)
 {
     const char *group = sh->cfg->kafka.group;
@@ -235,11 +266,23 @@ static void take_record(tly_shard_t *sh, const rd_kafka_message_t *m)
             return;
     }
     size_t vlen = m->payload != NULL ? m->len : 0;
-    if (vlen >= TLY_SHARD_ADDR_MAX)
-        return;
+    char addr[TLY_SHARD_ADDR_MAX] = "";
+    if (vlen > 0 && !record_addr_ok(m->payload, vlen, addr)) {
+        addr[0] = '\0';
+        atomic_fetch_add_explicit(&sh->endpoint_errors, 1, memory_order_relaxed);
+        sh->bad_records++;
+        int64_t now = mono_ms();
+        if (now - sh->bad_logged_ms >= ENDPOINTS_RETRY_MS) {
+            tly_warn("shard: %s[%" PRId32 "]@%" PRId64 " names no host:port for partition %" PRId32
+                     " (%zu bytes); its owner is unknown until a valid record (%" PRIu64
+                     " such records so far)",
+                     sh->cfg->kafka.endpoints_topic, m->partition, m->offset, p, vlen,
+                     sh->bad_records);
+            sh->bad_logged_ms = now;
+        }
+    }
     pthread_mutex_lock(&sh->mu);
-    memcpy(sh->addr[p], m->payload != NULL ? m->payload : "", vlen);
-    sh->addr[p][vlen] = '\0';
+    memcpy(sh->addr[p], addr, sizeof addr);
     pthread_mutex_unlock(&sh->mu);
 }
 
@@ -272,13 +315,6 @@ static bool assign_reader(tly_shard_t *sh)
 }
 
 static void create_topic(tly_shard_t *sh);
-
-static int64_t mono_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
 
 /* Endpoints thread, once the reader reads the topic: publishes again the
  * address of each partition owned here that the topic named for another

@@ -184,6 +184,11 @@ void tly_config_help(FILE *out, int markdown);
  */
 tly_err_t tly_duration_parse(const char *text, int64_t *ms);
 
+/* True when s is "host:port" or "[v6]:port" as the address keys
+ * (server.listen, server.advertise, ...) take it: a port of 0–65535, a
+ * bare IPv6 address only in brackets. */
+bool tly_config_addr_ok(const char *s);
+
 /* Formats ms as the shortest exact duration ("5m", "90s", "1500ms") into
  * buf (cap bytes). Returns buf. */
 char *tly_duration_format(int64_t ms, char *buf, size_t cap);

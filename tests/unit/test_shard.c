@@ -408,6 +408,42 @@ static void owner_publishes_again_over_a_late_record_of_the_previous_owner(void 
     mock_fini(&mk);
 }
 
+/* A record whose value is not host:port (written by something other than
+ * a tallyd) makes the partition's owner unknown, counted, instead of being
+ * repeated to clients in -MOVED; a valid record names the owner again. */
+static void owner_record_that_is_not_an_address_is_refused(void **state)
+{
+    (void)state;
+    mock_t mk;
+    mock_init(&mk);
+    tly_config_t *cfg = shard_config_group("g");
+    tly_shard_t *b = shard_started(cfg, &mk, "127.0.0.1:7002");
+    tly_shard_set_partitions(b, 8);
+    int32_t p21 = java_partition(-973932308, 8);
+    char key[32];
+    snprintf(key, sizeof key, "g/%d", p21);
+    static const char *const bad[] = {"127.0.0.1:7001\r\n+OK", "127.0.0.1", "host:99999",
+                                      "two words:1",           "::1:7001",  "h\x7f:1"};
+    uint64_t errors = 0;
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        produce_endpoint(&mk, key, "127.0.0.1:7001");
+        await_owner(b, "21", p21, "127.0.0.1:7001");
+        produce_endpoint(&mk, key, bad[i]);
+        await_owner(b, "21", p21, "");
+        tly_shard_stats_t st;
+        tly_shard_stats(b, &st);
+        if (st.endpoint_errors != errors + 1)
+            fail_msg("%s: endpoint errors %" PRIu64 ", want %" PRIu64, bad[i], st.endpoint_errors,
+                     errors + 1);
+        errors++;
+    }
+    produce_endpoint(&mk, key, "[::1]:7003");
+    await_owner(b, "21", p21, "[::1]:7003");
+    tly_shard_free(b);
+    tly_config_free(cfg);
+    mock_fini(&mk);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -418,6 +454,7 @@ int main(void)
         cmocka_unit_test(owner_address_reaches_the_group_for_any_group_name_length),
         cmocka_unit_test(new_owner_is_published_again_after_a_failed_delivery),
         cmocka_unit_test(owner_publishes_again_over_a_late_record_of_the_previous_owner),
+        cmocka_unit_test(owner_record_that_is_not_an_address_is_refused),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
