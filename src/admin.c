@@ -274,7 +274,7 @@ static void metrics_source(tly_daemon_t *d, tly_buf_t *b)
               "Shard mode: partitions whose owner's address is known.", (int64_t)ss.known);
         counter(b, "tallyd_shard_moved_total", "Shard mode: -MOVED replies given.", ss.moved);
         counter(b, "tallyd_shard_endpoints_published_total",
-                "Shard mode: endpoint records produced.", ss.published);
+                "Shard mode: endpoint records delivered.", ss.published);
         counter(b, "tallyd_shard_endpoint_errors_total",
                 "Shard mode: endpoint publish or read failures.", ss.endpoint_errors);
     }

@@ -142,9 +142,8 @@ static void publish_endpoint(tly_shard_t *sh, int32_t p)
         atomic_fetch_add_explicit(&sh->endpoint_errors, 1, memory_order_relaxed);
         tly_warn("shard: publishing the owner of partition %" PRId32 " failed: %s", p,
                  rd_kafka_err2str(err));
-        return;
     }
-    atomic_fetch_add_explicit(&sh->published, 1, memory_order_relaxed);
+    /* counted as published when delivered (delivery_cb) */
 }
 
 void tly_shard_assigned(tly_shard_t *sh, const int32_t *parts, size_t n)
@@ -390,6 +389,8 @@ static void delivery_cb(rd_kafka_t *rk, const rd_kafka_message_t *m, void *opaqu
         /* logged when published again (republish_owned), once a check */
         atomic_fetch_add_explicit(&sh->endpoint_errors, 1, memory_order_relaxed);
         atomic_store_explicit(&sh->last_delivery_err, (int)m->err, memory_order_relaxed);
+    } else {
+        atomic_fetch_add_explicit(&sh->published, 1, memory_order_relaxed);
     }
 }
 
@@ -477,10 +478,14 @@ bool tly_shard_start(tly_shard_t *sh, const char *bootstrap, bool embedded, cons
 {
     static const char *const writer_kv[] = {"client.id", "tallyd-endpoints", "linger.ms", "0",
                                             "enable.idempotence", "true", NULL};
-    static const char *const reader_kv[] = {"client.id", "tallyd-endpoints",
-                                            "group.id", "tallyd-endpoints-reader",
-                                            "enable.auto.commit", "false",
-                                            "enable.partition.eof", "false", NULL};
+    static const char *const reader_kv[] = {
+        "client.id", "tallyd-endpoints", "group.id", "tallyd-endpoints-reader",
+        "enable.auto.commit", "false", "enable.partition.eof", "false",
+        /* a record per partition of the group's
+         * topics: librdkafka's prefetch defaults
+         * (100,000 messages, 64 MiB a partition)
+         * are sized for event topics */
+        "queued.min.messages", "1000", "queued.max.messages.kbytes", "1024", NULL};
     char why[256];
     snprintf(sh->advertise, sizeof sh->advertise, "%s", advertise);
     if (sh->advertise[0] == '\0') {

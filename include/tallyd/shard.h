@@ -40,7 +40,7 @@ typedef struct {
     size_t nowned;       /* partitions owned */
     size_t known;        /* partitions whose owner address is known */
     uint64_t moved;      /* -MOVED answers given */
-    uint64_t published;  /* endpoint records produced */
+    uint64_t published;  /* endpoint records delivered */
     uint64_t endpoint_errors; /* publish or read failures */
 } tly_shard_stats_t;
 

@@ -289,6 +289,26 @@ static void await_owner(tly_shard_t *sh, const char *id, int32_t part, const cha
              id, got, owner, part, want, st.published, st.endpoint_errors);
 }
 
+/* Waits until sh counts `want` endpoint records delivered, and checks that
+ * it stays there for a few of the endpoints thread's polls. */
+static void await_published(tly_shard_t *sh, uint64_t want)
+{
+    int64_t deadline = deadline_after(10);
+    tly_shard_stats_t st;
+    tly_shard_stats(sh, &st);
+    while (st.published < want && mono_ms() < deadline) {
+        struct timespec ts = {0, 10000000};
+        nanosleep(&ts, NULL);
+        tly_shard_stats(sh, &st);
+    }
+    struct timespec settle = {0, 300000000};
+    nanosleep(&settle, NULL);
+    tly_shard_stats(sh, &st);
+    if (st.published != want)
+        fail_msg("published %" PRIu64 ", want %" PRIu64 " (endpoint errors %" PRIu64 ")",
+                 st.published, want, st.endpoint_errors);
+}
+
 /* An owner's address reaches the other instances of its group, whatever
  * the length of the group's name (Kafka bounds a group id only by its
  * protocol's 32,767 bytes): the key "G/p" is not cut to a fixed buffer. */
@@ -345,6 +365,12 @@ static void new_owner_is_published_again_after_a_failed_delivery(void **state)
     tly_shard_stats_t st;
     tly_shard_stats(c, &st);
     assert_true(st.endpoint_errors >= 1);
+    /* published counts deliveries (reported to the producer after b may
+     * have read the record): c's refused record is not one, a's is */
+    await_published(c, 1);
+    await_published(a, 1);
+    tly_shard_stats(a, &st);
+    assert_int_equal(st.endpoint_errors, 0);
 
     tly_shard_free(c);
     tly_shard_free(b);
