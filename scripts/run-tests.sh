@@ -65,7 +65,7 @@ else
   done
   # The concurrent tests again under ThreadSanitizer, at a documented
   # smaller scale (TLY_TEST_SCALE=small: see tests/unit/test_model.c).
-  for name in test_table test_store test_model test_server test_commands; do
+  for name in test_table test_store test_model test_server test_commands test_apply; do
     t=build/tsan/tests/$name
     [ -x "$t" ] || continue
     run_one "tsan/$name" "$t" TLY_TEST_SCALE=small \

@@ -5,12 +5,10 @@
  * rd_kafka_consumer_poll (100 ms at most, so a stop is prompt) collects a
  * batch — whatever the consumer queue holds, up to BATCH_MAX messages —
  * then decode → tly_store_apply for the whole batch, spread over
- * kafka.threads appliers (the poll thread and kafka.threads − 1 workers):
- * by partition when the batch spans enough partitions, else each applier
- * decodes every message and applies the entities whose ids hash to it
- * (apply_list), so every entity's events from one partition are applied by
- * one applier in offset order — the order Kafka itself guarantees — and the
- * poll thread waits for all of them (flush).
+ * kafka.threads appliers (the poll thread and kafka.threads − 1 workers,
+ * apply.h), so that every entity's events from one partition are applied
+ * by one applier in offset order — the order Kafka itself guarantees — and
+ * the poll thread waits for all of them (flush).
  * Only then does the bookkeeping run, in message order: counters, rejection
  * logs, rd_kafka_offset_store (once per partition). Between batches the
  * store is as if every message had been applied one by one on the poll
@@ -52,8 +50,8 @@
  *
  * Threads: new/start/stop/free/resume_at on the main thread. The poll thread
  * runs consumer_poll and with it the rebalance, error and offset callbacks;
- * worker threads only decode and apply the batch items handed to them
- * (between the start and the end of a flush, under pool.mu's handshake);
+ * the appliers' worker threads only decode and apply the batch items
+ * handed to them (between the start and the end of a flush, apply.c);
  * tly_kafka_close in stop runs the final revocation on the main thread
  * after the poll thread was joined. The nudger thread only sends the
  * end-offset requests the poll thread hands it (see "fetch nudges"); it is
@@ -88,7 +86,7 @@
 #include <librdkafka/rdkafka_mock.h>
 
 #include "source_int.h"
-#include "tallyd/decode.h"
+#include "tallyd/apply.h"
 #include "tallyd/log.h"
 #include "tallyd/rcu.h"
 #include "tallyd/shard.h"
@@ -101,9 +99,7 @@
 #define ERROR_LOG_EVERY_MS  1000
 #define MOCK_BROKERS        3
 #define ASSIGN_LOG_CAP      1024
-#define BATCH_MAX           4096 /* messages collected before they are applied */
-#define BATCH_SPREAD_MIN    64   /* smaller batches are applied by the poll thread alone */
-#define MAX_APPLIERS        64 /* kafka.threads' upper bound */
+#define BATCH_MAX           TLY_APPLY_BATCH_MAX /* messages collected before they are applied */
 #define NUDGE_TIMEOUT_MS    500  /* longest wait for a nudge's answers */
 #define STARVED_NUDGE_MS    100  /* first pause between nudges of an empty poll while behind */
 #define STARVED_NUDGE_MAX   5000 /* longest pause: the pause doubles until a message arrives */
@@ -112,7 +108,7 @@
 typedef struct {
     char *topic; /* owned */
     int32_t partition;
-    int topic_index; /* in kafka.topics (and src->decs), -1: not configured */
+    int topic_index; /* in kafka.topics (and fs->topics), -1: not configured */
     bool assigned;
     bool from_end;         /* assigned at the logical end, no message since */
     int64_t position;      /* next offset to apply, -1 unknown */
@@ -125,31 +121,6 @@ typedef struct {
     bool store_end;        /* reach_end moved position: store it once the batch is applied */
 } part_t;
 
-/* One collected message, and what applying it gave. */
-typedef struct {
-    rd_kafka_message_t *m;
-    size_t part; /* index in src->parts */
-    bool replayed;
-    uint8_t applier; /* spread_by_partition's choice */
-    tly_err_t err;   /* written by the applier */
-    int64_t time_ms; /* event time, when applied */
-} item_t;
-
-#define AHEAD 2 /* items an applier decodes ahead of the one it applies */
-
-/* One applier: its own decoders (they keep scratch state) and what it
- * applies of the batch (apply_list), set by flush: the items idx[0..nidx)
- * whole (bypart), or its share of the entities of every item. */
-typedef struct {
-    tly_source_t *src;
-    pthread_t thread; /* workers only (applier 0 is the poll thread) */
-    tly_decoder_t **decs; /* [(AHEAD + 1) * ndecs], see tly_source.decs */
-    bool bypart;
-    uint32_t *idx; /* [BATCH_MAX] */
-    size_t nidx;
-    uint32_t share, nshares;
-} applier_t;
-
 /* At most one log line per period; the rest are counted and reported in
  * the next line. */
 typedef struct {
@@ -161,26 +132,14 @@ struct tly_source {
     const tly_config_t *cfg;
     const tly_featset_t *fs;
     tly_store_t *store;
-    /* appliers[0] is the poll thread, the others are workers; each
-     * applier's decs[r * ndecs + i] reads kafka.topics[i]'s events by its
-     * rules, decs[r * ndecs + ntopics] the top-level rules (a topic not
-     * configured, which a consumer should never see), r < AHEAD + 1 */
-    applier_t *appliers;
-    size_t nappliers;
-    size_t ndecs;
-    /* the batch: poll thread only, except that during a flush each worker
-     * writes the err/time_ms of its own items */
-    item_t *batch; /* [BATCH_MAX] */
+    tly_apply_t *apply; /* the appliers; workers run from start to halt */
+    /* the batch: poll thread only, except that during a flush the
+     * appliers read the items and write their err/time_ms (apply.h);
+     * batch[i] is msgs[i]'s, its `part` the index in src->parts */
+    tly_apply_item_t *batch;   /* [BATCH_MAX] */
+    rd_kafka_message_t **msgs; /* [BATCH_MAX] */
     size_t nbatch;
     int64_t batch_now_ms;
-    /* flush handshake: the poll thread bumps gen to hand out a batch;
-     * each worker applies its items and decrements busy */
-    pthread_mutex_t pool_mu;
-    pthread_cond_t pool_go, pool_done;
-    uint64_t pool_gen;    /* under pool_mu */
-    size_t pool_busy;     /* under pool_mu */
-    bool pool_quit;       /* under pool_mu */
-    size_t nworkers_started;
     bool embedded;
     rd_kafka_t *mock_host; /* embedded: the handle the mock cluster lives in */
     rd_kafka_mock_cluster_t *mock;
@@ -884,23 +843,6 @@ static void check_continuity(tly_source_t *src, part_t *p, const rd_kafka_messag
     note_gap(src, p, expected, m->offset, -1);
 }
 
-/* Shard mode: an event must arrive on the partition of its key entity's
- * id, or its owner would never see it (EV_MISROUTED: the producer did not
- * key by the id, or used another partitioner). An event without that id is
- * left to the store, which counts it as EV_MISSING_KEY. */
-static tly_err_t check_route(const tly_source_t *src, const tly_event_rules_t *rules,
-                             const tly_event_t *ev, int32_t partition)
-{
-    int32_t nparts = tly_shard_partitions(src->shard);
-    if (nparts <= 0 || rules->key_entity < 0)
-        return TLY_OK;
-    char id[TLY_MAX_ID];
-    size_t len = 0;
-    if (tly_entity_id(src->fs, (uint32_t)rules->key_entity, ev, id, sizeof id, &len) != TLY_OK)
-        return TLY_OK;
-    return tly_partition_of(id, len, nparts) == partition ? TLY_OK : TLY_E_EV_MISROUTED;
-}
-
 /* ---- the batch: collect on the poll thread, apply on the appliers ---------- */
 
 /* Poll thread, for an end-of-partition event m: the consumer read all that
@@ -980,124 +922,21 @@ static void collect(tly_source_t *src, rd_kafka_message_t *m, int64_t now_ms)
     if (p->catchup_until > 0 && p->position >= p->catchup_until)
         p->catchup_until = 0; /* the replay reached it, whether more comes or not */
     /* parts may move when part_get grows it: items name their partition by
-     * index */
-    src->batch[src->nbatch++] = (item_t){
-        .m = m, .part = (size_t)(p - src->parts), .replayed = replayed, .time_ms = -1};
-}
-
-/* Decodes one item into *ev with the applier's decoder set r (of
- * AHEAD + 1): TLY_OK, or why the event is rejected. Writes nothing shared. */
-static tly_err_t decode_item(const tly_source_t *src, const applier_t *a, size_t r,
-                             const item_t *it, tly_event_t *ev)
-{
-    const part_t *p = &src->parts[it->part];
-    const rd_kafka_message_t *m = it->m;
-    size_t di = p->topic_index >= 0 ? (size_t)p->topic_index : src->ndecs - 1;
+     * index. The message timestamp is read only when it is the event time
+     * (not free in librdkafka 2.0.2). */
     const tly_event_rules_t *rules =
         p->topic_index >= 0 ? &src->fs->topics[p->topic_index] : &src->fs->events;
-    /* (not free in librdkafka 2.0.2: read only when it is the event time) */
-    int64_t kafka_ts = rules->time_field < 0 ? rd_kafka_message_timestamp(m, NULL) : -1;
-    tly_err_t err = tly_decode_json(a->decs[r * src->ndecs + di], m->payload,
-                                    m->payload ? m->len : 0, kafka_ts, ev);
-    /* The store drops events beyond the loosest max_future_skew of all
-     * topics; a topic with a tighter one is held to it here. */
-    if (err == TLY_OK && rules->max_future_skew_ms < src->fs->max_future_skew_ms &&
-        ev->time_ms > src->batch_now_ms + rules->max_future_skew_ms)
-        err = TLY_E_EV_FUTURE;
-    if (err == TLY_OK && src->shard != NULL)
-        err = check_route(src, rules, ev, m->partition);
-    if (err == TLY_OK && it->replayed)
-        ev->replayed = true;
-    return err;
-}
-
-/*
- * An applier. With bypart, it applies the items of its partitions whole,
- * in batch order. Otherwise it is share `a->share` of `a->nshares`: it
- * decodes every item of the batch, in order, and applies the entities of
- * each event that fall to it (tly_store_prefetch_share). Either way every
- * entity's events from one partition are applied by one applier in offset
- * order, whatever keys the messages carry. Sharing, each applier decides
- * alike whether an event is rejected; share 0 alone writes the items'
- * verdicts. It decodes AHEAD
- * items ahead of the one it applies and hints the store about them (the
- * item two ahead its table slots, the next one its records), so that the
- * cache misses of finding their entities overlap the apply before.
- * Decoding does not depend on the store, so the order of applies is
- * unchanged.
- */
-static void apply_list(tly_source_t *src, applier_t *a)
-{
-    tly_event_t ev[AHEAD + 1];
-    tly_prefetch_t pf[AHEAD + 1];
-    tly_err_t err[AHEAD + 1];
-    for (size_t r = 0; r <= AHEAD; r++)
-        err[r] = TLY_E_EV_BAD_JSON; /* each is set before it is read */
-    size_t n = a->bypart ? a->nidx : src->nbatch;
-    const uint32_t *idx = a->bypart ? a->idx : NULL;
-    const uint32_t share = a->bypart ? 0 : a->share, nshares = a->bypart ? 1 : a->nshares;
-    const bool verdicts = share == 0;
-    /* One read-side section for the whole list (at most BATCH_MAX items, a
-     * few ms): the store's own lock and unlock for each hint and apply then
-     * nest, which skips their memory barriers. Nothing here waits for a
-     * grace period. */
-    tly_rcu_read_lock();
-    for (size_t k = 0; k < n + AHEAD; k++) {
-        if (k < n) {
-            size_t r = k % (AHEAD + 1);
-            err[r] = decode_item(src, a, r, &src->batch[idx ? idx[k] : k], &ev[r]);
-            if (err[r] == TLY_OK)
-                tly_store_prefetch_share(src->store, &ev[r], share, nshares, &pf[r]);
-        }
-        if (k >= 1 && k - 1 < n && err[(k - 1) % (AHEAD + 1)] == TLY_OK)
-            tly_store_prefetch_records(src->store, &pf[(k - 1) % (AHEAD + 1)]);
-        if (k >= AHEAD) {
-            size_t r = (k - AHEAD) % (AHEAD + 1);
-            item_t *it = &src->batch[idx ? idx[k - AHEAD] : k - AHEAD];
-            if (err[r] == TLY_OK) {
-                /* the store's verdict: rejected whole (a future time, a
-                 * missing key, ...), or taken, though maybe late for every
-                 * feature (counted by the store per feature) */
-                tly_err_t aerr = tly_store_apply_hinted(src->store, &ev[r], &pf[r],
-                                                        it->m->partition, it->m->offset,
-                                                        src->batch_now_ms);
-                if (aerr == TLY_OK && verdicts)
-                    it->time_ms = ev[r].time_ms;
-                else if (aerr != TLY_OK && aerr != TLY_E_EV_LATE)
-                    err[r] = aerr;
-            }
-            if (verdicts)
-                it->err = err[r];
-        }
-    }
-    tly_rcu_read_unlock();
-}
-
-static void *worker_main(void *arg)
-{
-    applier_t *a = arg;
-    tly_source_t *src = a->src;
-    char name[16];
-    snprintf(name, sizeof name, "tly-apply%u", (unsigned)(a - src->appliers));
-    (void)pthread_setname_np(pthread_self(), name);
-    tly_rcu_thread_online();
-    uint64_t seen = 0;
-    pthread_mutex_lock(&src->pool_mu);
-    for (;;) {
-        while (!src->pool_quit && src->pool_gen == seen)
-            pthread_cond_wait(&src->pool_go, &src->pool_mu);
-        if (src->pool_quit)
-            break;
-        seen = src->pool_gen;
-        pthread_mutex_unlock(&src->pool_mu);
-        apply_list(src, a);
-        pthread_mutex_lock(&src->pool_mu);
-        if (--src->pool_busy == 0)
-            pthread_cond_signal(&src->pool_done);
-    }
-    pthread_mutex_unlock(&src->pool_mu);
-    tly_rcu_thread_offline();
-    return NULL;
+    src->msgs[src->nbatch] = m;
+    src->batch[src->nbatch++] = (tly_apply_item_t){
+        .payload = m->payload,
+        .len = m->payload ? m->len : 0,
+        .offset = m->offset,
+        .kafka_ts_ms = rules->time_field < 0 ? rd_kafka_message_timestamp(m, NULL) : -1,
+        .partition = m->partition,
+        .part = (uint32_t)(p - src->parts),
+        .topic = p->topic_index,
+        .replayed = replayed,
+        .time_ms = -1};
 }
 
 /* After the batch was applied, in message order: counters, rejection
@@ -1112,8 +951,8 @@ static void settle(tly_source_t *src)
     for (size_t i = 0; i < src->nbatch; i++)
         src->parts[src->batch[i].part].batch_last = i;
     for (size_t i = 0; i < src->nbatch; i++) {
-        item_t *it = &src->batch[i];
-        rd_kafka_message_t *m = it->m;
+        const tly_apply_item_t *it = &src->batch[i];
+        rd_kafka_message_t *m = src->msgs[i];
         part_t *p = &src->parts[it->part];
         if (it->err == TLY_OK) {
             applied++;
@@ -1169,66 +1008,15 @@ static void store_ends(tly_source_t *src)
     rd_kafka_topic_partition_list_destroy(list);
 }
 
-/* Lists each applier's items by partition, in batch order, when that
- * spreads them evenly enough (no applier more than a quarter over its
- * share): each item is then decoded once. A batch from a few partitions
- * (librdkafka queues a fetch's messages partition by partition) is shared
- * by entity instead, every applier decoding every item. */
-static bool spread_by_partition(tly_source_t *src, size_t na)
-{
-    size_t count[MAX_APPLIERS] = {0}, most = 0;
-    for (size_t i = 0; i < src->nbatch; i++) {
-        uint64_t h = (uint64_t)src->batch[i].part * UINT64_C(0x9e3779b97f4a7c15);
-        size_t k = (size_t)(h >> 33) % na;
-        src->batch[i].applier = (uint8_t)k;
-        if (++count[k] > most)
-            most = count[k];
-    }
-    if (most * na * 4 > src->nbatch * 5)
-        return false;
-    for (size_t k = 0; k < na; k++) {
-        src->appliers[k].bypart = true;
-        src->appliers[k].nidx = 0;
-    }
-    for (size_t i = 0; i < src->nbatch; i++) {
-        applier_t *a = &src->appliers[src->batch[i].applier];
-        a->idx[a->nidx++] = (uint32_t)i;
-    }
-    return true;
-}
-
-/* Poll thread: applies the collected batch and waits for it. Small batches
- * (a trickle of live traffic) are applied here: waking a worker costs more
- * than it saves. */
+/* Poll thread (the main thread in stop, once the workers were stopped):
+ * applies the collected batch and waits for it, then settles it. */
 static void flush(tly_source_t *src)
 {
     if (src->nbatch == 0) {
         store_ends(src);
         return;
     }
-    applier_t *self = &src->appliers[0];
-    if (src->nworkers_started == 0 || src->nbatch < BATCH_SPREAD_MIN) {
-        self->bypart = false;
-        self->nshares = 1;
-        apply_list(src, self);
-    } else {
-        size_t na = src->nworkers_started + 1;
-        if (!spread_by_partition(src, na))
-            for (size_t k = 0; k < na; k++) {
-                src->appliers[k].bypart = false;
-                src->appliers[k].nshares = (uint32_t)na;
-            }
-        pthread_mutex_lock(&src->pool_mu);
-        src->pool_gen++;
-        src->pool_busy = src->nworkers_started;
-        pthread_cond_broadcast(&src->pool_go);
-        pthread_mutex_unlock(&src->pool_mu);
-        apply_list(src, self);
-        pthread_mutex_lock(&src->pool_mu);
-        while (src->pool_busy > 0)
-            pthread_cond_wait(&src->pool_done, &src->pool_mu);
-        pthread_mutex_unlock(&src->pool_mu);
-    }
+    tly_apply_batch(src->apply, src->batch, src->nbatch, src->batch_now_ms);
     settle(src);
     store_ends(src);
 }
@@ -1703,9 +1491,6 @@ tly_source_t *tly_source_new(const tly_config_t *cfg, const tly_featset_t *fs, t
     atomic_init(&src->watermark_ms, -1);
     atomic_init(&src->ready, false);
     pthread_mutex_init(&src->mu, NULL);
-    pthread_mutex_init(&src->pool_mu, NULL);
-    pthread_cond_init(&src->pool_go, NULL);
-    pthread_cond_init(&src->pool_done, NULL);
     pthread_mutex_init(&src->nudge_mu, NULL);
     pthread_cond_init(&src->nudge_cv, NULL);
     atomic_init(&src->nudges, 0);
@@ -1731,33 +1516,16 @@ tly_source_t *tly_source_new(const tly_config_t *cfg, const tly_featset_t *fs, t
     }
     if (!make_consumer(src, conf, errbuf, errlen))
         goto fail;
-    src->ndecs = fs->ntopics + 1;
-    src->nappliers = cfg->kafka.threads < 1              ? 1
-                     : cfg->kafka.threads > MAX_APPLIERS ? MAX_APPLIERS
-                                                         : (size_t)cfg->kafka.threads;
-    src->appliers = xrealloc(NULL, src->nappliers * sizeof *src->appliers);
-    for (size_t k = 0; k < src->nappliers; k++) {
-        applier_t *a = &src->appliers[k];
-        *a = (applier_t){.src = src, .share = (uint32_t)k, .nshares = 1};
-        a->idx = xrealloc(NULL, BATCH_MAX * sizeof *a->idx);
-        a->decs = xrealloc(NULL, (AHEAD + 1) * src->ndecs * sizeof *a->decs);
-        for (size_t r = 0; r <= AHEAD; r++) {
-            tly_decoder_t **set = &a->decs[r * src->ndecs];
-            for (size_t t = 0; t < fs->ntopics; t++)
-                set[t] = tly_decoder_new_rules(fs, &fs->topics[t]);
-            set[fs->ntopics] = tly_decoder_new(fs);
-        }
-    }
     src->batch = xrealloc(NULL, BATCH_MAX * sizeof *src->batch);
+    src->msgs = xrealloc(NULL, BATCH_MAX * sizeof *src->msgs);
     src->shard = tly_shard_new(cfg, fs);
+    src->apply = tly_apply_new(fs, store, src->shard,
+                               cfg->kafka.threads < 1 ? 1 : (size_t)cfg->kafka.threads);
     return src;
 fail:
     stop_mock(src);
     free(src->bootstrap);
     pthread_mutex_destroy(&src->mu);
-    pthread_mutex_destroy(&src->pool_mu);
-    pthread_cond_destroy(&src->pool_go);
-    pthread_cond_destroy(&src->pool_done);
     pthread_mutex_destroy(&src->nudge_mu);
     pthread_cond_destroy(&src->nudge_cv);
     free(src);
@@ -1792,17 +1560,6 @@ tly_err_t tly_source_resume_at(tly_source_t *src, const char *topic, int32_t par
     return TLY_OK;
 }
 
-static void stop_workers(tly_source_t *src)
-{
-    pthread_mutex_lock(&src->pool_mu);
-    src->pool_quit = true;
-    pthread_cond_broadcast(&src->pool_go);
-    pthread_mutex_unlock(&src->pool_mu);
-    for (size_t k = 1; k <= src->nworkers_started; k++)
-        pthread_join(src->appliers[k].thread, NULL);
-    src->nworkers_started = 0;
-}
-
 tly_err_t tly_source_start(tly_source_t *src, char *errbuf, size_t errlen)
 {
     if (src->started || src->stopped) {
@@ -1826,15 +1583,7 @@ tly_err_t tly_source_start(tly_source_t *src, char *errbuf, size_t errlen)
             return TLY_E_IO;
         }
     }
-    for (size_t k = 1; k < src->nappliers; k++) {
-        int rc = pthread_create(&src->appliers[k].thread, NULL, worker_main, &src->appliers[k]);
-        if (rc != 0) {
-            tly_warn("source: cannot start apply thread %zu of %zu (%s); going on with %zu", k + 1,
-                     src->nappliers, strerror(rc), k);
-            break;
-        }
-        src->nworkers_started++;
-    }
+    (void)tly_apply_start(src->apply);
     src->cq = rd_kafka_queue_get_consumer(src->rk);
     if (src->cq != NULL) {
         int rc = pthread_create(&src->nudger, NULL, nudger_main, src);
@@ -1849,7 +1598,7 @@ tly_err_t tly_source_start(tly_source_t *src, char *errbuf, size_t errlen)
     int rc = pthread_create(&src->thread, NULL, poll_main, src);
     if (rc != 0) {
         atomic_store(&src->running, false);
-        stop_workers(src);
+        tly_apply_stop(src->apply);
         stop_nudger(src);
         fmt_err(errbuf, errlen, "cannot start the Kafka poll thread: %s", strerror(rc));
         return TLY_E_IO;
@@ -1869,7 +1618,7 @@ void tly_source_halt(tly_source_t *src)
     if (src->started) {
         atomic_store(&src->stop, true);
         pthread_join(src->thread, NULL);
-        stop_workers(src);
+        tly_apply_stop(src->apply);
         stop_nudger(src);
     }
 }
@@ -2078,25 +1827,17 @@ void tly_source_free(tly_source_t *src)
     if (src == NULL)
         return;
     tly_source_stop(src);
+    tly_apply_free(src->apply); /* before the shard it borrows */
     tly_shard_free(src->shard);
     stop_mock(src);
-    for (size_t k = 0; k < src->nappliers; k++) {
-        for (size_t i = 0; i < (AHEAD + 1) * src->ndecs; i++)
-            tly_decoder_free(src->appliers[k].decs[i]);
-        free(src->appliers[k].decs);
-        free(src->appliers[k].idx);
-    }
-    free(src->appliers);
     free(src->batch);
+    free(src->msgs);
     for (size_t i = 0; i < src->nparts; i++)
         free(src->parts[i].topic);
     free(src->parts);
     free(src->pub);
     free(src->bootstrap);
     pthread_mutex_destroy(&src->mu);
-    pthread_mutex_destroy(&src->pool_mu);
-    pthread_cond_destroy(&src->pool_go);
-    pthread_cond_destroy(&src->pool_done);
     pthread_mutex_destroy(&src->nudge_mu);
     pthread_cond_destroy(&src->nudge_cv);
     free(src);

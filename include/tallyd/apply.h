@@ -1,0 +1,97 @@
+/*
+ * apply.h — a batch of Kafka messages decoded and applied to the store by
+ * a set of appliers: the thread that hands over the batch (the source's
+ * poll thread) and nthreads − 1 worker threads.
+ *
+ * Each entity's events from one partition are applied by one applier in
+ * batch order, whatever keys the messages carry, so a reply for an entity
+ * reflects a prefix of its events in partition order (DESIGN.md, §3).
+ *
+ * The appliers know nothing of Kafka: the caller hands over each message's
+ * payload and position, and reads back what applying it gave.
+ *
+ * Threads: tly_apply_new/start/stop/free on one thread (the source's main
+ * thread); tly_apply_batch on one thread at a time (the poll thread, or the
+ * main thread once the workers were stopped), RCU-registered.
+ */
+#ifndef TALLYD_APPLY_H
+#define TALLYD_APPLY_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "tallyd/error.h"
+#include "tallyd/feature.h"
+#include "tallyd/shard.h"
+#include "tallyd/store.h"
+
+#define TLY_APPLY_BATCH_MAX   4096 /* items of one batch */
+#define TLY_APPLY_THREADS_MAX 64   /* appliers of one set (kafka.threads' upper bound) */
+
+typedef struct tly_apply tly_apply_t;
+
+/* How the batches were applied, counted since tly_apply_new. */
+typedef struct {
+    uint64_t alone;  /* by applier 0 alone (small, or no worker running) */
+    uint64_t bypart; /* spread by partition */
+    uint64_t shared; /* shared by entity */
+} tly_apply_stats_t;
+
+/* One message of a batch, and what applying it gave. */
+typedef struct {
+    /* set by the caller */
+    const char *payload; /* borrowed until tly_apply_batch returns; NULL: none */
+    size_t len;
+    int64_t offset;
+    /* the message timestamp (-1: none); read only by the event rules
+     * without a time field */
+    int64_t kafka_ts_ms;
+    int32_t partition;
+    /* names the message's topic-partition (e.g. an index into the caller's
+     * partition table): a batch spread by partition gives each one's items
+     * to one applier */
+    uint32_t part;
+    int topic;     /* its event rules: fs->topics[topic]; -1: fs->events */
+    bool replayed; /* already in restored state (tly_event_t.replayed) */
+    /* written by tly_apply_batch */
+    tly_err_t err;   /* TLY_OK: applied; else why it was rejected */
+    int64_t time_ms; /* the event time; -1: rejected, or late for every feature */
+} tly_apply_item_t;
+
+/*
+ * Returns a new set of nthreads appliers (clamped to [1,
+ * TLY_APPLY_THREADS_MAX]) for events read by fs's rules into store. shard
+ * (may be NULL) is shard mode's: an event must then arrive on its key
+ * entity's partition (else TLY_E_EV_MISROUTED). fs, store and shard are
+ * borrowed and must outlive the set. No thread starts yet. Aborts on OOM.
+ */
+tly_apply_t *tly_apply_new(const tly_featset_t *fs, tly_store_t *store, const tly_shard_t *shard,
+                           size_t nthreads);
+
+/* Starts the worker threads (nthreads − 1); each registers with RCU. A
+ * worker that cannot be started is logged and the set goes on with fewer.
+ * Returns the number of appliers now running, the caller's thread
+ * included. */
+size_t tly_apply_start(tly_apply_t *ap);
+
+/* Stops and joins the workers; tly_apply_batch then applies alone on the
+ * caller's thread. Safe to call twice. */
+void tly_apply_stop(tly_apply_t *ap);
+
+/* Stops the workers and frees ap. NULL is allowed. */
+void tly_apply_free(tly_apply_t *ap);
+
+/*
+ * Decodes items[0..n) (n ≤ TLY_APPLY_BATCH_MAX) and applies them to the
+ * store at wall time now_ms, and returns when all are done: every item's
+ * err and time_ms are written. Small batches, and every
+ * batch while no worker runs, are applied on the calling thread alone.
+ * Borrows items for the call. The calling thread takes part as applier 0.
+ */
+void tly_apply_batch(tly_apply_t *ap, tly_apply_item_t *items, size_t n, int64_t now_ms);
+
+/* Fills *st with the counters. Any thread (relaxed reads). */
+void tly_apply_stats(const tly_apply_t *ap, tly_apply_stats_t *st);
+
+#endif
