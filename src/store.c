@@ -530,6 +530,9 @@ void tly_store_prefetch(tly_store_t *store, const tly_event_t *ev, tly_prefetch_
     tly_store_prefetch_share(store, ev, 0, 1, pf);
 }
 
+/* tly_store_hint and tly_store_prefetch_slots in one loop (the hot path of
+ * an applier that decodes what it applies; test_store checks that the two
+ * agree). */
 void tly_store_prefetch_share(tly_store_t *store, const tly_event_t *ev, uint32_t share,
                               uint32_t nshares, tly_prefetch_t *pf)
 {
@@ -553,6 +556,37 @@ void tly_store_prefetch_share(tly_store_t *store, const tly_event_t *ev, uint32_
             pf->h[pf->n++] = h;
         }
     }
+}
+
+void tly_store_hint(const tly_store_t *store, const tly_event_t *ev, tly_prefetch_t *pf)
+{
+    const tly_featset_t *fs = store->fs;
+    size_t len;
+    pf->n = 0;
+    pf->ids = true;
+    pf->share = 0;
+    pf->nshares = 1;
+    for (uint32_t e = 0; e < fs->nentities && pf->n < TLY_PREFETCH_MAX; e++) {
+        char *id = pf->id[pf->n];
+        /* an id too long for the hint is left to the apply, which rejects
+         * it (plans take at most UINT8_MAX bytes) */
+        if (!(ev->skip_entities >> e & 1) &&
+            tly_entity_id(fs, e, ev, id, sizeof pf->id[0], &len) == TLY_OK) {
+            pf->entity[pf->n] = e;
+            pf->idlen[pf->n] = (uint8_t)len;
+            pf->h[pf->n++] = hash_id(store->seed, e, id, len);
+        }
+    }
+}
+
+void tly_store_prefetch_slots(tly_store_t *store, tly_prefetch_t *pf, uint32_t share,
+                              uint32_t nshares)
+{
+    pf->share = share;
+    pf->nshares = nshares;
+    for (uint32_t i = 0; i < pf->n; i++)
+        if (share_owns(pf->h[i], share, nshares))
+            tbl_prefetch(shard_of(store, pf->h[i]), pf->h[i]);
 }
 
 void tly_store_prefetch_id(tly_store_t *store, uint32_t entity, const char *id, size_t idlen,

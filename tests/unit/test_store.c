@@ -589,6 +589,54 @@ static void test_shares_apply_each_entity_once(void **state)
     assert_int_equal(st.dropped[TLY_E_EV_MISSING_KEY], 1);
 }
 
+/* One tly_store_hint per event, copied to each share and completed by
+ * tly_store_prefetch_slots, is the hint tly_store_prefetch_share gives
+ * that share (ids, hashes, share) and applies the same: every entity
+ * once, a rejected event rejected by both and counted once. */
+static void test_one_hint_serves_every_share(void **state)
+{
+    fx_t *fx = *state;
+    enum { N = 100 };
+    for (int i = 0; i <= N; i++) {
+        char pin[16], user[16];
+        snprintf(pin, sizeof pin, "p%d", i);
+        snprintf(user, sizeof user, "%d", 2000 + i);
+        /* the last one lacks its pin_id */
+        tly_event_t e = ev(fx, T - SEC, 2000 + i, i < N ? pin : NULL, "impression", 7);
+        tly_prefetch_t hint, pf, want;
+        tly_store_hint(fx->store, &e, &hint);
+        assert_int_equal(hint.n, i < N ? 2 : 1);
+        for (uint32_t k = 0; k < 2; k++) {
+            pf = hint;
+            tly_rcu_read_lock();
+            tly_store_prefetch_slots(fx->store, &pf, k, 2);
+            tly_store_prefetch_share(fx->store, &e, k, 2, &want);
+            tly_rcu_read_unlock();
+            assert_int_equal(pf.n, want.n);
+            assert_int_equal(pf.share, k);
+            assert_int_equal(pf.nshares, 2);
+            assert_true(pf.ids && want.ids && want.share == k && want.nshares == 2);
+            for (uint32_t j = 0; j < pf.n; j++) {
+                assert_int_equal(pf.entity[j], want.entity[j]);
+                assert_int_equal(pf.h[j], want.h[j]);
+                assert_int_equal(pf.idlen[j], want.idlen[j]);
+                assert_memory_equal(pf.id[j], want.id[j], pf.idlen[j]);
+            }
+            assert_int_equal(tly_store_apply_hinted(fx->store, &e, &pf, 0, 0, T),
+                             i < N ? TLY_OK : TLY_E_EV_MISSING_KEY);
+        }
+        if (i < N) {
+            assert_int_equal(count(fx, user, "dwell", 0, T), 7);
+            assert_int_equal(get(fx, fx->pin, pin, "impressions", 0, T).u.i, 1);
+        }
+    }
+    tly_store_stats_t st;
+    tly_store_stats(fx->store, &st);
+    assert_int_equal(st.events_applied, N);
+    assert_int_equal(st.entities, 2 * N);
+    assert_int_equal(st.dropped[TLY_E_EV_MISSING_KEY], 1);
+}
+
 static void test_two_entity_types_from_one_event(void **state)
 {
     fx_t *fx = *state;
@@ -2045,6 +2093,7 @@ int main(void)
                                         setup, teardown),
         cmocka_unit_test_setup_teardown(test_rejected_event_changes_nothing, setup, teardown),
         cmocka_unit_test_setup_teardown(test_shares_apply_each_entity_once, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_one_hint_serves_every_share, setup, teardown),
         cmocka_unit_test_setup_teardown(test_load_refuses_state_the_writer_cannot_take, setup,
                                         teardown),
         cmocka_unit_test_setup_teardown(test_load_refuses_an_item_naming_a_string_not_interned,
