@@ -5,14 +5,42 @@
  * that calls tly_apply_batch (the source's poll thread), the others are
  * workers woken through mu/go for each batch. A batch that spans enough
  * partitions is spread by partition (spread_by_partition): each applier
- * applies the items of its partitions whole, in batch order. Otherwise
- * (librdkafka queues a fetch's messages partition by partition, so a batch
- * mostly comes from one partition) the appliers share it by entity: each
- * decodes every item and applies the entities whose ids hash to it
- * (tly_store_prefetch_share). Either way every entity's events from one
+ * decodes and applies the items of its partitions whole, in batch order.
+ * Otherwise (librdkafka queues a fetch's messages partition by partition,
+ * so a batch mostly comes from one partition) the appliers share it by
+ * entity, in two phases:
+ *
+ *   1. decode: the appliers take chunks of CHUNK items in turn (an atomic
+ *      counter hands them out, so a worker woken late takes fewer) and
+ *      decode each item once, into the batch-wide `decoded` records: the
+ *      verdict, the event, and its entity ids rendered and hashed
+ *      (tly_store_hint). The strings of a decoded event point into the
+ *      payload, which lives until the batch is done, or into the
+ *      decoder's scratch (strings with escapes), which the decoder's next
+ *      call overwrites: those, and the rendered ids, are copied into the
+ *      chunk's own bytes. An item whose copies do not fit is marked redo.
+ *   2. apply: once every item is decoded (a barrier: the `ndecoded`
+ *      counter, and `decoded_cv` for those that wait), each applier walks
+ *      all items in batch order and applies the entities whose ids hash to
+ *      it (tly_store_prefetch_slots, tly_store_apply_hinted); it decodes
+ *      the redo items itself, as every applier did with every item before.
+ *
+ * So a message is decoded once (not once per applier) and its ids are
+ * rendered and hashed once. Either way every entity's events from one
  * partition are applied by one applier in batch order, the order Kafka
  * gives them. Small batches, and all of them while no worker runs, are
- * applied by applier 0 alone: waking a worker costs more than it saves.
+ * applied by applier 0 alone: waking a worker costs more than it saves;
+ * they, and the batches spread by partition, decode each item once as it
+ * is, streaming (apply_list decodes AHEAD items ahead).
+ *
+ * Memory (allocated once, when there are workers): a decoded record is
+ * DECODED_HEAD bytes and the event's first ap->evsize bytes — its header
+ * and vals[0..nfields), not the whole tly_event_t with its TLY_MAX_FIELDS
+ * values (about 1 KB): 152 bytes for config/demo.yaml's 5 fields, 1,096
+ * at the most (64); times TLY_APPLY_BATCH_MAX items, 0.6 MB to 4.5 MB.
+ * The chunks' bytes are CHUNK_BYTES for CHUNK items (256 bytes an item,
+ * where ids of a few entity types and the odd escaped string take tens),
+ * 1 MB, of which a batch touches what it writes.
  *
  * Threads: the workers only decode and apply (RCU-registered); between the
  * start and the end of a batch they read the items and each writes the
@@ -21,12 +49,17 @@
  *
  * Invariants: a worker touches a batch only between the gen bump that
  * hands it out and its own decrement of busy; the verdict of each item is
- * written by exactly one applier.
+ * written by exactly one applier; a decoded record (and its chunk's bytes)
+ * is written by the one applier that took its chunk, and read by the
+ * others only after the barrier, which orders them (release by the
+ * fetch-add that counts the chunk, acquire by the load that sees all
+ * counted).
  */
 #include "tallyd/apply.h"
 
 #include <pthread.h>
 #include <stdatomic.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -35,8 +68,28 @@
 #include "tallyd/log.h"
 #include "tallyd/rcu.h"
 
-#define SPREAD_MIN 64 /* smaller batches are applied by applier 0 alone */
-#define AHEAD      2  /* items an applier decodes ahead of the one it applies */
+#define SPREAD_MIN  64            /* smaller batches are applied by applier 0 alone */
+#define AHEAD       2             /* items an applier decodes ahead of the one it applies */
+#define CHUNK       64            /* items of a shared batch one applier decodes at a time */
+#define CHUNK_BYTES (CHUNK * 256) /* their copied strings and ids */
+#define NCHUNKS     ((TLY_APPLY_BATCH_MAX + CHUNK - 1) / CHUNK)
+
+/* One item of a batch shared by entity, as phase 1 left it for every
+ * applier; the event's first evsize bytes follow (DECODED_HEAD on). */
+typedef struct {
+    tly_err_t err; /* decode_item's verdict; TLY_OK: the rest is set */
+    bool redo;     /* the copies did not fit its chunk's bytes: decode again */
+    uint8_t n;     /* entities hinted (tly_store_hint) */
+    uint8_t entity[TLY_PREFETCH_MAX];
+    uint8_t idlen[TLY_PREFETCH_MAX];
+    uint16_t ids; /* where their ids start, one after another, in the chunk's bytes */
+    unsigned long h[TLY_PREFETCH_MAX];
+} decoded_t;
+
+#define DECODED_HEAD ((sizeof(decoded_t) + 7) / 8 * 8)
+
+_Static_assert(CHUNK_BYTES <= UINT16_MAX, "decoded_t.ids must reach every byte of a chunk");
+_Static_assert(TLY_MAX_ENTITIES <= UINT8_MAX + 1, "decoded_t.entity holds an entity type");
 
 /* One applier: its own decoders (they keep scratch state) and what it
  * applies of the batch (apply_list), set by tly_apply_batch: the items
@@ -69,6 +122,14 @@ struct tly_apply {
     size_t nitems;
     int64_t now_ms;
     uint8_t *by_part; /* [TLY_APPLY_BATCH_MAX] spread_by_partition's choice */
+    /* A batch shared by entity (see the file comment): the records, each
+     * rec_size bytes, and each chunk's bytes; NULL with one applier. */
+    size_t evsize, rec_size;
+    uint8_t *decoded;          /* [TLY_APPLY_BATCH_MAX * rec_size] */
+    char *bytes;               /* [NCHUNKS * CHUNK_BYTES] */
+    atomic_size_t next_chunk;  /* the next chunk to take */
+    atomic_size_t ndecoded;    /* items decoded; all: phase 2 may start */
+    pthread_cond_t decoded_cv; /* under mu: ndecoded reached nitems */
     /* handshake: tly_apply_batch bumps gen to hand out a batch; each worker
      * applies its part and decrements busy */
     pthread_mutex_t mu;
@@ -78,6 +139,7 @@ struct tly_apply {
     bool quit;    /* under mu */
     /* counters: written by the tly_apply_batch thread, read relaxed */
     atomic_uint_fast64_t alone, bypart, shared;
+    atomic_uint_fast64_t redecoded; /* by every applier (redo); any applier adds */
 };
 
 static void *xrealloc(void *p, size_t n)
@@ -128,20 +190,149 @@ static tly_err_t decode_item(const tly_apply_t *ap, const applier_t *a, size_t r
     return err;
 }
 
+static decoded_t *decoded_of(const tly_apply_t *ap, size_t i)
+{
+    return (decoded_t *)(ap->decoded + i * ap->rec_size);
+}
+
+/* Copies ev's strings that do not point into the item's payload (those
+ * with escapes, in the decoder's scratch) to bytes[*used..CHUNK_BYTES) and
+ * points ev at the copies; false when they do not fit. */
+static bool keep_strings(tly_event_t *ev, const tly_apply_item_t *it, char *bytes, size_t *used)
+{
+    uintptr_t lo = (uintptr_t)it->payload, hi = lo + it->len;
+    for (uint32_t f = 0; f < ev->nfields; f++) {
+        tly_value_t *v = &ev->vals[f];
+        uintptr_t at = (uintptr_t)v->u.s;
+        if (v->type != TLY_V_STR || (at >= lo && at <= hi && v->len <= hi - at))
+            continue;
+        if (v->len > CHUNK_BYTES - *used)
+            return false;
+        memcpy(bytes + *used, v->u.s, v->len);
+        v->u.s = bytes + *used;
+        *used += v->len;
+    }
+    return true;
+}
+
+/* Copies the ids and hashes of pf into d and bytes[*used..CHUNK_BYTES);
+ * false when the ids do not fit. */
+static bool keep_ids(decoded_t *d, const tly_prefetch_t *pf, char *bytes, size_t *used)
+{
+    d->n = (uint8_t)pf->n;
+    d->ids = (uint16_t)*used;
+    for (uint32_t j = 0; j < pf->n; j++) {
+        if (pf->idlen[j] > CHUNK_BYTES - *used)
+            return false;
+        memcpy(bytes + *used, pf->id[j], pf->idlen[j]);
+        *used += pf->idlen[j];
+        d->entity[j] = (uint8_t)pf->entity[j];
+        d->idlen[j] = pf->idlen[j];
+        d->h[j] = pf->h[j];
+    }
+    return true;
+}
+
+/* Phase 1 for chunk c: decodes its items into their records, with the
+ * applier's decoder set 0. */
+static void decode_chunk(tly_apply_t *ap, applier_t *a, size_t c)
+{
+    size_t lo = c * CHUNK, hi = lo + CHUNK < ap->nitems ? lo + CHUNK : ap->nitems;
+    char *bytes = &ap->bytes[c * CHUNK_BYTES];
+    size_t used = 0;
+    uint64_t redo = 0;
+    tly_event_t ev;
+    tly_prefetch_t pf;
+    for (size_t i = lo; i < hi; i++) {
+        decoded_t *d = decoded_of(ap, i);
+        d->redo = false;
+        d->err = decode_item(ap, a, 0, &ap->items[i], &ev);
+        if (d->err != TLY_OK)
+            continue;
+        tly_store_hint(ap->store, &ev, &pf);
+        size_t mark = used;
+        if (!keep_strings(&ev, &ap->items[i], bytes, &used) || !keep_ids(d, &pf, bytes, &used)) {
+            d->redo = true;
+            used = mark;
+            redo++;
+            continue;
+        }
+        memcpy((uint8_t *)d + DECODED_HEAD, &ev, ap->evsize);
+    }
+    if (redo > 0)
+        atomic_fetch_add_explicit(&ap->redecoded, redo, memory_order_relaxed);
+}
+
+/* Phase 1 and the barrier: decodes chunks until none is left, then waits
+ * until the others decoded theirs. */
+static void decode_shared(tly_apply_t *ap, applier_t *a)
+{
+    const size_t n = ap->nitems, nchunks = (n + CHUNK - 1) / CHUNK;
+    size_t c;
+    while ((c = atomic_fetch_add_explicit(&ap->next_chunk, 1, memory_order_relaxed)) < nchunks) {
+        decode_chunk(ap, a, c);
+        size_t k = c + 1 < nchunks ? CHUNK : n - c * CHUNK;
+        if (atomic_fetch_add_explicit(&ap->ndecoded, k, memory_order_acq_rel) + k == n) {
+            /* under mu: a waiter checks the count under it before it
+             * sleeps, so it cannot miss this */
+            pthread_mutex_lock(&ap->mu);
+            pthread_cond_broadcast(&ap->decoded_cv);
+            pthread_mutex_unlock(&ap->mu);
+        }
+    }
+    if (atomic_load_explicit(&ap->ndecoded, memory_order_acquire) == n)
+        return;
+    pthread_mutex_lock(&ap->mu);
+    while (atomic_load_explicit(&ap->ndecoded, memory_order_acquire) < n)
+        pthread_cond_wait(&ap->decoded_cv, &ap->mu);
+    pthread_mutex_unlock(&ap->mu);
+}
+
+/* Phase 2's view of item i for applier a: its decode's verdict, and on
+ * TLY_OK the event in *ev and its hint in *pf, the share's table slots
+ * being loaded. A redo item is decoded again with decoder set r. */
+static tly_err_t load_shared(tly_apply_t *ap, applier_t *a, size_t r, size_t i, tly_event_t *ev,
+                             tly_prefetch_t *pf)
+{
+    const decoded_t *d = decoded_of(ap, i);
+    if (d->redo) {
+        tly_err_t err = decode_item(ap, a, r, &ap->items[i], ev);
+        if (err == TLY_OK)
+            tly_store_prefetch_share(ap->store, ev, a->share, a->nshares, pf);
+        return err;
+    }
+    if (d->err != TLY_OK)
+        return d->err;
+    memcpy(ev, (const uint8_t *)d + DECODED_HEAD, ap->evsize);
+    const char *id = &ap->bytes[i / CHUNK * CHUNK_BYTES + d->ids];
+    pf->n = d->n;
+    pf->ids = true;
+    for (uint32_t j = 0; j < d->n; j++) {
+        pf->entity[j] = d->entity[j];
+        pf->idlen[j] = d->idlen[j];
+        pf->h[j] = d->h[j];
+        memcpy(pf->id[j], id, d->idlen[j]);
+        id += d->idlen[j];
+    }
+    tly_store_prefetch_slots(ap->store, pf, a->share, a->nshares);
+    return TLY_OK;
+}
+
 /*
  * An applier. With bypart, it applies the items of its partitions whole,
- * in batch order. Otherwise it is share `a->share` of `a->nshares`: it
- * decodes every item of the batch, in order, and applies the entities of
- * each event that fall to it (tly_store_prefetch_share). Either way every
- * entity's events from one partition are applied by one applier in offset
- * order, whatever keys the messages carry. Sharing, each applier decides
- * alike whether an event is rejected; share 0 alone writes the items'
- * verdicts. It decodes AHEAD
- * items ahead of the one it applies and hints the store about them (the
- * item two ahead its table slots, the next one its records), so that the
- * cache misses of finding their entities overlap the apply before.
- * Decoding does not depend on the store, so the order of applies is
- * unchanged.
+ * in batch order (alone: the whole batch). Otherwise it is share
+ * `a->share` of `a->nshares`: it decodes its part of the batch
+ * (decode_shared), then walks every item, in order, and applies the
+ * entities of each event that fall to it. Either way every entity's events
+ * from one partition are applied by one applier in offset order, whatever
+ * keys the messages carry. Sharing, each applier decides alike whether an
+ * event is rejected (the decode's verdict is the same for all, and the
+ * store's too); share 0 alone writes the items' verdicts. It decodes (or,
+ * sharing, loads) AHEAD items ahead of the one it applies and hints the
+ * store about them (the item two ahead its table slots, the next one its
+ * records), so that the cache misses of finding their entities overlap the
+ * apply before. Decoding does not depend on the store, so the order of
+ * applies is unchanged.
  */
 static void apply_list(tly_apply_t *ap, applier_t *a)
 {
@@ -154,13 +345,19 @@ static void apply_list(tly_apply_t *ap, applier_t *a)
     const uint32_t *idx = a->bypart ? a->idx : NULL;
     const uint32_t share = a->bypart ? 0 : a->share, nshares = a->bypart ? 1 : a->nshares;
     const bool verdicts = share == 0;
+    const bool shared = !a->bypart && nshares > 1;
+    if (shared)
+        decode_shared(ap, a);
     /* One read-side section for the whole list (at most
      * TLY_APPLY_BATCH_MAX items, a few ms): the store's own lock and unlock
      * for each hint and apply then nest, which skips their memory
      * barriers. Nothing here waits for a grace period. */
     tly_rcu_read_lock();
     for (size_t k = 0; k < n + AHEAD; k++) {
-        if (k < n) {
+        if (k < n && shared) {
+            size_t r = k % (AHEAD + 1);
+            err[r] = load_shared(ap, a, r, k, &ev[r], &pf[r]);
+        } else if (k < n) {
             size_t r = k % (AHEAD + 1);
             err[r] = decode_item(ap, a, r, &ap->items[idx ? idx[k] : k], &ev[r]);
             if (err[r] == TLY_OK)
@@ -221,9 +418,9 @@ static void *worker_main(void *arg)
 
 /* Lists each applier's items by partition, in batch order, when that
  * spreads them evenly enough (no applier more than a quarter over its
- * share): each item is then decoded once. A batch from a few partitions
- * (librdkafka queues a fetch's messages partition by partition) is shared
- * by entity instead, every applier decoding every item. */
+ * share): each applier then takes its items whole, with no barrier. A
+ * batch from a few partitions (librdkafka queues a fetch's messages
+ * partition by partition) is shared by entity instead. */
 static bool spread_by_partition(tly_apply_t *ap, size_t na)
 {
     size_t count[TLY_APPLY_THREADS_MAX] = {0}, most = 0;
@@ -270,6 +467,9 @@ void tly_apply_batch(tly_apply_t *ap, tly_apply_item_t *items, size_t n, int64_t
                 ap->appliers[k].bypart = false;
                 ap->appliers[k].nshares = (uint32_t)na;
             }
+            /* before the hand-out, which publishes them under mu */
+            atomic_store_explicit(&ap->next_chunk, 0, memory_order_relaxed);
+            atomic_store_explicit(&ap->ndecoded, 0, memory_order_relaxed);
         }
         pthread_mutex_lock(&ap->mu);
         ap->gen++;
@@ -291,6 +491,7 @@ void tly_apply_stats(const tly_apply_t *ap, tly_apply_stats_t *st)
     st->alone = atomic_load_explicit(&ap->alone, memory_order_relaxed);
     st->bypart = atomic_load_explicit(&ap->bypart, memory_order_relaxed);
     st->shared = atomic_load_explicit(&ap->shared, memory_order_relaxed);
+    st->redecoded = atomic_load_explicit(&ap->redecoded, memory_order_relaxed);
 }
 
 tly_apply_t *tly_apply_new(const tly_featset_t *fs, tly_store_t *store, const tly_shard_t *shard,
@@ -301,6 +502,10 @@ tly_apply_t *tly_apply_new(const tly_featset_t *fs, tly_store_t *store, const tl
     atomic_init(&ap->alone, 0);
     atomic_init(&ap->bypart, 0);
     atomic_init(&ap->shared, 0);
+    atomic_init(&ap->redecoded, 0);
+    atomic_init(&ap->next_chunk, 0);
+    atomic_init(&ap->ndecoded, 0);
+    pthread_cond_init(&ap->decoded_cv, NULL);
     pthread_mutex_init(&ap->mu, NULL);
     pthread_cond_init(&ap->go, NULL);
     pthread_cond_init(&ap->done, NULL);
@@ -322,6 +527,12 @@ tly_apply_t *tly_apply_new(const tly_featset_t *fs, tly_store_t *store, const tl
         }
     }
     ap->by_part = xrealloc(NULL, TLY_APPLY_BATCH_MAX * sizeof *ap->by_part);
+    ap->evsize = offsetof(tly_event_t, vals) + fs->nfields * sizeof(tly_value_t);
+    ap->rec_size = (DECODED_HEAD + ap->evsize + 7) / 8 * 8;
+    if (ap->nappliers > 1) {
+        ap->decoded = xrealloc(NULL, TLY_APPLY_BATCH_MAX * ap->rec_size);
+        ap->bytes = xrealloc(NULL, NCHUNKS * CHUNK_BYTES);
+    }
     return ap;
 }
 
@@ -367,6 +578,9 @@ void tly_apply_free(tly_apply_t *ap)
     }
     free(ap->appliers);
     free(ap->by_part);
+    free(ap->decoded);
+    free(ap->bytes);
+    pthread_cond_destroy(&ap->decoded_cv);
     pthread_mutex_destroy(&ap->mu);
     pthread_cond_destroy(&ap->go);
     pthread_cond_destroy(&ap->done);

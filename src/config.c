@@ -180,12 +180,11 @@ const key_def_t tly_config_keys[] = {
         "partitions it owns, so -MOVED replies can name the owner; created if missing."),
     KEY("kafka.threads", K_INT, "2", 1, 64, 0, NULL, CFG(kafka.threads),
         "Threads that decode and apply events, the consumer's poll thread among them. A "
-        "batch that spans enough partitions is split by partition; otherwise each thread "
-        "decodes every event and applies the entities whose ids hash to it. Either way an "
-        "entity's events from one partition are applied in offset order by one thread, "
-        "whatever the message keys; 1 applies everything on the poll thread, and can be the "
-        "faster choice when a few partitions feed tallyd and its CPUs are busy with other "
-        "work (the second decode then costs more than the second thread gives)."),
+        "batch that spans enough partitions is split by partition; otherwise the threads "
+        "decode its events between them, each event once, then each applies the entities "
+        "whose ids hash to it. Either way an entity's events from one partition are applied "
+        "in offset order by one thread, whatever the message keys; 1 applies everything on "
+        "the poll thread."),
     KEY("kafka.ready_lag", K_INT, "1000", 0, 1000000000, 0, NULL, CFG(kafka.ready_lag),
         "After an assignment, queries get -LOADING until every assigned partition is at most "
         "this many messages behind its end (clients may opt into stale reads with CLIENT "

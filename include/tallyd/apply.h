@@ -36,6 +36,9 @@ typedef struct {
     uint64_t alone;  /* by applier 0 alone (small, or no worker running) */
     uint64_t bypart; /* spread by partition */
     uint64_t shared; /* shared by entity */
+    /* items of shared batches decoded by every applier, not once: their
+     * escaped strings and ids did not fit the room kept for them */
+    uint64_t redecoded;
 } tly_apply_stats_t;
 
 /* One message of a batch, and what applying it gave. */
