@@ -1130,7 +1130,164 @@ static void test_appliers_keep_each_entitys_offset_order(void **state)
     (void)state;
     SKIP_UNDER_TSAN();
     appliers_keep_offset_order(2);
+    appliers_keep_offset_order(3);
     appliers_keep_offset_order(4);
+}
+
+/* One partition: every batch is shared by entity (each message decoded
+ * once, apply.c), with rejections (bad JSON, a missing key, a future time)
+ * mixed in and strings written with escapes (an id, a `where` value, a
+ * last_k value); each user's events carry one time, so last and last_k
+ * follow the offsets alone. Checked against a model, with 2 and 3
+ * appliers. */
+#define SH_USERS 29
+#define SH_EACH  150
+#define SH_K     12
+typedef struct {
+    int64_t n, clicks, ts;
+    int last_action;
+    int64_t seq[SH_EACH]; /* of the events taken, in offset order */
+    size_t nseq;
+} sh_model_t;
+
+static void appliers_share_one_partition(int threads)
+{
+    fixture_t fx;
+    char yaml[4096];
+    snprintf(yaml, sizeof yaml,
+             "kafka:\n  brokers: embedded\n  group: test-share-%d\n  topics: [" TOPIC "]\n"
+             "  mode: replica\n  start: earliest\n  threads: %d\n"
+             "events:\n  time: { field: ts, unit: ms }\n"
+             "features:\n"
+             "  - { name: n, entity: user, key: user_id, agg: count, windows: [1h] }\n"
+             "  - { name: clicks, entity: user, key: user_id, where: { action: click }, "
+             "agg: count, windows: [1h] }\n"
+             "  - { name: last_action, entity: user, key: user_id, agg: last, value: action }\n"
+             "  - { name: recent, entity: user, key: user_id, agg: last_k, k: %d, "
+             "value: [seq, note] }\n",
+             threads, threads, SH_K);
+    fixture_init_yaml(&fx, yaml);
+    tly_rcu_thread_online();
+
+    static sh_model_t users[SH_USERS + 1];
+    memset(users, 0, sizeof users);
+    uint64_t want_rejected[TLY_E__COUNT] = {0}, want_applied = 0;
+    int64_t t0 = wall_ms() - 60 * 1000;
+    rd_kafka_t *prod = producer_new(tly_source_bootstrap(fx.src));
+    const uint64_t total = (uint64_t)SH_USERS * SH_EACH;
+    for (uint64_t i = 0; i < total; i++) {
+        uint64_t u = 1 + i % SH_USERS;
+        int action = (int)(i % 5);
+        sh_model_t *m = &users[u];
+        int64_t ts = t0 - (int64_t)u;
+        bool future = i % 37 == 5, no_key = i % 41 == 9, bad = i % 43 == 13;
+        if (future)
+            ts = wall_ms() + 10 * 60 * 1000;
+        char json[256], id[32], key[32];
+        /* "u<u>", every third id written with an escape */
+        snprintf(id, sizeof id, i % 3 == 0 ? "\\u0075%" PRIu64 : "u%" PRIu64, u);
+        int len = snprintf(json, sizeof json,
+                           "{%s%s%s\"seq\": %" PRIu64 ", \"action\": \"%s\", "
+                           "\"note\": \"n%" PRIu64 "\\u00e9\\\"\", \"ts\": %" PRId64 "}",
+                           no_key ? "" : "\"user_id\": \"", no_key ? "" : id, no_key ? "" : "\", ",
+                           i, action == 2 && i % 2 == 0 ? "cl\\u0069ck" : actions[action], i, ts);
+        assert_true(len > 0 && len < (int)sizeof json);
+        if (bad)
+            len -= 2;
+        snprintf(key, sizeof key, "%" PRIu64, u);
+        produce_to(prod, 0, key, json, (size_t)len);
+        if (bad)
+            want_rejected[TLY_E_EV_BAD_JSON]++;
+        else if (future) /* the store judges the time first */
+            want_rejected[TLY_E_EV_FUTURE]++;
+        else if (no_key)
+            want_rejected[TLY_E_EV_MISSING_KEY]++;
+        if (bad || no_key || future)
+            continue;
+        want_applied++;
+        m->n++;
+        m->clicks += action == 2;
+        m->ts = ts;
+        m->last_action = action;
+        m->seq[m->nseq++] = (int64_t)i;
+    }
+    flush_producer(prod);
+    int64_t hi[NPARTS];
+    assert_int_equal(end_offsets(prod, hi), total);
+    start_source(&fx);
+    tly_source_stats_t st;
+    tly_partition_stat_t parts[NPARTS];
+    await_caught_up(&fx, total, hi, &st, parts);
+    assert_int_equal(st.applied, want_applied);
+    assert_int_equal(st.rejected, total - want_applied);
+    for (int e = 0; e < TLY_E__COUNT; e++)
+        assert_int_equal(st.rejected_by[e], want_rejected[e]);
+
+    int ent = tly_featset_entity(fx.fs, "user", 4);
+    uint32_t feat;
+    int win;
+    assert_int_equal(tly_featset_resolve(fx.fs, (uint32_t)ent, "recent", 6, &feat, &win), TLY_OK);
+    for (uint64_t u = 1; u <= SH_USERS; u++) {
+        const sh_model_t *m = &users[u];
+        char id[32], sbuf[1024], note[32];
+        int idlen = snprintf(id, sizeof id, "u%" PRIu64, u);
+        int64_t got[2];
+        tly_featwin_t req[2];
+        const char *names[2] = {"n:1h", "clicks:1h"};
+        for (int k = 0; k < 2; k++) {
+            assert_int_equal(tly_featset_resolve(fx.fs, (uint32_t)ent, names[k], strlen(names[k]),
+                                                 &req[k].feat, &win),
+                             TLY_OK);
+            req[k].window = (uint32_t)win;
+        }
+        tly_value_t out[2], last;
+        assert_int_equal(tly_store_read(fx.store, (uint32_t)ent, id, (size_t)idlen, req, 2,
+                                        wall_ms(), out, NULL, sbuf, sizeof sbuf),
+                         TLY_OK);
+        got[0] = out[0].u.i;
+        got[1] = out[1].u.i;
+        assert_int_equal(got[0], m->n);
+        assert_int_equal(got[1], m->clicks);
+        tly_featwin_t lreq;
+        assert_int_equal(
+            tly_featset_resolve(fx.fs, (uint32_t)ent, "last_action", 11, &lreq.feat, &win), TLY_OK);
+        lreq.window = 0;
+        int64_t last_ms;
+        assert_int_equal(tly_store_read(fx.store, (uint32_t)ent, id, (size_t)idlen, &lreq, 1,
+                                        wall_ms(), &last, &last_ms, sbuf, sizeof sbuf),
+                         TLY_OK);
+        assert_int_equal(last_ms, m->ts);
+        assert_int_equal(last.type, TLY_V_STR);
+        assert_int_equal(last.len, strlen(actions[m->last_action]));
+        assert_memory_equal(last.u.s, actions[m->last_action], last.len);
+        tly_item_t it[SH_K];
+        size_t n = 0;
+        assert_int_equal(tly_store_recent(fx.store, (uint32_t)ent, id, (size_t)idlen, feat,
+                                          INT64_MIN, wall_ms(), it, SH_K, &n, sbuf, sizeof sbuf),
+                         TLY_OK);
+        assert_int_equal(n, SH_K);
+        for (size_t j = 0; j < n; j++) {
+            int64_t seq = m->seq[m->nseq - 1 - j]; /* newest first: the latest offsets */
+            int nlen = snprintf(note, sizeof note, "n%" PRId64 "\xc3\xa9\"", seq);
+            assert_int_equal(it[j].time_ms, m->ts);
+            assert_int_equal(it[j].vals[0].type, TLY_V_INT);
+            assert_int_equal(it[j].vals[0].u.i, seq);
+            assert_int_equal(it[j].vals[1].type, TLY_V_STR);
+            assert_int_equal(it[j].vals[1].len, nlen);
+            assert_memory_equal(it[j].vals[1].u.s, note, (size_t)nlen);
+        }
+    }
+    rd_kafka_destroy(prod);
+    fixture_fini(&fx);
+    tly_rcu_thread_offline();
+}
+
+static void test_appliers_share_one_partitions_batches_by_entity(void **state)
+{
+    (void)state;
+    SKIP_UNDER_TSAN();
+    appliers_share_one_partition(2);
+    appliers_share_one_partition(3);
 }
 
 static void test_kafka_timestamp_is_the_event_time_without_events_time(void **state)
@@ -2018,6 +2175,7 @@ int main(void)
         cmocka_unit_test(test_bad_kafka_property_fails_naming_it),
         cmocka_unit_test(test_demo_stream_arrives_whole),
         cmocka_unit_test(test_appliers_keep_each_entitys_offset_order),
+        cmocka_unit_test(test_appliers_share_one_partitions_batches_by_entity),
         cmocka_unit_test(test_kafka_timestamp_is_the_event_time_without_events_time),
         cmocka_unit_test(test_each_topic_reads_its_own_time_field_and_limits),
         cmocka_unit_test(test_out_of_range_position_is_reset_counted_and_nothing_is_lost),
