@@ -24,6 +24,8 @@
  *      all items in batch order and applies the entities whose ids hash to
  *      it (tly_store_prefetch_slots, tly_store_apply_hinted); it decodes
  *      the redo items itself, as every applier did with every item before.
+ *      Applier 0 applies every item (its apply gives the verdict); the
+ *      others pass over those of which they own no entity.
  *
  * So a message is decoded once (not once per applier) and its ids are
  * rendered and hashed once. Either way every entity's events from one
@@ -290,11 +292,19 @@ static void decode_shared(tly_apply_t *ap, applier_t *a)
 
 /* Phase 2's view of item i for applier a: its decode's verdict, and on
  * TLY_OK the event in *ev and its hint in *pf, the share's table slots
- * being loaded. A redo item is decoded again with decoder set r. */
-static tly_err_t load_shared(tly_apply_t *ap, applier_t *a, size_t r, size_t i, tly_event_t *ev,
-                             tly_prefetch_t *pf)
+ * being loaded. A redo item is decoded again with decoder set r.
+ *
+ * *skip: the item is TLY_OK but a, not share 0 (whose apply also gives the
+ * verdict and counts the event), owns none of its hinted entities, so the
+ * store would apply nothing of it here. With at most TLY_PREFETCH_MAX
+ * entity types the hint holds every entity the event feeds whose id
+ * renders, and an id that does not render rejects the event for every
+ * share (when a feature of its entity type matches). */
+static tly_err_t load_shared(tly_apply_t *ap, const applier_t *a, size_t r, size_t i,
+                             tly_event_t *ev, tly_prefetch_t *pf, bool *skip)
 {
     const decoded_t *d = decoded_of(ap, i);
+    *skip = false;
     if (d->redo) {
         tly_err_t err = decode_item(ap, a, r, &ap->items[i], ev);
         if (err == TLY_OK)
@@ -303,7 +313,6 @@ static tly_err_t load_shared(tly_apply_t *ap, applier_t *a, size_t r, size_t i, 
     }
     if (d->err != TLY_OK)
         return d->err;
-    memcpy(ev, (const uint8_t *)d + DECODED_HEAD, ap->evsize);
     const char *id = &ap->bytes[i / CHUNK * CHUNK_BYTES + d->ids];
     pf->n = d->n;
     pf->ids = true;
@@ -314,7 +323,12 @@ static tly_err_t load_shared(tly_apply_t *ap, applier_t *a, size_t r, size_t i, 
         memcpy(pf->id[j], id, d->idlen[j]);
         id += d->idlen[j];
     }
-    tly_store_prefetch_slots(ap->store, pf, a->share, a->nshares);
+    uint32_t mine = tly_store_prefetch_slots(ap->store, pf, a->share, a->nshares);
+    if (mine == 0 && a->share != 0 && ap->fs->nentities <= TLY_PREFETCH_MAX) {
+        *skip = true;
+        return TLY_OK;
+    }
+    memcpy(ev, (const uint8_t *)d + DECODED_HEAD, ap->evsize);
     return TLY_OK;
 }
 
@@ -339,6 +353,7 @@ static void apply_list(tly_apply_t *ap, applier_t *a)
     tly_event_t ev[AHEAD + 1];
     tly_prefetch_t pf[AHEAD + 1];
     tly_err_t err[AHEAD + 1];
+    bool skip[AHEAD + 1] = {false}; /* load_shared's */
     for (size_t r = 0; r <= AHEAD; r++)
         err[r] = TLY_E_EV_BAD_JSON; /* each is set before it is read */
     size_t n = a->bypart ? a->nidx : ap->nitems;
@@ -356,20 +371,21 @@ static void apply_list(tly_apply_t *ap, applier_t *a)
     for (size_t k = 0; k < n + AHEAD; k++) {
         if (k < n && shared) {
             size_t r = k % (AHEAD + 1);
-            err[r] = load_shared(ap, a, r, k, &ev[r], &pf[r]);
+            err[r] = load_shared(ap, a, r, k, &ev[r], &pf[r], &skip[r]);
         } else if (k < n) {
             size_t r = k % (AHEAD + 1);
             err[r] = decode_item(ap, a, r, &ap->items[idx ? idx[k] : k], &ev[r]);
             if (err[r] == TLY_OK)
                 tly_store_prefetch_share(ap->store, &ev[r], share, nshares, &pf[r]);
         }
-        if (k >= 1 && k - 1 < n && err[(k - 1) % (AHEAD + 1)] == TLY_OK)
+        if (k >= 1 && k - 1 < n && err[(k - 1) % (AHEAD + 1)] == TLY_OK &&
+            !skip[(k - 1) % (AHEAD + 1)])
             tly_store_prefetch_records(ap->store, &pf[(k - 1) % (AHEAD + 1)]);
         if (k >= AHEAD) {
             size_t r = (k - AHEAD) % (AHEAD + 1);
             tly_apply_item_t *it = &ap->items[idx ? idx[k - AHEAD] : k - AHEAD];
             int64_t time_ms = -1;
-            if (err[r] == TLY_OK) {
+            if (err[r] == TLY_OK && !skip[r]) {
                 /* the store's verdict: rejected whole (a future time, a
                  * missing key, ...), or taken, though maybe late for every
                  * feature (counted by the store per feature) */

@@ -579,14 +579,18 @@ void tly_store_hint(const tly_store_t *store, const tly_event_t *ev, tly_prefetc
     }
 }
 
-void tly_store_prefetch_slots(tly_store_t *store, tly_prefetch_t *pf, uint32_t share,
-                              uint32_t nshares)
+uint32_t tly_store_prefetch_slots(tly_store_t *store, tly_prefetch_t *pf, uint32_t share,
+                                  uint32_t nshares)
 {
+    uint32_t owned = 0;
     pf->share = share;
     pf->nshares = nshares;
     for (uint32_t i = 0; i < pf->n; i++)
-        if (share_owns(pf->h[i], share, nshares))
+        if (share_owns(pf->h[i], share, nshares)) {
             tbl_prefetch(shard_of(store, pf->h[i]), pf->h[i]);
+            owned++;
+        }
+    return owned;
 }
 
 void tly_store_prefetch_id(tly_store_t *store, uint32_t entity, const char *id, size_t idlen,

@@ -132,14 +132,15 @@ void tly_store_prefetch_share(tly_store_t *store, const tly_event_t *ev, uint32_
  * decode of each event: tly_store_hint, the same for every share, renders
  * and hashes ev's entity ids into *pf (as share 0 of 1) and loads nothing;
  * tly_store_prefetch_slots then makes *pf (or a copy) share `share` of
- * `nshares` and starts loading the table slots of its entities that fall to
- * it. tly_store_hint reads the featset and the store's hash seed, not the
- * table: any thread, no RCU section needed; tly_store_prefetch_slots runs
- * inside the caller's RCU read-side section like the others.
+ * `nshares`, starts loading the table slots of its entities that fall to
+ * it and returns how many do. tly_store_hint reads the featset and the
+ * store's hash seed, not the table: any thread, no RCU section needed;
+ * tly_store_prefetch_slots runs inside the caller's RCU read-side section
+ * like the others.
  */
 void tly_store_hint(const tly_store_t *store, const tly_event_t *ev, tly_prefetch_t *pf);
-void tly_store_prefetch_slots(tly_store_t *store, tly_prefetch_t *pf, uint32_t share,
-                              uint32_t nshares);
+uint32_t tly_store_prefetch_slots(tly_store_t *store, tly_prefetch_t *pf, uint32_t share,
+                                  uint32_t nshares);
 
 /* The first step for one entity that a read will ask for soon (MFEATURES
  * hints the ids after the one it reads). */

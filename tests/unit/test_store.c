@@ -592,7 +592,8 @@ static void test_shares_apply_each_entity_once(void **state)
 /* One tly_store_hint per event, copied to each share and completed by
  * tly_store_prefetch_slots, is the hint tly_store_prefetch_share gives
  * that share (ids, hashes, share) and applies the same: every entity
- * once, a rejected event rejected by both and counted once. */
+ * once, a rejected event rejected by both and counted once. Each entity
+ * falls to one share, as tly_store_prefetch_slots counts them. */
 static void test_one_hint_serves_every_share(void **state)
 {
     fx_t *fx = *state;
@@ -606,10 +607,11 @@ static void test_one_hint_serves_every_share(void **state)
         tly_prefetch_t hint, pf, want;
         tly_store_hint(fx->store, &e, &hint);
         assert_int_equal(hint.n, i < N ? 2 : 1);
+        uint32_t owned = 0; /* each entity falls to one share */
         for (uint32_t k = 0; k < 2; k++) {
             pf = hint;
             tly_rcu_read_lock();
-            tly_store_prefetch_slots(fx->store, &pf, k, 2);
+            owned += tly_store_prefetch_slots(fx->store, &pf, k, 2);
             tly_store_prefetch_share(fx->store, &e, k, 2, &want);
             tly_rcu_read_unlock();
             assert_int_equal(pf.n, want.n);
@@ -625,6 +627,7 @@ static void test_one_hint_serves_every_share(void **state)
             assert_int_equal(tly_store_apply_hinted(fx->store, &e, &pf, 0, 0, T),
                              i < N ? TLY_OK : TLY_E_EV_MISSING_KEY);
         }
+        assert_int_equal(owned, hint.n);
         if (i < N) {
             assert_int_equal(count(fx, user, "dwell", 0, T), 7);
             assert_int_equal(get(fx, fx->pin, pin, "impressions", 0, T).u.i, 1);
