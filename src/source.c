@@ -54,15 +54,20 @@
  * handed to them (between the start and the end of a flush, apply.c);
  * tly_kafka_close in stop runs the final revocation on the main thread
  * after the poll thread was joined. The nudger thread only sends the
- * end-offset requests the poll thread hands it (see "fetch nudges"); it is
- * joined after the poll thread. The log callback runs on
+ * end-offset requests the poll thread hands it (see "fetch nudges") and
+ * hands back the answers of those that look up an assignment's ends (see
+ * "ends"); it is joined after the poll thread. The log callback runs on
  * librdkafka's own threads and only calls tly_log. tly_source_stats and
  * tly_source_fatal on any thread.
  *
  * Readiness: publish() (the consumer-queue thread) sets `ready` once every
- * partition of the current assignment caught up (kafka.ready_lag); assign()
- * clears it. Gaps: check_continuity() compares each message's offset with
- * the position expected (see source.h).
+ * partition of the current assignment caught up (kafka.ready_lag) to an end
+ * offset learnt since the assignment; assign() clears it. The rebalance
+ * callback waits for the brokers only for what the assignment itself needs
+ * (shard mode's partition count, start offsets at the end or by time): the
+ * other ends are looked up off it (see "ends"). Gaps: check_continuity()
+ * compares each message's offset with the position expected (see
+ * source.h).
  *
  * Invariants: the working partition table (src->parts) belongs to whoever
  * serves the consumer queue (the poll thread, then the main thread after the
@@ -101,6 +106,10 @@
 #define ASSIGN_LOG_CAP      1024
 #define BATCH_MAX           TLY_APPLY_BATCH_MAX /* messages collected before they are applied */
 #define NUDGE_TIMEOUT_MS    500  /* longest wait for a nudge's answers */
+#define ENDS_TIMEOUT_MS     1000 /* longest wait for an assignment's ends, off the callback */
+#define ENDS_RETRY_MS       100  /* first pause before looking up ends that were not found */
+#define ENDS_RETRY_MAX      2000 /* longest pause: it doubles while lookups fail */
+#define ENDS_UNKNOWN        INT64_MAX /* high_min: the end is not known yet, see publish */
 #define STARVED_NUDGE_MS    100  /* first pause between nudges of an empty poll while behind */
 #define STARVED_NUDGE_MAX   5000 /* longest pause: the pause doubles until a message arrives */
 
@@ -113,7 +122,8 @@ typedef struct {
     bool from_end;         /* assigned at the logical end, no message since */
     int64_t position;      /* next offset to apply, -1 unknown */
     int64_t high;          /* cached high watermark, -1 unknown */
-    int64_t high_min;      /* the end learn_ends found at the assignment, -1 none */
+    int64_t high_min;      /* the end learn_ends found at the assignment, -1 none,
+                              ENDS_UNKNOWN: not found yet (seek_ends looks it up) */
     int64_t low;           /* cached log start offset, -1 unknown */
     int64_t last_event_ms; /* newest event time applied, -1 none */
     int64_t catchup_until; /* > 0: below this offset, events are marked replayed */
@@ -210,6 +220,20 @@ struct tly_source {
     rd_kafka_topic_partition_list_t *nudge_parts; /* handed over, under nudge_mu */
     bool nudge_quit;                              /* under nudge_mu */
     atomic_uint_fast64_t nudges, idle_nudges;     /* all; those after an empty poll */
+
+    /* An assignment's end offsets, looked up by the nudger ("ends" below).
+     * assign_gen, ends_wanted, ends_asked, ends_next_ms, ends_backoff_ms:
+     * consumer-queue thread only; nudge_gen and the answer: under
+     * nudge_mu. */
+    uint64_t assign_gen;  /* counts assignments and revocations */
+    bool ends_wanted;     /* an assigned partition's high_min is ENDS_UNKNOWN */
+    bool ends_asked;      /* a lookup was handed over and its answer not taken */
+    int64_t ends_next_ms; /* no lookup before this time */
+    int64_t ends_backoff_ms;
+    uint64_t nudge_gen; /* 0: nudge_parts is a nudge; else the ends lookup of that assignment */
+    rd_kafka_topic_partition_list_t *ends_answer; /* handed back; NULL: none */
+    rd_kafka_resp_err_t ends_err;                 /* the lookup's own result */
+    uint64_t ends_gen;                            /* the assignment it was made for */
 
     /* published table: written by the consumer-queue thread under mu */
     pthread_mutex_t mu;
@@ -374,8 +398,9 @@ static bool part_caught_up(const tly_source_t *src, const part_t *p)
  * high watermark from librdkafka's cache (no network). The cache of a
  * partition assigned again still holds the end seen when it was last
  * consumed here, until the first fetch: until a message arrives, it is not
- * taken while below the end learn_ends found at the assignment, or a
- * partition away for a while would look caught up at once. */
+ * taken while below the end learn_ends found at the assignment (nor at all
+ * while that end is not known: ENDS_UNKNOWN), or a partition away for a
+ * while would look caught up at once. */
 static void publish(tly_source_t *src, int64_t now_ms)
 {
     size_t n = 0;
@@ -443,21 +468,30 @@ static void publish(tly_source_t *src, int64_t now_ms)
     src->last_publish_ms = now_ms;
 }
 
-/* The end offset of every partition of parts, from one offsets-for-times
- * lookup (a ListOffsets request per leader, one timeout in all), as a new
- * list; *err is the lookup's own result. An element has no end where its
+/* The end offset of every partition of parts whose offset is
+ * RD_KAFKA_OFFSET_END, from one offsets-for-times lookup (a ListOffsets
+ * request per leader, one timeout in all), as a new list, NULL when there
+ * is none; *err is the lookup's own result. An element has no end where its
  * err is set or its offset is negative (a logical answer: the 2.0.2 mock
  * cluster answers "end", so an embedded source does not ask). */
 static rd_kafka_topic_partition_list_t *lookup_ends(tly_source_t *src,
                                                     const rd_kafka_topic_partition_list_t *parts,
                                                     rd_kafka_resp_err_t *err)
 {
+    *err = RD_KAFKA_RESP_ERR_NO_ERROR;
+    if (src->embedded)
+        return NULL;
     rd_kafka_topic_partition_list_t *ends = rd_kafka_topic_partition_list_new(parts->cnt);
     for (int i = 0; i < parts->cnt; i++)
-        rd_kafka_topic_partition_list_add(ends, parts->elems[i].topic, parts->elems[i].partition)
-            ->offset = RD_KAFKA_OFFSET_END; /* as a time: the latest offset */
-    *err = ends->cnt > 0 ? rd_kafka_offsets_for_times(src->rk, ends, BROKER_TIMEOUT_MS)
-                         : RD_KAFKA_RESP_ERR_NO_ERROR;
+        if (parts->elems[i].offset == RD_KAFKA_OFFSET_END)
+            rd_kafka_topic_partition_list_add(ends, parts->elems[i].topic,
+                                              parts->elems[i].partition)
+                ->offset = RD_KAFKA_OFFSET_END; /* as a time: the latest offset */
+    if (ends->cnt == 0) {
+        rd_kafka_topic_partition_list_destroy(ends);
+        return NULL;
+    }
+    *err = rd_kafka_offsets_for_times(src->rk, ends, BROKER_TIMEOUT_MS);
     return ends;
 }
 
@@ -465,9 +499,10 @@ static rd_kafka_topic_partition_list_t *lookup_ends(tly_source_t *src,
  * process reached (or was told to resume at), else kafka.start's. A
  * partition partly restored (tly_source_catch_up) whose start is its
  * restored position has nothing to replay: it is at that position now.
- * ends: lookup_ends' answer for parts (eerr its result), or NULL. */
-static void choose_offsets(tly_source_t *src, rd_kafka_topic_partition_list_t *parts,
-                           const rd_kafka_topic_partition_list_t *ends, rd_kafka_resp_err_t eerr)
+ * Returns lookup_ends' answer for the partitions that start at the end
+ * (caller frees; NULL: not asked), for learn_ends. */
+static rd_kafka_topic_partition_list_t *choose_offsets(tly_source_t *src,
+                                                       rd_kafka_topic_partition_list_t *parts)
 {
     tly_kafka_start_t start = src->cfg->kafka.start;
     if (start == TLY_START_WINDOW && src->embedded)
@@ -512,11 +547,15 @@ static void choose_offsets(tly_source_t *src, rd_kafka_topic_partition_list_t *p
 
     /* "The end" means the end now, as assignment is logged and published:
      * left logical, librdkafka would resolve it at its first fetch, and
-     * events produced in between would be skipped. The ends come from
-     * assign's one lookup for all partitions (this runs inside the
-     * rebalance callback: not a query and a timeout per partition);
-     * partition by partition only where that lookup was not made or
-     * answered with a logical offset. */
+     * events produced in between would be skipped. So the partitions that
+     * start there, and only they (this runs inside the rebalance callback,
+     * where every wait holds the group's rebalance: the others' ends are
+     * looked up off it, see seek_ends), get their ends from one lookup
+     * here (not a query and a timeout per partition); partition by
+     * partition only where that lookup was not made or answered with a
+     * logical offset. */
+    rd_kafka_resp_err_t eerr;
+    rd_kafka_topic_partition_list_t *ends = lookup_ends(src, parts, &eerr);
     for (int i = 0; i < parts->cnt; i++) {
         rd_kafka_topic_partition_t *tp = &parts->elems[i];
         if (tp->offset != RD_KAFKA_OFFSET_END)
@@ -556,6 +595,7 @@ static void choose_offsets(tly_source_t *src, rd_kafka_topic_partition_list_t *p
             p->catchup_until = 0;
         }
     }
+    return ends;
 }
 
 static void describe_offset(int64_t off, char *buf, size_t cap)
@@ -681,20 +721,24 @@ static void shard_reassign(tly_source_t *src, const rd_kafka_topic_partition_lis
     free(owned);
 }
 
-/* Records the end offsets lookup_ends found (ends, NULL when it was not
- * asked; eerr its result), so readiness is known at once: a partition
- * resumed at its end (a restart from a snapshot) need not wait for a fetch
- * reply, which the broker may hold for fetch.wait.max.ms, to learn its high
- * watermark. Failures are harmless: the fetches report the ends later. */
-static void learn_ends(tly_source_t *src, const rd_kafka_topic_partition_list_t *ends,
-                       rd_kafka_resp_err_t eerr)
+/* Records the end offsets an offsets-for-times lookup of "latest" found
+ * (ends, NULL when it was not made) for the assigned partitions whose end
+ * is not known yet, so readiness is known without waiting for a fetch
+ * reply, which the broker may hold for fetch.wait.max.ms: a partition
+ * resumed at its end (a restart from a snapshot) is caught up at once. An
+ * answer that came counts even if another leader's did not (the lookup's
+ * own result is an error then); a partition whose end a message brought
+ * meanwhile (high_min -1) keeps that fresher one. */
+static void learn_ends(tly_source_t *src, const rd_kafka_topic_partition_list_t *ends)
 {
-    if (ends == NULL || eerr != RD_KAFKA_RESP_ERR_NO_ERROR)
+    if (ends == NULL)
         return;
     for (int i = 0; i < ends->cnt; i++) {
         const rd_kafka_topic_partition_t *e = &ends->elems[i];
-        if (e->err == RD_KAFKA_RESP_ERR_NO_ERROR && e->offset >= 0) {
-            part_t *p = part_get(src, e->topic, e->partition);
+        if (e->err != RD_KAFKA_RESP_ERR_NO_ERROR || e->offset < 0)
+            continue;
+        part_t *p = part_find(src, e->topic, e->partition);
+        if (p != NULL && p->assigned && p->high_min == ENDS_UNKNOWN) {
             p->high = e->offset;
             p->high_min = e->offset;
         }
@@ -707,10 +751,7 @@ static void assign(tly_source_t *src, rd_kafka_topic_partition_list_t *parts)
 {
     if (src->shard != NULL)
         shard_reassign(src, parts);
-    rd_kafka_resp_err_t eerr = RD_KAFKA_RESP_ERR_NO_ERROR;
-    rd_kafka_topic_partition_list_t *ends =
-        parts->cnt > 0 && !src->embedded ? lookup_ends(src, parts, &eerr) : NULL;
-    choose_offsets(src, parts, ends, eerr);
+    rd_kafka_topic_partition_list_t *ends = choose_offsets(src, parts);
     char line[ASSIGN_LOG_CAP];
     size_t used = 0;
     line[0] = '\0';
@@ -740,14 +781,25 @@ static void assign(tly_source_t *src, rd_kafka_topic_partition_list_t *parts)
         const rd_kafka_topic_partition_t *tp = &parts->elems[i];
         part_t *p = part_get(src, tp->topic, tp->partition);
         p->assigned = true;
-        p->high_min = -1; /* learn_ends below */
+        /* Not caught up before its end is known (learn_ends below, else
+         * seek_ends, or the first message): the end cached when it was last
+         * consumed here is not taken. An embedded source looks up no ends
+         * and takes the cache. */
+        p->high_min = src->embedded ? -1 : ENDS_UNKNOWN;
+        if (!src->embedded)
+            p->high = -1;
         p->from_end = tp->offset == RD_KAFKA_OFFSET_END && p->position < 0;
         if (tp->offset >= 0)
             p->position = tp->offset;
     }
-    learn_ends(src, ends, eerr);
+    learn_ends(src, ends);
     if (ends != NULL)
         rd_kafka_topic_partition_list_destroy(ends);
+    /* The others' ends: the nudger looks them up (seek_ends), at once. */
+    src->assign_gen++;
+    src->ends_wanted = !src->embedded;
+    src->ends_next_ms = 0;
+    src->ends_backoff_ms = ENDS_RETRY_MS;
     /* Queries wait (-LOADING) until the new partitions catch up. */
     if (atomic_exchange(&src->ready, false))
         tly_info("source: new assignment; queries get -LOADING until it caught up");
@@ -762,6 +814,8 @@ static void unassign(tly_source_t *src, int count)
     tly_info("source: %d partitions revoked", count);
     for (size_t i = 0; i < src->nparts; i++)
         src->parts[i].assigned = false;
+    src->assign_gen++; /* a lookup's answer for the old assignment is dropped */
+    src->ends_wanted = false;
     if (src->shard != NULL) {
         /* Until the next assignment nothing is owned, and queries wait:
          * no assignment to judge readiness by (publish would find the
@@ -1134,6 +1188,7 @@ static void nudge(tly_source_t *src, int64_t now_ms, bool idle)
     pthread_mutex_lock(&src->nudge_mu);
     if (src->nudge_parts == NULL) {
         src->nudge_parts = list;
+        src->nudge_gen = 0;
         list = NULL;
         pthread_cond_signal(&src->nudge_cv);
     }
@@ -1201,12 +1256,25 @@ static void *nudger_main(void *arg)
         if (src->nudge_quit)
             break;
         rd_kafka_topic_partition_list_t *list = src->nudge_parts;
+        uint64_t gen = src->nudge_gen;
         pthread_mutex_unlock(&src->nudge_mu);
-        /* Only the asking matters; the answer (or its error) is not used. */
-        (void)rd_kafka_offsets_for_times(src->rk, list, NUDGE_TIMEOUT_MS);
-        rd_kafka_topic_partition_list_destroy(list);
+        /* A nudge: only the asking matters, the answer (or its error) is
+         * not used. An ends lookup: the answer goes back to seek_ends. */
+        rd_kafka_resp_err_t err =
+            rd_kafka_offsets_for_times(src->rk, list, gen ? ENDS_TIMEOUT_MS : NUDGE_TIMEOUT_MS);
         pthread_mutex_lock(&src->nudge_mu);
         src->nudge_parts = NULL;
+        if (gen != 0) {
+            if (src->ends_answer != NULL) /* not taken: this one is newer */
+                rd_kafka_topic_partition_list_destroy(src->ends_answer);
+            src->ends_answer = list;
+            src->ends_err = err;
+            src->ends_gen = gen;
+            list = NULL;
+            rd_kafka_queue_yield(src->cq); /* the poll thread takes it now */
+        }
+        if (list != NULL)
+            rd_kafka_topic_partition_list_destroy(list);
     }
     pthread_mutex_unlock(&src->nudge_mu);
     return NULL;
@@ -1225,6 +1293,92 @@ static void stop_nudger(tly_source_t *src)
     if (src->nudge_parts != NULL)
         rd_kafka_topic_partition_list_destroy(src->nudge_parts);
     src->nudge_parts = NULL;
+    if (src->ends_answer != NULL)
+        rd_kafka_topic_partition_list_destroy(src->ends_answer);
+    src->ends_answer = NULL;
+    src->ends_asked = false;
+}
+
+/* ---- ends ---------------------------------------------------------------------
+ *
+ * A new assignment's partitions are not caught up before their end offsets
+ * are known (high_min ENDS_UNKNOWN, see publish). Those of the partitions
+ * that start at the end are looked up in the rebalance callback, which
+ * needs them as start offsets (choose_offsets); the others' are looked up
+ * off it. While the callback runs the member cannot join the group again:
+ * a rebalance started meanwhile (a member joining or leaving) waits for it
+ * (a real broker, up to max.poll.interval.ms) or drops it (librdkafka's
+ * mock cluster, after session.timeout.ms without a heartbeat it accepts),
+ * and when the leaders are unknown (a broker down, the topic's metadata
+ * failing) a lookup waits its whole timeout, 10 s. So after an assignment
+ * the poll thread hands the nudger one offsets-for-times lookup of the
+ * partitions whose end is not known (one ListOffsets request per leader, a
+ * nudge too), takes the answer on a later turn, and asks again for those
+ * still unknown ENDS_RETRY_MS later, twice that after another failure, and
+ * so on up to ENDS_RETRY_MAX. A message of the partition ends its wait too
+ * (the fetch that brought it refreshed librdkafka's cached end). An answer
+ * made for an earlier assignment is dropped. */
+
+/* Consumer-queue thread: takes the nudger's answer to the last ends lookup
+ * (publishing what it taught) and hands it the next one when one is due. */
+static void seek_ends(tly_source_t *src, int64_t now_ms)
+{
+    if (src->ends_asked) {
+        pthread_mutex_lock(&src->nudge_mu);
+        rd_kafka_topic_partition_list_t *answer = src->ends_answer;
+        uint64_t gen = src->ends_gen;
+        rd_kafka_resp_err_t err = src->ends_err;
+        src->ends_answer = NULL;
+        pthread_mutex_unlock(&src->nudge_mu);
+        if (answer == NULL)
+            return; /* not answered yet */
+        src->ends_asked = false;
+        if (gen == src->assign_gen) {
+            learn_ends(src, answer);
+            publish(src, now_ms);
+            size_t unknown = 0;
+            for (size_t i = 0; i < src->nparts; i++)
+                unknown += src->parts[i].assigned && src->parts[i].high_min == ENDS_UNKNOWN;
+            if (unknown > 0 && src->ends_backoff_ms == ENDS_RETRY_MS) /* once an assignment */
+                tly_warn("source: the end offsets of %zu partitions are not known (%s); "
+                         "they are not caught up until they are, and are looked up again",
+                         unknown,
+                         err != RD_KAFKA_RESP_ERR_NO_ERROR ? rd_kafka_err2str(err) : "no answer");
+            /* those still unknown: again after a pause */
+            src->ends_next_ms = now_ms + src->ends_backoff_ms;
+            src->ends_backoff_ms = src->ends_backoff_ms * 2 < ENDS_RETRY_MAX
+                                       ? src->ends_backoff_ms * 2
+                                       : ENDS_RETRY_MAX;
+        }
+        rd_kafka_topic_partition_list_destroy(answer);
+    }
+    if (!src->ends_wanted || now_ms < src->ends_next_ms || !src->nudger_started)
+        return;
+    rd_kafka_topic_partition_list_t *list =
+        rd_kafka_topic_partition_list_new((int)(src->nparts > 0 ? src->nparts : 1));
+    for (size_t i = 0; i < src->nparts; i++) {
+        const part_t *p = &src->parts[i];
+        if (p->assigned && p->high_min == ENDS_UNKNOWN) /* the time: latest */
+            rd_kafka_topic_partition_list_add(list, p->topic, p->partition)->offset =
+                RD_KAFKA_OFFSET_END;
+    }
+    if (list->cnt == 0) {
+        src->ends_wanted = false; /* all known */
+        rd_kafka_topic_partition_list_destroy(list);
+        return;
+    }
+    pthread_mutex_lock(&src->nudge_mu);
+    if (src->nudge_parts == NULL) {
+        src->nudge_parts = list;
+        src->nudge_gen = src->assign_gen;
+        list = NULL;
+        pthread_cond_signal(&src->nudge_cv);
+    }
+    pthread_mutex_unlock(&src->nudge_mu);
+    if (list != NULL) /* a nudge is being sent: the next turn */
+        rd_kafka_topic_partition_list_destroy(list);
+    else
+        src->ends_asked = true;
 }
 
 static void *poll_main(void *arg)
@@ -1243,6 +1397,7 @@ static void *poll_main(void *arg)
             src->checkpoint(src->checkpoint_ctx, src);
         rd_kafka_message_t *m = rd_kafka_consumer_poll(src->rk, POLL_TIMEOUT_MS);
         int64_t now = wall_ms();
+        seek_ends(src, now);
         if (m == NULL) {
             if (src->dirty || now - src->last_publish_ms >= every)
                 publish(src, now);

@@ -20,7 +20,9 @@
  * assigned, so one revoked meanwhile keeps its new owner's commit;
  * partitions lost while the topic's partition count was unknown (its
  * metadata failing) have their entities and positions dropped once an
- * assignment knows it.
+ * assignment knows it; an assignment whose end offsets cannot be looked
+ * up (that same failing metadata) is made at once but not caught up until
+ * they are.
  *
  * Waits poll tly_source_stats with a deadline (TLY_TEST_TIMEOUT_MULT
  * stretches it under sanitizers, and the injected delays with it); the only
@@ -1689,13 +1691,32 @@ static void await_rebalanced(tly_source_t *src, uint64_t since, uint64_t more, s
     }
 }
 
+/* Waits until src holds `want` partitions and knows the end offset of
+ * each (it looks them up just after an assignment); fills *st and parts. */
+static void await_ends(tly_source_t *src, size_t want, tly_source_stats_t *st,
+                       tly_partition_stat_t parts[NPARTS])
+{
+    int64_t deadline = deadline_after(DEADLINE_S);
+    for (;;) {
+        tly_source_stats(src, st, parts, NPARTS);
+        bool known = st->npartitions == want;
+        for (size_t i = 0; known && i < want; i++)
+            known = parts[i].high >= 0;
+        if (known)
+            return;
+        if (mono_ms() > deadline)
+            fail_msg("%zu partitions, want %zu, not every end offset known", st->npartitions, want);
+        pause_10ms();
+    }
+}
+
 /* A partition assigned again, which received messages while it was away,
  * is behind until they are applied, even while librdkafka's cached end
  * offset (from its last fetch here) still says it is at the end: queries
  * get -LOADING. The consumer fetches from a follower (KIP-392) whose
  * answers the mock delays, while the leaders, on other brokers (other
- * connections), answer the source's end offset lookup at the assignment
- * at once. */
+ * connections), answer the source's end offset lookup, just after the
+ * assignment, at once. */
 static void
 test_partition_assigned_again_is_behind_until_what_arrived_meanwhile_is_applied(void **state)
 {
@@ -1759,10 +1780,11 @@ test_partition_assigned_again_is_behind_until_what_arrived_meanwhile_is_applied(
 
     /* Assigned again: behind, though the first fetch has not answered. */
     await_rebalanced(fx.src, since, 2, NPARTS, &st, parts);
+    await_ends(fx.src, NPARTS, &st, parts);
     tly_source_stats_t now;
     tly_source_stats(fx.src, &now, NULL, 0);
     if (now.applied != OLD)
-        fail_msg("the first fetch (delayed %d ms) answered before the assignment was seen",
+        fail_msg("the first fetch (delayed %d ms) answered before the ends were known",
                  fetch_delay_ms);
     assert_false(st.ready);
     assert_int_equal(st.lag, NEW);
@@ -2042,13 +2064,37 @@ static void await_owned(tly_source_t *src, int32_t nparts, size_t want, bool own
         owned[list[i]] = true;
 }
 
+/* Checks the route src's router gives every user who has events: here (-1)
+ * for the partitions held, the partition (moved) for the others. */
+static void assert_routes(tly_source_t *src, const bool held[NPARTS], const int64_t *events_of,
+                          const int32_t *partition_of)
+{
+    for (uint64_t u = 1; u <= N_USERS; u++) {
+        if (events_of[u] == 0)
+            continue;
+        char id[24], owner[TLY_SHARD_ADDR_MAX];
+        int klen = snprintf(id, sizeof id, "%" PRIu64, u);
+        int32_t want = held[partition_of[u]] ? -1 : partition_of[u];
+        int32_t got = tly_shard_route(tly_source_shard(src), id, (size_t)klen, owner, sizeof owner);
+        if (got != want)
+            fail_msg("user %" PRIu64 " of partition %" PRId32 " (%s here): route says %" PRId32
+                     ", want %" PRId32,
+                     u, partition_of[u], held[partition_of[u]] ? "held" : "lost", got, want);
+    }
+}
+
 /* Shard mode: partitions lost at an assignment made while the topic's
  * partition count was unknown (its metadata failed) are dropped, entities
  * and positions, at the next assignment that knows the count. Meanwhile the
  * router keeps the count it knew (a topic's partition count never shrinks
  * and shard mode refuses counts that differ): ids of the lost partitions,
  * whose entities are still held, are moved, not answered here from state
- * that no longer follows their partitions. */
+ * that no longer follows their partitions, also once the metadata is back
+ * and the instance serves queries again. While the metadata fails, the
+ * end offsets of the partitions assigned cannot be looked up: the
+ * assignment is made at once (the rebalance callback does not wait for
+ * them) but is not caught up, so queries get -LOADING, until they are
+ * looked up again. */
 static void
 test_partitions_lost_while_the_count_is_unknown_are_dropped_once_it_is_known(void **state)
 {
@@ -2092,42 +2138,38 @@ test_partitions_lost_while_the_count_is_unknown_are_dropped_once_it_is_known(voi
     /* B joins. While the coordinator waits for A to join again, the
      * topic's metadata starts failing: A gets half the partitions (the
      * group's assignor still knows the topic) without knowing how many
-     * there are, and loses the other half. */
+     * there are, and loses the other half. Nothing new arrives meanwhile,
+     * so only the end offset lookups could tell A it is caught up. */
     uint64_t since = st.rebalances;
     fixture_init_yaml(&b, yaml);
     start_source(&b);
     await_rebalanced(a.src, since, 1, 0, &st, NULL);
     rd_kafka_mock_topic_set_error(c.mock, TOPIC, RD_KAFKA_RESP_ERR_LEADER_NOT_AVAILABLE);
     bool held_unknown[NPARTS], held[NPARTS];
-    await_assigned(a.src, NPARTS / 2, pa, &st); /* and serving queries */
+    await_rebalanced(a.src, since, 2, NPARTS / 2, &st, pa);
+    for (size_t i = 0; i < NPARTS / 2; i++)
+        assert_int_equal(pa[i].high, -1); /* its end is not known */
+    assert_false(tly_source_ready(a.src));
     assert_int_equal(st.dropped_entities, 0);
     for (int p = 0; p < NPARTS; p++)
         held_unknown[p] = false;
     for (size_t i = 0; i < NPARTS / 2; i++)
         held_unknown[pa[i].partition] = true;
-    for (uint64_t u = 1; u <= N_USERS; u++) {
-        if (events_of[u] == 0)
-            continue;
-        char id[24], owner[TLY_SHARD_ADDR_MAX];
-        int klen = snprintf(id, sizeof id, "%" PRIu64, u);
-        int32_t want = held_unknown[partition_of[u]] ? -1 : partition_of[u];
-        int32_t got =
-            tly_shard_route(tly_source_shard(a.src), id, (size_t)klen, owner, sizeof owner);
-        if (got != want)
-            fail_msg("user %" PRIu64 " of partition %" PRId32 " (%s here): route says %" PRId32
-                     ", want %" PRId32,
-                     u, partition_of[u], held_unknown[partition_of[u]] ? "held" : "lost", got,
-                     want);
-    }
+    assert_routes(a.src, held_unknown, events_of, partition_of);
     await_owned(a.src, NPARTS, NPARTS / 2, held);
     for (int p = 0; p < NPARTS; p++)
         assert_int_equal(held[p], held_unknown[p]);
+
+    /* The metadata is back: A looks the ends up again and serves queries,
+     * with no rebalance, so the count is still unknown to its assignment. */
+    rd_kafka_mock_topic_set_error(c.mock, TOPIC, RD_KAFKA_RESP_ERR_NO_ERROR);
+    await_assigned(a.src, NPARTS / 2, pa, &st); /* and serving queries */
+    assert_routes(a.src, held_unknown, events_of, partition_of);
     since = st.rebalances;
 
-    /* The metadata is back; a rebalance (a heartbeat answered "rebalance in
-     * progress") gives A the same half, now knowing the count: the
-     * partitions it lost while the count was unknown are dropped. */
-    rd_kafka_mock_topic_set_error(c.mock, TOPIC, RD_KAFKA_RESP_ERR_NO_ERROR);
+    /* A rebalance (a heartbeat answered "rebalance in progress") gives A
+     * the same half, now knowing the count: the partitions it lost while
+     * the count was unknown are dropped. */
     rd_kafka_mock_push_request_errors(c.mock, API_HEARTBEAT, 1,
                                       RD_KAFKA_RESP_ERR_REBALANCE_IN_PROGRESS);
     await_rebalanced(a.src, since, 2, NPARTS / 2, &st, NULL); /* revoked, assigned */
