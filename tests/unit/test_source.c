@@ -2064,6 +2064,50 @@ static void await_owned(tly_source_t *src, int32_t nparts, size_t want, bool own
         owned[list[i]] = true;
 }
 
+/* Waits until a and b hold half the partitions each: the group settled
+ * (a member that missed a round, see await_halves_in_one_round, joins
+ * again, and the other member with it). Fills *st with a's stats. */
+static void await_halves(tly_source_t *a, tly_source_t *b, tly_source_stats_t *st)
+{
+    int64_t deadline = deadline_after(3 * DEADLINE_S);
+    for (;;) {
+        tly_source_stats_t sb;
+        tly_source_stats(b, &sb, NULL, 0);
+        tly_source_stats(a, st, NULL, 0);
+        if (st->npartitions == NPARTS / 2 && sb.npartitions == NPARTS / 2)
+            return;
+        if (mono_ms() > deadline)
+            fail_msg("%zu and %zu partitions, want %d each", st->npartitions, sb.npartitions,
+                     NPARTS / 2);
+        pause_10ms();
+    }
+}
+
+/* After b joined and a was revoked (`since` counted a's rebalances
+ * before): waits until the round that follows gave a and b half the
+ * partitions each, and returns true; false when that took more than the
+ * one round. librdkafka 2.0.2's mock cluster ends a round's sync with the
+ * leader's SyncGroup and answers one that comes after it (a follower's,
+ * late by a millisecond on a loaded host) "invalid request", where a broker
+ * answers it with the member's assignment: that member joins again, and
+ * the other one with it. Fills *st and parts with a's. */
+static bool await_halves_in_one_round(tly_source_t *a, tly_source_t *b, uint64_t since,
+                                      tly_source_stats_t *st, tly_partition_stat_t parts[NPARTS])
+{
+    int64_t deadline = deadline_after(3 * DEADLINE_S);
+    for (;;) {
+        tly_source_stats_t sb;
+        tly_source_stats(b, &sb, NULL, 0);
+        tly_source_stats(a, st, parts, NPARTS);
+        if (st->rebalances > since + 2 || mono_ms() > deadline)
+            return false;
+        if (st->rebalances == since + 2 && st->npartitions == NPARTS / 2 &&
+            sb.npartitions == NPARTS / 2)
+            return true;
+        pause_10ms();
+    }
+}
+
 /* Checks the route src's router gives every user who has events: here (-1)
  * for the partitions held, the partition (moved) for the others. */
 static void assert_routes(tly_source_t *src, const bool held[NPARTS], const int64_t *events_of,
@@ -2139,18 +2183,35 @@ test_partitions_lost_while_the_count_is_unknown_are_dropped_once_it_is_known(voi
      * topic's metadata starts failing: A gets half the partitions (the
      * group's assignor still knows the topic) without knowing how many
      * there are, and loses the other half. Nothing new arrives meanwhile,
-     * so only the end offset lookups could tell A it is caught up. */
-    uint64_t since = st.rebalances;
-    fixture_init_yaml(&b, yaml);
-    start_source(&b);
-    await_rebalanced(a.src, since, 1, 0, &st, NULL);
-    rd_kafka_mock_topic_set_error(c.mock, TOPIC, RD_KAFKA_RESP_ERR_LEADER_NOT_AVAILABLE);
+     * so only the end offset lookups could tell A it is caught up. That
+     * takes the round to go through once: in a second one, made while the
+     * metadata fails, a member whose metadata no longer shows the topic
+     * joins without it (librdkafka: "Subscribed topic not available") and
+     * gets none of its partitions. If it did not, B leaves, the metadata
+     * comes back, A holds every partition again, and B joins anew. */
     bool held_unknown[NPARTS], held[NPARTS];
-    await_rebalanced(a.src, since, 2, NPARTS / 2, &st, pa);
+    uint64_t dropped_before;
+    for (int attempt = 1;; attempt++) {
+        uint64_t since = st.rebalances;
+        dropped_before = st.dropped_entities;
+        fixture_init_yaml(&b, yaml);
+        start_source(&b);
+        await_rebalanced(a.src, since, 1, 0, &st, NULL);
+        rd_kafka_mock_topic_set_error(c.mock, TOPIC, RD_KAFKA_RESP_ERR_LEADER_NOT_AVAILABLE);
+        if (await_halves_in_one_round(a.src, b.src, since, &st, pa))
+            break;
+        if (attempt == 3)
+            fail_msg("B's joining took more than one round %d times", attempt);
+        print_message("B's joining took more than one round; again\n");
+        fixture_fini(&b);
+        rd_kafka_mock_topic_set_error(c.mock, TOPIC, RD_KAFKA_RESP_ERR_NO_ERROR);
+        await_assigned(a.src, NPARTS, pa, &st);
+    }
     for (size_t i = 0; i < NPARTS / 2; i++)
         assert_int_equal(pa[i].high, -1); /* its end is not known */
     assert_false(tly_source_ready(a.src));
-    assert_int_equal(st.dropped_entities, 0);
+    if (st.dropped_entities != dropped_before)
+        fail_msg("A was assigned before the metadata failed");
     for (int p = 0; p < NPARTS; p++)
         held_unknown[p] = false;
     for (size_t i = 0; i < NPARTS / 2; i++)
@@ -2165,7 +2226,7 @@ test_partitions_lost_while_the_count_is_unknown_are_dropped_once_it_is_known(voi
     rd_kafka_mock_topic_set_error(c.mock, TOPIC, RD_KAFKA_RESP_ERR_NO_ERROR);
     await_assigned(a.src, NPARTS / 2, pa, &st); /* and serving queries */
     assert_routes(a.src, held_unknown, events_of, partition_of);
-    since = st.rebalances;
+    uint64_t since = st.rebalances;
 
     /* A rebalance (a heartbeat answered "rebalance in progress") gives A
      * the same half, now knowing the count: the partitions it lost while
@@ -2173,6 +2234,7 @@ test_partitions_lost_while_the_count_is_unknown_are_dropped_once_it_is_known(voi
     rd_kafka_mock_push_request_errors(c.mock, API_HEARTBEAT, 1,
                                       RD_KAFKA_RESP_ERR_REBALANCE_IN_PROGRESS);
     await_rebalanced(a.src, since, 2, NPARTS / 2, &st, NULL); /* revoked, assigned */
+    await_halves(a.src, b.src, &st);
     await_owned(a.src, NPARTS, NPARTS / 2, held);
     await_assigned(a.src, NPARTS / 2, pa, &st);
     for (int p = 0; p < NPARTS; p++)
@@ -2181,10 +2243,10 @@ test_partitions_lost_while_the_count_is_unknown_are_dropped_once_it_is_known(voi
     for (uint64_t u = 1; u <= N_USERS; u++)
         dropped += events_of[u] > 0 && !held[partition_of[u]];
     assert_true(dropped > 0);
-    if (st.dropped_entities != dropped)
+    if (st.dropped_entities - dropped_before != dropped)
         fail_msg("%" PRIu64 " entities dropped, not the %" PRIu64
                  " of the partitions lost while the count was unknown",
-                 st.dropped_entities, dropped);
+                 st.dropped_entities - dropped_before, dropped);
     tly_source_halt(a.src);
     for (uint64_t u = 1; u <= N_USERS; u++)
         assert_int_equal(read_int(&a, "user", u, "events:1h"),
