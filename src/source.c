@@ -622,7 +622,10 @@ static int32_t shard_partition_count(tly_source_t *src)
                                       : rd_kafka_last_error();
         int32_t n = -1;
         if (md != NULL) {
-            if (err == RD_KAFKA_RESP_ERR_NO_ERROR && md->topic_cnt == 1 && !md->topics[0].err)
+            /* the topic's own error, if any, names the failure */
+            if (err == RD_KAFKA_RESP_ERR_NO_ERROR)
+                err = md->topic_cnt == 1 ? md->topics[0].err : RD_KAFKA_RESP_ERR__UNKNOWN_TOPIC;
+            if (err == RD_KAFKA_RESP_ERR_NO_ERROR)
                 n = md->topics[0].partition_cnt;
             rd_kafka_metadata_destroy(md);
         }
