@@ -798,9 +798,14 @@ static void assign(tly_source_t *src, rd_kafka_topic_partition_list_t *parts)
     learn_ends(src, ends);
     if (ends != NULL)
         rd_kafka_topic_partition_list_destroy(ends);
-    /* The others' ends: the nudger looks them up (seek_ends), at once. */
+    /* The others' ends: the nudger looks them up (seek_ends), at once.
+     * Without a nudger (it could not start) they would wait for a message:
+     * the cache is taken, as an embedded source does. */
+    for (size_t i = 0; i < src->nparts && !src->nudger_started; i++)
+        if (src->parts[i].assigned && src->parts[i].high_min == ENDS_UNKNOWN)
+            src->parts[i].high_min = -1;
     src->assign_gen++;
-    src->ends_wanted = !src->embedded;
+    src->ends_wanted = !src->embedded && src->nudger_started;
     src->ends_next_ms = 0;
     src->ends_backoff_ms = ENDS_RETRY_MS;
     /* Queries wait (-LOADING) until the new partitions catch up. */
