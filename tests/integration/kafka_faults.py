@@ -491,12 +491,18 @@ def scenario(data, index, fault, properties, parent_tmp):
         # Every message applied or rejected: done. More than produced is a
         # duplicate — also done waiting, and the checks below say so.
         # (The partition table INFO shows is republished within a second.)
+        # And tallyd serves queries (loading:0): after the assignment a
+        # fault brought back, the partitions' end offsets are looked up
+        # beside the consumption, and the last message can be applied
+        # before the last end is known.
         info = wait_info(run, lambda i: (num(i, "events_applied") + num(i, "events_rejected")
                                          >= data.produced
                                          and num(i, "messages_consumed") >= data.produced
                                          and sum(p for p, _ in positions(i).values())
-                                         >= data.produced),
-                         f"all {data.produced} messages to be applied or rejected", seconds=60)
+                                         >= data.produced
+                                         and i.get("loading", "0") == "0"),
+                         f"all {data.produced} messages to be applied or rejected, and "
+                         f"tallyd to serve queries", seconds=60)
         ingested_ms = int(time.time() * 1000)
         m = Mismatches()
         check_info(run, info, m, "after ingest")
