@@ -1545,10 +1545,16 @@ void tly_command_exec(tly_daemon_t *d, tly_session_t *s, tly_cmd_scratch_t *scra
                             "LOADING tallyd is catching up with Kafka (lag %" PRId64
                             " messages); retry, or CLIENT STALE ON to read anyway",
                             st.lag);
-        else
+        else if (st.npartitions == 0)
             tly_resp_error(out, "LOADING tallyd is catching up with Kafka (lag not known yet: "
                                 "no partitions assigned); retry, or CLIENT STALE ON to read "
                                 "anyway");
+        else
+            tly_resp_errorf(out,
+                            "LOADING tallyd is catching up with Kafka (lag not known yet: "
+                            "%zu partitions assigned, their end offsets not looked up yet); "
+                            "retry, or CLIENT STALE ON to read anyway",
+                            st.npartitions);
         return;
     }
     cmd_ctx_t c = {d, s, scratch, argv, argc, out, now_ms};

@@ -2210,6 +2210,28 @@ test_partitions_lost_while_the_count_is_unknown_are_dropped_once_it_is_known(voi
     for (size_t i = 0; i < NPARTS / 2; i++)
         assert_int_equal(pa[i].high, -1); /* its end is not known */
     assert_false(tly_source_ready(a.src));
+    {
+        /* A query says why: partitions are assigned, their ends unknown */
+        tly_daemon_t d;
+        memset(&d, 0, sizeof d);
+        d.cfg = a.cfg;
+        d.fs = a.fs;
+        d.store = a.store;
+        d.source = a.src;
+        tly_session_t s;
+        tly_session_init(&s, &d);
+        tly_cmd_scratch_t *sc = tly_cmd_scratch_new();
+        tly_buf_t out = {0};
+        char want[256];
+        snprintf(want, sizeof want,
+                 "-LOADING tallyd is catching up with Kafka (lag not known yet: %d partitions "
+                 "assigned, their end offsets not looked up yet); retry, or CLIENT STALE ON to "
+                 "read anyway\r\n",
+                 NPARTS / 2);
+        assert_string_equal(run(&d, &s, sc, &out, "FEATURES user 7 events:1h"), want);
+        tly_buf_fini(&out);
+        tly_cmd_scratch_free(sc);
+    }
     if (st.dropped_entities != dropped_before)
         fail_msg("A was assigned before the metadata failed");
     for (int p = 0; p < NPARTS; p++)
