@@ -69,6 +69,7 @@ struct tly_snapshotter {
     int64_t next_due_ms;
     uint64_t last_messages;   /* source messages at the last snapshot */
     uint64_t last_rebalances; /* and assignment changes */
+    uint64_t last_positions;  /* and positions (positions_hash) */
 
     /* the writer child's error sentence: a shared anonymous mapping, read
      * by the parent after the child exited */
@@ -473,6 +474,23 @@ static void reap(tly_snapshotter_t *sn, tly_source_t *src, bool wait)
     sn->last_messages = UINT64_MAX; /* the next period tries again, new messages or not */
 }
 
+/* FNV-1a over the positions' topics, partitions and offsets: tells
+ * whether any moved since the last snapshot. */
+static uint64_t positions_hash(const tly_position_t *pos, size_t n)
+{
+    uint64_t h = UINT64_C(0xcbf29ce484222325);
+    for (size_t i = 0; i < n; i++) {
+        int64_t nums[2] = {pos[i].partition, pos[i].offset};
+        const unsigned char *b = (const unsigned char *)nums;
+        for (const char *t = pos[i].topic; *t != '\0'; t++)
+            h = (h ^ (unsigned char)*t) * UINT64_C(0x100000001b3);
+        h = (h ^ 0xff) * UINT64_C(0x100000001b3); /* the topic's end */
+        for (size_t k = 0; k < sizeof nums; k++)
+            h = (h ^ b[k]) * UINT64_C(0x100000001b3);
+    }
+    return h;
+}
+
 /* The poll thread's hook: reaps a finished writer, starts a due one. */
 static void checkpoint(void *ctx, tly_source_t *src)
 {
@@ -486,18 +504,27 @@ static void checkpoint(void *ctx, tly_source_t *src)
         return; /* rebuilt features still below the restored position */
     tly_source_stats_t st;
     tly_source_stats(src, &st, NULL, 0);
-    if (st.messages == sn->last_messages && st.rebalances == sn->last_rebalances &&
-        sn->st.written > 0)
-        return; /* nothing new since the last one (an assignment change is new: the
-                   partitions lost are gone from the state and the positions) */
     size_t n = tly_source_positions(src, NULL, 0);
     if (n > MAX_POSITIONS)
         n = MAX_POSITIONS;
+    tly_position_t *pos = xmalloc((n ? n : 1) * sizeof *pos);
+    size_t npos = tly_source_positions(src, pos, n);
+    if (npos > n)
+        npos = n;
+    uint64_t ph = positions_hash(pos, npos);
+    /* Nothing new since the last one: no message, no assignment change (the
+     * partitions lost are gone from the state and the positions), and no
+     * position moved without a message (past transaction markers or an
+     * aborted transaction: the state is the same, but only a snapshot
+     * commits the new position, and lag tools would show the old one). */
+    if (st.messages == sn->last_messages && st.rebalances == sn->last_rebalances &&
+        ph == sn->last_positions && sn->st.written > 0) {
+        free(pos);
+        return;
+    }
     free(sn->pending);
-    sn->pending = xmalloc(n * sizeof *sn->pending);
-    sn->npending = tly_source_positions(src, sn->pending, n);
-    if (sn->npending > n)
-        sn->npending = n;
+    sn->pending = pos;
+    sn->npending = npos;
     sn->child_created_ms = now;
     sn->child_started_ms = now;
     if (sn->child_err != NULL)
@@ -517,6 +544,7 @@ static void checkpoint(void *ctx, tly_source_t *src)
     sn->child = pid;
     sn->last_messages = st.messages;
     sn->last_rebalances = st.rebalances;
+    sn->last_positions = ph;
     pthread_mutex_lock(&sn->mu);
     sn->st.in_progress = true;
     sn->st.last_pause_us = pause;

@@ -28,7 +28,10 @@ every partition line position == high == the broker's high watermark,
 loading 0, META's lag 0, and the group's committed offsets at the ends too.
 Instance S (snapshots on) catches up and stops with SIGTERM; its restart
 resumes every partition at that end from the final snapshot, consumes
-nothing and is ready.
+nothing and is ready. Last, instance V (snapshots every second) catches up
+and commits the ends; an aborted transaction then moves the ends without a
+message to consume, and a snapshot must still follow that commits the new
+ends.
 
 Run: build/venv/bin/python tests/integration/kafka_replica.py (a broker from
 TLY_KAFKA_BOOTSTRAP, else one started for this run; see kafka_common.py).
@@ -328,6 +331,58 @@ def t_txn_resumes_at_ends_from_snapshot(x):
         t.close()
 
 
+def t_txn_snapshot_commits_ends_moved_without_messages(x):
+    """With snapshots on, offsets are committed only as a snapshot covers
+    them. An aborted transaction moves every partition it touched past its
+    records and abort marker, and none of them is a message tallyd receives
+    (read_committed): a snapshot must still follow, so the group's committed
+    offsets reach the new ends, not stay where the last message left them."""
+    path, cfg, port = txn_config(x, "tallyd-txn-every", snapshots=True)
+    group = f"tly-txn-every-{K.RUN_ID}"
+    cfg["kafka"]["group"] = group
+    cfg["snapshot"]["every"] = "1s"
+    cfg["snapshot"]["dir"] = str(Path(x.tmp) / "snapshots-every")
+    with open(path, "w") as f:
+        K.yaml.safe_dump(cfg, f, sort_keys=False)
+    keys = [(x.topic, p) for p in range(TXN_PARTITIONS)]
+
+    def wait_committed(want, what):
+        end = H.deadline(30)
+        while True:
+            offs = {p: off for (_, p), off in K.committed(x.bootstrap, group, keys).items()}
+            if offs == want:
+                return
+            if time.monotonic() > end:
+                raise H.Failure(f"{what}: committed offsets of group {group}: {offs}, want "
+                                f"{want}:\n" + t.log_tail())
+            time.sleep(0.2)  # snapshots are periodic; poll with a deadline
+
+    t = K.Tallyd(path, port, x.tmp, name="tallyd-txn-every")
+    try:
+        wait_consumed(t, x.produced)
+        info, ok = wait_at_ends(x, t)
+        if not ok:
+            raise H.Failure("before the aborted transaction: " + describe_position(info, x))
+        wait_committed(x.highs, "before the aborted transaction")
+        ev, lines, _, _ = E.generate(x.asof, nevents=300, seed=E.SEED + 505)
+        K.produce_transactions(x.bootstrap, x.topic,
+                               [(K.records(ev, lines, x.asof - E.HOUR), False)])
+        highs = K.end_offsets(x.bootstrap, x.topic, TXN_PARTITIONS)
+        if highs == x.highs:
+            raise RuntimeError(f"the aborted transaction left the ends at {highs}")
+        wait_committed(highs, "after the aborted transaction")
+        cli = t.client()
+        try:
+            consumed = cli.info().get("messages_consumed")
+        finally:
+            cli.close()
+        if consumed != str(x.produced):
+            raise H.Failure(f"INFO messages_consumed={consumed}, want {x.produced}: an "
+                            f"aborted record was delivered")
+    finally:
+        t.close()
+
+
 def run_txn(suite):
     try:
         x = setup_txn()
@@ -341,6 +396,9 @@ def run_txn(suite):
     K.close_ctxs(suite, [("txn", x.c)])
     suite.run("txn_restart_from_snapshot_resumes_at_the_ends", t_txn_resumes_at_ends_from_snapshot,
               x)
+    # last: it moves the topic's ends
+    suite.run("txn_snapshots_commit_ends_an_aborted_transaction_moved",
+              t_txn_snapshot_commits_ends_moved_without_messages, x)
     return x
 
 
