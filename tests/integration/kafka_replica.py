@@ -288,19 +288,26 @@ def t_txn_applies_committed_only(x):
     m.done()
 
 
-def t_txn_commits_ends(x):
-    """The group's committed offsets (for lag tools) reach the ends past the
-    markers too, not the last message + 1."""
+def wait_committed(x, group, want, what):
+    """Polls the committed offsets of group on the transactional topic until
+    they equal want ({partition: offset}); H.Failure, saying `what`, at the
+    deadline (commits are periodic)."""
     keys = [(x.topic, p) for p in range(TXN_PARTITIONS)]
     end = H.deadline(30)
     while True:
-        offs = {p: off for (_, p), off in K.committed(x.bootstrap, x.group, keys).items()}
-        if offs == x.highs:
+        offs = {p: off for (_, p), off in K.committed(x.bootstrap, group, keys).items()}
+        if offs == want:
             return
         if time.monotonic() > end:
-            raise H.Failure(f"committed offsets of group {x.group}: {offs}, want the ends "
-                            f"{x.highs} (committed messages per partition: {x.per_part})")
+            raise H.Failure(f"{what}: committed offsets of group {group}: {offs}, want {want}")
         time.sleep(0.2)  # commits are periodic; poll with a deadline
+
+
+def t_txn_commits_ends(x):
+    """The group's committed offsets (for lag tools) reach the ends past the
+    markers too, not the last message + 1."""
+    wait_committed(x, x.group, x.highs,
+                   f"the ends (committed messages per partition: {x.per_part})")
 
 
 def t_txn_resumes_at_ends_from_snapshot(x):
@@ -344,33 +351,20 @@ def t_txn_snapshot_commits_ends_moved_without_messages(x):
     cfg["snapshot"]["dir"] = str(Path(x.tmp) / "snapshots-every")
     with open(path, "w") as f:
         K.yaml.safe_dump(cfg, f, sort_keys=False)
-    keys = [(x.topic, p) for p in range(TXN_PARTITIONS)]
-
-    def wait_committed(want, what):
-        end = H.deadline(30)
-        while True:
-            offs = {p: off for (_, p), off in K.committed(x.bootstrap, group, keys).items()}
-            if offs == want:
-                return
-            if time.monotonic() > end:
-                raise H.Failure(f"{what}: committed offsets of group {group}: {offs}, want "
-                                f"{want}:\n" + t.log_tail())
-            time.sleep(0.2)  # snapshots are periodic; poll with a deadline
-
     t = K.Tallyd(path, port, x.tmp, name="tallyd-txn-every")
     try:
         wait_consumed(t, x.produced)
         info, ok = wait_at_ends(x, t)
         if not ok:
             raise H.Failure("before the aborted transaction: " + describe_position(info, x))
-        wait_committed(x.highs, "before the aborted transaction")
+        wait_committed(x, group, x.highs, "before the aborted transaction")
         ev, lines, _, _ = E.generate(x.asof, nevents=300, seed=E.SEED + 505)
         K.produce_transactions(x.bootstrap, x.topic,
                                [(K.records(ev, lines, x.asof - E.HOUR), False)])
         highs = K.end_offsets(x.bootstrap, x.topic, TXN_PARTITIONS)
         if highs == x.highs:
             raise RuntimeError(f"the aborted transaction left the ends at {highs}")
-        wait_committed(highs, "after the aborted transaction")
+        wait_committed(x, group, highs, "after the aborted transaction")
         cli = t.client()
         try:
             consumed = cli.info().get("messages_consumed")

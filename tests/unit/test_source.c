@@ -1471,6 +1471,16 @@ static void test_out_of_range_position_is_reset_counted_and_nothing_is_lost(void
     tly_rcu_thread_offline();
 }
 
+/* A daemon around fx's source, store and config, for running commands. */
+static void daemon_of(const fixture_t *fx, tly_daemon_t *d)
+{
+    memset(d, 0, sizeof *d);
+    d->cfg = fx->cfg;
+    d->fs = fx->fs;
+    d->store = fx->store;
+    d->source = fx->src;
+}
+
 /* Runs one command (space-separated words) against d; returns the reply
  * (valid until the next call). */
 static const char *run(tly_daemon_t *d, tly_session_t *s, tly_cmd_scratch_t *sc, tly_buf_t *out,
@@ -1517,11 +1527,7 @@ static void test_queries_get_loading_until_caught_up_unless_stale_is_on(void **s
     flush_producer(prod);
 
     tly_daemon_t d;
-    memset(&d, 0, sizeof d);
-    d.cfg = fx.cfg;
-    d.fs = fx.fs;
-    d.store = fx.store;
-    d.source = fx.src;
+    daemon_of(&fx, &d);
     tly_session_t s;
     tly_session_init(&s, &d);
     tly_cmd_scratch_t *sc = tly_cmd_scratch_new();
@@ -2213,11 +2219,7 @@ test_partitions_lost_while_the_count_is_unknown_are_dropped_once_it_is_known(voi
     {
         /* A query says why: partitions are assigned, their ends unknown */
         tly_daemon_t d;
-        memset(&d, 0, sizeof d);
-        d.cfg = a.cfg;
-        d.fs = a.fs;
-        d.store = a.store;
-        d.source = a.src;
+        daemon_of(&a, &d);
         tly_session_t s;
         tly_session_init(&s, &d);
         tly_cmd_scratch_t *sc = tly_cmd_scratch_new();
