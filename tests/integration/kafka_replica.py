@@ -310,18 +310,28 @@ def t_txn_commits_ends(x):
                    f"the ends (committed messages per partition: {x.per_part})")
 
 
-def t_txn_resumes_at_ends_from_snapshot(x):
-    """A snapshot taken at the ends resumes there: the restart consumes
-    nothing and is ready at once, every partition at its end."""
-    path, cfg, port = txn_config(x, "tallyd-txn-snap", snapshots=True)
-    t = K.Tallyd(path, port, x.tmp, name="tallyd-txn-snap")
+def start_at_ends(x, path, port, name, what):
+    """Starts a tallyd on the transactional topic and waits until it consumed
+    every committed message and stands at the ends; closes it and raises
+    H.Failure, saying `what`, if it does not."""
+    t = K.Tallyd(path, port, x.tmp, name=name)
     try:
         wait_consumed(t, x.produced)
         info, ok = wait_at_ends(x, t)
         if not ok:
-            raise H.Failure("before the restart: " + describe_position(info, x))
-    finally:
-        rc = t.close()
+            raise H.Failure(f"{what}: " + describe_position(info, x))
+    except BaseException:
+        t.close()
+        raise
+    return t
+
+
+def t_txn_resumes_at_ends_from_snapshot(x):
+    """A snapshot taken at the ends resumes there: the restart consumes
+    nothing and is ready at once, every partition at its end."""
+    path, cfg, port = txn_config(x, "tallyd-txn-snap", snapshots=True)
+    t = start_at_ends(x, path, port, "tallyd-txn-snap", "before the restart")
+    rc = t.close()
     if rc != 0:
         raise H.Failure(f"tallyd exited {rc} on SIGTERM:\n" + t.log_tail())
     t = K.Tallyd(path, port, x.tmp, name="tallyd-txn-snap2")
@@ -351,12 +361,8 @@ def t_txn_snapshot_commits_ends_moved_without_messages(x):
     cfg["snapshot"]["dir"] = str(Path(x.tmp) / "snapshots-every")
     with open(path, "w") as f:
         K.yaml.safe_dump(cfg, f, sort_keys=False)
-    t = K.Tallyd(path, port, x.tmp, name="tallyd-txn-every")
+    t = start_at_ends(x, path, port, "tallyd-txn-every", "before the aborted transaction")
     try:
-        wait_consumed(t, x.produced)
-        info, ok = wait_at_ends(x, t)
-        if not ok:
-            raise H.Failure("before the aborted transaction: " + describe_position(info, x))
         wait_committed(x, group, x.highs, "before the aborted transaction")
         ev, lines, _, _ = E.generate(x.asof, nevents=300, seed=E.SEED + 505)
         K.produce_transactions(x.bootstrap, x.topic,
