@@ -144,16 +144,6 @@ struct tly_apply {
     atomic_uint_fast64_t redecoded; /* by every applier (redo); any applier adds */
 };
 
-static void *xrealloc(void *p, size_t n)
-{
-    void *q = realloc(p, n);
-    if (q == NULL) {
-        tly_error("apply: out of memory (%zu bytes)", n);
-        abort();
-    }
-    return q;
-}
-
 /* Shard mode: an event must arrive on the partition of its key entity's
  * id, or its owner would never see it (EV_MISROUTED: the producer did not
  * key by the id, or used another partitioner). An event without that id is
@@ -513,7 +503,7 @@ void tly_apply_stats(const tly_apply_t *ap, tly_apply_stats_t *st)
 tly_apply_t *tly_apply_new(const tly_featset_t *fs, tly_store_t *store, const tly_shard_t *shard,
                            size_t nthreads)
 {
-    tly_apply_t *ap = xrealloc(NULL, sizeof *ap);
+    tly_apply_t *ap = tly_xrealloc(NULL, sizeof *ap);
     *ap = (tly_apply_t){.fs = fs, .store = store, .shard = shard};
     atomic_init(&ap->alone, 0);
     atomic_init(&ap->bypart, 0);
@@ -529,12 +519,12 @@ tly_apply_t *tly_apply_new(const tly_featset_t *fs, tly_store_t *store, const tl
     ap->nappliers = nthreads < 1                       ? 1
                     : nthreads > TLY_APPLY_THREADS_MAX ? TLY_APPLY_THREADS_MAX
                                                        : nthreads;
-    ap->appliers = xrealloc(NULL, ap->nappliers * sizeof *ap->appliers);
+    ap->appliers = tly_xrealloc(NULL, ap->nappliers * sizeof *ap->appliers);
     for (size_t k = 0; k < ap->nappliers; k++) {
         applier_t *a = &ap->appliers[k];
         *a = (applier_t){.ap = ap, .share = (uint32_t)k, .nshares = 1};
-        a->idx = xrealloc(NULL, TLY_APPLY_BATCH_MAX * sizeof *a->idx);
-        a->decs = xrealloc(NULL, (AHEAD + 1) * ap->ndecs * sizeof *a->decs);
+        a->idx = tly_xrealloc(NULL, TLY_APPLY_BATCH_MAX * sizeof *a->idx);
+        a->decs = tly_xrealloc(NULL, (AHEAD + 1) * ap->ndecs * sizeof *a->decs);
         for (size_t r = 0; r <= AHEAD; r++) {
             tly_decoder_t **set = &a->decs[r * ap->ndecs];
             for (size_t t = 0; t < fs->ntopics; t++)
@@ -542,12 +532,12 @@ tly_apply_t *tly_apply_new(const tly_featset_t *fs, tly_store_t *store, const tl
             set[fs->ntopics] = tly_decoder_new(fs);
         }
     }
-    ap->by_part = xrealloc(NULL, TLY_APPLY_BATCH_MAX * sizeof *ap->by_part);
+    ap->by_part = tly_xrealloc(NULL, TLY_APPLY_BATCH_MAX * sizeof *ap->by_part);
     ap->evsize = offsetof(tly_event_t, vals) + fs->nfields * sizeof(tly_value_t);
     ap->rec_size = (DECODED_HEAD + ap->evsize + 7) / 8 * 8;
     if (ap->nappliers > 1) {
-        ap->decoded = xrealloc(NULL, TLY_APPLY_BATCH_MAX * ap->rec_size);
-        ap->bytes = xrealloc(NULL, NCHUNKS * CHUNK_BYTES);
+        ap->decoded = tly_xrealloc(NULL, TLY_APPLY_BATCH_MAX * ap->rec_size);
+        ap->bytes = tly_xrealloc(NULL, NCHUNKS * CHUNK_BYTES);
     }
     return ap;
 }

@@ -38,6 +38,7 @@
 #include "tallyd/rcu.h"
 #include "tallyd/snapshot.h"
 #include "tallyd/version.h"
+#include "tallyd/log.h"
 
 #define STRBUF_INITIAL (64u << 10)
 #define ERRARG_MAX     128 /* bytes of an argument echoed in an error */
@@ -99,16 +100,6 @@ typedef struct {
     const cmd_arg_t *args; /* for COMMAND DOCS; NULL name ends them */
 } command_t;
 
-static void *xrealloc(void *p, size_t n)
-{
-    void *q = realloc(p, n);
-    if (q == NULL) {
-        fprintf(stderr, "tallyd: out of memory (%zu bytes)\n", n);
-        abort();
-    }
-    return q;
-}
-
 tly_cmd_scratch_t *tly_cmd_scratch_new(void)
 {
     tly_cmd_scratch_t *sc = calloc(1, sizeof *sc);
@@ -117,7 +108,7 @@ tly_cmd_scratch_t *tly_cmd_scratch_new(void)
         abort();
     }
     sc->strcap = STRBUF_INITIAL;
-    sc->strbuf = xrealloc(NULL, sc->strcap);
+    sc->strbuf = tly_xrealloc(NULL, sc->strcap);
     return sc;
 }
 
@@ -144,7 +135,7 @@ static void *reserve(void *arr, size_t *cap, size_t n, size_t elem)
     while (c < n)
         c *= 2;
     *cap = c;
-    return xrealloc(arr, c * elem);
+    return tly_xrealloc(arr, c * elem);
 }
 
 static void reserve_req(tly_cmd_scratch_t *sc, size_t n)
@@ -160,7 +151,7 @@ static void reserve_vals(tly_cmd_scratch_t *sc, size_t n)
 static void grow_strbuf(tly_cmd_scratch_t *sc)
 {
     sc->strcap *= 2;
-    sc->strbuf = xrealloc(sc->strbuf, sc->strcap);
+    sc->strbuf = tly_xrealloc(sc->strbuf, sc->strcap);
 }
 
 void tly_session_init(tly_session_t *s, const tly_daemon_t *d)
@@ -266,7 +257,7 @@ static bool add_spec(cmd_ctx_t *c, uint32_t entity, const tly_arg_t *spec, bool 
     tly_cmd_scratch_t *sc = c->scratch;
     reserve_req(sc, *n + nw);
     if (sc->askedcap < fs->nfeats) {
-        sc->asked = xrealloc(sc->asked, fs->nfeats * sizeof *sc->asked);
+        sc->asked = tly_xrealloc(sc->asked, fs->nfeats * sizeof *sc->asked);
         memset(sc->asked, 0, fs->nfeats * sizeof *sc->asked);
         sc->askedcap = fs->nfeats;
     }
@@ -631,7 +622,7 @@ static void cmd_recent(cmd_ctx_t *c)
         return;
     tly_cmd_scratch_t *sc = c->scratch;
     if (sc->itemcap < f->k) {
-        sc->items = xrealloc(sc->items, f->k * sizeof *sc->items);
+        sc->items = tly_xrealloc(sc->items, f->k * sizeof *sc->items);
         sc->itemcap = f->k;
     }
     size_t n = 0;

@@ -108,3 +108,13 @@ void tly_log(tly_log_level_t level, const char *fmt, ...)
     ssize_t w = write(atomic_load(&log_fd), line, len);
     (void)w; /* nowhere to report a failed log write */
 }
+
+void *tly_xrealloc(void *p, size_t n)
+{
+    void *q = realloc(p, n != 0 ? n : 1);
+    if (q == NULL) {
+        tly_error("out of memory (%zu bytes)", n);
+        abort();
+    }
+    return q;
+}

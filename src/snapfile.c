@@ -18,6 +18,7 @@
  * tests.
  */
 #include "tallyd/snapfile.h"
+#include "tallyd/log.h"
 
 #include <dirent.h>
 #include <errno.h>
@@ -136,20 +137,10 @@ static uint64_t get64(const uint8_t *p)
     return (uint64_t)get32(p) | (uint64_t)get32(p + 4) << 32;
 }
 
-static void *xrealloc(void *p, size_t n)
-{
-    void *q = realloc(p, n != 0 ? n : 1);
-    if (q == NULL) {
-        fprintf(stderr, "tallyd: out of memory allocating %zu bytes\n", n);
-        abort();
-    }
-    return q;
-}
-
 static char *xstrdup(const char *s)
 {
     size_t n = strlen(s) + 1;
-    return memcpy(xrealloc(NULL, n), s, n);
+    return memcpy(tly_xrealloc(NULL, n), s, n);
 }
 
 static void set_err(char *err, size_t errlen, const char *fmt, ...)
@@ -359,7 +350,7 @@ static char *path_join_fmt(const char *dir, const char *fmt, ...)
     vsnprintf(name, sizeof name, fmt, ap);
     va_end(ap);
     size_t n = strlen(dir) + 1 + strlen(name) + 1;
-    char *p = xrealloc(NULL, n);
+    char *p = tly_xrealloc(NULL, n);
     snprintf(p, n, "%s/%s", dir, name);
     return p;
 }
@@ -391,7 +382,7 @@ static int write_frame(tly_snapw_t *w, uint32_t type, uint32_t raw_len, size_t c
 static void reserve(tly_snapw_t *w, size_t n)
 {
     if (n > w->buf_cap) {
-        w->buf = xrealloc(w->buf, n);
+        w->buf = tly_xrealloc(w->buf, n);
         w->buf_cap = n;
     }
 }
@@ -405,7 +396,7 @@ tly_snapw_t *tly_snapw_open(const char *dir, int64_t created_ms, uint64_t defs_h
     }
     if (make_dirs(dir, err, errlen) != 0)
         return NULL;
-    tly_snapw_t *w = xrealloc(NULL, sizeof *w);
+    tly_snapw_t *w = tly_xrealloc(NULL, sizeof *w);
     *w = (tly_snapw_t){.fd = -1};
     w->dir = xstrdup(dir);
     w->tmp_path =
@@ -563,7 +554,7 @@ static size_t scan_snapshots(const char *dir, snap_entry_t **out)
             continue;
         if (n == cap) {
             cap = cap != 0 ? 2 * cap : 16;
-            v = xrealloc(v, cap * sizeof *v);
+            v = tly_xrealloc(v, cap * sizeof *v);
         }
         v[n++] = (snap_entry_t){ms, xstrdup(de->d_name)};
     }
@@ -578,7 +569,7 @@ size_t tly_snap_list(const char *dir, char ***paths)
 {
     snap_entry_t *v;
     size_t n = scan_snapshots(dir, &v);
-    char **p = xrealloc(NULL, (n + 1) * sizeof *p);
+    char **p = tly_xrealloc(NULL, (n + 1) * sizeof *p);
     for (size_t i = 0; i < n; i++) {
         p[i] = path_join_fmt(dir, "%s", v[i].name);
         free(v[i].name);
@@ -707,7 +698,7 @@ tly_snapr_t *tly_snapr_open(const char *path, char *err, size_t errlen)
         set_err(err, errlen, "%s: header checksum mismatch", path);
         goto fail;
     }
-    tly_snapr_t *r = xrealloc(NULL, sizeof *r);
+    tly_snapr_t *r = tly_xrealloc(NULL, sizeof *r);
     *r = (tly_snapr_t){.fd = fd, .state = 1};
     r->path = xstrdup(path);
     r->defs_hash = get64(h + 12);
@@ -743,7 +734,7 @@ static int reader_fail(tly_snapr_t *r, char *err, size_t errlen, const char *fmt
     vsnprintf(msg, sizeof msg, fmt, ap);
     va_end(ap);
     size_t n = strlen(r->path) + strlen(msg) + 64;
-    r->fail = xrealloc(NULL, n);
+    r->fail = tly_xrealloc(NULL, n);
     snprintf(r->fail, n, "%s: block at offset %" PRIu64 ": %s", r->path, r->offset, msg);
     r->state = -1;
     set_err(err, errlen, "%s", r->fail);
@@ -811,7 +802,7 @@ int tly_snapr_next(tly_snapr_t *r, uint32_t *type, const void **data, size_t *le
                            "compressed length %" PRIu32 " too large for raw length %" PRIu32,
                            comp_len, raw_len);
     if (comp_len > r->comp_cap) {
-        r->comp = xrealloc(r->comp, comp_len);
+        r->comp = tly_xrealloc(r->comp, comp_len);
         r->comp_cap = comp_len;
     }
     got = read_full(r->fd, r->comp, comp_len);
@@ -833,7 +824,7 @@ int tly_snapr_next(tly_snapr_t *r, uint32_t *type, const void **data, size_t *le
         abort();
     }
     if (raw_len > r->raw_cap || r->raw == NULL) { /* never NULL, even for 0 bytes */
-        r->raw = xrealloc(r->raw, raw_len);
+        r->raw = tly_xrealloc(r->raw, raw_len);
         r->raw_cap = raw_len;
     }
     size_t n = ZSTD_decompressDCtx(r->dctx, r->raw, raw_len, r->comp, comp_len);

@@ -248,20 +248,10 @@ static int64_t wall_ms(void)
     return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
-static void *xrealloc(void *p, size_t n)
-{
-    void *q = realloc(p, n);
-    if (q == NULL) {
-        tly_error("source: out of memory (%zu bytes)", n);
-        abort();
-    }
-    return q;
-}
-
 static char *xstrdup(const char *s)
 {
     size_t n = strlen(s) + 1;
-    return memcpy(xrealloc(NULL, n), s, n);
+    return memcpy(tly_xrealloc(NULL, n), s, n);
 }
 
 /* True when a line may be written now; *suppressed gets the lines held
@@ -362,7 +352,7 @@ static part_t *part_get(tly_source_t *src, const char *topic, int32_t partition)
         return p;
     if (src->nparts == src->partcap) {
         src->partcap = src->partcap ? 2 * src->partcap : 16;
-        src->parts = xrealloc(src->parts, src->partcap * sizeof *src->parts);
+        src->parts = tly_xrealloc(src->parts, src->partcap * sizeof *src->parts);
     }
     int index = -1;
     for (size_t t = 0; t < src->cfg->kafka.ntopics && index < 0; t++)
@@ -445,7 +435,7 @@ static void publish(tly_source_t *src, int64_t now_ms)
     pthread_mutex_lock(&src->mu);
     if (n > src->pubcap) {
         src->pubcap = n;
-        src->pub = xrealloc(src->pub, n * sizeof *src->pub);
+        src->pub = tly_xrealloc(src->pub, n * sizeof *src->pub);
     }
     size_t j = 0;
     for (size_t i = 0; i < src->nparts; i++) {
@@ -689,7 +679,7 @@ static void shard_reassign(tly_source_t *src, const rd_kafka_topic_partition_lis
     if (nparts > 0)
         tly_shard_set_partitions(src->shard, nparts);
     uint64_t now_held[TLY_SHARD_MAX_PARTITIONS / 64] = {0};
-    int32_t *owned = xrealloc(NULL, (size_t)(parts->cnt + 1) * sizeof *owned);
+    int32_t *owned = tly_xrealloc(NULL, (size_t)(parts->cnt + 1) * sizeof *owned);
     for (int i = 0; i < parts->cnt; i++) {
         int32_t p = parts->elems[i].partition;
         owned[i] = p;
@@ -1643,7 +1633,7 @@ static bool make_consumer(tly_source_t *src, rd_kafka_conf_t *conf, char *errbuf
 tly_source_t *tly_source_new(const tly_config_t *cfg, const tly_featset_t *fs, tly_store_t *store,
                              char *errbuf, size_t errlen)
 {
-    tly_source_t *src = xrealloc(NULL, sizeof *src);
+    tly_source_t *src = tly_xrealloc(NULL, sizeof *src);
     memset(src, 0, sizeof *src);
     src->cfg = cfg;
     src->fs = fs;
@@ -1679,8 +1669,8 @@ tly_source_t *tly_source_new(const tly_config_t *cfg, const tly_featset_t *fs, t
     }
     if (!make_consumer(src, conf, errbuf, errlen))
         goto fail;
-    src->batch = xrealloc(NULL, BATCH_MAX * sizeof *src->batch);
-    src->msgs = xrealloc(NULL, BATCH_MAX * sizeof *src->msgs);
+    src->batch = tly_xrealloc(NULL, BATCH_MAX * sizeof *src->batch);
+    src->msgs = tly_xrealloc(NULL, BATCH_MAX * sizeof *src->msgs);
     src->shard = tly_shard_new(cfg, fs);
     src->apply = tly_apply_new(fs, store, src->shard,
                                cfg->kafka.threads < 1 ? 1 : (size_t)cfg->kafka.threads);

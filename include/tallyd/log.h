@@ -30,4 +30,10 @@ void tly_log(tly_log_level_t level, const char *fmt, ...) __attribute__((format(
 #define tly_warn(...)  tly_log(TLY_LOG_WARN, __VA_ARGS__)
 #define tly_error(...) tly_log(TLY_LOG_ERROR, __VA_ARGS__)
 
+#include <stddef.h>
+
+/* realloc(p, n) (n 0 is taken as 1), or, when memory runs out, an error
+ * line and abort(). Any thread. */
+void *tly_xrealloc(void *p, size_t n);
+
 #endif
