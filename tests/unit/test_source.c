@@ -309,6 +309,18 @@ static void await_caught_up(fixture_t *fx, uint64_t n, const int64_t hi[NPARTS],
     }
 }
 
+/* Flushes prod, checks the topic holds n messages, starts fx's source and
+ * waits until it consumed all of them (await_caught_up). */
+static void consume_all(fixture_t *fx, rd_kafka_t *prod, uint64_t n, tly_source_stats_t *st,
+                        tly_partition_stat_t parts[NPARTS])
+{
+    flush_producer(prod);
+    int64_t hi[NPARTS];
+    assert_int_equal(end_offsets(prod, hi), n);
+    start_source(fx);
+    await_caught_up(fx, n, hi, st, parts);
+}
+
 /* ---- the model ---------------------------------------------------------------- */
 
 typedef struct {
@@ -1107,14 +1119,10 @@ static void appliers_keep_offset_order(int threads)
             produce_to(prod, (int32_t)(q % NPARTS), key, json, (size_t)len);
         }
     }
-    flush_producer(prod);
-    int64_t hi[NPARTS];
     const uint64_t total = (uint64_t)(ORD_USERS + ORD_PINS) * ORD_EACH;
-    assert_int_equal(end_offsets(prod, hi), total);
-    start_source(&fx);
     tly_source_stats_t st;
     tly_partition_stat_t parts[NPARTS];
-    await_caught_up(&fx, total, hi, &st, parts);
+    consume_all(&fx, prod, total, &st, parts);
     assert_int_equal(st.applied, total);
     assert_int_equal(st.rejected, 0);
 
@@ -1213,13 +1221,9 @@ static void appliers_share_one_partition(int threads)
         m->last_action = action;
         m->seq[m->nseq++] = (int64_t)i;
     }
-    flush_producer(prod);
-    int64_t hi[NPARTS];
-    assert_int_equal(end_offsets(prod, hi), total);
-    start_source(&fx);
     tly_source_stats_t st;
     tly_partition_stat_t parts[NPARTS];
-    await_caught_up(&fx, total, hi, &st, parts);
+    consume_all(&fx, prod, total, &st, parts);
     assert_int_equal(st.applied, want_applied);
     assert_int_equal(st.rejected, total - want_applied);
     for (int e = 0; e < TLY_E__COUNT; e++)
