@@ -349,6 +349,13 @@ static void lastk_update(tly_store_t *store, ent_t **entp, uint32_t sid, const t
     const bool uniform = count && uw == words && (uint64_t)count * uw == len - 1;
     if (uniform) {
         uint64_t lo = 0, hi = count;
+        /* the two usual answers first, one load each: after the newest
+         * item (events in time order) or before the oldest (an event too
+         * old to be kept, once the list is full) */
+        if ((int64_t)ld(e, p + len - 2) <= ev->time_ms)
+            lo = count;
+        else if ((int64_t)ld(e, p + 1 + uw - 2) > ev->time_ms)
+            hi = 0;
         while (lo < hi) {
             uint64_t mid = lo + (hi - lo) / 2;
             if ((int64_t)ld(e, p + 1 + (uint32_t)(mid * uw) + uw - 2) <= ev->time_ms)

@@ -441,6 +441,40 @@ static void test_last_k_keeps_the_k_newest_under_shuffled_arrivals(void **state)
     }
 }
 
+/* A word-encoded, full last_k (k 3) whose events came in time order takes
+ * an event at the time of its oldest kept item: the later arrival is the
+ * newer of the two, so it stays among the 3 and the earlier one goes. Users
+ * with 57..60 events before it, so that the list holds k, and k + 1 (its
+ * slack), items as it comes. */
+static void test_last_k_full_keeps_a_tie_with_its_oldest_item(void **state)
+{
+    fx_t *fx = *state;
+    uint32_t feat;
+    int win;
+    assert_int_equal(tly_featset_resolve(fx->fs, fx->user, "recent", 6, &feat, &win), TLY_OK);
+    for (int64_t n = 57; n <= 60; n++) {
+        char id[8];
+        int idlen = snprintf(id, sizeof id, "%d", (int)(100 + n));
+        for (int64_t i = n; i >= 1; i--) /* T - n s .. T - 1 s, in order */
+            assert_int_equal(put(fx, T, T - i * SEC, 100 + n, "old", "click", 1), TLY_OK);
+        assert_int_equal(put(fx, T, T - 3 * SEC, 100 + n, "tie", "save", 1), TLY_OK);
+        tly_item_t it[8];
+        char sbuf[512];
+        size_t got = 0;
+        assert_int_equal(tly_store_recent(fx->store, fx->user, id, (size_t)idlen, feat, INT64_MIN,
+                                          T, it, 8, &got, sbuf, sizeof sbuf),
+                         TLY_OK);
+        assert_int_equal(got, 3);
+        const int64_t want_t[] = {T - 1 * SEC, T - 2 * SEC, T - 3 * SEC};
+        const char *want_pin[] = {"old", "old", "tie"};
+        for (int q = 0; q < 3; q++) {
+            assert_int_equal(it[q].time_ms, want_t[q]);
+            assert_int_equal(it[q].vals[0].len, 3);
+            assert_memory_equal(it[q].vals[0].u.s, want_pin[q], 3);
+        }
+    }
+}
+
 static void test_last_k_orders_by_time_keeps_k_and_ties_keep_arrival(void **state)
 {
     fx_t *fx = *state;
@@ -2092,6 +2126,8 @@ int main(void)
             test_items_after_now_leave_last_and_last_k_before_now_intact, setup, teardown),
         cmocka_unit_test_setup_teardown(test_last_k_keeps_the_k_newest_under_shuffled_arrivals,
                                         setup_k20, teardown),
+        cmocka_unit_test_setup_teardown(test_last_k_full_keeps_a_tie_with_its_oldest_item, setup,
+                                        teardown),
         cmocka_unit_test_setup_teardown(test_last_k_orders_by_time_keeps_k_and_ties_keep_arrival,
                                         setup, teardown),
         cmocka_unit_test_setup_teardown(test_rejected_event_changes_nothing, setup, teardown),
