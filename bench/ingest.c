@@ -17,7 +17,10 @@
  *      events/s = N / wall time of the slower thread;
  *   e. a bare consumer: librdkafka's mock cluster in-process, the same
  *      payloads produced keyed by user_id (not timed), then a consumer that
- *      only polls and destroys until it has seen every message.
+ *      only polls and destroys until it has seen every message;
+ *   f, g. tly_apply_batch, the appliers of tallyd's Kafka source, with 1 and
+ *      2 threads, on the stream in batches of 4096 from one partition (with 2
+ *      threads each batch is shared by entity, apply.c).
  *
  * and splits one writer's cost into parse (row b), lookup (tly_store_read
  * with no feature requests on each event's user and pin id, after apply,
@@ -59,6 +62,7 @@
 #define JSMN_PARENT_LINKS
 #include <jsmn.h>
 
+#include "tallyd/apply.h"
 #include "tallyd/config.h"
 #include "tallyd/decode.h"
 #include "tallyd/feature.h"
@@ -96,13 +100,28 @@ static const char *const action_names[ACT__COUNT] = {"impression", "closeup", "c
 /* Cumulative percentages: 70 / 15 / 9 / 4 / 2. */
 static const unsigned action_cum[ACT__COUNT] = {70, 85, 94, 98, 100};
 
-typedef enum { ROW_JSMN, ROW_DECODE, ROW_APPLY1, ROW_APPLY2, ROW_KAFKA, ROW__COUNT } row_id_t;
+typedef enum {
+    ROW_JSMN,
+    ROW_DECODE,
+    ROW_APPLY1,
+    ROW_APPLY2,
+    ROW_KAFKA,
+    ROW_BATCH1,
+    ROW_BATCH2,
+    ROW__COUNT
+} row_id_t;
 
 static const char *const row_names[ROW__COUNT] = {
-    "a. jsmn parse only",         "b. decode (tly_decode_json)", "c. decode+apply, 1 writer",
-    "d. decode+apply, 2 writers", "e. bare librdkafka consumer",
+    "a. jsmn parse only",
+    "b. decode (tly_decode_json)",
+    "c. decode+apply, 1 writer",
+    "d. decode+apply, 2 writers",
+    "e. bare librdkafka consumer",
+    "f. tly_apply_batch, 1 thread",
+    "g. tly_apply_batch, 2 threads",
 };
-static const char *const row_keys[ROW__COUNT] = {"jsmn", "decode", "apply1", "apply2", "kafka"};
+static const char *const row_keys[ROW__COUNT] = {"jsmn",  "decode", "apply1", "apply2",
+                                                 "kafka", "batch1", "batch2"};
 
 typedef struct {
     size_t nevents;
@@ -861,7 +880,8 @@ static void usage(FILE *out)
         "  --reps R      runs per row; the best is reported (default %d)\n"
         "  --config FILE feature set (default config/demo.yaml)\n"
         "  --brokers B   brokers of row e's mock cluster (default %d)\n"
-        "  --only ROWS   run only these: jsmn decode apply1 apply2 kafka split\n"
+        "  --only ROWS   run only these: jsmn decode apply1 apply2 kafka batch1 batch2\n"
+        "                split\n"
         "  --ordered     event times rise in stream order (default: each event's ts is\n"
         "                the generation time minus U[0, 60 s], so out of order)\n"
         "  --no-verify   skip the ground-truth check of the apply rows\n"
@@ -932,7 +952,7 @@ static void parse_args(int argc, char **argv, opts_t *o)
         } else if (v != NULL && strcmp(a, "--only") == 0) {
             if (!select_rows(o, v))
                 die("--only wants a comma-separated list of jsmn decode apply1 apply2 kafka "
-                    "split");
+                    "batch1 batch2 split");
             i++;
         } else if (v != NULL && strcmp(a, "--perf-ctl") == 0) {
             snprintf(ctl, sizeof ctl, "%s", v);
@@ -1081,6 +1101,67 @@ static void bench_decode(bench_t *b)
         double others = progress(row_names[ROW_DECODE], rep, b->o.reps, b->sm.n, ns, c0);
         row_record(&b->rows[ROW_DECODE], b->sm.n, b->sm.n, ns, others);
     }
+}
+
+/* Rows f and g: the appliers of tallyd's Kafka source (tly_apply_batch),
+ * with 1 and 2 threads, on the stream cut into batches of
+ * TLY_APPLY_BATCH_MAX messages all from one partition, as a fetch of a
+ * user-keyed topic mostly hands them over: with 2 threads each batch is
+ * shared by entity (apply.c). */
+static void bench_batch(bench_t *b, row_id_t id, size_t nthreads)
+{
+    const stream_t *sm = &b->sm;
+    row_t *row = &b->rows[id];
+    tly_apply_item_t *items = xmalloc(TLY_APPLY_BATCH_MAX * sizeof *items);
+    tly_store_t *store = NULL;
+    tly_apply_stats_t st = {0};
+    size_t bad = 0;
+    for (int rep = 0; rep < b->o.reps; rep++) {
+        tly_store_free(store);
+        store = tly_store_new(b->fs);
+        tly_apply_t *ap = tly_apply_new(b->fs, store, NULL, nthreads);
+        if (tly_apply_start(ap) != nthreads) {
+            fprintf(stderr, "ingest: could not start %zu appliers\n", nthreads);
+            exit(1);
+        }
+        clk_t c0 = clk_start();
+        int64_t t0 = mono_ns();
+        perf_ctl(&b->o, "enable");
+        for (size_t i = 0; i < sm->n; i += TLY_APPLY_BATCH_MAX) {
+            size_t n = sm->n - i < TLY_APPLY_BATCH_MAX ? sm->n - i : TLY_APPLY_BATCH_MAX;
+            for (size_t k = 0; k < n; k++)
+                items[k] = (tly_apply_item_t){.payload = sm->arena + sm->off[i + k],
+                                              .len = sm->len[i + k],
+                                              .offset = (int64_t)(i + k),
+                                              .kafka_ts_ms = -1,
+                                              .topic = -1};
+            tly_apply_batch(ap, items, n, b->now_ms);
+            for (size_t k = 0; k < n; k++)
+                bad += items[k].err != TLY_OK;
+        }
+        perf_ctl(&b->o, "disable");
+        int64_t ns = mono_ns() - t0;
+        tly_apply_stats(ap, &st);
+        tly_apply_free(ap);
+        if (bad) {
+            fprintf(stderr, "ingest: %zu events were not applied\n", bad);
+            exit(1);
+        }
+        double others = progress(row_names[id], rep, b->o.reps, sm->n, ns, c0);
+        row_record(row, sm->n, sm->n, ns, others);
+    }
+    size_t mism = verify_store(store, sm, &b->ft, b->now_ms, row_names[id]);
+    snprintf(row->note, sizeof row->note,
+             "batches alone %" PRIu64 ", shared by entity %" PRIu64 ", by partition %" PRIu64
+             "; ground truth: %s",
+             st.alone, st.shared, st.bypart,
+             !b->ft.can_verify ? "skipped"
+             : mism            ? "MISMATCH"
+                               : "ok");
+    if (mism)
+        b->rc = 1;
+    tly_store_free(store);
+    free(items);
 }
 
 /* Row c. Returns the last run's store, which the cost split reads (caller
@@ -1355,6 +1436,10 @@ int main(int argc, char **argv)
         kept = bench_apply1(&b);
     if (b.o.only[ROW_APPLY2])
         bench_apply2(&b);
+    if (b.o.only[ROW_BATCH1])
+        bench_batch(&b, ROW_BATCH1, 1);
+    if (b.o.only[ROW_BATCH2])
+        bench_batch(&b, ROW_BATCH2, 2);
     if (b.o.only[ROW__COUNT])
         bench_lookup(&b, kept);
     tly_store_free(kept);
