@@ -81,11 +81,13 @@
 typedef struct {
     tly_err_t err; /* decode_item's verdict; TLY_OK: the rest is set */
     bool redo;     /* the copies did not fit its chunk's bytes: decode again */
+    bool matched;  /* held is set (tly_prefetch_t.matched) */
     uint8_t n;     /* entities hinted (tly_store_hint) */
     uint8_t entity[TLY_PREFETCH_MAX];
     uint8_t idlen[TLY_PREFETCH_MAX];
     uint16_t ids; /* where their ids start, one after another, in the chunk's bytes */
     unsigned long h[TLY_PREFETCH_MAX];
+    uint64_t held; /* the `where` conditions the event meets (tly_prefetch_t.held) */
 } decoded_t;
 
 #define DECODED_HEAD ((sizeof(decoded_t) + 7) / 8 * 8)
@@ -207,12 +209,14 @@ static bool keep_strings(tly_event_t *ev, const tly_apply_item_t *it, char *byte
     return true;
 }
 
-/* Copies the ids and hashes of pf into d and bytes[*used..CHUNK_BYTES);
- * false when the ids do not fit. */
+/* Copies the ids, hashes and held conditions of pf into d and
+ * bytes[*used..CHUNK_BYTES); false when the ids do not fit. */
 static bool keep_ids(decoded_t *d, const tly_prefetch_t *pf, char *bytes, size_t *used)
 {
     d->n = (uint8_t)pf->n;
     d->ids = (uint16_t)*used;
+    d->matched = pf->matched;
+    d->held = pf->held;
     for (uint32_t j = 0; j < pf->n; j++) {
         if (pf->idlen[j] > CHUNK_BYTES - *used)
             return false;
@@ -306,6 +310,8 @@ static tly_err_t load_shared(tly_apply_t *ap, const applier_t *a, size_t r, size
     const char *id = &ap->bytes[i / CHUNK * CHUNK_BYTES + d->ids];
     pf->n = d->n;
     pf->ids = true;
+    pf->matched = d->matched;
+    pf->held = d->held;
     for (uint32_t j = 0; j < d->n; j++) {
         pf->entity[j] = d->entity[j];
         pf->idlen[j] = d->idlen[j];

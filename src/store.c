@@ -540,6 +540,8 @@ void tly_store_prefetch_share(tly_store_t *store, const tly_event_t *ev, uint32_
     size_t len;
     pf->n = 0;
     pf->ids = true;
+    pf->matched = fs->match_masks;
+    pf->held = fs->match_masks ? tly_featset_match(fs, ev) : 0;
     pf->share = share;
     pf->nshares = nshares;
     for (uint32_t e = 0; e < fs->nentities && pf->n < TLY_PREFETCH_MAX; e++) {
@@ -564,6 +566,8 @@ void tly_store_hint(const tly_store_t *store, const tly_event_t *ev, tly_prefetc
     size_t len;
     pf->n = 0;
     pf->ids = true;
+    pf->matched = fs->match_masks;
+    pf->held = fs->match_masks ? tly_featset_match(fs, ev) : 0;
     pf->share = 0;
     pf->nshares = 1;
     for (uint32_t e = 0; e < fs->nentities && pf->n < TLY_PREFETCH_MAX; e++) {
@@ -603,6 +607,7 @@ void tly_store_prefetch_id(tly_store_t *store, uint32_t entity, const char *id, 
     pf->nshares = 1;
     pf->h[0] = h;
     pf->ids = false;
+    pf->matched = false;
 }
 
 void tly_store_prefetch_records(tly_store_t *store, const tly_prefetch_t *pf)
@@ -642,8 +647,9 @@ static tly_err_t apply_event(tly_store_t *store, const tly_event_t *ev, const tl
     /* locals, not loads from fs and ev per feature: the stores into the
      * plans below could alias them for all the compiler knows */
     const bool masks = fs->match_masks, replayed = ev->replayed;
-    /* each distinct `where` condition tested once, not once per feature */
-    uint64_t held = masks ? tly_featset_match(fs, ev) : 0;
+    /* each distinct `where` condition tested once, not once per feature
+     * (by the hint, when it did) */
+    uint64_t held = !masks ? 0 : hint && hint->matched ? hint->held : tly_featset_match(fs, ev);
     for (uint32_t e = 0; e < fs->nentities; e++) {
         const tly_entity_t *et = &fs->entities[e];
         plan_t *pl = NULL;

@@ -96,6 +96,11 @@ typedef struct {
     /* tly_store_prefetch only: the entity type and rendered id behind each
      * hash, which tly_store_apply_hinted takes instead of rendering again */
     bool ids;
+    /* with ids, when the featset tests `where` conditions by masks: the
+     * conditions the event meets (tly_featset_match), so that the apply,
+     * maybe on another thread, need not read the event's strings again */
+    bool matched;
+    uint64_t held;
     uint32_t entity[TLY_PREFETCH_MAX];
     uint8_t idlen[TLY_PREFETCH_MAX];
     char id[TLY_PREFETCH_MAX][UINT8_MAX];
