@@ -832,7 +832,7 @@ static tly_err_t store_read(tly_store_t *store, uint32_t entity, const char *id,
             store_log_copy(ent, &lg);
             bad = !store_log_decode(store, &store->etypes[entity], &lg);
             for (size_t i = 0; last_ms && i < lg.nrecs; i++)
-                last = lg.recs[i].t > last ? lg.recs[i].t : last;
+                last = lg.ts[i] > last ? lg.ts[i] : last;
         } else if (ent) {
             last = (int64_t)ld(ent, 0);
         }
@@ -858,12 +858,13 @@ static tly_err_t store_read(tly_store_t *store, uint32_t entity, const char *id,
             int64_t since = now_ms - feat->horizon_ms;
             tly_item_t it;
             size_t got = 0;
-            if (ent && !words) {
+            if (ent && !words && feat->agg == TLY_AGG_LAST_K) {
+                got = store_log_count(&lg, feat->slot, k, since, now_ms, at_clock);
+            } else if (ent && !words) {
                 uint32_t idx[COMPACT_MAX_EVENTS];
                 got = store_log_recent(&lg, feat->slot, k, since, now_ms, at_clock, k, idx);
-                if (got && feat->agg == TLY_AGG_LAST &&
-                    !store_item_from_rec(store, feat, &lg.recs[idx[0]], &it, strbuf, strcap,
-                                         &sused))
+                if (got && !store_item_from_rec(store, feat, &lg.recs[idx[0]], &it, strbuf, strcap,
+                                                &sused))
                     full = true;
             } else if (ent) {
                 bool found;

@@ -335,6 +335,10 @@ typedef struct {
     size_t nbytes;
     rec_t recs[COMPACT_MAX_EVENTS];
     size_t nrecs;
+    /* recs[i].t and .mask again, side by side, for the scans that read
+     * only them (a count, a window's filter) */
+    int64_t ts[COMPACT_MAX_EVENTS];
+    uint64_t masks[COMPACT_MAX_EVENTS];
 } log_t;
 
 /* Segment ids: windowed features' segments first (slot × TLY_MAX_WINDOWS +
@@ -405,6 +409,10 @@ size_t store_compact_first(tly_store_t *store, const etype_t *et, const tly_even
 void store_compact_append(ent_t *e, const uint8_t *rec, size_t n);
 size_t store_log_recent(const log_t *lg, uint32_t slot, uint32_t k, int64_t since_ms,
                         int64_t asof_ms, bool at_clock, size_t cap, uint32_t *idx);
+/* How many records store_log_recent would give with cap >= k, counted
+ * without ordering them. */
+size_t store_log_count(const log_t *lg, uint32_t slot, uint32_t k, int64_t since_ms,
+                       int64_t asof_ms, bool at_clock);
 bool store_item_from_rec(const tly_store_t *store, const tly_feat_t *feat, const rec_t *r,
                          tly_item_t *it, char *strbuf, size_t strcap, size_t *sused);
 tly_value_t store_log_value(const tly_store_t *store, const log_t *lg, const tly_feat_t *feat,

@@ -201,6 +201,8 @@ bool store_log_decode(const tly_store_t *store, const etype_t *et, log_t *lg)
         r->pos = (uint32_t)lg->nrecs;
         if (!get_varint(lg->bytes, lg->nbytes, &at, &r->mask))
             return false;
+        lg->ts[lg->nrecs] = r->t;
+        lg->masks[lg->nrecs] = r->mask;
         size_t tagbytes = (et->nvf + 3) / 4;
         if (at + tagbytes > lg->nbytes)
             return false;
@@ -495,25 +497,31 @@ static bool keep_str(const char *s, uint32_t len, char *strbuf, size_t strcap, s
 size_t store_log_recent(const log_t *lg, uint32_t slot, uint32_t k, int64_t since_ms,
                         int64_t asof_ms, bool at_clock, size_t cap, uint32_t *idx)
 {
+    /* the k newest (time, then arrival) of the records considered, newest
+     * first: a record that would land past k is dropped at once */
     uint32_t top[COMPACT_MAX_EVENTS] = {0};
     size_t ntop = 0;
+    if (slot >= 64 || k == 0)
+        return 0;
+    const uint64_t bit = UINT64_C(1) << slot;
     for (size_t i = 0; i < lg->nrecs; i++) {
-        const rec_t *r = &lg->recs[i];
-        if (slot >= 64 || !(r->mask & (UINT64_C(1) << slot)) || (at_clock && r->t > asof_ms))
+        int64_t t = lg->ts[i];
+        if (!(lg->masks[i] & bit) || (at_clock && t > asof_ms))
             continue;
         size_t pos = ntop;
-        while (pos > 0 && lg->recs[top[pos - 1]].t <= r->t)
+        while (pos > 0 && lg->ts[top[pos - 1]] <= t)
             pos--;
-        for (size_t q = ntop; q > pos; q--)
+        if (pos >= k)
+            continue;
+        if (ntop < k)
+            ntop++;
+        for (size_t q = ntop - 1; q > pos; q--)
             top[q] = top[q - 1];
         top[pos] = (uint32_t)i;
-        ntop++;
     }
-    if (ntop > k)
-        ntop = k;
     size_t n = 0;
     for (size_t q = 0; q < ntop && n < cap; q++) {
-        int64_t t = lg->recs[top[q]].t;
+        int64_t t = lg->ts[top[q]];
         if (t > asof_ms)
             continue;
         if (t < since_ms)
@@ -521,6 +529,28 @@ size_t store_log_recent(const log_t *lg, uint32_t slot, uint32_t k, int64_t sinc
         idx[n++] = top[q];
     }
     return n;
+}
+
+size_t store_log_count(const log_t *lg, uint32_t slot, uint32_t k, int64_t since_ms,
+                       int64_t asof_ms, bool at_clock)
+{
+    if (slot >= 64)
+        return 0;
+    /* The records slot took in [since_ms, asof_ms] are the newest of those
+     * at or before asof_ms, and every one after asof_ms is newer than all
+     * of them: at the clock the k newest at or before asof_ms hold
+     * min(k, in range) of them; otherwise the k newest of all hold the
+     * `after` ones first, then min(k - after, in range). */
+    const uint64_t bit = UINT64_C(1) << slot;
+    size_t in = 0, after = 0;
+    for (size_t i = 0; i < lg->nrecs; i++) {
+        bool took = (lg->masks[i] & bit) != 0;
+        int64_t t = lg->ts[i];
+        in += took & (t >= since_ms) & (t <= asof_ms);
+        after += took & (t > asof_ms);
+    }
+    size_t room = at_clock ? k : after >= k ? 0 : k - after;
+    return in < room ? in : room;
 }
 
 /* Fills an item from record r for feature feat. */
@@ -561,25 +591,39 @@ tly_value_t store_log_value(const tly_store_t *store, const log_t *lg, const tly
     if (feat->agg == TLY_AGG_COUNT) {
         /* without branches: which events match is unpredictable; at most
          * COMPACT_MAX_EVENTS, so no saturation to mind */
-        for (size_t i = 0; i < lg->nrecs; i++) {
-            const rec_t *r = &lg->recs[i];
-            acc.n += (uint32_t)((r->mask & bit) != 0) & (r->t >= t_lo) & (r->t < t_end);
-        }
+        for (size_t i = 0; i < lg->nrecs; i++)
+            acc.n +=
+                (uint32_t)((lg->masks[i] & bit) != 0) & (lg->ts[i] >= t_lo) & (lg->ts[i] < t_end);
         return tly_agg_result(feat->agg, &acc);
     }
-    /* Folded as the word encoding folds the same events: each bucket's in
-     * arrival order into a cell, the cells merged in bucket order. Double
-     * rounding, an integer sum's overflow into a double and min/max ties
-     * between an integer and a double depend on that order, and a record's
-     * answer must not change when it is replayed into words. */
+    /* Integers too small for any sum of a log's records to overflow fold
+     * alike in any order: in arrival order, without bucketing. */
+    const int64_t small = INT64_MAX / COMPACT_MAX_EVENTS;
+    bool ints = true;
+    for (size_t i = 0; i < lg->nrecs && ints; i++) {
+        if (!(lg->masks[i] & bit) || lg->ts[i] < t_lo || lg->ts[i] >= t_end)
+            continue;
+        const tly_value_t *v = &lg->recs[i].vals[vi];
+        ints = feat->nvalues && v->type == TLY_V_INT && v->u.i > -small && v->u.i < small;
+        if (ints)
+            tly_agg_cell_add(feat->agg, &acc, v);
+    }
+    if (ints)
+        return tly_agg_result(feat->agg, &acc);
+    acc = TLY_CELL_INIT;
+    /* Otherwise folded as the word encoding folds the same events: each
+     * bucket's in arrival order into a cell, the cells merged in bucket
+     * order. Double rounding, an integer sum's overflow into a double and
+     * min/max ties between an integer and a double depend on that order,
+     * and a record's answer must not change when it is replayed into
+     * words. */
     uint32_t idx[COMPACT_MAX_EVENTS];
     int64_t bucket[COMPACT_MAX_EVENTS];
     size_t m = 0;
     for (size_t i = 0; i < lg->nrecs; i++) {
-        const rec_t *r = &lg->recs[i];
-        if (!(r->mask & bit) || r->t < t_lo || r->t >= t_end)
+        if (!(lg->masks[i] & bit) || lg->ts[i] < t_lo || lg->ts[i] >= t_end)
             continue;
-        int64_t b = tly_window_bucket(r->t, win->hop_ms);
+        int64_t b = tly_window_bucket(lg->ts[i], win->hop_ms);
         size_t at = m++; /* after every earlier record of the same or an older bucket */
         while (at > 0 && bucket[at - 1] > b) {
             bucket[at] = bucket[at - 1];

@@ -16,6 +16,7 @@
 
 #include "corpus.h"
 
+#include <inttypes.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -294,6 +295,49 @@ static void test_last_k_count_at_and_before_now_and_past_the_horizon(void **stat
     assert_int_equal(put(fx, T, T - 30 * SEC, 8, "a-pin-name-of-16", "click", 1), TLY_OK);
     assert_int_equal(get(fx, fx->user, "8", "recent", 0, T).u.i, 3);
     assert_int_equal(get(fx, fx->user, "8", "recent", 0, T - 45 * SEC).u.i, 1);
+}
+
+/* The same count from a compact log (4 events of user 88: T - 3m, T - 2m,
+ * T - 1m, T; `recent` k = 3, horizon 1d), worked out by hand: at the
+ * clock, the 3 newest at or before the time, of them those within the
+ * horizon; as an ASOF, of the 3 newest of all (T, T - 1m, T - 2m) those at
+ * or before it. */
+static void test_last_k_count_of_a_compact_log(void **state)
+{
+    fx_t *fx = *state;
+    for (int i = 3; i >= 0; i--)
+        assert_int_equal(put(fx, T, T - i * MIN, 88, "p", "click", i), TLY_OK);
+    uint32_t feat;
+    int win;
+    assert_int_equal(tly_featset_resolve(fx->fs, fx->user, "recent", 6, &feat, &win), TLY_OK);
+    tly_featwin_t req = {feat, 0};
+    static const struct {
+        bool asof;
+        int64_t at;
+        int64_t want;
+    } cases[] = {
+        {false, T, 3},
+        {false, T - 30 * SEC, 3},
+        {false, T - 90 * SEC, 2},
+        {false, T + DAY - 90 * SEC, 2}, /* the horizon passed T - 3m and T - 2m */
+        {false, T + DAY - 30 * SEC, 1},
+        {false, T + DAY + 1, 0},
+        {true, T, 3},
+        {true, T - 30 * SEC, 2},
+        {true, T - 90 * SEC, 1},
+        {true, T - 150 * SEC, 0}, /* T - 3m is not among the 3 newest */
+    };
+    for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
+        tly_value_t out;
+        char sbuf[64];
+        assert_int_equal(
+            (cases[c].asof ? tly_store_read_asof : tly_store_read)(
+                fx->store, fx->user, "88", 2, &req, 1, cases[c].at, &out, NULL, sbuf, sizeof sbuf),
+            TLY_OK);
+        assert_int_equal(out.type, TLY_V_INT);
+        if (out.u.i != cases[c].want)
+            fail_msg("case %zu: %" PRId64 ", want %" PRId64, c, out.u.i, cases[c].want);
+    }
 }
 
 /* Newest first, the times of `recent`'s items of user id at asof, read at
@@ -1695,6 +1739,9 @@ static void test_compact_and_word_folds_agree_where_order_matters(void **state)
         {2, 10, {.type = TLY_V_INT, .u.i = -1}},
         {3, 10, {.type = TLY_V_DOUBLE, .u.d = 1.0}},
         {3, 20, {.type = TLY_V_INT, .u.i = 1}},
+        {4, 10, {.type = TLY_V_INT, .u.i = INT64_MAX - 1}},
+        {4, 20, {.type = TLY_V_INT, .u.i = 2}},
+        {4, 10, {.type = TLY_V_INT, .u.i = -1}},
     };
     for (size_t i = 0; i < sizeof evs / sizeof evs[0]; i++) {
         tly_event_t e;
@@ -1732,9 +1779,15 @@ static void test_compact_and_word_folds_agree_where_order_matters(void **state)
                          TLY_OK);
         assert_int_equal(out[1].type, TLY_V_INT);
         assert_int_equal(out[1].u.i, 1);
+        /* user 4: 2 + ((INT64_MAX - 1) + -1) = INT64_MAX, an integer; in
+         * arrival order INT64_MAX - 1 + 2 overflows into a double */
+        assert_int_equal(tly_store_read(store, 0, "4", 1, req, 1, T, out, NULL, sbuf, sizeof sbuf),
+                         TLY_OK);
+        assert_int_equal(out[0].type, TLY_V_INT);
+        assert_true(out[0].u.i == INT64_MAX);
         /* 40 more events each (another feature's): past the compact log's
          * size, into the word encoding */
-        for (int u = 1; pass == 0 && u <= 3; u++)
+        for (int u = 1; pass == 0 && u <= 4; u++)
             for (int i = 0; i < 40; i++) {
                 tly_event_t e;
                 memset(&e, 0, sizeof e);
@@ -2120,6 +2173,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_late_means_before_the_oldest_bucket_not_the_horizon,
                                         setup, teardown),
         cmocka_unit_test_setup_teardown(test_unknown_id_reads_empty_answers, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_last_k_count_of_a_compact_log, setup, teardown),
         cmocka_unit_test_setup_teardown(test_last_k_count_at_and_before_now_and_past_the_horizon,
                                         setup, teardown),
         cmocka_unit_test_setup_teardown(
