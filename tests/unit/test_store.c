@@ -271,6 +271,10 @@ static void test_unknown_id_reads_empty_answers(void **state)
     assert_int_equal(last, -1);
 }
 
+/* Whether user uid's record is word-encoded, from a dump of the store: the
+ * premise of the tests that mean to test one encoding or the other. */
+static bool user_words(fx_t *fx, const char *uid);
+
 /* The item count FEATURES gives for last_k, on a word-encoded record: all
  * items in range, some newer than ASOF, some past the horizon (idle_ttl
  * 1d), and the items a pin string too long to intern makes wider. */
@@ -282,6 +286,7 @@ static void test_last_k_count_at_and_before_now_and_past_the_horizon(void **stat
      * at T - 2m, T - 1m, T */
     for (int i = 39; i >= 0; i--)
         assert_int_equal(put(fx, T, T - i * MIN, 8, "p", "click", i), TLY_OK);
+    assert_true(user_words(fx, "8"));
     assert_int_equal(get(fx, fx->user, "8", "recent", 0, T).u.i, 3);
     assert_int_equal(get(fx, fx->user, "8", "recent", 0, T + 12 * HOUR).u.i, 3);
     /* ASOF before the newest: the newer ones are not counted */
@@ -307,6 +312,7 @@ static void test_last_k_count_of_a_compact_log(void **state)
     fx_t *fx = *state;
     for (int i = 3; i >= 0; i--)
         assert_int_equal(put(fx, T, T - i * MIN, 88, "p", "click", i), TLY_OK);
+    assert_false(user_words(fx, "88"));
     uint32_t feat;
     int win;
     assert_int_equal(tly_featset_resolve(fx->fs, fx->user, "recent", 6, &feat, &win), TLY_OK);
@@ -392,6 +398,7 @@ static void test_items_after_now_leave_last_and_last_k_before_now_intact(void **
             assert_int_equal(put(fx, B, B + j * SEC, user, "p", "view", -1), TLY_OK);
         assert_int_equal(put(fx, B, B + 200, user, "p", "hide", -1), TLY_OK);
         assert_int_equal(put(fx, B, B + 100, user, "p", "closeup", -1), TLY_OK);
+        assert_true(user_words(fx, id) == (u == 1)); /* user 5 compact, user 6 words */
         int64_t t[8];
         tly_value_t v = get(fx, fx->user, id, "last_action", 0, B);
         assert_int_equal(v.type, TLY_V_STR);
@@ -483,6 +490,7 @@ static void test_last_k_keeps_the_k_newest_under_shuffled_arrivals(void **state)
             assert_memory_equal(it[q].vals[0].u.s, pins[want[q]], strlen(pins[want[q]]));
         }
     }
+    assert_true(user_words(fx, "9"));
 }
 
 /* A word-encoded, full last_k (k 3) whose events came in time order takes
@@ -501,6 +509,7 @@ static void test_last_k_full_keeps_a_tie_with_its_oldest_item(void **state)
         int idlen = snprintf(id, sizeof id, "%d", (int)(100 + n));
         for (int64_t i = n; i >= 1; i--) /* T - n s .. T - 1 s, in order */
             assert_int_equal(put(fx, T, T - i * SEC, 100 + n, "old", "click", 1), TLY_OK);
+        assert_true(user_words(fx, id));
         assert_int_equal(put(fx, T, T - 3 * SEC, 100 + n, "tie", "save", 1), TLY_OK);
         tly_item_t it[8];
         char sbuf[512];
@@ -548,10 +557,13 @@ static void test_last_k_orders_by_time_keeps_k_and_ties_keep_arrival(void **stat
     assert_int_equal(v.type, TLY_V_STR);
     assert_int_equal(v.len, 4);
     assert_memory_equal(v.u.s, "hide", 4);
-    /* more than k: only the 3 newest remain, whatever the arrival order */
-    for (int i = 0; i < 20; i++)
+    /* more than k: only the 3 newest remain, whatever the arrival order;
+     * enough events for the word encoding, whose list the reads below
+     * describe */
+    for (int i = 0; i < 40; i++)
         assert_int_equal(put(fx, T, T - 60 * SEC + (i * 7 % 20) * SEC, 5, "px", "view", -1),
                          TLY_OK);
+    assert_true(user_words(fx, "5"));
     assert_int_equal(tly_store_recent(fx->store, fx->user, "5", 1, feat, INT64_MIN, T, it, 8, &n,
                                       sbuf, sizeof sbuf),
                      TLY_OK);
@@ -1034,6 +1046,26 @@ static uint8_t *dumped_word(uint8_t *p, size_t n, uint32_t user_type, const char
         }
     }
     return NULL;
+}
+
+static bool pick_first(const uint8_t *words, uint32_t used, uint32_t *at)
+{
+    (void)words;
+    *at = 0;
+    return used > 0;
+}
+
+static bool user_words(fx_t *fx, const char *uid)
+{
+    dump_t d = {.n = 0};
+    uint64_t hash[8] = {0};
+    assert_int_equal(tly_store_dump(fx->store, hash, keep_block, &d), TLY_OK);
+    bool words = false;
+    for (size_t b = 0; b < d.n; b++) {
+        words = words || dumped_word(d.blocks[b], d.lens[b], fx->user, uid, pick_first) != NULL;
+        free(d.blocks[b]);
+    }
+    return words;
 }
 
 static uint64_t word_at(const uint8_t *words, uint32_t i)
@@ -1597,6 +1629,7 @@ static void test_word_encoded_sum_past_int64_turns_double(void **state)
      * log's size, so the record is in the word encoding */
     for (int i = 0; i < 60; i++)
         assert_int_equal(put(fx, T, T - (60 - i) * 30 * SEC, 7, "p", "view", 0), TLY_OK);
+    assert_true(user_words(fx, "7"));
     tly_value_t v = get(fx, fx->user, "7", "dwell", 0, T);
     assert_int_equal(v.type, TLY_V_INT);
     assert_int_equal(v.u.i, 0);
@@ -1758,6 +1791,10 @@ static void test_compact_and_word_folds_agree_where_order_matters(void **state)
     assert_int_equal(tly_featset_resolve(fs, 0, "s", 1, &sum, &win), TLY_OK);
     assert_int_equal(tly_featset_resolve(fs, 0, "mn", 2, &mn, &win), TLY_OK);
     for (int pass = 0; pass < 2; pass++) { /* the compact log, then words */
+        for (int u = 1; u <= 4; u++) {
+            char uid[2] = {(char)('0' + u), 0};
+            assert_true(user_words(fx, uid) == (pass == 1));
+        }
         tly_featwin_t req[2] = {{sum, 0}, {mn, 0}};
         tly_value_t out[2];
         char sbuf[64];
@@ -1785,10 +1822,10 @@ static void test_compact_and_word_folds_agree_where_order_matters(void **state)
                          TLY_OK);
         assert_int_equal(out[0].type, TLY_V_INT);
         assert_true(out[0].u.i == INT64_MAX);
-        /* 40 more events each (another feature's): past the compact log's
+        /* 80 more events each (another feature's): past the compact log's
          * size, into the word encoding */
         for (int u = 1; pass == 0 && u <= 4; u++)
-            for (int i = 0; i < 40; i++) {
+            for (int i = 0; i < 80; i++) {
                 tly_event_t e;
                 memset(&e, 0, sizeof e);
                 e.nfields = (uint32_t)fs->nfields;
