@@ -1103,6 +1103,15 @@ static void bench_decode(bench_t *b)
     }
 }
 
+/* The ground-truth verdict of an apply row's note; a mismatch fails the
+ * run. */
+static const char *truth_of(bench_t *b, size_t mism)
+{
+    if (mism)
+        b->rc = 1;
+    return !b->ft.can_verify ? "skipped" : mism ? "MISMATCH" : "ok";
+}
+
 /* Rows f and g: the appliers of tallyd's Kafka source (tly_apply_batch),
  * with 1 and 2 threads, on the stream cut into batches of
  * TLY_APPLY_BATCH_MAX messages all from one partition, as a fetch of a
@@ -1154,12 +1163,7 @@ static void bench_batch(bench_t *b, row_id_t id, size_t nthreads)
     snprintf(row->note, sizeof row->note,
              "batches alone %" PRIu64 ", shared by entity %" PRIu64 ", by partition %" PRIu64
              "; ground truth: %s",
-             st.alone, st.shared, st.bypart,
-             !b->ft.can_verify ? "skipped"
-             : mism            ? "MISMATCH"
-                               : "ok");
-    if (mism)
-        b->rc = 1;
+             st.alone, st.shared, st.bypart, truth_of(b, mism));
     tly_store_free(store);
     free(items);
 }
@@ -1191,12 +1195,7 @@ static tly_store_t *bench_apply1(bench_t *b)
     snprintf(row->note, sizeof row->note,
              "%" PRIu64 " entities, %.0f MiB of state, %" PRIu64
              " feature updates; ground truth: %s",
-             st.entities, (double)st.bytes / 1048576.0, st.updates,
-             !b->ft.can_verify ? "skipped"
-             : mism            ? "MISMATCH"
-                               : "ok");
-    if (mism)
-        b->rc = 1;
+             st.entities, (double)st.bytes / 1048576.0, st.updates, truth_of(b, mism));
     return store;
 }
 
@@ -1239,11 +1238,7 @@ static void bench_apply2(bench_t *b)
              "even users: %zu events in %.3f s, odd users: %zu events in %.3f s; "
              "ground truth: %s",
              nidx[0], (double)best_th[0] / 1e9, nidx[1], (double)best_th[1] / 1e9,
-             !b->ft.can_verify ? "skipped"
-             : mism            ? "MISMATCH"
-                               : "ok");
-    if (mism)
-        b->rc = 1;
+             truth_of(b, mism));
     tly_store_free(store);
     free(idx[0]);
     free(idx[1]);
