@@ -1475,20 +1475,35 @@ static void test_out_of_range_position_is_reset_counted_and_nothing_is_lost(void
     tly_rcu_thread_offline();
 }
 
-/* A daemon around fx's source, store and config, for running commands. */
-static void daemon_of(const fixture_t *fx, tly_daemon_t *d)
+/* A client of a daemon around fx's source, store and config, for running
+ * commands: its session, scratch and reply buffer. */
+typedef struct {
+    tly_daemon_t d;
+    tly_session_t s;
+    tly_cmd_scratch_t *sc;
+    tly_buf_t out;
+} console_t;
+
+static void console_open(const fixture_t *fx, console_t *c)
 {
-    memset(d, 0, sizeof *d);
-    d->cfg = fx->cfg;
-    d->fs = fx->fs;
-    d->store = fx->store;
-    d->source = fx->src;
+    memset(c, 0, sizeof *c);
+    c->d.cfg = fx->cfg;
+    c->d.fs = fx->fs;
+    c->d.store = fx->store;
+    c->d.source = fx->src;
+    tly_session_init(&c->s, &c->d);
+    c->sc = tly_cmd_scratch_new();
 }
 
-/* Runs one command (space-separated words) against d; returns the reply
- * (valid until the next call). */
-static const char *run(tly_daemon_t *d, tly_session_t *s, tly_cmd_scratch_t *sc, tly_buf_t *out,
-                       const char *line)
+static void console_close(console_t *c)
+{
+    tly_buf_fini(&c->out);
+    tly_cmd_scratch_free(c->sc);
+}
+
+/* Runs one command (space-separated words) on c; returns the reply (valid
+ * until the next call). */
+static const char *run(console_t *c, const char *line)
 {
     char copy[512];
     snprintf(copy, sizeof copy, "%s", line);
@@ -1497,11 +1512,11 @@ static const char *run(tly_daemon_t *d, tly_session_t *s, tly_cmd_scratch_t *sc,
     for (char *save = NULL, *w = strtok_r(copy, " ", &save); w != NULL && argc < 16;
          w = strtok_r(NULL, " ", &save))
         argv[argc++] = (tly_arg_t){w, strlen(w)};
-    out->len = 0;
-    tly_command_exec(d, s, sc, argv, argc, out, wall_ms());
-    tly_buf_append(out, "", 1);
-    out->len--;
-    return out->data;
+    c->out.len = 0;
+    tly_command_exec(&c->d, &c->s, c->sc, argv, argc, &c->out, wall_ms());
+    tly_buf_append(&c->out, "", 1);
+    c->out.len--;
+    return c->out.data;
 }
 
 static void test_queries_get_loading_until_caught_up_unless_stale_is_on(void **state)
@@ -1530,27 +1545,22 @@ static void test_queries_get_loading_until_caught_up_unless_stale_is_on(void **s
     }
     flush_producer(prod);
 
-    tly_daemon_t d;
-    daemon_of(&fx, &d);
-    tly_session_t s;
-    tly_session_init(&s, &d);
-    tly_cmd_scratch_t *sc = tly_cmd_scratch_new();
-    tly_buf_t out = {0};
+    console_t c;
+    console_open(&fx, &c);
     assert_false(tly_source_ready(fx.src));
     /* Shard mode: the embedded coordinator waits 3 s before the first
      * assignment, so nothing is assigned yet. */
     start_source(&fx);
-    assert_string_equal(run(&d, &s, sc, &out, "FEATURES user 7 events:1h"),
+    assert_string_equal(run(&c, "FEATURES user 7 events:1h"),
                         "-LOADING tallyd is catching up with Kafka (lag not known yet: no "
                         "partitions assigned); retry, or CLIENT STALE ON to read anyway\r\n");
-    assert_non_null(strstr(run(&d, &s, sc, &out, "MFEATURES user 1 7"), "-LOADING "));
-    assert_non_null(strstr(run(&d, &s, sc, &out, "RECENT user 7 last_action"), "-LOADING "));
-    assert_non_null(strstr(run(&d, &s, sc, &out, "INFO source"), "\r\nloading:1\r\n"));
-    assert_string_equal(run(&d, &s, sc, &out, "CLIENT STALE ON"), "+OK\r\n");
-    assert_string_equal(run(&d, &s, sc, &out, "FEATURES user 7 events:1h"),
-                        "*2\r\n$9\r\nevents:1h\r\n:0\r\n");
-    assert_string_equal(run(&d, &s, sc, &out, "CLIENT STALE OFF"), "+OK\r\n");
-    assert_non_null(strstr(run(&d, &s, sc, &out, "CLIENT STALE MAYBE"), "-ERR unknown subcommand"));
+    assert_non_null(strstr(run(&c, "MFEATURES user 1 7"), "-LOADING "));
+    assert_non_null(strstr(run(&c, "RECENT user 7 last_action"), "-LOADING "));
+    assert_non_null(strstr(run(&c, "INFO source"), "\r\nloading:1\r\n"));
+    assert_string_equal(run(&c, "CLIENT STALE ON"), "+OK\r\n");
+    assert_string_equal(run(&c, "FEATURES user 7 events:1h"), "*2\r\n$9\r\nevents:1h\r\n:0\r\n");
+    assert_string_equal(run(&c, "CLIENT STALE OFF"), "+OK\r\n");
+    assert_non_null(strstr(run(&c, "CLIENT STALE MAYBE"), "-ERR unknown subcommand"));
 
     int64_t deadline = deadline_after(DEADLINE_S);
     while (!tly_source_ready(fx.src)) {
@@ -1566,13 +1576,12 @@ static void test_queries_get_loading_until_caught_up_unless_stale_is_on(void **s
     assert_int_equal(st.lag, 0);
     char want[64];
     snprintf(want, sizeof want, "*2\r\n$9\r\nevents:1h\r\n:%" PRId64 "\r\n", events_of_7);
-    assert_string_equal(run(&d, &s, sc, &out, "FEATURES user 7 events:1h"), want);
-    const char *info = run(&d, &s, sc, &out, "INFO source");
+    assert_string_equal(run(&c, "FEATURES user 7 events:1h"), want);
+    const char *info = run(&c, "INFO source");
     assert_non_null(strstr(info, "\r\nloading:0\r\n"));
     assert_non_null(strstr(info, "\r\noffset_resets:0\r\n"));
 
-    tly_buf_fini(&out);
-    tly_cmd_scratch_free(sc);
+    console_close(&c);
     rd_kafka_destroy(prod);
     fixture_fini(&fx);
     tly_rcu_thread_offline();
@@ -2222,21 +2231,16 @@ test_partitions_lost_while_the_count_is_unknown_are_dropped_once_it_is_known(voi
     assert_false(tly_source_ready(a.src));
     {
         /* A query says why: partitions are assigned, their ends unknown */
-        tly_daemon_t d;
-        daemon_of(&a, &d);
-        tly_session_t s;
-        tly_session_init(&s, &d);
-        tly_cmd_scratch_t *sc = tly_cmd_scratch_new();
-        tly_buf_t out = {0};
+        console_t con;
+        console_open(&a, &con);
         char want[256];
         snprintf(want, sizeof want,
                  "-LOADING tallyd is catching up with Kafka (lag not known yet: %d partitions "
                  "assigned, their end offsets not looked up yet); retry, or CLIENT STALE ON to "
                  "read anyway\r\n",
                  NPARTS / 2);
-        assert_string_equal(run(&d, &s, sc, &out, "FEATURES user 7 events:1h"), want);
-        tly_buf_fini(&out);
-        tly_cmd_scratch_free(sc);
+        assert_string_equal(run(&con, "FEATURES user 7 events:1h"), want);
+        console_close(&con);
     }
     if (st.dropped_entities != dropped_before)
         fail_msg("A was assigned before the metadata failed");
