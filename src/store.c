@@ -863,8 +863,8 @@ static tly_err_t store_read(tly_store_t *store, uint32_t entity, const char *id,
             } else if (ent && !words) {
                 uint32_t idx[COMPACT_MAX_EVENTS];
                 got = store_log_recent(&lg, feat->slot, k, since, now_ms, at_clock, k, idx);
-                if (got && !store_item_from_rec(store, feat, &lg.recs[idx[0]], &it, strbuf, strcap,
-                                                &sused))
+                if (got &&
+                    !store_item_from_rec(store, feat, &lg, idx[0], &it, strbuf, strcap, &sused))
                     full = true;
             } else if (ent) {
                 bool found;
@@ -960,7 +960,7 @@ static tly_err_t store_recent(tly_store_t *store, uint32_t entity, const char *i
                            : store_log_recent(&lg, feat->slot, feat->k, since_ms, asof_ms, at_clock,
                                               cap, idx);
             for (size_t q = 0; q < m && !full; q++) {
-                if (store_item_from_rec(store, feat, &lg.recs[idx[q]], &items[got], strbuf, strcap,
+                if (store_item_from_rec(store, feat, &lg, idx[q], &items[got], strbuf, strcap,
                                         &sused))
                     got++;
                 else
@@ -1016,7 +1016,7 @@ static int64_t ent_last(const tly_store_t *store, const ent_t *ent, log_t *lg)
     store_log_copy(ent, lg);
     if (store_log_decode(store, &store->etypes[ent->type], lg))
         for (size_t i = 0; i < lg->nrecs; i++)
-            last = lg->recs[i].t > last ? lg->recs[i].t : last;
+            last = lg->ts[i] > last ? lg->ts[i] : last;
     return last;
 }
 
@@ -1553,12 +1553,12 @@ static tly_err_t load_log_remap(tly_store_t *store, const lmap_t *m, const char 
     int64_t now = INT64_MAX;
     bool any = false;
     for (size_t r = 0; r < lg.nrecs; r++) {
-        if (lg.recs[r].mask >> m->nslots)
+        if (lg.masks[r] >> m->nslots)
             return snap_fail(err, errlen, "malformed entity state", item);
         for (uint32_t s = 0; s < m->nslots && s < 64; s++)
-            if ((lg.recs[r].mask >> s & 1) && m->slot_feat[s] >= 0) {
+            if ((lg.masks[r] >> s & 1) && m->slot_feat[s] >= 0) {
                 any = true;
-                now = lg.recs[r].t < now ? lg.recs[r].t : now;
+                now = lg.ts[r] < now ? lg.ts[r] : now;
             }
     }
     if (!any)
@@ -1577,7 +1577,7 @@ static tly_err_t load_log_remap(tly_store_t *store, const lmap_t *m, const char 
         uint64_t mask = 0;
         uint32_t nf = 0;
         for (uint32_t s = 0; s < m->nslots && s < 64; s++)
-            if ((rec->mask >> s & 1) && m->slot_feat[s] >= 0) {
+            if ((lg.masks[r] >> s & 1) && m->slot_feat[s] >= 0) {
                 const tly_feat_t *feat = &fs->feats[m->slot_feat[s]];
                 feats[nf++] = feat->id;
                 if (feat->slot < 64)
@@ -1587,7 +1587,7 @@ static tly_err_t load_log_remap(tly_store_t *store, const lmap_t *m, const char 
             continue;
         memset(ev.vals, 0, sizeof ev.vals[0] * fs->nfields);
         ev.nfields = (uint32_t)fs->nfields;
-        ev.time_ms = rec->t;
+        ev.time_ms = lg.ts[r];
         ev.skip_entities = 0;
         ev.replayed = false;
         for (uint32_t j = 0; j < m->nvf; j++)

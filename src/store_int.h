@@ -322,11 +322,9 @@ static inline void store_window_range(const tly_window_t *win, int64_t now_ms, i
     *hi = memo[i].hi;
 }
 
-/* Up to COMPACT_MAX_EVENTS records decoded from a log. */
+/* The values of one record decoded from a log (its time and mask are in
+ * log_t's ts and masks; its index is its arrival order). */
 typedef struct {
-    int64_t t;
-    uint64_t mask;
-    uint32_t pos; /* arrival order */
     tly_value_t vals[TLY_MAX_ITEM_VALUES];
 } rec_t;
 
@@ -335,8 +333,8 @@ typedef struct {
     size_t nbytes;
     rec_t recs[COMPACT_MAX_EVENTS];
     size_t nrecs;
-    /* recs[i].t and .mask again, side by side, for the scans that read
-     * only them (a count, a window's filter) */
+    /* each record's time and feature mask, apart from its values, for the
+     * scans that read only them (a count, a window's filter) */
     int64_t ts[COMPACT_MAX_EVENTS];
     uint64_t masks[COMPACT_MAX_EVENTS];
 } log_t;
@@ -413,8 +411,8 @@ size_t store_log_recent(const log_t *lg, uint32_t slot, uint32_t k, int64_t sinc
  * without ordering them. */
 size_t store_log_count(const log_t *lg, uint32_t slot, uint32_t k, int64_t since_ms,
                        int64_t asof_ms, bool at_clock);
-bool store_item_from_rec(const tly_store_t *store, const tly_feat_t *feat, const rec_t *r,
-                         tly_item_t *it, char *strbuf, size_t strcap, size_t *sused);
+bool store_item_from_rec(const tly_store_t *store, const tly_feat_t *feat, const log_t *lg,
+                         size_t i, tly_item_t *it, char *strbuf, size_t strcap, size_t *sused);
 tly_value_t store_log_value(const tly_store_t *store, const log_t *lg, const tly_feat_t *feat,
                             uint32_t window, int64_t now_ms);
 

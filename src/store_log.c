@@ -185,24 +185,23 @@ bool store_log_decode(const tly_store_t *store, const etype_t *et, log_t *lg)
             return false;
         rec_t *r = &lg->recs[lg->nrecs];
         uint64_t v;
+        int64_t rt;
         if (!get_varint(lg->bytes, lg->nbytes, &at, &v))
             return false;
         /* the first record's time is absolute, the others relative to it;
          * none is negative (tly_store_apply refuses such events), so the
          * difference to a new event's time cannot overflow either */
         if (lg->nrecs == 0)
-            r->t = unzigzag(v);
-        else if (__builtin_add_overflow(t, unzigzag(v), &r->t))
+            rt = unzigzag(v);
+        else if (__builtin_add_overflow(t, unzigzag(v), &rt))
             return false;
-        if (r->t < 0)
+        if (rt < 0)
             return false;
         if (lg->nrecs == 0)
-            t = r->t;
-        r->pos = (uint32_t)lg->nrecs;
-        if (!get_varint(lg->bytes, lg->nbytes, &at, &r->mask))
+            t = rt;
+        lg->ts[lg->nrecs] = rt;
+        if (!get_varint(lg->bytes, lg->nbytes, &at, &lg->masks[lg->nrecs]))
             return false;
-        lg->ts[lg->nrecs] = r->t;
-        lg->masks[lg->nrecs] = r->mask;
         size_t tagbytes = (et->nvf + 3) / 4;
         if (at + tagbytes > lg->nbytes)
             return false;
@@ -319,13 +318,15 @@ static size_t rec_encode(tly_store_t *store, const etype_t *et, const tly_event_
     return n;
 }
 
-static void ev_from_rec(const tly_featset_t *fs, const etype_t *et, const rec_t *r, tly_event_t *ev)
+/* Record i of lg as an event. */
+static void ev_from_rec(const tly_featset_t *fs, const etype_t *et, const log_t *lg, size_t i,
+                        tly_event_t *ev)
 {
     memset(ev->vals, 0, sizeof ev->vals[0] * fs->nfields);
     ev->nfields = (uint32_t)fs->nfields;
-    ev->time_ms = r->t;
+    ev->time_ms = lg->ts[i];
     for (uint32_t j = 0; j < et->nvf; j++)
-        ev->vals[et->vf[j]] = r->vals[j];
+        ev->vals[et->vf[j]] = lg->recs[i].vals[j];
 }
 
 /* Replays a compact record's log into the word encoding. */
@@ -350,8 +351,8 @@ static void compact_to_words(tly_store_t *store, ent_t **entp, int64_t now_ms)
     atomic_store_explicit(&e->used, 1, memory_order_relaxed);
     tly_event_t ev;
     for (size_t i = 0; i < lg.nrecs; i++) {
-        ev_from_rec(fs, et, &lg.recs[i], &ev);
-        store_words_apply(store, &e, etype, lg.recs[i].mask, NULL, (uint32_t)etype->nfeats, &ev,
+        ev_from_rec(fs, et, &lg, i, &ev);
+        store_words_apply(store, &e, etype, lg.masks[i], NULL, (uint32_t)etype->nfeats, &ev,
                           now_ms);
     }
     atomic_store_explicit(&et->conv_words, atomic_load_explicit(&e->used, memory_order_relaxed),
@@ -553,11 +554,12 @@ size_t store_log_count(const log_t *lg, uint32_t slot, uint32_t k, int64_t since
     return in < room ? in : room;
 }
 
-/* Fills an item from record r for feature feat. */
-bool store_item_from_rec(const tly_store_t *store, const tly_feat_t *feat, const rec_t *r,
-                         tly_item_t *it, char *strbuf, size_t strcap, size_t *sused)
+/* Fills an item from record i of lg for feature feat. */
+bool store_item_from_rec(const tly_store_t *store, const tly_feat_t *feat, const log_t *lg,
+                         size_t i, tly_item_t *it, char *strbuf, size_t strcap, size_t *sused)
 {
-    it->time_ms = r->t;
+    const rec_t *r = &lg->recs[i];
+    it->time_ms = lg->ts[i];
     it->nvals = (uint32_t)feat->nvalues;
     for (size_t v = 0; v < feat->nvalues; v++) {
         const tly_value_t *src = &r->vals[store->vidx[feat->id][v]];
