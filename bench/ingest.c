@@ -20,7 +20,11 @@
  *      only polls and destroys until it has seen every message;
  *   f, g. tly_apply_batch, the appliers of tallyd's Kafka source, with 1 and
  *      2 threads, on the stream in batches of 4096 from one partition (with 2
- *      threads each batch is shared by entity, apply.c).
+ *      threads each batch is shared by entity, apply.c);
+ *   h. the same batches pipelined (tly_apply_stage/submit/wait) with 2
+ *      threads: the benchmark's thread decodes a batch (and fills the
+ *      next) while the worker applies the one before, as the source's
+ *      poll thread does while it polls.
  *
  * and splits one writer's cost into parse (row b), lookup (tly_store_read
  * with no feature requests on each event's user and pin id, after apply,
@@ -108,6 +112,7 @@ typedef enum {
     ROW_KAFKA,
     ROW_BATCH1,
     ROW_BATCH2,
+    ROW_PIPE2,
     ROW__COUNT
 } row_id_t;
 
@@ -119,9 +124,10 @@ static const char *const row_names[ROW__COUNT] = {
     "e. bare librdkafka consumer",
     "f. tly_apply_batch, 1 thread",
     "g. tly_apply_batch, 2 threads",
+    "h. pipelined, 2 threads",
 };
 static const char *const row_keys[ROW__COUNT] = {"jsmn",  "decode", "apply1", "apply2",
-                                                 "kafka", "batch1", "batch2"};
+                                                 "kafka", "batch1", "batch2", "pipe2"};
 
 typedef struct {
     size_t nevents;
@@ -881,7 +887,7 @@ static void usage(FILE *out)
         "  --config FILE feature set (default config/demo.yaml)\n"
         "  --brokers B   brokers of row e's mock cluster (default %d)\n"
         "  --only ROWS   run only these: jsmn decode apply1 apply2 kafka batch1 batch2\n"
-        "                split\n"
+        "                pipe2 split\n"
         "  --ordered     event times rise in stream order (default: each event's ts is\n"
         "                the generation time minus U[0, 60 s], so out of order)\n"
         "  --no-verify   skip the ground-truth check of the apply rows\n"
@@ -952,7 +958,7 @@ static void parse_args(int argc, char **argv, opts_t *o)
         } else if (v != NULL && strcmp(a, "--only") == 0) {
             if (!select_rows(o, v))
                 die("--only wants a comma-separated list of jsmn decode apply1 apply2 kafka "
-                    "batch1 batch2 split");
+                    "batch1 batch2 pipe2 split");
             i++;
         } else if (v != NULL && strcmp(a, "--perf-ctl") == 0) {
             snprintf(ctl, sizeof ctl, "%s", v);
@@ -1112,16 +1118,37 @@ static const char *truth_of(bench_t *b, size_t mism)
     return !b->ft.can_verify ? "skipped" : mism ? "MISMATCH" : "ok";
 }
 
-/* Rows f and g: the appliers of tallyd's Kafka source (tly_apply_batch),
- * with 1 and 2 threads, on the stream cut into batches of
- * TLY_APPLY_BATCH_MAX messages all from one partition, as a fetch of a
- * user-keyed topic mostly hands them over: with 2 threads each batch is
- * shared by entity (apply.c). */
-static void bench_batch(bench_t *b, row_id_t id, size_t nthreads)
+/* Fills items[0..n) with the stream's events [i, i + n). */
+static void batch_fill(const stream_t *sm, tly_apply_item_t *items, size_t i, size_t n)
+{
+    for (size_t k = 0; k < n; k++)
+        items[k] = (tly_apply_item_t){.payload = sm->arena + sm->off[i + k],
+                                      .len = sm->len[i + k],
+                                      .offset = (int64_t)(i + k),
+                                      .kafka_ts_ms = -1,
+                                      .topic = -1};
+}
+
+static size_t batch_rejected(const tly_apply_item_t *items, size_t n)
+{
+    size_t bad = 0;
+    for (size_t k = 0; k < n; k++)
+        bad += items[k].err != TLY_OK;
+    return bad;
+}
+
+/* Rows f, g and h: the appliers of tallyd's Kafka source, with 1 and 2
+ * threads, on the stream cut into batches of TLY_APPLY_BATCH_MAX messages
+ * all from one partition, as a fetch of a user-keyed topic mostly hands
+ * them over: with 2 threads each batch is shared by entity (apply.c), or,
+ * pipelined (row h), decoded by this thread and applied by the worker while
+ * this thread fills and decodes the next. */
+static void bench_batch(bench_t *b, row_id_t id, size_t nthreads, bool pipelined)
 {
     const stream_t *sm = &b->sm;
     row_t *row = &b->rows[id];
-    tly_apply_item_t *items = xmalloc(TLY_APPLY_BATCH_MAX * sizeof *items);
+    tly_apply_item_t *items[2] = {xmalloc(TLY_APPLY_BATCH_MAX * sizeof *items[0]),
+                                  xmalloc(TLY_APPLY_BATCH_MAX * sizeof *items[1])};
     tly_store_t *store = NULL;
     tly_apply_stats_t st = {0};
     size_t bad = 0;
@@ -1136,18 +1163,24 @@ static void bench_batch(bench_t *b, row_id_t id, size_t nthreads)
         clk_t c0 = clk_start();
         int64_t t0 = mono_ns();
         perf_ctl(&b->o, "enable");
+        size_t cur = 0, fly_n = 0;
         for (size_t i = 0; i < sm->n; i += TLY_APPLY_BATCH_MAX) {
             size_t n = sm->n - i < TLY_APPLY_BATCH_MAX ? sm->n - i : TLY_APPLY_BATCH_MAX;
-            for (size_t k = 0; k < n; k++)
-                items[k] = (tly_apply_item_t){.payload = sm->arena + sm->off[i + k],
-                                              .len = sm->len[i + k],
-                                              .offset = (int64_t)(i + k),
-                                              .kafka_ts_ms = -1,
-                                              .topic = -1};
-            tly_apply_batch(ap, items, n, b->now_ms);
-            for (size_t k = 0; k < n; k++)
-                bad += items[k].err != TLY_OK;
+            batch_fill(sm, items[cur], i, n);
+            if (!pipelined) {
+                tly_apply_batch(ap, items[cur], n, b->now_ms);
+                bad += batch_rejected(items[cur], n);
+                continue;
+            }
+            tly_apply_stage(ap, items[cur], n, b->now_ms);
+            if (tly_apply_wait(ap))
+                bad += batch_rejected(items[1 - cur], fly_n);
+            tly_apply_submit(ap);
+            fly_n = n;
+            cur = 1 - cur;
         }
+        if (pipelined && tly_apply_wait(ap))
+            bad += batch_rejected(items[1 - cur], fly_n);
         perf_ctl(&b->o, "disable");
         int64_t ns = mono_ns() - t0;
         tly_apply_stats(ap, &st);
@@ -1162,10 +1195,11 @@ static void bench_batch(bench_t *b, row_id_t id, size_t nthreads)
     size_t mism = verify_store(store, sm, &b->ft, b->now_ms, row_names[id]);
     snprintf(row->note, sizeof row->note,
              "batches alone %" PRIu64 ", shared by entity %" PRIu64 ", by partition %" PRIu64
-             "; ground truth: %s",
-             st.alone, st.shared, st.bypart, truth_of(b, mism));
+             ", pipelined %" PRIu64 "; ground truth: %s",
+             st.alone, st.shared, st.bypart, st.pipelined, truth_of(b, mism));
     tly_store_free(store);
-    free(items);
+    free(items[0]);
+    free(items[1]);
 }
 
 /* Row c. Returns the last run's store, which the cost split reads (caller
@@ -1432,9 +1466,11 @@ int main(int argc, char **argv)
     if (b.o.only[ROW_APPLY2])
         bench_apply2(&b);
     if (b.o.only[ROW_BATCH1])
-        bench_batch(&b, ROW_BATCH1, 1);
+        bench_batch(&b, ROW_BATCH1, 1, false);
     if (b.o.only[ROW_BATCH2])
-        bench_batch(&b, ROW_BATCH2, 2);
+        bench_batch(&b, ROW_BATCH2, 2, false);
+    if (b.o.only[ROW_PIPE2])
+        bench_batch(&b, ROW_PIPE2, 2, true);
     if (b.o.only[ROW__COUNT])
         bench_lookup(&b, kept);
     tly_store_free(kept);

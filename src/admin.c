@@ -241,6 +241,18 @@ static void metrics_source(tly_daemon_t *d, tly_buf_t *b)
     counter(b, "tallyd_kafka_fetch_idle_nudges_total",
             "Of those, the ones sent after an empty poll while a partition was behind.",
             st.fetch_idle_nudges);
+    counter(b, "tallyd_kafka_batches_alone_total",
+            "Batches of messages applied by the poll thread alone (small, or kafka.threads 1).",
+            st.batches_alone);
+    counter(b, "tallyd_kafka_batches_shared_total",
+            "Batches decoded and applied by the poll thread and the apply threads together.",
+            st.batches_shared);
+    counter(b, "tallyd_kafka_batches_by_partition_total",
+            "Batches spread over the appliers by partition.", st.batches_by_partition);
+    counter(b, "tallyd_kafka_batches_pipelined_total",
+            "Batches decoded by the poll thread and applied by the apply threads while it polled "
+            "the next.",
+            st.batches_pipelined);
 
     /* Unknown values (no high watermark yet, no event yet) have no sample
      * rather than a made-up number. */

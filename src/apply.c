@@ -27,6 +27,15 @@
  *      Applier 0 applies every item (its apply gives the verdict); the
  *      others pass over those of which they own no entity.
  *
+ * Pipelined (tly_apply_stage/submit/wait, apply.h): the caller runs
+ * phase 1 alone, whole, into one of two record sets while the workers
+ * apply the batch before from the other; submit hands the staged batch to
+ * the workers, who share it by entity as in phase 2 (worker k is share
+ * k − 1 of nworkers, share 0 writes the verdicts) with no barrier, and
+ * returns; the caller polls the next batch meanwhile. That keeps the
+ * source's poll thread (poll, collect, settle) off the appliers' path,
+ * where tly_apply_batch has it wait for them.
+ *
  * So a message is decoded once (not once per applier) and its ids are
  * rendered and hashed once. Either way every entity's events from one
  * partition are applied by one applier in batch order, the order Kafka
@@ -48,6 +57,11 @@
  * start and the end of a batch they read the items and each writes the
  * verdicts (err, time_ms) of its own items; tly_apply_batch waits for all
  * of them before it returns, so the caller owns the items again.
+ *
+ * A staged batch's records are written by the caller before the hand-out
+ * (under mu) that publishes them, into the set the batch in flight does
+ * not use; the caller takes the items back at tly_apply_wait (under mu,
+ * after every worker's decrement).
  *
  * Invariants: a worker touches a batch only between the gen bump that
  * hands it out and its own decrement of busy; the verdict of each item is
@@ -109,6 +123,16 @@ typedef struct {
     uint32_t share, nshares;
 } applier_t;
 
+/* A batch and where its phase 1 records go. */
+typedef struct {
+    tly_apply_item_t *items;
+    size_t n;
+    int64_t now_ms;
+    uint8_t *decoded; /* [TLY_APPLY_BATCH_MAX * rec_size]; NULL with one applier */
+    char *bytes;      /* [NCHUNKS * CHUNK_BYTES] */
+    bool pre;         /* decoded whole before the hand-out (tly_apply_stage) */
+} batch_t;
+
 struct tly_apply {
     const tly_featset_t *fs;
     tly_store_t *store;
@@ -120,17 +144,20 @@ struct tly_apply {
     size_t nappliers;
     size_t ndecs;
     size_t nworkers; /* running; written by start and stop, while no batch runs */
-    /* the batch being applied: set by tly_apply_batch before it hands it
-     * out, read by the workers until they are done with it */
-    tly_apply_item_t *items;
-    size_t nitems;
-    int64_t now_ms;
+    /* the batch being applied: set by tly_apply_batch (or submit) before
+     * it hands it out, read by the workers until they are done with it */
+    batch_t cur;
+    /* a pipelined batch decoded by the caller while cur is applied
+     * (tly_apply_stage); its records are the other of the two sets */
+    batch_t staged;
+    bool inflight;    /* cur was submitted and not waited for (caller's thread) */
     uint8_t *by_part; /* [TLY_APPLY_BATCH_MAX] spread_by_partition's choice */
-    /* A batch shared by entity (see the file comment): the records, each
-     * rec_size bytes, and each chunk's bytes; NULL with one applier. */
+    /* A batch shared by entity (see the file comment): records of rec_size
+     * bytes and each chunk's bytes, two sets (a pipelined batch is decoded
+     * into one while the other is applied); NULL with one applier. */
     size_t evsize, rec_size;
-    uint8_t *decoded;          /* [TLY_APPLY_BATCH_MAX * rec_size] */
-    char *bytes;               /* [NCHUNKS * CHUNK_BYTES] */
+    uint8_t *decoded_set[2];
+    char *bytes_set[2];
     atomic_size_t next_chunk;  /* the next chunk to take */
     atomic_size_t ndecoded;    /* items decoded; all: phase 2 may start */
     pthread_cond_t decoded_cv; /* under mu: ndecoded reached nitems */
@@ -142,7 +169,7 @@ struct tly_apply {
     size_t busy;  /* under mu */
     bool quit;    /* under mu */
     /* counters: written by the tly_apply_batch thread, read relaxed */
-    atomic_uint_fast64_t alone, bypart, shared;
+    atomic_uint_fast64_t alone, bypart, shared, pipelined;
     atomic_uint_fast64_t redecoded; /* by every applier (redo); any applier adds */
 };
 
@@ -166,7 +193,7 @@ static tly_err_t check_route(const tly_apply_t *ap, const tly_event_rules_t *rul
 /* Decodes one item into *ev with the applier's decoder set r (of
  * AHEAD + 1): TLY_OK, or why the event is rejected. Writes nothing shared. */
 static tly_err_t decode_item(const tly_apply_t *ap, const applier_t *a, size_t r,
-                             const tly_apply_item_t *it, tly_event_t *ev)
+                             const tly_apply_item_t *it, int64_t now_ms, tly_event_t *ev)
 {
     size_t di = it->topic >= 0 ? (size_t)it->topic : ap->ndecs - 1;
     const tly_event_rules_t *rules = it->topic >= 0 ? &ap->fs->topics[it->topic] : &ap->fs->events;
@@ -175,7 +202,7 @@ static tly_err_t decode_item(const tly_apply_t *ap, const applier_t *a, size_t r
     /* The store drops events beyond the loosest max_future_skew of all
      * topics; a topic with a tighter one is held to it here. */
     if (err == TLY_OK && rules->max_future_skew_ms < ap->fs->max_future_skew_ms &&
-        ev->time_ms > ap->now_ms + rules->max_future_skew_ms)
+        ev->time_ms > now_ms + rules->max_future_skew_ms)
         err = TLY_E_EV_FUTURE;
     if (err == TLY_OK && ap->shard != NULL)
         err = check_route(ap, rules, ev, it->partition);
@@ -184,9 +211,9 @@ static tly_err_t decode_item(const tly_apply_t *ap, const applier_t *a, size_t r
     return err;
 }
 
-static decoded_t *decoded_of(const tly_apply_t *ap, size_t i)
+static decoded_t *decoded_of(const tly_apply_t *ap, const batch_t *b, size_t i)
 {
-    return (decoded_t *)(ap->decoded + i * ap->rec_size);
+    return (decoded_t *)(b->decoded + i * ap->rec_size);
 }
 
 /* Copies ev's strings that do not point into the item's payload (those
@@ -229,25 +256,25 @@ static bool keep_ids(decoded_t *d, const tly_prefetch_t *pf, char *bytes, size_t
     return true;
 }
 
-/* Phase 1 for chunk c: decodes its items into their records, with the
- * applier's decoder set 0. */
-static void decode_chunk(tly_apply_t *ap, applier_t *a, size_t c)
+/* Phase 1 for chunk c of batch b: decodes its items into their records,
+ * with the applier's decoder set 0. */
+static void decode_chunk(tly_apply_t *ap, applier_t *a, const batch_t *b, size_t c)
 {
-    size_t lo = c * CHUNK, hi = lo + CHUNK < ap->nitems ? lo + CHUNK : ap->nitems;
-    char *bytes = &ap->bytes[c * CHUNK_BYTES];
+    size_t lo = c * CHUNK, hi = lo + CHUNK < b->n ? lo + CHUNK : b->n;
+    char *bytes = &b->bytes[c * CHUNK_BYTES];
     size_t used = 0;
     uint64_t redo = 0;
     tly_event_t ev;
     tly_prefetch_t pf;
     for (size_t i = lo; i < hi; i++) {
-        decoded_t *d = decoded_of(ap, i);
+        decoded_t *d = decoded_of(ap, b, i);
         d->redo = false;
-        d->err = decode_item(ap, a, 0, &ap->items[i], &ev);
+        d->err = decode_item(ap, a, 0, &b->items[i], b->now_ms, &ev);
         if (d->err != TLY_OK)
             continue;
         tly_store_hint(ap->store, &ev, &pf);
         size_t mark = used;
-        if (!keep_strings(&ev, &ap->items[i], bytes, &used) || !keep_ids(d, &pf, bytes, &used)) {
+        if (!keep_strings(&ev, &b->items[i], bytes, &used) || !keep_ids(d, &pf, bytes, &used)) {
             d->redo = true;
             used = mark;
             redo++;
@@ -263,10 +290,10 @@ static void decode_chunk(tly_apply_t *ap, applier_t *a, size_t c)
  * until the others decoded theirs. */
 static void decode_shared(tly_apply_t *ap, applier_t *a)
 {
-    const size_t n = ap->nitems, nchunks = (n + CHUNK - 1) / CHUNK;
+    const size_t n = ap->cur.n, nchunks = (n + CHUNK - 1) / CHUNK;
     size_t c;
     while ((c = atomic_fetch_add_explicit(&ap->next_chunk, 1, memory_order_relaxed)) < nchunks) {
-        decode_chunk(ap, a, c);
+        decode_chunk(ap, a, &ap->cur, c);
         size_t k = c + 1 < nchunks ? CHUNK : n - c * CHUNK;
         if (atomic_fetch_add_explicit(&ap->ndecoded, k, memory_order_acq_rel) + k == n) {
             /* under mu: a waiter checks the count under it before it
@@ -297,17 +324,17 @@ static void decode_shared(tly_apply_t *ap, applier_t *a)
 static tly_err_t load_shared(tly_apply_t *ap, const applier_t *a, size_t r, size_t i,
                              tly_event_t *ev, tly_prefetch_t *pf, bool *skip)
 {
-    const decoded_t *d = decoded_of(ap, i);
+    const decoded_t *d = decoded_of(ap, &ap->cur, i);
     *skip = false;
     if (d->redo) {
-        tly_err_t err = decode_item(ap, a, r, &ap->items[i], ev);
+        tly_err_t err = decode_item(ap, a, r, &ap->cur.items[i], ap->cur.now_ms, ev);
         if (err == TLY_OK)
             tly_store_prefetch_share(ap->store, ev, a->share, a->nshares, pf);
         return err;
     }
     if (d->err != TLY_OK)
         return d->err;
-    const char *id = &ap->bytes[i / CHUNK * CHUNK_BYTES + d->ids];
+    const char *id = &ap->cur.bytes[i / CHUNK * CHUNK_BYTES + d->ids];
     pf->n = d->n;
     pf->ids = true;
     pf->matched = d->matched;
@@ -352,12 +379,14 @@ static void apply_list(tly_apply_t *ap, applier_t *a)
     bool skip[AHEAD + 1] = {false}; /* load_shared's */
     for (size_t r = 0; r <= AHEAD; r++)
         err[r] = TLY_E_EV_BAD_JSON; /* each is set before it is read */
-    size_t n = a->bypart ? a->nidx : ap->nitems;
+    size_t n = a->bypart ? a->nidx : ap->cur.n;
     const uint32_t *idx = a->bypart ? a->idx : NULL;
     const uint32_t share = a->bypart ? 0 : a->share, nshares = a->bypart ? 1 : a->nshares;
     const bool verdicts = share == 0;
-    const bool shared = !a->bypart && nshares > 1;
-    if (shared)
+    /* from the batch-wide records: a shared batch, or a pipelined one
+     * (decoded before it was handed out) */
+    const bool shared = !a->bypart && (nshares > 1 || ap->cur.pre);
+    if (shared && !ap->cur.pre)
         decode_shared(ap, a);
     /* One read-side section for the whole list (at most
      * TLY_APPLY_BATCH_MAX items, a few ms): the store's own lock and unlock
@@ -370,7 +399,8 @@ static void apply_list(tly_apply_t *ap, applier_t *a)
             err[r] = load_shared(ap, a, r, k, &ev[r], &pf[r], &skip[r]);
         } else if (k < n) {
             size_t r = k % (AHEAD + 1);
-            err[r] = decode_item(ap, a, r, &ap->items[idx ? idx[k] : k], &ev[r]);
+            err[r] =
+                decode_item(ap, a, r, &ap->cur.items[idx ? idx[k] : k], ap->cur.now_ms, &ev[r]);
             if (err[r] == TLY_OK)
                 tly_store_prefetch_share(ap->store, &ev[r], share, nshares, &pf[r]);
         }
@@ -379,14 +409,14 @@ static void apply_list(tly_apply_t *ap, applier_t *a)
             tly_store_prefetch_records(ap->store, &pf[(k - 1) % (AHEAD + 1)]);
         if (k >= AHEAD) {
             size_t r = (k - AHEAD) % (AHEAD + 1);
-            tly_apply_item_t *it = &ap->items[idx ? idx[k - AHEAD] : k - AHEAD];
+            tly_apply_item_t *it = &ap->cur.items[idx ? idx[k - AHEAD] : k - AHEAD];
             int64_t time_ms = -1;
             if (err[r] == TLY_OK && !skip[r]) {
                 /* the store's verdict: rejected whole (a future time, a
                  * missing key, ...), or taken, though maybe late for every
                  * feature (counted by the store per feature) */
                 tly_err_t aerr = tly_store_apply_hinted(ap->store, &ev[r], &pf[r], it->partition,
-                                                        it->offset, ap->now_ms);
+                                                        it->offset, ap->cur.now_ms);
                 if (aerr == TLY_OK)
                     time_ms = ev[r].time_ms;
                 else if (aerr != TLY_E_EV_LATE)
@@ -436,33 +466,56 @@ static void *worker_main(void *arg)
 static bool spread_by_partition(tly_apply_t *ap, size_t na)
 {
     size_t count[TLY_APPLY_THREADS_MAX] = {0}, most = 0;
-    for (size_t i = 0; i < ap->nitems; i++) {
-        uint64_t h = (uint64_t)ap->items[i].part * UINT64_C(0x9e3779b97f4a7c15);
+    for (size_t i = 0; i < ap->cur.n; i++) {
+        uint64_t h = (uint64_t)ap->cur.items[i].part * UINT64_C(0x9e3779b97f4a7c15);
         size_t k = (size_t)(h >> 33) % na;
         ap->by_part[i] = (uint8_t)k;
         if (++count[k] > most)
             most = count[k];
     }
-    if (most * na * 4 > ap->nitems * 5)
+    if (most * na * 4 > ap->cur.n * 5)
         return false;
     for (size_t k = 0; k < na; k++) {
         ap->appliers[k].bypart = true;
         ap->appliers[k].nidx = 0;
     }
-    for (size_t i = 0; i < ap->nitems; i++) {
+    for (size_t i = 0; i < ap->cur.n; i++) {
         applier_t *a = &ap->appliers[ap->by_part[i]];
         a->idx[a->nidx++] = (uint32_t)i;
     }
     return true;
 }
 
+/* Hands the batch in ap->cur to the workers (gen bump under mu) and
+ * counts them busy. */
+static void hand_out(tly_apply_t *ap)
+{
+    pthread_mutex_lock(&ap->mu);
+    ap->gen++;
+    ap->busy = ap->nworkers;
+    pthread_cond_broadcast(&ap->go);
+    pthread_mutex_unlock(&ap->mu);
+}
+
+/* Waits until no worker is busy with the batch handed out. */
+static void wait_workers(tly_apply_t *ap)
+{
+    pthread_mutex_lock(&ap->mu);
+    while (ap->busy > 0)
+        pthread_cond_wait(&ap->done, &ap->mu);
+    pthread_mutex_unlock(&ap->mu);
+}
+
 void tly_apply_batch(tly_apply_t *ap, tly_apply_item_t *items, size_t n, int64_t now_ms)
 {
     if (n == 0)
         return;
-    ap->items = items;
-    ap->nitems = n;
-    ap->now_ms = now_ms;
+    tly_apply_wait(ap); /* one batch at a time */
+    ap->cur = (batch_t){.items = items,
+                        .n = n,
+                        .now_ms = now_ms,
+                        .decoded = ap->decoded_set[0],
+                        .bytes = ap->bytes_set[0]};
     applier_t *self = &ap->appliers[0];
     if (ap->nworkers == 0 || n < SPREAD_MIN) {
         atomic_fetch_add_explicit(&ap->alone, 1, memory_order_relaxed);
@@ -477,25 +530,76 @@ void tly_apply_batch(tly_apply_t *ap, tly_apply_item_t *items, size_t n, int64_t
             atomic_fetch_add_explicit(&ap->shared, 1, memory_order_relaxed);
             for (size_t k = 0; k < na; k++) {
                 ap->appliers[k].bypart = false;
+                ap->appliers[k].share = (uint32_t)k;
                 ap->appliers[k].nshares = (uint32_t)na;
             }
             /* before the hand-out, which publishes them under mu */
             atomic_store_explicit(&ap->next_chunk, 0, memory_order_relaxed);
             atomic_store_explicit(&ap->ndecoded, 0, memory_order_relaxed);
         }
-        pthread_mutex_lock(&ap->mu);
-        ap->gen++;
-        ap->busy = ap->nworkers;
-        pthread_cond_broadcast(&ap->go);
-        pthread_mutex_unlock(&ap->mu);
+        hand_out(ap);
         apply_list(ap, self);
-        pthread_mutex_lock(&ap->mu);
-        while (ap->busy > 0)
-            pthread_cond_wait(&ap->done, &ap->mu);
-        pthread_mutex_unlock(&ap->mu);
+        wait_workers(ap);
     }
-    ap->items = NULL;
-    ap->nitems = 0;
+    ap->cur = (batch_t){0};
+}
+
+bool tly_apply_pipelines(const tly_apply_t *ap)
+{
+    return ap->nworkers > 0;
+}
+
+void tly_apply_stage(tly_apply_t *ap, tly_apply_item_t *items, size_t n, int64_t now_ms)
+{
+    /* the set cur does not use (cur's, while it is in flight) */
+    size_t set = ap->inflight && ap->cur.decoded == ap->decoded_set[0] ? 1 : 0;
+    ap->staged = (batch_t){.items = items,
+                           .n = n,
+                           .now_ms = now_ms,
+                           .decoded = ap->decoded_set[set],
+                           .bytes = ap->bytes_set[set],
+                           .pre = true};
+    if (ap->nworkers == 0)
+        return; /* tly_apply_submit applies it, decoding as it goes */
+    const size_t nchunks = (n + CHUNK - 1) / CHUNK;
+    for (size_t c = 0; c < nchunks; c++)
+        decode_chunk(ap, &ap->appliers[0], &ap->staged, c);
+}
+
+void tly_apply_submit(tly_apply_t *ap)
+{
+    tly_apply_wait(ap);
+    if (ap->staged.n == 0)
+        return;
+    if (ap->nworkers == 0) {
+        /* no worker (stopped, or none started): applied here, as a batch */
+        batch_t b = ap->staged;
+        ap->staged = (batch_t){0};
+        tly_apply_batch(ap, b.items, b.n, b.now_ms);
+        return;
+    }
+    atomic_fetch_add_explicit(&ap->pipelined, 1, memory_order_relaxed);
+    ap->cur = ap->staged;
+    ap->staged = (batch_t){0};
+    /* the workers share it by entity; worker k is share k − 1, and share 0
+     * writes the verdicts */
+    for (size_t k = 1; k <= ap->nworkers; k++) {
+        ap->appliers[k].bypart = false;
+        ap->appliers[k].share = (uint32_t)(k - 1);
+        ap->appliers[k].nshares = (uint32_t)ap->nworkers;
+    }
+    ap->inflight = true;
+    hand_out(ap);
+}
+
+bool tly_apply_wait(tly_apply_t *ap)
+{
+    if (!ap->inflight)
+        return false;
+    wait_workers(ap);
+    ap->inflight = false;
+    ap->cur = (batch_t){0};
+    return true;
 }
 
 void tly_apply_stats(const tly_apply_t *ap, tly_apply_stats_t *st)
@@ -503,6 +607,7 @@ void tly_apply_stats(const tly_apply_t *ap, tly_apply_stats_t *st)
     st->alone = atomic_load_explicit(&ap->alone, memory_order_relaxed);
     st->bypart = atomic_load_explicit(&ap->bypart, memory_order_relaxed);
     st->shared = atomic_load_explicit(&ap->shared, memory_order_relaxed);
+    st->pipelined = atomic_load_explicit(&ap->pipelined, memory_order_relaxed);
     st->redecoded = atomic_load_explicit(&ap->redecoded, memory_order_relaxed);
 }
 
@@ -514,6 +619,7 @@ tly_apply_t *tly_apply_new(const tly_featset_t *fs, tly_store_t *store, const tl
     atomic_init(&ap->alone, 0);
     atomic_init(&ap->bypart, 0);
     atomic_init(&ap->shared, 0);
+    atomic_init(&ap->pipelined, 0);
     atomic_init(&ap->redecoded, 0);
     atomic_init(&ap->next_chunk, 0);
     atomic_init(&ap->ndecoded, 0);
@@ -542,8 +648,10 @@ tly_apply_t *tly_apply_new(const tly_featset_t *fs, tly_store_t *store, const tl
     ap->evsize = offsetof(tly_event_t, vals) + fs->nfields * sizeof(tly_value_t);
     ap->rec_size = (DECODED_HEAD + ap->evsize + 7) / 8 * 8;
     if (ap->nappliers > 1) {
-        ap->decoded = tly_xrealloc(NULL, TLY_APPLY_BATCH_MAX * ap->rec_size);
-        ap->bytes = tly_xrealloc(NULL, NCHUNKS * CHUNK_BYTES);
+        for (size_t k = 0; k < 2; k++) {
+            ap->decoded_set[k] = tly_xrealloc(NULL, TLY_APPLY_BATCH_MAX * ap->rec_size);
+            ap->bytes_set[k] = tly_xrealloc(NULL, NCHUNKS * CHUNK_BYTES);
+        }
     }
     return ap;
 }
@@ -567,6 +675,7 @@ void tly_apply_stop(tly_apply_t *ap)
 {
     if (ap->nworkers == 0)
         return;
+    (void)tly_apply_wait(ap);
     pthread_mutex_lock(&ap->mu);
     ap->quit = true;
     pthread_cond_broadcast(&ap->go);
@@ -590,8 +699,10 @@ void tly_apply_free(tly_apply_t *ap)
     }
     free(ap->appliers);
     free(ap->by_part);
-    free(ap->decoded);
-    free(ap->bytes);
+    for (size_t k = 0; k < 2; k++) {
+        free(ap->decoded_set[k]);
+        free(ap->bytes_set[k]);
+    }
     pthread_cond_destroy(&ap->decoded_cv);
     pthread_mutex_destroy(&ap->mu);
     pthread_cond_destroy(&ap->go);

@@ -1124,6 +1124,10 @@ static void info_source(cmd_ctx_t *c, tly_buf_t *t)
     textf(t, "offset_reset_skipped_messages:%" PRIu64 "\r\n", st.gap_messages);
     textf(t, "fetch_nudges:%" PRIu64 "\r\n", st.fetch_nudges);
     textf(t, "fetch_idle_nudges:%" PRIu64 "\r\n", st.fetch_idle_nudges);
+    textf(t, "batches_alone:%" PRIu64 "\r\n", st.batches_alone);
+    textf(t, "batches_shared:%" PRIu64 "\r\n", st.batches_shared);
+    textf(t, "batches_by_partition:%" PRIu64 "\r\n", st.batches_by_partition);
+    textf(t, "batches_pipelined:%" PRIu64 "\r\n", st.batches_pipelined);
     textf(t, "watermark_ms:%" PRId64 "\r\n", st.watermark_ms);
     textf(t, "lag:%" PRId64 "\r\n", st.lag);
     size_t np = st.npartitions < INFO_PARTITIONS ? st.npartitions : INFO_PARTITIONS;

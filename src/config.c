@@ -179,14 +179,12 @@ const key_def_t tly_config_keys[] = {
         "Shard mode: compacted topic where each instance publishes server.advertise for the "
         "partitions it owns, so -MOVED replies can name the owner; created if missing."),
     KEY("kafka.threads", K_INT, "2", 1, 64, 0, NULL, CFG(kafka.threads),
-        "Threads that decode and apply events, the consumer's poll thread among them. A "
-        "batch that spans enough partitions is split by partition; otherwise the threads "
-        "decode its events between them, each event once, then each applies the entities "
-        "whose ids hash to it. Either way an entity's events from one partition are applied "
-        "in offset order by one thread, whatever the message keys; 1 applies everything on "
-        "the poll thread with the least CPU per event (about a sixth less than 2 on a batch "
-        "from one partition), which can make it the faster choice when tallyd's CPUs are "
-        "busy with other work."),
+        "Threads that decode and apply events, the consumer's poll thread among them. With 2 "
+        "or more, a batch of 64 messages or more is pipelined: the poll thread decodes it and "
+        "the other threads apply it, each the entities whose ids hash to it, while the poll "
+        "thread polls and decodes the next batch (INFO batches_pipelined). An entity's events "
+        "from one partition are applied in offset order by one thread, whatever the message "
+        "keys; 1 decodes and applies everything on the poll thread."),
     KEY("kafka.ready_lag", K_INT, "1000", 0, 1000000000, 0, NULL, CFG(kafka.ready_lag),
         "After an assignment, queries get -LOADING until every assigned partition is at most "
         "this many messages behind its end (clients may opt into stale reads with CLIENT "

@@ -10,10 +10,18 @@
  * by one applier in offset order — the order Kafka itself guarantees — and
  * the poll thread waits for all of them (flush).
  * Only then does the bookkeeping run, in message order: counters, rejection
- * logs, rd_kafka_offset_store (once per partition). Between batches the
- * store is as if every message had been applied one by one on the poll
- * thread, so the rebalance callback (which flushes first), publish and the
- * checkpoint hook see a consistent cut. Offsets are stored only once their
+ * logs, rd_kafka_offset_store (once per partition) (settle).
+ * With apply threads running, a batch of PIPELINE_MIN messages or more is
+ * pipelined instead (dispatch): the poll thread decodes it, waits for the
+ * batch before, hands this one to the apply threads, settles that one and
+ * goes back to polling while they apply. A batch in flight is finished
+ * (waited for and settled: finish) before anything reads the positions,
+ * which collect already moved: the rebalance callback and publish flush
+ * first, the checkpoint hook gets its turn every CHECKPOINT_EVERY_MS with a
+ * flush, and an empty poll flushes at once. So at each flush the store is
+ * as if every message had been applied one by one on the poll thread, and
+ * the rebalance callback, publish and the checkpoint hook see a consistent
+ * cut. Offsets are stored only once their
  * event was applied or rejected (enable.auto.offset.store=false) and
  * librdkafka commits the stored offsets in the background
  * (enable.auto.commit=true), on revocation and in tly_source_stop.
@@ -105,6 +113,8 @@
 #define MOCK_BROKERS        3
 #define ASSIGN_LOG_CAP      1024
 #define BATCH_MAX           TLY_APPLY_BATCH_MAX /* messages collected before they are applied */
+#define PIPELINE_MIN        64  /* smaller batches are applied at once, on the poll thread */
+#define CHECKPOINT_EVERY_MS 100 /* the hook's turn while batches are pipelined */
 #define NUDGE_TIMEOUT_MS    500  /* longest wait for a nudge's answers */
 #define ENDS_TIMEOUT_MS     1000 /* longest wait for an assignment's ends, off the callback */
 #define ENDS_RETRY_MS       100  /* first pause before looking up ends that were not found */
@@ -150,6 +160,17 @@ struct tly_source {
     rd_kafka_message_t **msgs; /* [BATCH_MAX] */
     size_t nbatch;
     int64_t batch_now_ms;
+    /* a pipelined batch the workers are applying (tly_apply_submit) while
+     * the poll thread collects the next; poll thread only, and the items
+     * are the workers' until finish() waited for them. Its messages'
+     * positions are counted in the partitions' positions already: finish()
+     * runs before anything reads them (publish, the checkpoint hook, a
+     * rebalance, the ends stored). */
+    tly_apply_item_t *fly_batch; /* [BATCH_MAX] */
+    rd_kafka_message_t **fly_msgs;
+    size_t fly_n;
+    int64_t fly_now_ms;
+    int64_t last_checkpoint_ms;
     bool embedded;
     rd_kafka_t *mock_host; /* embedded: the handle the mock cluster lives in */
     rd_kafka_mock_cluster_t *mock;
@@ -996,15 +1017,16 @@ static void collect(tly_source_t *src, rd_kafka_message_t *m, int64_t now_ms)
  * per partition, from its last message in the batch: storing every offset
  * in turn leaves the same stored offset and takes librdkafka's partition
  * lock once per message. */
-static void settle(tly_source_t *src)
+static void settle(tly_source_t *src, const tly_apply_item_t *items, rd_kafka_message_t **msgs,
+                   size_t n, int64_t now_ms)
 {
     uint64_t applied = 0, rejected = 0, held;
     int64_t newest = atomic_load_explicit(&src->watermark_ms, memory_order_relaxed);
-    for (size_t i = 0; i < src->nbatch; i++)
-        src->parts[src->batch[i].part].batch_last = i;
-    for (size_t i = 0; i < src->nbatch; i++) {
-        const tly_apply_item_t *it = &src->batch[i];
-        rd_kafka_message_t *m = src->msgs[i];
+    for (size_t i = 0; i < n; i++)
+        src->parts[items[i].part].batch_last = i;
+    for (size_t i = 0; i < n; i++) {
+        const tly_apply_item_t *it = &items[i];
+        rd_kafka_message_t *m = msgs[i];
         part_t *p = &src->parts[it->part];
         if (it->err == TLY_OK) {
             applied++;
@@ -1016,7 +1038,7 @@ static void settle(tly_source_t *src)
             rejected++;
             if ((unsigned)it->err < TLY_E__COUNT)
                 atomic_fetch_add_explicit(&src->rejected_by[it->err], 1, memory_order_relaxed);
-            if (ratelimit_allow(&src->reject_rl, src->batch_now_ms, REJECT_LOG_EVERY_MS, &held))
+            if (ratelimit_allow(&src->reject_rl, now_ms, REJECT_LOG_EVERY_MS, &held))
                 tly_warn("source: rejected %s[%" PRId32 "]@%" PRId64 ": %s: %s%s", p->topic,
                          m->partition, m->offset, tly_err_name(it->err), tly_strerror(it->err),
                          held_note(held));
@@ -1032,7 +1054,6 @@ static void settle(tly_source_t *src)
     atomic_store_explicit(&src->watermark_ms, newest, memory_order_relaxed);
     atomic_fetch_add_explicit(&src->applied, applied, memory_order_relaxed);
     atomic_fetch_add_explicit(&src->rejected, rejected, memory_order_relaxed);
-    src->nbatch = 0;
     src->dirty = true;
 }
 
@@ -1060,17 +1081,60 @@ static void store_ends(tly_source_t *src)
     rd_kafka_topic_partition_list_destroy(list);
 }
 
+/* Poll thread: waits for the pipelined batch in flight, if any, and
+ * settles it. */
+static void finish(tly_source_t *src)
+{
+    if (src->fly_n == 0)
+        return;
+    (void)tly_apply_wait(src->apply);
+    settle(src, src->fly_batch, src->fly_msgs, src->fly_n, src->fly_now_ms);
+    src->fly_n = 0;
+}
+
 /* Poll thread (the main thread in stop, once the workers were stopped):
- * applies the collected batch and waits for it, then settles it. */
+ * finishes the batch in flight, applies the collected batch and waits for
+ * it, then settles it: afterwards the store holds every message collected. */
 static void flush(tly_source_t *src)
 {
+    finish(src);
     if (src->nbatch == 0) {
         store_ends(src);
         return;
     }
     tly_apply_batch(src->apply, src->batch, src->nbatch, src->batch_now_ms);
-    settle(src);
+    settle(src, src->batch, src->msgs, src->nbatch, src->batch_now_ms);
+    src->nbatch = 0;
     store_ends(src);
+}
+
+/* Poll thread, a batch collected: a large one, while workers run, is
+ * decoded here and handed to them (tly_apply_stage/submit) as soon as the
+ * one before is applied; that one is settled while they apply this one,
+ * and the poll thread goes on polling. Ends are stored at the next flush.
+ * Others are flushed. */
+static void dispatch(tly_source_t *src)
+{
+    if (src->nbatch < PIPELINE_MIN || !tly_apply_pipelines(src->apply)) {
+        flush(src);
+        return;
+    }
+    tly_apply_stage(src->apply, src->batch, src->nbatch, src->batch_now_ms);
+    /* once the batch before is done the workers take this one, and the
+     * poll thread settles that one while they apply */
+    (void)tly_apply_wait(src->apply);
+    tly_apply_submit(src->apply);
+    if (src->fly_n > 0)
+        settle(src, src->fly_batch, src->fly_msgs, src->fly_n, src->fly_now_ms);
+    tly_apply_item_t *items = src->fly_batch;
+    rd_kafka_message_t **msgs = src->fly_msgs;
+    src->fly_batch = src->batch;
+    src->fly_msgs = src->msgs;
+    src->fly_n = src->nbatch;
+    src->fly_now_ms = src->batch_now_ms;
+    src->batch = items;
+    src->msgs = msgs;
+    src->nbatch = 0;
 }
 
 /* Replica mode: every partition of every topic, no group membership.
@@ -1333,6 +1397,7 @@ static void seek_ends(tly_source_t *src, int64_t now_ms)
         src->ends_asked = false;
         if (gen == src->assign_gen) {
             learn_ends(src, answer);
+            flush(src);
             publish(src, now_ms);
             size_t unknown = 0;
             for (size_t i = 0; i < src->nparts; i++)
@@ -1391,12 +1456,21 @@ static void *poll_main(void *arg)
         int64_t every = atomic_load_explicit(&src->ready, memory_order_relaxed)
                             ? PUBLISH_EVERY_MS
                             : LOADING_PUBLISH_MS;
-        if (src->checkpoint != NULL)
+        /* The hook sees no batch in flight: while batches are
+         * pipelined, its turn comes every CHECKPOINT_EVERY_MS. */
+        if (src->checkpoint != NULL &&
+            (src->fly_n == 0 || wall_ms() - src->last_checkpoint_ms >= CHECKPOINT_EVERY_MS)) {
+            flush(src);
+            src->last_checkpoint_ms = wall_ms();
             src->checkpoint(src->checkpoint_ctx, src);
-        rd_kafka_message_t *m = rd_kafka_consumer_poll(src->rk, POLL_TIMEOUT_MS);
+        }
+        /* with a batch in flight, an empty queue finishes it at once */
+        rd_kafka_message_t *m =
+            rd_kafka_consumer_poll(src->rk, src->fly_n > 0 ? 0 : POLL_TIMEOUT_MS);
         int64_t now = wall_ms();
         seek_ends(src, now);
         if (m == NULL) {
+            flush(src);
             if (src->dirty || now - src->last_publish_ms >= every)
                 publish(src, now);
             nudge_if_starved(src, now);
@@ -1409,11 +1483,14 @@ static void *poll_main(void *arg)
         while (src->nbatch < BATCH_MAX &&
                (m = rd_kafka_consumer_poll(src->rk, 0)) != NULL)
             collect(src, m, now);
-        flush(src);
+        dispatch(src);
         nudge_check(src, now);
-        if (now - src->last_publish_ms >= every)
+        if (now - src->last_publish_ms >= every) {
+            flush(src);
             publish(src, now);
+        }
     }
+    flush(src);
     publish(src, wall_ms());
 out:
     tly_rcu_thread_offline();
@@ -1671,6 +1748,8 @@ tly_source_t *tly_source_new(const tly_config_t *cfg, const tly_featset_t *fs, t
         goto fail;
     src->batch = tly_xrealloc(NULL, BATCH_MAX * sizeof *src->batch);
     src->msgs = tly_xrealloc(NULL, BATCH_MAX * sizeof *src->msgs);
+    src->fly_batch = tly_xrealloc(NULL, BATCH_MAX * sizeof *src->fly_batch);
+    src->fly_msgs = tly_xrealloc(NULL, BATCH_MAX * sizeof *src->fly_msgs);
     src->shard = tly_shard_new(cfg, fs);
     src->apply = tly_apply_new(fs, store, src->shard,
                                cfg->kafka.threads < 1 ? 1 : (size_t)cfg->kafka.threads);
@@ -1985,6 +2064,8 @@ void tly_source_free(tly_source_t *src)
     stop_mock(src);
     free(src->batch);
     free(src->msgs);
+    free(src->fly_batch);
+    free(src->fly_msgs);
     for (size_t i = 0; i < src->nparts; i++)
         free(src->parts[i].topic);
     free(src->parts);
@@ -2041,6 +2122,12 @@ void tly_source_stats(tly_source_t *src, tly_source_stats_t *st, tly_partition_s
     st->gap_messages = atomic_load_explicit(&src->gap_messages, memory_order_relaxed);
     st->fetch_nudges = atomic_load_explicit(&src->nudges, memory_order_relaxed);
     st->fetch_idle_nudges = atomic_load_explicit(&src->idle_nudges, memory_order_relaxed);
+    tly_apply_stats_t ast;
+    tly_apply_stats(src->apply, &ast);
+    st->batches_alone = ast.alone;
+    st->batches_shared = ast.shared;
+    st->batches_by_partition = ast.bypart;
+    st->batches_pipelined = ast.pipelined;
     st->dropped_entities = atomic_load_explicit(&src->dropped_entities, memory_order_relaxed);
     st->ready = atomic_load_explicit(&src->ready, memory_order_acquire);
     st->watermark_ms = atomic_load_explicit(&src->watermark_ms, memory_order_relaxed);

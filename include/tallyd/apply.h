@@ -36,6 +36,7 @@ typedef struct {
     uint64_t alone;  /* by applier 0 alone (small, or no worker running) */
     uint64_t bypart; /* spread by partition */
     uint64_t shared; /* shared by entity */
+    uint64_t pipelined; /* applied by the workers while the caller went on (tly_apply_submit) */
     /* items of shared batches decoded by every applier, not once: their
      * escaped strings and ids did not fit the room kept for them */
     uint64_t redecoded;
@@ -93,6 +94,31 @@ void tly_apply_free(tly_apply_t *ap);
  * Borrows items for the call. The calling thread takes part as applier 0.
  */
 void tly_apply_batch(tly_apply_t *ap, tly_apply_item_t *items, size_t n, int64_t now_ms);
+
+/*
+ * Pipelined batches: the caller decodes a batch while the workers apply
+ * the one before, and goes on (polls the next) while they apply it.
+ *
+ *   tly_apply_stage(ap, items, n, now)   decode items[0..n) on this thread
+ *   tly_apply_wait(ap)                   the batch submitted before is done
+ *   tly_apply_submit(ap)                 the workers apply the staged batch
+ *
+ * The workers share a submitted batch by entity (as tly_apply_batch shares
+ * one), so each entity's events keep their batch order; batches apply one
+ * after the other, in submission order. tly_apply_submit first waits for
+ * the batch before; once tly_apply_wait returns, that batch's items carry
+ * their err and time_ms, and the caller owns them again (items are
+ * borrowed from stage until then). tly_apply_batch waits for a submitted
+ * batch before it applies its own. With no worker running, stage decodes
+ * nothing and submit applies the batch on the calling thread.
+ *
+ * tly_apply_pipelines: true while workers run (pipelining pays).
+ * tly_apply_wait returns whether a batch was in flight.
+ */
+bool tly_apply_pipelines(const tly_apply_t *ap);
+void tly_apply_stage(tly_apply_t *ap, tly_apply_item_t *items, size_t n, int64_t now_ms);
+void tly_apply_submit(tly_apply_t *ap);
+bool tly_apply_wait(tly_apply_t *ap);
 
 /* Fills *st with the counters. Any thread (relaxed reads). */
 void tly_apply_stats(const tly_apply_t *ap, tly_apply_stats_t *st);

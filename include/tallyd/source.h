@@ -103,6 +103,9 @@ typedef struct {
     uint64_t gap_messages;              /* messages those resets skipped that Kafka had deleted */
     uint64_t fetch_nudges;              /* fetch nudges sent (source.c) */
     uint64_t fetch_idle_nudges;         /* of those, sent after an empty poll */
+    /* batches applied (apply.h): by the poll thread alone, shared by the
+     * appliers by entity, spread by partition, pipelined */
+    uint64_t batches_alone, batches_shared, batches_by_partition, batches_pipelined;
     uint64_t dropped_entities;          /* shard mode: entities of partitions lost to others */
     int64_t watermark_ms;               /* newest event time applied, -1 none */
     int64_t lag;                        /* sum of known partition lags, -1 unknown */

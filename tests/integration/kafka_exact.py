@@ -72,6 +72,16 @@ def t_ingest(c):
                    E.BAD_JSON + E.MISSING_TIME)
 
 
+def t_pipelined(c):
+    """The default two apply threads pipeline a backlog: the poll thread
+    decodes each batch of 64 or more messages and the apply thread applies
+    it while the next is polled (the values checked below came that way)."""
+    n = int(c.info.get("batches_pipelined", -1))
+    if n <= 0:
+        raise AssertionError(f"INFO batches_pipelined {n}, want > 0 for a backlog of "
+                             f"{c.kafka.produced} messages with kafka.threads 2")
+
+
 def t_info(c):
     E.TOPIC, E.PARTITIONS = c.topic, PARTITIONS
     E.t_info(c)
@@ -86,6 +96,7 @@ def main():
         return suite.finish()
     suite.run("single_instance_consumes_every_message_once", t_ingest, c)
     suite.run("info_partitions_at_end_with_real_high_watermarks", t_info, c)
+    suite.run("backlog_batches_pipelined_by_default", t_pipelined, c)
     K.run_truth_checks(suite, c)
     c.cli.close()
     alive = c.tallyd.proc.poll() is None

@@ -12,6 +12,8 @@
  * depend on the number of appliers. A shared batch decodes each item once
  * (none again), unless its escaped strings overflow the room kept for
  * them: those items are decoded again by every applier and apply alike.
+ * Pipelined batches (decoded by the caller, applied by the workers while
+ * the caller goes on) leave the same.
  *
  * No librdkafka here, so ThreadSanitizer runs all of it (librdkafka's
  * threads crash TSan's runtime: see test_source.c).
@@ -418,26 +420,39 @@ static void check_all(const fixture_t *fx, const stream_t *s, model_t *m)
                      st.dropped[e], m->dropped[e]);
 }
 
-/* Applies s in batches of `batch` items (the last one smaller). */
-static void apply_stream(fixture_t *fx, stream_t *s, size_t batch)
+/* Applies s in batches of `batch` items (the last one smaller), one
+ * after the other, or pipelined: each batch staged while the one before is
+ * applied, then submitted (tly_apply_stage/wait/submit, as the source's
+ * poll thread does). */
+static void apply_stream(fixture_t *fx, stream_t *s, size_t batch, bool pipelined)
 {
-    for (size_t at = 0; at < s->n; at += batch)
-        tly_apply_batch(fx->ap, s->items + at, s->n - at < batch ? s->n - at : batch, NOW);
+    for (size_t at = 0; at < s->n; at += batch) {
+        size_t n = s->n - at < batch ? s->n - at : batch;
+        if (!pipelined) {
+            tly_apply_batch(fx->ap, s->items + at, n, NOW);
+            continue;
+        }
+        tly_apply_stage(fx->ap, s->items + at, n, NOW);
+        (void)tly_apply_wait(fx->ap);
+        tly_apply_submit(fx->ap);
+    }
+    (void)tly_apply_wait(fx->ap);
 }
 
 /* The stream of n events (by_user: partitioned by user, else all in one
  * partition), in batches of `batch`, by `threads` appliers: checked
  * against the model. Returns the store's counters, for comparing runs with
  * other thread counts. */
-static void run(size_t threads, size_t n, bool by_user, size_t batch, size_t long_notes,
-                const char *events_extra, tly_apply_stats_t *ast, tly_store_stats_t *sst)
+static void run_as(size_t threads, size_t n, bool by_user, size_t batch, size_t long_notes,
+                   const char *events_extra, bool pipelined, tly_apply_stats_t *ast,
+                   tly_store_stats_t *sst)
 {
     fixture_t fx;
     stream_t s;
     model_t *m = malloc(sizeof *m);
     fixture_init(&fx, threads, events_extra);
     build(&s, m, n, by_user, long_notes);
-    apply_stream(&fx, &s, batch);
+    apply_stream(&fx, &s, batch, pipelined);
     check_all(&fx, &s, m);
     tly_apply_stats(fx.ap, ast);
     tly_store_stats(fx.store, sst);
@@ -445,6 +460,12 @@ static void run(size_t threads, size_t n, bool by_user, size_t batch, size_t lon
     model_fini(m);
     free(m);
     fixture_fini(&fx);
+}
+
+static void run(size_t threads, size_t n, bool by_user, size_t batch, size_t long_notes,
+                const char *events_extra, tly_apply_stats_t *ast, tly_store_stats_t *sst)
+{
+    run_as(threads, n, by_user, batch, long_notes, events_extra, false, ast, sst);
 }
 
 /* The same counters, whatever the number of appliers. */
@@ -526,6 +547,76 @@ static void test_long_escaped_strings_apply_alike_by_any_number_of_appliers(void
     }
 }
 
+/* Pipelined: the caller decodes each batch while the workers (1 or 2)
+ * apply the one before, by entity, in one partition or many, with items
+ * decoded again whose escaped strings overflow: every item and entity as
+ * the model says, the store's counters as one applier leaves them. With no
+ * worker, a submitted batch is applied on the caller's thread. */
+static void test_pipelined_batches_apply_as_the_model_says(void **state)
+{
+    (void)state;
+    tly_apply_stats_t ast;
+    tly_store_stats_t one, sst;
+    run(1, 9040, false, 1000, 0, "", &ast, &one);
+    run_as(1, 9040, false, 1000, 0, "", true, &ast, &sst);
+    assert_int_equal(ast.alone, 10);
+    assert_int_equal(ast.pipelined + ast.shared + ast.bypart, 0);
+    assert_same_store_stats(&one, &sst);
+    for (size_t threads = 2; threads <= 3; threads++) {
+        run_as(threads, 9040, false, 1000, 0, "", true, &ast, &sst);
+        assert_int_equal(ast.pipelined, 10); /* the last, of 40, too */
+        assert_int_equal(ast.alone + ast.shared + ast.bypart, 0);
+        assert_int_equal(ast.redecoded, 0);
+        assert_same_store_stats(&one, &sst);
+    }
+    run(1, 8192, true, TLY_APPLY_BATCH_MAX, 0, "", &ast, &one);
+    for (size_t threads = 2; threads <= 3; threads++) {
+        run_as(threads, 8192, true, TLY_APPLY_BATCH_MAX, 0, "", true, &ast, &sst);
+        assert_int_equal(ast.pipelined, 2);
+        assert_same_store_stats(&one, &sst);
+    }
+    const char *extra = "  max_string: 4096\n";
+    run(1, 4500, false, TLY_APPLY_BATCH_MAX, 1500, extra, &ast, &one);
+    for (size_t threads = 2; threads <= 3; threads++) {
+        run_as(threads, 4500, false, TLY_APPLY_BATCH_MAX, 1500, extra, true, &ast, &sst);
+        assert_int_equal(ast.pipelined, 2);
+        assert_true(ast.redecoded > 0 && ast.redecoded < 643);
+        assert_same_store_stats(&one, &sst);
+    }
+}
+
+/* tly_apply_batch, and a stop, right after a submit: each waits for the
+ * submitted batch first, so batches still apply in order. */
+static void test_a_batch_after_a_submitted_one_waits_for_it(void **state)
+{
+    (void)state;
+    fixture_t fx;
+    stream_t s;
+    model_t *m = malloc(sizeof *m);
+    fixture_init(&fx, 2, "");
+    build(&s, m, 7000, false, 0);
+    tly_apply_stage(fx.ap, s.items, 3000, NOW);
+    tly_apply_submit(fx.ap);
+    tly_apply_batch(fx.ap, s.items + 3000, 2000, NOW); /* shared */
+    tly_apply_stage(fx.ap, s.items + 5000, 1500, NOW);
+    tly_apply_submit(fx.ap);
+    tly_apply_stop(fx.ap);
+    assert_false(tly_apply_wait(fx.ap)); /* stop waited */
+    tly_apply_stage(fx.ap, s.items + 6500, 500, NOW);
+    tly_apply_submit(fx.ap); /* no worker: applied here */
+    assert_false(tly_apply_wait(fx.ap));
+    check_all(&fx, &s, m);
+    tly_apply_stats_t ast;
+    tly_apply_stats(fx.ap, &ast);
+    assert_int_equal(ast.pipelined, 2);
+    assert_int_equal(ast.shared, 1);
+    assert_int_equal(ast.alone, 1);
+    stream_fini(&s);
+    model_fini(m);
+    free(m);
+    fixture_fini(&fx);
+}
+
 /* A set stopped and started again applies the next batches as before. */
 static void test_appliers_stopped_and_started_again_go_on(void **state)
 {
@@ -559,6 +650,8 @@ int main(void)
         cmocka_unit_test(test_appliers_spread_a_many_partition_batch_by_partition),
         cmocka_unit_test(test_long_escaped_strings_apply_alike_by_any_number_of_appliers),
         cmocka_unit_test(test_appliers_stopped_and_started_again_go_on),
+        cmocka_unit_test(test_pipelined_batches_apply_as_the_model_says),
+        cmocka_unit_test(test_a_batch_after_a_submitted_one_waits_for_it),
     };
     tly_rcu_thread_online();
     int rc = cmocka_run_group_tests(tests, NULL, NULL);
