@@ -1172,7 +1172,10 @@ static void bench_batch(bench_t *b, row_id_t id, size_t nthreads, bool pipelined
                 bad += batch_rejected(items[cur], n);
                 continue;
             }
-            tly_apply_stage(ap, items[cur], n, b->now_ms);
+            if (!tly_apply_stage(ap, items[cur], n, b->now_ms)) {
+                fprintf(stderr, "ingest: a batch from one partition was not staged\n");
+                exit(1);
+            }
             if (tly_apply_wait(ap))
                 bad += batch_rejected(items[1 - cur], fly_n);
             tly_apply_submit(ap);

@@ -936,8 +936,18 @@ static void run_tallyd(const opts_t *o, const char *bootstrap, const char *topic
         sleep_ns(INFO_POLL_NS);
         tallyd_counts(&t, v);
     }
+    /* how its batches were applied (apply.h) */
+    redisReply *info = redisCommand(t.c, "INFO source");
+    if (info == NULL || info->type != REDIS_REPLY_STRING)
+        die("tallyd INFO source failed (see %s)", t.log);
+    int len = snprintf(r->note, sizeof r->note,
+                       "batches alone %lld, shared %lld, by partition %lld, pipelined %lld",
+                       info_get(info->str, "batches_alone"), info_get(info->str, "batches_shared"),
+                       info_get(info->str, "batches_by_partition"),
+                       info_get(info->str, "batches_pipelined"));
+    freeReplyObject(info);
     if (v[2] != 0)
-        snprintf(r->note, sizeof r->note, "%lld events rejected", v[2]);
+        snprintf(r->note + len, sizeof r->note - (size_t)len, "; %lld events rejected", v[2]);
     *bad = check_tallyd(&t, sm, r->note, sizeof r->note);
     tallyd_stop(&t);
 }

@@ -150,8 +150,7 @@ struct tly_apply {
     /* a pipelined batch decoded by the caller while cur is applied
      * (tly_apply_stage); its records are the other of the two sets */
     batch_t staged;
-    bool inflight;    /* cur was submitted and not waited for (caller's thread) */
-    uint8_t *by_part; /* [TLY_APPLY_BATCH_MAX] spread_by_partition's choice */
+    bool inflight; /* cur was submitted and not waited for (caller's thread) */
     /* A batch shared by entity (see the file comment): records of rec_size
      * bytes and each chunk's bytes, two sets (a pipelined batch is decoded
      * into one while the other is applied); NULL with one applier. */
@@ -458,29 +457,41 @@ static void *worker_main(void *arg)
     return NULL;
 }
 
-/* Lists each applier's items by partition, in batch order, when that
- * spreads them evenly enough (no applier more than a quarter over its
- * share): each applier then takes its items whole, with no barrier. A
- * batch from a few partitions (librdkafka queues a fetch's messages
- * partition by partition) is shared by entity instead. */
-static bool spread_by_partition(tly_apply_t *ap, size_t na)
+/* Which of na appliers takes item i's partition when a batch is spread by
+ * partition. */
+static size_t part_applier(const tly_apply_item_t *it, size_t na)
+{
+    uint64_t h = (uint64_t)it->part * UINT64_C(0x9e3779b97f4a7c15);
+    return (size_t)(h >> 33) % na;
+}
+
+/* Whether items[0..n) spread evenly enough over na appliers by partition
+ * (no applier more than a quarter over its share). Writes nothing. */
+static bool spreads_by_partition(const tly_apply_item_t *items, size_t n, size_t na)
 {
     size_t count[TLY_APPLY_THREADS_MAX] = {0}, most = 0;
-    for (size_t i = 0; i < ap->cur.n; i++) {
-        uint64_t h = (uint64_t)ap->cur.items[i].part * UINT64_C(0x9e3779b97f4a7c15);
-        size_t k = (size_t)(h >> 33) % na;
-        ap->by_part[i] = (uint8_t)k;
+    for (size_t i = 0; i < n; i++) {
+        size_t k = part_applier(&items[i], na);
         if (++count[k] > most)
             most = count[k];
     }
-    if (most * na * 4 > ap->cur.n * 5)
+    return most * na * 4 <= n * 5;
+}
+
+/* Lists each applier's items by partition, in batch order, when that
+ * spreads them evenly enough: each applier then takes its items whole,
+ * with no barrier. A batch from a few partitions (librdkafka queues a
+ * fetch's messages partition by partition) is shared by entity instead. */
+static bool spread_by_partition(tly_apply_t *ap, size_t na)
+{
+    if (!spreads_by_partition(ap->cur.items, ap->cur.n, na))
         return false;
     for (size_t k = 0; k < na; k++) {
         ap->appliers[k].bypart = true;
         ap->appliers[k].nidx = 0;
     }
     for (size_t i = 0; i < ap->cur.n; i++) {
-        applier_t *a = &ap->appliers[ap->by_part[i]];
+        applier_t *a = &ap->appliers[part_applier(&ap->cur.items[i], na)];
         a->idx[a->nidx++] = (uint32_t)i;
     }
     return true;
@@ -549,8 +560,12 @@ bool tly_apply_pipelines(const tly_apply_t *ap)
     return ap->nworkers > 0;
 }
 
-void tly_apply_stage(tly_apply_t *ap, tly_apply_item_t *items, size_t n, int64_t now_ms)
+bool tly_apply_stage(tly_apply_t *ap, tly_apply_item_t *items, size_t n, int64_t now_ms)
 {
+    /* spread by partition, all appliers decode and apply at once: better
+     * than one applying while the caller polls */
+    if (ap->nworkers > 0 && spreads_by_partition(items, n, ap->nworkers + 1))
+        return false;
     /* the set cur does not use (cur's, while it is in flight) */
     size_t set = ap->inflight && ap->cur.decoded == ap->decoded_set[0] ? 1 : 0;
     ap->staged = (batch_t){.items = items,
@@ -560,10 +575,11 @@ void tly_apply_stage(tly_apply_t *ap, tly_apply_item_t *items, size_t n, int64_t
                            .bytes = ap->bytes_set[set],
                            .pre = true};
     if (ap->nworkers == 0)
-        return; /* tly_apply_submit applies it, decoding as it goes */
+        return true; /* tly_apply_submit applies it, decoding as it goes */
     const size_t nchunks = (n + CHUNK - 1) / CHUNK;
     for (size_t c = 0; c < nchunks; c++)
         decode_chunk(ap, &ap->appliers[0], &ap->staged, c);
+    return true;
 }
 
 void tly_apply_submit(tly_apply_t *ap)
@@ -644,7 +660,6 @@ tly_apply_t *tly_apply_new(const tly_featset_t *fs, tly_store_t *store, const tl
             set[fs->ntopics] = tly_decoder_new(fs);
         }
     }
-    ap->by_part = tly_xrealloc(NULL, TLY_APPLY_BATCH_MAX * sizeof *ap->by_part);
     ap->evsize = offsetof(tly_event_t, vals) + fs->nfields * sizeof(tly_value_t);
     ap->rec_size = (DECODED_HEAD + ap->evsize + 7) / 8 * 8;
     if (ap->nappliers > 1) {
@@ -698,7 +713,6 @@ void tly_apply_free(tly_apply_t *ap)
         free(ap->appliers[k].idx);
     }
     free(ap->appliers);
-    free(ap->by_part);
     for (size_t k = 0; k < 2; k++) {
         free(ap->decoded_set[k]);
         free(ap->bytes_set[k]);

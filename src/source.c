@@ -1112,14 +1112,14 @@ static void flush(tly_source_t *src)
  * decoded here and handed to them (tly_apply_stage/submit) as soon as the
  * one before is applied; that one is settled while they apply this one,
  * and the poll thread goes on polling. Ends are stored at the next flush.
- * Others are flushed. */
+ * Others, and a batch that spreads by partition (apply.h), are flushed. */
 static void dispatch(tly_source_t *src)
 {
-    if (src->nbatch < PIPELINE_MIN || !tly_apply_pipelines(src->apply)) {
+    if (src->nbatch < PIPELINE_MIN || !tly_apply_pipelines(src->apply) ||
+        !tly_apply_stage(src->apply, src->batch, src->nbatch, src->batch_now_ms)) {
         flush(src);
         return;
     }
-    tly_apply_stage(src->apply, src->batch, src->nbatch, src->batch_now_ms);
     /* once the batch before is done the workers take this one, and the
      * poll thread settles that one while they apply */
     (void)tly_apply_wait(src->apply);

@@ -112,11 +112,14 @@ void tly_apply_batch(tly_apply_t *ap, tly_apply_item_t *items, size_t n, int64_t
  * batch before it applies its own. With no worker running, stage decodes
  * nothing and submit applies the batch on the calling thread.
  *
+ * tly_apply_stage returns false, and stages nothing, for a batch that
+ * spreads over the appliers by partition: tly_apply_batch, where every
+ * applier decodes and applies its partitions' items at once, does more.
  * tly_apply_pipelines: true while workers run (pipelining pays).
  * tly_apply_wait returns whether a batch was in flight.
  */
 bool tly_apply_pipelines(const tly_apply_t *ap);
-void tly_apply_stage(tly_apply_t *ap, tly_apply_item_t *items, size_t n, int64_t now_ms);
+bool tly_apply_stage(tly_apply_t *ap, tly_apply_item_t *items, size_t n, int64_t now_ms);
 void tly_apply_submit(tly_apply_t *ap);
 bool tly_apply_wait(tly_apply_t *ap);
 
