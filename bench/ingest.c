@@ -1152,6 +1152,7 @@ static void bench_batch(bench_t *b, row_id_t id, size_t nthreads, bool pipelined
     tly_store_t *store = NULL;
     tly_apply_stats_t st = {0};
     size_t bad = 0;
+    uint32_t cut = 0;
     for (int rep = 0; rep < b->o.reps; rep++) {
         tly_store_free(store);
         store = tly_store_new(b->fs);
@@ -1187,6 +1188,7 @@ static void bench_batch(bench_t *b, row_id_t id, size_t nthreads, bool pipelined
         perf_ctl(&b->o, "disable");
         int64_t ns = mono_ns() - t0;
         tly_apply_stats(ap, &st);
+        cut = tly_apply_cut(ap);
         tly_apply_free(ap);
         if (bad) {
             fprintf(stderr, "ingest: %zu events were not applied\n", bad);
@@ -1196,10 +1198,14 @@ static void bench_batch(bench_t *b, row_id_t id, size_t nthreads, bool pipelined
         row_record(row, sm->n, sm->n, ns, others);
     }
     size_t mism = verify_store(store, sm, &b->ft, b->now_ms, row_names[id]);
-    snprintf(row->note, sizeof row->note,
-             "batches alone %" PRIu64 ", shared by entity %" PRIu64 ", by partition %" PRIu64
-             ", pipelined %" PRIu64 "; ground truth: %s",
-             st.alone, st.shared, st.bypart, st.pipelined, truth_of(b, mism));
+    int len = snprintf(row->note, sizeof row->note,
+                       "batches alone %" PRIu64 ", shared by entity %" PRIu64
+                       ", by partition %" PRIu64 ", pipelined %" PRIu64 "; ground truth: %s",
+                       st.alone, st.shared, st.bypart, st.pipelined, truth_of(b, mism));
+    if (pipelined)
+        snprintf(row->note + len, sizeof row->note - (size_t)len,
+                 "; at the end the worker applied %u of 64 store shards, this thread the rest",
+                 cut);
     tly_store_free(store);
     free(items[0]);
     free(items[1]);

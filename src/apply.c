@@ -89,6 +89,8 @@
 #define CHUNK       64            /* items of a shared batch one applier decodes at a time */
 #define CHUNK_BYTES (CHUNK * 256) /* their copied strings and ids */
 #define NCHUNKS     ((TLY_APPLY_BATCH_MAX + CHUNK - 1) / CHUNK)
+#define CUT_MIN     16 /* pipelined: the workers own at least these store shards */
+#define CUT_MAX     64 /* ... and at most all of them */
 
 /* One item of a batch shared by entity, as phase 1 left it for every
  * applier; the event's first evsize bytes follow (DECODED_HEAD on). */
@@ -120,7 +122,10 @@ typedef struct {
     bool bypart;
     uint32_t *idx; /* [TLY_APPLY_BATCH_MAX] */
     size_t nidx;
-    uint32_t share, nshares;
+    /* sharing a batch: the store shards whose entities it applies, and
+     * whether it writes the verdicts (tly_prefetch_t.owned, counts) */
+    uint64_t owned;
+    bool counts;
 } applier_t;
 
 /* A batch and where its phase 1 records go. */
@@ -151,6 +156,12 @@ struct tly_apply {
      * (tly_apply_stage); its records are the other of the two sets */
     batch_t staged;
     bool inflight; /* cur was submitted and not waited for (caller's thread) */
+    /* Pipelined: the workers own the store shards below cut, the caller
+     * (applier 0) those from cut on, which it applies in tly_apply_wait
+     * before it waits; cut moves one shard a batch towards whoever waited
+     * (caller's thread only). */
+    uint32_t cut;
+    bool cut_pinned; /* tly_apply_pin_cut: cut stays */
     /* A batch shared by entity (see the file comment): records of rec_size
      * bytes and each chunk's bytes, two sets (a pipelined batch is decoded
      * into one while the other is applied); NULL with one applier. */
@@ -328,7 +339,7 @@ static tly_err_t load_shared(tly_apply_t *ap, const applier_t *a, size_t r, size
     if (d->redo) {
         tly_err_t err = decode_item(ap, a, r, &ap->cur.items[i], ap->cur.now_ms, ev);
         if (err == TLY_OK)
-            tly_store_prefetch_share(ap->store, ev, a->share, a->nshares, pf);
+            tly_store_prefetch_share(ap->store, ev, a->owned, a->counts, pf);
         return err;
     }
     if (d->err != TLY_OK)
@@ -345,8 +356,8 @@ static tly_err_t load_shared(tly_apply_t *ap, const applier_t *a, size_t r, size
         memcpy(pf->id[j], id, d->idlen[j]);
         id += d->idlen[j];
     }
-    uint32_t mine = tly_store_prefetch_slots(ap->store, pf, a->share, a->nshares);
-    if (mine == 0 && a->share != 0 && ap->fs->nentities <= TLY_PREFETCH_MAX) {
+    uint32_t mine = tly_store_prefetch_slots(ap->store, pf, a->owned, a->counts);
+    if (mine == 0 && !a->counts && ap->fs->nentities <= TLY_PREFETCH_MAX) {
         *skip = true;
         return TLY_OK;
     }
@@ -380,11 +391,11 @@ static void apply_list(tly_apply_t *ap, applier_t *a)
         err[r] = TLY_E_EV_BAD_JSON; /* each is set before it is read */
     size_t n = a->bypart ? a->nidx : ap->cur.n;
     const uint32_t *idx = a->bypart ? a->idx : NULL;
-    const uint32_t share = a->bypart ? 0 : a->share, nshares = a->bypart ? 1 : a->nshares;
-    const bool verdicts = share == 0;
+    const uint64_t owned = a->bypart ? TLY_STORE_ALL_SHARDS : a->owned;
+    const bool verdicts = a->bypart || a->counts;
     /* from the batch-wide records: a shared batch, or a pipelined one
      * (decoded before it was handed out) */
-    const bool shared = !a->bypart && (nshares > 1 || ap->cur.pre);
+    const bool shared = !a->bypart && (owned != TLY_STORE_ALL_SHARDS || ap->cur.pre);
     if (shared && !ap->cur.pre)
         decode_shared(ap, a);
     /* One read-side section for the whole list (at most
@@ -401,7 +412,7 @@ static void apply_list(tly_apply_t *ap, applier_t *a)
             err[r] =
                 decode_item(ap, a, r, &ap->cur.items[idx ? idx[k] : k], ap->cur.now_ms, &ev[r]);
             if (err[r] == TLY_OK)
-                tly_store_prefetch_share(ap->store, &ev[r], share, nshares, &pf[r]);
+                tly_store_prefetch_share(ap->store, &ev[r], owned, verdicts, &pf[r]);
         }
         if (k >= 1 && k - 1 < n && err[(k - 1) % (AHEAD + 1)] == TLY_OK &&
             !skip[(k - 1) % (AHEAD + 1)])
@@ -531,7 +542,8 @@ void tly_apply_batch(tly_apply_t *ap, tly_apply_item_t *items, size_t n, int64_t
     if (ap->nworkers == 0 || n < SPREAD_MIN) {
         atomic_fetch_add_explicit(&ap->alone, 1, memory_order_relaxed);
         self->bypart = false;
-        self->nshares = 1;
+        self->owned = TLY_STORE_ALL_SHARDS;
+        self->counts = true;
         apply_list(ap, self);
     } else {
         size_t na = ap->nworkers + 1;
@@ -541,8 +553,8 @@ void tly_apply_batch(tly_apply_t *ap, tly_apply_item_t *items, size_t n, int64_t
             atomic_fetch_add_explicit(&ap->shared, 1, memory_order_relaxed);
             for (size_t k = 0; k < na; k++) {
                 ap->appliers[k].bypart = false;
-                ap->appliers[k].share = (uint32_t)k;
-                ap->appliers[k].nshares = (uint32_t)na;
+                ap->appliers[k].owned = tly_store_shares((uint32_t)k, (uint32_t)na);
+                ap->appliers[k].counts = k == 0;
             }
             /* before the hand-out, which publishes them under mu */
             atomic_store_explicit(&ap->next_chunk, 0, memory_order_relaxed);
@@ -553,6 +565,17 @@ void tly_apply_batch(tly_apply_t *ap, tly_apply_item_t *items, size_t n, int64_t
         wait_workers(ap);
     }
     ap->cur = (batch_t){0};
+}
+
+void tly_apply_pin_cut(tly_apply_t *ap, uint32_t cut)
+{
+    ap->cut = cut < CUT_MIN ? CUT_MIN : cut > CUT_MAX ? CUT_MAX : cut;
+    ap->cut_pinned = true;
+}
+
+uint32_t tly_apply_cut(const tly_apply_t *ap)
+{
+    return ap->cut;
 }
 
 bool tly_apply_pipelines(const tly_apply_t *ap)
@@ -597,13 +620,18 @@ void tly_apply_submit(tly_apply_t *ap)
     atomic_fetch_add_explicit(&ap->pipelined, 1, memory_order_relaxed);
     ap->cur = ap->staged;
     ap->staged = (batch_t){0};
-    /* the workers share it by entity; worker k is share k − 1, and share 0
-     * writes the verdicts */
+    /* shared by entity: the workers split the shards below cut (worker k
+     * share k − 1 of them; worker 1 writes the verdicts), the caller takes
+     * the rest in tly_apply_wait */
+    const uint64_t below = ap->cut >= 64 ? TLY_STORE_ALL_SHARDS : (UINT64_C(1) << ap->cut) - 1;
     for (size_t k = 1; k <= ap->nworkers; k++) {
         ap->appliers[k].bypart = false;
-        ap->appliers[k].share = (uint32_t)(k - 1);
-        ap->appliers[k].nshares = (uint32_t)ap->nworkers;
+        ap->appliers[k].owned = tly_store_shares((uint32_t)(k - 1), (uint32_t)ap->nworkers) & below;
+        ap->appliers[k].counts = k == 1;
     }
+    ap->appliers[0].bypart = false;
+    ap->appliers[0].owned = ~below;
+    ap->appliers[0].counts = false;
     ap->inflight = true;
     hand_out(ap);
 }
@@ -612,6 +640,18 @@ bool tly_apply_wait(tly_apply_t *ap)
 {
     if (!ap->inflight)
         return false;
+    if (ap->appliers[0].owned != 0)
+        apply_list(ap, &ap->appliers[0]); /* the caller's shards */
+    /* the one who waits gets less next time */
+    pthread_mutex_lock(&ap->mu);
+    bool workers_done = ap->busy == 0;
+    pthread_mutex_unlock(&ap->mu);
+    if (ap->cut_pinned)
+        ;
+    else if (workers_done && ap->cut < CUT_MAX)
+        ap->cut++;
+    else if (!workers_done && ap->cut > CUT_MIN)
+        ap->cut--;
     wait_workers(ap);
     ap->inflight = false;
     ap->cur = (batch_t){0};
@@ -644,13 +684,14 @@ tly_apply_t *tly_apply_new(const tly_featset_t *fs, tly_store_t *store, const tl
     pthread_cond_init(&ap->go, NULL);
     pthread_cond_init(&ap->done, NULL);
     ap->ndecs = fs->ntopics + 1;
+    ap->cut = CUT_MAX;
     ap->nappliers = nthreads < 1                       ? 1
                     : nthreads > TLY_APPLY_THREADS_MAX ? TLY_APPLY_THREADS_MAX
                                                        : nthreads;
     ap->appliers = tly_xrealloc(NULL, ap->nappliers * sizeof *ap->appliers);
     for (size_t k = 0; k < ap->nappliers; k++) {
         applier_t *a = &ap->appliers[k];
-        *a = (applier_t){.ap = ap, .share = (uint32_t)k, .nshares = 1};
+        *a = (applier_t){.ap = ap, .owned = TLY_STORE_ALL_SHARDS, .counts = true};
         a->idx = tly_xrealloc(NULL, TLY_APPLY_BATCH_MAX * sizeof *a->idx);
         a->decs = tly_xrealloc(NULL, (AHEAD + 1) * ap->ndecs * sizeof *a->decs);
         for (size_t r = 0; r <= AHEAD; r++) {

@@ -518,27 +518,37 @@ static int64_t feat_earliest(const tly_feat_t *feat, int64_t now_ms)
     return earliest;
 }
 
-/* Whether the entity of hash h falls to applier `share` of `nshares`: by
- * its shard (the top six bits), so that appliers sharing a batch write
- * disjoint shards — no slot array, shard mutex or table rebuild is touched
- * by two of them (row g of bench/ingest: 2-8 % faster than by other bits of
- * the hash, three rounds in turn). */
-static bool share_owns(unsigned long h, uint32_t share, uint32_t nshares)
+/* Whether the entity of hash h falls to the applier owning the shards
+ * `owned`: by its shard (the top six bits), so that appliers sharing a
+ * batch write disjoint shards — no slot array, shard mutex or table rebuild
+ * is touched by two of them (row g of bench/ingest: 2-8 % faster than by
+ * other bits of the hash, three rounds in turn). */
+static bool share_owns(unsigned long h, uint64_t owned)
 {
-    return nshares <= 1 ||
-           (uint32_t)((uint64_t)h >> 58 & (TLY_STORE_SHARDS - 1)) % nshares == share;
+    return owned >> ((uint64_t)h >> 58 & (TLY_STORE_SHARDS - 1)) & 1;
+}
+
+_Static_assert(TLY_STORE_SHARDS == 64, "an owned set is a 64-bit mask of shards");
+
+uint64_t tly_store_shares(uint32_t share, uint32_t nshares)
+{
+    uint64_t m = 0;
+    for (uint32_t s = 0; s < TLY_STORE_SHARDS; s++)
+        if (nshares <= 1 || s % nshares == share)
+            m |= UINT64_C(1) << s;
+    return m;
 }
 
 void tly_store_prefetch(tly_store_t *store, const tly_event_t *ev, tly_prefetch_t *pf)
 {
-    tly_store_prefetch_share(store, ev, 0, 1, pf);
+    tly_store_prefetch_share(store, ev, TLY_STORE_ALL_SHARDS, true, pf);
 }
 
 /* tly_store_hint and tly_store_prefetch_slots in one loop (the hot path of
  * an applier that decodes what it applies; test_store checks that the two
  * agree). */
-void tly_store_prefetch_share(tly_store_t *store, const tly_event_t *ev, uint32_t share,
-                              uint32_t nshares, tly_prefetch_t *pf)
+void tly_store_prefetch_share(tly_store_t *store, const tly_event_t *ev, uint64_t owned,
+                              bool counts, tly_prefetch_t *pf)
 {
     const tly_featset_t *fs = store->fs;
     size_t len;
@@ -546,8 +556,8 @@ void tly_store_prefetch_share(tly_store_t *store, const tly_event_t *ev, uint32_
     pf->ids = true;
     pf->matched = fs->match_masks;
     pf->held = fs->match_masks ? tly_featset_match(fs, ev) : 0;
-    pf->share = share;
-    pf->nshares = nshares;
+    pf->owned = owned;
+    pf->counts = counts;
     for (uint32_t e = 0; e < fs->nentities && pf->n < TLY_PREFETCH_MAX; e++) {
         char *id = pf->id[pf->n];
         /* an id too long for the hint is left to the apply, which rejects
@@ -555,7 +565,7 @@ void tly_store_prefetch_share(tly_store_t *store, const tly_event_t *ev, uint32_
         if (!(ev->skip_entities >> e & 1) &&
             tly_entity_id(fs, e, ev, id, sizeof pf->id[0], &len) == TLY_OK) {
             unsigned long h = hash_id(store->seed, e, id, len);
-            if (share_owns(h, share, nshares))
+            if (share_owns(h, owned))
                 tbl_prefetch(shard_of(store, h), h);
             pf->entity[pf->n] = e;
             pf->idlen[pf->n] = (uint8_t)len;
@@ -572,8 +582,8 @@ void tly_store_hint(const tly_store_t *store, const tly_event_t *ev, tly_prefetc
     pf->ids = true;
     pf->matched = fs->match_masks;
     pf->held = fs->match_masks ? tly_featset_match(fs, ev) : 0;
-    pf->share = 0;
-    pf->nshares = 1;
+    pf->owned = TLY_STORE_ALL_SHARDS;
+    pf->counts = true;
     for (uint32_t e = 0; e < fs->nentities && pf->n < TLY_PREFETCH_MAX; e++) {
         char *id = pf->id[pf->n];
         /* an id too long for the hint is left to the apply, which rejects
@@ -587,18 +597,18 @@ void tly_store_hint(const tly_store_t *store, const tly_event_t *ev, tly_prefetc
     }
 }
 
-uint32_t tly_store_prefetch_slots(tly_store_t *store, tly_prefetch_t *pf, uint32_t share,
-                                  uint32_t nshares)
+uint32_t tly_store_prefetch_slots(tly_store_t *store, tly_prefetch_t *pf, uint64_t owned,
+                                  bool counts)
 {
-    uint32_t owned = 0;
-    pf->share = share;
-    pf->nshares = nshares;
+    uint32_t mine = 0;
+    pf->owned = owned;
+    pf->counts = counts;
     for (uint32_t i = 0; i < pf->n; i++)
-        if (share_owns(pf->h[i], share, nshares)) {
+        if (share_owns(pf->h[i], owned)) {
             tbl_prefetch(shard_of(store, pf->h[i]), pf->h[i]);
-            owned++;
+            mine++;
         }
-    return owned;
+    return mine;
 }
 
 void tly_store_prefetch_id(tly_store_t *store, uint32_t entity, const char *id, size_t idlen,
@@ -607,8 +617,8 @@ void tly_store_prefetch_id(tly_store_t *store, uint32_t entity, const char *id, 
     unsigned long h = hash_id(store->seed, entity, id, idlen);
     tbl_prefetch(shard_of(store, h), h);
     pf->n = 1;
-    pf->share = 0;
-    pf->nshares = 1;
+    pf->owned = TLY_STORE_ALL_SHARDS;
+    pf->counts = true;
     pf->h[0] = h;
     pf->ids = false;
     pf->matched = false;
@@ -617,20 +627,19 @@ void tly_store_prefetch_id(tly_store_t *store, uint32_t entity, const char *id, 
 void tly_store_prefetch_records(tly_store_t *store, const tly_prefetch_t *pf)
 {
     for (uint32_t i = 0; i < pf->n; i++)
-        if (share_owns(pf->h[i], pf->share, pf->nshares))
+        if (share_owns(pf->h[i], pf->owned))
             tbl_prefetch_ent(shard_of(store, pf->h[i]), pf->h[i]);
 }
 
-/* Applies ev's entities that fall to applier `share` of `nshares` (see
- * tly_store_prefetch_share). Phase 1 runs whole in every share, so each
- * decides alike, and share 0 alone counts the event: its drops (`counts`)
- * and its apply. */
+/* Applies ev's entities that fall to the applier owning the shards
+ * `owned` (see tly_store_prefetch_share). Phase 1 runs whole in every
+ * applier, so each decides alike, and the one that `counts` alone counts
+ * the event: its drops and its apply. */
 static tly_err_t apply_event(tly_store_t *store, const tly_event_t *ev, const tly_prefetch_t *hint,
-                             uint32_t share, uint32_t nshares, int64_t now_ms)
+                             uint64_t owned, bool counts, int64_t now_ms)
 {
     const tly_featset_t *fs = store->fs;
     tly_err_t first_drop = TLY_OK;
-    const bool counts = share == 0;
 
     if (ev->time_ms > now_ms + fs->max_future_skew_ms) {
         if (counts)
@@ -733,7 +742,7 @@ static tly_err_t apply_event(tly_store_t *store, const tly_event_t *ev, const tl
     tly_rcu_read_lock();
     for (size_t pi = 0; pi < nplans; pi++) {
         plan_t *pl = &plans[pi];
-        if (!share_owns(pl->h, share, nshares))
+        if (!share_owns(pl->h, owned))
             continue;
         size_t nfirst;
         ent_t *ent = ent_get_locked(store, pl->entity, pl->id, pl->idlen, pl->h, ev, pl->mask,
@@ -761,7 +770,7 @@ tly_err_t tly_store_apply(tly_store_t *store, const tly_event_t *ev, int32_t par
 {
     (void)partition;
     (void)offset;
-    return apply_event(store, ev, NULL, 0, 1, now_ms);
+    return apply_event(store, ev, NULL, TLY_STORE_ALL_SHARDS, true, now_ms);
 }
 
 tly_err_t tly_store_apply_hinted(tly_store_t *store, const tly_event_t *ev,
@@ -770,7 +779,7 @@ tly_err_t tly_store_apply_hinted(tly_store_t *store, const tly_event_t *ev,
 {
     (void)partition;
     (void)offset;
-    return apply_event(store, ev, pf->ids ? pf : NULL, pf->share, pf->nshares, now_ms);
+    return apply_event(store, ev, pf->ids ? pf : NULL, pf->owned, pf->counts, now_ms);
 }
 
 /* ---- reads -------------------------------------------------------------- */

@@ -116,12 +116,23 @@ void tly_apply_batch(tly_apply_t *ap, tly_apply_item_t *items, size_t n, int64_t
  * spreads over the appliers by partition: tly_apply_batch, where every
  * applier decodes and applies its partitions' items at once, does more.
  * tly_apply_pipelines: true while workers run (pipelining pays).
+ *
+ * The workers apply the entities of the store shards below a cut, the
+ * caller those from it on (tly_store_shares), which it applies in
+ * tly_apply_wait before it waits for the workers: so a caller with time to
+ * spare (the poll thread, polling faster than one apply thread applies)
+ * takes part of the apply. The cut starts at 64 (the workers own every
+ * shard) and moves by one shard a batch towards the side that waited for
+ * the other, between 16 and 64. tly_apply_cut: where it is now;
+ * tly_apply_pin_cut fixes it (clamped to 16..64; tests, benchmarks).
  * tly_apply_wait returns whether a batch was in flight.
  */
 bool tly_apply_pipelines(const tly_apply_t *ap);
 bool tly_apply_stage(tly_apply_t *ap, tly_apply_item_t *items, size_t n, int64_t now_ms);
 void tly_apply_submit(tly_apply_t *ap);
 bool tly_apply_wait(tly_apply_t *ap);
+uint32_t tly_apply_cut(const tly_apply_t *ap);
+void tly_apply_pin_cut(tly_apply_t *ap, uint32_t cut);
 
 /* Fills *st with the counters. Any thread (relaxed reads). */
 void tly_apply_stats(const tly_apply_t *ap, tly_apply_stats_t *st);

@@ -91,7 +91,12 @@ tly_err_t tly_store_apply(tly_store_t *store, const tly_event_t *ev, int32_t par
 #define TLY_PREFETCH_MAX 4 /* entity types hinted per event */
 typedef struct {
     uint32_t n;
-    uint32_t share, nshares; /* tly_store_prefetch_share's; 0 of 1 otherwise */
+    /* the entities this applier applies, by store shard (bit s: shard s,
+     * tly_store_shares), and whether it counts the event and gives its
+     * verdict (tly_store_prefetch_share's; every shard, counting,
+     * otherwise) */
+    uint64_t owned;
+    bool counts;
     unsigned long h[TLY_PREFETCH_MAX];
     /* tly_store_prefetch only: the entity type and rendered id behind each
      * hash, which tly_store_apply_hinted takes instead of rendering again */
@@ -121,31 +126,41 @@ typedef struct {
 void tly_store_prefetch(tly_store_t *store, const tly_event_t *ev, tly_prefetch_t *pf);
 
 /*
- * tly_store_prefetch for applier `share` of `nshares` that all see the same
- * events, each applying its share of the entities: the entities whose id
- * hashes to it (tly_store_apply_hinted then applies only those, and so
- * every entity's events are applied by one applier, in the order given).
- * Each applier decides alike whether the event is rejected; only share 0
- * counts the event (applied, dropped) and only its verdict need be kept.
- * Hints only its own entities.
+ * Appliers that all see the same events share the entities by the store
+ * shard their id hashes to (the hash's top six bits): an applier owns a set
+ * of shards, as a mask (bit s: shard s). tly_store_shares gives share
+ * `share` of `nshares` (the shards s with s % nshares == share);
+ * TLY_STORE_ALL_SHARDS is one applier's. Owned sets of the appliers of one
+ * batch must be disjoint and cover every shard.
  */
-void tly_store_prefetch_share(tly_store_t *store, const tly_event_t *ev, uint32_t share,
-                              uint32_t nshares, tly_prefetch_t *pf);
+#define TLY_STORE_ALL_SHARDS UINT64_MAX
+uint64_t tly_store_shares(uint32_t share, uint32_t nshares);
+
+/*
+ * tly_store_prefetch for an applier that owns the shards `owned`:
+ * tly_store_apply_hinted then applies only the entities of those shards,
+ * and so every entity's events are applied by one applier, in the order
+ * given. Each applier decides alike whether the event is rejected; exactly
+ * one, `counts`, counts the event (applied, dropped) and only its verdict
+ * need be kept. Hints only its own entities.
+ */
+void tly_store_prefetch_share(tly_store_t *store, const tly_event_t *ev, uint64_t owned,
+                              bool counts, tly_prefetch_t *pf);
 
 /*
  * tly_store_prefetch_share in two halves, for appliers that share one
  * decode of each event: tly_store_hint, the same for every share, renders
- * and hashes ev's entity ids into *pf (as share 0 of 1) and loads nothing;
- * tly_store_prefetch_slots then makes *pf (or a copy) share `share` of
- * `nshares`, starts loading the table slots of its entities that fall to
- * it and returns how many do. tly_store_hint reads the featset and the
- * store's hash seed, not the table: any thread, no RCU section needed;
+ * and hashes ev's entity ids into *pf (as one applier's) and loads nothing;
+ * tly_store_prefetch_slots then makes *pf (or a copy) the hint of an
+ * applier owning `owned` (`counts` as above), starts loading the table
+ * slots of its entities that fall to it and returns how many do. tly_store_hint reads the featset
+ * and the store's hash seed, not the table: any thread, no RCU section needed;
  * tly_store_prefetch_slots runs inside the caller's RCU read-side section
  * like the others.
  */
 void tly_store_hint(const tly_store_t *store, const tly_event_t *ev, tly_prefetch_t *pf);
-uint32_t tly_store_prefetch_slots(tly_store_t *store, tly_prefetch_t *pf, uint32_t share,
-                                  uint32_t nshares);
+uint32_t tly_store_prefetch_slots(tly_store_t *store, tly_prefetch_t *pf, uint64_t owned,
+                                  bool counts);
 
 /* The first step for one entity that a read will ask for soon (MFEATURES
  * hints the ids after the one it reads). */

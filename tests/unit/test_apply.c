@@ -446,6 +446,9 @@ static void apply_stream(fixture_t *fx, stream_t *s, size_t batch, bool pipeline
  * partition), in batches of `batch`, by `threads` appliers: checked
  * against the model. Returns the store's counters, for comparing runs with
  * other thread counts. */
+/* pipelined runs: the cut pinned there (0: left to adapt) */
+static uint32_t pinned_cut;
+
 static void run_as(size_t threads, size_t n, bool by_user, size_t batch, size_t long_notes,
                    const char *events_extra, bool pipelined, tly_apply_stats_t *ast,
                    tly_store_stats_t *sst)
@@ -455,6 +458,8 @@ static void run_as(size_t threads, size_t n, bool by_user, size_t batch, size_t 
     model_t *m = malloc(sizeof *m);
     fixture_init(&fx, threads, events_extra);
     build(&s, m, n, by_user, long_notes);
+    if (pinned_cut > 0)
+        tly_apply_pin_cut(fx.ap, pinned_cut);
     apply_stream(&fx, &s, batch, pipelined);
     check_all(&fx, &s, m);
     tly_apply_stats(fx.ap, ast);
@@ -566,13 +571,20 @@ static void test_pipelined_batches_apply_as_the_model_says(void **state)
     assert_int_equal(ast.alone, 10);
     assert_int_equal(ast.pipelined + ast.shared + ast.bypart, 0);
     assert_same_store_stats(&one, &sst);
-    for (size_t threads = 2; threads <= 3; threads++) {
-        run_as(threads, 9040, false, 1000, 0, "", true, &ast, &sst);
-        assert_int_equal(ast.pipelined, 10); /* the last, of 40, too */
-        assert_int_equal(ast.alone + ast.shared + ast.bypart, 0);
-        assert_int_equal(ast.redecoded, 0);
-        assert_same_store_stats(&one, &sst);
+    /* the workers' and the caller's shards split at 16, 40 and 64 (the
+     * caller then applies nothing), and as the cut adapts */
+    const uint32_t cuts[] = {16, 40, 64, 0};
+    for (size_t c = 0; c < sizeof cuts / sizeof cuts[0]; c++) {
+        pinned_cut = cuts[c];
+        for (size_t threads = 2; threads <= 3; threads++) {
+            run_as(threads, 9040, false, 1000, 0, "", true, &ast, &sst);
+            assert_int_equal(ast.pipelined, 10); /* the last, of 40, too */
+            assert_int_equal(ast.alone + ast.shared + ast.bypart, 0);
+            assert_int_equal(ast.redecoded, 0);
+            assert_same_store_stats(&one, &sst);
+        }
     }
+    pinned_cut = 16;
     /* 37 partitions: not staged, spread by partition (the stage says so) */
     run(1, 8192, true, TLY_APPLY_BATCH_MAX, 0, "", &ast, &one);
     for (size_t threads = 2; threads <= 3; threads++) {
@@ -589,6 +601,7 @@ static void test_pipelined_batches_apply_as_the_model_says(void **state)
         assert_true(ast.redecoded > 0 && ast.redecoded < 643);
         assert_same_store_stats(&one, &sst);
     }
+    pinned_cut = 0;
 }
 
 /* tly_apply_batch, and a stop, right after a submit: each waits for the

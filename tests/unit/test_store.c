@@ -633,23 +633,45 @@ static void test_rejected_event_changes_nothing(void **state)
     }
 }
 
-/* Two appliers sharing the events (tly_store_prefetch_share): each applies
- * the entities that hash to it, so together every entity once; each decides
- * alike whether an event is rejected, and only share 0 counts the event. */
-static void test_shares_apply_each_entity_once(void **state)
+/* tly_store_shares: the n shares of n appliers are disjoint and cover
+ * every store shard; shard s falls to share s mod n. */
+static void test_shares_split_every_shard_once(void **state)
 {
-    fx_t *fx = *state;
+    (void)state;
+    for (uint32_t n = 1; n <= 7; n++) {
+        uint64_t all = 0;
+        for (uint32_t k = 0; k < n; k++) {
+            uint64_t m = tly_store_shares(k, n);
+            assert_int_equal(all & m, 0);
+            all |= m;
+            assert_true(m >> k & 1);
+            if (n > 1)
+                assert_int_equal(m >> (k + n) & 1, k + n < 64);
+        }
+        assert_true(all == TLY_STORE_ALL_SHARDS);
+    }
+}
+
+/* Two appliers sharing the events (tly_store_prefetch_share): each applies
+ * the entities that hash to the shards it owns, so together every entity
+ * once; each decides alike whether an event is rejected, and only the one
+ * that counts counts the event. As tly_apply splits shards: by their
+ * number mod 2, and at a cut (the shards below 40, the rest). */
+static void run_shares_apply_each_entity_once(fx_t *fx, const uint64_t sets[2], int base)
+{
     enum { N = 200 };
     int users_after_share0 = 0, pins_after_share0 = 0;
+    tly_store_stats_t st0;
+    tly_store_stats(fx->store, &st0);
     for (int i = 0; i < N; i++) {
         char pin[16], user[16];
-        snprintf(pin, sizeof pin, "p%d", i);
-        snprintf(user, sizeof user, "%d", 1000 + i);
-        tly_event_t e = ev(fx, T - SEC, 1000 + i, pin, "impression", 10);
+        snprintf(pin, sizeof pin, "p%d", base + i);
+        snprintf(user, sizeof user, "%d", base + i);
+        tly_event_t e = ev(fx, T - SEC, base + i, pin, "impression", 10);
         for (uint32_t k = 0; k < 2; k++) {
             tly_prefetch_t pf;
             tly_rcu_read_lock();
-            tly_store_prefetch_share(fx->store, &e, k, 2, &pf);
+            tly_store_prefetch_share(fx->store, &e, sets[k], k == 0, &pf);
             tly_rcu_read_unlock();
             assert_int_equal(tly_store_apply_hinted(fx->store, &e, &pf, 0, 0, T), TLY_OK);
             if (k == 0) {
@@ -668,15 +690,24 @@ static void test_shares_apply_each_entity_once(void **state)
     for (uint32_t k = 0; k < 2; k++) {
         tly_prefetch_t pf;
         tly_rcu_read_lock();
-        tly_store_prefetch_share(fx->store, &e, k, 2, &pf);
+        tly_store_prefetch_share(fx->store, &e, sets[k], k == 0, &pf);
         tly_rcu_read_unlock();
         assert_int_equal(tly_store_apply_hinted(fx->store, &e, &pf, 0, 0, T), TLY_E_EV_MISSING_KEY);
     }
     tly_store_stats_t st;
     tly_store_stats(fx->store, &st);
-    assert_int_equal(st.events_applied, N);
-    assert_int_equal(st.entities, 2 * N);
-    assert_int_equal(st.dropped[TLY_E_EV_MISSING_KEY], 1);
+    assert_int_equal(st.events_applied - st0.events_applied, N);
+    assert_int_equal(st.entities - st0.entities, 2 * N);
+    assert_int_equal(st.dropped[TLY_E_EV_MISSING_KEY] - st0.dropped[TLY_E_EV_MISSING_KEY], 1);
+}
+
+static void test_shares_apply_each_entity_once(void **state)
+{
+    fx_t *fx = *state;
+    const uint64_t by_mod[2] = {tly_store_shares(0, 2), tly_store_shares(1, 2)};
+    const uint64_t by_cut[2] = {(UINT64_C(1) << 40) - 1, ~((UINT64_C(1) << 40) - 1)};
+    run_shares_apply_each_entity_once(fx, by_mod, 1000);
+    run_shares_apply_each_entity_once(fx, by_cut, 5000);
 }
 
 /* One tly_store_hint per event, copied to each share and completed by
@@ -700,14 +731,14 @@ static void test_one_hint_serves_every_share(void **state)
         uint32_t owned = 0; /* each entity falls to one share */
         for (uint32_t k = 0; k < 2; k++) {
             pf = hint;
+            uint64_t set = tly_store_shares(k, 2);
             tly_rcu_read_lock();
-            owned += tly_store_prefetch_slots(fx->store, &pf, k, 2);
-            tly_store_prefetch_share(fx->store, &e, k, 2, &want);
+            owned += tly_store_prefetch_slots(fx->store, &pf, set, k == 0);
+            tly_store_prefetch_share(fx->store, &e, set, k == 0, &want);
             tly_rcu_read_unlock();
             assert_int_equal(pf.n, want.n);
-            assert_int_equal(pf.share, k);
-            assert_int_equal(pf.nshares, 2);
-            assert_true(pf.ids && want.ids && want.share == k && want.nshares == 2);
+            assert_true(pf.owned == set && pf.counts == (k == 0));
+            assert_true(pf.ids && want.ids && want.owned == set && want.counts == (k == 0));
             for (uint32_t j = 0; j < pf.n; j++) {
                 assert_int_equal(pf.entity[j], want.entity[j]);
                 assert_int_equal(pf.h[j], want.h[j]);
@@ -2222,6 +2253,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_last_k_orders_by_time_keeps_k_and_ties_keep_arrival,
                                         setup, teardown),
         cmocka_unit_test_setup_teardown(test_rejected_event_changes_nothing, setup, teardown),
+        cmocka_unit_test(test_shares_split_every_shard_once),
         cmocka_unit_test_setup_teardown(test_shares_apply_each_entity_once, setup, teardown),
         cmocka_unit_test_setup_teardown(test_one_hint_serves_every_share, setup, teardown),
         cmocka_unit_test_setup_teardown(test_load_refuses_state_the_writer_cannot_take, setup,
