@@ -30,11 +30,15 @@
  * Pipelined (tly_apply_stage/submit/wait, apply.h): the caller runs
  * phase 1 alone, whole, into one of two record sets while the workers
  * apply the batch before from the other; submit hands the staged batch to
- * the workers, who share it by entity as in phase 2 (worker k is share
- * k − 1 of nworkers, share 0 writes the verdicts) with no barrier, and
- * returns; the caller polls the next batch meanwhile. That keeps the
- * source's poll thread (poll, collect, settle) off the appliers' path,
- * where tly_apply_batch has it wait for them.
+ * the workers and returns, and the caller polls the next batch meanwhile.
+ * The batch is shared by store shard as in phase 2, with no barrier: the
+ * workers own the shards below `cut` (worker k the k − 1-th of nworkers
+ * shares of them; worker 1 writes the verdicts), the caller the shards from
+ * `cut` on, which it applies in tly_apply_wait before it waits for the
+ * workers. The cut moves one shard a batch towards whichever side waited
+ * for the other. That keeps the source's poll thread (poll, collect,
+ * settle) off the appliers' path, where tly_apply_batch has it wait for
+ * them, and lets it apply what its time allows.
  *
  * So a message is decoded once (not once per applier) and its ids are
  * rendered and hashed once. Either way every entity's events from one

@@ -181,10 +181,12 @@ const key_def_t tly_config_keys[] = {
     KEY("kafka.threads", K_INT, "2", 1, 64, 0, NULL, CFG(kafka.threads),
         "Threads that decode and apply events, the consumer's poll thread among them. With 2 "
         "or more, a batch of 64 messages or more is pipelined: the poll thread decodes it and "
-        "the other threads apply it, each the entities whose ids hash to it, while the poll "
-        "thread polls and decodes the next batch (INFO batches_pipelined). An entity's events "
-        "from one partition are applied in offset order by one thread, whatever the message "
-        "keys; 1 decodes and applies everything on the poll thread."),
+        "hands it to the other threads, which apply it while the poll thread polls and "
+        "decodes the next batch; the entities are split by id hash, and the poll thread "
+        "applies a share of them itself as its time allows (INFO batches_pipelined). A batch "
+        "from many partitions is split by partition instead. An entity's events from one "
+        "partition are applied in offset order by one thread, whatever the message keys; 1 "
+        "decodes and applies everything on the poll thread."),
     KEY("kafka.ready_lag", K_INT, "1000", 0, 1000000000, 0, NULL, CFG(kafka.ready_lag),
         "After an assignment, queries get -LOADING until every assigned partition is at most "
         "this many messages behind its end (clients may opt into stale reads with CLIENT "
