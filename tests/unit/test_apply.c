@@ -449,25 +449,42 @@ static void apply_stream(fixture_t *fx, stream_t *s, size_t batch, bool pipeline
 /* pipelined runs: the cut pinned there (0: left to adapt) */
 static uint32_t pinned_cut;
 
+/* A set of `threads` appliers, a stream of n events and its model. */
+typedef struct {
+    fixture_t fx;
+    stream_t s;
+    model_t *m;
+} case_t;
+
+static void case_open(case_t *c, size_t threads, size_t n, bool by_user, size_t long_notes,
+                      const char *events_extra)
+{
+    c->m = malloc(sizeof *c->m);
+    fixture_init(&c->fx, threads, events_extra);
+    build(&c->s, c->m, n, by_user, long_notes);
+}
+
+static void case_close(case_t *c)
+{
+    stream_fini(&c->s);
+    model_fini(c->m);
+    free(c->m);
+    fixture_fini(&c->fx);
+}
+
 static void run_as(size_t threads, size_t n, bool by_user, size_t batch, size_t long_notes,
                    const char *events_extra, bool pipelined, tly_apply_stats_t *ast,
                    tly_store_stats_t *sst)
 {
-    fixture_t fx;
-    stream_t s;
-    model_t *m = malloc(sizeof *m);
-    fixture_init(&fx, threads, events_extra);
-    build(&s, m, n, by_user, long_notes);
+    case_t c;
+    case_open(&c, threads, n, by_user, long_notes, events_extra);
     if (pinned_cut > 0)
-        tly_apply_pin_cut(fx.ap, pinned_cut);
-    apply_stream(&fx, &s, batch, pipelined);
-    check_all(&fx, &s, m);
-    tly_apply_stats(fx.ap, ast);
-    tly_store_stats(fx.store, sst);
-    stream_fini(&s);
-    model_fini(m);
-    free(m);
-    fixture_fini(&fx);
+        tly_apply_pin_cut(c.fx.ap, pinned_cut);
+    apply_stream(&c.fx, &c.s, batch, pipelined);
+    check_all(&c.fx, &c.s, c.m);
+    tly_apply_stats(c.fx.ap, ast);
+    tly_store_stats(c.fx.store, sst);
+    case_close(&c);
 }
 
 static void run(size_t threads, size_t n, bool by_user, size_t batch, size_t long_notes,
@@ -609,56 +626,47 @@ static void test_pipelined_batches_apply_as_the_model_says(void **state)
 static void test_a_batch_after_a_submitted_one_waits_for_it(void **state)
 {
     (void)state;
-    fixture_t fx;
-    stream_t s;
-    model_t *m = malloc(sizeof *m);
-    fixture_init(&fx, 2, "");
-    build(&s, m, 7000, false, 0);
-    assert_true(tly_apply_stage(fx.ap, s.items, 3000, NOW));
-    tly_apply_submit(fx.ap);
-    tly_apply_batch(fx.ap, s.items + 3000, 2000, NOW); /* shared */
-    assert_true(tly_apply_stage(fx.ap, s.items + 5000, 1500, NOW));
-    tly_apply_submit(fx.ap);
-    tly_apply_stop(fx.ap);
-    assert_false(tly_apply_wait(fx.ap)); /* stop waited */
-    assert_true(tly_apply_stage(fx.ap, s.items + 6500, 500, NOW));
-    tly_apply_submit(fx.ap); /* no worker: applied here */
-    assert_false(tly_apply_wait(fx.ap));
-    check_all(&fx, &s, m);
+    case_t c;
+    case_open(&c, 2, 7000, false, 0, "");
+    tly_apply_t *ap = c.fx.ap;
+    tly_apply_item_t *items = c.s.items;
+    assert_true(tly_apply_stage(ap, items, 3000, NOW));
+    tly_apply_submit(ap);
+    tly_apply_batch(ap, items + 3000, 2000, NOW); /* shared */
+    assert_true(tly_apply_stage(ap, items + 5000, 1500, NOW));
+    tly_apply_submit(ap);
+    tly_apply_stop(ap);
+    assert_false(tly_apply_wait(ap)); /* stop waited */
+    assert_true(tly_apply_stage(ap, items + 6500, 500, NOW));
+    tly_apply_submit(ap); /* no worker: applied here */
+    assert_false(tly_apply_wait(ap));
+    check_all(&c.fx, &c.s, c.m);
     tly_apply_stats_t ast;
-    tly_apply_stats(fx.ap, &ast);
+    tly_apply_stats(ap, &ast);
     assert_int_equal(ast.pipelined, 2);
     assert_int_equal(ast.shared, 1);
     assert_int_equal(ast.alone, 1);
-    stream_fini(&s);
-    model_fini(m);
-    free(m);
-    fixture_fini(&fx);
+    case_close(&c);
 }
 
 /* A set stopped and started again applies the next batches as before. */
 static void test_appliers_stopped_and_started_again_go_on(void **state)
 {
     (void)state;
-    fixture_t fx;
-    stream_t s;
-    model_t *m = malloc(sizeof *m);
-    fixture_init(&fx, 3, "");
-    build(&s, m, 6000, false, 0);
-    tly_apply_batch(fx.ap, s.items, 3000, NOW);
-    tly_apply_stop(fx.ap);
-    tly_apply_batch(fx.ap, s.items + 3000, 1000, NOW); /* alone */
-    assert_int_equal(tly_apply_start(fx.ap), 3);
-    tly_apply_batch(fx.ap, s.items + 4000, 2000, NOW);
-    check_all(&fx, &s, m);
+    case_t c;
+    case_open(&c, 3, 6000, false, 0, "");
+    tly_apply_t *ap = c.fx.ap;
+    tly_apply_batch(ap, c.s.items, 3000, NOW);
+    tly_apply_stop(ap);
+    tly_apply_batch(ap, c.s.items + 3000, 1000, NOW); /* alone */
+    assert_int_equal(tly_apply_start(ap), 3);
+    tly_apply_batch(ap, c.s.items + 4000, 2000, NOW);
+    check_all(&c.fx, &c.s, c.m);
     tly_apply_stats_t ast;
-    tly_apply_stats(fx.ap, &ast);
+    tly_apply_stats(ap, &ast);
     assert_int_equal(ast.shared, 2);
     assert_int_equal(ast.alone, 1);
-    stream_fini(&s);
-    model_fini(m);
-    free(m);
-    fixture_fini(&fx);
+    case_close(&c);
 }
 
 int main(void)
