@@ -170,7 +170,7 @@ struct tly_source {
     rd_kafka_message_t **fly_msgs;
     size_t fly_n;
     int64_t fly_now_ms;
-    int64_t last_checkpoint_ms;
+    int64_t last_checkpoint_ms; /* monotonic */
     bool embedded;
     rd_kafka_t *mock_host; /* embedded: the handle the mock cluster lives in */
     rd_kafka_mock_cluster_t *mock;
@@ -261,6 +261,13 @@ struct tly_source {
     tly_partition_stat_t *pub;
     size_t npub, pubcap;
 };
+
+static int64_t mono_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
 
 static int64_t wall_ms(void)
 {
@@ -1459,9 +1466,9 @@ static void *poll_main(void *arg)
         /* The hook sees no batch in flight: while batches are
          * pipelined, its turn comes every CHECKPOINT_EVERY_MS. */
         if (src->checkpoint != NULL &&
-            (src->fly_n == 0 || wall_ms() - src->last_checkpoint_ms >= CHECKPOINT_EVERY_MS)) {
+            (src->fly_n == 0 || mono_ms() - src->last_checkpoint_ms >= CHECKPOINT_EVERY_MS)) {
             flush(src);
-            src->last_checkpoint_ms = wall_ms();
+            src->last_checkpoint_ms = mono_ms();
             src->checkpoint(src->checkpoint_ctx, src);
         }
         /* with a batch in flight, an empty queue finishes it at once */
@@ -1941,12 +1948,6 @@ void tly_source_commit(tly_source_t *src, const tly_position_t *pos, size_t n)
     rd_kafka_topic_partition_list_destroy(list);
 }
 
-static int64_t mono_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
 
 typedef struct {
     bool done;
