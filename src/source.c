@@ -1948,7 +1948,6 @@ void tly_source_commit(tly_source_t *src, const tly_position_t *pos, size_t n)
     rd_kafka_topic_partition_list_destroy(list);
 }
 
-
 typedef struct {
     bool done;
     rd_kafka_resp_err_t err;
