@@ -155,11 +155,10 @@ struct tly_apply {
     size_t nworkers; /* running; written by start and stop, while no batch runs */
     /* the batch being applied: set by tly_apply_batch (or submit) before
      * it hands it out, read by the workers until they are done with it */
-    batch_t cur;
+    batch_t cur; /* cur.pre: submitted and not waited for (in flight) */
     /* a pipelined batch decoded by the caller while cur is applied
      * (tly_apply_stage); its records are the other of the two sets */
     batch_t staged;
-    bool inflight; /* cur was submitted and not waited for (caller's thread) */
     /* Pipelined: the workers own the store shards below cut, the caller
      * (applier 0) those from cut on, which it applies in tly_apply_wait
      * before it waits; cut moves one shard a batch towards whoever waited
@@ -594,7 +593,7 @@ bool tly_apply_stage(tly_apply_t *ap, tly_apply_item_t *items, size_t n, int64_t
     if (ap->nworkers > 0 && spreads_by_partition(items, n, ap->nworkers + 1))
         return false;
     /* the set cur does not use (cur's, while it is in flight) */
-    size_t set = ap->inflight && ap->cur.decoded == ap->decoded_set[0] ? 1 : 0;
+    size_t set = ap->cur.pre && ap->cur.decoded == ap->decoded_set[0] ? 1 : 0;
     ap->staged = (batch_t){.items = items,
                            .n = n,
                            .now_ms = now_ms,
@@ -636,13 +635,12 @@ void tly_apply_submit(tly_apply_t *ap)
     ap->appliers[0].bypart = false;
     ap->appliers[0].owned = ~below;
     ap->appliers[0].counts = false;
-    ap->inflight = true;
     hand_out(ap);
 }
 
 bool tly_apply_wait(tly_apply_t *ap)
 {
-    if (!ap->inflight)
+    if (!ap->cur.pre)
         return false;
     if (ap->appliers[0].owned != 0)
         apply_list(ap, &ap->appliers[0]); /* the caller's shards */
@@ -650,14 +648,11 @@ bool tly_apply_wait(tly_apply_t *ap)
     pthread_mutex_lock(&ap->mu);
     bool workers_done = ap->busy == 0;
     pthread_mutex_unlock(&ap->mu);
-    if (ap->cut_pinned)
-        ;
-    else if (workers_done && ap->cut < CUT_MAX)
+    if (!ap->cut_pinned && workers_done && ap->cut < CUT_MAX)
         ap->cut++;
-    else if (!workers_done && ap->cut > CUT_MIN)
+    else if (!ap->cut_pinned && !workers_done && ap->cut > CUT_MIN)
         ap->cut--;
     wait_workers(ap);
-    ap->inflight = false;
     ap->cur = (batch_t){0};
     return true;
 }
