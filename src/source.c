@@ -59,7 +59,8 @@
  * Threads: new/start/stop/free/resume_at on the main thread. The poll thread
  * runs consumer_poll and with it the rebalance, error and offset callbacks;
  * the appliers' worker threads only decode and apply the batch items
- * handed to them (between the start and the end of a flush, apply.c);
+ * handed to them (between the start and the end of a flush, or from a
+ * pipelined batch's submit to its wait: apply.c);
  * tly_kafka_close in stop runs the final revocation on the main thread
  * after the poll thread was joined. The nudger thread only sends the
  * end-offset requests the poll thread hands it (see "fetch nudges") and
