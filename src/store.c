@@ -816,6 +816,36 @@ static bool read_valid(const ent_t *ent, uint32_t s0)
     return atomic_load_explicit(&ent->seq, memory_order_relaxed) == s0;
 }
 
+void (*store_read_hook)(void *ctx);
+void *store_read_hook_ctx;
+
+/* A private copy of a word record: its header, id and first `used` words,
+ * each loaded as a reader loads it; NULL when out of memory. A read that
+ * lost a race with a writer works on such a copy the next time, checking
+ * the seqlock once the copy is taken: copying takes about as long as a
+ * few values do, so a read of thousands of values of an entity written
+ * more often than that read takes ends after one copy, where reading in
+ * place again would start over for as long as the writes go on. */
+static ent_t *words_copy(const ent_t *ent, uint32_t used)
+{
+    size_t idw = id_words(ent->idlen);
+    ent_t *c = malloc(sizeof *c + 8 * (idw + (size_t)used));
+    if (c == NULL)
+        return NULL;
+    atomic_init(&c->seq, 0);
+    c->type = ent->type;
+    c->idlen = ent->idlen;
+    c->mode = ent->mode;
+    c->cap = used;
+    atomic_init(&c->used, used);
+    memset(c + 1, 0, 8 * idw);
+    memcpy(c + 1, ent_id(ent), ent->idlen);
+    uint64_t *w = ent_words(c);
+    for (uint32_t i = 0; i < used; i++)
+        w[i] = ld(ent, i);
+    return c;
+}
+
 /* tly_store_read and tly_store_read_asof (past: an ASOF read). */
 static tly_err_t store_read(tly_store_t *store, uint32_t entity, const char *id, size_t idlen,
                             const tly_featwin_t *req, size_t n, int64_t now_ms, bool past,
@@ -824,9 +854,9 @@ static tly_err_t store_read(tly_store_t *store, uint32_t entity, const char *id,
     const tly_featset_t *fs = store->fs;
     static _Thread_local log_t lg;
     tly_err_t err = TLY_OK;
-    ent_t *ent = NULL;
+    ent_t *ent = NULL, *copy = NULL;
     tly_rcu_read_lock();
-    for (;;) {
+    for (unsigned attempt = 0;; attempt++) {
         uint32_t s0 = 0;
         ent = read_begin(store, ent, entity, id, idlen, &s0);
         /* at the clock (not an ASOF read): see store_words_recent */
@@ -837,13 +867,28 @@ static tly_err_t store_read(tly_store_t *store, uint32_t entity, const char *id,
         int64_t last = -1;
         uint32_t hint = 1; /* store_words_value's segment cursor, per attempt */
         err = TLY_OK;
+        /* what the values are read from, and whether it is a copy already
+         * known to be consistent (then no check follows the read) */
+        const ent_t *src = ent;
+        bool settled = false;
         if (ent && !words && (n > 0 || last_ms)) { /* decode only when asked */
             store_log_copy(ent, &lg);
+            if (!read_valid(ent, s0))
+                continue;
+            settled = true;
             bad = !store_log_decode(store, &store->etypes[entity], &lg);
             for (size_t i = 0; last_ms && i < lg.nrecs; i++)
                 last = lg.ts[i] > last ? lg.ts[i] : last;
         } else if (ent) {
-            last = (int64_t)ld(ent, 0);
+            if (words && attempt > 0) {
+                free(copy);
+                copy = words_copy(ent, used);
+                if (copy && !read_valid(ent, s0))
+                    continue;
+                src = copy ? copy : ent; /* out of memory: in place, as before */
+                settled = copy != NULL;
+            }
+            last = (int64_t)ld(src, 0);
         }
         for (size_t r = 0; r < n && !bad; r++) {
             const tly_feat_t *feat = &fs->feats[req[r].feat];
@@ -858,7 +903,7 @@ static tly_err_t store_read(tly_store_t *store, uint32_t entity, const char *id,
                 } else if (!words) {
                     *o = store_log_value(store, &lg, feat, req[r].window, now_ms);
                 } else {
-                    *o = store_words_value(ent, used, feat, req[r].window, now_ms, &hint, &bad);
+                    *o = store_words_value(src, used, feat, req[r].window, now_ms, &hint, &bad);
                 }
                 continue;
             }
@@ -877,9 +922,9 @@ static tly_err_t store_read(tly_store_t *store, uint32_t entity, const char *id,
                     full = true;
             } else if (ent) {
                 bool found;
-                uint32_t off = store_seg_find(ent, used, SID_ITEMS(feat->slot), &found);
+                uint32_t off = store_seg_find(src, used, SID_ITEMS(feat->slot), &found);
                 if (found)
-                    got = store_words_recent(store, ent, off, used, k, since, now_ms, at_clock,
+                    got = store_words_recent(store, src, off, used, k, since, now_ms, at_clock,
                                              feat->agg == TLY_AGG_LAST ? &it : NULL, k, strbuf,
                                              strcap, &sused, &bad, &full);
             }
@@ -892,7 +937,9 @@ static tly_err_t store_read(tly_store_t *store, uint32_t entity, const char *id,
                 o->type = TLY_V_NIL;
             }
         }
-        bool valid = !ent || read_valid(ent, s0);
+        if (store_read_hook)
+            store_read_hook(store_read_hook_ctx);
+        bool valid = !ent || settled || read_valid(ent, s0);
         if (valid && bad) {
             /* A consistent copy that does not decode: a malformed record.
              * Answer nil rather than read it again forever. */
@@ -910,6 +957,7 @@ static tly_err_t store_read(tly_store_t *store, uint32_t entity, const char *id,
         }
     }
     tly_rcu_read_unlock();
+    free(copy);
     return err;
 }
 
@@ -947,9 +995,9 @@ static tly_err_t store_recent(tly_store_t *store, uint32_t entity, const char *i
     if (since_ms < floor_ms)
         since_ms = floor_ms;
 
-    ent_t *ent = NULL;
+    ent_t *ent = NULL, *copy = NULL;
     tly_rcu_read_lock();
-    for (;;) {
+    for (unsigned attempt = 0;; attempt++) {
         uint32_t s0 = 0;
         ent = read_begin(store, ent, entity, id, idlen, &s0);
         if (!ent) {
@@ -957,13 +1005,16 @@ static tly_err_t store_recent(tly_store_t *store, uint32_t entity, const char *i
             break;
         }
         const bool at_clock = !past; /* see store_read */
-        bool bad = false, full = false;
+        bool bad = false, full = false, settled = false; /* as in store_read */
         size_t sused = 0;
         uint32_t used = used_of(ent);
         got = 0;
         if (!is_words(ent)) {
             uint32_t idx[COMPACT_MAX_EVENTS];
             store_log_copy(ent, &lg);
+            if (!read_valid(ent, s0))
+                continue;
+            settled = true;
             bad = !store_log_decode(store, &store->etypes[entity], &lg);
             size_t m = bad ? 0
                            : store_log_recent(&lg, feat->slot, feat->k, since_ms, asof_ms, at_clock,
@@ -976,13 +1027,24 @@ static tly_err_t store_recent(tly_store_t *store, uint32_t entity, const char *i
                     full = true;
             }
         } else {
+            const ent_t *src = ent;
+            if (attempt > 0) {
+                free(copy);
+                copy = words_copy(ent, used);
+                if (copy && !read_valid(ent, s0))
+                    continue;
+                src = copy ? copy : ent;
+                settled = copy != NULL;
+            }
             bool found;
-            uint32_t off = store_seg_find(ent, used, SID_ITEMS(feat->slot), &found);
+            uint32_t off = store_seg_find(src, used, SID_ITEMS(feat->slot), &found);
             if (found)
-                got = store_words_recent(store, ent, off, used, feat->k, since_ms, asof_ms,
+                got = store_words_recent(store, src, off, used, feat->k, since_ms, asof_ms,
                                          at_clock, items, cap, strbuf, strcap, &sused, &bad, &full);
         }
-        if (read_valid(ent, s0)) {
+        if (store_read_hook)
+            store_read_hook(store_read_hook_ctx);
+        if (settled || read_valid(ent, s0)) {
             if (bad) { /* malformed (see tly_store_read): no items */
                 got = 0;
                 err = TLY_E_IO;
@@ -993,6 +1055,7 @@ static tly_err_t store_recent(tly_store_t *store, uint32_t entity, const char *i
         }
     }
     tly_rcu_read_unlock();
+    free(copy);
     *n = got;
     return err;
 }

@@ -416,4 +416,10 @@ bool store_item_from_rec(const tly_store_t *store, const tly_feat_t *feat, const
 tly_value_t store_log_value(const tly_store_t *store, const log_t *lg, const tly_feat_t *feat,
                             uint32_t window, int64_t now_ms);
 
+/* For tests: called by tly_store_read and tly_store_recent once an attempt
+ * has read its values, before it checks them, as a writer's store would
+ * land there (NULL, the default: nothing). */
+extern void (*store_read_hook)(void *ctx);
+extern void *store_read_hook_ctx;
+
 #endif

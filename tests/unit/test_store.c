@@ -28,6 +28,8 @@
 #include "tallyd/rcu.h"
 #include "tallyd/store.h"
 
+#include "store_int.h" /* store_read_hook */
+
 /* The fuzz target's checks, failing the test instead of aborting. */
 #define TLY_FUZZ_STORE_LOAD_NO_ENTRY
 #define STORE_LOAD_CHECK_FAIL(what) fail_msg("fuzz check: %s", what)
@@ -110,6 +112,8 @@ static int setup_k20(void **state)
 static int teardown(void **state)
 {
     fx_t *fx = *state;
+    store_read_hook = NULL; /* a failed test may leave it set */
+    store_read_hook_ctx = NULL;
     tly_store_free(fx->store);
     tly_featset_free(fx->fs);
     tly_config_free(fx->cfg);
@@ -2069,6 +2073,90 @@ static void test_concurrent_writers_on_shared_entities_lose_nothing(void **state
     assert_int_equal(impressions, 2 * (CONC_EVENTS - 13334));
 }
 
+/* ---- reads of an entity written meanwhile ------------------------------ */
+
+/* The read hook writes one event of the user being read while a read is
+ * under way, in every attempt up to HOOK_WRITES: every attempt that reads
+ * the live record in place sees a write land before it checks its values. */
+#define HOOK_WRITES 50
+
+typedef struct {
+    fx_t *fx;
+    int64_t user;
+    int calls;
+} hook_t;
+
+static void write_during_read(void *ctx)
+{
+    hook_t *h = ctx;
+    if (++h->calls <= HOOK_WRITES)
+        assert_int_equal(put(h->fx, T + 1000, T + 500, h->user, "p1", "click", 5), TLY_OK);
+}
+
+/* A read that lost a race reads a consistent copy the next time, so it
+ * ends after two attempts however often the entity is written: a read of
+ * thousands of values of a hot entity otherwise starts over for as long as
+ * the writes go on (the server thread with it). Compact records are checked
+ * once copied and never start over for a write after that. */
+static void test_read_of_an_entity_written_meanwhile_ends_after_one_retry(void **state)
+{
+    fx_t *fx = *state;
+    enum { WORD_EVENTS = 100, COMPACT_EVENTS = 3, NREQ = 1000 };
+    for (int i = 0; i < WORD_EVENTS; i++) /* word-encoded: far past the compact log */
+        assert_int_equal(put(fx, T + 1000, T + i, 7, "p1", "click", 5), TLY_OK);
+    for (int i = 0; i < COMPACT_EVENTS; i++)
+        assert_int_equal(put(fx, T + 1000, T + i, 8, "p1", "click", 5), TLY_OK);
+    uint32_t feat, recent;
+    int win;
+    assert_int_equal(tly_featset_resolve(fx->fs, fx->user, "clicks:1h", 9, &feat, &win), TLY_OK);
+    assert_int_equal(tly_featset_resolve(fx->fs, fx->user, "recent", 6, &recent, &(int){0}),
+                     TLY_OK);
+    static tly_featwin_t req[NREQ];
+    static tly_value_t out[NREQ];
+    for (size_t r = 0; r < NREQ; r++)
+        req[r] = (tly_featwin_t){feat, (uint32_t)win};
+    char sbuf[256];
+    hook_t h = {.fx = fx, .user = 7};
+    store_read_hook = write_during_read;
+    store_read_hook_ctx = &h;
+
+    /* in place, written meanwhile; then a copy, with the first write */
+    assert_int_equal(tly_store_read(fx->store, fx->user, "7", 1, req, NREQ, T + 1000, out, NULL,
+                                    sbuf, sizeof sbuf),
+                     TLY_OK);
+    int read_calls = h.calls;
+    for (size_t r = 0; r < NREQ; r++) {
+        assert_int_equal(out[r].type, TLY_V_INT);
+        assert_int_equal(out[r].u.i, WORD_EVENTS + 1);
+    }
+    /* the same for the items of RECENT (k = 3: the newest three) */
+    h.calls = 0;
+    tly_item_t it[4];
+    size_t got = 0;
+    assert_int_equal(tly_store_recent(fx->store, fx->user, "7", 1, recent, INT64_MIN, T + 1000, it,
+                                      4, &got, sbuf, sizeof sbuf),
+                     TLY_OK);
+    int recent_calls = h.calls;
+    assert_int_equal(got, 3);
+    /* a compact record: one attempt, its copy checked before the write */
+    h.calls = 0;
+    h.user = 8;
+    assert_int_equal(tly_store_read(fx->store, fx->user, "8", 1, req, NREQ, T + 1000, out, NULL,
+                                    sbuf, sizeof sbuf),
+                     TLY_OK);
+    int compact_calls = h.calls;
+    store_read_hook = NULL;
+    store_read_hook_ctx = NULL;
+    assert_int_equal(read_calls, 2);
+    assert_int_equal(recent_calls, 2);
+    assert_int_equal(compact_calls, 1);
+    for (size_t r = 0; r < NREQ; r++)
+        assert_int_equal(out[r].u.i, COMPACT_EVENTS);
+    /* and every write of the hook landed: two in each read of user 7 */
+    assert_int_equal(get(fx, fx->user, "7", "clicks", 1, T + 1000).u.i, WORD_EVENTS + 2 + 2);
+    assert_int_equal(get(fx, fx->user, "8", "clicks", 1, T + 1000).u.i, COMPACT_EVENTS + 1);
+}
+
 /* A word-encoded count bucket at UINT32_MAX - 1 (restored from a state
  * block: four billion events are too many for a test) reaches UINT32_MAX
  * with one more event and stays there, its bucket untouched. */
@@ -2282,6 +2370,8 @@ int main(void)
                                         teardown),
         cmocka_unit_test_setup_teardown(test_buckets_outside_every_window_are_pruned, setup,
                                         teardown),
+        cmocka_unit_test_setup_teardown(
+            test_read_of_an_entity_written_meanwhile_ends_after_one_retry, setup, teardown),
         cmocka_unit_test_setup_teardown(test_concurrent_writers_on_shared_entities_lose_nothing,
                                         setup, teardown),
         cmocka_unit_test(test_load_replays_fuzz_corpus_through_the_fuzz_checks),
