@@ -846,6 +846,26 @@ static ent_t *words_copy(const ent_t *ent, uint32_t used)
     return c;
 }
 
+/* What an attempt reads a word record from: the live record the first
+ * time; after that a fresh private copy (*copy, replacing the last), with
+ * *settled set as it is known consistent. NULL: the copy was torn, start
+ * over. Out of memory: the live record, as the first time. */
+static const ent_t *words_source(const ent_t *ent, uint32_t used, uint32_t s0, unsigned attempt,
+                                 ent_t **copy, bool *settled)
+{
+    *settled = false;
+    if (attempt == 0)
+        return ent;
+    free(*copy);
+    *copy = words_copy(ent, used);
+    if (*copy == NULL)
+        return ent;
+    if (!read_valid(ent, s0))
+        return NULL;
+    *settled = true;
+    return *copy;
+}
+
 /* tly_store_read and tly_store_read_asof (past: an ASOF read). */
 static tly_err_t store_read(tly_store_t *store, uint32_t entity, const char *id, size_t idlen,
                             const tly_featwin_t *req, size_t n, int64_t now_ms, bool past,
@@ -880,14 +900,8 @@ static tly_err_t store_read(tly_store_t *store, uint32_t entity, const char *id,
             for (size_t i = 0; last_ms && i < lg.nrecs; i++)
                 last = lg.ts[i] > last ? lg.ts[i] : last;
         } else if (ent) {
-            if (words && attempt > 0) {
-                free(copy);
-                copy = words_copy(ent, used);
-                if (copy && !read_valid(ent, s0))
-                    continue;
-                src = copy ? copy : ent; /* out of memory: in place, as before */
-                settled = copy != NULL;
-            }
+            if (words && (src = words_source(ent, used, s0, attempt, &copy, &settled)) == NULL)
+                continue;
             last = (int64_t)ld(src, 0);
         }
         for (size_t r = 0; r < n && !bad; r++) {
@@ -1027,15 +1041,9 @@ static tly_err_t store_recent(tly_store_t *store, uint32_t entity, const char *i
                     full = true;
             }
         } else {
-            const ent_t *src = ent;
-            if (attempt > 0) {
-                free(copy);
-                copy = words_copy(ent, used);
-                if (copy && !read_valid(ent, s0))
-                    continue;
-                src = copy ? copy : ent;
-                settled = copy != NULL;
-            }
+            const ent_t *src = words_source(ent, used, s0, attempt, &copy, &settled);
+            if (src == NULL)
+                continue;
             bool found;
             uint32_t off = store_seg_find(src, used, SID_ITEMS(feat->slot), &found);
             if (found)
