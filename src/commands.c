@@ -170,7 +170,8 @@ static bool arg_is(const tly_arg_t *a, const char *word)
     return a->len == n && strncasecmp(a->ptr, word, n) == 0;
 }
 
-/* Strict decimal int64 ("-12", no spaces, no "+"). */
+/* Strict decimal int64 in its one canonical spelling, as Redis takes
+ * integer arguments: "-12" and "0", not "+12", " 12", "012", "00" or "-0". */
 static bool arg_int(const tly_arg_t *a, int64_t *v)
 {
     char buf[24];
@@ -178,7 +179,8 @@ static bool arg_int(const tly_arg_t *a, int64_t *v)
         return false;
     memcpy(buf, a->ptr, a->len);
     buf[a->len] = '\0';
-    if (!(isdigit((unsigned char)buf[0]) || (buf[0] == '-' && isdigit((unsigned char)buf[1]))))
+    const char *d = buf[0] == '-' ? buf + 1 : buf;
+    if (!isdigit((unsigned char)d[0]) || (d[0] == '0' && (d[1] != '\0' || d != buf)))
         return false;
     errno = 0;
     char *end;

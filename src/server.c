@@ -549,7 +549,7 @@ static void client_overflow(client_t *c)
 {
     stat_add(&c->lp->srv->d->server.output_overflows, 1);
     tly_warn("client %" PRIu64 " (%s) closed: %zu reply bytes queued, over "
-             "server.max_output_buffer (%" PRId64 "); it does not read its replies",
+             "server.max_output_buffer (%" PRId64 ") of replies it has not read",
              c->session.id, c->session.addr, client_queued(c),
              c->lp->srv->d->cfg->server.max_output_buffer);
     client_close(c);

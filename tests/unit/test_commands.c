@@ -274,6 +274,7 @@ static void test_ping_echo_and_unknown_command(void **state)
                         "-ERR unknown command 'SET', with args beginning with: 'a' 'b' \r\n");
     assert_string_equal(run(fx, "SELECT 0"), "+OK\r\n");
     assert_string_equal(run(fx, "SELECT 1"), "-ERR DB index is out of range\r\n");
+    assert_string_equal(run(fx, "SELECT 00"), "-ERR value is not an integer or out of range\r\n");
 }
 
 static void test_features_all_resp2_flat_pairs(void **state)
@@ -328,6 +329,16 @@ static void test_features_asof_moves_the_windows(void **state)
                         "*2\r\n$9\r\nclicks:1m\r\n:1\r\n");
     assert_string_equal(run(fx, "FEATURES user 7 clicks:1m ASOF x"),
                         "-ERR syntax error: ASOF needs epoch milliseconds, got 'x'\r\n");
+    /* integers in their one spelling only, as Redis takes them */
+    assert_string_equal(run(fx, "FEATURES user 7 clicks:1m ASOF 01699920000000"),
+                        "-ERR syntax error: ASOF needs epoch milliseconds, got "
+                        "'01699920000000'\r\n");
+    assert_string_equal(run(fx, "FEATURES user 7 clicks:1m ASOF -0"),
+                        "-ERR syntax error: ASOF needs epoch milliseconds, got '-0'\r\n");
+    assert_string_equal(run(fx, "FEATURES user 7 clicks:1m ASOF +1"),
+                        "-ERR syntax error: ASOF needs epoch milliseconds, got '+1'\r\n");
+    assert_string_equal(run_at(fx, T + 40 * SEC, "FEATURES user 7 clicks:1m ASOF 0"),
+                        "*2\r\n$9\r\nclicks:1m\r\n:0\r\n");
     assert_string_equal(run(fx, "FEATURES user 7 ASOF 1 clicks"),
                         "-ERR syntax error: feature names come before ASOF and META, got "
                         "'clicks'\r\n");
