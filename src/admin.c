@@ -235,6 +235,9 @@ static void metrics_source(tly_daemon_t *d, tly_buf_t *b)
     counter(b, "tallyd_kafka_offset_reset_skipped_messages_total",
             "Messages offset resets skipped that Kafka had deleted before they were applied.",
             st.gap_messages);
+    counter(b, "tallyd_kafka_messages_undecodable_total",
+            "Offsets skipped because librdkafka could not decode their message batch.",
+            st.undecodable);
     counter(b, "tallyd_kafka_fetch_nudges_total",
             "End-offset requests sent to wake librdkafka's fetcher after its queue was full.",
             st.fetch_nudges);

@@ -1124,6 +1124,7 @@ static void info_source(cmd_ctx_t *c, tly_buf_t *t)
     textf(t, "rebalances:%" PRIu64 "\r\n", st.rebalances);
     textf(t, "offset_resets:%" PRIu64 "\r\n", st.gaps);
     textf(t, "offset_reset_skipped_messages:%" PRIu64 "\r\n", st.gap_messages);
+    textf(t, "messages_undecodable:%" PRIu64 "\r\n", st.undecodable);
     textf(t, "fetch_nudges:%" PRIu64 "\r\n", st.fetch_nudges);
     textf(t, "fetch_idle_nudges:%" PRIu64 "\r\n", st.fetch_idle_nudges);
     textf(t, "batches_alone:%" PRIu64 "\r\n", st.batches_alone);

@@ -118,6 +118,7 @@
 #define CHECKPOINT_EVERY_MS 100 /* the hook's turn while batches are pipelined */
 #define NUDGE_TIMEOUT_MS    500  /* longest wait for a nudge's answers */
 #define ENDS_TIMEOUT_MS     1000 /* longest wait for an assignment's ends, off the callback */
+#define SEEK_TIMEOUT_MS     5000 /* longest wait for the fetcher to take a seek */
 #define ENDS_RETRY_MS       100  /* first pause before looking up ends that were not found */
 #define ENDS_RETRY_MAX      2000 /* longest pause: it doubles while lookups fail */
 #define ENDS_UNKNOWN        INT64_MAX /* high_min: the end is not known yet, see publish */
@@ -140,6 +141,11 @@ typedef struct {
     int64_t catchup_until; /* > 0: below this offset, events are marked replayed */
     size_t batch_last;     /* settle(): index of this partition's last message in the batch */
     bool store_end;        /* reach_end moved position: store it once the batch is applied */
+    /* A batch librdkafka cannot decode, while its end is probed (see
+     * probe_next): its first offset (-1: none probed), the first offset to
+     * skip, the last known in it, the first known past it (-1 unknown), the
+     * offset of the probe under way, and how many probes were made. */
+    int64_t bad_base, bad_from, bad_in, bad_out, bad_probe, bad_probes;
 } part_t;
 
 /* At most one log line per period; the rest are counted and reported in
@@ -200,6 +206,7 @@ struct tly_source {
     /* counters: written by the poll thread, read relaxed by stats */
     atomic_uint_fast64_t messages, applied, rejected, errors, rebalances;
     atomic_uint_fast64_t gaps, gap_messages; /* offset resets, messages they skipped */
+    atomic_uint_fast64_t undecodable;        /* offsets skipped: see probe_next */
     atomic_uint_fast64_t dropped_entities;   /* shard mode: of partitions lost */
     atomic_uint_fast64_t rejected_by[TLY_E__COUNT];
     atomic_int_fast64_t watermark_ms;
@@ -395,7 +402,8 @@ static part_t *part_get(tly_source_t *src, const char *topic, int32_t partition)
                   .high = -1,
                   .high_min = -1,
                   .low = -1,
-                  .last_event_ms = -1};
+                  .last_event_ms = -1,
+                  .bad_base = -1};
     return p;
 }
 
@@ -803,6 +811,7 @@ static void assign(tly_source_t *src, rd_kafka_topic_partition_list_t *parts)
         const rd_kafka_topic_partition_t *tp = &parts->elems[i];
         part_t *p = part_get(src, tp->topic, tp->partition);
         p->assigned = true;
+        p->bad_base = -1;
         /* Not caught up before its end is known (learn_ends below, else
          * seek_ends, or the first message): the end cached when it was last
          * consumed here is not taken. An embedded source looks up no ends
@@ -956,6 +965,144 @@ static void reach_end(tly_source_t *src, const rd_kafka_message_t *m)
     src->dirty = true; /* the next empty poll publishes the new lag */
 }
 
+/*
+ * A message batch librdkafka cannot decode (it cannot be decompressed, or
+ * breaks the format): librdkafka 2.0.2 reports an error naming the batch's
+ * first offset and fetches the same batch again and again, never past it,
+ * so the partition would stop there for good. The poll thread skips the
+ * batch. The error does not say where the batch ends, so it finds out by
+ * seeking (probe_next): a seek to an offset in the batch brings the same
+ * error again; one past it brings a message (dropped: it is fetched again
+ * once the batch is skipped), another batch's error or the end of the
+ * partition. The probes double their distance from the first offset until
+ * one lands past the batch, then halve the interval between the last
+ * offset known inside and the first known past it: about 2·log2(n) probes
+ * for a batch of n messages, each a fetch (after librdkafka's
+ * fetch.error.backoff.ms when the batch answered). Every seek waits until
+ * the fetcher took it, so no answer to an earlier probe comes after it
+ * (librdkafka drops what was fetched before a seek). Probes stay below the
+ * partition's end offset, so none is out of range. No offset past the
+ * batch is ever skipped; the offsets skipped are counted (INFO
+ * messages_undecodable) and the position past them is stored as reach_end
+ * stores one.
+ */
+
+/* Seeks p's consumer to `to` and waits until the fetcher took it. */
+static bool seek_part(tly_source_t *src, const part_t *p, int64_t to)
+{
+    rd_kafka_topic_partition_list_t *list = rd_kafka_topic_partition_list_new(1);
+    rd_kafka_topic_partition_list_add(list, p->topic, p->partition)->offset = to;
+    rd_kafka_error_t *error = rd_kafka_seek_partitions(src->rk, list, SEEK_TIMEOUT_MS);
+    rd_kafka_resp_err_t err = error != NULL ? rd_kafka_error_code(error) : list->elems[0].err;
+    if (error != NULL)
+        rd_kafka_error_destroy(error);
+    rd_kafka_topic_partition_list_destroy(list);
+    if (err != RD_KAFKA_RESP_ERR_NO_ERROR)
+        tly_warn("source: %s[%" PRId32 "]: seeking to offset %" PRId64 " failed: %s", p->topic,
+                 p->partition, to, rd_kafka_err2str(err));
+    return err == RD_KAFKA_RESP_ERR_NO_ERROR;
+}
+
+/* Ends p's probing unfinished (a seek failed, or the consumer moved on its
+ * own): nothing is skipped; what comes next is taken as usual. */
+static void probe_abandon(part_t *p)
+{
+    tly_warn("source: %s[%" PRId32 "]: stopped looking for the end of the batch at offset "
+             "%" PRId64 " that could not be decoded; nothing skipped",
+             p->topic, p->partition, p->bad_base);
+    p->bad_base = -1;
+}
+
+/* Seeks p to its next probe, or past the batch once its end is known. */
+static void probe_next(tly_source_t *src, part_t *p)
+{
+    if (p->bad_out == p->bad_in + 1) {
+        if (!seek_part(src, p, p->bad_out)) {
+            probe_abandon(p);
+            return;
+        }
+        atomic_fetch_add_explicit(&src->undecodable, (uint64_t)(p->bad_out - p->bad_from),
+                                  memory_order_relaxed);
+        tly_info("source: %s[%" PRId32 "]: skipped offsets %" PRId64 "..%" PRId64
+                 " of the batch that could not be decoded (probes: %" PRId64
+                 "); consuming again from %" PRId64,
+                 p->topic, p->partition, p->bad_from, p->bad_in, p->bad_probes, p->bad_out);
+        p->bad_base = -1;
+        p->position = p->bad_out;
+        p->from_end = false;
+        if (p->catchup_until > 0 && p->position >= p->catchup_until)
+            p->catchup_until = 0;
+        if (src->checkpoint == NULL) {
+            p->store_end = true;
+            src->ends_to_store = true;
+        }
+        src->dirty = true;
+        return;
+    }
+    int64_t to;
+    if (p->bad_out >= 0) {
+        to = p->bad_in + (p->bad_out - p->bad_in) / 2;
+    } else {
+        int64_t lo = -1, hi = -1;
+        (void)rd_kafka_get_watermark_offsets(src->rk, p->topic, p->partition, &lo, &hi);
+        to = hi > p->bad_in ? p->bad_in + (p->bad_in - p->bad_from + 1) : p->bad_in + 1;
+        if (hi > p->bad_in && to > hi)
+            to = hi; /* the end: never out of range */
+    }
+    p->bad_probe = to;
+    p->bad_probes++;
+    if (!seek_part(src, p, to))
+        probe_abandon(p);
+}
+
+/* Poll thread, for a consumer error m that says librdkafka cannot decode
+ * the batch at m->offset: starts or goes on probing m's partition. False
+ * when m names no partition of the assignment. */
+static bool undecodable(tly_source_t *src, const rd_kafka_message_t *m)
+{
+    if (m->rkt == NULL || m->offset < 0)
+        return false;
+    part_t *p = part_find(src, rd_kafka_topic_name(m->rkt), m->partition);
+    if (p == NULL || !p->assigned)
+        return false;
+    if (p->bad_base < 0) {
+        /* the consumer fetched at its position, in this batch */
+        p->bad_base = m->offset;
+        p->bad_from = p->position > m->offset ? p->position : m->offset;
+        p->bad_in = p->bad_from;
+        p->bad_out = -1;
+        p->bad_probe = -1;
+        p->bad_probes = 0;
+        tly_warn("source: %s[%" PRId32 "]: librdkafka cannot decode the message batch at "
+                 "offset %" PRId64 " (%s); skipping it from offset %" PRId64
+                 " (INFO messages_undecodable counts the offsets skipped)",
+                 p->topic, p->partition, m->offset, rd_kafka_message_errstr(m), p->bad_from);
+    } else if (m->offset == p->bad_base) {
+        if (p->bad_probe > p->bad_in)
+            p->bad_in = p->bad_probe; /* the probe lies in the batch */
+    } else if (p->bad_probe > p->bad_in && (p->bad_out < 0 || p->bad_probe < p->bad_out)) {
+        p->bad_out = p->bad_probe; /* another batch that cannot be decoded: past ours */
+    }
+    probe_next(src, p);
+    return true;
+}
+
+/* Poll thread, for a message or end-of-partition event m of partition p
+ * while p is probed: true when m answered the probe (and was used up),
+ * false when the consumer moved on its own (the probing ends; m is taken
+ * as usual). */
+static bool probe_answer(tly_source_t *src, part_t *p, const rd_kafka_message_t *m)
+{
+    if (m->offset < p->bad_probe || p->bad_probe <= p->bad_in) {
+        probe_abandon(p);
+        return false;
+    }
+    if (p->bad_out < 0 || p->bad_probe < p->bad_out)
+        p->bad_out = p->bad_probe; /* the probe lies past the batch */
+    probe_next(src, p);
+    return true;
+}
+
 /* Poll thread: takes m into the batch (or, for an error or end-of-partition
  * event, handles and frees it at once). The partition's position moves at
  * collection, so continuity is checked message by message; nothing reads
@@ -965,7 +1112,9 @@ static void collect(tly_source_t *src, rd_kafka_message_t *m, int64_t now_ms)
     uint64_t held;
     if (m->err == RD_KAFKA_RESP_ERR__PARTITION_EOF) {
         /* not a message: counted nowhere (messages_consumed, polled) */
-        reach_end(src, m);
+        part_t *pp = m->rkt ? part_find(src, rd_kafka_topic_name(m->rkt), m->partition) : NULL;
+        if (pp == NULL || !pp->assigned || pp->bad_base < 0 || !probe_answer(src, pp, m))
+            reach_end(src, m);
         rd_kafka_message_destroy(m);
         return;
     }
@@ -980,6 +1129,10 @@ static void collect(tly_source_t *src, rd_kafka_message_t *m, int64_t now_ms)
                      " is out of range and auto.offset.reset is error; the partition stops: %s",
                      m->rkt ? rd_kafka_topic_name(m->rkt) : "-", m->partition, m->offset,
                      rd_kafka_message_errstr(m));
+        } else if ((m->err == RD_KAFKA_RESP_ERR__BAD_COMPRESSION ||
+                    m->err == RD_KAFKA_RESP_ERR__BAD_MSG) &&
+                   undecodable(src, m)) {
+            atomic_fetch_add_explicit(&src->errors, 1, memory_order_relaxed);
         } else {
             atomic_fetch_add_explicit(&src->errors, 1, memory_order_relaxed);
             if (ratelimit_allow(&src->consumer_rl, now_ms, ERROR_LOG_EVERY_MS, &held))
@@ -990,10 +1143,14 @@ static void collect(tly_source_t *src, rd_kafka_message_t *m, int64_t now_ms)
         rd_kafka_message_destroy(m);
         return;
     }
+    part_t *p = part_get(src, rd_kafka_topic_name(m->rkt), m->partition);
+    if (p->bad_base >= 0 && p->assigned && probe_answer(src, p, m)) {
+        rd_kafka_message_destroy(m); /* fetched again once the batch is skipped */
+        return;
+    }
     atomic_fetch_add_explicit(&src->messages, 1, memory_order_relaxed);
     src->msg_bytes16 = src->msg_bytes16 == 0 ? 16 * (uint64_t)m->len
                                              : src->msg_bytes16 - src->msg_bytes16 / 16 + m->len;
-    part_t *p = part_get(src, rd_kafka_topic_name(m->rkt), m->partition);
     check_continuity(src, p, m);
     p->from_end = false;
     p->high_min = -1; /* the fetch that brought m refreshed the cached end */
@@ -2121,6 +2278,7 @@ void tly_source_stats(tly_source_t *src, tly_source_stats_t *st, tly_partition_s
     st->rebalances = atomic_load_explicit(&src->rebalances, memory_order_relaxed);
     st->gaps = atomic_load_explicit(&src->gaps, memory_order_relaxed);
     st->gap_messages = atomic_load_explicit(&src->gap_messages, memory_order_relaxed);
+    st->undecodable = atomic_load_explicit(&src->undecodable, memory_order_relaxed);
     st->fetch_nudges = atomic_load_explicit(&src->nudges, memory_order_relaxed);
     st->fetch_idle_nudges = atomic_load_explicit(&src->idle_nudges, memory_order_relaxed);
     tly_apply_stats_t ast;

@@ -101,6 +101,7 @@ typedef struct {
     uint64_t rebalances;                /* assignment changes */
     uint64_t gaps;                      /* offset resets: a partition's position out of range */
     uint64_t gap_messages;              /* messages those resets skipped that Kafka had deleted */
+    uint64_t undecodable;               /* offsets skipped: their batch could not be decoded */
     uint64_t fetch_nudges;              /* fetch nudges sent (source.c) */
     uint64_t fetch_idle_nudges;         /* of those, sent after an empty poll */
     /* batches applied (apply.h): by the poll thread alone, shared by the
