@@ -248,7 +248,8 @@ const key_def_t tly_config_keys[] = {
     KEY("features[].key", K_STRINGS, NULL, 0, 0, F_REQUIRED | F_NONEMPTY, NULL,
         FEATLIST(nkeys, keys),
         "Event field(s) identifying the entity; a list makes a composite key (id parts joined "
-        "with |). Every feature of one entity uses the same key."),
+        "with |, each | or \\ in a string part preceded by \\). An id is at most 255 bytes. "
+        "Every feature of one entity uses the same key."),
     KEY("features[].where", K_WHERE, NULL, 0, 0, 0, NULL, FEATLIST(nwhere, where),
         "Conditions that must all hold: field: value, or field: [v1, v2] for any of the "
         "values. A missing field fails its condition."),

@@ -964,6 +964,23 @@ tly_err_t tly_entity_id(const tly_featset_t *fs, uint32_t entity, const tly_even
                 return TLY_E_EV_VALUE_TOO_LONG;
             buf[n++] = '|';
         }
+        if (v->type == TLY_V_STR && ent->nkeys > 1) {
+            /* a composite key's string part: every '|' and backslash in
+             * it gets a backslash before it, so that ("a|b", "c") and
+             * ("a", "b|c") are two ids */
+            for (size_t i = 0; i < v->len; i++) {
+                char c = v->u.s[i];
+                if (c == '|' || c == '\\') {
+                    if (n >= cap)
+                        return TLY_E_EV_VALUE_TOO_LONG;
+                    buf[n++] = '\\';
+                }
+                if (n >= cap)
+                    return TLY_E_EV_VALUE_TOO_LONG;
+                buf[n++] = c;
+            }
+            continue;
+        }
         /* an integer is rendered in place: no copy */
         size_t plen = v->type == TLY_V_STR ? v->len : int_len(v->u.i);
         if (plen > cap - n)

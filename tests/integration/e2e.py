@@ -109,7 +109,11 @@ class Feat:
         return all(f in ev and text(ev[f]) in vals for f, vals in self.where.items())
 
     def entity_id(self, ev):
-        return "|".join(text(ev[k]) for k in self.key)
+        if len(self.key) == 1:
+            return text(ev[self.key[0]])
+        # a composite key: each part's | and backslash escaped with a backslash
+        return "|".join(text(ev[k]).replace("\\", "\\\\").replace("|", "\\|")
+                        for k in self.key)
 
     def names(self):
         if self.itemized:

@@ -961,6 +961,29 @@ static void entity_id_joins_composite_keys_with_bar(void **state)
     ev.vals[field(l.fs, "user_id")] = int_value(123);
     ev.vals[field(l.fs, "category")] = str_value("cats");
     assert_id(l.fs, "user_cat", &ev, "123|cats");
+    /* a part's '|' and backslash get a backslash before them: the ids of
+     * ("a|b", "c") and ("a", "b|c") differ */
+    ev.vals[field(l.fs, "user_id")] = str_value("a|b");
+    ev.vals[field(l.fs, "category")] = str_value("c");
+    assert_id(l.fs, "user_cat", &ev, "a\\|b|c");
+    ev.vals[field(l.fs, "user_id")] = str_value("a");
+    ev.vals[field(l.fs, "category")] = str_value("b|c");
+    assert_id(l.fs, "user_cat", &ev, "a|b\\|c");
+    ev.vals[field(l.fs, "user_id")] = str_value("a\\");
+    ev.vals[field(l.fs, "category")] = str_value("|");
+    assert_id(l.fs, "user_cat", &ev, "a\\\\|\\|");
+    /* an id of one key is the string as it is */
+    ev.vals[field(l.fs, "user_id")] = str_value("a|b\\");
+    assert_id(l.fs, "user", &ev, "a|b\\");
+    /* the escapes count against the cap: a\|b|c is 6 bytes */
+    ev.vals[field(l.fs, "user_id")] = str_value("a|b");
+    ev.vals[field(l.fs, "category")] = str_value("c");
+    char buf[8];
+    size_t len = 0;
+    assert_int_equal(id_of(l.fs, "user_cat", &ev, buf, 6, &len), TLY_OK);
+    assert_int_equal(len, 6);
+    assert_int_equal(id_of(l.fs, "user_cat", &ev, buf, 5, &len), TLY_E_EV_VALUE_TOO_LONG);
+    assert_int_equal(id_of(l.fs, "user_cat", &ev, buf, 2, &len), TLY_E_EV_VALUE_TOO_LONG);
     unload(&l);
 }
 
