@@ -970,7 +970,9 @@ static void reach_end(tly_source_t *src, const rd_kafka_message_t *m)
  * breaks the format): librdkafka 2.0.2 reports an error naming the batch's
  * first offset and fetches the same batch again and again, never past it,
  * so the partition would stop there for good. The poll thread skips the
- * batch. The error does not say where the batch ends, so it finds out by
+ * batch, once a second fetch of the same offset failed the same way (an
+ * error that does not come again costs no message). The error does not
+ * say where the batch ends, so the poll thread finds out by
  * seeking (probe_next): a seek to an offset in the batch brings the same
  * error again; one past it brings a message (dropped: it is fetched again
  * once the batch is skipped), another batch's error or the end of the
@@ -980,8 +982,8 @@ static void reach_end(tly_source_t *src, const rd_kafka_message_t *m)
  * for a batch of n messages, each a fetch (after librdkafka's
  * fetch.error.backoff.ms when the batch answered). Every seek waits until
  * the fetcher took it, so no answer to an earlier probe comes after it
- * (librdkafka drops what was fetched before a seek). Probes stay below the
- * partition's end offset, so none is out of range. No offset past the
+ * (librdkafka drops what was fetched before a seek). Probes go no further
+ * than the partition's end offset, so none is out of range. No offset past the
  * batch is ever skipped; the offsets skipped are counted (INFO
  * messages_undecodable) and the position past them is stored as reach_end
  * stores one.
@@ -1003,13 +1005,14 @@ static bool seek_part(tly_source_t *src, const part_t *p, int64_t to)
     return err == RD_KAFKA_RESP_ERR_NO_ERROR;
 }
 
-/* Ends p's probing unfinished (a seek failed, or the consumer moved on its
- * own): nothing is skipped; what comes next is taken as usual. */
-static void probe_abandon(part_t *p)
+/* Ends p's probing unfinished (a seek failed, the batch decoded when
+ * fetched again, or the consumer moved on its own): nothing is skipped;
+ * what comes next is taken as usual. */
+static void probe_abandon(part_t *p, const char *why)
 {
-    tly_warn("source: %s[%" PRId32 "]: stopped looking for the end of the batch at offset "
-             "%" PRId64 " that could not be decoded; nothing skipped",
-             p->topic, p->partition, p->bad_base);
+    tly_warn("source: %s[%" PRId32 "]: the message batch at offset %" PRId64
+             " could not be decoded; %s: nothing skipped",
+             p->topic, p->partition, p->bad_base, why);
     p->bad_base = -1;
 }
 
@@ -1018,7 +1021,7 @@ static void probe_next(tly_source_t *src, part_t *p)
 {
     if (p->bad_out == p->bad_in + 1) {
         if (!seek_part(src, p, p->bad_out)) {
-            probe_abandon(p);
+            probe_abandon(p, "seeking past it failed");
             return;
         }
         atomic_fetch_add_explicit(&src->undecodable, (uint64_t)(p->bad_out - p->bad_from),
@@ -1052,7 +1055,7 @@ static void probe_next(tly_source_t *src, part_t *p)
     p->bad_probe = to;
     p->bad_probes++;
     if (!seek_part(src, p, to))
-        probe_abandon(p);
+        probe_abandon(p, "seeking to find its end failed");
 }
 
 /* Poll thread, for a consumer error m that says librdkafka cannot decode
@@ -1065,19 +1068,28 @@ static bool undecodable(tly_source_t *src, const rd_kafka_message_t *m)
     part_t *p = part_find(src, rd_kafka_topic_name(m->rkt), m->partition);
     if (p == NULL || !p->assigned)
         return false;
+    if (p->bad_base >= 0 && p->bad_probes == 0 && m->offset != p->bad_base)
+        p->bad_base = -1; /* not the batch fetched again: start over with this one */
     if (p->bad_base < 0) {
-        /* the consumer fetched at its position, in this batch */
+        /* The consumer fetched at its position, in this batch. The same
+         * offset is fetched again first (probe 0), so that an error that
+         * does not come again costs no message. */
         p->bad_base = m->offset;
         p->bad_from = p->position > m->offset ? p->position : m->offset;
         p->bad_in = p->bad_from;
         p->bad_out = -1;
-        p->bad_probe = -1;
+        p->bad_probe = p->bad_from;
         p->bad_probes = 0;
-        tly_warn("source: %s[%" PRId32 "]: librdkafka cannot decode the message batch at "
-                 "offset %" PRId64 " (%s); skipping it from offset %" PRId64
-                 " (INFO messages_undecodable counts the offsets skipped)",
-                 p->topic, p->partition, m->offset, rd_kafka_message_errstr(m), p->bad_from);
-    } else if (m->offset == p->bad_base) {
+        if (!seek_part(src, p, p->bad_from))
+            probe_abandon(p, "seeking to fetch it again failed");
+        return true;
+    }
+    if (m->offset == p->bad_base) {
+        if (p->bad_probes == 0)
+            tly_warn("source: %s[%" PRId32 "]: librdkafka cannot decode the message batch at "
+                     "offset %" PRId64 ", fetched twice (%s); skipping it from offset %" PRId64
+                     " (INFO messages_undecodable counts the offsets skipped)",
+                     p->topic, p->partition, m->offset, rd_kafka_message_errstr(m), p->bad_from);
         if (p->bad_probe > p->bad_in)
             p->bad_in = p->bad_probe; /* the probe lies in the batch */
     } else if (p->bad_probe > p->bad_in && (p->bad_out < 0 || p->bad_probe < p->bad_out)) {
@@ -1093,8 +1105,12 @@ static bool undecodable(tly_source_t *src, const rd_kafka_message_t *m)
  * as usual). */
 static bool probe_answer(tly_source_t *src, part_t *p, const rd_kafka_message_t *m)
 {
+    if (p->bad_probes == 0 && m->offset == p->bad_probe) {
+        probe_abandon(p, "fetched again, it decoded");
+        return false;
+    }
     if (m->offset < p->bad_probe || p->bad_probe <= p->bad_in) {
-        probe_abandon(p);
+        probe_abandon(p, "the consumer moved elsewhere meanwhile");
         return false;
     }
     if (p->bad_out < 0 || p->bad_probe < p->bad_out)

@@ -5,8 +5,9 @@ librdkafka 2.0.2 decompresses a batch into at most receive.message.max.bytes;
 a batch that would decompress to more fails with "Invalid compressed data",
 and the consumer fetches that same batch again and again, never past it.
 tallyd skips such a batch one offset at a time (INFO messages_undecodable)
-and goes on. It finds where such a batch ends by probing: seeks
-that double their distance until one lands past it, then halve the gap. On
+and goes on. Once a second fetch of the same offset failed alike, it finds
+where such a batch ends by probing: seeks that double their distance until
+one lands past it, then halve the gap. On
 a real broker (scripts/kafka.sh), a topic of 2 partitions, tallyd with
 receive.message.max.bytes 1,100,000:
   partition 0: offset 0 a click of user 1, 1 a 4 MB record alone in its
