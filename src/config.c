@@ -44,6 +44,12 @@
  * scanner takes time quadratic in the depth (100,000 '[' took 30 s), so without a bound a broken
  * file could stall start-up instead of failing it. */
 #define CONFIG_MAX_DEPTH 32
+/* Entries one list or mapping may hold, checked before the file is loaded:
+ * tallyd's longest lists hold at most 1024 features, and its checks for
+ * repeated keys, topics, features and `where` values compare each entry
+ * with the ones before (100,000 keys took 27 s), so without a bound a
+ * file within CONFIG_MAX_BYTES could stall start-up for minutes. */
+#define CONFIG_MAX_ENTRIES 4096
 
 /* The enum fields are stored through an int (memcpy), so they must be one. */
 _Static_assert(sizeof(tly_kafka_mode_t) == sizeof(int), "enum size");
@@ -1293,23 +1299,39 @@ static tly_err_t apply_defaults(parse_t *p)
 }
 
 /* Checks that involve keys of several sections. */
+/* Fails on two limits where `small` (value a) must not exceed `big`
+ * (value b), naming the one the file set: `small` when it set it, else
+ * `big`, whose value then clashes with small's default. */
+static tly_err_t limits_clash(parse_t *p, const char *small, int64_t a, const char *big, int64_t b,
+                              const char *why)
+{
+    yaml_node_t *at = seen_node(p, small);
+    if (at != NULL || seen_node(p, big) == NULL)
+        return fail(p, at, small, "%" PRId64 " is larger than %s (%" PRId64 ")%s", a, big, b, why);
+    return fail(p, seen_node(p, big), big,
+                "%" PRId64 " is smaller than %s (%" PRId64 ", its default); raise it or lower %s",
+                b, small, a, small);
+}
+
 static tly_err_t check_config(parse_t *p)
 {
     const tly_config_t *cfg = p->cfg;
+    tly_err_t rc;
     if (!addr_is_loopback(cfg->server.listen) && cfg->server.requirepass[0] == '\0')
         return fail(p, seen_node(p, "server.listen"), "server.listen",
                     "%s accepts clients from other hosts; set server.requirepass, or listen "
                     "on 127.0.0.1",
                     cfg->server.listen);
-    if (cfg->server.max_bulk > cfg->server.max_query_buffer)
-        return fail(p, seen_node(p, "server.max_bulk"), "server.max_bulk",
-                    "%" PRId64 " is larger than server.max_query_buffer (%" PRId64
-                    "); a request holding it could never be read",
-                    cfg->server.max_bulk, cfg->server.max_query_buffer);
-    if (cfg->server.output_soft_limit > cfg->server.max_output_buffer)
-        return fail(p, seen_node(p, "server.output_soft_limit"), "server.output_soft_limit",
-                    "%" PRId64 " is larger than server.max_output_buffer (%" PRId64 ")",
-                    cfg->server.output_soft_limit, cfg->server.max_output_buffer);
+    if (cfg->server.max_bulk > cfg->server.max_query_buffer &&
+        (rc = limits_clash(p, "server.max_bulk", cfg->server.max_bulk, "server.max_query_buffer",
+                           cfg->server.max_query_buffer,
+                           "; a request holding it could never be read")) != TLY_OK)
+        return rc;
+    if (cfg->server.output_soft_limit > cfg->server.max_output_buffer &&
+        (rc = limits_clash(p, "server.output_soft_limit", cfg->server.output_soft_limit,
+                           "server.max_output_buffer", cfg->server.max_output_buffer, "")) !=
+            TLY_OK)
+        return rc;
     return TLY_OK;
 }
 
@@ -1335,9 +1357,10 @@ static tly_err_t syntax_error(parse_t *p, const yaml_parser_t *parser, const cha
 }
 
 /* Walks yaml[0..len)'s events and fails when collections nest deeper than
- * CONFIG_MAX_DEPTH, naming the line of the first one too deep. A syntax
+ * CONFIG_MAX_DEPTH or one holds more than CONFIG_MAX_ENTRIES entries,
+ * naming the line of the first collection too deep or too long. A syntax
  * error ends the walk without a message: the load that follows reports it. */
-static tly_err_t check_depth(parse_t *p, const char *yaml, size_t len)
+static tly_err_t check_shape(parse_t *p, const char *yaml, size_t len)
 {
     yaml_parser_t parser;
     if (!yaml_parser_initialize(&parser))
@@ -1345,6 +1368,12 @@ static tly_err_t check_depth(parse_t *p, const char *yaml, size_t len)
     yaml_parser_set_input_string(&parser, (const unsigned char *)yaml, len);
     tly_err_t rc = TLY_OK;
     int depth = 0;
+    /* per open collection: its nodes so far (a mapping's keys and values
+     * both count), whether it is a mapping, its first line */
+    struct {
+        size_t nodes, line;
+        bool map;
+    } open[CONFIG_MAX_DEPTH + 1];
     for (;;) {
         yaml_event_t ev;
         if (!yaml_parser_parse(&parser, &ev))
@@ -1354,7 +1383,20 @@ static tly_err_t check_depth(parse_t *p, const char *yaml, size_t len)
         yaml_event_delete(&ev);
         if (type == YAML_STREAM_END_EVENT)
             break;
-        if (type == YAML_SEQUENCE_START_EVENT || type == YAML_MAPPING_START_EVENT) {
+        bool start = type == YAML_SEQUENCE_START_EVENT || type == YAML_MAPPING_START_EVENT;
+        if (depth > 0 && (start || type == YAML_SCALAR_EVENT || type == YAML_ALIAS_EVENT)) {
+            size_t max = open[depth].map ? 2 * (size_t)CONFIG_MAX_ENTRIES : CONFIG_MAX_ENTRIES;
+            if (++open[depth].nodes > max) {
+                snprintf(p->errbuf, p->errlen,
+                         "%s:%zu: the %s from line %zu holds more than %d entries; tallyd's "
+                         "longest lists hold its features, at most 1024",
+                         p->name, line, open[depth].map ? "mapping" : "list", open[depth].line,
+                         CONFIG_MAX_ENTRIES);
+                rc = TLY_E_CONFIG;
+                break;
+            }
+        }
+        if (start) {
             if (++depth > CONFIG_MAX_DEPTH) {
                 snprintf(p->errbuf, p->errlen,
                          "%s:%zu: lists and mappings nest deeper than %d levels; tallyd's "
@@ -1363,6 +1405,9 @@ static tly_err_t check_depth(parse_t *p, const char *yaml, size_t len)
                 rc = TLY_E_CONFIG;
                 break;
             }
+            open[depth].nodes = 0;
+            open[depth].line = line;
+            open[depth].map = type == YAML_MAPPING_START_EVENT;
         } else if (type == YAML_SEQUENCE_END_EVENT || type == YAML_MAPPING_END_EVENT) {
             depth--;
         }
@@ -1389,7 +1434,7 @@ static tly_err_t load_buffer(const char *yaml, size_t len, const char *name, tly
         goto out;
     }
     have_parser = true;
-    if ((rc = check_depth(&p, yaml, len)) != TLY_OK)
+    if ((rc = check_shape(&p, yaml, len)) != TLY_OK)
         goto out;
     yaml_parser_set_input_string(&parser, (const unsigned char *)yaml, len);
     if (!yaml_parser_load(&parser, &doc)) {

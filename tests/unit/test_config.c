@@ -1082,6 +1082,26 @@ static void test_bulk_larger_than_query_buffer_is_error(void **state)
                              "server.max_query_buffer (1000000); a request holding it could "
                              "never be read");
     assert_null(cfg);
+    /* only the larger limit set: named, against the other's default */
+    assert_int_equal(tly_config_load_string("server:\n  max_output_buffer: 65536\n"
+                                            "features:\n  - { name: c, entity: u, key: u, "
+                                            "agg: count, windows: [1m] }\n",
+                                            "limits.yaml", &cfg, err, sizeof err),
+                     TLY_E_CONFIG);
+    assert_string_equal(err, "limits.yaml:2: server.max_output_buffer: 65536 is smaller than "
+                             "server.output_soft_limit (1048576, its default); raise it or lower "
+                             "server.output_soft_limit");
+    assert_null(cfg);
+    /* both set: the one that must be the smaller is named */
+    assert_int_equal(tly_config_load_string("server:\n  max_output_buffer: 65536\n"
+                                            "  output_soft_limit: 100000\n"
+                                            "features:\n  - { name: c, entity: u, key: u, "
+                                            "agg: count, windows: [1m] }\n",
+                                            "limits.yaml", &cfg, err, sizeof err),
+                     TLY_E_CONFIG);
+    assert_string_equal(err, "limits.yaml:3: server.output_soft_limit: 100000 is larger than "
+                             "server.max_output_buffer (65536)");
+    assert_null(cfg);
 }
 
 static void test_help_markdown_is_one_table_row_per_key(void **state)
@@ -1174,6 +1194,41 @@ static char *nested_key(size_t depth)
     return yaml;
 }
 
+/* n top-level keys k0..k(n-1), or with list, "kafka:\n  topics:" and n items */
+static char *many_entries(size_t n, bool list)
+{
+    size_t cap = 64 + 16 * n;
+    char *yaml = malloc(cap);
+    assert_non_null(yaml);
+    size_t used = (size_t)snprintf(yaml, cap, "%s", list ? "kafka:\n  topics:\n" : "");
+    for (size_t i = 0; i < n; i++)
+        used += (size_t)snprintf(yaml + used, cap - used, list ? "    - t%zu\n" : "k%zu: 1\n", i);
+    return yaml;
+}
+
+static void test_a_list_or_mapping_of_more_than_4096_entries_is_refused(void **state)
+{
+    (void)state;
+    char err[ERR_CAP] = "";
+    tly_config_t *cfg = NULL;
+    char *yaml = many_entries(4097, false);
+    assert_int_equal(tly_config_load_string(yaml, "t.yaml", &cfg, err, sizeof err), TLY_E_CONFIG);
+    assert_null(cfg);
+    assert_string_equal(err, "t.yaml:4097: the mapping from line 1 holds more than 4096 entries; "
+                             "tallyd's longest lists hold its features, at most 1024");
+    free(yaml);
+    yaml = many_entries(100000, true);
+    assert_int_equal(tly_config_load_string(yaml, "t.yaml", &cfg, err, sizeof err), TLY_E_CONFIG);
+    assert_string_equal(err, "t.yaml:4099: the list from line 3 holds more than 4096 entries; "
+                             "tallyd's longest lists hold its features, at most 1024");
+    free(yaml);
+    /* 4096 pass that check and meet the ordinary ones */
+    yaml = many_entries(4096, false);
+    assert_int_equal(tly_config_load_string(yaml, "t.yaml", &cfg, err, sizeof err), TLY_E_CONFIG);
+    assert_non_null(strstr(err, "t.yaml:1: k0: unknown key"));
+    free(yaml);
+}
+
 static void test_collections_nested_past_32_levels_are_refused_at_once(void **state)
 {
     (void)state;
@@ -1240,6 +1295,7 @@ int main(void)
         cmocka_unit_test(test_summary_lists_source_time_and_features_with_hops),
         cmocka_unit_test(test_summary_shows_explicit_hop_and_kafka_time),
         cmocka_unit_test(test_collections_nested_past_32_levels_are_refused_at_once),
+        cmocka_unit_test(test_a_list_or_mapping_of_more_than_4096_entries_is_refused),
         cmocka_unit_test(test_free_accepts_null),
     };
     /* The table-driven error cases become one named test each. */
