@@ -12,11 +12,22 @@
  * mutex the poll thread takes about once a second, never per message) and
  * tly_shard_stats. So a scrape never holds up ingest or queries, and a
  * stuck scraper holds up only other scrapers: MHD's connection limits (in
- * all, and per client address, so one host cannot take every slot) and its
- * idle timeout bound what it can take. A client that sends a byte every few
- * seconds on every slot its address may hold keeps other clients from that
- * same address out until the idle timeout; refusals are counted
- * (tallyd_admin_connections_refused_total).
+ * all, and per client address, so one host cannot take every slot), its
+ * idle timeout and the request deadline bound what it can take. MHD's
+ * timeout is one of inactivity, which every byte restarts; so a reaper
+ * thread shuts down every connection that has not delivered a whole
+ * request within ADMIN_DEADLINE_MS of its opening or of its last answer
+ * (tallyd_admin_request_timeouts_total): a client that sends a byte every
+ * few seconds on every slot its address may hold keeps other clients from
+ * that address out for that long at most. Refusals at the per-address
+ * limit are counted (tallyd_admin_connections_refused_total); at the limit
+ * in all, MHD stops accepting, and new connections wait in the listen
+ * backlog until a slot frees.
+ *
+ * The reaper and MHD's thread share the table of open connections under
+ * a mutex: MHD removes a connection from it (MHD_CONNECTION_NOTIFY_CLOSED)
+ * before it closes the socket, so the reaper never shuts down a
+ * descriptor that was closed and reused.
  *
  * Invariants: every /metrics family is written as "# HELP", "# TYPE", then
  * its samples, each family once; names start with tallyd_; counters end in
@@ -27,6 +38,7 @@
 #include "tallyd/admin.h"
 
 #include <arpa/inet.h>
+#include <pthread.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
@@ -53,19 +65,36 @@
 
 #define ADMIN_MAX_CONNECTIONS 64u /* scrapers and probes; more are refused */
 #define ADMIN_PER_IP          8u  /* of them from one address: one host cannot take all */
-#define ADMIN_TIMEOUT_S       10u /* an idle or slow connection is closed */
+#define ADMIN_TIMEOUT_S       10u /* an idle connection is closed */
+#define ADMIN_DEADLINE_MS     10000 /* a request must arrive whole within this */
+#define ADMIN_REAP_MS         250   /* how often the reaper looks */
 #define ADMIN_BACKLOG         16
 #define ADMIN_PARTS_FIRST     64 /* first guess of the partition count */
 
 /* Process-wide (one admin server per daemon): connections refused at the
  * limits, and requests answered 4xx. */
-static atomic_uint_fast64_t admin_refused, admin_bad_requests;
+static atomic_uint_fast64_t admin_refused, admin_bad_requests, admin_timeouts;
+
+int64_t tly_admin_deadline_ms = ADMIN_DEADLINE_MS;
+
+/* An open connection: its socket and when its current request began to be
+ * due (its opening, or its last answer); fd -1: a free slot. */
+typedef struct {
+    int fd;
+    bool cut; /* shut down by the reaper */
+    int64_t since_ms;
+} aconn_t;
 
 struct tly_admin {
     tly_daemon_t *d;        /* borrowed */
     struct MHD_Daemon *mhd; /* owns the listening socket */
     int port;               /* bound port */
     atomic_bool starting;   /* MHD's messages during start-up are WARN, later DEBUG */
+    pthread_mutex_t mu;     /* conns, stop */
+    pthread_cond_t wake;    /* the reaper's sleep, cut short by stop */
+    pthread_t reaper;
+    bool reaper_started, stop;
+    aconn_t conns[ADMIN_MAX_CONNECTIONS + 8]; /* MHD may briefly hold a few more */
 };
 
 static int64_t wall_ms(void)
@@ -391,6 +420,9 @@ void tly_admin_metrics(tly_daemon_t *d, int64_t now_ms, tly_buf_t *out)
     counter(out, "tallyd_admin_bad_requests_total",
             "Admin HTTP requests answered 4xx (unknown path, method not allowed).",
             load(&admin_bad_requests));
+    counter(out, "tallyd_admin_request_timeouts_total",
+            "Admin HTTP connections shut down for not delivering a whole request in time.",
+            load(&admin_timeouts));
 }
 
 /* ---- HTTP --------------------------------------------------------------- */
@@ -528,6 +560,85 @@ static void mhd_log(void *cls, const char *fmt, va_list ap)
     tly_log(atomic_load(&a->starting) ? TLY_LOG_WARN : TLY_LOG_DEBUG, "admin: %s", line);
 }
 
+/* ---- the request deadline ----------------------------------------------- */
+
+static int64_t mono_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* MHD's thread: a connection opened or closed. */
+static void on_connection(void *cls, struct MHD_Connection *conn, void **socket_ctx,
+                          enum MHD_ConnectionNotificationCode toe)
+{
+    tly_admin_t *a = cls;
+    pthread_mutex_lock(&a->mu);
+    if (toe == MHD_CONNECTION_NOTIFY_STARTED) {
+        const union MHD_ConnectionInfo *ci =
+            MHD_get_connection_info(conn, MHD_CONNECTION_INFO_CONNECTION_FD);
+        *socket_ctx = NULL;
+        for (size_t i = 0; ci != NULL && i < sizeof a->conns / sizeof a->conns[0]; i++)
+            if (a->conns[i].fd < 0) {
+                a->conns[i] = (aconn_t){.fd = ci->connect_fd, .since_ms = mono_ms()};
+                *socket_ctx = &a->conns[i];
+                break;
+            }
+    } else if (*socket_ctx != NULL) {
+        ((aconn_t *)*socket_ctx)->fd = -1;
+        *socket_ctx = NULL;
+    }
+    pthread_mutex_unlock(&a->mu);
+}
+
+/* MHD's thread: a request was answered (or failed); the next one is due
+ * from now. */
+static void on_completed(void *cls, struct MHD_Connection *conn, void **req_ctx,
+                         enum MHD_RequestTerminationCode toe)
+{
+    tly_admin_t *a = cls;
+    (void)req_ctx;
+    (void)toe;
+    const union MHD_ConnectionInfo *ci =
+        MHD_get_connection_info(conn, MHD_CONNECTION_INFO_SOCKET_CONTEXT);
+    if (ci == NULL || ci->socket_context == NULL)
+        return;
+    pthread_mutex_lock(&a->mu);
+    ((aconn_t *)ci->socket_context)->since_ms = mono_ms();
+    pthread_mutex_unlock(&a->mu);
+}
+
+/* The reaper thread: shuts down connections past the deadline; MHD then
+ * sees them end and closes them. */
+static void *reaper_main(void *arg)
+{
+    tly_admin_t *a = arg;
+    (void)pthread_setname_np(pthread_self(), "tly-admin-reap");
+    pthread_mutex_lock(&a->mu);
+    while (!a->stop) {
+        int64_t now = mono_ms();
+        for (size_t i = 0; i < sizeof a->conns / sizeof a->conns[0]; i++) {
+            aconn_t *c = &a->conns[i];
+            if (c->fd >= 0 && !c->cut && now - c->since_ms > tly_admin_deadline_ms) {
+                (void)shutdown(c->fd, SHUT_RDWR);
+                c->cut = true;
+                atomic_fetch_add_explicit(&admin_timeouts, 1, memory_order_relaxed);
+            }
+        }
+        struct timespec until;
+        clock_gettime(CLOCK_REALTIME, &until);
+        until.tv_nsec += ADMIN_REAP_MS * 1000000L;
+        if (until.tv_nsec >= 1000000000L) {
+            until.tv_sec++;
+            until.tv_nsec -= 1000000000L;
+        }
+        (void)pthread_cond_timedwait(&a->wake, &a->mu, &until);
+    }
+    pthread_mutex_unlock(&a->mu);
+    return NULL;
+}
+
 /* ---- binding (main thread) ---------------------------------------------- */
 
 /* Binds and listens on the first address of addr that works; returns the
@@ -592,6 +703,10 @@ tly_admin_t *tly_admin_start(tly_daemon_t *d, char *err, size_t errlen)
     }
     a->d = d;
     atomic_init(&a->starting, true);
+    pthread_mutex_init(&a->mu, NULL);
+    pthread_cond_init(&a->wake, NULL);
+    for (size_t i = 0; i < sizeof a->conns / sizeof a->conns[0]; i++)
+        a->conns[i].fd = -1;
     int mhd_fd = -1;
     int fd = bind_admin(addr, &a->port, err, errlen);
     if (fd < 0)
@@ -610,7 +725,8 @@ tly_admin_t *tly_admin_start(tly_daemon_t *d, char *err, size_t errlen)
         a, /* the logger first, or MHD logs to stderr */
         MHD_OPTION_EXTERNAL_LOGGER, mhd_log, a, MHD_OPTION_LISTEN_SOCKET, (MHD_socket)mhd_fd,
         MHD_OPTION_CONNECTION_LIMIT, ADMIN_MAX_CONNECTIONS, MHD_OPTION_PER_IP_CONNECTION_LIMIT,
-        ADMIN_PER_IP, MHD_OPTION_CONNECTION_TIMEOUT, ADMIN_TIMEOUT_S, MHD_OPTION_END);
+        ADMIN_PER_IP, MHD_OPTION_CONNECTION_TIMEOUT, ADMIN_TIMEOUT_S, MHD_OPTION_NOTIFY_CONNECTION,
+        on_connection, a, MHD_OPTION_NOTIFY_COMPLETED, on_completed, a, MHD_OPTION_END);
     if (a->mhd == NULL) {
         snprintf(err, errlen,
                  "server.admin %s: the HTTP server (libmicrohttpd) did not start; see the log",
@@ -618,12 +734,19 @@ tly_admin_t *tly_admin_start(tly_daemon_t *d, char *err, size_t errlen)
         goto fail;
     }
     close(fd);
+    if (pthread_create(&a->reaper, NULL, reaper_main, a) == 0)
+        a->reaper_started = true;
+    else
+        tly_warn("admin: the request-deadline thread did not start: slow requests are "
+                 "closed only by the idle timeout");
     atomic_store(&a->starting, false);
     tly_info("admin: HTTP on %s (port %d): /metrics /healthz /readyz", addr, a->port);
     return a;
 fail:
     if (fd >= 0)
         close(fd);
+    pthread_cond_destroy(&a->wake);
+    pthread_mutex_destroy(&a->mu);
     free(a);
     return NULL;
 }
@@ -637,6 +760,15 @@ void tly_admin_stop(tly_admin_t *a)
 {
     if (a == NULL)
         return;
+    if (a->reaper_started) {
+        pthread_mutex_lock(&a->mu);
+        a->stop = true;
+        pthread_cond_signal(&a->wake);
+        pthread_mutex_unlock(&a->mu);
+        pthread_join(a->reaper, NULL);
+    }
     MHD_stop_daemon(a->mhd);
+    pthread_cond_destroy(&a->wake);
+    pthread_mutex_destroy(&a->mu);
     free(a);
 }

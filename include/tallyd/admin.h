@@ -40,6 +40,11 @@ int tly_admin_port(const tly_admin_t *a);
  * none waits on a client). Frees a. NULL ok. Main thread. */
 void tly_admin_stop(tly_admin_t *a);
 
+/* How long a connection may take to deliver a whole request, from its
+ * opening or its last answer, before it is shut down (10 s; tests shorten
+ * it before tly_admin_start). */
+extern int64_t tly_admin_deadline_ms;
+
 /*
  * Appends the /metrics body for d at wall time now_ms (uptime) to out:
  * every family with one # HELP and one # TYPE line before its samples,

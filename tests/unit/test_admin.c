@@ -843,6 +843,72 @@ static void test_keep_alive_serves_a_second_request(void **state)
     fx_free(fx);
 }
 
+/* A connection that trickles its request (a byte every 100 ms, so never
+ * idle) is shut down once it has taken longer than the request deadline,
+ * and counted; a kept-alive connection whose requests each arrive in time
+ * is not, however long it lives. */
+static void test_a_request_trickled_past_the_deadline_is_cut_and_counted(void **state)
+{
+    (void)state;
+    const int64_t deadline_ms = 1500;
+    tly_admin_deadline_ms = deadline_ms;
+    fx_t *fx = fx_new("127.0.0.1:0", true);
+    double cut0 = admin_counter(fx->port, "tallyd_admin_request_timeouts_total");
+
+    /* every slot this address may hold, trickling */
+    enum { N = 8 };
+    int fd[N];
+    int64_t opened[N], closed[N];
+    static const char head[] = "GET /healthz HTTP/1.1\r\nX-Slow: ";
+    for (int i = 0; i < N; i++) {
+        fd[i] = connect_port(fx->port);
+        send_all(fd[i], head, sizeof head - 1);
+        opened[i] = mono_ms();
+        closed[i] = -1;
+    }
+    int64_t give_up = deadline_in(deadline_ms + 20000);
+    for (int open = N; open > 0;) {
+        if (mono_ms() > give_up)
+            fail_msg("%d trickling connections still open %" PRId64 " ms after the deadline", open,
+                     (int64_t)20000);
+        usleep(100000);
+        for (int i = 0; i < N; i++) {
+            if (closed[i] >= 0)
+                continue;
+            char c;
+            ssize_t got = recv(fd[i], &c, 1, MSG_DONTWAIT);
+            if (got == 0 || (got < 0 && errno != EAGAIN && errno != EWOULDBLOCK) ||
+                send(fd[i], "a", 1, MSG_NOSIGNAL) < 0) {
+                closed[i] = mono_ms();
+                open--;
+            }
+        }
+    }
+    for (int i = 0; i < N; i++) {
+        /* not before the deadline: each had sent a byte within 100 ms */
+        assert_true(closed[i] - opened[i] >= deadline_ms);
+        close(fd[i]);
+    }
+    assert_true(admin_counter(fx->port, "tallyd_admin_request_timeouts_total") >= cut0 + N);
+
+    /* four requests 700 ms apart on one connection: 2.1 s in all, each in
+     * time */
+    int ka = connect_port(fx->port);
+    static const char req[] = "GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n";
+    for (int i = 0; i < 4; i++) {
+        if (i > 0)
+            usleep(700000);
+        send_all(ka, req, sizeof req - 1);
+        http_resp_t r = {0};
+        read_response(ka, false, &r);
+        assert_int_equal(r.status, 200);
+        resp_free(&r);
+    }
+    close(ka);
+    fx_free(fx);
+    tly_admin_deadline_ms = 10000;
+}
+
 static void test_port_in_use_fails_naming_the_address(void **state)
 {
     (void)state;
@@ -1054,6 +1120,7 @@ int main(void)
         cmocka_unit_test(test_keep_alive_serves_a_second_request),
         cmocka_unit_test(test_snapshot_counters_in_metrics),
         cmocka_unit_test(test_per_address_limit_refuses_and_counts),
+        cmocka_unit_test(test_a_request_trickled_past_the_deadline_is_cut_and_counted),
         cmocka_unit_test(test_port_in_use_fails_naming_the_address),
         cmocka_unit_test(test_unassignable_address_fails_naming_it),
         cmocka_unit_test(test_empty_address_disables_without_error),
