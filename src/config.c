@@ -713,10 +713,28 @@ static tly_err_t dup_into(parse_t *p, char **slot, const char *text)
     return TLY_OK;
 }
 
+/* A value as an error message quotes it: whole up to SHOWN_MAX bytes, else
+ * its first bytes (never half a UTF-8 character) and "...", so that the
+ * reason after it is not cut off with it. */
+#define SHOWN_MAX 64
+static const char *shown(const char *text, char buf[SHOWN_MAX + 4])
+{
+    size_t n = strlen(text);
+    if (n <= SHOWN_MAX)
+        return text;
+    n = SHOWN_MAX - 4;
+    while (n > 0 && ((unsigned char)text[n] & 0xC0) == 0x80)
+        n--;
+    memcpy(buf, text, n);
+    memcpy(buf + n, "...", 4);
+    return buf;
+}
+
 /* Checks a string (or string-list item) against def's flags and choices. */
 static tly_err_t check_string(parse_t *p, const key_def_t *def, const char *text,
                               const yaml_node_t *node, const char *path)
 {
+    char sb[SHOWN_MAX + 4];
     char choices[TEXT_CAP];
     if (text[0] == '\0' && (def->flags & F_NONEMPTY || def->type == K_STRINGS))
         return fail(p, node, path, "must not be empty");
@@ -724,12 +742,13 @@ static tly_err_t check_string(parse_t *p, const key_def_t *def, const char *text
         return fail(p, node, path, "is %zu bytes long; at most %" PRId64 " are allowed",
                     strlen(text), def->max);
     if (def->flags & F_IDENT && !is_ident(text))
-        return fail(p, node, path, "\"%s\" may use only letters, digits and _", text);
+        return fail(p, node, path, "\"%s\" may use only letters, digits and _", shown(text, sb));
     if (def->flags & F_ADDR && text[0] != '\0') {
         const char *port;
         size_t hostlen;
         if (!addr_split(text, &port, &hostlen))
-            return fail(p, node, path, "\"%s\" is not host:port (e.g. 127.0.0.1:7379)", text);
+            return fail(p, node, path, "\"%s\" is not host:port (e.g. 127.0.0.1:7379)",
+                        shown(text, sb));
     }
     if (def->choices != NULL) {
         for (const choice_t *c = def->choices; c->name; c++) {
@@ -737,7 +756,7 @@ static tly_err_t check_string(parse_t *p, const key_def_t *def, const char *text
                 return TLY_OK;
         }
         tly_config_choices_text(def, choices, sizeof choices);
-        return fail(p, node, path, "\"%s\" is not one of %s", text, choices);
+        return fail(p, node, path, "\"%s\" is not one of %s", shown(text, sb), choices);
     }
     return TLY_OK;
 }
@@ -746,6 +765,7 @@ static tly_err_t check_string(parse_t *p, const key_def_t *def, const char *text
 static tly_err_t check_duration(parse_t *p, const key_def_t *def, const char *text,
                                 const yaml_node_t *node, const char *path, int64_t *ms)
 {
+    char sb[SHOWN_MAX + 4];
     char range[TEXT_CAP];
     int64_t v = 0;
     tly_err_t rc = tly_duration_parse(text, &v);
@@ -758,9 +778,10 @@ static tly_err_t check_duration(parse_t *p, const key_def_t *def, const char *te
         if (z > 0 && text[z] != '\0' && !isdigit((unsigned char)text[z]) &&
             snprintf(one, sizeof one, "1%s", text + z) < (int)sizeof one &&
             tly_duration_parse(one, &unused) == TLY_OK)
-            return range[0] ? fail(p, node, path, "%s is out of range (%s)", text, range)
-                            : fail(p, node, path, "%s: a duration must be positive", text);
-        return fail(p, node, path, "\"%s\" is not a duration (use <n>ms|s|m|h|d)", text);
+            return range[0]
+                       ? fail(p, node, path, "%s is out of range (%s)", shown(text, sb), range)
+                       : fail(p, node, path, "%s: a duration must be positive", shown(text, sb));
+        return fail(p, node, path, "\"%s\" is not a duration (use <n>ms|s|m|h|d)", shown(text, sb));
     }
     if (def->flags & F_SECONDS && rc == TLY_OK && v % TLY_MS_SECOND != 0)
         return fail(p, node, path,
@@ -768,9 +789,9 @@ static tly_err_t check_duration(parse_t *p, const key_def_t *def, const char *te
                     "seconds, at least 1s)",
                     text);
     if (rc == TLY_E_RANGE && range[0] == '\0')
-        return fail(p, node, path, "%s does not fit in 64 bits of milliseconds", text);
+        return fail(p, node, path, "%s does not fit in 64 bits of milliseconds", shown(text, sb));
     if (rc == TLY_E_RANGE || (range[0] && (v < def->min || v > def->max)))
-        return fail(p, node, path, "%s is out of range (%s)", text, range);
+        return fail(p, node, path, "%s is out of range (%s)", shown(text, sb), range);
     *ms = v;
     return TLY_OK;
 }
@@ -780,6 +801,7 @@ static tly_err_t check_duration(parse_t *p, const key_def_t *def, const char *te
 static tly_err_t set_scalar(parse_t *p, const key_def_t *def, const char *text,
                             const yaml_node_t *node, const char *path, void *base)
 {
+    char sb[SHOWN_MAX + 4];
     char range[TEXT_CAP];
     void *field = field_of(base, def);
     int64_t v = 0;
@@ -793,11 +815,11 @@ static tly_err_t set_scalar(parse_t *p, const key_def_t *def, const char *text,
         rc = parse_int(text, &v);
         tly_config_range_text(def, range, sizeof range);
         if (rc == TLY_E_INVAL)
-            return fail(p, node, path, "\"%s\" is not an integer", text);
+            return fail(p, node, path, "\"%s\" is not an integer", shown(text, sb));
         if (rc == TLY_E_RANGE && range[0] == '\0')
-            return fail(p, node, path, "%s does not fit in a 64-bit integer", text);
+            return fail(p, node, path, "%s does not fit in a 64-bit integer", shown(text, sb));
         if (rc == TLY_E_RANGE || (range[0] && (v < def->min || v > def->max)))
-            return fail(p, node, path, "%s is out of range (%s)", text, range);
+            return fail(p, node, path, "%s is out of range (%s)", shown(text, sb), range);
         if (def->size == sizeof(uint32_t)) {
             uint32_t u = (uint32_t)v; /* the range keeps it within 32 bits */
             memcpy(field, &u, sizeof u);
@@ -813,7 +835,7 @@ static tly_err_t set_scalar(parse_t *p, const key_def_t *def, const char *text,
     case K_BOOL: {
         bool b = strcmp(text, "true") == 0;
         if (!b && strcmp(text, "false") != 0)
-            return fail(p, node, path, "\"%s\" is not true or false", text);
+            return fail(p, node, path, "\"%s\" is not true or false", shown(text, sb));
         memcpy(field, &b, sizeof b);
         return TLY_OK;
     }
@@ -830,7 +852,8 @@ static tly_err_t set_scalar(parse_t *p, const key_def_t *def, const char *text,
         tly_agg_kind_t kind;
         if (tly_agg_parse(text, &kind) != TLY_OK) {
             tly_config_choices_text(def, range, sizeof range);
-            return fail(p, node, path, "\"%s\" is not an aggregation (use %s)", text, range);
+            return fail(p, node, path, "\"%s\" is not an aggregation (use %s)", shown(text, sb),
+                        range);
         }
         memcpy(field, &kind, sizeof kind);
         return TLY_OK;

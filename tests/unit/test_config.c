@@ -1206,6 +1206,41 @@ static char *many_entries(size_t n, bool list)
     return yaml;
 }
 
+/* A long value is quoted by its first 60 bytes and "...", so the reason
+ * after it survives (the whole message is cut at ERR_CAP). */
+static void test_a_long_value_is_quoted_short_in_its_error(void **state)
+{
+    (void)state;
+    char err[ERR_CAP] = "";
+    tly_config_t *cfg = NULL;
+    char yaml[5100], want[256];
+    size_t n = (size_t)snprintf(yaml, sizeof yaml, "server:\n  max_clients: ");
+    memset(yaml + n, '9', 5000);
+    yaml[n + 5000] = '\0';
+    assert_int_equal(tly_config_load_string(yaml, "t.yaml", &cfg, err, sizeof err), TLY_E_CONFIG);
+    char nines[61];
+    memset(nines, '9', 60);
+    nines[60] = '\0';
+    snprintf(want, sizeof want, "t.yaml:2: server.max_clients: %s... is out of range (1..1000000)",
+             nines);
+    assert_string_equal(err, want);
+    /* never half a UTF-8 character: after "x", "é" (two bytes) fills bytes
+     * 1..60 in pairs, so byte 60 is the second of the 30th: 29 are kept */
+    n = (size_t)snprintf(yaml, sizeof yaml, "kafka:\n  mode: \"x");
+    for (int i = 0; i < 100; i++)
+        n += (size_t)snprintf(yaml + n, sizeof yaml - n, "\xc3\xa9");
+    snprintf(yaml + n, sizeof yaml - n, "\"\n");
+    assert_int_equal(tly_config_load_string(yaml, "t.yaml", &cfg, err, sizeof err), TLY_E_CONFIG);
+    char *q = strstr(err, "kafka.mode: \"");
+    assert_non_null(q);
+    q += strlen("kafka.mode: \"x");
+    size_t e = 0;
+    while (strncmp(q + e, "\xc3\xa9", 2) == 0)
+        e += 2;
+    assert_int_equal(e, 58);
+    assert_memory_equal(q + e, "...\" is not one of", 18);
+}
+
 static void test_a_list_or_mapping_of_more_than_4096_entries_is_refused(void **state)
 {
     (void)state;
@@ -1296,6 +1331,7 @@ int main(void)
         cmocka_unit_test(test_summary_shows_explicit_hop_and_kafka_time),
         cmocka_unit_test(test_collections_nested_past_32_levels_are_refused_at_once),
         cmocka_unit_test(test_a_list_or_mapping_of_more_than_4096_entries_is_refused),
+        cmocka_unit_test(test_a_long_value_is_quoted_short_in_its_error),
         cmocka_unit_test(test_free_accepts_null),
     };
     /* The table-driven error cases become one named test each. */
