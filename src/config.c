@@ -169,8 +169,9 @@ const key_def_t tly_config_keys[] = {
         "the consumer group spreads partitions over instances, every topic names its key "
         "entity (kafka.topics[].key), and ids owned elsewhere get -MOVED."),
     KEY("kafka.start", K_ENUM, "window", 0, 0, 0, tly_config_start_choices, CFG(kafka.start),
-        "Where consumption starts without a snapshot: window = now minus the longest window; "
-        "earliest; latest."),
+        "Where consumption starts without a snapshot: window = the oldest event a window still "
+        "counts (now minus the longest window, down to the start of its hop); earliest; "
+        "latest."),
     KEY("kafka.properties", K_MAP, NULL, 0, 0, 0, NULL,
         CFGLIST(kafka.nproperties, kafka.properties),
         "librdkafka properties passed through verbatim (security.protocol, sasl.*, ssl.* ...), "

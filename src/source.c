@@ -104,6 +104,7 @@
 #include "tallyd/log.h"
 #include "tallyd/rcu.h"
 #include "tallyd/shard.h"
+#include "tallyd/window.h"
 
 #define POLL_TIMEOUT_MS     100
 #define PUBLISH_EVERY_MS    1000
@@ -183,7 +184,6 @@ struct tly_source {
     rd_kafka_mock_cluster_t *mock;
     char *bootstrap;    /* owned */
     rd_kafka_t *rk;     /* the consumer; NULL once closed */
-    int64_t horizon_ms; /* longest horizon of the featset (start: window) */
     tly_shard_t *shard; /* shard mode: ownership and owner addresses; else NULL */
     char advertise[TLY_SHARD_ADDR_MAX]; /* set before start */
 
@@ -522,6 +522,26 @@ static rd_kafka_topic_partition_list_t *lookup_ends(tly_source_t *src,
     return ends;
 }
 
+/* kafka.start: window's start at now: the earliest event time a feature
+ * still counts, as the store keeps it (feat_earliest): the start of a
+ * window's range by the window rule, now − W rounded down to the hop (up
+ * to a hop before now − W), or now − horizon for last/last_k. */
+static int64_t window_since(const tly_featset_t *fs, int64_t now_ms)
+{
+    int64_t since = now_ms;
+    for (size_t i = 0; i < fs->nfeats; i++) {
+        const tly_feat_t *f = &fs->feats[i];
+        if (f->nwindows == 0 && now_ms - f->horizon_ms < since)
+            since = now_ms - f->horizon_ms;
+        for (size_t w = 0; w < f->nwindows; w++) {
+            int64_t s = tly_window_start(now_ms, f->windows[w].len_ms, f->windows[w].hop_ms);
+            if (s < since)
+                since = s;
+        }
+    }
+    return since;
+}
+
 /* Writes the start offset of every partition in parts: the position this
  * process reached (or was told to resume at), else kafka.start's. A
  * partition partly restored (tly_source_catch_up) whose start is its
@@ -535,7 +555,7 @@ static rd_kafka_topic_partition_list_t *choose_offsets(tly_source_t *src,
     if (start == TLY_START_WINDOW && src->embedded)
         start = TLY_START_EARLIEST;
     rd_kafka_topic_partition_list_t *times = rd_kafka_topic_partition_list_new(parts->cnt);
-    int64_t since = wall_ms() - src->horizon_ms;
+    int64_t now = wall_ms(), since = window_since(src->fs, now);
 
     for (int i = 0; i < parts->cnt; i++) {
         rd_kafka_topic_partition_t *tp = &parts->elems[i];
@@ -554,7 +574,7 @@ static rd_kafka_topic_partition_list_t *choose_offsets(tly_source_t *src,
         if (err != RD_KAFKA_RESP_ERR_NO_ERROR)
             tly_warn("source: looking up offsets at now - %" PRId64
                      " ms failed (%s); those partitions start at the beginning",
-                     src->horizon_ms, rd_kafka_err2str(err));
+                     now - since, rd_kafka_err2str(err));
         for (int i = 0; i < times->cnt; i++) {
             const rd_kafka_topic_partition_t *t = &times->elems[i];
             int64_t off = RD_KAFKA_OFFSET_BEGINNING;
@@ -1907,9 +1927,6 @@ tly_source_t *tly_source_new(const tly_config_t *cfg, const tly_featset_t *fs, t
     atomic_init(&src->nudges, 0);
     atomic_init(&src->idle_nudges, 0);
     src->starved_ms = STARVED_NUDGE_MS;
-    for (size_t i = 0; i < fs->nentities; i++)
-        if (fs->entities[i].horizon_ms > src->horizon_ms)
-            src->horizon_ms = fs->entities[i].horizon_ms;
     src->embedded = strcmp(cfg->kafka.brokers, "embedded") == 0;
     rd_kafka_conf_t *conf = consumer_conf(src, errbuf, errlen);
     if (conf == NULL)

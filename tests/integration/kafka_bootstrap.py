@@ -1,22 +1,24 @@
 #!/usr/bin/env python3
 """tallyd's bootstrap by time against a real Apache Kafka broker
 (scripts/kafka.sh): with kafka.start window, a fresh process must start each
-partition at the first offset whose timestamp is at or after now − the
-longest feature horizon (rd_kafka_offsets_for_times, which a real broker
-answers from its time index), so it reads exactly the events that can still
-matter and none older.
+partition at the first offset whose timestamp is at or after S(now), the
+oldest event time a feature still counts (rd_kafka_offsets_for_times, which
+a real broker answers from its time index), so it reads exactly the events
+that can still matter and none older. By the window rule S(T) is the least,
+over every window (W, hop h), of floor(T / h) * h - W, and for last/last_k
+T - horizon (seek_at below).
 
 The topic holds seeded events (e2e.py's stream) whose times are moved so
-that they cover the last 10 days except for a gap around the seek point
-B = T0 − horizon: some are older than 8 days, some between 8 days and the
-horizon, the rest in [B + 15 min, ASOF). They are produced in time order
-(each partition's timestamps non-decreasing) with each message's Kafka
-timestamp set to its event time. tallyd is assigned its partitions at some
-wall time T in [T0, T0 + 15 min) (asserted), so its seek point T − horizon
-falls in the gap and the messages it must consume are exactly those with
-timestamp >= B + 15 min: INFO messages_consumed must equal that count (not
-one more once every partition is at its end), and every value of every
-user and pin must equal the ground truth of those events.
+that they cover the last 10 days except for a gap around the seek point:
+some are older than 8 days, some between 8 days and S(T0) - 60 s, the rest
+in [S(T0 + 15 min), ASOF). They are produced in time order (each
+partition's timestamps non-decreasing) with each message's Kafka timestamp
+set to its event time. tallyd is assigned its partitions at some wall time T
+in [T0, T0 + 15 min) (asserted), so its seek point S(T) falls in the gap
+and the messages it must consume are exactly those with timestamp >=
+S(T0 + 15 min): INFO messages_consumed must equal that count (not one more
+once every partition is at its end), and every value of every user and pin
+must equal the ground truth of those events.
 
 Where tallyd reports `loading` in INFO (the Source section), queries made
 while it loads must answer -LOADING and queries after it has caught up
@@ -44,7 +46,7 @@ from kafka_common import E  # noqa: E402
 NEVENTS = 120_000
 PARTITIONS = 8
 LEAD_MS = 240_000
-GAP_BEFORE_MS = 60_000      # no event in [B - this, B + GAP_AFTER_MS)
+GAP_BEFORE_MS = 60_000      # no event in [S(T0) - this, S(T0 + GAP_AFTER_MS))
 GAP_AFTER_MS = 15 * E.MIN   # bound on (assignment wall time - T0)
 OLDEST_MS = 10 * E.DAY      # the oldest events are this old at T0
 
@@ -55,6 +57,13 @@ def remap(ts, lo, hi, lo2, hi2):
     return lo2 + (ts - lo) * (hi2 - lo2) // (hi - lo)
 
 
+def seek_at(feats, t):
+    """S(t): the oldest event time any of feats (e2e.Feat) still counts at t,
+    by the window rule (README "Windows"); t - horizon for last/last_k."""
+    return min(t - f.horizon if f.itemized else min(t // h * h - w for _, w, h in f.windows)
+               for f in feats)
+
+
 def stream(r, horizon):
     """e2e.py's stream with its times moved around the seek point and sorted.
     Returns (events, records): events in produce order (None for the
@@ -62,16 +71,15 @@ def stream(r, horizon):
     events, lines, r.users, r.pins = E.generate(r.asof, nevents=NEVENTS, seed=E.SEED + 303)
     lo, hi = r.asof - 8 * E.DAY, r.asof
     cut = r.asof - horizon - 30 * E.MIN  # ~1/8 of the 8-day events fall before it
-    b = r.t0 - horizon
     rows, last = [], r.asof - E.HOUR
     for i, (ev, line) in enumerate(zip(events, lines)):
         key, payload = line.split("\t", 1)
         if ev is not None:
             ts = ev["ts"]
             if ts < cut:
-                ts = remap(ts, lo, cut, r.t0 - OLDEST_MS, b - GAP_BEFORE_MS - 1)
+                ts = remap(ts, lo, cut, r.t0 - OLDEST_MS, r.seek_first - GAP_BEFORE_MS - 1)
             else:
-                ts = remap(ts, cut, hi, b + GAP_AFTER_MS, hi)
+                ts = remap(ts, cut, hi, r.seek_lo, hi)
             ev = dict(ev, ts=ts)
             payload = json.dumps(ev, separators=(",", ":"))
             last = ts
@@ -117,8 +125,10 @@ def setup():
     # tallyd's seek horizon: the longest window, or store.idle_ttl for
     # last/last_k, over every feature (DESIGN.md §3, feature.h).
     ttl = H.duration_ms(cfg.get("store", {}).get("idle_ttl", "7d"))
-    r.horizon = max(E.Feat(d, ttl).horizon for d in cfg["features"])
-    r.seek_lo = r.t0 - r.horizon + GAP_AFTER_MS  # first timestamp tallyd must read
+    feats = [E.Feat(d, ttl) for d in cfg["features"]]
+    r.horizon = max(f.horizon for f in feats)
+    r.seek_first = seek_at(feats, r.t0)  # the seek point at T0 ...
+    r.seek_lo = seek_at(feats, r.t0 + GAP_AFTER_MS)  # ... and at T0 + 15 min: read from here
     events, recs = stream(r, r.horizon)
     r.produced = len(recs)
     r.per_part = K.produce(r.bootstrap, r.topic, recs)
@@ -140,14 +150,14 @@ def setup():
                   r.caught_up_ms, r.tmp)
     r.ctx.port = port
     print(f"# broker {r.bootstrap}, topic {r.topic}: {r.produced} messages, {r.expected} at or "
-          f"after T0 - {r.horizon // E.DAY}d + {GAP_AFTER_MS // E.MIN}m, {r.skipped} older "
+          f"after S(T0 + {GAP_AFTER_MS // E.MIN}m) = T0 - {r.t0 - r.seek_lo} ms, {r.skipped} older "
           f"({r.older_8d} older than 8 days); caught up {r.caught_up_ms - r.t0} ms after T0; "
           f"{len(r.loading)} loading observations", flush=True)
     return r
 
 
 def t_assignment_in_time(r):
-    """The seek point T - horizon lies in the gap of event times only while
+    """The seek point S(T) lies in the gap of event times only while
     the assignment (before catch-up) happened less than GAP_AFTER after T0."""
     if r.caught_up_ms - r.t0 >= GAP_AFTER_MS:
         raise Failure(f"caught up {r.caught_up_ms - r.t0} ms after T0, not within "
@@ -158,7 +168,7 @@ def t_consumes_exactly_from_seek(r):
     m = Mismatches()
     info = r.info
     m.eq(int(info.get("messages_consumed", -1)), r.expected,
-         f"INFO messages_consumed (messages with timestamp >= now - {r.horizon} ms; "
+         f"INFO messages_consumed (messages with timestamp >= {r.seek_lo}; "
          f"{r.produced} in the topic)")
     m.eq(int(info.get("events_rejected", -1)), r.expected_bad, "INFO events_rejected")
     m.eq(int(info.get("events_applied", -1)), r.expected - r.expected_bad, "INFO events_applied")
