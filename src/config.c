@@ -217,6 +217,10 @@ const key_def_t tly_config_keys[] = {
         "Longest string (bytes, after unescaping) an event may carry in a field a feature "
         "reads; an event with a longer one is dropped and counted."),
 
+    KEY("store.max_memory", K_INT, "0", 0, INT64_C(1) << 50, 0, NULL, CFG(store.max_memory),
+        "Bytes of entity state (INFO used_memory) past which an event's new entities are not "
+        "created (counted as dropped_ev_store_full); entities already held keep taking events, "
+        "and their records may still grow. 0: no limit."),
     KEY("store.idle_ttl", K_DURATION, "7d", SEC(1), DAY(365), 0, NULL, CFG(store.idle_ttl_ms),
         "Horizon of last and last_k: older items are not returned and older events are "
         "dropped as late; an entity expires once its newest event is older than this and "

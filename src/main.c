@@ -192,6 +192,7 @@ static int run(const tly_config_t *cfg, const tly_featset_t *fs)
     d.store = snap != NULL ? tly_snapshot_restore(snap, fs) : NULL;
     if (d.store == NULL)
         d.store = tly_store_new(fs);
+    tly_store_set_max_bytes(d.store, cfg->store.max_memory);
     tly_info("tallyd %s starting with %s: %zu features over %zu entity types", TALLYD_VERSION,
              cfg->path, fs->nfeats, fs->nentities);
 

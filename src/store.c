@@ -383,6 +383,7 @@ tly_store_t *tly_store_new(const tly_featset_t *fs)
     pthread_mutex_init(&store->mu, NULL);
     atomic_init(&store->stats, NULL);
     atomic_init(&store->ninterned, 0);
+    atomic_init(&store->full, false);
     for (size_t i = 0; i < INTERN_SLOTS; i++)
         atomic_init(&store->intern[i], NULL);
 
@@ -631,6 +632,30 @@ void tly_store_prefetch_records(tly_store_t *store, const tly_prefetch_t *pf)
             tbl_prefetch_ent(shard_of(store, pf->h[i]), pf->h[i]);
 }
 
+/* The store's counted bytes: tly_store_stats' bytes. */
+static int64_t counted_bytes(const tly_store_t *store)
+{
+    int64_t bytes = 0;
+    for (size_t i = 0; i < TLY_STORE_SHARDS; i++)
+        bytes += atomic_load_explicit(&store->shards[i].bytes, memory_order_relaxed);
+    for (tstats_t *s = atomic_load_explicit(&store->stats, memory_order_acquire); s; s = s->next)
+        bytes += atomic_load_explicit(&s->bytes, memory_order_relaxed);
+    return bytes;
+}
+
+static void refresh_full(tly_store_t *store)
+{
+    atomic_store_explicit(&store->full,
+                          store->max_bytes > 0 && counted_bytes(store) > store->max_bytes,
+                          memory_order_relaxed);
+}
+
+void tly_store_set_max_bytes(tly_store_t *store, int64_t max_bytes)
+{
+    store->max_bytes = max_bytes > 0 ? max_bytes : 0;
+    refresh_full(store);
+}
+
 /* Applies ev's entities that fall to the applier owning the shards
  * `owned` (see tly_store_prefetch_share). Phase 1 runs whole in every
  * applier, so each decides alike, and the one that `counts` alone counts
@@ -739,11 +764,20 @@ static tly_err_t apply_event(tly_store_t *store, const tly_event_t *ev, const tl
 
     /* Phase 2: apply, one record lock per entity. */
     tstats_t *ts = store_thread_stats(store);
+    if (store->max_bytes > 0 && ++ts->cap_tick >= TLY_STORE_CAP_EVERY) {
+        ts->cap_tick = 0;
+        refresh_full(store);
+    }
+    const bool full = atomic_load_explicit(&store->full, memory_order_relaxed);
     tly_rcu_read_lock();
     for (size_t pi = 0; pi < nplans; pi++) {
         plan_t *pl = &plans[pi];
         if (!share_owns(pl->h, owned))
             continue;
+        if (full && tbl_get(shard_of(store, pl->h), pl->h, pl->entity, pl->id, pl->idlen) == NULL) {
+            stat_drop(store, TLY_E_EV_STORE_FULL); /* not held, and no room for it */
+            continue;
+        }
         size_t nfirst;
         ent_t *ent = ent_get_locked(store, pl->entity, pl->id, pl->idlen, pl->h, ev, pl->mask,
                                     apply_scratch.first, &nfirst);
@@ -1253,7 +1287,10 @@ size_t tly_store_sweep(tly_store_t *store, int64_t now_ms, size_t max_visit)
             cu.earliest[e] = t < cu.earliest[e] ? t : cu.earliest[e];
         }
     }
-    return remove_where(store, &cu, max_visit);
+    size_t n = remove_where(store, &cu, max_visit);
+    if (store->max_bytes > 0)
+        refresh_full(store);
+    return n;
 }
 
 size_t tly_store_drop(tly_store_t *store, tly_store_doomed_fn doomed, void *ctx)

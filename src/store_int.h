@@ -73,6 +73,7 @@ typedef struct tstats {
     /* Written by the owning thread with relaxed stores; summed by any. */
     _Atomic int64_t entities, bytes, applied, updates, expired, dropped_entities, interned_bytes;
     _Atomic uint64_t dropped[TLY_E__COUNT];
+    uint32_t cap_tick; /* owner thread: applies since it last summed the bytes */
 } tstats_t;
 
 typedef struct {
@@ -169,6 +170,10 @@ struct tly_store {
      * slot position in it, and the slot array that position counts in. */
     size_t sweep_shard, sweep_pos;
     const tslots_t *sweep_arr;
+    /* tly_store_set_max_bytes's cap (0: none; set before writers start),
+     * and whether the counted bytes were past it when last summed */
+    int64_t max_bytes;
+    atomic_bool full;
 };
 
 static inline size_t id_words(size_t idlen)

@@ -130,6 +130,7 @@ typedef struct {
 
     struct {
         int64_t idle_ttl_ms;    /* horizon of last/last_k items (> 0) */
+        int64_t max_memory;     /* bytes of state past which no entity is created; 0 none */
         int64_t sweep_every_ms; /* expiry sweeper period */
     } store;
 

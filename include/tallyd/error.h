@@ -33,7 +33,8 @@
     X(EV_BAD_TIME, "event time is not in the configured unit or format")                           \
     X(EV_LATE, "event is older than the longest window")                                           \
     X(EV_FUTURE, "event is further in the future than max_future_skew")                            \
-    X(EV_MISROUTED, "event's key entity id hashes (murmur2) to another partition than its own")
+    X(EV_MISROUTED, "event's key entity id hashes (murmur2) to another partition than its own")    \
+    X(EV_STORE_FULL, "the store holds store.max_memory: the event's new entity was not created")
 
 typedef enum {
 #define TLY_ERR_ENUM_(name, text) TLY_E_##name,

@@ -294,6 +294,18 @@ bool tly_store_restored(const tly_store_t *store, uint32_t feat);
 /* Fills *st with the current counters. Any thread. */
 void tly_store_stats(const tly_store_t *store, tly_store_stats_t *st);
 
+/*
+ * Caps the store's counted bytes (tly_store_stats' bytes) at max_bytes (0:
+ * no cap, the default): while they are past it, an event's entities that
+ * are not held yet are not created (each counted in dropped[EV_STORE_FULL]),
+ * and those already held keep taking events. The bytes are summed every
+ * TLY_STORE_CAP_EVERY applies of each writer and at every sweep, so the
+ * store may pass the cap by what is created in between. Call before writers
+ * start, or between their runs.
+ */
+#define TLY_STORE_CAP_EVERY 1024
+void tly_store_set_max_bytes(tly_store_t *store, int64_t max_bytes);
+
 /* Writes the allocator that serves this process's malloc, the one used_memory
  * is counted in (malloc_usable_size), into buf[0..cap): "mimalloc-2.0.9"
  * when release builds' mimalloc replaced malloc, else "libc". Any thread. */

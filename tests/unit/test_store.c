@@ -190,6 +190,40 @@ static void test_window_edges_at_aligned_now(void **state)
     assert_int_equal(count(fx, "1", "clicks", 0, T + 10 * SEC - 1), 2);
 }
 
+/* Past the byte cap, an event's entities not held yet are not created
+ * (counted per entity), those held keep taking events; without the cap
+ * they are created again. */
+static void test_max_bytes_stops_new_entities_not_held_ones(void **state)
+{
+    fx_t *fx = *state;
+    assert_int_equal(put(fx, T, T, 1, NULL, "click", -1), TLY_OK);
+    tly_store_stats_t st;
+    tly_store_stats(fx->store, &st);
+    assert_int_equal(st.entities, 1);
+    assert_int_equal(st.dropped[TLY_E_EV_STORE_FULL], 0);
+
+    tly_store_set_max_bytes(fx->store, (int64_t)st.bytes); /* at the cap: not past it */
+    assert_int_equal(put(fx, T, T, 2, NULL, "click", -1), TLY_OK);
+    tly_store_stats(fx->store, &st);
+    assert_int_equal(st.entities, 2);
+
+    tly_store_set_max_bytes(fx->store, 1);                         /* past it */
+    assert_int_equal(put(fx, T, T, 3, NULL, "click", -1), TLY_OK); /* taken, not held */
+    assert_int_equal(put(fx, T, T, 1, NULL, "click", -1), TLY_OK);
+    tly_store_stats(fx->store, &st);
+    assert_int_equal(st.entities, 2);
+    assert_int_equal(st.dropped[TLY_E_EV_STORE_FULL], 1);
+    assert_int_equal(count(fx, "3", "clicks", 0, T), 0);
+    assert_int_equal(count(fx, "1", "clicks", 0, T), 2);
+
+    tly_store_set_max_bytes(fx->store, 0); /* no cap */
+    assert_int_equal(put(fx, T, T, 3, NULL, "click", -1), TLY_OK);
+    assert_int_equal(count(fx, "3", "clicks", 0, T), 1);
+    tly_store_stats(fx->store, &st);
+    assert_int_equal(st.entities, 3);
+    assert_int_equal(st.dropped[TLY_E_EV_STORE_FULL], 1);
+}
+
 static void test_window_edges_at_unaligned_now(void **state)
 {
     fx_t *fx = *state;
@@ -2322,6 +2356,8 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_interned_strings_keep_their_own_ids_per_store, setup,
                                         teardown),
         cmocka_unit_test_setup_teardown(test_window_edges_at_unaligned_now, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_max_bytes_stops_new_entities_not_held_ones, setup,
+                                        teardown),
         cmocka_unit_test_setup_teardown(test_out_of_order_events_land_in_their_buckets, setup,
                                         teardown),
         cmocka_unit_test_setup_teardown(test_late_and_future_events_are_dropped_and_counted, setup,
