@@ -147,6 +147,9 @@ typedef struct {
      * skip, the last known in it, the first known past it (-1 unknown), the
      * offset of the probe under way, and how many probes were made. */
     int64_t bad_base, bad_from, bad_in, bad_out, bad_probe, bad_probes;
+    /* a seek of that probing failed (it may still be carried out later):
+     * offsets the consumer then jumps over are counted as skipped */
+    bool bad_unsure;
 } part_t;
 
 /* At most one log line per period; the rest are counted and reported in
@@ -832,6 +835,7 @@ static void assign(tly_source_t *src, rd_kafka_topic_partition_list_t *parts)
         part_t *p = part_get(src, tp->topic, tp->partition);
         p->assigned = true;
         p->bad_base = -1;
+        p->bad_unsure = false;
         /* Not caught up before its end is known (learn_ends below, else
          * seek_ends, or the first message): the end cached when it was last
          * consumed here is not taken. An embedded source looks up no ends
@@ -1026,14 +1030,18 @@ static bool seek_part(tly_source_t *src, const part_t *p, int64_t to)
 }
 
 /* Ends p's probing unfinished (a seek failed, the batch decoded when
- * fetched again, or the consumer moved on its own): nothing is skipped;
- * what comes next is taken as usual. */
-static void probe_abandon(part_t *p, const char *why)
+ * fetched again, or the consumer moved on its own): what comes next is
+ * taken as usual. A failed seek may yet be carried out (librdkafka queues
+ * it before it gives up waiting), so the consumer may jump past offsets
+ * never read: `unsure` has collect count and report such a jump. */
+static void probe_abandon(part_t *p, const char *why, bool unsure)
 {
     tly_warn("source: %s[%" PRId32 "]: the message batch at offset %" PRId64
-             " could not be decoded; %s: nothing skipped",
-             p->topic, p->partition, p->bad_base, why);
+             " could not be decoded; %s%s",
+             p->topic, p->partition, p->bad_base, why,
+             unsure ? "; offsets the consumer skips from here are reported" : ": nothing skipped");
     p->bad_base = -1;
+    p->bad_unsure = unsure;
 }
 
 /* Seeks p to its next probe, or past the batch once its end is known. */
@@ -1041,7 +1049,7 @@ static void probe_next(tly_source_t *src, part_t *p)
 {
     if (p->bad_out == p->bad_in + 1) {
         if (!seek_part(src, p, p->bad_out)) {
-            probe_abandon(p, "seeking past it failed");
+            probe_abandon(p, "seeking past it failed", true);
             return;
         }
         atomic_fetch_add_explicit(&src->undecodable, (uint64_t)(p->bad_out - p->bad_from),
@@ -1075,7 +1083,7 @@ static void probe_next(tly_source_t *src, part_t *p)
     p->bad_probe = to;
     p->bad_probes++;
     if (!seek_part(src, p, to))
-        probe_abandon(p, "seeking to find its end failed");
+        probe_abandon(p, "seeking to find its end failed", true);
 }
 
 /* Poll thread, for a consumer error m that says librdkafka cannot decode
@@ -1101,7 +1109,7 @@ static bool undecodable(tly_source_t *src, const rd_kafka_message_t *m)
         p->bad_probe = p->bad_from;
         p->bad_probes = 0;
         if (!seek_part(src, p, p->bad_from))
-            probe_abandon(p, "seeking to fetch it again failed");
+            probe_abandon(p, "seeking to fetch it again failed", true);
         return true;
     }
     if (m->offset == p->bad_base) {
@@ -1126,17 +1134,35 @@ static bool undecodable(tly_source_t *src, const rd_kafka_message_t *m)
 static bool probe_answer(tly_source_t *src, part_t *p, const rd_kafka_message_t *m)
 {
     if (p->bad_probes == 0 && m->offset == p->bad_probe) {
-        probe_abandon(p, "fetched again, it decoded");
+        probe_abandon(p, "fetched again, it decoded", false);
         return false;
     }
     if (m->offset < p->bad_probe || p->bad_probe <= p->bad_in) {
-        probe_abandon(p, "the consumer moved elsewhere meanwhile");
+        probe_abandon(p, "the consumer moved elsewhere meanwhile", false);
         return false;
     }
     if (p->bad_out < 0 || p->bad_probe < p->bad_out)
         p->bad_out = p->bad_probe; /* the probe lies past the batch */
     probe_next(src, p);
     return true;
+}
+
+/* Poll thread, for the next message (or end) of p at offset `at`: after a
+ * failed seek of a probing (bad_unsure), one that took effect after all
+ * jumped over offsets never read; they are counted and reported. */
+static void jumped_unsure(tly_source_t *src, part_t *p, int64_t at)
+{
+    if (!p->bad_unsure)
+        return;
+    p->bad_unsure = false;
+    if (p->position < 0 || at <= p->position)
+        return;
+    atomic_fetch_add_explicit(&src->undecodable, (uint64_t)(at - p->position),
+                              memory_order_relaxed);
+    tly_warn("source: %s[%" PRId32 "]: consumption went on at offset %" PRId64
+             " after a failed seek; offsets %" PRId64 "..%" PRId64
+             " were skipped (counted in messages_undecodable)",
+             p->topic, p->partition, at, p->position, at - 1);
 }
 
 /* Poll thread: takes m into the batch (or, for an error or end-of-partition
@@ -1149,8 +1175,11 @@ static void collect(tly_source_t *src, rd_kafka_message_t *m, int64_t now_ms)
     if (m->err == RD_KAFKA_RESP_ERR__PARTITION_EOF) {
         /* not a message: counted nowhere (messages_consumed, polled) */
         part_t *pp = m->rkt ? part_find(src, rd_kafka_topic_name(m->rkt), m->partition) : NULL;
-        if (pp == NULL || !pp->assigned || pp->bad_base < 0 || !probe_answer(src, pp, m))
+        if (pp == NULL || !pp->assigned || pp->bad_base < 0 || !probe_answer(src, pp, m)) {
+            if (pp != NULL && pp->assigned)
+                jumped_unsure(src, pp, m->offset);
             reach_end(src, m);
+        }
         rd_kafka_message_destroy(m);
         return;
     }
@@ -1187,6 +1216,7 @@ static void collect(tly_source_t *src, rd_kafka_message_t *m, int64_t now_ms)
     atomic_fetch_add_explicit(&src->messages, 1, memory_order_relaxed);
     src->msg_bytes16 = src->msg_bytes16 == 0 ? 16 * (uint64_t)m->len
                                              : src->msg_bytes16 - src->msg_bytes16 / 16 + m->len;
+    jumped_unsure(src, p, m->offset);
     check_continuity(src, p, m);
     p->from_end = false;
     p->high_min = -1; /* the fetch that brought m refreshed the cached end */
