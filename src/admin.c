@@ -65,8 +65,11 @@
 
 #define ADMIN_MAX_CONNECTIONS 64u /* scrapers and probes; more are refused */
 #define ADMIN_PER_IP          8u  /* of them from one address: one host cannot take all */
-#define ADMIN_TIMEOUT_S       10u /* an idle connection is closed */
+#define ADMIN_TIMEOUT_S       5u  /* an idle connection is closed */
 #define ADMIN_DEADLINE_MS     10000 /* a request must arrive whole within this */
+/* An idle kept-alive connection is closed by MHD's idle timeout, uncounted,
+ * well before the deadline would cut (and count) it. */
+_Static_assert(ADMIN_TIMEOUT_S * 1000 * 2 <= ADMIN_DEADLINE_MS, "idle timeout first");
 #define ADMIN_REAP_MS         250   /* how often the reaper looks */
 #define ADMIN_BACKLOG         16
 #define ADMIN_PARTS_FIRST     64 /* first guess of the partition count */
@@ -627,7 +630,7 @@ static void *reaper_main(void *arg)
             }
         }
         struct timespec until;
-        clock_gettime(CLOCK_REALTIME, &until);
+        clock_gettime(CLOCK_MONOTONIC, &until); /* the condvar's clock */
         until.tv_nsec += ADMIN_REAP_MS * 1000000L;
         if (until.tv_nsec >= 1000000000L) {
             until.tv_sec++;
@@ -704,7 +707,11 @@ tly_admin_t *tly_admin_start(tly_daemon_t *d, char *err, size_t errlen)
     a->d = d;
     atomic_init(&a->starting, true);
     pthread_mutex_init(&a->mu, NULL);
-    pthread_cond_init(&a->wake, NULL);
+    pthread_condattr_t ca;
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC); /* a wall-clock step cannot stall it */
+    pthread_cond_init(&a->wake, &ca);
+    pthread_condattr_destroy(&ca);
     for (size_t i = 0; i < sizeof a->conns / sizeof a->conns[0]; i++)
         a->conns[i].fd = -1;
     int mhd_fd = -1;

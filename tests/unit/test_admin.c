@@ -777,7 +777,7 @@ static void test_per_address_limit_refuses_and_counts(void **state)
         close(held[i]);
     /* until the server has seen those 8 close, a new connection from this
      * address may still be refused: wait until one is answered (on a loaded
-     * host libmicrohttpd may hold the slots until its 10 s idle timeout) */
+     * host libmicrohttpd may hold the slots until its 5 s idle timeout) */
     int64_t deadline = deadline_in(20000);
     for (;;) {
         int probe = connect_port(fx->port);
@@ -907,6 +907,34 @@ static void test_a_request_trickled_past_the_deadline_is_cut_and_counted(void **
     close(ka);
     fx_free(fx);
     tly_admin_deadline_ms = 10000;
+}
+
+/* A kept-alive connection left idle after an answer is closed by the idle
+ * timeout (5 s), before the request deadline (10 s), and is not counted as
+ * a request timeout. */
+static void test_an_idle_kept_alive_connection_is_closed_uncounted(void **state)
+{
+    (void)state;
+    tly_admin_deadline_ms = 10000;
+    fx_t *fx = fx_new("127.0.0.1:0", true);
+    double cut0 = admin_counter(fx->port, "tallyd_admin_request_timeouts_total");
+    int fd = connect_port(fx->port);
+    static const char req[] = "GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n";
+    send_all(fd, req, sizeof req - 1);
+    http_resp_t r = {0};
+    read_response(fd, false, &r);
+    assert_int_equal(r.status, 200);
+    resp_free(&r);
+    int64_t answered = mono_ms();
+    struct pollfd pfd = {.fd = fd, .events = POLLIN};
+    assert_int_equal(poll(&pfd, 1, 20000), 1); /* closed: readable at end of file */
+    char c;
+    assert_true(recv(fd, &c, 1, 0) <= 0);
+    int64_t waited = mono_ms() - answered;
+    close(fd);
+    assert_true(waited >= 4000); /* not before the idle timeout (5 s, to a second) */
+    assert_true(admin_counter(fx->port, "tallyd_admin_request_timeouts_total") == cut0);
+    fx_free(fx);
 }
 
 static void test_port_in_use_fails_naming_the_address(void **state)
@@ -1121,6 +1149,7 @@ int main(void)
         cmocka_unit_test(test_snapshot_counters_in_metrics),
         cmocka_unit_test(test_per_address_limit_refuses_and_counts),
         cmocka_unit_test(test_a_request_trickled_past_the_deadline_is_cut_and_counted),
+        cmocka_unit_test(test_an_idle_kept_alive_connection_is_closed_uncounted),
         cmocka_unit_test(test_port_in_use_fails_naming_the_address),
         cmocka_unit_test(test_unassignable_address_fails_naming_it),
         cmocka_unit_test(test_empty_address_disables_without_error),
