@@ -50,6 +50,12 @@
  * with the ones before (100,000 keys took 27 s), so without a bound a
  * file within CONFIG_MAX_BYTES could stall start-up for minutes. */
 #define CONFIG_MAX_ENTRIES 4096
+/* YAML nodes a file may stand for, an alias counting as every node of what
+ * it repeats: the loader walks an aliased mapping again at every alias,
+ * repeat checks and all, so without this bound a small file of aliases to
+ * one large mapping could stall start-up (130 KB took 50 s). 1024 features
+ * of a dozen nodes each fit many times over. */
+#define CONFIG_MAX_NODES 65536
 
 /* The enum fields are stored through an int (memcpy), so they must be one. */
 _Static_assert(sizeof(tly_kafka_mode_t) == sizeof(int), "enum size");
@@ -792,7 +798,7 @@ static tly_err_t check_duration(parse_t *p, const key_def_t *def, const char *te
         return fail(p, node, path,
                     "\"%s\" is not a whole number of seconds (windows and hops are whole "
                     "seconds, at least 1s)",
-                    text);
+                    shown(text, sb));
     if (rc == TLY_E_RANGE && range[0] == '\0')
         return fail(p, node, path, "%s does not fit in 64 bits of milliseconds", shown(text, sb));
     if (rc == TLY_E_RANGE || (range[0] && (v < def->min || v > def->max)))
@@ -1396,23 +1402,69 @@ static tly_err_t check_shape(parse_t *p, const char *yaml, size_t len)
     yaml_parser_set_input_string(&parser, (const unsigned char *)yaml, len);
     tly_err_t rc = TLY_OK;
     int depth = 0;
-    /* per open collection: its nodes so far (a mapping's keys and values
-     * both count), whether it is a mapping, its first line */
+    /* per open collection: its entries' nodes so far (a mapping's keys and
+     * values both count), the nodes it stands for so far (itself, nested
+     * ones and what aliases repeat), whether it is a mapping, its first
+     * line and its anchor (owned, NULL: none) */
     struct {
-        size_t nodes, line;
+        size_t nodes, sub, line;
         bool map;
+        char *anchor;
     } open[CONFIG_MAX_DEPTH + 1];
+    /* anchors defined so far and the nodes each stands for (a later
+     * definition of a name hides an earlier one) */
+    struct {
+        char *name;
+        size_t size;
+    } *anchors = NULL;
+    size_t nanchors = 0, total = 0;
     for (;;) {
         yaml_event_t ev;
         if (!yaml_parser_parse(&parser, &ev))
             break;
         yaml_event_type_t type = ev.type;
         size_t line = ev.start_mark.line + 1;
+        const yaml_char_t *anchor =
+            type == YAML_SCALAR_EVENT           ? ev.data.scalar.anchor
+            : type == YAML_SEQUENCE_START_EVENT ? ev.data.sequence_start.anchor
+            : type == YAML_MAPPING_START_EVENT  ? ev.data.mapping_start.anchor
+            : type == YAML_ALIAS_EVENT          ? ev.data.alias.anchor
+                                                : NULL;
+        char *name = anchor != NULL ? strdup((const char *)anchor) : NULL;
         yaml_event_delete(&ev);
+        if (anchor != NULL && name == NULL) {
+            rc = nomem(p);
+            break;
+        }
         if (type == YAML_STREAM_END_EVENT)
             break;
         bool start = type == YAML_SEQUENCE_START_EVENT || type == YAML_MAPPING_START_EVENT;
-        if (depth > 0 && (start || type == YAML_SCALAR_EVENT || type == YAML_ALIAS_EVENT)) {
+        /* the nodes this event stands for: an alias, those of its anchor;
+         * a collection counts itself here and its entries as they come */
+        size_t size = 0;
+        if (type == YAML_ALIAS_EVENT) {
+            size = 1;
+            for (size_t a = nanchors; a-- > 0;)
+                if (strcmp(anchors[a].name, name) == 0) {
+                    size = anchors[a].size;
+                    break;
+                }
+            free(name);
+            name = NULL;
+        } else if (start || type == YAML_SCALAR_EVENT) {
+            size = 1;
+        }
+        total += size;
+        if (total > CONFIG_MAX_NODES) {
+            snprintf(p->errbuf, p->errlen,
+                     "%s:%zu: the file stands for more than %d YAML nodes (an alias counts as "
+                     "what it repeats); tallyd's configs need far fewer",
+                     p->name, line, CONFIG_MAX_NODES);
+            rc = TLY_E_CONFIG;
+            free(name);
+            break;
+        }
+        if (depth > 0 && size > 0) {
             size_t max = open[depth].map ? 2 * (size_t)CONFIG_MAX_ENTRIES : CONFIG_MAX_ENTRIES;
             if (++open[depth].nodes > max) {
                 snprintf(p->errbuf, p->errlen,
@@ -1421,9 +1473,13 @@ static tly_err_t check_shape(parse_t *p, const char *yaml, size_t len)
                          p->name, line, open[depth].map ? "mapping" : "list", open[depth].line,
                          CONFIG_MAX_ENTRIES);
                 rc = TLY_E_CONFIG;
+                free(name);
                 break;
             }
+            if (!start)
+                open[depth].sub += size;
         }
+        size_t closed = 0; /* a collection that ended: the nodes it stands for */
         if (start) {
             if (++depth > CONFIG_MAX_DEPTH) {
                 snprintf(p->errbuf, p->errlen,
@@ -1431,15 +1487,44 @@ static tly_err_t check_shape(parse_t *p, const char *yaml, size_t len)
                          "keys nest at most six",
                          p->name, line, CONFIG_MAX_DEPTH);
                 rc = TLY_E_CONFIG;
+                free(name);
+                depth--;
                 break;
             }
             open[depth].nodes = 0;
+            open[depth].sub = 1;
             open[depth].line = line;
             open[depth].map = type == YAML_MAPPING_START_EVENT;
-        } else if (type == YAML_SEQUENCE_END_EVENT || type == YAML_MAPPING_END_EVENT) {
+            open[depth].anchor = name;
+            name = NULL;
+        } else if ((type == YAML_SEQUENCE_END_EVENT || type == YAML_MAPPING_END_EVENT) &&
+                   depth > 0) {
+            closed = open[depth].sub;
+            name = open[depth].anchor;
+            open[depth].anchor = NULL;
             depth--;
+            if (depth > 0)
+                open[depth].sub += closed;
+        } else if (type == YAML_SCALAR_EVENT) {
+            closed = 1;
+        }
+        if (name != NULL) {
+            void *grown = realloc(anchors, (nanchors + 1) * sizeof *anchors);
+            if (grown == NULL) {
+                free(name);
+                rc = nomem(p);
+                break;
+            }
+            anchors = grown;
+            anchors[nanchors].name = name;
+            anchors[nanchors++].size = closed;
         }
     }
+    for (; depth > 0; depth--)
+        free(open[depth].anchor);
+    for (size_t a = 0; a < nanchors; a++)
+        free(anchors[a].name);
+    free(anchors);
     yaml_parser_delete(&parser);
     return rc;
 }

@@ -1210,6 +1210,43 @@ static char *many_entries(size_t n, bool list)
 
 /* A long value is quoted by its first 60 bytes and "...", so the reason
  * after it survives (the whole message is cut at ERR_CAP). */
+/* Aliases count as what they repeat: a few to one large mapping are
+ * refused at once (the loader would walk it again at each); a small one
+ * reused is fine. */
+static void test_aliases_count_as_the_nodes_they_repeat(void **state)
+{
+    (void)state;
+    char err[ERR_CAP] = "";
+    tly_config_t *cfg = NULL;
+    size_t cap = 200000, n = 0;
+    char *yaml = malloc(cap);
+    assert_non_null(yaml);
+    n += (size_t)snprintf(yaml + n, cap - n,
+                          "features:\n  - name: f0\n    entity: u\n    key: u\n    agg: count\n"
+                          "    windows: [1h]\n    where: &w\n");
+    for (int i = 0; i < 4000; i++) /* 8,001 nodes: the mapping, 4,000 keys and values */
+        n += (size_t)snprintf(yaml + n, cap - n, "      k%d: x\n", i);
+    for (int i = 1; i <= 8; i++) /* each alias repeats those 8,001 */
+        n += (size_t)snprintf(yaml + n, cap - n,
+                              "  - {name: f%d, entity: u, key: u, agg: count, windows: [1h], "
+                              "where: *w}\n",
+                              i);
+    assert_int_equal(tly_config_load_string(yaml, "t.yaml", &cfg, err, sizeof err), TLY_E_CONFIG);
+    assert_null(cfg);
+    /* 8,018 nodes before the aliases (the 8,001 and 17 around them); each
+     * feature line 8,014 more (13 of its own and the 8,001 its alias
+     * repeats): 8,018 + 8 * 8,014 passes 65,536 on the 8th, line 4015 */
+    assert_string_equal(err, "t.yaml:4015: the file stands for more than 65536 YAML nodes (an "
+                             "alias counts as what it repeats); tallyd's configs need far fewer");
+    free(yaml);
+    static const char reused[] =
+        "features:\n"
+        "  - {name: a, entity: u, key: u, agg: count, windows: [1h], where: &w {k: x}}\n"
+        "  - {name: b, entity: u, key: u, agg: count, windows: [1d], where: *w}\n";
+    assert_int_equal(tly_config_load_string(reused, "t.yaml", &cfg, err, sizeof err), TLY_OK);
+    tly_config_free(cfg);
+}
+
 static void test_a_long_value_is_quoted_short_in_its_error(void **state)
 {
     (void)state;
@@ -1334,6 +1371,7 @@ int main(void)
         cmocka_unit_test(test_collections_nested_past_32_levels_are_refused_at_once),
         cmocka_unit_test(test_a_list_or_mapping_of_more_than_4096_entries_is_refused),
         cmocka_unit_test(test_a_long_value_is_quoted_short_in_its_error),
+        cmocka_unit_test(test_aliases_count_as_the_nodes_they_repeat),
         cmocka_unit_test(test_free_accepts_null),
     };
     /* The table-driven error cases become one named test each. */
