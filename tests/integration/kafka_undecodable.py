@@ -57,7 +57,7 @@ def produce(r):
         "compression.type": "zstd",
         "message.max.bytes": 20_000_000,
         "batch.size": 20_000_000,
-        "linger.ms": 200,
+        "linger.ms": 5000,  # a batch is only what one flush sends (or 5 s of a stall)
         "log_level": 3,
     })
     offsets, errors = {0: [], 1: []}, []
@@ -96,13 +96,15 @@ def setup():
     r.path, r.cfg = K.write_config(r.tmp, r.bootstrap, port, r.topic, "replica", "earliest",
                                    FEATURES, properties=PROPERTIES)
     r.tallyd = K.Tallyd(r.path, port, r.tmp)
-    r.pongs = 0
+    r.pongs = 0  # PINGs answered while a batch was being skipped
     started = time.monotonic()
     c = r.tallyd.client()
     end = H.deadline(60)
     try:
         while True:  # until the 6 decodable messages are in and every lag is 0
-            if c.cmd("PING") == "PONG":
+            skipping = ("cannot decode" in r.tallyd.log_path.read_text(errors="replace")
+                        and c.info().get("lag") != "0")
+            if c.cmd("PING") == "PONG" and skipping:
                 r.pongs += 1
             info = c.info()
             lags = [v for k, v in info.items() if k.startswith("partition_")]
@@ -149,7 +151,7 @@ def t_counted(r):
     if got != want:
         raise H.Failure(f"INFO: {got}, want {want}")
     if r.pongs < 1:
-        raise H.Failure("no PING was answered while tallyd skipped")
+        raise H.Failure("no PING was answered while tallyd skipped a batch")
 
 
 def t_logged(r):

@@ -222,6 +222,19 @@ static void test_max_bytes_stops_new_entities_not_held_ones(void **state)
     tly_store_stats(fx->store, &st);
     assert_int_equal(st.entities, 3);
     assert_int_equal(st.dropped[TLY_E_EV_STORE_FULL], 1);
+
+    /* a cap the writer reaches: it sums the bytes every
+     * TLY_STORE_CAP_EVERY applies, so new entities stop within that many
+     * of passing it */
+    tly_store_set_max_bytes(fx->store, (int64_t)st.bytes + 1);
+    int64_t made = 0;
+    for (int64_t u = 100; u < 100 + 3 * TLY_STORE_CAP_EVERY; u++)
+        assert_int_equal(put(fx, T, T, u, NULL, "click", -1), TLY_OK);
+    tly_store_stats(fx->store, &st);
+    made = (int64_t)st.entities - 3;
+    assert_true(made >= 1);                   /* the first fit under the cap */
+    assert_true(made <= TLY_STORE_CAP_EVERY); /* stopped at the next sum */
+    assert_int_equal(st.dropped[TLY_E_EV_STORE_FULL], 1 + 3 * TLY_STORE_CAP_EVERY - made);
 }
 
 static void test_window_edges_at_unaligned_now(void **state)
