@@ -1390,6 +1390,21 @@ static tly_err_t syntax_error(parse_t *p, const yaml_parser_t *parser, const cha
     return TLY_E_CONFIG;
 }
 
+/* Writes "NAME:LINE: <message>" for check_shape and returns TLY_E_CONFIG. */
+static tly_err_t shape_error(parse_t *p, size_t line, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+static tly_err_t shape_error(parse_t *p, size_t line, const char *fmt, ...)
+{
+    int n = snprintf(p->errbuf, p->errlen, "%s:%zu: ", p->name, line);
+    if (n >= 0 && (size_t)n < p->errlen) {
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(p->errbuf + n, p->errlen - (size_t)n, fmt, ap);
+        va_end(ap);
+    }
+    return TLY_E_CONFIG;
+}
+
 /* Walks yaml[0..len)'s events and fails when collections nest deeper than
  * CONFIG_MAX_DEPTH or one holds more than CONFIG_MAX_ENTRIES entries,
  * naming the line of the first collection too deep or too long. A syntax
@@ -1456,23 +1471,21 @@ static tly_err_t check_shape(parse_t *p, const char *yaml, size_t len)
         }
         total += size;
         if (total > CONFIG_MAX_NODES) {
-            snprintf(p->errbuf, p->errlen,
-                     "%s:%zu: the file stands for more than %d YAML nodes (an alias counts as "
-                     "what it repeats); tallyd's configs need far fewer",
-                     p->name, line, CONFIG_MAX_NODES);
-            rc = TLY_E_CONFIG;
+            rc = shape_error(p, line,
+                             "the file stands for more than %d YAML nodes (an alias counts as "
+                             "what it repeats); tallyd's configs need far fewer",
+                             CONFIG_MAX_NODES);
             free(name);
             break;
         }
         if (depth > 0 && size > 0) {
             size_t max = open[depth].map ? 2 * (size_t)CONFIG_MAX_ENTRIES : CONFIG_MAX_ENTRIES;
             if (++open[depth].nodes > max) {
-                snprintf(p->errbuf, p->errlen,
-                         "%s:%zu: the %s from line %zu holds more than %d entries; tallyd's "
-                         "longest lists hold its features, at most 1024",
-                         p->name, line, open[depth].map ? "mapping" : "list", open[depth].line,
-                         CONFIG_MAX_ENTRIES);
-                rc = TLY_E_CONFIG;
+                rc = shape_error(p, line,
+                                 "the %s from line %zu holds more than %d entries; tallyd's "
+                                 "longest lists hold its features, at most 1024",
+                                 open[depth].map ? "mapping" : "list", open[depth].line,
+                                 CONFIG_MAX_ENTRIES);
                 free(name);
                 break;
             }
@@ -1482,11 +1495,10 @@ static tly_err_t check_shape(parse_t *p, const char *yaml, size_t len)
         size_t closed = 0; /* a collection that ended: the nodes it stands for */
         if (start) {
             if (++depth > CONFIG_MAX_DEPTH) {
-                snprintf(p->errbuf, p->errlen,
-                         "%s:%zu: lists and mappings nest deeper than %d levels; tallyd's "
-                         "keys nest at most six",
-                         p->name, line, CONFIG_MAX_DEPTH);
-                rc = TLY_E_CONFIG;
+                rc = shape_error(p, line,
+                                 "lists and mappings nest deeper than %d levels; tallyd's keys "
+                                 "nest at most six",
+                                 CONFIG_MAX_DEPTH);
                 free(name);
                 depth--;
                 break;
