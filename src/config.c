@@ -563,20 +563,29 @@ static int line_of(const yaml_node_t *node)
     return node ? (int)node->start_mark.line + 1 : 1;
 }
 
-/* Writes "FILE:LINE: path: <fmt>" into the caller's errbuf. */
-static tly_err_t fail(parse_t *p, const yaml_node_t *at, const char *path, const char *fmt, ...)
+/* Writes "FILE:LINE: path: <fmt>" (path NULL: "FILE:LINE: <fmt>") into the
+ * caller's errbuf; returns TLY_E_CONFIG. */
+static tly_err_t vfail_at(parse_t *p, size_t line, const char *path, const char *fmt, va_list ap)
+    __attribute__((format(printf, 4, 0)));
+static tly_err_t vfail_at(parse_t *p, size_t line, const char *path, const char *fmt, va_list ap)
 {
     if (p->errlen == 0)
         return TLY_E_CONFIG;
-    int n = snprintf(p->errbuf, p->errlen, "%s:%d: %s: ", p->name, line_of(at),
-                     path[0] ? path : "(top level)");
-    if (n >= 0 && (size_t)n < p->errlen) {
-        va_list ap;
-        va_start(ap, fmt);
+    int n = path ? snprintf(p->errbuf, p->errlen, "%s:%zu: %s: ", p->name, line,
+                            path[0] ? path : "(top level)")
+                 : snprintf(p->errbuf, p->errlen, "%s:%zu: ", p->name, line);
+    if (n >= 0 && (size_t)n < p->errlen)
         vsnprintf(p->errbuf + n, p->errlen - (size_t)n, fmt, ap);
-        va_end(ap);
-    }
     return TLY_E_CONFIG;
+}
+
+static tly_err_t fail(parse_t *p, const yaml_node_t *at, const char *path, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    tly_err_t rc = vfail_at(p, (size_t)line_of(at), path, fmt, ap);
+    va_end(ap);
+    return rc;
 }
 
 static tly_err_t nomem(parse_t *p)
@@ -1390,19 +1399,16 @@ static tly_err_t syntax_error(parse_t *p, const yaml_parser_t *parser, const cha
     return TLY_E_CONFIG;
 }
 
-/* Writes "NAME:LINE: <message>" for check_shape and returns TLY_E_CONFIG. */
+/* check_shape's refusal: "NAME:LINE: <message>"; returns TLY_E_CONFIG. */
 static tly_err_t shape_error(parse_t *p, size_t line, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 static tly_err_t shape_error(parse_t *p, size_t line, const char *fmt, ...)
 {
-    int n = snprintf(p->errbuf, p->errlen, "%s:%zu: ", p->name, line);
-    if (n >= 0 && (size_t)n < p->errlen) {
-        va_list ap;
-        va_start(ap, fmt);
-        vsnprintf(p->errbuf + n, p->errlen - (size_t)n, fmt, ap);
-        va_end(ap);
-    }
-    return TLY_E_CONFIG;
+    va_list ap;
+    va_start(ap, fmt);
+    tly_err_t rc = vfail_at(p, line, NULL, fmt, ap);
+    va_end(ap);
+    return rc;
 }
 
 /* Walks yaml[0..len)'s events and fails when collections nest deeper than
