@@ -1216,7 +1216,8 @@ static void collect(tly_source_t *src, rd_kafka_message_t *m, int64_t now_ms)
     atomic_fetch_add_explicit(&src->messages, 1, memory_order_relaxed);
     src->msg_bytes16 = src->msg_bytes16 == 0 ? 16 * (uint64_t)m->len
                                              : src->msg_bytes16 - src->msg_bytes16 / 16 + m->len;
-    jumped_unsure(src, p, m->offset);
+    if (p->bad_unsure)
+        jumped_unsure(src, p, m->offset);
     check_continuity(src, p, m);
     p->from_end = false;
     p->high_min = -1; /* the fetch that brought m refreshed the cached end */

@@ -768,7 +768,8 @@ static tly_err_t apply_event(tly_store_t *store, const tly_event_t *ev, const tl
         ts->cap_tick = 0;
         refresh_full(store);
     }
-    const bool full = atomic_load_explicit(&store->full, memory_order_relaxed);
+    const bool full =
+        store->max_bytes > 0 && atomic_load_explicit(&store->full, memory_order_relaxed);
     tly_rcu_read_lock();
     for (size_t pi = 0; pi < nplans; pi++) {
         plan_t *pl = &plans[pi];
