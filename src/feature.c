@@ -815,6 +815,19 @@ static bool value_matches(const tly_where_t *wh, const tly_value_t *v)
     }
 }
 
+int64_t tly_feat_earliest(const tly_feat_t *feat, int64_t now_ms)
+{
+    if (feat->nwindows == 0)
+        return now_ms - feat->horizon_ms;
+    int64_t earliest = INT64_MAX;
+    for (size_t w = 0; w < feat->nwindows; w++) {
+        int64_t s = tly_window_start(now_ms, feat->windows[w].len_ms, feat->windows[w].hop_ms);
+        if (s < earliest)
+            earliest = s;
+    }
+    return earliest;
+}
+
 bool tly_feat_match(const tly_feat_t *feat, const tly_event_t *ev)
 {
     for (size_t w = 0; w < feat->nwhere; w++) {

@@ -104,7 +104,6 @@
 #include "tallyd/log.h"
 #include "tallyd/rcu.h"
 #include "tallyd/shard.h"
-#include "tallyd/window.h"
 
 #define POLL_TIMEOUT_MS     100
 #define PUBLISH_EVERY_MS    1000
@@ -525,22 +524,15 @@ static rd_kafka_topic_partition_list_t *lookup_ends(tly_source_t *src,
     return ends;
 }
 
-/* kafka.start: window's start at now: the earliest event time a feature
- * still counts, as the store keeps it (feat_earliest): the start of a
- * window's range by the window rule, now − W rounded down to the hop (up
- * to a hop before now − W), or now − horizon for last/last_k. */
+/* kafka.start: window's start at now: the earliest event time any feature
+ * still counts (tly_feat_earliest). */
 static int64_t window_since(const tly_featset_t *fs, int64_t now_ms)
 {
     int64_t since = now_ms;
     for (size_t i = 0; i < fs->nfeats; i++) {
-        const tly_feat_t *f = &fs->feats[i];
-        if (f->nwindows == 0 && now_ms - f->horizon_ms < since)
-            since = now_ms - f->horizon_ms;
-        for (size_t w = 0; w < f->nwindows; w++) {
-            int64_t s = tly_window_start(now_ms, f->windows[w].len_ms, f->windows[w].hop_ms);
-            if (s < since)
-                since = s;
-        }
+        int64_t s = tly_feat_earliest(&fs->feats[i], now_ms);
+        if (s < since)
+            since = s;
     }
     return since;
 }
@@ -959,6 +951,24 @@ static void check_continuity(tly_source_t *src, part_t *p, const rd_kafka_messag
 
 /* ---- the batch: collect on the poll thread, apply on the appliers ---------- */
 
+/* Moves p's position forward to `to` with no message at the offsets
+ * passed (the end of the partition, or a batch skipped): a partly restored
+ * partition whose replay reaches its restored position is caught up, and
+ * with no checkpoint hook the position is stored (store_ends) once the
+ * messages collected before are applied. */
+static void advance(tly_source_t *src, part_t *p, int64_t to)
+{
+    p->position = to;
+    p->from_end = false;
+    if (p->catchup_until > 0 && p->position >= p->catchup_until)
+        p->catchup_until = 0;
+    if (src->checkpoint == NULL) {
+        p->store_end = true;
+        src->ends_to_store = true;
+    }
+    src->dirty = true; /* the next empty poll publishes the new lag */
+}
+
 /* Poll thread, for an end-of-partition event m: the consumer read all that
  * is readable of m's partition and fetches next at m->offset, which lies
  * past any transaction marker (or aborted transaction) that ended the log
@@ -977,16 +987,8 @@ static void reach_end(tly_source_t *src, const rd_kafka_message_t *m)
     part_t *p = part_find(src, rd_kafka_topic_name(m->rkt), m->partition);
     if (p == NULL || !p->assigned || m->offset <= p->position)
         return;
-    p->position = m->offset;
-    p->from_end = false;
     p->high_min = -1; /* the fetch that found the end refreshed the cached one */
-    if (p->catchup_until > 0 && p->position >= p->catchup_until)
-        p->catchup_until = 0;
-    if (src->checkpoint == NULL) {
-        p->store_end = true;
-        src->ends_to_store = true;
-    }
-    src->dirty = true; /* the next empty poll publishes the new lag */
+    advance(src, p, m->offset);
 }
 
 /*
@@ -1009,8 +1011,7 @@ static void reach_end(tly_source_t *src, const rd_kafka_message_t *m)
  * (librdkafka drops what was fetched before a seek). Probes go no further
  * than the partition's end offset, so none is out of range. No offset past the
  * batch is ever skipped; the offsets skipped are counted (INFO
- * messages_undecodable) and the position past them is stored as reach_end
- * stores one.
+ * messages_undecodable) and the position past them is stored (advance).
  */
 
 /* Seeks p's consumer to `to` and waits until the fetcher took it. */
@@ -1059,15 +1060,7 @@ static void probe_next(tly_source_t *src, part_t *p)
                  "); consuming again from %" PRId64,
                  p->topic, p->partition, p->bad_from, p->bad_in, p->bad_probes, p->bad_out);
         p->bad_base = -1;
-        p->position = p->bad_out;
-        p->from_end = false;
-        if (p->catchup_until > 0 && p->position >= p->catchup_until)
-            p->catchup_until = 0;
-        if (src->checkpoint == NULL) {
-            p->store_end = true;
-            src->ends_to_store = true;
-        }
-        src->dirty = true;
+        advance(src, p, p->bad_out);
         return;
     }
     int64_t to;

@@ -504,21 +504,6 @@ static _Thread_local struct {
     uint8_t first[REC_BUF]; /* a new record's first log record */
 } apply_scratch;
 
-/* The earliest event time that can still change an answer of feat at now:
- * the start of its widest window range, or now − idle_ttl for last/last_k. */
-static int64_t feat_earliest(const tly_feat_t *feat, int64_t now_ms)
-{
-    if (feat->nwindows == 0)
-        return now_ms - feat->horizon_ms;
-    int64_t earliest = INT64_MAX;
-    for (size_t w = 0; w < feat->nwindows; w++) {
-        int64_t s = tly_window_start(now_ms, feat->windows[w].len_ms, feat->windows[w].hop_ms);
-        if (s < earliest)
-            earliest = s;
-    }
-    return earliest;
-}
-
 /* Whether the entity of hash h falls to the applier owning the shards
  * `owned`: by its shard (the top six bits), so that appliers sharing a
  * batch write disjoint shards — no slot array, shard mutex or table rebuild
@@ -723,7 +708,7 @@ static tly_err_t apply_event(tly_store_t *store, const tly_event_t *ev, const tl
             /* a window starts at or before now − its length: an event
              * within the horizon (the longest) is never late */
             if (ev->time_ms < now_ms - pf->horizon_ms &&
-                ev->time_ms < feat_earliest(&fs->feats[pf->id], now_ms)) {
+                ev->time_ms < tly_feat_earliest(&fs->feats[pf->id], now_ms)) {
                 if (counts)
                     stat_drop(store, TLY_E_EV_LATE);
                 if (first_drop == TLY_OK)
@@ -1284,7 +1269,7 @@ size_t tly_store_sweep(tly_store_t *store, int64_t now_ms, size_t max_visit)
     for (size_t e = 0; e < fs->nentities; e++) {
         cu.earliest[e] = INT64_MAX;
         for (size_t i = 0; i < fs->entities[e].nfeats; i++) {
-            int64_t t = feat_earliest(&fs->feats[fs->entities[e].feats[i]], now_ms);
+            int64_t t = tly_feat_earliest(&fs->feats[fs->entities[e].feats[i]], now_ms);
             cu.earliest[e] = t < cu.earliest[e] ? t : cu.earliest[e];
         }
     }

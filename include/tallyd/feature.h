@@ -197,6 +197,11 @@ tly_err_t tly_featset_resolve(const tly_featset_t *fs, uint32_t entity, const ch
 /* True when every `where` condition of feat holds for ev. */
 bool tly_feat_match(const tly_feat_t *feat, const tly_event_t *ev);
 
+/* The earliest event time that can still change an answer of feat at
+ * now_ms: the start of its widest window's range by the window rule (up to
+ * a hop before now − W), or now − horizon for last/last_k. */
+int64_t tly_feat_earliest(const tly_feat_t *feat, int64_t now_ms);
+
 /*
  * The distinct `where` conditions that hold for ev, as bits of fs->conds;
  * only when fs->match_masks. A feature matches ev — tly_feat_match() is
