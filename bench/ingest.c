@@ -113,6 +113,8 @@ typedef enum {
     ROW_BATCH1,
     ROW_BATCH2,
     ROW_PIPE2,
+    ROW_STEADY1,
+    ROW_STEADY2,
     ROW__COUNT
 } row_id_t;
 
@@ -125,9 +127,12 @@ static const char *const row_names[ROW__COUNT] = {
     "f. tly_apply_batch, 1 thread",
     "g. tly_apply_batch, 2 threads",
     "h. pipelined, 2 threads",
+    "i. steady state, 1 writer",
+    "j. steady state, 2 writers",
 };
-static const char *const row_keys[ROW__COUNT] = {"jsmn",  "decode", "apply1", "apply2",
-                                                 "kafka", "batch1", "batch2", "pipe2"};
+static const char *const row_keys[ROW__COUNT] = {"jsmn",    "decode", "apply1", "apply2",
+                                                 "kafka",   "batch1", "batch2", "pipe2",
+                                                 "steady1", "steady2"};
 
 typedef struct {
     size_t nevents;
@@ -416,6 +421,8 @@ typedef struct {
     int32_t partition;
     int64_t now_ms;
     pthread_barrier_t *start;
+    int passes;           /* runs of the loop over the same events; the last is timed */
+    const opts_t *perf;   /* set: turns perf sampling on before the last pass */
     int64_t ns;           /* out: time of the loop */
     size_t decode_errors; /* out */
     size_t apply_errors;  /* out */
@@ -485,8 +492,14 @@ static void *writer_main(void *arg)
 {
     writer_t *w = arg;
     tly_rcu_thread_online();
-    pthread_barrier_wait(w->start);
-    writer_loop(w);
+    for (int p = 0; p < w->passes; p++) {
+        /* every pass starts together: the timed one meets a store both
+         * writers filled */
+        pthread_barrier_wait(w->start);
+        if (p == w->passes - 1 && w->perf != NULL)
+            perf_ctl(w->perf, "enable");
+        writer_loop(w);
+    }
     tly_rcu_thread_offline();
     return NULL;
 }
@@ -494,7 +507,7 @@ static void *writer_main(void *arg)
 /* Checks the store against the stream's ground truth. Returns the number of
  * mismatches (the first few are printed). Main thread, RCU-registered. */
 static size_t verify_store(tly_store_t *store, const stream_t *sm, const feats_t *ft,
-                           int64_t now_ms, const char *label)
+                           int64_t now_ms, int passes, const char *label)
 {
     size_t bad = 0;
     char id[24];
@@ -507,31 +520,32 @@ static size_t verify_store(tly_store_t *store, const stream_t *sm, const feats_t
         tly_err_t err = tly_store_read(store, (uint32_t)ft->user_ent, id, (size_t)len, req, 2,
                                        now_ms, out, NULL, NULL, 0);
         bool ok = err == TLY_OK && out[0].type == TLY_V_INT &&
-                  out[0].u.i == (int64_t)sm->gt_clicks[u] && out[1].type == TLY_V_INT &&
-                  out[1].u.i == sm->gt_dwell[u];
+                  out[0].u.i == passes * (int64_t)sm->gt_clicks[u] && out[1].type == TLY_V_INT &&
+                  out[1].u.i == passes * sm->gt_dwell[u];
         if (!ok && bad++ < 5)
             fprintf(stderr,
-                    "ingest: %s: user %s: clicks:7d %" PRId64 " (want %u), dwell:1d %" PRId64
-                    " (want %" PRId64 "), err %s\n",
-                    label, id, out[0].u.i, sm->gt_clicks[u], out[1].u.i, sm->gt_dwell[u],
-                    tly_err_name(err));
+                    "ingest: %s: user %s: clicks:7d %" PRId64 " (want %" PRId64
+                    "), dwell:1d %" PRId64 " (want %" PRId64 "), err %s\n",
+                    label, id, out[0].u.i, passes * (int64_t)sm->gt_clicks[u], out[1].u.i,
+                    passes * sm->gt_dwell[u], tly_err_name(err));
     }
     for (uint64_t p = 1; p <= sm->pins; p++) {
         tly_value_t out;
         int len = snprintf(id, sizeof id, "%" PRIu64, p);
         tly_err_t err = tly_store_read(store, (uint32_t)ft->pin_ent, id, (size_t)len, &ft->impr1d,
                                        1, now_ms, &out, NULL, NULL, 0);
-        if ((err != TLY_OK || out.type != TLY_V_INT || out.u.i != (int64_t)sm->gt_impr[p]) &&
-            bad++ < 5)
-            fprintf(stderr, "ingest: %s: pin %s: impressions:1d %" PRId64 " (want %u)\n", label, id,
-                    out.u.i, sm->gt_impr[p]);
+        int64_t want = passes * (int64_t)sm->gt_impr[p];
+        if ((err != TLY_OK || out.type != TLY_V_INT || out.u.i != want) && bad++ < 5)
+            fprintf(stderr, "ingest: %s: pin %s: impressions:1d %" PRId64 " (want %" PRId64 ")\n",
+                    label, id, out.u.i, want);
     }
     return bad;
 }
 
-/* Row c: one run into a fresh store; returns the store (caller frees). */
+/* Rows c and i: `passes` runs of the stream into one fresh store, the last
+ * timed (and sampled, with --perf-ctl); returns the store (caller frees). */
 static tly_store_t *run_apply1(const stream_t *sm, const tly_featset_t *fs, int64_t now_ms,
-                               int64_t *ns, size_t *errors)
+                               int passes, const opts_t *o, int64_t *ns, size_t *errors)
 {
     tly_store_t *store = tly_store_new(fs);
     writer_t w = {.sm = sm,
@@ -541,16 +555,22 @@ static tly_store_t *run_apply1(const stream_t *sm, const tly_featset_t *fs, int6
                   .n = sm->n,
                   .partition = -1,
                   .now_ms = now_ms};
-    writer_loop(&w);
+    *errors = 0;
+    for (int p = 0; p < passes; p++) {
+        if (p == passes - 1)
+            perf_ctl(o, "enable");
+        writer_loop(&w);
+        *errors += w.decode_errors + w.apply_errors;
+    }
     *ns = w.ns;
-    *errors = w.decode_errors + w.apply_errors;
     return store;
 }
 
-/* Row d: one run of two writers on one fresh store. */
+/* Rows d and j: `passes` runs of two writers on one fresh store, the last
+ * timed. */
 static tly_store_t *run_apply2(const stream_t *sm, const tly_featset_t *fs, int64_t now_ms,
-                               uint32_t *const idx[2], const size_t nidx[2], int64_t *ns,
-                               size_t *errors, int64_t thread_ns[2])
+                               uint32_t *const idx[2], const size_t nidx[2], int passes,
+                               const opts_t *o, int64_t *ns, size_t *errors, int64_t thread_ns[2])
 {
     tly_store_t *store = tly_store_new(fs);
     pthread_barrier_t start;
@@ -566,7 +586,9 @@ static tly_store_t *run_apply2(const stream_t *sm, const tly_featset_t *fs, int6
                           .n = nidx[t],
                           .partition = t,
                           .now_ms = now_ms,
-                          .start = &start};
+                          .start = &start,
+                          .passes = passes,
+                          .perf = t == 0 ? o : NULL};
         if (pthread_create(&th[t], NULL, writer_main, &w[t]) != 0)
             die("pthread_create failed");
     }
@@ -860,7 +882,8 @@ static void print_table(const row_t rows[ROW__COUNT], int reps)
                fmt_count((double)r->n, b1, sizeof b1), fmt_count(rate, b2, sizeof b2),
                (double)r->best_ns / (double)r->ntimed, ratio, others);
     }
-    printf("each row: best of %d runs. d: N / wall time of the slower writer. vs e: events/s\n"
+    printf("each row: best of %d runs. d, j: N / wall time of the slower writer. i, j: the\n"
+           "stream applied again to the store a first, untimed pass filled. vs e: events/s\n"
            "over row e's. others: CPUs other processes kept busy during that run (0 = quiet).\n",
            reps);
     for (int i = 0; i < ROW__COUNT; i++)
@@ -869,6 +892,11 @@ static void print_table(const row_t rows[ROW__COUNT], int reps)
     if (rows[ROW_APPLY2].done && peer > 0) {
         double ratio = row_rate(&rows[ROW_APPLY2]) / peer;
         printf("\ntarget: decode+apply with 2 writers >= 1.0x the bare consumer: %.2fx, %s\n",
+               ratio, ratio >= 1.0 ? "MET" : "NOT MET");
+    }
+    if (rows[ROW_STEADY2].done && peer > 0) {
+        double ratio = row_rate(&rows[ROW_STEADY2]) / peer;
+        printf("the same in steady state (row j, every entity held, item lists full): %.2fx, %s\n",
                ratio, ratio >= 1.0 ? "MET" : "NOT MET");
     }
 }
@@ -887,7 +915,7 @@ static void usage(FILE *out)
         "  --config FILE feature set (default config/demo.yaml)\n"
         "  --brokers B   brokers of row e's mock cluster (default %d)\n"
         "  --only ROWS   run only these: jsmn decode apply1 apply2 kafka batch1 batch2\n"
-        "                pipe2 split\n"
+        "                pipe2 steady1 steady2 split\n"
         "  --ordered     event times rise in stream order (default: each event's ts is\n"
         "                the generation time minus U[0, 60 s], so out of order)\n"
         "  --no-verify   skip the ground-truth check of the apply rows\n"
@@ -958,7 +986,7 @@ static void parse_args(int argc, char **argv, opts_t *o)
         } else if (v != NULL && strcmp(a, "--only") == 0) {
             if (!select_rows(o, v))
                 die("--only wants a comma-separated list of jsmn decode apply1 apply2 kafka "
-                    "batch1 batch2 pipe2 split");
+                    "batch1 batch2 pipe2 steady1 steady2 split");
             i++;
         } else if (v != NULL && strcmp(a, "--perf-ctl") == 0) {
             snprintf(ctl, sizeof ctl, "%s", v);
@@ -1197,7 +1225,7 @@ static void bench_batch(bench_t *b, row_id_t id, size_t nthreads, bool pipelined
         double others = progress(row_names[id], rep, b->o.reps, sm->n, ns, c0);
         row_record(row, sm->n, sm->n, ns, others);
     }
-    size_t mism = verify_store(store, sm, &b->ft, b->now_ms, row_names[id]);
+    size_t mism = verify_store(store, sm, &b->ft, b->now_ms, 1, row_names[id]);
     int len = snprintf(row->note, sizeof row->note,
                        "batches alone %" PRIu64 ", shared by entity %" PRIu64
                        ", by partition %" PRIu64 ", pipelined %" PRIu64 "; ground truth: %s",
@@ -1211,30 +1239,30 @@ static void bench_batch(bench_t *b, row_id_t id, size_t nthreads, bool pipelined
     free(items[1]);
 }
 
-/* Row c. Returns the last run's store, which the cost split reads (caller
- * frees). */
-static tly_store_t *bench_apply1(bench_t *b)
+/* Row c (passes 1) or i (2: the stream applied again to the store the first
+ * pass filled, the second pass timed). Returns the last run's store, which
+ * the cost split reads after row c (caller frees). */
+static tly_store_t *bench_apply1(bench_t *b, row_id_t id, int passes)
 {
-    row_t *row = &b->rows[ROW_APPLY1];
+    row_t *row = &b->rows[id];
     tly_store_t *store = NULL;
     for (int rep = 0; rep < b->o.reps; rep++) {
         int64_t ns;
         size_t bad;
         tly_store_free(store);
         clk_t c0 = clk_start();
-        perf_ctl(&b->o, "enable");
-        store = run_apply1(&b->sm, b->fs, b->now_ms, &ns, &bad);
+        store = run_apply1(&b->sm, b->fs, b->now_ms, passes, &b->o, &ns, &bad);
         perf_ctl(&b->o, "disable");
         if (bad) {
             fprintf(stderr, "ingest: %zu events were not applied\n", bad);
             exit(1);
         }
-        double others = progress(row_names[ROW_APPLY1], rep, b->o.reps, b->sm.n, ns, c0);
+        double others = progress(row_names[id], rep, b->o.reps, b->sm.n, ns, c0);
         row_record(row, b->sm.n, b->sm.n, ns, others);
     }
     tly_store_stats_t st;
     tly_store_stats(store, &st);
-    size_t mism = verify_store(store, &b->sm, &b->ft, b->now_ms, "1 writer");
+    size_t mism = verify_store(store, &b->sm, &b->ft, b->now_ms, passes, row_names[id]);
     snprintf(row->note, sizeof row->note,
              "%" PRIu64 " entities, %.0f MiB of state, %" PRIu64
              " feature updates; ground truth: %s",
@@ -1242,10 +1270,11 @@ static tly_store_t *bench_apply1(bench_t *b)
     return store;
 }
 
-static void bench_apply2(bench_t *b)
+/* Row d (passes 1) or j (2, as row i). */
+static void bench_apply2(bench_t *b, row_id_t id, int passes)
 {
     const stream_t *sm = &b->sm;
-    row_t *row = &b->rows[ROW_APPLY2];
+    row_t *row = &b->rows[id];
     uint32_t *idx[2];
     size_t nidx[2] = {0, 0};
     for (int t = 0; t < 2; t++)
@@ -1261,8 +1290,7 @@ static void bench_apply2(bench_t *b)
         size_t bad;
         tly_store_free(store);
         clk_t c0 = clk_start();
-        perf_ctl(&b->o, "enable");
-        store = run_apply2(sm, b->fs, b->now_ms, idx, nidx, &ns, &bad, th_ns);
+        store = run_apply2(sm, b->fs, b->now_ms, idx, nidx, passes, &b->o, &ns, &bad, th_ns);
         perf_ctl(&b->o, "disable");
         if (bad) {
             fprintf(stderr, "ingest: %zu events were not applied\n", bad);
@@ -1273,10 +1301,10 @@ static void bench_apply2(bench_t *b)
             best_th[0] = th_ns[0];
             best_th[1] = th_ns[1];
         }
-        double others = progress(row_names[ROW_APPLY2], rep, b->o.reps, sm->n, ns, c0);
+        double others = progress(row_names[id], rep, b->o.reps, sm->n, ns, c0);
         row_record(row, sm->n, sm->n, ns, others);
     }
-    size_t mism = verify_store(store, sm, &b->ft, b->now_ms, "2 writers");
+    size_t mism = verify_store(store, sm, &b->ft, b->now_ms, passes, row_names[id]);
     snprintf(row->note, sizeof row->note,
              "even users: %zu events in %.3f s, odd users: %zu events in %.3f s; "
              "ground truth: %s",
@@ -1471,9 +1499,9 @@ int main(int argc, char **argv)
         bench_decode(&b);
     tly_store_t *kept = NULL;
     if (b.o.only[ROW_APPLY1] || b.o.only[ROW__COUNT])
-        kept = bench_apply1(&b);
+        kept = bench_apply1(&b, ROW_APPLY1, 1);
     if (b.o.only[ROW_APPLY2])
-        bench_apply2(&b);
+        bench_apply2(&b, ROW_APPLY2, 1);
     if (b.o.only[ROW_BATCH1])
         bench_batch(&b, ROW_BATCH1, 1, false);
     if (b.o.only[ROW_BATCH2])
@@ -1483,6 +1511,10 @@ int main(int argc, char **argv)
     if (b.o.only[ROW__COUNT])
         bench_lookup(&b, kept);
     tly_store_free(kept);
+    if (b.o.only[ROW_STEADY1])
+        tly_store_free(bench_apply1(&b, ROW_STEADY1, 2));
+    if (b.o.only[ROW_STEADY2])
+        bench_apply2(&b, ROW_STEADY2, 2);
     if (b.o.only[ROW_KAFKA])
         bench_kafka(&b);
 
