@@ -237,6 +237,35 @@ static void test_max_bytes_stops_new_entities_not_held_ones(void **state)
     assert_int_equal(st.dropped[TLY_E_EV_STORE_FULL], 1 + 3 * TLY_STORE_CAP_EVERY - made);
 }
 
+/* A sweep that takes the store back under its cap lets new entities in
+ * at once, not only at a writer's next sum of the bytes (every
+ * TLY_STORE_CAP_EVERY applies). */
+static void test_sweep_under_the_cap_lets_new_entities_in(void **state)
+{
+    fx_t *fx = *state;
+    for (int64_t u = 1; u <= 10; u++)
+        assert_int_equal(put(fx, T, T, u, NULL, "click", -1), TLY_OK);
+    tly_store_stats_t st;
+    tly_store_stats(fx->store, &st);
+    assert_int_equal(st.entities, 10);
+    tly_store_set_max_bytes(fx->store, (int64_t)st.bytes - 1); /* past it */
+    assert_int_equal(put(fx, T, T, 99, NULL, "click", -1), TLY_OK);
+    tly_store_stats(fx->store, &st);
+    assert_int_equal(st.entities, 10);
+    assert_int_equal(st.dropped[TLY_E_EV_STORE_FULL], 1);
+
+    /* three days on every user has expired (idle_ttl 1d) */
+    const int64_t later = T + 3 * DAY;
+    assert_int_equal(tly_store_sweep(fx->store, later, 0), 10);
+    tly_store_stats(fx->store, &st);
+    assert_int_equal(st.entities, 0);
+    assert_int_equal(put(fx, later, later, 99, NULL, "click", -1), TLY_OK);
+    tly_store_stats(fx->store, &st);
+    assert_int_equal(st.entities, 1);
+    assert_int_equal(st.dropped[TLY_E_EV_STORE_FULL], 1);
+    assert_int_equal(count(fx, "99", "clicks", 0, later), 1);
+}
+
 static void test_window_edges_at_unaligned_now(void **state)
 {
     fx_t *fx = *state;
@@ -2370,6 +2399,8 @@ int main(void)
                                         teardown),
         cmocka_unit_test_setup_teardown(test_window_edges_at_unaligned_now, setup, teardown),
         cmocka_unit_test_setup_teardown(test_max_bytes_stops_new_entities_not_held_ones, setup,
+                                        teardown),
+        cmocka_unit_test_setup_teardown(test_sweep_under_the_cap_lets_new_entities_in, setup,
                                         teardown),
         cmocka_unit_test_setup_teardown(test_out_of_order_events_land_in_their_buckets, setup,
                                         teardown),
