@@ -371,12 +371,8 @@ static void read_values(cmd_ctx_t *c, uint32_t entity, const tly_arg_t *id, size
     tly_cmd_scratch_t *sc = c->scratch;
     reserve_vals(sc, n);
     for (;;) {
-        /* an ASOF other than the clock is a read in the past (tly_store_read_asof) */
-        tly_err_t rc = asof == c->now_ms
-                           ? tly_store_read(c->d->store, entity, id->ptr, id->len, sc->req, n, asof,
-                                            sc->vals, last_ms, sc->strbuf, sc->strcap)
-                           : tly_store_read_asof(c->d->store, entity, id->ptr, id->len, sc->req, n,
-                                                 asof, sc->vals, last_ms, sc->strbuf, sc->strcap);
+        tly_err_t rc = tly_store_read(c->d->store, entity, id->ptr, id->len, sc->req, n, asof,
+                                      sc->vals, last_ms, sc->strbuf, sc->strcap);
         if (rc != TLY_E_FULL)
             return;
         grow_strbuf(sc);
@@ -630,12 +626,8 @@ static void cmd_recent(cmd_ctx_t *c)
     size_t n = 0;
     for (;;) {
         tly_err_t rc =
-            asof == c->now_ms
-                ? tly_store_recent(c->d->store, (uint32_t)entity, c->argv[2].ptr, c->argv[2].len,
-                                   feat, since, asof, sc->items, f->k, &n, sc->strbuf, sc->strcap)
-                : tly_store_recent_asof(c->d->store, (uint32_t)entity, c->argv[2].ptr,
-                                        c->argv[2].len, feat, since, asof, sc->items, f->k, &n,
-                                        sc->strbuf, sc->strcap);
+            tly_store_recent(c->d->store, (uint32_t)entity, c->argv[2].ptr, c->argv[2].len, feat,
+                             since, asof, sc->items, f->k, &n, sc->strbuf, sc->strcap);
         if (rc != TLY_E_FULL)
             break;
         grow_strbuf(sc);

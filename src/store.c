@@ -886,10 +886,9 @@ static const ent_t *words_source(const ent_t *ent, uint32_t used, uint32_t s0, u
     return *copy;
 }
 
-/* tly_store_read and tly_store_read_asof (past: an ASOF read). */
-static tly_err_t store_read(tly_store_t *store, uint32_t entity, const char *id, size_t idlen,
-                            const tly_featwin_t *req, size_t n, int64_t now_ms, bool past,
-                            tly_value_t *out, int64_t *last_ms, char *strbuf, size_t strcap)
+tly_err_t tly_store_read(tly_store_t *store, uint32_t entity, const char *id, size_t idlen,
+                         const tly_featwin_t *req, size_t n, int64_t now_ms, tly_value_t *out,
+                         int64_t *last_ms, char *strbuf, size_t strcap)
 {
     const tly_featset_t *fs = store->fs;
     static _Thread_local log_t lg;
@@ -899,8 +898,6 @@ static tly_err_t store_read(tly_store_t *store, uint32_t entity, const char *id,
     for (unsigned attempt = 0;; attempt++) {
         uint32_t s0 = 0;
         ent = read_begin(store, ent, entity, id, idlen, &s0);
-        /* at the clock (not an ASOF read): see store_words_recent */
-        const bool at_clock = !past;
         bool bad = false, full = false, words = ent && is_words(ent);
         uint32_t used = ent ? used_of(ent) : 0;
         size_t sused = 0;
@@ -947,10 +944,10 @@ static tly_err_t store_read(tly_store_t *store, uint32_t entity, const char *id,
             tly_item_t it;
             size_t got = 0;
             if (ent && !words && feat->agg == TLY_AGG_LAST_K) {
-                got = store_log_count(&lg, feat->slot, k, since, now_ms, at_clock);
+                got = store_log_count(&lg, feat->slot, k, since, now_ms);
             } else if (ent && !words) {
                 uint32_t idx[COMPACT_MAX_EVENTS];
-                got = store_log_recent(&lg, feat->slot, k, since, now_ms, at_clock, k, idx);
+                got = store_log_recent(&lg, feat->slot, k, since, now_ms, k, idx);
                 if (got &&
                     !store_item_from_rec(store, feat, &lg, idx[0], &it, strbuf, strcap, &sused))
                     full = true;
@@ -958,7 +955,7 @@ static tly_err_t store_read(tly_store_t *store, uint32_t entity, const char *id,
                 bool found;
                 uint32_t off = store_seg_find(src, used, SID_ITEMS(feat->slot), &found);
                 if (found)
-                    got = store_words_recent(store, src, off, used, k, since, now_ms, at_clock,
+                    got = store_words_recent(store, src, off, used, k, since, now_ms,
                                              feat->agg == TLY_AGG_LAST ? &it : NULL, k, strbuf,
                                              strcap, &sused, &bad, &full);
             }
@@ -995,26 +992,9 @@ static tly_err_t store_read(tly_store_t *store, uint32_t entity, const char *id,
     return err;
 }
 
-tly_err_t tly_store_read(tly_store_t *store, uint32_t entity, const char *id, size_t idlen,
-                         const tly_featwin_t *req, size_t n, int64_t now_ms, tly_value_t *out,
-                         int64_t *last_ms, char *strbuf, size_t strcap)
-{
-    return store_read(store, entity, id, idlen, req, n, now_ms, false, out, last_ms, strbuf,
-                      strcap);
-}
-
-tly_err_t tly_store_read_asof(tly_store_t *store, uint32_t entity, const char *id, size_t idlen,
-                              const tly_featwin_t *req, size_t n, int64_t asof_ms, tly_value_t *out,
-                              int64_t *last_ms, char *strbuf, size_t strcap)
-{
-    return store_read(store, entity, id, idlen, req, n, asof_ms, true, out, last_ms, strbuf,
-                      strcap);
-}
-
-/* tly_store_recent and tly_store_recent_asof (past: an ASOF read). */
-static tly_err_t store_recent(tly_store_t *store, uint32_t entity, const char *id, size_t idlen,
-                              uint32_t feat_id, int64_t since_ms, int64_t asof_ms, bool past,
-                              tly_item_t *items, size_t cap, size_t *n, char *strbuf, size_t strcap)
+tly_err_t tly_store_recent(tly_store_t *store, uint32_t entity, const char *id, size_t idlen,
+                           uint32_t feat_id, int64_t since_ms, int64_t asof_ms, tly_item_t *items,
+                           size_t cap, size_t *n, char *strbuf, size_t strcap)
 {
     const tly_featset_t *fs = store->fs;
     if (feat_id >= fs->nfeats)
@@ -1038,8 +1018,7 @@ static tly_err_t store_recent(tly_store_t *store, uint32_t entity, const char *i
             got = 0;
             break;
         }
-        const bool at_clock = !past; /* see store_read */
-        bool bad = false, full = false, settled = false; /* as in store_read */
+        bool bad = false, full = false, settled = false; /* as in tly_store_read */
         size_t sused = 0;
         uint32_t used = used_of(ent);
         got = 0;
@@ -1050,9 +1029,8 @@ static tly_err_t store_recent(tly_store_t *store, uint32_t entity, const char *i
                 continue;
             settled = true;
             bad = !store_log_decode(store, &store->etypes[entity], &lg);
-            size_t m = bad ? 0
-                           : store_log_recent(&lg, feat->slot, feat->k, since_ms, asof_ms, at_clock,
-                                              cap, idx);
+            size_t m =
+                bad ? 0 : store_log_recent(&lg, feat->slot, feat->k, since_ms, asof_ms, cap, idx);
             for (size_t q = 0; q < m && !full; q++) {
                 if (store_item_from_rec(store, feat, &lg, idx[q], &items[got], strbuf, strcap,
                                         &sused))
@@ -1067,8 +1045,8 @@ static tly_err_t store_recent(tly_store_t *store, uint32_t entity, const char *i
             bool found;
             uint32_t off = store_seg_find(src, used, SID_ITEMS(feat->slot), &found);
             if (found)
-                got = store_words_recent(store, src, off, used, feat->k, since_ms, asof_ms,
-                                         at_clock, items, cap, strbuf, strcap, &sused, &bad, &full);
+                got = store_words_recent(store, src, off, used, feat->k, since_ms, asof_ms, items,
+                                         cap, strbuf, strcap, &sused, &bad, &full);
         }
         if (store_read_hook)
             store_read_hook(store_read_hook_ctx);
@@ -1086,23 +1064,6 @@ static tly_err_t store_recent(tly_store_t *store, uint32_t entity, const char *i
     free(copy);
     *n = got;
     return err;
-}
-
-tly_err_t tly_store_recent(tly_store_t *store, uint32_t entity, const char *id, size_t idlen,
-                           uint32_t feat_id, int64_t since_ms, int64_t asof_ms, tly_item_t *items,
-                           size_t cap, size_t *n, char *strbuf, size_t strcap)
-{
-    return store_recent(store, entity, id, idlen, feat_id, since_ms, asof_ms, false, items, cap, n,
-                        strbuf, strcap);
-}
-
-tly_err_t tly_store_recent_asof(tly_store_t *store, uint32_t entity, const char *id, size_t idlen,
-                                uint32_t feat_id, int64_t since_ms, int64_t asof_ms,
-                                tly_item_t *items, size_t cap, size_t *n, char *strbuf,
-                                size_t strcap)
-{
-    return store_recent(store, entity, id, idlen, feat_id, since_ms, asof_ms, true, items, cap, n,
-                        strbuf, strcap);
 }
 
 /* ---- expiry and counters ------------------------------------------------- */

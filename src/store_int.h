@@ -371,17 +371,17 @@ bool store_words_valid(const tly_store_t *store, const ent_t *e);
 void store_words_apply(tly_store_t *store, ent_t **entp, const tly_entity_t *etype, uint64_t mask,
                        const uint32_t *feats, uint32_t nfeats, const tly_event_t *ev,
                        int64_t now_ms);
-/* The newest items of the list at off, newest first, at most k and cap,
- * with since_ms <= time <= asof_ms. at_clock (a read at the clock, not an
- * ASOF): the k newest at or before asof_ms; otherwise those at or before
- * asof_ms among the k newest kept. Both agree with store_log_recent's for
- * the same events, at the clock when asof_ms is at or after the now of the
- * record's last apply and at most max(k, AHEAD_ITEMS_MIN) of its items
- * were after that now. */
+/* The newest items of the list at off, newest first: of the k newest kept
+ * at or before asof_ms, those at or after since_ms, at most cap. They agree
+ * with store_log_recent's for the same events when asof_ms is at or after
+ * the now of the record's last apply and at most max(k, AHEAD_ITEMS_MIN)
+ * of its items were after that now; at an earlier asof_ms the writer may
+ * have trimmed items the log still holds, and these are the newest of the
+ * log's answer. */
 size_t store_words_recent(const tly_store_t *store, const ent_t *e, uint32_t off, uint32_t used,
-                          uint32_t k, int64_t since_ms, int64_t asof_ms, bool at_clock,
-                          tly_item_t *items, size_t cap, char *strbuf, size_t strcap, size_t *sused,
-                          bool *bad, bool *full);
+                          uint32_t k, int64_t since_ms, int64_t asof_ms, tly_item_t *items,
+                          size_t cap, char *strbuf, size_t strcap, size_t *sused, bool *bad,
+                          bool *full);
 /* hint: a segment cursor, 1 at first, kept across one record's reads */
 tly_value_t store_words_value(const ent_t *e, uint32_t used, const tly_feat_t *feat,
                               uint32_t window, int64_t now_ms, uint32_t *hint, bool *bad);
@@ -411,11 +411,11 @@ size_t store_compact_first(tly_store_t *store, const etype_t *et, const tly_even
  * locked compact record that has room for it. */
 void store_compact_append(ent_t *e, const uint8_t *rec, size_t n);
 size_t store_log_recent(const log_t *lg, uint32_t slot, uint32_t k, int64_t since_ms,
-                        int64_t asof_ms, bool at_clock, size_t cap, uint32_t *idx);
+                        int64_t asof_ms, size_t cap, uint32_t *idx);
 /* How many records store_log_recent would give with cap >= k, counted
  * without ordering them. */
 size_t store_log_count(const log_t *lg, uint32_t slot, uint32_t k, int64_t since_ms,
-                       int64_t asof_ms, bool at_clock);
+                       int64_t asof_ms);
 bool store_item_from_rec(const tly_store_t *store, const tly_feat_t *feat, const log_t *lg,
                          size_t i, tly_item_t *it, char *strbuf, size_t strcap, size_t *sused);
 tly_value_t store_log_value(const tly_store_t *store, const log_t *lg, const tly_feat_t *feat,

@@ -490,13 +490,12 @@ static bool keep_str(const char *s, uint32_t len, char *strbuf, size_t strcap, s
     return true;
 }
 
-/* The records of lg that slot takes, newest first (time, then arrival),
- * as store_words_recent answers from the list the writer keeps: at_clock,
- * the k newest at or before asof_ms; otherwise those at or before asof_ms
- * among the k newest. Of those the ones at or after since_ms. Returns how
- * many, in idx. */
+/* The records of lg that slot takes, newest first (time, then arrival), as
+ * store_words_recent answers from the list the writer keeps: of the k
+ * newest at or before asof_ms, the ones at or after since_ms, at most cap.
+ * Returns how many, in idx. */
 size_t store_log_recent(const log_t *lg, uint32_t slot, uint32_t k, int64_t since_ms,
-                        int64_t asof_ms, bool at_clock, size_t cap, uint32_t *idx)
+                        int64_t asof_ms, size_t cap, uint32_t *idx)
 {
     /* the k newest (time, then arrival) of the records considered, newest
      * first: a record that would land past k is dropped at once */
@@ -507,7 +506,7 @@ size_t store_log_recent(const log_t *lg, uint32_t slot, uint32_t k, int64_t sinc
     const uint64_t bit = UINT64_C(1) << slot;
     for (size_t i = 0; i < lg->nrecs; i++) {
         int64_t t = lg->ts[i];
-        if (!(lg->masks[i] & bit) || (at_clock && t > asof_ms))
+        if (!(lg->masks[i] & bit) || t > asof_ms)
             continue;
         size_t pos = ntop;
         while (pos > 0 && lg->ts[top[pos - 1]] <= t)
@@ -522,10 +521,7 @@ size_t store_log_recent(const log_t *lg, uint32_t slot, uint32_t k, int64_t sinc
     }
     size_t n = 0;
     for (size_t q = 0; q < ntop && n < cap; q++) {
-        int64_t t = lg->ts[top[q]];
-        if (t > asof_ms)
-            continue;
-        if (t < since_ms)
+        if (lg->ts[top[q]] < since_ms)
             break;
         idx[n++] = top[q];
     }
@@ -533,25 +529,20 @@ size_t store_log_recent(const log_t *lg, uint32_t slot, uint32_t k, int64_t sinc
 }
 
 size_t store_log_count(const log_t *lg, uint32_t slot, uint32_t k, int64_t since_ms,
-                       int64_t asof_ms, bool at_clock)
+                       int64_t asof_ms)
 {
     if (slot >= 64)
         return 0;
     /* The records slot took in [since_ms, asof_ms] are the newest of those
-     * at or before asof_ms, and every one after asof_ms is newer than all
-     * of them: at the clock the k newest at or before asof_ms hold
-     * min(k, in range) of them; otherwise the k newest of all hold the
-     * `after` ones first, then min(k - after, in range). */
+     * at or before asof_ms: the k newest at or before asof_ms hold
+     * min(k, in range) of them. */
     const uint64_t bit = UINT64_C(1) << slot;
-    size_t in = 0, after = 0;
+    size_t in = 0;
     for (size_t i = 0; i < lg->nrecs; i++) {
-        bool took = (lg->masks[i] & bit) != 0;
         int64_t t = lg->ts[i];
-        in += took & (t >= since_ms) & (t <= asof_ms);
-        after += took & (t > asof_ms);
+        in += ((lg->masks[i] & bit) != 0) & (t >= since_ms) & (t <= asof_ms);
     }
-    size_t room = at_clock ? k : after >= k ? 0 : k - after;
-    return in < room ? in : room;
+    return in < k ? in : k;
 }
 
 /* Fills an item from record i of lg for feature feat. */

@@ -585,13 +585,13 @@ static bool item_read(const tly_store_t *store, const ent_t *e, uint32_t q, uint
     return true;
 }
 
-/* Reads up to cap of the k newest items of the last/last_k segment at off,
- * newest first, keeping those in [since_ms, asof_ms]; items == NULL only
- * counts. Sets *bad on torn data, *full when strbuf overflowed. */
+/* Reads up to cap of the k newest items at or before asof_ms of the
+ * last/last_k segment at off, newest first, keeping those at or after
+ * since_ms; items == NULL only counts. Sets *bad on torn data, *full when strbuf overflowed. */
 size_t store_words_recent(const tly_store_t *store, const ent_t *e, uint32_t off, uint32_t used,
-                          uint32_t k, int64_t since_ms, int64_t asof_ms, bool at_clock,
-                          tly_item_t *items, size_t cap, char *strbuf, size_t strcap, size_t *sused,
-                          bool *bad, bool *full)
+                          uint32_t k, int64_t since_ms, int64_t asof_ms, tly_item_t *items,
+                          size_t cap, char *strbuf, size_t strcap, size_t *sused, bool *bad,
+                          bool *full)
 {
     uint32_t len = SEG_LEN(ld(e, off));
     uint32_t p = off + 1;
@@ -623,13 +623,11 @@ size_t store_words_recent(const tly_store_t *store, const ent_t *e, uint32_t off
         }
         int64_t t = (int64_t)ld(e, at - 2);
         at -= iw;
-        /* At the clock, an item after asof_ms is one accepted ahead of
-         * it, not yet one of the k (the writer kept k before its now on top
-         * of those). In the past, the k newest kept are the ones there are. */
-        if (t > asof_ms) {
-            seen += !at_clock;
+        /* an item after asof_ms is not yet one of the k: at the clock,
+         * one accepted ahead of it (the writer kept k before its now on
+         * top of those) */
+        if (t > asof_ms)
             continue;
-        }
         seen++;
         if (t < since_ms)
             break;

@@ -178,11 +178,17 @@ tly_err_t tly_store_apply_hinted(tly_store_t *store, const tly_event_t *ev,
                                  int64_t now_ms);
 
 /*
- * Reads n windowed values of one entity at now_ms into out[0..n). Windowed
- * features give their aggregation result; last gives the newest item's first
- * value (nil when none) and last_k its item count (items within the
- * feature's horizon at now_ms, as tly_store_recent). An unknown id gives
- * the empty answers (0 / nil). *last_ms (may be NULL) receives the entity's
+ * Reads n windowed values of one entity at now_ms (the clock, or an ASOF)
+ * into out[0..n). Windowed features give their aggregation result; last
+ * gives the first value of the newest item at or before now_ms (nil when
+ * none) and last_k its item count (the k newest at or before now_ms within
+ * the feature's horizon, as tly_store_recent). Items accepted ahead of the
+ * clock (within max_future_skew) count once now_ms reaches them: the
+ * writers keep them on top of the k, up to max(k, 64) per list. A now_ms
+ * before the now of an apply it follows may find fewer items in a
+ * word-encoded record (the writer trimmed the list to the k newest at
+ * its now) than a compact one holds. An unknown id gives the empty answers
+ * (0 / nil). *last_ms (may be NULL) receives the entity's
  * latest event time, or -1 when the id is unknown. Strings returned by
  * `last` are copied into strbuf (strcap bytes); TLY_E_FULL if it is too
  * small. A record that does not decode (never written by this store) gives
@@ -194,38 +200,17 @@ tly_err_t tly_store_read(tly_store_t *store, uint32_t entity, const char *id, si
                          int64_t *last_ms, char *strbuf, size_t strcap);
 
 /*
- * tly_store_read at a time given by the caller (an ASOF): windows alike;
- * last/last_k answer from the k newest items kept, those at or before
- * asof_ms. tly_store_read, a read at the clock, answers the k newest at or
- * before now_ms, not counting items accepted ahead of the clock (within
- * max_future_skew), which the writers keep on top of the k, up to
- * max(k, 64) of them per list. Its now_ms is meant to be at or after the
- * now of every apply it follows: a read at an earlier time may find fewer
- * items in a word-encoded record than in a compact one.
- */
-tly_err_t tly_store_read_asof(tly_store_t *store, uint32_t entity, const char *id, size_t idlen,
-                              const tly_featwin_t *req, size_t n, int64_t asof_ms, tly_value_t *out,
-                              int64_t *last_ms, char *strbuf, size_t strcap);
-
-/*
  * Reads the newest items (newest first) of last/last_k feature `feat` for
- * one entity: at most cap (and at most k) items with since_ms <= time <=
- * asof_ms. Items older than the feature's horizon (store.idle_ttl) at
- * asof_ms are not returned: the sweeper may have expired them. Strings
- * are copied into strbuf (strcap bytes). Writes *n. Returns TLY_OK,
- * TLY_E_INVAL (feat is not last/last_k of that entity), TLY_E_FULL (strbuf
- * too small) or TLY_E_IO (a record that does not decode: no items). Reader
- * threads; RCU-registered.
+ * one entity: of the k newest at or before asof_ms (the clock, or an ASOF;
+ * see tly_store_read), at most cap with since_ms <= time. Items older than the feature's horizon
+ * (store.idle_ttl) at asof_ms are not returned: the sweeper may have expired them. Strings are
+ * copied into strbuf (strcap bytes). Writes *n. Returns TLY_OK, TLY_E_INVAL (feat is not
+ * last/last_k of that entity), TLY_E_FULL (strbuf too small) or TLY_E_IO (a record that does not
+ * decode: no items). Reader threads; RCU-registered.
  */
 tly_err_t tly_store_recent(tly_store_t *store, uint32_t entity, const char *id, size_t idlen,
                            uint32_t feat, int64_t since_ms, int64_t asof_ms, tly_item_t *items,
                            size_t cap, size_t *n, char *strbuf, size_t strcap);
-
-/* tly_store_recent at a time given by the caller (an ASOF): the items at
- * or before asof_ms among the k newest kept (see tly_store_read_asof). */
-tly_err_t tly_store_recent_asof(tly_store_t *store, uint32_t entity, const char *id, size_t idlen,
-                                uint32_t feat, int64_t since_ms, int64_t asof_ms, tly_item_t *items,
-                                size_t cap, size_t *n, char *strbuf, size_t strcap);
 
 /*
  * Expires records whose newest event is older than their entity's horizon at

@@ -163,12 +163,14 @@ class Model:
                     self.last_event[k] = max(self.last_event.get(k, -1), ev["ts"])
                 else:
                     self.maybe_last.setdefault(k, set()).add(ev["ts"])
-        # The items last/last_k hold: the k newest, equal times later arrival first.
-        self.items = {}
+        # The items of last/last_k, newest first, equal times later arrival
+        # first: every one (all_items), and the k newest (items).
+        self.all_items, self.items = {}, {}
         for (fi, eid), lst in self.kept.items():
             f = self.feats[fi]
             if f.itemized:
-                self.items[(fi, eid)] = sorted(lst, key=lambda x: (x[0], x[1]), reverse=True)[:f.k]
+                self.all_items[(fi, eid)] = sorted(lst, key=lambda x: (x[0], x[1]), reverse=True)
+                self.items[(fi, eid)] = self.all_items[(fi, eid)][:f.k]
         self.ids = {e: sorted({eid for (fi, eid) in self.kept if self.feats[fi].entity == e})
                     for e in self.entities}
 
@@ -202,8 +204,9 @@ class Model:
         return [(f"{f.name}:{w[0]}", i, wi) for wi, w in enumerate(f.windows)]
 
     def horizon_items(self, fi, eid, asof):
-        return [x for x in self.items.get((fi, eid), [])
-                if asof - self.ttl <= x[0] <= asof]
+        """Of the k newest items at or before asof, those within the horizon."""
+        newest = [x for x in self.all_items.get((fi, eid), []) if x[0] <= asof]
+        return [x for x in newest[:self.feats[fi].k] if x[0] >= asof - self.ttl]
 
     def value(self, fi, wi, eid, asof):
         f = self.feats[fi]
@@ -240,11 +243,23 @@ class Model:
                       ("meta:watermark_ms", self.watermark), ("meta:lag", lag)]
         return pairs
 
-    def recent(self, entity, eid, name, count=None, since=None, asof=None, where=None):
+    def recent(self, entity, eid, name, count=None, since=None, asof=None, where=None,
+               prefixes=False):
+        """RECENT's answer. prefixes: the answer from each newest-first
+        prefix of the items instead (OneOf), for a list the writer may have
+        trimmed (see t_recent_options)."""
         fi, f = self.feat(entity, name)
         asof = self.asof if asof is None else asof
+        items = self.horizon_items(fi, eid, asof)
+        if prefixes:
+            return H.OneOf([self._recent_of(f, items[:j], count, since, where)
+                            for j in range(len(items) + 1)])
+        return self._recent_of(f, items, count, since, where)
+
+    @staticmethod
+    def _recent_of(f, items, count, since, where):
         out = []
-        for ts, _, ev in self.horizon_items(fi, eid, asof):
+        for ts, _, ev in items:
             if since is not None and ts < since:
                 continue
             vals = [ev.get(v) for v in f.value]
@@ -677,6 +692,11 @@ def t_recent_options(c):
         # Earlier than ASOF but after ingest: the horizon then reaches no
         # item whose keeping depended on the ingest clock.
         asof_past = rng.randint(c.ingested_ms + 1000, c.asof - 1)
+        # Items after the ingest clock are kept on top of the k, up to
+        # max(k, 64); a user with more of them after the earliest ingest
+        # clock (t0) may have lost the oldest of those, so an ASOF between
+        # them answers from a newest-first prefix of the truth.
+        trimmed = sum(1 for x in model.all_items.get((fi, i), []) if x[0] > c.t0) > max(f.k, 64)
         cases = [
             (("COUNT", 5), dict(count=5)),
             (("COUNT", 1), dict(count=1)),
@@ -693,6 +713,7 @@ def t_recent_options(c):
         ]
         for opts, kw in cases:
             kw.setdefault("asof", c.asof)
+            kw["prefixes"] = trimmed and kw["asof"] == asof_past
             if "ASOF" not in opts:
                 opts = opts + ("ASOF", c.asof)
             cmds.append(("RECENT", "user", i, "recent", *opts))

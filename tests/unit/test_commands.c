@@ -123,6 +123,23 @@ static int setup_scores(void **state)
                       evs, 2);
 }
 
+/* User 8: three events before T (pins 1..3 at T - 3m, - 2m, - 1m) and four
+ * accepted ahead of it (pins 4..7 at T + 10, 20, 30, 40 s, within the 1m
+ * skew), all applied at T. */
+static int setup_ahead(void **state)
+{
+    static const char *const evs[] = {
+        "{\"user_id\":8,\"pin_id\":1,\"action\":\"click\",\"ts\":1699919820000}",
+        "{\"user_id\":8,\"pin_id\":2,\"action\":\"save\",\"ts\":1699919880000}",
+        "{\"user_id\":8,\"pin_id\":3,\"action\":\"click\",\"ts\":1699919940000}",
+        "{\"user_id\":8,\"pin_id\":4,\"action\":\"hide\",\"ts\":1699920010000}",
+        "{\"user_id\":8,\"pin_id\":5,\"action\":\"click\",\"ts\":1699920020000}",
+        "{\"user_id\":8,\"pin_id\":6,\"action\":\"save\",\"ts\":1699920030000}",
+        "{\"user_id\":8,\"pin_id\":7,\"action\":\"click\",\"ts\":1699920040000}",
+    };
+    return setup_yaml(state, "", yaml, evs, sizeof evs / sizeof evs[0]);
+}
+
 static int teardown(void **state)
 {
     fx_t *fx = *state;
@@ -409,6 +426,40 @@ static void test_mfeatures_aligns_ids_and_names(void **state)
     assert_string_equal(r, want);
 }
 
+/* An ASOF answers as a read at the clock at that time would: last and
+ * last_k take the k newest items at or before it, whether the clock is
+ * before it, at it or after it; the items accepted ahead of the clock do
+ * not push out those before. */
+static void test_asof_last_and_last_k_answer_as_the_clock_would(void **state)
+{
+    fx_t *fx = *state;
+    const char *p3 = "*3\r\n:1699919940000\r\n:3\r\n$5\r\nclick\r\n";
+    const char *p2 = "*3\r\n:1699919880000\r\n:2\r\n$4\r\nsave\r\n";
+    const char *p1 = "*3\r\n:1699919820000\r\n:1\r\n$5\r\nclick\r\n";
+    const char *p5 = "*3\r\n:1699920020000\r\n:5\r\n$5\r\nclick\r\n";
+    const char *p4 = "*3\r\n:1699920010000\r\n:4\r\n$4\r\nhide\r\n";
+    char before[512], later[512];
+    snprintf(before, sizeof before, "*3\r\n%s%s%s", p3, p2, p1);
+    snprintf(later, sizeof later, "*3\r\n%s%s%s", p5, p4, p3);
+    assert_string_equal(run_at(fx, T, "RECENT user 8 recent"), before);
+    assert_string_equal(run_at(fx, T, "RECENT user 8 recent ASOF 1699920000000"), before);
+    assert_string_equal(run_at(fx, T, "RECENT user 8 recent ASOF 1699920000001"), before);
+    assert_string_equal(run_at(fx, T - MIN, "RECENT user 8 recent ASOF 1699920000001"), before);
+    assert_string_equal(run_at(fx, T + HOUR, "RECENT user 8 recent ASOF 1699920000001"), before);
+    /* at T + 25 s: pins 5 and 4, then 3 */
+    assert_string_equal(run_at(fx, T + 25 * SEC, "RECENT user 8 recent"), later);
+    assert_string_equal(run_at(fx, T, "RECENT user 8 recent ASOF 1699920025000"), later);
+    /* FEATURES: the count and the newest action alike */
+    const char *at_t = "*4\r\n$6\r\nrecent\r\n:3\r\n$11\r\nlast_action\r\n$5\r\nclick\r\n";
+    assert_string_equal(run_at(fx, T, "FEATURES user 8 recent last_action"), at_t);
+    assert_string_equal(run_at(fx, T, "FEATURES user 8 recent last_action ASOF 1699920000001"),
+                        at_t);
+    assert_string_equal(run_at(fx, T, "FEATURES user 8 recent last_action ASOF 1699920015000"),
+                        "*4\r\n$6\r\nrecent\r\n:3\r\n$11\r\nlast_action\r\n$4\r\nhide\r\n");
+    /* before them all: nothing */
+    assert_string_equal(run_at(fx, T, "RECENT user 8 recent ASOF 1699919819999"), "*0\r\n");
+}
+
 static void test_recent_items_newest_first_with_options(void **state)
 {
     fx_t *fx = *state;
@@ -426,7 +477,9 @@ static void test_recent_items_newest_first_with_options(void **state)
     assert_string_equal(run(fx, "RECENT user 7 recent where 101"), want);
     snprintf(want, sizeof want, "*2\r\n%s%s", e1, e2);
     assert_string_equal(run(fx, "RECENT user 7 recent SINCE 1699919880000"), want);
-    snprintf(want, sizeof want, "*2\r\n%s%s", e2, e3);
+    /* the 3 newest at or before the ASOF: e4 (2 h ago) is back */
+    const char *e4 = "*3\r\n:1699912800000\r\n:103\r\n$4\r\nsave\r\n";
+    snprintf(want, sizeof want, "*3\r\n%s%s%s", e2, e3, e4);
     assert_string_equal(run(fx, "RECENT user 7 recent ASOF 1699919900000"), want);
     assert_string_equal(run(fx, "RECENT user 7 last_action"),
                         "*1\r\n*2\r\n:1699919970000\r\n$5\r\nclick\r\n");
@@ -572,6 +625,8 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_features_errors_name_entity_and_feature, setup,
                                         teardown),
         cmocka_unit_test_setup_teardown(test_mfeatures_aligns_ids_and_names, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_asof_last_and_last_k_answer_as_the_clock_would,
+                                        setup_ahead, teardown),
         cmocka_unit_test_setup_teardown(test_recent_items_newest_first_with_options, setup,
                                         teardown),
         cmocka_unit_test_setup_teardown(test_catalog_lists_entities_and_features, setup, teardown),
