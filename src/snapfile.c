@@ -633,6 +633,41 @@ size_t tly_snap_prune(const char *dir, size_t keep, int64_t upto_ms)
     return deleted;
 }
 
+/* Whether pid is this process or one of its threads. */
+static bool own_pid(pid_t pid)
+{
+    if (pid == getpid())
+        return true;
+    char task[64];
+    snprintf(task, sizeof task, "/proc/self/task/%ld", (long)pid);
+    return access(task, F_OK) == 0;
+}
+
+size_t tly_snap_clean_tmp(const char *dir)
+{
+    size_t deleted = 0;
+    DIR *d = opendir(dir);
+    if (d == NULL)
+        return 0;
+    const struct dirent *de;
+    while ((de = readdir(d)) != NULL) {
+        int64_t ms;
+        pid_t pid;
+        if (!parse_tmp_name(de->d_name, &ms, &pid))
+            continue;
+        if (!(kill(pid, 0) != 0 && errno == ESRCH) && !own_pid(pid))
+            continue; /* another live process's writer */
+        char *p = path_join_fmt(dir, "%s", de->d_name);
+        if (unlink(p) == 0)
+            deleted++;
+        free(p);
+    }
+    closedir(d);
+    if (deleted > 0)
+        sync_dir(dir);
+    return deleted;
+}
+
 /* ---------------------------------------------------------------- reader */
 
 struct tly_snapr {

@@ -393,7 +393,18 @@ static void note_written(tly_snapshotter_t *sn, int64_t created_ms, int64_t took
     sn->st.last_write_ms = took_ms;
     sn->st.last_bytes = bytes;
     snprintf(sn->st.last_path, sizeof sn->st.last_path, "%s", path);
+    sn->st.last_error[0] = '\0'; /* the newest attempt succeeded */
     pthread_mutex_unlock(&sn->mu);
+}
+
+/* Removes the temp files no writer is writing (tly_snap_clean_tmp); called
+ * while no writer of this process runs. */
+static void clean_tmp(tly_snapshotter_t *sn)
+{
+    size_t n = tly_snap_clean_tmp(sn->cfg->snapshot.dir);
+    if (n > 0)
+        tly_info("snapshot: removed %zu temp file%s a killed writer left in %s", n,
+                 n == 1 ? "" : "s", sn->cfg->snapshot.dir);
 }
 
 static void note_failed(tly_snapshotter_t *sn, const char *why)
@@ -529,6 +540,9 @@ static void checkpoint(void *ctx, tly_source_t *src)
     sn->child_started_ms = now;
     if (sn->child_err != NULL)
         sn->child_err[0] = '\0';
+    /* no writer of ours is running: a temp file left by one that was
+     * killed goes before this one needs the room */
+    clean_tmp(sn);
     pid_t parent = getpid();
     int64_t t0 = mono_us();
     pid_t pid = fork();
@@ -823,6 +837,7 @@ tly_err_t tly_snapshot_final(tly_snapshotter_t *sn, tly_source_t *src)
     n = got < n ? got : n;
     char err[ERR_CAP] = "", path[512] = "";
     uint64_t bytes = 0;
+    clean_tmp(sn);
     int64_t created = wall_ms(), t0 = mono_us();
     tly_err_t rc =
         write_snapshot(sn, sn->store, pos, n, created, path, sizeof path, &bytes, err, sizeof err);

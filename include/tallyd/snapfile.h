@@ -88,6 +88,17 @@ void tly_snapw_abort(tly_snapw_t *w);
  * on dir whose created_ms is older than dir's newest snapshot. */
 size_t tly_snap_prune(const char *dir, size_t keep, int64_t upto_ms);
 
+/* Deletes the temp files in dir that no writer is writing: those whose
+ * writer pid is gone (kill(pid, 0) fails with ESRCH), or is this process
+ * or one of its threads (a pid the kernel gave again to this process after
+ * a restart, as in a container where tallyd starts the same way each
+ * time). Called by a process with no writer of its own open on dir, before
+ * it writes: a writer killed in the middle of a snapshot leaves a temp file
+ * as large as a snapshot, which would otherwise stay until the next write
+ * succeeds, and on a nearly full disk keep every write from succeeding.
+ * Returns the number of files deleted. */
+size_t tly_snap_clean_tmp(const char *dir);
+
 /* Lists dir's snapshot files, newest first, as "dir/snapshot-<ms>.tly" paths.
  * Sets *paths to a NULL-terminated malloc'd array of malloc'd strings that
  * the caller frees with tly_snap_list_free (also when the count is 0).

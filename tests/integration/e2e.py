@@ -132,7 +132,7 @@ class Model:
     def __init__(self, cfg, events, asof, t0):
         """asof: the default evaluation time; t0: the earliest possible
         ingest clock (ingest ends before asof)."""
-        self.asof = asof
+        self.asof, self.t0 = asof, t0
         self.ttl = H.duration_ms(cfg.get("store", {}).get("idle_ttl", "7d"))
         self.feats = [Feat(d, self.ttl) for d in cfg["features"]]
         self.entities = []  # config order of first appearance
@@ -694,9 +694,10 @@ def t_recent_options(c):
         asof_past = rng.randint(c.ingested_ms + 1000, c.asof - 1)
         # Items after the ingest clock are kept on top of the k, up to
         # max(k, 64); a user with more of them after the earliest ingest
-        # clock (t0) may have lost the oldest of those, so an ASOF between
-        # them answers from a newest-first prefix of the truth.
-        trimmed = sum(1 for x in model.all_items.get((fi, i), []) if x[0] > c.t0) > max(f.k, 64)
+        # clock (the model's t0) may have lost the oldest of those, so an
+        # ASOF between them answers from a newest-first prefix of the truth.
+        trimmed = (sum(1 for x in model.all_items.get((fi, i), []) if x[0] > model.t0)
+                   > max(f.k, 64))
         cases = [
             (("COUNT", 5), dict(count=5)),
             (("COUNT", 1), dict(count=1)),

@@ -544,8 +544,8 @@ def check_recovered_committed(r):
 
 def check_recovered_snapshot(r):
     """The newest snapshot is durable and newer than the good ones, no
-    failure was counted after the first success, and the prune after it
-    removed every temp file left by earlier runs."""
+    failure was counted after the first success, which cleared
+    last_snapshot_error, and no temp file left by earlier runs is there."""
     i = info(r.tallyd)
     m = Mismatches()
     ms = int(i.get("last_snapshot_ms", "-1"))
@@ -558,6 +558,8 @@ def check_recovered_snapshot(r):
     m.check(len(files) <= SNAPSHOT_KEEP, f"{len(files)} snapshot files, keep is {SNAPSHOT_KEEP}")
     m.eq(num(i, "snapshots_failed"), r.rec_failed,
          "INFO snapshots_failed (none after the first snapshot written untraced)")
+    m.eq(i.get("last_snapshot_error", ""), "",
+         "INFO last_snapshot_error (cleared by the snapshot written)")
     m.eq(leftover_temp_files(r), [],
          f"temp files whose writer has exited (left by earlier runs: {r.stale_tmp})")
     m.done()

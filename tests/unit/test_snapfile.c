@@ -706,6 +706,44 @@ static bool exists(const char *dir, const char *name)
     return yes;
 }
 
+/* Before a write: the temp files of a dead writer and of this process (a pid
+ * given to it again) go, whatever their time; another live process's stay,
+ * and so do snapshots and other files. */
+static void test_clean_tmp_drops_dead_and_own_writers_temps_only(void **state)
+{
+    const char *dir = *state;
+    uint8_t one = 1;
+    block_t b = {1, 1, &one};
+    free(write_snapshot(dir, 1000, 0, &b, 1));
+    pid_t dead = fork();
+    assert_true(dead >= 0);
+    if (dead == 0)
+        _exit(0);
+    assert_int_equal(waitpid(dead, NULL, 0), dead);
+    char dead_tmp[128], own_tmp[128], other_tmp[128];
+    snprintf(dead_tmp, sizeof dead_tmp, ".tmp-9000-%ld.tly", (long)dead); /* after the snapshot */
+    snprintf(own_tmp, sizeof own_tmp, ".tmp-9000-%ld.tly", (long)getpid());
+    /* a live process that is not this one: the parent (the test runner's
+     * shell, or init) */
+    snprintf(other_tmp, sizeof other_tmp, ".tmp-9000-%ld.tly", (long)getppid());
+    touch(dir, dead_tmp);
+    touch(dir, own_tmp);
+    touch(dir, other_tmp);
+    touch(dir, ".tmp-1-0.tly"); /* pid 0 is not a writer: left alone */
+    touch(dir, "notes.txt");
+    assert_int_equal(tly_snap_clean_tmp(dir), 2);
+    char *names = dir_names(dir);
+    char expect[512];
+    snprintf(expect, sizeof expect, ".tmp-1-0.tly\n%s\nnotes.txt\nsnapshot-0000000001000.tly\n",
+             other_tmp);
+    assert_string_equal(names, expect);
+    free(names);
+    assert_int_equal(tly_snap_clean_tmp(dir), 0);
+    char *missing = path_in(dir, "missing");
+    assert_int_equal(tly_snap_clean_tmp(missing), 0);
+    free(missing);
+}
+
 static void test_prune_keeps_newest_and_drops_stale_temps_list_is_newest_first(void **state)
 {
     const char *dir = *state;
@@ -1066,6 +1104,7 @@ int main(void)
         T(test_random_multi_bit_damage_is_an_error),
         T(test_crafted_files_with_valid_crcs_are_rejected),
         T(test_prune_keeps_newest_and_drops_stale_temps_list_is_newest_first),
+        T(test_clean_tmp_drops_dead_and_own_writers_temps_only),
         T(test_abort_leaves_nothing_commit_leaves_only_the_final_file),
         T(test_commit_into_unwritable_dir_fails_and_keeps_previous),
         T(test_enospc_on_a_block_write_then_abort_keeps_previous_and_next_succeeds),
