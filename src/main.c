@@ -21,7 +21,7 @@
  *
  * Signals: SIGINT, SIGTERM, SIGHUP are blocked in every thread and taken by
  * the main thread with sigtimedwait, between which it runs the expiry
- * sweeper and prints progress lines; SIGHUP reopens the log; SIGPIPE is
+ * sweeper and prints progress lines; SIGHUP reopens the log (--log); SIGPIPE is
  * ignored (a client that goes away is seen as a write error).
  *
  * Runs on the main thread; the daemon context lives on its stack.
@@ -56,11 +56,20 @@
 
 enum { EXIT_INVALID = 1, EXIT_USAGE = 2 };
 
-enum { OPT_CONFIG = 256, OPT_CHECK_CONFIG, OPT_HELP_CONFIG, OPT_MARKDOWN, OPT_HELP, OPT_VERSION };
+enum {
+    OPT_CONFIG = 256,
+    OPT_CHECK_CONFIG,
+    OPT_HELP_CONFIG,
+    OPT_MARKDOWN,
+    OPT_HELP,
+    OPT_VERSION,
+    OPT_LOG
+};
 
 static void usage(FILE *out)
 {
-    fputs("usage: tallyd --config FILE                run the daemon\n"
+    fputs("usage: tallyd --config FILE [--log FILE]   run the daemon (log lines appended to\n"
+          "                                          FILE, reopened on SIGHUP; default stderr)\n"
           "       tallyd --check-config FILE          validate FILE and summarise its features\n"
           "       tallyd --help-config [--markdown]   list every configuration key\n"
           "       tallyd --help | --version\n",
@@ -239,8 +248,10 @@ static int run(const tly_config_t *cfg, const tly_featset_t *fs)
             tly_info("%s: shutting down", sig == SIGINT ? "SIGINT" : "SIGTERM");
             break;
         }
-        if (sig == SIGHUP)
+        if (sig == SIGHUP) {
             tly_log_reopen();
+            tly_info("SIGHUP: reopened the log");
+        }
         const char *fatal = tly_source_fatal(source);
         if (fatal != NULL) {
             tly_error("stopping: the Kafka consumer failed: %s", fatal);
@@ -302,15 +313,19 @@ int main(int argc, char **argv)
         {"markdown", no_argument, NULL, OPT_MARKDOWN},
         {"help", no_argument, NULL, OPT_HELP},
         {"version", no_argument, NULL, OPT_VERSION},
+        {"log", required_argument, NULL, OPT_LOG},
         {NULL, 0, NULL, 0},
     };
     int mode = 0, markdown = 0, opt;
-    const char *path = NULL;
+    const char *path = NULL, *log_file = NULL;
 
     while ((opt = getopt_long(argc, argv, "", options, NULL)) != -1) {
         switch (opt) {
         case OPT_MARKDOWN:
             markdown = 1;
+            break;
+        case OPT_LOG:
+            log_file = optarg;
             break;
         case OPT_CONFIG:
         case OPT_CHECK_CONFIG:
@@ -330,9 +345,14 @@ int main(int argc, char **argv)
             return EXIT_USAGE;
         }
     }
-    if (optind < argc || mode == 0 || (markdown && mode != OPT_HELP_CONFIG)) {
+    if (optind < argc || mode == 0 || (markdown && mode != OPT_HELP_CONFIG) ||
+        (log_file != NULL && mode != OPT_CONFIG)) {
         usage(stderr);
         return EXIT_USAGE;
+    }
+    if (log_file != NULL && tly_log_open(log_file) != 0) {
+        fprintf(stderr, "tallyd: cannot open log file %s: %s\n", log_file, strerror(errno));
+        return EXIT_INVALID;
     }
 
     switch (mode) {
