@@ -134,12 +134,15 @@ const key_def_t tly_config_keys[] = {
         CFG(server.idle_timeout_ms), "A client that sends nothing for this long is disconnected."),
     KEY("server.request_timeout", K_DURATION, "10s", 100, HOUR(1), 0, NULL,
         CFG(server.request_timeout_ms),
-        "A request whose first byte arrived this long ago and is still incomplete closes the "
-        "connection (a client sending byte by byte)."),
-    KEY("server.max_reply_values", K_INT, "1000000", 1000, 1000000000, 0, NULL,
+        "A request still incomplete this long after its first byte, or after its latest 16 KiB, "
+        "closes the connection (a client sending byte by byte); a long request that keeps "
+        "arriving is not cut, however long the server, busy with others, takes to read it."),
+    KEY("server.max_reply_values", K_INT, "100000", 1000, 1000000000, 0, NULL,
         CFG(server.max_reply_values),
         "Most values one FEATURES or MFEATURES reply may hold (ids × names × windows); a "
-        "larger request is refused before any work is done."),
+        "larger request is refused before any work is done. A command holds its event loop "
+        "while it runs, about 0.2 µs a value (measured on a 2-vCPU VM: 224 ms for 975,000), "
+        "so this bounds how long one request can delay the other clients of that loop."),
 
     KEY("kafka.brokers", K_STRING, "localhost:9092", 0, 0, F_NONEMPTY, NULL, CFG(kafka.brokers),
         "Kafka bootstrap servers, host:port[,host:port...]; \"embedded\" starts librdkafka's "

@@ -46,7 +46,10 @@
  * "-ERR max number of clients reached" and is closed. A timer per loop
  * closes clients that neither sent nor received a byte for
  * server.idle_timeout, and clients whose current request began arriving
- * more than server.request_timeout ago (a client sending byte by byte).
+ * more than server.request_timeout ago, or whose last READ_CHUNK bytes did
+ * (a client sending byte by byte): a long request that keeps arriving is
+ * not cut, however long the loop, busy with other clients, takes to read
+ * it.
  *
  * Closing politely. After QUIT or a protocol error the client is draining:
  * nothing more is executed, bytes still arriving are read and dropped (a
@@ -136,6 +139,7 @@ struct client {
     size_t woff;          /* bytes of wbuf written before uv_write took it */
     uint64_t last_io;     /* uv_now of the last byte read or written */
     uint64_t req_start;   /* uv_now when the pending request's first byte came */
+    size_t req_mark;      /* in.len when req_start was set */
     uint64_t drain_since; /* uv_now of the shutdown of a draining client */
     size_t drained;       /* bytes dropped while draining */
     uv_write_t wreq;
@@ -690,9 +694,12 @@ static void client_process(client_t *c)
     if (c->in.len == 0) {
         c->req_started = false;
         shrink(&c->in);
-    } else if (off > 0 || !c->req_started) {
+    } else if (off > 0 || !c->req_started || c->in.len - c->req_mark >= READ_CHUNK) {
+        /* a new request, or READ_CHUNK more of this one: it is arriving,
+         * not trickling in, and its deadline starts again */
         c->req_started = true;
         c->req_start = uv_now(&lp->loop);
+        c->req_mark = c->in.len;
     }
 }
 

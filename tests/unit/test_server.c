@@ -681,6 +681,105 @@ static void test_slow_request_beyond_request_timeout_is_closed(void **state)
     fx_stop(fx);
 }
 
+/* A request whose bytes all wait in the socket, but which the server reads
+ * slowly — 16 KiB a loop iteration, while other clients' pipelines keep
+ * every iteration busy — is late through no fault of its client:
+ * request_timeout does not close it (only a client that itself sends too
+ * slowly is cut). The big request is ECHO with 64,999 arguments, 4.6 MB,
+ * about 290 reads, sent by a thread of its own that keeps its socket full;
+ * 64 clients pipelining ECHOs of 1 KiB meanwhile. */
+typedef struct {
+    int fd;
+    const char *p;
+    size_t n;
+    bool ok;
+} sender_t;
+
+static void *sender_main(void *arg)
+{
+    sender_t *s = arg;
+    s->ok = send_all(s->fd, s->p, s->n);
+    return NULL;
+}
+
+static void test_request_a_busy_server_reads_slowly_is_not_timed_out(void **state)
+{
+    (void)state;
+    fx_t *fx = fx_start("  request_timeout: 100ms\n  idle_timeout: 30s\n");
+    enum { NHOG = 64, ARGS = 65000, HOG_REQS = 64 };
+    size_t cap = (size_t)ARGS * 72 + 64;
+    char *big = malloc(cap);
+    assert_non_null(big);
+    size_t blen = (size_t)snprintf(big, cap, "*%d\r\n$4\r\nECHO\r\n", ARGS);
+    for (int i = 1; i < ARGS; i++)
+        blen += (size_t)snprintf(big + blen, cap - blen, "$64\r\n%064d\r\n", i);
+    /* one hog's pipeline, sent again and again; its replies are read and
+     * dropped so that it is never paused for its output */
+    char one[1200], pad[1001];
+    memset(pad, 'h', 1000);
+    pad[1000] = '\0';
+    const char *argv[] = {"ECHO", pad};
+    size_t olen = build_request(one, sizeof one, 2, argv);
+    size_t hlen = olen * HOG_REQS;
+    char *hreq = malloc(hlen), sink[65536];
+    for (int r = 0; r < HOG_REQS; r++)
+        memcpy(hreq + (size_t)r * olen, one, olen);
+    int hog[NHOG];
+    size_t hsent[NHOG];
+    for (int h = 0; h < NHOG; h++) {
+        hog[h] = connect_tcp(fx->d.tcp_port);
+        set_nonblocking(hog[h]);
+        hsent[h] = 0;
+    }
+    int fd = connect_tcp(fx->d.tcp_port);
+    set_nonblocking(fd);
+    sender_t snd = {fd, big, blen, false};
+    pthread_t th;
+    assert_int_equal(pthread_create(&th, NULL, sender_main, &snd), 0);
+    char reply[256];
+    size_t have = 0;
+    bool closed = false;
+    int64_t deadline = deadline_in(4 * WAIT_MS);
+    while (!closed && (have < 2 || memcmp(reply + have - 2, "\r\n", 2) != 0)) {
+        assert_true(mono_ms() < deadline);
+        struct pollfd pfd[NHOG + 1];
+        for (int h = 0; h < NHOG; h++)
+            pfd[h] = (struct pollfd){.fd = hog[h], .events = POLLIN | POLLOUT};
+        pfd[NHOG] = (struct pollfd){.fd = fd, .events = POLLIN};
+        assert_true(poll(pfd, NHOG + 1, remaining(deadline)) > 0);
+        for (int h = 0; h < NHOG; h++) {
+            if (pfd[h].revents & POLLOUT) {
+                ssize_t w = send(hog[h], hreq + hsent[h] % hlen, hlen - hsent[h] % hlen,
+                                 MSG_NOSIGNAL | MSG_DONTWAIT);
+                if (w > 0)
+                    hsent[h] += (size_t)w;
+            }
+            if (pfd[h].revents & POLLIN)
+                (void)recv(hog[h], sink, sizeof sink, MSG_DONTWAIT);
+        }
+        if (pfd[NHOG].revents & (POLLIN | POLLHUP | POLLERR)) {
+            ssize_t r = recv(fd, reply + have, sizeof reply - 1 - have, MSG_DONTWAIT);
+            if (r > 0)
+                have += (size_t)r;
+            else if (r == 0 || (errno != EAGAIN && errno != EWOULDBLOCK))
+                closed = true;
+        }
+    }
+    reply[have] = '\0';
+    assert_int_equal(pthread_join(th, NULL), 0);
+    assert_false(closed);
+    assert_true(snd.ok);
+    assert_string_equal(reply, "-ERR wrong number of arguments for 'echo' command\r\n");
+    assert_int_equal(stat_of(&fx->d.server.timeouts), 0);
+    assert_true(stat_of(&fx->d.server.read_yields) >= 1);
+    for (int h = 0; h < NHOG; h++)
+        close(hog[h]);
+    close(fd);
+    free(big);
+    free(hreq);
+    fx_stop(fx);
+}
+
 static void test_idle_client_is_closed_after_idle_timeout(void **state)
 {
     (void)state;
@@ -859,6 +958,7 @@ int main(void)
         cmocka_unit_test(test_client_that_never_reads_is_paused_and_bounded),
         cmocka_unit_test(test_output_over_max_output_buffer_closes_the_client),
         cmocka_unit_test(test_slow_request_beyond_request_timeout_is_closed),
+        cmocka_unit_test(test_request_a_busy_server_reads_slowly_is_not_timed_out),
         cmocka_unit_test(test_idle_client_is_closed_after_idle_timeout),
         cmocka_unit_test(test_unauthenticated_big_argument_is_a_protocol_error),
         cmocka_unit_test(test_quit_replies_then_closes_without_running_the_rest),
