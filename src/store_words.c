@@ -24,7 +24,6 @@
 #define TAG_ISTR         0x83    /* an interned string: the payload word is its id */
 #define UW_MIXED         0xffffu /* item list whose items differ in width */
 #define AHEAD_ITEMS_MIN  64u     /* items after the writer's now kept, at least */
-#define INTERP_STEPS     4       /* of a last_k insert's search, by interpolation */
 
 /* Makes room for `extra` more words (may replace *entp). */
 static void words_reserve(tly_store_t *store, ent_t **entp, uint32_t extra)
@@ -349,50 +348,20 @@ static void lastk_update(tly_store_t *store, ent_t **entp, uint32_t sid, const t
     /* every kept item, and this one, as wide as the count word says */
     const bool uniform = count && uw == words && (uint64_t)count * uw == len - 1;
     if (uniform) {
-        /* item i's time is word tw + i * uw */
-        const uint32_t tw = p + 1 + uw - 2;
-        const int64_t t = ev->time_ms;
         uint64_t lo = 0, hi = count;
         /* the two usual answers first, one load each: after the newest
          * item (events in time order) or before the oldest (an event too
          * old to be kept, once the list is full) */
-        int64_t tlo = (int64_t)ld(e, tw), thi = (int64_t)ld(e, p + len - 2);
-        if (thi <= t) {
+        if ((int64_t)ld(e, p + len - 2) <= ev->time_ms)
             lo = count;
-        } else if (tlo > t) {
+        else if ((int64_t)ld(e, p + 1 + uw - 2) > ev->time_ms)
             hi = 0;
-        } else {
-            /* Item 0 is at or before t, item count - 1 after it. The
-             * first steps guess the place from the times at both ends of
-             * the range, as if the items between were spread evenly in
-             * time (a user's events roughly are), and the rest halve the
-             * range, so a skewed list costs at most INTERP_STEPS more
-             * than halving. Each step is a cache miss in a list of
-             * kilobytes: on the ingest benchmark's stream a search took
-             * 2.9 steps on average where halving alone took 4.7.
-             * Invariant: items before lo are at or before t (tlo: the
-             * time of item lo - 1), items from hi on after it (thi: the
-             * time of item hi). */
-            lo = 1;
-            hi = count - 1;
-            for (unsigned step = 0; lo < hi; step++) {
-                uint64_t mid = lo + (hi - lo) / 2;
-                if (step < INTERP_STEPS) {
-                    /* tlo <= t < thi: a fraction of the range below 1
-                     * (in doubles: no difference of times can overflow) */
-                    double f = ((double)t - (double)tlo) / ((double)thi - (double)tlo);
-                    uint64_t g = lo + (uint64_t)(f * (double)(hi - lo));
-                    mid = g < lo ? lo : g >= hi ? hi - 1 : g;
-                }
-                int64_t tm = (int64_t)ld(e, tw + (uint32_t)(mid * uw));
-                if (tm <= t) {
-                    lo = mid + 1;
-                    tlo = tm;
-                } else {
-                    hi = mid;
-                    thi = tm;
-                }
-            }
+        while (lo < hi) {
+            uint64_t mid = lo + (hi - lo) / 2;
+            if ((int64_t)ld(e, p + 1 + (uint32_t)(mid * uw) + uw - 2) <= ev->time_ms)
+                lo = mid + 1;
+            else
+                hi = mid;
         }
         at = p + 1 + (uint32_t)(lo * uw);
     } else {
