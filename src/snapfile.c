@@ -589,6 +589,44 @@ void tly_snap_list_free(char **paths)
     free(paths);
 }
 
+/* Whether pid is this process or one of its threads. */
+static bool own_pid(pid_t pid)
+{
+    if (pid == getpid())
+        return true;
+    char task[64];
+    snprintf(task, sizeof task, "/proc/self/task/%ld", (long)pid);
+    return access(task, F_OK) == 0;
+}
+
+/* Deletes dir's temp files named before before_ms, or whose writer pid is
+ * gone (kill(pid, 0) fails with ESRCH), or (own) is this process or one of
+ * its threads. Returns how many; the caller syncs dir. */
+static size_t remove_tmps(const char *dir, int64_t before_ms, bool own)
+{
+    size_t deleted = 0;
+    DIR *d = opendir(dir);
+    if (d == NULL)
+        return 0;
+    const struct dirent *de;
+    while ((de = readdir(d)) != NULL) {
+        int64_t ms;
+        pid_t pid;
+        if (!parse_tmp_name(de->d_name, &ms, &pid))
+            continue;
+        if (ms >= before_ms && !(kill(pid, 0) != 0 && errno == ESRCH) && !(own && own_pid(pid)))
+            continue; /* a live writer's */
+        /* unlinking the current entry during readdir is allowed (POSIX
+         * leaves only whether later-added entries show up unspecified) */
+        char *p = path_join_fmt(dir, "%s", de->d_name);
+        if (unlink(p) == 0)
+            deleted++;
+        free(p);
+    }
+    closedir(d);
+    return deleted;
+}
+
 size_t tly_snap_prune(const char *dir, size_t keep, int64_t upto_ms)
 {
     size_t deleted = 0;
@@ -608,61 +646,15 @@ size_t tly_snap_prune(const char *dir, size_t keep, int64_t upto_ms)
         free(v[i].name);
     }
     free(v);
-
-    DIR *d = opendir(dir);
-    if (d != NULL) {
-        const struct dirent *de;
-        while ((de = readdir(d)) != NULL) {
-            int64_t ms;
-            pid_t pid;
-            if (!parse_tmp_name(de->d_name, &ms, &pid))
-                continue;
-            if (ms >= newest && !(kill(pid, 0) != 0 && errno == ESRCH))
-                continue;
-            /* unlinking the current entry during readdir is allowed (POSIX
-             * leaves only whether later-added entries show up unspecified) */
-            char *p = path_join_fmt(dir, "%s", de->d_name);
-            if (unlink(p) == 0)
-                deleted++;
-            free(p);
-        }
-        closedir(d);
-    }
+    deleted += remove_tmps(dir, newest, false);
     if (deleted > 0)
         sync_dir(dir);
     return deleted;
 }
 
-/* Whether pid is this process or one of its threads. */
-static bool own_pid(pid_t pid)
-{
-    if (pid == getpid())
-        return true;
-    char task[64];
-    snprintf(task, sizeof task, "/proc/self/task/%ld", (long)pid);
-    return access(task, F_OK) == 0;
-}
-
 size_t tly_snap_clean_tmp(const char *dir)
 {
-    size_t deleted = 0;
-    DIR *d = opendir(dir);
-    if (d == NULL)
-        return 0;
-    const struct dirent *de;
-    while ((de = readdir(d)) != NULL) {
-        int64_t ms;
-        pid_t pid;
-        if (!parse_tmp_name(de->d_name, &ms, &pid))
-            continue;
-        if (!(kill(pid, 0) != 0 && errno == ESRCH) && !own_pid(pid))
-            continue; /* another live process's writer */
-        char *p = path_join_fmt(dir, "%s", de->d_name);
-        if (unlink(p) == 0)
-            deleted++;
-        free(p);
-    }
-    closedir(d);
+    size_t deleted = remove_tmps(dir, INT64_MIN, true);
     if (deleted > 0)
         sync_dir(dir);
     return deleted;
