@@ -565,6 +565,19 @@ static size_t scan_snapshots(const char *dir, snap_entry_t **out)
     return n;
 }
 
+int64_t tly_snap_next_ms(const char *dir, int64_t now_ms)
+{
+    snap_entry_t *v;
+    size_t n = scan_snapshots(dir, &v);
+    int64_t next = now_ms;
+    if (n > 0 && v[0].ms >= now_ms)
+        next = v[0].ms < INT64_MAX ? v[0].ms + 1 : INT64_MAX;
+    for (size_t i = 0; i < n; i++)
+        free(v[i].name);
+    free(v);
+    return next;
+}
+
 size_t tly_snap_list(const char *dir, char ***paths)
 {
     snap_entry_t *v;

@@ -70,6 +70,7 @@ struct tly_snapshotter {
     uint64_t last_messages;   /* source messages at the last snapshot */
     uint64_t last_rebalances; /* and assignment changes */
     uint64_t last_positions;  /* and positions (positions_hash) */
+    bool warned_ahead;        /* name_after_newest has logged its warning */
 
     /* the writer child's error sentence: a shared anonymous mapping, read
      * by the parent after the child exited */
@@ -407,6 +408,21 @@ static void clean_tmp(tly_snapshotter_t *sn)
                  n == 1 ? "" : "s", sn->cfg->snapshot.dir);
 }
 
+/* The next snapshot's name: now, or after the newest in the directory when
+ * the clock is behind that one (tly_snap_next_ms). */
+static int64_t next_name_ms(tly_snapshotter_t *sn, int64_t now)
+{
+    int64_t ms = tly_snap_next_ms(sn->cfg->snapshot.dir, now);
+    if (ms > now && !sn->warned_ahead) {
+        sn->warned_ahead = true;
+        tly_warn("snapshot: the newest snapshot in %s is named %.1f s ahead of the clock (the "
+                 "clock was stepped back?); snapshots are named after it, so that the newest "
+                 "written is the one restored",
+                 sn->cfg->snapshot.dir, (double)(ms - 1 - now) / 1000.0);
+    }
+    return ms;
+}
+
 static void note_failed(tly_snapshotter_t *sn, const char *why)
 {
     pthread_mutex_lock(&sn->mu);
@@ -536,7 +552,7 @@ static void checkpoint(void *ctx, tly_source_t *src)
     free(sn->pending);
     sn->pending = pos;
     sn->npending = npos;
-    sn->child_created_ms = now;
+    sn->child_created_ms = next_name_ms(sn, now);
     sn->child_started_ms = now;
     if (sn->child_err != NULL)
         sn->child_err[0] = '\0';
@@ -838,7 +854,7 @@ tly_err_t tly_snapshot_final(tly_snapshotter_t *sn, tly_source_t *src)
     char err[ERR_CAP] = "", path[512] = "";
     uint64_t bytes = 0;
     clean_tmp(sn);
-    int64_t created = wall_ms(), t0 = mono_us();
+    int64_t created = next_name_ms(sn, wall_ms()), t0 = mono_us();
     tly_err_t rc =
         write_snapshot(sn, sn->store, pos, n, created, path, sizeof path, &bytes, err, sizeof err);
     if (rc == TLY_OK) {

@@ -77,6 +77,14 @@ tly_err_t tly_snapw_commit(tly_snapw_t *w, char *path_out, size_t cap, char *err
 /* Closes and removes the temp file and frees w. w may be NULL. */
 void tly_snapw_abort(tly_snapw_t *w);
 
+/* The name (created_ms) for dir's next snapshot: now_ms, or one past the
+ * newest snapshot's name in dir when that is at or after now_ms (written
+ * while the clock ran ahead, before it was stepped back). Names then follow
+ * the order of the writes whatever the clock does, so the newest write is
+ * the one restored first and the one pruning keeps. Returns now_ms when dir
+ * is missing or holds no snapshot. */
+int64_t tly_snap_next_ms(const char *dir, int64_t now_ms);
+
 /* Deletes all but the newest `keep` snapshot files in dir named at or
  * before upto_ms (the snapshot just written: a file named later, from a
  * clock that ran ahead or put there by hand, would otherwise count among

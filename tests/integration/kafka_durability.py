@@ -673,6 +673,70 @@ def t_restart_replays_nothing(r):
     m.done()
 
 
+DAY_MS = 86_400_000
+
+
+def t_future_named_snapshot_restored(r):
+    """The clock ran a day ahead while the oldest snapshot was written, and
+    was stepped back: that file now has the newest name. It is restored
+    (its positions match its state, so the rest is read from Kafka)."""
+    rc, took = sigterm(r.t)
+    r.t = None
+    if rc != 0:
+        raise Failure(f"SIGTERM before renaming a snapshot: exit {rc} after {took:.1f} s")
+    files = K.snapshot_files(r.snapdir)
+    if len(files) < 2:
+        raise Failure(f"need 2 snapshot files, have {[n for _, n in files]}")
+    old_ms, old_name = files[-1]
+    r.future_ms = int(time.time() * 1000) + DAY_MS
+    future = f"snapshot-{r.future_ms:013d}.tly"
+    os.rename(os.path.join(r.snapdir, old_name), os.path.join(r.snapdir, future))
+    t = r.t = start(r, "tallyd-future")
+    info = wait_at_end(r, t)
+    m = Mismatches()
+    # the header keeps the time it was written at: only the renamed file has it
+    m.eq(num(info, "restored_snapshot_ms"), old_ms, f"INFO restored_snapshot_ms ({old_name} "
+         f"renamed {future})")
+    m.eq(num(info, "snapshots_rejected"), 0, "INFO snapshots_rejected")
+    print(f"# {old_name} renamed {future}: restored, then consumed "
+          f"{info.get('messages_consumed')} messages", flush=True)
+    m.done()
+
+
+def t_next_snapshot_named_after_the_future_one(r):
+    """SIGTERM: the final snapshot is named after the future-named file (the
+    clock is a day behind it); the restart restores that one and reads
+    nothing (before, the future-named file stayed newest and was restored
+    again at every start)."""
+    if r.t is None:
+        raise Failure("no tallyd running (an earlier step failed)")
+    cli = r.t.client()
+    try:
+        info = cli.info()
+    finally:
+        cli.close()
+    r.writes_since_future = num(info, "snapshots_written")
+    r.t_future_log = r.t.log_path
+    rc, took = sigterm(r.t)
+    r.t = None
+    m = Mismatches()
+    m.eq(rc, 0, f"exit status {took:.1f} s after SIGTERM")
+    files = K.snapshot_files(r.snapdir)
+    newest = files[0][0] if files else -1
+    # the periodic ones written since the start take future_ms + 1, + 2, ...
+    m.check(r.future_ms < newest <= r.future_ms + r.writes_since_future + 1,
+            f"the newest snapshot {files[:1]}: want one named after {r.future_ms}")
+    m.eq(len(files), SNAPSHOT["keep"], f"snapshot files {[n for _, n in files]}")
+    log = Path(r.t_future_log).read_text(errors="replace")
+    m.check("ahead of the clock" in log, "no warning in the log of the start with the "
+            "future-named snapshot")
+    t = r.t = start(r, "tallyd-after-future")
+    info = wait_at_end(r, t)
+    m.eq(num(info, "restored_snapshot_ms"), newest, "INFO restored_snapshot_ms")
+    m.eq(num(info, "messages_consumed"), 0, "INFO messages_consumed at loading:0")
+    m.done()
+
+
 def t_values(r):
     check_values(r, r.t, "values")
 
@@ -706,6 +770,11 @@ def main():
         ("restart_after_sigterm_consumes_nothing", t_restart_replays_nothing),
         ("after_clean_restart_every_value_equals_ground_truth", t_values),
         ("after_clean_restart_meta_and_watermark_equal_ground_truth", t_meta),
+        ("snapshot_named_a_day_ahead_is_restored_first", t_future_named_snapshot_restored),
+        ("after_restoring_the_future_named_one_every_value_equals_ground_truth", t_values),
+        ("next_snapshot_is_named_after_the_future_one_and_restored_next",
+         t_next_snapshot_named_after_the_future_one),
+        ("after_restoring_the_one_named_after_it_every_value_equals_ground_truth", t_values),
     ]
     for i, (name, fn) in enumerate(steps):
         ok = suite.run(f"durability_{name}", fn, r)

@@ -744,6 +744,38 @@ static void test_clean_tmp_drops_dead_and_own_writers_temps_only(void **state)
     free(missing);
 }
 
+static void test_next_name_follows_the_newest_file_when_the_clock_is_behind_it(void **state)
+{
+    const char *dir = *state;
+    char *missing = path_in(dir, "missing");
+    assert_int_equal(tly_snap_next_ms(missing, 1234), 1234);
+    free(missing);
+    assert_int_equal(tly_snap_next_ms(dir, 1234), 1234); /* empty */
+    uint8_t one = 1;
+    block_t b = {1, 1, &one};
+    free(write_snapshot(dir, 100, 0, &b, 1));
+    free(write_snapshot(dir, 5000, 0, &b, 1)); /* written while the clock ran ahead */
+    touch(dir, ".tmp-3000-1.tly");             /* temp files do not count */
+    touch(dir, "snapshot-x.tly");
+    assert_int_equal(tly_snap_next_ms(dir, 9000), 9000);
+    assert_int_equal(tly_snap_next_ms(dir, 5001), 5001);
+    assert_int_equal(tly_snap_next_ms(dir, 5000), 5001);
+    assert_int_equal(tly_snap_next_ms(dir, 1000), 5001); /* the clock stepped back */
+    /* written under that name, it is the newest: listed first, kept by prune */
+    free(write_snapshot(dir, tly_snap_next_ms(dir, 1000), 0, &b, 1));
+    assert_int_equal(tly_snap_next_ms(dir, 1001), 5002);
+    char **paths = NULL;
+    assert_int_equal(tly_snap_list(dir, &paths), 3);
+    char *want = path_in(dir, "snapshot-0000000005001.tly");
+    assert_string_equal(paths[0], want);
+    free(want);
+    tly_snap_list_free(paths);
+    assert_int_equal(tly_snap_prune(dir, 1, 5001), 2 + 1); /* 5000, 100 and the stale temp */
+    char *names = dir_names(dir);
+    assert_string_equal(names, "snapshot-0000000005001.tly\nsnapshot-x.tly\n");
+    free(names);
+}
+
 static void test_prune_keeps_newest_and_drops_stale_temps_list_is_newest_first(void **state)
 {
     const char *dir = *state;
@@ -1105,6 +1137,7 @@ int main(void)
         T(test_crafted_files_with_valid_crcs_are_rejected),
         T(test_prune_keeps_newest_and_drops_stale_temps_list_is_newest_first),
         T(test_clean_tmp_drops_dead_and_own_writers_temps_only),
+        T(test_next_name_follows_the_newest_file_when_the_clock_is_behind_it),
         T(test_abort_leaves_nothing_commit_leaves_only_the_final_file),
         T(test_commit_into_unwritable_dir_fails_and_keeps_previous),
         T(test_enospc_on_a_block_write_then_abort_keeps_previous_and_next_succeeds),
