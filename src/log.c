@@ -68,16 +68,22 @@ int tly_log_fd(void)
     return atomic_load(&log_fd);
 }
 
-void tly_log_reopen(void)
+int tly_log_reopen(void)
 {
     if (log_path == NULL)
-        return;
+        return 0;
     int fd = open_path(log_path);
     if (fd < 0)
-        return; /* keep writing to the old file rather than losing lines */
+        return -1; /* keep writing to the old file rather than losing lines */
     int old = atomic_exchange(&log_fd, fd);
     if (old != 2)
         close(old);
+    return 1;
+}
+
+const char *tly_log_path(void)
+{
+    return log_path;
 }
 
 void tly_log(tly_log_level_t level, const char *fmt, ...)

@@ -249,8 +249,15 @@ static int run(const tly_config_t *cfg, const tly_featset_t *fs)
             break;
         }
         if (sig == SIGHUP) {
-            tly_log_reopen();
-            tly_info("SIGHUP: reopened the log");
+            int rc = tly_log_reopen();
+            if (rc > 0)
+                tly_info("SIGHUP: reopened the log %s", tly_log_path());
+            else if (rc == 0)
+                tly_info("SIGHUP: the log goes to stderr (no --log); nothing to reopen");
+            else
+                tly_error("SIGHUP: cannot reopen the log %s: %s; lines go on to the file open "
+                          "before",
+                          tly_log_path(), strerror(errno));
         }
         const char *fatal = tly_source_fatal(source);
         if (fatal != NULL) {

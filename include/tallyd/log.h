@@ -19,8 +19,13 @@ void tly_log_set_level(tly_log_level_t level);
 /* Sends lines to path (appending) instead of stderr; NULL: stderr. Returns 0
  * or -1 with errno set. Main thread. */
 int tly_log_open(const char *path);
-/* Reopens the file given to tly_log_open (after rotation). Any thread. */
-void tly_log_reopen(void);
+/* Reopens the file given to tly_log_open (after rotation). Returns 1 when it
+ * did, 0 when lines go to stderr (nothing to reopen), -1 with errno set when
+ * the file cannot be opened (lines go on to the file open before). Main
+ * thread. */
+int tly_log_reopen(void);
+/* The path given to tly_log_open, or NULL for stderr. Main thread. */
+const char *tly_log_path(void);
 /* The descriptor lines are written to (2 = stderr). Any thread. */
 int tly_log_fd(void);
 void tly_log(tly_log_level_t level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));

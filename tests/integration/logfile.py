@@ -7,8 +7,10 @@ features and a slow demo generator; no Kafka broker needed.
 
 Checked: tallyd serves with --log; its start-up lines are in FILE and none
 on stderr (stdout keeps the demo's banner); after the file is renamed and SIGHUP sent, a new FILE appears
-holding the reopen line, and the shutdown lines of SIGTERM land in it, not
-in the renamed one; tallyd exits 0. --log with another action, and a log
+holding the reopen line; when the path cannot be opened at a SIGHUP the
+error lands in the file still open; the shutdown lines of SIGTERM land in
+the newest file, not in the renamed ones; tallyd exits 0. Without --log,
+SIGHUP says there is nothing to reopen. --log with another action, and a log
 path that cannot be opened, are refused at once."""
 import os
 import signal
@@ -78,9 +80,21 @@ def t_log_file_and_sighup_reopen(tmp):
         rotated = Path(tmp) / "tallyd.log.1"
         os.rename(log, rotated)
         proc.send_signal(signal.SIGHUP)
-        wait_for(lambda: "reopened the log" in read(log), 10,
+        wait_for(lambda: f"SIGHUP: reopened the log {log}" in read(log), 10,
                  f"no new {log} with the reopen line after SIGHUP")
-        before = read(rotated)
+        # the path cannot be opened at the next rotation (a directory took
+        # it): the error goes to the file still open, and lines go on there
+        rotated2 = Path(tmp) / "tallyd.log.2"
+        os.rename(log, rotated2)
+        os.mkdir(log)
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: f"SIGHUP: cannot reopen the log {log}: Is a directory" in
+                 read(rotated2), 10, f"no error line in {rotated2} after SIGHUP")
+        os.rmdir(log)
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: f"SIGHUP: reopened the log {log}" in read(log), 10,
+                 f"no new {log} with the reopen line after the second SIGHUP")
+        before, before2 = read(rotated), read(rotated2)
         proc.send_signal(signal.SIGTERM)
         rc = proc.wait(timeout=30 * H.MULT)
         m.eq(rc, 0, "exit status after SIGTERM")
@@ -88,8 +102,29 @@ def t_log_file_and_sighup_reopen(tmp):
         m.check("SIGTERM: shutting down" in after and " stopped" in after,
                 f"the shutdown lines are not in the new {log}: {after[-400:]!r}")
         m.eq(read(rotated), before, f"{rotated} after the reopen (nothing more written)")
-        m.check("SIGTERM" not in read(rotated), f"{rotated} got the shutdown lines")
+        m.eq(read(rotated2), before2, f"{rotated2} after the reopen (nothing more written)")
+        m.check("SIGTERM" not in read(rotated) + read(rotated2), "a rotated file got the "
+                "shutdown lines")
         m.eq(read(err_path), "", "stderr with --log")
+        m.done()
+    finally:
+        H.stop(proc)
+
+
+def t_sighup_without_log_says_so(tmp):
+    port = H.free_port()
+    err_path = Path(tmp) / "stderr-nolog.txt"
+    with open(err_path, "w") as err, open(Path(tmp) / "stdout-nolog.txt", "w") as out:
+        proc = H.spawn([H.TALLYD, "--config", config(tmp, port)], stdout=out, stderr=err)
+    try:
+        wait_for(lambda: " INFO " in read(err_path), 20, "no INFO line on stderr")
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "SIGHUP: the log goes to stderr (no --log); nothing to reopen" in
+                 read(err_path), 10, "no line on stderr after SIGHUP")
+        m = H.Mismatches()
+        m.check("reopened" not in read(err_path), "stderr claims a reopen without --log")
+        proc.send_signal(signal.SIGTERM)
+        m.eq(proc.wait(timeout=30 * H.MULT), 0, "exit status after SIGTERM")
         m.done()
     finally:
         H.stop(proc)
@@ -117,6 +152,8 @@ def main():
     suite = H.Suite("logfile")
     suite.run("log_file_gets_the_lines_sighup_reopens_it_after_a_rename",
               t_log_file_and_sighup_reopen, tmp)
+    suite.run("sighup_without_log_says_there_is_nothing_to_reopen",
+              t_sighup_without_log_says_so, tmp)
     suite.run("log_with_another_action_or_unopenable_path_is_refused",
               t_log_refused_without_config_or_unopenable, tmp)
     return H.finish(suite, tmp)
