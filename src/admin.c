@@ -410,6 +410,10 @@ void tly_admin_metrics(tly_daemon_t *d, int64_t now_ms, tly_buf_t *out)
         counter(out, "tallyd_snapshots_rejected_total",
                 "Snapshots found unusable at start-up (corrupt, truncated, other format).",
                 ss.rejected);
+        counter(out, "tallyd_snapshots_outdated_total",
+                "Snapshots passed over at start-up: written for other definitions of every "
+                "feature.",
+                ss.outdated);
         gauge(out, "tallyd_snapshot_in_progress", "1 while a snapshot writer runs.",
               ss.in_progress ? 1 : 0);
         family(out, "tallyd_last_snapshot_timestamp_seconds", "gauge",

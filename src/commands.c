@@ -1178,6 +1178,7 @@ static void info_persistence(cmd_ctx_t *c, tly_buf_t *t)
         }
     textf(t, "\r\n");
     textf(t, "snapshots_rejected:%" PRIu64 "\r\n", st.rejected);
+    textf(t, "snapshots_outdated:%" PRIu64 "\r\n", st.outdated);
 }
 
 static void info_features(cmd_ctx_t *c, tly_buf_t *t)

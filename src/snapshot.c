@@ -684,9 +684,13 @@ static bool read_types(const uint8_t *p, size_t len)
 }
 
 /* Loads one file into a new store; NULL with err filled when unusable. */
+/* Loads path into a new store. NULL with err set when the file is unusable,
+ * and *outdated set when that is because it was written for other
+ * definitions of every feature (not damage). */
 static tly_store_t *load_file(tly_snapshotter_t *sn, const tly_featset_t *fs, const char *path,
-                              char *err, size_t errlen)
+                              bool *outdated, char *err, size_t errlen)
 {
+    *outdated = false;
     tly_snapr_t *r = tly_snapr_open(path, err, errlen);
     if (r == NULL)
         return NULL;
@@ -737,10 +741,8 @@ static tly_store_t *load_file(tly_snapshotter_t *sn, const tly_featset_t *fs, co
     for (size_t f = 0; f < fs->nfeats; f++)
         restored += tly_store_restored(store, (uint32_t)f);
     if (restored == 0) {
-        snprintf(err, errlen,
-                 "%s: written for other definitions of every feature; every feature is "
-                 "rebuilt from Kafka history",
-                 path);
+        snprintf(err, errlen, "%s: written for other definitions of every feature", path);
+        *outdated = true;
         goto bad;
     }
     pthread_mutex_lock(&sn->mu);
@@ -765,13 +767,17 @@ tly_store_t *tly_snapshot_restore(tly_snapshotter_t *sn, const tly_featset_t *fs
     for (size_t i = 0; i < n && store == NULL; i++) {
         char err[768] = "";
         int64_t t0 = mono_us();
-        store = load_file(sn, fs, paths[i], err, sizeof err);
+        bool outdated;
+        store = load_file(sn, fs, paths[i], &outdated, err, sizeof err);
         if (store == NULL) {
             pthread_mutex_lock(&sn->mu);
-            sn->st.rejected++;
+            if (outdated)
+                sn->st.outdated++;
+            else
+                sn->st.rejected++;
             pthread_mutex_unlock(&sn->mu);
-            tly_warn("snapshot: %s; %s", err,
-                     i + 1 < n ? "trying the next older one" : "rebuilding from Kafka history");
+            tly_log(outdated ? TLY_LOG_INFO : TLY_LOG_WARN, "snapshot: %s; %s", err,
+                    i + 1 < n ? "trying the next older one" : "rebuilding from Kafka history");
             continue;
         }
         tly_store_stats_t st;

@@ -55,6 +55,7 @@ typedef struct {
     uint64_t loaded_entities;  /* entities restored at start-up */
     int64_t loaded_ms;         /* creation time of the snapshot restored, -1 none */
     uint64_t rejected;         /* snapshots found unusable at start-up */
+    uint64_t outdated;         /* passed over at start-up: every feature redefined since */
     uint64_t restored_types;   /* entity types whose features were all restored (bit per type) */
     uint64_t rebuilt_types;    /* entity types none of whose features were restored */
     uint64_t rebuilt_feats[TLY_MAX_FEATURES / 64]; /* features rebuilt: new or changed */

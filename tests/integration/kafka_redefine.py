@@ -55,10 +55,12 @@ def changed_features():
     return feats
 
 
-def start(r, features, name, start_at="earliest", snapdir=None, port=None):
+def start(r, features, name, start_at="earliest", snapdir=None, port=None, events=None):
     path, cfg = K.write_config(r.tmp, r.bootstrap, port or r.port, r.topic, "replica", start_at,
                                features, name=name, group=f"{r.group}-{name}")
     cfg["snapshot"] = {"dir": str(snapdir or r.snapdir), "every": "1s", "keep": 3}
+    if events:
+        cfg["events"] = dict(cfg.get("events") or {}, **events)
     with open(path, "w") as f:
         yaml.safe_dump(cfg, f, sort_keys=False)
     return K.Tallyd(path, port or r.port, r.tmp, name=name), cfg, path
@@ -241,6 +243,39 @@ def t_loaded_not_rebuilt(r):
         raise H.Failure(f"tallyd 2b exited with {rc} on SIGTERM")
 
 
+def t_every_feature_redefined_passes_over_snapshots(r):
+    """Run 5: events.max_future_skew changed (what gets an event rejected, so
+    every feature's definition): every snapshot is passed over as outdated,
+    not counted as damaged, and every feature is rebuilt from history."""
+    snapdir = Path(r.tmp) / "snapshots-run5"
+    shutil.copytree(r.snapdir, snapdir)
+    files = K.snapshot_files(snapdir)
+    if not files:
+        raise H.Failure(f"no snapshot in {snapdir} to pass over")
+    # 6m instead of the tests' 5m: no event of the stream is further ahead
+    t, cfg, path = start(r, r.features2, "tallyd-5", snapdir=snapdir, port=H.free_port(),
+                         events={"max_future_skew": "6m"})
+    try:
+        info = K.wait_caught_up(t, r.produced)
+        m = H.Mismatches()
+        pers = persistence(t)
+        m.eq(pers.get("snapshots_outdated"), str(len(files)),
+             f"INFO snapshots_outdated ({[n for _, n in files]})")
+        m.eq(pers.get("snapshots_rejected"), "0", "INFO snapshots_rejected")
+        m.eq(pers.get("restored_snapshot_ms"), "-1", "INFO restored_snapshot_ms")
+        m.eq(info.get("messages_consumed"), str(r.produced), "INFO messages_consumed (all)")
+        log = Path(t.log_path).read_text(errors="replace")
+        m.check("written for other definitions of every feature" in log and " WARN snapshot"
+                not in log, "the log does not say why each snapshot was passed over, or "
+                "warns about it")
+        m.done()
+        check_values(r, t, cfg, path, E.Model(cfg, r.ev1 + r.ev2, r.asof, r.t0))
+    finally:
+        rc = t.close()
+    if rc != 0:
+        raise H.Failure(f"tallyd 5 exited with {rc} on SIGTERM")
+
+
 def main():
     suite = H.Suite("kafka_redefine")
     try:
@@ -266,6 +301,8 @@ def main():
                   t_removed_feature_resumes, r)
     suite.run("unchanged_pin_features_loaded_not_rebuilt_with_start_latest",
               t_loaded_not_rebuilt, r)
+    suite.run("every_feature_redefined_snapshots_passed_over_as_outdated_all_rebuilt",
+              t_every_feature_redefined_passes_over_snapshots, r)
     return H.finish(suite, r.tmp)
 
 
