@@ -718,12 +718,14 @@ static bool in_lost_partition(uint32_t type, const char *id, size_t len, void *c
 /* Shard mode, on assignment: drops the entities of the partitions this
  * process held before the rebalance and does not hold now, and forgets
  * those partitions' positions (assigned again later, they are rebuilt
- * from history); then publishes the new ownership. */
-static void shard_reassign(tly_source_t *src, const rd_kafka_topic_partition_list_t *parts)
+ * from history). Returns false when the partition counts stop the source.
+ * The new ownership is published once the assignment succeeded
+ * (shard_owned). */
+static bool shard_reassign(tly_source_t *src, const rd_kafka_topic_partition_list_t *parts)
 {
     int32_t nparts = shard_partition_count(src);
     if (nparts < 0)
-        return;
+        return false; /* fatal: the source stops */
     /* Without metadata the router keeps the count it knew: a count of 0
      * would have every id answered here, those of the partitions just lost
      * too, from entities that stay held (below) but no longer follow their
@@ -731,10 +733,8 @@ static void shard_reassign(tly_source_t *src, const rd_kafka_topic_partition_lis
     if (nparts > 0)
         tly_shard_set_partitions(src->shard, nparts);
     uint64_t now_held[TLY_SHARD_MAX_PARTITIONS / 64] = {0};
-    int32_t *owned = tly_xrealloc(NULL, (size_t)(parts->cnt + 1) * sizeof *owned);
     for (int i = 0; i < parts->cnt; i++) {
         int32_t p = parts->elems[i].partition;
-        owned[i] = p;
         if (p >= 0 && p < TLY_SHARD_MAX_PARTITIONS)
             now_held[p / 64] |= UINT64_C(1) << (p % 64);
     }
@@ -762,6 +762,16 @@ static void shard_reassign(tly_source_t *src, const rd_kafka_topic_partition_lis
         atomic_fetch_add_explicit(&src->dropped_entities, n, memory_order_relaxed);
         tly_info("source: dropped %zu entities of the partitions this instance no longer owns", n);
     }
+    return true;
+}
+
+/* Shard mode, once parts are assigned: this instance answers for them and
+ * names itself their owner in the endpoints topic. */
+static void shard_owned(tly_source_t *src, const rd_kafka_topic_partition_list_t *parts)
+{
+    int32_t *owned = tly_xrealloc(NULL, (size_t)(parts->cnt + 1) * sizeof *owned);
+    for (int i = 0; i < parts->cnt; i++)
+        owned[i] = parts->elems[i].partition;
     tly_shard_assigned(src->shard, owned, (size_t)parts->cnt);
     free(owned);
 }
@@ -794,8 +804,7 @@ static void learn_ends(tly_source_t *src, const rd_kafka_topic_partition_list_t 
 
 static void assign(tly_source_t *src, rd_kafka_topic_partition_list_t *parts)
 {
-    if (src->shard != NULL)
-        shard_reassign(src, parts);
+    bool owns = src->shard != NULL && shard_reassign(src, parts);
     rd_kafka_topic_partition_list_t *ends = choose_offsets(src, parts);
     char line[ASSIGN_LOG_CAP];
     size_t used = 0;
@@ -820,6 +829,8 @@ static void assign(tly_source_t *src, rd_kafka_topic_partition_list_t *parts)
     }
     tly_info("source: assigned %d partitions: %s%s", parts->cnt, line,
              used >= sizeof line ? "..." : "");
+    if (owns)
+        shard_owned(src, parts);
     for (size_t i = 0; i < src->nparts; i++)
         src->parts[i].assigned = false;
     for (int i = 0; i < parts->cnt; i++) {
