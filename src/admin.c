@@ -369,6 +369,12 @@ static void metrics_server(tly_daemon_t *d, tly_buf_t *b)
             load(&s->protocol_errors));
     counter(b, "tallyd_output_buffer_disconnects_total",
             "Connections closed at server.max_output_buffer.", load(&s->output_overflows));
+    counter(b, "tallyd_clients_evicted_total",
+            "Connections closed at server.max_clients_memory (the client holding the most).",
+            load(&s->evicted_clients));
+    gauge(b, "tallyd_clients_memory_bytes",
+          "Bytes the buffers of all RESP clients hold (pending requests, queued replies).",
+          (int64_t)load(&s->clients_memory));
     counter(b, "tallyd_timeout_disconnects_total",
             "Connections closed by the idle or request timeout.", load(&s->timeouts));
     counter(b, "tallyd_auth_failures_total", "AUTH attempts with a wrong password.",

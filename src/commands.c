@@ -1023,6 +1023,8 @@ static void info_clients(cmd_ctx_t *c, tly_buf_t *t)
     textf(t, "# Clients\r\n");
     textf(t, "connected_clients:%" PRIu64 "\r\n", load(&d->server.connected));
     textf(t, "maxclients:%" PRId64 "\r\n", d->cfg->server.max_clients);
+    textf(t, "clients_memory:%" PRIu64 "\r\n", load(&d->server.clients_memory));
+    textf(t, "maxclients_memory:%" PRId64 "\r\n", d->cfg->server.max_clients_memory);
 }
 
 static void info_stats(cmd_ctx_t *c, tly_buf_t *t)
@@ -1034,6 +1036,7 @@ static void info_stats(cmd_ctx_t *c, tly_buf_t *t)
     textf(t, "rejected_connections:%" PRIu64 "\r\n", load(&st->rejected_maxclients));
     textf(t, "protocol_errors:%" PRIu64 "\r\n", load(&st->protocol_errors));
     textf(t, "output_buffer_disconnects:%" PRIu64 "\r\n", load(&st->output_overflows));
+    textf(t, "evicted_clients:%" PRIu64 "\r\n", load(&st->evicted_clients));
     textf(t, "timeout_disconnects:%" PRIu64 "\r\n", load(&st->timeouts));
     textf(t, "auth_failures:%" PRIu64 "\r\n", load(&st->auth_failures));
     textf(t, "read_yields:%" PRIu64 "\r\n", load(&st->read_yields));

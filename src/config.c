@@ -130,6 +130,11 @@ const key_def_t tly_config_keys[] = {
     KEY("server.output_soft_limit", K_INT, "1048576", 4096, 4294967296, 0, NULL,
         CFG(server.output_soft_limit),
         "While a client has more reply bytes queued than this, its requests are not read."),
+    KEY("server.max_clients_memory", K_INT, "1073741824", 1048576, 1099511627776, 0, NULL,
+        CFG(server.max_clients_memory),
+        "Most bytes the buffers of all clients together may hold (pending requests, queued "
+        "replies, request parsing); above it the client holding the most is disconnected, "
+        "then the next, until they hold less."),
     KEY("server.idle_timeout", K_DURATION, "1h", SEC(1), DAY(365), 0, NULL,
         CFG(server.idle_timeout_ms), "A client that sends nothing for this long is disconnected."),
     KEY("server.request_timeout", K_DURATION, "10s", 100, HOUR(1), 0, NULL,

@@ -43,7 +43,10 @@
  * limits apply. A protocol error replies "-ERR Protocol error: <why>" and
  * the client is closed once that is written; other clients are unaffected.
  * Beyond server.max_clients (counted over all loops) a connection gets
- * "-ERR max number of clients reached" and is closed. A timer per loop
+ * "-ERR max number of clients reached" and is closed. What every client's
+ * buffers hold is counted over all loops (client_account, after each read
+ * and each completed write); above server.max_clients_memory the loop that
+ * sees it closes its clients holding the most until the count is under. A timer per loop
  * closes clients that neither sent nor received a byte for
  * server.idle_timeout, and clients whose current request began arriving
  * more than server.request_timeout ago, or whose last READ_CHUNK bytes did
@@ -142,6 +145,7 @@ struct client {
     size_t req_mark;      /* in.len when req_start was set */
     uint64_t drain_since; /* uv_now of the shutdown of a draining client */
     size_t drained;       /* bytes dropped while draining */
+    size_t mem;           /* bytes counted in d->server.clients_memory */
     uv_write_t wreq;
     uv_shutdown_t sreq;
 };
@@ -471,7 +475,66 @@ static void client_close(client_t *c)
     c->prev = c->next = NULL;
     if (c->counted)
         atomic_fetch_sub_explicit(&c->lp->srv->d->server.connected, 1, memory_order_relaxed);
+    /* the buffers are freed in client_close_cb: no longer the clients' */
+    atomic_fetch_sub_explicit(&c->lp->srv->d->server.clients_memory, c->mem, memory_order_relaxed);
+    c->mem = 0;
     uv_close(&c->h.handle, client_close_cb);
+}
+
+/* Bytes c's buffers hold: input, queued and in-flight output, the parser's
+ * spans, pointers and inline scratch. */
+static size_t client_memory(const client_t *c)
+{
+    size_t n = c->in.cap + c->out.cap + c->wbuf.cap;
+    if (c->parser_ready)
+        n += c->parser.cap * (sizeof *c->parser.args + sizeof *c->parser.argv) +
+             c->parser.scratch_cap;
+    return n;
+}
+
+/* Above server.max_clients_memory: closes this loop's clients holding the
+ * most until the clients together hold less (each loop closes its own; the
+ * total counts every loop's). */
+static void evict_clients(server_loop_t *lp)
+{
+    tly_daemon_t *d = lp->srv->d;
+    const uint64_t cap = (uint64_t)d->cfg->server.max_clients_memory;
+    while (atomic_load_explicit(&d->server.clients_memory, memory_order_relaxed) > cap) {
+        client_t *big = NULL;
+        for (client_t *c = lp->clients; c != NULL; c = c->next)
+            if (big == NULL || c->mem > big->mem)
+                big = c;
+        if (big == NULL || big->mem == 0)
+            return;
+        stat_add(&d->server.evicted_clients, 1);
+        tly_warn("client %" PRIu64 " (%s) closed: it held %zu bytes of buffers, the most, when "
+                 "all clients held %" PRIu64 ", over server.max_clients_memory (%" PRId64 ")",
+                 big->session.id, big->session.addr, big->mem,
+                 (uint64_t)atomic_load_explicit(&d->server.clients_memory, memory_order_relaxed),
+                 d->cfg->server.max_clients_memory);
+        client_close(big);
+    }
+}
+
+/* Brings c's share of d->server.clients_memory up to date, after a read or
+ * a write changed its buffers; may close c, or others of its loop, when the
+ * clients hold more than server.max_clients_memory. */
+static void client_account(client_t *c)
+{
+    if (c->state == CLIENT_CLOSING)
+        return;
+    size_t now = client_memory(c);
+    if (now == c->mem)
+        return;
+    atomic_uint_fast64_t *total = &c->lp->srv->d->server.clients_memory;
+    if (now > c->mem)
+        atomic_fetch_add_explicit(total, now - c->mem, memory_order_relaxed);
+    else
+        atomic_fetch_sub_explicit(total, c->mem - now, memory_order_relaxed);
+    c->mem = now;
+    if (now > 0 && atomic_load_explicit(total, memory_order_relaxed) >
+                       (uint64_t)c->lp->srv->d->cfg->server.max_clients_memory)
+        evict_clients(c->lp);
 }
 
 /* Gives the parser the limits for an authenticated session or the tight
@@ -582,6 +645,7 @@ static void write_cb(uv_write_t *req, int status)
     c->woff = 0;
     shrink(&c->wbuf);
     client_pump(c, false);
+    client_account(c);
 }
 
 /* Hands c->out to the kernel: uv_try_write, then uv_write for the rest
@@ -759,10 +823,8 @@ static void prepare_cb(uv_prepare_t *h)
     }
 }
 
-static void read_cb(uv_stream_t *stream, ssize_t nread, const uv_buf_t *buf)
+static void read_bytes(client_t *c, ssize_t nread)
 {
-    (void)buf; /* the bytes are in c->in (or the discard buffer) */
-    client_t *c = stream->data;
     if (nread == 0 || c->state == CLIENT_CLOSING)
         return;
     if (nread < 0) {
@@ -790,6 +852,14 @@ static void read_cb(uv_stream_t *stream, ssize_t nread, const uv_buf_t *buf)
     client_pump(c, true);
     if ((size_t)nread == READ_CHUNK && c->state == CLIENT_OPEN && c->reading)
         client_yield(c);
+}
+
+static void read_cb(uv_stream_t *stream, ssize_t nread, const uv_buf_t *buf)
+{
+    (void)buf; /* the bytes are in c->in (or the discard buffer) */
+    client_t *c = stream->data;
+    read_bytes(c, nread);
+    client_account(c);
 }
 
 static void client_start(client_t *c, bool is_unix)

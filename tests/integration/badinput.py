@@ -461,6 +461,107 @@ def connections_beyond_max_clients_are_refused(c):
         base_cli.close()
 
 
+CLIENTS_MEMORY = 16 << 20
+HOLDERS = 8
+HOLD_BYTES = 3 << 20
+
+
+@case
+def clients_over_max_clients_memory_lose_the_largest(c):
+    """A second tallyd with server.max_clients_memory 16 MiB: eight clients
+    each leave 3 MiB of one request pending (a buffer of 4 MiB each, 32 MiB
+    in all). Whenever the clients together pass 16 MiB the one holding the
+    most is closed without a reply, so at most three stay; those stay
+    connected, the count of buffers stays under the cap, and a client
+    asking FEATURES is answered throughout."""
+    tmp = Path(c.tmp) / "clients-memory"
+    tmp.mkdir(exist_ok=True)
+    port = H.free_port()
+    path, _ = H.write_config(tmp, c.kafka.bootstrap, port, TOPIC, server_extra={
+        "max_clients_memory": CLIENTS_MEMORY, "request_timeout": "5m"})
+    t = H.Tallyd(path, port, tmp)
+    socks = []
+    try:
+        t.wait_ingested(c.kafka.produced)
+        cli = t.client()
+        # 3 MiB of a request of 100 arguments of 60,000 bytes, never finished
+        arg = b"$60000\r\n" + b"h" * 60000 + b"\r\n"
+        payload = b"*100\r\n" + arg * (HOLD_BYTES // len(arg))
+        info_bytes = len(H.Client.encode("INFO"))
+        broken = 0
+        closed = set()
+
+        def note_closed():
+            for s in socks:
+                if s in closed or not select.select([s], [], [], 0)[0]:
+                    continue
+                try:
+                    data = s.recv(4096)
+                except ConnectionResetError:
+                    data = b""
+                if data:
+                    raise Failure(f"a client over the cap got a reply: {data[:80]!r}")
+                closed.add(s)
+
+        for i in range(HOLDERS):
+            # one holder at a time, each settled before the next: tallyd has
+            # read all it sent (total_net_input_bytes, less this client's
+            # INFO requests) or closed it
+            before = int(cli.info()["total_net_input_bytes"])
+            s = socket.create_connection(("127.0.0.1", port), timeout=30 * H.MULT)
+            socks.append(s)
+            try:
+                s.sendall(payload)
+            except (BrokenPipeError, ConnectionResetError):
+                broken += 1  # closed while sending
+            end = H.deadline(30)
+            infos = 0
+            while True:
+                note_closed()
+                if s in closed:
+                    break
+                infos += 1
+                read = int(cli.info()["total_net_input_bytes"]) - before - infos * info_bytes
+                if read >= len(payload):
+                    break
+                if time.monotonic() > end:
+                    raise Failure(f"holder {i}: {read} of {len(payload)} bytes read, not closed, "
+                                  f"after {30 * H.MULT:.0f} s")
+                time.sleep(0.01)  # poll interval of a deadline-bounded wait
+            got = cli.cmd("FEATURES", "user", USER, "clicks:1h", "ASOF", c.asof)
+            if not H.same(got, [b"clicks:1h", CLICKS]):
+                raise Failure(f"FEATURES while clients fill their buffers: {got!r}")
+        inf = cli.info()
+        evicted = int(inf.get("evicted_clients", "-1"))
+        held = int(inf.get("clients_memory", "-1"))
+        rss = t.rss_kb()
+        # a connection counted as evicted is closed by the end of that loop
+        # iteration, which may come just after the INFO reply
+        end = H.deadline(10)
+        note_closed()
+        while len(closed) < evicted and time.monotonic() < end:
+            time.sleep(0.01)  # poll interval of a deadline-bounded wait
+            note_closed()
+        closed = len(closed)
+        msg = (f"{HOLDERS} clients holding {HOLD_BYTES >> 20} MiB each: evicted_clients "
+               f"{evicted}, {closed} connections closed ({broken} while sending), "
+               f"clients_memory {held} (cap {CLIENTS_MEMORY}), RSS {rss // 1024} MiB")
+        print(f"# {msg}", flush=True)
+        # 4 MiB buffers under a 16 MiB cap that the other clients' small
+        # buffers also count against: three fit, the rest are closed
+        if not (evicted == closed == HOLDERS - 3 and 0 < held <= CLIENTS_MEMORY):
+            raise Failure(msg)
+        if int(inf.get("maxclients_memory", "-1")) != CLIENTS_MEMORY:
+            raise Failure(f"INFO maxclients_memory {inf.get('maxclients_memory')}")
+        cli.close()
+    finally:
+        for s in socks:
+            s.close()
+        rc = t.close()
+    if rc != 0:
+        raise Failure(f"the second tallyd exited with {rc}:\n" + t.log_tail())
+
+
 @case
 def unauthenticated_clients_get_noauth_and_wrongpass(c):
     """A second tallyd with server.requirepass: commands before AUTH get
@@ -512,6 +613,7 @@ def main():
         slow_client_is_closed_at_request_timeout,
         flooding_client_that_never_reads_is_throttled,
         connections_beyond_max_clients_are_refused,
+        clients_over_max_clients_memory_lose_the_largest,
         unauthenticated_clients_get_noauth_and_wrongpass,
     ]
     only = os.environ.get("TLY_BAD_ONLY")

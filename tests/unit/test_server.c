@@ -649,6 +649,74 @@ static void test_output_over_max_output_buffer_closes_the_client(void **state)
     fx_stop(fx);
 }
 
+/* Waits until *v >= want; false at the deadline. */
+static bool wait_stat_at_least(atomic_uint_fast64_t *v, uint64_t want)
+{
+    int64_t deadline = deadline_in(WAIT_MS);
+    while (stat_of(v) < want) {
+        if (mono_ms() > deadline)
+            return false;
+        poll(NULL, 0, 1); /* a counter has no file descriptor to wait on */
+    }
+    return true;
+}
+
+static void test_clients_over_max_clients_memory_lose_the_largest(void **state)
+{
+    (void)state;
+    fx_t *fx = fx_start("  max_clients_memory: 1048576\n  max_query_buffer: 4194304\n"
+                        "  max_bulk: 4194304\n");
+    enum { B_BULK = 200000, B_FIRST = 150000, C_BULK = 1000000, C_SENT = 900000 };
+    char *data = malloc(C_BULK);
+    assert_non_null(data);
+    memset(data, 'm', C_BULK);
+    int a = connect_tcp(fx->d.tcp_port);
+    send_str(a, "PING\r\n");
+    expect(a, "+PONG\r\n");
+    /* b: a request of 200,000 bytes, 150,000 of them sent (its buffer
+     * grows to 256 KiB) */
+    int b = connect_tcp(fx->d.tcp_port);
+    char head[64];
+    snprintf(head, sizeof head, "*2\r\n$4\r\nECHO\r\n$%d\r\n", B_BULK);
+    send_str(b, head);
+    assert_true(send_all(b, data, B_FIRST));
+    assert_true(wait_stat_at_least(&fx->d.server.clients_memory, B_FIRST));
+    /* c: 900,000 bytes of a request of 1,000,000: its buffer grows to
+     * 1 MiB, the clients together pass the cap, and c, the largest, goes */
+    int c = connect_tcp(fx->d.tcp_port);
+    snprintf(head, sizeof head, "*2\r\n$4\r\nECHO\r\n$%d\r\n", C_BULK);
+    send_str(c, head);
+    send_all(c, data, C_SENT); /* the server may close c before the end */
+    char buf[256];
+    size_t len;
+    assert_true(recv_to_eof(c, buf, sizeof buf, &len));
+    assert_int_equal(len, 0); /* closed without a reply */
+    assert_int_equal(stat_of(&fx->d.server.evicted_clients), 1);
+    assert_true(stat_of(&fx->d.server.clients_memory) <= 1048576);
+    /* b completes its request and gets its answer; a still works */
+    assert_true(send_all(b, data + B_FIRST, B_BULK - B_FIRST));
+    send_str(b, "\r\n");
+    snprintf(head, sizeof head, "$%d\r\n", B_BULK);
+    expect(b, head);
+    char *got = malloc(B_BULK + 2);
+    assert_non_null(got);
+    assert_int_equal(recv_n(b, got, B_BULK + 2, deadline_in(WAIT_MS)), B_BULK + 2);
+    assert_memory_equal(got, data, B_BULK);
+    send_str(a, "PING\r\n");
+    expect(a, "+PONG\r\n");
+    assert_int_equal(stat_of(&fx->d.server.evicted_clients), 1);
+    assert_int_equal(info_stat(a, "evicted_clients"), 1);
+    close(c);
+    close(b);
+    /* every client closed: nothing counted is left */
+    close(a);
+    assert_true(wait_stat(&fx->d.server.connected, 0));
+    assert_int_equal(stat_of(&fx->d.server.clients_memory), 0);
+    free(got);
+    free(data);
+    fx_stop(fx);
+}
+
 static void test_slow_request_beyond_request_timeout_is_closed(void **state)
 {
     (void)state;
@@ -957,6 +1025,7 @@ int main(void)
         cmocka_unit_test(test_request_over_max_query_buffer_is_a_protocol_error),
         cmocka_unit_test(test_client_that_never_reads_is_paused_and_bounded),
         cmocka_unit_test(test_output_over_max_output_buffer_closes_the_client),
+        cmocka_unit_test(test_clients_over_max_clients_memory_lose_the_largest),
         cmocka_unit_test(test_slow_request_beyond_request_timeout_is_closed),
         cmocka_unit_test(test_request_a_busy_server_reads_slowly_is_not_timed_out),
         cmocka_unit_test(test_idle_client_is_closed_after_idle_timeout),
