@@ -44,9 +44,10 @@
  * the client is closed once that is written; other clients are unaffected.
  * Beyond server.max_clients (counted over all loops) a connection gets
  * "-ERR max number of clients reached" and is closed. What every client's
- * buffers hold is counted over all loops (client_account, after each read
- * and each completed write); above server.max_clients_memory the loop that
- * sees it closes its clients holding the most until the count is under. A timer per loop
+ * buffers hold is counted (client_account, after each read and each
+ * completed write); each loop may hold its share of
+ * server.max_clients_memory (the cap / server.threads), and above it closes
+ * its clients holding the most until they hold less. A timer per loop
  * closes clients that neither sent nor received a byte for
  * server.idle_timeout, and clients whose current request began arriving
  * more than server.request_timeout ago, or whose last READ_CHUNK bytes did
@@ -170,6 +171,7 @@ struct server_loop {
     uv_prepare_t *prepare; /* resumes the yielded clients before each poll */
     client_t *clients;
     client_t *yielded;
+    size_t mem; /* bytes this loop's clients' buffers hold (client_account) */
     tly_cmd_scratch_t *scratch;
     bool stopping;
     char discard[READ_CHUNK]; /* bytes of draining clients land here */
@@ -477,6 +479,7 @@ static void client_close(client_t *c)
         atomic_fetch_sub_explicit(&c->lp->srv->d->server.connected, 1, memory_order_relaxed);
     /* the buffers are freed in client_close_cb: no longer the clients' */
     atomic_fetch_sub_explicit(&c->lp->srv->d->server.clients_memory, c->mem, memory_order_relaxed);
+    c->lp->mem -= c->mem;
     c->mem = 0;
     uv_close(&c->h.handle, client_close_cb);
 }
@@ -492,14 +495,21 @@ static size_t client_memory(const client_t *c)
     return n;
 }
 
-/* Above server.max_clients_memory: closes this loop's clients holding the
- * most until the clients together hold less (each loop closes its own; the
- * total counts every loop's). */
+/* The share of server.max_clients_memory each loop's clients may hold:
+ * each loop bounds its own, so a loop never closes its clients for what
+ * another loop's hold. */
+static size_t loop_clients_cap(const server_loop_t *lp)
+{
+    return (size_t)lp->srv->d->cfg->server.max_clients_memory / lp->srv->nloops;
+}
+
+/* Above the loop's share of server.max_clients_memory: closes this loop's
+ * clients holding the most until they hold less. */
 static void evict_clients(server_loop_t *lp)
 {
     tly_daemon_t *d = lp->srv->d;
-    const uint64_t cap = (uint64_t)d->cfg->server.max_clients_memory;
-    while (atomic_load_explicit(&d->server.clients_memory, memory_order_relaxed) > cap) {
+    const size_t cap = loop_clients_cap(lp);
+    while (lp->mem > cap) {
         client_t *big = NULL;
         for (client_t *c = lp->clients; c != NULL; c = c->next)
             if (big == NULL || c->mem > big->mem)
@@ -508,9 +518,9 @@ static void evict_clients(server_loop_t *lp)
             return;
         stat_add(&d->server.evicted_clients, 1);
         tly_warn("client %" PRIu64 " (%s) closed: it held %zu bytes of buffers, the most, when "
-                 "all clients held %" PRIu64 ", over server.max_clients_memory (%" PRId64 ")",
-                 big->session.id, big->session.addr, big->mem,
-                 (uint64_t)atomic_load_explicit(&d->server.clients_memory, memory_order_relaxed),
+                 "the clients of its event loop held %zu, over their share (%zu) of "
+                 "server.max_clients_memory (%" PRId64 ")",
+                 big->session.id, big->session.addr, big->mem, lp->mem, cap,
                  d->cfg->server.max_clients_memory);
         client_close(big);
     }
@@ -518,7 +528,7 @@ static void evict_clients(server_loop_t *lp)
 
 /* Brings c's share of d->server.clients_memory up to date, after a read or
  * a write changed its buffers; may close c, or others of its loop, when the
- * clients hold more than server.max_clients_memory. */
+ * loop's clients hold more than their share of server.max_clients_memory. */
 static void client_account(client_t *c)
 {
     if (c->state == CLIENT_CLOSING)
@@ -531,9 +541,9 @@ static void client_account(client_t *c)
         atomic_fetch_add_explicit(total, now - c->mem, memory_order_relaxed);
     else
         atomic_fetch_sub_explicit(total, c->mem - now, memory_order_relaxed);
+    c->lp->mem = c->lp->mem - c->mem + now;
     c->mem = now;
-    if (now > 0 && atomic_load_explicit(total, memory_order_relaxed) >
-                       (uint64_t)c->lp->srv->d->cfg->server.max_clients_memory)
+    if (c->lp->mem > loop_clients_cap(c->lp))
         evict_clients(c->lp);
 }
 
