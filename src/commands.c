@@ -715,6 +715,14 @@ static void cmd_quit(cmd_ctx_t *c)
     tly_resp_simple(c->out, "OK");
 }
 
+/* The entities held (what Redis tools read as the number of keys). */
+static void cmd_dbsize(cmd_ctx_t *c)
+{
+    tly_store_stats_t st;
+    tly_store_stats(c->d->store, &st);
+    tly_resp_int(c->out, (int64_t)st.entities);
+}
+
 static void cmd_select(cmd_ctx_t *c)
 {
     int64_t db;
@@ -1023,6 +1031,7 @@ static void info_clients(cmd_ctx_t *c, tly_buf_t *t)
     textf(t, "# Clients\r\n");
     textf(t, "connected_clients:%" PRIu64 "\r\n", load(&d->server.connected));
     textf(t, "maxclients:%" PRId64 "\r\n", d->cfg->server.max_clients);
+    textf(t, "blocked_clients:0\r\n"); /* no command blocks */
     textf(t, "clients_memory:%" PRIu64 "\r\n", load(&d->server.clients_memory));
     textf(t, "maxclients_memory:%" PRId64 "\r\n", d->cfg->server.max_clients_memory);
 }
@@ -1204,13 +1213,25 @@ static void info_features(cmd_ctx_t *c, tly_buf_t *t)
         textf(t, "entity_%s:features=%zu\r\n", fs->entities[e].name, fs->entities[e].nfeats);
 }
 
+/* Entities as Redis tools count keys (redis-cli --stat). Every entity
+ * expires after store.idle_ttl without events, so all count as expiring;
+ * avg_ttl 0 is Redis's "not known". */
+static void info_keyspace(cmd_ctx_t *c, tly_buf_t *t)
+{
+    tly_store_stats_t st;
+    tly_store_stats(c->d->store, &st);
+    textf(t, "# Keyspace\r\n");
+    textf(t, "db0:keys=%" PRIu64 ",expires=%" PRIu64 ",avg_ttl=0\r\n", st.entities,
+          st.entities);
+}
+
 static const struct {
     const char *name;
     void (*fn)(cmd_ctx_t *c, tly_buf_t *t);
 } info_sections[] = {
     {"server", info_server}, {"clients", info_clients}, {"stats", info_stats},
     {"memory", info_memory}, {"source", info_source},   {"features", info_features},
-    {"persistence", info_persistence},
+    {"persistence", info_persistence}, {"keyspace", info_keyspace},
 };
 
 static void cmd_info(cmd_ctx_t *c)
@@ -1317,6 +1338,8 @@ static const command_t commands[] = {
      "Authenticate to the server.", args_auth},
     {"client", -2, CMD_STALE, cmd_client, "connection", "Connection name, id and information.",
      args_client},
+    {"dbsize", 1, CMD_READONLY | CMD_FAST | CMD_STALE, cmd_dbsize, "server",
+     "The number of entities held.", args_none},
     {"select", 2, CMD_FAST | CMD_STALE, cmd_select, "connection",
      "Select database 0 (the only one).", args_select},
     {"quit", -1, CMD_NOAUTH | CMD_FAST | CMD_STALE, cmd_quit, "connection", "Close the connection.",

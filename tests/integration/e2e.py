@@ -544,7 +544,8 @@ def t_lag_zero(c):
 
 INFO_FIELDS = {
     "Server": ["tallyd_version", "process_id", "tcp_port", "uptime_in_seconds", "config_file"],
-    "Clients": ["connected_clients", "maxclients"],
+    "Clients": ["connected_clients", "maxclients", "blocked_clients", "clients_memory",
+                "maxclients_memory"],
     "Stats": ["total_connections_received", "total_commands_processed", "rejected_connections",
               "protocol_errors", "output_buffer_disconnects", "timeout_disconnects",
               "total_net_input_bytes", "total_net_output_bytes"],
@@ -552,6 +553,7 @@ INFO_FIELDS = {
     "Source": ["brokers", "topics", "partitions", "messages_consumed", "events_applied",
                "events_rejected", "consumer_errors", "watermark_ms", "lag"],
     "Features": ["updates", "events_updated", "expired_entities"],
+    "Keyspace": ["db0"],
 }
 
 
@@ -598,6 +600,18 @@ def t_info(c):
     m.eq(info.get("partitions"), str(PARTITIONS), "partitions")
     m.eq(info.get("messages_consumed"), str(c.kafka.produced), "messages_consumed")
     m.check(int(info.get("entities", "0")) > 0, f"entities {info.get('entities')}")
+    # what redis-cli --stat shows as keys: the entities (read between two
+    # INFOs that agree: the expiry sweep may drop entities meanwhile)
+    m.eq(info.get("db0"), f"keys={info.get('entities')},expires={info.get('entities')},avg_ttl=0",
+         "INFO keyspace db0")
+    for _ in range(5):
+        before = c.cli.info().get("entities")
+        size = c.cli.cmd("DBSIZE")
+        if c.cli.info().get("entities") == before:
+            m.eq(size, int(before), "DBSIZE (INFO entities just before and after)")
+            break
+    else:
+        m.add("INFO entities kept changing around DBSIZE")
     m.eq(info.get("mem_allocator"), expected_allocator(c.tallyd.pid), "mem_allocator")
     highs = 0
     for n in range(PARTITIONS):

@@ -537,7 +537,7 @@ static void test_client_and_hello_commands(void **state)
     assert_string_equal(run(fx, "HELLO 2 AUTH other pw"),
                         "-WRONGPASS invalid username-password pair or user is disabled.\r\n");
     assert_non_null(strstr(run(fx, "HELLO 2 AUTH default pw"), "$6\r\nserver\r\n$6\r\ntallyd"));
-    assert_string_equal(run(fx, "COMMAND COUNT"), ":14\r\n");
+    assert_string_equal(run(fx, "COMMAND COUNT"), ":15\r\n");
     assert_string_equal(run(fx, "QUIT"), "+OK\r\n");
     assert_true(fx->s.close_after);
 }
@@ -575,7 +575,9 @@ static void test_info_has_every_section(void **state)
         "# Server\r\ntallyd_version:0.1.0\r\n", "# Clients\r\nconnected_clients:0\r\n",
         "# Stats\r\n", "# Memory\r\nused_memory:", "\r\nentities:2\r\n",
         "# Source\r\nbrokers:localhost:9092\r\ntopics:engagements\r\nrunning:0\r\n",
-        "# Features\r\n", "\r\ndropped_ev_late:2\r\n", "\r\nentity_pin:features=1\r\n"};
+        "# Features\r\n", "\r\ndropped_ev_late:2\r\n", "\r\nentity_pin:features=1\r\n",
+        /* what redis-cli --stat reads: keys and blocked clients */
+        "\r\nblocked_clients:0\r\n", "# Keyspace\r\ndb0:keys=2,expires=2,avg_ttl=0\r\n"};
     for (size_t i = 0; i < sizeof want / sizeof want[0]; i++)
         if (strstr(r, want[i]) == NULL)
             fail_msg("INFO lacks \"%s\":\n%s", want[i], r);
@@ -583,6 +585,7 @@ static void test_info_has_every_section(void **state)
     assert_non_null(strstr(r, "# Clients\r\n"));
     assert_null(strstr(r, "# Server"));
     assert_string_equal(run(fx, "INFO nosuchsection"), "$0\r\n\r\n");
+    assert_string_equal(run(fx, "DBSIZE"), ":2\r\n");
 }
 
 /* 40 brokers: a 1,300-byte line of INFO source. */
