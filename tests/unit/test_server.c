@@ -254,6 +254,20 @@ static void expect(int fd, const char *want)
     free(got);
 }
 
+/* Reads a bulk string reply and compares it with want[0..n). */
+static void expect_bulk(int fd, const char *want, size_t n)
+{
+    char head[32];
+    snprintf(head, sizeof head, "$%zu\r\n", n);
+    expect(fd, head);
+    char *got = malloc(n + 2);
+    assert_non_null(got);
+    assert_int_equal(recv_n(fd, got, n + 2, deadline_in(WAIT_MS)), n + 2);
+    assert_memory_equal(got, want, n);
+    assert_memory_equal(got + n, "\r\n", 2);
+    free(got);
+}
+
 /* Sends INFO stats on fd and returns the value of `field`. */
 static uint64_t info_stat(int fd, const char *field)
 {
@@ -490,12 +504,7 @@ static void test_request_over_max_query_buffer_is_a_protocol_error(void **state)
     send_str(fd, head);
     assert_true(send_all(fd, arg, BIG));
     send_str(fd, "\r\n");
-    snprintf(head, sizeof head, "$%d\r\n", BIG);
-    expect(fd, head);
-    char *got = malloc(BIG + 2);
-    assert_non_null(got);
-    assert_int_equal(recv_n(fd, got, BIG + 2, deadline_in(WAIT_MS)), BIG + 2);
-    assert_memory_equal(got, arg, BIG);
+    expect_bulk(fd, arg, BIG);
     /* two of them in one pending request are over 64 KiB */
     snprintf(head, sizeof head, "*3\r\n$4\r\nECHO\r\n$%d\r\n", BIG);
     send_str(fd, head);
@@ -510,7 +519,6 @@ static void test_request_over_max_query_buffer_is_a_protocol_error(void **state)
     assert_int_equal(stat_of(&fx->d.server.protocol_errors), 1);
     close(fd);
     free(arg);
-    free(got);
     fx_stop(fx);
 }
 
@@ -696,12 +704,7 @@ static void test_clients_over_max_clients_memory_lose_the_largest(void **state)
     /* b completes its request and gets its answer; a still works */
     assert_true(send_all(b, data + B_FIRST, B_BULK - B_FIRST));
     send_str(b, "\r\n");
-    snprintf(head, sizeof head, "$%d\r\n", B_BULK);
-    expect(b, head);
-    char *got = malloc(B_BULK + 2);
-    assert_non_null(got);
-    assert_int_equal(recv_n(b, got, B_BULK + 2, deadline_in(WAIT_MS)), B_BULK + 2);
-    assert_memory_equal(got, data, B_BULK);
+    expect_bulk(b, data, B_BULK);
     send_str(a, "PING\r\n");
     expect(a, "+PONG\r\n");
     assert_int_equal(stat_of(&fx->d.server.evicted_clients), 1);
@@ -712,7 +715,6 @@ static void test_clients_over_max_clients_memory_lose_the_largest(void **state)
     close(a);
     assert_true(wait_stat(&fx->d.server.connected, 0));
     assert_int_equal(stat_of(&fx->d.server.clients_memory), 0);
-    free(got);
     free(data);
     fx_stop(fx);
 }
@@ -897,15 +899,9 @@ static void test_unauthenticated_big_argument_is_a_protocol_error(void **state)
     send_str(user, head);
     assert_true(send_all(user, arg, BIG));
     send_str(user, "\r\n");
-    snprintf(head, sizeof head, "$%d\r\n", BIG);
-    expect(user, head);
-    char *got = malloc(BIG + 3);
-    assert_non_null(got);
-    assert_int_equal(recv_n(user, got, BIG + 2, deadline_in(WAIT_MS)), BIG + 2);
-    assert_memory_equal(got, arg, BIG);
+    expect_bulk(user, arg, BIG);
     close(anon);
     close(user);
-    free(got);
     free(arg);
     fx_stop(fx);
 }
