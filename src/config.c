@@ -133,9 +133,9 @@ const key_def_t tly_config_keys[] = {
     KEY("server.max_clients_memory", K_INT, "1073741824", 1048576, 1099511627776, 0, NULL,
         CFG(server.max_clients_memory),
         "Most bytes the buffers of all clients together may hold (pending requests, queued "
-        "replies, request parsing), shared evenly by the server.threads event loops; above "
-        "its share, a loop disconnects its client holding the most, then the next, until "
-        "they hold less."),
+        "replies, request parsing); above it, clients holding more than an even share of it "
+        "(this over the clients connected) are disconnected, unauthenticated ones first, then "
+        "the largest, until the clients hold less."),
     KEY("server.idle_timeout", K_DURATION, "1h", SEC(1), DAY(365), 0, NULL,
         CFG(server.idle_timeout_ms), "A client that sends nothing for this long is disconnected."),
     KEY("server.request_timeout", K_DURATION, "10s", 100, HOUR(1), 0, NULL,

@@ -44,10 +44,9 @@
  * the client is closed once that is written; other clients are unaffected.
  * Beyond server.max_clients (counted over all loops) a connection gets
  * "-ERR max number of clients reached" and is closed. What every client's
- * buffers hold is counted (client_account, after each read and each
- * completed write); each loop may hold its share of
- * server.max_clients_memory (the cap / server.threads), and above it closes
- * its clients holding the most until they hold less. A timer per loop
+ * buffers hold is counted over all loops (client_account, after each read
+ * and each completed write); above server.max_clients_memory a loop closes
+ * its clients holding more than an even share of it (evict_clients). A timer per loop
  * closes clients that neither sent nor received a byte for
  * server.idle_timeout, and clients whose current request began arriving
  * more than server.request_timeout ago, or whose last READ_CHUNK bytes did
@@ -171,7 +170,6 @@ struct server_loop {
     uv_prepare_t *prepare; /* resumes the yielded clients before each poll */
     client_t *clients;
     client_t *yielded;
-    size_t mem; /* bytes this loop's clients' buffers hold (client_account) */
     tly_cmd_scratch_t *scratch;
     bool stopping;
     char discard[READ_CHUNK]; /* bytes of draining clients land here */
@@ -475,12 +473,13 @@ static void client_close(client_t *c)
     if (c->next != NULL)
         c->next->prev = c->prev;
     c->prev = c->next = NULL;
+    /* the buffers are freed in client_close_cb: no longer the clients'
+     * (uncounted before the connection, so that a reader who sees it gone
+     * sees its bytes gone too) */
+    atomic_fetch_sub_explicit(&c->lp->srv->d->server.clients_memory, c->mem, memory_order_relaxed);
+    c->mem = 0;
     if (c->counted)
         atomic_fetch_sub_explicit(&c->lp->srv->d->server.connected, 1, memory_order_relaxed);
-    /* the buffers are freed in client_close_cb: no longer the clients' */
-    atomic_fetch_sub_explicit(&c->lp->srv->d->server.clients_memory, c->mem, memory_order_relaxed);
-    c->lp->mem -= c->mem;
-    c->mem = 0;
     uv_close(&c->h.handle, client_close_cb);
 }
 
@@ -495,40 +494,46 @@ static size_t client_memory(const client_t *c)
     return n;
 }
 
-/* The share of server.max_clients_memory each loop's clients may hold:
- * each loop bounds its own, so a loop never closes its clients for what
- * another loop's hold. */
-static size_t loop_clients_cap(const server_loop_t *lp)
-{
-    return (size_t)lp->srv->d->cfg->server.max_clients_memory / lp->srv->nloops;
-}
-
-/* Above the loop's share of server.max_clients_memory: closes this loop's
- * clients holding the most until they hold less. */
+/* Above server.max_clients_memory (counted over every loop): closes this
+ * loop's clients that hold more than an even share of the cap (the cap over
+ * the clients connected), unauthenticated ones first, then the largest,
+ * until the clients hold less or none here is over its share. When the
+ * clients hold more than the cap, some client holds more than its share;
+ * if it is another loop's, that loop closes it when it next reads or
+ * writes, and this loop's clients, within their shares, stay. */
 static void evict_clients(server_loop_t *lp)
 {
     tly_daemon_t *d = lp->srv->d;
-    const size_t cap = loop_clients_cap(lp);
-    while (lp->mem > cap) {
+    const uint64_t cap = (uint64_t)d->cfg->server.max_clients_memory;
+    for (;;) {
+        uint64_t total = atomic_load_explicit(&d->server.clients_memory, memory_order_relaxed);
+        uint64_t clients = atomic_load_explicit(&d->server.connected, memory_order_relaxed);
+        if (total <= cap)
+            return;
+        uint64_t share = cap / (clients > 0 ? clients : 1);
         client_t *big = NULL;
-        for (client_t *c = lp->clients; c != NULL; c = c->next)
-            if (big == NULL || c->mem > big->mem)
+        for (client_t *c = lp->clients; c != NULL; c = c->next) {
+            if (c->mem <= share)
+                continue;
+            if (big == NULL || (!c->session.authed && big->session.authed) ||
+                (c->session.authed == big->session.authed && c->mem > big->mem))
                 big = c;
-        if (big == NULL || big->mem == 0)
+        }
+        if (big == NULL)
             return;
         stat_add(&d->server.evicted_clients, 1);
-        tly_warn("client %" PRIu64 " (%s) closed: it held %zu bytes of buffers, the most, when "
-                 "the clients of its event loop held %zu, over their share (%zu) of "
-                 "server.max_clients_memory (%" PRId64 ")",
-                 big->session.id, big->session.addr, big->mem, lp->mem, cap,
-                 d->cfg->server.max_clients_memory);
+        tly_warn("client %" PRIu64 " (%s) closed: it held %zu bytes of buffers, over its share "
+                 "(%" PRIu64 ") of server.max_clients_memory (%" PRId64 "), when the clients "
+                 "held %" PRIu64,
+                 big->session.id, big->session.addr, big->mem, share,
+                 d->cfg->server.max_clients_memory, total);
         client_close(big);
     }
 }
 
 /* Brings c's share of d->server.clients_memory up to date, after a read or
  * a write changed its buffers; may close c, or others of its loop, when the
- * loop's clients hold more than their share of server.max_clients_memory. */
+ * clients hold more than server.max_clients_memory. */
 static void client_account(client_t *c)
 {
     if (c->state == CLIENT_CLOSING)
@@ -536,14 +541,18 @@ static void client_account(client_t *c)
     size_t now = client_memory(c);
     if (now == c->mem)
         return;
-    atomic_uint_fast64_t *total = &c->lp->srv->d->server.clients_memory;
+    tly_daemon_t *d = c->lp->srv->d;
+    uint64_t total;
     if (now > c->mem)
-        atomic_fetch_add_explicit(total, now - c->mem, memory_order_relaxed);
+        total = atomic_fetch_add_explicit(&d->server.clients_memory, now - c->mem,
+                                          memory_order_relaxed) +
+                (now - c->mem);
     else
-        atomic_fetch_sub_explicit(total, c->mem - now, memory_order_relaxed);
-    c->lp->mem = c->lp->mem - c->mem + now;
+        total = atomic_fetch_sub_explicit(&d->server.clients_memory, c->mem - now,
+                                          memory_order_relaxed) -
+                (c->mem - now);
     c->mem = now;
-    if (c->lp->mem > loop_clients_cap(c->lp))
+    if (total > (uint64_t)d->cfg->server.max_clients_memory)
         evict_clients(c->lp);
 }
 

@@ -40,6 +40,7 @@
 #define MAX_ETYPES      64
 #define MAX_POSITIONS   65536
 #define ERR_CAP         256
+#define AHEAD_WARN_MS   1000 /* a newest name this far ahead of the clock is logged */
 
 struct tly_snapshotter {
     const tly_config_t *cfg;
@@ -70,7 +71,7 @@ struct tly_snapshotter {
     uint64_t last_messages;   /* source messages at the last snapshot */
     uint64_t last_rebalances; /* and assignment changes */
     uint64_t last_positions;  /* and positions (positions_hash) */
-    bool warned_ahead;        /* name_after_newest has logged its warning */
+    bool warned_ahead;        /* next_name_ms has logged its warning */
 
     /* the writer child's error sentence: a shared anonymous mapping, read
      * by the parent after the child exited */
@@ -413,7 +414,9 @@ static void clean_tmp(tly_snapshotter_t *sn)
 static int64_t next_name_ms(tly_snapshotter_t *sn, int64_t now)
 {
     int64_t ms = tly_snap_next_ms(sn->cfg->snapshot.dir, now);
-    if (ms > now && !sn->warned_ahead) {
+    if (ms == now)
+        sn->warned_ahead = false; /* the clock has passed the names: warn again next time */
+    else if (ms - 1 - now >= AHEAD_WARN_MS && !sn->warned_ahead) {
         sn->warned_ahead = true;
         tly_warn("snapshot: the newest snapshot in %s is named %.1f s ahead of the clock (the "
                  "clock was stepped back?); snapshots are named after it, so that the newest "

@@ -470,8 +470,8 @@ HOLD_BYTES = 3 << 20
 def clients_over_max_clients_memory_lose_the_largest(c):
     """A second tallyd with server.max_clients_memory 16 MiB: eight clients
     each leave 3 MiB of one request pending (a buffer of 4 MiB each, 32 MiB
-    in all). Whenever the clients together pass 16 MiB the one holding the
-    most is closed without a reply, so at most three stay; those stay
+    in all). Whenever the clients together pass 16 MiB, the largest of those
+    over an even share is closed without a reply, so at most three stay; those stay
     connected, the count of buffers stays under the cap, and a client
     asking FEATURES is answered throughout."""
     tmp = Path(c.tmp) / "clients-memory"

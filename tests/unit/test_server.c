@@ -713,8 +713,70 @@ static void test_clients_over_max_clients_memory_lose_the_largest(void **state)
     close(b);
     /* every client closed: nothing counted is left */
     close(a);
-    assert_true(wait_stat(&fx->d.server.connected, 0));
-    assert_int_equal(stat_of(&fx->d.server.clients_memory), 0);
+    assert_true(wait_stat(&fx->d.server.clients_memory, 0));
+    free(data);
+    fx_stop(fx);
+}
+
+static void test_clients_over_max_clients_memory_lose_unauthenticated_ones_first(void **state)
+{
+    (void)state;
+    fx_t *fx = fx_start("  requirepass: secret\n  max_clients_memory: 3145728\n"
+                        "  max_query_buffer: 4194304\n  max_bulk: 4194304\n");
+    enum { A_BULK = 1600000, A_FIRST = 1500000 };
+    char *data = malloc(A_BULK);
+    assert_non_null(data);
+    memset(data, 'u', A_BULK);
+    /* a: authenticated, 1,500,000 bytes of a request pending (a 2 MiB
+     * buffer) */
+    int a = connect_tcp(fx->d.tcp_port);
+    send_str(a, "AUTH secret\r\n");
+    expect(a, "+OK\r\n");
+    char head[64];
+    snprintf(head, sizeof head, "*2\r\n$4\r\nECHO\r\n$%d\r\n", A_BULK);
+    send_str(a, head);
+    assert_true(send_all(a, data, A_FIRST));
+    assert_true(wait_stat_at_least(&fx->d.server.clients_memory, A_FIRST));
+    /* two idle clients: 4 connected, an even share is 768 KiB */
+    int idle1 = connect_tcp(fx->d.tcp_port), idle2 = connect_tcp(fx->d.tcp_port);
+    /* u: not authenticated, pipelines requests and never reads their
+     * -NOAUTH replies: once a megabyte of them is queued (the output soft
+     * limit) the clients pass 3 MiB; u holds less than a but over its
+     * share, and goes first */
+    int u = connect_tcp(fx->d.tcp_port);
+    set_nonblocking(u);
+    static const char req[] = "ECHO x\r\n";
+    char chunk[4096];
+    for (size_t i = 0; i + sizeof req - 1 <= sizeof chunk; i += sizeof req - 1)
+        memcpy(chunk + i, req, sizeof req - 1);
+    size_t chunk_len = sizeof chunk / (sizeof req - 1) * (sizeof req - 1);
+    size_t sent = 0;
+    int64_t deadline = deadline_in(WAIT_MS);
+    while (stat_of(&fx->d.server.evicted_clients) == 0 && sent < (64u << 20)) {
+        assert_true(mono_ms() < deadline);
+        ssize_t w = send(u, chunk, chunk_len, MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (w > 0)
+            sent += (size_t)w;
+        else if (w < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)
+            break; /* closed */
+        else
+            poll(NULL, 0, 1); /* the server stopped reading u: wait for the eviction */
+    }
+    assert_true(wait_stat(&fx->d.server.evicted_clients, 1));
+    char buf[64];
+    size_t len;
+    assert_true(recv_to_eof(u, buf, sizeof buf, &len)); /* its replies, then EOF */
+    assert_memory_equal(buf, "-NOAUTH", 7);
+    /* a, larger, stays: it completes its request and gets its answer */
+    assert_true(send_all(a, data + A_FIRST, A_BULK - A_FIRST));
+    send_str(a, "\r\n");
+    expect_bulk(a, data, A_BULK);
+    assert_int_equal(stat_of(&fx->d.server.evicted_clients), 1);
+    close(u);
+    close(a);
+    close(idle1);
+    close(idle2);
+    assert_true(wait_stat(&fx->d.server.clients_memory, 0));
     free(data);
     fx_stop(fx);
 }
@@ -1022,6 +1084,7 @@ int main(void)
         cmocka_unit_test(test_client_that_never_reads_is_paused_and_bounded),
         cmocka_unit_test(test_output_over_max_output_buffer_closes_the_client),
         cmocka_unit_test(test_clients_over_max_clients_memory_lose_the_largest),
+        cmocka_unit_test(test_clients_over_max_clients_memory_lose_unauthenticated_ones_first),
         cmocka_unit_test(test_slow_request_beyond_request_timeout_is_closed),
         cmocka_unit_test(test_request_a_busy_server_reads_slowly_is_not_timed_out),
         cmocka_unit_test(test_idle_client_is_closed_after_idle_timeout),
