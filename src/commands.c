@@ -36,6 +36,7 @@
 #include <unistd.h>
 
 #include "tallyd/rcu.h"
+#include "tallyd/server.h"
 #include "tallyd/snapshot.h"
 #include "tallyd/version.h"
 #include "tallyd/log.h"
@@ -798,8 +799,12 @@ static bool set_name(cmd_ctx_t *c, const tly_arg_t *name)
             return false;
         }
     }
-    memcpy(c->s->name, name->ptr, name->len);
-    c->s->name[name->len] = '\0';
+    if (c->d->srv != NULL) {
+        tly_server_set_client_name(c->d->srv, c->s, name->ptr, name->len);
+    } else {
+        memcpy(c->s->name, name->ptr, name->len);
+        c->s->name[name->len] = '\0';
+    }
     return true;
 }
 
@@ -845,7 +850,7 @@ static void cmd_hello(cmd_ctx_t *c)
     }
     if (name != NULL && !set_name(c, name))
         return;
-    c->s->proto = (int)proto;
+    __atomic_store_n(&c->s->proto, (int)proto, __ATOMIC_RELAXED); /* CLIENT LIST reads it */
     tly_buf_t *o = c->out;
     tly_resp_map(o, c->s->proto, 7);
     tly_resp_bulkstr(o, "server");
@@ -864,20 +869,171 @@ static void cmd_hello(cmd_ctx_t *c)
     tly_resp_array(o, 0);
 }
 
-static void client_info_line(cmd_ctx_t *c, tly_buf_t *t)
+/* One CLIENT INFO / CLIENT LIST line for session s, which may be another
+ * loop's (commands.h: its changing fields are read atomically; its name
+ * under the directory lock, which CLIENT LIST holds). */
+static void client_line(const cmd_ctx_t *c, const tly_session_t *s, tly_buf_t *t)
 {
-    const tly_session_t *s = c->s;
+    int64_t last_ms = __atomic_load_n(&s->last_ms, __ATOMIC_RELAXED);
+    size_t qbuf = __atomic_load_n(&s->qbuf, __ATOMIC_RELAXED);
+    size_t obuf = __atomic_load_n(&s->obuf, __ATOMIC_RELAXED);
+    const char *last_cmd = __atomic_load_n(&s->last_cmd, __ATOMIC_RELAXED);
+    int proto = __atomic_load_n(&s->proto, __ATOMIC_RELAXED);
     char line[640];
     int n = snprintf(line, sizeof line,
-                     "id=%" PRIu64 " addr=%s laddr=%s fd=%d name=%s age=%" PRId64
-                     " idle=%" PRId64 " flags=N db=0 sub=0 psub=0 ssub=0 multi=-1 qbuf=%zu "
+                     "id=%" PRIu64 " addr=%s laddr=%s fd=%d name=%s age=%" PRId64 " idle=%" PRId64
+                     " flags=N db=0 sub=0 psub=0 ssub=0 multi=-1 qbuf=%zu "
                      "qbuf-free=0 argv-mem=0 multi-mem=0 obl=0 oll=0 omem=%zu tot-mem=%zu "
                      "events=r cmd=%s user=default redir=-1 resp=%d\n",
                      s->id, s->addr, s->laddr, s->fd, s->name, (c->now_ms - s->created_ms) / 1000,
-                     (c->now_ms - s->last_ms) / 1000, s->qbuf, s->obuf, s->qbuf + s->obuf,
-                     s->last_cmd != NULL ? s->last_cmd : "NULL", s->proto);
+                     (c->now_ms - last_ms) / 1000, qbuf, obuf, qbuf + obuf,
+                     last_cmd != NULL ? last_cmd : "NULL", proto);
     if (n > 0)
         tly_buf_append(t, line, (size_t)n < sizeof line ? (size_t)n : sizeof line - 1);
+}
+
+/* CLIENT LIST [TYPE normal] [ID id ...]: the lines of the clients asked
+ * for, every loop's. */
+typedef struct {
+    const cmd_ctx_t *c;
+    tly_buf_t *t;
+    const uint64_t *ids; /* NULL: every client */
+    size_t nids;
+} list_ctx_t;
+
+static void list_one(void *ctx, tly_session_t *s)
+{
+    list_ctx_t *l = ctx;
+    bool want = l->ids == NULL;
+    for (size_t i = 0; i < l->nids && !want; i++)
+        want = l->ids[i] == s->id;
+    if (want)
+        client_line(l->c, s, l->t);
+}
+
+static void client_list(cmd_ctx_t *c)
+{
+    uint64_t ids[64];
+    list_ctx_t l = {.c = c, .t = &c->scratch->text};
+    for (size_t i = 2; i < c->argc; i++) {
+        if (arg_is(&c->argv[i], "type") && i + 1 < c->argc) {
+            if (!arg_is(&c->argv[i + 1], "normal")) { /* tallyd has no replicas or pubsub */
+                tly_resp_verbatim(c->out, c->s->proto, "", 0);
+                return;
+            }
+            i++;
+        } else if (arg_is(&c->argv[i], "id") && i + 1 < c->argc && l.ids == NULL) {
+            for (i++; i < c->argc && l.nids < sizeof ids / sizeof ids[0]; i++) {
+                int64_t id;
+                if (!arg_int(&c->argv[i], &id) || id <= 0) {
+                    tly_resp_error(c->out, "ERR Invalid client ID");
+                    return;
+                }
+                ids[l.nids++] = (uint64_t)id;
+            }
+            if (i < c->argc) {
+                tly_resp_error(c->out, "ERR syntax error (at most 64 IDs)");
+                return;
+            }
+            l.ids = ids;
+        } else {
+            tly_resp_error(c->out, "ERR syntax error");
+            return;
+        }
+    }
+    l.t->len = 0;
+    if (c->d->srv != NULL)
+        tly_server_each_client(c->d->srv, list_one, &l);
+    else
+        list_one(&l, c->s); /* no server (tests): this session only */
+    tly_resp_verbatim(c->out, c->s->proto, l.t->data ? l.t->data : "", l.t->len);
+}
+
+/* CLIENT KILL addr:port, or CLIENT KILL [ID id] [ADDR ip:port]
+ * [LADDR ip:port] [USER name] [SKIPME yes|no]: the clients matching every
+ * filter given are closed by their loops; the caller itself only when
+ * SKIPME no, after this reply (as QUIT). */
+typedef struct {
+    const tly_session_t *self;
+    bool skipme, has_id, self_hit;
+    uint64_t id;
+    const tly_arg_t *addr, *laddr;
+    tly_server_t *srv;
+    int64_t killed;
+} kill_ctx_t;
+
+static bool arg_eq_str(const tly_arg_t *a, const char *s)
+{
+    return a->len == strlen(s) && memcmp(a->ptr, s, a->len) == 0;
+}
+
+static void kill_one(void *ctx, tly_session_t *s)
+{
+    kill_ctx_t *k = ctx;
+    if ((k->has_id && s->id != k->id) || (k->addr != NULL && !arg_eq_str(k->addr, s->addr)) ||
+        (k->laddr != NULL && !arg_eq_str(k->laddr, s->laddr)))
+        return;
+    if (s == k->self) {
+        if (k->skipme)
+            return;
+        k->self_hit = true;
+    } else if (k->srv != NULL) {
+        tly_server_kill_client(k->srv, s);
+    }
+    k->killed++;
+}
+
+static void client_kill(cmd_ctx_t *c)
+{
+    kill_ctx_t k = {.self = c->s, .skipme = true, .srv = c->d->srv};
+    bool old_form = c->argc == 3;
+    if (old_form) {
+        k.addr = &c->argv[2];
+        k.skipme = false; /* the old form kills the caller too, as Redis's does */
+    } else {
+        if (c->argc % 2 != 0) {
+            tly_resp_error(c->out, "ERR syntax error");
+            return;
+        }
+        for (size_t i = 2; i + 1 < c->argc; i += 2) {
+            const tly_arg_t *f = &c->argv[i], *v = &c->argv[i + 1];
+            int64_t id;
+            if (arg_is(f, "id")) {
+                if (!arg_int(v, &id) || id <= 0) {
+                    tly_resp_error(c->out, "ERR client-id should be greater than 0");
+                    return;
+                }
+                k.has_id = true;
+                k.id = (uint64_t)id;
+            } else if (arg_is(f, "addr")) {
+                k.addr = v;
+            } else if (arg_is(f, "laddr")) {
+                k.laddr = v;
+            } else if (arg_is(f, "user")) {
+                if (!arg_eq_str(v, "default")) {
+                    tly_resp_error(c->out, "ERR No such user 'user'");
+                    return;
+                }
+            } else if (arg_is(f, "skipme") && (arg_is(v, "yes") || arg_is(v, "no"))) {
+                k.skipme = arg_is(v, "yes");
+            } else {
+                tly_resp_error(c->out, "ERR syntax error");
+                return;
+            }
+        }
+    }
+    if (c->d->srv != NULL)
+        tly_server_each_client(c->d->srv, kill_one, &k);
+    else
+        kill_one(&k, c->s); /* no server (tests): this session only */
+    if (k.self_hit)
+        c->s->close_after = true;
+    if (!old_form)
+        tly_resp_int(c->out, k.killed);
+    else if (k.killed > 0)
+        tly_resp_simple(c->out, "OK");
+    else
+        tly_resp_error(c->out, "ERR No such client");
 }
 
 static void cmd_client(cmd_ctx_t *c)
@@ -896,8 +1052,12 @@ static void cmd_client(cmd_ctx_t *c)
     } else if (arg_is(sub, "info") && c->argc == 2) {
         tly_buf_t *t = &c->scratch->text;
         t->len = 0;
-        client_info_line(c, t);
+        client_line(c, c->s, t);
         tly_resp_verbatim(c->out, c->s->proto, t->data, t->len);
+    } else if (arg_is(sub, "list")) {
+        client_list(c);
+    } else if (arg_is(sub, "kill") && c->argc >= 3) {
+        client_kill(c);
     } else if (arg_is(sub, "stale") && c->argc == 3 &&
                (arg_is(&c->argv[2], "on") || arg_is(&c->argv[2], "off"))) {
         c->s->stale_ok = arg_is(&c->argv[2], "on");
@@ -908,14 +1068,28 @@ static void cmd_client(cmd_ctx_t *c)
     } else if (arg_is(sub, "help") && c->argc == 2) {
         static const char *const lines[] = {
             "CLIENT <subcommand> [<arg> ...]. Subcommands are:",
-            "GETNAME", "    Return the name of the current connection.",
-            "ID", "    Return the ID of the current connection.",
-            "INFO", "    Return information about the current client connection.",
-            "SETNAME <name>", "    Assign the name <name> to the current connection.",
-            "STALE ON|OFF", "    ON: answer FEATURES, MFEATURES and RECENT while tallyd is",
+            "GETNAME",
+            "    Return the name of the current connection.",
+            "ID",
+            "    Return the ID of the current connection.",
+            "INFO",
+            "    Return information about the current client connection.",
+            "KILL <ip:port>",
+            "    Kill connection made from <ip:port>.",
+            "KILL <option> <value> [<option> <value> [...]]",
+            "    Kill connections. Options are: ID <client-id>, ADDR <ip:port>,",
+            "    LADDR <ip:port>, USER default, SKIPME yes|no (default yes).",
+            "LIST [TYPE normal] [ID <client-id> [<client-id> ...]]",
+            "    Return information about client connections, every event loop's.",
+            "SETNAME <name>",
+            "    Assign the name <name> to the current connection.",
+            "STALE ON|OFF",
+            "    ON: answer FEATURES, MFEATURES and RECENT while tallyd is",
             "    still catching up with Kafka (default OFF: they reply -LOADING).",
-            "SETINFO <lib-name|lib-ver> <value>", "    Accepted for client libraries; ignored.",
-            "HELP", "    Print this help."};
+            "SETINFO <lib-name|lib-ver> <value>",
+            "    Accepted for client libraries; ignored.",
+            "HELP",
+            "    Print this help."};
         size_t n = sizeof lines / sizeof lines[0];
         tly_resp_array(c->out, n);
         for (size_t i = 0; i < n; i++)
@@ -1336,8 +1510,8 @@ static const command_t commands[] = {
      "Handshake: protocol version, authentication, client name.", args_hello},
     {"auth", -2, CMD_NOAUTH | CMD_FAST | CMD_STALE, cmd_auth, "connection",
      "Authenticate to the server.", args_auth},
-    {"client", -2, CMD_STALE, cmd_client, "connection", "Connection name, id and information.",
-     args_client},
+    {"client", -2, CMD_STALE, cmd_client, "connection",
+     "Connections: name, id, information, list, kill.", args_client},
     {"dbsize", 1, CMD_READONLY | CMD_FAST | CMD_STALE, cmd_dbsize, "server",
      "The number of entities held.", args_none},
     {"select", 2, CMD_FAST | CMD_STALE, cmd_select, "connection",
@@ -1542,7 +1716,7 @@ void tly_command_exec(tly_daemon_t *d, tly_session_t *s, tly_cmd_scratch_t *scra
             unknown_command(out, argv, argc);
         return;
     }
-    s->last_cmd = cmd->name;
+    __atomic_store_n(&s->last_cmd, cmd->name, __ATOMIC_RELAXED); /* CLIENT LIST reads it */
     if (!s->authed && !(cmd->flags & CMD_NOAUTH)) {
         tly_resp_error(out, "NOAUTH Authentication required.");
         return;

@@ -65,6 +65,7 @@
 #include "tallyd/server.h"
 
 #include <arpa/inet.h>
+#include <pthread.h>
 #include <assert.h>
 #include <errno.h>
 #include <inttypes.h>
@@ -124,6 +125,8 @@ struct client {
     server_loop_t *lp;
     client_t *prev, *next;   /* lp->clients, while not closing */
     client_t *yprev, *ynext; /* lp->yielded, while yielded */
+    client_t *dprev, *dnext; /* srv->dir, while listed (srv->dir_mu) */
+    bool listed;             /* in srv->dir */
     client_state_t state;
     bool reading;       /* uv_read_start in effect */
     bool paused;        /* execution stopped by server.output_soft_limit */
@@ -164,6 +167,7 @@ struct server_loop {
     int tcp_fd;  /* listening socket until a handle owns it; -1 after */
     int unix_fd; /* loop 0's unix socket until a handle owns it; -1 after */
     uv_async_t *stop;
+    uv_async_t *kill; /* CLIENT KILL from any loop: close the marked clients */
     uv_tcp_t *listener;
     uv_pipe_t *unix_listener;
     uv_timer_t *timer;
@@ -183,6 +187,10 @@ struct tly_server {
     char where[INET6_ADDRSTRLEN + 16]; /* bound "host:port", for logs */
     atomic_bool stop_sent;             /* tly_server_stop_async ran */
     bool started;
+    /* the client directory (tly_server_each_client): every open client of
+     * every loop, newest at dir, oldest at dir_tail */
+    pthread_mutex_t dir_mu;
+    client_t *dir, *dir_tail;
 };
 
 /* ---- helpers ------------------------------------------------------------ */
@@ -459,6 +467,43 @@ static void client_close_cb(uv_handle_t *h)
     free(c);
 }
 
+/* Lists c in the client directory. c's loop thread. */
+static void dir_add(client_t *c)
+{
+    tly_server_t *srv = c->lp->srv;
+    pthread_mutex_lock(&srv->dir_mu);
+    c->dprev = NULL;
+    c->dnext = srv->dir;
+    if (srv->dir != NULL)
+        srv->dir->dprev = c;
+    else
+        srv->dir_tail = c;
+    srv->dir = c;
+    c->listed = true;
+    pthread_mutex_unlock(&srv->dir_mu);
+}
+
+/* Takes c out of the client directory; after this no other loop reaches
+ * its session. c's loop thread. */
+static void dir_remove(client_t *c)
+{
+    if (!c->listed)
+        return;
+    tly_server_t *srv = c->lp->srv;
+    pthread_mutex_lock(&srv->dir_mu);
+    if (c->dprev != NULL)
+        c->dprev->dnext = c->dnext;
+    else
+        srv->dir = c->dnext;
+    if (c->dnext != NULL)
+        c->dnext->dprev = c->dprev;
+    else
+        srv->dir_tail = c->dprev;
+    c->dprev = c->dnext = NULL;
+    c->listed = false;
+    pthread_mutex_unlock(&srv->dir_mu);
+}
+
 /* Closes c now; pending writes are cancelled. Idempotent. */
 static void client_close(client_t *c)
 {
@@ -473,6 +518,7 @@ static void client_close(client_t *c)
     if (c->next != NULL)
         c->next->prev = c->prev;
     c->prev = c->next = NULL;
+    dir_remove(c);
     /* the buffers are freed in client_close_cb: no longer the clients'
      * (uncounted before the connection, so that a reader who sees it gone
      * sees its bytes gone too) */
@@ -747,9 +793,10 @@ static void client_process(client_t *c)
         }
         if (st == TLY_RESP_REQUEST) {
             const tly_arg_t *argv = tly_resp_argv(&c->parser, req);
-            c->session.last_ms = now_ms;
-            c->session.qbuf = c->in.len - off;
-            c->session.obuf = client_queued(c);
+            /* read by other loops' CLIENT LIST (commands.h) */
+            __atomic_store_n(&c->session.last_ms, now_ms, __ATOMIC_RELAXED);
+            __atomic_store_n(&c->session.qbuf, c->in.len - off, __ATOMIC_RELAXED);
+            __atomic_store_n(&c->session.obuf, client_queued(c), __ATOMIC_RELAXED);
             tly_command_exec(d, &c->session, lp->scratch, argv, c->parser.argc, &c->out, now_ms);
         }
         off += used;
@@ -767,7 +814,7 @@ static void client_process(client_t *c)
     if (c->state != CLIENT_OPEN)
         return;
     tly_buf_consume(&c->in, off);
-    c->session.qbuf = c->in.len;
+    __atomic_store_n(&c->session.qbuf, c->in.len, __ATOMIC_RELAXED);
     if (c->paused)
         return; /* what is left may be complete requests: no deadline runs */
     if (c->in.len > c->max_query) {
@@ -911,6 +958,7 @@ static void client_start(client_t *c, bool is_unix)
     if (lp->clients != NULL)
         lp->clients->prev = c;
     lp->clients = c;
+    dir_add(c);
     start_reading(c);
 }
 
@@ -954,6 +1002,50 @@ static void accept_cb(uv_stream_t *listener, int status)
     c->counted = true;
     c->state = CLIENT_OPEN;
     client_start(c, is_unix);
+}
+
+/* ---- the client directory ------------------------------------------------ */
+
+void tly_server_each_client(tly_server_t *srv, void (*fn)(void *ctx, tly_session_t *s), void *ctx)
+{
+    pthread_mutex_lock(&srv->dir_mu);
+    for (client_t *c = srv->dir_tail; c != NULL; c = c->dprev)
+        fn(ctx, &c->session);
+    pthread_mutex_unlock(&srv->dir_mu);
+}
+
+void tly_server_kill_client(tly_server_t *srv, tly_session_t *s)
+{
+    (void)srv;
+    client_t *c = (client_t *)((char *)s - offsetof(client_t, session));
+    __atomic_store_n(&s->kill, true, __ATOMIC_RELAXED);
+    /* listed, so its loop runs and its kill handle is open: a loop closes
+     * (and so unlists, under the lock the caller holds) every client
+     * before it closes that handle */
+    uv_async_send(c->lp->kill);
+}
+
+void tly_server_set_client_name(tly_server_t *srv, tly_session_t *s, const char *name, size_t len)
+{
+    pthread_mutex_lock(&srv->dir_mu);
+    memcpy(s->name, name, len);
+    s->name[len] = '\0';
+    pthread_mutex_unlock(&srv->dir_mu);
+}
+
+/* A CLIENT KILL marked some of this loop's clients. */
+static void kill_cb(uv_async_t *a)
+{
+    server_loop_t *lp = a->data;
+    client_t *next;
+    for (client_t *c = lp->clients; c != NULL; c = next) {
+        next = c->next;
+        if (__atomic_load_n(&c->session.kill, __ATOMIC_RELAXED)) {
+            tly_info("client %" PRIu64 " (%s) closed by CLIENT KILL", c->session.id,
+                     c->session.addr);
+            client_close(c);
+        }
+    }
 }
 
 /* ---- loops -------------------------------------------------------------- */
@@ -1007,6 +1099,9 @@ static void stop_cb(uv_async_t *a)
     lp->prepare = NULL;
     while (lp->clients != NULL)
         client_close(lp->clients);
+    if (lp->kill != NULL) /* after the clients: none of this loop is listed now */
+        uv_close((uv_handle_t *)lp->kill, free_handle_cb);
+    lp->kill = NULL;
     uv_close((uv_handle_t *)a, free_handle_cb);
 }
 
@@ -1078,6 +1173,7 @@ tly_server_t *tly_server_new(tly_daemon_t *d, char *errbuf, size_t errlen)
     const tly_config_t *cfg = d->cfg;
     tly_server_t *srv = xcalloc(1, sizeof *srv);
     srv->d = d;
+    pthread_mutex_init(&srv->dir_mu, NULL);
     srv->nloops = cfg->server.threads > 0 ? (size_t)cfg->server.threads : 1;
     srv->loops = xcalloc(srv->nloops, sizeof *srv->loops);
     atomic_init(&srv->stop_sent, false);
@@ -1104,6 +1200,14 @@ tly_server_t *tly_server_new(tly_daemon_t *d, char *errbuf, size_t errlen)
         }
         stop->data = lp;
         lp->stop = stop;
+        uv_async_t *kill = xcalloc(1, sizeof *kill);
+        if ((rc = uv_async_init(&lp->loop, kill, kill_cb)) != 0) {
+            free(kill);
+            snprintf(errbuf, errlen, "server: cannot create an event loop: %s", uv_strerror(rc));
+            goto fail;
+        }
+        kill->data = lp;
+        lp->kill = kill;
     }
     if (!bind_tcp(srv, errbuf, errlen))
         goto fail;
@@ -1113,6 +1217,7 @@ tly_server_t *tly_server_new(tly_daemon_t *d, char *errbuf, size_t errlen)
     tly_info("listening on %s (%zu thread%s)%s%s", srv->where, srv->nloops,
              srv->nloops == 1 ? "" : "s", srv->unix_path ? " and on " : "",
              srv->unix_path ? srv->unix_path : "");
+    d->srv = srv;
     return srv;
 fail:
     tly_server_free(srv);
@@ -1174,5 +1279,8 @@ void tly_server_free(tly_server_t *srv)
         free(srv->unix_path);
     }
     free(srv->loops);
+    if (srv->d->srv == srv)
+        srv->d->srv = NULL;
+    pthread_mutex_destroy(&srv->dir_mu);
     free(srv);
 }

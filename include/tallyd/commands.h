@@ -8,6 +8,10 @@
  *
  * A session is one client connection's protocol state. The server owns it
  * and fills the fields marked (server); commands change the rest.
+ * CLIENT LIST and CLIENT KILL read other loops' sessions (under the
+ * server's client directory lock): their owners store last_ms, qbuf, obuf,
+ * proto, last_cmd and kill with relaxed atomic stores, and change name only
+ * under that lock (tly_server_set_client_name).
  *
  * Threads: tly_command_exec runs on the server's loop threads, each of
  * which is registered with RCU; one session is used by one thread.
@@ -38,6 +42,7 @@ typedef struct {
     bool stale_ok;         /* CLIENT STALE ON: data commands run while loading */
     char name[TLY_CLIENT_NAME_MAX + 1]; /* CLIENT SETNAME, "" = none */
     const char *last_cmd;  /* lower-case name of the last command (static), or NULL */
+    bool kill;             /* (server) CLIENT KILL: its loop closes it */
 } tly_session_t;
 
 /* Per-thread scratch for handlers (value arrays, string buffers), reused

@@ -41,6 +41,7 @@ typedef struct {
     tly_store_t *store;
     tly_source_t *source; /* NULL when no source runs (unit tests) */
     struct tly_snapshotter *snapshot; /* NULL when snapshots are off */
+    struct tly_server *srv; /* set by tly_server_new; NULL when no server runs (unit tests) */
     int64_t started_ms;   /* wall clock at start-up */
     int tcp_port;         /* bound RESP port (after listen), for INFO */
     tly_server_stats_t server;

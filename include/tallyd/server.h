@@ -26,6 +26,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 
+#include "tallyd/commands.h"
 #include "tallyd/daemon.h"
 #include "tallyd/error.h"
 
@@ -55,5 +56,18 @@ void tly_server_stop_async(tly_server_t *srv);
  * frees. Works whether or not tly_server_start ran or succeeded. NULL ok.
  * Main thread. */
 void tly_server_free(tly_server_t *srv);
+
+/* The client directory: every open client of every loop, for CLIENT LIST
+ * and CLIENT KILL. Calls fn(ctx, s) for each client's session, under the
+ * directory's lock, in order of connection (oldest first); fn reads
+ * another loop's session only as commands.h allows, must not block, and
+ * may call tly_server_kill_client. Loop threads. */
+void tly_server_each_client(tly_server_t *srv, void (*fn)(void *ctx, tly_session_t *s), void *ctx);
+/* From within tly_server_each_client: has s's loop close it (at once, with
+ * what is queued for it unsent). */
+void tly_server_kill_client(tly_server_t *srv, tly_session_t *s);
+/* Sets s's name (len bytes, checked by the caller) under the directory's
+ * lock. s's own loop thread. */
+void tly_server_set_client_name(tly_server_t *srv, tly_session_t *s, const char *name, size_t len);
 
 #endif

@@ -32,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness as H  # noqa: E402
-from harness import Dbl, Failure, Mismatches, RespError  # noqa: E402
+from harness import Closed, Dbl, Failure, Mismatches, RespError  # noqa: E402
 
 SEED = 20261122
 NUSERS = 2000
@@ -1138,6 +1138,37 @@ def t_redis_py(c, proto, parser="python"):
         r.close()
 
 
+def t_redis_py_client_list_kill(c):
+    """redis-py's CLIENT helpers: a named connection shows in another's
+    client_list() with its id and name, and client_kill_filter() by id
+    closes it (the victim is a plain connection, which does not reconnect:
+    it reads EOF)."""
+    import redis
+    a = redis.Redis(host="127.0.0.1", port=c.port, socket_timeout=30 * H.MULT)
+    victim = H.Client(c.port, timeout=30)
+    try:
+        m = Mismatches()
+        m.eq(victim.cmd("CLIENT", "SETNAME", "e2e-victim"), "OK", "CLIENT SETNAME")
+        vid = victim.cmd("CLIENT", "ID")
+        listed = {int(e["id"]): e for e in a.client_list()}
+        m.check(vid in listed, f"client_list() lacks id {vid}: {sorted(listed)}")
+        if vid in listed:
+            m.eq(listed[vid].get("name"), "e2e-victim", "client_list() name")
+            m.eq(listed[vid].get("cmd"), "client", "client_list() cmd")
+        m.eq(a.client_kill_filter(_id=vid), 1, "client_kill_filter(_id=...)")
+        try:
+            got = victim.cmd("PING")
+            m.add(f"the killed connection still answered PING: {got!r}")
+        except (Closed, OSError):
+            pass
+        m.check(vid not in {int(e["id"]) for e in a.client_list()},
+                "the killed client is still listed")
+        m.done()
+    finally:
+        a.close()
+        victim.close()
+
+
 # ------------------------------------------------------------------ main
 
 def main():
@@ -1177,6 +1208,7 @@ def main():
         ("hiredis_resp2_every_user_pin_recent_mfeatures", t_hiredis),
         ("redis_py_resp2_every_user_and_pin", t_redis_py, 2),
         ("redis_py_resp3_sample", t_redis_py, 3),
+        ("redis_py_client_list_and_kill", t_redis_py_client_list_kill),
         ("hiredis_reader_resp2_through_redis_py_every_user_and_pin", t_redis_py, 2, "hiredis"),
         ("hiredis_reader_resp3_through_redis_py_sample", t_redis_py, 3, "hiredis"),
         ("admin_http_health_ready_and_metrics_counts", t_admin),

@@ -521,6 +521,22 @@ static void test_client_and_hello_commands(void **state)
     assert_non_null(strstr(run(fx, "CLIENT INFO"), "id=42 addr="));
     assert_non_null(strstr(run(fx, "CLIENT INFO"), " name=ranker-1 "));
     assert_non_null(strstr(run(fx, "CLIENT INFO"), " cmd=client "));
+    /* without a server (this fixture) CLIENT LIST and KILL see this session */
+    assert_non_null(strstr(run(fx, "CLIENT LIST"), "id=42 addr="));
+    assert_non_null(strstr(run(fx, "CLIENT LIST ID 42"), " name=ranker-1 "));
+    assert_string_equal(run(fx, "CLIENT LIST ID 43"), "$0\r\n\r\n");
+    assert_string_equal(run(fx, "CLIENT LIST TYPE pubsub"), "$0\r\n\r\n");
+    assert_string_equal(run(fx, "CLIENT LIST ID x"), "-ERR Invalid client ID\r\n");
+    assert_string_equal(run(fx, "CLIENT LIST FOO"), "-ERR syntax error\r\n");
+    assert_string_equal(run(fx, "CLIENT KILL ID 42"), ":0\r\n"); /* SKIPME yes */
+    assert_string_equal(run(fx, "CLIENT KILL ID 0"), "-ERR client-id should be greater than 0\r\n");
+    assert_string_equal(run(fx, "CLIENT KILL MAXAGE 5"), "-ERR syntax error\r\n");
+    assert_string_equal(run(fx, "CLIENT KILL ID 42 SKIPME"), "-ERR syntax error\r\n");
+    assert_string_equal(run(fx, "CLIENT KILL 10.0.0.1:5"), "-ERR No such client\r\n");
+    assert_false(fx->s.close_after);
+    assert_string_equal(run(fx, "CLIENT KILL ID 42 SKIPME no"), ":1\r\n");
+    assert_true(fx->s.close_after); /* closed once the reply is written */
+    fx->s.close_after = false;
     assert_string_equal(run(fx, "HELLO 4"), "-NOPROTO unsupported protocol version\r\n");
     assert_string_equal(run(fx, "HELLO 2 SETNAME x"),
                         "*14\r\n$6\r\nserver\r\n$6\r\ntallyd\r\n$7\r\nversion\r\n$5\r\n0.1.0\r\n"

@@ -17,7 +17,10 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <netinet/in.h>
+#include <inttypes.h>
 #include <poll.h>
+#include <pthread.h>
+#include <stdatomic.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -781,6 +784,151 @@ static void test_clients_over_max_clients_memory_lose_unauthenticated_ones_first
     fx_stop(fx);
 }
 
+/* Reads one line (up to and without its \r\n) into buf. */
+static void read_line(int fd, char *buf, size_t cap)
+{
+    size_t n = 0;
+    int64_t deadline = deadline_in(WAIT_MS);
+    for (;;) {
+        char ch;
+        assert_int_equal(recv_n(fd, &ch, 1, deadline), 1);
+        if (ch == '\n')
+            break;
+        assert_true(n + 1 < cap);
+        buf[n++] = ch;
+    }
+    assert_true(n > 0 && buf[n - 1] == '\r');
+    buf[n - 1] = '\0';
+}
+
+/* Sends "CLIENT LIST ..." (rest) and returns the reply's text (malloc'd). */
+static char *client_list(int fd, const char *rest)
+{
+    char req[256], head[32];
+    snprintf(req, sizeof req, "CLIENT LIST%s\r\n", rest);
+    send_str(fd, req);
+    read_line(fd, head, sizeof head);
+    assert_int_equal(head[0], '$');
+    size_t n = (size_t)strtoul(head + 1, NULL, 10);
+    char *text = malloc(n + 3);
+    assert_non_null(text);
+    assert_int_equal(recv_n(fd, text, n + 2, deadline_in(WAIT_MS)), n + 2);
+    text[n] = '\0';
+    return text;
+}
+
+static int count_lines(const char *text)
+{
+    int n = 0;
+    for (const char *p = text; (p = strchr(p, '\n')) != NULL; p++)
+        n++;
+    return n;
+}
+
+typedef struct {
+    int fd;
+    atomic_bool stop;
+    bool ok;
+} pinger_t;
+
+/* Keeps its client busy (PING after PING) while others list and kill. */
+static void *pinger_main(void *arg)
+{
+    pinger_t *p = arg;
+    p->ok = true;
+    while (!atomic_load(&p->stop) && p->ok) {
+        char got[8];
+        p->ok = send_all(p->fd, "PING\r\n", 6) &&
+                recv_n(p->fd, got, 7, deadline_in(WAIT_MS)) == 7 &&
+                memcmp(got, "+PONG\r\n", 7) == 0;
+    }
+    return NULL;
+}
+
+static void test_client_list_and_kill_reach_every_loop(void **state)
+{
+    (void)state;
+    fx_t *fx = fx_start("  threads: 2\n");
+    enum { N = 8 };
+    int fd[N];
+    uint64_t id[N];
+    char addr[N][64];
+    for (int i = 0; i < N; i++) {
+        fd[i] = connect_tcp(fx->d.tcp_port);
+        char line[64];
+        send_str(fd[i], "CLIENT ID\r\n");
+        read_line(fd[i], line, sizeof line);
+        assert_int_equal(line[0], ':');
+        id[i] = strtoull(line + 1, NULL, 10);
+        struct sockaddr_in sin;
+        socklen_t sl = sizeof sin;
+        assert_int_equal(getsockname(fd[i], (struct sockaddr *)&sin, &sl), 0);
+        snprintf(addr[i], sizeof addr[i], "127.0.0.1:%u", ntohs(sin.sin_port));
+    }
+    send_str(fd[1], "CLIENT SETNAME worker-1\r\n");
+    expect(fd[1], "+OK\r\n");
+    /* clients 2 and 3 stay busy on their loops while 0 lists and kills */
+    pinger_t ping[2] = {{.fd = fd[2]}, {.fd = fd[3]}};
+    pthread_t th[2];
+    for (int i = 0; i < 2; i++)
+        assert_int_equal(pthread_create(&th[i], NULL, pinger_main, &ping[i]), 0);
+    for (int round = 0; round < 50; round++) {
+        char *all = client_list(fd[0], "");
+        assert_int_equal(count_lines(all), N);
+        for (int i = 0; i < N; i++) { /* each by its id and its address */
+            char want[128];
+            snprintf(want, sizeof want, "id=%" PRIu64 " addr=%s ", id[i], addr[i]);
+            if (strstr(all, want) == NULL)
+                fail_msg("CLIENT LIST lacks \"%s\":\n%s", want, all);
+        }
+        assert_non_null(strstr(all, " name=worker-1 "));
+        free(all);
+    }
+    char rest[64];
+    snprintf(rest, sizeof rest, " ID %" PRIu64 " %" PRIu64, id[4], id[5]);
+    char *two = client_list(fd[0], rest);
+    assert_int_equal(count_lines(two), 2);
+    free(two);
+    /* by id: client 4 is closed by its loop, without a reply */
+    char req[160], buf[64];
+    size_t len;
+    snprintf(req, sizeof req, "CLIENT KILL ID %" PRIu64 "\r\n", id[4]);
+    send_str(fd[0], req);
+    expect(fd[0], ":1\r\n");
+    assert_true(recv_to_eof(fd[4], buf, sizeof buf, &len));
+    assert_int_equal(len, 0);
+    /* by address, the old form: +OK; an address of no client: an error */
+    snprintf(req, sizeof req, "CLIENT KILL %s\r\n", addr[5]);
+    send_str(fd[0], req);
+    expect(fd[0], "+OK\r\n");
+    assert_true(recv_to_eof(fd[5], buf, sizeof buf, &len));
+    send_str(fd[0], "CLIENT KILL 10.9.9.9:1\r\n");
+    expect(fd[0], "-ERR No such client\r\n");
+    /* every client but the caller (SKIPME yes by default) */
+    for (int i = 0; i < 2; i++) {
+        atomic_store(&ping[i].stop, true);
+        assert_int_equal(pthread_join(th[i], NULL), 0);
+        assert_true(ping[i].ok);
+    }
+    send_str(fd[0], "CLIENT KILL USER default\r\n");
+    expect(fd[0], ":5\r\n");
+    for (int i = 1; i < N; i++)
+        if (i != 4 && i != 5)
+            assert_true(recv_to_eof(fd[i], buf, sizeof buf, &len));
+    char *left = client_list(fd[0], "");
+    assert_int_equal(count_lines(left), 1);
+    free(left);
+    /* the caller itself, with SKIPME no: the reply, then the close */
+    snprintf(req, sizeof req, "CLIENT KILL ID %" PRIu64 " SKIPME no\r\n", id[0]);
+    send_str(fd[0], req);
+    assert_true(recv_to_eof(fd[0], buf, sizeof buf, &len));
+    assert_string_equal(buf, ":1\r\n");
+    assert_true(wait_stat(&fx->d.server.connected, 0));
+    for (int i = 0; i < N; i++)
+        close(fd[i]);
+    fx_stop(fx);
+}
+
 static void test_slow_request_beyond_request_timeout_is_closed(void **state)
 {
     (void)state;
@@ -1085,6 +1233,7 @@ int main(void)
         cmocka_unit_test(test_output_over_max_output_buffer_closes_the_client),
         cmocka_unit_test(test_clients_over_max_clients_memory_lose_the_largest),
         cmocka_unit_test(test_clients_over_max_clients_memory_lose_unauthenticated_ones_first),
+        cmocka_unit_test(test_client_list_and_kill_reach_every_loop),
         cmocka_unit_test(test_slow_request_beyond_request_timeout_is_closed),
         cmocka_unit_test(test_request_a_busy_server_reads_slowly_is_not_timed_out),
         cmocka_unit_test(test_idle_client_is_closed_after_idle_timeout),
