@@ -509,6 +509,32 @@ static tly_resp_status_t parse_inline(tly_resp_parser_t *p, const char *in, size
     return p->argc ? TLY_RESP_REQUEST : TLY_RESP_EMPTY;
 }
 
+/* Drops the previous request's results, and its memory above the KEEP_
+ * sizes. Between requests only. */
+static void drop_results(tly_resp_parser_t *p)
+{
+    p->argc = 0;
+    p->inline_req = false;
+    if (p->cap > KEEP_SPANS) {
+        free(p->args);
+        free(p->argv);
+        p->args = NULL;
+        p->argv = NULL;
+        p->cap = 0;
+    }
+    if (p->scratch_cap > KEEP_SCRATCH) {
+        free(p->scratch);
+        p->scratch = NULL;
+        p->scratch_cap = 0;
+    }
+}
+
+void tly_resp_parser_trim(tly_resp_parser_t *p)
+{
+    if (p->state == ST_START && !p->failed)
+        drop_results(p);
+}
+
 tly_resp_status_t tly_resp_parse(tly_resp_parser_t *p, const char *in, size_t len, size_t *consumed)
 {
     if (p->failed)
@@ -516,20 +542,7 @@ tly_resp_status_t tly_resp_parse(tly_resp_parser_t *p, const char *in, size_t le
     if (p->state == ST_START) {
         /* The previous request's results are dropped now, not before: the
          * caller may use them until this call. */
-        p->argc = 0;
-        p->inline_req = false;
-        if (p->cap > KEEP_SPANS) {
-            free(p->args);
-            free(p->argv);
-            p->args = NULL;
-            p->argv = NULL;
-            p->cap = 0;
-        }
-        if (p->scratch_cap > KEEP_SCRATCH) {
-            free(p->scratch);
-            p->scratch = NULL;
-            p->scratch_cap = 0;
-        }
+        drop_results(p);
         if (len == 0)
             return TLY_RESP_NEED;
         p->scanned++;

@@ -791,6 +791,12 @@ static void client_process(client_t *c)
             client_protocol_error(c, c->parser.err);
             return;
         }
+        if (used > c->max_query) {
+            /* as when it is still arriving: the limit does not depend on
+             * how the bytes were split into reads */
+            client_protocol_error(c, "request too large");
+            return;
+        }
         if (st == TLY_RESP_REQUEST) {
             const tly_arg_t *argv = tly_resp_argv(&c->parser, req);
             /* read by other loops' CLIENT LIST (commands.h) */
@@ -824,6 +830,7 @@ static void client_process(client_t *c)
     if (c->in.len == 0) {
         c->req_started = false;
         shrink(&c->in);
+        tly_resp_parser_trim(&c->parser); /* an idle client holds little */
     } else if (off > 0 || !c->req_started || c->in.len - c->req_mark >= READ_CHUNK) {
         /* a new request, or READ_CHUNK more of this one: it is arriving,
          * not trickling in, and its deadline starts again */

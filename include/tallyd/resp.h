@@ -161,6 +161,11 @@ const char *tly_resp_arg(const tly_resp_parser_t *p, const char *in, size_t i, s
 const tly_arg_t *tly_resp_argv(tly_resp_parser_t *p, const char *in);
 /* Forgets any partly parsed request and a previous error. */
 void tly_resp_parser_reset(tly_resp_parser_t *p);
+/* Between requests (no request partly parsed): drops the last request's
+ * results, as the next tly_resp_parse would, and gives back its memory
+ * above the small sizes kept, so that an idle connection does not hold
+ * what its last large request needed. No-op in the middle of a request. */
+void tly_resp_parser_trim(tly_resp_parser_t *p);
 /* True when some bytes of a request have been parsed but it is not complete
  * (the server's request deadline runs while this holds). */
 bool tly_resp_parser_pending(const tly_resp_parser_t *p);

@@ -508,6 +508,28 @@ static void test_request_over_max_query_buffer_is_a_protocol_error(void **state)
     assert_true(send_all(fd, arg, BIG));
     send_str(fd, "\r\n");
     expect_bulk(fd, arg, BIG);
+    /* a request over the limit that arrives in one write, completed by
+     * the read that takes it past the limit, is refused all the same */
+    int one = connect_tcp(fx->d.tcp_port);
+    snprintf(head, sizeof head, "*3\r\n$4\r\nECHO\r\n$%d\r\n", BIG);
+    char *whole = malloc(2 * BIG + 64);
+    assert_non_null(whole);
+    size_t wl = (size_t)snprintf(whole, 64, "%s", head);
+    memcpy(whole + wl, arg, BIG);
+    wl += BIG;
+    wl += (size_t)sprintf(whole + wl, "\r\n$%d\r\n", 6000);
+    memset(whole + wl, 'r', 6000);
+    wl += 6000;
+    memcpy(whole + wl, "\r\n", 2);
+    wl += 2;
+    send_all(one, whole, wl); /* the server may be gone before the end */
+    char one_buf[256];
+    size_t one_len;
+    assert_true(recv_to_eof(one, one_buf, sizeof one_buf, &one_len));
+    assert_string_equal(one_buf, "-ERR Protocol error: request too large\r\n");
+    close(one);
+    free(whole);
+    assert_int_equal(stat_of(&fx->d.server.protocol_errors), 1);
     /* two of them in one pending request are over 64 KiB */
     snprintf(head, sizeof head, "*3\r\n$4\r\nECHO\r\n$%d\r\n", BIG);
     send_str(fd, head);
@@ -519,7 +541,7 @@ static void test_request_over_max_query_buffer_is_a_protocol_error(void **state)
     size_t len;
     assert_true(recv_to_eof(fd, buf, sizeof buf, &len));
     assert_string_equal(buf, "-ERR Protocol error: request too large\r\n");
-    assert_int_equal(stat_of(&fx->d.server.protocol_errors), 1);
+    assert_int_equal(stat_of(&fx->d.server.protocol_errors), 2);
     close(fd);
     free(arg);
     fx_stop(fx);
@@ -845,6 +867,46 @@ static void *pinger_main(void *arg)
     return NULL;
 }
 
+/* Waits until *v <= want; false at the deadline. */
+static bool wait_stat_at_most(atomic_uint_fast64_t *v, uint64_t want)
+{
+    int64_t deadline = deadline_in(WAIT_MS);
+    while (stat_of(v) > want) {
+        if (mono_ms() > deadline)
+            return false;
+        poll(NULL, 0, 1); /* a counter has no file descriptor to wait on */
+    }
+    return true;
+}
+
+static void test_idle_client_gives_back_what_its_last_large_request_needed(void **state)
+{
+    (void)state;
+    fx_t *fx = fx_start("");
+    int fd = connect_tcp(fx->d.tcp_port);
+    send_str(fd, "PING\r\n");
+    expect(fd, "+PONG\r\n");
+    assert_true(wait_stat_at_least(&fx->d.server.clients_memory, 1));
+    uint64_t idle = stat_of(&fx->d.server.clients_memory);
+    /* 20,000 arguments: the parser needs 32 bytes each while it holds them */
+    enum { ARGS = 20000 };
+    char *req = malloc(ARGS * 8 + 64);
+    assert_non_null(req);
+    size_t n = (size_t)sprintf(req, "*%d\r\n$6\r\nNOSUCH\r\n", ARGS);
+    for (int i = 1; i < ARGS; i++)
+        n += (size_t)sprintf(req + n, "$1\r\nx\r\n");
+    assert_true(send_all(fd, req, n));
+    char line[8192];
+    read_line(fd, line, sizeof line);
+    assert_memory_equal(line, "-ERR unknown command 'NOSUCH'", 29);
+    /* idle again: about what it held before, not 20,000 spans */
+    assert_true(wait_stat_at_most(&fx->d.server.clients_memory, idle + 64 * 1024));
+    close(fd);
+    assert_true(wait_stat(&fx->d.server.clients_memory, 0));
+    free(req);
+    fx_stop(fx);
+}
+
 static void test_client_list_and_kill_reach_every_loop(void **state)
 {
     (void)state;
@@ -1100,6 +1162,22 @@ static void test_unauthenticated_big_argument_is_a_protocol_error(void **state)
     assert_true(recv_to_eof(anon, buf, sizeof buf, &len));
     assert_string_equal(buf, "-ERR Protocol error: invalid bulk length\r\n");
     assert_int_equal(stat_of(&fx->d.server.protocol_errors), 1);
+    /* 16 arguments of 1,000 bytes, each within the anonymous limits, make a
+     * request over 4 KiB: refused, though it arrives whole in one read */
+    int many = connect_tcp(fx->d.tcp_port);
+    char req[17000];
+    size_t rl = (size_t)sprintf(req, "*16\r\n$4\r\nECHO\r\n");
+    for (int i = 1; i < 16; i++) {
+        rl += (size_t)sprintf(req + rl, "$1000\r\n");
+        memset(req + rl, 'm', 1000);
+        rl += 1000;
+        rl += (size_t)sprintf(req + rl, "\r\n");
+    }
+    send_all(many, req, rl); /* the server may be gone before the end */
+    assert_true(recv_to_eof(many, buf, sizeof buf, &len));
+    assert_string_equal(buf, "-ERR Protocol error: request too large\r\n");
+    assert_int_equal(stat_of(&fx->d.server.protocol_errors), 2);
+    close(many);
 
     /* after AUTH the configured limits apply */
     int user = connect_tcp(fx->d.tcp_port);
@@ -1233,6 +1311,7 @@ int main(void)
         cmocka_unit_test(test_output_over_max_output_buffer_closes_the_client),
         cmocka_unit_test(test_clients_over_max_clients_memory_lose_the_largest),
         cmocka_unit_test(test_clients_over_max_clients_memory_lose_unauthenticated_ones_first),
+        cmocka_unit_test(test_idle_client_gives_back_what_its_last_large_request_needed),
         cmocka_unit_test(test_client_list_and_kill_reach_every_loop),
         cmocka_unit_test(test_slow_request_beyond_request_timeout_is_closed),
         cmocka_unit_test(test_request_a_busy_server_reads_slowly_is_not_timed_out),
