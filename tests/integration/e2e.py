@@ -698,6 +698,9 @@ def t_recent_options(c):
     fi, f = model.feat("user", "recent")
     busy = sorted(c.model.ids["user"], key=lambda i: -len(model.items.get((fi, i), [])))
     sample = busy[:40] + rng.sample(c.model.ids["user"], 160)
+    if c.ingested_ms + 1000 > c.asof - 1:
+        raise Failure(f"ingest ended at {c.ingested_ms}, less than 1 s before ASOF {c.asof} "
+                      f"(machine too slow?): no ASOF between them to test")
     cmds, wants = [], []
     for i in sample:
         items = model.items.get((fi, i), [])
