@@ -135,7 +135,8 @@ const key_def_t tly_config_keys[] = {
         "Most bytes the buffers of all clients together may hold (pending requests, queued "
         "replies, request parsing); above it, clients holding more than an even share of it "
         "(this over the clients connected) are disconnected, unauthenticated ones first, then "
-        "the largest, until the clients hold less."),
+        "the largest, until the clients hold less. At least server.max_query_buffer and "
+        "server.max_output_buffer."),
     KEY("server.idle_timeout", K_DURATION, "1h", SEC(1), DAY(365), 0, NULL,
         CFG(server.idle_timeout_ms), "A client that sends nothing for this long is disconnected."),
     KEY("server.request_timeout", K_DURATION, "10s", 100, HOUR(1), 0, NULL,
@@ -1383,6 +1384,16 @@ static tly_err_t check_config(parse_t *p)
         (rc = limits_clash(p, "server.output_soft_limit", cfg->server.output_soft_limit,
                            "server.max_output_buffer", cfg->server.max_output_buffer, "")) !=
             TLY_OK)
+        return rc;
+    if (cfg->server.max_query_buffer > cfg->server.max_clients_memory &&
+        (rc = limits_clash(p, "server.max_query_buffer", cfg->server.max_query_buffer,
+                           "server.max_clients_memory", cfg->server.max_clients_memory,
+                           "; a client sending a request that large would be closed")) != TLY_OK)
+        return rc;
+    if (cfg->server.max_output_buffer > cfg->server.max_clients_memory &&
+        (rc = limits_clash(p, "server.max_output_buffer", cfg->server.max_output_buffer,
+                           "server.max_clients_memory", cfg->server.max_clients_memory,
+                           "; a client with that much to read would be closed")) != TLY_OK)
         return rc;
     return TLY_OK;
 }

@@ -478,7 +478,8 @@ def clients_over_max_clients_memory_lose_the_largest(c):
     tmp.mkdir(exist_ok=True)
     port = H.free_port()
     path, _ = H.write_config(tmp, c.kafka.bootstrap, port, TOPIC, server_extra={
-        "max_clients_memory": CLIENTS_MEMORY, "request_timeout": "5m"})
+        "max_clients_memory": CLIENTS_MEMORY, "max_output_buffer": CLIENTS_MEMORY,
+        "request_timeout": "5m"})
     t = H.Tallyd(path, port, tmp)
     socks = []
     try:

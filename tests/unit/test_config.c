@@ -1070,6 +1070,41 @@ static void test_help_mentions_every_key_with_type_and_default(void **state)
 }
 
 /* Limits that could never be satisfied together are refused. */
+static void test_client_limits_larger_than_all_clients_memory_are_errors(void **state)
+{
+    (void)state;
+    static const char features[] = "features:\n  - { name: c, entity: u, key: u, agg: count, "
+                                   "windows: [1m] }\n";
+    char err[ERR_CAP] = "", yaml[512];
+    tly_config_t *cfg = NULL;
+    /* the cap set alone: the defaults it clashes with are named */
+    snprintf(yaml, sizeof yaml, "server:\n  max_clients_memory: 8388608\n%s", features);
+    assert_int_equal(tly_config_load_string(yaml, "mem.yaml", &cfg, err, sizeof err), TLY_E_CONFIG);
+    assert_string_equal(err, "mem.yaml:2: server.max_clients_memory: 8388608 is smaller than "
+                             "server.max_query_buffer (16777216, its default); raise it or "
+                             "lower server.max_query_buffer");
+    snprintf(yaml, sizeof yaml,
+             "server:\n  max_clients_memory: 8388608\n  max_query_buffer: 8388608\n%s", features);
+    assert_int_equal(tly_config_load_string(yaml, "mem.yaml", &cfg, err, sizeof err), TLY_E_CONFIG);
+    assert_string_equal(err, "mem.yaml:2: server.max_clients_memory: 8388608 is smaller than "
+                             "server.max_output_buffer (67108864, its default); raise it or "
+                             "lower server.max_output_buffer");
+    snprintf(yaml, sizeof yaml,
+             "server:\n  max_clients_memory: 8388608\n  max_query_buffer: 8388608\n"
+             "  max_output_buffer: 9000000\n%s",
+             features);
+    assert_int_equal(tly_config_load_string(yaml, "mem.yaml", &cfg, err, sizeof err), TLY_E_CONFIG);
+    assert_string_equal(err, "mem.yaml:4: server.max_output_buffer: 9000000 is larger than "
+                             "server.max_clients_memory (8388608); a client with that much to "
+                             "read would be closed");
+    snprintf(yaml, sizeof yaml,
+             "server:\n  max_clients_memory: 8388608\n  max_query_buffer: 8388608\n"
+             "  max_output_buffer: 8388608\n%s",
+             features);
+    assert_int_equal(tly_config_load_string(yaml, "mem.yaml", &cfg, err, sizeof err), TLY_OK);
+    tly_config_free(cfg);
+}
+
 static void test_bulk_larger_than_query_buffer_is_error(void **state)
 {
     (void)state;
@@ -1367,6 +1402,7 @@ int main(void)
         cmocka_unit_test(test_help_mentions_every_key_with_type_and_default),
         cmocka_unit_test(test_help_markdown_is_one_table_row_per_key),
         cmocka_unit_test(test_bulk_larger_than_query_buffer_is_error),
+        cmocka_unit_test(test_client_limits_larger_than_all_clients_memory_are_errors),
         cmocka_unit_test(test_summary_lists_source_time_and_features_with_hops),
         cmocka_unit_test(test_summary_shows_explicit_hop_and_kafka_time),
         cmocka_unit_test(test_collections_nested_past_32_levels_are_refused_at_once),

@@ -697,8 +697,8 @@ static bool wait_stat_at_least(atomic_uint_fast64_t *v, uint64_t want)
 static void test_clients_over_max_clients_memory_lose_the_largest(void **state)
 {
     (void)state;
-    fx_t *fx = fx_start("  max_clients_memory: 1048576\n  max_query_buffer: 4194304\n"
-                        "  max_bulk: 4194304\n");
+    fx_t *fx = fx_start("  max_clients_memory: 1048576\n  max_query_buffer: 1048576\n"
+                        "  max_bulk: 1048576\n  max_output_buffer: 1048576\n");
     enum { B_BULK = 200000, B_FIRST = 150000, C_BULK = 1000000, C_SENT = 900000 };
     char *data = malloc(C_BULK);
     assert_non_null(data);
@@ -747,7 +747,8 @@ static void test_clients_over_max_clients_memory_lose_unauthenticated_ones_first
 {
     (void)state;
     fx_t *fx = fx_start("  requirepass: secret\n  max_clients_memory: 3145728\n"
-                        "  max_query_buffer: 4194304\n  max_bulk: 4194304\n");
+                        "  max_query_buffer: 2097152\n  max_bulk: 2097152\n"
+                        "  max_output_buffer: 3145728\n");
     enum { A_BULK = 1600000, A_FIRST = 1500000 };
     char *data = malloc(A_BULK);
     assert_non_null(data);
