@@ -689,6 +689,16 @@ static yaml_node_t *list_item(parse_t *p, yaml_node_t *node, size_t i, const cha
     return node_at(p, node->data.sequence.items.start[i]);
 }
 
+/* The text of a list item, which must be given: a null item ([~], [null],
+ * [a, ]) is an error, not the text "~". */
+static tly_err_t item_scalar(parse_t *p, const yaml_node_t *item, const char *ipath,
+                             const char **text)
+{
+    if (is_null(item))
+        return fail(p, item, ipath, "needs a value (a list item may not be empty or null)");
+    return get_scalar(p, item, ipath, text);
+}
+
 /* Fails unless node is a mapping whose keys are distinct scalars. */
 static tly_err_t check_mapping(parse_t *p, const yaml_node_t *node, const char *path,
                                const char *what)
@@ -700,6 +710,8 @@ static tly_err_t check_mapping(parse_t *p, const yaml_node_t *node, const char *
         const yaml_node_t *ka = node_at(p, a->key);
         if (ka->type != YAML_SCALAR_NODE)
             return fail(p, ka, path, "a key must be a plain name, not %s", kind_name(ka));
+        if (strlen((const char *)ka->data.scalar.value) != ka->data.scalar.length)
+            return fail(p, ka, path, "a key contains a NUL character");
         for (const yaml_node_pair_t *b = start; b < a; b++) {
             const yaml_node_t *kb = node_at(p, b->key);
             if (strcmp((const char *)ka->data.scalar.value, (const char *)kb->data.scalar.value) ==
@@ -910,7 +922,7 @@ static tly_err_t parse_strings(parse_t *p, const key_def_t *def, yaml_node_t *no
     *(char ***)field_of(base, def) = items;
     for (size_t i = 0; i < n; i++) {
         yaml_node_t *item = list_item(p, node, i, path, ipath);
-        tly_err_t rc = get_scalar(p, item, ipath, &text);
+        tly_err_t rc = item_scalar(p, item, ipath, &text);
         if (rc == TLY_OK)
             rc = check_string(p, def, text, item, ipath);
         if (rc == TLY_OK)
@@ -936,7 +948,7 @@ static tly_err_t parse_durations(parse_t *p, const key_def_t *def, yaml_node_t *
     *(int64_t **)field_of(base, def) = items;
     for (size_t i = 0; i < n; i++) {
         yaml_node_t *item = list_item(p, node, i, path, ipath);
-        tly_err_t rc = get_scalar(p, item, ipath, &text);
+        tly_err_t rc = item_scalar(p, item, ipath, &text);
         if (rc == TLY_OK)
             rc = check_duration(p, def, text, item, ipath, &items[i]);
         if (rc != TLY_OK)
@@ -1024,7 +1036,7 @@ static tly_err_t parse_where(parse_t *p, const key_def_t *def, yaml_node_t *node
         where[i].nvalues = nv;
         for (size_t j = 0; j < nv; j++) {
             yaml_node_t *item = list_item(p, val, j, sub, ipath);
-            if ((rc = get_scalar(p, item, ipath, &text)) != TLY_OK ||
+            if ((rc = item_scalar(p, item, ipath, &text)) != TLY_OK ||
                 (rc = dup_into(p, &where[i].values[j], text)) != TLY_OK)
                 return rc;
         }
@@ -1260,7 +1272,7 @@ static tly_err_t parse_topics(parse_t *p, const key_def_t *def, yaml_node_t *nod
             rc = parse_mapping(p, item, "kafka.topics[]", ipath, &topics[i]);
             topics[i].own_events = true;
         } else if (item->type == YAML_SCALAR_NODE) {
-            if ((rc = get_scalar(p, item, ipath, &text)) == TLY_OK &&
+            if ((rc = item_scalar(p, item, ipath, &text)) == TLY_OK &&
                 (rc = check_string(p, def, text, item, ipath)) == TLY_OK)
                 rc = dup_into(p, &topics[i].name, text);
         } else {

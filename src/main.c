@@ -90,6 +90,7 @@ static tly_err_t load(const char *path, tly_config_t **cfg, tly_featset_t **fs)
         rc = tly_source_check_properties(loaded, err, sizeof err);
     if (rc != TLY_OK) {
         fprintf(stderr, "%s\n", err);
+        tly_featset_free(compiled); /* compiled before the properties were refused */
         tly_config_free(loaded);
         return rc;
     }

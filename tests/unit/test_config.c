@@ -1105,6 +1105,46 @@ static void test_client_limits_larger_than_all_clients_memory_are_errors(void **
     tly_config_free(cfg);
 }
 
+static void test_null_list_items_and_nul_in_keys_are_errors(void **state)
+{
+    (void)state;
+    static const struct {
+        const char *yaml; /* "\\0" in YAML double quotes is a NUL escape */
+        const char *want;
+    } cases[] = {
+#define CASE(y, w) {y, w}
+        CASE("kafka: { topics: [~] }\nfeatures: [ { name: c, entity: u, key: u, agg: count, "
+             "windows: [1h] } ]\n",
+             "nul.yaml:1: kafka.topics[0]: needs a value (a list item may not be empty or null)"),
+        CASE("features: [ { name: c, entity: u, key: [u, null], agg: count, windows: [1h] } ]\n",
+             "nul.yaml:1: features[0].key[1]: needs a value (a list item may not be empty or "
+             "null)"),
+        CASE("features: [ { name: c, entity: u, key: u, agg: count, windows: [1h, ~] } ]\n",
+             "nul.yaml:1: features[0].windows[1]: needs a value (a list item may not be empty or "
+             "null)"),
+        CASE("features: [ { name: c, entity: u, key: u, agg: count, windows: [1h], "
+             "where: {a: [~]} } ]\n",
+             "nul.yaml:1: features[0].where.a[0]: needs a value (a list item may not be empty or "
+             "null)"),
+        CASE("server:\n  \"threads\\0junk\": 4\nfeatures: [ { name: c, entity: u, key: u, "
+             "agg: count, windows: [1h] } ]\n",
+             "nul.yaml:2: server: a key contains a NUL character"),
+        CASE("features: [ { name: c, entity: u, key: u, agg: count, windows: [1h], "
+             "where: {\"a\\0b\": x} } ]\n",
+             "nul.yaml:1: features[0].where: a key contains a NUL character"),
+#undef CASE
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        char err[ERR_CAP] = "";
+        tly_config_t *cfg = NULL;
+        if (tly_config_load_string(cases[i].yaml, "nul.yaml", &cfg, err, sizeof err) !=
+            TLY_E_CONFIG)
+            fail_msg("case %zu loaded: %s", i, cases[i].yaml);
+        if (strcmp(err, cases[i].want) != 0)
+            fail_msg("case %zu: got \"%s\", want \"%s\"", i, err, cases[i].want);
+    }
+}
+
 static void test_bulk_larger_than_query_buffer_is_error(void **state)
 {
     (void)state;
@@ -1402,6 +1442,7 @@ int main(void)
         cmocka_unit_test(test_help_mentions_every_key_with_type_and_default),
         cmocka_unit_test(test_help_markdown_is_one_table_row_per_key),
         cmocka_unit_test(test_bulk_larger_than_query_buffer_is_error),
+        cmocka_unit_test(test_null_list_items_and_nul_in_keys_are_errors),
         cmocka_unit_test(test_client_limits_larger_than_all_clients_memory_are_errors),
         cmocka_unit_test(test_summary_lists_source_time_and_features_with_hops),
         cmocka_unit_test(test_summary_shows_explicit_hop_and_kafka_time),
