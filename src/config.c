@@ -1343,6 +1343,10 @@ static tly_err_t apply_defaults(parse_t *p)
             cfg->kafka.topics = names;
             rc = dup_into(p, &topics[0].name, def->def);
             names[0] = topics[0].name;
+            /* errors about the default topic (its key in shard mode) point
+             * at kafka.mode, the choice that makes it needed */
+            const yaml_node_t *mode = seen_node(p, "kafka.mode");
+            topics[0].line = mode != NULL ? line_of(mode) : 0;
         } else if (def->type == K_STRINGS) {
             char **items = calloc(1, sizeof *items);
             if (items == NULL)

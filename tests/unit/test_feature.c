@@ -1064,6 +1064,11 @@ static void shard_mode_with_two_entities_needs_a_key_per_topic(void **state)
                        "test.yaml:1: kafka.topics[0].key: shard mode needs the entity type "
                        "whose id is the message key of topic \"engagements\" (the features "
                        "have 2 entity types: user, pin); or use kafka.mode replica");
+    /* the default topic: the error points at kafka.mode */
+    compile_fails_with("kafka:\n  group: g\n  mode: shard\n" SHARD_FEATURES,
+                       "test.yaml:3: kafka.topics[0].key: shard mode needs the entity type "
+                       "whose id is the message key of topic \"engagements\" (the features "
+                       "have 2 entity types: user, pin); or use kafka.mode replica");
 }
 
 static void shard_mode_needs_a_topic_keyed_by_every_entity(void **state)
