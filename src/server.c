@@ -1123,6 +1123,21 @@ static void loop_thread(void *arg)
     tly_rcu_thread_offline();
 }
 
+/* Creates an async handle on lp's loop whose callback gets lp (data).
+ * Returns 0, or libuv's error (nothing is left to close). */
+static int loop_async(server_loop_t *lp, uv_async_cb cb, uv_async_t **out)
+{
+    uv_async_t *a = xcalloc(1, sizeof *a);
+    int rc = uv_async_init(&lp->loop, a, cb);
+    if (rc != 0) {
+        free(a);
+        return rc;
+    }
+    a->data = lp;
+    *out = a;
+    return 0;
+}
+
 /* Opens lp's listening handles and timer. Main thread, loop not running. */
 static bool loop_open(server_loop_t *lp, char *errbuf, size_t errlen)
 {
@@ -1199,22 +1214,11 @@ tly_server_t *tly_server_new(tly_daemon_t *d, char *errbuf, size_t errlen)
             goto fail;
         }
         lp->loop_ready = true;
-        uv_async_t *stop = xcalloc(1, sizeof *stop);
-        if ((rc = uv_async_init(&lp->loop, stop, stop_cb)) != 0) {
-            free(stop);
+        if ((rc = loop_async(lp, stop_cb, &lp->stop)) != 0 ||
+            (rc = loop_async(lp, kill_cb, &lp->kill)) != 0) {
             snprintf(errbuf, errlen, "server: cannot create an event loop: %s", uv_strerror(rc));
             goto fail;
         }
-        stop->data = lp;
-        lp->stop = stop;
-        uv_async_t *kill = xcalloc(1, sizeof *kill);
-        if ((rc = uv_async_init(&lp->loop, kill, kill_cb)) != 0) {
-            free(kill);
-            snprintf(errbuf, errlen, "server: cannot create an event loop: %s", uv_strerror(rc));
-            goto fail;
-        }
-        kill->data = lp;
-        lp->kill = kill;
     }
     if (!bind_tcp(srv, errbuf, errlen))
         goto fail;

@@ -137,16 +137,22 @@ static uint64_t stat_of(atomic_uint_fast64_t *v)
     return atomic_load_explicit(v, memory_order_relaxed);
 }
 
-/* Waits until *v == want; false at the deadline. */
-static bool wait_stat(atomic_uint_fast64_t *v, uint64_t want)
+/* Waits until lo <= *v <= hi; false at the deadline. */
+static bool wait_stat_in(atomic_uint_fast64_t *v, uint64_t lo, uint64_t hi)
 {
     int64_t deadline = deadline_in(WAIT_MS);
-    while (stat_of(v) != want) {
+    while (stat_of(v) < lo || stat_of(v) > hi) {
         if (mono_ms() > deadline)
             return false;
         poll(NULL, 0, 1); /* a counter has no file descriptor to wait on */
     }
     return true;
+}
+
+/* Waits until *v == want; false at the deadline. */
+static bool wait_stat(atomic_uint_fast64_t *v, uint64_t want)
+{
+    return wait_stat_in(v, want, want);
 }
 
 /* ---- client sockets ----------------------------------------------------- */
@@ -682,18 +688,6 @@ static void test_output_over_max_output_buffer_closes_the_client(void **state)
     fx_stop(fx);
 }
 
-/* Waits until *v >= want; false at the deadline. */
-static bool wait_stat_at_least(atomic_uint_fast64_t *v, uint64_t want)
-{
-    int64_t deadline = deadline_in(WAIT_MS);
-    while (stat_of(v) < want) {
-        if (mono_ms() > deadline)
-            return false;
-        poll(NULL, 0, 1); /* a counter has no file descriptor to wait on */
-    }
-    return true;
-}
-
 static void test_clients_over_max_clients_memory_lose_the_largest(void **state)
 {
     (void)state;
@@ -713,7 +707,7 @@ static void test_clients_over_max_clients_memory_lose_the_largest(void **state)
     snprintf(head, sizeof head, "*2\r\n$4\r\nECHO\r\n$%d\r\n", B_BULK);
     send_str(b, head);
     assert_true(send_all(b, data, B_FIRST));
-    assert_true(wait_stat_at_least(&fx->d.server.clients_memory, B_FIRST));
+    assert_true(wait_stat_in(&fx->d.server.clients_memory, B_FIRST, UINT64_MAX));
     /* c: 900,000 bytes of a request of 1,000,000: its buffer grows to
      * 1 MiB, the clients together pass the cap, and c, the largest, goes */
     int c = connect_tcp(fx->d.tcp_port);
@@ -762,7 +756,7 @@ static void test_clients_over_max_clients_memory_lose_unauthenticated_ones_first
     snprintf(head, sizeof head, "*2\r\n$4\r\nECHO\r\n$%d\r\n", A_BULK);
     send_str(a, head);
     assert_true(send_all(a, data, A_FIRST));
-    assert_true(wait_stat_at_least(&fx->d.server.clients_memory, A_FIRST));
+    assert_true(wait_stat_in(&fx->d.server.clients_memory, A_FIRST, UINT64_MAX));
     /* two idle clients: 4 connected, an even share is 768 KiB */
     int idle1 = connect_tcp(fx->d.tcp_port), idle2 = connect_tcp(fx->d.tcp_port);
     /* u: not authenticated, pipelines requests and never reads their
@@ -868,18 +862,6 @@ static void *pinger_main(void *arg)
     return NULL;
 }
 
-/* Waits until *v <= want; false at the deadline. */
-static bool wait_stat_at_most(atomic_uint_fast64_t *v, uint64_t want)
-{
-    int64_t deadline = deadline_in(WAIT_MS);
-    while (stat_of(v) > want) {
-        if (mono_ms() > deadline)
-            return false;
-        poll(NULL, 0, 1); /* a counter has no file descriptor to wait on */
-    }
-    return true;
-}
-
 static void test_idle_client_gives_back_what_its_last_large_request_needed(void **state)
 {
     (void)state;
@@ -887,7 +869,7 @@ static void test_idle_client_gives_back_what_its_last_large_request_needed(void 
     int fd = connect_tcp(fx->d.tcp_port);
     send_str(fd, "PING\r\n");
     expect(fd, "+PONG\r\n");
-    assert_true(wait_stat_at_least(&fx->d.server.clients_memory, 1));
+    assert_true(wait_stat_in(&fx->d.server.clients_memory, 1, UINT64_MAX));
     uint64_t idle = stat_of(&fx->d.server.clients_memory);
     /* 20,000 arguments: the parser needs 32 bytes each while it holds them */
     enum { ARGS = 20000 };
@@ -901,7 +883,7 @@ static void test_idle_client_gives_back_what_its_last_large_request_needed(void 
     read_line(fd, line, sizeof line);
     assert_memory_equal(line, "-ERR unknown command 'NOSUCH'", 29);
     /* idle again: about what it held before, not 20,000 spans */
-    assert_true(wait_stat_at_most(&fx->d.server.clients_memory, idle + 64 * 1024));
+    assert_true(wait_stat_in(&fx->d.server.clients_memory, 0, idle + 64 * 1024));
     close(fd);
     assert_true(wait_stat(&fx->d.server.clients_memory, 0));
     free(req);
