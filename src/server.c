@@ -125,8 +125,7 @@ struct client {
     server_loop_t *lp;
     client_t *prev, *next;   /* lp->clients, while not closing */
     client_t *yprev, *ynext; /* lp->yielded, while yielded */
-    client_t *dprev, *dnext; /* srv->dir, while listed (srv->dir_mu) */
-    bool listed;             /* in srv->dir */
+    client_t *dprev, *dnext; /* srv->dir from client_start to client_close (srv->dir_mu) */
     client_state_t state;
     bool reading;       /* uv_read_start in effect */
     bool paused;        /* execution stopped by server.output_soft_limit */
@@ -479,16 +478,14 @@ static void dir_add(client_t *c)
     else
         srv->dir_tail = c;
     srv->dir = c;
-    c->listed = true;
     pthread_mutex_unlock(&srv->dir_mu);
 }
 
 /* Takes c out of the client directory; after this no other loop reaches
- * its session. c's loop thread. */
+ * its session. c's loop thread; c was listed (client_close runs only for
+ * clients client_start began). */
 static void dir_remove(client_t *c)
 {
-    if (!c->listed)
-        return;
     tly_server_t *srv = c->lp->srv;
     pthread_mutex_lock(&srv->dir_mu);
     if (c->dprev != NULL)
@@ -500,7 +497,6 @@ static void dir_remove(client_t *c)
     else
         srv->dir_tail = c->dprev;
     c->dprev = c->dnext = NULL;
-    c->listed = false;
     pthread_mutex_unlock(&srv->dir_mu);
 }
 
