@@ -75,10 +75,34 @@ typedef struct {
     bool b;
 } tly_match_value_t;
 
+/* An open-addressed index of the strings of a long `where` list (more than
+ * TLY_MATCH_SCAN; shorter ones are scanned): a lookup hashes the string
+ * once and compares about one candidate. */
+typedef struct {
+    const char *text; /* NULL: an empty slot */
+    size_t len;
+    uint32_t id; /* the string's index in the list indexed */
+} tly_str_slot_t;
+
+typedef struct {
+    size_t mask;           /* slots - 1 */
+    tly_str_slot_t *slots; /* owned; NULL: no index, scan the list */
+} tly_str_index_t;
+
+#define TLY_MATCH_SCAN 8 /* string lists up to this long are scanned */
+
 typedef struct {
     uint32_t field;
     size_t nvalues;
     tly_match_value_t *values;
+    /* the same values by type, for matching in O(log n) or O(1) whatever
+     * the list's length */
+    tly_str_index_t strs; /* over values[].text */
+    size_t nints;
+    int64_t *ints; /* the values that are integers, sorted, distinct (owned) */
+    size_t ndoubles;
+    double *doubles; /* ... that are numbers, sorted (owned) */
+    unsigned bools;  /* bit 0: false is listed; bit 1: true is */
 } tly_where_t;
 
 /* One string value that distinct `where` conditions on one field list. */
@@ -94,6 +118,7 @@ typedef struct {
     uint64_t conds;        /* bits of tly_featset_t.conds */
     size_t nlits;          /* distinct string values they list */
     tly_match_lit_t *lits; /* owned */
+    tly_str_index_t index; /* over lits[].text */
 } tly_cond_field_t;
 
 typedef struct {

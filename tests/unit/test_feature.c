@@ -874,6 +874,77 @@ static void match_masks_off_beyond_64_conditions(void **state)
     free(yaml);
 }
 
+/* Lists long enough to be indexed (more than TLY_MATCH_SCAN values) match
+ * exactly the values they list, whatever their order, with duplicates, and
+ * two lists on one field share their texts; a short list on the same field
+ * is still scanned. Membership is computed here from how the lists were
+ * written. */
+static void match_long_lists_match_every_listed_value(void **state)
+{
+    (void)state;
+    size_t cap = 1 << 16, n = 0;
+    char *yaml = malloc(cap);
+    assert_non_null(yaml);
+#define PUT(...) (n += (size_t)snprintf(yaml + n, cap - n, __VA_ARGS__), assert_true(n < cap))
+    PUT("features:\n  - { name: even, entity: user, key: uid, agg: count, windows: [1h], "
+        "where: { tag: [");
+    for (int i = 0; i < 2000; i++) /* t0, t2, ..., t3998 in a scrambled order */
+        PUT("t%d, ", 2 * (int)((i * 7919L) % 2000));
+    PUT("t0] } }\n  - { name: third, entity: user, key: uid, agg: count, windows: [1h], "
+        "where: { tag: [");
+    for (int i = 999; i >= 0; i--) /* t0, t3, ..., t2997, backwards */
+        PUT("t%d%s", 3 * i, i ? ", " : "");
+    PUT("] } }\n  - { name: few, entity: user, key: uid, agg: count, windows: [1h], "
+        "where: { tag: [t1, t3] } }\n"
+        "  - { name: num, entity: user, key: uid, agg: count, windows: [1h], where: { x: [");
+    for (int i = 0; i <= 2000; i++) /* -5000, ..., 5000 by 5, scrambled */
+        PUT("%ld, ", 5 * ((i * 7919L) % 2001) - 5000);
+    for (int i = 999; i >= 0; i--) /* 0.25, 1.25, ..., 999.25 */
+        PUT("%d.25, ", i);
+    PUT("-5000] } }\n");
+#undef PUT
+    loaded_t l = compile_ok(yaml);
+    free(yaml);
+    const tly_featset_t *fs = l.fs;
+    enum { EVEN, THIRD, FEW, NUM };
+
+    int tag = field(fs, "tag");
+    size_t texts = 0; /* distinct texts over the three lists on tag */
+    for (int i = 0; i < 4000; i++)
+        texts += (i % 2 == 0) || (i % 3 == 0 && i < 3000) || i == 1;
+    size_t f = 0;
+    while (f < fs->ncond_fields && fs->cond_fields[f].field != (uint32_t)tag)
+        f++;
+    assert_true(f < fs->ncond_fields);
+    assert_int_equal(fs->cond_fields[f].nlits, texts);
+
+    char text[32];
+    for (int i = 0; i < 4200; i++) {
+        snprintf(text, sizeof text, "t%d", i);
+        tly_event_t ev = empty_event(fs);
+        ev.vals[tag] = str_value(text);
+        assert_int_equal(feat_match(fs, EVEN, &ev), i % 2 == 0 && i < 4000);
+        assert_int_equal(feat_match(fs, THIRD, &ev), i % 3 == 0 && i < 3000);
+        assert_int_equal(feat_match(fs, FEW, &ev), i == 1 || i == 3);
+    }
+    assert_false(match_one(fs, EVEN, "tag", str_value("t")));
+    assert_false(match_one(fs, EVEN, "tag", str_value("t00")));
+    assert_false(match_one(fs, EVEN, "tag", str_value("")));
+
+    for (int x = -5100; x <= 5100; x++) {
+        bool listed = x % 5 == 0 && x >= -5000 && x <= 5000;
+        assert_int_equal(match_one(fs, NUM, "x", int_value(x)), listed);
+        assert_int_equal(match_one(fs, NUM, "x", double_value(x)), listed);
+        assert_int_equal(match_one(fs, NUM, "x", double_value(x + 0.25)), x >= 0 && x <= 999);
+        snprintf(text, sizeof text, "%d", x); /* a string matches the text as written */
+        assert_int_equal(match_one(fs, NUM, "x", str_value(text)), listed);
+    }
+    assert_false(match_one(fs, NUM, "x", str_value("0.250")));
+    assert_true(match_one(fs, NUM, "x", str_value("0.25")));
+    assert_true(match_one(fs, NUM, "x", double_value(-0.0))); /* 0 is listed */
+    unload(&l);
+}
+
 /* --- entity ids ------------------------------------------------------------ */
 
 static tly_err_t id_of(const tly_featset_t *fs, const char *ent, const tly_event_t *ev, char *buf,
@@ -1149,6 +1220,7 @@ int main(void)
         cmocka_unit_test(match_fails_on_missing_or_null_field),
         cmocka_unit_test(match_masks_name_each_distinct_condition_once),
         cmocka_unit_test(match_masks_off_beyond_64_conditions),
+        cmocka_unit_test(match_long_lists_match_every_listed_value),
         cmocka_unit_test(match_requires_every_condition),
         cmocka_unit_test(entity_id_renders_integers_in_decimal),
         cmocka_unit_test(entity_id_uses_strings_as_they_are),
