@@ -1133,6 +1133,13 @@ static yaml_node_t *seen_node(parse_t *p, const char *key)
     return idx >= 0 ? p->seen[idx] : NULL;
 }
 
+/* The line of the value given for key, or 0 when it was not given. */
+static int seen_line(parse_t *p, const char *key)
+{
+    yaml_node_t *node = seen_node(p, key);
+    return node != NULL ? line_of(node) : 0;
+}
+
 /* The checks of one feature that involve several of its keys. */
 static tly_err_t check_feature(parse_t *p, size_t i, yaml_node_t *map, const char *path)
 {
@@ -1228,8 +1235,18 @@ static tly_err_t parse_features(parse_t *p, yaml_node_t *node, const char *path)
                 p->seen[k] = NULL;
         }
         tly_err_t rc = parse_mapping(p, item, "features[]", sub, &cfg->features[i]);
-        if (rc == TLY_OK)
+        if (rc == TLY_OK) {
+            /* for the errors found when the features are compiled */
+            cfg->features[i].lines.name = seen_line(p, "features[].name");
+            cfg->features[i].lines.entity = seen_line(p, "features[].entity");
+            cfg->features[i].lines.key = seen_line(p, "features[].key");
+            cfg->features[i].lines.agg = seen_line(p, "features[].agg");
+            cfg->features[i].lines.value = seen_line(p, "features[].value");
+            cfg->features[i].lines.windows = seen_line(p, "features[].windows");
+            cfg->features[i].lines.hop = seen_line(p, "features[].hop");
+            cfg->features[i].lines.k = seen_line(p, "features[].k");
             rc = check_feature(p, i, item, sub);
+        }
         if (rc != TLY_OK)
             return rc;
     }

@@ -113,6 +113,13 @@ static tly_err_t config_error(const tly_config_t *cfg, int line, char *errbuf, s
     return TLY_E_CONFIG;
 }
 
+/* The line of a feature's key for an error: where the key was given, else
+ * (absent, or a config built without a file) the feature's own line. */
+static int key_line(const tly_feature_cfg_t *fc, int line)
+{
+    return line > 0 ? line : fc->line;
+}
+
 /* Returns the id of field name, adding it if new; -1 when all TLY_MAX_FIELDS
  * ids are taken. */
 static int intern_field(tly_featset_t *fs, const char *name)
@@ -293,7 +300,7 @@ static tly_err_t compile_entity(compile_t *c, size_t i)
     size_t e;
 
     if (fc->nkeys == 0 || fc->keys == NULL)
-        return config_error(c->cfg, fc->line, c->errbuf, c->errlen,
+        return config_error(c->cfg, key_line(fc, fc->lines.key), c->errbuf, c->errlen,
                             "features[%zu].key: feature \"%s\" needs a key field", i, fc->name);
     for (e = 0; e < fs->nentities; e++)
         if (strcmp(fs->entities[e].name, fc->entity) == 0)
@@ -301,7 +308,7 @@ static tly_err_t compile_entity(compile_t *c, size_t i)
 
     if (e == fs->nentities) {
         if (fs->nentities == TLY_MAX_ENTITIES)
-            return config_error(c->cfg, fc->line, c->errbuf, c->errlen,
+            return config_error(c->cfg, key_line(fc, fc->lines.entity), c->errbuf, c->errlen,
                                 "features[%zu].entity: \"%s\" would be entity type %d; at most "
                                 "%d are supported",
                                 i, fc->entity, TLY_MAX_ENTITIES + 1, TLY_MAX_ENTITIES);
@@ -311,7 +318,7 @@ static tly_err_t compile_entity(compile_t *c, size_t i)
         for (size_t k = 0; k < fc->nkeys; k++) {
             int id = intern_field(fs, fc->keys[k]);
             if (id < 0)
-                return config_error(c->cfg, fc->line, c->errbuf, c->errlen,
+                return config_error(c->cfg, key_line(fc, fc->lines.key), c->errbuf, c->errlen,
                                     "features[%zu].key: more than %d distinct event fields are "
                                     "referenced; tallyd extracts at most %d",
                                     i, TLY_MAX_FIELDS, TLY_MAX_FIELDS);
@@ -327,14 +334,14 @@ static tly_err_t compile_entity(compile_t *c, size_t i)
         if (!same) {
             char keys[256];
             format_keys(keys, sizeof keys, first->keys, first->nkeys);
-            return config_error(c->cfg, fc->line, c->errbuf, c->errlen,
+            return config_error(c->cfg, key_line(fc, fc->lines.key), c->errbuf, c->errlen,
                                 "features[%zu].key: entity \"%s\" is keyed by [%s] in "
                                 "features[%zu]; every feature of an entity must use the same key",
                                 i, fc->entity, keys, c->first_feat[e]);
         }
         for (size_t j = 0; j < i; j++)
             if (c->entity_of[j] == e && strcmp(c->cfg->features[j].name, fc->name) == 0)
-                return config_error(c->cfg, fc->line, c->errbuf, c->errlen,
+                return config_error(c->cfg, key_line(fc, fc->lines.name), c->errbuf, c->errlen,
                                     "features[%zu].name: entity \"%s\" already has a feature "
                                     "named \"%s\" (features[%zu]); names must be unique per entity",
                                     i, fc->entity, fc->name, j);
@@ -393,14 +400,14 @@ static tly_err_t compile_values(compile_t *c, size_t i)
     else
         ok = fc->nvalues >= 1;
     if (!ok)
-        return config_error(c->cfg, fc->line, c->errbuf, c->errlen,
+        return config_error(c->cfg, key_line(fc, fc->lines.value), c->errbuf, c->errlen,
                             "features[%zu].value: %s takes %s, not %zu value fields", i, agg,
                             fc->agg == TLY_AGG_COUNT   ? "no value field"
                             : tly_agg_numeric(fc->agg) ? "exactly one value field"
                                                        : "one or more value fields",
                             fc->nvalues);
     if (fc->nvalues > TLY_MAX_ITEM_VALUES)
-        return config_error(c->cfg, fc->line, c->errbuf, c->errlen,
+        return config_error(c->cfg, key_line(fc, fc->lines.value), c->errbuf, c->errlen,
                             "features[%zu].value: %zu value fields; %s takes at most %d", i,
                             fc->nvalues, agg, TLY_MAX_ITEM_VALUES);
     if (fc->nvalues == 0)
@@ -409,7 +416,7 @@ static tly_err_t compile_values(compile_t *c, size_t i)
     for (size_t v = 0; v < fc->nvalues; v++) {
         int id = intern_field(c->fs, fc->values[v]);
         if (id < 0)
-            return config_error(c->cfg, fc->line, c->errbuf, c->errlen,
+            return config_error(c->cfg, key_line(fc, fc->lines.value), c->errbuf, c->errlen,
                                 "features[%zu].value: more than %d distinct event fields are "
                                 "referenced; tallyd extracts at most %d",
                                 i, TLY_MAX_FIELDS, TLY_MAX_FIELDS);
@@ -427,21 +434,21 @@ static tly_err_t compile_windows(compile_t *c, size_t i)
 
     if (!tly_agg_windowed(fc->agg)) {
         if (fc->nwindows != 0)
-            return config_error(c->cfg, fc->line, c->errbuf, c->errlen,
+            return config_error(c->cfg, key_line(fc, fc->lines.windows), c->errbuf, c->errlen,
                                 "features[%zu].windows: %s keeps items, not windows; remove "
                                 "`windows`",
                                 i, agg);
         return TLY_OK;
     }
     if (fc->nwindows == 0 || fc->windows_ms == NULL)
-        return config_error(c->cfg, fc->line, c->errbuf, c->errlen,
+        return config_error(c->cfg, key_line(fc, fc->lines.windows), c->errbuf, c->errlen,
                             "features[%zu].windows: %s needs at least one window", i, agg);
     if (fc->nwindows > TLY_MAX_WINDOWS)
-        return config_error(c->cfg, fc->line, c->errbuf, c->errlen,
+        return config_error(c->cfg, key_line(fc, fc->lines.windows), c->errbuf, c->errlen,
                             "features[%zu].windows: %zu windows; a feature may have at most %d", i,
                             fc->nwindows, TLY_MAX_WINDOWS);
     if (fc->hop_ms < 0 || fc->hop_ms % TLY_MS_SECOND != 0)
-        return config_error(c->cfg, fc->line, c->errbuf, c->errlen,
+        return config_error(c->cfg, key_line(fc, fc->lines.hop), c->errbuf, c->errlen,
                             "features[%zu].hop: a hop must be a positive whole number of seconds",
                             i);
 
@@ -450,24 +457,24 @@ static tly_err_t compile_windows(compile_t *c, size_t i)
         tly_window_t *win = &feat->windows[w];
         int64_t len = fc->windows_ms[w];
         if (len <= 0 || len % TLY_MS_SECOND != 0)
-            return config_error(c->cfg, fc->line, c->errbuf, c->errlen,
+            return config_error(c->cfg, key_line(fc, fc->lines.windows), c->errbuf, c->errlen,
                                 "features[%zu].windows[%zu]: a window must be a positive whole "
                                 "number of seconds",
                                 i, w);
         if (w > 0 && len <= fc->windows_ms[w - 1])
-            return config_error(c->cfg, fc->line, c->errbuf, c->errlen,
+            return config_error(c->cfg, key_line(fc, fc->lines.windows), c->errbuf, c->errlen,
                                 "features[%zu].windows[%zu]: windows must be listed shortest "
                                 "first, each once",
                                 i, w);
         int64_t hop = fc->hop_ms > 0 ? fc->hop_ms : tly_window_default_hop(len);
         tly_duration_format(len, win->label, sizeof win->label);
         if (hop <= 0 || len % hop != 0)
-            return config_error(c->cfg, fc->line, c->errbuf, c->errlen,
+            return config_error(c->cfg, key_line(fc, fc->lines.windows), c->errbuf, c->errlen,
                                 "features[%zu].windows[%zu]: window %s is not a multiple of the "
                                 "hop",
                                 i, w, win->label);
         if (len / hop + 1 > UINT32_MAX)
-            return config_error(c->cfg, fc->line, c->errbuf, c->errlen,
+            return config_error(c->cfg, key_line(fc, fc->lines.windows), c->errbuf, c->errlen,
                                 "features[%zu].windows[%zu]: window %s has too many buckets; use "
                                 "a longer hop",
                                 i, w, win->label);
@@ -491,7 +498,7 @@ static tly_err_t compile_feature(compile_t *c, size_t i)
         return config_error(c->cfg, fc->line, c->errbuf, c->errlen,
                             "features[%zu]: a feature needs a name and an entity", i);
     if ((unsigned)fc->agg >= TLY_AGG__COUNT)
-        return config_error(c->cfg, fc->line, c->errbuf, c->errlen,
+        return config_error(c->cfg, key_line(fc, fc->lines.agg), c->errbuf, c->errlen,
                             "features[%zu].agg: unknown aggregation", i);
     feat->id = (uint32_t)i;
     feat->name = fc->name;
@@ -514,7 +521,7 @@ static tly_err_t compile_feature(compile_t *c, size_t i)
      * could not be asked for at all */
     if (feat->nwindows == 0 &&
         (strcasecmp(feat->name, "asof") == 0 || strcasecmp(feat->name, "meta") == 0))
-        return config_error(c->cfg, fc->line, c->errbuf, c->errlen,
+        return config_error(c->cfg, key_line(fc, fc->lines.name), c->errbuf, c->errlen,
                             "features[%zu].name: \"%s\" is a query keyword (ASOF, META): a "
                             "%s feature so named could not be asked for; rename it",
                             i, feat->name, tly_agg_name(feat->agg));
@@ -522,7 +529,7 @@ static tly_err_t compile_feature(compile_t *c, size_t i)
         feat->k = 1;
     } else if (fc->agg == TLY_AGG_LAST_K) {
         if (fc->k == 0)
-            return config_error(c->cfg, fc->line, c->errbuf, c->errlen,
+            return config_error(c->cfg, key_line(fc, fc->lines.k), c->errbuf, c->errlen,
                                 "features[%zu].k: last_k needs k >= 1", i);
         feat->k = fc->k;
     }

@@ -58,6 +58,9 @@ typedef struct {
     int64_t hop_ms;      /* 0: default per window (DESIGN §3); else divides all */
     uint32_t k;          /* last_k: 1..10000; last: 1; others 0 */
     int line;            /* line of the feature's mapping in the file */
+    struct {             /* line of each key's value; 0: the key is absent */
+        int name, entity, key, agg, value, windows, hop, k;
+    } lines;
 } tly_feature_cfg_t;
 
 typedef struct {

@@ -362,6 +362,60 @@ static void compile_rejects_entity_keyed_differently(void **state)
         "every feature of an entity must use the same key");
 }
 
+/* An error found when compiling names the line of the key it is about, not
+ * the feature's first line (each key on a line of its own here). */
+static void compile_errors_name_the_line_of_their_key(void **state)
+{
+    (void)state;
+    compile_fails_with(
+        "features:\n"
+        "  - { name: clicks, entity: user, key: user_id, agg: count, windows: [1h] }\n"
+        "  - name: saves\n"
+        "    entity: user\n"
+        "    agg: count\n"
+        "    key: uid\n"
+        "    windows: [1h]\n",
+        "test.yaml:6: features[1].key: entity \"user\" is keyed by [user_id] in "
+        "features[0]; every feature of an entity must use the same key");
+    compile_fails_with("features:\n"
+                       "  - entity: user\n"
+                       "    key: user_id\n"
+                       "    agg: last\n"
+                       "    value: action\n"
+                       "    name: asof\n",
+                       "test.yaml:6: features[0].name: \"asof\" is a query keyword (ASOF, META): a "
+                       "last feature so named could not be asked for; rename it");
+    compile_fails_with("features:\n"
+                       "  - name: r\n"
+                       "    entity: user\n"
+                       "    key: uid\n"
+                       "    agg: last_k\n"
+                       "    k: 5\n"
+                       "    value:\n"
+                       "      - a\n"
+                       "      - b\n"
+                       "      - c\n"
+                       "      - d\n"
+                       "      - e\n"
+                       "      - f\n"
+                       "      - g\n"
+                       "      - h\n"
+                       "      - i\n",
+                       "test.yaml:8: features[0].value: 9 value fields; last_k takes at most 8");
+    char *yaml = malloc(80 * 70);
+    assert_non_null(yaml);
+    int n = snprintf(yaml, 80 * 70, "features:\n");
+    for (int i = 0; i < 64; i++)
+        n += snprintf(yaml + (size_t)n, 80 * 70 - (size_t)n,
+                      "  - { name: c, entity: e%d, key: id, agg: count, windows: [1h] }\n", i);
+    snprintf(yaml + (size_t)n, 80 * 70 - (size_t)n,
+             "  - name: c\n    key: id\n    agg: count\n    windows: [1h]\n    entity: e64\n");
+    /* features[64] opens on line 66; its entity is four lines on */
+    compile_fails_with(yaml, "test.yaml:70: features[64].entity: \"e64\" would be entity type 65; "
+                             "at most 64 are supported");
+    free(yaml);
+}
+
 static void compile_rejects_composite_key_in_another_order(void **state)
 {
     (void)state;
@@ -519,7 +573,7 @@ static void compile_rejects_too_many_item_values_and_entity_types(void **state)
     compile_fails_with("features:\n"
                        "  - { name: r, entity: user, key: uid, agg: last_k, k: 5,\n"
                        "      value: [a, b, c, d, e, f, g, h, i] }\n",
-                       "test.yaml:2: features[0].value: 9 value fields; last_k takes at most 8");
+                       "test.yaml:3: features[0].value: 9 value fields; last_k takes at most 8");
     char *yaml = malloc(80 * 70);
     assert_non_null(yaml);
     int n = snprintf(yaml, 80 * 70, "features:\n");
@@ -1193,6 +1247,7 @@ int main(void)
         cmocka_unit_test(compile_uses_configured_hop_for_every_window),
         cmocka_unit_test(compile_sets_horizons_k_aggs_and_value_fields),
         cmocka_unit_test(compile_rejects_entity_keyed_differently),
+        cmocka_unit_test(compile_errors_name_the_line_of_their_key),
         cmocka_unit_test(compile_rejects_composite_key_in_another_order),
         cmocka_unit_test(compile_rejects_composite_key_with_a_missing_part),
         cmocka_unit_test(compile_rejects_an_unwindowed_feature_named_like_a_query_keyword),
