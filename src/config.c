@@ -118,18 +118,21 @@ const key_def_t tly_config_keys[] = {
     KEY("server.max_args", K_INT, "65536", 8, 1048576, 0, NULL, CFG(server.max_args),
         "Most arguments in one request (MFEATURES ids and names included)."),
     KEY("server.max_bulk", K_INT, "65536", 1024, 536870912, 0, NULL, CFG(server.max_bulk),
-        "Longest single argument of a request, in bytes."),
+        "Longest single argument of a request, in bytes; at most server.max_query_buffer."),
     KEY("server.max_query_buffer", K_INT, "16777216", 65536, 1073741824, 0, NULL,
         CFG(server.max_query_buffer),
         "Most bytes of one client's request that may be pending before it is complete; a "
-        "larger request is a protocol error."),
+        "larger request is a protocol error. At least server.max_bulk, at most "
+        "server.max_clients_memory."),
     KEY("server.max_output_buffer", K_INT, "67108864", 65536, 4294967296, 0, NULL,
         CFG(server.max_output_buffer),
         "Most reply bytes queued for one client; a client that stops reading is "
-        "disconnected when its replies reach this."),
+        "disconnected when its replies reach this. At least server.output_soft_limit, at "
+        "most server.max_clients_memory."),
     KEY("server.output_soft_limit", K_INT, "1048576", 4096, 4294967296, 0, NULL,
         CFG(server.output_soft_limit),
-        "While a client has more reply bytes queued than this, its requests are not read."),
+        "While a client has more reply bytes queued than this, its requests are not read; at "
+        "most server.max_output_buffer."),
     KEY("server.max_clients_memory", K_INT, "1073741824", 1048576, 1099511627776, 0, NULL,
         CFG(server.max_clients_memory),
         "Most bytes the buffers of all clients together may hold (pending requests, queued "
