@@ -884,10 +884,10 @@ static void client_line(const cmd_ctx_t *c, const tly_session_t *s, tly_buf_t *t
                      "id=%" PRIu64 " addr=%s laddr=%s fd=%d name=%s age=%" PRId64 " idle=%" PRId64
                      " flags=N db=0 sub=0 psub=0 ssub=0 multi=-1 qbuf=%zu "
                      "qbuf-free=0 argv-mem=0 multi-mem=0 obl=0 oll=0 omem=%zu tot-mem=%zu "
-                     "events=r cmd=%s user=default redir=-1 resp=%d\n",
+                     "events=r cmd=%s user=default redir=-1 resp=%d io-thread=%d\n",
                      s->id, s->addr, s->laddr, s->fd, s->name, (c->now_ms - s->created_ms) / 1000,
                      (c->now_ms - last_ms) / 1000, qbuf, obuf, qbuf + obuf,
-                     last_cmd != NULL ? last_cmd : "NULL", proto);
+                     last_cmd != NULL ? last_cmd : "NULL", proto, s->loop);
     if (n > 0)
         tly_buf_append(t, line, (size_t)n < sizeof line ? (size_t)n : sizeof line - 1);
 }

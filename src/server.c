@@ -46,7 +46,8 @@
  * "-ERR max number of clients reached" and is closed. What every client's
  * buffers hold is counted over all loops (client_account, after each read
  * and each completed write); above server.max_clients_memory a loop closes
- * its clients holding more than an even share of it (evict_clients). A timer per loop
+ * its clients holding more than an even share of it, or wakes the other
+ * loops to close theirs (evict_clients). A timer per loop
  * closes clients that neither sent nor received a byte for
  * server.idle_timeout, and clients whose current request began arriving
  * more than server.request_timeout ago, or whose last READ_CHUNK bytes did
@@ -166,7 +167,10 @@ struct server_loop {
     int tcp_fd;  /* listening socket until a handle owns it; -1 after */
     int unix_fd; /* loop 0's unix socket until a handle owns it; -1 after */
     uv_async_t *stop;
-    uv_async_t *kill; /* CLIENT KILL from any loop: close the marked clients */
+    uv_async_t *kill; /* from any loop: close the clients CLIENT KILL marked, and
+                       * those over their memory share (evict_clients) */
+    size_t listed;    /* its clients in the directory (srv->dir_mu): while
+                       * any is, its loop runs and `kill` is open */
     uv_tcp_t *listener;
     uv_pipe_t *unix_listener;
     uv_timer_t *timer;
@@ -478,6 +482,7 @@ static void dir_add(client_t *c)
     else
         srv->dir_tail = c;
     srv->dir = c;
+    c->lp->listed++;
     pthread_mutex_unlock(&srv->dir_mu);
 }
 
@@ -497,6 +502,7 @@ static void dir_remove(client_t *c)
     else
         srv->dir_tail = c->dprev;
     c->dprev = c->dnext = NULL;
+    c->lp->listed--;
     pthread_mutex_unlock(&srv->dir_mu);
 }
 
@@ -536,14 +542,26 @@ static size_t client_memory(const client_t *c)
     return n;
 }
 
+/* Wakes every other loop that has clients, to run evict_clients. */
+static void wake_other_loops(server_loop_t *lp)
+{
+    tly_server_t *srv = lp->srv;
+    pthread_mutex_lock(&srv->dir_mu);
+    for (size_t i = 0; i < srv->nloops; i++)
+        if (&srv->loops[i] != lp && srv->loops[i].listed > 0)
+            uv_async_send(srv->loops[i].kill);
+    pthread_mutex_unlock(&srv->dir_mu);
+}
+
 /* Above server.max_clients_memory (counted over every loop): closes this
  * loop's clients that hold more than an even share of the cap (the cap over
  * the clients connected), unauthenticated ones first, then the largest,
  * until the clients hold less or none here is over its share. When the
  * clients hold more than the cap, some client holds more than its share;
- * if it is another loop's, that loop closes it when it next reads or
- * writes, and this loop's clients, within their shares, stay. */
-static void evict_clients(server_loop_t *lp)
+ * if it is another loop's, and `wake`, this loop wakes the others, whose
+ * kill_cb runs this (without waking anyone: no loop bounces the work on)
+ * and closes it; this loop's clients, within their shares, stay. */
+static void evict_clients(server_loop_t *lp, bool wake)
 {
     tly_daemon_t *d = lp->srv->d;
     const uint64_t cap = (uint64_t)d->cfg->server.max_clients_memory;
@@ -561,8 +579,11 @@ static void evict_clients(server_loop_t *lp)
                 (c->session.authed == big->session.authed && c->mem > big->mem))
                 big = c;
         }
-        if (big == NULL)
+        if (big == NULL) {
+            if (wake)
+                wake_other_loops(lp);
             return;
+        }
         stat_add(&d->server.evicted_clients, 1);
         tly_warn("client %" PRIu64 " (%s) closed: it held %zu bytes of buffers, over its share "
                  "(%" PRIu64 ") of server.max_clients_memory (%" PRId64 "), when the clients "
@@ -595,7 +616,7 @@ static void client_account(client_t *c)
                 (c->mem - now);
     c->mem = now;
     if (total > (uint64_t)d->cfg->server.max_clients_memory)
-        evict_clients(c->lp);
+        evict_clients(c->lp, true);
 }
 
 /* Gives the parser the limits for an authenticated session or the tight
@@ -940,6 +961,7 @@ static void client_start(client_t *c, bool is_unix)
     s->id = atomic_fetch_add_explicit(&d->server.next_client_id, 1, memory_order_relaxed);
     uv_os_fd_t fd;
     s->fd = uv_fileno(&c->h.handle, &fd) == 0 ? fd : -1;
+    s->loop = (int)c->lp->index;
     s->created_ms = s->last_ms = wall_ms();
     if (is_unix) {
         snprintf(s->addr, sizeof s->addr, "%s:0", lp->srv->unix_path);
@@ -1036,7 +1058,9 @@ void tly_server_set_client_name(tly_server_t *srv, tly_session_t *s, const char 
     pthread_mutex_unlock(&srv->dir_mu);
 }
 
-/* A CLIENT KILL marked some of this loop's clients. */
+/* A CLIENT KILL marked some of this loop's clients, or another loop found
+ * the clients over server.max_clients_memory and none of its own over its
+ * share. */
 static void kill_cb(uv_async_t *a)
 {
     server_loop_t *lp = a->data;
@@ -1049,6 +1073,7 @@ static void kill_cb(uv_async_t *a)
             client_close(c);
         }
     }
+    evict_clients(lp, false);
 }
 
 /* ---- loops -------------------------------------------------------------- */

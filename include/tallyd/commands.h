@@ -31,6 +31,7 @@
 typedef struct {
     uint64_t id;           /* (server) CLIENT ID */
     int fd;                /* (server) socket, -1 unknown */
+    int loop;              /* (server) the event loop serving it (CLIENT LIST io-thread) */
     char addr[64];         /* (server) peer "ip:port" or "/path:0" */
     char laddr[64];        /* (server) local address */
     int64_t created_ms;    /* (server) connect time */

@@ -974,6 +974,80 @@ static void test_client_list_and_kill_reach_every_loop(void **state)
     fx_stop(fx);
 }
 
+/* The loop of client fd (CLIENT INFO's io-thread). */
+static int client_loop(int fd)
+{
+    char head[32], line[1024];
+    send_str(fd, "CLIENT INFO\r\n");
+    read_line(fd, head, sizeof head);
+    assert_int_equal(head[0], '$');
+    size_t n = (size_t)strtoul(head + 1, NULL, 10);
+    assert_true(n + 3 <= sizeof line);
+    assert_int_equal(recv_n(fd, line, n + 2, deadline_in(WAIT_MS)), n + 2);
+    line[n] = '\0';
+    const char *at = strstr(line, " io-thread=");
+    assert_non_null(at);
+    return atoi(at + strlen(" io-thread="));
+}
+
+/* Over server.max_clients_memory, a client over its share is closed even
+ * when it sits idle on another loop than the client whose read passed the
+ * cap: that loop, with no client over its share, wakes the others. */
+static void test_clients_over_max_clients_memory_are_found_on_other_loops(void **state)
+{
+    (void)state;
+    enum { CAP = 1500000, H_BULK = 700000, H_FIRST = 600000, T_BULK = 400000, T_FIRST = 300000 };
+    fx_t *fx = fx_start("  threads: 2\n  max_clients_memory: 1500000\n"
+                        "  max_query_buffer: 1048576\n  max_bulk: 1048576\n"
+                        "  max_output_buffer: 1048576\n");
+    /* h on loop 0 and t on loop 1, however the kernel spreads connections */
+    int h = -1, t = -1, spare[64], nspare = 0;
+    while ((h < 0 || t < 0) && nspare < 64) {
+        int fd = connect_tcp(fx->d.tcp_port);
+        int loop = client_loop(fd);
+        if (loop == 0 && h < 0)
+            h = fd;
+        else if (loop == 1 && t < 0)
+            t = fd;
+        else
+            spare[nspare++] = fd;
+    }
+    assert_true(h >= 0 && t >= 0);
+    for (int i = 0; i < nspare; i++)
+        close(spare[i]);
+    assert_true(wait_stat(&fx->d.server.connected, 2)); /* an even share: CAP / 2 */
+    char *data = malloc(H_BULK);
+    assert_non_null(data);
+    memset(data, 'h', H_BULK);
+    /* h: 600,000 bytes of a request pending, a 1 MiB buffer: over its
+     * share, the clients under the cap */
+    char head[64];
+    snprintf(head, sizeof head, "*2\r\n$4\r\nECHO\r\n$%d\r\n", H_BULK);
+    send_str(h, head);
+    assert_true(send_all(h, data, H_FIRST));
+    assert_true(wait_stat_in(&fx->d.server.clients_memory, 1048576, CAP));
+    /* t: 300,000 bytes pending, a 512 KiB buffer, under its share: its
+     * read passes the cap on loop 1, and loop 0 closes h */
+    snprintf(head, sizeof head, "*2\r\n$4\r\nECHO\r\n$%d\r\n", T_BULK);
+    send_str(t, head);
+    assert_true(send_all(t, data, T_FIRST));
+    char buf[256];
+    size_t len;
+    assert_true(recv_to_eof(h, buf, sizeof buf, &len));
+    assert_int_equal(len, 0); /* closed without a reply */
+    assert_int_equal(stat_of(&fx->d.server.evicted_clients), 1);
+    /* t completes its request and gets its answer */
+    assert_true(send_all(t, data + T_FIRST, T_BULK - T_FIRST));
+    send_str(t, "\r\n");
+    expect_bulk(t, data, T_BULK);
+    assert_int_equal(stat_of(&fx->d.server.evicted_clients), 1);
+    close(h);
+    close(t);
+    assert_true(wait_stat(&fx->d.server.clients_memory, 0));
+    free(data);
+    fx_stop(fx);
+}
+
 static void test_slow_request_beyond_request_timeout_is_closed(void **state)
 {
     (void)state;
@@ -1294,6 +1368,7 @@ int main(void)
         cmocka_unit_test(test_output_over_max_output_buffer_closes_the_client),
         cmocka_unit_test(test_clients_over_max_clients_memory_lose_the_largest),
         cmocka_unit_test(test_clients_over_max_clients_memory_lose_unauthenticated_ones_first),
+        cmocka_unit_test(test_clients_over_max_clients_memory_are_found_on_other_loops),
         cmocka_unit_test(test_idle_client_gives_back_what_its_last_large_request_needed),
         cmocka_unit_test(test_client_list_and_kill_reach_every_loop),
         cmocka_unit_test(test_slow_request_beyond_request_timeout_is_closed),
