@@ -669,7 +669,7 @@ static void compile_conds(tly_featset_t *fs)
         cf->lits = xcalloc(field_values[f], sizeof *cf->lits);
         str_index_init(&cf->index, field_values[f]);
         for (uint64_t m = cf->conds; m != 0; m &= m - 1) {
-            const tly_where_t *wh = conds[__builtin_ctzll(m)];
+            const tly_where_t *wh = fs->conds[__builtin_ctzll(m)];
             for (size_t v = 0; v < wh->nvalues; v++) {
                 const tly_match_value_t *mv = &wh->values[v];
                 uint32_t l = str_index_add(&cf->index, mv->text, mv->len, (uint32_t)cf->nlits);
