@@ -188,8 +188,12 @@ static uint64_t str_hash(const char *s, size_t n)
     }
     uint64_t w = 0;
     memcpy(&w, s, n);
-    h = (h ^ w) * UINT64_C(0x94d049bb133111eb);
-    return h ^ (h >> 29);
+    /* a full finish (splitmix64's): texts that differ in their last bytes
+     * ("pin0001", "pin0002") must spread over the low bits the mask keeps */
+    h ^= w;
+    h = (h ^ (h >> 30)) * UINT64_C(0xbf58476d1ce4e5b9);
+    h = (h ^ (h >> 27)) * UINT64_C(0x94d049bb133111eb);
+    return h ^ (h >> 31);
 }
 
 /* Readies ix for up to n strings (at most half its slots full). */
@@ -246,10 +250,14 @@ static int cmp_double(const void *a, const void *b)
 /* Fills wh's typed copies of its values (strs, ints, doubles, bools). */
 static void index_where(tly_where_t *wh)
 {
-    size_t n = wh->nvalues;
+    size_t n = wh->nvalues, ints = 0, doubles = 0;
+    for (size_t v = 0; v < n; v++) {
+        ints += wh->values[v].has_int;
+        doubles += wh->values[v].has_double;
+    }
     str_index_init(&wh->strs, n);
-    wh->ints = xcalloc(n, sizeof *wh->ints);
-    wh->doubles = xcalloc(n, sizeof *wh->doubles);
+    wh->ints = ints > 0 ? xcalloc(ints, sizeof *wh->ints) : NULL;
+    wh->doubles = doubles > 0 ? xcalloc(doubles, sizeof *wh->doubles) : NULL;
     for (size_t v = 0; v < n; v++) {
         const tly_match_value_t *mv = &wh->values[v];
         str_index_add(&wh->strs, mv->text, mv->len, (uint32_t)v);
@@ -261,13 +269,15 @@ static void index_where(tly_where_t *wh)
             wh->bools |= mv->b ? 2u : 1u;
     }
     str_index_fit(&wh->strs, n);
-    qsort(wh->ints, wh->nints, sizeof *wh->ints, cmp_int64);
+    if (wh->nints > 1)
+        qsort(wh->ints, wh->nints, sizeof *wh->ints, cmp_int64);
     size_t d = 0; /* distinct, so that a search meets one of each */
     for (size_t i = 0; i < wh->nints; i++)
         if (d == 0 || wh->ints[d - 1] != wh->ints[i])
             wh->ints[d++] = wh->ints[i];
     wh->nints = d;
-    qsort(wh->doubles, wh->ndoubles, sizeof *wh->doubles, cmp_double);
+    if (wh->ndoubles > 1)
+        qsort(wh->doubles, wh->ndoubles, sizeof *wh->doubles, cmp_double);
 }
 
 /* Renders a key list as "user_id, category" into buf. */
@@ -907,7 +917,9 @@ tly_err_t tly_featset_resolve(const tly_featset_t *fs, uint32_t entity, const ch
 _Static_assert(offsetof(tly_match_value_t, text) == 0 &&
                    offsetof(tly_match_value_t, len) == sizeof(const char *) &&
                    offsetof(tly_match_lit_t, text) == 0 &&
-                   offsetof(tly_match_lit_t, len) == sizeof(const char *),
+                   offsetof(tly_match_lit_t, len) == sizeof(const char *) &&
+                   sizeof(((tly_match_value_t *)0)->len) == sizeof(size_t) &&
+                   sizeof(((tly_match_lit_t *)0)->len) == sizeof(size_t),
                "str_find reads a list item's text and length first");
 
 /* Where s[0..n) is among the `count` strings of `list` (each `stride`

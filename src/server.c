@@ -155,8 +155,9 @@ struct client {
 
 /* One event loop and its thread. Fields are written by the main thread
  * before the loop's thread starts (or after it is joined) and by that thread
- * while it runs; `stop` is immutable after tly_server_new and is the only
- * field another thread touches (uv_async_send). */
+ * while it runs; other threads touch only `stop` (immutable after
+ * tly_server_new; uv_async_send), `kill` (uv_async_send, while `listed`,
+ * under srv->dir_mu, is not 0) and `listed` (under srv->dir_mu). */
 struct server_loop {
     tly_server_t *srv;
     size_t index;
