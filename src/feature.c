@@ -47,7 +47,6 @@
 #include <errno.h>
 #include <math.h>
 #include <stdarg.h>
-#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -914,42 +913,23 @@ tly_err_t tly_featset_resolve(const tly_featset_t *fs, uint32_t entity, const ch
     return TLY_E_NOTFOUND;
 }
 
-_Static_assert(offsetof(tly_match_value_t, text) == 0 &&
-                   offsetof(tly_match_value_t, len) == sizeof(const char *) &&
-                   offsetof(tly_match_lit_t, text) == 0 &&
-                   offsetof(tly_match_lit_t, len) == sizeof(const char *) &&
-                   sizeof(((tly_match_value_t *)0)->len) == sizeof(size_t) &&
-                   sizeof(((tly_match_lit_t *)0)->len) == sizeof(size_t),
-               "str_find reads a list item's text and length first");
-
-/* Where s[0..n) is among the `count` strings of `list` (each `stride`
- * bytes apart, text and length first): its index, looked up in ix or,
- * when the list is short enough to have none, found by a scan; or -1. */
-static long str_find(const tly_str_index_t *ix, const void *list, size_t count, size_t stride,
-                     const char *s, size_t n)
+/* The index of s[0..n) in the list ix indexes, or -1. */
+static long str_index_get(const tly_str_index_t *ix, const char *s, size_t n)
 {
-    if (ix->slots != NULL) {
-        const tly_str_slot_t *sl = str_index_slot(ix, s, n);
-        return sl->text != NULL ? (long)sl->id : -1;
-    }
-    for (size_t i = 0; i < count; i++) {
-        const char *at = (const char *)list + i * stride;
-        const char *text;
-        size_t len;
-        memcpy(&text, at, sizeof text);
-        memcpy(&len, at + sizeof text, sizeof len);
-        if (len == n && memcmp(text, s, n) == 0)
-            return (long)i;
-    }
-    return -1;
+    const tly_str_slot_t *sl = str_index_slot(ix, s, n);
+    return sl->text != NULL ? (long)sl->id : -1;
 }
 
 static bool value_matches(const tly_where_t *wh, const tly_value_t *v)
 {
     switch (v->type) {
     case TLY_V_STR:
-        return str_find(&wh->strs, wh->values, wh->nvalues, sizeof *wh->values, v->u.s, v->len) >=
-               0;
+        if (wh->strs.slots != NULL)
+            return str_index_get(&wh->strs, v->u.s, v->len) >= 0;
+        for (size_t i = 0; i < wh->nvalues; i++)
+            if (wh->values[i].len == v->len && memcmp(wh->values[i].text, v->u.s, v->len) == 0)
+                return true;
+        return false;
     case TLY_V_INT: {
         size_t lo = 0, hi = wh->nints; /* the first listed >= v */
         while (lo < hi) {
@@ -1012,9 +992,17 @@ uint64_t tly_featset_match(const tly_featset_t *fs, const tly_event_t *ev)
         const tly_value_t *v = &ev->vals[cf->field];
         if (v->type == TLY_V_STR) {
             /* a string equals at most one distinct text */
-            long l = str_find(&cf->index, cf->lits, cf->nlits, sizeof *cf->lits, v->u.s, v->len);
-            if (l >= 0)
-                held |= cf->lits[l].conds;
+            if (cf->index.slots != NULL) {
+                long l = str_index_get(&cf->index, v->u.s, v->len);
+                if (l >= 0)
+                    held |= cf->lits[l].conds;
+                continue;
+            }
+            for (size_t l = 0; l < cf->nlits; l++)
+                if (cf->lits[l].len == v->len && memcmp(cf->lits[l].text, v->u.s, v->len) == 0) {
+                    held |= cf->lits[l].conds;
+                    break;
+                }
         } else if (v->type != TLY_V_NIL) {
             for (uint64_t m = cf->conds; m != 0; m &= m - 1)
                 if (value_matches(fs->conds[__builtin_ctzll(m)], v))
