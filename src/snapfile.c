@@ -729,9 +729,9 @@ tly_snapr_t *tly_snapr_open(const char *path, char *err, size_t errlen)
     /* The version before the crc: a later format may lay out the rest of the
      * header differently, and "version N" is the useful sentence then. */
     uint32_t version = get32(h + 8);
-    if (version != TLY_SNAP_VERSION) {
-        set_err(err, errlen, "%s: format version %" PRIu32 ", this tallyd reads %u", path, version,
-                TLY_SNAP_VERSION);
+    if (version < TLY_SNAP_VERSION_MIN || version > TLY_SNAP_VERSION) {
+        set_err(err, errlen, "%s: format version %" PRIu32 ", this tallyd reads %u to %u", path,
+                version, TLY_SNAP_VERSION_MIN, TLY_SNAP_VERSION);
         goto fail;
     }
     if (tly_crc32c(0, h, 28) != get32(h + 28)) {

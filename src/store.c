@@ -35,7 +35,12 @@
  *      header  = seg id (bits 0..15) | payload words (bits 16..47)
  *      count   one word per bucket: bucket << 32 | n
  *      sum/min/max/avg: bucket << 32 | float << 31 | n, then the value bits
- *      last/last_k: item count, then items oldest → newest, each
+ *      last/last_k: the count word (count | item width << 32 | packed
+ *        << 48), then items oldest → newest. Packed (a list whose first
+ *        item's values were all numbers, booleans or interned strings):
+ *        a schema word (nvals << 32 | a 4-bit type a value), then items
+ *        [payload of each value] [time], nvals + 1 words; an item that does
+ *        not fit the schema turns the list tagged (store_words.c). Tagged:
  *        [words | nvals << 32] [values…] [time] [words]; a value is a tag
  *        word (type | len << 8) and its payload words. Time and length end
  *        the item, so a backward walk loads both without waiting on one.

@@ -298,16 +298,118 @@ static void item_write(ent_t *e, uint32_t at, const tly_feat_t *feat, const tly_
     wst(w, q + 1, words);
 }
 
-/* How many of the newest items of the list at p (segment length len,
- * count items) are newer than now_ms, up to max: items accepted within
- * max_future_skew. */
-static uint32_t items_after(const ent_t *e, uint32_t p, uint32_t len, uint64_t count,
-                            int64_t now_ms, uint32_t max)
+/* A packed item list (PACKED_BIT in its count word): the word after the
+ * count holds the schema, nvals << 32 | a 4-bit PACK_* code per value, and
+ * each item is its values' payload words then its time, nvals + 1 words,
+ * with no tags and no widths. A list starts packed when its first item's
+ * values all have a packed form (numbers, booleans, interned strings) and
+ * turns into the tagged encoding (unpack_list) when an item of another
+ * schema comes. Three words an item instead of seven for `recent` of
+ * config/demo.yaml: less to search and to move at each insert. */
+#define PACKED_BIT  (UINT64_C(1) << 48)
+#define PACK_INT    1u
+#define PACK_DOUBLE 2u
+#define PACK_BOOL   3u
+#define PACK_ISTR   4u
+
+/* The packed schema of ev's values of feat (ids: their intern ids), or 0
+ * when some value has no packed form (a missing value, a long string). */
+static uint64_t pack_schema(const tly_feat_t *feat, const tly_event_t *ev, const int *ids)
 {
-    uint32_t n = 0, at = p + len;
-    while (n < max && n < count && at > p + 1) {
-        uint32_t iw = (uint32_t)ld(e, at - 1);
-        if (iw < 3 || iw > at - (p + 1) || (int64_t)ld(e, at - 2) <= now_ms)
+    uint64_t schema = (uint64_t)feat->nvalues << 32;
+    for (size_t i = 0; i < feat->nvalues; i++) {
+        const tly_value_t *v = &ev->vals[feat->values[i]];
+        uint64_t code;
+        switch (v->type) {
+        case TLY_V_INT:
+            code = PACK_INT;
+            break;
+        case TLY_V_DOUBLE:
+            code = PACK_DOUBLE;
+            break;
+        case TLY_V_BOOL:
+            code = PACK_BOOL;
+            break;
+        case TLY_V_STR:
+            if (ids[i] < 0)
+                return 0;
+            code = PACK_ISTR;
+            break;
+        default:
+            return 0;
+        }
+        schema |= code << (4 * i);
+    }
+    return schema;
+}
+
+/* Writes ev as a packed item at `at` (nvalues + 1 words). */
+static void item_write_packed(ent_t *e, uint32_t at, const tly_feat_t *feat, const tly_event_t *ev,
+                              const int *ids)
+{
+    uint64_t *w = ent_words(e);
+    for (size_t i = 0; i < feat->nvalues; i++) {
+        const tly_value_t *v = &ev->vals[feat->values[i]];
+        uint64_t x;
+        if (v->type == TLY_V_DOUBLE)
+            memcpy(&x, &v->u.d, 8);
+        else if (v->type == TLY_V_STR)
+            x = (uint64_t)ids[i];
+        else
+            x = (uint64_t)v->u.i;
+        wst(w, at + (uint32_t)i, x);
+    }
+    wst(w, at + (uint32_t)feat->nvalues, (uint64_t)ev->time_ms);
+}
+
+/* Rewrites the packed list of the segment at off in the tagged encoding,
+ * every item as wide (may replace *entp). */
+static void unpack_list(tly_store_t *store, ent_t **entp, uint32_t off)
+{
+    ent_t *e = *entp;
+    uint32_t p = off + 1, len = SEG_LEN(ld(e, off));
+    uint64_t cw = ld(e, p), count = cw & 0xffffffffu, schema = ld(e, p + 1);
+    uint32_t pw = (uint32_t)(cw >> 32) & 0xffffu, n = (uint32_t)(schema >> 32);
+    uint32_t tw = 3 + 2 * n; /* header, a tag and a payload word a value, time, width */
+    uint32_t newlen = 1 + (uint32_t)count * tw;
+    words_reserve(store, entp, newlen - len);
+    e = *entp;
+    words_open(e, p + len, newlen - len);
+    /* From the newest down: item i's tagged place starts past the packed
+     * items before it (tw > pw), and it is read whole before it is
+     * written. */
+    for (uint64_t i = count; i-- > 0;) {
+        uint32_t src = p + 2 + (uint32_t)i * pw, dst = p + 1 + (uint32_t)i * tw;
+        uint64_t vals[TLY_MAX_ITEM_VALUES], t = ld(e, src + n);
+        for (uint32_t j = 0; j < n; j++)
+            vals[j] = ld(e, src + j);
+        st(e, dst, tw | (uint64_t)n << 32);
+        for (uint32_t j = 0; j < n; j++) {
+            static const unsigned tag[] = {[PACK_INT] = TLY_V_INT,
+                                           [PACK_DOUBLE] = TLY_V_DOUBLE,
+                                           [PACK_BOOL] = TLY_V_BOOL,
+                                           [PACK_ISTR] = TAG_ISTR};
+            st(e, dst + 1 + 2 * j, TAG(tag[(schema >> (4 * j)) & 0xf], 0));
+            st(e, dst + 2 + 2 * j, vals[j]);
+        }
+        st(e, dst + tw - 2, t);
+        st(e, dst + tw - 1, tw);
+    }
+    st(e, p, count | (uint64_t)tw << 32);
+    seg_set_len(e, off, newlen);
+}
+
+/* How many of the newest items of a list (items from `first` to `end`,
+ * count of them, each time `tail` words before its item's end; pw: every
+ * item's width when packed, 0 when each item ends with its width) are
+ * newer than now_ms, up to max: items accepted within max_future_skew. */
+static uint32_t items_after(const ent_t *e, uint32_t first, uint32_t end, uint32_t tail,
+                            uint32_t pw, uint64_t count, int64_t now_ms, uint32_t max)
+{
+    uint32_t n = 0, at = end;
+    while (n < max && n < count && at > first) {
+        uint32_t iw = pw ? pw : (uint32_t)ld(e, at - 1);
+        if (iw < tail + 1 || iw > at - first || (int64_t)ld(e, at - tail) <= now_ms)
             break;
         at -= iw;
         n++;
@@ -330,9 +432,10 @@ static void lastk_update(tly_store_t *store, ent_t **entp, uint32_t sid, const t
     uint64_t cw = ld(e, p);
     uint64_t count = cw & 0xffffffffu;
     uint32_t uw = (uint32_t)(cw >> 32) & 0xffffu; /* uniform item width, or UW_MIXED */
+    bool packed = (cw & PACKED_BIT) != 0;
 
     int ids[TLY_MAX_ITEM_VALUES];
-    uint32_t words = 3;
+    uint32_t words = 3; /* the item's width, tagged */
     for (size_t i = 0; i < feat->nvalues; i++) {
         const tly_value_t *v = &ev->vals[feat->values[i]];
         /* store_intern_get answers a repeat (the item lists of one event
@@ -340,96 +443,134 @@ static void lastk_update(tly_store_t *store, ent_t **entp, uint32_t sid, const t
         ids[i] = v->type == TLY_V_STR ? store_intern_get(store, v->u.s, v->len) : -1;
         words += value_words(v, ids[i]);
     }
+    uint64_t schema = pack_schema(feat, ev, ids);
+    if (count == 0 && !packed && len == 1 && schema != 0) {
+        /* a new list, packed: the schema word after the count */
+        words_reserve(store, entp, 1); /* offsets survive a regrow */
+        e = *entp;
+        words_open(e, p + 1, 1);
+        st(e, p + 1, schema);
+        len = 2;
+        packed = true;
+        uw = (uint32_t)feat->nvalues + 1;
+        st(e, p, PACKED_BIT | (uint64_t)uw << 32);
+        seg_set_len(e, off, len);
+    } else if (packed && ld(e, p + 1) != schema) {
+        unpack_list(store, entp, off);
+        e = *entp;
+        len = SEG_LEN(ld(e, off));
+        uw = (uint32_t)(ld(e, p) >> 32) & 0xffffu;
+        packed = false;
+    }
+    const uint32_t first = p + 1 + packed; /* the oldest item */
+    const uint32_t tail = packed ? 1 : 2;  /* an item's time, from its end */
+    const uint32_t iw = packed ? uw : words;
 
     /* Insertion point: after every item with time <= ev time. With items of
-     * one width (the usual case: numbers and interned strings), a binary
+     * one width (packed, or tagged numbers and interned strings), a binary
      * search; otherwise a walk back from the newest. */
     uint32_t at = p + len;
     /* every kept item, and this one, as wide as the count word says */
-    const bool uniform = count && uw == words && (uint64_t)count * uw == len - 1;
+    const bool uniform = count && uw == iw && (uint64_t)count * uw == p + len - first;
     if (uniform) {
         uint64_t lo = 0, hi = count;
         /* the two usual answers first, one load each: after the newest
          * item (events in time order) or before the oldest (an event too
          * old to be kept, once the list is full) */
-        if ((int64_t)ld(e, p + len - 2) <= ev->time_ms)
+        if ((int64_t)ld(e, p + len - tail) <= ev->time_ms)
             lo = count;
-        else if ((int64_t)ld(e, p + 1 + uw - 2) > ev->time_ms)
+        else if ((int64_t)ld(e, first + uw - tail) > ev->time_ms)
             hi = 0;
         while (lo < hi) {
             uint64_t mid = lo + (hi - lo) / 2;
-            if ((int64_t)ld(e, p + 1 + (uint32_t)(mid * uw) + uw - 2) <= ev->time_ms)
+            if ((int64_t)ld(e, first + (uint32_t)(mid * uw) + uw - tail) <= ev->time_ms)
                 lo = mid + 1;
             else
                 hi = mid;
         }
-        at = p + 1 + (uint32_t)(lo * uw);
+        at = first + (uint32_t)(lo * uw);
     } else {
-        while (at > p + 1) {
-            uint32_t iw = (uint32_t)ld(e, at - 1);
-            if (iw < 3 || iw > at - (p + 1))
+        while (at > first) {
+            uint32_t w = (uint32_t)ld(e, at - 1);
+            if (w < 3 || w > at - first)
                 break;
-            if ((int64_t)ld(e, at - 2) <= ev->time_ms) /* independent of iw's load */
+            if ((int64_t)ld(e, at - 2) <= ev->time_ms) /* independent of w's load */
                 break;
-            at -= iw;
+            at -= w;
         }
     }
     /* the items to keep: k, and those after now_ms (usually none: one
      * load, of the newest item's time) */
     const uint32_t ahead_max = feat->k > AHEAD_ITEMS_MIN ? feat->k : AHEAD_ITEMS_MIN;
     uint32_t ahead = 0;
-    if (count > 0 && (int64_t)ld(e, p + len - 2) > now_ms)
-        ahead = items_after(e, p, len, count, now_ms, ahead_max);
+    if (count > 0 && (int64_t)ld(e, p + len - tail) > now_ms)
+        ahead = items_after(e, first, p + len, tail, packed ? uw : 0, count, now_ms, ahead_max);
     const uint64_t keep = (uint64_t)feat->k + ahead;
-    if (count >= keep && at == p + 1)
+    if (count >= keep && at == first)
         return; /* older than all k kept items: it would be trimmed at once */
-    if (feat->k == 1 && count == 1 && uw == words && at == p + 1 + words && ev->time_ms <= now_ms) {
+    if (feat->k == 1 && count == 1 && uw == iw && at == first + iw && ev->time_ms <= now_ms) {
         /* last: the one item, older and as wide, would be trimmed at once
          * (slack 1) after this one is inserted after it: write it in its
          * place (not when this one is after now_ms: the older stays the
          * answer until then) */
-        item_write(e, p + 1, feat, ev, ids, words);
+        if (packed)
+            item_write_packed(e, first, feat, ev, ids);
+        else
+            item_write(e, first, feat, ev, ids, words);
         return;
     }
-    if (uniform && count >= keep && ev->time_ms <= now_ms && at - (p + 1) < p + len - at) {
+    if (uniform && count >= keep && ev->time_ms <= now_ms && at - first < p + len - at) {
         /* Full, and the item lands among the older half: drop the oldest
          * and move the items older than it down one place, fewer words
          * than opening a place would move; the k newest kept are the same
          * either way. */
-        words_move(e, p + 1, p + 1 + uw, at - (p + 1) - uw);
-        item_write(e, at - uw, feat, ev, ids, words);
+        words_move(e, first, first + uw, at - first - uw);
+        if (packed)
+            item_write_packed(e, at - uw, feat, ev, ids);
+        else
+            item_write(e, at - uw, feat, ev, ids, words);
         return;
     }
     /* a width that does not fit the count word's 16 bits (an item of
      * several long strings) is stored as mixed */
-    uw = words >= UW_MIXED ? UW_MIXED : count == 0 ? words : uw == words ? uw : UW_MIXED;
+    if (!packed)
+        uw = words >= UW_MIXED ? UW_MIXED : count == 0 ? words : uw == words ? uw : UW_MIXED;
 
-    words_reserve(store, entp, words); /* offsets survive a regrow */
+    words_reserve(store, entp, iw); /* offsets survive a regrow */
     e = *entp;
-    words_open(e, at, words);
-    item_write(e, at, feat, ev, ids, words);
-    len += words;
+    words_open(e, at, iw);
+    if (packed)
+        item_write_packed(e, at, feat, ev, ids);
+    else
+        item_write(e, at, feat, ev, ids, words);
+    len += iw;
     count++;
+    const uint64_t flag = packed ? PACKED_BIT : 0;
 
     uint32_t slack = feat->k / 8 + 1;
     uint64_t keep_now = keep + (ev->time_ms > now_ms && ahead < ahead_max);
     if (count >= keep_now + slack) {
         uint64_t trim = count - keep_now;
-        uint32_t q = p + 1, tw = 0;
-        for (uint64_t t = 0; t < trim; t++) {
-            uint32_t iw = (uint32_t)ld(e, q);
-            q += iw;
-            tw += iw;
+        uint32_t tw = 0;
+        if (packed) {
+            tw = (uint32_t)trim * uw;
+        } else {
+            uint32_t q = first;
+            for (uint64_t t = 0; t < trim; t++) {
+                uint32_t w = (uint32_t)ld(e, q);
+                q += w;
+                tw += w;
+            }
         }
-        words_close(e, p + 1, tw);
+        words_close(e, first, tw);
         len -= tw;
         count -= trim;
-        st(e, p, count | (uint64_t)uw << 32);
+        st(e, p, count | (uint64_t)uw << 32 | flag);
         seg_set_len(e, off, len);
         words_maybe_shrink(store, entp);
         return;
     }
-    st(e, p, count | (uint64_t)uw << 32);
+    st(e, p, count | (uint64_t)uw << 32 | flag);
     seg_set_len(e, off, len);
 }
 
@@ -554,6 +695,53 @@ static bool item_read(const tly_store_t *store, const ent_t *e, uint32_t q, uint
     return true;
 }
 
+/* Decodes the packed item at q (schema: its list's). */
+static bool item_read_packed(const tly_store_t *store, const ent_t *e, uint32_t q, uint64_t schema,
+                             tly_item_t *it, char *strbuf, size_t strcap, size_t *sused, bool *full)
+{
+    uint32_t nv = (uint32_t)(schema >> 32);
+    if (nv > TLY_MAX_ITEM_VALUES)
+        return false;
+    it->nvals = nv;
+    it->time_ms = (int64_t)ld(e, q + nv);
+    for (uint32_t i = 0; i < nv; i++) {
+        uint64_t w = ld(e, q + i);
+        tly_value_t *v = &it->vals[i];
+        switch ((schema >> (4 * i)) & 0xf) {
+        case PACK_INT:
+            v->type = TLY_V_INT;
+            v->u.i = (int64_t)w;
+            break;
+        case PACK_BOOL:
+            v->type = TLY_V_BOOL;
+            v->u.i = (int64_t)w;
+            break;
+        case PACK_DOUBLE:
+            v->type = TLY_V_DOUBLE;
+            memcpy(&v->u.d, &w, 8);
+            break;
+        case PACK_ISTR: {
+            const istr_t *is = store_intern_str(store, w);
+            if (!is)
+                return false;
+            if (*sused + is->len > strcap) {
+                *full = true;
+                return false;
+            }
+            memcpy(strbuf + *sused, is->s, is->len);
+            v->type = TLY_V_STR;
+            v->len = is->len;
+            v->u.s = strbuf + *sused;
+            *sused += is->len;
+            break;
+        }
+        default:
+            return false;
+        }
+    }
+    return true;
+}
+
 /* Reads up to cap of the k newest items at or before asof_ms of the
  * last/last_k segment at off, newest first, keeping those at or after
  * since_ms; items == NULL only counts. Sets *bad on torn data, *full when strbuf overflowed. */
@@ -568,29 +756,39 @@ size_t store_words_recent(const tly_store_t *store, const ent_t *e, uint32_t off
         *bad = true;
         return 0;
     }
-    if (items == NULL && len > 1) {
+    uint64_t cw = ld(e, p), count = cw & 0xffffffffu, schema = 0;
+    const bool packed = (cw & PACKED_BIT) != 0;
+    const uint32_t pw = packed ? (uint32_t)(cw >> 32) & 0xffffu : 0; /* packed item width */
+    const uint32_t first = p + 1 + packed, tail = packed ? 1 : 2;
+    if (packed) {
+        schema = len >= 2 ? ld(e, p + 1) : 0;
+        if (len < 2 || pw < 2 || pw != (schema >> 32) + 1) {
+            *bad = true;
+            return 0;
+        }
+    }
+    if (items == NULL && count > 0) {
         /* Only counting, and the usual read at `now`: when the oldest kept
          * item is at or after since_ms and the newest at or before asof_ms,
          * every item is in range and the count word answers without a walk
-         * (the oldest item's time ends its first words; the newest's ends
-         * the segment). */
-        uint64_t count = ld(e, p) & 0xffffffffu;
-        uint32_t w0 = (uint32_t)ld(e, p + 1);
-        if (count > 0 && w0 >= 3 && w0 <= len - 1 && (int64_t)ld(e, p + w0 - 1) >= since_ms &&
-            (int64_t)ld(e, p + len - 2) <= asof_ms) {
+         * (an item's time is `tail` words before its end: the oldest's
+         * within its first width, the newest's before the segment's end). */
+        uint32_t w0 = packed ? pw : (uint32_t)ld(e, first);
+        if (w0 > tail && w0 <= p + len - first && (int64_t)ld(e, first + w0 - tail) >= since_ms &&
+            (int64_t)ld(e, p + len - tail) <= asof_ms) {
             uint64_t n = count < k ? count : k;
             return n < cap ? (size_t)n : cap;
         }
     }
     uint32_t at = p + len;
     size_t n = 0, seen = 0;
-    while (at > p + 1 && n < cap && seen < k) {
-        uint32_t iw = (uint32_t)ld(e, at - 1);
-        if (iw < 3 || iw > at - (p + 1)) {
+    while (at > first && n < cap && seen < k) {
+        uint32_t iw = packed ? pw : (uint32_t)ld(e, at - 1);
+        if (iw <= tail || iw > at - first) {
             *bad = true;
             return n;
         }
-        int64_t t = (int64_t)ld(e, at - 2);
+        int64_t t = (int64_t)ld(e, at - tail);
         at -= iw;
         /* an item after asof_ms is not yet one of the k: at the clock,
          * one accepted ahead of it (the writer kept k before its now on
@@ -600,7 +798,10 @@ size_t store_words_recent(const tly_store_t *store, const ent_t *e, uint32_t off
         seen++;
         if (t < since_ms)
             break;
-        if (items && !item_read(store, e, at, at + iw, &items[n], strbuf, strcap, sused, full)) {
+        if (items &&
+            !(packed
+                  ? item_read_packed(store, e, at, schema, &items[n], strbuf, strcap, sused, full)
+                  : item_read(store, e, at, at + iw, &items[n], strbuf, strcap, sused, full))) {
             *bad = !*full;
             return n;
         }
@@ -688,6 +889,40 @@ static const tly_feat_t *slot_feat(const tly_featset_t *fs, uint32_t type, uint3
     return NULL;
 }
 
+/* A packed item list: the count word, the schema (one known code a value,
+ * as many values as the feature keeps, nothing above them), then items of
+ * that width, as many as counted, interned strings ones the intern table
+ * holds, in time order. */
+static bool packed_valid(const tly_store_t *store, const ent_t *e, uint32_t p, uint32_t len,
+                         const tly_feat_t *feat)
+{
+    uint64_t cw = ld(e, p), count = cw & 0xffffffffu;
+    uint32_t uw = (uint32_t)(cw >> 32) & 0xffffu;
+    if (len < 2)
+        return false;
+    uint64_t schema = ld(e, p + 1);
+    uint32_t nv = (uint32_t)(schema >> 32);
+    if (nv != feat->nvalues || nv == 0 || nv > TLY_MAX_ITEM_VALUES || uw != nv + 1 ||
+        (nv < 8 && (uint32_t)schema >> (4 * nv) != 0) || (uint64_t)count * uw != len - 2)
+        return false;
+    for (uint32_t i = 0; i < nv; i++) {
+        unsigned code = (unsigned)(schema >> (4 * i)) & 0xf;
+        if (code < PACK_INT || code > PACK_ISTR)
+            return false;
+    }
+    int64_t prev = INT64_MIN;
+    for (uint32_t q = p + 2; q < p + len; q += uw) {
+        for (uint32_t i = 0; i < nv; i++)
+            if (((schema >> (4 * i)) & 0xf) == PACK_ISTR && !store_intern_str(store, ld(e, q + i)))
+                return false; /* item_read_packed could not read it back */
+        int64_t t = (int64_t)ld(e, q + nv);
+        if (t < prev)
+            return false;
+        prev = t;
+    }
+    return true;
+}
+
 /* An item list: the count word, then items whose widths add up to the
  * segment, as many as counted, each as wide as the count word says when it
  * names one width, values tagged with their payload inside the item (an
@@ -700,8 +935,10 @@ static bool items_valid(const tly_store_t *store, const ent_t *e, uint32_t p, ui
     uint64_t cw = ld(e, p);
     uint64_t count = cw & 0xffffffffu;
     uint32_t uw = (uint32_t)(cw >> 32) & 0xffffu;
-    if (cw >> 48 != 0)
+    if (cw >> 49 != 0)
         return false;
+    if (cw & PACKED_BIT)
+        return packed_valid(store, e, p, len, feat);
     uint32_t q = p + 1, end = p + len;
     uint64_t seen = 0;
     int64_t prev = INT64_MIN;

@@ -8,7 +8,7 @@
  * names sort by time) only once it is complete and fsynced: a snapshot file
  * that exists is whole. Layout (all integers little-endian):
  *
- *   header (32 bytes): "TLYSNAP\0", version u32 (= 1), defs_hash u64,
+ *   header (32 bytes): "TLYSNAP\0", version u32 (2; 1 is read too), defs_hash u64,
  *                      created_ms i64, crc32c of the 28 bytes before it u32
  *   blocks:            type u32 (!= 0), raw_len u32 (<= 64 MiB), comp_len u32,
  *                      crc u32, then comp_len bytes: one zstd frame (level 1)
@@ -32,7 +32,11 @@
 
 #include "tallyd/error.h"
 
-#define TLY_SNAP_VERSION     1u
+/* The version written: 2 since entity state may hold packed item lists
+ * (store_words.c), which a reader of version 1 would call malformed; a
+ * version 1 file, which holds none, reads the same. */
+#define TLY_SNAP_VERSION     2u
+#define TLY_SNAP_VERSION_MIN 1u /* the oldest version read */
 #define TLY_SNAP_HEADER_SIZE 32u
 #define TLY_SNAP_FRAME_SIZE  16u
 /* Largest raw (uncompressed) block the writer accepts and the reader reads. */
@@ -121,7 +125,7 @@ typedef struct tly_snapr tly_snapr_t;
 /* Opens path and checks its header (magic, version, crc). Returns a reader
  * the caller owns (tly_snapr_close), or NULL with a sentence in err naming
  * the file and the problem: "<path>: not a tallyd snapshot", "<path>: header
- * checksum mismatch", "<path>: format version 7, this tallyd reads 1",
+ * checksum mismatch", "<path>: format version 7, this tallyd reads 1 to 2",
  * "<path>: truncated header (12 of 32 bytes)", or an open/read error. */
 tly_snapr_t *tly_snapr_open(const char *path, char *err, size_t errlen);
 

@@ -361,7 +361,7 @@ static void test_file_layout_matches_the_hand_encoder(void **state)
     size_t clen = ZSTD_compress(comp, sizeof comp, payload, sizeof payload, 1);
     assert_false(ZSTD_isError(clen));
     uint8_t expect[512];
-    size_t n = enc_header(expect, 1, UINT64_C(0x1122334455667788), 1234);
+    size_t n = enc_header(expect, 2, UINT64_C(0x1122334455667788), 1234);
     n += enc_frame(expect + n, 0x01020304u, sizeof payload, comp, (uint32_t)clen);
     n += enc_end(expect + n, 1, sizeof payload);
 
@@ -369,7 +369,7 @@ static void test_file_layout_matches_the_hand_encoder(void **state)
     uint8_t *got = slurp(path, &got_n);
     assert_int_equal(got_n, n);
     assert_memory_equal(got, expect, n);
-    assert_memory_equal(got, "TLYSNAP\0\1\0\0\0\x88\x77\x66\x55\x44\x33\x22\x11\xd2\x04", 22);
+    assert_memory_equal(got, "TLYSNAP\0\2\0\0\0\x88\x77\x66\x55\x44\x33\x22\x11\xd2\x04", 22);
     free(got);
     free(path);
     free(want);
@@ -595,6 +595,12 @@ static void test_crafted_files_with_valid_crcs_are_rejected(void **state)
     block_t ok = {5, sizeof raw, raw};
     char err[512];
     assert_int_equal(read_outcome(path, &ok, 1, err, sizeof err), READ_OK);
+    /* so is the same at version 2, the one written now */
+    n = enc_header(f, 2, 0, 0);
+    n += enc_frame(f + n, 5, sizeof raw, comp, (uint32_t)clen);
+    n += enc_end(f + n, 1, sizeof raw);
+    spill(path, f, n);
+    assert_int_equal(read_outcome(path, &ok, 1, err, sizeof err), READ_OK);
 
     /* header problems, each with its sentence */
     spill(path, "PK\3\4 not a snapshot at all, just some bytes....", 40);
@@ -612,7 +618,11 @@ static void test_crafted_files_with_valid_crcs_are_rejected(void **state)
     free(fifo);
     enc_header(f, 7, 0, 0);
     spill(path, f, 32);
-    snprintf(want, sizeof want, "%s: format version 7, this tallyd reads 1", path);
+    snprintf(want, sizeof want, "%s: format version 7, this tallyd reads 1 to 2", path);
+    expect_error(path, want, &ok, 1);
+    enc_header(f, 0, 0, 0);
+    spill(path, f, 32);
+    snprintf(want, sizeof want, "%s: format version 0, this tallyd reads 1 to 2", path);
     expect_error(path, want, &ok, 1);
     enc_header(f, 1, 0, 0);
     f[20] ^= 1;

@@ -1272,27 +1272,148 @@ static uint64_t unused_intern_id(const uint8_t *p, size_t n)
 static void test_load_refuses_an_item_naming_a_string_not_interned(void **state)
 {
     fx_t *fx = *state;
-    for (int i = 0; i < 60; i++) /* user 1: a words record, its items' pins interned */
+    /* user 1: a words record whose `recent` is packed (every value of its
+     * first item has a packed form); user 2: one whose first item has no
+     * action, so the list is tagged, and whose later items name interned
+     * strings */
+    assert_int_equal(put(fx, T, T - 60 * SEC, 2, "p1", NULL, 9), TLY_OK);
+    for (int i = 0; i < 60; i++) {
         assert_int_equal(put(fx, T, T - i * SEC, 1, "p1", "click", 10 + i), TLY_OK);
+        assert_int_equal(put(fx, T, T - i * SEC, 2, "p1", "click", 10 + i), TLY_OK);
+    }
     dump_t d = {.n = 0};
     assert_int_equal(tly_store_dump(fx->store, NULL, keep_block, &d), TLY_OK);
     assert_int_equal(d.n, 1);
-    /* the count word of `recent`, then its oldest item: header, the pin's
-     * tag and its payload, the intern id */
-    uint8_t *w = dumped_word(d.blocks[0], d.lens[0], fx->user, "1", pick_items_count);
-    assert_non_null(w);
-    assert_int_equal(word_at(w, 2), 0x83); /* an interned string */
     uint64_t id = unused_intern_id(d.blocks[0], d.lens[0]);
-    memcpy(w + 8 * 3, &id, 8);
-
-    char err[256] = "";
+    for (int user = 1; user <= 2; user++) {
+        uint8_t *copy = malloc(d.lens[0]);
+        assert_non_null(copy);
+        memcpy(copy, d.blocks[0], d.lens[0]);
+        uint8_t *w =
+            dumped_word(copy, d.lens[0], fx->user, user == 1 ? "1" : "2", pick_items_count);
+        assert_non_null(w);
+        uint8_t *pin;
+        if (user == 1) {
+            /* the count word, the schema (two values, both interned
+             * strings), then the oldest item: the pin's intern id, the
+             * action's, the time */
+            assert_int_equal(word_at(w, 1), (UINT64_C(2) << 32) | 0x44);
+            pin = w + 8 * 2;
+        } else {
+            /* tagged: the newest item, the segment's last seven words:
+             * header, the pin's tag and its intern id, the action's,
+             * time, width */
+            uint64_t len = (word_at(w - 8, 0) >> 16) & 0xffffffffu;
+            assert_int_equal(word_at(w, (uint32_t)len - 1), 7);
+            assert_int_equal(word_at(w, (uint32_t)len - 6), 0x83); /* an interned string */
+            pin = w + 8 * (len - 5);
+        }
+        memcpy(pin, &id, 8);
+        char err[256] = "";
+        tly_store_t *s2 = tly_store_new(fx->fs);
+        assert_int_equal(tly_store_load(s2, copy, d.lens[0], NULL, err, sizeof err), TLY_E_INVAL);
+        if (strstr(err, "malformed entity state") == NULL)
+            fail_msg("unexpected reason: %s", err);
+        tly_store_free(s2);
+        free(copy);
+    }
+    /* unharmed, it loads */
     tly_store_t *s2 = tly_store_new(fx->fs);
-    assert_int_equal(tly_store_load(s2, d.blocks[0], d.lens[0], NULL, err, sizeof err),
-                     TLY_E_INVAL);
-    if (strstr(err, "malformed entity state") == NULL)
-        fail_msg("unexpected reason: %s", err);
+    char err[256];
+    if (tly_store_load(s2, d.blocks[0], d.lens[0], NULL, err, sizeof err) != TLY_OK)
+        fail_msg("load: %s", err);
     tly_store_free(s2);
     free(d.blocks[0]);
+}
+
+/* Whether the `recent` list of user uid is packed (the count word's bit
+ * 48), in a dump of the store: 1, 0, or -1 when the user has no word
+ * record. */
+static int recent_packed(fx_t *fx, const char *uid)
+{
+    dump_t d = {.n = 0};
+    assert_int_equal(tly_store_dump(fx->store, NULL, keep_block, &d), TLY_OK);
+    int packed = -1;
+    for (size_t b = 0; b < d.n; b++) {
+        uint8_t *w = dumped_word(d.blocks[b], d.lens[b], fx->user, uid, pick_items_count);
+        if (w != NULL)
+            packed = (int)(word_at(w, 0) >> 48 & 1);
+        free(d.blocks[b]);
+    }
+    return packed;
+}
+
+/* A list packed while its items' values all have a packed form turns
+ * tagged at the first item that does not (an action missing, then a pin
+ * that is a number, not a string), and keeps the k newest (time, then
+ * arrival) of everything with every value as it came. The expected items
+ * are computed here from the events sent. */
+static void test_last_k_turns_tagged_when_an_item_cannot_be_packed(void **state)
+{
+    fx_t *fx = *state;
+    uint32_t feat;
+    int win;
+    assert_int_equal(tly_featset_resolve(fx->fs, fx->user, "recent", 6, &feat, &win), TLY_OK);
+    enum { NEV = 300, K = 20, NIL_AT = 150, INT_AT = 220 };
+    static char pins[NEV][8];
+    int64_t times[NEV];
+    uint64_t r = 777;
+    for (int i = 0; i < NEV; i++) {
+        r = r * 6364136223846793005u + 1442695040888963407u;
+        times[i] = T - (int64_t)(r >> 33) % 200 * SEC;
+        snprintf(pins[i], sizeof pins[i], "q%d", i);
+        tly_event_t e = ev(fx, times[i], 7, pins[i], i == NIL_AT ? NULL : "save", -1);
+        if (i == INT_AT) /* the pin as a number */
+            e.vals[fx->f_pin] = (tly_value_t){.type = TLY_V_INT, .u.i = 4242};
+        assert_int_equal(tly_store_apply(fx->store, &e, 0, 0, T), TLY_OK);
+        if (i == 100)
+            assert_int_equal(recent_packed(fx, "7"), 1);
+        if (i == NIL_AT)
+            assert_int_equal(recent_packed(fx, "7"), 0);
+        int want[K], nw = 0; /* the K greatest (time, arrival) of events 0..i */
+        for (int j = 0; j <= i; j++) {
+            int at = nw;
+            while (at > 0 && (times[want[at - 1]] < times[j] ||
+                              (times[want[at - 1]] == times[j] && want[at - 1] < j)))
+                at--;
+            if (at >= K)
+                continue;
+            for (int q = (nw < K ? nw : K - 1); q > at; q--)
+                want[q] = want[q - 1];
+            want[at] = j;
+            if (nw < K)
+                nw++;
+        }
+        if (i < 60)
+            continue; /* a compact log until then: not the lists these test */
+        tly_item_t it[K + 4];
+        char sbuf[2048];
+        size_t n = 0;
+        assert_int_equal(tly_store_recent(fx->store, fx->user, "7", 1, feat, INT64_MIN, T, it,
+                                          K + 4, &n, sbuf, sizeof sbuf),
+                         TLY_OK);
+        assert_int_equal(n, (size_t)nw);
+        for (int q = 0; q < nw; q++) {
+            int j = want[q];
+            assert_int_equal(it[q].time_ms, times[j]);
+            assert_int_equal(it[q].nvals, 2);
+            if (j == INT_AT) {
+                assert_int_equal(it[q].vals[0].type, TLY_V_INT);
+                assert_int_equal(it[q].vals[0].u.i, 4242);
+            } else {
+                assert_int_equal(it[q].vals[0].type, TLY_V_STR);
+                assert_int_equal(it[q].vals[0].len, strlen(pins[j]));
+                assert_memory_equal(it[q].vals[0].u.s, pins[j], strlen(pins[j]));
+            }
+            if (j == NIL_AT) {
+                assert_int_equal(it[q].vals[1].type, TLY_V_NIL);
+            } else {
+                assert_int_equal(it[q].vals[1].type, TLY_V_STR);
+                assert_memory_equal(it[q].vals[1].u.s, "save", 4);
+            }
+        }
+    }
+    assert_int_equal(recent_packed(fx, "7"), 0);
 }
 
 /* An entity item of a state block (the layout tly_store_dump writes):
@@ -2402,6 +2523,8 @@ int main(void)
         cmocka_unit_test_setup_teardown(
             test_items_after_now_leave_last_and_last_k_before_now_intact, setup, teardown),
         cmocka_unit_test_setup_teardown(test_last_k_keeps_the_k_newest_under_shuffled_arrivals,
+                                        setup_k20, teardown),
+        cmocka_unit_test_setup_teardown(test_last_k_turns_tagged_when_an_item_cannot_be_packed,
                                         setup_k20, teardown),
         cmocka_unit_test_setup_teardown(test_last_k_full_keeps_a_tie_with_its_oldest_item, setup,
                                         teardown),
