@@ -363,7 +363,8 @@ static void item_write_packed(ent_t *e, uint32_t at, const tly_feat_t *feat, con
 }
 
 /* Rewrites the packed list of the segment at off in the tagged encoding,
- * every item as wide (may replace *entp). */
+ * every item as wide (may replace *entp). The list holds an item at least
+ * (packed_valid), so it only grows. */
 static void unpack_list(tly_store_t *store, ent_t **entp, uint32_t off)
 {
     ent_t *e = *entp;
@@ -891,8 +892,8 @@ static const tly_feat_t *slot_feat(const tly_featset_t *fs, uint32_t type, uint3
 
 /* A packed item list: the count word, the schema (one known code a value,
  * as many values as the feature keeps, nothing above them), then items of
- * that width, as many as counted, interned strings ones the intern table
- * holds, in time order. */
+ * that width, as many as counted and at least one, interned strings ones
+ * the intern table holds, in time order. */
 static bool packed_valid(const tly_store_t *store, const ent_t *e, uint32_t p, uint32_t len,
                          const tly_feat_t *feat)
 {
@@ -902,8 +903,10 @@ static bool packed_valid(const tly_store_t *store, const ent_t *e, uint32_t p, u
         return false;
     uint64_t schema = ld(e, p + 1);
     uint32_t nv = (uint32_t)(schema >> 32);
+    /* never empty: the writer makes a list packed with its first item */
     if (nv != feat->nvalues || nv == 0 || nv > TLY_MAX_ITEM_VALUES || uw != nv + 1 ||
-        (nv < 8 && (uint32_t)schema >> (4 * nv) != 0) || (uint64_t)count * uw != len - 2)
+        (nv < 8 && (uint32_t)schema >> (4 * nv) != 0) || count == 0 ||
+        (uint64_t)count * uw != len - 2)
         return false;
     for (uint32_t i = 0; i < nv; i++) {
         unsigned code = (unsigned)(schema >> (4 * i)) & 0xf;
