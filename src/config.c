@@ -190,7 +190,7 @@ const key_def_t tly_config_keys[] = {
     KEY("kafka.start", K_ENUM, "window", 0, 0, 0, tly_config_start_choices, CFG(kafka.start),
         "Where consumption starts without a snapshot: window = the oldest event a window still "
         "counts (now minus the longest window, down to the start of its hop); earliest; "
-        "latest."),
+        "latest (but a partition added to a topic already read starts at its beginning)."),
     KEY("kafka.properties", K_MAP, NULL, 0, 0, 0, NULL,
         CFGLIST(kafka.nproperties, kafka.properties),
         "librdkafka properties passed through verbatim (security.protocol, sasl.*, ssl.* ...), "

@@ -236,6 +236,9 @@ struct tly_source {
      * queue_full, last_nudge_ms, starved_ms: poll thread only;
      * nudge_parts, nudge_quit: under nudge_mu. */
     rd_kafka_queue_t *cq; /* the consumer queue, for its length */
+    int64_t parts_every_ms; /* replica mode: topic.metadata.refresh.interval.ms, how often
+                             * the topics' partitions are listed again (< 0: never) */
+    int64_t parts_next_ms;  /* monotonic: the next listing */
     uint64_t qmin;        /* queued.min.messages */
     uint64_t qbytes;      /* queued.max.messages.kbytes, in bytes */
     uint64_t msg_bytes16; /* running mean payload of the messages polled, x16 */
@@ -537,8 +540,20 @@ static int64_t window_since(const tly_featset_t *fs, int64_t now_ms)
     return since;
 }
 
+/* Whether some partition of topic has a position here: tallyd read the
+ * topic (or restored a snapshot of it) before. */
+static bool topic_has_position(tly_source_t *src, const char *topic)
+{
+    for (size_t i = 0; i < src->nparts; i++)
+        if (src->parts[i].position >= 0 && strcmp(src->parts[i].topic, topic) == 0)
+            return true;
+    return false;
+}
+
 /* Writes the start offset of every partition in parts: the position this
- * process reached (or was told to resume at), else kafka.start's. A
+ * process reached (or was told to resume at), else kafka.start's; with
+ * latest, a partition of a topic read before (added to it since: all of
+ * its messages came after tallyd started) starts at its beginning. A
  * partition partly restored (tly_source_catch_up) whose start is its
  * restored position has nothing to replay: it is at that position now.
  * Returns lookup_ends' answer for the partitions that start at the end
@@ -557,6 +572,8 @@ static rd_kafka_topic_partition_list_t *choose_offsets(tly_source_t *src,
         const part_t *p = part_find(src, tp->topic, tp->partition);
         if (p != NULL && p->position >= 0)
             tp->offset = p->position;
+        else if (start == TLY_START_LATEST && topic_has_position(src, tp->topic))
+            tp->offset = RD_KAFKA_OFFSET_BEGINNING; /* a partition added since */
         else if (start == TLY_START_LATEST)
             tp->offset = RD_KAFKA_OFFSET_END;
         else if (start == TLY_START_EARLIEST)
@@ -1373,48 +1390,61 @@ static void dispatch(tly_source_t *src)
     src->nbatch = 0;
 }
 
-/* Replica mode: every partition of every topic, no group membership.
- * Retries the metadata until it arrives or the source stops; false when
- * stopped first. Partitions added to a topic later are not picked up until
- * a restart. */
-static bool assign_all(tly_source_t *src)
+/* Replica mode: every partition of every configured topic, from the
+ * brokers' metadata (waiting up to wait_ms for each topic's); NULL when
+ * some topic's is missing (the first topic missing is named in *why, its
+ * error in *err). */
+static rd_kafka_topic_partition_list_t *
+replica_partitions(tly_source_t *src, int wait_ms, const char **why, rd_kafka_resp_err_t *err)
 {
     const tly_config_t *cfg = src->cfg;
+    rd_kafka_topic_partition_list_t *parts = rd_kafka_topic_partition_list_new(16);
+    for (size_t t = 0; t < cfg->kafka.ntopics; t++) {
+        const struct rd_kafka_metadata *md = NULL;
+        rd_kafka_topic_t *rkt = rd_kafka_topic_new(src->rk, cfg->kafka.topics[t], NULL);
+        *err = rkt ? rd_kafka_metadata(src->rk, 0, rkt, &md, wait_ms) : rd_kafka_last_error();
+        if (*err == RD_KAFKA_RESP_ERR_NO_ERROR && md->topic_cnt == 1 && md->topics[0].err)
+            *err = md->topics[0].err;
+        bool ok = *err == RD_KAFKA_RESP_ERR_NO_ERROR && md->topic_cnt == 1 &&
+                  md->topics[0].partition_cnt > 0;
+        for (int i = 0; ok && i < md->topics[0].partition_cnt; i++)
+            rd_kafka_topic_partition_list_add(parts, cfg->kafka.topics[t],
+                                              md->topics[0].partitions[i].id);
+        if (md != NULL)
+            rd_kafka_metadata_destroy(md);
+        if (rkt != NULL)
+            rd_kafka_topic_destroy(rkt);
+        if (!ok) {
+            *why = cfg->kafka.topics[t];
+            rd_kafka_topic_partition_list_destroy(parts);
+            return NULL;
+        }
+    }
+    return parts;
+}
+
+/* Replica mode: every partition of every topic, no group membership.
+ * Retries the metadata until it arrives or the source stops; false when
+ * stopped first. Partitions added to a topic later are assigned by
+ * replica_grow. */
+static bool assign_all(tly_source_t *src)
+{
     unsigned attempt = 0;
     while (!atomic_load(&src->stop)) {
-        rd_kafka_topic_partition_list_t *parts = rd_kafka_topic_partition_list_new(16);
-        bool ok = true;
-        for (size_t t = 0; t < cfg->kafka.ntopics && ok; t++) {
-            const struct rd_kafka_metadata *md = NULL;
-            rd_kafka_topic_t *rkt = rd_kafka_topic_new(src->rk, cfg->kafka.topics[t], NULL);
-            rd_kafka_resp_err_t err =
-                rkt ? rd_kafka_metadata(src->rk, 0, rkt, &md, 1000) : rd_kafka_last_error();
-            if (err == RD_KAFKA_RESP_ERR_NO_ERROR && md->topic_cnt == 1 && md->topics[0].err)
-                err = md->topics[0].err;
-            if (err == RD_KAFKA_RESP_ERR_NO_ERROR && md->topic_cnt == 1 &&
-                md->topics[0].partition_cnt > 0) {
-                for (int i = 0; i < md->topics[0].partition_cnt; i++)
-                    rd_kafka_topic_partition_list_add(parts, cfg->kafka.topics[t],
-                                                      md->topics[0].partitions[i].id);
-            } else {
-                ok = false;
-                if (attempt % 10 == 0)
-                    tly_warn("source: no metadata for topic %s yet (%s); retrying",
-                             cfg->kafka.topics[t], err ? rd_kafka_err2str(err) : "no partitions");
-            }
-            if (md != NULL)
-                rd_kafka_metadata_destroy(md);
-            if (rkt != NULL)
-                rd_kafka_topic_destroy(rkt);
-        }
-        if (ok) {
+        const char *topic = NULL;
+        rd_kafka_resp_err_t err = RD_KAFKA_RESP_ERR_NO_ERROR;
+        rd_kafka_topic_partition_list_t *parts = replica_partitions(src, 1000, &topic, &err);
+        if (parts != NULL) {
             atomic_fetch_add_explicit(&src->rebalances, 1, memory_order_relaxed);
             assign(src, parts);
             rd_kafka_topic_partition_list_destroy(parts);
             publish(src, wall_ms());
+            src->parts_next_ms = mono_ms() + src->parts_every_ms;
             return true;
         }
-        rd_kafka_topic_partition_list_destroy(parts);
+        if (attempt % 10 == 0)
+            tly_warn("source: no metadata for topic %s yet (%s); retrying", topic,
+                     err ? rd_kafka_err2str(err) : "no partitions");
         attempt++;
         /* rd_kafka_metadata waited up to a second already; serve callbacks */
         rd_kafka_message_t *m = rd_kafka_consumer_poll(src->rk, POLL_TIMEOUT_MS);
@@ -1425,6 +1455,41 @@ static bool assign_all(tly_source_t *src)
         }
     }
     return false;
+}
+
+/* Replica mode, every parts_every_ms: lists the topics' partitions again
+ * and, when a topic has grown, assigns the whole list anew, the partitions
+ * held at their positions and the new ones from their beginning (every
+ * message of a partition that appeared while tallyd ran is new to it;
+ * choose_offsets). Without metadata now, it tries at the next turn. */
+static void replica_grow(tly_source_t *src)
+{
+    if (src->parts_every_ms < 0 || mono_ms() < src->parts_next_ms)
+        return;
+    src->parts_next_ms = mono_ms() + src->parts_every_ms;
+    const char *topic = NULL;
+    rd_kafka_resp_err_t err = RD_KAFKA_RESP_ERR_NO_ERROR;
+    rd_kafka_topic_partition_list_t *parts = replica_partitions(src, 500, &topic, &err);
+    if (parts == NULL) {
+        tly_debug("source: listing the partitions of %s failed (%s); trying again in %" PRId64
+                  " ms",
+                  topic, err ? rd_kafka_err2str(err) : "no partitions", src->parts_every_ms);
+        return;
+    }
+    int fresh = 0;
+    for (int i = 0; i < parts->cnt; i++) {
+        const part_t *p = part_find(src, parts->elems[i].topic, parts->elems[i].partition);
+        fresh += p == NULL || !p->assigned;
+    }
+    if (fresh > 0) {
+        tly_info("source: %d new partitions (%d in all); assigning them from their beginning",
+                 fresh, parts->cnt);
+        flush(src); /* what was collected applies first, at the positions kept */
+        atomic_fetch_add_explicit(&src->rebalances, 1, memory_order_relaxed);
+        assign(src, parts);
+        publish(src, wall_ms());
+    }
+    rd_kafka_topic_partition_list_destroy(parts);
 }
 
 /* ---- fetch nudges -------------------------------------------------------------
@@ -1705,6 +1770,8 @@ static void *poll_main(void *arg)
             rd_kafka_consumer_poll(src->rk, src->fly_n > 0 ? 0 : POLL_TIMEOUT_MS);
         int64_t now = wall_ms();
         seek_ends(src, now);
+        if (src->cfg->kafka.mode == TLY_MODE_REPLICA)
+            replica_grow(src);
         if (m == NULL) {
             flush(src);
             if (src->dirty || now - src->last_publish_ms >= every)
@@ -1917,6 +1984,14 @@ static rd_kafka_conf_t *consumer_conf(tly_source_t *src, char *errbuf, size_t er
     vlen = sizeof val;
     if (rd_kafka_conf_get(conf, "queued.max.messages.kbytes", val, &vlen) == RD_KAFKA_CONF_OK)
         src->qbytes = strtoull(val, NULL, 10) * 1000; /* as librdkafka 2.0.2 counts it */
+    /* Replica mode lists its topics' partitions as often as librdkafka
+     * refreshes their metadata (5 minutes by default), as a Kafka consumer
+     * notices new partitions at metadata.max.age.ms. */
+    src->parts_every_ms = 300000;
+    vlen = sizeof val;
+    if (rd_kafka_conf_get(conf, "topic.metadata.refresh.interval.ms", val, &vlen) ==
+        RD_KAFKA_CONF_OK)
+        src->parts_every_ms = strtoll(val, NULL, 10);
     return conf;
 fail:
     rd_kafka_conf_destroy(conf);

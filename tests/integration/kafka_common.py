@@ -29,7 +29,7 @@ import yaml  # noqa: E402
 
 try:
     from confluent_kafka import Producer, TopicPartition, Consumer
-    from confluent_kafka.admin import AdminClient, NewTopic
+    from confluent_kafka.admin import AdminClient, NewPartitions, NewTopic
 except ImportError as e:  # reported by the test as a setup failure
     Producer = None
     IMPORT_ERROR = e

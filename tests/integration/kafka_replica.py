@@ -402,6 +402,142 @@ def run_txn(suite):
     return x
 
 
+# ------------------------------------------------------------ a growing topic
+
+GROW_EVENTS = 3_000
+
+
+def grow_topic(x, partitions):
+    """Raises the partition count of x.topic to `partitions` and waits until
+    each has a leader."""
+    admin = K.AdminClient({"bootstrap.servers": x.bootstrap})
+    fut = admin.create_partitions([K.NewPartitions(x.topic, partitions)],
+                                  request_timeout=30 * H.MULT)
+    fut[x.topic].result(timeout=60 * H.MULT)
+    end = H.deadline(60)
+    while True:
+        t = admin.list_topics(topic=x.topic, timeout=10 * H.MULT).topics.get(x.topic)
+        if (t is not None and len(t.partitions) == partitions
+                and all(p.leader >= 0 for p in t.partitions.values())):
+            return
+        if time.monotonic() > end:
+            raise RuntimeError(f"topic {x.topic} did not reach {partitions} partitions: {t}")
+        time.sleep(0.1)  # poll interval of a deadline-bounded wait
+
+
+def produce_batch(x, seed, new_from):
+    """Produces a batch of the seeded stream; returns (events, lines) after
+    checking the premise that some of it went to partitions >= new_from."""
+    ev, lines, users, pins = E.generate(x.asof, nevents=GROW_EVENTS, seed=seed)
+    per_part = K.produce(x.bootstrap, x.topic, K.records(ev, lines, x.asof - E.HOUR))
+    if sum(n for p, n in per_part.items() if p >= new_from) == 0:
+        raise RuntimeError(f"no message went to the new partitions: {per_part}")
+    x.users = sorted(set(x.users) | set(users))
+    x.pins = sorted(set(x.pins) | set(pins))
+    return ev, lines
+
+
+def setup_grow():
+    """A topic of 2 partitions, a first batch on it, then tallyd (kafka.start
+    latest: it skips that batch by design; metadata refreshed every second);
+    the topic grows to 4 partitions and a second batch follows, keyed over
+    all 4: tallyd must assign the 2 new ones from their beginning and apply
+    the whole second batch."""
+    x = K.new_run("grow", LEAD_MS, 2)
+    x.users, x.pins = [], []
+    first, _ = produce_batch(x, E.SEED + 601, 0)
+    x.port = H.free_port()
+    x.path, x.cfg = K.write_config(x.tmp, x.bootstrap, x.port, x.topic, "replica", "latest",
+                                   K.FEATURES, name="tallyd-grow",
+                                   properties={"topic.metadata.refresh.interval.ms": "1000"})
+    t = K.Tallyd(x.path, x.port, x.tmp, name="tallyd-grow")
+    try:
+        K.wait_caught_up(t, 0)
+        grow_topic(x, 4)
+        x.ev2, lines2 = produce_batch(x, E.SEED + 602, 2)
+        x.produced = len(lines2)
+        model = E.Model(x.cfg, x.ev2, x.asof, x.t0)
+        info = wait_consumed(t, x.produced)
+    except Exception:
+        t.close()
+        raise
+    x.c = K.ctx(t, x.cfg, x.path, model, x.asof, x.users, x.pins, x.produced,
+                int(time.time() * 1000), x.tmp)
+    x.c.info = info
+    print(f"# broker {x.bootstrap}, topic {x.topic}: {len(first)} messages before tallyd "
+          f"started (skipped: start latest), then 2 -> 4 partitions and {x.produced} more",
+          flush=True)
+    return x
+
+
+def t_grow_assigns_new_partitions(x):
+    """The new partitions are assigned and read: 4 partition lines, every
+    message of the second batch consumed once, lag 0."""
+    info = K.wait_caught_up(x.c.tallyd, x.produced)
+    m = H.Mismatches()
+    m.eq(sorted(partition_lines(info, x.topic)), [0, 1, 2, 3], "INFO partition lines")
+    m.eq(int(info.get("messages_consumed", -1)), x.produced, "INFO messages_consumed")
+    m.eq(info.get("lag"), "0", "INFO lag")
+    m.done()
+
+
+def setup_grow_restart(x):
+    """tallyd stops (a final snapshot of 4 partitions' positions); the topic
+    grows to 6 partitions meanwhile and a third batch goes over all 6; the
+    restart resumes the 4 from the snapshot and reads the 2 new ones from
+    their beginning (kafka.start latest would skip them: tallyd read the
+    topic before)."""
+    rc = x.c.tallyd.close()
+    if rc != 0:
+        raise RuntimeError(f"tallyd exited {rc} on SIGTERM:\n" + x.c.tallyd.log_tail())
+    grow_topic(x, 6)
+    ev3, lines3 = produce_batch(x, E.SEED + 603, 4)
+    x.produced3 = len(lines3)
+    t = K.Tallyd(x.path, x.port, x.tmp, name="tallyd-grow2")
+    try:
+        model = E.Model(x.cfg, x.ev2 + ev3, x.asof, x.t0)
+        info = wait_consumed(t, x.produced3)
+    except Exception:
+        t.close()
+        raise
+    x.c2 = K.ctx(t, x.cfg, x.path, model, x.asof, x.users, x.pins, x.produced + x.produced3,
+                 int(time.time() * 1000), x.tmp)
+    x.c2.info = info
+    return x
+
+
+def t_grow_restart_reads_partitions_added_while_down(x):
+    info = K.wait_caught_up(x.c2.tallyd, x.produced3)
+    m = H.Mismatches()
+    m.eq(sorted(partition_lines(info, x.topic)), list(range(6)), "INFO partition lines")
+    m.eq(int(info.get("messages_consumed", -1)), x.produced3,
+         "INFO messages_consumed after the restart (the third batch alone)")
+    m.check(int(info.get("restored_snapshot_ms", "-1")) > 0, "no snapshot was restored")
+    m.done()
+
+
+def run_grow(suite):
+    try:
+        x = setup_grow()
+    except Exception as e:
+        suite.fail_setup("grow_setup_new_partitions_are_read_while_running", e)
+        return None
+    suite.run("grow_new_partitions_are_assigned_from_their_beginning",
+              t_grow_assigns_new_partitions, x)
+    K.run_truth_checks(suite, x.c, prefix="grow_")
+    x.c.cli.close()
+    try:
+        setup_grow_restart(x)
+    except Exception as e:
+        suite.fail_setup("grow_restart_setup_partitions_added_while_down_are_read", e)
+        return x
+    suite.run("grow_restart_reads_partitions_added_while_down",
+              t_grow_restart_reads_partitions_added_while_down, x)
+    K.run_truth_checks(suite, x.c2, prefix="grow_restart_")
+    K.close_ctxs(suite, [("grow", x.c2)])
+    return x
+
+
 def main():
     suite = H.Suite("kafka_replica")
     try:
@@ -420,8 +556,9 @@ def main():
         K.close_ctxs(suite, r.ctxs)
         r.latest.close()
     x = run_txn(suite)
+    g = run_grow(suite)
     rc = suite.finish()
-    for run in (r, x):
+    for run in (r, x, g):
         if run is None:
             continue
         if rc == 0:
