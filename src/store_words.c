@@ -621,6 +621,26 @@ void store_words_apply(tly_store_t *store, ent_t **entp, const tly_entity_t *ety
         st(e, 0, (uint64_t)ev->time_ms);
 }
 
+/* The interned string `id` into v, its bytes copied to strbuf (*full when
+ * they do not fit); false when the intern table has no such string. */
+static bool istr_read(const tly_store_t *store, uint64_t id, tly_value_t *v, char *strbuf,
+                      size_t strcap, size_t *sused, bool *full)
+{
+    const istr_t *is = store_intern_str(store, id);
+    if (!is)
+        return false;
+    if (*sused + is->len > strcap) {
+        *full = true;
+        return false;
+    }
+    memcpy(strbuf + *sused, is->s, is->len);
+    v->type = TLY_V_STR;
+    v->len = is->len;
+    v->u.s = strbuf + *sused;
+    *sused += is->len;
+    return true;
+}
+
 /* Decodes the word-encoded item whose header is at q (bounded by end). */
 static bool item_read(const tly_store_t *store, const ent_t *e, uint32_t q, uint32_t end,
                       tly_item_t *it, char *strbuf, size_t strcap, size_t *sused, bool *full)
@@ -652,23 +672,10 @@ static bool item_read(const tly_store_t *store, const ent_t *e, uint32_t q, uint
                 v->u.i = (int64_t)w;
             break;
         }
-        case TAG_ISTR: {
-            if (r >= stop)
+        case TAG_ISTR:
+            if (r >= stop || !istr_read(store, ld(e, r++), v, strbuf, strcap, sused, full))
                 return false;
-            const istr_t *is = store_intern_str(store, ld(e, r++));
-            if (!is)
-                return false;
-            if (*sused + is->len > strcap) {
-                *full = true;
-                return false;
-            }
-            memcpy(strbuf + *sused, is->s, is->len);
-            v->type = TLY_V_STR;
-            v->len = is->len;
-            v->u.s = strbuf + *sused;
-            *sused += is->len;
             break;
-        }
         case TLY_V_STR: {
             uint32_t len = TAG_LEN(tag);
             if ((uint64_t)r + ((uint64_t)len + 7) / 8 > stop)
@@ -721,21 +728,10 @@ static bool item_read_packed(const tly_store_t *store, const ent_t *e, uint32_t 
             v->type = TLY_V_DOUBLE;
             memcpy(&v->u.d, &w, 8);
             break;
-        case PACK_ISTR: {
-            const istr_t *is = store_intern_str(store, w);
-            if (!is)
+        case PACK_ISTR:
+            if (!istr_read(store, w, v, strbuf, strcap, sused, full))
                 return false;
-            if (*sused + is->len > strcap) {
-                *full = true;
-                return false;
-            }
-            memcpy(strbuf + *sused, is->s, is->len);
-            v->type = TLY_V_STR;
-            v->len = is->len;
-            v->u.s = strbuf + *sused;
-            *sused += is->len;
             break;
-        }
         default:
             return false;
         }

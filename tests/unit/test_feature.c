@@ -362,6 +362,22 @@ static void compile_rejects_entity_keyed_differently(void **state)
         "every feature of an entity must use the same key");
 }
 
+/* "features:", n count features of entity types e0, e1, ... (one line
+ * each), then tail (malloc'd). */
+static char *entities_yaml(int n, const char *tail)
+{
+    size_t cap = 16 + 80 * (size_t)n + strlen(tail);
+    char *yaml = malloc(cap);
+    assert_non_null(yaml);
+    size_t at = (size_t)snprintf(yaml, cap, "features:\n");
+    for (int i = 0; i < n; i++)
+        at += (size_t)snprintf(yaml + at, cap - at,
+                               "  - { name: c, entity: e%d, key: id, agg: count, windows: [1h] }\n",
+                               i);
+    snprintf(yaml + at, cap - at, "%s", tail);
+    return yaml;
+}
+
 /* An error found when compiling names the line of the key it is about, not
  * the feature's first line (each key on a line of its own here). */
 static void compile_errors_name_the_line_of_their_key(void **state)
@@ -402,14 +418,8 @@ static void compile_errors_name_the_line_of_their_key(void **state)
                        "      - h\n"
                        "      - i\n",
                        "test.yaml:8: features[0].value: 9 value fields; last_k takes at most 8");
-    char *yaml = malloc(80 * 70);
-    assert_non_null(yaml);
-    int n = snprintf(yaml, 80 * 70, "features:\n");
-    for (int i = 0; i < 64; i++)
-        n += snprintf(yaml + (size_t)n, 80 * 70 - (size_t)n,
-                      "  - { name: c, entity: e%d, key: id, agg: count, windows: [1h] }\n", i);
-    snprintf(yaml + (size_t)n, 80 * 70 - (size_t)n,
-             "  - name: c\n    key: id\n    agg: count\n    windows: [1h]\n    entity: e64\n");
+    char *yaml = entities_yaml(
+        64, "  - name: c\n    key: id\n    agg: count\n    windows: [1h]\n    entity: e64\n");
     /* features[64] opens on line 66; its entity is four lines on */
     compile_fails_with(yaml, "test.yaml:70: features[64].entity: \"e64\" would be entity type 65; "
                              "at most 64 are supported");
@@ -574,12 +584,7 @@ static void compile_rejects_too_many_item_values_and_entity_types(void **state)
                        "  - { name: r, entity: user, key: uid, agg: last_k, k: 5,\n"
                        "      value: [a, b, c, d, e, f, g, h, i] }\n",
                        "test.yaml:3: features[0].value: 9 value fields; last_k takes at most 8");
-    char *yaml = malloc(80 * 70);
-    assert_non_null(yaml);
-    int n = snprintf(yaml, 80 * 70, "features:\n");
-    for (int i = 0; i < 65; i++)
-        n += snprintf(yaml + (size_t)n, 80 * 70 - (size_t)n,
-                      "  - { name: c, entity: e%d, key: id, agg: count, windows: [1h] }\n", i);
+    char *yaml = entities_yaml(65, "");
     compile_fails_with(yaml, "test.yaml:66: features[64].entity: \"e64\" would be entity type 65; "
                              "at most 64 are supported");
     yaml[strlen(yaml) - 66] = '\0'; /* without the 65th: accepted */

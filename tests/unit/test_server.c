@@ -688,6 +688,15 @@ static void test_output_over_max_output_buffer_closes_the_client(void **state)
     fx_stop(fx);
 }
 
+/* Sends the rest of an ECHO of `total` bytes of data whose first `sent`
+ * went already, and expects the echo. */
+static void complete_echo(int fd, const char *data, size_t sent, size_t total)
+{
+    assert_true(send_all(fd, data + sent, total - sent));
+    send_str(fd, "\r\n");
+    expect_bulk(fd, data, total);
+}
+
 static void test_clients_over_max_clients_memory_lose_the_largest(void **state)
 {
     (void)state;
@@ -721,9 +730,7 @@ static void test_clients_over_max_clients_memory_lose_the_largest(void **state)
     assert_int_equal(stat_of(&fx->d.server.evicted_clients), 1);
     assert_true(stat_of(&fx->d.server.clients_memory) <= 1048576);
     /* b completes its request and gets its answer; a still works */
-    assert_true(send_all(b, data + B_FIRST, B_BULK - B_FIRST));
-    send_str(b, "\r\n");
-    expect_bulk(b, data, B_BULK);
+    complete_echo(b, data, B_FIRST, B_BULK);
     send_str(a, "PING\r\n");
     expect(a, "+PONG\r\n");
     assert_int_equal(stat_of(&fx->d.server.evicted_clients), 1);
@@ -788,9 +795,7 @@ static void test_clients_over_max_clients_memory_lose_unauthenticated_ones_first
     assert_true(recv_to_eof(u, buf, sizeof buf, &len)); /* its replies, then EOF */
     assert_memory_equal(buf, "-NOAUTH", 7);
     /* a, larger, stays: it completes its request and gets its answer */
-    assert_true(send_all(a, data + A_FIRST, A_BULK - A_FIRST));
-    send_str(a, "\r\n");
-    expect_bulk(a, data, A_BULK);
+    complete_echo(a, data, A_FIRST, A_BULK);
     assert_int_equal(stat_of(&fx->d.server.evicted_clients), 1);
     close(u);
     close(a);
@@ -1037,9 +1042,7 @@ static void test_clients_over_max_clients_memory_are_found_on_other_loops(void *
     assert_int_equal(len, 0); /* closed without a reply */
     assert_int_equal(stat_of(&fx->d.server.evicted_clients), 1);
     /* t completes its request and gets its answer */
-    assert_true(send_all(t, data + T_FIRST, T_BULK - T_FIRST));
-    send_str(t, "\r\n");
-    expect_bulk(t, data, T_BULK);
+    complete_echo(t, data, T_FIRST, T_BULK);
     assert_int_equal(stat_of(&fx->d.server.evicted_clients), 1);
     close(h);
     close(t);

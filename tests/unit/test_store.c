@@ -509,6 +509,27 @@ static void test_items_after_now_leave_last_and_last_k_before_now_intact(void **
     }
 }
 
+/* The indexes of the k greatest (time, then arrival) of events 0..last,
+ * greatest first, into want; returns how many (at most k). */
+static int newest_k(const int64_t *times, int last, int k, int *want)
+{
+    int nw = 0;
+    for (int j = 0; j <= last; j++) {
+        int at = nw;
+        while (at > 0 && (times[want[at - 1]] < times[j] ||
+                          (times[want[at - 1]] == times[j] && want[at - 1] < j)))
+            at--;
+        if (at >= k)
+            continue;
+        for (int q = (nw < k ? nw : k - 1); q > at; q--)
+            want[q] = want[q - 1];
+        want[at] = j;
+        if (nw < k)
+            nw++;
+    }
+    return nw;
+}
+
 /* The k newest items (time, then arrival) of a last_k of 20 after every
  * one of many events whose times arrive shuffled, with ties, against a
  * sort of all the events so far: a full list takes an item in its older
@@ -530,20 +551,8 @@ static void test_last_k_keeps_the_k_newest_under_shuffled_arrivals(void **state)
         snprintf(pins[i], sizeof pins[i], "q%d", i);
         assert_int_equal(put(fx, T, times[i], 9, pins[i], "click", -1), TLY_OK);
         /* expected: the K greatest of (time, arrival) among events 0..i */
-        int want[K], nw = 0;
-        for (int j = 0; j <= i; j++) {
-            int at = nw;
-            while (at > 0 && (times[want[at - 1]] < times[j] ||
-                              (times[want[at - 1]] == times[j] && want[at - 1] < j)))
-                at--;
-            if (at >= K)
-                continue;
-            for (int q = (nw < K ? nw : K - 1); q > at; q--)
-                want[q] = want[q - 1];
-            want[at] = j;
-            if (nw < K)
-                nw++;
-        }
+        int want[K];
+        int nw = newest_k(times, i, K, want);
         tly_item_t it[K + 4];
         char sbuf[2048];
         size_t n = 0;
@@ -1370,20 +1379,8 @@ static void test_last_k_turns_tagged_when_an_item_cannot_be_packed(void **state)
             assert_int_equal(recent_packed(fx, "7"), 1);
         if (i == NIL_AT)
             assert_int_equal(recent_packed(fx, "7"), 0);
-        int want[K], nw = 0; /* the K greatest (time, arrival) of events 0..i */
-        for (int j = 0; j <= i; j++) {
-            int at = nw;
-            while (at > 0 && (times[want[at - 1]] < times[j] ||
-                              (times[want[at - 1]] == times[j] && want[at - 1] < j)))
-                at--;
-            if (at >= K)
-                continue;
-            for (int q = (nw < K ? nw : K - 1); q > at; q--)
-                want[q] = want[q - 1];
-            want[at] = j;
-            if (nw < K)
-                nw++;
-        }
+        int want[K];
+        int nw = newest_k(times, i, K, want);
         if (i < 60)
             continue; /* a compact log until then: not the lists these test */
         tly_item_t it[K + 4];
