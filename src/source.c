@@ -747,6 +747,13 @@ static bool shard_reassign(tly_source_t *src, const rd_kafka_topic_partition_lis
      * would have every id answered here, those of the partitions just lost
      * too, from entities that stay held (below) but no longer follow their
      * partitions. (Counts only grow, and differing ones stop the source.) */
+    int32_t before = tly_shard_partitions(src->shard);
+    if (nparts > before && before > 0)
+        tly_warn("source: the topics grew from %" PRId32 " to %" PRId32 " partitions: keys now "
+                 "map to other partitions (murmur2 mod %" PRId32 "), and an id's events from "
+                 "before stay in its old partition, where they are no longer its own; its "
+                 "values lack them until they leave the windows",
+                 before, nparts, nparts);
     if (nparts > 0)
         tly_shard_set_partitions(src->shard, nparts);
     uint64_t now_held[TLY_SHARD_MAX_PARTITIONS / 64] = {0};
