@@ -1999,6 +1999,8 @@ static rd_kafka_conf_t *consumer_conf(tly_source_t *src, char *errbuf, size_t er
     if (rd_kafka_conf_get(conf, "topic.metadata.refresh.interval.ms", val, &vlen) ==
         RD_KAFKA_CONF_OK)
         src->parts_every_ms = strtoll(val, NULL, 10);
+    if (src->parts_every_ms >= 0 && src->parts_every_ms < 1000)
+        src->parts_every_ms = 1000; /* a listing may wait 500 ms: not more often */
     return conf;
 fail:
     rd_kafka_conf_destroy(conf);
