@@ -540,20 +540,25 @@ static int64_t window_since(const tly_featset_t *fs, int64_t now_ms)
     return since;
 }
 
-/* Whether some partition of topic has a position here: tallyd read the
- * topic (or restored a snapshot of it) before. */
-static bool topic_has_position(tly_source_t *src, const char *topic)
+/* Replica mode: whether this process assigned, or restored from a
+ * snapshot, some partition of topic, so that a partition of it it never
+ * knew was added since. (In shard mode a partition new here is usually
+ * one another instance read: kafka.start decides.) */
+static bool replica_known_topic(tly_source_t *src, const char *topic)
 {
+    if (src->cfg->kafka.mode != TLY_MODE_REPLICA)
+        return false;
     for (size_t i = 0; i < src->nparts; i++)
-        if (src->parts[i].position >= 0 && strcmp(src->parts[i].topic, topic) == 0)
+        if (strcmp(src->parts[i].topic, topic) == 0)
             return true;
     return false;
 }
 
 /* Writes the start offset of every partition in parts: the position this
  * process reached (or was told to resume at), else kafka.start's; with
- * latest, a partition of a topic read before (added to it since: all of
- * its messages came after tallyd started) starts at its beginning. A
+ * latest in replica mode, a partition this process never knew of a topic
+ * it assigned or restored before (added to it since: all of its messages
+ * came after tallyd started) starts at its beginning. A
  * partition partly restored (tly_source_catch_up) whose start is its
  * restored position has nothing to replay: it is at that position now.
  * Returns lookup_ends' answer for the partitions that start at the end
@@ -572,7 +577,7 @@ static rd_kafka_topic_partition_list_t *choose_offsets(tly_source_t *src,
         const part_t *p = part_find(src, tp->topic, tp->partition);
         if (p != NULL && p->position >= 0)
             tp->offset = p->position;
-        else if (start == TLY_START_LATEST && topic_has_position(src, tp->topic))
+        else if (start == TLY_START_LATEST && p == NULL && replica_known_topic(src, tp->topic))
             tp->offset = RD_KAFKA_OFFSET_BEGINNING; /* a partition added since */
         else if (start == TLY_START_LATEST)
             tp->offset = RD_KAFKA_OFFSET_END;
@@ -1772,13 +1777,16 @@ static void *poll_main(void *arg)
             src->last_checkpoint_ms = mono_ms();
             src->checkpoint(src->checkpoint_ctx, src);
         }
+        /* before a message is taken: a new assignment resumes every
+         * partition at its position, which a message taken but not yet
+         * collected has not moved past */
+        if (src->cfg->kafka.mode == TLY_MODE_REPLICA)
+            replica_grow(src);
         /* with a batch in flight, an empty queue finishes it at once */
         rd_kafka_message_t *m =
             rd_kafka_consumer_poll(src->rk, src->fly_n > 0 ? 0 : POLL_TIMEOUT_MS);
         int64_t now = wall_ms();
         seek_ends(src, now);
-        if (src->cfg->kafka.mode == TLY_MODE_REPLICA)
-            replica_grow(src);
         if (m == NULL) {
             flush(src);
             if (src->dirty || now - src->last_publish_ms >= every)

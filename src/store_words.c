@@ -764,7 +764,7 @@ size_t store_words_recent(const tly_store_t *store, const ent_t *e, uint32_t off
             return 0;
         }
     }
-    if (items == NULL && count > 0) {
+    if (items == NULL && count > 0 && p + len > first) { /* a torn count may say 1 of none */
         /* Only counting, and the usual read at `now`: when the oldest kept
          * item is at or after since_ms and the newest at or before asof_ms,
          * every item is in range and the count word answers without a walk
