@@ -24,7 +24,8 @@
  *      record's time), varint mask (bit s: the feature in slot s took the
  *      event), one 2-bit tag per value field of the
  *      entity type (nil, int, double, string), then each value (zigzag
- *      varint; 8 bytes; string as varint (len << 1) + bytes, or varint
+ *      varint; 8 bytes, a bool among them as NaN bits store_log.c tells
+ *      apart; string as varint (len << 1) + bytes, or varint
  *      (intern id << 1 | 1) for short strings in the store's intern table).
  *    Every answer is computed from the log at read time; appending never
  *    decodes it. An event that would take the log past COMPACT_MAX_BYTES

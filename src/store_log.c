@@ -19,6 +19,12 @@
 
 enum { TAG_NIL = 0, TAG_INT = 1, TAG_DBL = 2, TAG_STR = 3 };
 
+/* A bool is logged as TAG_DBL with these NaN bits, its value in the lowest
+ * bit: an event's double is always finite, so no double is mistaken for
+ * one, and the two-bit tags need no fifth value. (Logs written before bools
+ * were kept apart hold them as TAG_INT: they read back as integers.) */
+#define LOG_BOOL_BITS UINT64_C(0x7ff8b0010b0010b0)
+
 static size_t put_varint(uint8_t *p, uint64_t v)
 {
     size_t n = 0;
@@ -219,13 +225,21 @@ bool store_log_decode(const tly_store_t *store, const etype_t *et, log_t *lg)
                 val->type = TLY_V_INT;
                 val->u.i = unzigzag(v);
                 break;
-            case TAG_DBL:
+            case TAG_DBL: {
                 if (at + 8 > lg->nbytes)
                     return false;
-                val->type = TLY_V_DOUBLE;
-                memcpy(&val->u.d, lg->bytes + at, 8);
+                uint64_t bits;
+                memcpy(&bits, lg->bytes + at, 8);
+                if ((bits & ~UINT64_C(1)) == LOG_BOOL_BITS) {
+                    val->type = TLY_V_BOOL;
+                    val->u.i = (int64_t)(bits & 1);
+                } else {
+                    val->type = TLY_V_DOUBLE;
+                    memcpy(&val->u.d, &bits, 8);
+                }
                 at += 8;
                 break;
+            }
             default:
                 if (!get_varint(lg->bytes, lg->nbytes, &at, &v))
                     return false;
@@ -280,10 +294,16 @@ static size_t rec_encode(tly_store_t *store, const etype_t *et, const tly_event_
             return 0;
         switch (v->type) {
         case TLY_V_INT:
-        case TLY_V_BOOL:
             tag = TAG_INT;
             n += put_varint(buf + n, zigzag(v->u.i));
             break;
+        case TLY_V_BOOL: {
+            tag = TAG_DBL;
+            uint64_t bits = LOG_BOOL_BITS | (v->u.i != 0);
+            memcpy(buf + n, &bits, 8);
+            n += 8;
+            break;
+        }
         case TLY_V_DOUBLE:
             tag = TAG_DBL;
             memcpy(buf + n, &v->u.d, 8);

@@ -109,6 +109,15 @@ static int setup_k20(void **state)
     return setup_yaml(state, yaml_k20);
 }
 
+/* last_k items holding a bool. */
+static const char *yaml_flags = YAML_HEAD "  - { name: flags, entity: user, key: user_id, agg: "
+                                          "last_k, k: 100, value: [flag, action] }\n";
+
+static int setup_flags(void **state)
+{
+    return setup_yaml(state, yaml_flags);
+}
+
 static int teardown(void **state)
 {
     fx_t *fx = *state;
@@ -567,6 +576,41 @@ static void test_last_k_keeps_the_k_newest_under_shuffled_arrivals(void **state)
         }
     }
     assert_true(user_words(fx, "9"));
+}
+
+/* A bool kept in an item reads back as a bool whether the entity's state is
+ * its compact log or words, and after the log converts to words (it was
+ * logged as an integer, and read back as one, before). */
+static void test_last_k_keeps_bools_as_bools_in_every_encoding(void **state)
+{
+    fx_t *fx = *state;
+    uint32_t feat;
+    int win;
+    assert_int_equal(tly_featset_resolve(fx->fs, fx->user, "flags", 5, &feat, &win), TLY_OK);
+    int flag = tly_featset_field(fx->fs, "flag", 4);
+    assert_true(flag >= 0);
+    enum { NEV = 70 };
+    for (int i = 0; i < NEV; i++) {
+        tly_event_t e = ev(fx, T - (NEV - i) * SEC, 3, NULL, "click", -1);
+        e.vals[flag] = (tly_value_t){.type = TLY_V_BOOL, .u.i = i % 3 == 0};
+        assert_int_equal(tly_store_apply(fx->store, &e, 0, 0, T), TLY_OK);
+        if (i != 2 && i != NEV - 1)
+            continue;
+        tly_item_t it[NEV];
+        char sbuf[4096];
+        size_t n = 0;
+        assert_int_equal(tly_store_recent(fx->store, fx->user, "3", 1, feat, INT64_MIN, T, it, NEV,
+                                          &n, sbuf, sizeof sbuf),
+                         TLY_OK);
+        assert_int_equal(n, (size_t)i + 1);
+        for (size_t q = 0; q < n; q++) { /* newest first: event i - q */
+            int j = i - (int)q;
+            assert_int_equal(it[q].time_ms, T - (NEV - j) * SEC);
+            assert_int_equal(it[q].vals[0].type, TLY_V_BOOL);
+            assert_int_equal(it[q].vals[0].u.i, j % 3 == 0);
+        }
+        assert_int_equal(user_words(fx, "3"), i == NEV - 1);
+    }
 }
 
 /* A word-encoded, full last_k (k 3) whose events came in time order takes
@@ -2523,6 +2567,8 @@ int main(void)
                                         setup_k20, teardown),
         cmocka_unit_test_setup_teardown(test_last_k_turns_tagged_when_an_item_cannot_be_packed,
                                         setup_k20, teardown),
+        cmocka_unit_test_setup_teardown(test_last_k_keeps_bools_as_bools_in_every_encoding,
+                                        setup_flags, teardown),
         cmocka_unit_test_setup_teardown(test_last_k_full_keeps_a_tie_with_its_oldest_item, setup,
                                         teardown),
         cmocka_unit_test_setup_teardown(test_last_k_orders_by_time_keeps_k_and_ties_keep_arrival,
