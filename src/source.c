@@ -748,10 +748,6 @@ static bool shard_reassign(tly_source_t *src, const rd_kafka_topic_partition_lis
     int32_t nparts = shard_partition_count(src);
     if (nparts < 0)
         return false; /* fatal: the source stops */
-    /* Without metadata the router keeps the count it knew: a count of 0
-     * would have every id answered here, those of the partitions just lost
-     * too, from entities that stay held (below) but no longer follow their
-     * partitions. (Counts only grow, and differing ones stop the source.) */
     int32_t before = tly_shard_partitions(src->shard);
     if (nparts > before && before > 0)
         tly_warn("source: the topics grew from %" PRId32 " to %" PRId32 " partitions: keys now "
@@ -759,6 +755,10 @@ static bool shard_reassign(tly_source_t *src, const rd_kafka_topic_partition_lis
                  "before stay in its old partition, where they are no longer its own; its "
                  "values lack them until they leave the windows",
                  before, nparts, nparts);
+    /* Without metadata the router keeps the count it knew: a count of 0
+     * would have every id answered here, those of the partitions just lost
+     * too, from entities that stay held (below) but no longer follow their
+     * partitions. (Counts only grow, and differing ones stop the source.) */
     if (nparts > 0)
         tly_shard_set_partitions(src->shard, nparts);
     uint64_t now_held[TLY_SHARD_MAX_PARTITIONS / 64] = {0};
