@@ -254,12 +254,14 @@ static void index_where(tly_where_t *wh)
         ints += wh->values[v].has_int;
         doubles += wh->values[v].has_double;
     }
-    str_index_init(&wh->strs, n);
+    if (n > TLY_MATCH_SCAN) /* shorter lists are scanned */
+        str_index_init(&wh->strs, n);
     wh->ints = ints > 0 ? xcalloc(ints, sizeof *wh->ints) : NULL;
     wh->doubles = doubles > 0 ? xcalloc(doubles, sizeof *wh->doubles) : NULL;
     for (size_t v = 0; v < n; v++) {
         const tly_match_value_t *mv = &wh->values[v];
-        str_index_add(&wh->strs, mv->text, mv->len, (uint32_t)v);
+        if (wh->strs.slots != NULL)
+            str_index_add(&wh->strs, mv->text, mv->len, (uint32_t)v);
         if (mv->has_int)
             wh->ints[wh->nints++] = mv->i;
         if (mv->has_double)
@@ -267,14 +269,8 @@ static void index_where(tly_where_t *wh)
         if (mv->has_bool)
             wh->bools |= mv->b ? 2u : 1u;
     }
-    str_index_fit(&wh->strs, n);
     if (wh->nints > 1)
         qsort(wh->ints, wh->nints, sizeof *wh->ints, cmp_int64);
-    size_t d = 0; /* distinct, so that a search meets one of each */
-    for (size_t i = 0; i < wh->nints; i++)
-        if (d == 0 || wh->ints[d - 1] != wh->ints[i])
-            wh->ints[d++] = wh->ints[i];
-    wh->nints = d;
     if (wh->ndoubles > 1)
         qsort(wh->doubles, wh->ndoubles, sizeof *wh->doubles, cmp_double);
 }

@@ -253,6 +253,19 @@ static uint32_t value_words(const tly_value_t *v, int id)
     }
 }
 
+/* The one payload word of a number, a bool or an interned string (id). */
+static uint64_t payload_word(const tly_value_t *v, int id)
+{
+    uint64_t x;
+    if (v->type == TLY_V_DOUBLE)
+        memcpy(&x, &v->u.d, 8);
+    else if (v->type == TLY_V_STR)
+        x = (uint64_t)id;
+    else
+        x = (uint64_t)v->u.i;
+    return x;
+}
+
 static void item_write(ent_t *e, uint32_t at, const tly_feat_t *feat, const tly_event_t *ev,
                        const int *ids, uint32_t words)
 {
@@ -266,20 +279,14 @@ static void item_write(ent_t *e, uint32_t at, const tly_feat_t *feat, const tly_
         switch (v->type) {
         case TLY_V_INT:
         case TLY_V_BOOL:
+        case TLY_V_DOUBLE:
             wst(w, q++, TAG(v->type, 0));
-            wst(w, q++, (uint64_t)v->u.i);
+            wst(w, q++, payload_word(v, -1));
             break;
-        case TLY_V_DOUBLE: {
-            uint64_t bits;
-            memcpy(&bits, &v->u.d, 8);
-            wst(w, q++, TAG(v->type, 0));
-            wst(w, q++, bits);
-            break;
-        }
         case TLY_V_STR:
             if (ids[i] >= 0) {
                 wst(w, q++, TAG(TAG_ISTR, 0));
-                wst(w, q++, (uint64_t)ids[i]);
+                wst(w, q++, payload_word(v, ids[i]));
                 break;
             }
             wst(w, q++, TAG(v->type, v->len));
@@ -348,18 +355,19 @@ static void item_write_packed(ent_t *e, uint32_t at, const tly_feat_t *feat, con
                               const int *ids)
 {
     uint64_t *w = ent_words(e);
-    for (size_t i = 0; i < feat->nvalues; i++) {
-        const tly_value_t *v = &ev->vals[feat->values[i]];
-        uint64_t x;
-        if (v->type == TLY_V_DOUBLE)
-            memcpy(&x, &v->u.d, 8);
-        else if (v->type == TLY_V_STR)
-            x = (uint64_t)ids[i];
-        else
-            x = (uint64_t)v->u.i;
-        wst(w, at + (uint32_t)i, x);
-    }
+    for (size_t i = 0; i < feat->nvalues; i++)
+        wst(w, at + (uint32_t)i, payload_word(&ev->vals[feat->values[i]], ids[i]));
     wst(w, at + (uint32_t)feat->nvalues, (uint64_t)ev->time_ms);
+}
+
+/* Writes ev as an item of the list's encoding at `at`. */
+static void item_put(ent_t *e, uint32_t at, bool packed, const tly_feat_t *feat,
+                     const tly_event_t *ev, const int *ids, uint32_t words)
+{
+    if (packed)
+        item_write_packed(e, at, feat, ev, ids);
+    else
+        item_write(e, at, feat, ev, ids, words);
 }
 
 /* Rewrites the packed list of the segment at off in the tagged encoding,
@@ -514,10 +522,7 @@ static void lastk_update(tly_store_t *store, ent_t **entp, uint32_t sid, const t
          * (slack 1) after this one is inserted after it: write it in its
          * place (not when this one is after now_ms: the older stays the
          * answer until then) */
-        if (packed)
-            item_write_packed(e, first, feat, ev, ids);
-        else
-            item_write(e, first, feat, ev, ids, words);
+        item_put(e, first, packed, feat, ev, ids, words);
         return;
     }
     if (uniform && count >= keep && ev->time_ms <= now_ms && at - first < p + len - at) {
@@ -526,10 +531,7 @@ static void lastk_update(tly_store_t *store, ent_t **entp, uint32_t sid, const t
          * than opening a place would move; the k newest kept are the same
          * either way. */
         words_move(e, first, first + uw, at - first - uw);
-        if (packed)
-            item_write_packed(e, at - uw, feat, ev, ids);
-        else
-            item_write(e, at - uw, feat, ev, ids, words);
+        item_put(e, at - uw, packed, feat, ev, ids, words);
         return;
     }
     /* a width that does not fit the count word's 16 bits (an item of
@@ -540,10 +542,7 @@ static void lastk_update(tly_store_t *store, ent_t **entp, uint32_t sid, const t
     words_reserve(store, entp, iw); /* offsets survive a regrow */
     e = *entp;
     words_open(e, at, iw);
-    if (packed)
-        item_write_packed(e, at, feat, ev, ids);
-    else
-        item_write(e, at, feat, ev, ids, words);
+    item_put(e, at, packed, feat, ev, ids, words);
     len += iw;
     count++;
     const uint64_t flag = packed ? PACKED_BIT : 0;

@@ -99,7 +99,7 @@ typedef struct {
      * the list's length */
     tly_str_index_t strs; /* over values[].text */
     size_t nints;
-    int64_t *ints; /* the values that are integers, sorted, distinct (owned) */
+    int64_t *ints; /* the values that are integers, sorted (owned) */
     size_t ndoubles;
     double *doubles; /* ... that are numbers, sorted (owned) */
     unsigned bools;  /* bit 0: false is listed; bit 1: true is */
