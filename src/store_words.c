@@ -426,6 +426,24 @@ static uint32_t items_after(const ent_t *e, uint32_t first, uint32_t end, uint32
     return n;
 }
 
+/* Whether a full packed list (count word at p, segment payload len, item
+ * width uw) keeps none of an event older than all its kept items: the
+ * insert would return at once, so an event of another shape need not turn
+ * the list tagged first. */
+static bool packed_drops(const ent_t *e, uint32_t p, uint32_t len, uint32_t uw, uint64_t count,
+                         const tly_feat_t *feat, const tly_event_t *ev, int64_t now_ms)
+{
+    const uint32_t first = p + 2;
+    if (count == 0 || uw < 2 || (uint64_t)count * uw != p + len - first ||
+        (int64_t)ld(e, first + uw - 1) <= ev->time_ms)
+        return false;
+    const uint32_t ahead_max = feat->k > AHEAD_ITEMS_MIN ? feat->k : AHEAD_ITEMS_MIN;
+    uint32_t ahead = 0;
+    if ((int64_t)ld(e, p + len - 1) > now_ms)
+        ahead = items_after(e, first, p + len, 1, uw, count, now_ms, ahead_max);
+    return count >= (uint64_t)feat->k + ahead;
+}
+
 /* Inserts the event as an item of last/last_k feature feat, ordered by time
  * (equal times keep arrival order), keeping at most k (+ slack) items at or
  * before now_ms and, on top of them, up to max(k, AHEAD_ITEMS_MIN) items
@@ -465,6 +483,8 @@ static void lastk_update(tly_store_t *store, ent_t **entp, uint32_t sid, const t
         st(e, p, PACKED_BIT | (uint64_t)uw << 32);
         seg_set_len(e, off, len);
     } else if (packed && ld(e, p + 1) != schema) {
+        if (packed_drops(e, p, len, uw, count, feat, ev, now_ms))
+            return; /* it would be trimmed at once: no reason to unpack */
         unpack_list(store, entp, off);
         e = *entp;
         len = SEG_LEN(ld(e, off));

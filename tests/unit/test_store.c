@@ -1457,6 +1457,53 @@ static void test_last_k_turns_tagged_when_an_item_cannot_be_packed(void **state)
     assert_int_equal(recent_packed(fx, "7"), 0);
 }
 
+/* An event of another shape older than every item a full packed list
+ * keeps is dropped without turning the list tagged (it would be trimmed at
+ * once); a newer one of that shape turns it tagged and is kept. */
+static void test_last_k_old_item_of_another_shape_keeps_the_list_packed(void **state)
+{
+    fx_t *fx = *state;
+    uint32_t feat;
+    int win;
+    assert_int_equal(tly_featset_resolve(fx->fs, fx->user, "recent", 6, &feat, &win), TLY_OK);
+    enum { NEV = 100, K = 20 };
+    static char pins[NEV][8];
+    for (int i = 0; i < NEV; i++) {
+        snprintf(pins[i], sizeof pins[i], "q%d", i);
+        tly_event_t e = ev(fx, T - (NEV - i) * SEC, 8, pins[i], "save", -1);
+        assert_int_equal(tly_store_apply(fx->store, &e, 0, 0, T), TLY_OK);
+    }
+    assert_int_equal(recent_packed(fx, "8"), 1);
+    /* older than the oldest kept item (T - 21 s at the latest), no action */
+    tly_event_t old = ev(fx, T - 500 * SEC, 8, "old", NULL, -1);
+    assert_int_equal(tly_store_apply(fx->store, &old, 0, 0, T), TLY_OK);
+    assert_int_equal(recent_packed(fx, "8"), 1);
+    tly_item_t it[K + 4];
+    char sbuf[2048];
+    size_t n = 0;
+    assert_int_equal(tly_store_recent(fx->store, fx->user, "8", 1, feat, INT64_MIN, T, it, K + 4,
+                                      &n, sbuf, sizeof sbuf),
+                     TLY_OK);
+    assert_int_equal(n, K);
+    for (int q = 0; q < K; q++) { /* newest first: q99, q98, ... */
+        assert_int_equal(it[q].time_ms, T - (q + 1) * SEC);
+        assert_int_equal(it[q].vals[0].len, strlen(pins[NEV - 1 - q]));
+        assert_memory_equal(it[q].vals[0].u.s, pins[NEV - 1 - q], strlen(pins[NEV - 1 - q]));
+    }
+    /* the same shape, newer than the newest: kept, and the list tagged */
+    tly_event_t newer = ev(fx, T, 8, "new", NULL, -1);
+    assert_int_equal(tly_store_apply(fx->store, &newer, 0, 0, T), TLY_OK);
+    assert_int_equal(recent_packed(fx, "8"), 0);
+    assert_int_equal(tly_store_recent(fx->store, fx->user, "8", 1, feat, INT64_MIN, T, it, K + 4,
+                                      &n, sbuf, sizeof sbuf),
+                     TLY_OK);
+    assert_int_equal(n, K);
+    assert_int_equal(it[0].time_ms, T);
+    assert_memory_equal(it[0].vals[0].u.s, "new", 3);
+    assert_int_equal(it[0].vals[1].type, TLY_V_NIL);
+    assert_int_equal(it[1].time_ms, T - SEC);
+}
+
 /* An entity item of a state block (the layout tly_store_dump writes):
  * type, id, mode (0: compact, 2: words), `used` (log bytes or words) and
  * the state, n bytes padded to whole words. Returns its length. */
@@ -2566,6 +2613,8 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_last_k_keeps_the_k_newest_under_shuffled_arrivals,
                                         setup_k20, teardown),
         cmocka_unit_test_setup_teardown(test_last_k_turns_tagged_when_an_item_cannot_be_packed,
+                                        setup_k20, teardown),
+        cmocka_unit_test_setup_teardown(test_last_k_old_item_of_another_shape_keeps_the_list_packed,
                                         setup_k20, teardown),
         cmocka_unit_test_setup_teardown(test_last_k_keeps_bools_as_bools_in_every_encoding,
                                         setup_flags, teardown),
