@@ -379,6 +379,10 @@ static void metrics_server(tly_daemon_t *d, tly_buf_t *b)
             "Connections closed by the idle or request timeout.", load(&s->timeouts));
     counter(b, "tallyd_auth_failures_total", "AUTH attempts with a wrong password.",
             load(&s->auth_failures));
+    counter(b, "tallyd_output_stalls_total",
+            "Clients paused at server.output_soft_limit that read no reply for a second and "
+            "were read on, up to server.max_output_buffer.",
+            load(&s->output_stalls));
     counter(b, "tallyd_read_yields_total",
             "Reads that filled their buffer and ended the client's turn of the event loop.",
             load(&s->read_yields));

@@ -783,8 +783,9 @@ static void cmd_auth(cmd_ctx_t *c)
         tly_resp_simple(c->out, "OK");
 }
 
-/* Redis's rule for client names: printable ASCII, no spaces. */
-static bool set_name(cmd_ctx_t *c, const tly_arg_t *name)
+/* Redis's rule for client names: printable ASCII, no spaces. Replies the
+ * error and returns false for a name that breaks it. */
+static bool name_ok(cmd_ctx_t *c, const tly_arg_t *name)
 {
     if (name->len > TLY_CLIENT_NAME_MAX) {
         tly_resp_error(c->out, "ERR Client name too long");
@@ -799,6 +800,13 @@ static bool set_name(cmd_ctx_t *c, const tly_arg_t *name)
             return false;
         }
     }
+    return true;
+}
+
+static bool set_name(cmd_ctx_t *c, const tly_arg_t *name)
+{
+    if (!name_ok(c, name))
+        return false;
     if (c->d->srv != NULL) {
         tly_server_set_client_name(c->d->srv, c->s, name->ptr, name->len);
     } else {
@@ -839,6 +847,10 @@ static void cmd_hello(cmd_ctx_t *c)
             return;
         }
     }
+    /* a HELLO that fails changes nothing: the name is checked before AUTH
+     * can authenticate the client */
+    if (name != NULL && !name_ok(c, name))
+        return;
     if (pass != NULL && !do_auth(c, user, pass))
         return;
     if (!c->s->authed) {
@@ -1223,6 +1235,7 @@ static void info_stats(cmd_ctx_t *c, tly_buf_t *t)
     textf(t, "timeout_disconnects:%" PRIu64 "\r\n", load(&st->timeouts));
     textf(t, "auth_failures:%" PRIu64 "\r\n", load(&st->auth_failures));
     textf(t, "read_yields:%" PRIu64 "\r\n", load(&st->read_yields));
+    textf(t, "output_stalls:%" PRIu64 "\r\n", load(&st->output_stalls));
     textf(t, "total_net_input_bytes:%" PRIu64 "\r\n", load(&st->bytes_in));
     textf(t, "total_net_output_bytes:%" PRIu64 "\r\n", load(&st->bytes_out));
 }

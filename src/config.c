@@ -131,8 +131,16 @@ const key_def_t tly_config_keys[] = {
         "most server.max_clients_memory."),
     KEY("server.output_soft_limit", K_INT, "1048576", 4096, 4294967296, 0, NULL,
         CFG(server.output_soft_limit),
-        "While a client has more reply bytes queued than this, its requests are not read; at "
-        "most server.max_output_buffer."),
+        "While a client has more reply bytes queued than this, its requests are not read "
+        "(unless it stalls: server.output_stall); at most server.max_output_buffer."),
+    KEY("server.output_stall", K_DURATION, "1s", 100, DAY(365), 0, NULL,
+        CFG(server.output_stall_ms),
+        "A client whose requests are not read (server.output_soft_limit) and that reads none "
+        "of its replies for this long has its requests read again, its replies queued up to "
+        "server.max_output_buffer: a client that writes its whole pipeline before it reads "
+        "(redis-py's pipelines do) would otherwise wait on tallyd while tallyd waits on it, "
+        "and a client that never reads is disconnected at that cap. At server.idle_timeout "
+        "or more, such a client waits until that closes it."),
     KEY("server.max_clients_memory", K_INT, "1073741824", 1048576, 1099511627776, 0, NULL,
         CFG(server.max_clients_memory),
         "Most bytes the buffers of all clients together may hold (pending requests, queued "

@@ -29,9 +29,16 @@
  * compared with server.output_soft_limit: above it, execution stops and the
  * client's reads are stopped, so the kernel's buffers push back on the
  * client. When a write completes and the queue is at or below the soft limit,
- * execution resumes with the input already buffered, then reading resumes.
- * A reply that takes the queue above server.max_output_buffer closes the
- * client at once (one WARN line), as Redis's client-output-buffer-limit does.
+ * execution resumes with the input already buffered, then reading resumes;
+ * the pending request's deadline starts again then. A paused client whose
+ * unwritten output has not shrunk for server.output_stall (the timer checks
+ * libuv's write queue) is read on regardless of the soft limit until its output
+ * drains below it (unthrottled): a client that writes its whole pipeline
+ * before reading a reply, as redis-py's pipelines do, would otherwise wait
+ * on tallyd while tallyd waits on it. A reply that takes the queue above
+ * server.max_output_buffer closes the client at once (one WARN line), as
+ * Redis's client-output-buffer-limit does; so does a client that never
+ * reads, once its replies reach that cap.
  *
  * Limits. The parser enforces server.max_args, server.max_bulk and an inline
  * line of at most min(64 KiB, server.max_query_buffer); a request whose
@@ -130,6 +137,8 @@ struct client {
     client_state_t state;
     bool reading;       /* uv_read_start in effect */
     bool paused;        /* execution stopped by server.output_soft_limit */
+    bool unthrottled;   /* paused with no write progress for server.output_stall:
+                         * the soft limit is off until the output drains below it */
     bool writing;       /* a uv_write of wbuf is in flight */
     bool shut;          /* uv_shutdown issued */
     bool peer_eof;      /* the peer closed its side: close once written */
@@ -149,6 +158,8 @@ struct client {
     uint64_t drain_since; /* uv_now of the shutdown of a draining client */
     size_t drained;       /* bytes dropped while draining */
     size_t mem;           /* bytes counted in d->server.clients_memory */
+    uint64_t stall_since; /* paused: uv_now when the unwritten output last shrank */
+    size_t stall_left;    /* paused: libuv's write queue then (bytes) */
     uv_write_t wreq;
     uv_shutdown_t sreq;
 };
@@ -602,6 +613,8 @@ static void client_account(client_t *c)
 {
     if (c->state == CLIENT_CLOSING)
         return;
+    /* CLIENT LIST's omem: what is queued now, not when the last command ran */
+    __atomic_store_n(&c->session.obuf, client_queued(c), __ATOMIC_RELAXED);
     size_t now = client_memory(c);
     if (now == c->mem)
         return;
@@ -796,8 +809,10 @@ static void client_process(client_t *c)
     size_t off = 0;
 
     while (c->state == CLIENT_OPEN && off < c->in.len) {
-        if (client_queued(c) > soft) {
+        if (client_queued(c) > soft && !c->unthrottled) {
             c->paused = true;
+            c->stall_since = uv_now(&lp->loop);
+            c->stall_left = SIZE_MAX;
             break;
         }
         const char *req = c->in.data + off;
@@ -858,6 +873,15 @@ static void client_process(client_t *c)
     }
 }
 
+/* Ends a pause: execution goes on with the input already read. The time
+ * spent paused was tallyd's choice, so the pending request's deadline
+ * starts again (client_process sets it for what is left). */
+static void resume(client_t *c)
+{
+    c->paused = false;
+    c->req_started = false;
+}
+
 /*
  * Executes (when `run`) and writes, and again while the kernel takes every
  * reply at once after the soft limit paused execution (no write completion
@@ -872,9 +896,11 @@ static void client_pump(client_t *c, bool run)
         if (c->state == CLIENT_CLOSING)
             return;
         client_flush(c);
+        if (c->unthrottled && client_queued(c) <= soft)
+            c->unthrottled = false; /* it reads its replies: back to the soft limit */
         if (c->state != CLIENT_OPEN || !c->paused || client_queued(c) > soft)
             break;
-        c->paused = false;
+        resume(c);
         run = true;
     }
     if (c->state != CLIENT_OPEN)
@@ -1080,7 +1106,7 @@ static void kill_cb(uv_async_t *a)
 /* ---- loops -------------------------------------------------------------- */
 
 /* Closes idle clients, requests past their deadline, and draining clients
- * that outstayed DRAIN_MS. */
+ * that outstayed DRAIN_MS; reads on paused clients that stalled. */
 static void timer_cb(uv_timer_t *t)
 {
     server_loop_t *lp = t->data;
@@ -1088,6 +1114,7 @@ static void timer_cb(uv_timer_t *t)
     uint64_t now = uv_now(&lp->loop);
     uint64_t idle = (uint64_t)cfg->server.idle_timeout_ms;
     uint64_t deadline = (uint64_t)cfg->server.request_timeout_ms;
+    uint64_t stall = (uint64_t)cfg->server.output_stall_ms;
     client_t *next;
     for (client_t *c = lp->clients; c != NULL; c = next) {
         next = c->next;
@@ -1103,6 +1130,22 @@ static void timer_cb(uv_timer_t *t)
             tly_debug("client %" PRIu64 " (%s): request timeout (%zu bytes pending)", c->session.id,
                       c->session.addr, c->in.len);
             client_close(c);
+        } else if (c->state == CLIENT_OPEN && c->paused && stall > 0) {
+            size_t left = uv_stream_get_write_queue_size(&c->h.stream);
+            if (left < c->stall_left) {
+                c->stall_left = left;
+                c->stall_since = now;
+            } else if (now - c->stall_since >= stall) {
+                stat_add(&lp->srv->d->server.output_stalls, 1);
+                tly_debug("client %" PRIu64 " (%s): no reply read for %" PRIu64
+                          " ms while paused; reading on up to server.max_output_buffer",
+                          c->session.id, c->session.addr, now - c->stall_since);
+                c->unthrottled = true;
+                resume(c);
+                /* no client_account here: evicting could close `next`; the
+                 * reads that follow account for it */
+                client_pump(c, true);
+            }
         }
     }
 }
@@ -1197,6 +1240,8 @@ static bool loop_open(server_loop_t *lp, char *errbuf, size_t errlen)
         period = (uint64_t)cfg->server.request_timeout_ms / 4;
     if ((uint64_t)cfg->server.idle_timeout_ms / 4 < period)
         period = (uint64_t)cfg->server.idle_timeout_ms / 4;
+    if (cfg->server.output_stall_ms > 0 && (uint64_t)cfg->server.output_stall_ms / 4 < period)
+        period = (uint64_t)cfg->server.output_stall_ms / 4;
     if (period < 10)
         period = 10;
     lp->timer = xcalloc(1, sizeof *lp->timer);

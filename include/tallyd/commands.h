@@ -27,13 +27,15 @@
 #include "tallyd/resp.h"
 
 #define TLY_CLIENT_NAME_MAX 128
+/* "ip:port", or a unix socket's path (sun_path: at most 107 bytes) and ":0" */
+#define TLY_CLIENT_ADDR_MAX 112
 
 typedef struct {
     uint64_t id;           /* (server) CLIENT ID */
     int fd;                /* (server) socket, -1 unknown */
     int loop;              /* (server) the event loop serving it (CLIENT LIST io-thread) */
-    char addr[64];         /* (server) peer "ip:port" or "/path:0" */
-    char laddr[64];        /* (server) local address */
+    char addr[TLY_CLIENT_ADDR_MAX];  /* (server) peer "ip:port" or "/path:0" */
+    char laddr[TLY_CLIENT_ADDR_MAX]; /* (server) local address */
     int64_t created_ms;    /* (server) connect time */
     int64_t last_ms;       /* (server) last request time */
     size_t qbuf, obuf;     /* (server) bytes pending in / out, for CLIENT INFO */

@@ -102,6 +102,7 @@ typedef struct {
         int64_t max_query_buffer;   /* bytes of one pending request */
         int64_t max_output_buffer;  /* queued reply bytes: disconnect */
         int64_t output_soft_limit;  /* queued reply bytes: stop reading */
+        int64_t output_stall_ms;    /* paused and reading no reply this long: read on */
         int64_t max_clients_memory; /* all clients' buffers: disconnect the largest */
         int64_t idle_timeout_ms;    /* no bytes from the client: disconnect */
         int64_t request_timeout_ms; /* incomplete request this old: disconnect */

@@ -26,6 +26,7 @@ typedef struct {
     atomic_uint_fast64_t commands;           /* commands executed */
     atomic_uint_fast64_t protocol_errors;    /* connections closed for bad RESP */
     atomic_uint_fast64_t output_overflows;   /* closed at server.max_output_buffer */
+    atomic_uint_fast64_t output_stalls;      /* paused clients read on (server.c STALL_MS) */
     atomic_uint_fast64_t evicted_clients;    /* closed at server.max_clients_memory */
     atomic_uint_fast64_t clients_memory;     /* bytes all clients' buffers hold */
     atomic_uint_fast64_t timeouts;           /* closed: idle or request timeout */

@@ -355,58 +355,94 @@ def slow_client_is_closed_at_request_timeout(c):
 
 
 @case
-def flooding_client_that_never_reads_is_throttled(c):
-    """1 GiB of pipelined CATALOG requests, never reading replies: tallyd stops
-    reading (output_soft_limit), so the sender blocks long before 1 GiB and
-    tallyd's memory stays bounded."""
+def flooding_client_that_never_reads_is_closed_at_the_cap(c):
+    """Up to 1 GiB of pipelined CATALOG requests, never reading replies:
+    tallyd stops reading (output_soft_limit), the client's replies do not
+    move for server.output_stall (1 s), tallyd reads on until its replies
+    reach server.max_output_buffer (64 MiB) and closes it: the sender is cut
+    off long before 1 GiB and tallyd's memory stays bounded."""
     req = H.Client.encode("CATALOG")
     chunk = req * ((1 << 20) // len(req))
     clients0 = int(info(c)["connected_clients"])
+    before = info(c)
     s = raw(c)
     s.setblocking(False)
     sent = 0
     rss_max = c.tallyd.rss_kb()
-    stall = 2.0  # seconds without progress that mean "the server stopped reading"
+    closed = None
+    end = H.deadline(60)
     try:
-        last_progress = time.monotonic()
         view = memoryview(chunk)
         off = 0
-        while sent < FLOOD_BYTES:
+        while sent < FLOOD_BYTES and time.monotonic() < end:
             _, w, _ = select.select([], [s], [], 0.1)
             rss_max = max(rss_max, c.tallyd.rss_kb())
             if not w:
-                if time.monotonic() - last_progress > stall * H.MULT:
-                    break
                 continue
             try:
                 n = s.send(view[off:])
             except BlockingIOError:
                 continue
             except (BrokenPipeError, ConnectionResetError) as e:
-                raise Failure(f"tallyd closed the flooding client after {sent} bytes ({e}); "
-                              f"want it to stop reading instead")
+                closed = e
+                break
             sent += n
             off = (off + n) % len(chunk)
-            last_progress = time.monotonic()
         rss_max = max(rss_max, c.tallyd.rss_kb())
         inf = info(c)
     finally:
         s.close()
-    msg = (f"sent {sent / (1 << 20):.1f} MiB before blocking (bound {FLOOD_SENT_BOUND >> 20} MiB "
-           f"of {FLOOD_BYTES >> 20} MiB), tallyd peak RSS {rss_max / 1024:.0f} MiB "
-           f"(bound {RSS_BOUND_KB / 1024:.0f} MiB), output_buffer_disconnects "
-           f"{inf.get('output_buffer_disconnects')}")
+    overflows = int(inf["output_buffer_disconnects"]) - int(before["output_buffer_disconnects"])
+    stalls = int(inf["output_stalls"]) - int(before["output_stalls"])
+    msg = (f"sent {sent / (1 << 20):.1f} MiB (bound {FLOOD_SENT_BOUND >> 20} MiB of "
+           f"{FLOOD_BYTES >> 20} MiB), closed by tallyd: {closed!r}, tallyd peak RSS "
+           f"{rss_max / 1024:.0f} MiB (bound {RSS_BOUND_KB / 1024:.0f} MiB), "
+           f"output_buffer_disconnects +{overflows}, output_stalls +{stalls}")
     print(f"# {msg}", flush=True)
-    if sent >= FLOOD_SENT_BOUND or rss_max >= RSS_BOUND_KB:
-        raise Failure(msg)
-    # Its connection is released once it goes away, though tallyd had
-    # stopped reading from it.
+    if (closed is None or sent >= FLOOD_SENT_BOUND or rss_max >= RSS_BOUND_KB or
+            overflows != 1 or stalls < 1):
+        raise Failure(msg + "; want closed at the cap after a stall, within the bounds")
+    # Its connection is released.
     end = H.deadline(10)
     while int(info(c)["connected_clients"]) != clients0:
         if time.monotonic() > end:
             raise Failure(f"connected_clients stayed at {info(c)['connected_clients']} after the "
                           f"flooding client closed, want {clients0}")
         time.sleep(0.05)  # poll interval of a deadline-bounded wait
+
+
+@case
+def redis_py_pipeline_past_the_soft_limit_completes(c):
+    """redis-py writes a whole pipeline before it reads a reply: 100,000
+    FEATURES of every feature (hundreds of bytes a reply, far more than
+    the kernel buffers and output_soft_limit hold) make tallyd pause that
+    client while it is still writing. After output_stall tallyd reads on,
+    and every reply comes back, each the value of the first."""
+    import redis
+    before = info(c)
+    n = 100_000
+    r = redis.Redis(host="127.0.0.1", port=c.port, socket_timeout=60 * H.MULT)
+    try:
+        p = r.pipeline(transaction=False)
+        for _ in range(n):
+            p.execute_command("FEATURES", "user", USER, "ASOF", c.asof)
+        got = p.execute()
+    finally:
+        r.close()
+    want = got[0] if got else None
+    if not isinstance(want, list) or want[want.index(b"clicks:1h") + 1] != CLICKS:
+        raise Failure(f"FEATURES user {USER}: {H.short(want)}, want clicks:1h {CLICKS} in it")
+    wrong = [i for i, g in enumerate(got) if not H.same(g, want)]
+    if len(got) != n or wrong:
+        raise Failure(f"{len(got)} replies, {len(wrong)} wrong (first {wrong[:3]}: "
+                      f"{[H.short(got[i]) for i in wrong[:3]]}), want {n} x {want!r}")
+    inf = info(c)
+    stalls = int(inf["output_stalls"]) - int(before["output_stalls"])
+    print(f"# {n} pipelined FEATURES answered; output_stalls +{stalls}", flush=True)
+    if stalls < 1:
+        raise Failure("tallyd never paused the pipelining client: the case tests nothing")
+    if int(inf["output_buffer_disconnects"]) != int(before["output_buffer_disconnects"]):
+        raise Failure("the pipelining client was disconnected at the cap")
 
 
 @case
@@ -612,7 +648,8 @@ def main():
         unbalanced_quote_inline_is_a_protocol_error,
         binary_garbage_gets_an_error_not_a_crash,
         slow_client_is_closed_at_request_timeout,
-        flooding_client_that_never_reads_is_throttled,
+        flooding_client_that_never_reads_is_closed_at_the_cap,
+        redis_py_pipeline_past_the_soft_limit_completes,
         connections_beyond_max_clients_are_refused,
         clients_over_max_clients_memory_lose_the_largest,
         unauthenticated_clients_get_noauth_and_wrongpass,

@@ -577,6 +577,14 @@ static void test_noauth_until_auth(void **state)
     assert_string_equal(run(fx, "AUTH other s3cret"),
                         "-WRONGPASS invalid username-password pair or user is disabled.\r\n");
     assert_false(fx->s.authed);
+    /* a HELLO whose SETNAME is refused changes nothing, AUTH included */
+    assert_string_equal(run(fx, "HELLO 3 AUTH default s3cret SETNAME na\xc3\xafve"),
+                        "-ERR Client names cannot contain spaces, newlines or special "
+                        "characters.\r\n");
+    assert_false(fx->s.authed);
+    assert_int_equal(fx->s.proto, 2);
+    assert_string_equal(fx->s.name, "");
+    assert_string_equal(run(fx, "FEATURES user 7"), "-NOAUTH Authentication required.\r\n");
     assert_memory_equal(run(fx, "HELLO 3 AUTH default s3cret"), "%7\r\n", 4);
     assert_true(fx->s.authed);
     assert_string_equal(run(fx, "FEATURES user 7 clicks:1h"), "%1\r\n$9\r\nclicks:1h\r\n:2\r\n");

@@ -260,9 +260,11 @@ static const bad_file_t bad_files[] = {
      "config/bad/bad_duration.yaml:7: features[0].windows[1]: \"90x\" is not a duration "
      "(use <n>ms|s|m|h|d)"},
     {"test_unknown_key_is_error_with_file_line", "config/bad/unknown_key.yaml",
-     "config/bad/unknown_key.yaml:4: server.max_client: unknown key (known here: listen, admin, advertise, "
+     "config/bad/unknown_key.yaml:4: server.max_client: unknown key (known here: listen, admin, "
+     "advertise, "
      "requirepass, max_clients, threads, unix, max_args, max_bulk, max_query_buffer, "
-     "max_output_buffer, output_soft_limit, max_clients_memory, idle_timeout, request_timeout, max_reply_values)"},
+     "max_output_buffer, output_soft_limit, output_stall, max_clients_memory, idle_timeout, "
+     "request_timeout, max_reply_values)"},
     {"test_list_where_a_value_is_expected_is_error", "config/bad/wrong_type.yaml",
      "config/bad/wrong_type.yaml:3: server.max_clients: expected a single value, found a list"},
     {"test_missing_required_feature_key_names_the_feature", "config/bad/missing_key.yaml",
@@ -998,6 +1000,7 @@ static const char *const all_keys[] = {
     "server.max_query_buffer",
     "server.max_output_buffer",
     "server.output_soft_limit",
+    "server.output_stall",
     "server.max_clients_memory",
     "server.idle_timeout",
     "server.request_timeout",

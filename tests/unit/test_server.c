@@ -80,6 +80,8 @@ static int remaining(int64_t deadline)
 /* Loads "server:" with `listen` (port 0: any free port), the keys in
  * server_keys (lines indented by two spaces) and, when with_unix, a unix
  * socket in a fresh directory; starts the server. */
+static const char *unix_name = "tallyd.sock"; /* the socket's file in fx->dir */
+
 static fx_t *fx_start_at(const char *listen, const char *server_keys, bool with_unix)
 {
     fx_t *fx = calloc(1, sizeof *fx);
@@ -88,7 +90,8 @@ static fx_t *fx_start_at(const char *listen, const char *server_keys, bool with_
     if (with_unix) {
         snprintf(fx->dir, sizeof fx->dir, "/tmp/tallyd-test-XXXXXX");
         assert_non_null(mkdtemp(fx->dir));
-        snprintf(fx->unix_path, sizeof fx->unix_path, "%s/tallyd.sock", fx->dir);
+        snprintf(fx->unix_path, sizeof fx->unix_path, "%s/%s", fx->dir, unix_name);
+        unix_name = "tallyd.sock"; /* for the next fixture */
         snprintf(unix_line, sizeof unix_line, "  unix: %s\n", fx->unix_path);
     }
     snprintf(yaml, sizeof yaml, "server:\n  listen: \"%s\"\n%s%s%s", listen, server_keys, unix_line,
@@ -336,6 +339,9 @@ static void pipe_bufs_free(pipe_bufs_t *b)
 
 /* ---- tests -------------------------------------------------------------- */
 
+static void read_line(int fd, char *buf, size_t cap);
+static char *client_list(int fd, const char *rest);
+
 static void test_ping_over_raw_socket_returns_pong(void **state)
 {
     (void)state;
@@ -446,6 +452,67 @@ static void test_unix_socket_serves_requests_and_is_removed(void **state)
     expect(fd, "$5\r\nhello\r\n:1\r\n");
     close(fd);
     fx_stop(fx); /* asserts the socket file is gone */
+}
+
+/* A unix socket path near the longest a socket can have (107 bytes): its
+ * clients' addr is the whole path and ":0", and CLIENT KILL ADDR finds
+ * them by it. */
+static void test_long_unix_socket_path_names_its_clients_whole(void **state)
+{
+    (void)state;
+    /* 83 bytes after the directory's 24 ("/tmp/tallyd-test-XXXXXX/"): 107 */
+    unix_name = "a-long-socket-file-name-so-that-the-whole-path-nears-"
+                "the-limit-of-sun-path-xyz.sock";
+    fx_t *fx = fx_start_at("127.0.0.1:0", "", true);
+    assert_int_equal(strlen(fx->unix_path), 107);
+    int u = connect_unix(fx->unix_path);
+    send_str(u, "CLIENT INFO\r\n");
+    char head[32];
+    read_line(u, head, sizeof head);
+    size_t n = (size_t)strtoul(head + 1, NULL, 10);
+    char *info = malloc(n + 3);
+    assert_non_null(info);
+    assert_int_equal(recv_n(u, info, n + 2, deadline_in(WAIT_MS)), n + 2);
+    info[n] = '\0';
+    char want[256];
+    snprintf(want, sizeof want, " addr=%s:0 laddr=%s:0 ", fx->unix_path, fx->unix_path);
+    if (strstr(info, want) == NULL)
+        fail_msg("CLIENT INFO lacks \"%s\":\n%s", want, info);
+    int t = connect_tcp(fx->d.tcp_port);
+    char kill[256];
+    snprintf(kill, sizeof kill, "CLIENT KILL ADDR %s:0\r\n", fx->unix_path);
+    send_str(t, kill);
+    expect(t, ":1\r\n");
+    char rest[64];
+    size_t len;
+    assert_true(recv_to_eof(u, rest, sizeof rest, &len));
+    assert_int_equal(len, 0);
+    free(info);
+    close(u);
+    close(t);
+    fx_stop(fx);
+}
+
+/* CLIENT LIST's omem is what a client has queued now: nothing, once it
+ * read its replies (not the bytes queued when its last command ran). */
+static void test_client_list_omem_is_zero_once_replies_are_read(void **state)
+{
+    (void)state;
+    fx_t *fx = fx_start("");
+    int a = connect_tcp(fx->d.tcp_port);
+    send_str(a, "CLIENT SETNAME omem-probe\r\nECHO abcdefgh\r\nCLIENT ID\r\n");
+    expect(a, "+OK\r\n$8\r\nabcdefgh\r\n:1\r\n");
+    int b = connect_tcp(fx->d.tcp_port);
+    char *all = client_list(b, "");
+    const char *line = strstr(all, " name=omem-probe ");
+    assert_non_null(line);
+    const char *omem = strstr(line, " omem=");
+    assert_non_null(omem);
+    assert_int_equal(strtoul(omem + 6, NULL, 10), 0);
+    free(all);
+    close(a);
+    close(b);
+    fx_stop(fx);
 }
 
 static void test_protocol_error_closes_only_that_client(void **state)
@@ -568,7 +635,9 @@ static char echo_reply_byte(size_t i)
 static void test_client_that_never_reads_is_paused_and_bounded(void **state)
 {
     (void)state;
-    fx_t *fx = fx_start("  threads: 2\n  output_soft_limit: 4096\n  max_output_buffer: 65536\n");
+    /* output_stall: the client stays paused however long it reads nothing */
+    fx_t *fx = fx_start("  threads: 2\n  output_soft_limit: 4096\n  max_output_buffer: 65536\n"
+                        "  output_stall: 1h\n");
     const size_t reply_len = 7 + ARG + 2;
     char *req = malloc(ARG + 64);
     assert_non_null(req);
@@ -644,6 +713,157 @@ static void test_client_that_never_reads_is_paused_and_bounded(void **state)
     close(slow);
     close(other);
     free(req);
+    fx_stop(fx);
+}
+
+/* An ECHO of ARG 'x's: its request into buf (ARG + 64 bytes); its length. */
+static size_t echo_request(char *buf)
+{
+    size_t n = (size_t)snprintf(buf, 64, "*2\r\n$4\r\nECHO\r\n$%d\r\n", ARG);
+    memset(buf + n, 'x', ARG);
+    n += ARG;
+    memcpy(buf + n, "\r\n", 2);
+    return n + 2;
+}
+
+/* Reads n bytes of the ECHO reply stream (echo_reply_byte) and checks them. */
+static void expect_echoes(int fd, size_t n)
+{
+    char buf[16384];
+    size_t got = 0;
+    int64_t deadline = deadline_in(WAIT_MS);
+    while (got < n) {
+        size_t want = n - got < sizeof buf ? n - got : sizeof buf;
+        size_t r = recv_n(fd, buf, want, deadline);
+        assert_int_equal(r, want);
+        for (size_t i = 0; i < r; i++)
+            if (buf[i] != echo_reply_byte(got + i))
+                fail_msg("reply byte %zu is wrong", got + i);
+        got += r;
+    }
+}
+
+/* A client that writes its whole pipeline before it reads a reply, as
+ * redis-py's pipelines do: once its replies pass the soft limit the server
+ * stops reading, and the client blocks in its writes. After output_stall
+ * without a reply read, the server reads on (replies up to the hard cap),
+ * so the writes finish and every reply arrives, in order. 16 MB of
+ * requests and of replies: more than the kernel's buffers hold on either
+ * side. */
+static void test_client_that_writes_its_whole_pipeline_first_is_read_on(void **state)
+{
+    (void)state;
+    fx_t *fx = fx_start("  output_soft_limit: 4096\n  max_output_buffer: 67108864\n"
+                        "  output_stall: 200ms\n");
+    enum { N = 4000 };
+    char one[ARG + 64];
+    size_t one_len = echo_request(one);
+    char *req = malloc(N * one_len);
+    assert_non_null(req);
+    for (size_t i = 0; i < N; i++)
+        memcpy(req + i * one_len, one, one_len);
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    assert_true(fd >= 0);
+    int sndbuf = 65536, rcvbuf = 65536;
+    setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof sndbuf);
+    setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &rcvbuf, sizeof rcvbuf);
+    struct sockaddr_in sin = {.sin_family = AF_INET, .sin_port = htons((uint16_t)fx->d.tcp_port)};
+    sin.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    assert_int_equal(connect(fd, (struct sockaddr *)&sin, sizeof sin), 0);
+    assert_true(send_all(fd, req, N * one_len)); /* blocks until the server reads on */
+    expect_echoes(fd, N * (7 + ARG + 2));
+    send_str(fd, "PING\r\n");
+    expect(fd, "+PONG\r\n");
+    assert_true(stat_of(&fx->d.server.output_stalls) >= 1);
+    assert_int_equal(stat_of(&fx->d.server.output_overflows), 0);
+    int other = connect_tcp(fx->d.tcp_port);
+    assert_true(info_stat(other, "output_stalls") >= 1);
+    close(other);
+    close(fd);
+    free(req);
+    fx_stop(fx);
+}
+
+/* A client that never reads: paused at the soft limit, then read on after
+ * output_stall, until its replies reach max_output_buffer, where it is
+ * disconnected; the others are served throughout. */
+static void test_client_that_never_reads_is_closed_at_the_cap_after_the_stall(void **state)
+{
+    (void)state;
+    fx_t *fx = fx_start("  output_soft_limit: 4096\n  max_output_buffer: 262144\n"
+                        "  output_stall: 200ms\n");
+    char one[ARG + 64];
+    size_t one_len = echo_request(one);
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    assert_true(fd >= 0);
+    int small = 16384;
+    setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &small, sizeof small);
+    struct sockaddr_in sin = {.sin_family = AF_INET, .sin_port = htons((uint16_t)fx->d.tcp_port)};
+    sin.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    assert_int_equal(connect(fd, (struct sockaddr *)&sin, sizeof sin), 0);
+    size_t sent = 0;
+    while (sent < 100000 && stat_of(&fx->d.server.output_overflows) == 0) {
+        if (!send_all(fd, one, one_len))
+            break;
+        sent++;
+    }
+    assert_true(wait_stat(&fx->d.server.output_overflows, 1));
+    assert_true(sent < 100000);
+    assert_true(stat_of(&fx->d.server.output_stalls) >= 1);
+    int other = connect_tcp(fx->d.tcp_port);
+    send_str(other, "PING\r\n");
+    expect(other, "+PONG\r\n");
+    close(other);
+    char *sink = malloc(1 << 16);
+    assert_non_null(sink);
+    size_t len;
+    assert_true(recv_to_eof(fd, sink, 1 << 16, &len));
+    free(sink);
+    close(fd);
+    fx_stop(fx);
+}
+
+/* A request whose first bytes came before a pause (another request's reply
+ * took the output over the soft limit) has its deadline start again when
+ * the pause ends: the time paused was the server's. The first request
+ * begins at 0 ms and completes at 600, with 20 ECHOs (80 KB of replies)
+ * and the start of a PING; the client reads the replies, the server
+ * resumes, and the PING's last bytes come at 1400 ms: past request_timeout
+ * (1 s) from the first byte, within it from the resume. */
+static void test_request_timeout_starts_again_after_a_pause(void **state)
+{
+    (void)state;
+    fx_t *fx = fx_start("  output_soft_limit: 4096\n  request_timeout: 1s\n"
+                        "  output_stall: 1h\n  idle_timeout: 30s\n");
+    int fd = connect_tcp(fx->d.tcp_port);
+    int64_t t0 = mono_ms();
+    send_str(fd, "*1\r\n");
+    struct timespec pause_ts = {0, 600 * 1000000L}; /* the scenario's timing */
+    nanosleep(&pause_ts, NULL);
+    enum { N = 20 };
+    char one[ARG + 64];
+    size_t one_len = echo_request(one);
+    char *burst = malloc(16 + N * one_len + 16);
+    assert_non_null(burst);
+    size_t n = (size_t)snprintf(burst, 16, "$4\r\nPING\r\n");
+    for (int i = 0; i < N; i++, n += one_len)
+        memcpy(burst + n, one, one_len);
+    memcpy(burst + n, "*1\r\n$4\r\nPI", 10);
+    n += 10;
+    assert_true(send_all(fd, burst, n));
+    expect(fd, "+PONG\r\n");
+    expect_echoes(fd, N * (7 + ARG + 2));
+    int64_t at = t0 + 1400;
+    if (mono_ms() < at) {
+        int64_t ms = at - mono_ms();
+        struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
+        nanosleep(&ts, NULL);
+    }
+    send_str(fd, "NG\r\n");
+    expect(fd, "+PONG\r\n");
+    assert_int_equal(stat_of(&fx->d.server.timeouts), 0);
+    free(burst);
+    close(fd);
     fx_stop(fx);
 }
 
@@ -1367,7 +1587,12 @@ int main(void)
         cmocka_unit_test(test_protocol_error_closes_only_that_client),
         cmocka_unit_test(test_max_clients_refuses_the_third_connection),
         cmocka_unit_test(test_request_over_max_query_buffer_is_a_protocol_error),
+        cmocka_unit_test(test_long_unix_socket_path_names_its_clients_whole),
+        cmocka_unit_test(test_client_list_omem_is_zero_once_replies_are_read),
         cmocka_unit_test(test_client_that_never_reads_is_paused_and_bounded),
+        cmocka_unit_test(test_client_that_writes_its_whole_pipeline_first_is_read_on),
+        cmocka_unit_test(test_client_that_never_reads_is_closed_at_the_cap_after_the_stall),
+        cmocka_unit_test(test_request_timeout_starts_again_after_a_pause),
         cmocka_unit_test(test_output_over_max_output_buffer_closes_the_client),
         cmocka_unit_test(test_clients_over_max_clients_memory_lose_the_largest),
         cmocka_unit_test(test_clients_over_max_clients_memory_lose_unauthenticated_ones_first),
