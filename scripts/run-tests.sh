@@ -98,7 +98,7 @@ else
   if bash scripts/kafka.sh start --dir "$kdir" >"$klog" 2>&1; then
     grep '^KAFKA ' "$klog"
     bootstrap=$(sed -n 's/^KAFKA //p' "$klog")
-    for name in kafka_exact kafka_replica kafka_fetch kafka_bootstrap kafka_window_start kafka_shard kafka_durability kafka_diskfault kafka_redefine kafka_undecodable; do
+    for name in kafka_exact kafka_replica kafka_fetch kafka_bootstrap kafka_window_start kafka_shard kafka_shard_grow kafka_durability kafka_diskfault kafka_redefine kafka_undecodable; do
       run_cmd "integration/$name" env TLY_KAFKA_BOOTSTRAP="$bootstrap" \
         timeout 240 "$py" "tests/integration/$name.py"
     done

@@ -188,8 +188,9 @@ struct tly_apply {
 
 /* Shard mode: an event must arrive on the partition of its key entity's
  * id, or its owner would never see it (EV_MISROUTED: the producer did not
- * key by the id, or used another partitioner). An event without that id is
- * left to the store, which counts it as EV_MISSING_KEY. */
+ * key by the id, or used another partitioner), under the current partition
+ * count or one the topics had (tly_shard_routes_to). An event without that
+ * id is left to the store, which counts it as EV_MISSING_KEY. */
 static tly_err_t check_route(const tly_apply_t *ap, const tly_event_rules_t *rules,
                              const tly_event_t *ev, int32_t partition)
 {
@@ -200,7 +201,7 @@ static tly_err_t check_route(const tly_apply_t *ap, const tly_event_rules_t *rul
     size_t len = 0;
     if (tly_entity_id(ap->fs, (uint32_t)rules->key_entity, ev, id, sizeof id, &len) != TLY_OK)
         return TLY_OK;
-    return tly_partition_of(id, len, nparts) == partition ? TLY_OK : TLY_E_EV_MISROUTED;
+    return tly_shard_routes_to(ap->shard, id, len, partition) ? TLY_OK : TLY_E_EV_MISROUTED;
 }
 
 /* Decodes one item into *ev with the applier's decoder set r (of
@@ -568,6 +569,25 @@ void tly_apply_batch(tly_apply_t *ap, tly_apply_item_t *items, size_t n, int64_t
         wait_workers(ap);
     }
     ap->cur = (batch_t){0};
+}
+
+tly_err_t tly_apply_again(tly_apply_t *ap, tly_apply_item_t *it, int64_t now_ms)
+{
+    tly_event_t ev;
+    tly_err_t err = decode_item(ap, &ap->appliers[0], 0, it, now_ms, &ev);
+    int64_t time_ms = -1;
+    if (err == TLY_OK) {
+        tly_rcu_read_lock();
+        err = tly_store_apply(ap->store, &ev, it->partition, it->offset, now_ms);
+        tly_rcu_read_unlock();
+        if (err == TLY_OK)
+            time_ms = ev.time_ms;
+        else if (err == TLY_E_EV_LATE)
+            err = TLY_OK;
+    }
+    it->err = err;
+    it->time_ms = time_ms;
+    return err;
 }
 
 void tly_apply_pin_cut(tly_apply_t *ap, uint32_t cut)

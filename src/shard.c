@@ -49,6 +49,7 @@ struct tly_shard {
 
     /* written by the poll thread, read by any (relaxed) */
     _Atomic int32_t nparts;
+    _Atomic int32_t counts[TLY_SHARD_COUNTS]; /* counts the topics had; 0: none */
     _Atomic uint64_t owned[OWNED_WORDS];
     _Atomic uint64_t moved, published, endpoint_errors;
     /* rd_kafka_resp_err_t of the latest failed delivery: the delivery
@@ -106,6 +107,46 @@ tly_shard_t *tly_shard_new(const tly_config_t *cfg, const tly_featset_t *fs)
 void tly_shard_set_partitions(tly_shard_t *sh, int32_t nparts)
 {
     atomic_store_explicit(&sh->nparts, nparts, memory_order_relaxed);
+    tly_shard_note_count(sh, nparts);
+}
+
+void tly_shard_note_count(tly_shard_t *sh, int32_t nparts)
+{
+    if (nparts <= 0)
+        return;
+    for (int i = 0; i < TLY_SHARD_COUNTS; i++)
+        if (atomic_load_explicit(&sh->counts[i], memory_order_relaxed) == nparts)
+            return;
+    /* the oldest goes: counts[0] is the newest */
+    for (int i = TLY_SHARD_COUNTS - 1; i > 0; i--)
+        atomic_store_explicit(&sh->counts[i],
+                              atomic_load_explicit(&sh->counts[i - 1], memory_order_relaxed),
+                              memory_order_relaxed);
+    atomic_store_explicit(&sh->counts[0], nparts, memory_order_relaxed);
+}
+
+int32_t tly_shard_max_count(const tly_shard_t *sh)
+{
+    int32_t max = 0;
+    for (int i = 0; i < TLY_SHARD_COUNTS; i++) {
+        int32_t n = atomic_load_explicit(&sh->counts[i], memory_order_relaxed);
+        if (n > max)
+            max = n;
+    }
+    return max;
+}
+
+bool tly_shard_routes_to(const tly_shard_t *sh, const char *id, size_t len, int32_t p)
+{
+    int32_t cur = atomic_load_explicit(&sh->nparts, memory_order_relaxed);
+    if (cur > 0 && tly_partition_of(id, len, cur) == p)
+        return true;
+    for (int i = 0; i < TLY_SHARD_COUNTS; i++) {
+        int32_t n = atomic_load_explicit(&sh->counts[i], memory_order_relaxed);
+        if (n > 0 && n != cur && tly_partition_of(id, len, n) == p)
+            return true;
+    }
+    return false;
 }
 
 int32_t tly_shard_partitions(const tly_shard_t *sh)

@@ -118,6 +118,8 @@
 #define CHECKPOINT_EVERY_MS 100 /* the hook's turn while batches are pipelined */
 #define NUDGE_TIMEOUT_MS    500  /* longest wait for a nudge's answers */
 #define ENDS_TIMEOUT_MS     1000 /* longest wait for an assignment's ends, off the callback */
+#define RECOUNT_EVERY_MS    1000 /* shard mode: partition counts looked up at most this often */
+#define RECOUNT_TIMEOUT_MS  2000 /* ... each lookup waiting at most this long */
 #define SEEK_TIMEOUT_MS     5000 /* longest wait for the fetcher to take a seek */
 #define ENDS_RETRY_MS       100  /* first pause before looking up ends that were not found */
 #define ENDS_RETRY_MAX      2000 /* longest pause: it doubles while lookups fail */
@@ -223,6 +225,8 @@ struct tly_source {
                            shard mode, not revoked since */
     /* shard mode: partition numbers held before the last revocation */
     uint64_t held[TLY_SHARD_MAX_PARTITIONS / 64];
+    int64_t recount_next_ms; /* shard mode: the next look at the counts (shard_recheck) */
+    int32_t first_count;     /* shard mode: the partition count at the first assignment */
     int64_t last_publish_ms;
     ratelimit_t reject_rl, error_rl, consumer_rl;
 
@@ -543,7 +547,8 @@ static int64_t window_since(const tly_featset_t *fs, int64_t now_ms)
 /* Replica mode: whether this process assigned, or restored from a
  * snapshot, some partition of topic, so that a partition of it it never
  * knew was added since. (In shard mode a partition new here is usually
- * one another instance read: kafka.start decides.) */
+ * one another instance read: kafka.start decides, unless it was added
+ * since: shard_added.) */
 static bool replica_known_topic(tly_source_t *src, const char *topic)
 {
     if (src->cfg->kafka.mode != TLY_MODE_REPLICA)
@@ -554,11 +559,19 @@ static bool replica_known_topic(tly_source_t *src, const char *topic)
     return false;
 }
 
+/* Shard mode: whether partition number p was added to the topics since
+ * this process's first assignment (their count then is first_count). */
+static bool shard_added(const tly_source_t *src, int32_t p)
+{
+    return src->shard != NULL && src->first_count > 0 && p >= src->first_count;
+}
+
 /* Writes the start offset of every partition in parts: the position this
  * process reached (or was told to resume at), else kafka.start's; with
  * latest in replica mode, a partition this process never knew of a topic
  * it assigned or restored before (added to it since: all of its messages
- * came after tallyd started) starts at its beginning. A
+ * came after tallyd started) starts at its beginning, as does in shard mode
+ * a partition added since the first assignment (shard_added). A
  * partition partly restored (tly_source_catch_up) whose start is its
  * restored position has nothing to replay: it is at that position now.
  * Returns lookup_ends' answer for the partitions that start at the end
@@ -577,7 +590,8 @@ static rd_kafka_topic_partition_list_t *choose_offsets(tly_source_t *src,
         const part_t *p = part_find(src, tp->topic, tp->partition);
         if (p != NULL && p->position >= 0)
             tp->offset = p->position;
-        else if (start == TLY_START_LATEST && p == NULL && replica_known_topic(src, tp->topic))
+        else if (start == TLY_START_LATEST && p == NULL &&
+                 (replica_known_topic(src, tp->topic) || shard_added(src, tp->partition)))
             tp->offset = RD_KAFKA_OFFSET_BEGINNING; /* a partition added since */
         else if (start == TLY_START_LATEST)
             tp->offset = RD_KAFKA_OFFSET_END;
@@ -672,6 +686,31 @@ static void describe_offset(int64_t off, char *buf, size_t cap)
         snprintf(buf, cap, "%" PRId64, off);
 }
 
+/* The partition count of topic from the brokers' metadata (which also
+ * refreshes librdkafka's), waiting at most timeout_ms; -1 with *errp set
+ * when there is none. */
+static int32_t topic_partition_count(tly_source_t *src, const char *topic, int timeout_ms,
+                                     rd_kafka_resp_err_t *errp)
+{
+    const struct rd_kafka_metadata *md = NULL;
+    rd_kafka_topic_t *rkt = rd_kafka_topic_new(src->rk, topic, NULL);
+    rd_kafka_resp_err_t err =
+        rkt ? rd_kafka_metadata(src->rk, 0, rkt, &md, timeout_ms) : rd_kafka_last_error();
+    int32_t n = -1;
+    if (md != NULL) {
+        /* the topic's own error, if any, names the failure */
+        if (err == RD_KAFKA_RESP_ERR_NO_ERROR)
+            err = md->topic_cnt == 1 ? md->topics[0].err : RD_KAFKA_RESP_ERR__UNKNOWN_TOPIC;
+        if (err == RD_KAFKA_RESP_ERR_NO_ERROR)
+            n = md->topics[0].partition_cnt;
+        rd_kafka_metadata_destroy(md);
+    }
+    if (rkt != NULL)
+        rd_kafka_topic_destroy(rkt);
+    *errp = err;
+    return n;
+}
+
 /* Shard mode: the partition count every configured topic shares, or -1
  * with a fatal error recorded (topics keyed by entities must be
  * co-partitioned: one partition number names one owner). */
@@ -680,21 +719,8 @@ static int32_t shard_partition_count(tly_source_t *src)
     const tly_config_t *cfg = src->cfg;
     int32_t common = 0;
     for (size_t t = 0; t < cfg->kafka.ntopics; t++) {
-        const struct rd_kafka_metadata *md = NULL;
-        rd_kafka_topic_t *rkt = rd_kafka_topic_new(src->rk, cfg->kafka.topics[t], NULL);
-        rd_kafka_resp_err_t err = rkt ? rd_kafka_metadata(src->rk, 0, rkt, &md, BROKER_TIMEOUT_MS)
-                                      : rd_kafka_last_error();
-        int32_t n = -1;
-        if (md != NULL) {
-            /* the topic's own error, if any, names the failure */
-            if (err == RD_KAFKA_RESP_ERR_NO_ERROR)
-                err = md->topic_cnt == 1 ? md->topics[0].err : RD_KAFKA_RESP_ERR__UNKNOWN_TOPIC;
-            if (err == RD_KAFKA_RESP_ERR_NO_ERROR)
-                n = md->topics[0].partition_cnt;
-            rd_kafka_metadata_destroy(md);
-        }
-        if (rkt != NULL)
-            rd_kafka_topic_destroy(rkt);
+        rd_kafka_resp_err_t err;
+        int32_t n = topic_partition_count(src, cfg->kafka.topics[t], BROKER_TIMEOUT_MS, &err);
         if (n < 0) {
             tly_warn("source: no metadata for topic %s (%s); owner routing waits for it",
                      cfg->kafka.topics[t], rd_kafka_err2str(err));
@@ -761,6 +787,8 @@ static bool shard_reassign(tly_source_t *src, const rd_kafka_topic_partition_lis
      * partitions. (Counts only grow, and differing ones stop the source.) */
     if (nparts > 0)
         tly_shard_set_partitions(src->shard, nparts);
+    if (src->first_count == 0 && nparts > 0)
+        src->first_count = nparts;
     uint64_t now_held[TLY_SHARD_MAX_PARTITIONS / 64] = {0};
     for (int i = 0; i < parts->cnt; i++) {
         int32_t p = parts->elems[i].partition;
@@ -1282,9 +1310,70 @@ static void collect(tly_source_t *src, rd_kafka_message_t *m, int64_t now_ms)
  * per partition, from its last message in the batch: storing every offset
  * in turn leaves the same stored offset and takes librdkafka's partition
  * lock once per message. */
-static void settle(tly_source_t *src, const tly_apply_item_t *items, rd_kafka_message_t **msgs,
-                   size_t n, int64_t now_ms)
+/* Shard mode: subscribes to the topics (again: the group rebalances). */
+static rd_kafka_resp_err_t subscribe(tly_source_t *src)
 {
+    const tly_config_t *cfg = src->cfg;
+    rd_kafka_topic_partition_list_t *topics =
+        rd_kafka_topic_partition_list_new((int)cfg->kafka.ntopics);
+    for (size_t t = 0; t < cfg->kafka.ntopics; t++)
+        rd_kafka_topic_partition_list_add(topics, cfg->kafka.topics[t], RD_KAFKA_PARTITION_UA);
+    rd_kafka_resp_err_t err = rd_kafka_subscribe(src->rk, topics);
+    rd_kafka_topic_partition_list_destroy(topics);
+    return err;
+}
+
+/* Shard mode, a batch with events rejected as misrouted (before settle
+ * counts them and stores their offsets): the topics may have grown, and
+ * the producer learnt the new count before this instance, whose group
+ * rebalances only at librdkafka's next metadata refresh
+ * (topic.metadata.refresh.interval.ms, 5 minutes by default). Looks the
+ * topics' partition counts up (at most once per RECOUNT_EVERY_MS); when
+ * one grew past every count the router knows, the router learns it
+ * (tly_shard_note_count: later events routed by either count pass), each
+ * event of this batch rejected as misrouted is applied again, and the
+ * consumer subscribes again, so that the group rebalances now and the new
+ * partitions get their owners (librdkafka 2.0.2 rebalances on its own only
+ * at a refresh of the group's metadata). */
+static void shard_recheck(tly_source_t *src, tly_apply_item_t *items, size_t n, int64_t now_ms)
+{
+    size_t first = 0;
+    while (first < n && items[first].err != TLY_E_EV_MISROUTED)
+        first++;
+    if (first == n || now_ms < src->recount_next_ms)
+        return;
+    src->recount_next_ms = now_ms + RECOUNT_EVERY_MS;
+    const tly_config_t *cfg = src->cfg;
+    int32_t known = tly_shard_max_count(src->shard), grown = 0;
+    for (size_t t = 0; t < cfg->kafka.ntopics; t++) {
+        rd_kafka_resp_err_t err;
+        int32_t c = topic_partition_count(src, cfg->kafka.topics[t], RECOUNT_TIMEOUT_MS, &err);
+        if (c > known && c > grown && c <= TLY_SHARD_MAX_PARTITIONS)
+            grown = c;
+    }
+    if (grown == 0)
+        return;
+    tly_shard_note_count(src->shard, grown);
+    size_t again = 0, rejected = 0;
+    for (size_t i = first; i < n; i++) {
+        if (items[i].err != TLY_E_EV_MISROUTED)
+            continue;
+        rejected++;
+        again += tly_apply_again(src->apply, &items[i], now_ms) == TLY_OK;
+    }
+    rd_kafka_resp_err_t err = subscribe(src);
+    tly_warn("source: the topics have %" PRId32 " partitions now, %" PRId32 " when the group "
+             "last rebalanced: events keyed by either count are taken; %zu of %zu events "
+             "rejected as misrouted in this batch were applied after all; %s",
+             grown, known, again, rejected,
+             err == RD_KAFKA_RESP_ERR_NO_ERROR ? "the group rebalances" : rd_kafka_err2str(err));
+}
+
+static void settle(tly_source_t *src, tly_apply_item_t *items, rd_kafka_message_t **msgs, size_t n,
+                   int64_t now_ms)
+{
+    if (src->shard != NULL)
+        shard_recheck(src, items, n, now_ms);
     uint64_t applied = 0, rejected = 0, held;
     int64_t newest = atomic_load_explicit(&src->watermark_ms, memory_order_relaxed);
     for (size_t i = 0; i < n; i++)
@@ -2128,12 +2217,7 @@ tly_err_t tly_source_start(tly_source_t *src, char *errbuf, size_t errlen)
         !tly_shard_start(src->shard, src->bootstrap, src->embedded, src->advertise, errbuf, errlen))
         return TLY_E_IO;
     if (cfg->kafka.mode == TLY_MODE_SHARD) {
-        rd_kafka_topic_partition_list_t *topics =
-            rd_kafka_topic_partition_list_new((int)cfg->kafka.ntopics);
-        for (size_t t = 0; t < cfg->kafka.ntopics; t++)
-            rd_kafka_topic_partition_list_add(topics, cfg->kafka.topics[t], RD_KAFKA_PARTITION_UA);
-        rd_kafka_resp_err_t err = rd_kafka_subscribe(src->rk, topics);
-        rd_kafka_topic_partition_list_destroy(topics);
+        rd_kafka_resp_err_t err = subscribe(src);
         if (err != RD_KAFKA_RESP_ERR_NO_ERROR) {
             fmt_err(errbuf, errlen, "cannot subscribe to the Kafka topics: %s",
                     rd_kafka_err2str(err));
@@ -2454,12 +2538,19 @@ void tly_source_stats(tly_source_t *src, tly_source_stats_t *st, tly_partition_s
     st->lag = -1;
     pthread_mutex_lock(&src->mu);
     st->npartitions = src->npub;
+    /* a partition whose lag is not known yet (no position: it is being
+     * read from where kafka.start says) makes the sum unknown, not smaller */
+    bool unknown = false;
     for (size_t i = 0; i < src->npub; i++) {
         const tly_partition_stat_t *ps = &src->pub[i];
         if (ps->lag >= 0)
             st->lag = (st->lag < 0 ? 0 : st->lag) + ps->lag;
+        else
+            unknown = true;
         if (parts != NULL && i < cap)
             parts[i] = *ps;
     }
     pthread_mutex_unlock(&src->mu);
+    if (unknown)
+        st->lag = -1;
 }

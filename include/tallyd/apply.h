@@ -73,6 +73,16 @@ typedef struct {
 tly_apply_t *tly_apply_new(const tly_featset_t *fs, tly_store_t *store, const tly_shard_t *shard,
                            size_t nthreads);
 
+/*
+ * Decodes and applies one item again, on the caller's thread, and sets its
+ * verdict (err, time_ms) as tly_apply_batch would: for an item a batch
+ * rejected as EV_MISROUTED before the shard router learnt a partition count
+ * the topics grew to. The caller is the thread that calls tly_apply_batch
+ * (it uses that applier's decoders), between batches or while a pipelined
+ * batch is in flight (tly_apply_submit/wait). Returns the verdict.
+ */
+tly_err_t tly_apply_again(tly_apply_t *ap, tly_apply_item_t *it, int64_t now_ms);
+
 /* Starts the worker threads (nthreads − 1); each registers with RCU. A
  * worker that cannot be started is logged and the set goes on with fewer.
  * Returns the number of appliers now running, the caller's thread

@@ -66,9 +66,26 @@ bool tly_shard_start(tly_shard_t *sh, const char *bootstrap, bool embedded, cons
 /* Stops the endpoints thread and frees sh. NULL is allowed. */
 void tly_shard_free(tly_shard_t *sh);
 
-/* Poll thread: the topics' partition count (0: unknown). */
+/* Poll thread: the topics' partition count (0: unknown). The count is also
+ * remembered as one the topics had (tly_shard_note_count). */
 void tly_shard_set_partitions(tly_shard_t *sh, int32_t nparts);
 int32_t tly_shard_partitions(const tly_shard_t *sh);
+
+/* Poll thread: remembers nparts (> 0) as a partition count the topics
+ * have had, or have now before the group rebalances to it (the last
+ * TLY_SHARD_COUNTS counts). */
+#define TLY_SHARD_COUNTS 4
+void tly_shard_note_count(tly_shard_t *sh, int32_t nparts);
+
+/* Any thread: the largest count remembered (0: none). */
+int32_t tly_shard_max_count(const tly_shard_t *sh);
+
+/* Any thread: whether a key whose id is id[0..len) belongs in partition p
+ * under the current count or any count remembered: an event produced
+ * before the topics grew sits in the partition of the count then, and one
+ * produced after by a producer that saw the growth before this instance
+ * did, in the partition of the new count. */
+bool tly_shard_routes_to(const tly_shard_t *sh, const char *id, size_t len, int32_t p);
 
 /* Poll thread: the partitions assigned to this instance (each listed once
  * or more, any order); publishes their endpoint. */

@@ -109,7 +109,7 @@ typedef struct {
     uint64_t batches_alone, batches_shared, batches_by_partition, batches_pipelined;
     uint64_t dropped_entities;          /* shard mode: entities of partitions lost to others */
     int64_t watermark_ms;               /* newest event time applied, -1 none */
-    int64_t lag;                        /* sum of known partition lags, -1 unknown */
+    int64_t lag;                        /* sum of partition lags; -1 while any is unknown */
     size_t npartitions;                 /* partitions assigned */
     bool running;                       /* poll thread alive */
     bool ready;                         /* tly_source_ready() */

@@ -1853,6 +1853,88 @@ test_partition_assigned_again_is_behind_until_what_arrived_meanwhile_is_applied(
     tly_rcu_thread_offline();
 }
 
+/* The total lag is unknown (-1), not the sum of the others, while some
+ * partition's is: here the partitions led by one broker, whose fetch
+ * answers the mock delays, have no position yet, while the others are
+ * read to their end (lag 0 each). Then everything is read and the lag is
+ * 0. */
+static void test_total_lag_is_unknown_while_a_partition_lag_is(void **state)
+{
+    (void)state;
+    SKIP_UNDER_TSAN();
+    enum { N = 400, SLOW = 3 };
+    const int delay_ms = 4000 * timeout_mult();
+    cluster_t c;
+    cluster_init(&c);
+    rd_kafka_t *prod = producer_new(c.bootstrap);
+    int64_t hi[NPARTS];
+    produce_users(prod, N, 4242, hi);
+    /* which partitions SLOW leads */
+    bool slow[NPARTS] = {false};
+    int nslow = 0;
+    const struct rd_kafka_metadata *md = NULL;
+    rd_kafka_topic_t *rkt = rd_kafka_topic_new(prod, TOPIC, NULL);
+    assert_int_equal(rd_kafka_metadata(prod, 0, rkt, &md, 10000), RD_KAFKA_RESP_ERR_NO_ERROR);
+    for (int i = 0; i < md->topics[0].partition_cnt; i++) {
+        const rd_kafka_metadata_partition_t *mp = &md->topics[0].partitions[i];
+        if (mp->leader == SLOW && hi[mp->id] > 0) {
+            slow[mp->id] = true;
+            nslow++;
+        }
+    }
+    rd_kafka_metadata_destroy(md);
+    rd_kafka_topic_destroy(rkt);
+    assert_true(nslow > 0 && nslow < NPARTS);
+    assert_int_equal(rd_kafka_mock_broker_push_request_error_rtts(
+                         c.mock, SLOW, API_FETCH, 2, RD_KAFKA_RESP_ERR_NO_ERROR, delay_ms,
+                         RD_KAFKA_RESP_ERR_NO_ERROR, delay_ms),
+                     RD_KAFKA_RESP_ERR_NO_ERROR);
+
+    char yaml[4096];
+    make_yaml_at(yaml, sizeof yaml, c.bootstrap, "test-lag-unknown", "replica", "earliest",
+                 "  ready_lag: 0\n", "");
+    fixture_t fx;
+    fixture_init_yaml(&fx, yaml);
+    tly_rcu_thread_online();
+    start_source(&fx);
+    tly_source_stats_t st;
+    tly_partition_stat_t parts[NPARTS];
+    int64_t deadline = deadline_after(DEADLINE_S);
+    for (;;) {
+        tly_source_stats(fx.src, &st, parts, NPARTS);
+        bool others = st.npartitions == NPARTS, waiting = true;
+        for (size_t i = 0; others && i < NPARTS; i++) {
+            int32_t p = parts[i].partition;
+            if (slow[p])
+                waiting = waiting && parts[i].position < 0;
+            else
+                others = parts[i].position == hi[p] && parts[i].lag == 0;
+        }
+        if (others && waiting)
+            break;
+        if (others && !waiting) {
+            int64_t unread = 0;
+            for (size_t i = 0; i < NPARTS; i++)
+                unread += parts[i].position < 0;
+            if (unread == 0)
+                fail_msg("the delayed fetches (%d ms) answered before the others were read",
+                         delay_ms);
+        }
+        if (mono_ms() > deadline)
+            fail_msg("the partitions of brokers other than %d were not read to their end", SLOW);
+        pause_10ms();
+    }
+    assert_int_equal(st.lag, -1);
+    assert_false(st.ready);
+    await_caught_up(&fx, N, hi, &st, parts);
+    assert_int_equal(st.lag, 0);
+
+    rd_kafka_destroy(prod);
+    fixture_fini(&fx);
+    cluster_fini(&c);
+    tly_rcu_thread_offline();
+}
+
 /* Shard mode: between a revocation and the next assignment this instance
  * owns nothing, so queries get -LOADING (tly_source_ready false) until the
  * new assignment caught up; an empty "current assignment" is not caught
@@ -2336,6 +2418,7 @@ int main(void)
         cmocka_unit_test(test_rebalance_drops_revoked_partitions_from_the_stats),
         cmocka_unit_test(
             test_partition_assigned_again_is_behind_until_what_arrived_meanwhile_is_applied),
+        cmocka_unit_test(test_total_lag_is_unknown_while_a_partition_lag_is),
         cmocka_unit_test(
             test_snapshot_commit_leaves_partitions_revoked_meanwhile_to_their_new_owner),
         cmocka_unit_test(test_shard_mode_is_not_ready_between_revocation_and_assignment),
