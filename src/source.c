@@ -227,6 +227,7 @@ struct tly_source {
     uint64_t held[TLY_SHARD_MAX_PARTITIONS / 64];
     int64_t recount_next_ms; /* shard mode: the next look at the counts (shard_recheck) */
     int32_t first_count;     /* shard mode: the partition count at the first assignment */
+    bool resubscribe;        /* shard mode: subscribe again, outside any callback */
     int64_t last_publish_ms;
     ratelimit_t reject_rl, error_rl, consumer_rl;
 
@@ -1332,9 +1333,10 @@ static rd_kafka_resp_err_t subscribe(tly_source_t *src)
  * one grew past every count the router knows, the router learns it
  * (tly_shard_note_count: later events routed by either count pass), each
  * event of this batch rejected as misrouted is applied again, and the
- * consumer subscribes again, so that the group rebalances now and the new
- * partitions get their owners (librdkafka 2.0.2 rebalances on its own only
- * at a refresh of the group's metadata). */
+ * consumer is to subscribe again (poll_main, outside the rebalance callback
+ * that may have called this through flush), so that the group rebalances
+ * now and the new partitions get their owners (librdkafka 2.0.2 rebalances
+ * on its own only at a refresh of the group's metadata). */
 static void shard_recheck(tly_source_t *src, tly_apply_item_t *items, size_t n, int64_t now_ms)
 {
     size_t first = 0;
@@ -1361,12 +1363,11 @@ static void shard_recheck(tly_source_t *src, tly_apply_item_t *items, size_t n, 
         rejected++;
         again += tly_apply_again(src->apply, &items[i], now_ms) == TLY_OK;
     }
-    rd_kafka_resp_err_t err = subscribe(src);
+    src->resubscribe = true;
     tly_warn("source: the topics have %" PRId32 " partitions now, %" PRId32 " when the group "
              "last rebalanced: events keyed by either count are taken; %zu of %zu events "
-             "rejected as misrouted in this batch were applied after all; %s",
-             grown, known, again, rejected,
-             err == RD_KAFKA_RESP_ERR_NO_ERROR ? "the group rebalances" : rd_kafka_err2str(err));
+             "rejected as misrouted in this batch were applied after all; the group rebalances",
+             grown, known, again, rejected);
 }
 
 static void settle(tly_source_t *src, tly_apply_item_t *items, rd_kafka_message_t **msgs, size_t n,
@@ -1871,6 +1872,15 @@ static void *poll_main(void *arg)
          * collected has not moved past */
         if (src->cfg->kafka.mode == TLY_MODE_REPLICA)
             replica_grow(src);
+        if (src->resubscribe) {
+            /* shard_recheck saw the topics grow: the group rebalances */
+            src->resubscribe = false;
+            rd_kafka_resp_err_t err = subscribe(src);
+            if (err != RD_KAFKA_RESP_ERR_NO_ERROR)
+                tly_warn("source: subscribing again failed (%s); the group rebalances at "
+                         "librdkafka's next metadata refresh",
+                         rd_kafka_err2str(err));
+        }
         /* with a batch in flight, an empty queue finishes it at once */
         rd_kafka_message_t *m =
             rd_kafka_consumer_poll(src->rk, src->fly_n > 0 ? 0 : POLL_TIMEOUT_MS);
