@@ -474,7 +474,7 @@ static void test_long_unix_socket_path_names_its_clients_whole(void **state)
     assert_non_null(info);
     assert_int_equal(recv_n(u, info, n + 2, deadline_in(WAIT_MS)), n + 2);
     info[n] = '\0';
-    char want[256];
+    char want[320];
     snprintf(want, sizeof want, " addr=%s:0 laddr=%s:0 ", fx->unix_path, fx->unix_path);
     if (strstr(info, want) == NULL)
         fail_msg("CLIENT INFO lacks \"%s\":\n%s", want, info);
