@@ -160,14 +160,25 @@ static bool wait_stat(atomic_uint_fast64_t *v, uint64_t want)
 
 /* ---- client sockets ----------------------------------------------------- */
 
-static int connect_tcp(int port)
+/* A loopback connection to port whose kernel buffers are rcvbuf and
+ * sndbuf bytes (0: the kernel's own, autotuned), set before connect. */
+static int connect_tcp_buffers(int port, int rcvbuf, int sndbuf)
 {
     int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
     assert_true(fd >= 0);
+    if (rcvbuf > 0)
+        setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &rcvbuf, sizeof rcvbuf);
+    if (sndbuf > 0)
+        setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof sndbuf);
     struct sockaddr_in sin = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
     sin.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
     assert_int_equal(connect(fd, (struct sockaddr *)&sin, sizeof sin), 0);
     return fd;
+}
+
+static int connect_tcp(int port)
+{
+    return connect_tcp_buffers(port, 0, 0);
 }
 
 static int connect_unix(const char *path)
@@ -647,14 +658,8 @@ static void test_client_that_never_reads_is_paused_and_bounded(void **state)
     memcpy(req + req_len, "\r\n", 2);
     req_len += 2;
 
-    int slow = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    assert_true(slow >= 0);
-    int small = 16384, sndbuf = 65536; /* keep the kernel's share of the test small */
-    setsockopt(slow, SOL_SOCKET, SO_RCVBUF, &small, sizeof small);
-    setsockopt(slow, SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof sndbuf);
-    struct sockaddr_in sin = {.sin_family = AF_INET, .sin_port = htons((uint16_t)fx->d.tcp_port)};
-    sin.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    assert_int_equal(connect(slow, (struct sockaddr *)&sin, sizeof sin), 0);
+    /* keep the kernel's share of the test small */
+    int slow = connect_tcp_buffers(fx->d.tcp_port, 16384, 65536);
     set_nonblocking(slow);
 
     /* Send until the socket stays full: the server stopped reading. */
@@ -762,14 +767,7 @@ static void test_client_that_writes_its_whole_pipeline_first_is_read_on(void **s
     assert_non_null(req);
     for (size_t i = 0; i < N; i++)
         memcpy(req + i * one_len, one, one_len);
-    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    assert_true(fd >= 0);
-    int sndbuf = 65536, rcvbuf = 65536;
-    setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof sndbuf);
-    setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &rcvbuf, sizeof rcvbuf);
-    struct sockaddr_in sin = {.sin_family = AF_INET, .sin_port = htons((uint16_t)fx->d.tcp_port)};
-    sin.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    assert_int_equal(connect(fd, (struct sockaddr *)&sin, sizeof sin), 0);
+    int fd = connect_tcp_buffers(fx->d.tcp_port, 65536, 65536);
     assert_true(send_all(fd, req, N * one_len)); /* blocks until the server reads on */
     expect_echoes(fd, N * (7 + ARG + 2));
     send_str(fd, "PING\r\n");
@@ -794,13 +792,7 @@ static void test_client_that_never_reads_is_closed_at_the_cap_after_the_stall(vo
                         "  output_stall: 200ms\n");
     char one[ARG + 64];
     size_t one_len = echo_request(one);
-    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    assert_true(fd >= 0);
-    int small = 16384;
-    setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &small, sizeof small);
-    struct sockaddr_in sin = {.sin_family = AF_INET, .sin_port = htons((uint16_t)fx->d.tcp_port)};
-    sin.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    assert_int_equal(connect(fd, (struct sockaddr *)&sin, sizeof sin), 0);
+    int fd = connect_tcp_buffers(fx->d.tcp_port, 16384, 0);
     size_t sent = 0;
     while (sent < 100000 && stat_of(&fx->d.server.output_overflows) == 0) {
         if (!send_all(fd, one, one_len))
@@ -875,13 +867,7 @@ static void test_output_over_max_output_buffer_closes_the_client(void **state)
     /* The client never reads and the soft limit never pauses it (it equals
      * the hard one): once the kernel's buffers are full, the queue passes
      * 64 KiB and the server hangs up. */
-    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    assert_true(fd >= 0);
-    int small = 4096;
-    setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &small, sizeof small);
-    struct sockaddr_in sin = {.sin_family = AF_INET, .sin_port = htons((uint16_t)fx->d.tcp_port)};
-    sin.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    assert_int_equal(connect(fd, (struct sockaddr *)&sin, sizeof sin), 0);
+    int fd = connect_tcp_buffers(fx->d.tcp_port, 4096, 0);
     enum { BIG = 40000, MAX_REQUESTS = 2000 };
     char *arg = malloc(BIG);
     assert_non_null(arg);
