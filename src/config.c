@@ -139,8 +139,11 @@ const key_def_t tly_config_keys[] = {
         "of its replies for this long has its requests read again, its replies queued up to "
         "server.max_output_buffer: a client that writes its whole pipeline before it reads "
         "(redis-py's pipelines do) would otherwise wait on tallyd while tallyd waits on it, "
-        "and a client that never reads is disconnected at that cap. At server.idle_timeout "
-        "or more, such a client waits until that closes it."),
+        "and a client that never reads is disconnected at that cap. Reading is judged by the "
+        "reply bytes the kernel still holds for the client, which fall in steps of TCP "
+        "window updates (about 128 KiB on loopback): keep this well above the time the "
+        "slowest client takes to read that much. At server.idle_timeout or more, such a "
+        "client waits until that closes it."),
     KEY("server.max_clients_memory", K_INT, "1073741824", 1048576, 1099511627776, 0, NULL,
         CFG(server.max_clients_memory),
         "Most bytes the buffers of all clients together may hold (pending requests, queued "

@@ -31,9 +31,9 @@
  * client. When a write completes and the queue is at or below the soft limit,
  * execution resumes with the input already buffered, then reading resumes;
  * the pending request's deadline starts again then. A paused client whose
- * unwritten output has not shrunk for server.output_stall (the timer checks
- * libuv's write queue) is read on regardless of the soft limit until its output
- * drains below it (unthrottled): a client that writes its whole pipeline
+ * unread output has not shrunk for server.output_stall (the timer checks
+ * client_unread: this end's buffers, libuv's and the kernel's) is read on regardless of the soft
+ * limit until its output drains below it (unthrottled): a client that writes its whole pipeline
  * before reading a reply, as redis-py's pipelines do, would otherwise wait
  * on tallyd while tallyd waits on it. A reply that takes the queue above
  * server.max_output_buffer closes the client at once (one WARN line), as
@@ -85,6 +85,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -158,8 +159,8 @@ struct client {
     uint64_t drain_since; /* uv_now of the shutdown of a draining client */
     size_t drained;       /* bytes dropped while draining */
     size_t mem;           /* bytes counted in d->server.clients_memory */
-    uint64_t stall_since; /* paused: uv_now when the unwritten output last shrank */
-    size_t stall_left;    /* paused: libuv's write queue then (bytes) */
+    uint64_t stall_since; /* paused: uv_now when the unread output last shrank */
+    size_t stall_left;    /* paused: client_unread() then */
     uv_write_t wreq;
     uv_shutdown_t sreq;
 };
@@ -450,6 +451,21 @@ static size_t client_queued(const client_t *c)
     return c->out.len + (c->writing ? c->wbuf.len - c->woff : 0);
 }
 
+/* Reply bytes the client has not read yet, as far as this end can tell:
+ * those not handed to libuv, those in its write queue and those in the
+ * kernel's send queue (TIOCOUTQ; for TCP, sent and not acknowledged too).
+ * While execution is paused no reply is added, so this falls exactly when
+ * the client reads, however much the kernel buffers in between. */
+static size_t client_unread(client_t *c)
+{
+    size_t n = c->out.len + uv_stream_get_write_queue_size(&c->h.stream);
+    uv_os_fd_t fd;
+    int q = 0;
+    if (uv_fileno(&c->h.handle, &fd) == 0 && ioctl(fd, TIOCOUTQ, &q) == 0 && q > 0)
+        n += (size_t)q;
+    return n;
+}
+
 static void shrink(tly_buf_t *b)
 {
     if (b->len == 0 && b->cap > KEEP_BUF)
@@ -609,15 +625,17 @@ static void evict_clients(server_loop_t *lp, bool wake)
 /* Brings c's share of d->server.clients_memory up to date, after a read or
  * a write changed its buffers; may close c, or others of its loop, when the
  * clients hold more than server.max_clients_memory. */
-static void client_account(client_t *c)
+/* client_account without the eviction: whether all clients' buffers are
+ * now over server.max_clients_memory. */
+static bool client_account_only(client_t *c)
 {
     if (c->state == CLIENT_CLOSING)
-        return;
+        return false;
     /* CLIENT LIST's omem: what is queued now, not when the last command ran */
     __atomic_store_n(&c->session.obuf, client_queued(c), __ATOMIC_RELAXED);
     size_t now = client_memory(c);
     if (now == c->mem)
-        return;
+        return false;
     tly_daemon_t *d = c->lp->srv->d;
     uint64_t total;
     if (now > c->mem)
@@ -629,7 +647,12 @@ static void client_account(client_t *c)
                                           memory_order_relaxed) -
                 (c->mem - now);
     c->mem = now;
-    if (total > (uint64_t)d->cfg->server.max_clients_memory)
+    return total > (uint64_t)d->cfg->server.max_clients_memory;
+}
+
+static void client_account(client_t *c)
+{
+    if (client_account_only(c))
         evict_clients(c->lp, true);
 }
 
@@ -1115,6 +1138,7 @@ static void timer_cb(uv_timer_t *t)
     uint64_t idle = (uint64_t)cfg->server.idle_timeout_ms;
     uint64_t deadline = (uint64_t)cfg->server.request_timeout_ms;
     uint64_t stall = (uint64_t)cfg->server.output_stall_ms;
+    bool over = false; /* all clients' buffers over server.max_clients_memory */
     client_t *next;
     for (client_t *c = lp->clients; c != NULL; c = next) {
         next = c->next;
@@ -1131,7 +1155,7 @@ static void timer_cb(uv_timer_t *t)
                       c->session.addr, c->in.len);
             client_close(c);
         } else if (c->state == CLIENT_OPEN && c->paused && stall > 0) {
-            size_t left = uv_stream_get_write_queue_size(&c->h.stream);
+            size_t left = client_unread(c);
             if (left < c->stall_left) {
                 c->stall_left = left;
                 c->stall_since = now;
@@ -1142,12 +1166,14 @@ static void timer_cb(uv_timer_t *t)
                           c->session.id, c->session.addr, now - c->stall_since);
                 c->unthrottled = true;
                 resume(c);
-                /* no client_account here: evicting could close `next`; the
-                 * reads that follow account for it */
                 client_pump(c, true);
+                /* evicting here could close `next`: once the walk is done */
+                over = client_account_only(c) || over;
             }
         }
     }
+    if (over)
+        evict_clients(lp, true);
 }
 
 /* Stops the loop: closes listeners, clients, the timer and this handle, after

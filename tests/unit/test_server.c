@@ -1310,6 +1310,72 @@ static void *sender_main(void *arg)
     return NULL;
 }
 
+/* A client that reads its replies steadily but slowly (30 KB every 50 ms)
+ * while its pipeline (150 ECHOs of 40 KB, from a thread) keeps arriving:
+ * the kernel holds megabytes of replies between the two ends, so libuv's
+ * own write queue stays flat for long spells although the client reads all
+ * along (judged by it, the client was read on to the 1 MiB cap and closed
+ * after 0.8 MB). That is progress, not a stall: the bytes the kernel still
+ * holds for the client fall as it reads (in steps of TCP window updates,
+ * 128 KiB or so on loopback, far inside output_stall's default of 1 s at
+ * this pace), so it stays paced by the soft limit and gets every reply. */
+static void test_client_reading_slowly_is_paced_not_read_on(void **state)
+{
+    (void)state;
+    fx_t *fx = fx_start("  output_soft_limit: 65536\n  max_output_buffer: 1048576\n"
+                        "  max_bulk: 65536\n"); /* output_stall: its default, 1 s */
+    enum { N = 150, BIG = 40000, CHUNK = 30000 };
+    const char head[] = "*2\r\n$4\r\nECHO\r\n$40000\r\n";
+    const size_t one_len = sizeof head - 1 + BIG + 2;
+    char *req = malloc(N * one_len);
+    assert_non_null(req);
+    for (size_t i = 0; i < N; i++) {
+        char *r = req + i * one_len;
+        memcpy(r, head, sizeof head - 1);
+        memset(r + sizeof head - 1, 'x', BIG);
+        memcpy(r + sizeof head - 1 + BIG, "\r\n", 2);
+    }
+    int fd = connect_tcp(fx->d.tcp_port);
+    sender_t snd = {.fd = fd, .p = req, .n = N * one_len};
+    pthread_t th;
+    assert_int_equal(pthread_create(&th, NULL, sender_main, &snd), 0);
+    const char rhead[] = "$40000\r\n";
+    const size_t reply_len = sizeof rhead - 1 + BIG + 2, total = N * reply_len;
+    char *buf = malloc(CHUNK);
+    assert_non_null(buf);
+    size_t got = 0;
+    int64_t deadline = deadline_in(6 * WAIT_MS);
+    while (got < total) {
+        struct timespec pace = {0, 50 * 1000000L}; /* the reader's pace, the scenario */
+        nanosleep(&pace, NULL);
+        size_t want = total - got < CHUNK ? total - got : CHUNK;
+        size_t r = recv_n(fd, buf, want, deadline);
+        if (r == 0)
+            fail_msg("closed after %zu of %zu reply bytes (output_stalls %" PRIu64
+                     ", output_buffer_disconnects %" PRIu64 ")",
+                     got, total, stat_of(&fx->d.server.output_stalls),
+                     stat_of(&fx->d.server.output_overflows));
+        for (size_t i = 0; i < r; i++) {
+            size_t k = (got + i) % reply_len;
+            char want_byte = k < sizeof rhead - 1         ? rhead[k]
+                             : k < sizeof rhead - 1 + BIG ? 'x'
+                             : k == reply_len - 2         ? '\r'
+                                                          : '\n';
+            if (buf[i] != want_byte)
+                fail_msg("reply byte %zu is wrong", got + i);
+        }
+        got += r;
+    }
+    assert_int_equal(pthread_join(th, NULL), 0);
+    assert_true(snd.ok);
+    assert_int_equal(stat_of(&fx->d.server.output_overflows), 0);
+    assert_int_equal(stat_of(&fx->d.server.output_stalls), 0);
+    free(buf);
+    free(req);
+    close(fd);
+    fx_stop(fx);
+}
+
 static void test_request_a_busy_server_reads_slowly_is_not_timed_out(void **state)
 {
     (void)state;
@@ -1578,6 +1644,7 @@ int main(void)
         cmocka_unit_test(test_client_that_never_reads_is_paused_and_bounded),
         cmocka_unit_test(test_client_that_writes_its_whole_pipeline_first_is_read_on),
         cmocka_unit_test(test_client_that_never_reads_is_closed_at_the_cap_after_the_stall),
+        cmocka_unit_test(test_client_reading_slowly_is_paced_not_read_on),
         cmocka_unit_test(test_request_timeout_starts_again_after_a_pause),
         cmocka_unit_test(test_output_over_max_output_buffer_closes_the_client),
         cmocka_unit_test(test_clients_over_max_clients_memory_lose_the_largest),
