@@ -140,6 +140,9 @@ typedef struct {
     uint8_t *decoded; /* [TLY_APPLY_BATCH_MAX * rec_size]; NULL with one applier */
     char *bytes;      /* [NCHUNKS * CHUNK_BYTES] */
     bool pre;         /* decoded whole before the hand-out (tly_apply_stage) */
+    /* shard mode: the partition counts its events are judged by, taken by
+     * the caller when the batch was made (every applier judges alike) */
+    tly_shard_routes_t routes;
 } batch_t;
 
 struct tly_apply {
@@ -188,27 +191,29 @@ struct tly_apply {
 
 /* Shard mode: an event must arrive on the partition of its key entity's
  * id, or its owner would never see it (EV_MISROUTED: the producer did not
- * key by the id, or used another partitioner), under the current partition
- * count or one the topics had (tly_shard_routes_to). An event without that
+ * key by the id, or used another partitioner), under one of the counts of
+ * routes (the batch's snapshot: tly_shard_routes). An event without that
  * id is left to the store, which counts it as EV_MISSING_KEY. */
-static tly_err_t check_route(const tly_apply_t *ap, const tly_event_rules_t *rules,
-                             const tly_event_t *ev, int32_t partition)
+static tly_err_t check_route(const tly_apply_t *ap, const tly_shard_routes_t *routes,
+                             const tly_event_rules_t *rules, const tly_event_t *ev,
+                             int32_t partition)
 {
-    int32_t nparts = tly_shard_partitions(ap->shard);
-    if (nparts <= 0 || rules->key_entity < 0)
+    if (routes->n == 0 || rules->key_entity < 0)
         return TLY_OK;
     char id[TLY_MAX_ID];
     size_t len = 0;
     if (tly_entity_id(ap->fs, (uint32_t)rules->key_entity, ev, id, sizeof id, &len) != TLY_OK)
         return TLY_OK;
-    return tly_shard_routes_to(ap->shard, id, len, partition) ? TLY_OK : TLY_E_EV_MISROUTED;
+    return tly_shard_routes_place(routes, id, len, partition) ? TLY_OK : TLY_E_EV_MISROUTED;
 }
 
-/* Decodes one item into *ev with the applier's decoder set r (of
- * AHEAD + 1): TLY_OK, or why the event is rejected. Writes nothing shared. */
-static tly_err_t decode_item(const tly_apply_t *ap, const applier_t *a, size_t r,
-                             const tly_apply_item_t *it, int64_t now_ms, tly_event_t *ev)
+/* Decodes one item of batch b into *ev with the applier's decoder set r
+ * (of AHEAD + 1): TLY_OK, or why the event is rejected. Writes nothing
+ * shared. */
+static tly_err_t decode_item(const tly_apply_t *ap, const applier_t *a, size_t r, const batch_t *b,
+                             const tly_apply_item_t *it, tly_event_t *ev)
 {
+    const int64_t now_ms = b->now_ms;
     size_t di = it->topic >= 0 ? (size_t)it->topic : ap->ndecs - 1;
     const tly_event_rules_t *rules = it->topic >= 0 ? &ap->fs->topics[it->topic] : &ap->fs->events;
     tly_err_t err = tly_decode_json(a->decs[r * ap->ndecs + di], it->payload,
@@ -219,7 +224,7 @@ static tly_err_t decode_item(const tly_apply_t *ap, const applier_t *a, size_t r
         ev->time_ms > now_ms + rules->max_future_skew_ms)
         err = TLY_E_EV_FUTURE;
     if (err == TLY_OK && ap->shard != NULL)
-        err = check_route(ap, rules, ev, it->partition);
+        err = check_route(ap, &b->routes, rules, ev, it->partition);
     if (err == TLY_OK && it->replayed)
         ev->replayed = true;
     return err;
@@ -283,7 +288,7 @@ static void decode_chunk(tly_apply_t *ap, applier_t *a, const batch_t *b, size_t
     for (size_t i = lo; i < hi; i++) {
         decoded_t *d = decoded_of(ap, b, i);
         d->redo = false;
-        d->err = decode_item(ap, a, 0, &b->items[i], b->now_ms, &ev);
+        d->err = decode_item(ap, a, 0, b, &b->items[i], &ev);
         if (d->err != TLY_OK)
             continue;
         tly_store_hint(ap->store, &ev, &pf);
@@ -341,7 +346,7 @@ static tly_err_t load_shared(tly_apply_t *ap, const applier_t *a, size_t r, size
     const decoded_t *d = decoded_of(ap, &ap->cur, i);
     *skip = false;
     if (d->redo) {
-        tly_err_t err = decode_item(ap, a, r, &ap->cur.items[i], ap->cur.now_ms, ev);
+        tly_err_t err = decode_item(ap, a, r, &ap->cur, &ap->cur.items[i], ev);
         if (err == TLY_OK)
             tly_store_prefetch_share(ap->store, ev, a->owned, a->counts, pf);
         return err;
@@ -413,8 +418,7 @@ static void apply_list(tly_apply_t *ap, applier_t *a)
             err[r] = load_shared(ap, a, r, k, &ev[r], &pf[r], &skip[r]);
         } else if (k < n) {
             size_t r = k % (AHEAD + 1);
-            err[r] =
-                decode_item(ap, a, r, &ap->cur.items[idx ? idx[k] : k], ap->cur.now_ms, &ev[r]);
+            err[r] = decode_item(ap, a, r, &ap->cur, &ap->cur.items[idx ? idx[k] : k], &ev[r]);
             if (err[r] == TLY_OK)
                 tly_store_prefetch_share(ap->store, &ev[r], owned, verdicts, &pf[r]);
         }
@@ -542,6 +546,8 @@ void tly_apply_batch(tly_apply_t *ap, tly_apply_item_t *items, size_t n, int64_t
                         .now_ms = now_ms,
                         .decoded = ap->decoded_set[0],
                         .bytes = ap->bytes_set[0]};
+    if (ap->shard != NULL)
+        tly_shard_routes(ap->shard, &ap->cur.routes);
     applier_t *self = &ap->appliers[0];
     if (ap->nworkers == 0 || n < SPREAD_MIN) {
         atomic_fetch_add_explicit(&ap->alone, 1, memory_order_relaxed);
@@ -574,7 +580,10 @@ void tly_apply_batch(tly_apply_t *ap, tly_apply_item_t *items, size_t n, int64_t
 tly_err_t tly_apply_again(tly_apply_t *ap, tly_apply_item_t *it, int64_t now_ms)
 {
     tly_event_t ev;
-    tly_err_t err = decode_item(ap, &ap->appliers[0], 0, it, now_ms, &ev);
+    batch_t b = {.now_ms = now_ms}; /* judged by the counts known now */
+    if (ap->shard != NULL)
+        tly_shard_routes(ap->shard, &b.routes);
+    tly_err_t err = decode_item(ap, &ap->appliers[0], 0, &b, it, &ev);
     int64_t time_ms = -1;
     if (err == TLY_OK) {
         tly_rcu_read_lock();
@@ -620,6 +629,8 @@ bool tly_apply_stage(tly_apply_t *ap, tly_apply_item_t *items, size_t n, int64_t
                            .decoded = ap->decoded_set[set],
                            .bytes = ap->bytes_set[set],
                            .pre = true};
+    if (ap->shard != NULL)
+        tly_shard_routes(ap->shard, &ap->staged.routes);
     if (ap->nworkers == 0)
         return true; /* tly_apply_submit applies it, decoding as it goes */
     const size_t nchunks = (n + CHUNK - 1) / CHUNK;

@@ -49,7 +49,8 @@ struct tly_shard {
 
     /* written by the poll thread, read by any (relaxed) */
     _Atomic int32_t nparts;
-    _Atomic int32_t counts[TLY_SHARD_COUNTS]; /* counts the topics had; 0: none */
+    _Atomic int32_t counts[TLY_SHARD_COUNTS]; /* counts the topics grew to; 0: none */
+    _Atomic uint64_t routes_gen;              /* tly_shard_routes_gen */
     _Atomic uint64_t owned[OWNED_WORDS];
     _Atomic uint64_t moved, published, endpoint_errors;
     /* rd_kafka_resp_err_t of the latest failed delivery: the delivery
@@ -106,6 +107,8 @@ tly_shard_t *tly_shard_new(const tly_config_t *cfg, const tly_featset_t *fs)
 
 void tly_shard_set_partitions(tly_shard_t *sh, int32_t nparts)
 {
+    if (atomic_load_explicit(&sh->nparts, memory_order_relaxed) != nparts)
+        atomic_fetch_add_explicit(&sh->routes_gen, 1, memory_order_relaxed);
     atomic_store_explicit(&sh->nparts, nparts, memory_order_relaxed);
     tly_shard_note_count(sh, nparts);
 }
@@ -123,6 +126,7 @@ void tly_shard_note_count(tly_shard_t *sh, int32_t nparts)
                               atomic_load_explicit(&sh->counts[i - 1], memory_order_relaxed),
                               memory_order_relaxed);
     atomic_store_explicit(&sh->counts[0], nparts, memory_order_relaxed);
+    atomic_fetch_add_explicit(&sh->routes_gen, 1, memory_order_relaxed);
 }
 
 int32_t tly_shard_max_count(const tly_shard_t *sh)
@@ -136,16 +140,32 @@ int32_t tly_shard_max_count(const tly_shard_t *sh)
     return max;
 }
 
-bool tly_shard_routes_to(const tly_shard_t *sh, const char *id, size_t len, int32_t p)
+void tly_shard_routes(const tly_shard_t *sh, tly_shard_routes_t *out)
 {
     int32_t cur = atomic_load_explicit(&sh->nparts, memory_order_relaxed);
-    if (cur > 0 && tly_partition_of(id, len, cur) == p)
-        return true;
+    out->n = 0;
+    if (cur <= 0)
+        return;
+    out->count[out->n++] = cur;
     for (int i = 0; i < TLY_SHARD_COUNTS; i++) {
         int32_t n = atomic_load_explicit(&sh->counts[i], memory_order_relaxed);
-        if (n > 0 && n != cur && tly_partition_of(id, len, n) == p)
-            return true;
+        if (n > cur)
+            out->count[out->n++] = n;
     }
+}
+
+uint64_t tly_shard_routes_gen(const tly_shard_t *sh)
+{
+    return atomic_load_explicit(&sh->routes_gen, memory_order_relaxed);
+}
+
+bool tly_shard_routes_place(const tly_shard_routes_t *r, const char *id, size_t len, int32_t p)
+{
+    if (r->n == 0)
+        return true;
+    for (size_t i = 0; i < r->n; i++)
+        if (tly_partition_of(id, len, r->count[i]) == p)
+            return true;
     return false;
 }
 

@@ -118,7 +118,7 @@
 #define CHECKPOINT_EVERY_MS 100 /* the hook's turn while batches are pipelined */
 #define NUDGE_TIMEOUT_MS    500  /* longest wait for a nudge's answers */
 #define ENDS_TIMEOUT_MS     1000 /* longest wait for an assignment's ends, off the callback */
-#define RECOUNT_EVERY_MS    1000 /* shard mode: partition counts looked up at most this often */
+#define RECOUNT_EVERY_MS    100  /* shard mode: partition counts looked up at most this often */
 #define RECOUNT_TIMEOUT_MS  2000 /* ... each lookup waiting at most this long */
 #define SEEK_TIMEOUT_MS     5000 /* longest wait for the fetcher to take a seek */
 #define ENDS_RETRY_MS       100  /* first pause before looking up ends that were not found */
@@ -182,6 +182,7 @@ struct tly_source {
     rd_kafka_message_t **fly_msgs;
     size_t fly_n;
     int64_t fly_now_ms;
+    uint64_t fly_gen;           /* shard mode: tly_shard_routes_gen when it was decoded */
     int64_t last_checkpoint_ms; /* monotonic */
     bool embedded;
     rd_kafka_t *mock_host; /* embedded: the handle the mock cluster lives in */
@@ -1331,31 +1332,50 @@ static rd_kafka_resp_err_t subscribe(tly_source_t *src)
  * (topic.metadata.refresh.interval.ms, 5 minutes by default). Looks the
  * topics' partition counts up (at most once per RECOUNT_EVERY_MS); when
  * one grew past every count the router knows, the router learns it
- * (tly_shard_note_count: later events routed by either count pass), each
- * event of this batch rejected as misrouted is applied again, and the
- * consumer is to subscribe again (poll_main, outside the rebalance callback
- * that may have called this through flush), so that the group rebalances
- * now and the new partitions get their owners (librdkafka 2.0.2 rebalances
- * on its own only at a refresh of the group's metadata). */
-static void shard_recheck(tly_source_t *src, tly_apply_item_t *items, size_t n, int64_t now_ms)
+ * (tly_shard_note_count: batches made from then on take events placed by
+ * either count) and the consumer is to subscribe again (poll_main, outside
+ * the rebalance callback that may have called this through flush), so that
+ * the group rebalances now and the new partitions get their owners
+ * (librdkafka 2.0.2 rebalances on its own only at a refresh of the group's
+ * metadata). Whenever the counts changed since the batch was decoded
+ * (routes_gen: this lookup, or one made while the batch was in flight), its
+ * events rejected as misrouted are judged again by the counts known now
+ * and applied if they pass (none of them was applied: every applier of a
+ * batch judges by the same counts). */
+static void shard_recheck(tly_source_t *src, tly_apply_item_t *items, size_t n, int64_t now_ms,
+                          uint64_t routes_gen)
 {
     size_t first = 0;
     while (first < n && items[first].err != TLY_E_EV_MISROUTED)
         first++;
-    if (first == n || now_ms < src->recount_next_ms)
+    if (first == n)
         return;
-    src->recount_next_ms = now_ms + RECOUNT_EVERY_MS;
-    const tly_config_t *cfg = src->cfg;
-    int32_t known = tly_shard_max_count(src->shard), grown = 0;
-    for (size_t t = 0; t < cfg->kafka.ntopics; t++) {
-        rd_kafka_resp_err_t err;
-        int32_t c = topic_partition_count(src, cfg->kafka.topics[t], RECOUNT_TIMEOUT_MS, &err);
-        if (c > known && c > grown && c <= TLY_SHARD_MAX_PARTITIONS)
-            grown = c;
+    if (now_ms >= src->recount_next_ms) {
+        uint64_t held;
+        src->recount_next_ms = now_ms + RECOUNT_EVERY_MS;
+        const tly_config_t *cfg = src->cfg;
+        int32_t known = tly_shard_max_count(src->shard), grown = 0;
+        for (size_t t = 0; t < cfg->kafka.ntopics; t++) {
+            rd_kafka_resp_err_t err;
+            int32_t c = topic_partition_count(src, cfg->kafka.topics[t], RECOUNT_TIMEOUT_MS, &err);
+            if (c < 0 && ratelimit_allow(&src->error_rl, now_ms, ERROR_LOG_EVERY_MS, &held))
+                tly_warn("source: events look misrouted and the partition count of %s is not "
+                         "known (%s); they are rejected%s",
+                         cfg->kafka.topics[t], rd_kafka_err2str(err), held_note(held));
+            if (c > known && c > grown && c <= TLY_SHARD_MAX_PARTITIONS)
+                grown = c;
+        }
+        if (grown > 0) {
+            tly_shard_note_count(src->shard, grown);
+            src->resubscribe = true;
+            tly_warn("source: the topics have %" PRId32 " partitions now, %" PRId32
+                     " when the group last rebalanced: events placed by either count are "
+                     "taken until it rebalances, which it does now",
+                     grown, known);
+        }
     }
-    if (grown == 0)
+    if (tly_shard_routes_gen(src->shard) == routes_gen)
         return;
-    tly_shard_note_count(src->shard, grown);
     size_t again = 0, rejected = 0;
     for (size_t i = first; i < n; i++) {
         if (items[i].err != TLY_E_EV_MISROUTED)
@@ -1363,18 +1383,24 @@ static void shard_recheck(tly_source_t *src, tly_apply_item_t *items, size_t n, 
         rejected++;
         again += tly_apply_again(src->apply, &items[i], now_ms) == TLY_OK;
     }
-    src->resubscribe = true;
-    tly_warn("source: the topics have %" PRId32 " partitions now, %" PRId32 " when the group "
-             "last rebalanced: events keyed by either count are taken; %zu of %zu events "
-             "rejected as misrouted in this batch were applied after all; the group rebalances",
-             grown, known, again, rejected);
+    if (again > 0)
+        tly_info("source: %zu of %zu events rejected as misrouted were applied after all: the "
+                 "partition counts changed since their batch was decoded",
+                 again, rejected);
+}
+
+/* Shard mode: the generation of the partition counts a batch made now is
+ * judged by (0 in replica mode). */
+static uint64_t routes_gen(const tly_source_t *src)
+{
+    return src->shard != NULL ? tly_shard_routes_gen(src->shard) : 0;
 }
 
 static void settle(tly_source_t *src, tly_apply_item_t *items, rd_kafka_message_t **msgs, size_t n,
-                   int64_t now_ms)
+                   int64_t now_ms, uint64_t gen)
 {
     if (src->shard != NULL)
-        shard_recheck(src, items, n, now_ms);
+        shard_recheck(src, items, n, now_ms, gen);
     uint64_t applied = 0, rejected = 0, held;
     int64_t newest = atomic_load_explicit(&src->watermark_ms, memory_order_relaxed);
     for (size_t i = 0; i < n; i++)
@@ -1443,7 +1469,7 @@ static void finish(tly_source_t *src)
     if (src->fly_n == 0)
         return;
     (void)tly_apply_wait(src->apply);
-    settle(src, src->fly_batch, src->fly_msgs, src->fly_n, src->fly_now_ms);
+    settle(src, src->fly_batch, src->fly_msgs, src->fly_n, src->fly_now_ms, src->fly_gen);
     src->fly_n = 0;
 }
 
@@ -1457,8 +1483,9 @@ static void flush(tly_source_t *src)
         store_ends(src);
         return;
     }
+    uint64_t gen = routes_gen(src);
     tly_apply_batch(src->apply, src->batch, src->nbatch, src->batch_now_ms);
-    settle(src, src->batch, src->msgs, src->nbatch, src->batch_now_ms);
+    settle(src, src->batch, src->msgs, src->nbatch, src->batch_now_ms, gen);
     src->nbatch = 0;
     store_ends(src);
 }
@@ -1470,6 +1497,7 @@ static void flush(tly_source_t *src)
  * Others, and a batch that spreads by partition (apply.h), are flushed. */
 static void dispatch(tly_source_t *src)
 {
+    uint64_t gen = routes_gen(src);
     if (src->nbatch < PIPELINE_MIN || !tly_apply_pipelines(src->apply) ||
         !tly_apply_stage(src->apply, src->batch, src->nbatch, src->batch_now_ms)) {
         flush(src);
@@ -1480,13 +1508,14 @@ static void dispatch(tly_source_t *src)
     (void)tly_apply_wait(src->apply);
     tly_apply_submit(src->apply);
     if (src->fly_n > 0)
-        settle(src, src->fly_batch, src->fly_msgs, src->fly_n, src->fly_now_ms);
+        settle(src, src->fly_batch, src->fly_msgs, src->fly_n, src->fly_now_ms, src->fly_gen);
     tly_apply_item_t *items = src->fly_batch;
     rd_kafka_message_t **msgs = src->fly_msgs;
     src->fly_batch = src->batch;
     src->fly_msgs = src->msgs;
     src->fly_n = src->nbatch;
     src->fly_now_ms = src->batch_now_ms;
+    src->fly_gen = gen;
     src->batch = items;
     src->msgs = msgs;
     src->nbatch = 0;

@@ -71,21 +71,32 @@ void tly_shard_free(tly_shard_t *sh);
 void tly_shard_set_partitions(tly_shard_t *sh, int32_t nparts);
 int32_t tly_shard_partitions(const tly_shard_t *sh);
 
-/* Poll thread: remembers nparts (> 0) as a partition count the topics
- * have had, or have now before the group rebalances to it (the last
- * TLY_SHARD_COUNTS counts). */
+/* Poll thread: remembers nparts (> 0) as a count the topics have grown to
+ * before the group rebalanced to it (the last TLY_SHARD_COUNTS counts). */
 #define TLY_SHARD_COUNTS 4
 void tly_shard_note_count(tly_shard_t *sh, int32_t nparts);
 
-/* Any thread: the largest count remembered (0: none). */
+/* Any thread: the largest count known, current or noted (0: none). */
 int32_t tly_shard_max_count(const tly_shard_t *sh);
 
-/* Any thread: whether a key whose id is id[0..len) belongs in partition p
- * under the current count or any count remembered: an event produced
- * before the topics grew sits in the partition of the count then, and one
- * produced after by a producer that saw the growth before this instance
- * did, in the partition of the new count. */
-bool tly_shard_routes_to(const tly_shard_t *sh, const char *id, size_t len, int32_t p);
+/* The partition counts an event may be placed by: the current one, and
+ * those noted above it (the topics grew; the group has not rebalanced to
+ * them yet), so that an event a producer placed by the new count before
+ * this instance's group learnt it is taken. A snapshot, so that every
+ * applier of a batch judges by the same counts. */
+typedef struct {
+    int32_t count[TLY_SHARD_COUNTS + 1];
+    size_t n; /* 0: no count known yet, every event passes */
+} tly_shard_routes_t;
+
+/* Poll thread (the only writer of the counts): the current snapshot, and
+ * a number that changes whenever the snapshot would. */
+void tly_shard_routes(const tly_shard_t *sh, tly_shard_routes_t *out);
+uint64_t tly_shard_routes_gen(const tly_shard_t *sh);
+
+/* Whether a key whose id is id[0..len) belongs in partition p by one of
+ * the counts of r (true when r has none). Pure. */
+bool tly_shard_routes_place(const tly_shard_routes_t *r, const char *id, size_t len, int32_t p);
 
 /* Poll thread: the partitions assigned to this instance (each listed once
  * or more, any order); publishes their endpoint. */

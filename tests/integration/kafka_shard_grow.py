@@ -29,6 +29,7 @@ from TLY_KAFKA_BOOTSTRAP, else one started for this run).
 
 import json
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -135,6 +136,7 @@ def setup():
         fut[x.topic].result(timeout=60 * H.MULT)
         users_b = users_a + list(range(100_001, 100_001 + USERS_B))
         recs_b, seq = events(users_b, seq, ts + 1000, x.model)
+        x.seq = seq
         per_part = produce(x.bootstrap, x.topic, recs_b)
         x.produced += len(recs_b)
         # the premises: batch B went by the new count, into old partitions
@@ -164,13 +166,13 @@ def setup():
     return x
 
 
-def t_every_event_is_taken(x):
+def check_model(x, parts, what):
     info = wait_for(x.t, lambda i: int(i.get("messages_consumed", 0)) >= x.produced and
-                    i.get("partitions") == str(GROWN) and i.get("lag") == "0", 120,
-                    f"tallyd did not consume every message of the {GROWN} partitions")
+                    i.get("partitions") == str(parts) and i.get("lag") == "0", 120,
+                    f"tallyd did not consume every message of the {parts} partitions")
     m = H.Mismatches()
     m.eq(int(info.get("rejected_ev_misrouted", -1)), 1,
-         "INFO rejected_ev_misrouted (the control event alone)")
+         f"INFO rejected_ev_misrouted (the control event alone), {what}")
     cli = x.t.client()
     try:
         wrong = []
@@ -179,14 +181,56 @@ def t_every_event_is_taken(x):
             want = [b"n:1d", x.model.n[u], b"s:1d", x.model.s[u]]
             if not H.same(got, want):
                 wrong.append((u, got, want))
-        m.check(not wrong, f"{len(wrong)} of {len(x.model.n)} users differ from the model, "
-                           f"first {wrong[:3]}")
+        m.check(not wrong, f"{len(wrong)} of {len(x.model.n)} users differ from the model "
+                           f"{what}, first {wrong[:3]}")
         got = cli.cmd("FEATURES", "user", x.bad_user, "n:1d")
         m.check(H.same(got, [b"n:1d", 0]) or isinstance(got, H.RespError),
                 f"the misrouted control event was counted: {got!r}")
     finally:
         cli.close()
     m.done()
+
+
+def t_every_event_is_taken(x):
+    check_model(x, GROWN, "after the growth")
+
+
+def t_pipelined_batches_are_judged_again(x):
+    """tallyd is stopped (SIGSTOP) while the topic grows again, 6 -> 9,
+    and 12,000 events go into partition 0 for 4,000 users whose partition is
+    0 by the new count and another one by the old: once it runs again it
+    reads them in batches of one partition, which its two appliers pipeline
+    (the next batch is decoded, by the old count, before the one before is
+    settled and the count learnt); every one must be taken."""
+    users = []
+    u = 500_000
+    while len(users) < 4000:
+        if murmur2_partition(str(u), 9) == 0 and murmur2_partition(str(u), GROWN) != 0:
+            users.append(u)
+        u += 1
+    ts = int(time.time() * 1000) - 30_000
+    recs, x.seq = events(users, x.seq, ts, x.model)
+    x.t.proc.send_signal(signal.SIGSTOP)
+    try:
+        admin = K.AdminClient({"bootstrap.servers": x.bootstrap})
+        admin.create_partitions([K.NewPartitions(x.topic, 9)],
+                                request_timeout=30 * H.MULT)[x.topic].result(timeout=60 * H.MULT)
+        prod = K.Producer({"bootstrap.servers": x.bootstrap, "linger.ms": 20, "log_level": 3})
+        failed = []
+        for key, value, t in recs:  # into partition 0, where the new count puts them
+            while True:
+                try:
+                    prod.produce(x.topic, value=value, key=key, partition=0, timestamp=t,
+                                 on_delivery=lambda err, msg: err and failed.append(err))
+                    break
+                except BufferError:
+                    prod.poll(0.05)  # the local queue is full: serve delivery reports
+        if prod.flush(60 * H.MULT) or failed:
+            raise H.Failure(f"batch C was not all delivered ({failed[:3]})")
+    finally:
+        x.t.proc.send_signal(signal.SIGCONT)
+    x.produced += len(recs)
+    check_model(x, 9, "after batch C")
 
 
 def main():
@@ -198,6 +242,8 @@ def main():
         return suite.finish()
     suite.run("shard_every_event_routed_by_the_old_or_new_count_is_taken",
               t_every_event_is_taken, x)
+    suite.run("shard_pipelined_batches_decoded_by_the_old_count_are_judged_again",
+              t_pipelined_batches_are_judged_again, x)
     rc = x.t.close()
     if rc != 0:
         suite.fail_setup("shard_grow_tallyd_exits_0_on_sigterm", f"exit {rc}")
