@@ -66,13 +66,14 @@ bool tly_shard_start(tly_shard_t *sh, const char *bootstrap, bool embedded, cons
 /* Stops the endpoints thread and frees sh. NULL is allowed. */
 void tly_shard_free(tly_shard_t *sh);
 
-/* Poll thread: the topics' partition count (0: unknown). The count is also
- * remembered as one the topics had (tly_shard_note_count). */
+/* Poll thread: the topics' partition count (0: unknown), the one queries
+ * are routed by; the routes (tly_shard_routes) start again from it. */
 void tly_shard_set_partitions(tly_shard_t *sh, int32_t nparts);
 int32_t tly_shard_partitions(const tly_shard_t *sh);
 
-/* Poll thread: remembers nparts (> 0) as a count the topics have grown to
- * before the group rebalanced to it (the last TLY_SHARD_COUNTS counts). */
+/* Poll thread: notes nparts (> 0) as a count the topics have, maybe grown
+ * to before the group rebalanced to it (the last TLY_SHARD_COUNTS counts
+ * noted; those above the current count are routes). */
 #define TLY_SHARD_COUNTS 4
 void tly_shard_note_count(tly_shard_t *sh, int32_t nparts);
 
