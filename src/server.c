@@ -32,10 +32,11 @@
  * execution resumes with the input already buffered, then reading resumes;
  * the pending request's deadline starts again then. A paused client whose
  * unread output has not shrunk for server.output_stall (the timer checks
- * client_unread: this end's buffers, libuv's and the kernel's) is read on regardless of the soft
- * limit until its output drains below it (unthrottled): a client that writes its whole pipeline
- * before reading a reply, as redis-py's pipelines do, would otherwise wait
- * on tallyd while tallyd waits on it. A reply that takes the queue above
+ * client_unread: this end's buffers, libuv's and the kernel's) is read on
+ * regardless of the soft limit until its output drains below it
+ * (unthrottled): a client that writes its whole pipeline before reading a
+ * reply, as redis-py's pipelines do, would otherwise wait on tallyd while
+ * tallyd waits on it. A reply that takes the queue above
  * server.max_output_buffer closes the client at once (one WARN line), as
  * Redis's client-output-buffer-limit does; so does a client that never
  * reads, once its replies reach that cap.
@@ -138,8 +139,8 @@ struct client {
     client_state_t state;
     bool reading;       /* uv_read_start in effect */
     bool paused;        /* execution stopped by server.output_soft_limit */
-    bool unthrottled;   /* paused with no write progress for server.output_stall:
-                         * the soft limit is off until the output drains below it */
+    bool unthrottled;   /* paused with no reply read for server.output_stall: the
+                         * soft limit is off until the output drains below it */
     bool writing;       /* a uv_write of wbuf is in flight */
     bool shut;          /* uv_shutdown issued */
     bool peer_eof;      /* the peer closed its side: close once written */
@@ -1154,7 +1155,7 @@ static void timer_cb(uv_timer_t *t)
             tly_debug("client %" PRIu64 " (%s): request timeout (%zu bytes pending)", c->session.id,
                       c->session.addr, c->in.len);
             client_close(c);
-        } else if (c->state == CLIENT_OPEN && c->paused && stall > 0) {
+        } else if (c->state == CLIENT_OPEN && c->paused) {
             size_t left = client_unread(c);
             if (left < c->stall_left) {
                 c->stall_left = left;
@@ -1266,7 +1267,7 @@ static bool loop_open(server_loop_t *lp, char *errbuf, size_t errlen)
         period = (uint64_t)cfg->server.request_timeout_ms / 4;
     if ((uint64_t)cfg->server.idle_timeout_ms / 4 < period)
         period = (uint64_t)cfg->server.idle_timeout_ms / 4;
-    if (cfg->server.output_stall_ms > 0 && (uint64_t)cfg->server.output_stall_ms / 4 < period)
+    if ((uint64_t)cfg->server.output_stall_ms / 4 < period)
         period = (uint64_t)cfg->server.output_stall_ms / 4;
     if (period < 10)
         period = 10;

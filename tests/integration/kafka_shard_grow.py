@@ -28,7 +28,6 @@ from TLY_KAFKA_BOOTSTRAP, else one started for this run).
 """
 
 import json
-import shutil
 import signal
 import sys
 import time
@@ -82,11 +81,6 @@ def events(users, seq0, ts, model):
     return out, seq
 
 
-def produce(bootstrap, topic, records):
-    per_part = K.produce(bootstrap, topic, records)
-    return per_part
-
-
 def wait_for(t, cond, seconds, what):
     cli = t.client()
     end = H.deadline(seconds)
@@ -126,7 +120,7 @@ def setup():
         ts = int(time.time() * 1000) - 60_000
         users_a = list(range(1, USERS_A + 1))
         recs_a, seq = events(users_a, 0, ts, x.model)
-        produce(x.bootstrap, x.topic, recs_a)
+        K.produce(x.bootstrap, x.topic, recs_a)
         x.produced = len(recs_a)
         wait_for(x.t, lambda i: int(i.get("messages_consumed", 0)) >= x.produced, 60,
                  f"tallyd did not consume batch A ({x.produced} messages)")
@@ -137,7 +131,7 @@ def setup():
         users_b = users_a + list(range(100_001, 100_001 + USERS_B))
         recs_b, seq = events(users_b, seq, ts + 1000, x.model)
         x.seq = seq
-        per_part = produce(x.bootstrap, x.topic, recs_b)
+        per_part = K.produce(x.bootstrap, x.topic, recs_b)
         x.produced += len(recs_b)
         # the premises: batch B went by the new count, into old partitions
         # where the old count names another one, and into new partitions
@@ -247,12 +241,7 @@ def main():
     rc = x.t.close()
     if rc != 0:
         suite.fail_setup("shard_grow_tallyd_exits_0_on_sigterm", f"exit {rc}")
-    rc = suite.finish()
-    if rc == 0:
-        shutil.rmtree(x.tmp, ignore_errors=True)
-    else:
-        print(f"# logs and config kept in {x.tmp}", flush=True)
-    return rc
+    return H.finish(suite, x.tmp)
 
 
 if __name__ == "__main__":
