@@ -174,6 +174,9 @@ struct tly_store {
      * and whether the counted bytes were past it when last summed */
     int64_t max_bytes;
     atomic_bool full;
+    /* Tests only (set before writers start): compact logs turn into words
+     * by replaying every record, not by store_words_build. */
+    bool replay_conversions;
 };
 
 static inline size_t id_words(size_t idlen)
@@ -371,6 +374,16 @@ bool store_words_valid(const tly_store_t *store, const ent_t *e);
 void store_words_apply(tly_store_t *store, ent_t **entp, const tly_entity_t *etype, uint64_t mask,
                        const uint32_t *feats, uint32_t nfeats, const tly_event_t *ev,
                        int64_t now_ms);
+/* Builds a word record's segments from a compact log at once: the same
+ * words as replaying the log's records one at a time through
+ * store_words_apply at now_ms would write. Windows are built whole; an
+ * item list too when none of its items would be trimmed or dropped and
+ * all share one packed schema. The record (a store_build, not yet
+ * published) holds no segment yet; its word 0 becomes the newest record's
+ * time. Returns the mask of the item features left for the caller to
+ * replay record by record (and only those). */
+uint64_t store_words_build(tly_store_t *store, ent_t **entp, const tly_entity_t *etype,
+                           const log_t *lg, int64_t now_ms);
 /* The newest items of the list at off, newest first: of the k newest kept
  * at or before asof_ms, those at or after since_ms, at most cap. They agree
  * with store_log_recent's for the same events when asof_ms is at or after

@@ -369,11 +369,17 @@ static void compact_to_words(tly_store_t *store, ent_t **entp, int64_t now_ms)
     ent_t *e = store_build(store, old, F_WORDS, guess > 16 ? guess : 16);
     st(e, 0, (uint64_t)INT64_MIN);
     atomic_store_explicit(&e->used, 1, memory_order_relaxed);
+    /* windowed segments built whole, item lists replayed in arrival order
+     * (all of it replayed when a test asks, as the oracle of the build) */
+    uint64_t replay =
+        store->replay_conversions ? UINT64_MAX : store_words_build(store, &e, etype, &lg, now_ms);
     tly_event_t ev;
-    for (size_t i = 0; i < lg.nrecs; i++) {
+    for (size_t i = 0; replay && i < lg.nrecs; i++) {
+        if (!(lg.masks[i] & replay))
+            continue;
         ev_from_rec(fs, et, &lg, i, &ev);
-        store_words_apply(store, &e, etype, lg.masks[i], NULL, (uint32_t)etype->nfeats, &ev,
-                          now_ms);
+        store_words_apply(store, &e, etype, lg.masks[i] & replay, NULL, (uint32_t)etype->nfeats,
+                          &ev, now_ms);
     }
     atomic_store_explicit(&et->conv_words, atomic_load_explicit(&e->used, memory_order_relaxed),
                           memory_order_relaxed);

@@ -640,6 +640,186 @@ void store_words_apply(tly_store_t *store, ent_t **entp, const tly_entity_t *ety
         st(e, 0, (uint64_t)ev->time_ms);
 }
 
+/* One log record's bucket in a window, for store_words_build. */
+typedef struct {
+    uint32_t bucket;
+    uint32_t rec;
+} bucket_rec_t;
+
+/* Appends the segment of window w of windowed feature feat built from the
+ * records of lg that take it (bit: the feature's mask bit). */
+static void build_window(tly_store_t *store, ent_t **entp, const tly_feat_t *feat, uint32_t w,
+                         const log_t *lg, uint64_t bit, int64_t now_ms)
+{
+    const tly_agg_kind_t kind = feat->agg;
+    const uint32_t sw = stride_of(kind);
+    const uint32_t vj = feat->nvalues ? store->vidx[feat->id][0] : 0;
+    const tly_window_t *win = &feat->windows[w];
+    int64_t lo, hi;
+    store_window_range(win, now_ms, &lo, &hi);
+    /* the records this window takes, by bucket, each bucket's in arrival
+     * order (an insertion sort: a few dozen records, most of them in one
+     * bucket or in order) */
+    bucket_rec_t br[COMPACT_MAX_EVENTS];
+    size_t n = 0, nb = 0;
+    for (size_t i = 0; i < lg->nrecs; i++) {
+        if (!(lg->masks[i] & bit))
+            continue;
+        int64_t bk = tly_window_bucket(lg->ts[i], win->hop_ms);
+        if (bk < lo || bk < 0 || bk > UINT32_MAX)
+            continue; /* outside this window; longer ones take it */
+        size_t at = n++;
+        while (at > 0 && br[at - 1].bucket > (uint32_t)bk) {
+            br[at] = br[at - 1];
+            at--;
+        }
+        br[at] = (bucket_rec_t){(uint32_t)bk, (uint32_t)i};
+    }
+    for (size_t j = 0; j < n; j++)
+        nb += j == 0 || br[j].bucket != br[j - 1].bucket;
+    if (nb == 0)
+        return;
+    const uint32_t len = (uint32_t)nb * sw;
+    words_reserve(store, entp, 1 + len);
+    ent_t *e = *entp;
+    const uint32_t off = atomic_load_explicit(&e->used, memory_order_relaxed);
+    st(e, off, SEG_HDR(SID_WINDOW(feat->slot, w), len));
+    uint32_t at = off + 1;
+    for (size_t j = 0; j < n; j++) {
+        const tly_value_t *v = feat->nvalues ? &lg->recs[br[j].rec].vals[vj] : NULL;
+        tly_cell_t c = TLY_CELL_INIT;
+        if (j > 0 && br[j].bucket == br[j - 1].bucket) {
+            at -= sw; /* the bucket's cell, folded on as win_update does */
+            if (kind == TLY_AGG_COUNT) {
+                uint64_t x = ld(e, at);
+                st(e, at, x + ((uint32_t)x != UINT32_MAX));
+                at += sw;
+                continue;
+            }
+            cell_load(e, at, kind, &c);
+        }
+        tly_agg_cell_add(kind, &c, v);
+        cell_store(e, at, br[j].bucket, kind, &c);
+        at += sw;
+    }
+    atomic_store_explicit(&e->used, at, memory_order_relaxed);
+}
+
+/* Appends the item list of last/last_k feature feat built from the
+ * records of lg that take it, when lastk_update would have left a packed
+ * list of them all (fewer than k: nothing trimmed or dropped) or, for
+ * `last` (k = 1) with every item at or before now_ms, of the newest; and
+ * all of one packed schema (a list never turned tagged on the way).
+ * Returns false, having written nothing, otherwise. */
+static bool build_items(tly_store_t *store, ent_t **entp, const tly_feat_t *feat, const log_t *lg,
+                        uint64_t bit, int64_t now_ms)
+{
+    const uint32_t nv = (uint32_t)feat->nvalues;
+    uint64_t pay[COMPACT_MAX_EVENTS][TLY_MAX_ITEM_VALUES];
+    int64_t ts[COMPACT_MAX_EVENTS];
+    uint32_t order[COMPACT_MAX_EVENTS]; /* taken records by time, then arrival */
+    uint64_t schema0 = 0;
+    size_t n = 0;
+    for (size_t i = 0; i < lg->nrecs; i++) {
+        if (!(lg->masks[i] & bit))
+            continue;
+        if (feat->k == 1 ? lg->ts[i] > now_ms : n + 1 >= feat->k)
+            return false; /* the list may trim or drop: replayed */
+        uint64_t schema = (uint64_t)nv << 32;
+        for (uint32_t j = 0; j < nv; j++) {
+            const tly_value_t *v = &lg->recs[i].vals[store->vidx[feat->id][j]];
+            uint64_t code;
+            int id = -1;
+            switch (v->type) {
+            case TLY_V_INT:
+                code = PACK_INT;
+                break;
+            case TLY_V_DOUBLE:
+                code = PACK_DOUBLE;
+                break;
+            case TLY_V_BOOL:
+                code = PACK_BOOL;
+                break;
+            case TLY_V_STR:
+                id = store_intern_get(store, v->u.s, v->len);
+                if (id < 0)
+                    return false;
+                code = PACK_ISTR;
+                break;
+            default:
+                return false;
+            }
+            schema |= code << (4 * j);
+            pay[n][j] = payload_word(v, id);
+        }
+        if (n == 0)
+            schema0 = schema;
+        else if (schema != schema0)
+            return false; /* the list turns tagged on the way: replayed */
+        ts[n] = lg->ts[i];
+        size_t at = n;
+        while (at > 0 && ts[order[at - 1]] > ts[n]) {
+            order[at] = order[at - 1];
+            at--;
+        }
+        order[at] = (uint32_t)n;
+        n++;
+    }
+    if (n == 0)
+        return true;
+    size_t from = 0;
+    if (feat->k == 1)
+        from = n - 1; /* `last`: each item at or before now_ms replaced the
+                       * one before it, or was older and dropped */
+    /* the list as lastk_update leaves it: the count word, the schema, the
+     * items oldest first, each its payload words and its time */
+    const uint32_t uw = nv + 1, len = 2 + (uint32_t)(n - from) * uw;
+    words_reserve(store, entp, 1 + len);
+    ent_t *e = *entp;
+    const uint32_t off = atomic_load_explicit(&e->used, memory_order_relaxed);
+    st(e, off, SEG_HDR(SID_ITEMS(feat->slot), len));
+    st(e, off + 1, (uint64_t)(n - from) | (uint64_t)uw << 32 | PACKED_BIT);
+    st(e, off + 2, schema0);
+    uint32_t at = off + 3;
+    for (size_t r = from; r < n; r++) {
+        for (uint32_t j = 0; j < nv; j++)
+            st(e, at++, pay[order[r]][j]);
+        st(e, at++, (uint64_t)ts[order[r]]);
+    }
+    atomic_store_explicit(&e->used, at, memory_order_relaxed);
+    return true;
+}
+
+uint64_t store_words_build(tly_store_t *store, ent_t **entp, const tly_entity_t *etype,
+                           const log_t *lg, int64_t now_ms)
+{
+    const tly_featset_t *fs = store->fs;
+    uint64_t any = 0, replay = 0;
+    int64_t newest = (int64_t)ld(*entp, 0);
+    for (size_t i = 0; i < lg->nrecs; i++) {
+        any |= lg->masks[i];
+        if (lg->ts[i] > newest)
+            newest = lg->ts[i];
+    }
+    st(*entp, 0, (uint64_t)newest);
+    /* segments in increasing id order: every window's, then the lists */
+    for (size_t fi = 0; fi < etype->nfeats; fi++) {
+        const tly_feat_t *feat = &fs->feats[etype->feats[fi]];
+        const uint64_t bit = UINT64_C(1) << feat->slot;
+        if ((any & bit) && tly_agg_windowed(feat->agg))
+            for (uint32_t w = 0; w < feat->nwindows; w++)
+                build_window(store, entp, feat, w, lg, bit, now_ms);
+    }
+    for (size_t fi = 0; fi < etype->nfeats; fi++) {
+        const tly_feat_t *feat = &fs->feats[etype->feats[fi]];
+        const uint64_t bit = UINT64_C(1) << feat->slot;
+        if ((any & bit) && !tly_agg_windowed(feat->agg) &&
+            !build_items(store, entp, feat, lg, bit, now_ms))
+            replay |= bit;
+    }
+    return replay;
+}
+
 /* The interned string `id` into v, its bytes copied to strbuf (*full when
  * they do not fit); false when the intern table has no such string. */
 static bool istr_read(const tly_store_t *store, uint64_t id, tly_value_t *v, char *strbuf,

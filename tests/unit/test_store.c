@@ -2145,6 +2145,191 @@ static void test_compact_and_word_folds_agree_where_order_matters(void **state)
     teardown(&fxp);
 }
 
+/* One record of a dump, for comparing two stores record by record (their
+ * tables are seeded apart, so their dumps list records in other orders). */
+typedef struct {
+    uint32_t type, used;
+    uint8_t mode, idlen;
+    char id[64];
+    const uint8_t *words;
+} drec_t;
+
+static int drec_cmp(const void *a, const void *b)
+{
+    const drec_t *x = a, *y = b;
+    if (x->type != y->type)
+        return x->type < y->type ? -1 : 1;
+    if (x->idlen != y->idlen)
+        return x->idlen < y->idlen ? -1 : 1;
+    return memcmp(x->id, y->id, x->idlen);
+}
+
+/* The entity items of a dump's blocks, sorted by type and id. */
+static size_t dump_records(const dump_t *d, drec_t *out, size_t cap)
+{
+    size_t n = 0;
+    for (size_t b = 0; b < d->n; b++) {
+        const uint8_t *p = d->blocks[b];
+        size_t at = 0;
+        while (at < d->lens[b]) {
+            uint8_t kind = p[at++];
+            if (kind == 3) { /* layout */
+                uint32_t nl = p[at + 2] | p[at + 3] << 8;
+                at += 4 + nl;
+                uint32_t nslots =
+                    p[at] | p[at + 1] << 8 | p[at + 2] << 16 | (uint32_t)p[at + 3] << 24;
+                at += 4 + 8 * (size_t)nslots;
+                uint8_t nvf = p[at++];
+                for (uint32_t j = 0; j < nvf; j++)
+                    at += 2 + (size_t)(p[at] | p[at + 1] << 8);
+            } else if (kind == 1) { /* intern */
+                uint32_t len =
+                    p[at + 4] | p[at + 5] << 8 | p[at + 6] << 16 | (uint32_t)p[at + 7] << 24;
+                at += 8 + len;
+            } else {
+                assert_int_equal(kind, 2);
+                assert_true(n < cap);
+                drec_t *r = &out[n++];
+                r->type = p[at] | p[at + 1] << 8;
+                r->idlen = p[at + 2];
+                r->mode = p[at + 3];
+                r->used = p[at + 4] | p[at + 5] << 8 | p[at + 6] << 16 | (uint32_t)p[at + 7] << 24;
+                uint32_t nwords =
+                    p[at + 8] | p[at + 9] << 8 | p[at + 10] << 16 | (uint32_t)p[at + 11] << 24;
+                at += 12;
+                assert_true(r->idlen < sizeof r->id);
+                memcpy(r->id, p + at, r->idlen);
+                r->words = p + at + r->idlen;
+                at += r->idlen + 8 * (size_t)nwords;
+            }
+        }
+    }
+    qsort(out, n, sizeof *out, drec_cmp);
+    return n;
+}
+
+/* A compact log turns into the word encoding by building each segment at
+ * once (store_words_build), not by replaying its records one by one; the
+ * replay (the path every live event takes, kept for tests) is the oracle:
+ * two stores take the same random stream, one converting each way, and
+ * every record must come out word for word the same. The stream mixes
+ * every aggregation, buckets in and out of their windows, times after the
+ * writer's now, `last` and short and long `last_k` lists, items that
+ * cannot be packed (a long string, a missing value) or change schema
+ * (a number, then a bool). */
+static void test_compact_conversion_builds_what_replay_writes(void **state)
+{
+    (void)state;
+    static const char *cfg_yaml =
+        "events:\n"
+        "  time: { field: ts, unit: ms }\n"
+        "  max_future_skew: 10m\n"
+        "features:\n"
+        "  - { name: clicks, entity: user, key: user_id, where: { action: click }, agg: count,"
+        " windows: [5m, 1h, 1d, 7d] }\n"
+        "  - { name: s, entity: user, key: user_id, agg: sum, value: v, windows: [5m, 1h] }\n"
+        "  - { name: mn, entity: user, key: user_id, agg: min, value: v, windows: [1h] }\n"
+        "  - { name: mx, entity: user, key: user_id, where: { action: [click, save] }, agg: max,"
+        " value: v, windows: [1h, 1d] }\n"
+        "  - { name: av, entity: user, key: user_id, agg: avg, value: v, windows: [1d] }\n"
+        "  - { name: last_action, entity: user, key: user_id, agg: last, value: action }\n"
+        "  - { name: last_label, entity: user, key: user_id, agg: last, value: label }\n"
+        "  - { name: few, entity: user, key: user_id, agg: last_k, k: 3, value: [action, v] }\n"
+        "  - { name: many, entity: user, key: user_id, agg: last_k, k: 100,"
+        " value: [pin_id, action] }\n"
+        "  - { name: labels, entity: user, key: user_id, agg: last_k, k: 40, value: [label] }\n"
+        "  - { name: impressions, entity: pin, key: pin_id, where: { action: impression },"
+        " agg: count, windows: [1h, 1d] }\n";
+    void *fxp = NULL;
+    assert_int_equal(setup_yaml(&fxp, cfg_yaml), 0);
+    fx_t *fx = fxp;
+    const tly_featset_t *fs = fx->fs;
+    tly_store_t *built = fx->store, *replayed = tly_store_new(fs);
+    replayed->replay_conversions = true;
+    int f_v = tly_featset_field(fs, "v", 1), f_label = tly_featset_field(fs, "label", 5);
+    static const char *const actions[] = {"click", "save", "impression", "hide"};
+    static const char long_label[] = "a label too long to be interned, so never packed";
+    uint64_t r = 0x9e3779b97f4a7c15;
+    int64_t now = T;
+    char pins[100][12];
+    for (int i = 0; i < 100; i++)
+        snprintf(pins[i], sizeof pins[i], "%d", i);
+    for (int i = 0; i < 30000; i++) {
+        r = r * 6364136223846793005u + 1442695040888963407u;
+        uint32_t x = (uint32_t)(r >> 33);
+        now += x % 3 == 0 ? SEC : 0; /* the writer's clock moves on */
+        int user = (int)(x % 500), pin = (int)((x >> 9) % 100);
+        tly_event_t e;
+        memset(&e, 0, sizeof e);
+        e.nfields = (uint32_t)fs->nfields;
+        /* mostly the last hour, some of the last two days (past the short
+         * windows), a few after now (within the skew) and of a sparse
+         * user's own minute, for equal times */
+        uint32_t y = (uint32_t)(r >> 13);
+        e.time_ms = y % 10 == 0   ? now - (int64_t)(y % (2 * 24 * 60)) * MIN
+                    : y % 10 == 1 ? now + (int64_t)(y % 300) * SEC
+                    : y % 10 == 2 ? now - (now % MIN) - user * SEC
+                                  : now - (int64_t)(y % 3600) * SEC;
+        const char *action = actions[(x >> 17) % 4];
+        e.vals[fx->f_user] = (tly_value_t){.type = TLY_V_INT, .u.i = user};
+        e.vals[fx->f_pin] =
+            (tly_value_t){.type = TLY_V_STR, .len = (uint32_t)strlen(pins[pin]), .u.s = pins[pin]};
+        e.vals[fx->f_action] =
+            (tly_value_t){.type = TLY_V_STR, .len = (uint32_t)strlen(action), .u.s = action};
+        switch ((x >> 20) % 8) { /* v: mostly integers, some doubles, some missing */
+        case 0:
+            e.vals[f_v] = (tly_value_t){.type = TLY_V_DOUBLE, .u.d = (double)(x % 1000) / 7.0};
+            break;
+        case 1:
+            break;
+        default:
+            e.vals[f_v] = (tly_value_t){.type = TLY_V_INT, .u.i = (int64_t)(x % 5000) - 100};
+            break;
+        }
+        /* label: a short string for most users; users divisible by 7 also
+         * get long ones, by 11 missing ones, by 13 numbers and bools */
+        if (user % 7 == 0 && x % 5 == 0)
+            e.vals[f_label] =
+                (tly_value_t){.type = TLY_V_STR, .len = sizeof long_label - 1, .u.s = long_label};
+        else if (user % 11 == 0 && x % 4 == 0)
+            ;
+        else if (user % 13 == 0)
+            e.vals[f_label] = x % 2 ? (tly_value_t){.type = TLY_V_INT, .u.i = x % 9}
+                                    : (tly_value_t){.type = TLY_V_BOOL, .u.i = x % 3 == 0};
+        else
+            e.vals[f_label] =
+                (tly_value_t){.type = TLY_V_STR, .len = 2, .u.s = x % 3 ? "ab" : "cd"};
+        tly_err_t a = tly_store_apply(built, &e, 0, i, now);
+        tly_err_t b = tly_store_apply(replayed, &e, 0, i, now);
+        assert_int_equal(a, b);
+    }
+    dump_t da = {.n = 0}, db = {.n = 0};
+    assert_int_equal(tly_store_dump(built, NULL, keep_block, &da), TLY_OK);
+    assert_int_equal(tly_store_dump(replayed, NULL, keep_block, &db), TLY_OK);
+    static drec_t ra[2000], rb[2000];
+    size_t na = dump_records(&da, ra, 2000), nb = dump_records(&db, rb, 2000);
+    assert_int_equal(na, nb);
+    assert_int_equal(na, 600); /* 500 users and 100 pins */
+    size_t words = 0;
+    for (size_t i = 0; i < na; i++) {
+        assert_int_equal(drec_cmp(&ra[i], &rb[i]), 0);
+        assert_int_equal(ra[i].mode, rb[i].mode);
+        assert_int_equal(ra[i].used, rb[i].used);
+        size_t bytes = ra[i].mode & 2 ? 8 * (size_t)ra[i].used : ra[i].used;
+        if (memcmp(ra[i].words, rb[i].words, bytes) != 0)
+            fail_msg("type %u id %.*s: the built record differs from the replayed one", ra[i].type,
+                     (int)ra[i].idlen, ra[i].id);
+        words += (ra[i].mode & 2) != 0;
+    }
+    assert_true(words >= 590); /* nearly all of them converted */
+    for (size_t b = 0; b < da.n; b++)
+        free(da.blocks[b]);
+    for (size_t b = 0; b < db.n; b++)
+        free(db.blocks[b]);
+    tly_store_free(replayed);
+    teardown(&fxp);
+}
+
 static void test_item_feature_before_windowed_ones_in_word_encoding(void **state)
 {
     (void)state;
@@ -2647,6 +2832,7 @@ int main(void)
                                         teardown),
         cmocka_unit_test(test_items_wider_than_the_width_field_read_and_round_trip),
         cmocka_unit_test(test_compact_and_word_folds_agree_where_order_matters),
+        cmocka_unit_test(test_compact_conversion_builds_what_replay_writes),
         cmocka_unit_test(test_item_feature_before_windowed_ones_in_word_encoding),
         cmocka_unit_test_setup_teardown(test_word_encoded_sum_past_int64_turns_double, setup,
                                         teardown),
