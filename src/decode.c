@@ -10,6 +10,15 @@
  * string values of at most fifteen bytes, the usual kind, are read a word
  * or two at a time.
  *
+ * Shapes: a producer writes its events alike (the same keys in the same
+ * order, the same spacing), so a decoder keeps the bytes between the values
+ * of a few accepted events (shape_t) and reads a payload that has those
+ * bytes by comparing them and scanning the values alone, with the same
+ * checks and extraction as the walk. Those bytes came from a payload the
+ * walk accepted, so one that matches them is what the walk would have read,
+ * member for member; anything else (a byte off, a value of another kind)
+ * goes to the walk from the start.
+ *
  * Rejection precedence, so that each payload has exactly one reason:
  * EV_TOO_LARGE, then the first of EV_TOO_COMPLEX (the 257th token: each
  * object, array, key and value is one) and EV_BAD_JSON (a grammar error) met
@@ -80,6 +89,25 @@
  * quarter full at worst and a miss almost always costs one probe. */
 #define FIELD_SLOTS 256u
 
+/* Shapes: the bytes between the values of an event that was accepted,
+ * kept so that the next events of that shape (a producer writes every
+ * event the same way: keys in one order, the same spacing) are read by
+ * comparing those bytes and scanning only the values. Members whose value
+ * is a number or a string only; at most SHAPE_MEMBERS of them. */
+#define SHAPES           4
+#define SHAPE_MEMBERS    16
+#define SHAPE_BYTES      480 /* a shape's bytes between values, at most */
+#define SHAPE_LEARN_RATE 16  /* of the events no shape reads, one teaches one */
+
+typedef struct {
+    uint32_t nmem;
+    uint16_t pre_off[SHAPE_MEMBERS + 1]; /* member i's bytes before its value; */
+    uint8_t pre_len[SHAPE_MEMBERS + 1];  /* [nmem]: the bytes after the last */
+    int8_t fid[SHAPE_MEMBERS];           /* the field its key names, or -1 */
+    uint8_t kind[SHAPE_MEMBERS];         /* V_NUM or V_STR */
+    char bytes[SHAPE_BYTES];
+} shape_t;
+
 struct tly_decoder {
     const tly_featset_t *fs;
     tly_event_rules_t rules; /* time field and limits in force (a copy) */
@@ -89,6 +117,19 @@ struct tly_decoder {
     char *scratch;             /* decoded strings; see the memory invariant */
     size_t cap;
     size_t used;
+    /* shapes learnt (see shape_t), the one read last, the next to replace,
+     * and how many leading members each two have alike */
+    shape_t shapes[SHAPES];
+    uint32_t nshapes, last, victim;
+    uint8_t alike[SHAPES][SHAPES];
+    uint32_t misses; /* events no shape read */
+    bool shapes_off; /* tly_decoder_set_shapes */
+    uint64_t shaped; /* events a shape read */
+    /* the members of the event being scanned, when it may teach a shape:
+     * where each value starts and ends, its field and kind */
+    uint32_t lstart[SHAPE_MEMBERS], lend[SHAPE_MEMBERS];
+    int8_t lfid[SHAPE_MEMBERS];
+    uint8_t lkind[SHAPE_MEMBERS];
 };
 
 /* What the scan learnt about one value. */
@@ -116,6 +157,8 @@ typedef struct {
     tly_err_t err;      /* first field error, in document order */
     const char *time_p; /* text of the last time-field value extracted, or NULL */
     size_t time_n;
+    bool learn;    /* noting the top-level members for a shape */
+    uint32_t nmem; /* ... how many, or SHAPE_MEMBERS + 1: not a shape */
 } walk_t;
 
 /* The first eight bytes of a key s[0..n) as a word, zero-padded when n < 8.
@@ -235,14 +278,13 @@ static size_t skip_ws(const char *js, size_t pos, size_t len)
  * non-digit, so the lowest non-digit byte is found exactly. The digits are
  * then moved to the top of the word (as if led by zeros) and combined in
  * pairs, fours and eights. */
-static size_t digits8(const char *p, uint64_t *acc)
-{
 #if DECODE_WORDS
+/* digits8 of the eight bytes x (little-endian: p[0] the lowest). */
+static inline __attribute__((always_inline)) size_t digits8_word(uint64_t x, uint64_t *acc)
+{
     static const uint64_t pow10[9] = {1,      10,      100,      1000,     10000,
                                       100000, 1000000, 10000000, 100000000};
     const uint64_t hi = UINT64_C(0xF0F0F0F0F0F0F0F0), threes = UINT64_C(0x3030303030303030);
-    uint64_t x;
-    memcpy(&x, p, 8);
     uint64_t bad = ((x & hi) ^ threes) | (((x + UINT64_C(0x0606060606060606)) & hi) ^ threes);
     size_t k = bad == 0 ? 8 : (size_t)__builtin_ctzll(bad) / 8;
     if (k == 0)
@@ -255,6 +297,15 @@ static size_t digits8(const char *p, uint64_t *acc)
     d = (d * 10000 + (d >> 32)) & UINT64_C(0x00000000FFFFFFFF);
     *acc = *acc * pow10[k] + d;
     return k;
+}
+#endif
+
+static size_t digits8(const char *p, uint64_t *acc)
+{
+#if DECODE_WORDS
+    uint64_t x;
+    memcpy(&x, p, 8);
+    return digits8_word(x, acc);
 #else
     size_t k = 0;
     while (k < 8 && is_digit(p[k]))
@@ -264,12 +315,14 @@ static size_t digits8(const char *p, uint64_t *acc)
 }
 
 /* Scans the number at p[0..n) (it begins with '-' or a digit, or is not a
- * number) and returns its length, or 0 when it is malformed. The number
+ * number; `back` bytes before p may be read too: digits near the end of
+ * the payload are read by the word that ends it) and returns its length,
+ * or 0 when it is malformed. The number
  * ends at the first byte that cannot continue it; what follows is the
  * caller's to check. The integer part's digits are summed on the way:
  * v->small when there are at most 18 of them (below 10^18, so the sum
  * cannot overflow), and then v->mag is their value. */
-static size_t json_number(const char *p, size_t n, val_t *v)
+static size_t json_number(const char *p, size_t n, size_t back, val_t *v)
 {
     size_t i = 0;
     if (p[0] == '-')
@@ -286,9 +339,21 @@ static size_t json_number(const char *p, size_t n, val_t *v)
             k = digits8(p + i, &acc);
             i += k;
         }
-        if (k == 8) /* fewer than eight bytes were left */
+        if (k == 8 && i < n) { /* fewer than eight bytes were left */
+#if DECODE_WORDS
+            if (back + n >= 8) {
+                /* the eight bytes that end the payload, the ones read
+                 * already shifted out (zeros come in: not digits) */
+                uint64_t x;
+                memcpy(&x, p + n - 8, 8);
+                i += digits8_word(x >> (8 * (8 - (n - i))), &acc);
+            }
+#else
+            (void)back;
+#endif
             while (i < n && is_digit(p[i]))
                 acc = acc * 10 + (unsigned)(p[i++] - '0');
+        }
     } else {
         return 0;
     }
@@ -703,8 +768,9 @@ static void field_error(walk_t *w, int fid, tly_err_t e)
         w->err = fid == w->dec->rules.time_field ? TLY_E_EV_BAD_TIME : e;
 }
 
-/* Converts value v, just scanned, into ev->vals[fid]. */
-static void extract(walk_t *w, int fid, const val_t *v)
+/* Converts value v, just scanned, into ev->vals[fid]: extract's cases
+ * past the usual two. */
+static __attribute__((noinline)) void extract_rest(walk_t *w, int fid, const val_t *v)
 {
     tly_decoder_t *dec = w->dec;
     const char *p = v->p;
@@ -769,6 +835,32 @@ static void extract(walk_t *w, int fid, const val_t *v)
     }
     w->ev->vals[fid] = out;
     if (fid == dec->rules.time_field) {
+        w->time_p = v->p;
+        w->time_n = v->n;
+    }
+}
+
+/* Converts value v, just scanned, into ev->vals[fid]. The usual values
+ * (a plain string within max_string, an integer of up to 18 digits) here,
+ * the rest in extract_rest. */
+static inline void extract(walk_t *w, int fid, const val_t *v)
+{
+    tly_value_t out;
+    if (v->kind == V_NUM && v->is_int && v->small) {
+        out.type = TLY_V_INT;
+        out.len = 0;
+        out.u.i = v->p[0] == '-' ? -(int64_t)v->mag : (int64_t)v->mag;
+    } else if (v->kind == V_STR && !v->escaped &&
+               (w->dec->rules.max_string <= 0 || v->n <= (uint64_t)w->dec->rules.max_string)) {
+        out.type = TLY_V_STR;
+        out.len = (uint32_t)v->n;
+        out.u.s = v->p;
+    } else {
+        extract_rest(w, fid, v);
+        return;
+    }
+    w->ev->vals[fid] = out;
+    if (fid == w->dec->rules.time_field) {
         w->time_p = v->p;
         w->time_n = v->n;
     }
@@ -922,7 +1014,7 @@ static inline bool scan_string_value(walk_t *w, val_t *v)
 static inline bool scan_number_value(walk_t *w, val_t *v)
 {
     const char *p = w->js + w->pos;
-    size_t k = json_number(p, w->len - w->pos, v);
+    size_t k = json_number(p, w->len - w->pos, w->pos, v);
     if (!count_token(w) || k == 0)
         return false;
     v->kind = V_NUM;
@@ -944,6 +1036,23 @@ static inline bool scan_inner(walk_t *w, val_t *v)
             return scan_number_value(w, v);
     }
     return scan_value(w, v, false);
+}
+
+/* Notes a top-level member whose value spans [vstart, w->pos), for
+ * shape_learn. */
+static void note_member(walk_t *w, size_t vstart, int fid, const val_t *val)
+{
+    tly_decoder_t *dec = w->dec;
+    if (w->nmem >= SHAPE_MEMBERS || (val->kind != V_NUM && val->kind != V_STR) ||
+        w->pos > UINT32_MAX) {
+        w->nmem = SHAPE_MEMBERS + 1;
+        return;
+    }
+    dec->lstart[w->nmem] = (uint32_t)vstart;
+    dec->lend[w->nmem] = (uint32_t)w->pos;
+    dec->lfid[w->nmem] = (int8_t)fid;
+    dec->lkind[w->nmem] = (uint8_t)val->kind;
+    w->nmem++;
 }
 
 /* Scans the object or array opening at w->pos and everything in it; with
@@ -968,12 +1077,15 @@ static bool scan_container(walk_t *w, val_t *v, bool top)
         if (object && (w->pos >= w->len || js[w->pos] != '"' || !count_token(w) ||
                        !scan_key(w, &key, &head, &headed) || !skip_sep(w, ':')))
             return false;
+        size_t vstart = w->pos;
         if (!scan_inner(w, &val))
             return false;
         if (object && top && w->err == TLY_OK) {
             int fid = headed ? lookup_head(w->dec, key.p, key.n, head) : key_field(w, &key);
             if (fid >= 0)
                 extract(w, fid, &val);
+            if (w->learn)
+                note_member(w, vstart, fid, &val);
         }
         if (w->pos < w->len && js[w->pos] == close) {
             w->pos++;
@@ -1093,6 +1205,128 @@ static tly_err_t event_time(const walk_t *w, int64_t kafka_ts_ms)
     return TLY_OK;
 }
 
+/* Whether a[0..n) equals b[0..n). */
+static inline bool same_bytes(const char *a, const char *b, size_t n)
+{
+#if DECODE_WORDS
+    if (n >= 8 && n <= 16) { /* two overlapping words */
+        uint64_t a0, a1, b0, b1;
+        memcpy(&a0, a, 8);
+        memcpy(&b0, b, 8);
+        memcpy(&a1, a + n - 8, 8);
+        memcpy(&b1, b + n - 8, 8);
+        return ((a0 ^ b0) | (a1 ^ b1)) == 0;
+    }
+#endif
+    return memcmp(a, b, n) == 0;
+}
+
+/* Whether shape s's bytes before member i (or, i == nmem, after its last)
+ * are the payload's at w->pos: before a member they must be followed by
+ * its value; after the last they must end the payload. */
+static inline bool shape_fits(const walk_t *w, const shape_t *s, uint32_t i)
+{
+    size_t n = s->pre_len[i], left = w->len - w->pos;
+    return (i < s->nmem ? left > n : left == n) &&
+           same_bytes(w->js + w->pos, s->bytes + s->pre_off[i], n);
+}
+
+/* Reads the payload by a learnt shape: every byte between the values is
+ * the shape's, each value is scanned (and checked) as the grammar walk
+ * would scan it, and the referenced ones are extracted in document order.
+ * What the walk would have found is then found: the payload is an object
+ * of those members, each key naming the field it named when learnt. When
+ * the bytes part from the shape at some member, another shape alike up to
+ * it may go on. False when no shape reads the payload through; then
+ * *ev and w are partly written (the caller starts them again). */
+static bool read_shaped(walk_t *w)
+{
+    tly_decoder_t *dec = w->dec;
+    uint32_t t = dec->last;
+    const shape_t *s = &dec->shapes[t];
+    for (uint32_t i = 0;; i++) {
+        if (!shape_fits(w, s, i)) {
+            uint32_t c = 0;
+            for (; c < dec->nshapes; c++)
+                if (c != t && dec->alike[t][c] >= i && shape_fits(w, &dec->shapes[c], i))
+                    break;
+            if (c == dec->nshapes)
+                return false;
+            t = c;
+            s = &dec->shapes[t];
+        }
+        w->pos += s->pre_len[i];
+        if (i == s->nmem)
+            break;
+        val_t v;
+        if (s->kind[i] == V_NUM) {
+            const char *p = w->js + w->pos;
+            size_t k = json_number(p, w->len - w->pos, w->pos, &v);
+            if (k == 0)
+                return false;
+            v.kind = V_NUM;
+            v.p = p;
+            v.n = k;
+            w->pos += k;
+        } else {
+            uint64_t head;
+            if (w->js[w->pos] != '"' || !(short_string(w, &v, &head) || scan_string(w, &v)))
+                return false;
+        }
+        if (s->fid[i] >= 0 && w->err == TLY_OK)
+            extract(w, s->fid[i], &v);
+    }
+    dec->last = t;
+    return true;
+}
+
+/* Keeps the shape of the payload just accepted (its members noted by the
+ * walk), in place of the oldest learnt when all places are taken. */
+static void shape_learn(tly_decoder_t *dec, const walk_t *w)
+{
+    if (w->nmem > SHAPE_MEMBERS)
+        return;
+    shape_t sh;
+    size_t used = 0, prev = 0;
+    for (uint32_t i = 0; i <= w->nmem; i++) {
+        size_t end = i < w->nmem ? dec->lstart[i] : w->len, n = end - prev;
+        if (n > UINT8_MAX || used + n > SHAPE_BYTES)
+            return;
+        sh.pre_off[i] = (uint16_t)used;
+        sh.pre_len[i] = (uint8_t)n;
+        memcpy(sh.bytes + used, w->js + prev, n);
+        used += n;
+        if (i < w->nmem) {
+            sh.fid[i] = dec->lfid[i];
+            sh.kind[i] = dec->lkind[i];
+            prev = dec->lend[i];
+        }
+    }
+    sh.nmem = w->nmem;
+    uint32_t t = dec->nshapes < SHAPES ? dec->nshapes++ : dec->victim++ % SHAPES;
+    dec->shapes[t] = sh;
+    for (uint32_t c = 0; c < dec->nshapes; c++) {
+        const shape_t *o = &dec->shapes[c];
+        uint32_t i = 0;
+        while (i < sh.nmem && i < o->nmem && sh.kind[i] == o->kind[i] && sh.fid[i] == o->fid[i] &&
+               sh.pre_len[i] == o->pre_len[i] &&
+               memcmp(sh.bytes + sh.pre_off[i], o->bytes + o->pre_off[i], sh.pre_len[i]) == 0)
+            i++;
+        dec->alike[t][c] = dec->alike[c][t] = (uint8_t)i;
+    }
+    dec->last = t;
+}
+
+void tly_decoder_set_shapes(tly_decoder_t *dec, bool on)
+{
+    dec->shapes_off = !on;
+}
+
+uint64_t tly_decoder_shaped(const tly_decoder_t *dec)
+{
+    return dec->shaped;
+}
+
 tly_err_t tly_decode_json(tly_decoder_t *dec, const char *payload, size_t len, int64_t kafka_ts_ms,
                           tly_event_t *ev)
 {
@@ -1113,6 +1347,18 @@ tly_err_t tly_decode_json(tly_decoder_t *dec, const char *payload, size_t len, i
         ev->vals[i] = (tly_value_t){.type = TLY_V_NIL};
 
     walk_t w = {.dec = dec, .js = payload, .len = len, .ev = ev, .err = TLY_OK};
+    if (dec->nshapes > 0 && !dec->shapes_off) {
+        if (read_shaped(&w)) {
+            dec->shaped++;
+            return w.err != TLY_OK ? w.err : event_time(&w, kafka_ts_ms);
+        }
+        /* no shape reads it through: start again, by the grammar walk */
+        for (size_t i = 0; i < fs->nfields; i++)
+            ev->vals[i] = (tly_value_t){.type = TLY_V_NIL};
+        dec->used = 0;
+        w = (walk_t){.dec = dec, .js = payload, .len = len, .ev = ev, .err = TLY_OK};
+    }
+    w.learn = !dec->shapes_off && dec->misses++ % SHAPE_LEARN_RATE == 0;
     if (len >= 3 && memcmp(payload, "\xEF\xBB\xBF", 3) == 0)
         w.pos = 3; /* a leading byte-order mark, which RFC 8259 lets a parser ignore */
     val_t top;
@@ -1128,5 +1374,8 @@ tly_err_t tly_decode_json(tly_decoder_t *dec, const char *payload, size_t len, i
         return TLY_E_EV_NOT_OBJECT;
     if (w.err != TLY_OK)
         return w.err;
-    return event_time(&w, kafka_ts_ms);
+    tly_err_t err = event_time(&w, kafka_ts_ms);
+    if (err == TLY_OK && w.learn)
+        shape_learn(dec, &w);
+    return err;
 }

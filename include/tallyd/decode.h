@@ -24,6 +24,7 @@
 #ifndef TALLYD_DECODE_H
 #define TALLYD_DECODE_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -62,6 +63,17 @@ void tly_decoder_free(tly_decoder_t *dec);
  */
 tly_err_t tly_decode_json(tly_decoder_t *dec, const char *payload, size_t len, int64_t kafka_ts_ms,
                           tly_event_t *ev);
+
+/* Whether dec reads payloads by the shapes it learnt from earlier ones (on
+ * by default). A shape is the bytes between the values of an accepted
+ * event; a payload with the same bytes there has its values scanned and
+ * checked alone, the same result as the whole grammar walk, which reads
+ * every other payload. Off: the walk reads every payload (tests compare
+ * the two). */
+void tly_decoder_set_shapes(tly_decoder_t *dec, bool on);
+
+/* How many payloads dec read by a shape. */
+uint64_t tly_decoder_shaped(const tly_decoder_t *dec);
 
 /* Parses an ISO 8601 UTC time ("2026-11-22T04:16:21Z", optional .fff and
  * ±hh:mm) into epoch ms. Returns TLY_OK or TLY_E_EV_BAD_TIME. Event times, in

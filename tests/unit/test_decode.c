@@ -1175,6 +1175,164 @@ static void decode_with_topic_rules_reads_that_topics_time_and_limits(void **sta
     tly_config_free(cfg);
 }
 
+/* --- shapes ------------------------------------------------------------------ */
+
+/* A copy of payload[0..n) that starts where an unreadable page ends, so
+ * that reading a byte before it faults. */
+static char *front_guarded_copy(const char *payload, size_t n, void **map, size_t *maplen)
+{
+    size_t page = (size_t)sysconf(_SC_PAGESIZE);
+    assert_true(n <= page);
+    *maplen = 2 * page;
+    *map = mmap(NULL, *maplen, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    assert_true(*map != MAP_FAILED);
+    assert_int_equal(mprotect(*map, page, PROT_NONE), 0);
+    char *start = (char *)*map + page;
+    memcpy(start, payload, n);
+    return start;
+}
+
+/* Whether two decoded events hold the same values (strings by their bytes,
+ * doubles by their bits). */
+static bool same_event(const tly_featset_t *fs, const tly_event_t *a, const tly_event_t *b)
+{
+    if (a->nfields != b->nfields || a->time_ms != b->time_ms)
+        return false;
+    for (size_t i = 0; i < fs->nfields; i++) {
+        const tly_value_t *x = &a->vals[i], *y = &b->vals[i];
+        if (x->type != y->type)
+            return false;
+        switch (x->type) {
+        case TLY_V_STR:
+            if (x->len != y->len || memcmp(x->u.s, y->u.s, x->len) != 0)
+                return false;
+            break;
+        case TLY_V_INT:
+        case TLY_V_BOOL:
+            if (x->u.i != y->u.i)
+                return false;
+            break;
+        case TLY_V_DOUBLE:
+            if (memcmp(&x->u.d, &y->u.d, sizeof x->u.d) != 0)
+                return false;
+            break;
+        default:
+            break;
+        }
+    }
+    return true;
+}
+
+/* A decoder reads payloads of a shape it learnt (the bytes between the
+ * values of an accepted event) by comparing those bytes and scanning the
+ * values alone. The grammar walk is the oracle: a decoder with shapes off
+ * must give the same result and, when it accepts, the same values, for
+ * the payloads that taught the shapes and for thousands of variants of
+ * them (a byte replaced, inserted or deleted, the payload cut short), each
+ * placed against an unreadable page on one side or the other. */
+/* Decodes with a Kafka timestamp, for the config without a time field. */
+static tly_err_t shape_dec(fixture_t *f, const char *payload, size_t len)
+{
+    return tly_decode_json(f->dec, payload, len, 1764300000000, &f->ev);
+}
+
+static void decode_by_shapes_equals_the_grammar_walk(void **state)
+{
+    (void)state;
+    static const char *const bases[] = {
+        "{\"user_id\": 17, \"pin_id\": 90210, \"action\": \"click\", \"dwell\": 5400, "
+        "\"ts\": 1764300000123}",
+        "{\"user_id\": 17, \"pin_id\": 90210, \"action\": \"hide\", \"ts\": 1764300000123}",
+        "{\"ts\":1764300000123,\"action\":\"a much longer action text\",\"score\":-2.5e3,"
+        "\"pin_id\":\"p-\\u00e9\\n\"}",
+        "  {\"user_id\":-5 , \"unref\": \"zzz\", \"ctx\": \"1234567\", \"ts\": 1764300000999 }  ",
+        "\xEF\xBB\xBF{\"ts\": 1764300000000, \"action\": \"save\"}",
+        "{\"us\\u0065r_id\": 3, \"ts\": 1764300000001, \"action\": \"save\", \"flag\": 12}",
+        "{\"ts\": 1764300000002, \"pin_id\": 123456789012345678901234, \"dwell\": 0, "
+        "\"action\": \"\xC3\xA9\"}",
+        "{\"ts\": 1764300000003, \"meta\": {\"a\": [1, 2]}, \"action\": \"x\", \"flag\": true}",
+        "{\"action\":\"click\",\"ts\":1764300000004}",
+        "{\"ts\":1764300000005,\"dwell\":7}",
+        "{\"ts\":1764300000006,\"action\":\"click\",\"action\":\"save\",\"dwell\":1e2}",
+        "{}",
+    };
+    static const char interesting[] = "0123456789-+.eE\"\\,:{}[] \t\n\rax\x00\x1f\x7f\x80\xC3\xFF";
+    const char *const times[] = {ms_time, kafka_time};
+    uint64_t r = 0x2545F4914F6CDD1D;
+    size_t shaped_variants = 0, variants = 0, accepted = 0;
+    for (int tm = 0; tm < 2; tm++) {
+        fixture_t *a = fixture_new(times[tm]), *b = fixture_new(times[tm]);
+        tly_decoder_set_shapes(b->dec, false);
+        const size_t nb = sizeof bases / sizeof bases[0];
+        for (size_t k = 0; k < nb; k++) {
+            /* the base, enough times that it teaches a shape (one event in
+             * SHAPE_LEARN_RATE that no shape reads does) */
+            for (int i = 0; i < 20; i++) {
+                size_t n = strlen(bases[k]);
+                tly_err_t ra = shape_dec(a, bases[k], n), rb = shape_dec(b, bases[k], n);
+                assert_int_equal(ra, rb);
+                if (ra == TLY_OK && !same_event(a->fs, &a->ev, &b->ev))
+                    fail_msg("base %zu decoded apart", k);
+            }
+            for (int m = 0; m < 700; m++) {
+                char v[256];
+                size_t n = strlen(bases[k]);
+                memcpy(v, bases[k], n);
+                r ^= r << 13, r ^= r >> 7, r ^= r << 17;
+                size_t pos = (size_t)(r >> 8) % (n + 1);
+                char c = interesting[(r >> 40) % (sizeof interesting - 1)];
+                switch (r % 4) {
+                case 0: /* replace */
+                    if (pos < n)
+                        v[pos] = c;
+                    break;
+                case 1: /* insert */
+                    memmove(v + pos + 1, v + pos, n - pos);
+                    v[pos] = c;
+                    n++;
+                    break;
+                case 2: /* delete */
+                    if (pos < n) {
+                        memmove(v + pos, v + pos + 1, n - pos - 1);
+                        n--;
+                    }
+                    break;
+                default: /* cut short */
+                    n = pos;
+                    break;
+                }
+                /* the base first, so that its shape is the one tried first */
+                assert_int_equal(shape_dec(a, bases[k], strlen(bases[k])),
+                                 shape_dec(b, bases[k], strlen(bases[k])));
+                void *map;
+                size_t maplen;
+                const char *p = (m & 1) ? guarded_copy(v, n, &map, &maplen)
+                                        : front_guarded_copy(v, n, &map, &maplen);
+                uint64_t before = tly_decoder_shaped(a->dec);
+                tly_err_t ra = shape_dec(a, p, n), rb = shape_dec(b, p, n);
+                if (ra != rb)
+                    fail_msg("base %zu, variant %d (%.*s): %d by shape, %d by the walk", k, m,
+                             (int)n, v, (int)ra, (int)rb);
+                if (ra == TLY_OK && !same_event(a->fs, &a->ev, &b->ev))
+                    fail_msg("base %zu, variant %d (%.*s): values differ", k, m, (int)n, v);
+                shaped_variants += tly_decoder_shaped(a->dec) > before;
+                accepted += ra == TLY_OK;
+                variants++;
+                munmap(map, maplen);
+            }
+        }
+        assert_int_equal(tly_decoder_shaped(b->dec), 0);
+        fixture_free(a);
+        fixture_free(b);
+    }
+    /* not vacuous: shapes read a good part of the variants (most of the
+     * rest lost their shape to the mutation), and the walk accepted some
+     * and rejected others */
+    assert_true(variants == 2 * 12 * 700);
+    assert_true(shaped_variants > variants / 8);
+    assert_true(accepted > variants / 4 && accepted < variants);
+}
+
 /* --- fuzz corpus ------------------------------------------------------------ */
 
 static bool is_decode_result(tly_err_t rc)
@@ -1259,6 +1417,7 @@ int main(void)
         cmocka_unit_test(iso8601_rejects_times_outside_1970_to_2100),
         FIXTURE_TEST(decode_uses_kafka_timestamp_without_time_field, setup_kafka),
         cmocka_unit_test(decode_with_topic_rules_reads_that_topics_time_and_limits),
+        cmocka_unit_test(decode_by_shapes_equals_the_grammar_walk),
         cmocka_unit_test(decode_replays_fuzz_corpus_without_crashing),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
