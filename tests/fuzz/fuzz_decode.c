@@ -8,7 +8,9 @@
  *  - the result is OK or one of the EV_* reasons decode.h lists;
  *  - on OK: nfields matches the featset, strings are no longer than
  *    events.max_string and readable, doubles are finite, the event time lies
- *    in [1970, 2101); entity ids and where-matching run on the event.
+ *    in [1970, 2101); entity ids and where-matching run on the event;
+ *  - a decoder reading by the shapes it learnt from earlier inputs gives
+ *    the result and values of one that walks the grammar only.
  *
  * `make fuzz` builds it (build/fuzz/fuzz_decode) and runs it on its corpus.
  * The corpus also replays in test_decode (make test).
@@ -41,6 +43,7 @@ static struct {
     tly_config_t *cfg;
     tly_featset_t *fs;
     tly_decoder_t *dec;
+    tly_decoder_t *walk; /* shapes off: the oracle of dec's shapes */
 } sets[NSETS];
 
 static void check(int ok, const char *what)
@@ -78,6 +81,8 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
             abort();
         }
         sets[k].dec = tly_decoder_new(sets[k].fs);
+        sets[k].walk = tly_decoder_new(sets[k].fs);
+        tly_decoder_set_shapes(sets[k].walk, false);
     }
     return 0;
 }
@@ -87,6 +92,22 @@ static int is_decode_result(tly_err_t rc)
     return rc == TLY_OK || rc == TLY_E_EV_TOO_LARGE || rc == TLY_E_EV_BAD_JSON ||
            rc == TLY_E_EV_NOT_OBJECT || rc == TLY_E_EV_TOO_COMPLEX || rc == TLY_E_EV_WRONG_TYPE ||
            rc == TLY_E_EV_VALUE_TOO_LONG || rc == TLY_E_EV_MISSING_TIME || rc == TLY_E_EV_BAD_TIME;
+}
+
+/* Whether two decoded events hold the same values. */
+static int same_event(const tly_featset_t *fs, const tly_event_t *a, const tly_event_t *b)
+{
+    if (a->nfields != b->nfields || a->time_ms != b->time_ms)
+        return 0;
+    for (size_t i = 0; i < fs->nfields; i++) {
+        const tly_value_t *x = &a->vals[i], *y = &b->vals[i];
+        if (x->type != y->type ||
+            (x->type == TLY_V_STR && (x->len != y->len || memcmp(x->u.s, y->u.s, x->len) != 0)) ||
+            ((x->type == TLY_V_INT || x->type == TLY_V_BOOL) && x->u.i != y->u.i) ||
+            (x->type == TLY_V_DOUBLE && memcmp(&x->u.d, &y->u.d, sizeof x->u.d) != 0))
+            return 0;
+    }
+    return 1;
 }
 
 static void check_event(const tly_featset_t *fs, const tly_event_t *ev)
@@ -139,11 +160,14 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     memcpy(buf, data, size);
 
     for (int k = 0; k < NSETS; k++) {
-        tly_event_t ev;
+        tly_event_t ev, wev;
         tly_err_t rc = tly_decode_json(sets[k].dec, buf, size, 1700000000000, &ev);
         check(is_decode_result(rc), "decode result");
         if (rc == TLY_OK)
             check_event(sets[k].fs, &ev);
+        tly_err_t wrc = tly_decode_json(sets[k].walk, buf, size, 1700000000000, &wev);
+        check(wrc == rc, "shape and walk results differ");
+        check(rc != TLY_OK || same_event(sets[k].fs, &ev, &wev), "shape and walk values differ");
     }
 
     int64_t ms = -1;
