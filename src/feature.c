@@ -1106,6 +1106,23 @@ tly_err_t tly_entity_id(const tly_featset_t *fs, uint32_t entity, const tly_even
 {
     const tly_entity_t *ent = &fs->entities[entity];
 
+#if FEATURE_WORDS
+    if (ent->nkeys == 1 && cap >= 8) {
+        /* the usual id: one integer key of up to eight digits, rendered in
+         * one word (render_int's digits, moved to the low bytes) */
+        const tly_value_t *v = &ev->vals[ent->keys[0]];
+        if (ent->keys[0] < ev->nfields && v->type == TLY_V_INT && v->u.i >= 0 &&
+            v->u.i < 100000000) {
+            uint64_t x = digit_bytes8((uint64_t)v->u.i);
+            size_t d = x == 0 ? 1 : 8 - (size_t)__builtin_ctzll(x) / 8;
+            x = (x | UINT64_C(0x3030303030303030)) >> (8 * (8 - d));
+            memcpy(buf, &x, 8);
+            *len = d;
+            return TLY_OK;
+        }
+    }
+#endif
+
     /* Type errors first, so that a too-long id never hides a missing key. */
     for (size_t k = 0; k < ent->nkeys; k++) {
         uint32_t f = ent->keys[k];

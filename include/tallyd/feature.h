@@ -238,7 +238,8 @@ uint64_t tly_featset_match(const tly_featset_t *fs, const tly_event_t *ev);
 
 /*
  * Renders the id of entity type `entity` from ev into buf (cap bytes, not
- * NUL-terminated). Returns TLY_OK and *len, or EV_MISSING_KEY,
+ * NUL-terminated; the bytes of buf past the id, up to the eighth, may be
+ * written too). Returns TLY_OK and *len, or EV_MISSING_KEY,
  * EV_WRONG_TYPE, or EV_VALUE_TOO_LONG (id longer than cap).
  */
 tly_err_t tly_entity_id(const tly_featset_t *fs, uint32_t entity, const tly_event_t *ev, char *buf,
