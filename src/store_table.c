@@ -67,9 +67,25 @@ static void check_addr(const void *p)
     }
 }
 
+/* Whether e's key is (type, id[0..len)). A record's id is zero-padded to
+ * whole words, so an id of up to sixteen bytes compares by one or two word
+ * loads, not a memcmp call. */
 static bool key_eq(const ent_t *e, uint32_t type, const char *id, size_t len)
 {
-    return e->type == type && e->idlen == len && memcmp(ent_id(e), id, len) == 0;
+    if (e->type != type || e->idlen != len)
+        return false;
+    const char *k = ent_id(e);
+    uint64_t a0, b0;
+    memcpy(&a0, k, 8);
+    if (len < 8)
+        return a0 == tail_bytes(id, len);
+    memcpy(&b0, id, 8);
+    if (len > 16)
+        return a0 == b0 && memcmp(k + 8, id + 8, len - 8) == 0;
+    uint64_t a1, b1;
+    memcpy(&a1, k + len - 8, 8);
+    memcpy(&b1, id + len - 8, 8);
+    return ((a0 ^ b0) | (a1 ^ b1)) == 0;
 }
 
 static tslots_t *slots_new(size_t n)
