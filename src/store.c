@@ -416,6 +416,21 @@ tly_store_t *tly_store_new(const tly_featset_t *fs)
             };
         }
     }
+    store->memo_ok = fs->match_masks;
+    for (size_t i = 0; i < fs->nfeats; i++) {
+        const tly_feat_t *feat = &fs->feats[i];
+        if (!tly_agg_numeric(feat->agg) || feat->nvalues == 0)
+            continue;
+        uint32_t j = 0;
+        while (j < store->nnumf && store->numf[j] != feat->values[0])
+            j++;
+        if (j < store->nnumf)
+            continue;
+        if (j == 32)
+            store->memo_ok = false;
+        else
+            store->numf[store->nnumf++] = feat->values[0];
+    }
     for (size_t e = 0; e < fs->nentities; e++) {
         etype_t *et = &store->etypes[e];
         const tly_entity_t *ent = &fs->entities[e];
@@ -509,6 +524,32 @@ static _Thread_local struct {
     uint32_t feats[TLY_MAX_FEATURES];
     uint8_t first[REC_BUF]; /* a new record's first log record */
 } apply_scratch;
+
+/* Phase 1 of apply_event for the events alike in what decides it: their
+ * `where` outcome (held), the kinds of their numeric values (sig) and the
+ * entity types they skip. A memo is written from an event phase 1 took
+ * whole, rejecting nothing and dropping no feature as late: its plans
+ * (entity type, features, slots) and matched features, with what a later
+ * event must still pass to take them as they are: no feature late (at or
+ * after now minus the shortest horizon), no string of an item longer than
+ * max_string. Ids are the event's own. Per thread, by store generation. */
+#define MEMO_SLOTS 32
+#define MEMO_PLANS 4
+#define MEMO_FEATS 32
+#define MEMO_ITEMF 8
+typedef struct {
+    uint64_t gen; /* the store's; 0: empty */
+    uint64_t held, sig, skip;
+    int64_t min_horizon_ms;
+    uint32_t nplans, nmatched, nitemf;
+    struct {
+        uint32_t entity, first, nfeats;
+        uint64_t mask;
+    } plan[MEMO_PLANS];
+    uint32_t matched[MEMO_FEATS];
+    uint32_t itemf[MEMO_ITEMF]; /* value fields of the matched items */
+} memo_t;
+static _Thread_local memo_t memos[MEMO_SLOTS];
 
 /* Whether the entity of hash h falls to the applier owning the shards
  * `owned`: by its shard (the top six bits), so that appliers sharing a
@@ -647,6 +688,67 @@ void tly_store_set_max_bytes(tly_store_t *store, int64_t max_bytes)
     refresh_full(store);
 }
 
+/* The id and hash of plan pl's entity: rendered and hashed by the
+ * prefetch (hint), or here. */
+static tly_err_t plan_id(const tly_store_t *store, plan_t *pl, const tly_event_t *ev,
+                         const tly_prefetch_t *hint)
+{
+    uint32_t k = 0;
+    while (hint && k < hint->n && hint->entity[k] != pl->entity)
+        k++;
+    if (hint && k < hint->n) {
+        memcpy(pl->id, hint->id[k], hint->idlen[k]);
+        pl->idlen = hint->idlen[k];
+        pl->h = hint->h[k];
+        return TLY_OK;
+    }
+    tly_err_t err = tly_entity_id(store->fs, pl->entity, ev, pl->id, sizeof pl->id, &pl->idlen);
+    if (err == TLY_OK && pl->idlen > UINT8_MAX)
+        err = TLY_E_EV_VALUE_TOO_LONG;
+    if (err == TLY_OK)
+        pl->h = hash_id(store->seed, pl->entity, pl->id, pl->idlen);
+    return err;
+}
+
+/* Writes memo mo from the plans phase 1 made of an event in full (no
+ * rejection, no late feature), when they fit. */
+static void memo_put(const tly_store_t *store, memo_t *mo, uint64_t held, uint64_t sig,
+                     uint64_t skip, const plan_t *plans, size_t nplans, const uint32_t *matched,
+                     size_t nmatched)
+{
+    const tly_featset_t *fs = store->fs;
+    if (nplans > MEMO_PLANS || nmatched > MEMO_FEATS)
+        return;
+    memo_t m = {.gen = store->gen, .held = held, .sig = sig, .skip = skip};
+    m.min_horizon_ms = INT64_MAX;
+    for (size_t p = 0; p < nplans; p++) {
+        m.plan[p].entity = plans[p].entity;
+        m.plan[p].first = plans[p].first;
+        m.plan[p].nfeats = plans[p].nfeats;
+        m.plan[p].mask = plans[p].mask;
+    }
+    for (size_t i = 0; i < nmatched; i++) {
+        const tly_feat_t *feat = &fs->feats[matched[i]];
+        m.matched[i] = matched[i];
+        if (feat->horizon_ms < m.min_horizon_ms)
+            m.min_horizon_ms = feat->horizon_ms;
+        if (tly_agg_windowed(feat->agg))
+            continue;
+        for (size_t j = 0; j < feat->nvalues; j++) {
+            uint32_t k = 0;
+            while (k < m.nitemf && m.itemf[k] != feat->values[j])
+                k++;
+            if (k == MEMO_ITEMF)
+                return;
+            if (k == m.nitemf)
+                m.itemf[m.nitemf++] = feat->values[j];
+        }
+    }
+    m.nplans = (uint32_t)nplans;
+    m.nmatched = (uint32_t)nmatched;
+    *mo = m;
+}
+
 /* Applies ev's entities that fall to the applier owning the shards
  * `owned` (see tly_store_prefetch_share). Phase 1 runs whole in every
  * applier, so each decides alike, and the one that `counts` alone counts
@@ -679,6 +781,46 @@ static tly_err_t apply_event(tly_store_t *store, const tly_event_t *ev, const tl
     /* each distinct `where` condition tested once, not once per feature
      * (by the hint, when it did) */
     uint64_t held = !masks ? 0 : hint && hint->matched ? hint->held : tly_featset_match(fs, ev);
+    memo_t *mo = NULL;
+    uint64_t sig = 0;
+    if (store->memo_ok && !replayed) {
+        for (uint32_t i = 0; i < store->nnumf; i++) {
+            tly_vtype_t t = ev->vals[store->numf[i]].type;
+            sig |= (uint64_t)(t == TLY_V_NIL                        ? 0
+                              : t == TLY_V_INT || t == TLY_V_DOUBLE ? 1
+                                                                    : 2)
+                   << (2 * i);
+        }
+        mo = &memos[mix64(held ^ sig * UINT64_C(0x9e3779b97f4a7c15) ^ ev->skip_entities) %
+                    MEMO_SLOTS];
+        if (mo->gen == store->gen && mo->held == held && mo->sig == sig &&
+            mo->skip == ev->skip_entities && ev->time_ms >= now_ms - mo->min_horizon_ms) {
+            bool fits = true;
+            for (uint32_t i = 0; i < mo->nitemf; i++) {
+                const tly_value_t *v = &ev->vals[mo->itemf[i]];
+                fits = fits && !(v->type == TLY_V_STR && v->len > fs->max_string);
+            }
+            if (fits) {
+                for (uint32_t p = 0; p < mo->nplans; p++) {
+                    plan_t *pl = &plans[p];
+                    pl->entity = mo->plan[p].entity;
+                    pl->first = mo->plan[p].first;
+                    pl->nfeats = mo->plan[p].nfeats;
+                    pl->mask = mo->plan[p].mask;
+                    tly_err_t err = plan_id(store, pl, ev, hint);
+                    if (err != TLY_OK) {
+                        if (counts)
+                            stat_drop(store, err);
+                        return err;
+                    }
+                }
+                nplans = mo->nplans;
+                matched = mo->matched;
+                goto apply;
+            }
+            mo = NULL; /* not to be written over by this event */
+        }
+    }
     for (uint32_t e = 0; e < fs->nentities; e++) {
         const tly_entity_t *et = &fs->entities[e];
         plan_t *pl = NULL;
@@ -727,23 +869,11 @@ static tly_err_t apply_event(tly_store_t *store, const tly_event_t *ev, const tl
                 pl->first = (uint32_t)nmatched;
                 pl->nfeats = 0;
                 pl->mask = 0;
-                uint32_t k = 0;
-                while (hint && k < hint->n && hint->entity[k] != e)
-                    k++;
-                if (hint && k < hint->n) { /* rendered and hashed by the prefetch */
-                    memcpy(pl->id, hint->id[k], hint->idlen[k]);
-                    pl->idlen = hint->idlen[k];
-                    pl->h = hint->h[k];
-                } else {
-                    tly_err_t err = tly_entity_id(fs, e, ev, pl->id, sizeof pl->id, &pl->idlen);
-                    if (err == TLY_OK && pl->idlen > UINT8_MAX)
-                        err = TLY_E_EV_VALUE_TOO_LONG;
-                    if (err != TLY_OK) {
-                        if (counts)
-                            stat_drop(store, err);
-                        return err;
-                    }
-                    pl->h = hash_id(store->seed, e, pl->id, pl->idlen);
+                tly_err_t err = plan_id(store, pl, ev, hint);
+                if (err != TLY_OK) {
+                    if (counts)
+                        stat_drop(store, err);
+                    return err;
                 }
                 nplans++;
             }
@@ -753,6 +883,10 @@ static tly_err_t apply_event(tly_store_t *store, const tly_event_t *ev, const tl
         }
     }
 
+    if (mo != NULL && first_drop == TLY_OK)
+        memo_put(store, mo, held, sig, ev->skip_entities, plans, nplans, matched, nmatched);
+
+apply:
     /* Phase 2: apply, one record lock per entity. */
     tstats_t *ts = store_thread_stats(store);
     if (store->max_bytes > 0 && ++ts->cap_tick >= TLY_STORE_CAP_EVERY) {

@@ -177,6 +177,12 @@ struct tly_store {
     /* Tests only (set before writers start): compact logs turn into words
      * by replaying every record, not by store_words_build. */
     bool replay_conversions;
+    /* The distinct value fields of numeric features, whose kinds (absent,
+     * a number, other) key apply_event's memo with the `where` outcome;
+     * memo_ok when there are at most 32 of them and conditions are masks. */
+    uint32_t numf[32];
+    uint32_t nnumf;
+    bool memo_ok;
 };
 
 static inline size_t id_words(size_t idlen)

@@ -2330,6 +2330,96 @@ static void test_compact_conversion_builds_what_replay_writes(void **state)
     teardown(&fxp);
 }
 
+/* Events alike in their `where` outcome and in the kinds of their numeric
+ * values share phase 1's verdict (a per-thread memo); each must still be
+ * judged on what the memo does not hold: a value absent or of another
+ * kind, a feature the event is too old for, an item string too long, a
+ * missing key. Every event of user 1 clicks pin 9; before each variant
+ * the clean event that makes the memo it would use. The expected values
+ * and counters are worked out by hand from the rules of DESIGN.md. */
+static void test_alike_events_are_still_judged_each_on_its_own(void **state)
+{
+    (void)state;
+    static const char *cfg_yaml =
+        "events:\n"
+        "  time: { field: ts, unit: ms }\n"
+        "  max_string: 8\n"
+        "features:\n"
+        "  - { name: c5, entity: user, key: user_id, where: { action: click }, agg: count,"
+        " windows: [5m] }\n"
+        "  - { name: c1d, entity: user, key: user_id, where: { action: click }, agg: count,"
+        " windows: [1d] }\n"
+        "  - { name: s, entity: user, key: user_id, where: { action: click }, agg: sum, value: v,"
+        " windows: [1d] }\n"
+        "  - { name: tags, entity: user, key: user_id, where: { action: click }, agg: last_k,"
+        " k: 5, value: [tag] }\n"
+        "  - { name: pc, entity: pin, key: pin_id, where: { action: click }, agg: count,"
+        " windows: [1d] }\n";
+    for (int hinted = 0; hinted < 2; hinted++) {
+        void *fxp = NULL;
+        assert_int_equal(setup_yaml(&fxp, cfg_yaml), 0);
+        fx_t *fx = fxp;
+        const tly_featset_t *fs = fx->fs;
+        int f_v = tly_featset_field(fs, "v", 1), f_tag = tly_featset_field(fs, "tag", 3);
+        /* kind of variant: 0 clean, 1 no v, 2 v a string, 3 an hour old,
+         * 4 tag too long, 5 no user_id */
+        static const struct {
+            int kind;
+            tly_err_t want;
+        } seq[] = {{0, TLY_OK}, {1, TLY_OK},
+                   {0, TLY_OK}, {2, TLY_E_EV_WRONG_TYPE},
+                   {0, TLY_OK}, {3, TLY_OK},
+                   {0, TLY_OK}, {4, TLY_E_EV_VALUE_TOO_LONG},
+                   {0, TLY_OK}, {5, TLY_E_EV_MISSING_KEY},
+                   {1, TLY_OK}, {0, TLY_OK}};
+        for (size_t i = 0; i < sizeof seq / sizeof seq[0]; i++) {
+            tly_event_t e;
+            memset(&e, 0, sizeof e);
+            e.nfields = (uint32_t)fs->nfields;
+            e.time_ms = seq[i].kind == 3 ? T - HOUR : T - (int64_t)i * SEC;
+            e.vals[fx->f_user] = (tly_value_t){.type = TLY_V_INT, .u.i = 1};
+            e.vals[fx->f_pin] = (tly_value_t){.type = TLY_V_INT, .u.i = 9};
+            e.vals[fx->f_action] = (tly_value_t){.type = TLY_V_STR, .len = 5, .u.s = "click"};
+            e.vals[f_v] = (tly_value_t){.type = TLY_V_INT, .u.i = 5};
+            e.vals[f_tag] = (tly_value_t){.type = TLY_V_STR, .len = 2, .u.s = "ab"};
+            if (seq[i].kind == 1)
+                e.vals[f_v] = (tly_value_t){.type = TLY_V_NIL};
+            if (seq[i].kind == 2)
+                e.vals[f_v] = (tly_value_t){.type = TLY_V_STR, .len = 1, .u.s = "5"};
+            if (seq[i].kind == 4)
+                e.vals[f_tag] = (tly_value_t){.type = TLY_V_STR, .len = 9, .u.s = "toolongxx"};
+            if (seq[i].kind == 5)
+                e.vals[fx->f_user] = (tly_value_t){.type = TLY_V_NIL};
+            tly_err_t rc;
+            if (hinted) {
+                tly_prefetch_t pf;
+                tly_store_prefetch(fx->store, &e, &pf);
+                rc = tly_store_apply_hinted(fx->store, &e, &pf, 0, (int64_t)i, T);
+            } else {
+                rc = tly_store_apply(fx->store, &e, 0, (int64_t)i, T);
+            }
+            if (rc != seq[i].want)
+                fail_msg("event %zu (kind %d): %d, want %d", i, seq[i].kind, (int)rc,
+                         (int)seq[i].want);
+        }
+        /* taken: the 6 clean events, the 2 without v, the hour-old one
+         * (all but c5, whose 5m window it is too old for) */
+        assert_int_equal(get(fx, fx->user, "1", "c5", 0, T).u.i, 8);
+        assert_int_equal(get(fx, fx->user, "1", "c1d", 0, T).u.i, 9);
+        assert_int_equal(get(fx, fx->user, "1", "s", 0, T).u.i, 7 * 5);
+        assert_int_equal(get(fx, fx->user, "1", "tags", 0, T).u.i, 5);
+        assert_int_equal(get(fx, fx->pin, "9", "pc", 0, T).u.i, 9);
+        tly_store_stats_t st;
+        tly_store_stats(fx->store, &st);
+        assert_int_equal(st.dropped[TLY_E_EV_WRONG_TYPE], 1);
+        assert_int_equal(st.dropped[TLY_E_EV_VALUE_TOO_LONG], 1);
+        assert_int_equal(st.dropped[TLY_E_EV_MISSING_KEY], 1);
+        assert_int_equal(st.dropped[TLY_E_EV_LATE], 1);
+        assert_int_equal(st.events_applied, 9);
+        teardown(&fxp);
+    }
+}
+
 static void test_item_feature_before_windowed_ones_in_word_encoding(void **state)
 {
     (void)state;
@@ -2833,6 +2923,7 @@ int main(void)
         cmocka_unit_test(test_items_wider_than_the_width_field_read_and_round_trip),
         cmocka_unit_test(test_compact_and_word_folds_agree_where_order_matters),
         cmocka_unit_test(test_compact_conversion_builds_what_replay_writes),
+        cmocka_unit_test(test_alike_events_are_still_judged_each_on_its_own),
         cmocka_unit_test(test_item_feature_before_windowed_ones_in_word_encoding),
         cmocka_unit_test_setup_teardown(test_word_encoded_sum_past_int64_turns_double, setup,
                                         teardown),
