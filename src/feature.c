@@ -1047,7 +1047,7 @@ static size_t int_len(int64_t v)
  * at once by multiplying with a scaled reciprocal (exact for these ranges:
  * x * 5243 >> 19 is x / 100 for x < 10^4, x * 103 >> 10 is x / 10 for
  * x < 100). */
-static uint64_t digit_bytes8(uint64_t u)
+static inline __attribute__((always_inline)) uint64_t digit_bytes8(uint64_t u)
 {
     uint64_t x = u / 10000 | (u % 10000) << 32;
     uint64_t h = (x * 5243) >> 19 & UINT64_C(0x0000007F0000007F);

@@ -515,6 +515,7 @@ typedef struct {
     uint64_t mask; /* feature slots, for the compact log */
     unsigned long h; /* hash_id of the id */
     size_t idlen;
+    const char *idp; /* the id: the hint's, or id[] */
     char id[TLY_MAX_ID];
 } plan_t;
 
@@ -689,7 +690,7 @@ void tly_store_set_max_bytes(tly_store_t *store, int64_t max_bytes)
 }
 
 /* The id and hash of plan pl's entity: rendered and hashed by the
- * prefetch (hint), or here. */
+ * prefetch (hint, which outlives the apply), or here. */
 static tly_err_t plan_id(const tly_store_t *store, plan_t *pl, const tly_event_t *ev,
                          const tly_prefetch_t *hint)
 {
@@ -697,11 +698,12 @@ static tly_err_t plan_id(const tly_store_t *store, plan_t *pl, const tly_event_t
     while (hint && k < hint->n && hint->entity[k] != pl->entity)
         k++;
     if (hint && k < hint->n) {
-        memcpy(pl->id, hint->id[k], hint->idlen[k]);
+        pl->idp = hint->id[k];
         pl->idlen = hint->idlen[k];
         pl->h = hint->h[k];
         return TLY_OK;
     }
+    pl->idp = pl->id;
     tly_err_t err = tly_entity_id(store->fs, pl->entity, ev, pl->id, sizeof pl->id, &pl->idlen);
     if (err == TLY_OK && pl->idlen > UINT8_MAX)
         err = TLY_E_EV_VALUE_TOO_LONG;
@@ -900,12 +902,13 @@ apply:
         plan_t *pl = &plans[pi];
         if (!share_owns(pl->h, owned))
             continue;
-        if (full && tbl_get(shard_of(store, pl->h), pl->h, pl->entity, pl->id, pl->idlen) == NULL) {
+        if (full &&
+            tbl_get(shard_of(store, pl->h), pl->h, pl->entity, pl->idp, pl->idlen) == NULL) {
             stat_drop(store, TLY_E_EV_STORE_FULL); /* not held, and no room for it */
             continue;
         }
         size_t nfirst;
-        ent_t *ent = ent_get_locked(store, pl->entity, pl->id, pl->idlen, pl->h, ev, pl->mask,
+        ent_t *ent = ent_get_locked(store, pl->entity, pl->idp, pl->idlen, pl->h, ev, pl->mask,
                                     apply_scratch.first, &nfirst);
         const tly_entity_t *etype = &fs->entities[pl->entity];
         if (nfirst)

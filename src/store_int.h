@@ -406,9 +406,50 @@ tly_value_t store_words_value(const ent_t *e, uint32_t used, const tly_feat_t *f
                               uint32_t window, int64_t now_ms, uint32_t *hint, bool *bad);
 
 /* store_log.c */
+/* Whether a[0..n) equals b[0..n): short strings (most interned ones) by
+ * word loads, not a memcmp call. */
+static inline bool bytes_eq(const char *a, const char *b, size_t n)
+{
+    if (n < 8)
+        return tail_bytes(a, n) == tail_bytes(b, n);
+    if (n > 16)
+        return memcmp(a, b, n) == 0;
+    uint64_t a0, a1, b0, b1; /* two overlapping 8-byte loads cover 8..16 */
+    memcpy(&a0, a, 8);
+    memcpy(&b0, b, 8);
+    memcpy(&a1, a + n - 8, 8);
+    memcpy(&b1, b + n - 8, 8);
+    return ((a0 ^ b0) | (a1 ^ b1)) == 0;
+}
+
+/* The strings a thread interned last, by a few bits of their length and
+ * first byte: an event stream repeats a handful of short strings (actions,
+ * categories), and a hit compares the bytes once instead of hashing and
+ * probing. Keyed by the store's generation, never its address; interned
+ * strings live as long as their store. */
+#define IMEMO_SLOTS 8
+typedef struct {
+    uint64_t gen;
+    const istr_t *is;
+    int id;
+} imemo_t;
+extern _Thread_local imemo_t store_imemo[IMEMO_SLOTS];
+
+/* store_intern_get past its thread's memo (slot m). */
+int store_intern_find(tly_store_t *store, const char *s, uint32_t len, size_t m);
+
 /* Returns the intern id of s[0..len), inserting it if there is room, or -1
  * (too long, or the table is full). Writers. */
-int store_intern_get(tly_store_t *store, const char *s, uint32_t len);
+static inline int store_intern_get(tly_store_t *store, const char *s, uint32_t len)
+{
+    if (len > INTERN_MAXLEN)
+        return -1;
+    size_t m = (len ^ (uint32_t)(len ? (unsigned char)s[0] : 0) * 3u) & (IMEMO_SLOTS - 1);
+    const imemo_t *im = &store_imemo[m];
+    if (im->gen == store->gen && im->is->len == len && bytes_eq(im->is->s, s, len))
+        return im->id;
+    return store_intern_find(store, s, len, m);
+}
 /* Returns interned string `id`, or NULL for an id never handed out. Any
  * thread; the string lives as long as the store. */
 const istr_t *store_intern_str(const tly_store_t *store, uint64_t id);

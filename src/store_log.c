@@ -60,57 +60,12 @@ static int64_t unzigzag(uint64_t v)
     return (int64_t)(v >> 1) ^ -(int64_t)(v & 1);
 }
 
-/* Whether a[0..n) equals b[0..n): short strings (most interned ones) by
- * word loads, not a memcmp call. */
-static inline bool bytes_eq(const char *a, const char *b, size_t n)
-{
-    if (n < 8)
-        return tail_bytes(a, n) == tail_bytes(b, n);
-    if (n > 16)
-        return memcmp(a, b, n) == 0;
-    uint64_t a0, a1, b0, b1; /* two overlapping 8-byte loads cover 8..16 */
-    memcpy(&a0, a, 8);
-    memcpy(&b0, b, 8);
-    memcpy(&a1, a + n - 8, 8);
-    memcpy(&b1, b + n - 8, 8);
-    return ((a0 ^ b0) | (a1 ^ b1)) == 0;
-}
-
 static int intern_insert(tly_store_t *store, const char *s, uint32_t len, uint32_t h);
 
-/* The strings a thread interned last, by a few bits of their length and
- * first byte: an event stream repeats a handful of short strings (actions,
- * categories), and a hit compares the bytes once instead of hashing and
- * probing. Keyed by the store's generation, never its address; interned
- * strings live as long as their store. */
-#define IMEMO_SLOTS 8
-static _Thread_local struct {
-    uint64_t gen;
-    const istr_t *is;
-    int id;
-} imemo[IMEMO_SLOTS];
-
-static size_t imemo_slot(const char *s, uint32_t len)
-{
-    return (len ^ (uint32_t)(len ? (unsigned char)s[0] : 0) * 3u) & (IMEMO_SLOTS - 1);
-}
-
-static int intern_find(tly_store_t *store, const char *s, uint32_t len, size_t m);
-
-/* Returns the intern id of s[0..len), inserting it if there is room, or -1. */
-int store_intern_get(tly_store_t *store, const char *s, uint32_t len)
-{
-    if (len > INTERN_MAXLEN)
-        return -1;
-    size_t m = imemo_slot(s, len);
-    if (imemo[m].gen == store->gen && imemo[m].is->len == len && bytes_eq(imemo[m].is->s, s, len))
-        return imemo[m].id;
-    return intern_find(store, s, len, m);
-}
+_Thread_local imemo_t store_imemo[IMEMO_SLOTS];
 
 /* store_intern_get past its thread's memo (slot m). */
-static __attribute__((noinline)) int intern_find(tly_store_t *store, const char *s, uint32_t len,
-                                                 size_t m)
+int store_intern_find(tly_store_t *store, const char *s, uint32_t len, size_t m)
 {
     uint32_t h = (uint32_t)hash_bytes(0x51ed27, s, len) & (INTERN_SLOTS - 1);
     for (uint32_t probe = 0; probe < INTERN_SLOTS; probe++, h = (h + 1) & (INTERN_SLOTS - 1)) {
@@ -118,9 +73,9 @@ static __attribute__((noinline)) int intern_find(tly_store_t *store, const char 
         if (!cur)
             return intern_insert(store, s, len, h);
         if (cur->len == len && bytes_eq(cur->s, s, len)) {
-            imemo[m].gen = store->gen;
-            imemo[m].is = cur;
-            imemo[m].id = (int)h;
+            store_imemo[m].gen = store->gen;
+            store_imemo[m].is = cur;
+            store_imemo[m].id = (int)h;
             return (int)h;
         }
     }

@@ -608,7 +608,7 @@ void store_words_apply(tly_store_t *store, ent_t **entp, const tly_entity_t *ety
         const ent_t *e = *entp;
         uint32_t used = atomic_load_explicit(&e->used, memory_order_relaxed);
         const uint64_t *w = ent_words(e);
-        for (uint32_t i = 8; i < used && i < 128; i += 8)
+        for (uint32_t i = 8, end = used < 128 ? used : 128; i < end; i += 8)
             __builtin_prefetch(w + i);
         if (used > 128) {
             __builtin_prefetch(w + used - 1);

@@ -18,14 +18,6 @@ int64_t tly_window_default_hop(int64_t window_ms)
     return TLY_MS_SECOND;
 }
 
-int64_t tly_window_bucket(int64_t t_ms, int64_t hop_ms)
-{
-    int64_t q = t_ms / hop_ms;
-    if ((t_ms % hop_ms) != 0 && t_ms < 0)
-        q--;
-    return q;
-}
-
 int64_t tly_window_nbuckets(int64_t window_ms, int64_t hop_ms)
 {
     return window_ms / hop_ms + 1;

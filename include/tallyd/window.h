@@ -28,7 +28,13 @@
 int64_t tly_window_default_hop(int64_t window_ms);
 
 /* Returns floor(t_ms / hop_ms) (floor, also for negative t). hop_ms > 0. */
-int64_t tly_window_bucket(int64_t t_ms, int64_t hop_ms);
+static inline int64_t tly_window_bucket(int64_t t_ms, int64_t hop_ms)
+{
+    int64_t q = t_ms / hop_ms;
+    if ((t_ms % hop_ms) != 0 && t_ms < 0)
+        q--;
+    return q;
+}
 
 /* Number of buckets a window spans: W/h + 1. */
 int64_t tly_window_nbuckets(int64_t window_ms, int64_t hop_ms);
