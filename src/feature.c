@@ -56,11 +56,7 @@
 
 /* render_int's eight-digits-at-a-time path needs a little-endian host;
  * TLY_PORTABLE builds the portable one on any host (see decode.c). */
-#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__ && !defined(TLY_PORTABLE)
-#define FEATURE_WORDS 1
-#else
-#define FEATURE_WORDS 0
-#endif
+#define FEATURE_WORDS TLY_ID_WORDS
 
 static void *xcalloc(size_t n, size_t size)
 {
@@ -909,6 +905,31 @@ tly_err_t tly_featset_resolve(const tly_featset_t *fs, uint32_t entity, const ch
     return TLY_E_NOTFOUND;
 }
 
+/* Whether a[0..n) equals b[0..n): the short texts of `where` lists by word
+ * loads, not a memcmp call. */
+static inline bool text_eq(const char *a, const char *b, size_t n)
+{
+#if FEATURE_WORDS
+    if (n >= 4 && n <= 16) {
+        uint64_t a0, a1, b0, b1;
+        if (n < 8) {
+            uint32_t c0, c1, d0, d1;
+            memcpy(&c0, a, 4);
+            memcpy(&d0, b, 4);
+            memcpy(&c1, a + n - 4, 4);
+            memcpy(&d1, b + n - 4, 4);
+            return ((c0 ^ d0) | (c1 ^ d1)) == 0;
+        }
+        memcpy(&a0, a, 8);
+        memcpy(&b0, b, 8);
+        memcpy(&a1, a + n - 8, 8);
+        memcpy(&b1, b + n - 8, 8);
+        return ((a0 ^ b0) | (a1 ^ b1)) == 0;
+    }
+#endif
+    return memcmp(a, b, n) == 0;
+}
+
 /* The index of s[0..n) in the list ix indexes, or -1. */
 static long str_index_get(const tly_str_index_t *ix, const char *s, size_t n)
 {
@@ -995,7 +1016,7 @@ uint64_t tly_featset_match(const tly_featset_t *fs, const tly_event_t *ev)
                 continue;
             }
             for (size_t l = 0; l < cf->nlits; l++)
-                if (cf->lits[l].len == v->len && memcmp(cf->lits[l].text, v->u.s, v->len) == 0) {
+                if (cf->lits[l].len == v->len && text_eq(cf->lits[l].text, v->u.s, v->len)) {
                     held |= cf->lits[l].conds;
                     break;
                 }
@@ -1041,20 +1062,7 @@ static size_t int_len(int64_t v)
 }
 
 #if FEATURE_WORDS
-/* The eight decimal digits of u < 10^8, leading zeros included, as bytes
- * 0..9 with the most significant first in memory (little-endian): the
- * halves of four digits, then pairs, then single digits split in every lane
- * at once by multiplying with a scaled reciprocal (exact for these ranges:
- * x * 5243 >> 19 is x / 100 for x < 10^4, x * 103 >> 10 is x / 10 for
- * x < 100). */
-static inline __attribute__((always_inline)) uint64_t digit_bytes8(uint64_t u)
-{
-    uint64_t x = u / 10000 | (u % 10000) << 32;
-    uint64_t h = (x * 5243) >> 19 & UINT64_C(0x0000007F0000007F);
-    x = (x - h * 100) << 16 | h;
-    uint64_t t = (x * 103) >> 10 & UINT64_C(0x000F000F000F000F);
-    return (x - t * 10) << 8 | t;
-}
+#define digit_bytes8 tly_digit_bytes8
 #endif
 
 /* Writes v in decimal so that it ends just before `end` (int_len(v) bytes);
@@ -1101,27 +1109,10 @@ static char *render_int(int64_t v, char *end)
     return p;
 }
 
-tly_err_t tly_entity_id(const tly_featset_t *fs, uint32_t entity, const tly_event_t *ev, char *buf,
-                        size_t cap, size_t *len)
+tly_err_t tly_entity_id_any(const tly_featset_t *fs, uint32_t entity, const tly_event_t *ev,
+                            char *buf, size_t cap, size_t *len)
 {
     const tly_entity_t *ent = &fs->entities[entity];
-
-#if FEATURE_WORDS
-    if (ent->nkeys == 1 && cap >= 8) {
-        /* the usual id: one integer key of up to eight digits, rendered in
-         * one word (render_int's digits, moved to the low bytes) */
-        const tly_value_t *v = &ev->vals[ent->keys[0]];
-        if (ent->keys[0] < ev->nfields && v->type == TLY_V_INT && v->u.i >= 0 &&
-            v->u.i < 100000000) {
-            uint64_t x = digit_bytes8((uint64_t)v->u.i);
-            size_t d = x == 0 ? 1 : 8 - (size_t)__builtin_ctzll(x) / 8;
-            x = (x | UINT64_C(0x3030303030303030)) >> (8 * (8 - d));
-            memcpy(buf, &x, 8);
-            *len = d;
-            return TLY_OK;
-        }
-    }
-#endif
 
     /* Type errors first, so that a too-long id never hides a missing key. */
     for (size_t k = 0; k < ent->nkeys; k++) {

@@ -29,6 +29,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 
 #include "tallyd/agg.h"
 #include "tallyd/config.h"
@@ -236,13 +237,61 @@ int64_t tly_feat_earliest(const tly_feat_t *feat, int64_t now_ms);
  */
 uint64_t tly_featset_match(const tly_featset_t *fs, const tly_event_t *ev);
 
+/* Whether ids are rendered a word at a time (little-endian hosts, unless
+ * built with TLY_PORTABLE, which tests the byte-wise code on any host). */
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__ && !defined(TLY_PORTABLE)
+#define TLY_ID_WORDS 1
+#else
+#define TLY_ID_WORDS 0
+#endif
+
+/* tly_entity_id for any id (tly_entity_id takes the usual one inline). */
+tly_err_t tly_entity_id_any(const tly_featset_t *fs, uint32_t entity, const tly_event_t *ev,
+                            char *buf, size_t cap, size_t *len);
+
+#if TLY_ID_WORDS
+/* The eight decimal digits of u < 10^8, leading zeros included, as bytes
+ * 0..9 with the most significant first in memory (little-endian): the
+ * halves of four digits, then pairs, then single digits split in every lane
+ * at once by multiplying with a scaled reciprocal (exact for these ranges:
+ * x * 5243 >> 19 is x / 100 for x < 10^4, x * 103 >> 10 is x / 10 for
+ * x < 100). */
+static inline uint64_t tly_digit_bytes8(uint64_t u)
+{
+    uint64_t x = u / 10000 | (u % 10000) << 32;
+    uint64_t h = (x * 5243) >> 19 & UINT64_C(0x0000007F0000007F);
+    x = (x - h * 100) << 16 | h;
+    uint64_t t = (x * 103) >> 10 & UINT64_C(0x000F000F000F000F);
+    return (x - t * 10) << 8 | t;
+}
+#endif
+
 /*
  * Renders the id of entity type `entity` from ev into buf (cap bytes, not
  * NUL-terminated; the bytes of buf past the id, up to the eighth, may be
  * written too). Returns TLY_OK and *len, or EV_MISSING_KEY,
- * EV_WRONG_TYPE, or EV_VALUE_TOO_LONG (id longer than cap).
+ * EV_WRONG_TYPE, or EV_VALUE_TOO_LONG (id longer than cap). The usual id,
+ * one integer key of up to eight digits, is rendered here in one word (the
+ * digits moved to its low bytes); any other by tly_entity_id_any.
  */
-tly_err_t tly_entity_id(const tly_featset_t *fs, uint32_t entity, const tly_event_t *ev, char *buf,
-                        size_t cap, size_t *len);
+static inline tly_err_t tly_entity_id(const tly_featset_t *fs, uint32_t entity,
+                                      const tly_event_t *ev, char *buf, size_t cap, size_t *len)
+{
+#if TLY_ID_WORDS
+    const tly_entity_t *ent = &fs->entities[entity];
+    if (ent->nkeys == 1 && cap >= 8 && ent->keys[0] < ev->nfields) {
+        const tly_value_t *v = &ev->vals[ent->keys[0]];
+        if (v->type == TLY_V_INT && v->u.i >= 0 && v->u.i < 100000000) {
+            uint64_t x = tly_digit_bytes8((uint64_t)v->u.i);
+            size_t d = x == 0 ? 1 : 8 - (size_t)__builtin_ctzll(x) / 8;
+            x = (x | UINT64_C(0x3030303030303030)) >> (8 * (8 - d));
+            memcpy(buf, &x, 8);
+            *len = d;
+            return TLY_OK;
+        }
+    }
+#endif
+    return tly_entity_id_any(fs, entity, ev, buf, cap, len);
+}
 
 #endif
