@@ -440,7 +440,8 @@ int store_intern_find(tly_store_t *store, const char *s, uint32_t len, size_t m)
 
 /* Returns the intern id of s[0..len), inserting it if there is room, or -1
  * (too long, or the table is full). Writers. */
-static inline int store_intern_get(tly_store_t *store, const char *s, uint32_t len)
+static inline __attribute__((always_inline)) int store_intern_get(tly_store_t *store, const char *s,
+                                                                  uint32_t len)
 {
     if (len > INTERN_MAXLEN)
         return -1;

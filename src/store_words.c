@@ -97,9 +97,10 @@ static uint32_t seg_find_from(const ent_t *e, uint32_t used, uint32_t sid, uint3
                               bool *found)
 {
     uint64_t off = start; /* 64-bit: a torn length must not wrap it */
+    const uint64_t *w = ent_words(e);
     *found = false;
     while (off < used) {
-        uint64_t h = ld(e, (uint32_t)off);
+        uint64_t h = wld(w, (uint32_t)off);
         uint32_t id = SEG_ID(h);
         if (id == sid) {
             *found = true;
@@ -193,11 +194,12 @@ static void win_update(tly_store_t *store, ent_t **entp, uint32_t sid, tly_agg_k
     uint32_t sw = stride_of(kind);
     uint32_t off = seg_get(store, entp, sid, 0, hint);
     ent_t *e = *entp;
-    uint32_t len = SEG_LEN(ld(e, off));
+    uint64_t *ws = ent_words(e); /* until the record moves (words_reserve) */
+    uint32_t len = SEG_LEN(wld(ws, off));
     uint32_t p = off + 1;
 
     uint32_t drop = 0;
-    while (drop < len && (uint32_t)(ld(e, p + drop) >> 32) < keep_lo)
+    while (drop < len && (uint32_t)(wld(ws, p + drop) >> 32) < keep_lo)
         drop += sw;
     if (drop) {
         words_close(e, p, drop);
@@ -207,13 +209,13 @@ static void win_update(tly_store_t *store, ent_t **entp, uint32_t sid, tly_agg_k
 
     uint32_t i = len;
     while (i >= sw) {
-        uint32_t eb = (uint32_t)(ld(e, p + i - sw) >> 32);
+        uint32_t eb = (uint32_t)(wld(ws, p + i - sw) >> 32);
         if (eb == bucket) {
             if (kind == TLY_AGG_COUNT) {
                 /* the bucket's one word: its count plus one, saturating at
                  * UINT32_MAX as tly_agg_cell_add does */
-                uint64_t w = ld(e, p + i - 1);
-                st(e, p + i - 1, w + ((uint32_t)w != UINT32_MAX));
+                uint64_t w = wld(ws, p + i - 1);
+                wst(ws, p + i - 1, w + ((uint32_t)w != UINT32_MAX));
             } else {
                 tly_cell_t c;
                 cell_load(e, p + i - sw, kind, &c);
@@ -502,17 +504,18 @@ static void lastk_update(tly_store_t *store, ent_t **entp, uint32_t sid, const t
     /* every kept item, and this one, as wide as the count word says */
     const bool uniform = count && uw == iw && (uint64_t)count * uw == p + len - first;
     if (uniform) {
+        const uint64_t *w = ent_words(e);
         uint64_t lo = 0, hi = count;
         /* the two usual answers first, one load each: after the newest
          * item (events in time order) or before the oldest (an event too
          * old to be kept, once the list is full) */
-        if ((int64_t)ld(e, p + len - tail) <= ev->time_ms)
+        if ((int64_t)wld(w, p + len - tail) <= ev->time_ms)
             lo = count;
-        else if ((int64_t)ld(e, first + uw - tail) > ev->time_ms)
+        else if ((int64_t)wld(w, first + uw - tail) > ev->time_ms)
             hi = 0;
         while (lo < hi) {
             uint64_t mid = lo + (hi - lo) / 2;
-            if ((int64_t)ld(e, first + (uint32_t)(mid * uw) + uw - tail) <= ev->time_ms)
+            if ((int64_t)wld(w, first + (uint32_t)(mid * uw) + uw - tail) <= ev->time_ms)
                 lo = mid + 1;
             else
                 hi = mid;
