@@ -61,6 +61,8 @@
  */
 #include "tallyd/decode.h"
 
+#include "bytes_int.h"
+
 #include <errno.h>
 #include <limits.h>
 #include <math.h>
@@ -1228,28 +1230,6 @@ static tly_err_t event_time(const walk_t *w, int64_t kafka_ts_ms)
     return TLY_OK;
 }
 
-/* Whether a[0..n) equals b[0..n). */
-static inline bool same_bytes(const char *a, const char *b, size_t n)
-{
-#if DECODE_WORDS
-    if (n >= 8 && n <= 16) { /* two overlapping words */
-        uint64_t a0, a1, b0, b1;
-        memcpy(&a0, a, 8);
-        memcpy(&b0, b, 8);
-        memcpy(&a1, a + n - 8, 8);
-        memcpy(&b1, b + n - 8, 8);
-        return ((a0 ^ b0) | (a1 ^ b1)) == 0;
-    }
-    if (n < 4) { /* a closing brace, perhaps a space or two */
-        for (size_t i = 0; i < n; i++)
-            if (a[i] != b[i])
-                return false;
-        return true;
-    }
-#endif
-    return memcmp(a, b, n) == 0;
-}
-
 /* Whether shape s's bytes before member i (or, i == nmem, after its last)
  * are the payload's at w->pos: before a member they must be followed by
  * its value; after the last they must end the payload. */
@@ -1257,7 +1237,7 @@ static inline bool shape_fits(const walk_t *w, const shape_t *s, uint32_t i)
 {
     size_t n = s->pre_len[i], left = w->len - w->pos;
     return (i < s->nmem ? left > n : left == n) &&
-           same_bytes(w->js + w->pos, s->bytes + s->pre_off[i], n);
+           tly_bytes_eq(w->js + w->pos, s->bytes + s->pre_off[i], n);
 }
 
 /* Reads the payload by a learnt shape: every byte between the values is

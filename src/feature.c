@@ -54,6 +54,8 @@
 
 #include "tallyd/window.h"
 
+#include "bytes_int.h"
+
 /* render_int's eight-digits-at-a-time path needs a little-endian host;
  * TLY_PORTABLE builds the portable one on any host (see decode.c). */
 #define FEATURE_WORDS TLY_ID_WORDS
@@ -905,31 +907,6 @@ tly_err_t tly_featset_resolve(const tly_featset_t *fs, uint32_t entity, const ch
     return TLY_E_NOTFOUND;
 }
 
-/* Whether a[0..n) equals b[0..n): the short texts of `where` lists by word
- * loads, not a memcmp call. */
-static inline bool text_eq(const char *a, const char *b, size_t n)
-{
-#if FEATURE_WORDS
-    if (n >= 4 && n <= 16) {
-        uint64_t a0, a1, b0, b1;
-        if (n < 8) {
-            uint32_t c0, c1, d0, d1;
-            memcpy(&c0, a, 4);
-            memcpy(&d0, b, 4);
-            memcpy(&c1, a + n - 4, 4);
-            memcpy(&d1, b + n - 4, 4);
-            return ((c0 ^ d0) | (c1 ^ d1)) == 0;
-        }
-        memcpy(&a0, a, 8);
-        memcpy(&b0, b, 8);
-        memcpy(&a1, a + n - 8, 8);
-        memcpy(&b1, b + n - 8, 8);
-        return ((a0 ^ b0) | (a1 ^ b1)) == 0;
-    }
-#endif
-    return memcmp(a, b, n) == 0;
-}
-
 /* The index of s[0..n) in the list ix indexes, or -1. */
 static long str_index_get(const tly_str_index_t *ix, const char *s, size_t n)
 {
@@ -1016,7 +993,7 @@ uint64_t tly_featset_match(const tly_featset_t *fs, const tly_event_t *ev)
                 continue;
             }
             for (size_t l = 0; l < cf->nlits; l++)
-                if (cf->lits[l].len == v->len && text_eq(cf->lits[l].text, v->u.s, v->len)) {
+                if (cf->lits[l].len == v->len && tly_bytes_eq(cf->lits[l].text, v->u.s, v->len)) {
                     held |= cf->lits[l].conds;
                     break;
                 }

@@ -23,6 +23,8 @@
 #include "tallyd/store.h"
 #include "tallyd/window.h"
 
+#include "bytes_int.h"
+
 #if defined(__SANITIZE_THREAD__)
 /* TSan does not model fences (gcc refuses them under -fsanitize=thread).
  * Every access to shared state here is atomic, so without the fences TSan
@@ -406,21 +408,6 @@ tly_value_t store_words_value(const ent_t *e, uint32_t used, const tly_feat_t *f
                               uint32_t window, int64_t now_ms, uint32_t *hint, bool *bad);
 
 /* store_log.c */
-/* Whether a[0..n) equals b[0..n): short strings (most interned ones) by
- * word loads, not a memcmp call. */
-static inline bool bytes_eq(const char *a, const char *b, size_t n)
-{
-    if (n < 8)
-        return tail_bytes(a, n) == tail_bytes(b, n);
-    if (n > 16)
-        return memcmp(a, b, n) == 0;
-    uint64_t a0, a1, b0, b1; /* two overlapping 8-byte loads cover 8..16 */
-    memcpy(&a0, a, 8);
-    memcpy(&b0, b, 8);
-    memcpy(&a1, a + n - 8, 8);
-    memcpy(&b1, b + n - 8, 8);
-    return ((a0 ^ b0) | (a1 ^ b1)) == 0;
-}
 
 /* The strings a thread interned last, by a few bits of their length and
  * first byte: an event stream repeats a handful of short strings (actions,
@@ -447,7 +434,7 @@ static inline __attribute__((always_inline)) int store_intern_get(tly_store_t *s
         return -1;
     size_t m = (len ^ (uint32_t)(len ? (unsigned char)s[0] : 0) * 3u) & (IMEMO_SLOTS - 1);
     const imemo_t *im = &store_imemo[m];
-    if (im->gen == store->gen && im->is->len == len && bytes_eq(im->is->s, s, len))
+    if (im->gen == store->gen && im->is->len == len && tly_bytes_eq(im->is->s, s, len))
         return im->id;
     return store_intern_find(store, s, len, m);
 }

@@ -72,7 +72,7 @@ int store_intern_find(tly_store_t *store, const char *s, uint32_t len, size_t m)
         istr_t *cur = atomic_load_explicit(&store->intern[h], memory_order_acquire);
         if (!cur)
             return intern_insert(store, s, len, h);
-        if (cur->len == len && bytes_eq(cur->s, s, len)) {
+        if (cur->len == len && tly_bytes_eq(cur->s, s, len)) {
             store_imemo[m].gen = store->gen;
             store_imemo[m].is = cur;
             store_imemo[m].id = (int)h;

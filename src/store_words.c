@@ -321,32 +321,33 @@ static void item_write(ent_t *e, uint32_t at, const tly_feat_t *feat, const tly_
 #define PACK_BOOL   3u
 #define PACK_ISTR   4u
 
+/* The PACK_* code of value v (id: its intern id when a string), or 0 when
+ * it has no packed form (a missing value, a string too long to intern). */
+static uint64_t pack_code(const tly_value_t *v, int id)
+{
+    switch (v->type) {
+    case TLY_V_INT:
+        return PACK_INT;
+    case TLY_V_DOUBLE:
+        return PACK_DOUBLE;
+    case TLY_V_BOOL:
+        return PACK_BOOL;
+    case TLY_V_STR:
+        return id < 0 ? 0 : PACK_ISTR;
+    default:
+        return 0;
+    }
+}
+
 /* The packed schema of ev's values of feat (ids: their intern ids), or 0
- * when some value has no packed form (a missing value, a long string). */
+ * when some value has no packed form. */
 static uint64_t pack_schema(const tly_feat_t *feat, const tly_event_t *ev, const int *ids)
 {
     uint64_t schema = (uint64_t)feat->nvalues << 32;
     for (size_t i = 0; i < feat->nvalues; i++) {
-        const tly_value_t *v = &ev->vals[feat->values[i]];
-        uint64_t code;
-        switch (v->type) {
-        case TLY_V_INT:
-            code = PACK_INT;
-            break;
-        case TLY_V_DOUBLE:
-            code = PACK_DOUBLE;
-            break;
-        case TLY_V_BOOL:
-            code = PACK_BOOL;
-            break;
-        case TLY_V_STR:
-            if (ids[i] < 0)
-                return 0;
-            code = PACK_ISTR;
-            break;
-        default:
+        uint64_t code = pack_code(&ev->vals[feat->values[i]], ids[i]);
+        if (code == 0)
             return 0;
-        }
         schema |= code << (4 * i);
     }
     return schema;
@@ -731,27 +732,10 @@ static bool build_items(tly_store_t *store, ent_t **entp, const tly_feat_t *feat
         uint64_t schema = (uint64_t)nv << 32;
         for (uint32_t j = 0; j < nv; j++) {
             const tly_value_t *v = &lg->recs[i].vals[store->vidx[feat->id][j]];
-            uint64_t code;
-            int id = -1;
-            switch (v->type) {
-            case TLY_V_INT:
-                code = PACK_INT;
-                break;
-            case TLY_V_DOUBLE:
-                code = PACK_DOUBLE;
-                break;
-            case TLY_V_BOOL:
-                code = PACK_BOOL;
-                break;
-            case TLY_V_STR:
-                id = store_intern_get(store, v->u.s, v->len);
-                if (id < 0)
-                    return false;
-                code = PACK_ISTR;
-                break;
-            default:
+            int id = v->type == TLY_V_STR ? store_intern_get(store, v->u.s, v->len) : -1;
+            uint64_t code = pack_code(v, id);
+            if (code == 0)
                 return false;
-            }
             schema |= code << (4 * j);
             pay[n][j] = payload_word(v, id);
         }
