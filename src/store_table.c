@@ -74,6 +74,8 @@ static bool key_eq(const ent_t *e, uint32_t type, const char *id, size_t len)
 {
     if (e->type != type || e->idlen != len)
         return false;
+    if (len == 0)
+        return true; /* an empty id has no words: the first word is state */
     const char *k = ent_id(e);
     uint64_t a0, b0;
     memcpy(&a0, k, 8);

@@ -2330,6 +2330,39 @@ static void test_compact_conversion_builds_what_replay_writes(void **state)
     teardown(&fxp);
 }
 
+/* A record is found again by its id whatever the id's length: the empty
+ * id, ids shorter than a word, of one or two words, and longer (the key
+ * compare reads them by words up to sixteen bytes). Each id takes three
+ * events; each must read a count of 3, and there must be one record each. */
+static void test_ids_of_every_length_are_found_again(void **state)
+{
+    fx_t *fx = *state;
+    char ids[25][32];
+    for (int len = 0; len <= 24; len++) {
+        for (int i = 0; i < len; i++)
+            ids[len][i] = (char)('a' + (len + i) % 26);
+        ids[len][len] = '\0';
+        for (int k = 0; k < 3; k++) {
+            tly_event_t e;
+            memset(&e, 0, sizeof e);
+            e.nfields = (uint32_t)fx->fs->nfields;
+            e.time_ms = T - (len * 3 + k) * SEC;
+            e.vals[fx->f_user] =
+                (tly_value_t){.type = TLY_V_STR, .len = (uint32_t)len, .u.s = ids[len]};
+            e.vals[fx->f_pin] = (tly_value_t){.type = TLY_V_STR, .len = 1, .u.s = "p"};
+            e.vals[fx->f_action] = (tly_value_t){.type = TLY_V_STR, .len = 5, .u.s = "click"};
+            assert_int_equal(tly_store_apply(fx->store, &e, 0, len * 3 + k, T), TLY_OK);
+        }
+    }
+    for (int len = 0; len <= 24; len++)
+        if (get(fx, fx->user, ids[len], "clicks", 0, T).u.i != 3)
+            fail_msg("id of %d bytes: %" PRId64 " clicks, want 3", len,
+                     get(fx, fx->user, ids[len], "clicks", 0, T).u.i);
+    tly_store_stats_t st;
+    tly_store_stats(fx->store, &st);
+    assert_int_equal(st.entities, 25); /* no pin feature counts clicks */
+}
+
 /* Events alike in their `where` outcome and in the kinds of their numeric
  * values share phase 1's verdict (a per-thread memo); each must still be
  * judged on what the memo does not hold: a value absent or of another
@@ -2924,6 +2957,7 @@ int main(void)
         cmocka_unit_test(test_compact_and_word_folds_agree_where_order_matters),
         cmocka_unit_test(test_compact_conversion_builds_what_replay_writes),
         cmocka_unit_test(test_alike_events_are_still_judged_each_on_its_own),
+        cmocka_unit_test_setup_teardown(test_ids_of_every_length_are_found_again, setup, teardown),
         cmocka_unit_test(test_item_feature_before_windowed_ones_in_word_encoding),
         cmocka_unit_test_setup_teardown(test_word_encoded_sum_past_int64_turns_double, setup,
                                         teardown),
