@@ -888,7 +888,7 @@ static tly_err_t apply_event(tly_store_t *store, const tly_event_t *ev, const tl
     if (mo != NULL && first_drop == TLY_OK)
         memo_put(store, mo, held, sig, ev->skip_entities, plans, nplans, matched, nmatched);
 
-apply:
+apply:; /* C11: a label comes before a statement, not a declaration */
     /* Phase 2: apply, one record lock per entity. */
     tstats_t *ts = store_thread_stats(store);
     if (store->max_bytes > 0 && ++ts->cap_tick >= TLY_STORE_CAP_EVERY) {
