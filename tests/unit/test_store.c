@@ -1159,10 +1159,18 @@ static void test_dump_and_load_round_trip(void **state)
         free(d.blocks[b]);
 }
 
-/* The word of a dumped words record at index `word` of the record of user
- * `uid`, or NULL: walks the block's items. */
-static uint8_t *dumped_word(uint8_t *p, size_t n, uint32_t user_type, const char *uid,
-                            bool (*pick)(const uint8_t *words, uint32_t used, uint32_t *at))
+/* One entity item of a dump block (the layout tly_store_dump writes). */
+typedef struct {
+    uint32_t type, used;
+    uint8_t mode, idlen;
+    const char *id;
+    uint8_t *words; /* the state: log bytes (mode 0) or words (mode & 2) */
+} ditem_t;
+
+/* Calls each(item, ctx) for the entity items of block p[0..n) in order,
+ * skipping layout and intern items, until it returns true or an item of
+ * an unknown kind comes. */
+static void walk_block(uint8_t *p, size_t n, bool (*each)(const ditem_t *it, void *ctx), void *ctx)
 {
     size_t at = 0;
     while (at < n) {
@@ -1179,24 +1187,50 @@ static uint8_t *dumped_word(uint8_t *p, size_t n, uint32_t user_type, const char
             uint32_t len = p[at + 4] | p[at + 5] << 8 | p[at + 6] << 16 | (uint32_t)p[at + 7] << 24;
             at += 8 + len;
         } else if (kind == 2) {
-            uint32_t type = p[at] | p[at + 1] << 8;
-            uint8_t idlen = p[at + 2], mode = p[at + 3];
-            uint32_t used =
-                p[at + 4] | p[at + 5] << 8 | p[at + 6] << 16 | (uint32_t)p[at + 7] << 24;
+            ditem_t it = {.type = p[at] | p[at + 1] << 8, .idlen = p[at + 2], .mode = p[at + 3]};
+            it.used = p[at + 4] | p[at + 5] << 8 | p[at + 6] << 16 | (uint32_t)p[at + 7] << 24;
             uint32_t nwords =
                 p[at + 8] | p[at + 9] << 8 | p[at + 10] << 16 | (uint32_t)p[at + 11] << 24;
             at += 12;
-            uint8_t *words = p + at + idlen;
-            uint32_t w;
-            if (type == user_type && idlen == strlen(uid) && memcmp(p + at, uid, idlen) == 0 &&
-                (mode & 2) && pick(words, used, &w))
-                return words + 8 * (size_t)w;
-            at += idlen + 8 * (size_t)nwords;
+            it.id = (const char *)p + at;
+            it.words = p + at + it.idlen;
+            if (each(&it, ctx))
+                return;
+            at += it.idlen + 8 * (size_t)nwords;
         } else {
-            return NULL;
+            return;
         }
     }
-    return NULL;
+}
+
+typedef struct {
+    uint32_t user_type;
+    const char *uid;
+    bool (*pick)(const uint8_t *words, uint32_t used, uint32_t *at);
+    uint8_t *found;
+} dw_ctx_t;
+
+static bool dw_each(const ditem_t *it, void *ctx)
+{
+    dw_ctx_t *c = ctx;
+    uint32_t w;
+    if (it->type == c->user_type && it->idlen == strlen(c->uid) &&
+        memcmp(it->id, c->uid, it->idlen) == 0 && (it->mode & 2) &&
+        c->pick(it->words, it->used, &w)) {
+        c->found = it->words + 8 * (size_t)w;
+        return true;
+    }
+    return false;
+}
+
+/* The word of a dumped words record at index `word` of the record of user
+ * `uid`, or NULL: walks the block's items. */
+static uint8_t *dumped_word(uint8_t *p, size_t n, uint32_t user_type, const char *uid,
+                            bool (*pick)(const uint8_t *words, uint32_t used, uint32_t *at))
+{
+    dw_ctx_t c = {.user_type = user_type, .uid = uid, .pick = pick, .found = NULL};
+    walk_block(p, n, dw_each, &c);
+    return c.found;
 }
 
 static bool pick_first(const uint8_t *words, uint32_t used, uint32_t *at)
@@ -2164,48 +2198,34 @@ static int drec_cmp(const void *a, const void *b)
     return memcmp(x->id, y->id, x->idlen);
 }
 
+typedef struct {
+    drec_t *out;
+    size_t n, cap;
+} dr_ctx_t;
+
+static bool dr_each(const ditem_t *it, void *ctx)
+{
+    dr_ctx_t *c = ctx;
+    assert_true(c->n < c->cap);
+    drec_t *r = &c->out[c->n++];
+    r->type = it->type;
+    r->idlen = it->idlen;
+    r->mode = it->mode;
+    r->used = it->used;
+    assert_true(r->idlen < sizeof r->id);
+    memcpy(r->id, it->id, r->idlen);
+    r->words = it->words;
+    return false;
+}
+
 /* The entity items of a dump's blocks, sorted by type and id. */
 static size_t dump_records(const dump_t *d, drec_t *out, size_t cap)
 {
-    size_t n = 0;
-    for (size_t b = 0; b < d->n; b++) {
-        const uint8_t *p = d->blocks[b];
-        size_t at = 0;
-        while (at < d->lens[b]) {
-            uint8_t kind = p[at++];
-            if (kind == 3) { /* layout */
-                uint32_t nl = p[at + 2] | p[at + 3] << 8;
-                at += 4 + nl;
-                uint32_t nslots =
-                    p[at] | p[at + 1] << 8 | p[at + 2] << 16 | (uint32_t)p[at + 3] << 24;
-                at += 4 + 8 * (size_t)nslots;
-                uint8_t nvf = p[at++];
-                for (uint32_t j = 0; j < nvf; j++)
-                    at += 2 + (size_t)(p[at] | p[at + 1] << 8);
-            } else if (kind == 1) { /* intern */
-                uint32_t len =
-                    p[at + 4] | p[at + 5] << 8 | p[at + 6] << 16 | (uint32_t)p[at + 7] << 24;
-                at += 8 + len;
-            } else {
-                assert_int_equal(kind, 2);
-                assert_true(n < cap);
-                drec_t *r = &out[n++];
-                r->type = p[at] | p[at + 1] << 8;
-                r->idlen = p[at + 2];
-                r->mode = p[at + 3];
-                r->used = p[at + 4] | p[at + 5] << 8 | p[at + 6] << 16 | (uint32_t)p[at + 7] << 24;
-                uint32_t nwords =
-                    p[at + 8] | p[at + 9] << 8 | p[at + 10] << 16 | (uint32_t)p[at + 11] << 24;
-                at += 12;
-                assert_true(r->idlen < sizeof r->id);
-                memcpy(r->id, p + at, r->idlen);
-                r->words = p + at + r->idlen;
-                at += r->idlen + 8 * (size_t)nwords;
-            }
-        }
-    }
-    qsort(out, n, sizeof *out, drec_cmp);
-    return n;
+    dr_ctx_t c = {.out = out, .n = 0, .cap = cap};
+    for (size_t b = 0; b < d->n; b++)
+        walk_block(d->blocks[b], d->lens[b], dr_each, &c);
+    qsort(out, c.n, sizeof *out, drec_cmp);
+    return c.n;
 }
 
 /* A compact log turns into the word encoding by building each segment at
