@@ -187,6 +187,22 @@ static void cell_store(ent_t *e, uint32_t at, uint32_t bucket, tly_agg_kind_t ki
     wst(w, at + 1, (uint64_t)c->bits);
 }
 
+/* Folds v into the cell of `bucket` at word `at` (count: its one word plus
+ * one, saturating at UINT32_MAX as tly_agg_cell_add does). */
+static void cell_fold(ent_t *e, uint32_t at, uint32_t bucket, tly_agg_kind_t kind,
+                      const tly_value_t *v)
+{
+    if (kind == TLY_AGG_COUNT) {
+        uint64_t w = ld(e, at);
+        st(e, at, w + ((uint32_t)w != UINT32_MAX));
+        return;
+    }
+    tly_cell_t c;
+    cell_load(e, at, kind, &c);
+    tly_agg_cell_add(kind, &c, v);
+    cell_store(e, at, bucket, kind, &c);
+}
+
 /* Adds v at `bucket` to segment sid, pruning buckets below keep_lo. */
 static void win_update(tly_store_t *store, ent_t **entp, uint32_t sid, tly_agg_kind_t kind,
                        uint32_t bucket, uint32_t keep_lo, const tly_value_t *v, uint32_t *hint)
@@ -211,17 +227,7 @@ static void win_update(tly_store_t *store, ent_t **entp, uint32_t sid, tly_agg_k
     while (i >= sw) {
         uint32_t eb = (uint32_t)(wld(ws, p + i - sw) >> 32);
         if (eb == bucket) {
-            if (kind == TLY_AGG_COUNT) {
-                /* the bucket's one word: its count plus one, saturating at
-                 * UINT32_MAX as tly_agg_cell_add does */
-                uint64_t w = wld(ws, p + i - 1);
-                wst(ws, p + i - 1, w + ((uint32_t)w != UINT32_MAX));
-            } else {
-                tly_cell_t c;
-                cell_load(e, p + i - sw, kind, &c);
-                tly_agg_cell_add(kind, &c, v);
-                cell_store(e, p + i - sw, bucket, kind, &c);
-            }
+            cell_fold(e, p + i - sw, bucket, kind, v);
             if (drop)
                 words_maybe_shrink(store, entp);
             return;
@@ -691,17 +697,11 @@ static void build_window(tly_store_t *store, ent_t **entp, const tly_feat_t *fea
     uint32_t at = off + 1;
     for (size_t j = 0; j < n; j++) {
         const tly_value_t *v = feat->nvalues ? &lg->recs[br[j].rec].vals[vj] : NULL;
-        tly_cell_t c = TLY_CELL_INIT;
         if (j > 0 && br[j].bucket == br[j - 1].bucket) {
-            at -= sw; /* the bucket's cell, folded on as win_update does */
-            if (kind == TLY_AGG_COUNT) {
-                uint64_t x = ld(e, at);
-                st(e, at, x + ((uint32_t)x != UINT32_MAX));
-                at += sw;
-                continue;
-            }
-            cell_load(e, at, kind, &c);
+            cell_fold(e, at - sw, br[j].bucket, kind, v); /* as win_update does */
+            continue;
         }
+        tly_cell_t c = TLY_CELL_INIT;
         tly_agg_cell_add(kind, &c, v);
         cell_store(e, at, br[j].bucket, kind, &c);
         at += sw;
