@@ -1862,31 +1862,46 @@ static void test_total_lag_is_unknown_while_a_partition_lag_is(void **state)
 {
     (void)state;
     SKIP_UNDER_TSAN();
-    enum { N = 400, SLOW = 3 };
+    enum { N = 400 };
     const int delay_ms = 4000 * timeout_mult();
     cluster_t c;
     cluster_init(&c);
     rd_kafka_t *prod = producer_new(c.bootstrap);
     int64_t hi[NPARTS];
     produce_users(prod, N, 4242, hi);
-    /* which partitions SLOW leads */
+    /* the slow broker: the leader of partition 0, once every partition has
+     * a leader; and which partitions it leads */
     bool slow[NPARTS] = {false};
     int nslow = 0;
-    const struct rd_kafka_metadata *md = NULL;
+    int32_t slow_broker = -1;
     rd_kafka_topic_t *rkt = rd_kafka_topic_new(prod, TOPIC, NULL);
-    assert_int_equal(rd_kafka_metadata(prod, 0, rkt, &md, 10000), RD_KAFKA_RESP_ERR_NO_ERROR);
-    for (int i = 0; i < md->topics[0].partition_cnt; i++) {
-        const rd_kafka_metadata_partition_t *mp = &md->topics[0].partitions[i];
-        if (mp->leader == SLOW && hi[mp->id] > 0) {
-            slow[mp->id] = true;
-            nslow++;
+    int64_t md_deadline = deadline_after(DEADLINE_S);
+    while (slow_broker < 0) {
+        const struct rd_kafka_metadata *md = NULL;
+        assert_int_equal(rd_kafka_metadata(prod, 0, rkt, &md, 10000), RD_KAFKA_RESP_ERR_NO_ERROR);
+        bool led = md->topics[0].partition_cnt == NPARTS;
+        for (int i = 0; led && i < md->topics[0].partition_cnt; i++)
+            led = md->topics[0].partitions[i].leader >= 0;
+        for (int i = 0; led && i < md->topics[0].partition_cnt; i++)
+            if (md->topics[0].partitions[i].id == 0)
+                slow_broker = md->topics[0].partitions[i].leader;
+        for (int i = 0; slow_broker >= 0 && i < md->topics[0].partition_cnt; i++) {
+            const rd_kafka_metadata_partition_t *mp = &md->topics[0].partitions[i];
+            if (mp->leader == slow_broker && hi[mp->id] > 0) {
+                slow[mp->id] = true;
+                nslow++;
+            }
+        }
+        rd_kafka_metadata_destroy(md);
+        if (slow_broker < 0) {
+            assert_true(mono_ms() < md_deadline);
+            pause_10ms();
         }
     }
-    rd_kafka_metadata_destroy(md);
     rd_kafka_topic_destroy(rkt);
     assert_true(nslow > 0 && nslow < NPARTS);
     assert_int_equal(rd_kafka_mock_broker_push_request_error_rtts(
-                         c.mock, SLOW, API_FETCH, 2, RD_KAFKA_RESP_ERR_NO_ERROR, delay_ms,
+                         c.mock, slow_broker, API_FETCH, 2, RD_KAFKA_RESP_ERR_NO_ERROR, delay_ms,
                          RD_KAFKA_RESP_ERR_NO_ERROR, delay_ms),
                      RD_KAFKA_RESP_ERR_NO_ERROR);
 
@@ -1921,7 +1936,8 @@ static void test_total_lag_is_unknown_while_a_partition_lag_is(void **state)
                          delay_ms);
         }
         if (mono_ms() > deadline)
-            fail_msg("the partitions of brokers other than %d were not read to their end", SLOW);
+            fail_msg("the partitions of brokers other than %d were not read to their end",
+                     (int)slow_broker);
         pause_10ms();
     }
     assert_int_equal(st.lag, -1);
