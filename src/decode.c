@@ -324,31 +324,48 @@ static size_t digits8(const char *p, uint64_t *acc)
  * caller's to check. The integer part's digits are summed on the way:
  * v->small when there are at most 18 of them (below 10^18, so the sum
  * cannot overflow), and then v->mag is their value. */
-static size_t json_number(const char *p, size_t n, size_t back, val_t *v)
+static size_t json_number_walk(const char *p, size_t n, size_t back, val_t *v);
+
+/* json_number's usual case, inline where it is called: an integer of 1 to
+ * 16 digits, the first not 0, with at least eight bytes to read after its
+ * sign, read by one or two words (the second, when fewer than eight bytes
+ * follow the first eight, the word that ends the payload); the number's
+ * next byte must be read and must not continue it. Anything else goes to
+ * json_number_walk. */
+static inline __attribute__((always_inline)) size_t json_number(const char *p, size_t n,
+                                                                size_t back, val_t *v)
 {
 #if DECODE_WORDS
-    {
-        /* the usual number first: an integer of 1 to 15 digits, the first
-         * not 0, with sixteen bytes to read after its sign; two words */
-        size_t sign = p[0] == '-';
-        const char *q = p + sign;
-        if (n >= 16 + sign && q[0] >= '1' && q[0] <= '9') {
-            uint64_t x, acc = 0;
-            memcpy(&x, q, 8);
-            size_t k = digits8_word(x, &acc);
-            if (k == 8) {
-                memcpy(&x, q + 8, 8);
-                k += digits8_word(x, &acc);
-            }
-            if (k < 16 && q[k] != '.' && q[k] != 'e' && q[k] != 'E') {
-                v->small = true;
-                v->mag = acc;
-                v->is_int = true;
-                return sign + k;
-            }
+    size_t sign = p[0] == '-';
+    const char *q = p + sign;
+    if (n >= 8 + sign && q[0] >= '1' && q[0] <= '9') {
+        const size_t m = n - sign; /* bytes from q on */
+        uint64_t x, acc = 0;
+        memcpy(&x, q, 8);
+        size_t k = digits8_word(x, &acc);
+        if (k == 8 && m >= 16) {
+            memcpy(&x, q + 8, 8);
+            k += digits8_word(x, &acc);
+        } else if (k == 8) {
+            /* the m - 8 < 8 bytes after the first eight, at the top of the
+             * word that ends the payload (zeros come in: not digits) */
+            memcpy(&x, p + n - 8, 8);
+            k += m == 8 ? 0 : digits8_word(x >> (8 * (16 - m)), &acc);
+        }
+        if (k < 16 && k < m && q[k] != '.' && q[k] != 'e' && q[k] != 'E') {
+            v->small = true;
+            v->mag = acc;
+            v->is_int = true;
+            return sign + k;
         }
     }
 #endif
+    return json_number_walk(p, n, back, v);
+}
+
+static __attribute__((noinline)) size_t json_number_walk(const char *p, size_t n, size_t back,
+                                                         val_t *v)
+{
     size_t i = 0;
     if (p[0] == '-')
         i++;
