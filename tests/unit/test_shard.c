@@ -24,6 +24,8 @@
 #include "tallyd/config.h"
 #include "tallyd/shard.h"
 
+#include "rdkafka_tsan.h"
+
 static const struct {
     const char *key;
     int32_t java_hash;
@@ -224,6 +226,7 @@ typedef struct {
 
 static void mock_init(mock_t *mk)
 {
+    SKIP_UNDER_TSAN(); /* rdkafka_tsan.h */
     char err[256];
     rd_kafka_conf_t *conf = rd_kafka_conf_new();
     rd_kafka_conf_set(conf, "log_level", "0", err, sizeof err);

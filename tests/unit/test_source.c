@@ -54,6 +54,8 @@
 #include "tallyd/source.h"
 #include "tallyd/store.h"
 
+#include "rdkafka_tsan.h"
+
 #define NPARTS     TLY_SOURCE_EMBEDDED_PARTITIONS
 #define TOPIC      "events"
 #define N_EVENTS   20000
@@ -94,17 +96,6 @@ static void pause_10ms(void)
     struct timespec ts = {0, 10000000};
     nanosleep(&ts, NULL);
 }
-
-/* librdkafka starts its threads with C11 thrd_create, which glibc routes
- * around the pthread_create ThreadSanitizer intercepts; TSan then crashes
- * inside those threads (in its allocator). Under TSan the tests that run
- * librdkafka are skipped; the source's own synchronisation is plain
- * atomics and one mutex. */
-#if defined(__SANITIZE_THREAD__)
-#define SKIP_UNDER_TSAN() skip()
-#else
-#define SKIP_UNDER_TSAN() ((void)0)
-#endif
 
 /* ---- fixture: config, featset, store, source ----------------------------------- */
 
