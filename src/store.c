@@ -78,6 +78,8 @@
 char tly_rcu_tsan_sync, tly_table_tsan_sync;
 #endif
 
+_Thread_local unsigned tly_rcu_depth; /* rcu.h */
+
 /* A batch of records to free after a grace period: one call_rcu per
  * RETIRE_BATCH retirements, not one per record. */
 typedef struct retired {

@@ -49,12 +49,29 @@ extern char tly_table_tsan_sync;
 #define tly_tsan_subscribe()   ((void)0)
 #endif
 
-#define tly_rcu_read_lock() urcu_memb_read_lock()
-#define tly_rcu_read_unlock()                                                                      \
-    do {                                                                                           \
-        tly_rcu_tsan_release();                                                                    \
-        urcu_memb_read_unlock();                                                                   \
-    } while (0)
+/*
+ * Read-side sections nest (an apply inside a writer's section over a whole
+ * batch). The nesting is counted here, in the caller's thread: only the
+ * outermost lock and unlock call liburcu, whose own calls go through the
+ * shared library's thread-local lookup (about 12 instructions each) even
+ * when nested. A thread's count is its own; liburcu sees the same outermost
+ * section it would have counted itself.
+ */
+extern _Thread_local unsigned tly_rcu_depth;
+
+static inline void tly_rcu_read_lock(void)
+{
+    if (tly_rcu_depth++ == 0)
+        urcu_memb_read_lock();
+}
+
+static inline void tly_rcu_read_unlock(void)
+{
+    tly_rcu_tsan_release();
+    if (--tly_rcu_depth == 0)
+        urcu_memb_read_unlock();
+}
+
 /* Defers fn(head) past a grace period; fn must start with
  * tly_rcu_tsan_acquire(). */
 #define tly_call_rcu(head, fn)                                                                     \
