@@ -25,6 +25,13 @@ LDLIBS    = -lrdkafka -luv -lurcu-memb -lurcu-common -lyaml -lzstd -lmicrohttpd 
 # libmimalloc; bench/README.md has the figures). Sanitizer builds keep the
 # libc allocator their runtimes wrap. --no-as-needed: nothing calls into the
 # library by name except the INFO line that reports it.
+# Release builds compile the library for link-time optimisation too (fat
+# objects: the code and the compiler's IR) and link tallyd and the
+# benchmarks with it, which inlines across the library's files (the table
+# lookup into the apply, the agg folds into the store): about 2 % fewer
+# instructions an event on the ingest benchmark (bench/README.md). Tests link
+# the objects' code as it is.
+LTO       = $(if $(SAN),,-flto=auto -ffat-lto-objects)
 ALLOC_DEF = $(if $(SAN),,-DTLY_MIMALLOC)
 ALLOC_LIB = $(if $(SAN),,-Wl,--push-state,--no-as-needed -lmimalloc -Wl,--pop-state)
 
@@ -61,14 +68,14 @@ deps:
 
 $(BUILD)/obj/%.o: src/%.c $(HEADERS)
 	@mkdir -p $(dir $@)
-	$(CC) $(CPPFLAGS) $(ALLOC_DEF) $(CFLAGS) -c $< -o $@
+	$(CC) $(CPPFLAGS) $(ALLOC_DEF) $(CFLAGS) $(LTO) -c $< -o $@
 
 $(BUILD)/libtallyd.a: $(LIB_OBJS)
 	@mkdir -p $(dir $@)
 	rm -f $@ && ar rcs $@ $^
 
 $(BUILD)/tallyd: $(BUILD)/obj/main.o $(BUILD)/libtallyd.a
-	$(CC) $(LDFLAGS) -o $@ $^ $(ALLOC_LIB) $(LDLIBS)
+	$(CC) $(CFLAGS) $(LTO) $(LDFLAGS) -o $@ $^ $(ALLOC_LIB) $(LDLIBS)
 
 $(BUILD)/tests/%: tests/unit/%.c $(BUILD)/libtallyd.a $(HEADERS) $(FUZZ_INCL)
 	@mkdir -p $(dir $@)
@@ -76,7 +83,7 @@ $(BUILD)/tests/%: tests/unit/%.c $(BUILD)/libtallyd.a $(HEADERS) $(FUZZ_INCL)
 
 $(BUILD)/bench/%: bench/%.c $(BUILD)/libtallyd.a $(HEADERS)
 	@mkdir -p $(dir $@)
-	$(CC) $(CPPFLAGS) $(CFLAGS) -o $@ $< $(BUILD)/libtallyd.a $(LDFLAGS) $(ALLOC_LIB) $(LDLIBS) -lhiredis
+	$(CC) $(CPPFLAGS) $(CFLAGS) $(LTO) -o $@ $< $(BUILD)/libtallyd.a $(LDFLAGS) $(ALLOC_LIB) $(LDLIBS) -lhiredis
 
 # Integration helpers in C (real clients, the mock-cluster producer).
 $(BUILD)/itest/%: tests/integration/%.c $(BUILD)/libtallyd.a $(HEADERS)

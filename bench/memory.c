@@ -389,7 +389,7 @@ int main(int argc, char **argv)
         nredis_heavy = nheavy;
 
     char err[512];
-    tly_config_t *cfg;
+    tly_config_t *cfg = NULL;
     ctx_t c;
     if (tly_config_load("bench/memory-users.yaml", &cfg, err, sizeof err) != TLY_OK ||
         tly_featset_compile(cfg, &c.fs, err, sizeof err) != TLY_OK) {

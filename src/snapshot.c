@@ -701,9 +701,9 @@ static tly_store_t *load_file(tly_snapshotter_t *sn, const tly_featset_t *fs, co
     tly_store_t *store = tly_store_new(fs);
     bool positions = false, types = false;
     for (;;) {
-        uint32_t type;
-        const void *data;
-        size_t len;
+        uint32_t type = 0; /* set when rc > 0 */
+        const void *data = NULL;
+        size_t len = 0;
         int rc = tly_snapr_next(r, &type, &data, &len, err, errlen);
         if (rc == 0 && positions)
             break;
