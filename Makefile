@@ -66,7 +66,7 @@ help:
 deps:
 	@bash scripts/deps.sh
 
-$(BUILD)/obj/%.o: src/%.c $(HEADERS)
+$(BUILD)/obj/%.o: src/%.c $(HEADERS) Makefile
 	@mkdir -p $(dir $@)
 	$(CC) $(CPPFLAGS) $(ALLOC_DEF) $(CFLAGS) $(LTO) -c $< -o $@
 
