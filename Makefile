@@ -21,10 +21,6 @@ CFLAGS   ?=
 CFLAGS   += -std=c11 $(OPT) -g $(WARN) -pthread $(SAN) $(if $(WERROR),-Werror,)
 LDFLAGS  += -pthread $(SAN)
 LDLIBS    = -lrdkafka -luv -lurcu-memb -lurcu-common -lyaml -lzstd -lmicrohttpd -lm
-# Release builds replace malloc process-wide with mimalloc (Debian's
-# libmimalloc; bench/README.md has the figures). Sanitizer builds keep the
-# libc allocator their runtimes wrap. --no-as-needed: nothing calls into the
-# library by name except the INFO line that reports it.
 # Release builds compile the library for link-time optimisation too (fat
 # objects: the code and the compiler's IR) and link tallyd and the
 # benchmarks with it, which inlines across the library's files (the table
@@ -32,6 +28,10 @@ LDLIBS    = -lrdkafka -luv -lurcu-memb -lurcu-common -lyaml -lzstd -lmicrohttpd 
 # instructions an event on the ingest benchmark (bench/README.md). Tests link
 # the objects' code as it is.
 LTO       = $(if $(SAN),,-flto=auto -ffat-lto-objects)
+# Release builds replace malloc process-wide with mimalloc (Debian's
+# libmimalloc; bench/README.md has the figures). Sanitizer builds keep the
+# libc allocator their runtimes wrap. --no-as-needed: nothing calls into the
+# library by name except the INFO line that reports it.
 ALLOC_DEF = $(if $(SAN),,-DTLY_MIMALLOC)
 ALLOC_LIB = $(if $(SAN),,-Wl,--push-state,--no-as-needed -lmimalloc -Wl,--pop-state)
 

@@ -327,7 +327,7 @@ static size_t digits8(const char *p, uint64_t *acc)
 static size_t json_number_walk(const char *p, size_t n, size_t back, val_t *v);
 
 /* json_number's usual case, inline where it is called: an integer of 1 to
- * 16 digits, the first not 0, with at least eight bytes to read after its
+ * 15 digits, the first not 0, with at least eight bytes to read after its
  * sign, read by one or two words (the second, when fewer than eight bytes
  * follow the first eight, the word that ends the payload); the number's
  * next byte must be read and must not continue it. Anything else goes to
