@@ -3,7 +3,8 @@
  *
  * One librdkafka high-level consumer per source and one poll thread:
  * rd_kafka_consumer_poll (100 ms at most, so a stop is prompt) collects a
- * batch — whatever the consumer queue holds, up to BATCH_MAX messages —
+ * batch — whatever the consumer queue holds, up to BATCH_MAX messages; in
+ * replica mode the rest many at a call (collect_more) —
  * then decode → tly_store_apply for the whole batch, spread over
  * kafka.threads appliers (the poll thread and kafka.threads − 1 workers,
  * apply.h), so that every entity's events from one partition are applied
@@ -151,6 +152,9 @@ typedef struct {
     /* a seek of that probing failed (it may still be carried out later):
      * offsets the consumer then jumps over are counted as skipped */
     bool bad_unsure;
+    /* seek_part moved it while collect_more went through the messages
+     * taken at once: the rest of them from this partition are outdated */
+    bool seeked;
 } part_t;
 
 /* At most one log line per period; the rest are counted and reported in
@@ -171,6 +175,8 @@ struct tly_source {
     tly_apply_item_t *batch;   /* [BATCH_MAX] */
     rd_kafka_message_t **msgs; /* [BATCH_MAX] */
     size_t nbatch;
+    rd_kafka_message_t **more; /* [BATCH_MAX]: taken at once by collect_more */
+    bool seeked;               /* some part_t.seeked is set */
     int64_t batch_now_ms;
     /* a pipelined batch the workers are applying (tly_apply_submit) while
      * the poll thread collects the next; poll thread only, and the items
@@ -1085,8 +1091,10 @@ static void reach_end(tly_source_t *src, const rd_kafka_message_t *m)
  */
 
 /* Seeks p's consumer to `to` and waits until the fetcher took it. */
-static bool seek_part(tly_source_t *src, const part_t *p, int64_t to)
+static bool seek_part(tly_source_t *src, part_t *p, int64_t to)
 {
+    p->seeked = true;
+    src->seeked = true;
     rd_kafka_topic_partition_list_t *list = rd_kafka_topic_partition_list_new(1);
     rd_kafka_topic_partition_list_add(list, p->topic, p->partition)->offset = to;
     rd_kafka_error_t *error = rd_kafka_seek_partitions(src->rk, list, SEEK_TIMEOUT_MS);
@@ -1305,6 +1313,51 @@ static void collect(tly_source_t *src, rd_kafka_message_t *m, int64_t now_ms)
         .topic = p->topic_index,
         .replayed = replayed,
         .time_ms = -1};
+}
+
+/* Poll thread: clears the seeks collect_more watches for. */
+static void forget_seeks(tly_source_t *src)
+{
+    if (!src->seeked)
+        return;
+    src->seeked = false;
+    for (size_t i = 0; i < src->nparts; i++)
+        src->parts[i].seeked = false;
+}
+
+/* Poll thread, replica mode: collects what else the consumer queue holds,
+ * up to a full batch, taking many messages a call
+ * (rd_kafka_consume_batch_queue: the clock and the poll bookkeeping once a
+ * call instead of once a message; bench/README.md, "Kafka"). A seek
+ * made while they are collected (probing a batch that cannot be decoded)
+ * outdates the rest of that partition's messages in hand, which
+ * rd_kafka_consumer_poll would have dropped as outdated: they are freed
+ * unread, and the partition is fetched again from where the seek put it.
+ * Shard mode polls message by message instead: a rebalance callback
+ * served inside a batch call would flush before the messages already
+ * taken were collected. */
+static void collect_more(tly_source_t *src, int64_t now_ms)
+{
+    while (src->nbatch < BATCH_MAX) {
+        /* only a seek made while this call's messages are collected
+         * outdates them: what a call returns after a seek may be the
+         * partition's new messages */
+        forget_seeks(src);
+        ssize_t n = rd_kafka_consume_batch_queue(src->cq, 0, src->more, BATCH_MAX - src->nbatch);
+        if (n <= 0)
+            break;
+        for (ssize_t i = 0; i < n; i++) {
+            rd_kafka_message_t *m = src->more[i];
+            if (src->seeked && m->rkt != NULL) {
+                const part_t *p = part_find(src, rd_kafka_topic_name(m->rkt), m->partition);
+                if (p != NULL && p->seeked) {
+                    rd_kafka_message_destroy(m);
+                    continue;
+                }
+            }
+            collect(src, m, now_ms);
+        }
+    }
 }
 
 /* After the batch was applied, in message order: counters, rejection
@@ -1926,9 +1979,12 @@ static void *poll_main(void *arg)
          * rebalance callback served meanwhile flushes it first. */
         src->batch_now_ms = now;
         collect(src, m, now);
-        while (src->nbatch < BATCH_MAX &&
-               (m = rd_kafka_consumer_poll(src->rk, 0)) != NULL)
-            collect(src, m, now);
+        if (src->cfg->kafka.mode == TLY_MODE_REPLICA && src->cq != NULL) {
+            collect_more(src, now);
+        } else {
+            while (src->nbatch < BATCH_MAX && (m = rd_kafka_consumer_poll(src->rk, 0)) != NULL)
+                collect(src, m, now);
+        }
         dispatch(src);
         nudge_check(src, now);
         if (now - src->last_publish_ms >= every) {
@@ -2203,6 +2259,7 @@ tly_source_t *tly_source_new(const tly_config_t *cfg, const tly_featset_t *fs, t
     src->msgs = tly_xrealloc(NULL, BATCH_MAX * sizeof *src->msgs);
     src->fly_batch = tly_xrealloc(NULL, BATCH_MAX * sizeof *src->fly_batch);
     src->fly_msgs = tly_xrealloc(NULL, BATCH_MAX * sizeof *src->fly_msgs);
+    src->more = tly_xrealloc(NULL, BATCH_MAX * sizeof *src->more);
     src->shard = tly_shard_new(cfg, fs);
     src->apply = tly_apply_new(fs, store, src->shard,
                                cfg->kafka.threads < 1 ? 1 : (size_t)cfg->kafka.threads);
@@ -2507,6 +2564,7 @@ void tly_source_free(tly_source_t *src)
     free(src->msgs);
     free(src->fly_batch);
     free(src->fly_msgs);
+    free(src->more);
     for (size_t i = 0; i < src->nparts; i++)
         free(src->parts[i].topic);
     free(src->parts);

@@ -22,11 +22,26 @@ at lag 0, the log names the skipped ranges 1..1, 3..42 and 3..7, tallyd
 kept answering meanwhile, and after a graceful stop the group's committed
 offsets are the partitions' ends (44 and 8).
 
+A second topic skips such a batch while the consumer is behind and fetches
+come 5 ms apart, so that librdkafka hands tallyd many messages at once and,
+after a seek of the probing, those in hand can still hold the partition's
+earlier fetches (the same batch failing again), which the seek outdated:
+tallyd must drop them, as librdkafka drops the outdated messages it still
+holds (taken as answers to the probe, they skip or double count clicks).
+4 partitions, tallyd started once all is produced:
+  partition 0: offset 0 a 4 MB record alone in its zstd batch, then
+               BUSY_TAIL clicks of user 3 (offsets 1..BUSY_TAIL);
+  partitions 1..3: BUSY_CLICKS clicks each, of users 1000p .. 1000p+249 in
+               turn, lz4 batches.
+Every click is applied exactly once (user 3 counts BUSY_TAIL, each other
+user BUSY_CLICKS / 250), messages_undecodable is 1.
+
 Run: build/venv/bin/python tests/integration/kafka_undecodable.py (a broker
 from TLY_KAFKA_BOOTSTRAP, else one started for this run; see kafka_common.py).
 """
 
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -41,6 +56,9 @@ PROPERTIES = {"fetch.max.bytes": "1048576", "receive.message.max.bytes": "110000
 BIG = 4_000_000  # alone: decompresses past receive.message.max.bytes
 SMALL = 30_000   # forty in one batch: 1.2 MB together, each under the limit
 TAIL = 300_000   # five in one batch, the last of partition 1
+BUSY_TAIL = 3000       # clicks after the big record of the busy topic's partition 0
+BUSY_CLICKS = 200_000  # clicks in each of its partitions 1..3
+BUSY_USERS = 250       # users per partition 1..3
 
 
 def click(user, ts):
@@ -176,6 +194,85 @@ def t_committed(r):
         raise H.Failure(f"committed offsets {got}, want {want}")
 
 
+def produce_busy(r):
+    """Produces the busy topic's layout (module comment)."""
+    errors = []
+
+    def report(err, msg):
+        if err is not None:
+            errors.append(str(err))
+
+    big = K.Producer({"bootstrap.servers": r.bootstrap, "enable.idempotence": True,
+                      "compression.type": "zstd", "message.max.bytes": 20_000_000,
+                      "batch.size": 20_000_000, "linger.ms": 5000, "log_level": 3})
+    big.produce(r.topic, value=b"[" * BIG, partition=0, on_delivery=report)
+    if big.flush(60 * H.MULT):
+        errors.append("flush timed out")
+    bulk = K.Producer({"bootstrap.servers": r.bootstrap, "enable.idempotence": True,
+                       "compression.type": "lz4", "linger.ms": 20,
+                       "queue.buffering.max.messages": 200_000, "log_level": 3})
+    ts = r.t0 - 60_000
+    for i in range(BUSY_TAIL):
+        bulk.produce(r.topic, value=click(3, ts + i % 1000), partition=0, on_delivery=report)
+    for p in (1, 2, 3):
+        for i in range(BUSY_CLICKS):
+            while True:
+                try:
+                    bulk.produce(r.topic, value=click(1000 * p + i % BUSY_USERS, ts + i % 1000),
+                                 partition=p, on_delivery=report)
+                    break
+                except BufferError:
+                    bulk.poll(0.05)  # the local queue is full: serve delivery reports
+            bulk.poll(0)
+    if bulk.flush(120 * H.MULT):
+        errors.append("flush timed out")
+    if errors:
+        raise RuntimeError(f"producing: {errors[:3]}")
+
+
+def setup_busy():
+    r = K.new_run("undecodable-busy", 0, partitions=4)
+    started = time.monotonic()
+    produce_busy(r)
+    print(f"# busy topic produced in {time.monotonic() - started:.2f} s", flush=True)
+    port = H.free_port()
+    # probes answered while most clicks are still to come, not 500 ms apart
+    props = dict(PROPERTIES, **{"fetch.error.backoff.ms": "5", "fetch.wait.max.ms": "5"})
+    r.path, r.cfg = K.write_config(r.tmp, r.bootstrap, port, r.topic, "replica", "earliest",
+                                   FEATURES, properties=props)
+    r.tallyd = K.Tallyd(r.path, port, r.tmp)
+    r.info = K.wait_caught_up(r.tallyd, BUSY_TAIL + 3 * BUSY_CLICKS)
+    return r
+
+
+def t_busy_values(r):
+    c = r.tallyd.client()
+    try:
+        want = {3: BUSY_TAIL}
+        for p in (1, 2, 3):
+            for u in range(BUSY_USERS):
+                want[1000 * p + u] = BUSY_CLICKS // BUSY_USERS
+        bad = {}
+        for u, n in want.items():
+            got = c.cmd("FEATURES", "user", str(u), "clicks:1h")
+            if not H.same(got, [b"clicks:1h", n]):
+                bad[u] = (got, n)
+    finally:
+        c.close()
+    if bad:
+        raise H.Failure(f"{len(bad)} of {len(want)} users wrong (got, want): "
+                        f"{dict(list(bad.items())[:5])}")
+
+
+def t_busy_counted(r):
+    info = r.info
+    want = {"messages_undecodable": "1", "events_applied": str(BUSY_TAIL + 3 * BUSY_CLICKS),
+            "events_rejected": "0", "lag": "0"}
+    got = {k: info.get(k) for k in want}
+    if got != want:
+        raise H.Failure(f"INFO: {got}, want {want}")
+
+
 def main():
     suite = H.Suite("kafka_undecodable")
     try:
@@ -190,6 +287,18 @@ def main():
     suite.run("undecodable_offsets_committed_past_at_stop", t_committed, r)
     if r.tallyd is not None:
         r.tallyd.close()
+    try:
+        b = setup_busy()
+    except Exception as e:
+        suite.fail_setup("undecodable_busy_setup_consumes_past_the_batch", e)
+        return H.finish(suite, r.tmp)
+    suite.run("undecodable_busy_every_click_applied_once", t_busy_values, b)
+    suite.run("undecodable_busy_offsets_counted", t_busy_counted, b)
+    b.tallyd.close()
+    if suite.failed:
+        print(f"# the busy topic's logs and config kept in {b.tmp}", flush=True)
+    else:
+        shutil.rmtree(b.tmp, ignore_errors=True)
     return H.finish(suite, r.tmp)
 
 
