@@ -152,9 +152,7 @@ typedef struct {
     /* a seek of that probing failed (it may still be carried out later):
      * offsets the consumer then jumps over are counted as skipped */
     bool bad_unsure;
-    /* seek_part moved it while collect_more went through the messages
-     * taken at once: the rest of them from this partition are outdated */
-    bool seeked;
+    uint64_t seek_no; /* src->seeks when seek_part last moved it (collect_more) */
 } part_t;
 
 /* At most one log line per period; the rest are counted and reported in
@@ -176,7 +174,7 @@ struct tly_source {
     rd_kafka_message_t **msgs; /* [BATCH_MAX] */
     size_t nbatch;
     rd_kafka_message_t **more; /* [BATCH_MAX]: taken at once by collect_more */
-    bool seeked;               /* some part_t.seeked is set */
+    uint64_t seeks;            /* seek_part calls; poll thread only */
     int64_t batch_now_ms;
     /* a pipelined batch the workers are applying (tly_apply_submit) while
      * the poll thread collects the next; poll thread only, and the items
@@ -1093,8 +1091,7 @@ static void reach_end(tly_source_t *src, const rd_kafka_message_t *m)
 /* Seeks p's consumer to `to` and waits until the fetcher took it. */
 static bool seek_part(tly_source_t *src, part_t *p, int64_t to)
 {
-    p->seeked = true;
-    src->seeked = true;
+    p->seek_no = ++src->seeks;
     rd_kafka_topic_partition_list_t *list = rd_kafka_topic_partition_list_new(1);
     rd_kafka_topic_partition_list_add(list, p->topic, p->partition)->offset = to;
     rd_kafka_error_t *error = rd_kafka_seek_partitions(src->rk, list, SEEK_TIMEOUT_MS);
@@ -1315,16 +1312,6 @@ static void collect(tly_source_t *src, rd_kafka_message_t *m, int64_t now_ms)
         .time_ms = -1};
 }
 
-/* Poll thread: clears the seeks collect_more watches for. */
-static void forget_seeks(tly_source_t *src)
-{
-    if (!src->seeked)
-        return;
-    src->seeked = false;
-    for (size_t i = 0; i < src->nparts; i++)
-        src->parts[i].seeked = false;
-}
-
 /* Poll thread, replica mode: collects what else the consumer queue holds,
  * up to a full batch, taking many messages a call
  * (rd_kafka_consume_batch_queue: the clock and the poll bookkeeping once a
@@ -1342,15 +1329,15 @@ static void collect_more(tly_source_t *src, int64_t now_ms)
         /* only a seek made while this call's messages are collected
          * outdates them: what a call returns after a seek may be the
          * partition's new messages */
-        forget_seeks(src);
+        const uint64_t seeks = src->seeks;
         ssize_t n = rd_kafka_consume_batch_queue(src->cq, 0, src->more, BATCH_MAX - src->nbatch);
         if (n <= 0)
             break;
         for (ssize_t i = 0; i < n; i++) {
             rd_kafka_message_t *m = src->more[i];
-            if (src->seeked && m->rkt != NULL) {
+            if (src->seeks != seeks && m->rkt != NULL) {
                 const part_t *p = part_find(src, rd_kafka_topic_name(m->rkt), m->partition);
-                if (p != NULL && p->seeked) {
+                if (p != NULL && p->seek_no > seeks) {
                     rd_kafka_message_destroy(m);
                     continue;
                 }

@@ -127,13 +127,16 @@ def new_run(name, lead_ms, partitions=8):
 
 
 def send(prod, topic, records, report):
-    """Hands records, a list of (key, payload, timestamp_ms), to producer
-    prod in order, serving delivery reports (to report) while its local
-    queue is full."""
-    for key, payload, ts in records:
+    """Hands records, a list of (key, payload, timestamp_ms) or (key,
+    payload, timestamp_ms, partition), to producer prod in order, serving
+    delivery reports (to report) while its local queue is full. Without a
+    partition, prod's partitioner picks one."""
+    for key, payload, ts, *part in records:
+        where = {"partition": part[0]} if part else {}
         while True:
             try:
-                prod.produce(topic, value=payload, key=key, timestamp=ts, on_delivery=report)
+                prod.produce(topic, value=payload, key=key, timestamp=ts, on_delivery=report,
+                             **where)
                 break
             except BufferError:
                 prod.poll(0.05)  # the local queue is full: serve delivery reports

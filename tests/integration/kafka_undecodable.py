@@ -66,18 +66,24 @@ def click(user, ts):
                        "ts": ts}).encode()
 
 
-def produce(r):
-    """Produces the module comment's layout; returns the offsets the broker
-    gave each partition's records, in order."""
-    prod = K.Producer({
-        "bootstrap.servers": r.bootstrap,
+def zstd_producer(bootstrap):
+    """A producer whose batch is what one flush sends (or 5 s of a stall),
+    zstd-compressed, records up to 20 MB."""
+    return K.Producer({
+        "bootstrap.servers": bootstrap,
         "enable.idempotence": True,
         "compression.type": "zstd",
         "message.max.bytes": 20_000_000,
         "batch.size": 20_000_000,
-        "linger.ms": 5000,  # a batch is only what one flush sends (or 5 s of a stall)
+        "linger.ms": 5000,
         "log_level": 3,
     })
+
+
+def produce(r):
+    """Produces the module comment's layout; returns the offsets the broker
+    gave each partition's records, in order."""
+    prod = zstd_producer(r.bootstrap)
     offsets, errors = {0: [], 1: []}, []
 
     def report(err, msg):
@@ -202,9 +208,7 @@ def produce_busy(r):
         if err is not None:
             errors.append(str(err))
 
-    big = K.Producer({"bootstrap.servers": r.bootstrap, "enable.idempotence": True,
-                      "compression.type": "zstd", "message.max.bytes": 20_000_000,
-                      "batch.size": 20_000_000, "linger.ms": 5000, "log_level": 3})
+    big = zstd_producer(r.bootstrap)
     big.produce(r.topic, value=b"[" * BIG, partition=0, on_delivery=report)
     if big.flush(60 * H.MULT):
         errors.append("flush timed out")
@@ -212,18 +216,10 @@ def produce_busy(r):
                        "compression.type": "lz4", "linger.ms": 20,
                        "queue.buffering.max.messages": 200_000, "log_level": 3})
     ts = r.t0 - 60_000
-    for i in range(BUSY_TAIL):
-        bulk.produce(r.topic, value=click(3, ts + i % 1000), partition=0, on_delivery=report)
-    for p in (1, 2, 3):
-        for i in range(BUSY_CLICKS):
-            while True:
-                try:
-                    bulk.produce(r.topic, value=click(1000 * p + i % BUSY_USERS, ts + i % 1000),
-                                 partition=p, on_delivery=report)
-                    break
-                except BufferError:
-                    bulk.poll(0.05)  # the local queue is full: serve delivery reports
-            bulk.poll(0)
+    records = [(None, click(3, ts + i % 1000), ts + i % 1000, 0) for i in range(BUSY_TAIL)]
+    records += [(None, click(1000 * p + i % BUSY_USERS, ts + i % 1000), ts + i % 1000, p)
+                for p in (1, 2, 3) for i in range(BUSY_CLICKS)]
+    K.send(bulk, r.topic, records, report)
     if bulk.flush(120 * H.MULT):
         errors.append("flush timed out")
     if errors:
