@@ -386,6 +386,10 @@ static void metrics_server(tly_daemon_t *d, tly_buf_t *b)
     counter(b, "tallyd_read_yields_total",
             "Reads that filled their buffer and ended the client's turn of the event loop.",
             load(&s->read_yields));
+    counter(b, "tallyd_hinted_requests_total",
+            "Requests read in one loop iteration with other clients' whose entity was looked "
+            "up ahead of executing them.",
+            load(&s->hinted_requests));
     counter(b, "tallyd_net_input_bytes_total", "Bytes read from RESP clients.", load(&s->bytes_in));
     counter(b, "tallyd_net_output_bytes_total", "Bytes written to RESP clients.",
             load(&s->bytes_out));

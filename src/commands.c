@@ -1235,6 +1235,7 @@ static void info_stats(cmd_ctx_t *c, tly_buf_t *t)
     textf(t, "timeout_disconnects:%" PRIu64 "\r\n", load(&st->timeouts));
     textf(t, "auth_failures:%" PRIu64 "\r\n", load(&st->auth_failures));
     textf(t, "read_yields:%" PRIu64 "\r\n", load(&st->read_yields));
+    textf(t, "hinted_requests:%" PRIu64 "\r\n", load(&st->hinted_requests));
     textf(t, "output_stalls:%" PRIu64 "\r\n", load(&st->output_stalls));
     textf(t, "total_net_input_bytes:%" PRIu64 "\r\n", load(&st->bytes_in));
     textf(t, "total_net_output_bytes:%" PRIu64 "\r\n", load(&st->bytes_out));
@@ -1546,6 +1547,27 @@ static const command_t *lookup(const char *name, size_t len)
         if (strlen(commands[i].name) == len && strncasecmp(commands[i].name, name, len) == 0)
             return &commands[i];
     return NULL;
+}
+
+void tly_command_hint(tly_daemon_t *d, const tly_session_t *s, const tly_arg_t *argv, size_t argc,
+                      tly_prefetch_t *pf)
+{
+    pf->n = 0;
+    if (!s->authed || argc < 3)
+        return;
+    const command_t *cmd = lookup(argv[0].ptr, argv[0].len);
+    size_t id;
+    if (cmd == NULL)
+        return;
+    else if (cmd->handler == cmd_features || cmd->handler == cmd_recent)
+        id = 2;
+    else if (cmd->handler == cmd_mfeatures && argc > 3)
+        id = 3;
+    else
+        return;
+    int entity = tly_featset_entity(d->fs, argv[1].ptr, argv[1].len);
+    if (entity >= 0)
+        tly_store_prefetch_id(d->store, (uint32_t)entity, argv[id].ptr, argv[id].len, pf);
 }
 
 static void command_flags(cmd_ctx_t *c, const command_t *cmd)

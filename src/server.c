@@ -25,6 +25,14 @@
  * The queued output is out plus the unwritten part of wbuf. A write first
  * tries uv_try_write and queues only what the kernel did not take.
  *
+ * Execution. A read only appends to `in` and puts the client on the loop's
+ * ready list; the loop's check handle, after each poll, executes the ready
+ * clients in the order they were read (check_cb). With several ready, it
+ * first parses each one's first request and hints the store about the
+ * entity it reads, so the cache misses of finding those entities overlap;
+ * replies then leave in one burst of writes per poll, as Redis writes its
+ * replies before it polls again.
+ *
  * Backpressure. Before each request is executed the queued output is
  * compared with server.output_soft_limit: above it, execution stops and the
  * client's reads are stopped, so the kernel's buffers push back on the
@@ -114,6 +122,9 @@
 #define DRAIN_MS         1000
 #define DRAIN_BYTES      (1u << 20)
 #define MAXCLIENTS_REPLY "-ERR max number of clients reached\r\n"
+/* Ready clients whose first request check_cb hints to the store before it
+ * executes them; any beyond are executed without. */
+#define HINT_CLIENTS 64
 
 typedef struct server_loop server_loop_t;
 typedef struct client client_t;
@@ -135,6 +146,7 @@ struct client {
     server_loop_t *lp;
     client_t *prev, *next;   /* lp->clients, while not closing */
     client_t *yprev, *ynext; /* lp->yielded, while yielded */
+    client_t *rprev, *rnext; /* lp->ready, while ready */
     client_t *dprev, *dnext; /* srv->dir from client_start to client_close (srv->dir_mu) */
     client_state_t state;
     bool reading;       /* uv_read_start in effect */
@@ -149,6 +161,13 @@ struct client {
     bool limits_authed; /* parser has the configured (not the tight) limits */
     bool req_started;   /* in holds the first bytes of a request since req_start */
     bool yielded;       /* on lp->yielded: reading resumes in the next iteration */
+    bool ready;         /* on lp->ready: read this iteration, executed in check_cb */
+    /* the first request in `in` was parsed by check_cb's hint pass: pre_st
+     * and pre_used are what tly_resp_parse returned, and the parser holds
+     * its arguments; client_process takes them instead of parsing again */
+    bool preparsed;
+    tly_resp_status_t pre_st;
+    size_t pre_used;
     tly_session_t session;
     tly_resp_parser_t parser;
     size_t max_query; /* current bound of one pending request */
@@ -189,8 +208,11 @@ struct server_loop {
     uv_pipe_t *unix_listener;
     uv_timer_t *timer;
     uv_prepare_t *prepare; /* resumes the yielded clients before each poll */
+    uv_check_t *check;     /* executes the clients read in each poll (check_cb) */
     client_t *clients;
     client_t *yielded;
+    client_t *ready, *ready_tail;       /* read in this iteration's poll, in order */
+    tly_prefetch_t hints[HINT_CLIENTS]; /* check_cb's, one per ready client */
     tly_cmd_scratch_t *scratch;
     bool stopping;
     char discard[READ_CHUNK]; /* bytes of draining clients land here */
@@ -488,6 +510,37 @@ static void client_unyield(client_t *c)
     c->yielded = false;
 }
 
+/* Puts c, which read input, on lp->ready: check_cb executes it. */
+static void client_ready(client_t *c)
+{
+    if (c->ready)
+        return;
+    c->ready = true;
+    c->rnext = NULL;
+    c->rprev = c->lp->ready_tail;
+    if (c->rprev != NULL)
+        c->rprev->rnext = c;
+    else
+        c->lp->ready = c;
+    c->lp->ready_tail = c;
+}
+
+static void client_unready(client_t *c)
+{
+    if (!c->ready)
+        return;
+    if (c->rprev != NULL)
+        c->rprev->rnext = c->rnext;
+    else
+        c->lp->ready = c->rnext;
+    if (c->rnext != NULL)
+        c->rnext->rprev = c->rprev;
+    else
+        c->lp->ready_tail = c->rprev;
+    c->rprev = c->rnext = NULL;
+    c->ready = false;
+}
+
 static void client_close_cb(uv_handle_t *h)
 {
     client_t *c = h->data;
@@ -542,6 +595,7 @@ static void client_close(client_t *c)
         return;
     c->state = CLIENT_CLOSING;
     client_unyield(c);
+    client_unready(c);
     if (c->prev != NULL)
         c->prev->next = c->next;
     else if (c->lp->clients == c)
@@ -841,7 +895,15 @@ static void client_process(client_t *c)
         }
         const char *req = c->in.data + off;
         size_t used = 0;
-        tly_resp_status_t st = tly_resp_parse(&c->parser, req, c->in.len - off, &used);
+        tly_resp_status_t st;
+        if (c->preparsed) {
+            assert(off == 0);
+            c->preparsed = false;
+            st = c->pre_st;
+            used = c->pre_used;
+        } else {
+            st = tly_resp_parse(&c->parser, req, c->in.len - off, &used);
+        }
         if (st == TLY_RESP_NEED)
             break;
         if (st == TLY_RESP_ERROR) {
@@ -969,6 +1031,13 @@ static void read_bytes(client_t *c, ssize_t nread)
     if (nread == 0 || c->state == CLIENT_CLOSING)
         return;
     if (nread < 0) {
+        if (c->ready) {
+            /* what it sent before its EOF is executed first */
+            client_unready(c);
+            client_pump(c, true);
+            if (c->state == CLIENT_CLOSING)
+                return;
+        }
         /* EOF: the replies already made are still written; an error closes */
         if (nread != UV_EOF || client_queued(c) == 0) {
             client_close(c);
@@ -990,9 +1059,56 @@ static void read_bytes(client_t *c, ssize_t nread)
         return;
     }
     c->in.len += (size_t)nread;
-    client_pump(c, true);
-    if ((size_t)nread == READ_CHUNK && c->state == CLIENT_OPEN && c->reading)
+    client_ready(c);
+    if ((size_t)nread == READ_CHUNK && c->reading)
         client_yield(c);
+}
+
+/* check_cb's first pass for c: parses its first request (client_process
+ * takes the outcome) and hints the store about what it reads. */
+static void client_hint(client_t *c, tly_prefetch_t *pf)
+{
+    pf->n = 0;
+    if (c->state != CLIENT_OPEN || c->paused || c->preparsed || c->in.len == 0)
+        return;
+    c->pre_st = tly_resp_parse(&c->parser, c->in.data, c->in.len, &c->pre_used);
+    c->preparsed = true;
+    if (c->pre_st == TLY_RESP_REQUEST)
+        tly_command_hint(c->lp->srv->d, &c->session, tly_resp_argv(&c->parser, c->in.data),
+                         c->parser.argc, pf);
+}
+
+/*
+ * Executes the clients read in this iteration's poll, in the order they
+ * were read. With several, it first parses each one's first request and
+ * hints the store about the entity it reads, then starts loading those
+ * entities' records, then executes: the cache misses of finding them
+ * overlap instead of coming one after the other (a loop serving many
+ * clients has many requests in hand after each poll).
+ */
+static void check_cb(uv_check_t *h)
+{
+    server_loop_t *lp = h->data;
+    if (lp->ready != NULL && lp->ready != lp->ready_tail) {
+        size_t n = 0, hinted = 0;
+        tly_rcu_read_lock();
+        for (client_t *c = lp->ready; c != NULL && n < HINT_CLIENTS; c = c->rnext) {
+            client_hint(c, &lp->hints[n]);
+            hinted += lp->hints[n++].n > 0;
+        }
+        for (size_t i = 0; i < n; i++)
+            tly_store_prefetch_records(lp->srv->d->store, &lp->hints[i]);
+        for (size_t i = 0; i < n; i++)
+            tly_store_prefetch_rest(lp->srv->d->store, &lp->hints[i]);
+        tly_rcu_read_unlock();
+        stat_add(&lp->srv->d->server.hinted_requests, hinted);
+    }
+    while (lp->ready != NULL) {
+        client_t *c = lp->ready;
+        client_unready(c);
+        client_pump(c, true);
+        client_account(c);
+    }
 }
 
 static void read_cb(uv_stream_t *stream, ssize_t nread, const uv_buf_t *buf)
@@ -1192,10 +1308,13 @@ static void stop_cb(uv_async_t *a)
         uv_close((uv_handle_t *)lp->timer, free_handle_cb);
     if (lp->prepare != NULL)
         uv_close((uv_handle_t *)lp->prepare, free_handle_cb);
+    if (lp->check != NULL)
+        uv_close((uv_handle_t *)lp->check, free_handle_cb);
     lp->listener = NULL;
     lp->unix_listener = NULL;
     lp->timer = NULL;
     lp->prepare = NULL;
+    lp->check = NULL;
     while (lp->clients != NULL)
         client_close(lp->clients);
     if (lp->kill != NULL) /* after the clients: none of this loop is listed now */
@@ -1279,6 +1398,10 @@ static bool loop_open(server_loop_t *lp, char *errbuf, size_t errlen)
     uv_prepare_init(&lp->loop, lp->prepare);
     lp->prepare->data = lp;
     uv_prepare_start(lp->prepare, prepare_cb);
+    lp->check = xcalloc(1, sizeof *lp->check);
+    uv_check_init(&lp->loop, lp->check);
+    lp->check->data = lp;
+    uv_check_start(lp->check, check_cb);
     return true;
 }
 

@@ -667,6 +667,13 @@ void tly_store_prefetch_records(tly_store_t *store, const tly_prefetch_t *pf)
             tbl_prefetch_ent(shard_of(store, pf->h[i]), pf->h[i]);
 }
 
+void tly_store_prefetch_rest(tly_store_t *store, const tly_prefetch_t *pf)
+{
+    for (uint32_t i = 0; i < pf->n; i++)
+        if (share_owns(pf->h[i], pf->owned))
+            tbl_prefetch_rest(shard_of(store, pf->h[i]), pf->h[i], TLY_PREFETCH_READ_LINES);
+}
+
 /* The store's counted bytes: tly_store_stats' bytes. */
 static int64_t counted_bytes(const tly_store_t *store)
 {

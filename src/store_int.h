@@ -310,6 +310,8 @@ ent_t *tbl_get(const shard_t *sh, unsigned long h, uint32_t type, const char *id
 void tbl_prefetch(const shard_t *sh, unsigned long h);     /* the key's first slot */
 /* the first lines of the record the key's tag names */
 void tbl_prefetch_ent(const shard_t *sh, unsigned long h);
+/* the lines after those of that record in use, up to max_lines in all */
+void tbl_prefetch_rest(const shard_t *sh, unsigned long h, size_t max_lines);
 bool tbl_insert(shard_t *sh, unsigned long h, ent_t *e);   /* false: the key is there */
 bool tbl_replace(shard_t *sh, unsigned long h, const ent_t *old, ent_t *e);
 bool tbl_remove(shard_t *sh, unsigned long h, const ent_t *e);

@@ -147,23 +147,44 @@ void tbl_prefetch(const shard_t *sh, unsigned long h)
     __builtin_prefetch(&a->slot[h & a->mask]);
 }
 
-/* Prefetches the first PF_LINES cache lines of the record the slot of hash
- * h points to, when its tag matches. */
-void tbl_prefetch_ent(const shard_t *sh, unsigned long h)
+/* The first record on hash h's probe sequence whose tag matches h's (the
+ * key's record, most likely), or NULL; loads no record. */
+static const ent_t *tagged(const shard_t *sh, unsigned long h)
 {
     const tslots_t *a = atomic_load_explicit(&sh->arr, memory_order_acquire);
     uint64_t tag = tag_of(h);
     for (size_t i = h & a->mask;; i = (i + 1) & a->mask) {
         uint64_t s = atomic_load_explicit(&a->slot[i], memory_order_relaxed);
         if (s == 0)
-            return;
-        if ((s & ~PTR_MASK) == tag && s != TOMB) {
-            const char *r = (const char *)slot_ent(s);
-            for (int l = 0; l < PF_LINES; l++)
-                __builtin_prefetch(r + 64 * l);
-            return;
-        }
+            return NULL;
+        if ((s & ~PTR_MASK) == tag && s != TOMB)
+            return slot_ent(s);
     }
+}
+
+/* Prefetches the first PF_LINES cache lines of the record the slot of hash
+ * h points to, when its tag matches. */
+void tbl_prefetch_ent(const shard_t *sh, unsigned long h)
+{
+    const char *r = (const char *)tagged(sh, h);
+    if (r != NULL)
+        for (int l = 0; l < PF_LINES; l++)
+            __builtin_prefetch(r + 64 * l);
+}
+
+void tbl_prefetch_rest(const shard_t *sh, unsigned long h, size_t max_lines)
+{
+    const ent_t *e = tagged(sh, h);
+    if (e == NULL)
+        return;
+    uint32_t used = atomic_load_explicit(&e->used, memory_order_relaxed);
+    size_t bytes = (size_t)((const char *)ent_words(e) - (const char *)e) +
+                   ((e->mode & F_WORDS) ? 8 * (size_t)used : used);
+    size_t lines = (bytes + 63) / 64;
+    if (lines > max_lines)
+        lines = max_lines;
+    for (size_t l = PF_LINES; l < lines; l++)
+        __builtin_prefetch((const char *)e + 64 * l);
 }
 
 /* Rebuilds the array without tombstones at the smallest size that leaves

@@ -69,6 +69,18 @@ void tly_session_init(tly_session_t *s, const tly_daemon_t *d);
 void tly_command_exec(tly_daemon_t *d, tly_session_t *s, tly_cmd_scratch_t *scratch,
                       const tly_arg_t *argv, size_t argc, tly_buf_t *out, int64_t now_ms);
 
+/*
+ * Hints the store about the entity a request will read (FEATURES and
+ * RECENT: its id; MFEATURES: its first id): the first step of
+ * tly_store_prefetch_id into *pf (pf->n = 0 when there is nothing to hint:
+ * another command, an unknown entity type, a session not authenticated).
+ * The server takes a loop's ready requests in three passes (this hint,
+ * tly_store_prefetch_records, then tly_command_exec), so their cache misses
+ * overlap. Changes nothing; inside the caller's RCU read-side section.
+ */
+void tly_command_hint(tly_daemon_t *d, const tly_session_t *s, const tly_arg_t *argv, size_t argc,
+                      tly_prefetch_t *pf);
+
 /* True when the command named argv0 may run before AUTH (AUTH, HELLO, PING,
  * QUIT): the server applies the tight unauthenticated limits otherwise. */
 bool tly_command_allowed_unauth(const char *name, size_t len);

@@ -32,6 +32,7 @@ typedef struct {
     atomic_uint_fast64_t timeouts;           /* closed: idle or request timeout */
     atomic_uint_fast64_t auth_failures;      /* wrong AUTH passwords */
     atomic_uint_fast64_t read_yields;        /* full reads that ended a client's turn */
+    atomic_uint_fast64_t hinted_requests;    /* read with others', their entity hinted first */
     atomic_uint_fast64_t bytes_in, bytes_out;
     atomic_uint_fast64_t next_client_id;     /* CLIENT ID source (starts at 1) */
 } tly_server_stats_t;

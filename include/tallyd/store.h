@@ -170,6 +170,14 @@ void tly_store_prefetch_id(tly_store_t *store, uint32_t entity, const char *id, 
 /* The second step: the records of what *pf names. */
 void tly_store_prefetch_records(tly_store_t *store, const tly_prefetch_t *pf);
 
+/* A third step for reads, once the records' first lines have arrived: the
+ * rest of each record (its length is in its first line), up to
+ * TLY_PREFETCH_READ_LINES cache lines. A read of every feature walks most
+ * of a record; an apply touches a few of its segments and needs only the
+ * second step. */
+#define TLY_PREFETCH_READ_LINES 64
+void tly_store_prefetch_rest(tly_store_t *store, const tly_prefetch_t *pf);
+
 /* tly_store_apply of the event that tly_store_prefetch filled *pf for,
  * unchanged since: the same result, without rendering and hashing the ids
  * again (for tly_store_prefetch_share: of pf's share of its entities). */

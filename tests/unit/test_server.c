@@ -32,6 +32,7 @@
 #include <unistd.h>
 
 #include "tallyd/commands.h"
+#include "tallyd/decode.h"
 #include "tallyd/log.h"
 #include "tallyd/rcu.h"
 #include "tallyd/server.h"
@@ -451,6 +452,112 @@ static void test_deep_pipeline_yields_between_reads_and_stays_in_order(void **st
     close(hog);
     close(other);
     pipe_bufs_free(&b);
+    fx_stop(fx);
+}
+
+/* Applies n clicks of user `id` to the fixture's store, 5 s before the
+ * wall clock (without events.time, the message timestamp is the event
+ * time). The test thread is RCU-registered (main). */
+static void add_clicks(fx_t *fx, int id, int n)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    int64_t now = (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+    tly_decoder_t *dec = tly_decoder_new(fx->fs);
+    char json[64];
+    int len = snprintf(json, sizeof json, "{\"user_id\": %d}", id);
+    for (int i = 0; i < n; i++) {
+        tly_event_t ev;
+        assert_int_equal(tly_decode_json(dec, json, (size_t)len, now - 5000, &ev), TLY_OK);
+        assert_int_equal(tly_store_apply(fx->d.store, &ev, 0, i, now), TLY_OK);
+    }
+    tly_decoder_free(dec);
+}
+
+/* FEATURES user <id> as a multibulk request; returns its length. */
+static size_t features_request(char *buf, size_t cap, int id)
+{
+    char arg[16];
+    snprintf(arg, sizeof arg, "%d", id);
+    const char *argv[] = {"FEATURES", "user", arg};
+    return build_request(buf, cap, 3, argv);
+}
+
+/* The reply to FEATURES user <id> when the user has n clicks (RESP2: the
+ * map as a flat array of name and value). */
+static void expect_clicks(int fd, int n)
+{
+    char want[64];
+    snprintf(want, sizeof want, "*2\r\n$9\r\nclicks:1m\r\n:%d\r\n", n);
+    expect(fd, want);
+}
+
+/*
+ * Requests from many clients read in one poll are hinted to the store
+ * together and then executed (server.c, check_cb): every client gets its
+ * own entity's reply, whatever state its first request was in when
+ * hinted. Each round, N clients write at once, each asking for another
+ * user (user u holds u clicks); client 0 sends half a request first and
+ * the rest after the others, client 1 two requests in one write; in the
+ * first round one client sends a malformed request and another its request
+ * followed by its EOF. Rounds go on until the server has hinted requests
+ * read together (hinted_requests), at most 200.
+ */
+static void test_requests_read_together_each_get_their_own_reply(void **state)
+{
+    (void)state;
+    enum { N = 40, ROUNDS = 200 };
+    fx_t *fx = fx_start("");
+    for (int u = 1; u <= N; u++)
+        add_clicks(fx, u, u);
+    int fd[N];
+    for (int i = 0; i < N; i++)
+        fd[i] = connect_tcp(fx->d.tcp_port);
+    int bad = connect_tcp(fx->d.tcp_port), eof = connect_tcp(fx->d.tcp_port);
+    assert_true(wait_stat(&fx->d.server.connected, N + 2));
+    char req[128] = "", two[256];
+    int r = 0;
+    for (; r < ROUNDS && (r < 3 || stat_of(&fx->d.server.hinted_requests) == 0); r++) {
+        size_t half = features_request(req, sizeof req, 1 + r % N) / 2;
+        assert_true(send_all(fd[0], req, half));
+        for (int i = 1; i < N; i++) {
+            int user = 1 + (i + r) % N;
+            size_t len = features_request(two, sizeof two, user);
+            if (i == 1)
+                len += features_request(two + len, sizeof two - len, N + 1 - user);
+            assert_true(send_all(fd[i], two, len));
+            if (r == 0 && i == N / 2) {
+                char last[128];
+                size_t elen = features_request(last, sizeof last, 7);
+                send_str(bad, "*abc\r\n");
+                assert_true(send_all(eof, last, elen));
+                assert_int_equal(shutdown(eof, SHUT_WR), 0);
+            }
+        }
+        assert_true(send_all(fd[0], req + half, strlen(req + half)));
+        for (int i = 0; i < N; i++) {
+            int user = 1 + (i + r) % N;
+            expect_clicks(fd[i], user);
+            if (i == 1)
+                expect_clicks(fd[i], N + 1 - user);
+        }
+        if (r == 0) {
+            char buf[256];
+            size_t got;
+            assert_true(recv_to_eof(bad, buf, sizeof buf, &got));
+            assert_string_equal(buf, "-ERR Protocol error: invalid multibulk length\r\n");
+            assert_true(recv_to_eof(eof, buf, sizeof buf, &got));
+            assert_string_equal(buf, "*2\r\n$9\r\nclicks:1m\r\n:7\r\n");
+        }
+    }
+    assert_true(stat_of(&fx->d.server.hinted_requests) > 0);
+    assert_int_equal(stat_of(&fx->d.server.protocol_errors), 1);
+    /* every request ran: N + 1 a round, and the EOF client's */
+    assert_int_equal(stat_of(&fx->d.server.commands), (uint64_t)r * (N + 1) + 1);
+    close(bad);
+    close(eof);
+    for (int i = 0; i < N; i++)
+        close(fd[i]);
     fx_stop(fx);
 }
 
@@ -1635,6 +1742,7 @@ int main(void)
         cmocka_unit_test(test_ping_over_raw_socket_returns_pong),
         cmocka_unit_test(test_pipelined_requests_in_one_write_come_back_in_order),
         cmocka_unit_test(test_deep_pipeline_yields_between_reads_and_stays_in_order),
+        cmocka_unit_test(test_requests_read_together_each_get_their_own_reply),
         cmocka_unit_test(test_unix_socket_serves_requests_and_is_removed),
         cmocka_unit_test(test_protocol_error_closes_only_that_client),
         cmocka_unit_test(test_max_clients_refuses_the_third_connection),
