@@ -176,6 +176,59 @@ static const char *run(fx_t *fx, const char *line)
     return run_at(fx, T, line);
 }
 
+/* tly_command_hint's pf for a command given as words (as run_at). */
+static tly_prefetch_t hint(fx_t *fx, const char *line)
+{
+    char copy[256];
+    snprintf(copy, sizeof copy, "%s", line);
+    tly_arg_t argv[16];
+    size_t argc = 0;
+    for (char *save = NULL, *w = strtok_r(copy, " ", &save); w != NULL;
+         w = strtok_r(NULL, " ", &save))
+        argv[argc++] = (tly_arg_t){w, strlen(w)};
+    tly_prefetch_t pf;
+    pf.n = 99;
+    tly_rcu_read_lock();
+    tly_command_hint(&fx->d, &fx->s, argv, argc, &pf);
+    tly_rcu_read_unlock();
+    return pf;
+}
+
+/* The server hints the store about the entity a read names: the id after
+ * the entity type for FEATURES and RECENT, the first id for MFEATURES (so
+ * one user hints alike through all three, another user otherwise), and
+ * nothing for other commands, an unknown entity type or too few
+ * arguments. */
+static void test_hint_names_the_entity_a_read_will_ask_for(void **state)
+{
+    fx_t *fx = *state;
+    tly_prefetch_t f7 = hint(fx, "FEATURES user 7");
+    assert_int_equal(f7.n, 1);
+    tly_prefetch_t r7 = hint(fx, "recent user 7 clicks");
+    assert_int_equal(r7.n, 1);
+    assert_true(r7.h[0] == f7.h[0]);
+    tly_prefetch_t m7 = hint(fx, "MFEATURES user 2 7 8 clicks:1h");
+    assert_int_equal(m7.n, 1);
+    assert_true(m7.h[0] == f7.h[0]);
+    tly_prefetch_t f8 = hint(fx, "FEATURES user 8 clicks:1h");
+    assert_int_equal(f8.n, 1);
+    assert_true(f8.h[0] != f7.h[0]);
+    assert_int_equal(hint(fx, "PING").n, 0);
+    assert_int_equal(hint(fx, "ECHO user 7").n, 0);
+    assert_int_equal(hint(fx, "FEATURES board 7").n, 0);
+    assert_int_equal(hint(fx, "FEATURES user").n, 0);
+    assert_int_equal(hint(fx, "MFEATURES user 1").n, 0);
+}
+
+/* Before AUTH nothing is hinted. */
+static void test_hint_waits_for_auth(void **state)
+{
+    fx_t *fx = *state;
+    assert_int_equal(hint(fx, "FEATURES user 7").n, 0);
+    run(fx, "AUTH s3cret");
+    assert_int_equal(hint(fx, "FEATURES user 7").n, 1);
+}
+
 static void test_recent_where_compares_doubles_as_numbers(void **state)
 {
     fx_t *fx = *state;
@@ -659,6 +712,9 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_catalog_lists_entities_and_features, setup, teardown),
         cmocka_unit_test_setup_teardown(test_client_and_hello_commands, setup, teardown),
         cmocka_unit_test_setup_teardown(test_noauth_until_auth, setup_auth, teardown),
+        cmocka_unit_test_setup_teardown(test_hint_names_the_entity_a_read_will_ask_for, setup,
+                                        teardown),
+        cmocka_unit_test_setup_teardown(test_hint_waits_for_auth, setup_auth, teardown),
         cmocka_unit_test_setup_teardown(test_info_has_every_section, setup, teardown),
         cmocka_unit_test_setup_teardown(test_recent_where_compares_doubles_as_numbers, setup_scores,
                                         teardown),
