@@ -31,7 +31,9 @@
  * first parses each one's first request and hints the store about the
  * entity it reads, so the cache misses of finding those entities overlap;
  * replies then leave in one burst of writes per poll, as Redis writes its
- * replies before it polls again.
+ * replies before it polls again. Within one client's pipeline, the request
+ * after the one about to run is parsed ahead and hinted the same way
+ * (peek_next).
  *
  * Backpressure. Before each request is executed the queued output is
  * compared with server.output_soft_limit: above it, execution stops and the
@@ -125,6 +127,9 @@
 /* Ready clients whose first request check_cb hints to the store before it
  * executes them; any beyond are executed without. */
 #define HINT_CLIENTS 64
+/* Bytes after a request that are parsed ahead to hint the next request of
+ * a pipeline to the store (peek_next): a longer one is not parsed twice. */
+#define PEEK_MAX 4096
 
 typedef struct server_loop server_loop_t;
 typedef struct client client_t;
@@ -213,6 +218,8 @@ struct server_loop {
     client_t *yielded;
     client_t *ready, *ready_tail;       /* read in this iteration's poll, in order */
     tly_prefetch_t hints[HINT_CLIENTS]; /* check_cb's, one per ready client */
+    tly_resp_parser_t peek;             /* peek_next's (the loop's thread) */
+    tly_prefetch_t next;                /* peek_next's hint of the next request */
     tly_cmd_scratch_t *scratch;
     bool stopping;
     char discard[READ_CHUNK]; /* bytes of draining clients land here */
@@ -874,6 +881,28 @@ static void client_flush(client_t *c)
     }
 }
 
+/* Before a pipelined request runs: parses the one after it, in p[0..len),
+ * with the loop's own parser and hints the store about the entity it reads
+ * (its table slot) into lp->next; the caller asks for its record once the
+ * request before has run. The request is parsed again in its turn; at most
+ * PEEK_MAX bytes are looked at, and only for an authenticated client
+ * (tly_command_hint hints nothing before AUTH). */
+static void peek_next(client_t *c, const char *p, size_t len)
+{
+    server_loop_t *lp = c->lp;
+    lp->next.n = 0;
+    if (len == 0 || !c->session.authed)
+        return;
+    size_t used;
+    tly_resp_parser_reset(&lp->peek);
+    if (tly_resp_parse(&lp->peek, p, len < PEEK_MAX ? len : PEEK_MAX, &used) != TLY_RESP_REQUEST)
+        return;
+    tly_rcu_read_lock();
+    tly_command_hint(lp->srv->d, &c->session, tly_resp_argv(&lp->peek, p), lp->peek.argc,
+                     &lp->next);
+    tly_rcu_read_unlock();
+}
+
 /* Executes the complete requests in c->in, in order, until the input is used
  * up, the output passes the soft limit (c->paused), or the client stops
  * executing (QUIT, protocol error, output overflow). */
@@ -917,12 +946,20 @@ static void client_process(client_t *c)
             return;
         }
         if (st == TLY_RESP_REQUEST) {
+            peek_next(c, req + used, c->in.len - off - used);
             const tly_arg_t *argv = tly_resp_argv(&c->parser, req);
             /* read by other loops' CLIENT LIST (commands.h) */
             __atomic_store_n(&c->session.last_ms, now_ms, __ATOMIC_RELAXED);
             __atomic_store_n(&c->session.qbuf, c->in.len - off, __ATOMIC_RELAXED);
             __atomic_store_n(&c->session.obuf, client_queued(c), __ATOMIC_RELAXED);
             tly_command_exec(d, &c->session, lp->scratch, argv, c->parser.argc, &c->out, now_ms);
+            if (lp->next.n > 0) {
+                /* its table slot has come meanwhile */
+                tly_rcu_read_lock();
+                tly_store_prefetch_records(d->store, &lp->next);
+                tly_store_prefetch_rest(d->store, &lp->next);
+                tly_rcu_read_unlock();
+            }
         }
         off += used;
         if (client_queued(c) > hard) {
@@ -1328,7 +1365,14 @@ static void loop_thread(void *arg)
     server_loop_t *lp = arg;
     tly_rcu_thread_online();
     lp->scratch = tly_cmd_scratch_new();
+    const tly_config_t *cfg = lp->srv->d->cfg;
+    tly_resp_limits_t lim = {.max_args = (size_t)cfg->server.max_args,
+                             .max_bulk = (size_t)cfg->server.max_bulk,
+                             .max_inline =
+                                 min_size(INLINE_MAX, (size_t)cfg->server.max_query_buffer)};
+    tly_resp_parser_init(&lp->peek, &lim);
     uv_run(&lp->loop, UV_RUN_DEFAULT);
+    tly_resp_parser_fini(&lp->peek);
     tly_cmd_scratch_free(lp->scratch);
     lp->scratch = NULL;
     tly_rcu_thread_offline();

@@ -561,6 +561,60 @@ static void test_requests_read_together_each_get_their_own_reply(void **state)
     fx_stop(fx);
 }
 
+/*
+ * A pipeline of reads on one connection: the server parses each request's
+ * successor ahead to hint the store (server.c, peek_next), then parses it
+ * again in its turn. Every reply is its own user's, in order, whatever the
+ * next request is: another FEATURES, an inline one, one longer than
+ * PEEK_MAX (an unknown user, whose id is 5,000 bytes: no clicks), a PING,
+ * or the first half of one whose rest comes later.
+ */
+static void test_pipelined_reads_each_get_their_own_reply(void **state)
+{
+    (void)state;
+    enum { N = 60 };
+    fx_t *fx = fx_start("");
+    for (int u = 1; u <= N; u++)
+        add_clicks(fx, u, u);
+    size_t cap = 64 * 1024, len = 0;
+    char *req = malloc(cap), *want = malloc(cap);
+    assert_non_null(req);
+    assert_non_null(want);
+    size_t wlen = 0;
+    for (int u = 1; u <= N; u++) {
+        if (u % 10 == 3) {
+            len += (size_t)snprintf(req + len, cap - len, "FEATURES user %d\r\n", u);
+        } else if (u % 10 == 5) {
+            char id[5001];
+            memset(id, '9', 5000);
+            id[5000] = '\0';
+            const char *argv[] = {"FEATURES", "user", id};
+            len += build_request(req + len, cap - len, 3, argv);
+            wlen += (size_t)snprintf(want + wlen, cap - wlen, "*2\r\n$9\r\nclicks:1m\r\n:0\r\n");
+            len += (size_t)snprintf(req + len, cap - len, "PING\r\n");
+            wlen += (size_t)snprintf(want + wlen, cap - wlen, "+PONG\r\n");
+            len += features_request(req + len, cap - len, u);
+        } else {
+            len += features_request(req + len, cap - len, u);
+        }
+        wlen += (size_t)snprintf(want + wlen, cap - wlen, "*2\r\n$9\r\nclicks:1m\r\n:%d\r\n", u);
+    }
+    size_t last = features_request(req + len, cap - len, 17);
+    int fd = connect_tcp(fx->d.tcp_port);
+    assert_true(send_all(fd, req, len + last / 2));
+    char *got = malloc(wlen);
+    assert_non_null(got);
+    assert_int_equal(recv_n(fd, got, wlen, deadline_in(WAIT_MS)), wlen);
+    assert_memory_equal(got, want, wlen);
+    assert_true(send_all(fd, req + len + last / 2, last - last / 2));
+    expect_clicks(fd, 17);
+    close(fd);
+    free(got);
+    free(want);
+    free(req);
+    fx_stop(fx);
+}
+
 static void test_unix_socket_serves_requests_and_is_removed(void **state)
 {
     (void)state;
@@ -1743,6 +1797,7 @@ int main(void)
         cmocka_unit_test(test_pipelined_requests_in_one_write_come_back_in_order),
         cmocka_unit_test(test_deep_pipeline_yields_between_reads_and_stays_in_order),
         cmocka_unit_test(test_requests_read_together_each_get_their_own_reply),
+        cmocka_unit_test(test_pipelined_reads_each_get_their_own_reply),
         cmocka_unit_test(test_unix_socket_serves_requests_and_is_removed),
         cmocka_unit_test(test_protocol_error_closes_only_that_client),
         cmocka_unit_test(test_max_clients_refuses_the_third_connection),
