@@ -32,8 +32,9 @@
  * entity it reads, so the cache misses of finding those entities overlap;
  * replies then leave in one burst of writes per poll, as Redis writes its
  * replies before it polls again. Within one client's pipeline, the request
- * after the one about to run is parsed ahead and hinted the same way
- * (peek_next).
+ * after the one about to run is parsed ahead and hinted the same way. Both
+ * parse with the loop's own parser (peek), so a request's turn parses it
+ * again, with the client's.
  *
  * Backpressure. Before each request is executed the queued output is
  * compared with server.output_soft_limit: above it, execution stops and the
@@ -127,8 +128,8 @@
 /* Ready clients whose first request check_cb hints to the store before it
  * executes them; any beyond are executed without. */
 #define HINT_CLIENTS 64
-/* Bytes after a request that are parsed ahead to hint the next request of
- * a pipeline to the store (peek_next): a longer one is not parsed twice. */
+/* Bytes of a request parsed ahead to hint it to the store (peek): a longer
+ * one is not parsed twice. */
 #define PEEK_MAX 4096
 
 typedef struct server_loop server_loop_t;
@@ -167,12 +168,6 @@ struct client {
     bool req_started;   /* in holds the first bytes of a request since req_start */
     bool yielded;       /* on lp->yielded: reading resumes in the next iteration */
     bool ready;         /* on lp->ready: read this iteration, executed in check_cb */
-    /* the first request in `in` was parsed by check_cb's hint pass: pre_st
-     * and pre_used are what tly_resp_parse returned, and the parser holds
-     * its arguments; client_process takes them instead of parsing again */
-    bool preparsed;
-    tly_resp_status_t pre_st;
-    size_t pre_used;
     tly_session_t session;
     tly_resp_parser_t parser;
     size_t max_query; /* current bound of one pending request */
@@ -218,8 +213,8 @@ struct server_loop {
     client_t *yielded;
     client_t *ready, *ready_tail;       /* read in this iteration's poll, in order */
     tly_prefetch_t hints[HINT_CLIENTS]; /* check_cb's, one per ready client */
-    tly_resp_parser_t peek;             /* peek_next's (the loop's thread) */
-    tly_prefetch_t next;                /* peek_next's hint of the next request */
+    tly_resp_parser_t peek;             /* peek's (the loop's thread) */
+    tly_prefetch_t next;                /* client_process's hint of the next request */
     tly_cmd_scratch_t *scratch;
     bool stopping;
     char discard[READ_CHUNK]; /* bytes of draining clients land here */
@@ -881,16 +876,16 @@ static void client_flush(client_t *c)
     }
 }
 
-/* Before a pipelined request runs: parses the one after it, in p[0..len),
- * with the loop's own parser and hints the store about the entity it reads
- * (its table slot) into lp->next; the caller asks for its record once the
- * request before has run. The request is parsed again in its turn; at most
- * PEEK_MAX bytes are looked at, and only for an authenticated client
- * (tly_command_hint hints nothing before AUTH). */
-static void peek_next(client_t *c, const char *p, size_t len)
+/* Parses the request at the start of c's p[0..len) with the loop's own
+ * parser, looking at PEEK_MAX bytes at most, and hints the store about the
+ * entity it reads (its table slot) into *pf; nothing (pf->n = 0) for an
+ * incomplete or malformed request, or a client not authenticated
+ * (tly_command_hint hints nothing before AUTH). The request is parsed again
+ * in its turn, with the client's parser. */
+static void peek(client_t *c, const char *p, size_t len, tly_prefetch_t *pf)
 {
     server_loop_t *lp = c->lp;
-    lp->next.n = 0;
+    pf->n = 0;
     if (len == 0 || !c->session.authed)
         return;
     size_t used;
@@ -898,8 +893,7 @@ static void peek_next(client_t *c, const char *p, size_t len)
     if (tly_resp_parse(&lp->peek, p, len < PEEK_MAX ? len : PEEK_MAX, &used) != TLY_RESP_REQUEST)
         return;
     tly_rcu_read_lock();
-    tly_command_hint(lp->srv->d, &c->session, tly_resp_argv(&lp->peek, p), lp->peek.argc,
-                     &lp->next);
+    tly_command_hint(lp->srv->d, &c->session, tly_resp_argv(&lp->peek, p), lp->peek.argc, pf);
     tly_rcu_read_unlock();
 }
 
@@ -924,15 +918,7 @@ static void client_process(client_t *c)
         }
         const char *req = c->in.data + off;
         size_t used = 0;
-        tly_resp_status_t st;
-        if (c->preparsed) {
-            assert(off == 0);
-            c->preparsed = false;
-            st = c->pre_st;
-            used = c->pre_used;
-        } else {
-            st = tly_resp_parse(&c->parser, req, c->in.len - off, &used);
-        }
+        tly_resp_status_t st = tly_resp_parse(&c->parser, req, c->in.len - off, &used);
         if (st == TLY_RESP_NEED)
             break;
         if (st == TLY_RESP_ERROR) {
@@ -946,7 +932,9 @@ static void client_process(client_t *c)
             return;
         }
         if (st == TLY_RESP_REQUEST) {
-            peek_next(c, req + used, c->in.len - off - used);
+            /* the next request of a pipeline: its slot now, its record
+             * once this one has run */
+            peek(c, req + used, c->in.len - off - used, &lp->next);
             const tly_arg_t *argv = tly_resp_argv(&c->parser, req);
             /* read by other loops' CLIENT LIST (commands.h) */
             __atomic_store_n(&c->session.last_ms, now_ms, __ATOMIC_RELAXED);
@@ -954,7 +942,6 @@ static void client_process(client_t *c)
             __atomic_store_n(&c->session.obuf, client_queued(c), __ATOMIC_RELAXED);
             tly_command_exec(d, &c->session, lp->scratch, argv, c->parser.argc, &c->out, now_ms);
             if (lp->next.n > 0) {
-                /* its table slot has come meanwhile */
                 tly_rcu_read_lock();
                 tly_store_prefetch_records(d->store, &lp->next);
                 tly_store_prefetch_rest(d->store, &lp->next);
@@ -1101,20 +1088,6 @@ static void read_bytes(client_t *c, ssize_t nread)
         client_yield(c);
 }
 
-/* check_cb's first pass for c: parses its first request (client_process
- * takes the outcome) and hints the store about what it reads. */
-static void client_hint(client_t *c, tly_prefetch_t *pf)
-{
-    pf->n = 0;
-    if (c->state != CLIENT_OPEN || c->paused || c->preparsed || c->in.len == 0)
-        return;
-    c->pre_st = tly_resp_parse(&c->parser, c->in.data, c->in.len, &c->pre_used);
-    c->preparsed = true;
-    if (c->pre_st == TLY_RESP_REQUEST)
-        tly_command_hint(c->lp->srv->d, &c->session, tly_resp_argv(&c->parser, c->in.data),
-                         c->parser.argc, pf);
-}
-
 /*
  * Executes the clients read in this iteration's poll, in the order they
  * were read. With several, it first parses each one's first request and
@@ -1130,7 +1103,7 @@ static void check_cb(uv_check_t *h)
         size_t n = 0, hinted = 0;
         tly_rcu_read_lock();
         for (client_t *c = lp->ready; c != NULL && n < HINT_CLIENTS; c = c->rnext) {
-            client_hint(c, &lp->hints[n]);
+            peek(c, c->in.data, c->in.len, &lp->hints[n]);
             hinted += lp->hints[n++].n > 0;
         }
         for (size_t i = 0; i < n; i++)
