@@ -153,6 +153,18 @@ static int teardown(void **state)
     return 0;
 }
 
+/* Splits `words` (modified) at spaces into argv; returns the count. */
+static size_t split_words(char *words, tly_arg_t *argv, size_t cap)
+{
+    size_t argc = 0;
+    for (char *save = NULL, *w = strtok_r(words, " ", &save); w != NULL;
+         w = strtok_r(NULL, " ", &save)) {
+        assert_true(argc < cap);
+        argv[argc++] = (tly_arg_t){w, strlen(w)};
+    }
+    return argc;
+}
+
 /* Runs a command given as space-separated words at time now; returns the
  * reply (valid until the next call). */
 static const char *run_at(fx_t *fx, int64_t now, const char *line)
@@ -160,10 +172,7 @@ static const char *run_at(fx_t *fx, int64_t now, const char *line)
     char copy[4096];
     snprintf(copy, sizeof copy, "%s", line);
     tly_arg_t argv[600];
-    size_t argc = 0;
-    for (char *save = NULL, *w = strtok_r(copy, " ", &save); w != NULL;
-         w = strtok_r(NULL, " ", &save))
-        argv[argc++] = (tly_arg_t){w, strlen(w)};
+    size_t argc = split_words(copy, argv, 600);
     fx->out.len = 0;
     tly_command_exec(&fx->d, &fx->s, fx->scratch, argv, argc, &fx->out, now);
     tly_buf_append(&fx->out, "", 1);
@@ -182,10 +191,7 @@ static tly_prefetch_t hint(fx_t *fx, const char *line)
     char copy[256];
     snprintf(copy, sizeof copy, "%s", line);
     tly_arg_t argv[16];
-    size_t argc = 0;
-    for (char *save = NULL, *w = strtok_r(copy, " ", &save); w != NULL;
-         w = strtok_r(NULL, " ", &save))
-        argv[argc++] = (tly_arg_t){w, strlen(w)};
+    size_t argc = split_words(copy, argv, 16);
     tly_prefetch_t pf;
     pf.n = 99;
     tly_rcu_read_lock();
