@@ -713,20 +713,28 @@ static void client_account(client_t *c)
         evict_clients(c->lp, true);
 }
 
+/* The parser limits of an authenticated session, or of one not
+ * authenticated yet (tight); *max_query gets the bound of one pending
+ * request. */
+static tly_resp_limits_t parser_limits(const tly_config_t *cfg, bool authed, size_t *max_query)
+{
+    tly_resp_limits_t lim = {.max_args = (size_t)cfg->server.max_args,
+                             .max_bulk = (size_t)cfg->server.max_bulk};
+    *max_query = (size_t)cfg->server.max_query_buffer;
+    if (!authed) {
+        lim.max_args = min_size(lim.max_args, UNAUTH_MAX_ARGS);
+        lim.max_bulk = min_size(lim.max_bulk, UNAUTH_MAX_BULK);
+        *max_query = min_size(*max_query, UNAUTH_MAX_QUERY);
+    }
+    lim.max_inline = min_size(INLINE_MAX, *max_query);
+    return lim;
+}
+
 /* Gives the parser the limits for an authenticated session or the tight
  * ones. Only between requests: the parser is re-initialised. */
 static void client_set_limits(client_t *c, bool authed)
 {
-    const tly_config_t *cfg = c->lp->srv->d->cfg;
-    tly_resp_limits_t lim = {.max_args = (size_t)cfg->server.max_args,
-                             .max_bulk = (size_t)cfg->server.max_bulk};
-    c->max_query = (size_t)cfg->server.max_query_buffer;
-    if (!authed) {
-        lim.max_args = min_size(lim.max_args, UNAUTH_MAX_ARGS);
-        lim.max_bulk = min_size(lim.max_bulk, UNAUTH_MAX_BULK);
-        c->max_query = min_size(c->max_query, UNAUTH_MAX_QUERY);
-    }
-    lim.max_inline = min_size(INLINE_MAX, c->max_query);
+    tly_resp_limits_t lim = parser_limits(c->lp->srv->d->cfg, authed, &c->max_query);
     if (c->parser_ready)
         tly_resp_parser_fini(&c->parser);
     tly_resp_parser_init(&c->parser, &lim);
@@ -1338,11 +1346,9 @@ static void loop_thread(void *arg)
     server_loop_t *lp = arg;
     tly_rcu_thread_online();
     lp->scratch = tly_cmd_scratch_new();
-    const tly_config_t *cfg = lp->srv->d->cfg;
-    tly_resp_limits_t lim = {.max_args = (size_t)cfg->server.max_args,
-                             .max_bulk = (size_t)cfg->server.max_bulk,
-                             .max_inline =
-                                 min_size(INLINE_MAX, (size_t)cfg->server.max_query_buffer)};
+    size_t max_query;
+    /* peek parses for authenticated clients only */
+    tly_resp_limits_t lim = parser_limits(lp->srv->d->cfg, true, &max_query);
     tly_resp_parser_init(&lp->peek, &lim);
     uv_run(&lp->loop, UV_RUN_DEFAULT);
     tly_resp_parser_fini(&lp->peek);
