@@ -214,7 +214,6 @@ struct server_loop {
     client_t *ready, *ready_tail;       /* read in this iteration's poll, in order */
     tly_prefetch_t hints[HINT_CLIENTS]; /* check_cb's, one per ready client */
     tly_resp_parser_t peek;             /* peek's (the loop's thread) */
-    tly_prefetch_t next;                /* client_process's hint of the next request */
     tly_cmd_scratch_t *scratch;
     bool stopping;
     char discard[READ_CHUNK]; /* bytes of draining clients land here */
@@ -916,6 +915,7 @@ static void client_process(client_t *c)
     size_t hard = (size_t)d->cfg->server.max_output_buffer;
     int64_t now_ms = wall_ms();
     size_t off = 0;
+    tly_prefetch_t next; /* the next request of a pipeline, hinted (peek) */
 
     while (c->state == CLIENT_OPEN && off < c->in.len) {
         if (client_queued(c) > soft && !c->unthrottled) {
@@ -942,17 +942,17 @@ static void client_process(client_t *c)
         if (st == TLY_RESP_REQUEST) {
             /* the next request of a pipeline: its slot now, its record
              * once this one has run */
-            peek(c, req + used, c->in.len - off - used, &lp->next);
+            peek(c, req + used, c->in.len - off - used, &next);
             const tly_arg_t *argv = tly_resp_argv(&c->parser, req);
             /* read by other loops' CLIENT LIST (commands.h) */
             __atomic_store_n(&c->session.last_ms, now_ms, __ATOMIC_RELAXED);
             __atomic_store_n(&c->session.qbuf, c->in.len - off, __ATOMIC_RELAXED);
             __atomic_store_n(&c->session.obuf, client_queued(c), __ATOMIC_RELAXED);
             tly_command_exec(d, &c->session, lp->scratch, argv, c->parser.argc, &c->out, now_ms);
-            if (lp->next.n > 0) {
+            if (next.n > 0) {
                 tly_rcu_read_lock();
-                tly_store_prefetch_records(d->store, &lp->next);
-                tly_store_prefetch_rest(d->store, &lp->next);
+                tly_store_prefetch_records(d->store, &next);
+                tly_store_prefetch_rest(d->store, &next);
                 tly_rcu_read_unlock();
             }
         }
@@ -1064,7 +1064,9 @@ static void read_bytes(client_t *c, ssize_t nread)
         return;
     if (nread < 0) {
         if (c->ready) {
-            /* what it sent before its EOF is executed first */
+            /* what it sent before its EOF is executed first (libuv ends a
+             * client's reads at a short read and a full one yields, so EOF
+             * comes in a later iteration; this keeps the order if not) */
             client_unready(c);
             client_pump(c, true);
             if (c->state == CLIENT_CLOSING)

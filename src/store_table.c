@@ -177,9 +177,8 @@ void tbl_prefetch_rest(const shard_t *sh, unsigned long h, size_t max_lines)
     const ent_t *e = tagged(sh, h);
     if (e == NULL)
         return;
-    uint32_t used = atomic_load_explicit(&e->used, memory_order_relaxed);
     size_t bytes = (size_t)((const char *)ent_words(e) - (const char *)e) +
-                   ((e->mode & F_WORDS) ? 8 * (size_t)used : used);
+                   (is_words(e) ? 8 * (size_t)used_of(e) : used_of(e));
     size_t lines = (bytes + 63) / 64;
     if (lines > max_lines)
         lines = max_lines;
