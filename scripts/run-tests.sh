@@ -80,7 +80,7 @@ else
   # RESP3) comes from scripts/pydeps.sh. Each script stays far below its
   # time limit; the limit only stops a hang (the scripts clean up on SIGTERM).
   py=$(bash scripts/pydeps.sh | tail -1)
-  for name in e2e badinput logfile; do
+  for name in e2e badinput logfile sweeper; do
     run_cmd "integration/$name" timeout 240 "$py" "tests/integration/$name.py"
   done
   # Faults of the mock cluster (brokers down, Fetch errors, coordinator and

@@ -256,8 +256,9 @@ const key_def_t tly_config_keys[] = {
         "dropped as late; an entity expires once its newest event is older than this and "
         "than all its windows."),
     KEY("store.sweep_every", K_DURATION, "10s", SEC(1), HOUR(1), 0, NULL, CFG(store.sweep_every_ms),
-        "Time the sweeper that expires idle entities takes to pass over all of them (it "
-        "visits a share of them every 250 ms)."),
+        "Time the sweeper that expires idle entities takes to pass over all of them, in "
+        "steps of 256 of them spread evenly over it (larger steps only when a pass would not "
+        "fit otherwise)."),
 
     KEY("snapshot.dir", K_STRING, "/var/lib/tallyd", 0, 0, 0, NULL, CFG(snapshot.dir),
         "Directory holding state snapshots (created if missing); \"\" turns snapshots off. "

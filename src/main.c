@@ -99,6 +99,13 @@ static tly_err_t load(const char *path, tly_config_t **cfg, tly_featset_t **fs)
     return TLY_OK;
 }
 
+static int64_t mono_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
 static int64_t wall_ms(void)
 {
     struct timespec ts;
@@ -239,11 +246,16 @@ static int run(const tly_config_t *cfg, const tly_featset_t *fs)
 
     status = EXIT_SUCCESS;
     int64_t every = embedded ? 5000 : 60000;
-    int64_t now = wall_ms(), next_progress = now + every, last_sweep = now;
+    int64_t now = wall_ms(), next_progress = now + every;
     int64_t last_ms = now;
     uint64_t last_applied = 0;
+    /* the sweeper's steps, paced on the monotonic clock */
+    tly_sweep_pace_t pace = {0};
+    int64_t last_sweep = mono_ms(), next_sweep = last_sweep;
     for (;;) {
-        struct timespec tick = {.tv_sec = 0, .tv_nsec = 250 * 1000000L};
+        int64_t wait = next_sweep - mono_ms();
+        wait = wait < 0 ? 0 : wait < TLY_SWEEP_WAIT_MAX_MS ? wait : TLY_SWEEP_WAIT_MAX_MS;
+        struct timespec tick = {.tv_sec = 0, .tv_nsec = (long)wait * 1000000L};
         int sig = sigtimedwait(&sigs, NULL, &tick);
         if (sig == SIGINT || sig == SIGTERM) {
             tly_info("%s: shutting down", sig == SIGINT ? "SIGINT" : "SIGTERM");
@@ -267,17 +279,22 @@ static int run(const tly_config_t *cfg, const tly_featset_t *fs)
             break;
         }
         now = wall_ms();
-        if (now > last_sweep) {
-            /* One pass over every entity per store.sweep_every, in steps: a
-             * step holds a shard's lock for at most 1,024 records. */
+        int64_t mono = mono_ms();
+        if (mono >= next_sweep) {
+            /* One pass over every entity per store.sweep_every, in small
+             * steps spread over it (tly_sweep_pace: a step holds the CPU,
+             * which the query loop may share); a step holds a shard's lock
+             * for at most 1,024 records. */
             tly_store_stats_t st;
             tly_store_stats(d.store, &st);
-            uint64_t share =
-                st.entities * (uint64_t)(now - last_sweep) / (uint64_t)cfg->store.sweep_every_ms;
-            size_t gone = tly_store_sweep(d.store, now, (size_t)share + 1024);
+            int64_t next_wait;
+            size_t visit = tly_sweep_pace(&pace, st.entities, cfg->store.sweep_every_ms,
+                                          mono - last_sweep, &next_wait);
+            size_t gone = tly_store_sweep(d.store, now, visit);
             if (gone > 0)
                 tly_debug("sweeper expired %zu entities", gone);
-            last_sweep = now;
+            last_sweep = mono;
+            next_sweep = mono + next_wait;
         }
         if (now >= next_progress) {
             progress(&d, &last_applied, &last_ms, now);

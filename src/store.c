@@ -1392,6 +1392,33 @@ size_t tly_store_sweep(tly_store_t *store, int64_t now_ms, size_t max_visit)
     return n;
 }
 
+size_t tly_sweep_pace(tly_sweep_pace_t *p, uint64_t entities, int64_t every_ms, int64_t elapsed_ms,
+                      int64_t *wait_ms)
+{
+    /* in records × every_ms, so that integers keep the fractions */
+    const uint64_t per = every_ms > 0 ? (uint64_t)every_ms : 1, e = entities;
+    /* the step: TLY_SWEEP_STEP, or what steps a minimum wait apart must
+     * visit to keep up */
+    uint64_t step = (e * TLY_SWEEP_WAIT_MIN_MS + per - 1) / per;
+    step = step > TLY_SWEEP_STEP ? step : TLY_SWEEP_STEP;
+    uint64_t dt = elapsed_ms <= 0 ? 0 : (uint64_t)elapsed_ms < per ? (uint64_t)elapsed_ms : per;
+    p->owed += e * dt;
+    /* never more than a pass behind */
+    uint64_t pass = (e > step ? e : step) * per;
+    p->owed = p->owed < pass ? p->owed : pass;
+    uint64_t visit = (p->owed + per - 1) / per;
+    visit = visit < step ? visit : step;
+    p->owed = p->owed > visit * per ? p->owed - visit * per : 0;
+    visit = visit > TLY_SWEEP_FLOOR ? visit : TLY_SWEEP_FLOOR;
+    /* until a whole step is owed again */
+    uint64_t wait = e == 0                  ? TLY_SWEEP_WAIT_MAX_MS
+                    : p->owed >= step * per ? 0
+                                            : (step * per - p->owed + e - 1) / e;
+    wait = wait < TLY_SWEEP_WAIT_MAX_MS ? wait : TLY_SWEEP_WAIT_MAX_MS;
+    *wait_ms = wait > TLY_SWEEP_WAIT_MIN_MS ? (int64_t)wait : TLY_SWEEP_WAIT_MIN_MS;
+    return (size_t)visit;
+}
+
 size_t tly_store_drop(tly_store_t *store, tly_store_doomed_fn doomed, void *ctx)
 {
     cull_t cu = {.store = store, .doomed = doomed, .ctx = ctx};

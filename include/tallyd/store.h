@@ -234,6 +234,29 @@ tly_err_t tly_store_recent(tly_store_t *store, uint32_t entity, const char *id, 
  */
 size_t tly_store_sweep(tly_store_t *store, int64_t now_ms, size_t max_visit);
 
+/*
+ * Paces the sweeper: one pass over every record per `every_ms`
+ * (store.sweep_every) in steps spread evenly over the period, each as small
+ * as that allows — TLY_SWEEP_STEP records, more only when steps
+ * TLY_SWEEP_WAIT_MIN_MS apart would not finish a pass in time — because a
+ * step holds its CPU: where the query loop shares a CPU with the sweeper, a
+ * step of 2,500 compact records (about 1.3 ms) every 250 ms put that long a
+ * wait into one query in a hundred. Called after each wait with the
+ * milliseconds since the previous call and the records held; returns how
+ * many to visit now (at least TLY_SWEEP_FLOOR, so a small store is swept
+ * whole at every step) and sets *wait_ms, the time until the next call
+ * (TLY_SWEEP_WAIT_MIN_MS..TLY_SWEEP_WAIT_MAX_MS). Pure arithmetic on *p.
+ */
+#define TLY_SWEEP_STEP        256
+#define TLY_SWEEP_FLOOR       64
+#define TLY_SWEEP_WAIT_MIN_MS 1
+#define TLY_SWEEP_WAIT_MAX_MS 250
+typedef struct {
+    uint64_t owed; /* records owed to the pass so far, times every_ms */
+} tly_sweep_pace_t;
+size_t tly_sweep_pace(tly_sweep_pace_t *p, uint64_t entities, int64_t every_ms, int64_t elapsed_ms,
+                      int64_t *wait_ms);
+
 /* Decides whether tly_store_drop removes the record of entity type `type`
  * and id[0..len). Called with the store's locks held: must not use the
  * store. */

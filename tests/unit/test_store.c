@@ -1865,6 +1865,93 @@ static void test_load_restores_unchanged_features_under_new_definitions(void **s
     tly_config_free(cfg2);
 }
 
+/* Drives the pacer as tallyd's main loop does (each call after the wait
+ * the previous one asked for) for `ms` milliseconds; returns the records
+ * visited and checks every step against max_step and every wait against
+ * the bounds. */
+static uint64_t pace_for(tly_sweep_pace_t *p, uint64_t entities, int64_t every, int64_t ms,
+                         size_t max_step)
+{
+    uint64_t total = 0;
+    int64_t wait = 0;
+    for (int64_t t = 0; t <= ms; t += wait) {
+        size_t visit = tly_sweep_pace(p, entities, every, wait, &wait);
+        assert_true(visit <= max_step);
+        assert_true(wait >= 1 && wait <= 250);
+        total += visit;
+    }
+    return total;
+}
+
+static void test_sweep_pace_spreads_a_pass_in_small_steps(void **state)
+{
+    (void)state;
+    /* 60,000 records every 10 s: 6 a millisecond, so a step of 256 every
+     * 42-43 ms (256 / 6 = 42.7), not one of 1,500 every 250 ms */
+    tly_sweep_pace_t p = {0};
+    int64_t wait;
+    assert_int_equal(tly_sweep_pace(&p, 60000, 10000, 0, &wait), 64); /* nothing owed: the floor */
+    assert_int_equal(wait, 43);
+    assert_int_equal(tly_sweep_pace(&p, 60000, 10000, 43, &wait), 256); /* 258 owed */
+    assert_int_equal(wait, 43); /* 2 left: (256 - 2) / 6 = 42.3 */
+    assert_int_equal(tly_sweep_pace(&p, 60000, 10000, 43, &wait), 256); /* 4 left */
+    assert_int_equal(wait, 42);
+    /* a whole pass within the period (and one wait), not much more */
+    tly_sweep_pace_t q = {0};
+    uint64_t total = pace_for(&q, 60000, 10000, 10000 + 43, 256);
+    assert_true(total >= 60000 && total <= 60000 + 2 * 256 + 64);
+
+    /* 10,000,000 every 10 s: 1,000 a millisecond, more than 256 steps a
+     * millisecond apart could visit: steps grow to 1,000 to keep the
+     * period */
+    tly_sweep_pace_t big = {0};
+    assert_int_equal(tly_sweep_pace(&big, 10000000, 10000, 0, &wait), 64);
+    assert_int_equal(wait, 1);
+    assert_int_equal(tly_sweep_pace(&big, 10000000, 10000, 1, &wait), 1000);
+    assert_int_equal(wait, 1);
+    tly_sweep_pace_t big2 = {0};
+    assert_true(pace_for(&big2, 10000000, 10000, 10000 + 1, 1000) >= 10000000);
+
+    /* a small store: the floor, which covers it, every 250 ms */
+    tly_sweep_pace_t small = {0};
+    for (int i = 0; i < 5; i++) {
+        assert_int_equal(tly_sweep_pace(&small, 10, 10000, i ? 250 : 0, &wait), 64);
+        assert_int_equal(wait, 250);
+    }
+    assert_int_equal(tly_sweep_pace(&small, 0, 10000, 250, &wait), 64);
+    assert_int_equal(wait, 250);
+    /* a clock running backwards owes nothing */
+    tly_sweep_pace_t back = {0};
+    assert_int_equal(tly_sweep_pace(&back, 60000, 10000, -5000, &wait), 64);
+    assert_int_equal(wait, 43);
+}
+
+static void test_sweep_pace_owes_at_most_one_pass(void **state)
+{
+    (void)state;
+    /* an hour without a step (a suspended process) owes one pass of 60,000
+     * records, not 360, and so do three: steps of 256 a millisecond apart until it is
+     * visited, then the usual pace */
+    tly_sweep_pace_t p = {0};
+    int64_t wait;
+    for (int i = 0; i < 3; i++) { /* three such hours, one pass owed */
+        assert_int_equal(tly_sweep_pace(&p, 60000, 10000, 3600000, &wait), 256);
+        assert_int_equal(wait, 1);
+    }
+    int steps = 1;
+    while (wait == 1) {
+        assert_int_equal(tly_sweep_pace(&p, 60000, 10000, 1, &wait), 256);
+        steps++;
+        assert_true(steps < 300);
+    }
+    /* the first step leaves 59,744 owed; each step a millisecond later
+     * adds 6 and visits 256, 250 fewer; the wait stays 1 ms while a step
+     * is owed within 1 ms (owed >= 250): after 238 more steps 244 are
+     * owed, and (256 - 244) / 6 = 2 ms */
+    assert_int_equal(steps, 1 + 238);
+    assert_int_equal(wait, 2);
+}
+
 static void test_budgeted_sweeps_expire_in_steps(void **state)
 {
     fx_t *fx = *state;
@@ -2971,6 +3058,8 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_load_restores_unchanged_features_under_new_definitions,
                                         setup, teardown),
         cmocka_unit_test_setup_teardown(test_budgeted_sweeps_expire_in_steps, setup, teardown),
+        cmocka_unit_test(test_sweep_pace_spreads_a_pass_in_small_steps),
+        cmocka_unit_test(test_sweep_pace_owes_at_most_one_pass),
         cmocka_unit_test_setup_teardown(test_idle_entities_expire_and_memory_returns, setup,
                                         teardown),
         cmocka_unit_test(test_items_wider_than_the_width_field_read_and_round_trip),
