@@ -1929,9 +1929,9 @@ static void test_sweep_pace_spreads_a_pass_in_small_steps(void **state)
 static void test_sweep_pace_owes_at_most_one_pass(void **state)
 {
     (void)state;
-    /* an hour without a step (a suspended process) owes one pass of 60,000
-     * records, not 360, and so do three: steps of 256 a millisecond apart until it is
-     * visited, then the usual pace */
+    /* an hour without a step (a suspended process) owes one pass of
+     * 60,000 records, not 360, and so do three: steps of 256 a millisecond
+     * apart until it is visited, then the usual pace */
     tly_sweep_pace_t p = {0};
     int64_t wait;
     for (int i = 0; i < 3; i++) { /* three such hours, one pass owed */
